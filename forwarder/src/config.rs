@@ -1,0 +1,571 @@
+//! The TOML configuration: parsing, defaults and validation.
+//!
+//! Key names are the user-facing contract (see README.md, "Configuration").
+//! Unknown keys are errors. Every error names the file, the field and what is
+//! wrong, e.g. `upsplice.toml: route[1].pool: no pool named "chat"`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::dataplane::Mode;
+
+/// A validated configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub data_plane: DataPlaneConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub admin: Option<Admin>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<Listener>,
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<Pool>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    pub mode: Mode,
+    /// Size of each splice pipe (rounded by the kernel to a power of two pages).
+    #[serde(deserialize_with = "de_opt_size")]
+    pub pipe_size: Option<u64>,
+    /// Most pipe pairs the splice plane keeps open at once; past it, copy.
+    pub max_pipes: usize,
+    /// Userspace buffer of the copy plane, per direction, taken only while
+    /// bytes are in flight.
+    #[serde(deserialize_with = "de_size")]
+    pub copy_buffer: u64,
+    /// io_uring workers (0 = one per core).
+    pub uring_workers: usize,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig {
+            mode: Mode::Auto,
+            pipe_size: None,
+            max_pipes: 16384,
+            copy_buffer: 64 * 1024,
+            uring_workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    #[serde(deserialize_with = "de_size_usize")]
+    pub max_header_bytes: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(5),
+            max_header_bytes: 16384,
+            idle_timeout: Duration::from_secs(3600),
+            drain_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(2),
+            max_connections: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub protocol: Protocol,
+    /// X-Forwarded-Proto set on requests that arrive here (http only).
+    #[serde(default = "default_proto")]
+    pub forwarded_proto: String,
+    /// Peers whose X-Forwarded-For / X-Forwarded-Proto are kept (http only).
+    #[serde(default)]
+    pub trusted_cidrs: Vec<IpNet>,
+    /// The pool a tcp listener forwards to.
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
+fn default_proto() -> String {
+    "http".to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastConn,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    pub name: String,
+    #[serde(default)]
+    pub backends: Vec<SocketAddr>,
+    #[serde(default)]
+    pub balance: Balance,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub host: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    pub pool: String,
+    #[serde(default)]
+    pub route_service: Option<String>,
+}
+
+/// A configuration error: the file, the field (when known) and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{}: {}: {}", self.file.display(), field, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            field: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates `text`; `path` is only used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            field: None,
+            // toml's message names the key and shows the offending line.
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate().map_err(|(field, message)| ConfigError {
+            file: path.to_path_buf(),
+            field: Some(field),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.listeners.is_empty() {
+            return Err((
+                "listener".into(),
+                "at least one [[listener]] is required".into(),
+            ));
+        }
+        let l = &self.limits;
+        if l.max_header_bytes < 64 {
+            return Err((
+                "limits.max_header_bytes".into(),
+                "must be at least 64".into(),
+            ));
+        }
+        if l.max_connections == 0 {
+            return Err(("limits.max_connections".into(), "must be at least 1".into()));
+        }
+        for (name, d) in [
+            ("handshake_timeout", l.handshake_timeout),
+            ("idle_timeout", l.idle_timeout),
+            ("connect_timeout", l.connect_timeout),
+        ] {
+            if d.is_zero() {
+                return Err((format!("limits.{name}"), "must be longer than 0".into()));
+            }
+        }
+        if let Some(size) = self.data_plane.pipe_size {
+            if !(4096..=1 << 30).contains(&size) {
+                return Err((
+                    "data_plane.pipe_size".into(),
+                    "must be between 4KiB and 1GiB".into(),
+                ));
+            }
+        }
+        if !(1024..=1 << 26).contains(&self.data_plane.copy_buffer) {
+            return Err((
+                "data_plane.copy_buffer".into(),
+                "must be between 1KiB and 64MiB".into(),
+            ));
+        }
+
+        let mut pools = HashMap::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            if p.name.is_empty() {
+                return Err((format!("pool[{i}].name"), "must not be empty".into()));
+            }
+            if pools.insert(p.name.as_str(), p).is_some() {
+                return Err((
+                    format!("pool[{i}].name"),
+                    format!("duplicate pool name {:?}", p.name),
+                ));
+            }
+            let mut seen = HashSet::new();
+            for (j, b) in p.backends.iter().enumerate() {
+                if !seen.insert(b) {
+                    return Err((
+                        format!("pool[{i}].backends[{j}]"),
+                        format!("duplicate backend {b}"),
+                    ));
+                }
+            }
+        }
+
+        let mut names = HashSet::new();
+        let mut binds = HashMap::new();
+        for (i, lst) in self.listeners.iter().enumerate() {
+            if lst.name.is_empty() {
+                return Err((format!("listener[{i}].name"), "must not be empty".into()));
+            }
+            if !names.insert(lst.name.as_str()) {
+                return Err((
+                    format!("listener[{i}].name"),
+                    format!("duplicate listener name {:?}", lst.name),
+                ));
+            }
+            if let Some(other) = binds.insert(lst.bind, lst.name.as_str()) {
+                return Err((
+                    format!("listener[{i}].bind"),
+                    format!("{} is already bound by listener {other:?}", lst.bind),
+                ));
+            }
+            if self.admin.as_ref().is_some_and(|a| a.bind == lst.bind) {
+                return Err((
+                    format!("listener[{i}].bind"),
+                    format!("{} is already bound by [admin]", lst.bind),
+                ));
+            }
+            match lst.protocol {
+                Protocol::Tcp => match &lst.pool {
+                    None => {
+                        return Err((
+                            format!("listener[{i}].pool"),
+                            "a tcp listener needs a pool".into(),
+                        ));
+                    }
+                    Some(p) if !pools.contains_key(p.as_str()) => {
+                        return Err((
+                            format!("listener[{i}].pool"),
+                            format!("no pool named {p:?}"),
+                        ));
+                    }
+                    Some(_) => {}
+                },
+                Protocol::Http => {
+                    if lst.pool.is_some() {
+                        return Err((
+                            format!("listener[{i}].pool"),
+                            "only tcp listeners take a pool; http listeners route by [[route]]"
+                                .into(),
+                        ));
+                    }
+                    if lst.forwarded_proto.is_empty()
+                        || !lst.forwarded_proto.bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.'
+                        })
+                    {
+                        return Err((
+                            format!("listener[{i}].forwarded_proto"),
+                            format!("{:?} is not a URI scheme", lst.forwarded_proto),
+                        ));
+                    }
+                }
+            }
+        }
+
+        let mut route_keys = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            crate::route::validate_host(&r.host).map_err(|m| (format!("route[{i}].host"), m))?;
+            if let Some(path) = &r.path {
+                if !path.starts_with('/') {
+                    return Err((
+                        format!("route[{i}].path"),
+                        format!("{path:?} must start with '/'"),
+                    ));
+                }
+            }
+            if !pools.contains_key(r.pool.as_str()) {
+                return Err((
+                    format!("route[{i}].pool"),
+                    format!("no pool named {:?}", r.pool),
+                ));
+            }
+            if let Some(rs) = &r.route_service {
+                if !(rs.starts_with("https://") || rs.starts_with("http://")) {
+                    return Err((
+                        format!("route[{i}].route_service"),
+                        format!("{rs:?} is not an http(s) URL"),
+                    ));
+                }
+            }
+            let key = (
+                r.host.to_ascii_lowercase(),
+                crate::route::normalize_prefix(r.path.as_deref()),
+            );
+            if !route_keys.insert(key) {
+                return Err((
+                    format!("route[{i}]"),
+                    format!(
+                        "duplicate route for host {:?} and path {:?}",
+                        r.host, r.path
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A short human summary, printed by `upsplice check`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "data plane: {}", self.data_plane.mode);
+        if let Some(a) = &self.admin {
+            let _ = writeln!(s, "admin: {}", a.bind);
+        }
+        let _ = writeln!(s, "listeners ({}):", self.listeners.len());
+        for l in &self.listeners {
+            match l.protocol {
+                Protocol::Http => {
+                    let _ = writeln!(
+                        s,
+                        "  {:<12} {:<22} http  proto={} trusted={}",
+                        l.name,
+                        l.bind,
+                        l.forwarded_proto,
+                        l.trusted_cidrs.len()
+                    );
+                }
+                Protocol::Tcp => {
+                    let _ = writeln!(
+                        s,
+                        "  {:<12} {:<22} tcp   -> pool {}",
+                        l.name,
+                        l.bind,
+                        l.pool.as_deref().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        let _ = writeln!(s, "pools ({}):", self.pools.len());
+        for p in &self.pools {
+            let backends: Vec<String> = p.backends.iter().map(|b| b.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "  {:<12} {:?} [{}]",
+                p.name,
+                p.balance,
+                backends.join(", ")
+            );
+        }
+        let _ = writeln!(s, "routes ({}):", self.routes.len());
+        for r in &self.routes {
+            let _ = writeln!(
+                s,
+                "  {}{} -> {}{}",
+                r.host,
+                r.path.as_deref().unwrap_or(""),
+                r.pool,
+                r.route_service
+                    .as_deref()
+                    .map(|u| format!(" (route service {u})"))
+                    .unwrap_or_default()
+            );
+        }
+        s
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not a duration ({e}); use e.g. \"5s\" or \"250ms\""
+        ))
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Int(u64),
+    Text(String),
+}
+
+fn parse_size<E: serde::de::Error>(r: SizeRepr) -> Result<u64, E> {
+    match r {
+        SizeRepr::Int(n) => Ok(n),
+        SizeRepr::Text(s) => s
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|e| {
+                E::custom(format!(
+                    "{s:?} is not a size ({e}); use e.g. 16384 or \"256KiB\""
+                ))
+            }),
+    }
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    parse_size(SizeRepr::deserialize(d)?)
+}
+
+fn de_size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    de_size(d).and_then(|n| usize::try_from(n).map_err(serde::de::Error::custom))
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d).map(Some)
+}
+
+/// The built-in configuration used by `upsplice demo` and `run` without
+/// `--config`: one http listener, one tcp listener, one echo pool.
+pub const DEMO_CONFIG: &str = include_str!("../demo.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    const BASE: &str = r#"
+[[listener]]
+name = "web"
+bind = "127.0.0.1:8080"
+protocol = "http"
+
+[[pool]]
+name = "chat"
+backends = ["127.0.0.1:9001"]
+
+[[route]]
+host = "chat.example.com"
+pool = "chat"
+"#;
+
+    #[test]
+    fn demo_config_is_valid() {
+        parse(DEMO_CONFIG).unwrap();
+    }
+
+    #[test]
+    fn human_durations_and_sizes() {
+        let c = parse(&format!(
+            "[limits]\nhandshake_timeout = \"250ms\"\nmax_header_bytes = \"8KiB\"\n[data_plane]\nmode = \"splice\"\npipe_size = \"256KiB\"\n{BASE}"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.handshake_timeout, Duration::from_millis(250));
+        assert_eq!(c.limits.max_header_bytes, 8192);
+        assert_eq!(c.data_plane.pipe_size, Some(256 * 1024));
+        assert_eq!(c.data_plane.mode, Mode::Splice);
+    }
+
+    #[test]
+    fn errors_name_file_field_and_problem() {
+        let e = parse(&BASE.replace("pool = \"chat\"\n", "pool = \"nope\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "t.toml: route[0].pool: no pool named \"nope\"");
+
+        let e = parse(&format!(
+            "{BASE}\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("listener[1].bind") && e.contains("already bound"),
+            "{e}"
+        );
+
+        let e = parse(&BASE.replace(
+            "protocol = \"http\"",
+            "protocol = \"http\"\ntrusted_cidrs = [\"10.0.0.0/33\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("t.toml: ") && e.contains("trusted_cidrs"),
+            "{e}"
+        );
+
+        let e = parse(&BASE.replace(
+            "protocol = \"http\"",
+            "protocol = \"http\"\ncolour = \"blue\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+
+        let e = parse(&format!("[limits]\nidle_timeout = \"forever\"\n{BASE}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("idle_timeout") && e.contains("not a duration"),
+            "{e}"
+        );
+
+        let e = parse(&format!(
+            "{BASE}\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:8443\"\nprotocol = \"tcp\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "t.toml: listener[1].pool: a tcp listener needs a pool");
+
+        let e = parse(&BASE.replace("chat.example.com", "*.*.example.com"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("route[0].host"), "{e}");
+    }
+}

@@ -1,0 +1,284 @@
+//! Data planes: what moves the bytes of a connection pair once the control
+//! plane (listener, handshake, routing) is done with it.
+//!
+//! A [`Tunnel`] carries everything a data plane needs: the two sockets, the
+//! bytes userspace already read past the heads (which must be delivered
+//! first, in order), the idle timeout and a drain signal. Every plane honours
+//! the same contract, which the conformance suite in `tests/conformance.rs`
+//! checks for each of them:
+//!
+//! * leftover bytes (`to_backend`, `to_client`) go out before anything else;
+//! * half-close: EOF from one side becomes `shutdown(SHUT_WR)` on the other
+//!   while the other direction keeps flowing; when both are done both close;
+//! * reset: an RST (or socket error) from one side aborts the other side with
+//!   an RST of its own, so a truncated stream never looks complete;
+//! * idle timeout: no byte either way for `idle_timeout` closes the tunnel;
+//! * bounded memory: a slow reader never makes the router buffer without
+//!   bound, and an idle tunnel holds no userspace buffer;
+//! * drain: when `drain` fires, the tunnel is closed at once.
+//!
+//! A plane that cannot take one particular tunnel (no pipes left, sockmap
+//! insert refused) returns it with [`Rejected`] so the dispatcher hands it to
+//! the next plane; the client never sees an error for it.
+
+pub mod copy;
+pub mod pair;
+pub mod sockmap;
+pub mod splice;
+pub mod uring;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DataPlaneConfig;
+
+/// The data plane chosen in the config (`[data_plane] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Auto,
+    Sockmap,
+    Uring,
+    Splice,
+    Copy,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Sockmap => "sockmap",
+            Mode::Uring => "uring",
+            Mode::Splice => "splice",
+            Mode::Copy => "copy",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A connection pair handed to a data plane.
+pub struct Tunnel {
+    pub client: TcpStream,
+    pub backend: TcpStream,
+    /// Bytes read from the client past its request head: deliver first.
+    pub to_backend: Bytes,
+    /// Bytes read from the backend past its response head: deliver first.
+    pub to_client: Bytes,
+    /// Close the tunnel when no byte moved either way for this long.
+    pub idle_timeout: Duration,
+    /// Fires when the router's drain deadline passed: close at once.
+    pub drain: CancellationToken,
+}
+
+/// Why a tunnel ended; goes to the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides sent FIN and everything was delivered.
+    Done,
+    /// The client reset the connection (or its socket failed).
+    ClientReset,
+    /// The backend reset the connection (or its socket failed).
+    BackendReset,
+    /// No byte moved for `idle_timeout`.
+    Idle,
+    /// The drain deadline passed.
+    Drain,
+    /// The data plane itself failed (an I/O error it could not attribute).
+    Error,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Done => "done",
+            CloseReason::ClientReset => "client_reset",
+            CloseReason::BackendReset => "backend_reset",
+            CloseReason::Idle => "idle_timeout",
+            CloseReason::Drain => "drain",
+            CloseReason::Error => "dataplane_error",
+        }
+    }
+}
+
+/// What a data plane reports when a tunnel ends.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub to_backend: u64,
+    pub to_client: u64,
+    pub reason: CloseReason,
+}
+
+/// A tunnel a plane could not take, with the reason (logged and counted).
+pub struct Rejected {
+    pub tunnel: Tunnel,
+    pub reason: String,
+}
+
+/// Bytes relayed by one data plane, in both directions.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    pub to_backend: AtomicU64,
+    pub to_client: AtomicU64,
+}
+
+impl ByteCounters {
+    pub fn add(&self, to_backend: u64, to_client: u64) {
+        if to_backend > 0 {
+            self.to_backend.fetch_add(to_backend, Ordering::Relaxed);
+        }
+        if to_client > 0 {
+            self.to_client.fetch_add(to_client, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One data plane, ready to relay. Each module provides `probe()` (can this
+/// kernel and build run it? cheap, no resources) and `new(cfg)` (take the
+/// resources: pipes, rings, eBPF maps); `new` fails with the reason.
+pub enum Plane {
+    Copy(copy::CopyPlane),
+    Splice(splice::SplicePlane),
+    Uring(uring::UringPlane),
+    Sockmap(sockmap::SockmapPlane),
+}
+
+impl Plane {
+    pub fn mode(&self) -> Mode {
+        match self {
+            Plane::Copy(_) => Mode::Copy,
+            Plane::Splice(_) => Mode::Splice,
+            Plane::Uring(_) => Mode::Uring,
+            Plane::Sockmap(_) => Mode::Sockmap,
+        }
+    }
+
+    /// Relays `t` until it ends, or hands it back when this plane cannot take it.
+    pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
+        match self {
+            Plane::Copy(p) => Ok(p.relay(t).await),
+            Plane::Splice(p) => p.relay(t).await,
+            Plane::Uring(p) => p.relay(t).await,
+            Plane::Sockmap(p) => p.relay(t).await,
+        }
+    }
+
+    /// Bytes relayed so far by all tunnels of this plane (to backend, to client).
+    pub fn bytes_relayed(&self) -> (u64, u64) {
+        let c = match self {
+            Plane::Copy(p) => p.counters(),
+            Plane::Splice(p) => p.counters(),
+            Plane::Uring(p) => p.counters(),
+            Plane::Sockmap(p) => return p.bytes_relayed(),
+        };
+        (
+            c.to_backend.load(Ordering::Relaxed),
+            c.to_client.load(Ordering::Relaxed),
+        )
+    }
+
+    fn build(mode: Mode, cfg: &DataPlaneConfig) -> Result<Plane, String> {
+        Ok(match mode {
+            Mode::Copy => Plane::Copy(copy::CopyPlane::new(cfg)),
+            Mode::Splice => Plane::Splice(splice::SplicePlane::new(cfg)?),
+            Mode::Uring => Plane::Uring(uring::UringPlane::new(cfg)?),
+            Mode::Sockmap => Plane::Sockmap(sockmap::SockmapPlane::new(cfg)?),
+            Mode::Auto => unreachable!("auto is resolved by DataPlanes::start"),
+        })
+    }
+}
+
+/// Whether each concrete plane can run here, and if not, why (for `upsplice check`).
+pub fn probe_all() -> Vec<(Mode, Result<(), String>)> {
+    vec![
+        (Mode::Sockmap, sockmap::probe()),
+        (Mode::Uring, uring::probe()),
+        (Mode::Splice, splice::probe()),
+        (Mode::Copy, Ok(())),
+    ]
+}
+
+/// The order in which `auto` tries the planes: the first that starts wins.
+pub const AUTO_ORDER: [Mode; 4] = [Mode::Sockmap, Mode::Uring, Mode::Splice, Mode::Copy];
+
+/// The chosen plane followed by its fallbacks (always ending with copy).
+pub struct DataPlanes {
+    chain: Vec<Plane>,
+}
+
+impl DataPlanes {
+    /// Builds the plane `cfg.mode` asks for. `auto` takes the first of
+    /// [`AUTO_ORDER`] that starts and logs why the ones before it did not;
+    /// an explicit mode that cannot start is an error naming the reason.
+    pub fn start(cfg: &DataPlaneConfig) -> Result<DataPlanes, String> {
+        let primary = match cfg.mode {
+            Mode::Auto => {
+                let mut chosen = None;
+                for mode in AUTO_ORDER {
+                    match Plane::build(mode, cfg) {
+                        Ok(p) => {
+                            tracing::info!(data_plane = %mode, "auto: chose {mode}");
+                            chosen = Some(p);
+                            break;
+                        }
+                        Err(why) => {
+                            tracing::info!(data_plane = %mode, "auto: {mode} unavailable: {why}")
+                        }
+                    }
+                }
+                chosen.expect("copy always starts")
+            }
+            mode => Plane::build(mode, cfg)
+                .map_err(|why| format!("data_plane.mode = \"{mode}\" cannot start: {why}"))?,
+        };
+        let mut chain = vec![];
+        let primary_mode = primary.mode();
+        chain.push(primary);
+        // Per-tunnel fallbacks: splice after the kernel planes, copy last.
+        if matches!(primary_mode, Mode::Sockmap | Mode::Uring) {
+            match Plane::build(Mode::Splice, cfg) {
+                Ok(p) => chain.push(p),
+                Err(why) => tracing::info!("splice fallback unavailable: {why}"),
+            }
+        }
+        if primary_mode != Mode::Copy {
+            chain.push(Plane::Copy(copy::CopyPlane::new(cfg)));
+        }
+        Ok(DataPlanes { chain })
+    }
+
+    /// The plane tunnels go to first.
+    pub fn mode(&self) -> Mode {
+        self.chain[0].mode()
+    }
+
+    pub fn planes(&self) -> &[Plane] {
+        &self.chain
+    }
+
+    /// Relays `t` through the first plane that takes it; returns that plane's
+    /// mode and the outcome. Copy takes every tunnel, so this always relays.
+    pub async fn relay(&self, mut t: Tunnel) -> (Mode, Outcome) {
+        for plane in &self.chain {
+            match plane.relay(t).await {
+                Ok(outcome) => return (plane.mode(), outcome),
+                Err(rejected) => {
+                    tracing::info!(data_plane = %plane.mode(), reason = %rejected.reason, "tunnel falls back to the next data plane");
+                    crate::metrics::fallback(plane.mode());
+                    t = rejected.tunnel;
+                }
+            }
+        }
+        unreachable!("the copy plane ends every chain and takes every tunnel")
+    }
+}

@@ -1,0 +1,201 @@
+//! Process-wide metrics, rendered in the Prometheus text format by the admin
+//! endpoint (`GET /metrics`).
+//!
+//! One global registry: every connection task records into it without
+//! threading a handle through each call. Byte counters are not recorded per
+//! write: each data plane keeps its own totals (sockmap's live in an eBPF
+//! per-CPU map) and they are read when `/metrics` is scraped.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::dataplane::{DataPlanes, Mode};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabels {
+    pub listener: String,
+    pub data_plane: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub listener: String,
+    pub status: u16,
+    /// The X-Cf-Routererror reason, or "" for answers from a backend.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlaneLabels {
+    pub data_plane: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub accepted: Family<ListenerLabels, Counter>,
+    pub active: Family<ListenerLabels, Gauge>,
+    pub rejected_over_limit: Family<ListenerLabels, Counter>,
+    pub tunnels: Family<TunnelLabels, Counter>,
+    pub tunnels_active: Family<TunnelLabels, Gauge>,
+    pub outcomes: Family<OutcomeLabels, Counter>,
+    pub handshake_seconds: Histogram,
+    pub connect_failures: Family<PoolLabels, Counter>,
+    pub fallbacks: Family<PlaneLabels, Counter>,
+    planes: OnceLock<Arc<DataPlanes>>,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("upsplice");
+        let accepted = Family::default();
+        registry.register(
+            "connections_accepted",
+            "Connections accepted, by listener",
+            accepted.clone(),
+        );
+        let active = Family::default();
+        registry.register(
+            "connections_active",
+            "Connections open now, by listener",
+            active.clone(),
+        );
+        let rejected_over_limit = Family::default();
+        registry.register(
+            "connections_over_limit",
+            "Connections refused because limits.max_connections was reached",
+            rejected_over_limit.clone(),
+        );
+        let tunnels = Family::default();
+        registry.register(
+            "tunnels",
+            "Connection pairs handed to a data plane",
+            tunnels.clone(),
+        );
+        let tunnels_active = Family::default();
+        registry.register(
+            "tunnels_active",
+            "Connection pairs relayed by a data plane now",
+            tunnels_active.clone(),
+        );
+        let outcomes = Family::default();
+        registry.register(
+            "handshakes",
+            "First requests by the status answered (101 for tunnels) and X-Cf-Routererror reason",
+            outcomes.clone(),
+        );
+        let handshake_seconds = Histogram::new([
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+        ]);
+        registry.register(
+            "handshake_duration_seconds",
+            "From accept to the tunnel (or the answer) being ready",
+            handshake_seconds.clone(),
+        );
+        let connect_failures = Family::default();
+        registry.register(
+            "backend_connect_failures",
+            "Backend connects that failed or timed out, by pool",
+            connect_failures.clone(),
+        );
+        let fallbacks = Family::default();
+        registry.register(
+            "dataplane_fallbacks",
+            "Tunnels a data plane could not take and handed to the next one",
+            fallbacks.clone(),
+        );
+        Metrics {
+            registry,
+            accepted,
+            active,
+            rejected_over_limit,
+            tunnels,
+            tunnels_active,
+            outcomes,
+            handshake_seconds,
+            connect_failures,
+            fallbacks,
+            planes: OnceLock::new(),
+        }
+    }
+
+    /// Renders everything in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        // The data planes' byte totals are read now, not pushed per write.
+        let body_end = out.rfind("# EOF").unwrap_or(out.len());
+        out.truncate(body_end);
+        if let Some(planes) = self.planes.get() {
+            out.push_str("# HELP upsplice_relayed_bytes Bytes relayed through upgraded tunnels and plain requests, by data plane and direction.\n");
+            out.push_str("# TYPE upsplice_relayed_bytes counter\n");
+            for plane in planes.planes() {
+                let (to_backend, to_client) = plane.bytes_relayed();
+                let m = plane.mode();
+                let _ = writeln!(out, "upsplice_relayed_bytes_total{{data_plane=\"{m}\",direction=\"to_backend\"}} {to_backend}");
+                let _ = writeln!(out, "upsplice_relayed_bytes_total{{data_plane=\"{m}\",direction=\"to_client\"}} {to_client}");
+            }
+        }
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// Makes the data planes' byte counters part of `/metrics`.
+pub fn set_planes(planes: Arc<DataPlanes>) {
+    let _ = get().planes.set(planes);
+}
+
+pub fn fallback(from: Mode) {
+    get()
+        .fallbacks
+        .get_or_create(&PlaneLabels {
+            data_plane: from.to_string(),
+        })
+        .inc();
+}
+
+pub fn outcome(listener: &str, status: u16, reason: &str, elapsed: Duration) {
+    let m = get();
+    m.outcomes
+        .get_or_create(&OutcomeLabels {
+            listener: listener.to_string(),
+            status,
+            reason: reason.to_string(),
+        })
+        .inc();
+    m.handshake_seconds.observe(elapsed.as_secs_f64());
+}
+
+pub fn connect_failure(pool: &str) {
+    get()
+        .connect_failures
+        .get_or_create(&PoolLabels {
+            pool: pool.to_string(),
+        })
+        .inc();
+}

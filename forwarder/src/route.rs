@@ -1,0 +1,201 @@
+//! The routing table: Host (exact or `*.suffix`) and optional path prefix → pool.
+//!
+//! Rules (README, "Routing"): hosts compare case-insensitively with any port
+//! ignored; `*.example.com` matches any subdomain at any depth but not
+//! `example.com` itself; an exact host always beats a wildcard, and among
+//! wildcards the longest suffix wins; then the longest path prefix wins, and
+//! prefixes match whole segments (`/api` matches `/api`, `/api/x`, `/api?q`,
+//! not `/apix`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::Config;
+
+/// What a request was routed to.
+#[derive(Debug, Clone)]
+pub struct RouteTarget {
+    /// Index of the pool in the config's pool list.
+    pub pool: usize,
+    /// `host` + path prefix as written in the config, for logs and metrics.
+    pub name: Arc<str>,
+    pub route_service: Option<Arc<str>>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    /// Sorted longest prefix first; "" is the catch-all.
+    by_prefix: Vec<(String, RouteTarget)>,
+}
+
+impl Entries {
+    fn lookup(&self, path: &str) -> Option<&RouteTarget> {
+        self.by_prefix
+            .iter()
+            .find(|(p, _)| prefix_matches(p, path))
+            .map(|(_, t)| t)
+    }
+}
+
+/// An immutable routing table, rebuilt on reload.
+#[derive(Debug, Default)]
+pub struct Router {
+    exact: HashMap<String, Entries>,
+    /// Wildcard suffixes including the leading dot, e.g. ".example.com",
+    /// sorted longest first so the most specific wildcard wins.
+    wildcard: Vec<(String, Entries)>,
+}
+
+impl Router {
+    /// Builds the table from a validated config.
+    pub fn new(config: &Config) -> Router {
+        let pool_index: HashMap<&str, usize> = config
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.as_str(), i))
+            .collect();
+        let mut exact: HashMap<String, Entries> = HashMap::new();
+        let mut wildcard: HashMap<String, Entries> = HashMap::new();
+        for r in &config.routes {
+            let host = r.host.to_ascii_lowercase();
+            let prefix = normalize_prefix(r.path.as_deref());
+            let target = RouteTarget {
+                pool: pool_index[r.pool.as_str()],
+                name: format!("{}{}", host, r.path.as_deref().unwrap_or("")).into(),
+                route_service: r.route_service.as_deref().map(Arc::from),
+            };
+            let entries = match host.strip_prefix('*') {
+                Some(suffix) => wildcard.entry(suffix.to_string()).or_default(),
+                None => exact.entry(host).or_default(),
+            };
+            entries.by_prefix.push((prefix, target));
+        }
+        for e in exact.values_mut().chain(wildcard.values_mut()) {
+            e.by_prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        }
+        let mut wildcard: Vec<_> = wildcard.into_iter().collect();
+        wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Router { exact, wildcard }
+    }
+
+    /// Finds the route for `host` (as sent, maybe with a port) and the
+    /// request target `path`. An exact host that has no matching path prefix
+    /// falls through to the wildcards.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&RouteTarget> {
+        let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
+        if let Some(t) = self.exact.get(&host).and_then(|e| e.lookup(path)) {
+            return Some(t);
+        }
+        self.wildcard
+            .iter()
+            .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .find_map(|(_, e)| e.lookup(path))
+    }
+}
+
+/// `host[:port]` or `[v6]:port` → host.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// A configured path prefix without its trailing slash ("/" and none → "").
+pub fn normalize_prefix(path: Option<&str>) -> String {
+    path.unwrap_or("").trim_end_matches('/').to_string()
+}
+
+/// Does `prefix` (normalized) match `path` on a segment boundary?
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix.is_empty() {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with(['/', '?', '#']),
+        None => false,
+    }
+}
+
+/// Checks a configured route host: a DNS name, or `*.` followed by one.
+pub fn validate_host(host: &str) -> Result<(), String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.contains('*') {
+        return Err(format!(
+            "{host:?}: a wildcard is only allowed as the whole first label (\"*.example.com\")"
+        ));
+    }
+    let ok = name.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    if !ok || name.len() > 253 {
+        return Err(format!("{host:?} is not a host name"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn router(routes: &str) -> Router {
+        let text = format!(
+            "[[listener]]\nname=\"w\"\nbind=\"127.0.0.1:1\"\nprotocol=\"http\"\n[[pool]]\nname=\"a\"\n[[pool]]\nname=\"b\"\n[[pool]]\nname=\"c\"\n{routes}"
+        );
+        Router::new(&Config::parse(Path::new("t"), &text).unwrap())
+    }
+
+    fn pool(r: &Router, host: &str, path: &str) -> Option<usize> {
+        r.lookup(host, path).map(|t| t.pool)
+    }
+
+    #[test]
+    fn exact_beats_wildcard_and_port_is_ignored() {
+        let r = router("[[route]]\nhost=\"*.example.com\"\npool=\"a\"\n[[route]]\nhost=\"Chat.Example.com\"\npool=\"b\"\n");
+        assert_eq!(pool(&r, "chat.example.com:8080", "/"), Some(1));
+        assert_eq!(pool(&r, "CHAT.EXAMPLE.COM", "/"), Some(1));
+        assert_eq!(pool(&r, "x.y.example.com", "/"), Some(0));
+        assert_eq!(pool(&r, "example.com", "/"), None);
+        assert_eq!(pool(&r, "badexample.com", "/"), None);
+    }
+
+    #[test]
+    fn longest_whole_segment_prefix_wins() {
+        let r = router(
+            "[[route]]\nhost=\"h\"\npool=\"a\"\n[[route]]\nhost=\"h\"\npath=\"/api\"\npool=\"b\"\n[[route]]\nhost=\"h\"\npath=\"/api/v2/\"\npool=\"c\"\n",
+        );
+        assert_eq!(pool(&r, "h", "/"), Some(0));
+        assert_eq!(pool(&r, "h", "/apix"), Some(0));
+        assert_eq!(pool(&r, "h", "/api"), Some(1));
+        assert_eq!(pool(&r, "h", "/api?x=1"), Some(1));
+        assert_eq!(pool(&r, "h", "/api/v1"), Some(1));
+        assert_eq!(pool(&r, "h", "/api/v2"), Some(2));
+        assert_eq!(pool(&r, "h", "/api/v2/socket"), Some(2));
+    }
+
+    #[test]
+    fn exact_host_without_matching_prefix_falls_through_to_wildcard() {
+        let r = router("[[route]]\nhost=\"*.e.com\"\npool=\"a\"\n[[route]]\nhost=\"x.e.com\"\npath=\"/only\"\npool=\"b\"\n");
+        assert_eq!(pool(&r, "x.e.com", "/only/1"), Some(1));
+        assert_eq!(pool(&r, "x.e.com", "/other"), Some(0));
+    }
+
+    #[test]
+    fn ipv6_host_and_trailing_dot() {
+        let r = router("[[route]]\nhost=\"h.e.com\"\npool=\"a\"\n");
+        assert_eq!(pool(&r, "h.e.com.", "/"), Some(0));
+        assert_eq!(strip_port("[::1]:80"), "::1");
+    }
+}
