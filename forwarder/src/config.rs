@@ -48,6 +48,11 @@ pub struct DataPlaneConfig {
     pub copy_buffer: u64,
     /// io_uring workers (0 = one per core).
     pub uring_workers: usize,
+    /// sockmap: most bytes one direction of a tunnel may have in the kernel
+    /// (redirected but not yet acknowledged by the reader) before the plane
+    /// pauses that direction; it resumes below half of it.
+    #[serde(deserialize_with = "de_size")]
+    pub sockmap_queue_limit: u64,
 }
 
 impl Default for DataPlaneConfig {
@@ -58,6 +63,7 @@ impl Default for DataPlaneConfig {
             max_pipes: 16384,
             copy_buffer: 64 * 1024,
             uring_workers: 0,
+            sockmap_queue_limit: 4 * 1024 * 1024,
         }
     }
 }

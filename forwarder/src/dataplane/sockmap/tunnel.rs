@@ -1,0 +1,599 @@
+//! One tunnel through the sockmap plane: handoff, watching, backpressure,
+//! half-close and teardown.
+//!
+//! Handoff, in this order (each step is there for a reproduced failure):
+//! 1. both sockets join `TARGETS` (no program: nothing changes for them);
+//!    this is where a socket that cannot be redirected (already got FIN, map
+//!    full) is refused, before anything was consumed → [`Rejected`];
+//! 2. the leftover bytes (`to_backend`, `to_client`) are written by
+//!    userspace, so they are in the destination's send queue before any
+//!    redirected byte can be;
+//! 3. the `PEERS` entries are written, then both sockets join `ACTIVE`: from
+//!    then on the verdict redirects every arriving byte, and the peer is a
+//!    redirect target already, so no byte can find a missing peer;
+//! 4. both sockets are kicked ([`sys::kick`]): bytes that arrived before
+//!    step 3 are redirected now instead of waiting for the next segment.
+//!
+//! Then the kernel moves the bytes. Userspace wakes on FIN/hang-up/error
+//! (epoll without `EPOLLIN`), on a ring-buffer event when a direction moved
+//! another `budget` bytes, on timers while something is pending, and on the
+//! idle deadline.
+//!
+//! Backpressure: a direction whose destination holds more than `high` bytes
+//! not yet acknowledged (in the psock queue or the send queue) is paused by
+//! taking its source out of `ACTIVE`: new bytes stay in the source's
+//! receive queue and TCP flow control stops the sender. It resumes below
+//! `low`, with a kick for what queued meanwhile.
+//!
+//! Half-close: on FIN from a source, the plane waits until the source's
+//! receive queue is empty and every redirected byte reached the
+//! destination's send queue, then shuts the destination's write side.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use super::kernel::{Kernel, PeerEntry, DIR_TO_BACKEND, DIR_TO_CLIENT};
+use super::sys::{self, HangupWatch};
+use crate::dataplane::pair::abort;
+use crate::dataplane::{CloseReason, Outcome, Rejected, Tunnel};
+
+/// Backpressure bounds, per direction, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Pause a direction with more than this in the kernel.
+    pub high: u64,
+    /// Resume it once at most this is left.
+    pub low: u64,
+    /// Check a direction's queues each time it moved this much.
+    pub budget: u64,
+}
+
+impl Limits {
+    pub fn from_queue_limit(limit: u64) -> Limits {
+        let high = limit.max(64 * 1024);
+        Limits {
+            high,
+            low: high / 2,
+            budget: (high / 4).max(16 * 1024),
+        }
+    }
+}
+
+/// Shortest and longest wait between checks while something is pending
+/// (a paused direction, a FIN waiting for its bytes to drain).
+const TICK_MIN: Duration = Duration::from_millis(1);
+const TICK_BUSY_MAX: Duration = Duration::from_millis(20);
+/// How long a refused activation may wait for bytes already redirected.
+const REJECT_FLUSH_MAX: Duration = Duration::from_secs(2);
+/// Userspace buffer for the tail of a direction that got FIN while paused.
+const TAIL_BUFFER: usize = 64 * 1024;
+
+/// One direction of the tunnel.
+struct Dir<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    src_cookie: u64,
+    /// Bytes written into `dst` (acked + queued) when redirection began.
+    base: u64,
+    /// Leftover bytes written by userspace before redirection began.
+    leftover: u64,
+    /// Bytes the verdict redirected from `src`, as last read.
+    redirected: u64,
+    /// Bytes userspace copied after a FIN that came while paused.
+    tail_copied: u64,
+    /// `NOTIFY` threshold currently set for `src`.
+    notify_at: u64,
+    paused: bool,
+    /// `src` sent FIN.
+    eof: bool,
+    /// FIN passed on to `dst`; nothing more goes this way.
+    done: bool,
+    /// Bytes read from `src` by the tail copy, not written to `dst` yet.
+    tail: Vec<u8>,
+}
+
+impl<'a> Dir<'a> {
+    fn new(src: &'a TcpStream, dst: &'a TcpStream, src_cookie: u64, budget: u64) -> Dir<'a> {
+        Dir {
+            src,
+            dst,
+            src_cookie,
+            base: 0,
+            leftover: 0,
+            redirected: 0,
+            tail_copied: 0,
+            notify_at: budget,
+            paused: false,
+            eof: false,
+            done: false,
+            tail: Vec::new(),
+        }
+    }
+
+    fn src_fd(&self) -> RawFd {
+        self.src.as_raw_fd()
+    }
+
+    fn dst_fd(&self) -> RawFd {
+        self.dst.as_raw_fd()
+    }
+
+    fn moved(&self) -> u64 {
+        self.leftover + self.redirected + self.tail_copied
+    }
+
+    /// Bytes redirected that the destination's reader has not acknowledged.
+    fn in_kernel(&self, acked: u64) -> u64 {
+        (self.base + self.redirected).saturating_sub(acked)
+    }
+
+    /// Every redirected byte reached the destination's send queue.
+    fn flushed(&self) -> io::Result<bool> {
+        Ok(sys::written_at_least(self.dst_fd())? >= self.base + self.redirected)
+    }
+}
+
+/// Takes the tunnel's sockets out of every map and the event registry when
+/// dropped, whatever ended the tunnel (also a cancelled relay future).
+struct Membership<'k> {
+    kernel: &'k Kernel,
+    cookies: [u64; 2],
+    registered: bool,
+}
+
+impl Drop for Membership<'_> {
+    fn drop(&mut self) {
+        for c in self.cookies {
+            self.kernel.deactivate(c);
+        }
+        for c in self.cookies {
+            self.kernel.unpair(c);
+        }
+        for c in self.cookies {
+            self.kernel.remove_target(c);
+        }
+        if self.registered {
+            let mut registry = self
+                .kernel
+                .registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for c in self.cookies {
+                registry.remove(&c);
+            }
+        }
+    }
+}
+
+#[expect(
+    clippy::result_large_err,
+    reason = "the seam's Rejected carries the whole tunnel"
+)]
+fn rejected(tunnel: Tunnel, reason: String) -> Result<Outcome, Rejected> {
+    Err(Rejected { tunnel, reason })
+}
+
+/// Writes all of `buf` to `dst`; the count written so far on error.
+async fn write_all(dst: &TcpStream, buf: &[u8]) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    while done < buf.len() {
+        if let Err(e) = dst.writable().await {
+            return Err((done, e));
+        }
+        match dst.try_write(&buf[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
+}
+
+fn ended(up: &Dir<'_>, down: &Dir<'_>, reason: CloseReason) -> Outcome {
+    Outcome {
+        to_backend: up.moved(),
+        to_client: down.moved(),
+        reason,
+    }
+}
+
+/// Relays `t` through the kernel until it ends; hands it back untouched
+/// (or with its leftovers already delivered, and nothing else) when its
+/// sockets cannot join the maps.
+pub async fn relay(kernel: &Kernel, limits: Limits, t: Tunnel) -> Result<Outcome, Rejected> {
+    let (c_fd, b_fd) = (t.client.as_raw_fd(), t.backend.as_raw_fd());
+    let (c_ck, b_ck) = match (sys::cookie(c_fd), sys::cookie(b_fd)) {
+        (Ok(c), Ok(b)) => (c, b),
+        (Err(e), _) | (_, Err(e)) => return rejected(t, format!("SO_COOKIE: {e}")),
+    };
+
+    // 1. Redirect targets; a refusal here leaves the tunnel untouched.
+    let mut members = Membership {
+        kernel,
+        cookies: [c_ck, b_ck],
+        registered: false,
+    };
+    if let Err(e) = kernel.add_target(c_ck, c_fd) {
+        drop(members);
+        return rejected(t, format!("client socket refused by the sockmap: {e}"));
+    }
+    if let Err(e) = kernel.add_target(b_ck, b_fd) {
+        drop(members);
+        return rejected(t, format!("backend socket refused by the sockmap: {e}"));
+    }
+
+    let mut up = Dir::new(&t.client, &t.backend, c_ck, limits.budget);
+    let mut down = Dir::new(&t.backend, &t.client, b_ck, limits.budget);
+
+    // 2. Leftovers first, by userspace, before any redirection.
+    let leftovers = async {
+        let (a, b) = tokio::join!(
+            write_all(&t.backend, &t.to_backend),
+            write_all(&t.client, &t.to_client)
+        );
+        (a, b)
+    };
+    let (wrote_up, wrote_down) = tokio::select! {
+        r = leftovers => r,
+        _ = t.drain.cancelled() => {
+            drop(members);
+            return Ok(ended(&up, &down, CloseReason::Drain));
+        }
+        _ = tokio::time::sleep(t.idle_timeout) => {
+            drop(members);
+            return Ok(ended(&up, &down, CloseReason::Idle));
+        }
+    };
+    up.leftover = t.to_backend.len() as u64;
+    down.leftover = t.to_client.len() as u64;
+    let failed = match (wrote_up, wrote_down) {
+        (Err((n, _)), _) => {
+            up.leftover = n as u64;
+            Some(CloseReason::BackendReset)
+        }
+        (_, Err((n, _))) => {
+            down.leftover = n as u64;
+            Some(CloseReason::ClientReset)
+        }
+        _ => None,
+    };
+    if let Some(reason) = failed {
+        drop(members);
+        abort(&t.client);
+        abort(&t.backend);
+        return Ok(ended(&up, &down, reason));
+    }
+
+    // 3. Pair and activate.
+    let bases = sys::written_exact(b_fd).and_then(|u| Ok((u, sys::written_exact(c_fd)?)));
+    let (up_base, down_base) = match bases {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("sockmap: reading TCP counters: {e}");
+            drop(members);
+            return delivered_then_rejected(t, format!("TCP counters: {e}"));
+        }
+    };
+    up.base = up_base;
+    down.base = down_base;
+    let paired = kernel
+        .pair(
+            c_ck,
+            PeerEntry {
+                peer: b_ck,
+                dir: DIR_TO_BACKEND,
+                ..PeerEntry::default()
+            },
+        )
+        .and_then(|()| {
+            kernel.pair(
+                b_ck,
+                PeerEntry {
+                    peer: c_ck,
+                    dir: DIR_TO_CLIENT,
+                    ..PeerEntry::default()
+                },
+            )
+        })
+        .and_then(|()| kernel.notify_at(c_ck, limits.budget))
+        .and_then(|()| kernel.notify_at(b_ck, limits.budget));
+    if let Err(e) = paired {
+        drop(members);
+        return delivered_then_rejected(t, format!("sockmap peer entries: {e}"));
+    }
+    let waker = Arc::new(Notify::new());
+    {
+        let mut registry = kernel.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.insert(c_ck, waker.clone());
+        registry.insert(b_ck, waker.clone());
+    }
+    members.registered = true;
+
+    if let Err(e) = kernel.activate(c_ck, c_fd) {
+        drop(members);
+        return delivered_then_rejected(t, format!("client socket refused by the sockmap: {e}"));
+    }
+    if let Err(e) = kernel.activate(b_ck, b_fd) {
+        // Client bytes may already be on their way to the backend: let them
+        // reach its send queue before handing the tunnel to another plane.
+        kernel.deactivate(c_ck);
+        let deadline = Instant::now() + REJECT_FLUSH_MAX;
+        loop {
+            up.redirected = kernel.redirected(c_ck);
+            if up.flushed().unwrap_or(false) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                drop(members);
+                abort(&t.client);
+                abort(&t.backend);
+                return Ok(ended(&up, &down, CloseReason::Error));
+            }
+            tokio::time::sleep(TICK_MIN).await;
+        }
+        drop(members);
+        tracing::debug!(
+            bytes = up.redirected,
+            "sockmap: backend refused after client bytes moved"
+        );
+        return delivered_then_rejected(t, format!("backend socket refused by the sockmap: {e}"));
+    }
+
+    // 4. Kick: bytes queued before activation go through now.
+    sys::kick(c_fd);
+    sys::kick(b_fd);
+
+    let watch = match HangupWatch::new()
+        .and_then(|w| w.add(c_fd, 0).map(|()| w))
+        .and_then(|w| w.add(b_fd, 1).map(|()| w))
+    {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("sockmap: epoll: {e}");
+            drop(members);
+            abort(&t.client);
+            abort(&t.backend);
+            return Ok(ended(&up, &down, CloseReason::Error));
+        }
+    };
+
+    let reason = watch_loop(kernel, limits, &t, &watch, &waker, &mut up, &mut down).await;
+    let outcome = ended(&up, &down, reason);
+    drop(members);
+    if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset) {
+        abort(&t.client);
+        abort(&t.backend);
+    }
+    Ok(outcome)
+}
+
+/// Hands the tunnel back once its leftovers were delivered (and nothing
+/// else moved): the next plane must not send them again.
+#[expect(
+    clippy::result_large_err,
+    reason = "the seam's Rejected carries the whole tunnel"
+)]
+fn delivered_then_rejected(mut t: Tunnel, reason: String) -> Result<Outcome, Rejected> {
+    t.to_backend = Bytes::new();
+    t.to_client = Bytes::new();
+    rejected(t, reason)
+}
+
+/// Watches the tunnel until it ends; returns why.
+async fn watch_loop<'a>(
+    kernel: &Kernel,
+    limits: Limits,
+    t: &Tunnel,
+    watch: &HangupWatch,
+    waker: &Notify,
+    up: &mut Dir<'a>,
+    down: &mut Dir<'a>,
+) -> CloseReason {
+    let mut tick = TICK_MIN;
+    let mut last_sign = None;
+    let mut last_activity = Instant::now();
+    loop {
+        // Check queues, FINs and progress.
+        for dir in [&mut *up, &mut *down] {
+            match check(kernel, limits, dir) {
+                Ok(true) => tick = TICK_MIN,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!("sockmap: {e}");
+                    return if std::ptr::eq(dir.src, &t.client) {
+                        CloseReason::BackendReset
+                    } else {
+                        CloseReason::ClientReset
+                    };
+                }
+            }
+        }
+        if up.done && down.done {
+            return CloseReason::Done;
+        }
+        let sign = activity_sign(up, down);
+        if last_sign != Some(sign) {
+            last_sign = Some(sign);
+            last_activity = Instant::now();
+        }
+        let idle_deadline = last_activity + t.idle_timeout;
+        let now = Instant::now();
+        if now >= idle_deadline {
+            return CloseReason::Idle;
+        }
+        let busy = [&*up, &*down]
+            .iter()
+            .any(|d| !d.done && (d.paused || d.eof));
+        let wait = if busy {
+            tick.min(TICK_BUSY_MAX)
+        } else {
+            tick.min(idle_deadline - now)
+        };
+
+        tokio::select! {
+            biased;
+            _ = t.drain.cancelled() => return CloseReason::Drain,
+            events = watch.wait() => {
+                let events = match events {
+                    Ok(events) => events,
+                    Err(e) => {
+                        tracing::warn!("sockmap: epoll: {e}");
+                        return CloseReason::Error;
+                    }
+                };
+                for ev in events {
+                    let (fd, from_client) = if ev.token == 0 {
+                        (t.client.as_raw_fd(), true)
+                    } else {
+                        (t.backend.as_raw_fd(), false)
+                    };
+                    let so_error = if ev.error { sys::take_error(fd) } else { Ok(0) };
+                    tracing::trace!(?ev, ?so_error, "sockmap: socket event");
+                    if so_error.map(|e| e != 0).unwrap_or(true) {
+                        return if from_client {
+                            CloseReason::ClientReset
+                        } else {
+                            CloseReason::BackendReset
+                        };
+                    }
+                    let dir = if from_client { &mut *up } else { &mut *down };
+                    if ev.read_closed || ev.hup {
+                        dir.eof = true;
+                    }
+                    // Level-triggered: stop reporting what was handled.
+                    let _ = if ev.hup {
+                        watch.remove(fd)
+                    } else {
+                        watch.ignore_fin(fd, ev.token)
+                    };
+                }
+                tick = TICK_MIN;
+            }
+            _ = waker.notified() => tick = TICK_MIN,
+            _ = tokio::time::sleep(wait) => tick = (tick * 2).min(Duration::from_secs(3600)),
+        }
+    }
+}
+
+/// What idleness is measured on: bytes moved and acknowledged either way.
+fn activity_sign(up: &Dir<'_>, down: &Dir<'_>) -> (u64, u64, u64, u64) {
+    let acked = |d: &Dir<'_>| {
+        sys::tcp_counters(d.dst_fd())
+            .map(|c| c.bytes_acked)
+            .unwrap_or(0)
+    };
+    (up.moved(), down.moved(), acked(up), acked(down))
+}
+
+/// Updates one direction: counters, pause/resume, FIN. Ok(true) when its
+/// state changed (check again soon); Err when its destination failed.
+fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> io::Result<bool> {
+    if d.done {
+        return Ok(false);
+    }
+    let mut changed = false;
+    let redirected = kernel.redirected(d.src_cookie);
+    if redirected != d.redirected {
+        d.redirected = redirected;
+        changed = true;
+    }
+    let dst = sys::tcp_counters(d.dst_fd())?;
+    if dst.state == sys::TCP_CLOSE {
+        return Err(io::Error::other("destination closed while bytes were owed"));
+    }
+    let in_kernel = d.in_kernel(dst.bytes_acked);
+
+    if d.paused && d.eof {
+        // The source cannot rejoin ACTIVE after FIN: copy its tail here,
+        // after everything redirected before reached the send queue.
+        if d.flushed()? {
+            return tail_copy(d).map(|moved| moved || changed);
+        }
+        return Ok(changed);
+    }
+    if !d.paused && !d.eof && in_kernel > limits.high {
+        kernel.deactivate(d.src_cookie);
+        d.paused = true;
+        tracing::trace!(in_kernel, "sockmap: direction paused");
+        return Ok(true);
+    }
+    if d.paused && in_kernel <= limits.low {
+        match kernel.activate(d.src_cookie, d.src_fd()) {
+            Ok(()) => {
+                d.paused = false;
+                sys::kick(d.src_fd());
+                tracing::trace!(in_kernel, "sockmap: direction resumed");
+            }
+            // FIN arrived meanwhile; the epoll event marks eof next.
+            Err(e) => tracing::debug!("sockmap: resume refused: {e}"),
+        }
+        return Ok(true);
+    }
+    if !d.paused {
+        let queued = sys::inq(d.src_fd())?;
+        if queued > 0 {
+            // Bytes that arrived without a data-ready: run the verdict.
+            sys::kick(d.src_fd());
+            return Ok(true);
+        }
+        if d.eof {
+            // Everything before FIN was verdicted (queue empty): once it all
+            // reached the send queue, FIN can follow it.
+            d.redirected = kernel.redirected(d.src_cookie);
+            if d.flushed()? {
+                SockRef::from(d.dst).shutdown(Shutdown::Write)?;
+                d.done = true;
+                return Ok(true);
+            }
+        }
+        if changed && d.redirected + limits.budget / 2 >= d.notify_at {
+            d.notify_at = d.redirected + limits.budget;
+            kernel
+                .notify_at(d.src_cookie, d.notify_at)
+                .map_err(io::Error::other)?;
+        }
+    }
+    Ok(changed)
+}
+
+/// Copies what the source has now to the destination, without blocking.
+/// Ok(true) if bytes moved or FIN was passed on.
+fn tail_copy(d: &mut Dir<'_>) -> io::Result<bool> {
+    let mut moved = false;
+    loop {
+        if !d.tail.is_empty() {
+            match d.dst.try_write(&d.tail) {
+                Ok(n) => {
+                    d.tail.drain(..n);
+                    d.tail_copied += n as u64;
+                    moved = true;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(moved),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut buf = vec![0u8; TAIL_BUFFER];
+        match d.src.try_read(&mut buf) {
+            Ok(0) => {
+                SockRef::from(d.dst).shutdown(Shutdown::Write)?;
+                d.done = true;
+                return Ok(true);
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                d.tail = buf;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(moved),
+            Err(e) => return Err(e),
+        }
+    }
+}
