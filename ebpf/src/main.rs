@@ -128,8 +128,7 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
 
 fn count(slot: u32, len: u64) {
     if let Some(stats) = STATS.get_ptr_mut(slot) {
-        // SAFETY: a per-CPU slot; this program is its only writer on this CPU
-        // and does not get preempted by itself.
+        // SAFETY: `stats` points to this CPU's slot, valid for the run.
         unsafe {
             (*stats).bytes += len;
             (*stats).segments += 1;

@@ -1,11 +1,29 @@
 //! The sockmap data plane through its library API: loopback socket pairs,
 //! a `Tunnel`, `SockmapPlane::relay`. Every test is skipped, saying why,
 //! when `sockmap::probe()` says this build or kernel cannot run the plane.
+//!
+//! Regression tests for the three failure modes reproduced on this kernel
+//! (shared/notes/dataplanes.md): `bytes_queued_before_handoff_*` (stall and
+//! deadlock), `fin_right_after_bulk_*` (FIN race) and `stalled_reader_*`
+//! (unbounded psock queue).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 
 use upsplice::config::DataPlaneConfig;
+use upsplice::dataplane::copy::CopyPlane;
 use upsplice::dataplane::sockmap::{self, SockmapPlane};
+use upsplice::dataplane::{CloseReason, Outcome, Tunnel};
 
-fn plane() -> Option<SockmapPlane> {
+const MIB: usize = 1024 * 1024;
+
+fn plane_with(cfg: &DataPlaneConfig) -> Option<SockmapPlane> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -14,7 +32,119 @@ fn plane() -> Option<SockmapPlane> {
         eprintln!("SKIPPED: sockmap unavailable: {why}");
         return None;
     }
-    Some(SockmapPlane::new(&DataPlaneConfig::default()).expect("sockmap plane starts"))
+    Some(SockmapPlane::new(cfg).expect("sockmap plane starts"))
+}
+
+fn plane() -> Option<SockmapPlane> {
+    plane_with(&DataPlaneConfig::default())
+}
+
+/// A connected loopback pair: (the far end a test drives, the end a tunnel holds).
+async fn pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (far, near) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    (far.unwrap(), near.unwrap().0)
+}
+
+/// (client peer, backend peer, tunnel between them).
+async fn setup(to_backend: &[u8], to_client: &[u8]) -> (TcpStream, TcpStream, Tunnel) {
+    let (client_peer, client) = pair().await;
+    let (backend_peer, backend) = pair().await;
+    let t = Tunnel {
+        client,
+        backend,
+        to_backend: Bytes::copy_from_slice(to_backend),
+        to_client: Bytes::copy_from_slice(to_client),
+        idle_timeout: Duration::from_secs(30),
+        drain: CancellationToken::new(),
+    };
+    (client_peer, backend_peer, t)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// Writes `len` pattern bytes in chunks, then FIN; returns their hash.
+async fn send(mut s: impl AsyncWriteExt + Unpin, seed: u64, len: usize) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    let mut sent = 0;
+    let mut chunk_seed = seed;
+    while sent < len {
+        let n = (len - sent).min(256 * 1024);
+        let chunk = pattern(chunk_seed, n);
+        chunk_seed += 1;
+        s.write_all(&chunk).await.expect("send");
+        hash.update(&chunk);
+        sent += n;
+    }
+    s.shutdown().await.expect("FIN");
+    hash.finalize().into()
+}
+
+/// Reads to EOF; returns (length, hash).
+async fn recv(mut s: impl AsyncReadExt + Unpin) -> (usize, [u8; 32]) {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf).await.expect("recv");
+        if n == 0 {
+            return (total, hash.finalize().into());
+        }
+        hash.update(&buf[..n]);
+        total += n;
+    }
+}
+
+/// Hash of `prefix` followed by what `send(seed, len)` sends.
+fn expected(prefix: &[u8], seed: u64, len: usize) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(prefix);
+    let mut sent = 0;
+    let mut chunk_seed = seed;
+    while sent < len {
+        let n = (len - sent).min(256 * 1024);
+        hash.update(pattern(chunk_seed, n));
+        chunk_seed += 1;
+        sent += n;
+    }
+    hash.finalize().into()
+}
+
+async fn relay(plane: &SockmapPlane, t: Tunnel) -> Outcome {
+    match plane.relay(t).await {
+        Ok(outcome) => outcome,
+        Err(rejected) => panic!("tunnel rejected: {}", rejected.reason),
+    }
+}
+
+/// Local TCP sockets of this process's namespace in CLOSE_WAIT on `port`.
+fn close_wait_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].rsplit(':').next() == Some(&format!("{port:04X}")) && f[3] == "08"
+        })
+        .count()
 }
 
 #[test]
@@ -24,5 +154,447 @@ fn starts_and_self_tests() {
     assert!(
         up >= 14 && down >= 24,
         "self-test bytes counted: {up} {down}"
+    );
+}
+
+/// Leftovers go first, then bytes the peers had already queued in the
+/// kernel, then bytes sent while the handoff runs — both ways, at full speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_first_then_everything_in_order_at_full_speed() {
+    let Some(plane) = plane() else { return };
+    for round in 0..3u64 {
+        let head_up = pattern(100 + round, 3000);
+        let head_down = pattern(200 + round, 5000);
+        let (client_peer, backend_peer, t) = setup(&head_up, &head_down).await;
+        let (c_rd, c_wr) = client_peer.into_split();
+        let (b_rd, b_wr) = backend_peer.into_split();
+        let len = 16 * MIB;
+        // Both peers start sending before the handoff and keep going.
+        let up_tx = tokio::spawn(send(c_wr, 1 + round, len));
+        let down_tx = tokio::spawn(send(b_wr, 2 + round, len));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let up_rx = tokio::spawn(recv(b_rd));
+        let down_rx = tokio::spawn(recv(c_rd));
+        let outcome = timeout(Duration::from_secs(30), relay(&plane, t))
+            .await
+            .expect("tunnel ends");
+        up_tx.await.unwrap();
+        down_tx.await.unwrap();
+        let (up_len, up_hash) = up_rx.await.unwrap();
+        let (down_len, down_hash) = down_rx.await.unwrap();
+        assert_eq!(up_len, head_up.len() + len);
+        assert_eq!(down_len, head_down.len() + len);
+        assert_eq!(up_hash, expected(&head_up, 1 + round, len), "to backend");
+        assert_eq!(down_hash, expected(&head_down, 2 + round, len), "to client");
+        assert_eq!(outcome.reason, CloseReason::Done);
+        assert_eq!(outcome.to_backend as usize, up_len);
+        assert_eq!(outcome.to_client as usize, down_len);
+    }
+}
+
+/// Regression (stall): the backend sends one message right after its 101
+/// (queued in the kernel before the handoff) and then waits for the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_queued_before_handoff_are_not_stalled() {
+    if shared_plane().is_none() {
+        return;
+    }
+    for _ in 0..10 {
+        let (mut client_peer, mut backend_peer, t) = setup(b"", b"HTTP-101-tail;").await;
+        backend_peer.write_all(b"hello").await.unwrap();
+        // Let the segment land in the tunnel socket's receive queue.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let relay = tokio::spawn(async move { plane_relay_owned(t).await });
+        let mut got = [0u8; 19];
+        timeout(Duration::from_secs(2), client_peer.read_exact(&mut got))
+            .await
+            .expect("the backend's first message arrives without more traffic")
+            .unwrap();
+        assert_eq!(&got, b"HTTP-101-tail;hello");
+        client_peer.write_all(b"reply").await.unwrap();
+        let mut got = [0u8; 5];
+        timeout(Duration::from_secs(2), backend_peer.read_exact(&mut got))
+            .await
+            .expect("reply")
+            .unwrap();
+        assert_eq!(&got, b"reply");
+        drop(client_peer);
+        drop(backend_peer);
+        let outcome = timeout(Duration::from_secs(5), relay)
+            .await
+            .expect("ends")
+            .unwrap();
+        assert_eq!(outcome.to_client, 19);
+    }
+}
+
+/// Relays on the shared plane (for spawned tasks that need 'static).
+async fn plane_relay_owned(t: Tunnel) -> Outcome {
+    relay(shared_plane().expect("checked by the caller"), t).await
+}
+
+/// One plane for the tests that spawn relays; None when unavailable.
+fn shared_plane() -> Option<&'static SockmapPlane> {
+    static PLANE: std::sync::OnceLock<Option<SockmapPlane>> = std::sync::OnceLock::new();
+    PLANE.get_or_init(plane).as_ref()
+}
+
+/// Regression (deadlock): the backend filled the tunnel socket's receive
+/// buffer before the handoff, so no new segment can arrive to wake the
+/// verdict; everything must still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_queued_before_handoff_fill_the_buffer_and_still_flow() {
+    let Some(plane) = plane() else { return };
+    let (client_peer, backend_peer, t) = setup(b"", b"").await;
+    let len = 8 * MIB;
+    let (_b_rd, b_wr) = backend_peer.into_split();
+    let tx = tokio::spawn(send(b_wr, 7, len));
+    // Until the backend is blocked: the tunnel socket's buffer is full.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!tx.is_finished(), "8 MiB should not fit in socket buffers");
+    // recv drops the client peer after EOF, which closes the other way.
+    let (outcome, (got, hash)) = timeout(Duration::from_secs(20), async {
+        tokio::join!(relay(&plane, t), recv(client_peer))
+    })
+    .await
+    .expect("all queued bytes arrive (no deadlock)");
+    tx.await.unwrap();
+    assert_eq!(got, len);
+    assert_eq!(hash, expected(b"", 7, len));
+    assert_eq!(outcome.reason, CloseReason::Done);
+    assert_eq!(outcome.to_client as usize, len);
+}
+
+/// Regression (FIN race): the client sends a large burst and FIN at once;
+/// FIN must reach the backend after the last byte, not before. Then the
+/// backend still answers through the half-closed tunnel, and nothing is
+/// left in CLOSE_WAIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fin_right_after_bulk_loses_nothing_and_half_close_works() {
+    let Some(plane) = plane() else { return };
+    for round in 0..3u64 {
+        let (client_peer, mut backend_peer, t) = setup(b"", b"").await;
+        let ports = (
+            t.client.local_addr().unwrap().port(),
+            t.backend.local_addr().unwrap().port(),
+        );
+        let (mut c_rd, c_wr) = client_peer.into_split();
+        let len = 64 * MIB;
+        let tx = tokio::spawn(send(c_wr, 10 + round, len));
+        let backend_side = async move {
+            // Read everything up to FIN, then answer and close.
+            let mut hash = Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0;
+            loop {
+                let n = backend_peer.read(&mut buf).await.expect("backend read");
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                total += n;
+            }
+            let answer = pattern(99, MIB);
+            backend_peer.write_all(&answer).await.expect("answer");
+            backend_peer.shutdown().await.unwrap();
+            (total, <[u8; 32]>::from(hash.finalize()))
+        };
+        let client_side = async move {
+            let mut got = Vec::new();
+            c_rd.read_to_end(&mut got).await.expect("client read");
+            got
+        };
+        let (outcome, (total, hash), answer) = timeout(Duration::from_secs(30), async {
+            tokio::join!(relay(&plane, t), backend_side, client_side)
+        })
+        .await
+        .expect("tunnel ends");
+        tx.await.unwrap();
+        assert_eq!(total, len, "every byte before FIN arrived");
+        assert_eq!(hash, expected(b"", 10 + round, len));
+        assert_eq!(answer, pattern(99, MIB), "the other way kept flowing");
+        assert_eq!(outcome.reason, CloseReason::Done);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(close_wait_on(ports.0) + close_wait_on(ports.1), 0);
+    }
+}
+
+/// A reset from one side resets the other (a truncated stream must not
+/// look complete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_is_propagated() {
+    let Some(plane) = plane() else { return };
+    for client_resets in [true, false] {
+        let (mut client_peer, mut backend_peer, t) = setup(b"", b"").await;
+        let relay = plane.relay(t);
+        let drive = async {
+            client_peer.write_all(b"abc").await.unwrap();
+            let mut got = [0u8; 3];
+            backend_peer.read_exact(&mut got).await.unwrap();
+            let (resetter, survivor) = if client_resets {
+                (client_peer, backend_peer)
+            } else {
+                (backend_peer, client_peer)
+            };
+            resetter.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(resetter);
+            let mut survivor = survivor;
+            let mut buf = [0u8; 16];
+            let r = timeout(Duration::from_secs(5), survivor.read(&mut buf))
+                .await
+                .expect("survivor hears about it");
+            assert!(
+                matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                "survivor got {r:?}, not a reset"
+            );
+        };
+        let (outcome, ()) = timeout(Duration::from_secs(10), async {
+            tokio::join!(relay, drive)
+        })
+        .await
+        .expect("ends");
+        let outcome = outcome.unwrap_or_else(|r| panic!("rejected: {}", r.reason));
+        let want = if client_resets {
+            CloseReason::ClientReset
+        } else {
+            CloseReason::BackendReset
+        };
+        assert_eq!(outcome.reason, want);
+    }
+}
+
+/// A socket that already received FIN cannot join a sockmap: the tunnel is
+/// handed back untouched and the copy plane relays it, leftovers included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_that_got_fin_is_rejected_untouched_and_falls_back() {
+    let Some(plane) = plane() else { return };
+    let (mut client_peer, mut backend_peer, t) = setup(b"pipelined", b"tail").await;
+    client_peer.write_all(b"+more").await.unwrap();
+    client_peer.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let rejected = match plane.relay(t).await {
+        Ok(outcome) => panic!("relayed a socket with FIN: {outcome:?}"),
+        Err(r) => r,
+    };
+    assert!(
+        rejected.reason.contains("client"),
+        "reason: {}",
+        rejected.reason
+    );
+    let t = rejected.tunnel;
+    assert_eq!(&t.to_backend[..], b"pipelined");
+    assert_eq!(&t.to_client[..], b"tail");
+    let copy = CopyPlane::new(&DataPlaneConfig::default());
+    let backend_side = async {
+        let mut got = Vec::new();
+        backend_peer.read_to_end(&mut got).await.unwrap();
+        backend_peer.write_all(b"bye").await.unwrap();
+        backend_peer.shutdown().await.unwrap();
+        got
+    };
+    let client_side = async {
+        let mut got = Vec::new();
+        client_peer.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    let (outcome, to_backend, to_client) = timeout(Duration::from_secs(5), async {
+        tokio::join!(copy.relay(t), backend_side, client_side)
+    })
+    .await
+    .expect("copy plane relays it");
+    assert_eq!(to_backend, b"pipelined+more");
+    assert_eq!(to_client, b"tailbye");
+    assert_eq!(outcome.reason, CloseReason::Done);
+}
+
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Regression (no backpressure): with the backend not reading, a fast
+/// client must be stopped by flow control after a bounded amount, not fill
+/// the kernel; once the backend reads, every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_reader_is_bounded_and_resumes() {
+    let mut cfg = DataPlaneConfig::default();
+    cfg.sockmap_queue_limit = 4 * MIB as u64;
+    let Some(plane) = plane_with(&cfg) else {
+        return;
+    };
+    let (client_peer, backend_peer, t) = setup(b"", b"").await;
+    let (c_rd, mut c_wr) = client_peer.into_split();
+    let mem_before = mem_available_kib();
+    let stall = Duration::from_secs(3);
+    let writer = tokio::spawn(async move {
+        // Write as fast as possible for the whole stall, then a bit more.
+        let chunk = pattern(5, 256 * 1024);
+        let mut hash = Sha256::new();
+        let mut written = 0usize;
+        let start = Instant::now();
+        let mut at_stall_end = None;
+        while start.elapsed() < stall + Duration::from_secs(2) {
+            if at_stall_end.is_none() && start.elapsed() >= stall {
+                at_stall_end = Some(written);
+            }
+            match timeout(Duration::from_millis(50), c_wr.write(&chunk)).await {
+                Ok(Ok(n)) => {
+                    hash.update(&chunk[..n]);
+                    written += n;
+                }
+                Ok(Err(e)) => panic!("client write: {e}"),
+                Err(_) => {} // blocked by flow control
+            }
+        }
+        c_wr.shutdown().await.unwrap();
+        (
+            written,
+            at_stall_end.unwrap_or(written),
+            <[u8; 32]>::from(hash.finalize()),
+        )
+    });
+    let relay = tokio::spawn(async move { plane_relay_owned(t).await });
+    tokio::time::sleep(stall - Duration::from_millis(200)).await;
+    let mem_stalled = mem_available_kib();
+    let (received, hash) = timeout(Duration::from_secs(30), recv(backend_peer))
+        .await
+        .expect("everything arrives after the stall");
+    let (written, during_stall, sent_hash) = writer.await.unwrap();
+    drop(c_rd);
+    let grown_mib = mem_before.saturating_sub(mem_stalled) / 1024;
+    eprintln!(
+        "stalled reader: client wrote {} MiB during a {:?} stall, MemAvailable fell {} MiB; {} MiB in total",
+        during_stall / MIB,
+        stall,
+        grown_mib,
+        written / MIB
+    );
+    // Socket buffers (client send + tunnel receive + backend send/receive)
+    // plus the queue limit; without the bound this was 1.4–1.8 GB.
+    assert!(
+        during_stall < 64 * MIB,
+        "client wrote {during_stall} bytes into a stalled tunnel"
+    );
+    assert!(grown_mib < 256, "MemAvailable fell by {grown_mib} MiB");
+    assert_eq!(received, written);
+    assert_eq!(hash, sent_hash);
+    // recv dropped the backend peer after EOF: the tunnel ends cleanly.
+    let outcome = timeout(Duration::from_secs(5), relay)
+        .await
+        .expect("tunnel ends")
+        .unwrap();
+    assert_eq!(outcome.reason, CloseReason::Done);
+    assert_eq!(outcome.to_backend as usize, written);
+}
+
+/// No byte either way for `idle_timeout` closes the tunnel; bytes moving
+/// (counted by the kernel) keep it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_counts_kernel_bytes() {
+    let Some(plane) = plane() else { return };
+    let (mut client_peer, mut backend_peer, mut t) = setup(b"", b"").await;
+    t.idle_timeout = Duration::from_millis(300);
+    let start = Instant::now();
+    let relay = plane.relay(t);
+    let traffic = async {
+        // Keep it busy for 1.2 s, four idle timeouts' worth.
+        for i in 0..12u8 {
+            client_peer.write_all(&[i]).await.unwrap();
+            let mut b = [0u8; 1];
+            backend_peer.read_exact(&mut b).await.unwrap();
+            assert_eq!(b[0], i);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (outcome, ()) = timeout(Duration::from_secs(5), async {
+        tokio::join!(relay, traffic)
+    })
+    .await
+    .expect("ends");
+    let outcome = outcome.unwrap_or_else(|r| panic!("rejected: {}", r.reason));
+    let took = start.elapsed();
+    assert_eq!(outcome.reason, CloseReason::Idle);
+    assert_eq!(outcome.to_backend, 12);
+    assert!(
+        took >= Duration::from_millis(1300) && took < Duration::from_millis(2300),
+        "closed after {took:?}"
+    );
+}
+
+/// The drain token closes a busy tunnel at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_closes_at_once() {
+    let Some(plane) = plane() else { return };
+    let (client_peer, backend_peer, t) = setup(b"", b"").await;
+    let drain = t.drain.clone();
+    let (_c_rd, c_wr) = client_peer.into_split();
+    let _tx = tokio::spawn(send(c_wr, 3, 1 << 30));
+    let rx = tokio::spawn(async move {
+        let mut s = backend_peer;
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drain.cancel();
+    });
+    let start = Instant::now();
+    let outcome = timeout(Duration::from_secs(5), relay(&plane, t))
+        .await
+        .expect("drain ends it");
+    let took = start.elapsed();
+    assert_eq!(outcome.reason, CloseReason::Drain);
+    assert!(outcome.to_backend > 0, "bytes moved before the drain");
+    assert!(took < Duration::from_millis(400), "took {took:?}");
+    timeout(Duration::from_secs(5), rx)
+        .await
+        .expect("backend sees the close")
+        .unwrap();
+}
+
+/// 64 MiB each way at once, checksummed; counters agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksummed_64_mib_both_ways() {
+    let Some(plane) = plane() else { return };
+    let (before_up, before_down) = plane.bytes_relayed();
+    let (client_peer, backend_peer, t) = setup(b"head-up", b"head-down").await;
+    let (c_rd, c_wr) = client_peer.into_split();
+    let (b_rd, b_wr) = backend_peer.into_split();
+    let len = 64 * MIB;
+    let (outcome, _, _, (up_len, up_hash), (down_len, down_hash)) =
+        timeout(Duration::from_secs(60), async {
+            tokio::join!(
+                relay(&plane, t),
+                send(c_wr, 41, len),
+                send(b_wr, 42, len),
+                recv(b_rd),
+                recv(c_rd)
+            )
+        })
+        .await
+        .expect("64 MiB both ways in time");
+    assert_eq!(up_len, len + 7);
+    assert_eq!(down_len, len + 9);
+    assert_eq!(up_hash, expected(b"head-up", 41, len));
+    assert_eq!(down_hash, expected(b"head-down", 42, len));
+    assert_eq!(outcome.reason, CloseReason::Done);
+    assert_eq!(outcome.to_backend as usize, up_len);
+    assert_eq!(outcome.to_client as usize, down_len);
+    let (after_up, after_down) = plane.bytes_relayed();
+    assert_eq!(
+        (
+            (after_up - before_up) as usize,
+            (after_down - before_down) as usize
+        ),
+        (up_len, down_len),
+        "per-CPU counters"
     );
 }

@@ -19,7 +19,7 @@ pub mod kernel;
 pub mod sys;
 pub mod tunnel;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use self::kernel::{Kernel, DIR_TO_BACKEND, DIR_TO_CLIENT, STATS_FAILED};
-use self::tunnel::Limits;
+use self::tunnel::{Limits, UserBytes};
 use super::{CloseReason, Outcome, Rejected, Tunnel};
 use crate::config::DataPlaneConfig;
 
@@ -106,9 +106,8 @@ pub struct SockmapPlane {
     /// Boxed: the loaded object is large and `Plane` holds planes inline.
     kernel: Box<Kernel>,
     limits: Limits,
-    /// Leftover bytes written by userspace at handoff (the kernel counts the rest).
-    leftovers_to_backend: AtomicU64,
-    leftovers_to_client: AtomicU64,
+    /// Bytes userspace wrote itself (the kernel counts the rest).
+    user: UserBytes,
 }
 
 impl SockmapPlane {
@@ -119,21 +118,18 @@ impl SockmapPlane {
         let plane = SockmapPlane {
             kernel,
             limits: Limits::from_queue_limit(cfg.sockmap_queue_limit),
-            leftovers_to_backend: AtomicU64::new(0),
-            leftovers_to_client: AtomicU64::new(0),
+            user: UserBytes::default(),
         };
         plane.self_test()?;
         Ok(plane)
     }
 
     /// Bytes relayed by all tunnels so far: the per-CPU counters of the
-    /// program plus the leftovers userspace wrote at handoff.
+    /// program plus what userspace wrote itself (leftovers at handoff).
     pub fn bytes_relayed(&self) -> (u64, u64) {
         (
-            self.kernel.stats(DIR_TO_BACKEND).bytes
-                + self.leftovers_to_backend.load(Ordering::Relaxed),
-            self.kernel.stats(DIR_TO_CLIENT).bytes
-                + self.leftovers_to_client.load(Ordering::Relaxed),
+            self.kernel.stats(DIR_TO_BACKEND).bytes + self.user.to_backend.load(Ordering::Relaxed),
+            self.kernel.stats(DIR_TO_CLIENT).bytes + self.user.to_client.load(Ordering::Relaxed),
         )
     }
 
@@ -150,16 +146,7 @@ impl SockmapPlane {
     /// Relays `t` in the kernel until it ends; hands it back when its
     /// sockets cannot join the sockmap.
     pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        let (up, down) = (t.to_backend.len() as u64, t.to_client.len() as u64);
-        let result = tunnel::relay(&self.kernel, self.limits, t).await;
-        if let Ok(outcome) = &result {
-            // Leftovers are delivered whenever redirection began.
-            self.leftovers_to_backend
-                .fetch_add(up.min(outcome.to_backend), Ordering::Relaxed);
-            self.leftovers_to_client
-                .fetch_add(down.min(outcome.to_client), Ordering::Relaxed);
-        }
-        result
+        tunnel::relay(&self.kernel, self.limits, &self.user, t).await
     }
 
     /// A loopback tunnel through the real program: leftovers both ways,

@@ -32,6 +32,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,14 @@ use super::kernel::{Kernel, PeerEntry, DIR_TO_BACKEND, DIR_TO_CLIENT};
 use super::sys::{self, HangupWatch};
 use crate::dataplane::pair::abort;
 use crate::dataplane::{CloseReason, Outcome, Rejected, Tunnel};
+
+/// Bytes userspace wrote itself (leftovers, tails copied after a FIN that
+/// came while paused), per direction, for the plane's totals.
+#[derive(Debug, Default)]
+pub struct UserBytes {
+    pub to_backend: AtomicU64,
+    pub to_client: AtomicU64,
+}
 
 /// Backpressure bounds, per direction, in bytes.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +87,8 @@ const TAIL_BUFFER: usize = 64 * 1024;
 
 /// One direction of the tunnel.
 struct Dir<'a> {
+    /// Where this direction's userspace bytes are added up.
+    user_total: &'a AtomicU64,
     src: &'a TcpStream,
     dst: &'a TcpStream,
     src_cookie: u64,
@@ -92,6 +103,10 @@ struct Dir<'a> {
     /// `NOTIFY` threshold currently set for `src`.
     notify_at: u64,
     paused: bool,
+    /// `src` may not rejoin `ACTIVE` (no longer ESTABLISHED).
+    cannot_rejoin: bool,
+    /// Userspace copies this direction (it could not resume in the kernel).
+    copying: bool,
     /// `src` sent FIN.
     eof: bool,
     /// FIN passed on to `dst`; nothing more goes this way.
@@ -101,8 +116,15 @@ struct Dir<'a> {
 }
 
 impl<'a> Dir<'a> {
-    fn new(src: &'a TcpStream, dst: &'a TcpStream, src_cookie: u64, budget: u64) -> Dir<'a> {
+    fn new(
+        user_total: &'a AtomicU64,
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        src_cookie: u64,
+        budget: u64,
+    ) -> Dir<'a> {
         Dir {
+            user_total,
             src,
             dst,
             src_cookie,
@@ -112,6 +134,8 @@ impl<'a> Dir<'a> {
             tail_copied: 0,
             notify_at: budget,
             paused: false,
+            cannot_rejoin: false,
+            copying: false,
             eof: false,
             done: false,
             tail: Vec::new(),
@@ -208,7 +232,12 @@ fn ended(up: &Dir<'_>, down: &Dir<'_>, reason: CloseReason) -> Outcome {
 /// Relays `t` through the kernel until it ends; hands it back untouched
 /// (or with its leftovers already delivered, and nothing else) when its
 /// sockets cannot join the maps.
-pub async fn relay(kernel: &Kernel, limits: Limits, t: Tunnel) -> Result<Outcome, Rejected> {
+pub async fn relay(
+    kernel: &Kernel,
+    limits: Limits,
+    user: &UserBytes,
+    t: Tunnel,
+) -> Result<Outcome, Rejected> {
     let (c_fd, b_fd) = (t.client.as_raw_fd(), t.backend.as_raw_fd());
     let (c_ck, b_ck) = match (sys::cookie(c_fd), sys::cookie(b_fd)) {
         (Ok(c), Ok(b)) => (c, b),
@@ -230,8 +259,8 @@ pub async fn relay(kernel: &Kernel, limits: Limits, t: Tunnel) -> Result<Outcome
         return rejected(t, format!("backend socket refused by the sockmap: {e}"));
     }
 
-    let mut up = Dir::new(&t.client, &t.backend, c_ck, limits.budget);
-    let mut down = Dir::new(&t.backend, &t.client, b_ck, limits.budget);
+    let mut up = Dir::new(&user.to_backend, &t.client, &t.backend, c_ck, limits.budget);
+    let mut down = Dir::new(&user.to_client, &t.backend, &t.client, b_ck, limits.budget);
 
     // 2. Leftovers first, by userspace, before any redirection.
     let leftovers = async {
@@ -265,6 +294,8 @@ pub async fn relay(kernel: &Kernel, limits: Limits, t: Tunnel) -> Result<Outcome
         }
         _ => None,
     };
+    up.user_total.fetch_add(up.leftover, Ordering::Relaxed);
+    down.user_total.fetch_add(down.leftover, Ordering::Relaxed);
     if let Some(reason) = failed {
         drop(members);
         abort(&t.client);
@@ -403,15 +434,17 @@ async fn watch_loop<'a>(
     loop {
         // Check queues, FINs and progress.
         for dir in [&mut *up, &mut *down] {
+            let src_is_client = std::ptr::eq(dir.src, &t.client);
             match check(kernel, limits, dir) {
                 Ok(true) => tick = TICK_MIN,
                 Ok(false) => {}
-                Err(e) => {
-                    tracing::debug!("sockmap: {e}");
-                    return if std::ptr::eq(dir.src, &t.client) {
-                        CloseReason::BackendReset
-                    } else {
+                Err(failed) => {
+                    tracing::debug!("sockmap: {failed}");
+                    let client_failed = matches!(failed, Failed::Src(_)) == src_is_client;
+                    return if client_failed {
                         CloseReason::ClientReset
+                    } else {
+                        CloseReason::BackendReset
                     };
                 }
             }
@@ -431,16 +464,20 @@ async fn watch_loop<'a>(
         }
         let busy = [&*up, &*down]
             .iter()
-            .any(|d| !d.done && (d.paused || d.eof));
+            .any(|d| !d.done && (d.paused || d.eof) && !d.copying);
         let wait = if busy {
             tick.min(TICK_BUSY_MAX)
         } else {
             tick.min(idle_deadline - now)
         };
 
+        let copying =
+            |d: &Dir<'a>| (d.copying && !d.done).then_some((d.src, d.dst, !d.tail.is_empty()));
+        let copy_wait = copy_ready([copying(up), copying(down)]);
         tokio::select! {
             biased;
             _ = t.drain.cancelled() => return CloseReason::Drain,
+            _ = copy_wait => tick = TICK_MIN,
             events = watch.wait() => {
                 let events = match events {
                     Ok(events) => events,
@@ -477,7 +514,10 @@ async fn watch_loop<'a>(
                 }
                 tick = TICK_MIN;
             }
-            _ = waker.notified() => tick = TICK_MIN,
+            _ = waker.notified() => {
+                tracing::trace!("sockmap: budget event");
+                tick = TICK_MIN;
+            }
             _ = tokio::time::sleep(wait) => tick = (tick * 2).min(Duration::from_secs(3600)),
         }
     }
@@ -493,11 +533,29 @@ fn activity_sign(up: &Dir<'_>, down: &Dir<'_>) -> (u64, u64, u64, u64) {
     (up.moved(), down.moved(), acked(up), acked(down))
 }
 
-/// Updates one direction: counters, pause/resume, FIN. Ok(true) when its
-/// state changed (check again soon); Err when its destination failed.
-fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> io::Result<bool> {
+/// Which socket of a direction failed.
+enum Failed {
+    Src(io::Error),
+    Dst(io::Error),
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failed::Src(e) => write!(f, "source failed: {e}"),
+            Failed::Dst(e) => write!(f, "destination failed: {e}"),
+        }
+    }
+}
+
+/// Updates one direction: counters, pause/resume, FIN, copy mode. Ok(true)
+/// when its state changed (check again soon).
+fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Failed> {
     if d.done {
         return Ok(false);
+    }
+    if d.copying {
+        return tail_copy(d);
     }
     let mut changed = false;
     let redirected = kernel.redirected(d.src_cookie);
@@ -505,68 +563,113 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> io::Result<bool> {
         d.redirected = redirected;
         changed = true;
     }
-    let dst = sys::tcp_counters(d.dst_fd())?;
+    let dst = sys::tcp_counters(d.dst_fd()).map_err(Failed::Dst)?;
     if dst.state == sys::TCP_CLOSE {
-        return Err(io::Error::other("destination closed while bytes were owed"));
+        return Err(Failed::Dst(io::Error::other(
+            "destination closed while bytes were owed",
+        )));
     }
     let in_kernel = d.in_kernel(dst.bytes_acked);
 
-    if d.paused && d.eof {
-        // The source cannot rejoin ACTIVE after FIN: copy its tail here,
-        // after everything redirected before reached the send queue.
-        if d.flushed()? {
+    if d.paused {
+        if !d.eof && !d.cannot_rejoin && in_kernel <= limits.low {
+            match kernel.activate(d.src_cookie, d.src_fd()) {
+                Ok(()) => {
+                    d.paused = false;
+                    sys::kick(d.src_fd());
+                    tracing::trace!(in_kernel, "sockmap: direction resumed");
+                    return Ok(true);
+                }
+                // Only ESTABLISHED sockets may join: this one got FIN, or
+                // its write side was shut (the other direction ended).
+                Err(e) => {
+                    tracing::debug!("sockmap: resume refused: {}", chain(&e));
+                    d.cannot_rejoin = true;
+                }
+            }
+        }
+        if (d.eof || d.cannot_rejoin) && d.flushed().map_err(Failed::Dst)? {
+            // The rest of this direction goes through userspace, after
+            // everything redirected before reached the send queue.
+            d.copying = true;
+            tracing::debug!("sockmap: direction continues in userspace");
             return tail_copy(d).map(|moved| moved || changed);
         }
         return Ok(changed);
     }
-    if !d.paused && !d.eof && in_kernel > limits.high {
+    if !d.eof && in_kernel > limits.high {
         kernel.deactivate(d.src_cookie);
         d.paused = true;
         tracing::trace!(in_kernel, "sockmap: direction paused");
         return Ok(true);
     }
-    if d.paused && in_kernel <= limits.low {
-        match kernel.activate(d.src_cookie, d.src_fd()) {
-            Ok(()) => {
-                d.paused = false;
-                sys::kick(d.src_fd());
-                tracing::trace!(in_kernel, "sockmap: direction resumed");
-            }
-            // FIN arrived meanwhile; the epoll event marks eof next.
-            Err(e) => tracing::debug!("sockmap: resume refused: {e}"),
-        }
+    if changed && d.redirected + limits.budget / 2 >= d.notify_at {
+        // Ask for the next event `budget` bytes from here.
+        d.notify_at = d.redirected + limits.budget;
+        kernel
+            .notify_at(d.src_cookie, d.notify_at)
+            .map_err(|e| Failed::Src(io::Error::other(e)))?;
+    }
+    let queued = sys::inq(d.src_fd()).map_err(Failed::Src)?;
+    if queued > 0 {
+        // Bytes that arrived without a data-ready: run the verdict.
+        sys::kick(d.src_fd());
         return Ok(true);
     }
-    if !d.paused {
-        let queued = sys::inq(d.src_fd())?;
-        if queued > 0 {
-            // Bytes that arrived without a data-ready: run the verdict.
-            sys::kick(d.src_fd());
+    if d.eof {
+        // Everything before FIN was verdicted (queue empty): once it all
+        // reached the send queue, FIN can follow it.
+        d.redirected = kernel.redirected(d.src_cookie);
+        if d.flushed().map_err(Failed::Dst)? {
+            SockRef::from(d.dst)
+                .shutdown(Shutdown::Write)
+                .map_err(Failed::Dst)?;
+            d.done = true;
             return Ok(true);
-        }
-        if d.eof {
-            // Everything before FIN was verdicted (queue empty): once it all
-            // reached the send queue, FIN can follow it.
-            d.redirected = kernel.redirected(d.src_cookie);
-            if d.flushed()? {
-                SockRef::from(d.dst).shutdown(Shutdown::Write)?;
-                d.done = true;
-                return Ok(true);
-            }
-        }
-        if changed && d.redirected + limits.budget / 2 >= d.notify_at {
-            d.notify_at = d.redirected + limits.budget;
-            kernel
-                .notify_at(d.src_cookie, d.notify_at)
-                .map_err(io::Error::other)?;
         }
     }
     Ok(changed)
 }
 
-/// Copies what the source has now to the destination, without blocking.
-/// Ok(true) if bytes moved or FIN was passed on.
-fn tail_copy(d: &mut Dir<'_>) -> io::Result<bool> {
+/// An error with its sources, for logs.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
+}
+
+/// Waits until a direction in copy mode can make progress: its destination
+/// is writable (bytes held) or its source readable. Never completes when no
+/// direction copies.
+async fn copy_ready(dirs: [Option<(&TcpStream, &TcpStream, bool)>; 2]) {
+    let [a, b] = dirs;
+    tokio::select! {
+        _ = copy_ready_one(a) => {}
+        _ = copy_ready_one(b) => {}
+    }
+}
+
+async fn copy_ready_one(d: Option<(&TcpStream, &TcpStream, bool)>) {
+    match d {
+        Some((_, dst, true)) => {
+            let _ = dst.writable().await;
+        }
+        Some((src, _, false)) => {
+            let _ = src.readable().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Copies what the source has now to the destination, without blocking,
+/// through a buffer of at most [`TAIL_BUFFER`] bytes. Ok(true) if bytes
+/// moved or FIN was passed on.
+fn tail_copy(d: &mut Dir<'_>) -> Result<bool, Failed> {
     let mut moved = false;
     loop {
         if !d.tail.is_empty() {
@@ -574,17 +677,20 @@ fn tail_copy(d: &mut Dir<'_>) -> io::Result<bool> {
                 Ok(n) => {
                     d.tail.drain(..n);
                     d.tail_copied += n as u64;
+                    d.user_total.fetch_add(n as u64, Ordering::Relaxed);
                     moved = true;
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(moved),
-                Err(e) => return Err(e),
+                Err(e) => return Err(Failed::Dst(e)),
             }
         }
         let mut buf = vec![0u8; TAIL_BUFFER];
         match d.src.try_read(&mut buf) {
             Ok(0) => {
-                SockRef::from(d.dst).shutdown(Shutdown::Write)?;
+                SockRef::from(d.dst)
+                    .shutdown(Shutdown::Write)
+                    .map_err(Failed::Dst)?;
                 d.done = true;
                 return Ok(true);
             }
@@ -593,7 +699,7 @@ fn tail_copy(d: &mut Dir<'_>) -> io::Result<bool> {
                 d.tail = buf;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(moved),
-            Err(e) => return Err(e),
+            Err(e) => return Err(Failed::Src(e)),
         }
     }
 }
