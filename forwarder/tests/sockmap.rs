@@ -76,10 +76,6 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-fn sha(data: &[u8]) -> [u8; 32] {
-    Sha256::digest(data).into()
-}
-
 /// Writes `len` pattern bytes in chunks, then FIN; returns their hash.
 async fn send(mut s: impl AsyncWriteExt + Unpin, seed: u64, len: usize) -> [u8; 32] {
     let mut hash = Sha256::new();
@@ -336,7 +332,9 @@ async fn reset_is_propagated() {
             } else {
                 (backend_peer, client_peer)
             };
-            resetter.set_linger(Some(Duration::ZERO)).unwrap();
+            socket2::SockRef::from(&resetter)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
             drop(resetter);
             let mut survivor = survivor;
             let mut buf = [0u8; 16];
@@ -421,11 +419,14 @@ fn mem_available_kib() -> u64 {
 /// the kernel; once the backend reads, every byte arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_is_bounded_and_resumes() {
-    let mut cfg = DataPlaneConfig::default();
-    cfg.sockmap_queue_limit = 4 * MIB as u64;
+    let cfg = DataPlaneConfig {
+        sockmap_queue_limit: 4 * MIB as u64,
+        ..DataPlaneConfig::default()
+    };
     let Some(plane) = plane_with(&cfg) else {
         return;
     };
+    let plane = std::sync::Arc::new(plane);
     let (client_peer, backend_peer, t) = setup(b"", b"").await;
     let (c_rd, mut c_wr) = client_peer.into_split();
     let mem_before = mem_available_kib();
@@ -457,7 +458,10 @@ async fn stalled_reader_is_bounded_and_resumes() {
             <[u8; 32]>::from(hash.finalize()),
         )
     });
-    let relay = tokio::spawn(async move { plane_relay_owned(t).await });
+    let relay = tokio::spawn({
+        let plane = plane.clone();
+        async move { relay(&plane, t).await }
+    });
     tokio::time::sleep(stall - Duration::from_millis(200)).await;
     let mem_stalled = mem_available_kib();
     let (received, hash) = timeout(Duration::from_secs(30), recv(backend_peer))
