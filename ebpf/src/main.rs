@@ -5,18 +5,30 @@
 //! Maps (userspace in `forwarder/src/dataplane/sockmap/` owns their contents):
 //!
 //! * [`ACTIVE`]: sockets whose arriving bytes this program handles; the
-//!   program is attached to this map. Removing a socket from it pauses that
-//!   direction: new bytes then stay in the socket's receive queue and TCP
-//!   flow control pushes back on the sender.
+//!   program is attached to this map.
 //! * [`TARGETS`]: every socket of every tunnel, as redirect target. It has no
 //!   program, so a socket in it alone is not diverted; a socket is put here
 //!   before any socket can be redirected to it.
-//! * [`PEERS`]: socket cookie → [`Peer`] (peer cookie, direction, bytes and
-//!   segments this socket's bytes were redirected in).
+//! * [`PEERS`]: socket cookie → [`Peer`] (peer cookie, direction, bytes
+//!   redirected, bytes passed to userspace); written by userspace once, then
+//!   only by this program.
+//! * [`CONTROL`]: socket cookie → [`Control`], written only by userspace:
+//!   whether the direction is paused, and how many passed bytes userspace
+//!   has copied to the peer so far.
 //! * [`STATS`]: per-CPU [`Stats`] per direction, plus failed redirects.
 //! * [`NOTIFY`]: socket cookie → a byte count; when this socket's redirected
 //!   bytes cross it, the program puts the cookie into [`EVENTS`] so that
 //!   userspace checks that tunnel's queues (backpressure) without polling.
+//!
+//! Pausing (backpressure): while a direction is paused, or while userspace
+//! has not yet copied every byte passed to it, its bytes get `SK_PASS`: they
+//! queue on the socket itself, charged to its receive buffer, so TCP flow
+//! control holds the sender back; userspace reads and forwards them. Only
+//! when `passed == copied` (as userspace reports after writing) and the
+//! direction is not paused does the program redirect again — so a
+//! redirected byte can never overtake a passed one. (Removing the socket
+//! from `ACTIVE` instead would be simpler, but a segment being verdicted at
+//! that moment finds no program and is dropped: lost 64 KiB in a test.)
 //!
 //! A socket without a `PEERS` entry gets `SK_PASS`: its bytes go to its own
 //! receive queue, never dropped. Zero-length segments (FIN) are dropped.
@@ -48,8 +60,21 @@ pub struct Peer {
     pub bytes: u64,
     /// Segments redirected from this socket so far.
     pub segments: u64,
+    /// Bytes passed to this socket's own queue (for userspace) so far.
+    pub passed: u64,
     /// Index into [`STATS`]: 0 client → backend, 1 backend → client.
     pub dir: u32,
+    pub _pad: u32,
+}
+
+/// Per-socket entry of [`CONTROL`], written by userspace only.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Control {
+    /// Of the bytes passed to userspace, how many it forwarded so far.
+    pub copied: u64,
+    /// Non-zero: pass every byte to userspace (backpressure).
+    pub paused: u32,
     pub _pad: u32,
 }
 
@@ -71,6 +96,12 @@ static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static PEERS: HashMap<u64, Peer> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Not preallocated: userspace replaces values whole, and a preallocated
+/// element may be reused while the program still reads it.
+#[map]
+static CONTROL: HashMap<u64, Control> =
+    HashMap::with_max_entries(MAX_SOCKETS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
 static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(3, 0);
@@ -101,7 +132,18 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: `entry` points into a PEERS value; only this program writes
     // it, for one socket at a time (the kernel serialises the verdict per
     // socket under the socket lock); userspace only reads it.
-    let (mut peer, dir) = unsafe { ((*entry).peer, (*entry).dir) };
+    let (mut peer, dir, passed) = unsafe { ((*entry).peer, (*entry).dir, (*entry).passed) };
+    // SAFETY: a value of a non-preallocated map: userspace replaces it
+    // whole, the old one stays valid (RCU) while this program reads it.
+    let (copied, paused) = match unsafe { CONTROL.get(cookie) } {
+        Some(c) => (c.copied, c.paused),
+        None => (0, 0),
+    };
+    if paused != 0 || passed != copied {
+        // SAFETY: as for `entry` above.
+        unsafe { (*entry).passed = passed + len };
+        return sk_action::SK_PASS;
+    }
     let verdict = TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
     if verdict == sk_action::SK_PASS {
         // SAFETY: as above.

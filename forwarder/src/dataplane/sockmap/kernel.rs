@@ -19,13 +19,26 @@ pub struct PeerEntry {
     pub peer: u64,
     pub bytes: u64,
     pub segments: u64,
+    pub passed: u64,
     pub dir: u32,
     pub pad: u32,
 }
 
 // SAFETY: plain old data: integers only, `repr(C)`, no padding bytes
-// (4 × u64 + 2 × u32 = 32 bytes, 8-aligned).
+// (4 × u64 + 2 × u32 = 40 bytes, 8-aligned).
 unsafe impl aya::Pod for PeerEntry {}
+
+/// `Control` of the eBPF program's `CONTROL` map; same layout.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Control {
+    pub copied: u64,
+    pub paused: u32,
+    pub pad: u32,
+}
+
+// SAFETY: integers only, `repr(C)`, no padding (u64 + 2 × u32 = 16 bytes).
+unsafe impl aya::Pod for Control {}
 
 /// `Stats` of the eBPF program's `STATS` map; same layout.
 #[repr(C)]
@@ -53,6 +66,7 @@ pub struct Kernel {
     targets: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, PeerEntry>>,
     notify: Mutex<HashMap<MapData, u64, u64>>,
+    control: Mutex<HashMap<MapData, u64, Control>>,
     stats: PerCpuArray<MapData, Stats>,
     pub registry: Arc<Registry>,
     stop: Arc<AtomicBool>,
@@ -74,6 +88,7 @@ impl Kernel {
             .map_max_entries("TARGETS", max_sockets)
             .map_max_entries("PEERS", max_sockets)
             .map_max_entries("NOTIFY", max_sockets)
+            .map_max_entries("CONTROL", max_sockets)
             .load(object)
             .map_err(|e| format!("loading the eBPF object: {e}"))?;
         let take = |ebpf: &mut Ebpf, name: &str| {
@@ -86,6 +101,7 @@ impl Kernel {
             SockHash::try_from(take(&mut ebpf, "TARGETS")?).map_err(map_err("TARGETS"))?;
         let peers = HashMap::try_from(take(&mut ebpf, "PEERS")?).map_err(map_err("PEERS"))?;
         let notify = HashMap::try_from(take(&mut ebpf, "NOTIFY")?).map_err(map_err("NOTIFY"))?;
+        let control = HashMap::try_from(take(&mut ebpf, "CONTROL")?).map_err(map_err("CONTROL"))?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?).map_err(map_err("STATS"))?;
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
 
@@ -117,6 +133,7 @@ impl Kernel {
             targets: Mutex::new(targets),
             peers: Mutex::new(peers),
             notify: Mutex::new(notify),
+            control: Mutex::new(control),
             stats,
             registry,
             stop,
@@ -151,14 +168,18 @@ impl Kernel {
     pub fn unpair(&self, cookie: u64) {
         let _ = lock(&self.peers).remove(&cookie);
         let _ = lock(&self.notify).remove(&cookie);
+        let _ = lock(&self.control).remove(&cookie);
     }
 
-    /// Bytes redirected from the socket `cookie` so far.
-    pub fn redirected(&self, cookie: u64) -> u64 {
-        lock(&self.peers)
-            .get(&cookie, 0)
-            .map(|e| e.bytes)
-            .unwrap_or(0)
+    /// The program's counters for the socket `cookie` (zero when unpaired).
+    pub fn peer(&self, cookie: u64) -> PeerEntry {
+        lock(&self.peers).get(&cookie, 0).unwrap_or_default()
+    }
+
+    /// Tells the program whether to pause the socket `cookie` and how many
+    /// of its passed bytes userspace has forwarded.
+    pub fn control(&self, cookie: u64, control: Control) -> Result<(), MapError> {
+        lock(&self.control).insert(cookie, control, 0)
     }
 
     /// Asks for an event once the socket `cookie` redirected `at` bytes.

@@ -20,10 +20,15 @@
 //! idle deadline.
 //!
 //! Backpressure: a direction whose destination holds more than `high` bytes
-//! not yet acknowledged (in the psock queue or the send queue) is paused by
-//! taking its source out of `ACTIVE`: new bytes stay in the source's
-//! receive queue and TCP flow control stops the sender. It resumes below
-//! `low`, with a kick for what queued meanwhile.
+//! not yet acknowledged (psock queue + send queue) is paused through its
+//! `CONTROL` entry: the verdict then passes its bytes to the source socket's
+//! own queue, charged to its receive buffer, so TCP flow control holds the
+//! sender back. Userspace forwards those bytes (64 KiB buffer, only after
+//! every redirected byte left the psock queue) and reports the count; the
+//! program redirects again once the direction is resumed (below `low`) and
+//! userspace has caught up, so no redirected byte overtakes a passed one.
+//! (Taking the source out of `ACTIVE` instead loses the segment being
+//! verdicted at that moment — reproduced: 64 KiB missing.)
 //!
 //! Half-close: on FIN from a source, the plane waits until the source's
 //! receive queue is empty and every redirected byte reached the
@@ -41,7 +46,7 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::kernel::{Kernel, PeerEntry, DIR_TO_BACKEND, DIR_TO_CLIENT};
+use super::kernel::{Control, Kernel, PeerEntry, DIR_TO_BACKEND, DIR_TO_CLIENT};
 use super::sys::{self, HangupWatch};
 use crate::dataplane::pair::abort;
 use crate::dataplane::{CloseReason, Outcome, Rejected, Tunnel};
@@ -98,21 +103,23 @@ struct Dir<'a> {
     leftover: u64,
     /// Bytes the verdict redirected from `src`, as last read.
     redirected: u64,
-    /// Bytes userspace copied after a FIN that came while paused.
-    tail_copied: u64,
+    /// Bytes the verdict passed to userspace (paused), as last read.
+    passed: u64,
+    /// Of those, bytes userspace wrote to `dst`.
+    copied: u64,
     /// `NOTIFY` threshold currently set for `src`.
     notify_at: u64,
+    /// The verdict passes this direction's bytes to userspace.
     paused: bool,
-    /// `src` may not rejoin `ACTIVE` (no longer ESTABLISHED).
-    cannot_rejoin: bool,
-    /// Userspace copies this direction (it could not resume in the kernel).
-    copying: bool,
     /// `src` sent FIN.
     eof: bool,
     /// FIN passed on to `dst`; nothing more goes this way.
     done: bool,
-    /// Bytes read from `src` by the tail copy, not written to `dst` yet.
+    /// Bytes read from `src` by userspace, not written to `dst` yet.
     tail: Vec<u8>,
+    /// `tail` waits for redirected bytes to leave the psock queue (polled
+    /// on the timer; `dst` being writable says nothing about it).
+    awaiting_flush: bool,
 }
 
 impl<'a> Dir<'a> {
@@ -131,14 +138,14 @@ impl<'a> Dir<'a> {
             base: 0,
             leftover: 0,
             redirected: 0,
-            tail_copied: 0,
+            passed: 0,
+            copied: 0,
             notify_at: budget,
             paused: false,
-            cannot_rejoin: false,
-            copying: false,
             eof: false,
             done: false,
             tail: Vec::new(),
+            awaiting_flush: false,
         }
     }
 
@@ -151,17 +158,32 @@ impl<'a> Dir<'a> {
     }
 
     fn moved(&self) -> u64 {
-        self.leftover + self.redirected + self.tail_copied
+        self.leftover + self.redirected + self.copied
     }
 
-    /// Bytes redirected that the destination's reader has not acknowledged.
+    /// Bytes written to `dst` since the handoff (by the kernel or by
+    /// userspace) that its reader has not acknowledged.
     fn in_kernel(&self, acked: u64) -> u64 {
-        (self.base + self.redirected).saturating_sub(acked)
+        (self.base + self.redirected + self.copied).saturating_sub(acked)
     }
 
-    /// Every redirected byte reached the destination's send queue.
+    /// Every byte redirected or copied so far reached `dst`'s send queue
+    /// (none is left in the psock queue).
     fn flushed(&self) -> io::Result<bool> {
-        Ok(sys::written_at_least(self.dst_fd())? >= self.base + self.redirected)
+        Ok(sys::written_at_least(self.dst_fd())? >= self.base + self.redirected + self.copied)
+    }
+
+    /// Userspace has bytes of this direction to forward (or may get some).
+    fn copying(&self) -> bool {
+        !self.done && (self.paused || self.passed > self.copied || !self.tail.is_empty())
+    }
+
+    fn control(&self) -> Control {
+        Control {
+            copied: self.copied,
+            paused: u32::from(self.paused),
+            pad: 0,
+        }
     }
 }
 
@@ -334,6 +356,8 @@ pub async fn relay(
                 },
             )
         })
+        .and_then(|()| kernel.control(c_ck, Control::default()))
+        .and_then(|()| kernel.control(b_ck, Control::default()))
         .and_then(|()| kernel.notify_at(c_ck, limits.budget))
         .and_then(|()| kernel.notify_at(b_ck, limits.budget));
     if let Err(e) = paired {
@@ -358,7 +382,7 @@ pub async fn relay(
         kernel.deactivate(c_ck);
         let deadline = Instant::now() + REJECT_FLUSH_MAX;
         loop {
-            up.redirected = kernel.redirected(c_ck);
+            up.redirected = kernel.peer(c_ck).bytes;
             if up.flushed().unwrap_or(false) {
                 break;
             }
@@ -429,6 +453,8 @@ async fn watch_loop<'a>(
     down: &mut Dir<'a>,
 ) -> CloseReason {
     let mut tick = TICK_MIN;
+    let mut copy_stalled = false;
+    let mut copy_fired_at: Option<u64> = None;
     let mut last_sign = None;
     let mut last_activity = Instant::now();
     loop {
@@ -452,6 +478,11 @@ async fn watch_loop<'a>(
         if up.done && down.done {
             return CloseReason::Done;
         }
+        if let Some(before) = copy_fired_at.take() {
+            // Readiness that moved nothing: wait for the timer once.
+            let now = up.copied + down.copied + (up.tail.len() + down.tail.len()) as u64;
+            copy_stalled = now == before;
+        }
         let sign = activity_sign(up, down);
         if last_sign != Some(sign) {
             last_sign = Some(sign);
@@ -464,20 +495,32 @@ async fn watch_loop<'a>(
         }
         let busy = [&*up, &*down]
             .iter()
-            .any(|d| !d.done && (d.paused || d.eof) && !d.copying);
+            .any(|d| !d.done && (d.paused || d.eof || d.passed > d.copied));
         let wait = if busy {
             tick.min(TICK_BUSY_MAX)
         } else {
             tick.min(idle_deadline - now)
         };
 
-        let copying =
-            |d: &Dir<'a>| (d.copying && !d.done).then_some((d.src, d.dst, !d.tail.is_empty()));
+        // Readiness only helps a direction whose next step waits on a
+        // socket (not on the psock queue flushing, which the timer polls),
+        // and only if the last readiness led to progress.
+        let progress = up.copied + down.copied + (up.tail.len() + down.tail.len()) as u64;
+        let copying = |d: &Dir<'a>| {
+            (d.copying() && !d.eof && !d.awaiting_flush && !copy_stalled).then_some((
+                d.src,
+                d.dst,
+                !d.tail.is_empty(),
+            ))
+        };
         let copy_wait = copy_ready([copying(up), copying(down)]);
         tokio::select! {
             biased;
             _ = t.drain.cancelled() => return CloseReason::Drain,
-            _ = copy_wait => tick = TICK_MIN,
+            _ = copy_wait => {
+                copy_fired_at = Some(progress);
+                tick = TICK_MIN;
+            }
             events = watch.wait() => {
                 let events = match events {
                     Ok(events) => events,
@@ -518,7 +561,10 @@ async fn watch_loop<'a>(
                 tracing::trace!("sockmap: budget event");
                 tick = TICK_MIN;
             }
-            _ = tokio::time::sleep(wait) => tick = (tick * 2).min(Duration::from_secs(3600)),
+            _ = tokio::time::sleep(wait) => {
+                copy_stalled = false;
+                tick = (tick * 2).min(Duration::from_secs(3600));
+            }
         }
     }
 }
@@ -548,21 +594,16 @@ impl std::fmt::Display for Failed {
     }
 }
 
-/// Updates one direction: counters, pause/resume, FIN, copy mode. Ok(true)
-/// when its state changed (check again soon).
+/// Updates one direction: counters, pause/resume, userspace forwarding of
+/// passed bytes, FIN. Ok(true) when its state changed (check again soon).
 fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Failed> {
     if d.done {
         return Ok(false);
     }
-    if d.copying {
-        return tail_copy(d);
-    }
-    let mut changed = false;
-    let redirected = kernel.redirected(d.src_cookie);
-    if redirected != d.redirected {
-        d.redirected = redirected;
-        changed = true;
-    }
+    let entry = kernel.peer(d.src_cookie);
+    let mut changed = entry.bytes != d.redirected || entry.passed != d.passed;
+    d.redirected = entry.bytes;
+    d.passed = entry.passed;
     let dst = sys::tcp_counters(d.dst_fd()).map_err(Failed::Dst)?;
     if dst.state == sys::TCP_CLOSE {
         return Err(Failed::Dst(io::Error::other(
@@ -570,45 +611,45 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
         )));
     }
     let in_kernel = d.in_kernel(dst.bytes_acked);
+    let set_control = |d: &Dir<'_>| {
+        kernel
+            .control(d.src_cookie, d.control())
+            .map_err(|e| Failed::Src(io::Error::other(chain(&e))))
+    };
 
-    if d.paused {
-        if !d.eof && !d.cannot_rejoin && in_kernel <= limits.low {
-            match kernel.activate(d.src_cookie, d.src_fd()) {
-                Ok(()) => {
-                    d.paused = false;
-                    sys::kick(d.src_fd());
-                    tracing::trace!(in_kernel, "sockmap: direction resumed");
-                    return Ok(true);
-                }
-                // Only ESTABLISHED sockets may join: this one got FIN, or
-                // its write side was shut (the other direction ended).
-                Err(e) => {
-                    tracing::debug!("sockmap: resume refused: {}", chain(&e));
-                    d.cannot_rejoin = true;
-                }
-            }
-        }
-        if (d.eof || d.cannot_rejoin) && d.flushed().map_err(Failed::Dst)? {
-            // The rest of this direction goes through userspace, after
-            // everything redirected before reached the send queue.
-            d.copying = true;
-            tracing::debug!("sockmap: direction continues in userspace");
-            return tail_copy(d).map(|moved| moved || changed);
-        }
-        return Ok(changed);
-    }
-    if !d.eof && in_kernel > limits.high {
-        kernel.deactivate(d.src_cookie);
+    if !d.paused && in_kernel > limits.high {
         d.paused = true;
+        set_control(d)?;
         tracing::trace!(in_kernel, "sockmap: direction paused");
+        changed = true;
+    } else if d.paused && in_kernel <= limits.low {
+        d.paused = false;
+        set_control(d)?;
+        tracing::trace!(in_kernel, "sockmap: direction resumed");
+        changed = true;
+    }
+
+    if d.copying() {
+        changed |= forward_passed(kernel, d)?;
+        tracing::trace!(
+            redirected = d.redirected,
+            passed = d.passed,
+            copied = d.copied,
+            tail = d.tail.len(),
+            in_kernel,
+            "sockmap: forwarding"
+        );
+    }
+    if d.done {
         return Ok(true);
     }
-    if changed && d.redirected + limits.budget / 2 >= d.notify_at {
+
+    if !d.paused && entry.bytes + limits.budget / 2 >= d.notify_at {
         // Ask for the next event `budget` bytes from here.
-        d.notify_at = d.redirected + limits.budget;
+        d.notify_at = entry.bytes + limits.budget;
         kernel
             .notify_at(d.src_cookie, d.notify_at)
-            .map_err(|e| Failed::Src(io::Error::other(e)))?;
+            .map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
     }
     let queued = sys::inq(d.src_fd()).map_err(Failed::Src)?;
     if queued > 0 {
@@ -616,11 +657,17 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
         sys::kick(d.src_fd());
         return Ok(true);
     }
-    if d.eof {
-        // Everything before FIN was verdicted (queue empty): once it all
-        // reached the send queue, FIN can follow it.
-        d.redirected = kernel.redirected(d.src_cookie);
+    if d.eof && d.passed == d.copied && d.tail.is_empty() {
+        // Everything before FIN was verdicted (queue empty) and every passed
+        // byte forwarded: once all reached the send queue, FIN can follow.
+        d.redirected = kernel.peer(d.src_cookie).bytes;
         if d.flushed().map_err(Failed::Dst)? {
+            tracing::trace!(
+                redirected = d.redirected,
+                passed = d.passed,
+                copied = d.copied,
+                "sockmap: FIN passed on"
+            );
             SockRef::from(d.dst)
                 .shutdown(Shutdown::Write)
                 .map_err(Failed::Dst)?;
@@ -666,18 +713,32 @@ async fn copy_ready_one(d: Option<(&TcpStream, &TcpStream, bool)>) {
     }
 }
 
-/// Copies what the source has now to the destination, without blocking,
-/// through a buffer of at most [`TAIL_BUFFER`] bytes. Ok(true) if bytes
-/// moved or FIN was passed on.
-fn tail_copy(d: &mut Dir<'_>) -> Result<bool, Failed> {
+/// Forwards bytes the verdict passed to userspace (they wait on the source
+/// socket itself), without blocking, through a buffer of at most
+/// [`TAIL_BUFFER`] bytes; records them in `CONTROL` so the program knows
+/// when it may redirect again. Ok(true) if bytes moved.
+///
+/// Order: a byte read here was passed, so from its verdict on the program
+/// redirects nothing more from this source until userspace reports it
+/// copied; what was redirected before it must reach the send queue first,
+/// hence the flush check before each write.
+fn forward_passed(kernel: &Kernel, d: &mut Dir<'_>) -> Result<bool, Failed> {
     let mut moved = false;
     loop {
         if !d.tail.is_empty() {
+            d.redirected = kernel.peer(d.src_cookie).bytes;
+            d.awaiting_flush = !d.flushed().map_err(Failed::Dst)?;
+            if d.awaiting_flush {
+                return Ok(moved);
+            }
             match d.dst.try_write(&d.tail) {
                 Ok(n) => {
                     d.tail.drain(..n);
-                    d.tail_copied += n as u64;
+                    d.copied += n as u64;
                     d.user_total.fetch_add(n as u64, Ordering::Relaxed);
+                    kernel
+                        .control(d.src_cookie, d.control())
+                        .map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
                     moved = true;
                     continue;
                 }
@@ -688,17 +749,21 @@ fn tail_copy(d: &mut Dir<'_>) -> Result<bool, Failed> {
         let mut buf = vec![0u8; TAIL_BUFFER];
         match d.src.try_read(&mut buf) {
             Ok(0) => {
-                SockRef::from(d.dst)
-                    .shutdown(Shutdown::Write)
-                    .map_err(Failed::Dst)?;
-                d.done = true;
-                return Ok(true);
+                // FIN: the usual path passes it on once everything is flushed.
+                let seen = d.eof;
+                d.eof = true;
+                return Ok(moved || !seen);
             }
             Ok(n) => {
                 buf.truncate(n);
                 d.tail = buf;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(moved),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Bytes may have been passed since `check` read the count:
+                // refresh it, so `copying()` keeps waiting for them.
+                d.passed = kernel.peer(d.src_cookie).passed;
+                return Ok(moved);
+            }
             Err(e) => return Err(Failed::Src(e)),
         }
     }
