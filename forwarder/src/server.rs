@@ -263,7 +263,11 @@ fn is_transient(e: &io::Error) -> bool {
 async fn answer_over_limit(mut stream: TcpStream) {
     use tokio::io::AsyncWriteExt;
     let answer = Refusal::over_limit().render();
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await;
+    if let Ok(Ok(())) =
+        tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await
+    {
+        crate::connection::linger_close(&mut stream).await;
+    }
 }
 
 /// Re-reads the config file; a bad one is logged and the old one stays.

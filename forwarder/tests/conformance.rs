@@ -2,6 +2,8 @@
 //! through the real binary on loopback, once per data plane. A new plane
 //! joins by adding its name to the `conformance!` list at the bottom.
 
+#![allow(clippy::result_large_err)] // tungstenite's callback signature, not ours
+
 mod common;
 
 use std::time::{Duration, Instant};
