@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const LIMITS: &str = "handshake_timeout = \"2s\"\nidle_timeout = \"1h\"\ndrain_timeout = \"2s\"\nconnect_timeout = \"5s\"";
@@ -24,46 +23,6 @@ fn start(mode: &str, backend: &RawBackend) -> Router {
         routing: main_pool(&[backend.addr], "app.test"),
         extra: "",
     })
-}
-
-/// A WebSocket echo backend built on tokio-tungstenite; every request
-/// head it accepts is sent on the returned channel.
-async fn ws_echo_backend() -> (
-    std::net::SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<Vec<(String, String)>>,
-) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let cb = |req: &Request, resp: Response| {
-                    let headers = req
-                        .headers()
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-                        .collect();
-                    let _ = tx.send(headers);
-                    Ok(resp)
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        if ws.send(msg).await.is_err() {
-                            break;
-                        }
-                    } else if msg.is_close() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (addr, rx)
 }
 
 async fn websocket_echo_with_real_library(mode: &str) {
