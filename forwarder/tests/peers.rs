@@ -39,8 +39,8 @@ fn have(tool: &str) -> bool {
     ok
 }
 
-/// A peer process, killed when dropped.
-struct Peer(Child, tempfile::TempDir);
+/// A peer process, killed when dropped; its config directory lives as long.
+struct Peer(Child, #[allow(dead_code)] tempfile::TempDir);
 
 impl Drop for Peer {
     fn drop(&mut self) {
