@@ -281,3 +281,64 @@ async fn healthz_answers_503_while_draining() {
     assert_eq!(r.admin_get("/healthz").unwrap().0, 503);
     assert!(r.wait_exit(Duration::from_secs(10)).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_exhaustion_backs_off_and_recovers() {
+    let (r, mut backend) = router("").await;
+    // Leave the router room for only a few more sockets.
+    let limit = r.fd_count() + 6;
+    let status = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(r.pid().to_string())
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        held.push(TcpStream::connect(r.http).await.unwrap());
+    }
+    r.wait_log("accept failed");
+    let cpu = |pid: i32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = cpu(r.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ticks = cpu(r.pid()) - before;
+    assert!(
+        ticks < 30,
+        "the accept loop spun: {ticks} CPU ticks in 1 s while out of fds"
+    );
+    // Free the fds: the router recovers and serves again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut client = TcpStream::connect(r.http).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut server = loop {
+        // Connections accepted late (from the held batch) may reach the backend first.
+        let mut s = backend.accept().await;
+        let (head, _) = read_head(&mut s).await;
+        if head.starts_with("GET / HTTP/1.1") {
+            break s;
+        }
+        assert!(Instant::now() < deadline);
+    };
+    server
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    drop(server);
+    let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
