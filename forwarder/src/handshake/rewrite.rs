@@ -90,10 +90,19 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
             .join(", ")
     });
 
-    let named_by_connection: Vec<String> = tokens(&req.headers, "connection")
-        .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
-        .filter(|t| !PROTECTED.contains(&t.as_str()))
+    let named_by_connection: Vec<&[u8]> = tokens(&req.headers, "connection")
+        .filter(|t| {
+            !PROTECTED
+                .iter()
+                .any(|p| t.eq_ignore_ascii_case(p.as_bytes()))
+        })
         .collect();
+    let dropped = |name: &str| {
+        DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
+            || named_by_connection
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    };
 
     let mut head = Vec::with_capacity(req.head_len + 192);
     head.extend_from_slice(req.method.as_bytes());
@@ -105,8 +114,7 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
         b" HTTP/1.1\r\n"
     });
     for h in &req.headers {
-        let lower = h.name.to_ascii_lowercase();
-        if DROPPED.contains(&lower.as_str()) || named_by_connection.contains(&lower) {
+        if dropped(&h.name) {
             continue;
         }
         push_header(&mut head, &h.name, &h.value);
