@@ -30,18 +30,12 @@ fn config() -> Config {
     let mut text = String::from("[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\n[[pool]]\nname = \"p\"\nbackends = [\"127.0.0.1:9001\"]\n");
     // A routing table of realistic size: 1,000 exact hosts and 100 wildcards.
     for i in 0..1000 {
-        text.push_str(&format!(
-            "[[route]]\nhost = \"app{i}.apps.example.com\"\npool = \"p\"\n"
-        ));
+        text.push_str(&format!("[[route]]\nhost = \"app{i}.apps.example.com\"\npool = \"p\"\n"));
     }
     for i in 0..100 {
-        text.push_str(&format!(
-            "[[route]]\nhost = \"*.tenant{i}.example.com\"\npool = \"p\"\n"
-        ));
+        text.push_str(&format!("[[route]]\nhost = \"*.tenant{i}.example.com\"\npool = \"p\"\n"));
     }
-    text.push_str(
-        "[[route]]\nhost = \"doppler.system.example.com\"\npath = \"/v2\"\npool = \"p\"\n",
-    );
+    text.push_str("[[route]]\nhost = \"doppler.system.example.com\"\npath = \"/v2\"\npool = \"p\"\n");
     Config::parse(Path::new("bench.toml"), &text).unwrap()
 }
 
@@ -55,22 +49,12 @@ fn bench(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("upgrade_request");
     g.throughput(Throughput::Bytes(REQUEST.len() as u64));
-    g.bench_function("parse", |b| {
-        b.iter(|| parse_request(black_box(REQUEST), 16384).unwrap().unwrap())
-    });
+    g.bench_function("parse", |b| b.iter(|| parse_request(black_box(REQUEST), 16384).unwrap().unwrap()));
     let req = parse_request(REQUEST, 16384).unwrap().unwrap();
-    g.bench_function("rewrite", |b| {
-        b.iter(|| rewrite(black_box(&req), &client).unwrap())
-    });
+    g.bench_function("rewrite", |b| b.iter(|| rewrite(black_box(&req), &client).unwrap()));
     g.bench_function("route", |b| {
         b.iter(|| {
-            router
-                .lookup(
-                    black_box("doppler.system.example.com"),
-                    black_box("/v2/firehose/stream"),
-                )
-                .unwrap()
-                .pool
+            router.lookup(black_box("doppler.system.example.com"), black_box("/v2/firehose/stream")).unwrap().pool
         })
     });
     g.bench_function("parse_rewrite_route", |b| {

@@ -21,10 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 fn have(tool: &str) -> bool {
     let ok = Command::new("sh")
-        .args([
-            "-c",
-            &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
-        ])
+        .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
         .stdout(Stdio::null())
         .status()
         .map(|s| s.success())
@@ -60,11 +57,7 @@ fn wait_port(addr: SocketAddr) {
 fn haproxy(mode: &str, upsplice: SocketAddr) -> (Peer, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let forwardfor = if mode == "http" {
-        "option forwardfor"
-    } else {
-        ""
-    };
+    let forwardfor = if mode == "http" { "option forwardfor" } else { "" };
     let cfg = format!(
         "global\n  maxconn 2000\ndefaults\n  mode {mode}\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  timeout tunnel 1h\n\
          frontend fe\n  bind 127.0.0.1:{port}\n  {forwardfor}\n  default_backend be\n\
@@ -72,18 +65,8 @@ fn haproxy(mode: &str, upsplice: SocketAddr) -> (Peer, SocketAddr) {
     );
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, cfg).unwrap();
-    let bin = if std::path::Path::new("/usr/sbin/haproxy").exists() {
-        "/usr/sbin/haproxy"
-    } else {
-        "haproxy"
-    };
-    let child = Command::new(bin)
-        .arg("-db")
-        .arg("-f")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let bin = if std::path::Path::new("/usr/sbin/haproxy").exists() { "/usr/sbin/haproxy" } else { "haproxy" };
+    let child = Command::new(bin).arg("-db").arg("-f").arg(&path).stdout(Stdio::null()).spawn().unwrap();
     let addr = ([127, 0, 0, 1], port).into();
     wait_port(addr);
     (Peer(child, dir), addr)
@@ -102,11 +85,7 @@ fn nginx(upsplice: SocketAddr) -> (Peer, SocketAddr) {
     );
     let path = dir.path().join("nginx.conf");
     std::fs::write(&path, cfg).unwrap();
-    let bin = if std::path::Path::new("/usr/sbin/nginx").exists() {
-        "/usr/sbin/nginx"
-    } else {
-        "nginx"
-    };
+    let bin = if std::path::Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" };
     let child = Command::new(bin)
         .arg("-p")
         .arg(dir.path())
@@ -127,19 +106,12 @@ async fn echo_through(
     front: SocketAddr,
     heads: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<(String, String)>>,
 ) -> String {
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("ws://{front}/lb"),
-    )
-    .unwrap();
-    req.headers_mut()
-        .insert("Host", "app.test".parse().unwrap());
-    let (mut ws, resp) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(req),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{front}/lb"))
+            .unwrap();
+    req.headers_mut().insert("Host", "app.test".parse().unwrap());
+    let (mut ws, resp) =
+        tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req)).await.unwrap().unwrap();
     assert_eq!(resp.status(), 101);
     for i in 0..20 {
         let m = Message::binary(pattern(i, 1000 + i as usize * 3000));
@@ -148,29 +120,12 @@ async fn echo_through(
     }
     ws.close(None).await.unwrap();
     let headers = heads.recv().await.unwrap();
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default()
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for")).map(|(_, v)| v.clone()).unwrap_or_default()
 }
 
-async fn upsplice(
-    mode: &str,
-) -> (
-    Router,
-    tokio::sync::mpsc::UnboundedReceiver<Vec<(String, String)>>,
-) {
+async fn upsplice(mode: &str) -> (Router, tokio::sync::mpsc::UnboundedReceiver<Vec<(String, String)>>) {
     let (backend, heads) = ws_echo_backend().await;
-    (
-        Router::start(Setup {
-            mode,
-            limits: "",
-            routing: main_pool(&[backend], "app.test"),
-            extra: "",
-        }),
-        heads,
-    )
+    (Router::start(Setup { mode, limits: "", routing: main_pool(&[backend], "app.test"), extra: "" }), heads)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,10 +137,7 @@ async fn behind_haproxy_mode_http() {
     let (_lb, front) = haproxy("http", router.http);
     // HAProxy (trusted, connecting from 127.0.0.2) says the client is
     // 127.0.0.1; upsplice appends HAProxy's address.
-    assert_eq!(
-        echo_through(front, &mut heads).await,
-        "127.0.0.1, 127.0.0.2"
-    );
+    assert_eq!(echo_through(front, &mut heads).await, "127.0.0.1, 127.0.0.2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,8 +158,5 @@ async fn behind_nginx() {
     }
     let (router, mut heads) = upsplice("splice").await;
     let (_lb, front) = nginx(router.http);
-    assert_eq!(
-        echo_through(front, &mut heads).await,
-        "127.0.0.1, 127.0.0.2"
-    );
+    assert_eq!(echo_through(front, &mut heads).await, "127.0.0.1, 127.0.0.2");
 }
