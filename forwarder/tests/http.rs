@@ -270,3 +270,29 @@ async fn fd_exhaustion_backs_off_and_recovers() {
     let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_a_body_reaches_the_backend_before_its_answer() {
+    let (r, mut backend) = router("").await;
+    let mut client = TcpStream::connect(r.http).await.unwrap();
+    let request = WS_REQUEST.replace("{host}", "app.test").replace("\r\n\r\n", "\r\nContent-Length: 5\r\n\r\nhello");
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut server = backend.accept().await;
+    let (_, mut body) = read_head(&mut server).await;
+    // The backend insists on the body before it answers.
+    while body.len() < 5 {
+        let mut buf = [0u8; 16];
+        let n =
+            tokio::time::timeout(Duration::from_secs(3), server.read(&mut buf)).await.expect("body withheld").unwrap();
+        assert!(n > 0);
+        body.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(body, b"hello");
+    server.write_all(WS_101).await.unwrap();
+    let (head, _) = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"));
+    client.write_all(b"frame").await.unwrap();
+    let mut buf = [0u8; 5];
+    server.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"frame");
+}

@@ -113,6 +113,19 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, session: &Session, r
     }
     rec.to_backend += fwd.head.len() as u64;
 
+    // An upgrade that carries a body: the backend may wait for it before it
+    // answers, so what came with the head goes now, in order, instead of
+    // after the 101. (Without a body, pipelined bytes wait for the tunnel.)
+    let mut leftover = leftover;
+    if fwd.upgrade.is_some() && fwd.body != Body::None && !leftover.is_empty() {
+        if let Err(e) = backend.write_all(&leftover).await {
+            let refusal = Refusal::endpoint_failure(&format!("writing the request body: {e}"));
+            return refuse(&mut client, refusal, session, rec, started).await;
+        }
+        rec.to_backend += leftover.len() as u64;
+        leftover = Bytes::new();
+    }
+
     // A plain request with a body: the body flows through the data plane
     // while the backend answers, so the status is not read here.
     if fwd.upgrade.is_none() && fwd.body != Body::None {
