@@ -27,11 +27,7 @@ fn main() {
         println!("cargo::rerun-if-changed={}", bin.display());
     }
     let policy = env::var("UPSPLICE_EBPF").unwrap_or_default();
-    let result = if policy == "off" {
-        Err(anyhow!("UPSPLICE_EBPF=off"))
-    } else {
-        build()
-    };
+    let result = if policy == "off" { Err(anyhow!("UPSPLICE_EBPF=off")) } else { build() };
     match result {
         Ok(object) => {
             println!("cargo::rustc-cfg=upsplice_ebpf");
@@ -42,7 +38,9 @@ fn main() {
             if policy == "require" {
                 panic!("eBPF program not built (UPSPLICE_EBPF=require): {why}");
             }
-            println!("cargo::warning=sockmap data plane disabled, eBPF program not built: {why} (run scripts/setup-ebpf)");
+            println!(
+                "cargo::warning=sockmap data plane disabled, eBPF program not built: {why} (run scripts/setup-ebpf)"
+            );
             println!("cargo::rustc-env=UPSPLICE_EBPF_MISSING={why}");
         }
     }
@@ -51,33 +49,20 @@ fn main() {
 /// Builds the eBPF object and returns its path.
 fn build() -> Result<PathBuf> {
     check_toolchain()?;
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let package = metadata
         .packages
         .iter()
         .find(|p| p.name.as_str() == EBPF_PACKAGE)
         .ok_or_else(|| anyhow!("package {EBPF_PACKAGE} is not in the workspace"))?;
-    let root_dir = package
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent", package.manifest_path))?;
+    let root_dir = package.manifest_path.parent().ok_or_else(|| anyhow!("{} has no parent", package.manifest_path))?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: EBPF_PACKAGE,
-            root_dir: root_dir.as_str(),
-            ..Default::default()
-        }],
+        [aya_build::Package { name: EBPF_PACKAGE, root_dir: root_dir.as_str(), ..Default::default() }],
         aya_build::Toolchain::default(),
     )?;
     let object = PathBuf::from(env::var("OUT_DIR")?).join(EBPF_PACKAGE);
     if !object.is_file() {
-        bail!(
-            "aya-build produced no {} (AYA_BUILD_SKIP set?)",
-            object.display()
-        );
+        bail!("aya-build produced no {} (AYA_BUILD_SKIP set?)", object.display());
     }
     Ok(object)
 }
@@ -112,9 +97,7 @@ fn on_path(program: &str) -> bool {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 fn cargo_bin() -> Option<PathBuf> {

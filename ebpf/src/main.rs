@@ -100,8 +100,7 @@ static PEERS: HashMap<u64, Peer> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 /// Not preallocated: userspace replaces values whole, and a preallocated
 /// element may be reused while the program still reads it.
 #[map]
-static CONTROL: HashMap<u64, Control> =
-    HashMap::with_max_entries(MAX_SOCKETS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+static CONTROL: HashMap<u64, Control> = HashMap::with_max_entries(MAX_SOCKETS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
 static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(3, 0);

@@ -147,10 +147,7 @@ fn close_wait_on(port: u16) -> usize {
 fn starts_and_self_tests() {
     let Some(plane) = plane() else { return };
     let (up, down) = plane.bytes_relayed();
-    assert!(
-        up >= 14 && down >= 24,
-        "self-test bytes counted: {up} {down}"
-    );
+    assert!(up >= 14 && down >= 24, "self-test bytes counted: {up} {down}");
 }
 
 /// Leftovers go first, then bytes the peers had already queued in the
@@ -171,9 +168,7 @@ async fn leftovers_first_then_everything_in_order_at_full_speed() {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let up_rx = tokio::spawn(recv(b_rd));
         let down_rx = tokio::spawn(recv(c_rd));
-        let outcome = timeout(Duration::from_secs(30), relay(&plane, t))
-            .await
-            .expect("tunnel ends");
+        let outcome = timeout(Duration::from_secs(30), relay(&plane, t)).await.expect("tunnel ends");
         up_tx.await.unwrap();
         down_tx.await.unwrap();
         let (up_len, up_hash) = up_rx.await.unwrap();
@@ -209,17 +204,11 @@ async fn bytes_queued_before_handoff_are_not_stalled() {
         assert_eq!(&got, b"HTTP-101-tail;hello");
         client_peer.write_all(b"reply").await.unwrap();
         let mut got = [0u8; 5];
-        timeout(Duration::from_secs(2), backend_peer.read_exact(&mut got))
-            .await
-            .expect("reply")
-            .unwrap();
+        timeout(Duration::from_secs(2), backend_peer.read_exact(&mut got)).await.expect("reply").unwrap();
         assert_eq!(&got, b"reply");
         drop(client_peer);
         drop(backend_peer);
-        let outcome = timeout(Duration::from_secs(5), relay)
-            .await
-            .expect("ends")
-            .unwrap();
+        let outcome = timeout(Duration::from_secs(5), relay).await.expect("ends").unwrap();
         assert_eq!(outcome.to_client, 19);
     }
 }
@@ -249,11 +238,10 @@ async fn bytes_queued_before_handoff_fill_the_buffer_and_still_flow() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!tx.is_finished(), "8 MiB should not fit in socket buffers");
     // recv drops the client peer after EOF, which closes the other way.
-    let (outcome, (got, hash)) = timeout(Duration::from_secs(20), async {
-        tokio::join!(relay(&plane, t), recv(client_peer))
-    })
-    .await
-    .expect("all queued bytes arrive (no deadlock)");
+    let (outcome, (got, hash)) =
+        timeout(Duration::from_secs(20), async { tokio::join!(relay(&plane, t), recv(client_peer)) })
+            .await
+            .expect("all queued bytes arrive (no deadlock)");
     tx.await.unwrap();
     assert_eq!(got, len);
     assert_eq!(hash, expected(b"", 7, len));
@@ -270,10 +258,7 @@ async fn fin_right_after_bulk_loses_nothing_and_half_close_works() {
     let Some(plane) = plane() else { return };
     for round in 0..3u64 {
         let (client_peer, mut backend_peer, t) = setup(b"", b"").await;
-        let ports = (
-            t.client.local_addr().unwrap().port(),
-            t.backend.local_addr().unwrap().port(),
-        );
+        let ports = (t.client.local_addr().unwrap().port(), t.backend.local_addr().unwrap().port());
         let (mut c_rd, c_wr) = client_peer.into_split();
         let len = 64 * MIB;
         let tx = tokio::spawn(send(c_wr, 10 + round, len));
@@ -300,20 +285,14 @@ async fn fin_right_after_bulk_loses_nothing_and_half_close_works() {
             c_rd.read_to_end(&mut got).await.expect("client read");
             got
         };
-        let (outcome, (total, hash), answer) = timeout(Duration::from_secs(30), async {
-            tokio::join!(relay(&plane, t), backend_side, client_side)
-        })
-        .await
-        .expect("tunnel ends");
+        let (outcome, (total, hash), answer) =
+            timeout(Duration::from_secs(30), async { tokio::join!(relay(&plane, t), backend_side, client_side) })
+                .await
+                .expect("tunnel ends");
         tx.await.unwrap();
         assert_eq!(total, len, "every byte before FIN arrived");
         assert_eq!(hash, expected(b"", 10 + round, len));
-        assert!(
-            answer == pattern(99, MIB),
-            "the other way kept flowing: got {} bytes of {}",
-            answer.len(),
-            MIB
-        );
+        assert!(answer == pattern(99, MIB), "the other way kept flowing: got {} bytes of {}", answer.len(), MIB);
         assert_eq!(outcome.reason, CloseReason::Done);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(close_wait_on(ports.0) + close_wait_on(ports.1), 0);
@@ -332,36 +311,21 @@ async fn reset_is_propagated() {
             client_peer.write_all(b"abc").await.unwrap();
             let mut got = [0u8; 3];
             backend_peer.read_exact(&mut got).await.unwrap();
-            let (resetter, survivor) = if client_resets {
-                (client_peer, backend_peer)
-            } else {
-                (backend_peer, client_peer)
-            };
-            socket2::SockRef::from(&resetter)
-                .set_linger(Some(Duration::ZERO))
-                .unwrap();
+            let (resetter, survivor) =
+                if client_resets { (client_peer, backend_peer) } else { (backend_peer, client_peer) };
+            socket2::SockRef::from(&resetter).set_linger(Some(Duration::ZERO)).unwrap();
             drop(resetter);
             let mut survivor = survivor;
             let mut buf = [0u8; 16];
-            let r = timeout(Duration::from_secs(5), survivor.read(&mut buf))
-                .await
-                .expect("survivor hears about it");
+            let r = timeout(Duration::from_secs(5), survivor.read(&mut buf)).await.expect("survivor hears about it");
             assert!(
                 matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
                 "survivor got {r:?}, not a reset"
             );
         };
-        let (outcome, ()) = timeout(Duration::from_secs(10), async {
-            tokio::join!(relay, drive)
-        })
-        .await
-        .expect("ends");
+        let (outcome, ()) = timeout(Duration::from_secs(10), async { tokio::join!(relay, drive) }).await.expect("ends");
         let outcome = outcome.unwrap_or_else(|r| panic!("rejected: {}", r.reason));
-        let want = if client_resets {
-            CloseReason::ClientReset
-        } else {
-            CloseReason::BackendReset
-        };
+        let want = if client_resets { CloseReason::ClientReset } else { CloseReason::BackendReset };
         assert_eq!(outcome.reason, want);
     }
 }
@@ -379,11 +343,7 @@ async fn socket_that_got_fin_is_rejected_untouched_and_falls_back() {
         Ok(outcome) => panic!("relayed a socket with FIN: {outcome:?}"),
         Err(r) => r,
     };
-    assert!(
-        rejected.reason.contains("client"),
-        "reason: {}",
-        rejected.reason
-    );
+    assert!(rejected.reason.contains("client"), "reason: {}", rejected.reason);
     let t = rejected.tunnel;
     assert_eq!(&t.to_backend[..], b"pipelined");
     assert_eq!(&t.to_client[..], b"tail");
@@ -400,11 +360,10 @@ async fn socket_that_got_fin_is_rejected_untouched_and_falls_back() {
         client_peer.read_to_end(&mut got).await.unwrap();
         got
     };
-    let (outcome, to_backend, to_client) = timeout(Duration::from_secs(5), async {
-        tokio::join!(copy.relay(t), backend_side, client_side)
-    })
-    .await
-    .expect("copy plane relays it");
+    let (outcome, to_backend, to_client) =
+        timeout(Duration::from_secs(5), async { tokio::join!(copy.relay(t), backend_side, client_side) })
+            .await
+            .expect("copy plane relays it");
     assert_eq!(to_backend, b"pipelined+more");
     assert_eq!(to_client, b"tailbye");
     assert_eq!(outcome.reason, CloseReason::Done);
@@ -432,10 +391,7 @@ fn mem_available_kib() -> u64 {
 /// the kernel; once the backend reads, every byte arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_is_bounded_and_resumes() {
-    let cfg = DataPlaneConfig {
-        sockmap_queue_limit: 4 * MIB as u64,
-        ..DataPlaneConfig::default()
-    };
+    let cfg = DataPlaneConfig { sockmap_queue_limit: 4 * MIB as u64, ..DataPlaneConfig::default() };
     let Some(plane) = plane_with(&cfg) else {
         return;
     };
@@ -478,11 +434,7 @@ async fn stalled_reader_is_bounded_and_resumes() {
             hash.update(&chunk[..n]);
             left -= n;
         }
-        (
-            written,
-            at_stall_end.unwrap_or(written),
-            <[u8; 32]>::from(hash.finalize()),
-        )
+        (written, at_stall_end.unwrap_or(written), <[u8; 32]>::from(hash.finalize()))
     });
     let relay = tokio::spawn({
         let plane = plane.clone();
@@ -490,22 +442,16 @@ async fn stalled_reader_is_bounded_and_resumes() {
     });
     tokio::time::sleep(stall - Duration::from_millis(200)).await;
     let mem_stalled = mem_available_kib();
-    let during_stall = stall_end_rx
-        .await
-        .expect("writer reached the end of the stall");
+    let during_stall = stall_end_rx.await.expect("writer reached the end of the stall");
     // What TCP itself may buffer (the client's send buffer, the tunnel
     // sockets' receive/send buffers, the backend's receive buffer, all at
     // their sysctl maximum) plus a few times the queue limit (pause lag and
     // the receive queue flushed at resume). Without the bound the client
     // wrote 1.4–1.8 GB in 4 s (release build).
     let bound = 2 * tcp_buffer_max("tcp_rmem") + 2 * tcp_buffer_max("tcp_wmem") + 3 * 4 * MIB;
-    assert!(
-        during_stall < bound,
-        "client wrote {during_stall} bytes into a stalled tunnel (bound {bound})"
-    );
-    let (received, hash) = timeout(Duration::from_secs(30), recv(backend_peer))
-        .await
-        .expect("everything arrives after the stall");
+    assert!(during_stall < bound, "client wrote {during_stall} bytes into a stalled tunnel (bound {bound})");
+    let (received, hash) =
+        timeout(Duration::from_secs(30), recv(backend_peer)).await.expect("everything arrives after the stall");
     let (written, _, sent_hash) = writer.await.unwrap();
     drop(c_rd);
     let grown_mib = mem_before.saturating_sub(mem_stalled) / 1024;
@@ -519,10 +465,7 @@ async fn stalled_reader_is_bounded_and_resumes() {
     assert_eq!(received, written, "bytes received vs written");
     assert!(hash == sent_hash, "stream content differs");
     // recv dropped the backend peer after EOF: the tunnel ends cleanly.
-    let outcome = timeout(Duration::from_secs(5), relay)
-        .await
-        .expect("tunnel ends")
-        .unwrap();
+    let outcome = timeout(Duration::from_secs(5), relay).await.expect("tunnel ends").unwrap();
     assert_eq!(outcome.reason, CloseReason::Done);
     assert_eq!(outcome.to_backend as usize, written);
 }
@@ -546,19 +489,12 @@ async fn idle_timeout_counts_kernel_bytes() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    let (outcome, ()) = timeout(Duration::from_secs(5), async {
-        tokio::join!(relay, traffic)
-    })
-    .await
-    .expect("ends");
+    let (outcome, ()) = timeout(Duration::from_secs(5), async { tokio::join!(relay, traffic) }).await.expect("ends");
     let outcome = outcome.unwrap_or_else(|r| panic!("rejected: {}", r.reason));
     let took = start.elapsed();
     assert_eq!(outcome.reason, CloseReason::Idle);
     assert_eq!(outcome.to_backend, 12);
-    assert!(
-        took >= Duration::from_millis(1300) && took < Duration::from_millis(2300),
-        "closed after {took:?}"
-    );
+    assert!(took >= Duration::from_millis(1300) && took < Duration::from_millis(2300), "closed after {took:?}");
 }
 
 /// The drain token closes a busy tunnel at once.
@@ -583,17 +519,12 @@ async fn drain_closes_at_once() {
         drain.cancel();
     });
     let start = Instant::now();
-    let outcome = timeout(Duration::from_secs(5), relay(&plane, t))
-        .await
-        .expect("drain ends it");
+    let outcome = timeout(Duration::from_secs(5), relay(&plane, t)).await.expect("drain ends it");
     let took = start.elapsed();
     assert_eq!(outcome.reason, CloseReason::Drain);
     assert!(outcome.to_backend > 0, "bytes moved before the drain");
     assert!(took < Duration::from_millis(400), "took {took:?}");
-    timeout(Duration::from_secs(5), rx)
-        .await
-        .expect("backend sees the close")
-        .unwrap();
+    timeout(Duration::from_secs(5), rx).await.expect("backend sees the close").unwrap();
 }
 
 /// 64 MiB each way at once, checksummed; counters agree.
@@ -605,18 +536,11 @@ async fn checksummed_64_mib_both_ways() {
     let (c_rd, c_wr) = client_peer.into_split();
     let (b_rd, b_wr) = backend_peer.into_split();
     let len = 64 * MIB;
-    let (outcome, _, _, (up_len, up_hash), (down_len, down_hash)) =
-        timeout(Duration::from_secs(60), async {
-            tokio::join!(
-                relay(&plane, t),
-                send(c_wr, 41, len),
-                send(b_wr, 42, len),
-                recv(b_rd),
-                recv(c_rd)
-            )
-        })
-        .await
-        .expect("64 MiB both ways in time");
+    let (outcome, _, _, (up_len, up_hash), (down_len, down_hash)) = timeout(Duration::from_secs(60), async {
+        tokio::join!(relay(&plane, t), send(c_wr, 41, len), send(b_wr, 42, len), recv(b_rd), recv(c_rd))
+    })
+    .await
+    .expect("64 MiB both ways in time");
     assert_eq!(up_len, len + 7);
     assert_eq!(down_len, len + 9);
     assert_eq!(up_hash, expected(b"head-up", 41, len));
@@ -626,10 +550,7 @@ async fn checksummed_64_mib_both_ways() {
     assert_eq!(outcome.to_client as usize, down_len);
     let (after_up, after_down) = plane.bytes_relayed();
     assert_eq!(
-        (
-            (after_up - before_up) as usize,
-            (after_down - before_down) as usize
-        ),
+        ((after_up - before_up) as usize, (after_down - before_down) as usize),
         (up_len, down_len),
         "per-CPU counters"
     );

@@ -43,10 +43,7 @@ fn object() -> Result<&'static [u8], String> {
     }
     #[cfg(not(upsplice_ebpf))]
     {
-        Err(format!(
-            "eBPF program not built: {}",
-            env!("UPSPLICE_EBPF_MISSING")
-        ))
+        Err(format!("eBPF program not built: {}", env!("UPSPLICE_EBPF_MISSING")))
     }
 }
 
@@ -63,23 +60,15 @@ fn kernel_supported() -> Result<(), String> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(|e| format!("reading the kernel release: {e}"))?;
     let release = release.trim();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor, patch) = (
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    );
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor, patch) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     let ok = (major, minor) >= (6, 16)
         || ((major, minor) == (6, 15) && patch >= 3)
         || ((major, minor) == (6, 12) && patch >= 34);
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "kernel {release} lacks sockmap fixes (needs 6.12.34+, 6.15.3+ or 6.16+)"
-        ))
+        Err(format!("kernel {release} lacks sockmap fixes (needs 6.12.34+, 6.15.3+ or 6.16+)"))
     }
 }
 
@@ -87,8 +76,7 @@ fn capable() -> Result<(), String> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_BPF: u32 = 39;
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("reading capabilities: {e}"))?;
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| format!("reading capabilities: {e}"))?;
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -178,10 +166,7 @@ impl SockmapPlane {
         let (mut client_peer, client) = loopback_pair().await.map_err(err("client pair"))?;
         let (mut backend_peer, backend) = loopback_pair().await.map_err(err("backend pair"))?;
         // The backend speaks first, before the handoff, then waits.
-        backend_peer
-            .write_all(b"backend-first;")
-            .await
-            .map_err(err("backend write"))?;
+        backend_peer.write_all(b"backend-first;").await.map_err(err("backend write"))?;
         let t = Tunnel {
             client,
             backend,
@@ -193,36 +178,21 @@ impl SockmapPlane {
         let relay = self.relay(t);
         let exchange = async {
             let mut got = vec![0u8; 24];
-            client_peer
-                .read_exact(&mut got)
-                .await
-                .map_err(err("client read"))?;
+            client_peer.read_exact(&mut got).await.map_err(err("client read"))?;
             if got != b"after-101;backend-first;" {
                 return Err(format!("client got {:?}", String::from_utf8_lossy(&got)));
             }
-            client_peer
-                .write_all(b"ping")
-                .await
-                .map_err(err("client write"))?;
+            client_peer.write_all(b"ping").await.map_err(err("client write"))?;
             let mut got = vec![0u8; 14];
-            backend_peer
-                .read_exact(&mut got)
-                .await
-                .map_err(err("backend read"))?;
+            backend_peer.read_exact(&mut got).await.map_err(err("backend read"))?;
             if got != b"pipelined;ping" {
                 return Err(format!("backend got {:?}", String::from_utf8_lossy(&got)));
             }
             client_peer.shutdown().await.map_err(err("client FIN"))?;
             backend_peer.shutdown().await.map_err(err("backend FIN"))?;
             let mut rest = Vec::new();
-            backend_peer
-                .read_to_end(&mut rest)
-                .await
-                .map_err(err("backend EOF"))?;
-            client_peer
-                .read_to_end(&mut rest)
-                .await
-                .map_err(err("client EOF"))?;
+            backend_peer.read_to_end(&mut rest).await.map_err(err("backend EOF"))?;
+            client_peer.read_to_end(&mut rest).await.map_err(err("client EOF"))?;
             if !rest.is_empty() {
                 return Err(format!("{} unexpected bytes", rest.len()));
             }
@@ -231,10 +201,7 @@ impl SockmapPlane {
         let (outcome, exchanged) = tokio::join!(relay, exchange);
         let outcome = outcome.map_err(|r| format!("tunnel refused: {}", r.reason))?;
         exchanged.map_err(|e| format!("{e} (tunnel ended: {outcome:?})"))?;
-        if outcome.reason != CloseReason::Done
-            || outcome.to_backend != 14
-            || outcome.to_client != 24
-        {
+        if outcome.reason != CloseReason::Done || outcome.to_backend != 14 || outcome.to_client != 24 {
             return Err(format!("unexpected outcome {outcome:?}"));
         }
         Ok(())

@@ -15,9 +15,7 @@ pub struct UringPlane {
 impl UringPlane {
     pub fn new(_cfg: &DataPlaneConfig) -> Result<Self, String> {
         probe()?;
-        Ok(UringPlane {
-            counters: ByteCounters::default(),
-        })
+        Ok(UringPlane { counters: ByteCounters::default() })
     }
 
     pub fn counters(&self) -> &ByteCounters {
@@ -29,9 +27,6 @@ impl UringPlane {
     }
 
     pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        Err(Rejected {
-            tunnel: t,
-            reason: "not built yet".into(),
-        })
+        Err(Rejected { tunnel: t, reason: "not built yet".into() })
     }
 }

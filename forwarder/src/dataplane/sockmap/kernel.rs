@@ -92,8 +92,7 @@ impl Kernel {
             .load(object)
             .map_err(|e| format!("loading the eBPF object: {e}"))?;
         let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| format!("map {name} missing from the eBPF object"))
+            ebpf.take_map(name).ok_or_else(|| format!("map {name} missing from the eBPF object"))
         };
         let active: SockHash<MapData, u64> =
             SockHash::try_from(take(&mut ebpf, "ACTIVE")?).map_err(map_err("ACTIVE"))?;
@@ -110,12 +109,8 @@ impl Kernel {
             .ok_or("program upsplice_verdict missing from the eBPF object")?
             .try_into()
             .map_err(|e| format!("upsplice_verdict: {e}"))?;
-        program
-            .load()
-            .map_err(|e| format!("loading upsplice_verdict (verifier): {e}"))?;
-        program
-            .attach(active.fd())
-            .map_err(|e| format!("attaching upsplice_verdict to ACTIVE: {e}"))?;
+        program.load().map_err(|e| format!("loading upsplice_verdict (verifier): {e}"))?;
+        program.attach(active.fd()).map_err(|e| format!("attaching upsplice_verdict to ACTIVE: {e}"))?;
 
         let registry: Arc<Registry> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -218,11 +213,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn read_events(mut events: RingBuf<MapData>, registry: &Registry, stop: &AtomicBool) {
     let fd = events.as_raw_fd();
     while !stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd; the timeout bounds how long a stop waits.
         let _ = unsafe { libc::poll(&mut pfd, 1, 100) };
         while let Some(item) = events.next() {

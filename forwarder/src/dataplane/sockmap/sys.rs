@@ -15,15 +15,8 @@ pub fn cookie(fd: RawFd) -> io::Result<u64> {
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: `value` and `len` are valid for writes and `len` holds the size
     // of `value`; the kernel writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut value as *mut u64).cast(),
-            &mut len,
-        )
-    };
+    let rc =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, (&mut value as *mut u64).cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -53,15 +46,7 @@ pub fn tcp_counters(fd: RawFd) -> io::Result<TcpCounters> {
     let mut buf = [0u8; 256];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: `buf` is valid for `len` bytes of writes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
+    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, buf.as_mut_ptr().cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -69,11 +54,7 @@ pub fn tcp_counters(fd: RawFd) -> io::Result<TcpCounters> {
         return Err(io::Error::other("TCP_INFO too short: kernel too old"));
     }
     let u64_at = |at: usize| u64::from_ne_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
-    Ok(TcpCounters {
-        state: buf[0],
-        bytes_acked: u64_at(ACKED),
-        bytes_received: u64_at(RECEIVED),
-    })
+    Ok(TcpCounters { state: buf[0], bytes_acked: u64_at(ACKED), bytes_received: u64_at(RECEIVED) })
 }
 
 fn ioctl_int(fd: RawFd, request: libc::Ioctl) -> io::Result<u64> {
@@ -128,14 +109,7 @@ pub fn written_at_least(fd: RawFd) -> io::Result<u64> {
 pub fn kick(fd: RawFd) {
     let mut byte = 0u8;
     // SAFETY: a one-byte buffer valid for writes; PEEK consumes nothing.
-    let _ = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
+    let _ = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
 }
 
 /// `SO_ERROR`: the pending socket error, cleared by reading it.
@@ -144,13 +118,7 @@ pub fn take_error(fd: RawFd) -> io::Result<i32> {
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `value` and `len` are valid for writes, `len` is its size.
     let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut value as *mut libc::c_int).cast(), &mut len)
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -189,9 +157,8 @@ impl HangupWatch {
         // SAFETY: `owned` is an open epoll descriptor that the AsyncFd owns
         // from here on and never replaces; `OwnedFd::as_raw_fd` always returns
         // that same descriptor.
-        let epoll =
-            unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
-                .map_err(io::Error::from)?;
+        let epoll = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)?;
         Ok(HangupWatch { epoll })
     }
 
@@ -227,12 +194,7 @@ impl HangupWatch {
             let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
             // SAFETY: `events` is valid for 4 entries; timeout 0 never blocks.
             let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.get_ref().as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as libc::c_int,
-                    0,
-                )
+                libc::epoll_wait(self.epoll.get_ref().as_raw_fd(), events.as_mut_ptr(), events.len() as libc::c_int, 0)
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -259,4 +221,9 @@ impl HangupWatch {
                 .collect());
         }
     }
+}
+
+/// Aborts a socket: its close sends RST instead of FIN.
+pub fn abort(s: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
 }

@@ -47,8 +47,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::kernel::{Control, Kernel, PeerEntry, DIR_TO_BACKEND, DIR_TO_CLIENT};
-use super::sys::{self, HangupWatch};
-use crate::dataplane::pair::abort;
+use super::sys::{self, abort, HangupWatch};
 use crate::dataplane::{CloseReason, Outcome, Rejected, Tunnel};
 
 /// Bytes userspace wrote itself (leftovers, tails copied after a FIN that
@@ -73,11 +72,7 @@ pub struct Limits {
 impl Limits {
     pub fn from_queue_limit(limit: u64) -> Limits {
         let high = limit.max(64 * 1024);
-        Limits {
-            high,
-            low: high / 2,
-            budget: (high / 4).max(16 * 1024),
-        }
+        Limits { high, low: high / 2, budget: (high / 4).max(16 * 1024) }
     }
 }
 
@@ -123,13 +118,7 @@ struct Dir<'a> {
 }
 
 impl<'a> Dir<'a> {
-    fn new(
-        user_total: &'a AtomicU64,
-        src: &'a TcpStream,
-        dst: &'a TcpStream,
-        src_cookie: u64,
-        budget: u64,
-    ) -> Dir<'a> {
+    fn new(user_total: &'a AtomicU64, src: &'a TcpStream, dst: &'a TcpStream, src_cookie: u64, budget: u64) -> Dir<'a> {
         Dir {
             user_total,
             src,
@@ -179,11 +168,7 @@ impl<'a> Dir<'a> {
     }
 
     fn control(&self) -> Control {
-        Control {
-            copied: self.copied,
-            paused: u32::from(self.paused),
-            pad: 0,
-        }
+        Control { copied: self.copied, paused: u32::from(self.paused), pad: 0 }
     }
 }
 
@@ -207,11 +192,7 @@ impl Drop for Membership<'_> {
             self.kernel.remove_target(c);
         }
         if self.registered {
-            let mut registry = self
-                .kernel
-                .registry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut registry = self.kernel.registry.lock().unwrap_or_else(|p| p.into_inner());
             for c in self.cookies {
                 registry.remove(&c);
             }
@@ -219,10 +200,7 @@ impl Drop for Membership<'_> {
     }
 }
 
-#[expect(
-    clippy::result_large_err,
-    reason = "the seam's Rejected carries the whole tunnel"
-)]
+#[expect(clippy::result_large_err, reason = "the seam's Rejected carries the whole tunnel")]
 fn rejected(tunnel: Tunnel, reason: String) -> Result<Outcome, Rejected> {
     Err(Rejected { tunnel, reason })
 }
@@ -244,22 +222,13 @@ async fn write_all(dst: &TcpStream, buf: &[u8]) -> Result<(), (usize, io::Error)
 }
 
 fn ended(up: &Dir<'_>, down: &Dir<'_>, reason: CloseReason) -> Outcome {
-    Outcome {
-        to_backend: up.moved(),
-        to_client: down.moved(),
-        reason,
-    }
+    Outcome { to_backend: up.moved(), to_client: down.moved(), reason }
 }
 
 /// Relays `t` through the kernel until it ends; hands it back untouched
 /// (or with its leftovers already delivered, and nothing else) when its
 /// sockets cannot join the maps.
-pub async fn relay(
-    kernel: &Kernel,
-    limits: Limits,
-    user: &UserBytes,
-    t: Tunnel,
-) -> Result<Outcome, Rejected> {
+pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, t: Tunnel) -> Result<Outcome, Rejected> {
     let (c_fd, b_fd) = (t.client.as_raw_fd(), t.backend.as_raw_fd());
     let (c_ck, b_ck) = match (sys::cookie(c_fd), sys::cookie(b_fd)) {
         (Ok(c), Ok(b)) => (c, b),
@@ -267,11 +236,7 @@ pub async fn relay(
     };
 
     // 1. Redirect targets; a refusal here leaves the tunnel untouched.
-    let mut members = Membership {
-        kernel,
-        cookies: [c_ck, b_ck],
-        registered: false,
-    };
+    let mut members = Membership { kernel, cookies: [c_ck, b_ck], registered: false };
     if let Err(e) = kernel.add_target(c_ck, c_fd) {
         drop(members);
         return rejected(t, format!("client socket refused by the sockmap: {e}"));
@@ -286,10 +251,7 @@ pub async fn relay(
 
     // 2. Leftovers first, by userspace, before any redirection.
     let leftovers = async {
-        let (a, b) = tokio::join!(
-            write_all(&t.backend, &t.to_backend),
-            write_all(&t.client, &t.to_client)
-        );
+        let (a, b) = tokio::join!(write_all(&t.backend, &t.to_backend), write_all(&t.client, &t.to_client));
         (a, b)
     };
     let (wrote_up, wrote_down) = tokio::select! {
@@ -338,24 +300,8 @@ pub async fn relay(
     up.base = up_base;
     down.base = down_base;
     let paired = kernel
-        .pair(
-            c_ck,
-            PeerEntry {
-                peer: b_ck,
-                dir: DIR_TO_BACKEND,
-                ..PeerEntry::default()
-            },
-        )
-        .and_then(|()| {
-            kernel.pair(
-                b_ck,
-                PeerEntry {
-                    peer: c_ck,
-                    dir: DIR_TO_CLIENT,
-                    ..PeerEntry::default()
-                },
-            )
-        })
+        .pair(c_ck, PeerEntry { peer: b_ck, dir: DIR_TO_BACKEND, ..PeerEntry::default() })
+        .and_then(|()| kernel.pair(b_ck, PeerEntry { peer: c_ck, dir: DIR_TO_CLIENT, ..PeerEntry::default() }))
         .and_then(|()| kernel.control(c_ck, Control::default()))
         .and_then(|()| kernel.control(b_ck, Control::default()))
         .and_then(|()| kernel.notify_at(c_ck, limits.budget))
@@ -395,10 +341,7 @@ pub async fn relay(
             tokio::time::sleep(TICK_MIN).await;
         }
         drop(members);
-        tracing::debug!(
-            bytes = up.redirected,
-            "sockmap: backend refused after client bytes moved"
-        );
+        tracing::debug!(bytes = up.redirected, "sockmap: backend refused after client bytes moved");
         return delivered_then_rejected(t, format!("backend socket refused by the sockmap: {e}"));
     }
 
@@ -406,19 +349,17 @@ pub async fn relay(
     sys::kick(c_fd);
     sys::kick(b_fd);
 
-    let watch = match HangupWatch::new()
-        .and_then(|w| w.add(c_fd, 0).map(|()| w))
-        .and_then(|w| w.add(b_fd, 1).map(|()| w))
-    {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!("sockmap: epoll: {e}");
-            drop(members);
-            abort(&t.client);
-            abort(&t.backend);
-            return Ok(ended(&up, &down, CloseReason::Error));
-        }
-    };
+    let watch =
+        match HangupWatch::new().and_then(|w| w.add(c_fd, 0).map(|()| w)).and_then(|w| w.add(b_fd, 1).map(|()| w)) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("sockmap: epoll: {e}");
+                drop(members);
+                abort(&t.client);
+                abort(&t.backend);
+                return Ok(ended(&up, &down, CloseReason::Error));
+            }
+        };
 
     let reason = watch_loop(kernel, limits, &t, &watch, &waker, &mut up, &mut down).await;
     let outcome = ended(&up, &down, reason);
@@ -432,10 +373,7 @@ pub async fn relay(
 
 /// Hands the tunnel back once its leftovers were delivered (and nothing
 /// else moved): the next plane must not send them again.
-#[expect(
-    clippy::result_large_err,
-    reason = "the seam's Rejected carries the whole tunnel"
-)]
+#[expect(clippy::result_large_err, reason = "the seam's Rejected carries the whole tunnel")]
 fn delivered_then_rejected(mut t: Tunnel, reason: String) -> Result<Outcome, Rejected> {
     t.to_backend = Bytes::new();
     t.to_client = Bytes::new();
@@ -467,11 +405,7 @@ async fn watch_loop<'a>(
                 Err(failed) => {
                     tracing::debug!("sockmap: {failed}");
                     let client_failed = matches!(failed, Failed::Src(_)) == src_is_client;
-                    return if client_failed {
-                        CloseReason::ClientReset
-                    } else {
-                        CloseReason::BackendReset
-                    };
+                    return if client_failed { CloseReason::ClientReset } else { CloseReason::BackendReset };
                 }
             }
         }
@@ -493,25 +427,15 @@ async fn watch_loop<'a>(
         if now >= idle_deadline {
             return CloseReason::Idle;
         }
-        let busy = [&*up, &*down]
-            .iter()
-            .any(|d| !d.done && (d.paused || d.eof || d.passed > d.copied));
-        let wait = if busy {
-            tick.min(TICK_BUSY_MAX)
-        } else {
-            tick.min(idle_deadline - now)
-        };
+        let busy = [&*up, &*down].iter().any(|d| !d.done && (d.paused || d.eof || d.passed > d.copied));
+        let wait = if busy { tick.min(TICK_BUSY_MAX) } else { tick.min(idle_deadline - now) };
 
         // Readiness only helps a direction whose next step waits on a
         // socket (not on the psock queue flushing, which the timer polls),
         // and only if the last readiness led to progress.
         let progress = up.copied + down.copied + (up.tail.len() + down.tail.len()) as u64;
         let copying = |d: &Dir<'a>| {
-            (d.copying() && !d.eof && !d.awaiting_flush && !copy_stalled).then_some((
-                d.src,
-                d.dst,
-                !d.tail.is_empty(),
-            ))
+            (d.copying() && !d.eof && !d.awaiting_flush && !copy_stalled).then_some((d.src, d.dst, !d.tail.is_empty()))
         };
         let copy_wait = copy_ready([copying(up), copying(down)]);
         tokio::select! {
@@ -571,11 +495,7 @@ async fn watch_loop<'a>(
 
 /// What idleness is measured on: bytes moved and acknowledged either way.
 fn activity_sign(up: &Dir<'_>, down: &Dir<'_>) -> (u64, u64, u64, u64) {
-    let acked = |d: &Dir<'_>| {
-        sys::tcp_counters(d.dst_fd())
-            .map(|c| c.bytes_acked)
-            .unwrap_or(0)
-    };
+    let acked = |d: &Dir<'_>| sys::tcp_counters(d.dst_fd()).map(|c| c.bytes_acked).unwrap_or(0);
     (up.moved(), down.moved(), acked(up), acked(down))
 }
 
@@ -606,16 +526,11 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
     d.passed = entry.passed;
     let dst = sys::tcp_counters(d.dst_fd()).map_err(Failed::Dst)?;
     if dst.state == sys::TCP_CLOSE {
-        return Err(Failed::Dst(io::Error::other(
-            "destination closed while bytes were owed",
-        )));
+        return Err(Failed::Dst(io::Error::other("destination closed while bytes were owed")));
     }
     let in_kernel = d.in_kernel(dst.bytes_acked);
-    let set_control = |d: &Dir<'_>| {
-        kernel
-            .control(d.src_cookie, d.control())
-            .map_err(|e| Failed::Src(io::Error::other(chain(&e))))
-    };
+    let set_control =
+        |d: &Dir<'_>| kernel.control(d.src_cookie, d.control()).map_err(|e| Failed::Src(io::Error::other(chain(&e))));
 
     if !d.paused && in_kernel > limits.high {
         d.paused = true;
@@ -647,9 +562,7 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
     if !d.paused && entry.bytes + limits.budget / 2 >= d.notify_at {
         // Ask for the next event `budget` bytes from here.
         d.notify_at = entry.bytes + limits.budget;
-        kernel
-            .notify_at(d.src_cookie, d.notify_at)
-            .map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
+        kernel.notify_at(d.src_cookie, d.notify_at).map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
     }
     let queued = sys::inq(d.src_fd()).map_err(Failed::Src)?;
     if queued > 0 {
@@ -662,15 +575,8 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
         // byte forwarded: once all reached the send queue, FIN can follow.
         d.redirected = kernel.peer(d.src_cookie).bytes;
         if d.flushed().map_err(Failed::Dst)? {
-            tracing::trace!(
-                redirected = d.redirected,
-                passed = d.passed,
-                copied = d.copied,
-                "sockmap: FIN passed on"
-            );
-            SockRef::from(d.dst)
-                .shutdown(Shutdown::Write)
-                .map_err(Failed::Dst)?;
+            tracing::trace!(redirected = d.redirected, passed = d.passed, copied = d.copied, "sockmap: FIN passed on");
+            SockRef::from(d.dst).shutdown(Shutdown::Write).map_err(Failed::Dst)?;
             d.done = true;
             return Ok(true);
         }
@@ -736,9 +642,7 @@ fn forward_passed(kernel: &Kernel, d: &mut Dir<'_>) -> Result<bool, Failed> {
                     d.tail.drain(..n);
                     d.copied += n as u64;
                     d.user_total.fetch_add(n as u64, Ordering::Relaxed);
-                    kernel
-                        .control(d.src_cookie, d.control())
-                        .map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
+                    kernel.control(d.src_cookie, d.control()).map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
                     moved = true;
                     continue;
                 }
