@@ -34,6 +34,9 @@ pub struct TcpCounters {
     pub bytes_received: u64,
 }
 
+/// `TCP_ESTABLISHED`: the only state (besides LISTEN) a sockmap accepts.
+pub const TCP_ESTABLISHED: u8 = 1;
+
 /// `TCP_CLOSE`: the socket is gone (reset, or closed both ways).
 pub const TCP_CLOSE: u8 = 7;
 
@@ -68,6 +71,8 @@ fn ioctl_int(fd: RawFd, request: libc::Ioctl) -> io::Result<u64> {
 }
 
 /// `SIOCINQ`: bytes in the receive queue not read yet (not counting FIN).
+/// Once the socket has a psock (is in a sockmap), the kernel answers with
+/// the bytes in the psock's queue (passed by the verdict) instead.
 pub fn inq(fd: RawFd) -> io::Result<u64> {
     ioctl_int(fd, libc::FIONREAD)
 }
@@ -226,4 +231,44 @@ impl HangupWatch {
 /// Aborts a socket: its close sends RST instead of FIN.
 pub fn abort(s: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Reads exactly the bytes queued on `fd` now (`SIOCINQ`), without
+/// blocking, and appends them to `out`. Afterwards the receive queue holds
+/// no partly read segment: the verdict, which reads whole segments
+/// (`tcp_read_skb` ignores how much of the first one userspace consumed),
+/// would otherwise send the already-read part of it a second time.
+pub fn read_queued(fd: RawFd, out: &mut Vec<u8>) -> io::Result<usize> {
+    let queued = inq(fd)? as usize;
+    let start = out.len();
+    out.resize(start + queued, 0);
+    let mut got = 0;
+    while got < queued {
+        // SAFETY: `out[start + got..start + queued]` is valid for writes.
+        let n = unsafe { libc::recv(fd, out[start + got..].as_mut_ptr().cast(), queued - got, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            out.truncate(start + got);
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    out.truncate(start + got);
+    Ok(got)
+}
+
+/// One non-blocking `recv` into `buf`, bypassing tokio's readiness cache.
+pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes of writes.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }

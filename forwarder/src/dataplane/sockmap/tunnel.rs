@@ -228,12 +228,42 @@ fn ended(up: &Dir<'_>, down: &Dir<'_>, reason: CloseReason) -> Outcome {
 /// Relays `t` through the kernel until it ends; hands it back untouched
 /// (or with its leftovers already delivered, and nothing else) when its
 /// sockets cannot join the maps.
-pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, t: Tunnel) -> Result<Outcome, Rejected> {
+pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tunnel) -> Result<Outcome, Rejected> {
     let (c_fd, b_fd) = (t.client.as_raw_fd(), t.backend.as_raw_fd());
     let (c_ck, b_ck) = match (sys::cookie(c_fd), sys::cookie(b_fd)) {
         (Ok(c), Ok(b)) => (c, b),
         (Err(e), _) | (_, Err(e)) => return rejected(t, format!("SO_COOKIE: {e}")),
     };
+
+    // 0. Only ESTABLISHED sockets can join a sockmap: refuse the others
+    //    untouched. Then the bytes already queued on either socket join the
+    //    leftovers, so that no partly read segment is left for the verdict
+    //    (it would resend the part the control plane already read); this
+    //    must happen before the sockets join any map (with a psock,
+    //    SIOCINQ counts the psock's queue instead). Too many: the copy
+    //    planes handle them better.
+    for (fd, side) in [(c_fd, "client"), (b_fd, "backend")] {
+        match sys::tcp_counters(fd) {
+            Ok(info) if info.state == sys::TCP_ESTABLISHED => {}
+            Ok(info) => return rejected(t, format!("{side} socket not established (state {})", info.state)),
+            Err(e) => return rejected(t, format!("{side} socket: TCP_INFO: {e}")),
+        }
+    }
+    let queued = (sys::inq(c_fd), sys::inq(b_fd));
+    match queued {
+        (Ok(c), Ok(b)) if c <= limits.high && b <= limits.high => {}
+        (Ok(c), Ok(b)) => {
+            return rejected(t, format!("{} bytes queued at handoff", c.max(b)));
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            return rejected(t, format!("SIOCINQ: {e}"));
+        }
+    }
+    let took = take_queued(c_fd, &mut t.to_backend).and_then(|()| take_queued(b_fd, &mut t.to_client));
+    if let Err(e) = took {
+        // What was read is in the leftovers: the tunnel is still whole.
+        return rejected(t, format!("reading queued bytes: {e}"));
+    }
 
     // 1. Redirect targets; a refusal here leaves the tunnel untouched.
     let mut members = Membership { kernel, cookies: [c_ck, b_ck], registered: false };
@@ -249,7 +279,66 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, t: Tunnel)
     let mut up = Dir::new(&user.to_backend, &t.client, &t.backend, c_ck, limits.budget);
     let mut down = Dir::new(&user.to_client, &t.backend, &t.client, b_ck, limits.budget);
 
-    // 2. Leftovers first, by userspace, before any redirection.
+    // 2. Pair, paused: once active, the verdict passes every byte to the
+    //    socket's own queue (nothing reaches a peer) until step 6.
+    let paused = Control { paused: 1, ..Control::default() };
+    let paired = kernel
+        .pair(c_ck, PeerEntry { peer: b_ck, dir: DIR_TO_BACKEND, ..PeerEntry::default() })
+        .and_then(|()| kernel.pair(b_ck, PeerEntry { peer: c_ck, dir: DIR_TO_CLIENT, ..PeerEntry::default() }))
+        .and_then(|()| kernel.control(c_ck, paused))
+        .and_then(|()| kernel.control(b_ck, paused))
+        .and_then(|()| kernel.notify_at(c_ck, limits.budget))
+        .and_then(|()| kernel.notify_at(b_ck, limits.budget));
+    if let Err(e) = paired {
+        drop(members);
+        return rejected(t, format!("sockmap peer entries: {e}"));
+    }
+    let waker = Arc::new(Notify::new());
+    {
+        let mut registry = kernel.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.insert(c_ck, waker.clone());
+        registry.insert(b_ck, waker.clone());
+    }
+    members.registered = true;
+
+    // 3. Activate. A refusal (the socket got FIN meanwhile) hands the tunnel
+    //    on; bytes the client socket passed to itself meanwhile would be
+    //    purged with its psock, so they join the leftovers first.
+    if let Err(e) = kernel.activate(c_ck, c_fd) {
+        drop(members);
+        return rejected(t, format!("client socket refused by the sockmap: {e}"));
+    }
+    if let Err(e) = kernel.activate(b_ck, b_fd) {
+        kernel.deactivate(c_ck);
+        let passed = kernel.peer(c_ck).passed as usize;
+        let mut bytes = t.to_backend.to_vec();
+        let want = bytes.len() + passed;
+        let deadline = Instant::now() + REJECT_FLUSH_MAX;
+        while bytes.len() < want && Instant::now() < deadline {
+            let mut buf = vec![0u8; want - bytes.len()];
+            match sys::recv_now(c_fd, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::time::sleep(TICK_MIN).await,
+                Err(_) => break,
+            }
+        }
+        let complete = bytes.len() == want;
+        t.to_backend = Bytes::from(bytes);
+        drop(members);
+        if !complete {
+            abort(&t.client);
+            abort(&t.backend);
+            return Ok(ended(&up, &down, CloseReason::Error));
+        }
+        return rejected(t, format!("backend socket refused by the sockmap: {e}"));
+    }
+
+    // 4. Kick: bytes queued before activation are verdicted now (passed).
+    sys::kick(c_fd);
+    sys::kick(b_fd);
+
+    // 5. Leftovers, by userspace, before any redirected byte.
     let leftovers = async {
         let (a, b) = tokio::join!(write_all(&t.backend, &t.to_backend), write_all(&t.client, &t.to_client));
         (a, b)
@@ -287,67 +376,25 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, t: Tunnel)
         return Ok(ended(&up, &down, reason));
     }
 
-    // 3. Pair and activate.
+    // 6. Bases (exact: nothing but userspace wrote to either socket yet),
+    //    then unpause. Bytes passed meanwhile are forwarded by userspace
+    //    before the verdict redirects again (passed == copied).
     let bases = sys::written_exact(b_fd).and_then(|u| Ok((u, sys::written_exact(c_fd)?)));
-    let (up_base, down_base) = match bases {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!("sockmap: reading TCP counters: {e}");
-            drop(members);
-            return delivered_then_rejected(t, format!("TCP counters: {e}"));
-        }
-    };
-    up.base = up_base;
-    down.base = down_base;
-    let paired = kernel
-        .pair(c_ck, PeerEntry { peer: b_ck, dir: DIR_TO_BACKEND, ..PeerEntry::default() })
-        .and_then(|()| kernel.pair(b_ck, PeerEntry { peer: c_ck, dir: DIR_TO_CLIENT, ..PeerEntry::default() }))
-        .and_then(|()| kernel.control(c_ck, Control::default()))
-        .and_then(|()| kernel.control(b_ck, Control::default()))
-        .and_then(|()| kernel.notify_at(c_ck, limits.budget))
-        .and_then(|()| kernel.notify_at(b_ck, limits.budget));
-    if let Err(e) = paired {
+    let unpaused = bases.map_err(|e| format!("TCP counters: {e}")).and_then(|(u, d)| {
+        up.base = u;
+        down.base = d;
+        kernel
+            .control(c_ck, Control::default())
+            .and_then(|()| kernel.control(b_ck, Control::default()))
+            .map_err(|e| format!("CONTROL: {}", chain(&e)))
+    });
+    if let Err(e) = unpaused {
+        tracing::warn!("sockmap: {e}");
         drop(members);
-        return delivered_then_rejected(t, format!("sockmap peer entries: {e}"));
+        abort(&t.client);
+        abort(&t.backend);
+        return Ok(ended(&up, &down, CloseReason::Error));
     }
-    let waker = Arc::new(Notify::new());
-    {
-        let mut registry = kernel.registry.lock().unwrap_or_else(|p| p.into_inner());
-        registry.insert(c_ck, waker.clone());
-        registry.insert(b_ck, waker.clone());
-    }
-    members.registered = true;
-
-    if let Err(e) = kernel.activate(c_ck, c_fd) {
-        drop(members);
-        return delivered_then_rejected(t, format!("client socket refused by the sockmap: {e}"));
-    }
-    if let Err(e) = kernel.activate(b_ck, b_fd) {
-        // Client bytes may already be on their way to the backend: let them
-        // reach its send queue before handing the tunnel to another plane.
-        kernel.deactivate(c_ck);
-        let deadline = Instant::now() + REJECT_FLUSH_MAX;
-        loop {
-            up.redirected = kernel.peer(c_ck).bytes;
-            if up.flushed().unwrap_or(false) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                drop(members);
-                abort(&t.client);
-                abort(&t.backend);
-                return Ok(ended(&up, &down, CloseReason::Error));
-            }
-            tokio::time::sleep(TICK_MIN).await;
-        }
-        drop(members);
-        tracing::debug!(bytes = up.redirected, "sockmap: backend refused after client bytes moved");
-        return delivered_then_rejected(t, format!("backend socket refused by the sockmap: {e}"));
-    }
-
-    // 4. Kick: bytes queued before activation go through now.
-    sys::kick(c_fd);
-    sys::kick(b_fd);
 
     let watch =
         match HangupWatch::new().and_then(|w| w.add(c_fd, 0).map(|()| w)).and_then(|w| w.add(b_fd, 1).map(|()| w)) {
@@ -362,6 +409,9 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, t: Tunnel)
         };
 
     let reason = watch_loop(kernel, limits, &t, &watch, &waker, &mut up, &mut down).await;
+    // The last counts, before the entries go.
+    up.redirected = kernel.peer(c_ck).bytes;
+    down.redirected = kernel.peer(b_ck).bytes;
     let outcome = ended(&up, &down, reason);
     drop(members);
     if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset) {
@@ -371,13 +421,14 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, t: Tunnel)
     Ok(outcome)
 }
 
-/// Hands the tunnel back once its leftovers were delivered (and nothing
-/// else moved): the next plane must not send them again.
-#[expect(clippy::result_large_err, reason = "the seam's Rejected carries the whole tunnel")]
-fn delivered_then_rejected(mut t: Tunnel, reason: String) -> Result<Outcome, Rejected> {
-    t.to_backend = Bytes::new();
-    t.to_client = Bytes::new();
-    rejected(t, reason)
+/// Appends what is queued on `fd` now to `leftover` (see [`sys::read_queued`]).
+fn take_queued(fd: RawFd, leftover: &mut Bytes) -> io::Result<()> {
+    let mut bytes = leftover.to_vec();
+    let result = sys::read_queued(fd, &mut bytes);
+    if bytes.len() != leftover.len() {
+        *leftover = Bytes::from(bytes);
+    }
+    result.map(|_| ())
 }
 
 /// Watches the tunnel until it ends; returns why.
