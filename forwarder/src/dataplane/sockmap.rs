@@ -14,6 +14,13 @@
 //! [`SockmapPlane::new`] runs a self-test through the real program before
 //! the plane is used: a loopback tunnel with leftovers both ways and a
 //! backend that speaks first; `auto` falls back when it fails.
+//!
+//! Known issue, why `auto` does not pick this plane: while a direction is
+//! paused (backpressure) its bytes pass through the socket's own psock
+//! queue and userspace. In a 1 GiB bulk run that stayed mostly paused, the
+//! backend received one 65483-byte segment twice (and with an earlier
+//! pause design, one went missing). Until the cause (kernel psock queue or
+//! this plane) is found, the plane runs only when asked for explicitly.
 
 pub mod kernel;
 pub mod sys;
@@ -29,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::kernel::{Kernel, DIR_TO_BACKEND, DIR_TO_CLIENT, STATS_FAILED};
 use self::tunnel::{Limits, UserBytes};
-use super::{CloseReason, Outcome, Rejected, Tunnel};
+use super::{CloseReason, Mode, Outcome, Rejected, Tunnel};
 use crate::config::DataPlaneConfig;
 
 /// Sockets the maps hold at most (two per tunnel).
@@ -102,6 +109,14 @@ impl SockmapPlane {
     /// Loads and attaches the program, then runs the self-test.
     pub fn new(cfg: &DataPlaneConfig) -> Result<Self, String> {
         probe()?;
+        if cfg.mode == Mode::Auto {
+            // See the module docs: one duplicated (and, in an earlier
+            // design, one lost) 64 KiB segment was seen under sustained
+            // pause/resume; until that is understood the plane is opt-in.
+            return Err("opt-in only (data_plane.mode = \"sockmap\"): a duplicated segment was seen under \
+                        sustained backpressure on this kernel"
+                .into());
+        }
         let kernel = Box::new(Kernel::load(object()?, MAX_SOCKETS)?);
         let plane = SockmapPlane {
             kernel,
@@ -119,6 +134,12 @@ impl SockmapPlane {
             self.kernel.stats(DIR_TO_BACKEND).bytes + self.user.to_backend.load(Ordering::Relaxed),
             self.kernel.stats(DIR_TO_CLIENT).bytes + self.user.to_client.load(Ordering::Relaxed),
         )
+    }
+
+    /// Of [`Self::bytes_relayed`], the bytes userspace wrote itself:
+    /// leftovers, and bytes forwarded while a direction was paused.
+    pub fn bytes_by_userspace(&self) -> (u64, u64) {
+        (self.user.to_backend.load(Ordering::Relaxed), self.user.to_client.load(Ordering::Relaxed))
     }
 
     /// Segments redirected (to backend, to client) and bytes the kernel

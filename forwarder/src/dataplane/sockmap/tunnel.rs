@@ -1,18 +1,29 @@
 //! One tunnel through the sockmap plane: handoff, watching, backpressure,
 //! half-close and teardown.
 //!
-//! Handoff, in this order (each step is there for a reproduced failure):
+//! Handoff, in this order (each step is there for a failure reproduced on
+//! 6.18 by a test in `tests/sockmap.rs` or the conformance suite):
+//! 0. a socket that is not ESTABLISHED (already got FIN) cannot join a
+//!    sockmap: the tunnel is refused untouched → [`Rejected`]. The bytes
+//!    queued on either socket are read into the leftovers: the verdict reads
+//!    whole segments, so a segment the control plane read in part would be
+//!    sent again from its start;
 //! 1. both sockets join `TARGETS` (no program: nothing changes for them);
-//!    this is where a socket that cannot be redirected (already got FIN, map
-//!    full) is refused, before anything was consumed → [`Rejected`];
-//! 2. the leftover bytes (`to_backend`, `to_client`) are written by
-//!    userspace, so they are in the destination's send queue before any
-//!    redirected byte can be;
-//! 3. the `PEERS` entries are written, then both sockets join `ACTIVE`: from
-//!    then on the verdict redirects every arriving byte, and the peer is a
-//!    redirect target already, so no byte can find a missing peer;
-//! 4. both sockets are kicked ([`sys::kick`]): bytes that arrived before
-//!    step 3 are redirected now instead of waiting for the next segment.
+//! 2. `PEERS` and `CONTROL` entries are written; a direction with
+//!    leftovers starts *paused*, the byte count of the others' destinations
+//!    is read now (exact: nothing is redirected yet);
+//! 3. both sockets join `ACTIVE`: the verdict runs for every arriving
+//!    segment and, for a paused direction, queues it on the socket itself
+//!    (its leftovers are not out yet, and nothing of it reaches the peer,
+//!    so the peer cannot react before both sockets are active);
+//! 4. both sockets are kicked ([`sys::kick`]): segments that arrived before
+//!    step 3 are verdicted now instead of waiting for the next one (the
+//!    stall);
+//! 5. userspace writes the leftovers;
+//! 6. for the paused directions the destinations' byte counts are read
+//!    (exact: only userspace wrote to them so far) and they are unpaused. Bytes passed meanwhile are
+//!    forwarded by userspace first: the verdict redirects only once
+//!    userspace reports it forwarded every passed byte.
 //!
 //! Then the kernel moves the bytes. Userspace wakes on FIN/hang-up/error
 //! (epoll without `EPOLLIN`), on a ring-buffer event when a direction moved
@@ -30,9 +41,10 @@
 //! (Taking the source out of `ACTIVE` instead loses the segment being
 //! verdicted at that moment — reproduced: 64 KiB missing.)
 //!
-//! Half-close: on FIN from a source, the plane waits until the source's
-//! receive queue is empty and every redirected byte reached the
-//! destination's send queue, then shuts the destination's write side.
+//! Half-close: on FIN from a source, the plane waits until every passed
+//! byte was forwarded and every redirected byte reached the destination's
+//! send queue (TCP_INFO acked + SIOCOUTQ against the count the program
+//! keeps), then shuts the destination's write side (the FIN race).
 
 use std::io;
 use std::net::Shutdown;
@@ -281,12 +293,29 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
 
     // 2. Pair, paused: once active, the verdict passes every byte to the
     //    socket's own queue (nothing reaches a peer) until step 6.
-    let paused = Control { paused: 1, ..Control::default() };
+    //    Only a direction with leftovers needs it; the others start unpaused
+    //    (their bases are read now, before anything can be redirected).
+    let start = |leftover: &Bytes| Control { paused: u32::from(!leftover.is_empty()), ..Control::default() };
+    let (up_start, down_start) = (start(&t.to_backend), start(&t.to_client));
+    let early_bases = (up_start.paused == 0)
+        .then(|| sys::written_exact(b_fd))
+        .transpose()
+        .and_then(|u| Ok((u, (down_start.paused == 0).then(|| sys::written_exact(c_fd)).transpose()?)));
+    match early_bases {
+        Ok((u, d)) => {
+            up.base = u.unwrap_or(0);
+            down.base = d.unwrap_or(0);
+        }
+        Err(e) => {
+            drop(members);
+            return rejected(t, format!("TCP counters: {e}"));
+        }
+    }
     let paired = kernel
         .pair(c_ck, PeerEntry { peer: b_ck, dir: DIR_TO_BACKEND, ..PeerEntry::default() })
         .and_then(|()| kernel.pair(b_ck, PeerEntry { peer: c_ck, dir: DIR_TO_CLIENT, ..PeerEntry::default() }))
-        .and_then(|()| kernel.control(c_ck, paused))
-        .and_then(|()| kernel.control(b_ck, paused))
+        .and_then(|()| kernel.control(c_ck, up_start))
+        .and_then(|()| kernel.control(b_ck, down_start))
         .and_then(|()| kernel.notify_at(c_ck, limits.budget))
         .and_then(|()| kernel.notify_at(b_ck, limits.budget));
     if let Err(e) = paired {
@@ -376,18 +405,20 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
         return Ok(ended(&up, &down, reason));
     }
 
-    // 6. Bases (exact: nothing but userspace wrote to either socket yet),
-    //    then unpause. Bytes passed meanwhile are forwarded by userspace
-    //    before the verdict redirects again (passed == copied).
-    let bases = sys::written_exact(b_fd).and_then(|u| Ok((u, sys::written_exact(c_fd)?)));
-    let unpaused = bases.map_err(|e| format!("TCP counters: {e}")).and_then(|(u, d)| {
-        up.base = u;
-        down.base = d;
-        kernel
-            .control(c_ck, Control::default())
-            .and_then(|()| kernel.control(b_ck, Control::default()))
-            .map_err(|e| format!("CONTROL: {}", chain(&e)))
-    });
+    // 6. Directions that started paused: bases (exact: only userspace wrote
+    //    to their destination so far), then unpause. Bytes passed meanwhile
+    //    are forwarded by userspace before the verdict redirects again
+    //    (passed == copied).
+    let mut unpaused = Ok(());
+    for (dir, started) in [(&mut up, up_start), (&mut down, down_start)] {
+        if started.paused == 0 || unpaused.is_err() {
+            continue;
+        }
+        unpaused = sys::written_exact(dir.dst_fd()).map_err(|e| format!("TCP counters: {e}")).and_then(|base| {
+            dir.base = base;
+            kernel.control(dir.src_cookie, Control::default()).map_err(|e| format!("CONTROL: {}", chain(&e)))
+        });
+    }
     if let Err(e) = unpaused {
         tracing::warn!("sockmap: {e}");
         drop(members);
