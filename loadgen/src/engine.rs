@@ -14,6 +14,7 @@ use crate::net;
 use crate::progress::Live;
 use crate::recorder::{ErrorKind, Recorder};
 use crate::schedule::Schedule;
+use crate::timer::Timer;
 use crate::wsproto::{opcode, Rng};
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
@@ -121,7 +122,11 @@ impl Clock {
     }
 
     fn at(&self, ns: u64) -> tokio::time::Instant {
-        (self.t0 + Duration::from_nanos(ns)).into()
+        self.instant(ns).into()
+    }
+
+    fn instant(&self, ns: u64) -> Instant {
+        self.t0 + Duration::from_nanos(ns)
     }
 
     fn measured(&self, intended_ns: u64) -> bool {
@@ -176,6 +181,11 @@ fn thread_main(
     let rec = Rc::new(RefCell::new(Recorder::new(cfg.keep_intervals)));
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
+        let timer = Rc::new(Timer::new().expect("timerfd"));
+        let driver = {
+            let t = timer.clone();
+            tokio::task::spawn_local(async move { t.drive().await })
+        };
         let ticker = live.map(|live| {
             let rec = rec.clone();
             tokio::task::spawn_local(async move { live.feed_forever(&rec).await })
@@ -184,8 +194,9 @@ fn thread_main(
         for idx in (tid..cfg.connections).step_by(threads) {
             let rec = rec.clone();
             let cfg = cfg.clone();
+            let timer = timer.clone();
             tasks.push(tokio::task::spawn_local(async move {
-                connection(&cfg, clock, idx, &rec).await;
+                connection(&cfg, clock, idx, &rec, &timer).await;
             }));
         }
         let limit = clock.t0 + cfg.hard_limit();
@@ -195,6 +206,7 @@ fn thread_main(
         if let Some(t) = ticker {
             t.abort();
         }
+        driver.abort();
     });
     rt.shutdown_timeout(Duration::from_millis(100));
     Rc::try_unwrap(rec)
@@ -225,16 +237,22 @@ impl Shared {
 }
 
 /// One connection slot for the whole run.
-async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<Recorder>>) {
+async fn connection(
+    cfg: &RunConfig,
+    clock: Clock,
+    idx: usize,
+    rec: &Rc<RefCell<Recorder>>,
+    timer: &Timer,
+) {
     let sched = Schedule::new(idx, cfg.connections, cfg.rate);
     let start_ns = match cfg.ramp_rate {
         Some(r) if r > 0.0 => (idx as f64 * 1e9 / r) as u64,
         _ => 0,
     };
-    tokio::time::sleep_until(clock.at(start_ns)).await;
+    timer.sleep_until(clock.instant(start_ns)).await;
     let source = (!cfg.source_ips.is_empty()).then(|| cfg.source_ips[idx % cfg.source_ips.len()]);
     if cfg.proto == Proto::HttpClose {
-        return http_close_loop(cfg, clock, sched, source, rec).await;
+        return http_close_loop(cfg, clock, sched, source, rec, timer).await;
     }
     let mut rng = Rng::new(idx as u64);
     let Some((sock, leftover)) = open(cfg, source, &mut rng, rec).await else {
@@ -276,7 +294,7 @@ async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<
         })
     };
     let mut codec = codec;
-    let ok = write_loop(&mut wr, &mut codec, &shared, sched, clock, rec).await;
+    let ok = write_loop(&mut wr, &mut codec, &shared, sched, clock, rec, timer).await;
     // Drain: wait for outstanding replies until the deadline.
     while ok && !shared.dead.get() && shared.inflight() > 0 && clock.now_ns() < clock.drain_ns {
         shared.writer_waiting.set(true);
@@ -371,6 +389,7 @@ async fn write_loop(
     sched: Schedule,
     clock: Clock,
     rec: &Rc<RefCell<Recorder>>,
+    timer: &Timer,
 ) -> bool {
     let cap = sh.send_ns.len() as u64;
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
@@ -394,7 +413,7 @@ async fn write_loop(
             }
             if now < due {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(clock.at(due)) => {}
+                    _ = timer.sleep_until(clock.instant(due)) => {}
                     _ = sh.wake.notified() => {}
                 }
                 continue;
@@ -522,6 +541,7 @@ async fn http_close_loop(
     sched: Schedule,
     source: Option<IpAddr>,
     rec: &Rc<RefCell<Recorder>>,
+    timer: &Timer,
 ) {
     let request = crate::codec::http_request(&cfg.host, &cfg.path, true);
     let mut codec = Codec::Http {
@@ -536,7 +556,7 @@ async fn http_close_loop(
         if due >= clock.end_ns {
             return;
         }
-        tokio::time::sleep_until(clock.at(due)).await;
+        timer.sleep_until(clock.instant(due)).await;
         let begin = clock.now_ns();
         let measured = clock.measured(due);
         if measured {

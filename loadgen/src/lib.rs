@@ -19,4 +19,5 @@ pub mod report;
 pub mod rusage;
 pub mod schedule;
 pub mod tcpbulk;
+pub mod timer;
 pub mod wsproto;
