@@ -86,6 +86,8 @@ pub struct Recorder {
     pub corrected: Histogram<u64>,
     /// Round trip from the actual write.
     pub uncorrected: Histogram<u64>,
+    /// Generator lateness: actual write minus intended send time.
+    pub send_lag: Histogram<u64>,
     /// TCP connect time.
     pub connect: Histogram<u64>,
     /// WebSocket upgrade (request written to 101 parsed).
@@ -114,6 +116,7 @@ impl Recorder {
         Recorder {
             corrected: new_histogram(),
             uncorrected: new_histogram(),
+            send_lag: new_histogram(),
             connect: new_histogram(),
             upgrade: new_histogram(),
             intervals: Vec::new(),
@@ -145,6 +148,10 @@ impl Recorder {
         self.received += 1;
         record_ns(&mut self.corrected, corrected_ns);
         record_ns(&mut self.uncorrected, uncorrected_ns);
+        record_ns(
+            &mut self.send_lag,
+            corrected_ns.saturating_sub(uncorrected_ns),
+        );
         if self.keep_intervals {
             while self.intervals.len() <= second {
                 self.intervals.push(new_histogram());
@@ -164,6 +171,7 @@ impl Recorder {
         self.uncorrected
             .add(&other.uncorrected)
             .expect("same bounds");
+        self.send_lag.add(&other.send_lag).expect("same bounds");
         self.connect.add(&other.connect).expect("same bounds");
         self.upgrade.add(&other.upgrade).expect("same bounds");
         while self.intervals.len() < other.intervals.len() {

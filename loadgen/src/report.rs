@@ -69,6 +69,9 @@ pub struct Latencies {
     pub corrected: Percentiles,
     /// Round trip from the actual write.
     pub uncorrected: Percentiles,
+    /// Generator lateness: actual write minus intended send time (the part
+    /// of `corrected` the generator itself may have caused).
+    pub send_lag: Percentiles,
     /// TCP connect.
     pub connect: Percentiles,
     /// WebSocket upgrade (request to 101).
@@ -267,6 +270,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
         latency_us: Latencies {
             corrected: Percentiles::of(&rec.corrected),
             uncorrected: Percentiles::of(&rec.uncorrected),
+            send_lag: Percentiles::of(&rec.send_lag),
             connect: Percentiles::of(&rec.connect),
             upgrade: Percentiles::of(&rec.upgrade),
         },
@@ -345,6 +349,7 @@ pub fn render(s: &Summary) -> String {
         );
         row(&mut out, "corrected", &s.latency_us.corrected);
         row(&mut out, "uncorrected", &s.latency_us.uncorrected);
+        row(&mut out, "send lag", &s.latency_us.send_lag);
     }
     row(&mut out, "connect", &s.latency_us.connect);
     row(&mut out, "upgrade", &s.latency_us.upgrade);
