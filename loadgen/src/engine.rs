@@ -273,6 +273,7 @@ async fn connection(
     // Messages due before the connection was ready are not sent (they show as
     // a lower achieved rate); the connection joins the schedule from now on.
     let first = sched.first_at_or_after(clock.now_ns());
+    rec.borrow_mut().skipped += skipped_measured(sched, first, clock);
     let cap = cfg.max_inflight.max(1);
     let shared = Rc::new(Shared {
         next_seq: Cell::new(first),
@@ -393,6 +394,7 @@ async fn write_loop(
 ) -> bool {
     let cap = sh.send_ns.len() as u64;
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let drain_at = clock.at(clock.drain_ns);
     loop {
         if sh.dead.get() {
             return false;
@@ -404,10 +406,18 @@ async fn write_loop(
             return true;
         }
         let now = clock.now_ns();
+        if now >= clock.drain_ns {
+            // Hopelessly behind: what is still unsent is reported, not hidden.
+            rec.borrow_mut().unsent += unsent_measured(sched, sh.next_seq.get(), clock);
+            return true;
+        }
         if buf.is_empty() {
             if sh.inflight() >= cap {
                 sh.writer_waiting.set(true);
-                sh.wake.notified().await;
+                tokio::select! {
+                    _ = sh.wake.notified() => {}
+                    _ = tokio::time::sleep_until(drain_at) => {}
+                }
                 sh.writer_waiting.set(false);
                 continue;
             }
@@ -434,7 +444,8 @@ async fn write_loop(
                 sent_measured += 1;
             }
         }
-        rec.borrow_mut().sent += sent_measured;
+        rec.borrow_mut()
+            .count_sent(sent_measured, now < clock.end_ns);
         if wr.write_all(&buf).await.is_err() {
             if !sh.dead.get() {
                 rec.borrow_mut().error(ErrorKind::Io);
@@ -443,6 +454,21 @@ async fn write_loop(
             return false;
         }
     }
+}
+
+/// Messages due in the measured window from sequence `next` on.
+fn unsent_measured(sched: Schedule, next: u64, clock: Clock) -> u64 {
+    let from = next.max(sched.first_at_or_after(clock.warm_ns));
+    sched.first_at_or_after(clock.end_ns).saturating_sub(from)
+}
+
+/// Messages due in the measured window before sequence `first` (the
+/// connection was not ready for them).
+fn skipped_measured(sched: Schedule, first: u64, clock: Clock) -> u64 {
+    let from = sched.first_at_or_after(clock.warm_ns);
+    first
+        .min(sched.first_at_or_after(clock.end_ns))
+        .saturating_sub(from)
 }
 
 /// Reads replies, matches them to sequence numbers and records latencies.
@@ -550,6 +576,7 @@ async fn http_close_loop(
     let mut rng = Rng::new(0);
     let mut buf = vec![0u8; 16 * 1024];
     let mut k = sched.first_at_or_after(clock.now_ns());
+    rec.borrow_mut().skipped += skipped_measured(sched, k, clock);
     let mut counted = false;
     loop {
         let due = sched.due_ns(k);
@@ -558,9 +585,13 @@ async fn http_close_loop(
         }
         timer.sleep_until(clock.instant(due)).await;
         let begin = clock.now_ns();
+        if begin >= clock.drain_ns {
+            rec.borrow_mut().unsent += unsent_measured(sched, k, clock);
+            return;
+        }
         let measured = clock.measured(due);
         if measured {
-            rec.borrow_mut().sent += 1;
+            rec.borrow_mut().count_sent(1, begin < clock.end_ns);
         }
         k += 1;
         let Some((mut sock, _)) = open(cfg, source, &mut rng, rec).await else {

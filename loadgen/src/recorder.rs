@@ -98,6 +98,14 @@ pub struct Recorder {
     pub keep_intervals: bool,
     /// Messages whose intended time lies in the measured window and that were written.
     pub sent: u64,
+    /// Of `sent`, those actually written before the measured window ended.
+    pub sent_in_window: u64,
+    /// Messages due in the measured window that were never written (the
+    /// generator fell too far behind to send them before the drain deadline).
+    pub unsent: u64,
+    /// Messages due in the measured window before their connection was ready
+    /// (ramp-up, slow connect): never sent, by design.
+    pub skipped: u64,
     /// Replies recorded (to messages sent in the measured window).
     pub received: u64,
     /// Connections whose handshake completed.
@@ -122,6 +130,9 @@ impl Recorder {
             intervals: Vec::new(),
             keep_intervals,
             sent: 0,
+            sent_in_window: 0,
+            unsent: 0,
+            skipped: 0,
             received: 0,
             connections_ok: 0,
             bytes_out: 0,
@@ -139,6 +150,15 @@ impl Recorder {
     pub fn error_n(&mut self, kind: ErrorKind, n: u64) {
         if n > 0 {
             *self.errors.entry(kind).or_insert(0) += n;
+        }
+    }
+
+    /// Counts `n` measured messages written; `in_window` when the write
+    /// happened before the measured window ended.
+    pub fn count_sent(&mut self, n: u64, in_window: bool) {
+        self.sent += n;
+        if in_window {
+            self.sent_in_window += n;
         }
     }
 
@@ -181,6 +201,9 @@ impl Recorder {
             a.add(b).expect("same bounds");
         }
         self.sent += other.sent;
+        self.sent_in_window += other.sent_in_window;
+        self.unsent += other.unsent;
+        self.skipped += other.skipped;
         self.received += other.received;
         self.connections_ok += other.connections_ok;
         self.bytes_out += other.bytes_out;

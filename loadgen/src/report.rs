@@ -131,7 +131,7 @@ pub struct Summary {
     pub threads: u64,
     /// Target rate, messages or requests per second (0 for bulk).
     pub target_rate: f64,
-    /// Messages sent per second in the measured window.
+    /// Messages written during the measured window, per second of it.
     pub achieved_rate: f64,
     /// Replies recorded per second of the measured window.
     pub reply_rate: f64,
@@ -145,8 +145,14 @@ pub struct Summary {
     pub size: u64,
     /// Per-connection in-flight window.
     pub max_inflight: u64,
-    /// Messages sent in the measured window.
+    /// Messages due in the measured window and written (possibly late).
     pub sent: u64,
+    /// Of `sent`, those written before the window ended.
+    pub sent_in_window: u64,
+    /// Messages due in the window that were never written (generator overload).
+    pub unsent: u64,
+    /// Messages due in the window before their connection was ready (not sent).
+    pub skipped: u64,
     /// Replies recorded.
     pub received: u64,
     /// Errors by kind (every kind listed, zero included).
@@ -222,7 +228,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
         .collect();
     let total_errors = rec.total_errors();
     let dur = info.duration_s.max(1e-9);
-    let achieved_rate = rec.sent as f64 / dur;
+    let achieved_rate = rec.sent_in_window as f64 / dur;
     let bulk = info.mode == "tcp-bulk";
     let rate_reached = bulk || achieved_rate >= info.target_rate * RATE_TOLERANCE;
     let mut problems = Vec::new();
@@ -233,6 +239,13 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
     } else if !bulk && rec.received == 0 {
         valid = false;
         problems.push("no reply was recorded".to_string());
+    }
+    if rec.unsent > 0 {
+        valid = false;
+        problems.push(format!(
+            "{} messages due in the window were never sent: the generator could not keep up",
+            rec.unsent
+        ));
     }
     if total_errors > 0 {
         valid = false;
@@ -264,6 +277,9 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
         size: info.size,
         max_inflight: info.max_inflight,
         sent: rec.sent,
+        sent_in_window: rec.sent_in_window,
+        unsent: rec.unsent,
+        skipped: rec.skipped,
         received: rec.received,
         errors,
         total_errors,
@@ -335,12 +351,15 @@ pub fn render(s: &Summary) -> String {
     } else {
         let _ = writeln!(
             out,
-            "  rate         {:.1}/s achieved of {:.1}/s target ({:.1} %), replies {:.1}/s | sent {} received {}",
+            "  rate         {:.1}/s achieved of {:.1}/s target ({:.1} %), replies {:.1}/s | sent {} ({} late, {} unsent, {} skipped) received {}",
             s.achieved_rate,
             s.target_rate,
             100.0 * s.achieved_rate / s.target_rate.max(1e-9),
             s.reply_rate,
             s.sent,
+            s.sent - s.sent_in_window,
+            s.unsent,
+            s.skipped,
             s.received
         );
         let _ = writeln!(
@@ -406,7 +425,7 @@ mod tests {
     fn missed_rate_is_loud_but_errors_invalidate() {
         let mut r = Recorder::new(false);
         r.connections_ok = 1;
-        r.sent = 50;
+        r.count_sent(50, true);
         for _ in 0..50 {
             r.reply(1_000_000, 1_000_000, 0);
         }

@@ -178,3 +178,40 @@ fn bad_arguments_fail_cleanly() {
     assert!(err.contains("--size must be at least 8"), "{err}");
     assert!(!err.contains("panicked"));
 }
+
+#[test]
+fn messages_the_generator_never_sent_are_reported_not_hidden() {
+    // The target freezes for 3 s near the end; with one message in flight per
+    // connection the writer cannot send what falls due, and the drain ends first.
+    let echo = Server::echo(&["--stall-at", "1500ms", "--stall-for", "3s"]);
+    let dir = tmpdir();
+    let r = run(
+        &[
+            "ws",
+            "--target",
+            &echo.addr,
+            "-c",
+            "2",
+            "-r",
+            "200",
+            "-d",
+            "2s",
+            "-w",
+            "0s",
+            "--max-inflight",
+            "1",
+            "--drain",
+            "500ms",
+        ],
+        dir.path(),
+        "unsent",
+    );
+    assert_invalid(&r);
+    let s = &r.summary;
+    assert!(s.unsent >= 80, "{}", r.stdout);
+    assert_eq!(s.errors["unanswered"], 2, "{}", r.stdout);
+    assert!(!s.rate_reached, "{}", r.stdout);
+    assert!(r.stdout.contains("never sent"), "{}", r.stdout);
+    // Every message due in the window is accounted for.
+    assert_eq!(s.sent + s.unsent + s.skipped, 400, "{}", r.stdout);
+}

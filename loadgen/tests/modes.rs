@@ -190,6 +190,9 @@ fn slow_ramp_counts_missed_schedule_as_rate_not_reached() {
     assert!(!s.rate_reached, "{}", r.stdout);
     assert!(r.stdout.contains("TARGET RATE NOT REACHED"), "{}", r.stdout);
     assert!(s.achieved_rate < 0.8 * s.target_rate, "{}", r.stdout);
+    // The messages due before the late connections were up are accounted for.
+    assert!(s.skipped >= 200, "{}", r.stdout);
+    assert_eq!(s.sent + s.skipped + s.unsent, 800, "{}", r.stdout);
     // The figures themselves are fine: a warning, not an invalid run.
     assert!(s.valid && r.output.status.success(), "{}", r.stdout);
 }
