@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// How often generator threads publish their counters.
+const FEED_EVERY: Duration = Duration::from_millis(100);
+
 /// Counters and recent latencies shared by all generator threads.
 #[derive(Debug)]
 pub struct Live {
@@ -32,11 +35,11 @@ impl Default for Live {
 }
 
 impl Live {
-    /// Pushes one thread's news four times a second, forever (the caller aborts it).
+    /// Pushes one thread's news every [`FEED_EVERY`], forever (the caller aborts it).
     pub async fn feed_forever(&self, rec: &Rc<RefCell<Recorder>>) {
         let mut prev = Recorder::new(false);
         loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(FEED_EVERY).await;
             let r = rec.borrow();
             self.sent.fetch_add(r.sent - prev.sent, Ordering::Relaxed);
             self.received
@@ -70,18 +73,26 @@ impl Printer {
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             let t0 = Instant::now();
-            let mut last_sent = 0;
             let mut last = Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
                 if last.elapsed() < Duration::from_secs(1) {
                     continue;
                 }
-                let dt = last.elapsed().as_secs_f64();
                 last = Instant::now();
+                // Only messages due in the measured window are counted, so the
+                // average over the window so far is the achieved rate.
+                // Counters are on average half a feed interval old.
+                let in_window = t0
+                    .elapsed()
+                    .saturating_sub(warmup + FEED_EVERY / 2)
+                    .as_secs_f64();
                 let sent = live.sent.load(Ordering::Relaxed);
-                let rate = (sent - last_sent) as f64 / dt;
-                last_sent = sent;
+                let rate = if in_window > 0.0 {
+                    sent as f64 / in_window
+                } else {
+                    0.0
+                };
                 let p99 = live
                     .recent
                     .lock()
