@@ -208,6 +208,8 @@ fn thread_main(
         }
         driver.abort();
     });
+    // Aborted tasks still hold clones of `rec` until the LocalSet is gone.
+    drop(local);
     rt.shutdown_timeout(Duration::from_millis(100));
     Rc::try_unwrap(rec)
         .map(RefCell::into_inner)
