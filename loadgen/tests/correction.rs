@@ -48,8 +48,9 @@ fn corrected_p99_shows_a_one_second_stall() {
         "corrected p99 {} µs should reflect the 1 s stall",
         c.p99
     );
+    // The stall plus whatever a busy machine adds, but not wildly more.
     assert!(
-        c.max >= 800_000 && c.max <= 1_500_000,
+        c.max >= 800_000 && c.max <= 3_000_000,
         "corrected max {} µs",
         c.max
     );
@@ -96,23 +97,23 @@ fn full_window_corrected_charges_from_intended_time_uncorrected_does_not() {
     let u = &s.latency_us.uncorrected;
     // Corrected: every message due during the stall waited for it.
     assert!(c.p99 >= 500_000, "corrected p99 {} µs", c.p99);
+    assert!(c.p90 >= 300_000, "corrected p90 {} µs", c.p90);
     // Uncorrected: only the 2 messages per connection in flight when the stall
-    // began saw it; the backlog was written after it and answered at once.
+    // began saw it (8 of ~4000); the backlog was written after it and answered
+    // at once. (p90 rather than p99 keeps this robust on a busy CI machine.)
     assert!(
-        u.p99 < 200_000,
-        "uncorrected p99 {} µs should hide the stall",
-        u.p99
+        u.p90 < 50_000,
+        "uncorrected p90 {} µs should hide the stall",
+        u.p90
+    );
+    assert!(
+        u.p99 < c.p99 && u.p90 * 10 < c.p90,
+        "corrected {c:?} vs uncorrected {u:?}"
     );
     assert!(
         u.max >= 500_000,
         "the in-flight messages did see the stall: {} µs",
         u.max
-    );
-    assert!(
-        c.p99 > 5 * u.p99,
-        "corrected {} vs uncorrected {}",
-        c.p99,
-        u.p99
     );
     assert_eq!(c.count, u.count);
     // Catch-up sent the backlog, so the count still matches the schedule.
