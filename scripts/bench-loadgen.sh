@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bounded loopback measurements of upsplice-loadgen itself (see docs/benchmarks-loadgen.md).
 # Usage: scripts/bench-loadgen.sh OUTDIR   (needs a release build; wrk optional)
-# The echo server runs on CPU 1 and the generator on CPU 0 (taskset), one thread each.
+# The echo server runs on CPU 1 and the generator on CPU 0 (taskset), one thread each;
+# PIN=0,1 ECHO_PIN=0,1 lets the kernel place both (better on a machine shared with other work).
 set -euo pipefail
 out=${1:-out/bench-loadgen}
 mkdir -p "$out"
@@ -10,7 +11,7 @@ ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }   # utime+stime of a pid, in 
 hz=$(getconf CLK_TCK)
 
 start_echo() { # mode
-  taskset -c 1 "$B" echo --listen 127.0.0.1:0 --threads 1 --mode "$1" > "$out/echo.addr" &
+  taskset -c "${ECHO_PIN:-1}" "$B" echo --listen 127.0.0.1:0 --threads 1 --mode "$1" > "$out/echo.addr" &
   echo_pid=$!
   for _ in $(seq 50); do grep -q listening "$out/echo.addr" 2>/dev/null && break; sleep 0.1; done
   addr=$(awk '{print $3}' "$out/echo.addr")
@@ -48,7 +49,7 @@ PIN=0,1 gen ws-800000-2thr ws --target "$addr" -c 50 -r 800000 -d 5s -w 2s --siz
 # HTTP: wrk's closed-loop maximum, then our open-loop http at that rate.
 if command -v wrk > /dev/null; then
   e0=$(ticks "$echo_pid")
-  taskset -c 0 /usr/bin/time -f "wrk cpu user %U system %S wall %e" \
+  taskset -c "${PIN:-0}" /usr/bin/time -f "wrk cpu user %U system %S wall %e" \
     wrk -t1 -c50 -d10s --latency "http://$addr/" > "$out/wrk.txt" 2>&1
   e1=$(ticks "$echo_pid")
   echo "wrk                $(grep -E 'Requests/sec' "$out/wrk.txt") | p99 $(awk '$1=="99%"{print $2}' "$out/wrk.txt") | $(grep 'wrk cpu' "$out/wrk.txt") | echo cpu $(python3 -c "print(round(($e1-$e0)/$hz/10,2))") cores"
