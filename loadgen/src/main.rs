@@ -273,7 +273,7 @@ fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
     rec.corrected = total;
     rec.received = rec.corrected.len();
     rec.sent = rec.received;
-    rec.connections_ok = a.files.len() as u64;
+    rec.sent_in_window = rec.received;
     let info = RunInfo {
         mode: "merge".into(),
         target: a
@@ -285,15 +285,12 @@ fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
         duration_s: span.as_secs_f64(),
         ..RunInfo::default()
     };
-    let mut summary = report::summarize(
+    let summary = report::summarize(
         &info,
         &rec,
         CpuTime::now().since(cpu0),
         t.elapsed().as_secs_f64(),
     );
-    // A merge has no rate target and no uncorrected figures of its own.
-    summary.rate_reached = true;
-    summary.problems.retain(|p| !p.starts_with("TARGET RATE"));
     finish(&a.out, &summary, &rec, None, &intervals)
 }
 
