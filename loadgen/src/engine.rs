@@ -628,23 +628,21 @@ async fn http_close_loop(
             }
         };
         let remaining = tokio::time::Instant::from(clock.t0 + Duration::from_nanos(clock.drain_ns));
-        let mut r = match tokio::time::timeout_at(remaining, result).await {
-            Ok(r) => r,
-            Err(_) => Err(ErrorKind::Unanswered),
-        };
+        let outcome = tokio::time::timeout_at(remaining, result)
+            .await
+            .unwrap_or(Err(ErrorKind::Unanswered));
         let now = clock.now_ns();
         let mut recm = rec.borrow_mut();
-        match r.as_mut() {
-            Ok(failed) => {
-                if measured {
-                    let second = (now.saturating_sub(clock.warm_ns) / 1_000_000_000) as usize;
-                    recm.reply(now - due.min(now), now - begin.min(now), second);
-                    if *failed {
-                        recm.error(ErrorKind::HttpStatus);
-                    }
+        match outcome {
+            Ok(failed) if measured => {
+                let second = (now.saturating_sub(clock.warm_ns) / 1_000_000_000) as usize;
+                recm.reply(now.saturating_sub(due), now.saturating_sub(begin), second);
+                if failed {
+                    recm.error(ErrorKind::HttpStatus);
                 }
             }
-            Err(kind) => recm.error(*kind),
+            Ok(_) => {}
+            Err(kind) => recm.error(kind),
         }
     }
 }
