@@ -111,18 +111,33 @@ pub struct OutputArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// Host header and request path of `ws` upgrades and `http` requests.
+#[derive(Debug, Args, Clone)]
+pub struct HttpTarget {
+    /// Host header (default: the target).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Request path.
+    #[arg(long, default_value = "/")]
+    pub path: String,
+}
+
+impl HttpTarget {
+    /// The Host header: `--host`, or else the target as given.
+    pub fn host_or(&self, target: &str) -> String {
+        self.host.clone().unwrap_or_else(|| target.to_string())
+    }
+}
+
 /// `ws` arguments.
 #[derive(Debug, Args)]
 pub struct WsArgs {
     /// Common load options.
     #[command(flatten)]
     pub load: LoadArgs,
-    /// Host header (default: the target).
-    #[arg(long)]
-    pub host: Option<String>,
-    /// Request path of the upgrade.
-    #[arg(long, default_value = "/")]
-    pub path: String,
+    /// Host header and path.
+    #[command(flatten)]
+    pub http: HttpTarget,
     /// Message payload size in bytes (at least 8: the sequence number).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
@@ -137,12 +152,9 @@ pub struct HttpArgs {
     /// Common load options.
     #[command(flatten)]
     pub load: LoadArgs,
-    /// Host header (default: the target).
-    #[arg(long)]
-    pub host: Option<String>,
-    /// Request path.
-    #[arg(long, default_value = "/")]
-    pub path: String,
+    /// Host header and path.
+    #[command(flatten)]
+    pub http: HttpTarget,
     /// Send `Connection: close` and open a new connection per request.
     #[arg(long)]
     pub close: bool,

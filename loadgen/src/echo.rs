@@ -5,6 +5,7 @@
 //! for a while; the tests use it to show what coordinated omission hides.
 
 use crate::httphead::{self, has_token, header};
+use crate::readbuf::ReadBuf;
 use crate::wsproto::{self, opcode};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -220,76 +221,58 @@ async fn serve_http(mut sock: TcpStream, stall: &Stall) -> std::io::Result<()> {
     }
 }
 
-/// Echoes WebSocket frames until close. `buf` holds bytes read past the handshake.
-async fn serve_ws(mut sock: TcpStream, mut buf: Vec<u8>, stall: &Stall) -> std::io::Result<()> {
+/// Answers a framing violation with close code 1002 and ends the connection.
+async fn close_protocol_error(sock: &mut TcpStream, out: &mut Vec<u8>) -> std::io::Result<()> {
+    out.clear();
+    wsproto::encode_frame(out, opcode::CLOSE, &1002u16.to_be_bytes(), None);
+    let _ = sock.write_all(out).await;
+    Ok(())
+}
+
+/// Echoes WebSocket frames until close. `leftover` holds bytes read past the handshake.
+async fn serve_ws(mut sock: TcpStream, leftover: Vec<u8>, stall: &Stall) -> std::io::Result<()> {
     let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut start = 0usize;
-    let mut end = buf.len();
-    buf.resize(end.max(64 * 1024), 0);
+    let mut rb = ReadBuf::with_leftover(leftover, 64 * 1024);
     loop {
-        // Handle every complete frame in buf[start..end].
+        // Answer every complete frame read so far with one write.
         let mut closing = false;
-        loop {
-            let head = match wsproto::parse_head(&buf[start..end]) {
+        while !closing {
+            let head = match wsproto::parse_head(rb.data()) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
-                Err(_) => {
-                    out.clear();
-                    wsproto::encode_frame(&mut out, opcode::CLOSE, &1002u16.to_be_bytes(), None);
-                    let _ = sock.write_all(&out).await;
-                    return Ok(());
-                }
+                Err(_) => return close_protocol_error(&mut sock, &mut out).await,
             };
-            if head.mask.is_none() {
-                // Clients must mask (RFC 6455 §5.1).
-                out.clear();
-                wsproto::encode_frame(&mut out, opcode::CLOSE, &1002u16.to_be_bytes(), None);
-                let _ = sock.write_all(&out).await;
-                return Ok(());
-            }
-            if end - start < head.total_len() {
-                if head.total_len() > buf.len() {
-                    buf.resize(head.total_len(), 0);
-                }
+            // Clients must mask (RFC 6455 §5.1).
+            let Some(mask) = head.mask else {
+                return close_protocol_error(&mut sock, &mut out).await;
+            };
+            if rb.data().len() < head.total_len() {
+                rb.reserve(head.total_len());
                 break;
             }
-            let body = start + head.header_len;
-            let payload = &mut buf[body..body + head.payload_len];
-            if let Some(m) = head.mask {
-                wsproto::apply_mask(payload, m, 0);
-            }
+            let payload = &mut rb.data_mut()[head.header_len..head.total_len()];
+            wsproto::apply_mask(payload, mask, 0);
             match head.opcode {
-                opcode::PING => {
-                    let p = payload.to_vec();
-                    wsproto::encode_frame(&mut out, opcode::PONG, &p, None);
-                }
+                opcode::PING => wsproto::encode_frame(&mut out, opcode::PONG, payload, None),
                 opcode::PONG => {}
                 opcode::CLOSE => {
-                    let code = if payload.len() >= 2 {
-                        &payload[..2]
-                    } else {
-                        &[][..]
-                    };
-                    let c = code.to_vec();
-                    wsproto::encode_frame(&mut out, opcode::CLOSE, &c, None);
+                    // Echo the status code (if any), then close.
+                    let code = &payload[..payload.len().min(2)];
+                    wsproto::encode_frame(&mut out, opcode::CLOSE, code, None);
                     closing = true;
                 }
                 op => {
                     // Data frames (and continuations) go back as they came, unmasked.
                     let o = out.len();
                     out.resize(o + wsproto::header_len(head.payload_len, false), 0);
-                    let hl = wsproto::write_header(&mut out[o..], op, head.payload_len, None);
+                    wsproto::write_header(&mut out[o..], op, head.payload_len, None);
                     if !head.fin {
                         out[o] &= 0x7F;
                     }
-                    debug_assert_eq!(hl, out.len() - o);
                     out.extend_from_slice(payload);
                 }
             }
-            start += head.total_len();
-            if closing {
-                break;
-            }
+            rb.consume(head.total_len());
         }
         if !out.is_empty() {
             stall.wait().await;
@@ -300,20 +283,9 @@ async fn serve_ws(mut sock: TcpStream, mut buf: Vec<u8>, stall: &Stall) -> std::
             let _ = sock.shutdown().await;
             return Ok(());
         }
-        // Compact, then read more.
-        if start > 0 {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-        }
-        if end == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-        let n = sock.read(&mut buf[end..]).await?;
-        if n == 0 {
+        if rb.read_from(&mut sock).await? == 0 {
             return Ok(());
         }
-        end += n;
     }
 }
 

@@ -12,6 +12,7 @@ use crate::codec::{Codec, Decoded};
 use crate::handshake;
 use crate::net;
 use crate::progress::Live;
+use crate::readbuf::ReadBuf;
 use crate::recorder::{ErrorKind, Recorder};
 use crate::schedule::Schedule;
 use crate::timer::Timer;
@@ -476,7 +477,7 @@ fn skipped_measured(sched: Schedule, first: u64, clock: Clock) -> u64 {
 /// Reads replies, matches them to sequence numbers and records latencies.
 async fn read_loop(
     mut rd: OwnedReadHalf,
-    mut buf: Vec<u8>,
+    leftover: Vec<u8>,
     mut codec: Codec,
     sh: &Shared,
     sched: Schedule,
@@ -484,25 +485,24 @@ async fn read_loop(
     rec: &Rc<RefCell<Recorder>>,
 ) {
     let cap = sh.send_ns.len() as u64;
-    let mut start = 0usize;
-    let mut end = buf.len();
-    buf.resize(end.max(64 * 1024), 0);
+    let mut rb = ReadBuf::with_leftover(leftover, 64 * 1024);
     let outcome: Result<(), ErrorKind> = 'conn: loop {
         loop {
-            match codec.decode(&buf[start..end]) {
+            match codec.decode(rb.data()) {
                 Err(kind) => break 'conn Err(kind),
                 Ok(Decoded::NeedMore { need }) => {
-                    if need > buf.len() {
-                        buf.resize(need.next_power_of_two(), 0);
-                    }
+                    rb.reserve(need);
                     break;
                 }
-                Ok(Decoded::Skip { consumed }) => start += consumed,
+                Ok(Decoded::Skip { consumed }) => rb.consume(consumed),
                 Ok(Decoded::Ping { consumed, payload }) => {
-                    let p = &buf[start + payload.start..start + payload.end];
-                    codec.encode_control(opcode::PONG, p, &mut sh.ctrl.borrow_mut());
+                    codec.encode_control(
+                        opcode::PONG,
+                        &rb.data()[payload],
+                        &mut sh.ctrl.borrow_mut(),
+                    );
                     sh.wake.notify_one();
-                    start += consumed;
+                    rb.consume(consumed);
                 }
                 Ok(Decoded::Close) => break 'conn Err(ErrorKind::ClosedByPeer),
                 Ok(Decoded::Reply {
@@ -510,7 +510,7 @@ async fn read_loop(
                     seq,
                     failed,
                 }) => {
-                    start += consumed;
+                    rb.consume(consumed);
                     let expected = sh.next_ack.get();
                     if expected >= sh.next_seq.get() || seq.is_some_and(|s| s != expected) {
                         break 'conn Err(ErrorKind::Protocol);
@@ -537,17 +537,9 @@ async fn read_loop(
                 }
             }
         }
-        if start > 0 {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-        }
-        if end == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-        match rd.read(&mut buf[end..]).await {
+        match rb.read_from(&mut rd).await {
             Ok(0) => break Err(ErrorKind::ClosedByPeer),
-            Ok(n) => end += n,
+            Ok(_) => {}
             Err(_) => break Err(ErrorKind::Io),
         }
     };

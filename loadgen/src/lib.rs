@@ -14,6 +14,7 @@ pub mod net;
 pub mod outputs;
 pub mod plot;
 pub mod progress;
+pub mod readbuf;
 pub mod recorder;
 pub mod report;
 pub mod rusage;

@@ -49,26 +49,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ws(a) => {
             check_size(a.size)?;
-            let host = a.host.unwrap_or_else(|| a.load.target.clone());
+            let host = a.http.host_or(&a.load.target);
             load(
                 &a.load,
                 Proto::Ws,
                 "ws",
                 host,
-                a.path,
+                a.http.path,
                 a.size,
                 a.max_inflight,
             )
         }
         Command::Http(a) => {
-            let host = a.host.unwrap_or_else(|| a.load.target.clone());
+            let host = a.http.host_or(&a.load.target);
             let proto = if a.close {
                 Proto::HttpClose
             } else {
                 Proto::HttpKeepAlive
             };
             let mode = if a.close { "http-close" } else { "http" };
-            load(&a.load, proto, mode, host, a.path, 0, a.max_inflight)
+            load(&a.load, proto, mode, host, a.http.path, 0, a.max_inflight)
         }
         Command::Tcp(a) if a.mode == TcpMode::Pingpong => {
             check_size(a.size)?;
