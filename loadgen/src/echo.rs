@@ -74,9 +74,24 @@ impl Stall {
     }
 }
 
+/// Listen backlog: connection ramps of thousands per second must not overflow
+/// the accept queue (the kernel caps it at net.core.somaxconn).
+const BACKLOG: u32 = 16384;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(BACKLOG)
+}
+
 /// Binds, prints `listening on ADDR` to stdout and serves until SIGTERM/SIGINT.
 pub async fn serve(cfg: EchoConfig) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(cfg.listen).await?;
+    let listener = listen(cfg.listen)?;
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -231,8 +246,9 @@ async fn close_protocol_error(sock: &mut TcpStream, out: &mut Vec<u8>) -> std::i
 
 /// Echoes WebSocket frames until close. `leftover` holds bytes read past the handshake.
 async fn serve_ws(mut sock: TcpStream, leftover: Vec<u8>, stall: &Stall) -> std::io::Result<()> {
-    let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut rb = ReadBuf::with_leftover(leftover, 64 * 1024);
+    // Small to start so that many idle connections stay cheap; both grow on demand.
+    let mut out: Vec<u8> = Vec::with_capacity(4096);
+    let mut rb = ReadBuf::with_leftover(leftover, 4096);
     loop {
         // Answer every complete frame read so far with one write.
         let mut closing = false;

@@ -396,7 +396,9 @@ async fn write_loop(
     timer: &Timer,
 ) -> bool {
     let cap = sh.send_ns.len() as u64;
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    // Small to start: tens of thousands of connections must fit in memory;
+    // the buffer grows once if catch-up batches need more.
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let drain_at = clock.at(clock.drain_ns);
     loop {
         if sh.dead.get() {
@@ -485,7 +487,7 @@ async fn read_loop(
     rec: &Rc<RefCell<Recorder>>,
 ) {
     let cap = sh.send_ns.len() as u64;
-    let mut rb = ReadBuf::with_leftover(leftover, 64 * 1024);
+    let mut rb = ReadBuf::with_leftover(leftover, 4096);
     let outcome: Result<(), ErrorKind> = 'conn: loop {
         loop {
             match codec.decode(rb.data()) {

@@ -35,6 +35,7 @@ fn cores() -> usize {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Echo(a) => {
+            net::raise_fd_limit();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(a.threads.unwrap_or_else(cores).max(1))
                 .enable_all()
@@ -139,6 +140,14 @@ fn load(
     max_inflight: usize,
 ) -> anyhow::Result<ExitCode> {
     validate(l)?;
+    let fds = net::raise_fd_limit();
+    if l.connections as u64 + 64 > fds {
+        eprintln!(
+            "upsplice-loadgen: WARNING: {} connections but only {fds} open files allowed (ulimit -n); \
+             connections past it will fail",
+            l.connections
+        );
+    }
     let cfg = RunConfig {
         proto,
         target: resolve(&l.target)?,

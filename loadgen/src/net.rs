@@ -81,6 +81,29 @@ fn set_bind_no_port(sock: &TcpSocket) {
     }
 }
 
+/// Raises the soft open-files limit to the hard limit (tens of thousands of
+/// connections need it) and returns the resulting soft limit.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: `rlimit` is plain old data; getrlimit/setrlimit only read and
+    // write the struct we pass by reference.
+    unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return 0;
+        }
+        if rl.rlim_cur < rl.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: rl.rlim_max,
+                rlim_max: rl.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                rl.rlim_cur = rl.rlim_max;
+            }
+        }
+        rl.rlim_cur as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +116,13 @@ mod tests {
         assert_eq!(v[4], "::1".parse::<IpAddr>().unwrap());
         assert!(parse_source_ips(&["127.0.0.5-127.0.0.1".into()]).is_err());
         assert!(parse_source_ips(&["nope".into()]).is_err());
+    }
+
+    #[test]
+    fn fd_limit_is_raised_to_the_hard_limit() {
+        let soft = raise_fd_limit();
+        assert!(soft >= 1024, "{soft}");
+        assert_eq!(raise_fd_limit(), soft);
     }
 
     #[tokio::test]
