@@ -110,11 +110,7 @@ impl Codec {
                 if buf.len() < *size {
                     return Ok(Decoded::NeedMore { need: *size });
                 }
-                Ok(Decoded::Reply {
-                    consumed: *size,
-                    seq: Some(read_seq(buf)),
-                    failed: false,
-                })
+                Ok(Decoded::Reply { consumed: *size, seq: Some(read_seq(buf)), failed: false })
             }
         }
     }
@@ -148,11 +144,7 @@ fn decode_ws(buf: &[u8], frag_seq: &mut Option<u64>) -> Result<Decoded, ErrorKin
             }
             let seq = read_seq(payload);
             if head.fin {
-                Ok(Decoded::Reply {
-                    consumed: total,
-                    seq: Some(seq),
-                    failed: false,
-                })
+                Ok(Decoded::Reply { consumed: total, seq: Some(seq), failed: false })
             } else {
                 *frag_seq = Some(seq);
                 Ok(Decoded::Skip { consumed: total })
@@ -163,17 +155,10 @@ fn decode_ws(buf: &[u8], frag_seq: &mut Option<u64>) -> Result<Decoded, ErrorKin
             (Some(_), false) => Ok(Decoded::Skip { consumed: total }),
             (Some(seq), true) => {
                 *frag_seq = None;
-                Ok(Decoded::Reply {
-                    consumed: total,
-                    seq: Some(seq),
-                    failed: false,
-                })
+                Ok(Decoded::Reply { consumed: total, seq: Some(seq), failed: false })
             }
         },
-        opcode::PING => Ok(Decoded::Ping {
-            consumed: total,
-            payload: head.header_len..total,
-        }),
+        opcode::PING => Ok(Decoded::Ping { consumed: total, payload: head.header_len..total }),
         opcode::PONG => Ok(Decoded::Skip { consumed: total }),
         _ => Ok(Decoded::Close),
     }
@@ -188,9 +173,7 @@ fn decode_http(buf: &[u8]) -> Result<Decoded, ErrorKind> {
             if buf.len() > crate::httphead::MAX_HEAD {
                 return Err(ErrorKind::Protocol);
             }
-            return Ok(Decoded::NeedMore {
-                need: buf.len() + 1,
-            });
+            return Ok(Decoded::NeedMore { need: buf.len() + 1 });
         }
         Err(_) => return Err(ErrorKind::Protocol),
     };
@@ -200,10 +183,9 @@ fn decode_http(buf: &[u8]) -> Result<Decoded, ErrorKind> {
         return Ok(Decoded::Skip { consumed: head_len });
     }
     let len = match crate::httphead::header(resp.headers, "content-length") {
-        Some(v) => std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .ok_or(ErrorKind::Protocol)?,
+        Some(v) => {
+            std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or(ErrorKind::Protocol)?
+        }
         // Keep-alive needs a length; chunked bodies are not supported.
         None if code == 204 || code == 304 => 0,
         None => return Err(ErrorKind::Protocol),
@@ -212,18 +194,13 @@ fn decode_http(buf: &[u8]) -> Result<Decoded, ErrorKind> {
     if buf.len() < total {
         return Ok(Decoded::NeedMore { need: total });
     }
-    Ok(Decoded::Reply {
-        consumed: total,
-        seq: None,
-        failed: code >= 400,
-    })
+    Ok(Decoded::Reply { consumed: total, seq: None, failed: code >= 400 })
 }
 
 /// An HTTP/1.1 GET request for `host` and `path`.
 pub fn http_request(host: &str, path: &str, close: bool) -> Vec<u8> {
     let conn = if close { "Connection: close\r\n" } else { "" };
-    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: upsplice-loadgen\r\n{conn}\r\n")
-        .into_bytes()
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: upsplice-loadgen\r\n{conn}\r\n").into_bytes()
 }
 
 #[cfg(test)]
@@ -232,11 +209,7 @@ mod tests {
 
     #[test]
     fn ws_message_is_masked_and_carries_seq() {
-        let mut c = Codec::Ws {
-            size: 32,
-            rng: Rng::new(1),
-            frag_seq: None,
-        };
+        let mut c = Codec::Ws { size: 32, rng: Rng::new(1), frag_seq: None };
         let mut out = Vec::new();
         c.encode(42, &mut out);
         let h = wsproto::parse_head(&out).unwrap().unwrap();
@@ -247,14 +220,7 @@ mod tests {
         // The server's unmasked echo decodes to the same sequence.
         let mut echo = Vec::new();
         wsproto::encode_frame(&mut echo, opcode::BINARY, &body, None);
-        assert_eq!(
-            c.decode(&echo).unwrap(),
-            Decoded::Reply {
-                consumed: echo.len(),
-                seq: Some(42),
-                failed: false
-            }
-        );
+        assert_eq!(c.decode(&echo).unwrap(), Decoded::Reply { consumed: echo.len(), seq: Some(42), failed: false });
         // A masked server frame is a protocol error.
         let mut bad = Vec::new();
         wsproto::encode_frame(&mut bad, opcode::BINARY, &body, Some([1, 2, 3, 4]));
@@ -263,60 +229,25 @@ mod tests {
 
     #[test]
     fn ws_fragments_reassemble() {
-        let mut c = Codec::Ws {
-            size: 16,
-            rng: Rng::new(1),
-            frag_seq: None,
-        };
+        let mut c = Codec::Ws { size: 16, rng: Rng::new(1), frag_seq: None };
         let mut first = Vec::new();
         wsproto::encode_frame(&mut first, opcode::BINARY, &7u64.to_le_bytes(), None);
         first[0] &= 0x7F; // not FIN
         let mut last = Vec::new();
         wsproto::encode_frame(&mut last, opcode::CONTINUATION, &[0u8; 8], None);
-        assert_eq!(
-            c.decode(&first).unwrap(),
-            Decoded::Skip {
-                consumed: first.len()
-            }
-        );
-        assert_eq!(
-            c.decode(&last).unwrap(),
-            Decoded::Reply {
-                consumed: last.len(),
-                seq: Some(7),
-                failed: false
-            }
-        );
+        assert_eq!(c.decode(&first).unwrap(), Decoded::Skip { consumed: first.len() });
+        assert_eq!(c.decode(&last).unwrap(), Decoded::Reply { consumed: last.len(), seq: Some(7), failed: false });
     }
 
     #[test]
     fn http_responses_are_cut_by_length() {
-        let mut c = Codec::Http {
-            request: http_request("h", "/", false).into(),
-        };
+        let mut c = Codec::Http { request: http_request("h", "/", false).into() };
         let r = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n";
         let second: &[u8] = b"HTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n";
         let split = r.len() - second.len();
-        assert_eq!(
-            c.decode(r).unwrap(),
-            Decoded::Reply {
-                consumed: split,
-                seq: None,
-                failed: false
-            }
-        );
-        assert_eq!(
-            c.decode(second).unwrap(),
-            Decoded::Reply {
-                consumed: second.len(),
-                seq: None,
-                failed: true
-            }
-        );
-        assert!(matches!(
-            c.decode(&r[..20]).unwrap(),
-            Decoded::NeedMore { .. }
-        ));
+        assert_eq!(c.decode(r).unwrap(), Decoded::Reply { consumed: split, seq: None, failed: false });
+        assert_eq!(c.decode(second).unwrap(), Decoded::Reply { consumed: second.len(), seq: None, failed: true });
+        assert!(matches!(c.decode(&r[..20]).unwrap(), Decoded::NeedMore { .. }));
         assert_eq!(c.decode(b"garbage\r\n\r\n"), Err(ErrorKind::Protocol));
     }
 
@@ -326,17 +257,7 @@ mod tests {
         let mut out = Vec::new();
         c.encode(9, &mut out);
         assert_eq!(out.len(), 16);
-        assert_eq!(
-            c.decode(&out[..15]).unwrap(),
-            Decoded::NeedMore { need: 16 }
-        );
-        assert_eq!(
-            c.decode(&out).unwrap(),
-            Decoded::Reply {
-                consumed: 16,
-                seq: Some(9),
-                failed: false
-            }
-        );
+        assert_eq!(c.decode(&out[..15]).unwrap(), Decoded::NeedMore { need: 16 });
+        assert_eq!(c.decode(&out).unwrap(), Decoded::Reply { consumed: 16, seq: Some(9), failed: false });
     }
 }

@@ -30,7 +30,8 @@ pub enum EchoMode {
 pub const HTTP_BODY: &str = "upsplice-loadgen echo\n";
 
 /// The whole plain HTTP answer on a kept-alive connection.
-const HTTP_KEEP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 22\r\n\r\nupsplice-loadgen echo\n";
+const HTTP_KEEP: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 22\r\n\r\nupsplice-loadgen echo\n";
 
 /// The whole plain HTTP answer when the client asked to close.
 const HTTP_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 22\r\nConnection: close\r\n\r\nupsplice-loadgen echo\n";
@@ -79,11 +80,7 @@ impl Stall {
 const BACKLOG: u32 = 16384;
 
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(BACKLOG)
@@ -98,11 +95,7 @@ pub async fn serve(cfg: EchoConfig) -> anyhow::Result<()> {
         writeln!(out, "listening on {}", listener.local_addr()?)?;
         out.flush()?;
     }
-    let stall = Arc::new(Stall {
-        at: cfg.stall_at,
-        len: cfg.stall_for,
-        window: OnceLock::new(),
-    });
+    let stall = Arc::new(Stall { at: cfg.stall_at, len: cfg.stall_for, window: OnceLock::new() });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -165,33 +158,21 @@ async fn serve_http(mut sock: TcpStream, stall: &Stall) -> std::io::Result<()> {
             Ok(n) => n,
             Err(httphead::HeadError::Eof) if buf.is_empty() => return Ok(()),
             Err(_) => {
-                sock.write_all(
-                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                )
-                .await?;
+                sock.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
                 return Ok(());
             }
         };
         let mut hdrs = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut hdrs);
-        if !matches!(
-            req.parse(&buf[..head_len]),
-            Ok(httparse::Status::Complete(_))
-        ) {
-            sock.write_all(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            )
-            .await?;
+        if !matches!(req.parse(&buf[..head_len]), Ok(httparse::Status::Complete(_))) {
+            sock.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
             return Ok(());
         }
         let upgrade = has_token(header(req.headers, "connection"), "upgrade")
             && header(req.headers, "upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"));
         if upgrade {
             let Some(key) = header(req.headers, "sec-websocket-key") else {
-                sock.write_all(
-                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                )
-                .await?;
+                sock.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
                 return Ok(());
             };
             let accept = wsproto::accept_key(&String::from_utf8_lossy(key));
@@ -203,8 +184,7 @@ async fn serve_http(mut sock: TcpStream, stall: &Stall) -> std::io::Result<()> {
             buf.drain(..head_len);
             return serve_ws(sock, buf, stall).await;
         }
-        let close = req.version == Some(0)
-            && !has_token(header(req.headers, "connection"), "keep-alive")
+        let close = req.version == Some(0) && !has_token(header(req.headers, "connection"), "keep-alive")
             || has_token(header(req.headers, "connection"), "close");
         let body_len = header(req.headers, "content-length")
             .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())

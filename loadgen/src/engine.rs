@@ -88,12 +88,7 @@ impl RunConfig {
 
     /// Upper bound on how long the run can take.
     pub fn hard_limit(&self) -> Duration {
-        self.ramp_time()
-            + self.connect_timeout
-            + self.warmup
-            + self.duration
-            + self.drain
-            + Duration::from_secs(2)
+        self.ramp_time() + self.connect_timeout + self.warmup + self.duration + self.drain + Duration::from_secs(2)
     }
 }
 
@@ -161,24 +156,11 @@ pub fn run(cfg: &RunConfig, live: Option<Arc<Live>>) -> RunOutput {
             }
         }
     });
-    RunOutput {
-        recorder: total,
-        wall: t0.elapsed(),
-        start_unix,
-    }
+    RunOutput { recorder: total, wall: t0.elapsed(), start_unix }
 }
 
-fn thread_main(
-    cfg: &RunConfig,
-    clock: Clock,
-    tid: usize,
-    threads: usize,
-    live: Option<Arc<Live>>,
-) -> Recorder {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+fn thread_main(cfg: &RunConfig, clock: Clock, tid: usize, threads: usize, live: Option<Arc<Live>>) -> Recorder {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let rec = Rc::new(RefCell::new(Recorder::new(cfg.keep_intervals)));
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
@@ -212,9 +194,7 @@ fn thread_main(
     // Aborted tasks still hold clones of `rec` until the LocalSet is gone.
     drop(local);
     rt.shutdown_timeout(Duration::from_millis(100));
-    Rc::try_unwrap(rec)
-        .map(RefCell::into_inner)
-        .unwrap_or_else(|rc| rc.borrow().clone())
+    Rc::try_unwrap(rec).map(RefCell::into_inner).unwrap_or_else(|rc| rc.borrow().clone())
 }
 
 /// State shared by a connection's writer and reader (same thread).
@@ -240,13 +220,7 @@ impl Shared {
 }
 
 /// One connection slot for the whole run.
-async fn connection(
-    cfg: &RunConfig,
-    clock: Clock,
-    idx: usize,
-    rec: &Rc<RefCell<Recorder>>,
-    timer: &Timer,
-) {
+async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<Recorder>>, timer: &Timer) {
     let sched = Schedule::new(idx, cfg.connections, cfg.rate);
     let start_ns = match cfg.ramp_rate {
         Some(r) if r > 0.0 => (idx as f64 * 1e9 / r) as u64,
@@ -263,14 +237,8 @@ async fn connection(
     };
     rec.borrow_mut().connections_ok += 1;
     let codec = match cfg.proto {
-        Proto::Ws => Codec::Ws {
-            size: cfg.size,
-            rng,
-            frag_seq: None,
-        },
-        Proto::HttpKeepAlive => Codec::Http {
-            request: crate::codec::http_request(&cfg.host, &cfg.path, false).into(),
-        },
+        Proto::Ws => Codec::Ws { size: cfg.size, rng, frag_seq: None },
+        Proto::HttpKeepAlive => Codec::Http { request: crate::codec::http_request(&cfg.host, &cfg.path, false).into() },
         _ => Codec::Raw { size: cfg.size },
     };
     // Messages due before the connection was ready are not sent (they show as
@@ -293,9 +261,7 @@ async fn connection(
         let shared = shared.clone();
         let rec = rec.clone();
         let codec = codec.clone();
-        tokio::task::spawn_local(async move {
-            read_loop(rd, leftover, codec, &shared, sched, clock, &rec).await
-        })
+        tokio::task::spawn_local(async move { read_loop(rd, leftover, codec, &shared, sched, clock, &rec).await })
     };
     let mut codec = codec;
     let ok = write_loop(&mut wr, &mut codec, &shared, sched, clock, rec, timer).await;
@@ -350,24 +316,13 @@ async fn open(
         }
     };
     let t_conn = Instant::now();
-    crate::recorder::record_ns(
-        &mut rec.borrow_mut().connect,
-        (t_conn - t_start).as_nanos() as u64,
-    );
+    crate::recorder::record_ns(&mut rec.borrow_mut().connect, (t_conn - t_start).as_nanos() as u64);
     if cfg.proto != Proto::Ws {
         return Some((sock, Vec::new()));
     }
-    match tokio::time::timeout_at(
-        deadline,
-        handshake::client_handshake(&mut sock, &cfg.host, &cfg.path, rng),
-    )
-    .await
-    {
+    match tokio::time::timeout_at(deadline, handshake::client_handshake(&mut sock, &cfg.host, &cfg.path, rng)).await {
         Ok(Ok(leftover)) => {
-            crate::recorder::record_ns(
-                &mut rec.borrow_mut().upgrade,
-                t_conn.elapsed().as_nanos() as u64,
-            );
+            crate::recorder::record_ns(&mut rec.borrow_mut().upgrade, t_conn.elapsed().as_nanos() as u64);
             Some((sock, leftover))
         }
         Ok(Err(e)) => {
@@ -449,8 +404,7 @@ async fn write_loop(
                 sent_measured += 1;
             }
         }
-        rec.borrow_mut()
-            .count_sent(sent_measured, now < clock.end_ns);
+        rec.borrow_mut().count_sent(sent_measured, now < clock.end_ns);
         if wr.write_all(&buf).await.is_err() {
             if !sh.dead.get() {
                 rec.borrow_mut().error(ErrorKind::Io);
@@ -471,9 +425,7 @@ fn unsent_measured(sched: Schedule, next: u64, clock: Clock) -> u64 {
 /// connection was not ready for them).
 fn skipped_measured(sched: Schedule, first: u64, clock: Clock) -> u64 {
     let from = sched.first_at_or_after(clock.warm_ns);
-    first
-        .min(sched.first_at_or_after(clock.end_ns))
-        .saturating_sub(from)
+    first.min(sched.first_at_or_after(clock.end_ns)).saturating_sub(from)
 }
 
 /// Reads replies, matches them to sequence numbers and records latencies.
@@ -498,20 +450,12 @@ async fn read_loop(
                 }
                 Ok(Decoded::Skip { consumed }) => rb.consume(consumed),
                 Ok(Decoded::Ping { consumed, payload }) => {
-                    codec.encode_control(
-                        opcode::PONG,
-                        &rb.data()[payload],
-                        &mut sh.ctrl.borrow_mut(),
-                    );
+                    codec.encode_control(opcode::PONG, &rb.data()[payload], &mut sh.ctrl.borrow_mut());
                     sh.wake.notify_one();
                     rb.consume(consumed);
                 }
                 Ok(Decoded::Close) => break 'conn Err(ErrorKind::ClosedByPeer),
-                Ok(Decoded::Reply {
-                    consumed,
-                    seq,
-                    failed,
-                }) => {
+                Ok(Decoded::Reply { consumed, seq, failed }) => {
                     rb.consume(consumed);
                     let expected = sh.next_ack.get();
                     if expected >= sh.next_seq.get() || seq.is_some_and(|s| s != expected) {
@@ -524,11 +468,7 @@ async fn read_loop(
                     if clock.measured(intended) {
                         let mut r = rec.borrow_mut();
                         let second = (now.saturating_sub(clock.warm_ns) / 1_000_000_000) as usize;
-                        r.reply(
-                            now.saturating_sub(intended),
-                            now.saturating_sub(actual),
-                            second,
-                        );
+                        r.reply(now.saturating_sub(intended), now.saturating_sub(actual), second);
                         if failed {
                             r.error(ErrorKind::HttpStatus);
                         }
@@ -566,9 +506,7 @@ async fn http_close_loop(
     timer: &Timer,
 ) {
     let request = crate::codec::http_request(&cfg.host, &cfg.path, true);
-    let mut codec = Codec::Http {
-        request: request.clone().into(),
-    };
+    let mut codec = Codec::Http { request: request.clone().into() };
     let mut rng = Rng::new(0);
     let mut buf = vec![0u8; 16 * 1024];
     let mut k = sched.first_at_or_after(clock.now_ns());
@@ -609,9 +547,7 @@ async fn http_close_loop(
                         end -= consumed;
                         continue;
                     }
-                    Decoded::NeedMore { need } if need > buf.len() => {
-                        buf.resize(need.next_power_of_two(), 0)
-                    }
+                    Decoded::NeedMore { need } if need > buf.len() => buf.resize(need.next_power_of_two(), 0),
                     _ => {}
                 }
                 match sock.read(&mut buf[end..]).await {
@@ -622,9 +558,7 @@ async fn http_close_loop(
             }
         };
         let remaining = tokio::time::Instant::from(clock.t0 + Duration::from_nanos(clock.drain_ns));
-        let outcome = tokio::time::timeout_at(remaining, result)
-            .await
-            .unwrap_or(Err(ErrorKind::Unanswered));
+        let outcome = tokio::time::timeout_at(remaining, result).await.unwrap_or(Err(ErrorKind::Unanswered));
         let now = clock.now_ns();
         let mut recm = rec.borrow_mut();
         match outcome {

@@ -50,9 +50,7 @@ pub async fn client_handshake(
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
-    sock.write_all(req.as_bytes())
-        .await
-        .map_err(|e| HandshakeError::Head(e.into()))?;
+    sock.write_all(req.as_bytes()).await.map_err(|e| HandshakeError::Head(e.into()))?;
     let mut buf = Vec::with_capacity(1024);
     let n = httphead::read_head(sock, &mut buf).await?;
     {
@@ -66,16 +64,13 @@ pub async fn client_handshake(
         if code != 101 {
             return Err(HandshakeError::Refused(code));
         }
-        let upgrade_ok = header(resp.headers, "upgrade")
-            .is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"))
+        let upgrade_ok = header(resp.headers, "upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"))
             && has_token(header(resp.headers, "connection"), "upgrade");
         if !upgrade_ok {
             return Err(HandshakeError::MissingUpgrade);
         }
         let want = wsproto::accept_key(&key);
-        if header(resp.headers, "sec-websocket-accept").map(|v| v.trim_ascii())
-            != Some(want.as_bytes())
-        {
+        if header(resp.headers, "sec-websocket-accept").map(|v| v.trim_ascii()) != Some(want.as_bytes()) {
             return Err(HandshakeError::BadAccept);
         }
     }

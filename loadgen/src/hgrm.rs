@@ -9,11 +9,7 @@ use std::fmt::Write;
 /// by `1/scale` (1000.0 prints milliseconds), 5 ticks per half distance.
 pub fn format(h: &Histogram<u64>, scale: f64) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:>12} {:>14} {:>10} {:>14}\n",
-        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
-    );
+    let _ = writeln!(out, "{:>12} {:>14} {:>10} {:>14}\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
     let mut total = 0u64;
     if !h.is_empty() {
         for v in h.iter_quantiles(5) {
@@ -21,34 +17,15 @@ pub fn format(h: &Histogram<u64>, scale: f64) -> String {
             let q = v.quantile_iterated_to();
             let value = h.highest_equivalent(v.value_iterated_to()) as f64 / scale;
             if q < 1.0 {
-                let _ = writeln!(
-                    out,
-                    "{value:12.3} {q:2.12} {total:10} {:14.2}",
-                    1.0 / (1.0 - q)
-                );
+                let _ = writeln!(out, "{value:12.3} {q:2.12} {total:10} {:14.2}", 1.0 / (1.0 - q));
             } else {
                 let _ = writeln!(out, "{value:12.3} {q:2.12} {total:10}");
             }
         }
     }
-    let _ = writeln!(
-        out,
-        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
-        h.mean() / scale,
-        h.stdev() / scale
-    );
-    let _ = writeln!(
-        out,
-        "#[Max     = {:12.3}, Total count    = {:12}]",
-        h.max() as f64 / scale,
-        h.len()
-    );
-    let _ = writeln!(
-        out,
-        "#[Buckets = {:12}, SubBuckets     = {:12}]",
-        h.buckets(),
-        sub_bucket_count(h)
-    );
+    let _ = writeln!(out, "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]", h.mean() / scale, h.stdev() / scale);
+    let _ = writeln!(out, "#[Max     = {:12.3}, Total count    = {:12}]", h.max() as f64 / scale, h.len());
+    let _ = writeln!(out, "#[Buckets = {:12}, SubBuckets     = {:12}]", h.buckets(), sub_bucket_count(h));
     out
 }
 
@@ -89,10 +66,7 @@ pub struct Parsed {
 /// Parses the reference layout: header, blank line, 3- or 4-column rows, footer.
 pub fn parse(text: &str) -> Result<Parsed, ParseError> {
     let mut lines = text.lines().enumerate();
-    let err = |line: usize, msg| ParseError {
-        line: line + 1,
-        msg,
-    };
+    let err = |line: usize, msg| ParseError { line: line + 1, msg };
     let (i, header) = lines.next().ok_or(err(0, "empty"))?;
     let cols: Vec<&str> = header.split_whitespace().collect();
     if cols != ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"] {
@@ -131,10 +105,7 @@ pub fn parse(text: &str) -> Result<Parsed, ParseError> {
         };
         if let Some(prev) = rows.last() {
             let prev: &Row = prev;
-            if row.percentile < prev.percentile
-                || row.total_count < prev.total_count
-                || row.value < prev.value
-            {
+            if row.percentile < prev.percentile || row.total_count < prev.total_count || row.value < prev.value {
                 return Err(err(i, "rows must not decrease"));
             }
         }

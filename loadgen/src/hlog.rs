@@ -3,9 +3,7 @@
 //! logs from several generator nodes.
 
 use crate::recorder::new_histogram;
-use hdrhistogram::serialization::interval_log::{
-    IntervalLogIterator, IntervalLogWriterBuilder, LogEntry,
-};
+use hdrhistogram::serialization::interval_log::{IntervalLogIterator, IntervalLogWriterBuilder, LogEntry};
 use hdrhistogram::serialization::{Deserializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
 use std::io::Write;
@@ -41,34 +39,18 @@ pub struct Interval {
 
 /// Writes intervals as an interval log. Each interval's start is given as an
 /// absolute time; the log's BaseTime is `base`, the first interval's start.
-pub fn write<W: Write>(
-    out: &mut W,
-    base: SystemTime,
-    intervals: &[Interval],
-) -> Result<(), HlogError> {
-    let secs = base
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+pub fn write<W: Write>(out: &mut W, base: SystemTime, intervals: &[Interval]) -> Result<(), HlogError> {
+    let secs = base.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
     writeln!(out, "#[Histogram log format version 1.3]")?;
-    writeln!(
-        out,
-        "#[Latency values in microseconds; Interval_Max in milliseconds]"
-    )?;
+    writeln!(out, "#[Latency values in microseconds; Interval_Max in milliseconds]")?;
     writeln!(out, "#[StartTime: {secs:.3} (seconds since epoch)]")?;
     writeln!(out, "#[BaseTime: {secs:.3} (seconds since epoch)]")?;
-    writeln!(
-        out,
-        "\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\""
-    )?;
+    writeln!(out, "\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\"")?;
     let mut ser = V2DeflateSerializer::new();
-    let mut w = IntervalLogWriterBuilder::new()
-        .with_max_value_divisor(1000.0)
-        .begin_log_with(out, &mut ser)?;
+    let mut w = IntervalLogWriterBuilder::new().with_max_value_divisor(1000.0).begin_log_with(out, &mut ser)?;
     for iv in intervals {
         let offset = iv.start.duration_since(base).unwrap_or_default();
-        w.write_histogram(&iv.histogram, offset, iv.length, None)
-            .map_err(|e| HlogError::Encode(e.to_string()))?;
+        w.write_histogram(&iv.histogram, offset, iv.length, None).map_err(|e| HlogError::Encode(e.to_string()))?;
     }
     Ok(())
 }
@@ -90,9 +72,8 @@ pub fn read(text: &[u8]) -> Result<Vec<Interval>, HlogError> {
             LogEntry::Interval(iv) => {
                 let encoded = iv.encoded_histogram();
                 let bytes = base64_decode(encoded)?;
-                let h: Histogram<u64> = de
-                    .deserialize(&mut bytes.as_slice())
-                    .map_err(|e| HlogError::Decode(format!("{e:?}")))?;
+                let h: Histogram<u64> =
+                    de.deserialize(&mut bytes.as_slice()).map_err(|e| HlogError::Decode(format!("{e:?}")))?;
                 // Without BaseTime, a StartTime-relative log (Java's heuristic:
                 // timestamps far smaller than StartTime are offsets).
                 let eff_base = if base > Duration::ZERO {
@@ -104,8 +85,7 @@ pub fn read(text: &[u8]) -> Result<Vec<Interval>, HlogError> {
                     }
                 };
                 let mut hist = new_histogram();
-                hist.add(&h)
-                    .map_err(|e| HlogError::Decode(format!("{e:?}")))?;
+                hist.add(&h).map_err(|e| HlogError::Decode(format!("{e:?}")))?;
                 out.push(Interval {
                     start: UNIX_EPOCH + eff_base + iv.start_timestamp(),
                     length: iv.duration(),
@@ -119,9 +99,7 @@ pub fn read(text: &[u8]) -> Result<Vec<Interval>, HlogError> {
 
 fn base64_decode(s: &str) -> Result<Vec<u8>, HlogError> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(s.trim())
-        .map_err(|e| HlogError::Decode(e.to_string()))
+    base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|e| HlogError::Decode(e.to_string()))
 }
 
 /// Merges logs: intervals are binned by whole seconds since the earliest
@@ -176,7 +154,8 @@ mod tests {
         write(&mut buf, ivs[0].start, &ivs).unwrap();
         let text = String::from_utf8(buf.clone()).unwrap();
         assert!(text.starts_with("#[Histogram log format version 1.3]\n"));
-        assert!(text.contains("\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\"\n"));
+        assert!(text
+            .contains("\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\"\n"));
         let back = read(&buf).unwrap();
         assert_eq!(back.len(), 2);
         for (a, b) in ivs.iter().zip(&back) {

@@ -27,10 +27,7 @@ pub fn head_end(buf: &[u8]) -> Option<usize> {
 
 /// Reads until `buf` (which may already hold bytes) contains a complete head
 /// and returns the head's length; bytes past it stay in `buf`.
-pub async fn read_head<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-) -> Result<usize, HeadError> {
+pub async fn read_head<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<usize, HeadError> {
     let mut scanned: usize = 0;
     loop {
         if let Some(end) = head_end(&buf[scanned.saturating_sub(3)..]) {
@@ -59,18 +56,12 @@ pub async fn read_head<R: AsyncRead + Unpin>(
 
 /// Case-insensitive lookup of a header value.
 pub fn header<'a>(headers: &[httparse::Header<'a>], name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value)
+    headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
 }
 
 /// True when the comma-separated header value contains `token` (case-insensitive).
 pub fn has_token(value: Option<&[u8]>, token: &str) -> bool {
-    value.is_some_and(|v| {
-        v.split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
+    value.is_some_and(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes())))
 }
 
 #[cfg(test)]
@@ -91,10 +82,7 @@ mod tests {
     async fn eof_before_head_is_an_error() {
         let mut r: &[u8] = b"GET / HTTP/1.1\r\n";
         let mut buf = Vec::new();
-        assert!(matches!(
-            read_head(&mut r, &mut buf).await,
-            Err(HeadError::Eof)
-        ));
+        assert!(matches!(read_head(&mut r, &mut buf).await, Err(HeadError::Eof)));
     }
 
     #[test]

@@ -27,9 +27,7 @@ fn main() -> ExitCode {
 }
 
 fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -51,38 +49,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ws(a) => {
             check_size(a.size)?;
             let host = a.http.host_or(&a.load.target);
-            load(
-                &a.load,
-                Proto::Ws,
-                "ws",
-                host,
-                a.http.path,
-                a.size,
-                a.max_inflight,
-            )
+            load(&a.load, Proto::Ws, "ws", host, a.http.path, a.size, a.max_inflight)
         }
         Command::Http(a) => {
             let host = a.http.host_or(&a.load.target);
-            let proto = if a.close {
-                Proto::HttpClose
-            } else {
-                Proto::HttpKeepAlive
-            };
+            let proto = if a.close { Proto::HttpClose } else { Proto::HttpKeepAlive };
             let mode = if a.close { "http-close" } else { "http" };
             load(&a.load, proto, mode, host, a.http.path, 0, a.max_inflight)
         }
         Command::Tcp(a) if a.mode == TcpMode::Pingpong => {
             check_size(a.size)?;
             let host = a.load.target.clone();
-            load(
-                &a.load,
-                Proto::Raw,
-                "tcp-pingpong",
-                host,
-                String::new(),
-                a.size,
-                a.max_inflight,
-            )
+            load(&a.load, Proto::Raw, "tcp-pingpong", host, String::new(), a.size, a.max_inflight)
         }
         Command::Tcp(a) => bulk(&a.load, a.size, a.direction),
         Command::Merge(a) => merge(a),
@@ -92,16 +70,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn check_size(size: usize) -> anyhow::Result<()> {
     if size < upsplice_loadgen::codec::SEQ_LEN {
-        bail!(
-            "--size must be at least {} bytes (the sequence number)",
-            upsplice_loadgen::codec::SEQ_LEN
-        );
+        bail!("--size must be at least {} bytes (the sequence number)", upsplice_loadgen::codec::SEQ_LEN);
     }
     if size as u64 > upsplice_loadgen::wsproto::MAX_PAYLOAD {
-        bail!(
-            "--size must be at most {} bytes",
-            upsplice_loadgen::wsproto::MAX_PAYLOAD
-        );
+        bail!("--size must be at most {} bytes", upsplice_loadgen::wsproto::MAX_PAYLOAD);
     }
     Ok(())
 }
@@ -167,12 +139,8 @@ fn load(
         keep_intervals: l.out.hlog.is_some(),
     };
     let cpu0 = CpuTime::now();
-    let live = std::io::stderr()
-        .is_terminal()
-        .then(|| Arc::new(progress::Live::default()));
-    let printer = live
-        .clone()
-        .map(|lv| progress::Printer::start(lv, cfg.warmup, cfg.rate, "msg"));
+    let live = std::io::stderr().is_terminal().then(|| Arc::new(progress::Live::default()));
+    let printer = live.clone().map(|lv| progress::Printer::start(lv, cfg.warmup, cfg.rate, "msg"));
     let out = engine::run(&cfg, live);
     drop(printer);
     let cpu = CpuTime::now().since(cpu0);
@@ -189,13 +157,7 @@ fn load(
     };
     let summary = report::summarize(&info, &out.recorder, cpu, out.wall.as_secs_f64());
     let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
-    finish(
-        &l.out,
-        &summary,
-        &out.recorder,
-        Some(&out.recorder.uncorrected),
-        &intervals,
-    )
+    finish(&l.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)
 }
 
 fn finish(
@@ -209,20 +171,8 @@ fn finish(
     for p in &summary.problems {
         eprintln!("upsplice-loadgen: WARNING: {p}");
     }
-    outputs::write_all(
-        args,
-        &Outputs {
-            summary,
-            corrected: &rec.corrected,
-            uncorrected,
-            intervals,
-        },
-    )?;
-    Ok(if summary.valid {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    outputs::write_all(args, &Outputs { summary, corrected: &rec.corrected, uncorrected, intervals })?;
+    Ok(if summary.valid { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Result<ExitCode> {
@@ -254,12 +204,7 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
         size: size as u64,
         max_inflight: 0,
     };
-    let summary = report::summarize(
-        &info,
-        &rec,
-        CpuTime::now().since(cpu0),
-        t.elapsed().as_secs_f64(),
-    );
+    let summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
     finish(&l.out, &summary, &rec, None, &[])
 }
 
@@ -273,9 +218,7 @@ fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
     }
     let (intervals, total) = hlog::merge(&logs);
     let span = match (intervals.first(), intervals.last()) {
-        (Some(a), Some(b)) => (b.start + b.length)
-            .duration_since(a.start)
-            .unwrap_or_default(),
+        (Some(a), Some(b)) => (b.start + b.length).duration_since(a.start).unwrap_or_default(),
         _ => std::time::Duration::ZERO,
     };
     let mut rec = Recorder::new(false);
@@ -285,35 +228,22 @@ fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
     rec.sent_in_window = rec.received;
     let info = RunInfo {
         mode: "merge".into(),
-        target: a
-            .files
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>()
-            .join(" + "),
+        target: a.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" + "),
         duration_s: span.as_secs_f64(),
         ..RunInfo::default()
     };
-    let summary = report::summarize(
-        &info,
-        &rec,
-        CpuTime::now().since(cpu0),
-        t.elapsed().as_secs_f64(),
-    );
+    let summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
     finish(&a.out, &summary, &rec, None, &intervals)
 }
 
 fn plot_files(a: PlotArgs) -> anyhow::Result<ExitCode> {
     let mut series = Vec::new();
     for f in &a.files {
-        let name = f
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
+        let name = f.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
         if text.trim_ascii_start().starts_with(b"{") {
-            let s: report::Summary = serde_json::from_slice(&text)
-                .with_context(|| format!("parsing {}", f.display()))?;
+            let s: report::Summary =
+                serde_json::from_slice(&text).with_context(|| format!("parsing {}", f.display()))?;
             series.push(Series {
                 label: format!("{name} corrected"),
                 histogram: report::decode_histogram(&s.histograms.corrected)?,
@@ -327,11 +257,7 @@ fn plot_files(a: PlotArgs) -> anyhow::Result<ExitCode> {
         } else {
             let log = hlog::read(&text).with_context(|| format!("parsing {}", f.display()))?;
             let (_, total) = hlog::merge(&[log]);
-            series.push(Series {
-                label: name,
-                histogram: total,
-                dashed: false,
-            });
+            series.push(Series { label: name, histogram: total, dashed: false });
         }
     }
     std::fs::write(&a.output, plot::render(&a.title, &series))

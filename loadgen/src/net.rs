@@ -22,24 +22,15 @@ pub fn parse_source_ips(values: &[String]) -> Result<Vec<IpAddr>, SourceIpError>
     for v in values {
         for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             if let Some((a, b)) = part.split_once('-') {
-                let a: Ipv4Addr = a
-                    .trim()
-                    .parse()
-                    .map_err(|_| SourceIpError::Invalid(part.into()))?;
-                let b: Ipv4Addr = b
-                    .trim()
-                    .parse()
-                    .map_err(|_| SourceIpError::Invalid(part.into()))?;
+                let a: Ipv4Addr = a.trim().parse().map_err(|_| SourceIpError::Invalid(part.into()))?;
+                let b: Ipv4Addr = b.trim().parse().map_err(|_| SourceIpError::Invalid(part.into()))?;
                 let (a, b) = (u32::from(a), u32::from(b));
                 if b < a || b - a >= 65536 {
                     return Err(SourceIpError::BadRange(part.into()));
                 }
                 out.extend((a..=b).map(|x| IpAddr::V4(Ipv4Addr::from(x))));
             } else {
-                out.push(
-                    part.parse()
-                        .map_err(|_| SourceIpError::Invalid(part.into()))?,
-                );
+                out.push(part.parse().map_err(|_| SourceIpError::Invalid(part.into()))?);
             }
         }
     }
@@ -50,11 +41,7 @@ pub fn parse_source_ips(values: &[String]) -> Result<Vec<IpAddr>, SourceIpError>
 /// is left to `connect` (IP_BIND_ADDRESS_NO_PORT) so each source address has
 /// its own ephemeral port range per destination.
 pub async fn connect(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    let sock = if target.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let sock = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(ip) = source {
         set_bind_no_port(&sock);
         sock.bind(SocketAddr::new(ip, 0))?;
@@ -92,10 +79,7 @@ pub fn raise_fd_limit() -> u64 {
             return 0;
         }
         if rl.rlim_cur < rl.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: rl.rlim_max,
-                rlim_max: rl.rlim_max,
-            };
+            let want = libc::rlimit { rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 rl.rlim_cur = rl.rlim_max;
             }

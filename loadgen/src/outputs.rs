@@ -48,27 +48,15 @@ pub fn write_all(args: &OutputArgs, o: &Outputs) -> anyhow::Result<()> {
         write_file(p, crate::hgrm::format(o.corrected, 1000.0).as_bytes())?;
     }
     if let Some(p) = &args.hlog {
-        let base = o
-            .intervals
-            .first()
-            .map(|i| i.start)
-            .unwrap_or_else(SystemTime::now);
+        let base = o.intervals.first().map(|i| i.start).unwrap_or_else(SystemTime::now);
         let mut buf = Vec::new();
         hlog::write(&mut buf, base, o.intervals)?;
         write_file(p, &buf)?;
     }
     if let Some(p) = &args.plot {
-        let mut series = vec![Series {
-            label: "corrected".into(),
-            histogram: o.corrected.clone(),
-            dashed: false,
-        }];
+        let mut series = vec![Series { label: "corrected".into(), histogram: o.corrected.clone(), dashed: false }];
         if let Some(u) = o.uncorrected {
-            series.push(Series {
-                label: "uncorrected".into(),
-                histogram: u.clone(),
-                dashed: true,
-            });
+            series.push(Series { label: "uncorrected".into(), histogram: u.clone(), dashed: true });
         }
         let title = format!(
             "{} {} - {:.0}/s target, {:.0}/s achieved",

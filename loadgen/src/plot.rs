@@ -21,32 +21,21 @@ const LEFT: f64 = 80.0;
 const RIGHT: f64 = 40.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 60.0;
-const COLORS: [&str; 8] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-];
+const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
 /// Points (x = log10(1/(1-p)), y = ms) of a histogram's percentile curve.
 fn points(h: &Histogram<u64>, x_max: f64) -> Vec<(f64, f64)> {
     h.iter_quantiles(5)
         .map(|v| {
             let q = v.quantile_iterated_to();
-            let x = if q >= 1.0 {
-                x_max
-            } else {
-                (1.0 / (1.0 - q)).log10().min(x_max)
-            };
-            (
-                x,
-                h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0,
-            )
+            let x = if q >= 1.0 { x_max } else { (1.0 / (1.0 - q)).log10().min(x_max) };
+            (x, h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0)
         })
         .collect()
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// "Nice" upper bound for an axis.
@@ -65,12 +54,7 @@ fn nice_ceiling(v: f64) -> f64 {
 
 /// Renders the series into an SVG document.
 pub fn render(title: &str, series: &[Series]) -> String {
-    let max_count = series
-        .iter()
-        .map(|s| s.histogram.len())
-        .max()
-        .unwrap_or(1)
-        .max(10);
+    let max_count = series.iter().map(|s| s.histogram.len()).max().unwrap_or(1).max(10);
     // Enough decades to show the highest percentile the data resolves.
     let x_max = (max_count as f64).log10().ceil().clamp(2.0, 7.0);
     let y_max = nice_ceiling(
@@ -90,12 +74,7 @@ pub fn render(title: &str, series: &[Series]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(o, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        o,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
-        W / 2.0,
-        escape(title)
-    );
+    let _ = writeln!(o, r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#, W / 2.0, escape(title));
     // Grid and axes.
     for d in 0..=(x_max as i32) {
         let x = sx(d as f64);
@@ -123,10 +102,7 @@ pub fn render(title: &str, series: &[Series]) -> String {
             trim_float(v)
         );
     }
-    let _ = writeln!(
-        o,
-        r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
-    );
+    let _ = writeln!(o, r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##);
     let _ = writeln!(
         o,
         r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">Percentile (log scale of 1/(1-p))</text>"#,
@@ -141,16 +117,10 @@ pub fn render(title: &str, series: &[Series]) -> String {
     // Curves and legend.
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[(i / 2 + i % 2 * 4) % COLORS.len()];
-        let dash = if s.dashed {
-            r#" stroke-dasharray="6,4""#
-        } else {
-            ""
-        };
+        let dash = if s.dashed { r#" stroke-dasharray="6,4""# } else { "" };
         if !s.histogram.is_empty() {
-            let pts: Vec<String> = points(&s.histogram, x_max)
-                .into_iter()
-                .map(|(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-                .collect();
+            let pts: Vec<String> =
+                points(&s.histogram, x_max).into_iter().map(|(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
             let _ = writeln!(
                 o,
                 r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"/>"#,
@@ -193,16 +163,8 @@ mod tests {
         let svg = render(
             "t<1>",
             &[
-                Series {
-                    label: "a & b".into(),
-                    histogram: a,
-                    dashed: false,
-                },
-                Series {
-                    label: "b".into(),
-                    histogram: b,
-                    dashed: true,
-                },
+                Series { label: "a & b".into(), histogram: a, dashed: false },
+                Series { label: "b".into(), histogram: b, dashed: true },
             ],
         );
         assert!(svg.starts_with("<svg"));

@@ -42,10 +42,8 @@ impl Live {
             tokio::time::sleep(FEED_EVERY).await;
             let r = rec.borrow();
             self.sent.fetch_add(r.sent - prev.sent, Ordering::Relaxed);
-            self.received
-                .fetch_add(r.received - prev.received, Ordering::Relaxed);
-            self.errors
-                .fetch_add(r.total_errors() - prev.total_errors(), Ordering::Relaxed);
+            self.received.fetch_add(r.received - prev.received, Ordering::Relaxed);
+            self.errors.fetch_add(r.total_errors() - prev.total_errors(), Ordering::Relaxed);
             let mut delta = r.corrected.clone();
             // `prev.corrected` only ever holds values that are also in `r.corrected`.
             let _ = delta.subtract(&prev.corrected);
@@ -83,16 +81,9 @@ impl Printer {
                 // Only messages due in the measured window are counted, so the
                 // average over the window so far is the achieved rate.
                 // Counters are on average half a feed interval old.
-                let in_window = t0
-                    .elapsed()
-                    .saturating_sub(warmup + FEED_EVERY / 2)
-                    .as_secs_f64();
+                let in_window = t0.elapsed().saturating_sub(warmup + FEED_EVERY / 2).as_secs_f64();
                 let sent = live.sent.load(Ordering::Relaxed);
-                let rate = if in_window > 0.0 {
-                    sent as f64 / in_window
-                } else {
-                    0.0
-                };
+                let rate = if in_window > 0.0 { sent as f64 / in_window } else { 0.0 };
                 let p99 = live
                     .recent
                     .lock()
@@ -117,10 +108,7 @@ impl Printer {
             }
             let _ = write!(std::io::stderr(), "\r\x1b[2K");
         });
-        Printer {
-            stop,
-            handle: Some(handle),
-        }
+        Printer { stop, handle: Some(handle) }
     }
 }
 

@@ -168,10 +168,7 @@ impl Recorder {
         self.received += 1;
         record_ns(&mut self.corrected, corrected_ns);
         record_ns(&mut self.uncorrected, uncorrected_ns);
-        record_ns(
-            &mut self.send_lag,
-            corrected_ns.saturating_sub(uncorrected_ns),
-        );
+        record_ns(&mut self.send_lag, corrected_ns.saturating_sub(uncorrected_ns));
         if self.keep_intervals {
             while self.intervals.len() <= second {
                 self.intervals.push(new_histogram());
@@ -188,9 +185,7 @@ impl Recorder {
     /// Adds another thread's measurements into this one.
     pub fn merge(&mut self, other: &Recorder) {
         self.corrected.add(&other.corrected).expect("same bounds");
-        self.uncorrected
-            .add(&other.uncorrected)
-            .expect("same bounds");
+        self.uncorrected.add(&other.uncorrected).expect("same bounds");
         self.send_lag.add(&other.send_lag).expect("same bounds");
         self.connect.add(&other.connect).expect("same bounds");
         self.upgrade.add(&other.upgrade).expect("same bounds");

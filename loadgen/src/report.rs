@@ -177,9 +177,7 @@ pub struct Summary {
 pub fn encode_histogram(h: &Histogram<u64>) -> String {
     use base64::Engine;
     let mut buf = Vec::new();
-    V2DeflateSerializer::new()
-        .serialize(h, &mut buf)
-        .expect("serialising into a Vec cannot fail");
+    V2DeflateSerializer::new().serialize(h, &mut buf).expect("serialising into a Vec cannot fail");
     base64::engine::general_purpose::STANDARD.encode(buf)
 }
 
@@ -187,9 +185,7 @@ pub fn encode_histogram(h: &Histogram<u64>) -> String {
 pub fn decode_histogram(s: &str) -> anyhow::Result<Histogram<u64>> {
     use base64::Engine;
     let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim())?;
-    Deserializer::new()
-        .deserialize(&mut bytes.as_slice())
-        .map_err(|e| anyhow::anyhow!("bad histogram: {e:?}"))
+    Deserializer::new().deserialize(&mut bytes.as_slice()).map_err(|e| anyhow::anyhow!("bad histogram: {e:?}"))
 }
 
 /// What a run was asked to do, for the summary.
@@ -217,15 +213,8 @@ pub struct RunInfo {
 
 /// Builds the summary and decides validity.
 pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> Summary {
-    let errors: BTreeMap<String, u64> = ErrorKind::ALL
-        .iter()
-        .map(|k| {
-            (
-                k.name().to_string(),
-                rec.errors.get(k).copied().unwrap_or(0),
-            )
-        })
-        .collect();
+    let errors: BTreeMap<String, u64> =
+        ErrorKind::ALL.iter().map(|k| (k.name().to_string(), rec.errors.get(k).copied().unwrap_or(0))).collect();
     let total_errors = rec.total_errors();
     let dur = info.duration_s.max(1e-9);
     let achieved_rate = rec.sent_in_window as f64 / dur;
@@ -251,15 +240,11 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
     }
     if total_errors > 0 {
         valid = false;
-        problems.push(format!(
-            "{total_errors} errors: the latency figures miss the failed messages"
-        ));
+        problems.push(format!("{total_errors} errors: the latency figures miss the failed messages"));
     }
     if !rate_reached {
-        problems.push(format!(
-            "TARGET RATE NOT REACHED: {achieved_rate:.1}/s achieved of {:.1}/s asked",
-            info.target_rate
-        ));
+        problems
+            .push(format!("TARGET RATE NOT REACHED: {achieved_rate:.1}/s achieved of {:.1}/s asked", info.target_rate));
     }
     let user_s = cpu.user.as_secs_f64();
     let system_s = cpu.system.as_secs_f64();
@@ -298,12 +283,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
             out_mbit_s: rec.bytes_out as f64 * 8.0 / 1e6 / dur,
             in_mbit_s: rec.bytes_in as f64 * 8.0 / 1e6 / dur,
         }),
-        cpu: Cpu {
-            user_s,
-            system_s,
-            wall_s,
-            cores_busy: (user_s + system_s) / wall_s.max(1e-9),
-        },
+        cpu: Cpu { user_s, system_s, wall_s, cores_busy: (user_s + system_s) / wall_s.max(1e-9) },
         valid,
         problems,
         histograms: EncodedHistograms {
@@ -340,17 +320,9 @@ pub fn render(s: &Summary) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "upsplice-loadgen {} -> {}", s.mode, s.target);
     if s.mode == "merge" {
-        let _ = writeln!(
-            out,
-            "  {} values over {:.1}s of intervals ({:.1}/s)",
-            s.received, s.duration_s, s.reply_rate
-        );
+        let _ = writeln!(out, "  {} values over {:.1}s of intervals ({:.1}/s)", s.received, s.duration_s, s.reply_rate);
         row(&mut out, "corrected", &s.latency_us.corrected);
-        let _ = writeln!(
-            out,
-            "result         {}",
-            if s.valid { "VALID" } else { "INVALID" }
-        );
+        let _ = writeln!(out, "result         {}", if s.valid { "VALID" } else { "INVALID" });
         return out;
     }
     let _ = writeln!(
@@ -378,31 +350,15 @@ pub fn render(s: &Summary) -> String {
             s.skipped,
             s.received
         );
-        let _ = writeln!(
-            out,
-            "latency (corrected = from intended send time; uncorrected = from actual write):"
-        );
+        let _ = writeln!(out, "latency (corrected = from intended send time; uncorrected = from actual write):");
         row(&mut out, "corrected", &s.latency_us.corrected);
         row(&mut out, "uncorrected", &s.latency_us.uncorrected);
         row(&mut out, "send lag", &s.latency_us.send_lag);
     }
     row(&mut out, "connect", &s.latency_us.connect);
     row(&mut out, "upgrade", &s.latency_us.upgrade);
-    let errs: Vec<String> = s
-        .errors
-        .iter()
-        .filter(|(_, v)| **v > 0)
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect();
-    let _ = writeln!(
-        out,
-        "errors         {}",
-        if errs.is_empty() {
-            "none".to_string()
-        } else {
-            errs.join(", ")
-        }
-    );
+    let errs: Vec<String> = s.errors.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = writeln!(out, "errors         {}", if errs.is_empty() { "none".to_string() } else { errs.join(", ") });
     let _ = writeln!(
         out,
         "generator cpu  user {:.2}s system {:.2}s over {:.2}s wall = {:.2} cores busy",
@@ -411,11 +367,7 @@ pub fn render(s: &Summary) -> String {
     for p in &s.problems {
         let _ = writeln!(out, "!!! {p}");
     }
-    let _ = writeln!(
-        out,
-        "result         {}",
-        if s.valid { "VALID" } else { "INVALID" }
-    );
+    let _ = writeln!(out, "result         {}", if s.valid { "VALID" } else { "INVALID" });
     out
 }
 
@@ -465,10 +417,7 @@ mod tests {
         let j = serde_json::to_string(&s).unwrap();
         let back: Summary = serde_json::from_str(&j).unwrap();
         assert_eq!(back, s);
-        assert_eq!(
-            decode_histogram(&back.histograms.corrected).unwrap(),
-            r.corrected
-        );
+        assert_eq!(decode_histogram(&back.histograms.corrected).unwrap(), r.corrected);
         assert!(r.corrected.equivalent(back.latency_us.corrected.max, 5000));
     }
 }

@@ -25,18 +25,12 @@ impl CpuTime {
             ru
         };
         let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-        CpuTime {
-            user: tv(ru.ru_utime),
-            system: tv(ru.ru_stime),
-        }
+        CpuTime { user: tv(ru.ru_utime), system: tv(ru.ru_stime) }
     }
 
     /// CPU consumed since `earlier`.
     pub fn since(self, earlier: CpuTime) -> CpuTime {
-        CpuTime {
-            user: self.user.saturating_sub(earlier.user),
-            system: self.system.saturating_sub(earlier.system),
-        }
+        CpuTime { user: self.user.saturating_sub(earlier.user), system: self.system.saturating_sub(earlier.system) }
     }
 }
 

@@ -14,15 +14,9 @@ impl Schedule {
     /// never rounds to zero, wrk2 #147) and connections are offset by
     /// `1 / total_rate` so the aggregate stream is evenly spaced.
     pub fn new(index: usize, connections: usize, total_rate: f64) -> Self {
-        assert!(
-            total_rate > 0.0 && connections > 0,
-            "rate and connections must be positive"
-        );
+        assert!(total_rate > 0.0 && connections > 0, "rate and connections must be positive");
         let per_conn = total_rate / connections as f64;
-        Schedule {
-            phase_ns: index as f64 * 1e9 / total_rate,
-            interval_ns: 1e9 / per_conn,
-        }
+        Schedule { phase_ns: index as f64 * 1e9 / total_rate, interval_ns: 1e9 / per_conn }
     }
 
     /// Intended send time of message `k`.

@@ -45,10 +45,7 @@ pub struct BulkConfig {
 
 /// Runs a bulk transfer and returns bytes and errors in a [`Recorder`].
 pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.threads.max(1))
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.threads.max(1)).enable_all().build()?;
     rt.block_on(async {
         let counting = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
@@ -57,18 +54,11 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
         let mut tasks = Vec::new();
         for i in 0..cfg.connections {
             let cfg = cfg.clone();
-            let (counting, stop, out, inn) =
-                (counting.clone(), stop.clone(), out.clone(), inn.clone());
+            let (counting, stop, out, inn) = (counting.clone(), stop.clone(), out.clone(), inn.clone());
             tasks.push(tokio::spawn(async move {
-                let source =
-                    (!cfg.source_ips.is_empty()).then(|| cfg.source_ips[i % cfg.source_ips.len()]);
+                let source = (!cfg.source_ips.is_empty()).then(|| cfg.source_ips[i % cfg.source_ips.len()]);
                 let t = Instant::now();
-                let sock = match tokio::time::timeout(
-                    cfg.connect_timeout,
-                    net::connect(cfg.target, source),
-                )
-                .await
-                {
+                let sock = match tokio::time::timeout(cfg.connect_timeout, net::connect(cfg.target, source)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(_)) => return Err(ErrorKind::Connect),
                     Err(_) => return Err(ErrorKind::ConnectTimeout),

@@ -51,12 +51,7 @@ impl Timer {
     pub fn new() -> std::io::Result<Timer> {
         // SAFETY: plain syscall with constant flags; the returned fd is checked
         // before use and then owned by exactly one OwnedFd.
-        let raw = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
+        let raw = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
         if raw < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -66,34 +61,19 @@ impl Timer {
         // owns it for its whole life, so as_raw_fd() keeps naming the same timerfd.
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
             .map_err(std::io::Error::from)?;
-        Ok(Timer {
-            fd,
-            heap: RefCell::new(BinaryHeap::new()),
-            armed: Cell::new(None),
-        })
+        Ok(Timer { fd, heap: RefCell::new(BinaryHeap::new()), armed: Cell::new(None) })
     }
 
     /// A future that completes at `deadline`.
     pub fn sleep_until(&self, deadline: Instant) -> Sleep<'_> {
-        Sleep {
-            timer: self,
-            deadline,
-        }
+        Sleep { timer: self, deadline }
     }
 
     fn arm(&self, deadline: Instant) {
-        let d = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_nanos(1));
+        let d = deadline.saturating_duration_since(Instant::now()).max(Duration::from_nanos(1));
         let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: d.as_secs() as libc::time_t,
-                tv_nsec: d.subsec_nanos() as libc::c_long,
-            },
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as libc::c_long },
         };
         // SAFETY: the fd is our live timerfd; `spec` is a fully initialised
         // itimerspec that outlives the call; a null old-value pointer is allowed.
@@ -104,10 +84,7 @@ impl Timer {
     }
 
     fn register(&self, deadline: Instant, waker: &Waker) {
-        self.heap.borrow_mut().push(Reverse(Entry {
-            deadline,
-            waker: waker.clone(),
-        }));
+        self.heap.borrow_mut().push(Reverse(Entry { deadline, waker: waker.clone() }));
         if self.armed.get().is_none_or(|a| deadline < a) {
             self.arm(deadline);
         }
@@ -120,9 +97,7 @@ impl Timer {
             if let Ok(mut guard) = self.fd.readable().await {
                 // SAFETY: reading at most 8 bytes into an 8-byte stack buffer from
                 // our own non-blocking timerfd.
-                let n = unsafe {
-                    libc::read(self.fd.as_raw_fd(), sink.as_mut_ptr().cast(), sink.len())
-                };
+                let n = unsafe { libc::read(self.fd.as_raw_fd(), sink.as_mut_ptr().cast(), sink.len()) };
                 let _ = n;
                 // A read drains the expiry count, so the fd is not readable now.
                 guard.clear_ready();
@@ -167,10 +142,7 @@ mod tests {
 
     #[test]
     fn wakes_in_order_and_close_to_the_deadline() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async {
             let timer = Rc::new(Timer::new().unwrap());

@@ -218,13 +218,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<FrameHead>, FrameError> {
     } else {
         None
     };
-    Ok(Some(FrameHead {
-        fin,
-        opcode: op,
-        mask,
-        header_len: n,
-        payload_len: len as usize,
-    }))
+    Ok(Some(FrameHead { fin, opcode: op, mask, header_len: n, payload_len: len as usize }))
 }
 
 #[cfg(test)]
@@ -234,10 +228,7 @@ mod tests {
     #[test]
     fn accept_key_matches_rfc_example() {
         // RFC 6455 §1.3.
-        assert_eq!(
-            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]

@@ -33,8 +33,7 @@ fn read_key(s: &mut TcpStream) -> Option<String> {
     }
     String::from_utf8_lossy(&buf).lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("sec-websocket-key")
-            .then(|| v.trim().to_string())
+        k.eq_ignore_ascii_case("sec-websocket-key").then(|| v.trim().to_string())
     })
 }
 
@@ -59,11 +58,7 @@ fn ws_args<'a>(addr: &'a str, conns: &'a str) -> Vec<&'a str> {
 }
 
 fn assert_invalid(r: &common::Run) {
-    assert!(
-        !r.output.status.success(),
-        "must exit non-zero:\n{}",
-        r.stdout
-    );
+    assert!(!r.output.status.success(), "must exit non-zero:\n{}", r.stdout);
     assert!(!r.summary.valid, "{}", r.stdout);
     assert!(r.stdout.contains("INVALID"), "{}", r.stdout);
 }

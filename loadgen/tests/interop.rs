@@ -46,10 +46,7 @@ asyncio.run(main(sys.argv[1]))
 
 /// True when `python3 -c "import websockets"` works; otherwise says so loudly.
 fn have_python_websockets() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import websockets"])
-        .status()
-        .is_ok_and(|s| s.success());
+    let ok = Command::new("python3").args(["-c", "import websockets"]).status().is_ok_and(|s| s.success());
     if !ok {
         // Written to the stderr handle, not with eprintln!, so the test
         // harness does not capture it: a skip must be seen.
@@ -111,10 +108,7 @@ fn python_websockets_client_against_our_echo() {
         return;
     }
     let echo = Server::echo(&[]);
-    let out = Command::new("python3")
-        .args(["-c", PY_CLIENT, &echo.addr])
-        .output()
-        .expect("python3");
+    let out = Command::new("python3").args(["-c", PY_CLIENT, &echo.addr]).output().expect("python3");
     assert!(
         out.status.success(),
         "python client failed:\n{}\n{}",

@@ -72,8 +72,5 @@ fn allocations_do_not_grow_with_messages() {
     eprintln!("{a_small} allocations for {n_small} messages, {a_big} for {n_big}");
     let extra = a_big.saturating_sub(a_small);
     // A handful of buffer/heap growths are fine; one per message is not.
-    assert!(
-        extra * 50 < n_big - n_small,
-        "{a_small} allocations for {n_small} messages, {a_big} for {n_big}"
-    );
+    assert!(extra * 50 < n_big - n_small, "{a_small} allocations for {n_small} messages, {a_big} for {n_big}");
 }

@@ -23,15 +23,9 @@ pub struct Server {
 impl Server {
     /// Starts `cmd` and waits for its `listening on ADDR` line.
     pub fn start(mut cmd: Command) -> Server {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn server");
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn server");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("read listening line");
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read listening line");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -43,17 +37,14 @@ impl Server {
     /// The bundled echo server with extra arguments.
     pub fn echo(extra: &[&str]) -> Server {
         let mut c = Command::new(bin());
-        c.args(["echo", "--listen", "127.0.0.1:0", "--threads", "1"])
-            .args(extra);
+        c.args(["echo", "--listen", "127.0.0.1:0", "--threads", "1"]).args(extra);
         Server::start(c)
     }
 
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         // The pid is our own child; SIGTERM is what the interface promises to honour.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let status = wait_timeout(&mut self.child, Duration::from_secs(5));
         std::mem::forget(self);
         status
@@ -98,28 +89,15 @@ pub fn tmpdir() -> tempfile::TempDir {
 /// Panics (test failure) when the binary panicked or printed no summary.
 pub fn run(args: &[&str], dir: &Path, name: &str) -> Run {
     let json: PathBuf = dir.join(format!("{name}.json"));
-    let output = Command::new(bin())
-        .args(args)
-        .arg("--json")
-        .arg(&json)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run generator");
+    let output =
+        Command::new(bin()).args(args).arg("--json").arg(&json).stdin(Stdio::null()).output().expect("run generator");
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert!(
-        !stderr.contains("panicked"),
-        "generator panicked:\n{stderr}"
-    );
+    assert!(!stderr.contains("panicked"), "generator panicked:\n{stderr}");
     let text = std::fs::read_to_string(&json)
         .unwrap_or_else(|e| panic!("no JSON summary ({e}); stdout:\n{stdout}\nstderr:\n{stderr}"));
     let summary: Summary = serde_json::from_str(&text).expect("summary JSON");
-    Run {
-        output,
-        summary,
-        stdout,
-        stderr,
-    }
+    Run { output, summary, stdout, stderr }
 }
 
 /// A free loopback port with nothing listening on it.
