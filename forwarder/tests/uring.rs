@@ -31,6 +31,13 @@ fn run<F>(limit: Duration, f: impl FnOnce(UringPlane) -> F)
 where
     F: std::future::Future<Output = ()>,
 {
+    run_with(2, limit, f)
+}
+
+fn run_with<F>(workers: usize, limit: Duration, f: impl FnOnce(UringPlane) -> F)
+where
+    F: std::future::Future<Output = ()>,
+{
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if let Err(why) = uring::probe() {
         println!("SKIPPED: uring plane unavailable on this kernel: {why}");
@@ -43,7 +50,7 @@ where
         .expect("runtime");
     rt.block_on(async {
         let cfg = DataPlaneConfig {
-            uring_workers: 2,
+            uring_workers: workers,
             ..DataPlaneConfig::default()
         };
         let plane = UringPlane::new(&cfg).expect("uring plane starts");
@@ -439,7 +446,9 @@ fn backpressure_with_stalled_reader_stays_bounded() {
             tunnel,
         } = setup(b"", b"", LONG).await;
         let rss_before = rss_bytes();
-        let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
+        let plane = std::sync::Arc::new(plane);
+        let p = plane.clone();
+        let relayed = tokio::spawn(async move { relay(&p, tunnel).await });
         // The backend does not read. Write until no progress for 1 s (at
         // most 1 GiB), counting and hashing exactly what was accepted.
         let mut g = Gen(7);
@@ -480,6 +489,15 @@ fn backpressure_with_stalled_reader_stays_bounded() {
             grew / 1024
         );
         assert!(written < 256 * MIB, "writer never blocked: {written} bytes");
+        let (_, peak) = plane.buffered_bytes();
+        println!(
+            "stalled reader: the worker held at most {} KiB",
+            peak / 1024
+        );
+        assert!(
+            peak <= uring::DIRECTION_BUFFER_LIMIT + uring::BUF_SIZE as usize,
+            "held {peak} bytes for one stalled direction"
+        );
         assert!(grew < 16 * MIB, "router memory grew by {grew} bytes");
         // Resume reading: everything accepted arrives intact.
         let mut client = client;
@@ -491,6 +509,71 @@ fn backpressure_with_stalled_reader_stays_bounded() {
         let o = relayed.await.unwrap();
         assert_eq!(o.reason, CloseReason::Done);
         assert_eq!(o.to_backend, written as u64);
+    });
+}
+
+#[test]
+fn exhausted_buffer_pool_recovers_without_loss() {
+    use futures_util::future::join_all;
+    // One worker: 256 pool buffers of 64 KiB. 64 tunnels whose backends do
+    // not read want more than that, so recvs run out of buffers (ENOBUFS)
+    // and must resume once buffers come back.
+    run_with(1, Duration::from_secs(120), |plane| async move {
+        let n = 64;
+        let per = 2 * MIB;
+        let mut relays = Vec::new();
+        let mut writers = Vec::new();
+        let mut backends = Vec::new();
+        let plane = std::sync::Arc::new(plane);
+        for i in 0..n {
+            let Setup {
+                client,
+                backend,
+                tunnel,
+            } = setup(b"", b"", LONG).await;
+            // Small kernel buffers on the backend leg, so the bytes pile
+            // up in the worker rather than in socket buffers.
+            socket2::SockRef::from(&tunnel.backend)
+                .set_send_buffer_size(16 * 1024)
+                .unwrap();
+            socket2::SockRef::from(&backend)
+                .set_recv_buffer_size(16 * 1024)
+                .unwrap();
+            let p = plane.clone();
+            relays.push(tokio::spawn(async move { relay(&p, tunnel).await }));
+            writers.push(tokio::spawn(async move {
+                let (_r, mut w) = client.into_split();
+                send_stream(&mut w, i as u64 + 100, per).await
+            }));
+            backends.push(backend);
+        }
+        // Let the writers fill every buffer on the way.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (held, _) = plane.buffered_bytes();
+        println!("pool exhaustion: {} KiB of pool buffers held", held / 1024);
+        assert!(
+            held >= 12 * MIB,
+            "the pool was not exhausted: {held} bytes held"
+        );
+        assert!(held <= 16 * MIB);
+        let readers = backends.into_iter().map(|mut b| {
+            tokio::spawn(async move {
+                let r = recv_stream(&mut b).await;
+                b.shutdown().await.unwrap();
+                r
+            })
+        });
+        let got = join_all(readers).await;
+        let sent = join_all(writers).await;
+        for (i, (g, s)) in got.into_iter().zip(sent).enumerate() {
+            let (len, hash) = g.unwrap();
+            assert_eq!(len, per, "tunnel {i}");
+            assert_eq!(hash, s.unwrap(), "tunnel {i}");
+        }
+        for r in join_all(relays).await {
+            assert_eq!(r.unwrap().reason, CloseReason::Done);
+        }
+        assert_eq!(plane.buffered_bytes().0, 0, "buffers not returned");
     });
 }
 

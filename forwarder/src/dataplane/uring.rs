@@ -29,7 +29,10 @@ use crate::config::DataPlaneConfig;
 use worker::{Cmd, Job, Shared, Sizing, Worker};
 
 /// Size of one pool buffer: one loopback segment fits.
-const BUF_SIZE: u32 = 64 * 1024;
+pub const BUF_SIZE: u32 = 64 * 1024;
+/// Bytes one direction of a tunnel may hold in pool buffers before its recv
+/// pauses (it can overshoot by less than one buffer).
+pub const DIRECTION_BUFFER_LIMIT: usize = worker::HIGH_WATER;
 /// Pool buffers per worker (16 MiB mapped, touched only as used).
 const BUF_COUNT: u16 = 256;
 /// Submission queue entries per worker (the completion queue is 8x).
@@ -162,6 +165,8 @@ impl UringPlane {
                 counters: counters.clone(),
                 load: AtomicUsize::new(0),
                 alive: AtomicBool::new(true),
+                bufs_in_use: AtomicUsize::new(0),
+                bufs_peak: AtomicUsize::new(0),
             });
             let (tx, rx) = mpsc::channel();
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -210,6 +215,18 @@ impl UringPlane {
             self.counters.to_backend.load(Ordering::Relaxed),
             self.counters.to_client.load(Ordering::Relaxed),
         )
+    }
+
+    /// Bytes of pool buffers holding data now, summed over the workers, and
+    /// the highest any single worker reached (for tests and diagnostics).
+    pub fn buffered_bytes(&self) -> (usize, usize) {
+        let mut now = 0;
+        let mut peak = 0;
+        for w in &self.workers {
+            now += w.shared.bufs_in_use.load(Ordering::Relaxed);
+            peak = peak.max(w.shared.bufs_peak.load(Ordering::Relaxed));
+        }
+        (now * BUF_SIZE as usize, peak * BUF_SIZE as usize)
     }
 
     /// The live worker with the fewest tunnels.

@@ -118,6 +118,10 @@ impl BufRing {
         self.bgid
     }
 
+    pub fn buf_size(&self) -> u32 {
+        self.buf_size
+    }
+
     /// The start of buffer `bid`.
     pub fn addr(&self, bid: u16) -> *mut u8 {
         assert!(bid < self.count, "buffer id out of range");

@@ -90,6 +90,10 @@ pub struct Shared {
     pub load: AtomicUsize,
     /// False once the worker thread stopped taking tunnels.
     pub alive: AtomicBool,
+    /// Pool buffers currently holding bytes (taken by a recv, not yet sent).
+    pub bufs_in_use: AtomicUsize,
+    /// The most pool buffers that held bytes at once.
+    pub bufs_peak: AtomicUsize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -501,9 +505,15 @@ impl Worker {
     }
 
     fn arm_recv(&mut self, slot: u32, t: &mut Tun, d: usize) {
-        let recv = opcode::RecvMulti::new(types::Fd(t.src(d)), self.bufs.bgid())
+        let mut recv = opcode::RecvMulti::new(types::Fd(t.src(d)), self.bufs.bgid())
             .build()
             .user_data(ud(slot, d, KIND_RECV));
+        // Let the kernel end this multishot recv by itself once it received
+        // what the direction may still queue (at least one buffer's worth).
+        let budget = HIGH_WATER
+            .saturating_sub(t.dirs[d].queued)
+            .max(self.bufs.buf_size() as usize);
+        set_multishot_limit(&mut recv, budget as u32);
         self.pending.push_back(recv);
         t.dirs[d].recv = Recv::Armed;
         t.inflight += 1;
@@ -557,6 +567,8 @@ impl Worker {
                 self.close(slot, t, CloseReason::Error);
                 return;
             };
+            let in_use = self.shared.bufs_in_use.fetch_add(1, Ordering::Relaxed) + 1;
+            self.shared.bufs_peak.fetch_max(in_use, Ordering::Relaxed);
             if t.closing.is_some() {
                 self.give_back(bid);
                 return;
@@ -682,8 +694,7 @@ impl Worker {
         for dir in &mut t.dirs {
             for chunk in dir.queue.drain(..) {
                 if let Chunk::Pool { bid, .. } = chunk {
-                    self.bufs.provide(bid);
-                    self.returned = true;
+                    self.give_back(bid);
                 }
             }
         }
@@ -699,6 +710,7 @@ impl Worker {
 
     fn give_back(&mut self, bid: u16) {
         self.bufs.provide(bid);
+        self.shared.bufs_in_use.fetch_sub(1, Ordering::Relaxed);
         self.returned = true;
     }
 
@@ -758,6 +770,26 @@ impl Worker {
             }
             self.settle(slot, t);
         }
+    }
+}
+
+/// Sets the total byte limit of a multishot recv (`sqe->optlen`, kernel
+/// 6.17+, "io_uring/net: Support multishot receive len cap"): the kernel
+/// ends the request (a CQE without `F_MORE`) once it received that much, so
+/// a fast sender cannot take many pool buffers before a cancel arrives.
+/// Older kernels ignore the field for RECV; the cancel at [`HIGH_WATER`]
+/// still bounds the direction there.
+fn set_multishot_limit(entry: &mut squeue::Entry, limit: u32) {
+    const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+    // Offset of the `splice_fd_in / file_index / optlen` union in the
+    // kernel's `struct io_uring_sqe` (uapi; fixed since 5.x).
+    const OPTLEN_OFFSET: usize = 44;
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the uapi
+    // `io_uring_sqe` (64 bytes, asserted above); bytes 44..48 are the u32
+    // `optlen` field. The write is unaligned-safe and stays inside `entry`.
+    unsafe {
+        let base = (entry as *mut squeue::Entry).cast::<u8>();
+        base.add(OPTLEN_OFFSET).cast::<u32>().write_unaligned(limit);
     }
 }
 
