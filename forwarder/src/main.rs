@@ -1,1 +1,115 @@
-fn main() {}
+//! The `upsplice` command line: `run` the router, `check` a config.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use upsplice::config::{Config, DEMO_CONFIG};
+use upsplice::dataplane;
+
+/// A router for WebSocket and other HTTP/1.1 Upgrade traffic: it routes the
+/// first request by Host, checks the backend's 101, then hands the tunnel
+/// to a kernel data plane (sockmap, io_uring or splice).
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a full filter such as
+    /// "info,upsplice::access=off". RUST_LOG is used when this is not given.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the router until SIGTERM/SIGINT (then drain); SIGHUP reloads
+    /// routes and pools from the same file.
+    Run {
+        /// The TOML config. Without it, the built-in demo config runs
+        /// (http on 127.0.0.1:8080, tcp on 127.0.0.1:8443, echo backend on
+        /// 127.0.0.1:9001, admin on 127.0.0.1:9100).
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config, print a summary and which data planes can run
+    /// here; exit non-zero naming the file, the field and what is wrong.
+    Check {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the built-in demo config (a starting point for your own).
+    DefaultConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match &cli.log_level {
+        Some(level) => EnvFilter::try_new(level),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
+    };
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("upsplice: --log-level: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let result = match cli.command {
+        Command::Run { config } => run(config.as_deref()),
+        Command::Check { config } => check(&config),
+        Command::DefaultConfig => {
+            print!("{DEMO_CONFIG}");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("upsplice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: Option<&Path>) -> anyhow::Result<()> {
+    let config = match path {
+        Some(p) => Config::load(p)?,
+        None => {
+            tracing::info!(
+                "no --config: running the built-in demo config (see `upsplice default-config`)"
+            );
+            Config::parse(Path::new("<built-in demo config>"), DEMO_CONFIG)?
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(upsplice::server::run(config, path.map(Path::to_path_buf)))
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    print!("{}", config.summary());
+    println!("data planes on this machine:");
+    for (mode, available) in dataplane::probe_all() {
+        match available {
+            Ok(()) => println!("  {mode:<8} available"),
+            Err(why) => println!("  {mode:<8} unavailable: {why}"),
+        }
+    }
+    println!("{}: ok", path.display());
+    Ok(())
+}

@@ -72,10 +72,10 @@ impl Router {
             entries.by_prefix.push((prefix, target));
         }
         for e in exact.values_mut().chain(wildcard.values_mut()) {
-            e.by_prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            e.by_prefix.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
         }
         let mut wildcard: Vec<_> = wildcard.into_iter().collect();
-        wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         Router { exact, wildcard }
     }
 

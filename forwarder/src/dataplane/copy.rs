@@ -103,8 +103,8 @@ pub async fn copy_until_eof(
     }
 }
 
-/// Moves what `src` has ready now; Ok(true) on EOF.
-async fn copy_ready(
+/// Moves what `src` has ready now through one pooled buffer; Ok(true) on EOF.
+pub(super) async fn copy_ready(
     pool: &BufferPool,
     src: &TcpStream,
     dst: &TcpStream,

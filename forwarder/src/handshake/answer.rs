@@ -1,0 +1,164 @@
+//! The router's own answers: complete HTTP/1.1 responses with
+//! `Content-Length`, a short text body and `Connection: close`, carrying
+//! gorouter's `X-Cf-Routererror` header where gorouter sets one.
+
+use std::fmt;
+
+/// An answer the router gives instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    /// Value of `X-Cf-Routererror` (gorouter's contract), if any.
+    pub cf_error: Option<&'static str>,
+    /// Short machine-readable reason for logs and metrics.
+    pub reason: &'static str,
+    /// One human sentence for the body.
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(
+        status: u16,
+        cf_error: Option<&'static str>,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Refusal {
+        Refusal {
+            status,
+            cf_error,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Refusal {
+        Refusal::new(400, None, "malformed_request", message)
+    }
+    pub fn empty_host() -> Refusal {
+        Refusal::new(
+            400,
+            Some("empty_host"),
+            "empty_host",
+            "Request had empty Host header",
+        )
+    }
+    pub fn unknown_route(host: &str) -> Refusal {
+        Refusal::new(
+            404,
+            Some("unknown_route"),
+            "unknown_route",
+            format!("Requested route ('{host}') does not exist."),
+        )
+    }
+    pub fn timeout() -> Refusal {
+        Refusal::new(
+            408,
+            None,
+            "handshake_timeout",
+            "The request head did not arrive in time.",
+        )
+    }
+    pub fn too_large(max: usize) -> Refusal {
+        Refusal::new(
+            431,
+            None,
+            "header_too_large",
+            format!("The request head is larger than {max} bytes."),
+        )
+    }
+    pub fn endpoint_failure(detail: &str) -> Refusal {
+        Refusal::new(
+            502,
+            Some("endpoint_failure"),
+            "endpoint_failure",
+            format!("Registered endpoint failed to handle the request: {detail}"),
+        )
+    }
+    pub fn no_endpoints(host: &str) -> Refusal {
+        Refusal::new(
+            503,
+            Some("no_endpoints"),
+            "no_endpoints",
+            format!("Requested route ('{host}') has no available endpoints."),
+        )
+    }
+    pub fn route_service_unsupported() -> Refusal {
+        Refusal::new(
+            503,
+            Some("route_service_unsupported"),
+            "route_service_unsupported",
+            "Support for WebSockets or TCP upgrade is not implemented for routes bound to route services.",
+        )
+    }
+    pub fn over_limit() -> Refusal {
+        Refusal::new(
+            503,
+            None,
+            "connection_limit",
+            "The router is at its connection limit; try again later.",
+        )
+    }
+    pub fn http2_unsupported() -> Refusal {
+        Refusal::new(505, None, "http2_unsupported", "HTTP/2 is not supported here; use HTTP/1.1 (WebSockets over HTTP/2, RFC 8441, are not supported).")
+    }
+
+    /// The complete response bytes.
+    pub fn render(&self) -> Vec<u8> {
+        let body = format!(
+            "{} {}: {}\n",
+            self.status,
+            status_text(self.status),
+            self.message
+        );
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+            self.status,
+            status_text(self.status),
+            body.len()
+        );
+        if let Some(e) = self.cf_error {
+            out.push_str("X-Cf-Routererror: ");
+            out.push_str(e);
+            out.push_str("\r\n");
+        }
+        out.push_str("Connection: close\r\n\r\n");
+        out.push_str(&body);
+        out.into_bytes()
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.reason, self.message)
+    }
+}
+
+fn status_text(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_complete_response() {
+        let r = Refusal::unknown_route("x.example.com").render();
+        let text = String::from_utf8(r).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        assert!(head.contains("\r\nX-Cf-Routererror: unknown_route"));
+        assert!(head.contains("\r\nConnection: close"));
+        assert!(head.contains(&format!("\r\nContent-Length: {}", body.len())));
+        assert!(body.contains("x.example.com"));
+    }
+}

@@ -1,0 +1,233 @@
+//! Relaying one complete backend response (a refused upgrade, or a plain
+//! response the router reads itself) framed by its own Content-Length or
+//! chunked encoding, so a keep-alive backend does not leave the client
+//! waiting for a close that never comes.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::head::{tokens, values, Response};
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (1xx, 204, 304, or a response to HEAD).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes.
+    UntilClose,
+}
+
+/// The framing of `resp` given the request method.
+pub fn framing(resp: &Response, method: &str) -> Framing {
+    if method.eq_ignore_ascii_case("HEAD")
+        || resp.status < 200
+        || resp.status == 204
+        || resp.status == 304
+    {
+        return Framing::Empty;
+    }
+    if tokens(&resp.headers, "transfer-encoding")
+        .last()
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+    {
+        return Framing::Chunked;
+    }
+    match values(&resp.headers, "content-length")
+        .next()
+        .and_then(|v| std::str::from_utf8(v.trim_ascii()).ok()?.parse().ok())
+    {
+        Some(n) => Framing::Length(n),
+        None => Framing::UntilClose,
+    }
+}
+
+/// Finds where a chunked body ends, fed the bytes as they arrive.
+#[derive(Debug, Default)]
+pub struct ChunkedEnd {
+    state: Chunk,
+    size: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    #[default]
+    Size,
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    FinalLf,
+    Done,
+}
+
+impl ChunkedEnd {
+    /// Consumes `buf`; returns `Ok(Some(n))` when the body ends after the
+    /// first `n` bytes of `buf`, `Ok(None)` when more is needed.
+    pub fn feed(&mut self, buf: &[u8]) -> Result<Option<usize>, &'static str> {
+        let mut i = 0;
+        while i < buf.len() {
+            let b = buf[i];
+            self.state = match self.state {
+                Chunk::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = (b as char).to_digit(16).expect("hex digit") as u64;
+                        self.size = self
+                            .size
+                            .checked_mul(16)
+                            .and_then(|s| s.checked_add(digit))
+                            .ok_or("chunk size overflows")?;
+                        Chunk::Size
+                    }
+                    b';' | b' ' | b'\t' => Chunk::Ext,
+                    b'\r' => Chunk::SizeLf,
+                    _ => return Err("invalid chunk size"),
+                },
+                Chunk::Ext => {
+                    if b == b'\r' {
+                        Chunk::SizeLf
+                    } else {
+                        Chunk::Ext
+                    }
+                }
+                Chunk::SizeLf if b == b'\n' => {
+                    if self.size == 0 {
+                        Chunk::TrailerStart
+                    } else {
+                        Chunk::Data
+                    }
+                }
+                Chunk::Data => {
+                    let take = (self.size).min((buf.len() - i) as u64);
+                    self.size -= take;
+                    i += take as usize;
+                    if self.size == 0 {
+                        self.state = Chunk::DataCr;
+                    }
+                    continue;
+                }
+                Chunk::DataCr if b == b'\r' => Chunk::DataLf,
+                Chunk::DataLf if b == b'\n' => Chunk::Size,
+                Chunk::TrailerStart => {
+                    if b == b'\r' {
+                        Chunk::FinalLf
+                    } else {
+                        Chunk::Trailer
+                    }
+                }
+                Chunk::Trailer => {
+                    if b == b'\r' {
+                        Chunk::TrailerLf
+                    } else {
+                        Chunk::Trailer
+                    }
+                }
+                Chunk::TrailerLf if b == b'\n' => Chunk::TrailerStart,
+                Chunk::FinalLf if b == b'\n' => Chunk::Done,
+                Chunk::Done => return Ok(Some(i)),
+                _ => return Err("malformed chunked framing"),
+            };
+            i += 1;
+            if self.state == Chunk::Done {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Writes `head_and_rest` (the response head and whatever body bytes came
+/// with it) to `client`, then relays body bytes from `backend` until the
+/// framing says the response is complete. Each read waits at most `idle`.
+/// Returns the bytes written to the client.
+pub async fn relay_response(
+    backend: &mut TcpStream,
+    client: &mut TcpStream,
+    head_and_rest: &[u8],
+    head_len: usize,
+    framing: Framing,
+    idle: Duration,
+) -> io::Result<u64> {
+    let mut chunked = ChunkedEnd::default();
+    let mut remaining = match framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    // How much of `data` belongs to the response; true when it is complete.
+    let mut take = |data: &[u8]| -> io::Result<(usize, bool)> {
+        match framing {
+            Framing::Empty => Ok((0, true)),
+            Framing::Length(_) => {
+                let n = remaining.min(data.len() as u64);
+                remaining -= n;
+                Ok((n as usize, remaining == 0))
+            }
+            Framing::Chunked => match chunked
+                .feed(data)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+            {
+                Some(end) => Ok((end, true)),
+                None => Ok((data.len(), false)),
+            },
+            Framing::UntilClose => Ok((data.len(), false)),
+        }
+    };
+    let (n, mut done) = take(&head_and_rest[head_len..])?;
+    client.write_all(&head_and_rest[..head_len + n]).await?;
+    let mut written = (head_len + n) as u64;
+    let mut buf = vec![0u8; 16 * 1024];
+    while !done {
+        let read = tokio::time::timeout(idle, backend.read(&mut buf))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "backend response stalled"))??;
+        if read == 0 {
+            if framing == Framing::UntilClose {
+                break;
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "backend closed before the response was complete",
+            ));
+        }
+        let (n, complete) = take(&buf[..read])?;
+        client.write_all(&buf[..n]).await?;
+        written += n as u64;
+        done = complete;
+    }
+    client.flush().await?;
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_end_found_across_pieces() {
+        let body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        for split in 0..body.len() {
+            let mut c = ChunkedEnd::default();
+            let end = match c.feed(&body[..split]).unwrap() {
+                Some(n) => n,
+                None => split + c.feed(&body[split..]).unwrap().unwrap(),
+            };
+            assert_eq!(&body[end..], b"NEXT", "split at {split}");
+        }
+    }
+
+    #[test]
+    fn chunked_rejects_garbage() {
+        assert!(ChunkedEnd::default().feed(b"zz\r\n").is_err());
+        assert!(ChunkedEnd::default()
+            .feed(b"ffffffffffffffffff\r\n")
+            .is_err());
+    }
+}

@@ -1,0 +1,236 @@
+//! Reading and parsing message heads with httparse, bounded in size.
+//!
+//! [`parse_request`] and [`parse_response`] are pure functions over the bytes
+//! read so far: they say "need more", "here is the head and its length", or
+//! what is wrong with it. Bytes past the head stay in the caller's buffer and
+//! are forwarded in order — never dropped.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// Most headers a head may carry (httparse needs a fixed array).
+pub const MAX_HEADERS: usize = 128;
+
+/// The HTTP/2 prior-knowledge connection preface starts with this.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// Why a request head is refused. Each maps to one error answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("request head larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("malformed request head: {0}")]
+    Malformed(String),
+    #[error("HTTP/2 prior-knowledge preface")]
+    Http2Preface,
+    #[error("too many headers (more than {MAX_HEADERS})")]
+    TooManyHeaders,
+}
+
+/// One header as received (name case preserved).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+/// A parsed request head, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub target: String,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub headers: Vec<Header>,
+    /// Length of the head in the buffer, including the blank line.
+    pub head_len: usize,
+}
+
+/// A parsed response head, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub version: u8,
+    pub status: u16,
+    pub headers: Vec<Header>,
+    pub head_len: usize,
+}
+
+/// Iterates the values of every header called `name` (case-insensitive).
+pub fn values<'a>(headers: &'a [Header], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_slice())
+}
+
+/// Iterates the comma-separated tokens of every header called `name`, trimmed.
+pub fn tokens<'a>(headers: &'a [Header], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    values(headers, name)
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+fn own_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
+    headers
+        .iter()
+        .map(|h| Header {
+            name: h.name.to_string(),
+            value: h.value.to_vec(),
+        })
+        .collect()
+}
+
+/// Parses a request head from the start of `buf`. `Ok(None)` means the head
+/// is incomplete and may still fit in `max` bytes.
+pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<Request>, HeadError> {
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] && n > 0 {
+        return if n == H2_PREFACE.len() {
+            Err(HeadError::Http2Preface)
+        } else {
+            Ok(None)
+        };
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(head_len)) => {
+            if head_len > max {
+                return Err(HeadError::TooLarge(max));
+            }
+            Ok(Some(Request {
+                method: req.method.unwrap_or_default().to_string(),
+                target: req.path.unwrap_or_default().to_string(),
+                version: req.version.unwrap_or(1),
+                headers: own_headers(req.headers),
+                head_len,
+            }))
+        }
+        Ok(httparse::Status::Partial) if buf.len() >= max => Err(HeadError::TooLarge(max)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
+        Err(e) => Err(HeadError::Malformed(e.to_string())),
+    }
+}
+
+/// Parses a response head from the start of `buf` (same contract).
+pub fn parse_response(buf: &[u8], max: usize) -> Result<Option<Response>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(head_len)) if head_len > max => Err(HeadError::TooLarge(max)),
+        Ok(httparse::Status::Complete(head_len)) => Ok(Some(Response {
+            version: resp.version.unwrap_or(1),
+            status: resp.code.unwrap_or(0),
+            headers: own_headers(resp.headers),
+            head_len,
+        })),
+        Ok(httparse::Status::Partial) if buf.len() >= max => Err(HeadError::TooLarge(max)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
+        Err(e) => Err(HeadError::Malformed(e.to_string())),
+    }
+}
+
+/// How reading a head from a socket ended without a head.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    #[error("head incomplete after {0:?}")]
+    Timeout(Duration),
+    #[error("peer closed before a complete head ({0} bytes received)")]
+    Closed(usize),
+    #[error("read failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads from `stream` into `buf` until `parse` finds a complete head, the
+/// head outgrows `max`, or `timeout` passes (for the whole head, not per
+/// read — a slow-loris client cannot extend it). Never reads more than
+/// `max + 1` bytes past what `buf` already holds, so memory stays bounded.
+pub async fn read_head<T>(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+    timeout: Duration,
+    parse: impl Fn(&[u8], usize) -> Result<Option<T>, HeadError>,
+) -> Result<T, ReadError> {
+    let work = async {
+        loop {
+            if !buf.is_empty() {
+                if let Some(head) = parse(buf, max)? {
+                    return Ok(head);
+                }
+            }
+            // Read at most up to max (+1 to tell "too large" from "exactly max").
+            let room = (max + 1).saturating_sub(buf.len()).clamp(1, 16 * 1024);
+            buf.reserve(room);
+            let n = (&mut *stream).take(room as u64).read_buf(buf).await?;
+            if n == 0 {
+                return Err(ReadError::Closed(buf.len()));
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ReadError::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn complete_partial_and_leftover() {
+        let raw = b"GET /chat HTTP/1.1\r\nHost: a\r\n\r\nEXTRA";
+        let r = parse_request(raw, 1024).unwrap().unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.target.as_str(), r.version),
+            ("GET", "/chat", 1)
+        );
+        assert_eq!(&raw[r.head_len..], b"EXTRA");
+        assert_eq!(parse_request(&raw[..10], 1024), Ok(None));
+    }
+
+    #[test]
+    fn too_large_and_malformed_and_h2() {
+        let raw = b"GET / HTTP/1.1\r\nX: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+        assert_eq!(parse_request(raw, 32), Err(HeadError::TooLarge(32)));
+        assert!(matches!(
+            parse_request(b"GET / HTTP/3.0\r\n\r\n", 100),
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_request(b"\x16\x03\x01\x02\x00", 100),
+            Err(HeadError::Malformed(_))
+        ));
+        assert_eq!(
+            parse_request(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 100),
+            Err(HeadError::Http2Preface)
+        );
+        assert_eq!(parse_request(b"PRI * HT", 100), Ok(None));
+    }
+
+    #[test]
+    fn tokens_split_across_headers() {
+        let h = vec![
+            Header {
+                name: "Connection".into(),
+                value: b"keep-alive, Upgrade".to_vec(),
+            },
+            Header {
+                name: "connection".into(),
+                value: b" x ".to_vec(),
+            },
+        ];
+        let t: Vec<&[u8]> = tokens(&h, "CONNECTION").collect();
+        assert_eq!(t, vec![&b"keep-alive"[..], b"Upgrade", b"x"]);
+    }
+}

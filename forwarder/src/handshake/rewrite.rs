@@ -1,0 +1,407 @@
+//! Turning a client's request head into the head sent to the backend.
+//!
+//! * hop-by-hop headers go (`Connection`, `Keep-Alive`, `Proxy-Connection`,
+//!   `TE`, `HTTP2-Settings` and whatever `Connection` names), except that an
+//!   upgrade keeps `Connection: Upgrade` and its `Upgrade` header;
+//! * an `Upgrade: h2c` offer is dropped and the request proceeds as HTTP/1.1;
+//! * plain requests get `Connection: close` (one request per connection);
+//! * `X-Forwarded-For`: a trusted peer's list is extended with the peer's
+//!   address, anyone else's is replaced by it; `X-Forwarded-Proto`: a trusted
+//!   peer's value is kept, otherwise the listener's is set;
+//!   `X-Request-Start`: milliseconds since the epoch, as gorouter sets it;
+//! * ambiguous body framing (Transfer-Encoding with Content-Length, differing
+//!   Content-Lengths, a Transfer-Encoding that does not end in chunked) is
+//!   refused: it is how requests get smuggled past a proxy.
+
+use std::net::IpAddr;
+
+use super::answer::Refusal;
+use super::head::{tokens, values, Request};
+
+/// How the request body is framed (what follows the head from the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// What the listener knows about the client.
+#[derive(Debug, Clone)]
+pub struct ClientInfo<'a> {
+    pub peer: IpAddr,
+    pub trusted: bool,
+    pub forwarded_proto: &'a str,
+    pub now_ms: u128,
+}
+
+/// A request ready to be routed and forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Host to route by, as sent (maybe with a port).
+    pub host: String,
+    /// Path (with query) to route by.
+    pub path: String,
+    /// The protocols the client asked to upgrade to, if this is an upgrade.
+    pub upgrade: Option<String>,
+    pub body: Body,
+    /// The head to send to the backend.
+    pub head: Vec<u8>,
+}
+
+/// Headers never forwarded as they came.
+const DROPPED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "http2-settings",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-start",
+];
+
+/// Headers a `Connection` token may not remove: they frame or route the request.
+const PROTECTED: &[&str] = &["host", "content-length", "transfer-encoding"];
+
+/// Checks `req` and builds the head to forward, or the answer to give instead.
+pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusal> {
+    if req.method.eq_ignore_ascii_case("CONNECT") {
+        return Err(Refusal::bad_request(
+            "CONNECT is not supported by this router",
+        ));
+    }
+    let (host, path) = host_and_path(req)?;
+    let body = body_framing(req)?;
+
+    // Upgrade: Connection must name "upgrade" and Upgrade must offer
+    // something other than h2c (dropped: we do not speak HTTP/2).
+    let connection_upgrade =
+        tokens(&req.headers, "connection").any(|t| t.eq_ignore_ascii_case(b"upgrade"));
+    let offered: Vec<&[u8]> = tokens(&req.headers, "upgrade")
+        .filter(|t| !t.eq_ignore_ascii_case(b"h2c"))
+        .collect();
+    let upgrade = (req.version == 1 && connection_upgrade && !offered.is_empty()).then(|| {
+        offered
+            .iter()
+            .map(|t| String::from_utf8_lossy(t))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+
+    let named_by_connection: Vec<String> = tokens(&req.headers, "connection")
+        .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
+        .filter(|t| !PROTECTED.contains(&t.as_str()))
+        .collect();
+
+    let mut head = Vec::with_capacity(req.head_len + 192);
+    head.extend_from_slice(req.method.as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(req.target.as_bytes());
+    head.extend_from_slice(if req.version == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    for h in &req.headers {
+        let lower = h.name.to_ascii_lowercase();
+        if DROPPED.contains(&lower.as_str()) || named_by_connection.contains(&lower) {
+            continue;
+        }
+        push_header(&mut head, &h.name, &h.value);
+    }
+    match &upgrade {
+        Some(protocols) => {
+            push_header(&mut head, "Connection", b"Upgrade");
+            push_header(&mut head, "Upgrade", protocols.as_bytes());
+        }
+        None => push_header(&mut head, "Connection", b"close"),
+    }
+
+    let peer = client.peer.to_string();
+    let xff = if client.trusted {
+        let sent: Vec<&[u8]> = values(&req.headers, "x-forwarded-for")
+            .map(|v| v.trim_ascii())
+            .filter(|v| !v.is_empty())
+            .collect();
+        let mut list = sent.join(&b", "[..]);
+        if !list.is_empty() {
+            list.extend_from_slice(b", ");
+        }
+        list.extend_from_slice(peer.as_bytes());
+        list
+    } else {
+        peer.into_bytes()
+    };
+    push_header(&mut head, "X-Forwarded-For", &xff);
+    let sent_proto = values(&req.headers, "x-forwarded-proto")
+        .next()
+        .map(|v| v.trim_ascii())
+        .filter(|v| !v.is_empty());
+    let proto = match sent_proto {
+        Some(p) if client.trusted => p,
+        _ => client.forwarded_proto.as_bytes(),
+    };
+    push_header(&mut head, "X-Forwarded-Proto", proto);
+    push_header(
+        &mut head,
+        "X-Request-Start",
+        client.now_ms.to_string().as_bytes(),
+    );
+    head.extend_from_slice(b"\r\n");
+
+    Ok(Forward {
+        host,
+        path,
+        upgrade,
+        body,
+        head,
+    })
+}
+
+fn push_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
+    head.extend_from_slice(name.as_bytes());
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
+}
+
+/// The Host to route by and the path: from an absolute-form target if the
+/// client sent one (it overrides Host, RFC 9112 §3.2.2), else from Host.
+fn host_and_path(req: &Request) -> Result<(String, String), Refusal> {
+    let lower = req
+        .target
+        .get(..8)
+        .unwrap_or(&req.target)
+        .to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        let rest = &req.target[req.target.find("://").map(|i| i + 3).unwrap_or(0)..];
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let authority = authority.rsplit('@').next().unwrap_or(authority);
+        if authority.is_empty() {
+            return Err(Refusal::empty_host());
+        }
+        return Ok((authority.to_string(), path.to_string()));
+    }
+    let mut hosts = values(&req.headers, "host");
+    let host = hosts.next().map(|h| h.trim_ascii()).unwrap_or_default();
+    if hosts.next().is_some() {
+        return Err(Refusal::bad_request("more than one Host header"));
+    }
+    if host.is_empty() {
+        return Err(Refusal::empty_host());
+    }
+    let host = std::str::from_utf8(host).map_err(|_| Refusal::bad_request("Host is not ASCII"))?;
+    if host
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'@')
+    {
+        return Err(Refusal::bad_request("Host is not a host name"));
+    }
+    Ok((host.to_string(), req.target.clone()))
+}
+
+fn body_framing(req: &Request) -> Result<Body, Refusal> {
+    let te: Vec<&[u8]> = tokens(&req.headers, "transfer-encoding").collect();
+    let mut lengths = values(&req.headers, "content-length")
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(|v| v.trim_ascii());
+    let length = match lengths.next() {
+        None => None,
+        Some(first) => {
+            let n = parse_length(first)
+                .ok_or_else(|| Refusal::bad_request("invalid Content-Length"))?;
+            if lengths.any(|other| parse_length(other) != Some(n)) {
+                return Err(Refusal::bad_request("conflicting Content-Length headers"));
+            }
+            Some(n)
+        }
+    };
+    if !te.is_empty() {
+        if length.is_some() {
+            return Err(Refusal::bad_request(
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
+        if req.version == 0 {
+            return Err(Refusal::bad_request(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
+        }
+        if !te
+            .last()
+            .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+        {
+            return Err(Refusal::bad_request(
+                "Transfer-Encoding must end with chunked",
+            ));
+        }
+        return Ok(Body::Chunked);
+    }
+    Ok(match length {
+        None | Some(0) => Body::None,
+        Some(n) => Body::Length(n),
+    })
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::head::parse_request;
+    use super::*;
+
+    fn client(trusted: bool) -> ClientInfo<'static> {
+        ClientInfo {
+            peer: "192.0.2.7".parse().unwrap(),
+            trusted,
+            forwarded_proto: "https",
+            now_ms: 1_700_000_000_123,
+        }
+    }
+
+    fn fwd(raw: &str, trusted: bool) -> Result<Forward, Refusal> {
+        let req = parse_request(raw.as_bytes(), 65536).unwrap().unwrap();
+        rewrite(&req, &client(trusted))
+    }
+
+    fn head(f: &Forward) -> String {
+        String::from_utf8(f.head.clone()).unwrap()
+    }
+
+    #[test]
+    fn websocket_upgrade_keeps_upgrade_and_sets_forwarded_headers() {
+        let f = fwd(
+            "GET /chat HTTP/1.1\r\nHost: chat.example.com\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: http\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(f.upgrade.as_deref(), Some("websocket"));
+        assert_eq!(f.host, "chat.example.com");
+        let h = head(&f);
+        assert!(
+            h.starts_with(
+                "GET /chat HTTP/1.1\r\nHost: chat.example.com\r\nSec-WebSocket-Key: k\r\n"
+            ),
+            "{h}"
+        );
+        assert!(
+            h.contains("\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"),
+            "{h}"
+        );
+        assert!(
+            h.contains("\r\nX-Forwarded-For: 192.0.2.7\r\n"),
+            "untrusted XFF replaced: {h}"
+        );
+        assert!(
+            h.contains("\r\nX-Forwarded-Proto: https\r\n"),
+            "untrusted XFP replaced: {h}"
+        );
+        assert!(h.contains("\r\nX-Request-Start: 1700000000123\r\n"));
+        assert!(!h.contains("6.6.6.6") && !h.contains("keep-alive"));
+        assert!(h.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn trusted_peer_keeps_and_extends() {
+        let f = fwd("GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.1.1.1\r\nX-Forwarded-For: 10.2.2.2\r\nX-Forwarded-Proto: https\r\n\r\n", true).unwrap();
+        let h = head(&f);
+        assert!(
+            h.contains("\r\nX-Forwarded-For: 10.1.1.1, 10.2.2.2, 192.0.2.7\r\n"),
+            "{h}"
+        );
+        assert!(h.contains("\r\nX-Forwarded-Proto: https\r\n"), "{h}");
+        assert!(h.contains("\r\nConnection: close\r\n"));
+        assert_eq!(f.upgrade, None);
+    }
+
+    #[test]
+    fn h2c_offer_is_dropped() {
+        let f = fwd("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n", false).unwrap();
+        assert_eq!(f.upgrade, None);
+        let h = head(&f);
+        assert!(
+            !h.to_ascii_lowercase().contains("h2c") && !h.contains("HTTP2-Settings"),
+            "{h}"
+        );
+        assert!(h.contains("Connection: close"));
+    }
+
+    #[test]
+    fn connection_tokens_drop_named_headers_but_not_framing() {
+        let f = fwd("POST / HTTP/1.1\r\nHost: h\r\nConnection: X-Secret, Content-Length\r\nX-Secret: 1\r\nContent-Length: 3\r\n\r\nabc", false).unwrap();
+        let h = head(&f);
+        assert!(
+            !h.contains("X-Secret") && h.contains("Content-Length: 3"),
+            "{h}"
+        );
+        assert_eq!(f.body, Body::Length(3));
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(
+            fwd("GET / HTTP/1.1\r\n\r\n", false).unwrap_err().cf_error,
+            Some("empty_host")
+        );
+        assert_eq!(
+            fwd("GET / HTTP/1.1\r\nHost:  \r\n\r\n", false)
+                .unwrap_err()
+                .cf_error,
+            Some("empty_host")
+        );
+        assert_eq!(
+            fwd("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", false)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(fwd("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", false).unwrap_err().status, 400);
+        assert_eq!(
+            fwd(
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                false
+            )
+            .unwrap_err()
+            .status,
+            400
+        );
+        assert_eq!(
+            fwd(
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                false
+            )
+            .unwrap_err()
+            .status,
+            400
+        );
+        assert_eq!(
+            fwd("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", false)
+                .unwrap_err()
+                .status,
+            400
+        );
+    }
+
+    #[test]
+    fn absolute_form_target_overrides_host() {
+        let f = fwd(
+            "GET http://chat.example.com:8080/ws?x=1 HTTP/1.1\r\nHost: other\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (f.host.as_str(), f.path.as_str()),
+            ("chat.example.com:8080", "/ws?x=1")
+        );
+    }
+}

@@ -1,0 +1,402 @@
+//! Test support: the real `upsplice` binary on loopback, and backends the
+//! tests control byte by byte.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A free loopback port (bound and released; the router binds it next).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running router process; killed when dropped.
+pub struct Router {
+    child: Option<Child>,
+    pub http: SocketAddr,
+    pub tcp: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+/// What goes into the config besides the listeners.
+pub struct Setup<'a> {
+    pub mode: &'a str,
+    pub limits: &'a str,
+    /// `[[pool]]` and `[[route]]` tables; a pool called "main" must exist
+    /// (the tcp listener forwards to it).
+    pub routing: String,
+    pub extra: &'a str,
+}
+
+impl Router {
+    pub fn start(setup: Setup<'_>) -> Router {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("upsplice.toml");
+        let (http, tcp, admin) = (free_port(), free_port(), free_port());
+        let text = render(&setup, http, tcp, admin);
+        std::fs::write(&config_path, text).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_upsplice"))
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let router = Router {
+            child: Some(child),
+            http: ([127, 0, 0, 1], http).into(),
+            tcp: ([127, 0, 0, 1], tcp).into(),
+            admin: ([127, 0, 0, 1], admin).into(),
+            config_path,
+            log,
+            _dir: dir,
+        };
+        router.wait_ready();
+        router
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self
+                .admin_get("/healthz")
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("router did not become ready; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until the router's log contains `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "log never contained {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// A blocking GET on the admin endpoint: (status, body).
+    pub fn admin_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let mut s = std::net::TcpStream::connect(self.admin)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// The value of one metric line (exact labels), 0 when absent.
+    pub fn metric(&self, line_prefix: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics").unwrap();
+        body.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Waits for the process to exit (bounded).
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "router did not exit within {within:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Open fds of the router process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Resident memory of the router process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    /// Sockets of the router process in CLOSE_WAIT (the router failed to
+    /// close after its peer did).
+    pub fn close_wait_count(&self) -> usize {
+        let inodes: std::collections::HashSet<String> =
+            std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|p| {
+                    p.to_str()?
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')
+                        .map(str::to_string)
+                })
+                .collect();
+        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        tcp.lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 9 && f[3] == "08" && inodes.contains(f[9])
+            })
+            .count()
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn render(s: &Setup<'_>, http: u16, tcp: u16, admin: u16) -> String {
+    format!(
+        r#"[data_plane]
+mode = "{mode}"
+{extra}
+[limits]
+{limits}
+
+[admin]
+bind = "127.0.0.1:{admin}"
+
+[[listener]]
+name = "web"
+bind = "127.0.0.1:{http}"
+protocol = "http"
+forwarded_proto = "https"
+trusted_cidrs = ["127.0.0.2/32"]
+
+[[listener]]
+name = "raw"
+bind = "127.0.0.1:{tcp}"
+protocol = "tcp"
+pool = "main"
+
+{routing}
+"#,
+        mode = s.mode,
+        extra = s.extra,
+        limits = s.limits,
+        routing = s.routing,
+    )
+}
+
+/// A `[[pool]]` "main" with `backends` and a catch-all-ish route for `host`.
+pub fn main_pool(backends: &[SocketAddr], host: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!("[[pool]]\nname = \"main\"\nbackends = [{}]\n\n[[route]]\nhost = \"{host}\"\npool = \"main\"\n", list.join(", "))
+}
+
+/// A backend the test drives by hand: accepted sockets arrive on a channel.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    rx: tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
+}
+
+impl RawBackend {
+    pub async fn start() -> RawBackend {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                if tx.send(s).is_err() {
+                    break;
+                }
+            }
+        });
+        RawBackend { addr, rx }
+    }
+
+    pub async fn accept(&mut self) -> TcpStream {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("backend accept timed out")
+            .unwrap()
+    }
+}
+
+/// Reads until the end of an HTTP head; returns (head, bytes after it).
+pub async fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(i + 4);
+            return (String::from_utf8_lossy(&buf).into_owned(), rest);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("head read timed out")
+            .unwrap();
+        assert!(
+            n > 0,
+            "peer closed before the end of the head; got {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads to EOF (bounded by time); returns the bytes.
+pub async fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("read to EOF timed out")
+        .unwrap();
+    out
+}
+
+pub const WS_REQUEST: &str = "GET /chat HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+pub const WS_101: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+
+/// A raw upgraded tunnel through the router: the client's socket, the
+/// backend's socket, and the head the backend received. `pipelined` goes
+/// out in the same write as the request head; `after_101` in the same
+/// write as the backend's 101.
+pub async fn raw_tunnel(
+    router: &Router,
+    backend: &mut RawBackend,
+    host: &str,
+    pipelined: &[u8],
+    after_101: &[u8],
+) -> (TcpStream, TcpStream, String, Vec<u8>) {
+    let mut client = TcpStream::connect(router.http).await.unwrap();
+    let mut req = WS_REQUEST.replace("{host}", host).into_bytes();
+    req.extend_from_slice(pipelined);
+    client.write_all(&req).await.unwrap();
+    let mut server = backend.accept().await;
+    let (head, early) = read_head(&mut server).await;
+    let mut resp = WS_101.to_vec();
+    resp.extend_from_slice(after_101);
+    server.write_all(&resp).await.unwrap();
+    let (rhead, rest) = read_head(&mut client).await;
+    assert!(rhead.starts_with("HTTP/1.1 101"), "{rhead}");
+    // What the client got past the 101 so far is part of `after_101`.
+    let _ = rest;
+    (client, server, head, early)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends agree.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `data` in chunks while hashing; returns the SHA-256.
+pub async fn send_all(w: &mut (impl AsyncWriteExt + Unpin), data: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    for chunk in data.chunks(256 * 1024) {
+        w.write_all(chunk).await.unwrap();
+    }
+    Sha256::digest(data).into()
+}
+
+/// Reads exactly `len` bytes (bounded by time); returns their SHA-256.
+pub async fn recv_hash(
+    r: &mut (impl AsyncReadExt + Unpin),
+    len: usize,
+    within: Duration,
+) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    let work = async {
+        while got < len {
+            let n = r
+                .read(&mut buf[..(len - got).min(256 * 1024)])
+                .await
+                .unwrap();
+            assert!(n > 0, "EOF after {got} of {len} bytes");
+            h.update(&buf[..n]);
+            got += n;
+        }
+    };
+    tokio::time::timeout(within, work)
+        .await
+        .expect("transfer did not finish in time");
+    h.finalize().into()
+}
+
+/// Writes a raw request and reads the whole answer until the router closes.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned()
+}

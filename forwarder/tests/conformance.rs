@@ -1,0 +1,651 @@
+//! The data-plane conformance suite: every behaviour of a tunnel, checked
+//! through the real binary on loopback, once per data plane. A new plane
+//! joins by adding its name to the `conformance!` list at the bottom.
+
+#![allow(clippy::result_large_err)] // tungstenite's callback signature, not ours
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::Message;
+
+const LIMITS: &str = "handshake_timeout = \"2s\"\nidle_timeout = \"1h\"\ndrain_timeout = \"2s\"\nconnect_timeout = \"5s\"";
+
+fn start(mode: &str, backend: &RawBackend) -> Router {
+    Router::start(Setup {
+        mode,
+        limits: LIMITS,
+        routing: main_pool(&[backend.addr], "app.test"),
+        extra: "",
+    })
+}
+
+/// A WebSocket echo backend built on tokio-tungstenite; every request
+/// head it accepts is sent on the returned channel.
+async fn ws_echo_backend() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<(String, String)>>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let cb = |req: &Request, resp: Response| {
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    let _ = tx.send(headers);
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        if ws.send(msg).await.is_err() {
+                            break;
+                        }
+                    } else if msg.is_close() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn websocket_echo_with_real_library(mode: &str) {
+    let (addr, mut heads) = ws_echo_backend().await;
+    let router = Router::start(Setup {
+        mode,
+        limits: LIMITS,
+        routing: main_pool(&[addr], "app.test"),
+        extra: "",
+    });
+    let url = format!("ws://{}/chat", router.http);
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    req.headers_mut()
+        .insert("Host", "app.test".parse().unwrap());
+    req.headers_mut()
+        .insert("X-Forwarded-For", "6.6.6.6".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..50 {
+        let text = format!("message {i} {}", "x".repeat(i * 100));
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+    }
+    let big = pattern(7, 1 << 20);
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().into_data(), big);
+    ws.close(None).await.unwrap();
+
+    let headers = heads.recv().await.unwrap();
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        get("x-forwarded-for").as_deref(),
+        Some("127.0.0.1"),
+        "an untrusted client's XFF is replaced"
+    );
+    assert_eq!(get("x-forwarded-proto").as_deref(), Some("https"));
+    assert!(get("x-request-start").unwrap().parse::<u64>().unwrap() > 1_600_000_000_000);
+}
+
+async fn integrity_64mib_both_ways(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let (client, server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    const LEN: usize = 64 << 20;
+    let up = pattern(1, LEN);
+    let down = pattern(2, LEN);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let t = Duration::from_secs(120);
+    let (a, b, c, d) = tokio::join!(
+        send_all(&mut cw, &up),
+        send_all(&mut sw, &down),
+        recv_hash(&mut sr, LEN, t),
+        recv_hash(&mut cr, LEN, t)
+    );
+    assert_eq!(a, c, "client → backend corrupted");
+    assert_eq!(b, d, "backend → client corrupted");
+}
+
+async fn half_close_client_first(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let (mut client, mut server, _, _) =
+        raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    client.write_all(b"last words").await.unwrap();
+    client.shutdown().await.unwrap();
+    assert_eq!(
+        read_to_end(&mut server).await,
+        b"last words",
+        "backend sees the bytes, then EOF"
+    );
+    // The other direction keeps flowing after the client's FIN.
+    let tail = pattern(3, 4 << 20);
+    let sent = send_all(&mut server, &tail).await;
+    assert_eq!(
+        recv_hash(&mut client, tail.len(), Duration::from_secs(30)).await,
+        sent
+    );
+    server.shutdown().await.unwrap();
+    assert_eq!(
+        read_to_end(&mut client).await,
+        b"",
+        "client sees EOF after the backend's FIN"
+    );
+}
+
+async fn half_close_backend_first(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let (mut client, mut server, _, _) =
+        raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    server.write_all(b"bye").await.unwrap();
+    server.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut client).await, b"bye");
+    let tail = pattern(4, 4 << 20);
+    let sent = send_all(&mut client, &tail).await;
+    assert_eq!(
+        recv_hash(&mut server, tail.len(), Duration::from_secs(30)).await,
+        sent
+    );
+    client.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut server).await, b"");
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Reads until an error or EOF; true when the stream ended with a reset.
+async fn ends_with_reset(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 65536];
+    let work = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return false,
+                Ok(_) => continue,
+                Err(e) => return is_reset(&e),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .expect("no EOF or reset within 10s")
+}
+
+async fn reset_from_backend_resets_client(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let (mut client, server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    server.set_zero_linger().unwrap();
+    drop(server);
+    assert!(
+        ends_with_reset(&mut client).await,
+        "the client must see a reset, not a clean EOF"
+    );
+}
+
+async fn reset_from_client_resets_backend(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let (client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    client.set_zero_linger().unwrap();
+    drop(client);
+    assert!(
+        ends_with_reset(&mut server).await,
+        "the backend must see a reset, not a clean EOF"
+    );
+}
+
+async fn backend_speaks_first(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    // The backend's first message rides in the same write as its 101 and
+    // then it waits for the client: the client must get it without sending.
+    let mut client = TcpStream::connect(router.http).await.unwrap();
+    client
+        .write_all(WS_REQUEST.replace("{host}", "app.test").as_bytes())
+        .await
+        .unwrap();
+    let mut server = backend.accept().await;
+    read_head(&mut server).await;
+    let mut resp = WS_101.to_vec();
+    resp.extend_from_slice(b"hello from the backend");
+    server.write_all(&resp).await.unwrap();
+    let (head, mut got) = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"));
+    while got.len() < 22 {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("speak-first bytes stalled")
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"hello from the backend");
+    // A second message, sent after the tunnel is in place, also arrives.
+    server.write_all(b"second").await.unwrap();
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"second");
+    // And the client can answer.
+    client.write_all(b"ack").await.unwrap();
+    let mut buf = [0u8; 3];
+    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ack");
+}
+
+async fn pipelined_bytes_after_head(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let (mut client, mut server, head, mut early) =
+        raw_tunnel(&router, &mut backend, "app.test", b"early-bytes", b"").await;
+    assert!(head.contains("Upgrade: websocket"), "{head}");
+    // The pipelined bytes arrive after the head, in order, none dropped.
+    while early.len() < 11 {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .expect("pipelined bytes stalled")
+            .unwrap();
+        assert!(n > 0);
+        early.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(early, b"early-bytes");
+    client.write_all(b"+more").await.unwrap();
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"+more");
+}
+
+async fn refused_upgrade_is_relayed_framed(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    for (answer, body) in [
+        (&b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\nConnection: keep-alive\r\n\r\nforbidden"[..], "forbidden"),
+        (&b"HTTP/1.1 426 Upgrade Required\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nnope\r\n0\r\n\r\n"[..], "4\r\nnope\r\n0\r\n\r\n"),
+    ] {
+        let mut client = TcpStream::connect(router.http).await.unwrap();
+        client.write_all(WS_REQUEST.replace("{host}", "app.test").as_bytes()).await.unwrap();
+        let mut server = backend.accept().await;
+        read_head(&mut server).await;
+        server.write_all(answer).await.unwrap();
+        // The backend keeps its connection open (keep-alive); the client
+        // still gets the whole response and then the router's close.
+        let started = Instant::now();
+        let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(3), "the client waited for the backend's close");
+        assert!(got.ends_with(body), "{got:?}");
+        assert_eq!(&got.as_bytes()[..12], &answer[..12]);
+        drop(server);
+    }
+}
+
+async fn many_concurrent_websocket_clients(mode: &str) {
+    let (addr, _heads) = ws_echo_backend().await;
+    let router = Router::start(Setup {
+        mode,
+        limits: LIMITS,
+        routing: main_pool(&[addr], "app.test"),
+        extra: "",
+    });
+    let http = router.http;
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        if i % 50 == 0 {
+            // Connect in waves so the test's own backend keeps up with accepts.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tasks.push(tokio::spawn(async move {
+            let mut req =
+                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                    format!("ws://{http}/"),
+                )
+                .unwrap();
+            req.headers_mut()
+                .insert("Host", "app.test".parse().unwrap());
+            let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+            for j in 0..3 {
+                let text = format!("client {i} message {j}");
+                ws.send(Message::text(text.clone())).await.unwrap();
+                assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+            }
+            ws
+        }));
+    }
+    let mut open = Vec::new();
+    for t in tasks {
+        open.push(
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("clients stalled")
+                .unwrap(),
+        );
+    }
+    // All 500 are open at once here.
+    assert_eq!(
+        router.metric("upsplice_tunnels_active{listener=\"web\""),
+        500.0
+    );
+    drop(open);
+}
+
+async fn idle_timeout_closes_tunnel(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = Router::start(Setup {
+        mode,
+        limits: "idle_timeout = \"1s\"",
+        routing: main_pool(&[backend.addr], "app.test"),
+        extra: "",
+    });
+    let (mut client, mut server, _, _) =
+        raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    // Traffic keeps it alive past the timeout...
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.unwrap();
+    }
+    // ...silence closes it.
+    let started = Instant::now();
+    let end = read_to_end(&mut client).await;
+    assert!(end.is_empty());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    assert_eq!(read_to_end(&mut server).await, b"");
+    router.wait_log("close=\"idle_timeout\"");
+}
+
+async fn backpressure_is_bounded(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let (client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let rss_before = router.rss_kib();
+    // The backend stops reading; the client writes as fast as it can for 2 s.
+    let (_cr, mut cw) = client.into_split();
+    let data = pattern(9, 256 << 20);
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && sent < data.len() {
+            match tokio::time::timeout(
+                Duration::from_millis(100),
+                cw.write(&data[sent..(sent + 65536).min(data.len())]),
+            )
+            .await
+            {
+                Ok(Ok(n)) => sent += n,
+                Ok(Err(e)) => panic!("write failed: {e}"),
+                Err(_) => {}
+            }
+        }
+        (sent, data, cw)
+    });
+    let (sent, data, cw) = writer.await.unwrap();
+    let rss_stalled = router.rss_kib();
+    assert!(
+        sent < 200 << 20,
+        "the writer was never pushed back: {sent} bytes accepted with nobody reading"
+    );
+    assert!(
+        rss_stalled < rss_before + 32 * 1024,
+        "router memory grew from {rss_before} KiB to {rss_stalled} KiB behind a stalled reader"
+    );
+    // The backend reads again: every byte accepted arrives, intact.
+    use sha2::{Digest, Sha256};
+    let expected: [u8; 32] = Sha256::digest(&data[..sent]).into();
+    assert_eq!(
+        recv_hash(&mut server, sent, Duration::from_secs(60)).await,
+        expected
+    );
+    drop(cw);
+}
+
+async fn no_close_wait_and_fds_return(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    // Warm up pools (buffers, pipes) so the baseline includes them.
+    let (c, s, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    drop((c, s));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = router.fd_count();
+    for i in 0..60 {
+        let (mut client, mut server, _, _) =
+            raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+        client.write_all(b"data").await.unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.unwrap();
+        match i % 3 {
+            0 => {
+                // Client closes first; the backend answers the FIN with its own.
+                drop(client);
+                read_to_end(&mut server).await;
+                drop(server);
+            }
+            1 => {
+                // Backend closes first.
+                drop(server);
+                read_to_end(&mut client).await;
+                drop(client);
+            }
+            _ => {
+                server.set_zero_linger().unwrap();
+                drop(server);
+                let _ = ends_with_reset(&mut client).await;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (fds, cw) = (router.fd_count(), router.close_wait_count());
+        if fds <= baseline && cw == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "router holds {fds} fds (baseline {baseline}) and {cw} CLOSE_WAIT sockets"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn tcp_listener_forwards_raw_bytes(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let client = TcpStream::connect(router.tcp).await.unwrap();
+    let server = backend.accept().await;
+    // Not HTTP at all: the tcp listener must not parse a byte.
+    let up = pattern(11, 8 << 20);
+    let down = pattern(12, 8 << 20);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let t = Duration::from_secs(60);
+    let (a, b, c, d) = tokio::join!(
+        send_all(&mut cw, &up),
+        send_all(&mut sw, &down),
+        recv_hash(&mut sr, up.len(), t),
+        recv_hash(&mut cr, down.len(), t)
+    );
+    assert_eq!((a, b), (c, d));
+}
+
+async fn plain_request_with_body(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let body = pattern(13, 300_000);
+    let mut client = TcpStream::connect(router.http).await.unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n", body.len());
+    let mut req = head.into_bytes();
+    req.extend_from_slice(&body);
+    let writer = tokio::spawn(async move {
+        client.write_all(&req).await.unwrap();
+        client
+    });
+    let mut server = backend.accept().await;
+    let (got_head, mut got) = read_head(&mut server).await;
+    assert!(
+        got_head.contains("\r\nConnection: close\r\n"),
+        "plain requests go to the backend with Connection: close: {got_head}"
+    );
+    while got.len() < body.len() {
+        let mut buf = vec![0u8; 65536];
+        let n = server.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, body);
+    server
+        .write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    drop(server);
+    let mut client = writer.await.unwrap();
+    let resp = String::from_utf8(read_to_end(&mut client).await).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 201 Created") && resp.ends_with("ok"),
+        "{resp}"
+    );
+}
+
+async fn sigterm_drains_then_closes(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let mut router = start(mode, &backend);
+    let (mut client, mut server, _, _) =
+        raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    router.signal(nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Accepting stopped at once...
+    assert!(
+        TcpStream::connect(router.http).await.is_err(),
+        "the listener still accepts while draining"
+    );
+    // ...the open tunnel still works during drain_timeout (2 s)...
+    client.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(2), server.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"still here");
+    // ...and is closed at the deadline; the router exits 0.
+    let closed = tokio::time::timeout(Duration::from_secs(6), client.read(&mut [0u8; 16]))
+        .await
+        .expect("tunnel not closed at the drain deadline");
+    assert!(matches!(closed, Ok(0) | Err(_)));
+    let status = router.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+}
+
+async fn sighup_reloads_routes_and_keeps_tunnels(mode: &str) {
+    let mut old_backend = RawBackend::start().await;
+    let mut new_backend = RawBackend::start().await;
+    let router = start(mode, &old_backend);
+    let (mut client, mut server, _, _) =
+        raw_tunnel(&router, &mut old_backend, "app.test", b"", b"").await;
+
+    // A broken config is rejected; the old one stays.
+    let good = std::fs::read_to_string(&router.config_path).unwrap();
+    std::fs::write(
+        &router.config_path,
+        format!("{good}\n[[route]]\nhost = \"other.test\"\npool = \"missing\"\n"),
+    )
+    .unwrap();
+    router.signal(nix::sys::signal::Signal::SIGHUP);
+    router.wait_log("reload rejected");
+    let (c2, s2, _, _) = raw_tunnel(&router, &mut old_backend, "app.test", b"", b"").await;
+    drop((c2, s2));
+
+    // A good one moves new connections to the new pool.
+    std::fs::write(
+        &router.config_path,
+        good.replace(&old_backend.addr.to_string(), &new_backend.addr.to_string()),
+    )
+    .unwrap();
+    router.signal(nix::sys::signal::Signal::SIGHUP);
+    router.wait_log("SIGHUP: reloaded");
+    let (c3, s3, _, _) = raw_tunnel(&router, &mut new_backend, "app.test", b"", b"").await;
+    drop((c3, s3));
+
+    // The tunnel opened before both reloads is untouched.
+    client.write_all(b"after reload").await.unwrap();
+    let mut buf = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"after reload");
+}
+
+macro_rules! conformance {
+    ($($mode:ident),* $(,)?) => {$(
+        mod $mode {
+            macro_rules! case {
+                ($name:ident) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::$name(stringify!($mode)).await
+                    }
+                };
+            }
+            case!(websocket_echo_with_real_library);
+            case!(integrity_64mib_both_ways);
+            case!(half_close_client_first);
+            case!(half_close_backend_first);
+            case!(reset_from_backend_resets_client);
+            case!(reset_from_client_resets_backend);
+            case!(backend_speaks_first);
+            case!(pipelined_bytes_after_head);
+            case!(refused_upgrade_is_relayed_framed);
+            case!(many_concurrent_websocket_clients);
+            case!(idle_timeout_closes_tunnel);
+            case!(backpressure_is_bounded);
+            case!(no_close_wait_and_fds_return);
+            case!(tcp_listener_forwards_raw_bytes);
+            case!(plain_request_with_body);
+            case!(sigterm_drains_then_closes);
+            case!(sighup_reloads_routes_and_keeps_tunnels);
+        }
+    )*};
+}
+
+conformance!(copy, splice);

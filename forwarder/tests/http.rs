@@ -1,0 +1,283 @@
+//! The control plane's answers to bad input and unroutable requests, through
+//! the real binary with raw sockets: every answer is a complete HTTP/1.1
+//! response with Content-Length and `Connection: close`, and a failure in
+//! one connection never touches another.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const LIMITS: &str =
+    "handshake_timeout = \"1s\"\nmax_header_bytes = 2048\nconnect_timeout = \"500ms\"";
+
+/// A router with routes: app.test → a live backend, dead.test → a pool
+/// whose backend refuses, empty.test → a pool with no backends, rs.test →
+/// a route bound to a route service, *.wild.test → the live backend.
+async fn router(extra_limits: &str) -> (Router, RawBackend) {
+    let backend = RawBackend::start().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let routing = format!(
+        "{}\n[[pool]]\nname = \"dead\"\nbackends = [\"{dead}\"]\n[[pool]]\nname = \"empty\"\n\
+         [[route]]\nhost = \"dead.test\"\npool = \"dead\"\n[[route]]\nhost = \"empty.test\"\npool = \"empty\"\n\
+         [[route]]\nhost = \"rs.test\"\npool = \"main\"\nroute_service = \"https://auth.example.com\"\n\
+         [[route]]\nhost = \"*.wild.test\"\npool = \"main\"\n",
+        main_pool(&[backend.addr], "app.test")
+    );
+    let limits = format!("{LIMITS}\n{extra_limits}");
+    let r = Router::start(Setup {
+        mode: "copy",
+        limits: &limits,
+        routing,
+        extra: "",
+    });
+    (r, backend)
+}
+
+/// Checks the answer is complete and well framed; returns (status, head, body).
+fn parse_answer(raw: &str) -> (u16, String, String) {
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no complete head in {raw:?}"));
+    let status: u16 = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap_or_else(|| panic!("no Content-Length in {head:?}"))
+        .parse()
+        .unwrap();
+    assert_eq!(
+        body.len(),
+        length,
+        "body does not match Content-Length: {raw:?}"
+    );
+    assert!(head.contains("\r\nConnection: close"), "{head}");
+    (status, head.to_string(), body.to_string())
+}
+
+fn cf_error(head: &str) -> Option<&str> {
+    head.lines()
+        .find_map(|l| l.strip_prefix("X-Cf-Routererror: "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_answers_follow_gorouter() {
+    let (r, _backend) = router("").await;
+    let ws = |host: &str| WS_REQUEST.replace("{host}", host);
+    let cases: Vec<(String, u16, Option<&str>)> = vec![
+        ("GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n".into(), 404, Some("unknown_route")),
+        ("GET / HTTP/1.1\r\nHost: wild.test\r\n\r\n".into(), 404, Some("unknown_route")),
+        ("GET / HTTP/1.1\r\nUser-Agent: x\r\n\r\n".into(), 400, Some("empty_host")),
+        ("GET / HTTP/1.1\r\nHost: \r\n\r\n".into(), 400, Some("empty_host")),
+        ("GET / HTTP/1.1\r\nHost: empty.test\r\n\r\n".into(), 503, Some("no_endpoints")),
+        ("GET / HTTP/1.1\r\nHost: dead.test\r\n\r\n".into(), 502, Some("endpoint_failure")),
+        (ws("rs.test"), 503, Some("route_service_unsupported")),
+        ("GET / HTTP/3.0\r\nHost: app.test\r\n\r\n".into(), 400, None),
+        ("\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03".into(), 400, None),
+        ("GET / HTTP/1.1\r\nHost: app.test\r\nBad Header\r\n\r\n".into(), 400, None),
+        ("POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n".into(), 400, None),
+        (format!("GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {}\r\n\r\n", "a".repeat(4000)), 431, None),
+        ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".into(), 505, None),
+    ];
+    for (request, status, cf) in cases {
+        let raw = raw_exchange(r.http, request.as_bytes()).await;
+        let (got, head, body) = parse_answer(&raw);
+        assert_eq!(got, status, "for {request:?}: {raw}");
+        assert_eq!(cf_error(&head), cf, "for {request:?}: {raw}");
+        assert!(!body.is_empty());
+    }
+    r.wait_log("close=\"http2_unsupported\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_service_allows_plain_requests_and_wildcards_route() {
+    let (r, mut backend) = router("").await;
+    for host in ["rs.test", "a.b.wild.test"] {
+        let mut client = TcpStream::connect(r.http).await.unwrap();
+        client
+            .write_all(format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut server = backend.accept().await;
+        let (head, _) = read_head(&mut server).await;
+        assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+            .await
+            .unwrap();
+        drop(server);
+        let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
+        assert!(
+            got.starts_with("HTTP/1.1 200 OK") && got.ends_with("hi"),
+            "{got}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrade_offer_proceeds_as_http11() {
+    let (r, mut backend) = router("").await;
+    let mut client = TcpStream::connect(r.http).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+        .await
+        .unwrap();
+    let mut server = backend.accept().await;
+    let (head, _) = read_head(&mut server).await;
+    assert!(
+        !head.to_ascii_lowercase().contains("h2c") && !head.contains("HTTP2-Settings"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nConnection: close\r\n"), "{head}");
+    server
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    drop(server);
+    let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_peer_forwarded_headers_are_kept() {
+    let (r, mut backend) = router("").await;
+    // 127.0.0.2 is in the listener's trusted_cidrs; 127.0.0.1 is not.
+    for (source, xff, xfp) in [
+        ("127.0.0.2", "10.9.8.7, 127.0.0.2", "http"),
+        ("127.0.0.1", "127.0.0.1", "https"),
+    ] {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let mut client = socket.connect(r.http).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 10.9.8.7\r\nX-Forwarded-Proto: http\r\n\r\n")
+            .await
+            .unwrap();
+        let mut server = backend.accept().await;
+        let (head, _) = read_head(&mut server).await;
+        assert!(
+            head.contains(&format!("\r\nX-Forwarded-For: {xff}\r\n")),
+            "{source}: {head}"
+        );
+        assert!(
+            head.contains(&format!("\r\nX-Forwarded-Proto: {xfp}\r\n")),
+            "{source}: {head}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_times_out_while_others_are_served() {
+    let (r, mut backend) = router("").await;
+    let started = Instant::now();
+    let mut loris = TcpStream::connect(r.http).await.unwrap();
+    let http = r.http;
+    let slow = tokio::spawn(async move {
+        // One header byte every 100 ms: each read is quick, the whole head never completes.
+        for b in b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter()
+        {
+            if loris.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut out = Vec::new();
+        let _ = loris.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    // Meanwhile other clients are served at once.
+    for _ in 0..5 {
+        let mut client = TcpStream::connect(http).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut server = backend.accept().await;
+        read_head(&mut server).await;
+        server
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        drop(server);
+        let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
+        assert!(got.starts_with("HTTP/1.1 204"), "{got}");
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, _, _) = parse_answer(&answer);
+    assert_eq!(status, 408);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "408 after {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_answers_503_and_spares_open_connections() {
+    let (r, mut backend) = router("max_connections = 2").await;
+    let (mut c1, mut s1, _, _) = raw_tunnel(&r, &mut backend, "app.test", b"", b"").await;
+    let (c2, s2, _, _) = raw_tunnel(&r, &mut backend, "app.test", b"", b"").await;
+    let raw = raw_exchange(r.http, WS_REQUEST.replace("{host}", "app.test").as_bytes()).await;
+    assert_eq!(parse_answer(&raw).0, 503);
+    // The tcp listener closes at once beyond the limit.
+    let mut t = TcpStream::connect(r.tcp).await.unwrap();
+    assert!(read_to_end(&mut t).await.is_empty());
+    // The open tunnels are untouched.
+    c1.write_all(b"ok").await.unwrap();
+    let mut buf = [0u8; 2];
+    s1.read_exact(&mut buf).await.unwrap();
+    drop((c2, s2));
+    assert!(r.metric("upsplice_connections_over_limit_total{listener=\"web\"}") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_healthz() {
+    let (r, _backend) = router("").await;
+    raw_exchange(r.http, b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n").await;
+    let (status, body) = r.admin_get("/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(
+            "upsplice_handshakes_total{listener=\"web\",status=\"404\",reason=\"unknown_route\"} 1"
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains("upsplice_connections_accepted_total{listener=\"web\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("upsplice_handshake_duration_seconds_bucket"),
+        "{body}"
+    );
+    assert!(
+        body.contains("upsplice_relayed_bytes_total{data_plane=\"copy\",direction=\"to_client\"}"),
+        "{body}"
+    );
+    assert!(body.ends_with("# EOF\n"));
+    raw_exchange(r.http, b"GET / HTTP/1.1\r\nHost: dead.test\r\n\r\n").await;
+    assert_eq!(
+        r.metric("upsplice_backend_connect_failures_total{pool=\"dead\"}"),
+        1.0
+    );
+    assert_eq!(r.admin_get("/healthz").unwrap(), (200, "ok\n".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_503_while_draining() {
+    let (mut r, mut backend) = router("drain_timeout = \"3s\"").await;
+    let (_c, _s, _, _) = raw_tunnel(&r, &mut backend, "app.test", b"", b"").await;
+    r.signal(nix::sys::signal::Signal::SIGTERM);
+    r.wait_log("draining");
+    assert_eq!(r.admin_get("/healthz").unwrap().0, 503);
+    assert!(r.wait_exit(Duration::from_secs(10)).success());
+}
