@@ -648,4 +648,4 @@ macro_rules! conformance {
     )*};
 }
 
-conformance!(copy, splice);
+conformance!(copy, splice, uring);
