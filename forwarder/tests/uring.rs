@@ -495,7 +495,7 @@ fn backpressure_with_stalled_reader_stays_bounded() {
             peak / 1024
         );
         assert!(
-            peak <= uring::DIRECTION_BUFFER_LIMIT + uring::BUF_SIZE as usize,
+            peak <= plane.direction_limit(),
             "held {peak} bytes for one stalled direction"
         );
         assert!(grew < 16 * MIB, "router memory grew by {grew} bytes");
@@ -708,6 +708,88 @@ async fn push_through(mut w: TcpStream, mut r: TcpStream, total: usize) -> (f64,
     (t0.elapsed().as_secs_f64(), cpu_seconds() - c0)
 }
 
+/// For the measurement only (not a data plane): one direction relayed with
+/// IORING_OP_SPLICE through a 1 MiB pipe, keeping one splice into the pipe
+/// and one out of it in flight. The kernel runs both on io-wq workers.
+fn uring_splice_one_way(src: std::net::TcpStream, dst: std::net::TcpStream) -> u64 {
+    use io_uring::{opcode, types, IoUring};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const CHUNK: u32 = 1 << 20;
+    let mut ring = IoUring::new(8).expect("ring");
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array we pass.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds are fresh and owned by nobody else.
+    let (pr, pw) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fcntl on an fd we own, no pointers.
+    unsafe { libc::fcntl(pw.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+    let mut pw = Some(pw);
+    let splice_in = |pw: &OwnedFd| {
+        opcode::Splice::new(
+            types::Fd(src.as_raw_fd()),
+            -1,
+            types::Fd(pw.as_raw_fd()),
+            -1,
+            CHUNK,
+        )
+        .build()
+        .user_data(1)
+    };
+    let splice_out = opcode::Splice::new(
+        types::Fd(pr.as_raw_fd()),
+        -1,
+        types::Fd(dst.as_raw_fd()),
+        -1,
+        CHUNK,
+    )
+    .build()
+    .user_data(2);
+    // SAFETY: splices reference fds only, which outlive the ring's use.
+    unsafe {
+        ring.submission()
+            .push(&splice_in(pw.as_ref().unwrap()))
+            .unwrap();
+        ring.submission().push(&splice_out).unwrap();
+    }
+    let mut total = 0u64;
+    // Bounded: every turn moves bytes or ends at EOF; the caller's timeout
+    // bounds the whole run.
+    'run: loop {
+        ring.submit_and_wait(1).expect("submit");
+        let done: Vec<(u64, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (ud, res) in done {
+            assert!(
+                res >= 0,
+                "splice failed: {}",
+                io::Error::from_raw_os_error(-res)
+            );
+            match (ud, res) {
+                // EOF from the source: closing the pipe's write end lets the
+                // out splice return 0 once the pipe is empty.
+                (1, 0) => pw = None,
+                // SAFETY: as above.
+                (1, _) => unsafe {
+                    ring.submission()
+                        .push(&splice_in(pw.as_ref().unwrap()))
+                        .unwrap();
+                },
+                (_, 0) => break 'run,
+                (_, n) => {
+                    total += n as u64;
+                    // SAFETY: as above.
+                    unsafe { ring.submission().push(&splice_out).unwrap() };
+                }
+            }
+        }
+    }
+    drop(pw);
+    dst.shutdown(std::net::Shutdown::Write).unwrap();
+    total
+}
+
 #[test]
 #[ignore = "benchmark: run in release with --ignored --nocapture"]
 fn bench_bulk_throughput() {
@@ -723,8 +805,23 @@ fn bench_bulk_throughput() {
     run(Duration::from_secs(600), |plane| async move {
         let copy = CopyPlane::new(&DataPlaneConfig::default());
         let total = mib * MIB;
-        let mut results: Vec<(&str, Vec<(f64, f64)>)> =
-            vec![("direct", vec![]), ("copy", vec![]), ("uring", vec![])];
+        let with_buffer = |size: u64| {
+            UringPlane::new(&DataPlaneConfig {
+                uring_workers: 2,
+                uring_buffer: size,
+                ..DataPlaneConfig::default()
+            })
+            .expect("uring plane")
+        };
+        let (p64, p256) = (with_buffer(64 << 10), with_buffer(256 << 10));
+        let mut results: Vec<(&str, Vec<(f64, f64)>)> = vec![
+            ("direct", vec![]),
+            ("copy", vec![]),
+            ("uring", vec![]),
+            ("uring-64k", vec![]),
+            ("uring-256k", vec![]),
+            ("uring-splice", vec![]),
+        ];
         for _ in 0..rounds {
             for (name, runs) in results.iter_mut() {
                 let r = match *name {
@@ -739,10 +836,22 @@ fn bench_bulk_throughput() {
                             tunnel,
                         } = setup(b"", b"", LONG).await;
                         let relayed = async {
-                            if mode == "copy" {
-                                copy.relay(tunnel).await
-                            } else {
-                                relay(&plane, tunnel).await
+                            match mode {
+                                "copy" => copy.relay(tunnel).await.to_backend,
+                                "uring" => relay(&plane, tunnel).await.to_backend,
+                                "uring-64k" => relay(&p64, tunnel).await.to_backend,
+                                "uring-256k" => relay(&p256, tunnel).await.to_backend,
+                                _ => {
+                                    let src = tunnel.client.into_std().unwrap();
+                                    let dst = tunnel.backend.into_std().unwrap();
+                                    src.set_nonblocking(false).unwrap();
+                                    dst.set_nonblocking(false).unwrap();
+                                    tokio::task::spawn_blocking(move || {
+                                        uring_splice_one_way(src, dst)
+                                    })
+                                    .await
+                                    .unwrap()
+                                }
                             }
                         };
                         let (_, r) = tokio::join!(relayed, push_through(client, backend, total));
@@ -757,7 +866,11 @@ fn bench_bulk_throughput() {
             v[v.len() / 2]
         };
         let mut direct_secs = 0.0;
-        println!("bulk: {mib} MiB one way per run, {rounds} rounds, 256 KiB writes");
+        println!(
+            "bulk: {mib} MiB one way per run, {rounds} rounds, 256 KiB writes; \
+             uring = default {} KiB buffers",
+            DataPlaneConfig::default().uring_buffer / 1024
+        );
         for (name, runs) in &results {
             let mut secs: Vec<f64> = runs.iter().map(|r| r.0).collect();
             let mut cpu: Vec<f64> = runs.iter().map(|r| r.1).collect();
@@ -767,7 +880,7 @@ fn bench_bulk_throughput() {
             }
             let gib = total as f64 / (1024.0 * MIB as f64);
             println!(
-                "{name:>6}: {:8.1} MiB/s  ratio to direct {:.2}  CPU {:.2} s/GiB (process total)",
+                "{name:>12}: {:8.1} MiB/s  ratio to direct {:.2}  CPU {:.2} s/GiB (process total)",
                 mib as f64 / s,
                 direct_secs / s,
                 c / gib

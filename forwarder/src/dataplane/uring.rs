@@ -9,9 +9,9 @@
 //! the pair over a channel, wakes the worker through an eventfd and awaits
 //! the outcome; drain (or dropping the relay future) becomes a cancel.
 //!
-//! Memory: each worker maps `BUF_COUNT` buffers of `BUF_SIZE` bytes once;
-//! an idle tunnel holds none, a tunnel with a slow reader holds at most
-//! about [`worker::HIGH_WATER`] bytes per direction.
+//! Memory: each worker maps a pool of 16 MiB in buffers of
+//! `data_plane.uring_buffer` bytes once; an idle tunnel holds none, a
+//! direction with a slow reader at most [`UringPlane::direction_limit`].
 
 mod bufring;
 mod worker;
@@ -28,13 +28,9 @@ use super::{ByteCounters, CloseReason, Outcome, Rejected, Tunnel};
 use crate::config::DataPlaneConfig;
 use worker::{Cmd, Job, Shared, Sizing, Worker};
 
-/// Size of one pool buffer: one loopback segment fits.
-pub const BUF_SIZE: u32 = 64 * 1024;
-/// Bytes one direction of a tunnel may hold in pool buffers before its recv
-/// pauses (it can overshoot by less than one buffer).
-pub const DIRECTION_BUFFER_LIMIT: usize = worker::HIGH_WATER;
-/// Pool buffers per worker (16 MiB mapped, touched only as used).
-const BUF_COUNT: u16 = 256;
+/// Bytes of pool buffers per worker (mapped once, touched only as used,
+/// given back after a second without tunnels).
+const POOL_BYTES: u64 = 16 << 20;
 /// Submission queue entries per worker (the completion queue is 8x).
 const RING_ENTRIES: u32 = 1024;
 
@@ -87,6 +83,25 @@ pub fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// Pool layout for buffers of `buf_size` bytes: [`POOL_BYTES`] per worker
+/// (at least 16 buffers), a direction pauses at two buffers queued and
+/// resumes at one.
+fn sizing(buf_size: u64) -> Result<Sizing, String> {
+    if !(4096..=1 << 20).contains(&buf_size) || !buf_size.is_power_of_two() {
+        return Err(format!(
+            "uring_buffer = {buf_size}: must be a power of two between 4KiB and 1MiB"
+        ));
+    }
+    let count = (POOL_BYTES / buf_size).clamp(16, 32768) as u16;
+    Ok(Sizing {
+        ring_entries: RING_ENTRIES,
+        buf_count: count,
+        buf_size: buf_size as u32,
+        high_water: 2 * buf_size as usize,
+        low_water: buf_size as usize,
+    })
+}
+
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
@@ -128,6 +143,7 @@ fn wake(fd: &OwnedFd) {
 
 pub struct UringPlane {
     workers: Vec<WorkerHandle>,
+    sizing: Sizing,
     counters: Arc<ByteCounters>,
     next_id: AtomicU64,
 }
@@ -141,14 +157,11 @@ impl UringPlane {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let sizing = Sizing {
-            ring_entries: RING_ENTRIES,
-            buf_count: BUF_COUNT,
-            buf_size: BUF_SIZE,
-        };
+        let sizing = sizing(cfg.uring_buffer)?;
         let counters = Arc::new(ByteCounters::default());
         let mut plane = UringPlane {
             workers: Vec::with_capacity(n),
+            sizing,
             counters: counters.clone(),
             next_id: AtomicU64::new(1),
         };
@@ -199,8 +212,8 @@ impl UringPlane {
         }
         tracing::info!(
             workers = n,
-            buffers = BUF_COUNT,
-            buffer_size = BUF_SIZE,
+            buffers = sizing.buf_count,
+            buffer_size = sizing.buf_size,
             "uring data plane started (multishot recv + provided buffer ring)"
         );
         Ok(plane)
@@ -226,7 +239,15 @@ impl UringPlane {
             now += w.shared.bufs_in_use.load(Ordering::Relaxed);
             peak = peak.max(w.shared.bufs_peak.load(Ordering::Relaxed));
         }
-        (now * BUF_SIZE as usize, peak * BUF_SIZE as usize)
+        let size = self.sizing.buf_size as usize;
+        (now * size, peak * size)
+    }
+
+    /// The most bytes one direction of a tunnel holds in pool buffers while
+    /// its reader is slow: the high-water mark plus less than one buffer a
+    /// multishot recv may overshoot it by.
+    pub fn direction_limit(&self) -> usize {
+        self.sizing.high_water + self.sizing.buf_size as usize
     }
 
     /// The live worker with the fewest tunnels.

@@ -7,9 +7,10 @@
 //!   bytes arrive (an idle tunnel holds none);
 //! * received buffers queue in order behind the leftover bytes of the
 //!   handshake and go out through one `Send` at a time;
-//! * when a direction has [`HIGH_WATER`] bytes queued its recv is cancelled,
-//!   and re-armed once the queue fell to [`LOW_WATER`]: a slow reader bounds
-//!   what the worker holds for it;
+//! * a direction may queue `high_water` bytes (two buffers): each multishot
+//!   recv is capped to what is left of that budget, a recv still armed at
+//!   the mark is cancelled, and it is re-armed once the queue fell to
+//!   `low_water` (one buffer): a slow reader bounds what the worker holds;
 //! * EOF on the source (recv gives 0) becomes `shutdown(SHUT_WR)` on the
 //!   destination once the queue is empty; both done closes the tunnel;
 //! * a failed recv or send is a reset: both sockets get `SO_LINGER 0` so
@@ -38,11 +39,6 @@ use tokio::sync::oneshot;
 
 use super::bufring::BufRing;
 use crate::dataplane::{ByteCounters, CloseReason, Outcome};
-
-/// Bytes queued in one direction at which its recv is paused.
-pub const HIGH_WATER: usize = 256 * 1024;
-/// Bytes queued in one direction at or below which a paused recv resumes.
-pub const LOW_WATER: usize = 64 * 1024;
 
 /// user_data of the eventfd read that wakes the worker.
 const WAKE_UD: u64 = u64::MAX;
@@ -81,6 +77,10 @@ pub struct Sizing {
     pub ring_entries: u32,
     pub buf_count: u16,
     pub buf_size: u32,
+    /// Bytes queued in one direction at which its recv pauses.
+    pub high_water: usize,
+    /// Bytes queued in one direction at or below which it resumes.
+    pub low_water: usize,
 }
 
 /// State shared between a worker and the plane.
@@ -184,6 +184,7 @@ fn dst_failed(d: usize) -> CloseReason {
 pub struct Worker {
     ring: IoUring,
     bufs: BufRing,
+    sizing: Sizing,
     rx: mpsc::Receiver<Cmd>,
     wake_fd: Arc<OwnedFd>,
     /// Target of the eventfd read; boxed so its address is stable.
@@ -228,6 +229,7 @@ impl Worker {
         Ok(Worker {
             ring,
             bufs,
+            sizing,
             rx,
             wake_fd,
             wake_buf: Box::new(0),
@@ -510,7 +512,7 @@ impl Worker {
             .user_data(ud(slot, d, KIND_RECV));
         // Let the kernel end this multishot recv by itself once it received
         // what the direction may still queue (at least one buffer's worth).
-        let budget = HIGH_WATER
+        let budget = (self.sizing.high_water)
             .saturating_sub(t.dirs[d].queued)
             .max(self.bufs.buf_size() as usize);
         set_multishot_limit(&mut recv, budget as u32);
@@ -580,7 +582,7 @@ impl Worker {
                 len: res as u32,
             });
             dir.queued += res as usize;
-            if dir.queued >= HIGH_WATER && dir.recv == Recv::Armed {
+            if dir.queued >= self.sizing.high_water && dir.recv == Recv::Armed {
                 dir.recv = Recv::Cancelling;
                 self.cancel_op(slot, t, d, KIND_RECV);
             }
@@ -650,7 +652,8 @@ impl Worker {
             return;
         }
         let dir = &t.dirs[d];
-        if dir.recv == Recv::Off && !dir.eof && !dir.starved && dir.queued <= LOW_WATER {
+        if dir.recv == Recv::Off && !dir.eof && !dir.starved && dir.queued <= self.sizing.low_water
+        {
             self.arm_recv(slot, t, d);
         }
         let dir = &mut t.dirs[d];
@@ -777,8 +780,8 @@ impl Worker {
 /// 6.17+, "io_uring/net: Support multishot receive len cap"): the kernel
 /// ends the request (a CQE without `F_MORE`) once it received that much, so
 /// a fast sender cannot take many pool buffers before a cancel arrives.
-/// Older kernels ignore the field for RECV; the cancel at [`HIGH_WATER`]
-/// still bounds the direction there.
+/// Older kernels ignore the field for RECV; the cancel at the high-water
+/// mark still bounds the direction there (less tightly).
 fn set_multishot_limit(entry: &mut squeue::Entry, limit: u32) {
     const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
     // Offset of the `splice_fd_in / file_index / optlen` union in the
