@@ -940,3 +940,79 @@ fn bench_bulk_throughput() {
         }
     });
 }
+
+#[test]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+fn bench_many_small_messages() {
+    use futures_util::future::join_all;
+    use upsplice::dataplane::copy::CopyPlane;
+    let tunnels: usize = std::env::var("UPSPLICE_BENCH_TUNNELS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let trips: usize = std::env::var("UPSPLICE_BENCH_TRIPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    run(Duration::from_secs(600), |plane| async move {
+        let plane = std::sync::Arc::new(plane);
+        let copy = std::sync::Arc::new(CopyPlane::new(&DataPlaneConfig::default()));
+        println!("small messages: {tunnels} tunnels x {trips} round trips of 64 bytes");
+        for round in 0..2 {
+            for mode in ["copy", "uring"] {
+                let mut relays = Vec::new();
+                let mut clients = Vec::new();
+                for _ in 0..tunnels {
+                    let Setup {
+                        client,
+                        mut backend,
+                        tunnel,
+                    } = setup(b"", b"", LONG).await;
+                    let (p, c) = (plane.clone(), copy.clone());
+                    relays.push(tokio::spawn(async move {
+                        if mode == "copy" {
+                            c.relay(tunnel).await
+                        } else {
+                            relay(&p, tunnel).await
+                        }
+                    }));
+                    // Echo backend: bounded by the client's round trips.
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 64];
+                        while backend.read_exact(&mut buf).await.is_ok() {
+                            if backend.write_all(&buf).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    clients.push(client);
+                }
+                let (t0, c0) = (Instant::now(), cpu_seconds());
+                let done = join_all(clients.into_iter().map(|mut c| {
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 64];
+                        for i in 0..trips {
+                            buf[0] = i as u8;
+                            c.write_all(&buf).await.unwrap();
+                            c.read_exact(&mut buf).await.unwrap();
+                            assert_eq!(buf[0], i as u8);
+                        }
+                        c
+                    })
+                }))
+                .await;
+                let (secs, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+                drop(done);
+                for r in join_all(relays).await {
+                    r.unwrap();
+                }
+                let msgs = (tunnels * trips * 2) as f64;
+                println!(
+                    "round {round} {mode:>5}: {:8.0} messages/s relayed, {:5.2} µs CPU per message (process total)",
+                    msgs / secs,
+                    cpu / msgs * 1e6
+                );
+            }
+        }
+    });
+}
