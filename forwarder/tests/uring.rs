@@ -396,6 +396,24 @@ fn idle_timeout_closes_and_activity_extends_it() {
 }
 
 #[test]
+fn unrepresentable_idle_timeout_means_none() {
+    run(LONG, |plane| async move {
+        let Setup {
+            mut client,
+            mut backend,
+            tunnel,
+        } = setup(b"", b"", Duration::MAX).await;
+        let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
+        client.write_all(b"q").await.unwrap();
+        assert_eq!(read_exact_n(&mut backend, 1).await, b"q");
+        client.shutdown().await.unwrap();
+        backend.shutdown().await.unwrap();
+        assert_eq!(read_end(&mut client).await.unwrap(), 0);
+        assert_eq!(relayed.await.unwrap().reason, CloseReason::Done);
+    });
+}
+
+#[test]
 fn drain_closes_at_once() {
     run(LONG, |plane| async move {
         let Setup {

@@ -132,6 +132,14 @@ impl WorkerHandle {
     }
 }
 
+struct DeadOnExit(Arc<Shared>);
+
+impl Drop for DeadOnExit {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Release);
+    }
+}
+
 /// Adds 1 to an eventfd, waking the worker blocked on its read.
 fn wake(fd: &OwnedFd) {
     let one: u64 = 1;
@@ -186,18 +194,20 @@ impl UringPlane {
             let (w_fd, w_shared) = (wake_fd.clone(), shared.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("uring-{i}"))
-                .spawn(
-                    move || match Worker::new(sizing, rx, w_fd, w_shared.clone()) {
+                .spawn(move || {
+                    // Marks the worker dead however the thread ends (even by
+                    // a panic), so no new tunnel is sent to it.
+                    let _dead_on_exit = DeadOnExit(w_shared.clone());
+                    match Worker::new(sizing, rx, w_fd, w_shared) {
                         Ok(w) => {
                             let _ = ready_tx.send(Ok(()));
                             w.run();
                         }
                         Err(e) => {
-                            w_shared.alive.store(false, Ordering::Release);
                             let _ = ready_tx.send(Err(e.to_string()));
                         }
-                    },
-                )
+                    }
+                })
                 .map_err(|e| format!("spawning uring worker: {e}"))?;
             let started = ready_rx
                 .recv()

@@ -49,6 +49,11 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A worker unwinding may leave operations in flight that can
+            // still write here: leak the region rather than free it.
+            return;
+        }
         // SAFETY: `ptr`/`len` are exactly what mmap returned; the owner
         // guarantees nothing (including the kernel) uses the region anymore.
         unsafe {

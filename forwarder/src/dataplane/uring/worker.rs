@@ -498,7 +498,10 @@ impl Worker {
         };
         self.by_id.insert(t.id, slot);
         self.shared.load.fetch_add(1, Ordering::Relaxed);
-        self.timers.push(Reverse((self.now + t.idle, slot, t.id)));
+        // An idle timeout too large to represent means no timeout.
+        if let Some(at) = self.now.checked_add(t.idle) {
+            self.timers.push(Reverse((at, slot, t.id)));
+        }
         for d in 0..2 {
             self.arm_recv(slot, &mut t, d);
             self.kick_send(slot, &mut t, d);
@@ -734,7 +737,10 @@ impl Worker {
                 self.tunnels[slot as usize] = Some(t);
                 continue;
             }
-            let deadline = t.last_active + t.idle;
+            let Some(deadline) = t.last_active.checked_add(t.idle) else {
+                self.settle(slot, t);
+                continue;
+            };
             if deadline <= self.now {
                 self.close(slot, &mut t, CloseReason::Idle);
             } else {
