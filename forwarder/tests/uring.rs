@@ -619,6 +619,11 @@ fn idle_tunnels_hold_no_pool_buffer() {
             read_exact_n(&mut client, 3000).await;
             ends.push((client, backend));
         }
+        // The worker may still be reaping the last sends' completions.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while plane.buffered_bytes().0 > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let (held, _) = plane.buffered_bytes();
         let grew = rss_bytes().saturating_sub(rss0);
         println!(
