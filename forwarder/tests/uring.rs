@@ -1039,3 +1039,71 @@ fn bench_many_small_messages() {
         }
     });
 }
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").expect("tasks").count()
+}
+
+#[test]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+fn bench_idle_cost_splice_prototype_vs_uring() {
+    // What an idle tunnel direction costs: the io_uring splice prototype
+    // keeps a splice waiting on the socket, which the kernel parks on an
+    // io-wq worker thread; the uring plane keeps a multishot recv armed
+    // (a poll entry) and no buffer.
+    run(Duration::from_secs(120), |plane| async move {
+        let n = 64;
+        let threads0 = thread_count();
+        let mut splices = Vec::new();
+        let mut ends = Vec::new();
+        for _ in 0..n {
+            let Setup {
+                client,
+                backend,
+                tunnel,
+            } = setup(b"", b"", LONG).await;
+            let src = tunnel.client.into_std().unwrap();
+            let dst = tunnel.backend.into_std().unwrap();
+            src.set_nonblocking(false).unwrap();
+            dst.set_nonblocking(false).unwrap();
+            splices.push(std::thread::spawn(move || uring_splice_one_way(src, dst)));
+            ends.push((client, backend));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Minus the n std threads running the prototype's rings.
+        let splice_threads = thread_count().saturating_sub(threads0 + n);
+        for (mut c, _b) in ends.drain(..) {
+            c.shutdown().await.unwrap();
+        }
+        for s in splices {
+            s.join().unwrap();
+        }
+        let plane = std::sync::Arc::new(plane);
+        let threads1 = thread_count();
+        let mut relays = Vec::new();
+        for _ in 0..n {
+            let Setup {
+                client,
+                backend,
+                tunnel,
+            } = setup(b"", b"", LONG).await;
+            let p = plane.clone();
+            relays.push(tokio::spawn(async move { relay(&p, tunnel).await }));
+            ends.push((client, backend));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let uring_threads = thread_count().saturating_sub(threads1);
+        println!(
+            "{n} idle one-way tunnels: io_uring splice prototype +{splice_threads} kernel \
+             io-wq threads; uring plane +{uring_threads} threads, {} bytes of pool buffers",
+            plane.buffered_bytes().0
+        );
+        for (mut c, mut b) in ends {
+            c.shutdown().await.unwrap();
+            b.shutdown().await.unwrap();
+        }
+        for r in relays {
+            assert_eq!(r.await.unwrap().reason, CloseReason::Done);
+        }
+    });
+}
