@@ -32,40 +32,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 
 async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
     let mut buf = BytesMut::new();
-    let Ok(req) = head::read_head(
-        &mut stream,
-        &mut buf,
-        MAX_HEAD,
-        HEAD_TIMEOUT,
-        head::parse_request,
-    )
-    .await
-    else {
+    let Ok(req) = head::read_head(&mut stream, &mut buf, MAX_HEAD, HEAD_TIMEOUT, head::parse_request).await else {
         return;
     };
     let path = req.target.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (req.method.as_str(), path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            crate::metrics::get().render(),
-        ),
-        ("GET", "/healthz") if shared.draining.load(Ordering::Relaxed) => (
-            "503 Service Unavailable",
-            "text/plain",
-            "draining\n".to_string(),
-        ),
+        ("GET", "/metrics") => {
+            ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", crate::metrics::get().render())
+        }
+        ("GET", "/healthz") if shared.draining.load(Ordering::Relaxed) => {
+            ("503 Service Unavailable", "text/plain", "draining\n".to_string())
+        }
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics or /healthz\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
+        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

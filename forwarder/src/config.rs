@@ -206,17 +206,11 @@ impl Config {
 
     fn validate(&self) -> Result<(), (String, String)> {
         if self.listeners.is_empty() {
-            return Err((
-                "listener".into(),
-                "at least one [[listener]] is required".into(),
-            ));
+            return Err(("listener".into(), "at least one [[listener]] is required".into()));
         }
         let l = &self.limits;
         if l.max_header_bytes < 64 {
-            return Err((
-                "limits.max_header_bytes".into(),
-                "must be at least 64".into(),
-            ));
+            return Err(("limits.max_header_bytes".into(), "must be at least 64".into()));
         }
         if l.max_connections == 0 {
             return Err(("limits.max_connections".into(), "must be at least 1".into()));
@@ -232,24 +226,15 @@ impl Config {
         }
         if let Some(size) = self.data_plane.pipe_size {
             if !(4096..=1 << 30).contains(&size) {
-                return Err((
-                    "data_plane.pipe_size".into(),
-                    "must be between 4KiB and 1GiB".into(),
-                ));
+                return Err(("data_plane.pipe_size".into(), "must be between 4KiB and 1GiB".into()));
             }
         }
         if !(1024..=1 << 26).contains(&self.data_plane.copy_buffer) {
-            return Err((
-                "data_plane.copy_buffer".into(),
-                "must be between 1KiB and 64MiB".into(),
-            ));
+            return Err(("data_plane.copy_buffer".into(), "must be between 1KiB and 64MiB".into()));
         }
         let ub = self.data_plane.uring_buffer;
         if !(4096..=1 << 20).contains(&ub) || !ub.is_power_of_two() {
-            return Err((
-                "data_plane.uring_buffer".into(),
-                "must be a power of two between 4KiB and 1MiB".into(),
-            ));
+            return Err(("data_plane.uring_buffer".into(), "must be a power of two between 4KiB and 1MiB".into()));
         }
 
         let mut pools = HashMap::new();
@@ -258,18 +243,12 @@ impl Config {
                 return Err((format!("pool[{i}].name"), "must not be empty".into()));
             }
             if pools.insert(p.name.as_str(), p).is_some() {
-                return Err((
-                    format!("pool[{i}].name"),
-                    format!("duplicate pool name {:?}", p.name),
-                ));
+                return Err((format!("pool[{i}].name"), format!("duplicate pool name {:?}", p.name)));
             }
             let mut seen = HashSet::new();
             for (j, b) in p.backends.iter().enumerate() {
                 if !seen.insert(b) {
-                    return Err((
-                        format!("pool[{i}].backends[{j}]"),
-                        format!("duplicate backend {b}"),
-                    ));
+                    return Err((format!("pool[{i}].backends[{j}]"), format!("duplicate backend {b}")));
                 }
             }
         }
@@ -281,10 +260,7 @@ impl Config {
                 return Err((format!("listener[{i}].name"), "must not be empty".into()));
             }
             if !names.insert(lst.name.as_str()) {
-                return Err((
-                    format!("listener[{i}].name"),
-                    format!("duplicate listener name {:?}", lst.name),
-                ));
+                return Err((format!("listener[{i}].name"), format!("duplicate listener name {:?}", lst.name)));
             }
             if let Some(other) = binds.insert(lst.bind, lst.name.as_str()) {
                 return Err((
@@ -293,24 +269,15 @@ impl Config {
                 ));
             }
             if self.admin.as_ref().is_some_and(|a| a.bind == lst.bind) {
-                return Err((
-                    format!("listener[{i}].bind"),
-                    format!("{} is already bound by [admin]", lst.bind),
-                ));
+                return Err((format!("listener[{i}].bind"), format!("{} is already bound by [admin]", lst.bind)));
             }
             match lst.protocol {
                 Protocol::Tcp => match &lst.pool {
                     None => {
-                        return Err((
-                            format!("listener[{i}].pool"),
-                            "a tcp listener needs a pool".into(),
-                        ));
+                        return Err((format!("listener[{i}].pool"), "a tcp listener needs a pool".into()));
                     }
                     Some(p) if !pools.contains_key(p.as_str()) => {
-                        return Err((
-                            format!("listener[{i}].pool"),
-                            format!("no pool named {p:?}"),
-                        ));
+                        return Err((format!("listener[{i}].pool"), format!("no pool named {p:?}")));
                     }
                     Some(_) => {}
                 },
@@ -318,14 +285,14 @@ impl Config {
                     if lst.pool.is_some() {
                         return Err((
                             format!("listener[{i}].pool"),
-                            "only tcp listeners take a pool; http listeners route by [[route]]"
-                                .into(),
+                            "only tcp listeners take a pool; http listeners route by [[route]]".into(),
                         ));
                     }
                     if lst.forwarded_proto.is_empty()
-                        || !lst.forwarded_proto.bytes().all(|b| {
-                            b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.'
-                        })
+                        || !lst
+                            .forwarded_proto
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.')
                     {
                         return Err((
                             format!("listener[{i}].forwarded_proto"),
@@ -341,37 +308,22 @@ impl Config {
             crate::route::validate_host(&r.host).map_err(|m| (format!("route[{i}].host"), m))?;
             if let Some(path) = &r.path {
                 if !path.starts_with('/') {
-                    return Err((
-                        format!("route[{i}].path"),
-                        format!("{path:?} must start with '/'"),
-                    ));
+                    return Err((format!("route[{i}].path"), format!("{path:?} must start with '/'")));
                 }
             }
             if !pools.contains_key(r.pool.as_str()) {
-                return Err((
-                    format!("route[{i}].pool"),
-                    format!("no pool named {:?}", r.pool),
-                ));
+                return Err((format!("route[{i}].pool"), format!("no pool named {:?}", r.pool)));
             }
             if let Some(rs) = &r.route_service {
                 if !(rs.starts_with("https://") || rs.starts_with("http://")) {
-                    return Err((
-                        format!("route[{i}].route_service"),
-                        format!("{rs:?} is not an http(s) URL"),
-                    ));
+                    return Err((format!("route[{i}].route_service"), format!("{rs:?} is not an http(s) URL")));
                 }
             }
-            let key = (
-                r.host.to_ascii_lowercase(),
-                crate::route::normalize_prefix(r.path.as_deref()),
-            );
+            let key = (r.host.to_ascii_lowercase(), crate::route::normalize_prefix(r.path.as_deref()));
             if !route_keys.insert(key) {
                 return Err((
                     format!("route[{i}]"),
-                    format!(
-                        "duplicate route for host {:?} and path {:?}",
-                        r.host, r.path
-                    ),
+                    format!("duplicate route for host {:?} and path {:?}", r.host, r.path),
                 ));
             }
         }
@@ -413,13 +365,7 @@ impl Config {
         let _ = writeln!(s, "pools ({}):", self.pools.len());
         for p in &self.pools {
             let backends: Vec<String> = p.backends.iter().map(|b| b.to_string()).collect();
-            let _ = writeln!(
-                s,
-                "  {:<12} {:?} [{}]",
-                p.name,
-                p.balance,
-                backends.join(", ")
-            );
+            let _ = writeln!(s, "  {:<12} {:?} [{}]", p.name, p.balance, backends.join(", "));
         }
         let _ = writeln!(s, "routes ({}):", self.routes.len());
         for r in &self.routes {
@@ -429,10 +375,7 @@ impl Config {
                 r.host,
                 r.path.as_deref().unwrap_or(""),
                 r.pool,
-                r.route_service
-                    .as_deref()
-                    .map(|u| format!(" (route service {u})"))
-                    .unwrap_or_default()
+                r.route_service.as_deref().map(|u| format!(" (route service {u})")).unwrap_or_default()
             );
         }
         s
@@ -441,11 +384,8 @@ impl Config {
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "{s:?} is not a duration ({e}); use e.g. \"5s\" or \"250ms\""
-        ))
-    })
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration ({e}); use e.g. \"5s\" or \"250ms\"")))
 }
 
 #[derive(Deserialize)]
@@ -461,11 +401,7 @@ fn parse_size<E: serde::de::Error>(r: SizeRepr) -> Result<u64, E> {
         SizeRepr::Text(s) => s
             .parse::<bytesize::ByteSize>()
             .map(|b| b.as_u64())
-            .map_err(|e| {
-                E::custom(format!(
-                    "{s:?} is not a size ({e}); use e.g. 16384 or \"256KiB\""
-                ))
-            }),
+            .map_err(|e| E::custom(format!("{s:?} is not a size ({e}); use e.g. 16384 or \"256KiB\""))),
     }
 }
 
@@ -527,58 +463,33 @@ pool = "chat"
 
     #[test]
     fn errors_name_file_field_and_problem() {
-        let e = parse(&BASE.replace("pool = \"chat\"\n", "pool = \"nope\"\n"))
-            .unwrap_err()
-            .to_string();
+        let e = parse(&BASE.replace("pool = \"chat\"\n", "pool = \"nope\"\n")).unwrap_err().to_string();
         assert_eq!(e, "t.toml: route[0].pool: no pool named \"nope\"");
 
-        let e = parse(&format!(
-            "{BASE}\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\n"
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("listener[1].bind") && e.contains("already bound"),
-            "{e}"
-        );
+        let e = parse(&format!("{BASE}\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listener[1].bind") && e.contains("already bound"), "{e}");
 
-        let e = parse(&BASE.replace(
-            "protocol = \"http\"",
-            "protocol = \"http\"\ntrusted_cidrs = [\"10.0.0.0/33\"]",
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.starts_with("t.toml: ") && e.contains("trusted_cidrs"),
-            "{e}"
-        );
+        let e = parse(&BASE.replace("protocol = \"http\"", "protocol = \"http\"\ntrusted_cidrs = [\"10.0.0.0/33\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml: ") && e.contains("trusted_cidrs"), "{e}");
 
-        let e = parse(&BASE.replace(
-            "protocol = \"http\"",
-            "protocol = \"http\"\ncolour = \"blue\"",
-        ))
-        .unwrap_err()
-        .to_string();
+        let e = parse(&BASE.replace("protocol = \"http\"", "protocol = \"http\"\ncolour = \"blue\""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `colour`"), "{e}");
 
-        let e = parse(&format!("[limits]\nidle_timeout = \"forever\"\n{BASE}"))
+        let e = parse(&format!("[limits]\nidle_timeout = \"forever\"\n{BASE}")).unwrap_err().to_string();
+        assert!(e.contains("idle_timeout") && e.contains("not a duration"), "{e}");
+
+        let e = parse(&format!("{BASE}\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:8443\"\nprotocol = \"tcp\"\n"))
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("idle_timeout") && e.contains("not a duration"),
-            "{e}"
-        );
-
-        let e = parse(&format!(
-            "{BASE}\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:8443\"\nprotocol = \"tcp\"\n"
-        ))
-        .unwrap_err()
-        .to_string();
         assert_eq!(e, "t.toml: listener[1].pool: a tcp listener needs a pool");
 
-        let e = parse(&BASE.replace("chat.example.com", "*.*.example.com"))
-            .unwrap_err()
-            .to_string();
+        let e = parse(&BASE.replace("chat.example.com", "*.*.example.com")).unwrap_err().to_string();
         assert!(e.contains("route[0].host"), "{e}");
     }
 }

@@ -78,46 +78,39 @@ pub struct Session {
 impl Session {
     /// Serves one accepted connection to its end and logs it.
     pub async fn serve(self, client: TcpStream, peer: SocketAddr, protocol: Protocol) {
-        let labels = ListenerLabels {
-            listener: self.listener.to_string(),
-        };
+        let labels = ListenerLabels { listener: self.listener.to_string() };
         metrics::get().active.get_or_create(&labels).inc();
         let mut rec = AccessRecord::new(peer, self.listener.clone());
         let _ = client.set_nodelay(true);
         match protocol {
-            Protocol::Http => crate::handshake::serve(client, peer, &self, &mut rec).await,
-            Protocol::Tcp => self.serve_tcp(client, &mut rec).await,
+            Protocol::Http => {
+                // Boxed, so the handshake's state is freed before the tunnel
+                // runs: only the (small) tunnel state stays for hours.
+                let plan = Box::pin(crate::handshake::serve(client, peer, &self, &mut rec)).await;
+                if let Some(plan) = plan {
+                    self.tunnel(plan, &mut rec).await;
+                }
+            }
+            Protocol::Tcp => {
+                if let Some(plan) = Box::pin(self.connect_tcp(client, &mut rec)).await {
+                    self.tunnel(plan, &mut rec).await;
+                }
+            }
         }
         metrics::get().active.get_or_create(&labels).dec();
         rec.log();
     }
 
-    /// A tcp listener: connect to its pool and relay without reading a byte.
-    async fn serve_tcp(&self, client: TcpStream, rec: &mut AccessRecord) {
+    /// A tcp listener: connect to its pool; the pair is relayed without
+    /// reading a byte.
+    async fn connect_tcp(&self, client: TcpStream, rec: &mut AccessRecord) -> Option<Plan> {
         let snap = self.shared.snapshot();
-        let pool_name = snap
-            .listener(&self.listener)
-            .pool
-            .clone()
-            .unwrap_or_default();
-        let pool = snap
-            .pool_named(&pool_name)
-            .expect("validated: tcp listener pools exist")
-            .clone();
+        let pool_name = snap.listener(&self.listener).pool.clone().unwrap_or_default();
+        let pool = snap.pool_named(&pool_name).expect("validated: tcp listener pools exist").clone();
         match pool.connect(snap.config.limits.connect_timeout).await {
             Ok((backend, guard)) => {
                 rec.backend = Some(guard.addr());
-                self.tunnel(
-                    client,
-                    backend,
-                    Bytes::new(),
-                    Bytes::new(),
-                    rec,
-                    rec.started,
-                    0,
-                    guard,
-                )
-                .await;
+                Some(Plan { client, backend, to_backend: Bytes::new(), to_client: Bytes::new(), status: 0, guard })
             }
             Err(e) => {
                 // Nothing to answer in a protocol we do not parse: close.
@@ -126,32 +119,19 @@ impl Session {
                     ConnectError::AllFailed { .. } => "endpoint_failure",
                 };
                 tracing::warn!(listener = %self.listener, "tcp listener: {e}");
+                None
             }
         }
     }
 
     /// Hands a connection pair to the data planes and waits for it to end.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn tunnel(
-        &self,
-        client: TcpStream,
-        backend: TcpStream,
-        to_backend: Bytes,
-        to_client: Bytes,
-        rec: &mut AccessRecord,
-        started: Instant,
-        status: u16,
-        guard: BackendGuard,
-    ) {
+    async fn tunnel(&self, plan: Plan, rec: &mut AccessRecord) {
+        let Plan { client, backend, to_backend, to_client, status, guard } = plan;
         if status != 0 {
-            metrics::outcome(&self.listener, status, "", started.elapsed());
+            metrics::outcome(&self.listener, status, "", rec.started.elapsed());
         }
-        let snap = self.shared.snapshot();
         let planes = &self.shared.planes;
-        let labels = TunnelLabels {
-            listener: self.listener.to_string(),
-            data_plane: planes.mode().to_string(),
-        };
+        let labels = TunnelLabels { listener: self.listener.to_string(), data_plane: planes.mode().to_string() };
         let m = metrics::get();
         m.tunnels.get_or_create(&labels).inc();
         m.tunnels_active.get_or_create(&labels).inc();
@@ -160,10 +140,9 @@ impl Session {
             backend,
             to_backend,
             to_client,
-            idle_timeout: snap.config.limits.idle_timeout,
+            idle_timeout: self.shared.snapshot().config.limits.idle_timeout,
             drain: self.shared.drain.child_token(),
         };
-        drop(snap);
         let (mode, outcome) = planes.relay(tunnel).await;
         m.tunnels_active.get_or_create(&labels).dec();
         drop(guard);
@@ -174,6 +153,20 @@ impl Session {
     }
 }
 
+/// A connection pair ready for a data plane, as the handshake leaves it.
+pub struct Plan {
+    pub client: TcpStream,
+    pub backend: TcpStream,
+    /// Bytes read from the client past its head.
+    pub to_backend: Bytes,
+    /// Bytes read from the backend past its response head.
+    pub to_client: Bytes,
+    /// The status the backend answered (101 for tunnels; 0 when not read).
+    pub status: u16,
+    /// Keeps the backend's active count up for least_conn.
+    pub guard: BackendGuard,
+}
+
 /// Closes a connection after the router's own answer so that the answer is
 /// not lost: shut the write side, then read and discard what the client
 /// still sends (bounded in bytes and time) before the socket is dropped.
@@ -182,7 +175,8 @@ impl Session {
 pub async fn linger_close(client: &mut TcpStream) {
     let _ = client.shutdown().await;
     let drain = async {
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would sit in every connection's future.
+        let mut sink = vec![0u8; 4096];
         let mut total = 0usize;
         while total < 256 * 1024 {
             match client.read(&mut sink).await {

@@ -87,16 +87,12 @@ fn run(path: Option<&Path>) -> anyhow::Result<()> {
     let config = match path {
         Some(p) => Config::load(p)?,
         None => {
-            tracing::info!(
-                "no --config: running the built-in demo config (see `upsplice default-config`)"
-            );
+            tracing::info!("no --config: running the built-in demo config (see `upsplice default-config`)");
             Config::parse(Path::new("<built-in demo config>"), DEMO_CONFIG)?
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(upsplice::server::run(config, path.map(Path::to_path_buf)))
 }
 

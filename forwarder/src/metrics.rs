@@ -67,17 +67,9 @@ impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("upsplice");
         let accepted = Family::default();
-        registry.register(
-            "connections_accepted",
-            "Connections accepted, by listener",
-            accepted.clone(),
-        );
+        registry.register("connections_accepted", "Connections accepted, by listener", accepted.clone());
         let active = Family::default();
-        registry.register(
-            "connections_active",
-            "Connections open now, by listener",
-            active.clone(),
-        );
+        registry.register("connections_active", "Connections open now, by listener", active.clone());
         let rejected_over_limit = Family::default();
         registry.register(
             "connections_over_limit",
@@ -85,26 +77,17 @@ impl Metrics {
             rejected_over_limit.clone(),
         );
         let tunnels = Family::default();
-        registry.register(
-            "tunnels",
-            "Connection pairs handed to a data plane",
-            tunnels.clone(),
-        );
+        registry.register("tunnels", "Connection pairs handed to a data plane", tunnels.clone());
         let tunnels_active = Family::default();
-        registry.register(
-            "tunnels_active",
-            "Connection pairs relayed by a data plane now",
-            tunnels_active.clone(),
-        );
+        registry.register("tunnels_active", "Connection pairs relayed by a data plane now", tunnels_active.clone());
         let outcomes = Family::default();
         registry.register(
             "handshakes",
             "First requests by the status answered (101 for tunnels) and X-Cf-Routererror reason",
             outcomes.clone(),
         );
-        let handshake_seconds = Histogram::new([
-            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
-        ]);
+        let handshake_seconds =
+            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]);
         registry.register(
             "handshake_duration_seconds",
             "From accept to the tunnel (or the answer) being ready",
@@ -150,8 +133,14 @@ impl Metrics {
             for plane in planes.planes() {
                 let (to_backend, to_client) = plane.bytes_relayed();
                 let m = plane.mode();
-                let _ = writeln!(out, "upsplice_relayed_bytes_total{{data_plane=\"{m}\",direction=\"to_backend\"}} {to_backend}");
-                let _ = writeln!(out, "upsplice_relayed_bytes_total{{data_plane=\"{m}\",direction=\"to_client\"}} {to_client}");
+                let _ = writeln!(
+                    out,
+                    "upsplice_relayed_bytes_total{{data_plane=\"{m}\",direction=\"to_backend\"}} {to_backend}"
+                );
+                let _ = writeln!(
+                    out,
+                    "upsplice_relayed_bytes_total{{data_plane=\"{m}\",direction=\"to_client\"}} {to_client}"
+                );
             }
         }
         out.push_str("# EOF\n");
@@ -171,31 +160,17 @@ pub fn set_planes(planes: Arc<DataPlanes>) {
 }
 
 pub fn fallback(from: Mode) {
-    get()
-        .fallbacks
-        .get_or_create(&PlaneLabels {
-            data_plane: from.to_string(),
-        })
-        .inc();
+    get().fallbacks.get_or_create(&PlaneLabels { data_plane: from.to_string() }).inc();
 }
 
 pub fn outcome(listener: &str, status: u16, reason: &str, elapsed: Duration) {
     let m = get();
     m.outcomes
-        .get_or_create(&OutcomeLabels {
-            listener: listener.to_string(),
-            status,
-            reason: reason.to_string(),
-        })
+        .get_or_create(&OutcomeLabels { listener: listener.to_string(), status, reason: reason.to_string() })
         .inc();
     m.handshake_seconds.observe(elapsed.as_secs_f64());
 }
 
 pub fn connect_failure(pool: &str) {
-    get()
-        .connect_failures
-        .get_or_create(&PoolLabels {
-            pool: pool.to_string(),
-        })
-        .inc();
+    get().connect_failures.get_or_create(&PoolLabels { pool: pool.to_string() }).inc();
 }

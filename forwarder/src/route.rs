@@ -30,10 +30,7 @@ struct Entries {
 
 impl Entries {
     fn lookup(&self, path: &str) -> Option<&RouteTarget> {
-        self.by_prefix
-            .iter()
-            .find(|(p, _)| prefix_matches(p, path))
-            .map(|(_, t)| t)
+        self.by_prefix.iter().find(|(p, _)| prefix_matches(p, path)).map(|(_, t)| t)
     }
 }
 
@@ -49,12 +46,8 @@ pub struct Router {
 impl Router {
     /// Builds the table from a validated config.
     pub fn new(config: &Config) -> Router {
-        let pool_index: HashMap<&str, usize> = config
-            .pools
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.name.as_str(), i))
-            .collect();
+        let pool_index: HashMap<&str, usize> =
+            config.pools.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
         let mut exact: HashMap<String, Entries> = HashMap::new();
         let mut wildcard: HashMap<String, Entries> = HashMap::new();
         for r in &config.routes {
@@ -128,16 +121,12 @@ pub fn validate_host(host: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if name.contains('*') {
-        return Err(format!(
-            "{host:?}: a wildcard is only allowed as the whole first label (\"*.example.com\")"
-        ));
+        return Err(format!("{host:?}: a wildcard is only allowed as the whole first label (\"*.example.com\")"));
     }
     let ok = name.split('.').all(|label| {
         !label.is_empty()
             && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     });
     if !ok || name.len() > 253 {
         return Err(format!("{host:?} is not a host name"));
@@ -163,7 +152,8 @@ mod tests {
 
     #[test]
     fn exact_beats_wildcard_and_port_is_ignored() {
-        let r = router("[[route]]\nhost=\"*.example.com\"\npool=\"a\"\n[[route]]\nhost=\"Chat.Example.com\"\npool=\"b\"\n");
+        let r =
+            router("[[route]]\nhost=\"*.example.com\"\npool=\"a\"\n[[route]]\nhost=\"Chat.Example.com\"\npool=\"b\"\n");
         assert_eq!(pool(&r, "chat.example.com:8080", "/"), Some(1));
         assert_eq!(pool(&r, "CHAT.EXAMPLE.COM", "/"), Some(1));
         assert_eq!(pool(&r, "x.y.example.com", "/"), Some(0));
@@ -187,7 +177,9 @@ mod tests {
 
     #[test]
     fn exact_host_without_matching_prefix_falls_through_to_wildcard() {
-        let r = router("[[route]]\nhost=\"*.e.com\"\npool=\"a\"\n[[route]]\nhost=\"x.e.com\"\npath=\"/only\"\npool=\"b\"\n");
+        let r = router(
+            "[[route]]\nhost=\"*.e.com\"\npool=\"a\"\n[[route]]\nhost=\"x.e.com\"\npath=\"/only\"\npool=\"b\"\n",
+        );
         assert_eq!(pool(&r, "x.e.com", "/only/1"), Some(1));
         assert_eq!(pool(&r, "x.e.com", "/other"), Some(0));
     }

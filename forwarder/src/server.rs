@@ -33,32 +33,14 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(config: Config) -> Snapshot {
-        let pools: Vec<Arc<Pool>> = config
-            .pools
-            .iter()
-            .map(|p| Arc::new(Pool::new(p)))
-            .collect();
-        let pools_by_name = config
-            .pools
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.name.clone(), i))
-            .collect();
-        Snapshot {
-            router: Router::new(&config),
-            pools,
-            pools_by_name,
-            config,
-        }
+        let pools: Vec<Arc<Pool>> = config.pools.iter().map(|p| Arc::new(Pool::new(p))).collect();
+        let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        Snapshot { router: Router::new(&config), pools, pools_by_name, config }
     }
 
     /// The settings of the listener called `name` (listeners never change on reload).
     pub fn listener(&self, name: &str) -> &config::Listener {
-        self.config
-            .listeners
-            .iter()
-            .find(|l| l.name == name)
-            .expect("listeners are fixed for the process's life")
+        self.config.listeners.iter().find(|l| l.name == name).expect("listeners are fixed for the process's life")
     }
 
     pub fn pool_named(&self, name: &str) -> Option<&Arc<Pool>> {
@@ -102,8 +84,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
 
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let listener = bind(l.bind)
-            .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
+        let listener = bind(l.bind).with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
         tracing::info!(listener = %l.name, bind = %listener.local_addr()?, protocol = ?l.protocol, "listening");
         bound.push((listener, Arc::<str>::from(l.name.as_str()), l.protocol));
     }
@@ -158,23 +139,11 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     tracker.close();
     let open = shared.active.load(Ordering::Relaxed);
-    tracing::info!(
-        open,
-        "draining: accepting no more; open connections may live {drain_timeout:?}"
-    );
-    if tokio::time::timeout(drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::info!(
-            open = shared.active.load(Ordering::Relaxed),
-            "drain timeout: closing open connections"
-        );
+    tracing::info!(open, "draining: accepting no more; open connections may live {drain_timeout:?}");
+    if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
+        tracing::info!(open = shared.active.load(Ordering::Relaxed), "drain timeout: closing open connections");
         shared.drain.cancel();
-        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
             tracing::warn!("connections still open 5s after the drain deadline; exiting anyway");
         }
     }
@@ -184,11 +153,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
 
 /// Binds a listening socket with a deep accept queue (handshake bursts).
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
@@ -202,9 +167,7 @@ async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let labels = ListenerLabels {
-        listener: name.to_string(),
-    };
+    let labels = ListenerLabels { listener: name.to_string() };
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -232,20 +195,14 @@ async fn accept_loop(
         let max = shared.snapshot().config.limits.max_connections;
         if shared.active.fetch_add(1, Ordering::Relaxed) >= max {
             shared.active.fetch_sub(1, Ordering::Relaxed);
-            metrics::get()
-                .rejected_over_limit
-                .get_or_create(&labels)
-                .inc();
+            metrics::get().rejected_over_limit.get_or_create(&labels).inc();
             if protocol == Protocol::Http {
                 tracker.spawn(answer_over_limit(stream));
             }
             continue;
         }
         let guard = ActiveGuard(shared.clone());
-        let session = Session {
-            shared: shared.clone(),
-            listener: name.clone(),
-        };
+        let session = Session { shared: shared.clone(), listener: name.clone() };
         tracker.spawn(async move {
             session.serve(stream, peer, protocol).await;
             drop(guard);
@@ -254,18 +211,13 @@ async fn accept_loop(
 }
 
 fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)
-    )
+    matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM))
 }
 
 async fn answer_over_limit(mut stream: TcpStream) {
     use tokio::io::AsyncWriteExt;
     let answer = Refusal::over_limit().render();
-    if let Ok(Ok(())) =
-        tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await
-    {
+    if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await {
         crate::connection::linger_close(&mut stream).await;
     }
 }
@@ -291,29 +243,15 @@ fn reload(shared: &Shared, path: Option<&Path>) {
 fn load_compatible(shared: &Shared, path: &Path) -> anyhow::Result<Config> {
     let new = Config::load(path)?;
     let old = shared.snapshot();
-    let shape = |c: &Config| {
-        c.listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.bind, l.protocol))
-            .collect::<Vec<_>>()
-    };
+    let shape = |c: &Config| c.listeners.iter().map(|l| (l.name.clone(), l.bind, l.protocol)).collect::<Vec<_>>();
     if shape(&new) != shape(&old.config) {
-        bail!(
-            "{}: listener: names, binds and protocols can only change with a restart",
-            path.display()
-        );
+        bail!("{}: listener: names, binds and protocols can only change with a restart", path.display());
     }
     if new.admin.as_ref().map(|a| a.bind) != old.config.admin.as_ref().map(|a| a.bind) {
-        bail!(
-            "{}: admin.bind can only change with a restart",
-            path.display()
-        );
+        bail!("{}: admin.bind can only change with a restart", path.display());
     }
     if new.data_plane.mode != old.config.data_plane.mode {
-        bail!(
-            "{}: data_plane.mode can only change with a restart",
-            path.display()
-        );
+        bail!("{}: data_plane.mode can only change with a restart", path.display());
     }
     Ok(new)
 }

@@ -62,12 +62,7 @@ impl Pool {
             backends: cfg
                 .backends
                 .iter()
-                .map(|&addr| {
-                    Arc::new(Backend {
-                        addr,
-                        active: AtomicUsize::new(0),
-                    })
-                })
+                .map(|&addr| Arc::new(Backend { addr, active: AtomicUsize::new(0) }))
                 .collect(),
             balance: cfg.balance,
             next: AtomicUsize::new(0),
@@ -88,16 +83,11 @@ impl Pool {
                     .unwrap_or(0)
             }
         };
-        (0..n)
-            .map(|i| self.backends[(start + i) % n].clone())
-            .collect()
+        (0..n).map(|i| self.backends[(start + i) % n].clone()).collect()
     }
 
     /// Connects to one backend, trying each at most once.
-    pub async fn connect(
-        &self,
-        timeout: Duration,
-    ) -> Result<(TcpStream, BackendGuard), ConnectError> {
+    pub async fn connect(&self, timeout: Duration) -> Result<(TcpStream, BackendGuard), ConnectError> {
         if self.backends.is_empty() {
             return Err(ConnectError::NoBackends(self.name.clone()));
         }
@@ -114,22 +104,14 @@ impl Pool {
                 }
             }
         }
-        Err(ConnectError::AllFailed {
-            pool: self.name.clone(),
-            last,
-        })
+        Err(ConnectError::AllFailed { pool: self.name.clone(), last })
     }
 }
 
 async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {timeout:?}"),
-            )
-        })??;
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
@@ -141,9 +123,7 @@ mod tests {
     fn pool(balance: Balance, n: u16) -> Pool {
         Pool::new(&config::Pool {
             name: "p".into(),
-            backends: (0..n)
-                .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
-                .collect(),
+            backends: (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i))).collect(),
             balance,
         })
     }

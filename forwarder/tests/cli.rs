@@ -6,11 +6,7 @@ fn check(config: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("router.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_upsplice"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_upsplice")).args(["check", "--config"]).arg(&path).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -20,22 +16,13 @@ fn check(config: &str) -> (bool, String, String) {
 
 #[test]
 fn check_accepts_the_demo_config_and_reports_data_planes() {
-    let demo = Command::new(env!("CARGO_BIN_EXE_upsplice"))
-        .arg("default-config")
-        .output()
-        .unwrap();
+    let demo = Command::new(env!("CARGO_BIN_EXE_upsplice")).arg("default-config").output().unwrap();
     assert!(demo.status.success());
     let (ok, stdout, stderr) = check(&String::from_utf8(demo.stdout).unwrap());
     assert!(ok, "{stderr}");
-    assert!(
-        stdout.contains("listeners (2):") && stdout.contains("routes (2):"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("listeners (2):") && stdout.contains("routes (2):"), "{stdout}");
     for mode in ["sockmap", "uring", "splice", "copy"] {
-        assert!(
-            stdout.lines().any(|l| l.trim_start().starts_with(mode)),
-            "{mode} missing from:\n{stdout}"
-        );
+        assert!(stdout.lines().any(|l| l.trim_start().starts_with(mode)), "{mode} missing from:\n{stdout}");
     }
     assert!(stdout.contains("copy     available"), "{stdout}");
 }
@@ -45,36 +32,33 @@ fn check_names_file_field_and_problem() {
     let base = "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\n\n[[pool]]\nname = \"chat\"\nbackends = [\"127.0.0.1:9001\"]\n\n[[route]]\nhost = \"chat.example.com\"\npool = \"chat\"\n";
     let cases = [
         (base.replace("pool = \"chat\"\n", "pool = \"chatt\"\n"), "route[0].pool: no pool named \"chatt\""),
-        (format!("{base}\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\n"), "listener[1].bind: 127.0.0.1:8080 is already bound by listener \"web\""),
-        (base.replace("protocol = \"http\"", "protocol = \"http\"\ntrusted_cidrs = [\"10.0.0.0/40\"]"), "trusted_cidrs"),
+        (
+            format!("{base}\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\n"),
+            "listener[1].bind: 127.0.0.1:8080 is already bound by listener \"web\"",
+        ),
+        (
+            base.replace("protocol = \"http\"", "protocol = \"http\"\ntrusted_cidrs = [\"10.0.0.0/40\"]"),
+            "trusted_cidrs",
+        ),
         (format!("[limits]\nmax_conections = 5\n{base}"), "unknown field `max_conections`"),
         (format!("[data_plane]\nmode = \"turbo\"\n{base}"), "unknown variant `turbo`"),
     ];
     for (config, expected) in cases {
         let (ok, _, stderr) = check(&config);
         assert!(!ok, "accepted a bad config:\n{config}");
-        assert!(
-            stderr.contains("router.toml") && stderr.contains(expected),
-            "expected {expected:?} in {stderr:?}"
-        );
+        assert!(stderr.contains("router.toml") && stderr.contains(expected), "expected {expected:?} in {stderr:?}");
     }
 }
 
 #[test]
 fn run_reports_an_unusable_bind_clearly() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = format!(
-        "[[listener]]\nname = \"web\"\nbind = \"{}\"\nprotocol = \"http\"\n",
-        taken.local_addr().unwrap()
-    );
+    let config =
+        format!("[[listener]]\nname = \"web\"\nbind = \"{}\"\nprotocol = \"http\"\n", taken.local_addr().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_upsplice"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_upsplice")).args(["run", "--config"]).arg(&path).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("listener \"web\": cannot bind"), "{stderr}");

@@ -11,77 +11,23 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-const LIMITS: &str = "handshake_timeout = \"2s\"\nidle_timeout = \"1h\"\ndrain_timeout = \"2s\"\nconnect_timeout = \"5s\"";
+const LIMITS: &str =
+    "handshake_timeout = \"2s\"\nidle_timeout = \"1h\"\ndrain_timeout = \"2s\"\nconnect_timeout = \"5s\"";
 
 fn start(mode: &str, backend: &RawBackend) -> Router {
-    Router::start(Setup {
-        mode,
-        limits: LIMITS,
-        routing: main_pool(&[backend.addr], "app.test"),
-        extra: "",
-    })
-}
-
-/// A WebSocket echo backend built on tokio-tungstenite; every request
-/// head it accepts is sent on the returned channel.
-async fn ws_echo_backend() -> (
-    std::net::SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<Vec<(String, String)>>,
-) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let cb = |req: &Request, resp: Response| {
-                    let headers = req
-                        .headers()
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-                        .collect();
-                    let _ = tx.send(headers);
-                    Ok(resp)
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        if ws.send(msg).await.is_err() {
-                            break;
-                        }
-                    } else if msg.is_close() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (addr, rx)
+    Router::start(Setup { mode, limits: LIMITS, routing: main_pool(&[backend.addr], "app.test"), extra: "" })
 }
 
 async fn websocket_echo_with_real_library(mode: &str) {
     let (addr, mut heads) = ws_echo_backend().await;
-    let router = Router::start(Setup {
-        mode,
-        limits: LIMITS,
-        routing: main_pool(&[addr], "app.test"),
-        extra: "",
-    });
+    let router = Router::start(Setup { mode, limits: LIMITS, routing: main_pool(&[addr], "app.test"), extra: "" });
     let url = format!("ws://{}/chat", router.http);
-    let mut req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .unwrap();
-    req.headers_mut()
-        .insert("Host", "app.test".parse().unwrap());
-    req.headers_mut()
-        .insert("X-Forwarded-For", "6.6.6.6".parse().unwrap());
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut().insert("Host", "app.test".parse().unwrap());
+    req.headers_mut().insert("X-Forwarded-For", "6.6.6.6".parse().unwrap());
     let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
     assert_eq!(resp.status(), 101);
     for i in 0..50 {
@@ -95,17 +41,8 @@ async fn websocket_echo_with_real_library(mode: &str) {
     ws.close(None).await.unwrap();
 
     let headers = heads.recv().await.unwrap();
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
-    assert_eq!(
-        get("x-forwarded-for").as_deref(),
-        Some("127.0.0.1"),
-        "an untrusted client's XFF is replaced"
-    );
+    let get = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
+    assert_eq!(get("x-forwarded-for").as_deref(), Some("127.0.0.1"), "an untrusted client's XFF is replaced");
     assert_eq!(get("x-forwarded-proto").as_deref(), Some("https"));
     assert!(get("x-request-start").unwrap().parse::<u64>().unwrap() > 1_600_000_000_000);
 }
@@ -133,53 +70,34 @@ async fn integrity_64mib_both_ways(mode: &str) {
 async fn half_close_client_first(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let (mut client, mut server, _, _) =
-        raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
     client.write_all(b"last words").await.unwrap();
     client.shutdown().await.unwrap();
-    assert_eq!(
-        read_to_end(&mut server).await,
-        b"last words",
-        "backend sees the bytes, then EOF"
-    );
+    assert_eq!(read_to_end(&mut server).await, b"last words", "backend sees the bytes, then EOF");
     // The other direction keeps flowing after the client's FIN.
     let tail = pattern(3, 4 << 20);
     let sent = send_all(&mut server, &tail).await;
-    assert_eq!(
-        recv_hash(&mut client, tail.len(), Duration::from_secs(30)).await,
-        sent
-    );
+    assert_eq!(recv_hash(&mut client, tail.len(), Duration::from_secs(30)).await, sent);
     server.shutdown().await.unwrap();
-    assert_eq!(
-        read_to_end(&mut client).await,
-        b"",
-        "client sees EOF after the backend's FIN"
-    );
+    assert_eq!(read_to_end(&mut client).await, b"", "client sees EOF after the backend's FIN");
 }
 
 async fn half_close_backend_first(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let (mut client, mut server, _, _) =
-        raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
     server.write_all(b"bye").await.unwrap();
     server.shutdown().await.unwrap();
     assert_eq!(read_to_end(&mut client).await, b"bye");
     let tail = pattern(4, 4 << 20);
     let sent = send_all(&mut client, &tail).await;
-    assert_eq!(
-        recv_hash(&mut server, tail.len(), Duration::from_secs(30)).await,
-        sent
-    );
+    assert_eq!(recv_hash(&mut server, tail.len(), Duration::from_secs(30)).await, sent);
     client.shutdown().await.unwrap();
     assert_eq!(read_to_end(&mut server).await, b"");
 }
 
 fn is_reset(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-    )
+    matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
 }
 
 /// Reads until an error or EOF; true when the stream ended with a reset.
@@ -194,9 +112,7 @@ async fn ends_with_reset(s: &mut TcpStream) -> bool {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), work)
-        .await
-        .expect("no EOF or reset within 10s")
+    tokio::time::timeout(Duration::from_secs(10), work).await.expect("no EOF or reset within 10s")
 }
 
 async fn reset_from_backend_resets_client(mode: &str) {
@@ -205,10 +121,7 @@ async fn reset_from_backend_resets_client(mode: &str) {
     let (mut client, server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
     server.set_zero_linger().unwrap();
     drop(server);
-    assert!(
-        ends_with_reset(&mut client).await,
-        "the client must see a reset, not a clean EOF"
-    );
+    assert!(ends_with_reset(&mut client).await, "the client must see a reset, not a clean EOF");
 }
 
 async fn reset_from_client_resets_backend(mode: &str) {
@@ -217,10 +130,7 @@ async fn reset_from_client_resets_backend(mode: &str) {
     let (client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
     client.set_zero_linger().unwrap();
     drop(client);
-    assert!(
-        ends_with_reset(&mut server).await,
-        "the backend must see a reset, not a clean EOF"
-    );
+    assert!(ends_with_reset(&mut server).await, "the backend must see a reset, not a clean EOF");
 }
 
 async fn backend_speaks_first(mode: &str) {
@@ -229,10 +139,7 @@ async fn backend_speaks_first(mode: &str) {
     // The backend's first message rides in the same write as its 101 and
     // then it waits for the client: the client must get it without sending.
     let mut client = TcpStream::connect(router.http).await.unwrap();
-    client
-        .write_all(WS_REQUEST.replace("{host}", "app.test").as_bytes())
-        .await
-        .unwrap();
+    client.write_all(WS_REQUEST.replace("{host}", "app.test").as_bytes()).await.unwrap();
     let mut server = backend.accept().await;
     read_head(&mut server).await;
     let mut resp = WS_101.to_vec();
@@ -253,18 +160,12 @@ async fn backend_speaks_first(mode: &str) {
     // A second message, sent after the tunnel is in place, also arrives.
     server.write_all(b"second").await.unwrap();
     let mut buf = [0u8; 6];
-    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"second");
     // And the client can answer.
     client.write_all(b"ack").await.unwrap();
     let mut buf = [0u8; 3];
-    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"ack");
 }
 
@@ -287,10 +188,7 @@ async fn pipelined_bytes_after_head(mode: &str) {
     assert_eq!(early, b"early-bytes");
     client.write_all(b"+more").await.unwrap();
     let mut buf = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"+more");
 }
 
@@ -299,7 +197,10 @@ async fn refused_upgrade_is_relayed_framed(mode: &str) {
     let router = start(mode, &backend);
     for (answer, body) in [
         (&b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\nConnection: keep-alive\r\n\r\nforbidden"[..], "forbidden"),
-        (&b"HTTP/1.1 426 Upgrade Required\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nnope\r\n0\r\n\r\n"[..], "4\r\nnope\r\n0\r\n\r\n"),
+        (
+            &b"HTTP/1.1 426 Upgrade Required\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nnope\r\n0\r\n\r\n"[..],
+            "4\r\nnope\r\n0\r\n\r\n",
+        ),
     ] {
         let mut client = TcpStream::connect(router.http).await.unwrap();
         client.write_all(WS_REQUEST.replace("{host}", "app.test").as_bytes()).await.unwrap();
@@ -319,12 +220,7 @@ async fn refused_upgrade_is_relayed_framed(mode: &str) {
 
 async fn many_concurrent_websocket_clients(mode: &str) {
     let (addr, _heads) = ws_echo_backend().await;
-    let router = Router::start(Setup {
-        mode,
-        limits: LIMITS,
-        routing: main_pool(&[addr], "app.test"),
-        extra: "",
-    });
+    let router = Router::start(Setup { mode, limits: LIMITS, routing: main_pool(&[addr], "app.test"), extra: "" });
     let http = router.http;
     let mut tasks = Vec::new();
     for i in 0..500 {
@@ -334,12 +230,9 @@ async fn many_concurrent_websocket_clients(mode: &str) {
         }
         tasks.push(tokio::spawn(async move {
             let mut req =
-                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                    format!("ws://{http}/"),
-                )
-                .unwrap();
-            req.headers_mut()
-                .insert("Host", "app.test".parse().unwrap());
+                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{http}/"))
+                    .unwrap();
+            req.headers_mut().insert("Host", "app.test".parse().unwrap());
             let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
             for j in 0..3 {
                 let text = format!("client {i} message {j}");
@@ -351,18 +244,10 @@ async fn many_concurrent_websocket_clients(mode: &str) {
     }
     let mut open = Vec::new();
     for t in tasks {
-        open.push(
-            tokio::time::timeout(Duration::from_secs(60), t)
-                .await
-                .expect("clients stalled")
-                .unwrap(),
-        );
+        open.push(tokio::time::timeout(Duration::from_secs(60), t).await.expect("clients stalled").unwrap());
     }
     // All 500 are open at once here.
-    assert_eq!(
-        router.metric("upsplice_tunnels_active{listener=\"web\""),
-        500.0
-    );
+    assert_eq!(router.metric("upsplice_tunnels_active{listener=\"web\""), 500.0);
     drop(open);
 }
 
@@ -374,8 +259,7 @@ async fn idle_timeout_closes_tunnel(mode: &str) {
         routing: main_pool(&[backend.addr], "app.test"),
         extra: "",
     });
-    let (mut client, mut server, _, _) =
-        raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
     // Traffic keeps it alive past the timeout...
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -388,10 +272,7 @@ async fn idle_timeout_closes_tunnel(mode: &str) {
     let end = read_to_end(&mut client).await;
     assert!(end.is_empty());
     let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
-        "closed after {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(800) && waited < Duration::from_secs(5), "closed after {waited:?}");
     assert_eq!(read_to_end(&mut server).await, b"");
     router.wait_log("close=\"idle_timeout\"");
 }
@@ -423,10 +304,7 @@ async fn backpressure_is_bounded(mode: &str) {
     });
     let (sent, data, cw) = writer.await.unwrap();
     let rss_stalled = router.rss_kib();
-    assert!(
-        sent < 200 << 20,
-        "the writer was never pushed back: {sent} bytes accepted with nobody reading"
-    );
+    assert!(sent < 200 << 20, "the writer was never pushed back: {sent} bytes accepted with nobody reading");
     assert!(
         rss_stalled < rss_before + 32 * 1024,
         "router memory grew from {rss_before} KiB to {rss_stalled} KiB behind a stalled reader"
@@ -434,10 +312,7 @@ async fn backpressure_is_bounded(mode: &str) {
     // The backend reads again: every byte accepted arrives, intact.
     use sha2::{Digest, Sha256};
     let expected: [u8; 32] = Sha256::digest(&data[..sent]).into();
-    assert_eq!(
-        recv_hash(&mut server, sent, Duration::from_secs(60)).await,
-        expected
-    );
+    assert_eq!(recv_hash(&mut server, sent, Duration::from_secs(60)).await, expected);
     drop(cw);
 }
 
@@ -450,8 +325,7 @@ async fn no_close_wait_and_fds_return(mode: &str) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = router.fd_count();
     for i in 0..60 {
-        let (mut client, mut server, _, _) =
-            raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+        let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
         client.write_all(b"data").await.unwrap();
         let mut buf = [0u8; 4];
         server.read_exact(&mut buf).await.unwrap();
@@ -481,10 +355,7 @@ async fn no_close_wait_and_fds_return(mode: &str) {
         if fds <= baseline && cw == 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "router holds {fds} fds (baseline {baseline}) and {cw} CLOSE_WAIT sockets"
-        );
+        assert!(Instant::now() < deadline, "router holds {fds} fds (baseline {baseline}) and {cw} CLOSE_WAIT sockets");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -514,7 +385,10 @@ async fn plain_request_with_body(mode: &str) {
     let router = start(mode, &backend);
     let body = pattern(13, 300_000);
     let mut client = TcpStream::connect(router.http).await.unwrap();
-    let head = format!("POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n", body.len());
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n",
+        body.len()
+    );
     let mut req = head.into_bytes();
     req.extend_from_slice(&body);
     let writer = tokio::spawn(async move {
@@ -534,38 +408,25 @@ async fn plain_request_with_body(mode: &str) {
         got.extend_from_slice(&buf[..n]);
     }
     assert_eq!(got, body);
-    server
-        .write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
-        .await
-        .unwrap();
+    server.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
     drop(server);
     let mut client = writer.await.unwrap();
     let resp = String::from_utf8(read_to_end(&mut client).await).unwrap();
-    assert!(
-        resp.starts_with("HTTP/1.1 201 Created") && resp.ends_with("ok"),
-        "{resp}"
-    );
+    assert!(resp.starts_with("HTTP/1.1 201 Created") && resp.ends_with("ok"), "{resp}");
 }
 
 async fn sigterm_drains_then_closes(mode: &str) {
     let mut backend = RawBackend::start().await;
     let mut router = start(mode, &backend);
-    let (mut client, mut server, _, _) =
-        raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
     router.signal(nix::sys::signal::Signal::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Accepting stopped at once...
-    assert!(
-        TcpStream::connect(router.http).await.is_err(),
-        "the listener still accepts while draining"
-    );
+    assert!(TcpStream::connect(router.http).await.is_err(), "the listener still accepts while draining");
     // ...the open tunnel still works during drain_timeout (2 s)...
     client.write_all(b"still here").await.unwrap();
     let mut buf = [0u8; 10];
-    tokio::time::timeout(Duration::from_secs(2), server.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(2), server.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"still here");
     // ...and is closed at the deadline; the router exits 0.
     let closed = tokio::time::timeout(Duration::from_secs(6), client.read(&mut [0u8; 16]))
@@ -580,27 +441,20 @@ async fn sighup_reloads_routes_and_keeps_tunnels(mode: &str) {
     let mut old_backend = RawBackend::start().await;
     let mut new_backend = RawBackend::start().await;
     let router = start(mode, &old_backend);
-    let (mut client, mut server, _, _) =
-        raw_tunnel(&router, &mut old_backend, "app.test", b"", b"").await;
+    let (mut client, mut server, _, _) = raw_tunnel(&router, &mut old_backend, "app.test", b"", b"").await;
 
     // A broken config is rejected; the old one stays.
     let good = std::fs::read_to_string(&router.config_path).unwrap();
-    std::fs::write(
-        &router.config_path,
-        format!("{good}\n[[route]]\nhost = \"other.test\"\npool = \"missing\"\n"),
-    )
-    .unwrap();
+    std::fs::write(&router.config_path, format!("{good}\n[[route]]\nhost = \"other.test\"\npool = \"missing\"\n"))
+        .unwrap();
     router.signal(nix::sys::signal::Signal::SIGHUP);
     router.wait_log("reload rejected");
     let (c2, s2, _, _) = raw_tunnel(&router, &mut old_backend, "app.test", b"", b"").await;
     drop((c2, s2));
 
     // A good one moves new connections to the new pool.
-    std::fs::write(
-        &router.config_path,
-        good.replace(&old_backend.addr.to_string(), &new_backend.addr.to_string()),
-    )
-    .unwrap();
+    std::fs::write(&router.config_path, good.replace(&old_backend.addr.to_string(), &new_backend.addr.to_string()))
+        .unwrap();
     router.signal(nix::sys::signal::Signal::SIGHUP);
     router.wait_log("SIGHUP: reloaded");
     let (c3, s3, _, _) = raw_tunnel(&router, &mut new_backend, "app.test", b"", b"").await;
@@ -609,10 +463,7 @@ async fn sighup_reloads_routes_and_keeps_tunnels(mode: &str) {
     // The tunnel opened before both reloads is untouched.
     client.write_all(b"after reload").await.unwrap();
     let mut buf = [0u8; 12];
-    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"after reload");
 }
 

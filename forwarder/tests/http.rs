@@ -11,8 +11,7 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const LIMITS: &str =
-    "handshake_timeout = \"1s\"\nmax_header_bytes = 2048\nconnect_timeout = \"500ms\"";
+const LIMITS: &str = "handshake_timeout = \"1s\"\nmax_header_bytes = 2048\nconnect_timeout = \"500ms\"";
 
 /// A router with routes: app.test → a live backend, dead.test → a pool
 /// whose backend refuses, empty.test → a pool with no backends, rs.test →
@@ -31,20 +30,13 @@ async fn router(extra_limits: &str) -> (Router, RawBackend) {
         main_pool(&[backend.addr], "app.test")
     );
     let limits = format!("{LIMITS}\n{extra_limits}");
-    let r = Router::start(Setup {
-        mode: "copy",
-        limits: &limits,
-        routing,
-        extra: "",
-    });
+    let r = Router::start(Setup { mode: "copy", limits: &limits, routing, extra: "" });
     (r, backend)
 }
 
 /// Checks the answer is complete and well framed; returns (status, head, body).
 fn parse_answer(raw: &str) -> (u16, String, String) {
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete head in {raw:?}"));
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no complete head in {raw:?}"));
     let status: u16 = head[9..12].parse().unwrap();
     let length: usize = head
         .lines()
@@ -52,18 +44,13 @@ fn parse_answer(raw: &str) -> (u16, String, String) {
         .unwrap_or_else(|| panic!("no Content-Length in {head:?}"))
         .parse()
         .unwrap();
-    assert_eq!(
-        body.len(),
-        length,
-        "body does not match Content-Length: {raw:?}"
-    );
+    assert_eq!(body.len(), length, "body does not match Content-Length: {raw:?}");
     assert!(head.contains("\r\nConnection: close"), "{head}");
     (status, head.to_string(), body.to_string())
 }
 
 fn cf_error(head: &str) -> Option<&str> {
-    head.lines()
-        .find_map(|l| l.strip_prefix("X-Cf-Routererror: "))
+    head.lines().find_map(|l| l.strip_prefix("X-Cf-Routererror: "))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,7 +68,11 @@ async fn error_answers_follow_gorouter() {
         ("GET / HTTP/3.0\r\nHost: app.test\r\n\r\n".into(), 400, None),
         ("\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03".into(), 400, None),
         ("GET / HTTP/1.1\r\nHost: app.test\r\nBad Header\r\n\r\n".into(), 400, None),
-        ("POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n".into(), 400, None),
+        (
+            "POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+            400,
+            None,
+        ),
         (format!("GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {}\r\n\r\n", "a".repeat(4000)), 431, None),
         ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".into(), 505, None),
     ];
@@ -100,23 +91,14 @@ async fn route_service_allows_plain_requests_and_wildcards_route() {
     let (r, mut backend) = router("").await;
     for host in ["rs.test", "a.b.wild.test"] {
         let mut client = TcpStream::connect(r.http).await.unwrap();
-        client
-            .write_all(format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        client.write_all(format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
         let mut server = backend.accept().await;
         let (head, _) = read_head(&mut server).await;
         assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
-        server
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
-            .await
-            .unwrap();
+        server.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi").await.unwrap();
         drop(server);
         let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
-        assert!(
-            got.starts_with("HTTP/1.1 200 OK") && got.ends_with("hi"),
-            "{got}"
-        );
+        assert!(got.starts_with("HTTP/1.1 200 OK") && got.ends_with("hi"), "{got}");
     }
 }
 
@@ -130,15 +112,9 @@ async fn h2c_upgrade_offer_proceeds_as_http11() {
         .unwrap();
     let mut server = backend.accept().await;
     let (head, _) = read_head(&mut server).await;
-    assert!(
-        !head.to_ascii_lowercase().contains("h2c") && !head.contains("HTTP2-Settings"),
-        "{head}"
-    );
+    assert!(!head.to_ascii_lowercase().contains("h2c") && !head.contains("HTTP2-Settings"), "{head}");
     assert!(head.contains("\r\nConnection: close\r\n"), "{head}");
-    server
-        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
+    server.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
     drop(server);
     let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
     assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
@@ -148,27 +124,20 @@ async fn h2c_upgrade_offer_proceeds_as_http11() {
 async fn trusted_peer_forwarded_headers_are_kept() {
     let (r, mut backend) = router("").await;
     // 127.0.0.2 is in the listener's trusted_cidrs; 127.0.0.1 is not.
-    for (source, xff, xfp) in [
-        ("127.0.0.2", "10.9.8.7, 127.0.0.2", "http"),
-        ("127.0.0.1", "127.0.0.1", "https"),
-    ] {
+    for (source, xff, xfp) in [("127.0.0.2", "10.9.8.7, 127.0.0.2", "http"), ("127.0.0.1", "127.0.0.1", "https")] {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
         let mut client = socket.connect(r.http).await.unwrap();
         client
-            .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 10.9.8.7\r\nX-Forwarded-Proto: http\r\n\r\n")
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 10.9.8.7\r\nX-Forwarded-Proto: http\r\n\r\n",
+            )
             .await
             .unwrap();
         let mut server = backend.accept().await;
         let (head, _) = read_head(&mut server).await;
-        assert!(
-            head.contains(&format!("\r\nX-Forwarded-For: {xff}\r\n")),
-            "{source}: {head}"
-        );
-        assert!(
-            head.contains(&format!("\r\nX-Forwarded-Proto: {xfp}\r\n")),
-            "{source}: {head}"
-        );
+        assert!(head.contains(&format!("\r\nX-Forwarded-For: {xff}\r\n")), "{source}: {head}");
+        assert!(head.contains(&format!("\r\nX-Forwarded-Proto: {xfp}\r\n")), "{source}: {head}");
     }
 }
 
@@ -180,8 +149,7 @@ async fn slow_loris_times_out_while_others_are_served() {
     let http = r.http;
     let slow = tokio::spawn(async move {
         // One header byte every 100 ms: each read is quick, the whole head never completes.
-        for b in b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter()
-        {
+        for b in b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
             if loris.write_all(&[*b]).await.is_err() {
                 break;
             }
@@ -194,31 +162,19 @@ async fn slow_loris_times_out_while_others_are_served() {
     // Meanwhile other clients are served at once.
     for _ in 0..5 {
         let mut client = TcpStream::connect(http).await.unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
-            .await
-            .unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
         let mut server = backend.accept().await;
         read_head(&mut server).await;
-        server
-            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-            .await
-            .unwrap();
+        server.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
         drop(server);
         let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
         assert!(got.starts_with("HTTP/1.1 204"), "{got}");
     }
-    let answer = tokio::time::timeout(Duration::from_secs(10), slow)
-        .await
-        .unwrap()
-        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), slow).await.unwrap().unwrap();
     let (status, _, _) = parse_answer(&answer);
     assert_eq!(status, 408);
     let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
-        "408 after {took:?}"
-    );
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "408 after {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,29 +202,15 @@ async fn metrics_and_healthz() {
     let (status, body) = r.admin_get("/metrics").unwrap();
     assert_eq!(status, 200);
     assert!(
-        body.contains(
-            "upsplice_handshakes_total{listener=\"web\",status=\"404\",reason=\"unknown_route\"} 1"
-        ),
+        body.contains("upsplice_handshakes_total{listener=\"web\",status=\"404\",reason=\"unknown_route\"} 1"),
         "{body}"
     );
-    assert!(
-        body.contains("upsplice_connections_accepted_total{listener=\"web\"}"),
-        "{body}"
-    );
-    assert!(
-        body.contains("upsplice_handshake_duration_seconds_bucket"),
-        "{body}"
-    );
-    assert!(
-        body.contains("upsplice_relayed_bytes_total{data_plane=\"copy\",direction=\"to_client\"}"),
-        "{body}"
-    );
+    assert!(body.contains("upsplice_connections_accepted_total{listener=\"web\"}"), "{body}");
+    assert!(body.contains("upsplice_handshake_duration_seconds_bucket"), "{body}");
+    assert!(body.contains("upsplice_relayed_bytes_total{data_plane=\"copy\",direction=\"to_client\"}"), "{body}");
     assert!(body.ends_with("# EOF\n"));
     raw_exchange(r.http, b"GET / HTTP/1.1\r\nHost: dead.test\r\n\r\n").await;
-    assert_eq!(
-        r.metric("upsplice_backend_connect_failures_total{pool=\"dead\"}"),
-        1.0
-    );
+    assert_eq!(r.metric("upsplice_backend_connect_failures_total{pool=\"dead\"}"), 1.0);
     assert_eq!(r.admin_get("/healthz").unwrap(), (200, "ok\n".to_string()));
 }
 
@@ -280,4 +222,77 @@ async fn healthz_answers_503_while_draining() {
     r.wait_log("draining");
     assert_eq!(r.admin_get("/healthz").unwrap().0, 503);
     assert!(r.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_exhaustion_backs_off_and_recovers() {
+    let (r, mut backend) = router("").await;
+    // Leave the router room for only a few more sockets.
+    let limit = r.fd_count() + 6;
+    let status = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(r.pid().to_string())
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        held.push(TcpStream::connect(r.http).await.unwrap());
+    }
+    r.wait_log("accept failed");
+    let cpu = |pid: i32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = cpu(r.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ticks = cpu(r.pid()) - before;
+    assert!(ticks < 30, "the accept loop spun: {ticks} CPU ticks in 1 s while out of fds");
+    // Free the fds: the router recovers and serves again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut client = TcpStream::connect(r.http).await.unwrap();
+    client.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut server = loop {
+        // Connections accepted late (from the held batch) may reach the backend first.
+        let mut s = backend.accept().await;
+        let (head, _) = read_head(&mut s).await;
+        if head.starts_with("GET / HTTP/1.1") {
+            break s;
+        }
+        assert!(Instant::now() < deadline);
+    };
+    server.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+    drop(server);
+    let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_a_body_reaches_the_backend_before_its_answer() {
+    let (r, mut backend) = router("").await;
+    let mut client = TcpStream::connect(r.http).await.unwrap();
+    let request = WS_REQUEST.replace("{host}", "app.test").replace("\r\n\r\n", "\r\nContent-Length: 5\r\n\r\nhello");
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut server = backend.accept().await;
+    let (_, mut body) = read_head(&mut server).await;
+    // The backend insists on the body before it answers.
+    while body.len() < 5 {
+        let mut buf = [0u8; 16];
+        let n =
+            tokio::time::timeout(Duration::from_secs(3), server.read(&mut buf)).await.expect("body withheld").unwrap();
+        assert!(n > 0);
+        body.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(body, b"hello");
+    server.write_all(WS_101).await.unwrap();
+    let (head, _) = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"));
+    client.write_all(b"frame").await.unwrap();
+    let mut buf = [0u8; 5];
+    server.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"frame");
 }

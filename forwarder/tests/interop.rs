@@ -18,7 +18,10 @@ use tokio_tungstenite::tungstenite::Message;
 fn python_websockets() -> bool {
     let ok = Command::new("python3").args(["-c", "import websockets"]).status().map(|s| s.success()).unwrap_or(false);
     if !ok {
-        assert!(std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(), "python3 -c 'import websockets' failed and UPSPLICE_REQUIRE_PEERS is set");
+        assert!(
+            std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(),
+            "python3 -c 'import websockets' failed and UPSPLICE_REQUIRE_PEERS is set"
+        );
         eprintln!("SKIPPED: Python `websockets` is not installed (pip install websockets; scripts/test does it)");
     }
     ok
@@ -58,7 +61,9 @@ async fn rust_echo_backend() -> std::net::SocketAddr {
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
                 while let Some(Ok(msg)) = ws.next().await {
                     if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
                         break;
@@ -76,9 +81,13 @@ async fn python_client_through_the_router() {
         return;
     }
     let backend = rust_echo_backend().await;
-    let router = Router::start(Setup { mode: "splice", limits: "", routing: main_pool(&[backend], "127.0.0.1"), extra: "" });
+    let router =
+        Router::start(Setup { mode: "splice", limits: "", routing: main_pool(&[backend], "127.0.0.1"), extra: "" });
     let url = format!("ws://{}/py", router.http);
-    let out = tokio::task::spawn_blocking(move || Command::new("python3").args(["-c", PY_CLIENT, &url]).output().unwrap()).await.unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || Command::new("python3").args(["-c", PY_CLIENT, &url]).output().unwrap())
+            .await
+            .unwrap();
     assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("python client ok"));
 }
@@ -89,7 +98,8 @@ async fn python_server_behind_the_router() {
         return;
     }
     let port = free_port();
-    let mut server = Command::new("python3").args(["-c", PY_SERVER, &port.to_string()]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut server =
+        Command::new("python3").args(["-c", PY_SERVER, &port.to_string()]).stdout(Stdio::piped()).spawn().unwrap();
     let mut stdout = std::io::BufReader::new(server.stdout.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
@@ -100,9 +110,14 @@ async fn python_server_behind_the_router() {
         routing: main_pool(&[([127, 0, 0, 1], port).into()], "app.test"),
         extra: "",
     });
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{}/", router.http)).unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/",
+        router.http
+    ))
+    .unwrap();
     req.headers_mut().insert("Host", "app.test".parse().unwrap());
-    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req)).await.unwrap().unwrap();
+    let (mut ws, _) =
+        tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req)).await.unwrap().unwrap();
     for i in 0..20 {
         let msg = Message::text(format!("to python {i}"));
         ws.send(msg.clone()).await.unwrap();

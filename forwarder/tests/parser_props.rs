@@ -10,12 +10,7 @@ use upsplice::handshake::rewrite::{rewrite, ClientInfo};
 const MAX: usize = 4096;
 
 fn client() -> ClientInfo<'static> {
-    ClientInfo {
-        peer: "127.0.0.1".parse().unwrap(),
-        trusted: false,
-        forwarded_proto: "http",
-        now_ms: 1,
-    }
+    ClientInfo { peer: "127.0.0.1".parse().unwrap(), trusted: false, forwarded_proto: "http", now_ms: 1 }
 }
 
 /// Requests that look like HTTP: a valid start, then mutated headers.
@@ -35,12 +30,7 @@ fn requestish() -> impl Strategy<Value = Vec<u8>> {
         ]),
         "[ -~]{0,40}",
     );
-    (
-        method,
-        "/[ -~&&[^ ]]{0,30}",
-        prop::collection::vec(header, 0..12),
-        prop::collection::vec(any::<u8>(), 0..32),
-    )
+    (method, "/[ -~&&[^ ]]{0,30}", prop::collection::vec(header, 0..12), prop::collection::vec(any::<u8>(), 0..32))
         .prop_map(|(m, p, hs, tail)| {
             let mut out = format!("{m} {p} HTTP/1.1\r\n").into_bytes();
             for (k, v) in hs {
@@ -72,12 +62,7 @@ fn check(input: &[u8]) {
                     let back = parse_request(&fwd.head, usize::MAX).unwrap().unwrap();
                     assert_eq!(back.head_len, fwd.head.len());
                     assert_eq!(back.method, req.method);
-                    let count = |name: &str| {
-                        back.headers
-                            .iter()
-                            .filter(|h| h.name.eq_ignore_ascii_case(name))
-                            .count()
-                    };
+                    let count = |name: &str| back.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count();
                     assert_eq!(count("x-forwarded-for"), 1);
                     assert_eq!(count("x-forwarded-proto"), 1);
                     assert_eq!(count("connection"), 1);

@@ -43,20 +43,11 @@ where
         println!("SKIPPED: uring plane unavailable on this kernel: {why}");
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
-        let cfg = DataPlaneConfig {
-            uring_workers: workers,
-            ..DataPlaneConfig::default()
-        };
+        let cfg = DataPlaneConfig { uring_workers: workers, ..DataPlaneConfig::default() };
         let plane = UringPlane::new(&cfg).expect("uring plane starts");
-        tokio::time::timeout(limit, f(plane))
-            .await
-            .expect("test finished in time");
+        tokio::time::timeout(limit, f(plane)).await.expect("test finished in time");
     });
 }
 
@@ -184,11 +175,7 @@ fn probe_gives_a_clear_answer() {
 #[test]
 fn bulk_64mib_both_directions_checksummed() {
     run(Duration::from_secs(120), |plane| async move {
-        let Setup {
-            client,
-            backend,
-            tunnel,
-        } = setup(b"", b"", LONG).await;
+        let Setup { client, backend, tunnel } = setup(b"", b"", LONG).await;
         let (mut cr, mut cw) = client.into_split();
         let (mut br, mut bw) = backend.into_split();
         let total = 64 * MIB;
@@ -215,11 +202,7 @@ fn bulk_64mib_both_directions_checksummed() {
 #[test]
 fn half_close_client_first() {
     run(LONG, |plane| async move {
-        let Setup {
-            mut client,
-            mut backend,
-            tunnel,
-        } = setup(b"", b"", LONG).await;
+        let Setup { mut client, mut backend, tunnel } = setup(b"", b"", LONG).await;
         let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
@@ -242,11 +225,7 @@ fn half_close_client_first() {
 #[test]
 fn half_close_backend_first() {
     run(LONG, |plane| async move {
-        let Setup {
-            mut client,
-            mut backend,
-            tunnel,
-        } = setup(b"", b"", LONG).await;
+        let Setup { mut client, mut backend, tunnel } = setup(b"", b"", LONG).await;
         let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
         backend.write_all(b"bye").await.unwrap();
         backend.shutdown().await.unwrap();
@@ -266,20 +245,14 @@ fn half_close_backend_first() {
 
 /// Closes `s` with an RST.
 fn reset(s: TcpStream) {
-    socket2::SockRef::from(&s)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
     drop(s);
 }
 
 #[test]
 fn client_reset_resets_backend() {
     run(LONG, |plane| async move {
-        let Setup {
-            mut client,
-            mut backend,
-            tunnel,
-        } = setup(b"", b"", LONG).await;
+        let Setup { mut client, mut backend, tunnel } = setup(b"", b"", LONG).await;
         let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
         client.write_all(b"x").await.unwrap();
         assert_eq!(read_exact_n(&mut backend, 1).await, b"x");
@@ -297,20 +270,13 @@ fn client_reset_resets_backend() {
 #[test]
 fn backend_reset_resets_client() {
     run(LONG, |plane| async move {
-        let Setup {
-            mut client,
-            backend,
-            tunnel,
-        } = setup(b"", b"", LONG).await;
+        let Setup { mut client, backend, tunnel } = setup(b"", b"", LONG).await;
         let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
         // Give the worker a moment to arm its recvs, then reset.
         tokio::time::sleep(Duration::from_millis(50)).await;
         reset(backend);
         let end = read_end(&mut client).await;
-        assert_eq!(
-            end.map_err(|e| e.kind()),
-            Err(io::ErrorKind::ConnectionReset)
-        );
+        assert_eq!(end.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
         assert_eq!(relayed.await.unwrap().reason, CloseReason::BackendReset);
     });
 }
@@ -320,11 +286,7 @@ fn backend_speaks_first_from_leftover() {
     run(LONG, |plane| async move {
         // The backend's first message arrived with its 101 (in `to_client`)
         // and it now waits for the client before saying anything else.
-        let Setup {
-            mut client,
-            mut backend,
-            tunnel,
-        } = setup(b"", b"hello from backend", LONG).await;
+        let Setup { mut client, mut backend, tunnel } = setup(b"", b"hello from backend", LONG).await;
         let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
         let got = tokio::time::timeout(Duration::from_secs(5), read_exact_n(&mut client, 18))
             .await
@@ -345,11 +307,7 @@ fn backend_speaks_first_from_leftover() {
 #[test]
 fn pipelined_leftover_goes_first_in_order() {
     run(LONG, |plane| async move {
-        let Setup {
-            mut client,
-            mut backend,
-            tunnel,
-        } = setup(b"pipelined-1|", b"", LONG).await;
+        let Setup { mut client, mut backend, tunnel } = setup(b"pipelined-1|", b"", LONG).await;
         // The client keeps sending right away; its bytes must come after.
         client.write_all(b"live-2|").await.unwrap();
         let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
@@ -368,11 +326,7 @@ fn pipelined_leftover_goes_first_in_order() {
 fn idle_timeout_closes_and_activity_extends_it() {
     run(LONG, |plane| async move {
         let idle = Duration::from_millis(300);
-        let Setup {
-            mut client,
-            mut backend,
-            tunnel,
-        } = setup(b"", b"", idle).await;
+        let Setup { mut client, mut backend, tunnel } = setup(b"", b"", idle).await;
         let started = Instant::now();
         let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
         // Traffic every 100 ms for 900 ms keeps it open.
@@ -385,10 +339,7 @@ fn idle_timeout_closes_and_activity_extends_it() {
         let o = relayed.await.unwrap();
         let took = started.elapsed();
         assert_eq!(o.reason, CloseReason::Idle);
-        assert!(
-            took >= Duration::from_millis(1150),
-            "closed early: {took:?}"
-        );
+        assert!(took >= Duration::from_millis(1150), "closed early: {took:?}");
         assert!(took < Duration::from_secs(5), "closed late: {took:?}");
         assert!(read_end(&mut client).await.is_ok_and(|n| n == 0));
         assert!(read_end(&mut backend).await.is_ok_and(|n| n == 0));
@@ -398,11 +349,7 @@ fn idle_timeout_closes_and_activity_extends_it() {
 #[test]
 fn unrepresentable_idle_timeout_means_none() {
     run(LONG, |plane| async move {
-        let Setup {
-            mut client,
-            mut backend,
-            tunnel,
-        } = setup(b"", b"", Duration::MAX).await;
+        let Setup { mut client, mut backend, tunnel } = setup(b"", b"", Duration::MAX).await;
         let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
         client.write_all(b"q").await.unwrap();
         assert_eq!(read_exact_n(&mut backend, 1).await, b"q");
@@ -416,11 +363,7 @@ fn unrepresentable_idle_timeout_means_none() {
 #[test]
 fn drain_closes_at_once() {
     run(LONG, |plane| async move {
-        let Setup {
-            mut client,
-            mut backend,
-            tunnel,
-        } = setup(b"", b"", LONG).await;
+        let Setup { mut client, mut backend, tunnel } = setup(b"", b"", LONG).await;
         let drain = tunnel.drain.clone();
         let relayed = tokio::spawn(async move { relay(&plane, tunnel).await });
         client.write_all(b"ab").await.unwrap();
@@ -439,15 +382,8 @@ fn drain_closes_at_once() {
 
 fn rss_bytes() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").expect("status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS");
-    let kib: usize = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS value");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    let kib: usize = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value");
     kib * 1024
 }
 
@@ -458,11 +394,7 @@ fn fd_count() -> usize {
 #[test]
 fn backpressure_with_stalled_reader_stays_bounded() {
     run(Duration::from_secs(90), |plane| async move {
-        let Setup {
-            client,
-            mut backend,
-            tunnel,
-        } = setup(b"", b"", LONG).await;
+        let Setup { client, mut backend, tunnel } = setup(b"", b"", LONG).await;
         let rss_before = rss_bytes();
         let plane = std::sync::Arc::new(plane);
         let p = plane.clone();
@@ -482,10 +414,7 @@ fn backpressure_with_stalled_reader_stays_bounded() {
                 off = 0;
                 peak_rss = peak_rss.max(rss_bytes());
             }
-            if tokio::time::timeout(Duration::from_millis(200), client.writable())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_millis(200), client.writable()).await.is_err() {
                 continue;
             }
             match client.try_write(&chunk[off..]) {
@@ -508,14 +437,8 @@ fn backpressure_with_stalled_reader_stays_bounded() {
         );
         assert!(written < 256 * MIB, "writer never blocked: {written} bytes");
         let (_, peak) = plane.buffered_bytes();
-        println!(
-            "stalled reader: the worker held at most {} KiB",
-            peak / 1024
-        );
-        assert!(
-            peak <= plane.direction_limit(),
-            "held {peak} bytes for one stalled direction"
-        );
+        println!("stalled reader: the worker held at most {} KiB", peak / 1024);
+        assert!(peak <= plane.direction_limit(), "held {peak} bytes for one stalled direction");
         assert!(grew < 16 * MIB, "router memory grew by {grew} bytes");
         // Resume reading: everything accepted arrives intact.
         let mut client = client;
@@ -544,19 +467,11 @@ fn exhausted_buffer_pool_recovers_without_loss() {
         let mut backends = Vec::new();
         let plane = std::sync::Arc::new(plane);
         for i in 0..n {
-            let Setup {
-                client,
-                backend,
-                tunnel,
-            } = setup(b"", b"", LONG).await;
+            let Setup { client, backend, tunnel } = setup(b"", b"", LONG).await;
             // Small kernel buffers on the backend leg, so the bytes pile
             // up in the worker rather than in socket buffers.
-            socket2::SockRef::from(&tunnel.backend)
-                .set_send_buffer_size(16 * 1024)
-                .unwrap();
-            socket2::SockRef::from(&backend)
-                .set_recv_buffer_size(16 * 1024)
-                .unwrap();
+            socket2::SockRef::from(&tunnel.backend).set_send_buffer_size(16 * 1024).unwrap();
+            socket2::SockRef::from(&backend).set_recv_buffer_size(16 * 1024).unwrap();
             let p = plane.clone();
             relays.push(tokio::spawn(async move { relay(&p, tunnel).await }));
             writers.push(tokio::spawn(async move {
@@ -569,10 +484,7 @@ fn exhausted_buffer_pool_recovers_without_loss() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let (held, _) = plane.buffered_bytes();
         println!("pool exhaustion: {} KiB of pool buffers held", held / 1024);
-        assert!(
-            held >= 12 * MIB,
-            "the pool was not exhausted: {held} bytes held"
-        );
+        assert!(held >= 12 * MIB, "the pool was not exhausted: {held} bytes held");
         assert!(held <= 16 * MIB);
         let readers = backends.into_iter().map(|mut b| {
             tokio::spawn(async move {
@@ -605,11 +517,7 @@ fn idle_tunnels_hold_no_pool_buffer() {
         let mut ends = Vec::new();
         let mut relays = Vec::new();
         for _ in 0..n {
-            let Setup {
-                mut client,
-                mut backend,
-                tunnel,
-            } = setup(b"", b"", LONG).await;
+            let Setup { mut client, mut backend, tunnel } = setup(b"", b"", LONG).await;
             let p = plane.clone();
             relays.push(tokio::spawn(async move { relay(&p, tunnel).await }));
             // One message each way, then the tunnel sits idle.
@@ -647,11 +555,7 @@ fn idle_tunnels_hold_no_pool_buffer() {
 /// One short tunnel: a leftover, a ping-pong, then (by `i % 3`) a clean
 /// close, a client reset or a drain.
 async fn short_tunnel(plane: &UringPlane, i: usize) {
-    let Setup {
-        mut client,
-        mut backend,
-        tunnel,
-    } = setup(b"hi", b"", LONG).await;
+    let Setup { mut client, mut backend, tunnel } = setup(b"hi", b"", LONG).await;
     let drain = tunnel.drain.clone();
     let app = async {
         client.write_all(b"ping").await.unwrap();
@@ -688,30 +592,19 @@ fn churn_returns_fds_and_memory_to_baseline() {
     use futures_util::stream::{self, StreamExt};
     run(Duration::from_secs(180), |plane| async move {
         // Warm up: runtime, allocator and the workers' pools.
-        stream::iter(0..96)
-            .for_each_concurrent(32, |i| short_tunnel(&plane, i))
-            .await;
+        stream::iter(0..96).for_each_concurrent(32, |i| short_tunnel(&plane, i)).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let (fd0, rss0) = (fd_count(), rss_bytes());
         let n = 3000;
         let started = Instant::now();
-        stream::iter(0..n)
-            .for_each_concurrent(64, |i| short_tunnel(&plane, i))
-            .await;
+        stream::iter(0..n).for_each_concurrent(64, |i| short_tunnel(&plane, i)).await;
         let took = started.elapsed();
         // The workers give their pool pages back after 1 s without tunnels.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let (fd1, rss1) = (fd_count(), rss_bytes());
-        println!(
-            "churn: {n} tunnels in {took:?}; fds {fd0} -> {fd1}; RSS {} KiB -> {} KiB",
-            rss0 / 1024,
-            rss1 / 1024
-        );
+        println!("churn: {n} tunnels in {took:?}; fds {fd0} -> {fd1}; RSS {} KiB -> {} KiB", rss0 / 1024, rss1 / 1024);
         assert!(fd1 <= fd0, "leaked fds: {fd0} -> {fd1}");
-        assert!(
-            rss1 <= rss0 + 8 * MIB,
-            "memory did not return: {rss0} -> {rss1}"
-        );
+        assert!(rss1 <= rss0 + 8 * MIB, "memory did not return: {rss0} -> {rss1}");
     });
 }
 
@@ -719,11 +612,7 @@ fn churn_returns_fds_and_memory_to_baseline() {
 fn dropped_relay_future_closes_the_tunnel() {
     run(LONG, |plane| async move {
         let fd0 = fd_count();
-        let Setup {
-            mut client,
-            mut backend,
-            tunnel,
-        } = setup(b"", b"", LONG).await;
+        let Setup { mut client, mut backend, tunnel } = setup(b"", b"", LONG).await;
         let relayed = tokio::time::timeout(Duration::from_millis(200), relay(&plane, tunnel)).await;
         assert!(relayed.is_err(), "an open tunnel does not end by itself");
         // Dropping the future cancelled the tunnel on its worker.
@@ -792,30 +681,13 @@ fn uring_splice_one_way(src: std::net::TcpStream, dst: std::net::TcpStream) -> u
     unsafe { libc::fcntl(pw.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
     let mut pw = Some(pw);
     let splice_in = |pw: &OwnedFd| {
-        opcode::Splice::new(
-            types::Fd(src.as_raw_fd()),
-            -1,
-            types::Fd(pw.as_raw_fd()),
-            -1,
-            CHUNK,
-        )
-        .build()
-        .user_data(1)
+        opcode::Splice::new(types::Fd(src.as_raw_fd()), -1, types::Fd(pw.as_raw_fd()), -1, CHUNK).build().user_data(1)
     };
-    let splice_out = opcode::Splice::new(
-        types::Fd(pr.as_raw_fd()),
-        -1,
-        types::Fd(dst.as_raw_fd()),
-        -1,
-        CHUNK,
-    )
-    .build()
-    .user_data(2);
+    let splice_out =
+        opcode::Splice::new(types::Fd(pr.as_raw_fd()), -1, types::Fd(dst.as_raw_fd()), -1, CHUNK).build().user_data(2);
     // SAFETY: splices reference fds only, which outlive the ring's use.
     unsafe {
-        ring.submission()
-            .push(&splice_in(pw.as_ref().unwrap()))
-            .unwrap();
+        ring.submission().push(&splice_in(pw.as_ref().unwrap())).unwrap();
         ring.submission().push(&splice_out).unwrap();
     }
     let mut total = 0u64;
@@ -823,25 +695,16 @@ fn uring_splice_one_way(src: std::net::TcpStream, dst: std::net::TcpStream) -> u
     // bounds the whole run.
     'run: loop {
         ring.submit_and_wait(1).expect("submit");
-        let done: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let done: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (ud, res) in done {
-            assert!(
-                res >= 0,
-                "splice failed: {}",
-                io::Error::from_raw_os_error(-res)
-            );
+            assert!(res >= 0, "splice failed: {}", io::Error::from_raw_os_error(-res));
             match (ud, res) {
                 // EOF from the source: closing the pipe's write end lets the
                 // out splice return 0 once the pipe is empty.
                 (1, 0) => pw = None,
                 // SAFETY: as above.
                 (1, _) => unsafe {
-                    ring.submission()
-                        .push(&splice_in(pw.as_ref().unwrap()))
-                        .unwrap();
+                    ring.submission().push(&splice_in(pw.as_ref().unwrap())).unwrap();
                 },
                 (_, 0) => break 'run,
                 (_, n) => {
@@ -861,24 +724,14 @@ fn uring_splice_one_way(src: std::net::TcpStream, dst: std::net::TcpStream) -> u
 #[ignore = "benchmark: run in release with --ignored --nocapture"]
 fn bench_bulk_throughput() {
     use upsplice::dataplane::copy::CopyPlane;
-    let mib: usize = std::env::var("UPSPLICE_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2048);
-    let rounds: usize = std::env::var("UPSPLICE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let mib: usize = std::env::var("UPSPLICE_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
+    let rounds: usize = std::env::var("UPSPLICE_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     run(Duration::from_secs(600), |plane| async move {
         let copy = CopyPlane::new(&DataPlaneConfig::default());
         let total = mib * MIB;
         let with_buffer = |size: u64| {
-            UringPlane::new(&DataPlaneConfig {
-                uring_workers: 2,
-                uring_buffer: size,
-                ..DataPlaneConfig::default()
-            })
-            .expect("uring plane")
+            UringPlane::new(&DataPlaneConfig { uring_workers: 2, uring_buffer: size, ..DataPlaneConfig::default() })
+                .expect("uring plane")
         };
         let (p64, p256) = (with_buffer(64 << 10), with_buffer(256 << 10));
         let mut results: Vec<(&str, Vec<(f64, f64)>)> = vec![
@@ -902,11 +755,7 @@ fn bench_bulk_throughput() {
                         push_through(a, b, total).await
                     }
                     mode => {
-                        let Setup {
-                            client,
-                            backend,
-                            tunnel,
-                        } = setup(b"", b"", LONG).await;
+                        let Setup { client, backend, tunnel } = setup(b"", b"", LONG).await;
                         let relayed = async {
                             match mode {
                                 "copy" => copy.relay(tunnel).await.to_backend,
@@ -918,11 +767,7 @@ fn bench_bulk_throughput() {
                                     let dst = tunnel.backend.into_std().unwrap();
                                     src.set_nonblocking(false).unwrap();
                                     dst.set_nonblocking(false).unwrap();
-                                    tokio::task::spawn_blocking(move || {
-                                        uring_splice_one_way(src, dst)
-                                    })
-                                    .await
-                                    .unwrap()
+                                    tokio::task::spawn_blocking(move || uring_splice_one_way(src, dst)).await.unwrap()
                                 }
                             }
                         };
@@ -969,14 +814,8 @@ fn bench_bulk_throughput() {
 fn bench_many_small_messages() {
     use futures_util::future::join_all;
     use upsplice::dataplane::copy::CopyPlane;
-    let tunnels: usize = std::env::var("UPSPLICE_BENCH_TUNNELS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let trips: usize = std::env::var("UPSPLICE_BENCH_TRIPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(500);
+    let tunnels: usize = std::env::var("UPSPLICE_BENCH_TUNNELS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let trips: usize = std::env::var("UPSPLICE_BENCH_TRIPS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
     run(Duration::from_secs(600), |plane| async move {
         let plane = std::sync::Arc::new(plane);
         let copy = std::sync::Arc::new(CopyPlane::new(&DataPlaneConfig::default()));
@@ -986,11 +825,7 @@ fn bench_many_small_messages() {
                 let mut relays = Vec::new();
                 let mut clients = Vec::new();
                 for _ in 0..tunnels {
-                    let Setup {
-                        client,
-                        mut backend,
-                        tunnel,
-                    } = setup(b"", b"", LONG).await;
+                    let Setup { client, mut backend, tunnel } = setup(b"", b"", LONG).await;
                     let (p, c) = (plane.clone(), copy.clone());
                     relays.push(tokio::spawn(async move {
                         if mode == "copy" {
@@ -1057,11 +892,7 @@ fn bench_idle_cost_splice_prototype_vs_uring() {
         let mut splices = Vec::new();
         let mut ends = Vec::new();
         for _ in 0..n {
-            let Setup {
-                client,
-                backend,
-                tunnel,
-            } = setup(b"", b"", LONG).await;
+            let Setup { client, backend, tunnel } = setup(b"", b"", LONG).await;
             let src = tunnel.client.into_std().unwrap();
             let dst = tunnel.backend.into_std().unwrap();
             src.set_nonblocking(false).unwrap();
@@ -1082,11 +913,7 @@ fn bench_idle_cost_splice_prototype_vs_uring() {
         let threads1 = thread_count();
         let mut relays = Vec::new();
         for _ in 0..n {
-            let Setup {
-                client,
-                backend,
-                tunnel,
-            } = setup(b"", b"", LONG).await;
+            let Setup { client, backend, tunnel } = setup(b"", b"", LONG).await;
             let p = plane.clone();
             relays.push(tokio::spawn(async move { relay(&p, tunnel).await }));
             ends.push((client, backend));

@@ -181,10 +181,7 @@ impl Plane {
             Plane::Uring(p) => p.counters(),
             Plane::Sockmap(p) => return p.bytes_relayed(),
         };
-        (
-            c.to_backend.load(Ordering::Relaxed),
-            c.to_client.load(Ordering::Relaxed),
-        )
+        (c.to_backend.load(Ordering::Relaxed), c.to_client.load(Ordering::Relaxed))
     }
 
     fn build(mode: Mode, cfg: &DataPlaneConfig) -> Result<Plane, String> {
@@ -238,8 +235,9 @@ impl DataPlanes {
                 }
                 chosen.expect("copy always starts")
             }
-            mode => Plane::build(mode, cfg)
-                .map_err(|why| format!("data_plane.mode = \"{mode}\" cannot start: {why}"))?,
+            mode => {
+                Plane::build(mode, cfg).map_err(|why| format!("data_plane.mode = \"{mode}\" cannot start: {why}"))?
+            }
         };
         let mut chain = vec![];
         let primary_mode = primary.mode();

@@ -1,175 +1,272 @@
-//! The tunnel driver shared by the readiness-based planes (copy, splice):
-//! runs one pump per direction, turns EOF into a half-close, a reset into a
-//! reset of the other side, and ends the tunnel on idle timeout or drain.
+//! The tunnel driver shared by the readiness-based planes (copy, splice).
 //!
-//! A plane only supplies [`Pump::pump`]: move bytes from `src` to `dst` until
-//! `src` reaches EOF (then return [`PumpEnd::Eof`]) or fails.
+//! It is written against tokio's readiness API (`poll_read_ready`,
+//! `try_read`, …) rather than as nested `async fn`s, so that a tunnel's
+//! whole state — two [`Mover`]s, an idle timer and the drain signal — is a
+//! few hundred bytes: that is what an idle WebSocket costs the router, and
+//! a node holds 100,000 of them.
+//!
+//! Each direction is a [`Mover`]: it waits for readability holding nothing,
+//! then borrows a *burst* resource — a pipe from the splice pool, or a
+//! buffer from the copy pool when there is no pipe — moves bytes until the
+//! source would block and the resource is empty, and gives it back. So an
+//! idle tunnel holds no buffer and no pipe, and a slow reader pins at most
+//! one resource per direction (nothing more is read until it drains).
+//!
+//! The driver turns EOF into a half-close of the other side, a failure into
+//! a reset of both sides, and ends the tunnel on idle timeout or drain.
 
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::os::fd::AsFd;
+use std::pin::pin;
+use std::sync::atomic::Ordering;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
+use super::copy::BufferPool;
+use super::splice::{Pipe, PipePool};
 use super::{ByteCounters, CloseReason, Outcome, Tunnel};
 
+/// Where a plane's movers get their burst resources.
+pub struct Resources<'a> {
+    pub buffers: &'a BufferPool,
+    /// None for the copy plane.
+    pub pipes: Option<&'a PipePool>,
+}
+
 /// How one direction ended.
-#[derive(Debug)]
-pub enum PumpEnd {
-    /// `src` sent FIN and everything before it reached `dst`.
+enum End {
+    /// The source sent FIN and everything before it was delivered.
     Eof,
-    /// Reading `src` failed: it reset (or its socket broke).
-    SrcFailed(io::Error),
-    /// Writing `dst` failed: it reset (or its socket broke).
-    DstFailed(io::Error),
+    /// Reading the source failed (reset, or the socket broke).
+    SrcFailed,
+    /// Writing the destination failed.
+    DstFailed,
 }
 
-/// Per-direction state a pump reports progress into.
-pub struct Flow<'a> {
-    moved: AtomicU64,
-    activity: &'a Activity,
-    global: &'a AtomicU64,
+/// What a direction holds while bytes move.
+enum Burst {
+    Idle,
+    Buffer { buf: Box<[u8]>, start: usize, end: usize },
+    Pipe { pipe: Pipe, filled: usize },
 }
 
-impl Flow<'_> {
-    /// Records `n` bytes delivered to the destination.
-    pub fn delivered(&self, n: usize) {
-        self.moved.fetch_add(n as u64, Ordering::Relaxed);
-        self.global.fetch_add(n as u64, Ordering::Relaxed);
-        self.activity.touch();
-    }
+/// One direction of a tunnel.
+struct Mover {
+    /// Bytes userspace read past the heads: delivered before anything else.
+    first: Bytes,
+    burst: Burst,
+    eof: bool,
+    moved: u64,
 }
 
-/// The time of the last byte moved in either direction.
-pub struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
+fn is_would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
 }
 
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
+impl Mover {
+    fn new(first: Bytes) -> Mover {
+        Mover { first, burst: Burst::Idle, eof: false, moved: 0 }
     }
 
-    fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Completes once nothing moved for `idle`.
-    async fn idle(&self, idle: Duration) {
-        loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + idle;
-            if Instant::now() >= deadline {
-                return;
+    /// Returns the burst resource to its pool (a pipe only if it is empty).
+    fn release(&mut self, res: &Resources<'_>) {
+        match std::mem::replace(&mut self.burst, Burst::Idle) {
+            Burst::Idle => {}
+            Burst::Buffer { buf, .. } => res.buffers.give(buf),
+            Burst::Pipe { pipe, filled } => {
+                if let Some(pool) = res.pipes {
+                    if filled == 0 {
+                        pool.give(pipe)
+                    } else {
+                        pool.discard(pipe)
+                    }
+                }
             }
-            tokio::time::sleep_until(deadline.into()).await;
         }
     }
-}
 
-/// A plane's way of moving bytes one direction.
-pub trait Pump {
-    /// Writes `first` to `dst`, then moves bytes from `src` to `dst` until EOF
-    /// on `src` or an error. Must hold no buffer while `src` has nothing to
-    /// read, and never buffer more than a bounded amount.
-    fn pump(
-        &self,
+    /// Delivers what is pending: `first`, then the burst's contents.
+    /// Ready(Ok(n)) when something was written, Ready(Ok(0)) when nothing is pending.
+    fn poll_flush(&mut self, cx: &mut Context<'_>, dst: &TcpStream) -> Poll<io::Result<usize>> {
+        loop {
+            let pending = !self.first.is_empty()
+                || match &self.burst {
+                    Burst::Buffer { start, end, .. } => start < end,
+                    Burst::Pipe { filled, .. } => *filled > 0,
+                    Burst::Idle => false,
+                };
+            if !pending {
+                return Poll::Ready(Ok(0));
+            }
+            ready!(dst.poll_write_ready(cx))?;
+            let written = if !self.first.is_empty() {
+                dst.try_write(&self.first).inspect(|&n| self.first.advance(n))
+            } else {
+                match &mut self.burst {
+                    Burst::Buffer { buf, start, end } => dst.try_write(&buf[*start..*end]).inspect(|&n| *start += n),
+                    Burst::Pipe { pipe, filled } => dst
+                        .try_io(Interest::WRITABLE, || pipe.splice_out(dst.as_fd(), *filled))
+                        .inspect(|&n| *filled -= n),
+                    Burst::Idle => unreachable!("checked above"),
+                }
+            };
+            match written {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if is_would_block(&e) || e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Moves bytes from `src` to `dst` until EOF, an error, or nothing is
+    /// ready (Pending, holding no resource unless bytes wait for `dst`).
+    fn poll_move(
+        &mut self,
+        cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
-        first: &[u8],
-        flow: &Flow<'_>,
-    ) -> impl std::future::Future<Output = PumpEnd> + Send;
-}
-
-/// Writes all of `buf` to a non-blocking socket, waiting for writability.
-pub async fn write_all(dst: &TcpStream, mut buf: &[u8], flow: &Flow<'_>) -> io::Result<()> {
-    while !buf.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(buf) {
-            Ok(n) => {
-                flow.delivered(n);
-                buf = &buf[n..];
+        res: &Resources<'_>,
+        total: &std::sync::atomic::AtomicU64,
+    ) -> Poll<End> {
+        loop {
+            match self.poll_flush(cx, dst) {
+                Poll::Ready(Ok(0)) => {}
+                Poll::Ready(Ok(n)) => {
+                    self.moved += n as u64;
+                    total.fetch_add(n as u64, Ordering::Relaxed);
+                    continue;
+                }
+                Poll::Ready(Err(_)) => {
+                    self.release(res);
+                    return Poll::Ready(End::DstFailed);
+                }
+                Poll::Pending => return Poll::Pending,
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            if self.eof {
+                self.release(res);
+                return Poll::Ready(End::Eof);
+            }
+            match src.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => {
+                    self.release(res);
+                    return Poll::Ready(End::SrcFailed);
+                }
+                Poll::Pending => {
+                    // Idle: hold nothing until the next bytes arrive.
+                    self.release(res);
+                    return Poll::Pending;
+                }
+            }
+            if matches!(self.burst, Burst::Idle) {
+                self.burst = match res.pipes.and_then(PipePool::take) {
+                    Some(pipe) => Burst::Pipe { pipe, filled: 0 },
+                    None => Burst::Buffer { buf: res.buffers.take(), start: 0, end: 0 },
+                };
+            }
+            let read = match &mut self.burst {
+                Burst::Buffer { buf, start, end } => src.try_read(buf).inspect(|&n| (*start, *end) = (0, n)),
+                Burst::Pipe { pipe, filled } => {
+                    src.try_io(Interest::READABLE, || pipe.splice_in(src.as_fd())).inspect(|&n| *filled = n)
+                }
+                Burst::Idle => unreachable!("set above"),
+            };
+            match read {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                // Readiness was cleared: the next poll_read_ready registers
+                // this task for the next bytes (and releases the resource).
+                Err(e) if is_would_block(&e) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.release(res);
+                    return Poll::Ready(End::SrcFailed);
+                }
+            }
         }
     }
-    Ok(())
 }
 
-/// Aborts a socket: the close sends RST instead of FIN.
-pub fn abort(s: &TcpStream) {
+/// Aborts a socket: its close sends RST instead of FIN.
+fn abort(s: &TcpStream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
-/// Runs a tunnel with `plane`'s pump until it ends.
-pub async fn drive<P: Pump>(plane: &P, t: Tunnel, counters: &ByteCounters) -> Outcome {
-    let Tunnel {
-        client,
-        backend,
-        to_backend,
-        to_client,
-        idle_timeout,
-        drain,
-    } = t;
-    let activity = Activity::new();
-    let up = Flow {
-        moved: AtomicU64::new(0),
-        activity: &activity,
-        global: &counters.to_backend,
-    };
-    let down = Flow {
-        moved: AtomicU64::new(0),
-        activity: &activity,
-        global: &counters.to_client,
-    };
-
-    let c2b = plane.pump(&client, &backend, &to_backend, &up);
-    let b2c = plane.pump(&backend, &client, &to_client, &down);
-    tokio::pin!(c2b, b2c);
+/// Runs a tunnel until it ends, moving bytes with `res`.
+pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Outcome {
+    let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain } = t;
+    let mut up = Mover::new(to_backend);
+    let mut down = Mover::new(to_client);
     let (mut up_done, mut down_done) = (false, false);
+    let mut last_moved = (0u64, 0u64);
+    let mut last_active = Instant::now();
+    let mut idle = pin!(tokio::time::sleep(idle_timeout));
+    let mut drained = pin!(drain.cancelled());
 
-    let reason = loop {
-        tokio::select! {
-            end = &mut c2b, if !up_done => match end {
-                PumpEnd::Eof => {
-                    // Half-close: the backend sees FIN, the other way keeps flowing.
-                    let _ = SockRef::from(&backend).shutdown(Shutdown::Write);
-                    up_done = true;
+    let reason = poll_fn(|cx| {
+        if !up_done {
+            if let Poll::Ready(end) = up.poll_move(cx, &client, &backend, &res, &counters.to_backend) {
+                match end {
+                    End::Eof => {
+                        // Half-close: the backend sees FIN, the other way keeps flowing.
+                        let _ = SockRef::from(&backend).shutdown(Shutdown::Write);
+                        up_done = true;
+                    }
+                    End::SrcFailed => return Poll::Ready(CloseReason::ClientReset),
+                    End::DstFailed => return Poll::Ready(CloseReason::BackendReset),
                 }
-                PumpEnd::SrcFailed(_) => break CloseReason::ClientReset,
-                PumpEnd::DstFailed(_) => break CloseReason::BackendReset,
-            },
-            end = &mut b2c, if !down_done => match end {
-                PumpEnd::Eof => {
-                    let _ = SockRef::from(&client).shutdown(Shutdown::Write);
-                    down_done = true;
+            }
+        }
+        if !down_done {
+            if let Poll::Ready(end) = down.poll_move(cx, &backend, &client, &res, &counters.to_client) {
+                match end {
+                    End::Eof => {
+                        let _ = SockRef::from(&client).shutdown(Shutdown::Write);
+                        down_done = true;
+                    }
+                    End::SrcFailed => return Poll::Ready(CloseReason::BackendReset),
+                    End::DstFailed => return Poll::Ready(CloseReason::ClientReset),
                 }
-                PumpEnd::SrcFailed(_) => break CloseReason::BackendReset,
-                PumpEnd::DstFailed(_) => break CloseReason::ClientReset,
-            },
-            _ = activity.idle(idle_timeout) => break CloseReason::Idle,
-            _ = drain.cancelled() => break CloseReason::Drain,
+            }
         }
         if up_done && down_done {
-            break CloseReason::Done;
+            return Poll::Ready(CloseReason::Done);
         }
-    };
+        if drained.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(CloseReason::Drain);
+        }
+        if (up.moved, down.moved) != last_moved {
+            last_moved = (up.moved, down.moved);
+            last_active = Instant::now();
+        }
+        // The timer is re-armed only when it fires early (bytes moved
+        // since it was set), not on every chunk.
+        while idle.as_mut().poll(cx).is_ready() {
+            let deadline = last_active + idle_timeout;
+            if deadline <= Instant::now() {
+                return Poll::Ready(CloseReason::Idle);
+            }
+            idle.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
+
+    up.release(&res);
+    down.release(&res);
     if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset) {
         // A truncated stream must not look complete: reset the survivor.
         abort(&client);
         abort(&backend);
     }
-    Outcome {
-        to_backend: up.moved.load(Ordering::Relaxed),
-        to_client: down.moved.load(Ordering::Relaxed),
-        reason,
-    }
+    Outcome { to_backend: up.moved, to_client: down.moved, reason }
 }

@@ -15,9 +15,7 @@ pub struct SockmapPlane {
 impl SockmapPlane {
     pub fn new(_cfg: &DataPlaneConfig) -> Result<Self, String> {
         probe()?;
-        Ok(SockmapPlane {
-            counters: ByteCounters::default(),
-        })
+        Ok(SockmapPlane { counters: ByteCounters::default() })
     }
 
     pub fn counters(&self) -> &ByteCounters {
@@ -29,9 +27,6 @@ impl SockmapPlane {
     }
 
     pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        Err(Rejected {
-            tunnel: t,
-            reason: "not built yet".into(),
-        })
+        Err(Rejected { tunnel: t, reason: "not built yet".into() })
     }
 }

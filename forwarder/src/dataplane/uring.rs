@@ -86,9 +86,7 @@ pub fn probe() -> Result<(), String> {
         return Err("io_uring lacks IORING_FEAT_EXT_ARG (timed waits)".into());
     }
     let mut p = io_uring::Probe::new();
-    ring.submitter()
-        .register_probe(&mut p)
-        .map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
+    ring.submitter().register_probe(&mut p).map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
     for (code, name) in [
         (opcode::RecvMulti::CODE, "RECV"),
         (opcode::Send::CODE, "SEND"),
@@ -100,8 +98,7 @@ pub fn probe() -> Result<(), String> {
         }
     }
     let bufs = bufring::BufRing::new(2, 4096, 0).map_err(|e| format!("mmap failed: {e}"))?;
-    bufs.register(&ring.submitter())
-        .map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
+    bufs.register(&ring.submitter()).map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
     drop(ring);
     drop(bufs);
     Ok(())
@@ -112,9 +109,7 @@ pub fn probe() -> Result<(), String> {
 /// resumes at one.
 fn sizing(buf_size: u64) -> Result<Sizing, String> {
     if !(4096..=1 << 20).contains(&buf_size) || !buf_size.is_power_of_two() {
-        return Err(format!(
-            "uring_buffer = {buf_size}: must be a power of two between 4KiB and 1MiB"
-        ));
+        return Err(format!("uring_buffer = {buf_size}: must be a power of two between 4KiB and 1MiB"));
     }
     let count = (POOL_BYTES / buf_size).clamp(16, 32768) as u16;
     Ok(Sizing {
@@ -233,15 +228,8 @@ impl UringPlane {
                     }
                 })
                 .map_err(|e| format!("spawning uring worker: {e}"))?;
-            let started = ready_rx
-                .recv()
-                .unwrap_or_else(|_| Err("worker exited during setup".into()));
-            plane.workers.push(WorkerHandle {
-                tx,
-                wake: wake_fd,
-                shared,
-                thread: Some(thread),
-            });
+            let started = ready_rx.recv().unwrap_or_else(|_| Err("worker exited during setup".into()));
+            plane.workers.push(WorkerHandle { tx, wake: wake_fd, shared, thread: Some(thread) });
             started.map_err(|e| format!("uring worker {i}: {e}"))?;
         }
         if parse_release(&kernel_release()).is_some_and(|v| v < MSHOT_LIMIT_KERNEL) {
@@ -266,10 +254,7 @@ impl UringPlane {
     }
 
     pub fn bytes_relayed(&self) -> (u64, u64) {
-        (
-            self.counters.to_backend.load(Ordering::Relaxed),
-            self.counters.to_client.load(Ordering::Relaxed),
-        )
+        (self.counters.to_backend.load(Ordering::Relaxed), self.counters.to_client.load(Ordering::Relaxed))
     }
 
     /// Bytes of pool buffers holding data now, summed over the workers, and
@@ -304,64 +289,27 @@ impl UringPlane {
     /// worker is alive.
     pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
         let Some(worker) = self.pick() else {
-            return Err(Rejected {
-                tunnel: t,
-                reason: "no uring worker is running".into(),
-            });
+            return Err(Rejected { tunnel: t, reason: "no uring worker is running".into() });
         };
-        let Tunnel {
-            client,
-            backend,
-            to_backend,
-            to_client,
-            idle_timeout,
-            drain,
-        } = t;
+        let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain } = t;
         let (client, backend) = match (into_blocking_fd(client), into_blocking_fd(backend)) {
             (Ok(c), Ok(b)) => (c, b),
             (c, b) => {
-                tracing::warn!(
-                    "uring: cannot take the sockets off tokio: {:?} {:?}",
-                    c.err(),
-                    b.err()
-                );
-                return Ok(Outcome {
-                    to_backend: 0,
-                    to_client: 0,
-                    reason: CloseReason::Error,
-                });
+                tracing::warn!("uring: cannot take the sockets off tokio: {:?} {:?}", c.err(), b.err());
+                return Ok(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error });
             }
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, mut outcome) = oneshot::channel();
-        let job = Job {
-            id,
-            client,
-            backend,
-            to_backend,
-            to_client,
-            idle_timeout,
-            reply,
-        };
+        let job = Job { id, client, backend, to_backend, to_client, idle_timeout, reply };
         if let Err(Cmd::Start(job)) = worker.send(Cmd::Start(job)) {
             // The worker died between pick and send: give the tunnel back.
             return match rebuild(job, drain) {
-                Ok(tunnel) => Err(Rejected {
-                    tunnel,
-                    reason: "uring worker stopped".into(),
-                }),
-                Err(_) => Ok(Outcome {
-                    to_backend: 0,
-                    to_client: 0,
-                    reason: CloseReason::Error,
-                }),
+                Ok(tunnel) => Err(Rejected { tunnel, reason: "uring worker stopped".into() }),
+                Err(_) => Ok(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error }),
             };
         }
-        let mut guard = CancelOnDrop {
-            worker,
-            id,
-            armed: true,
-        };
+        let mut guard = CancelOnDrop { worker, id, armed: true };
         let result = tokio::select! {
             r = &mut outcome => r,
             _ = drain.cancelled() => {
@@ -370,11 +318,7 @@ impl UringPlane {
             }
         };
         guard.armed = false;
-        Ok(result.unwrap_or(Outcome {
-            to_backend: 0,
-            to_client: 0,
-            reason: CloseReason::Error,
-        }))
+        Ok(result.unwrap_or(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error }))
     }
 }
 

@@ -17,54 +17,24 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(
-        status: u16,
-        cf_error: Option<&'static str>,
-        reason: &'static str,
-        message: impl Into<String>,
-    ) -> Refusal {
-        Refusal {
-            status,
-            cf_error,
-            reason,
-            message: message.into(),
-        }
+    fn new(status: u16, cf_error: Option<&'static str>, reason: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal { status, cf_error, reason, message: message.into() }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Refusal {
         Refusal::new(400, None, "malformed_request", message)
     }
     pub fn empty_host() -> Refusal {
-        Refusal::new(
-            400,
-            Some("empty_host"),
-            "empty_host",
-            "Request had empty Host header",
-        )
+        Refusal::new(400, Some("empty_host"), "empty_host", "Request had empty Host header")
     }
     pub fn unknown_route(host: &str) -> Refusal {
-        Refusal::new(
-            404,
-            Some("unknown_route"),
-            "unknown_route",
-            format!("Requested route ('{host}') does not exist."),
-        )
+        Refusal::new(404, Some("unknown_route"), "unknown_route", format!("Requested route ('{host}') does not exist."))
     }
     pub fn timeout() -> Refusal {
-        Refusal::new(
-            408,
-            None,
-            "handshake_timeout",
-            "The request head did not arrive in time.",
-        )
+        Refusal::new(408, None, "handshake_timeout", "The request head did not arrive in time.")
     }
     pub fn too_large(max: usize) -> Refusal {
-        Refusal::new(
-            431,
-            None,
-            "header_too_large",
-            format!("The request head is larger than {max} bytes."),
-        )
+        Refusal::new(431, None, "header_too_large", format!("The request head is larger than {max} bytes."))
     }
     pub fn endpoint_failure(detail: &str) -> Refusal {
         Refusal::new(
@@ -91,25 +61,20 @@ impl Refusal {
         )
     }
     pub fn over_limit() -> Refusal {
-        Refusal::new(
-            503,
-            None,
-            "connection_limit",
-            "The router is at its connection limit; try again later.",
-        )
+        Refusal::new(503, None, "connection_limit", "The router is at its connection limit; try again later.")
     }
     pub fn http2_unsupported() -> Refusal {
-        Refusal::new(505, None, "http2_unsupported", "HTTP/2 is not supported here; use HTTP/1.1 (WebSockets over HTTP/2, RFC 8441, are not supported).")
+        Refusal::new(
+            505,
+            None,
+            "http2_unsupported",
+            "HTTP/2 is not supported here; use HTTP/1.1 (WebSockets over HTTP/2, RFC 8441, are not supported).",
+        )
     }
 
     /// The complete response bytes.
     pub fn render(&self) -> Vec<u8> {
-        let body = format!(
-            "{} {}: {}\n",
-            self.status,
-            status_text(self.status),
-            self.message
-        );
+        let body = format!("{} {}: {}\n", self.status, status_text(self.status), self.message);
         let mut out = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
             self.status,

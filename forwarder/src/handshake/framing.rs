@@ -24,17 +24,10 @@ pub enum Framing {
 
 /// The framing of `resp` given the request method.
 pub fn framing(resp: &Response, method: &str) -> Framing {
-    if method.eq_ignore_ascii_case("HEAD")
-        || resp.status < 200
-        || resp.status == 204
-        || resp.status == 304
-    {
+    if method.eq_ignore_ascii_case("HEAD") || resp.status < 200 || resp.status == 204 || resp.status == 304 {
         return Framing::Empty;
     }
-    if tokens(&resp.headers, "transfer-encoding")
-        .last()
-        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
-    {
+    if tokens(&resp.headers, "transfer-encoding").last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) {
         return Framing::Chunked;
     }
     match values(&resp.headers, "content-length")
@@ -170,10 +163,7 @@ pub async fn relay_response(
                 remaining -= n;
                 Ok((n as usize, remaining == 0))
             }
-            Framing::Chunked => match chunked
-                .feed(data)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
-            {
+            Framing::Chunked => match chunked.feed(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
                 Some(end) => Ok((end, true)),
                 None => Ok((data.len(), false)),
             },
@@ -226,8 +216,6 @@ mod tests {
     #[test]
     fn chunked_rejects_garbage() {
         assert!(ChunkedEnd::default().feed(b"zz\r\n").is_err());
-        assert!(ChunkedEnd::default()
-            .feed(b"ffffffffffffffffff\r\n")
-            .is_err());
+        assert!(ChunkedEnd::default().feed(b"ffffffffffffffffff\r\n").is_err());
     }
 }

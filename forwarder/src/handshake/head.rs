@@ -61,28 +61,16 @@ pub struct Response {
 
 /// Iterates the values of every header called `name` (case-insensitive).
 pub fn values<'a>(headers: &'a [Header], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-    headers
-        .iter()
-        .filter(move |h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_slice())
+    headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_slice())
 }
 
 /// Iterates the comma-separated tokens of every header called `name`, trimmed.
 pub fn tokens<'a>(headers: &'a [Header], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-    values(headers, name)
-        .flat_map(|v| v.split(|&b| b == b','))
-        .map(|t| t.trim_ascii())
-        .filter(|t| !t.is_empty())
+    values(headers, name).flat_map(|v| v.split(|&b| b == b',')).map(|t| t.trim_ascii()).filter(|t| !t.is_empty())
 }
 
 fn own_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
-    headers
-        .iter()
-        .map(|h| Header {
-            name: h.name.to_string(),
-            value: h.value.to_vec(),
-        })
-        .collect()
+    headers.iter().map(|h| Header { name: h.name.to_string(), value: h.value.to_vec() }).collect()
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)` means the head
@@ -90,11 +78,7 @@ fn own_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
 pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<Request>, HeadError> {
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] && n > 0 {
-        return if n == H2_PREFACE.len() {
-            Err(HeadError::Http2Preface)
-        } else {
-            Ok(None)
-        };
+        return if n == H2_PREFACE.len() { Err(HeadError::Http2Preface) } else { Ok(None) };
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -168,8 +152,11 @@ pub async fn read_head<T>(
                     return Ok(head);
                 }
             }
-            // Read at most up to max (+1 to tell "too large" from "exactly max").
-            let room = (max + 1).saturating_sub(buf.len()).clamp(1, 16 * 1024);
+            // Read at most up to max (+1 to tell "too large" from "exactly max"),
+            // in steps that start small: most heads are well under 2 KiB, and
+            // a burst of handshakes should not each take max bytes.
+            let step = buf.len().clamp(2048, 16 * 1024);
+            let room = (max + 1).saturating_sub(buf.len()).clamp(1, step);
             buf.reserve(room);
             let n = (&mut *stream).take(room as u64).read_buf(buf).await?;
             if n == 0 {
@@ -191,10 +178,7 @@ mod tests {
     fn complete_partial_and_leftover() {
         let raw = b"GET /chat HTTP/1.1\r\nHost: a\r\n\r\nEXTRA";
         let r = parse_request(raw, 1024).unwrap().unwrap();
-        assert_eq!(
-            (r.method.as_str(), r.target.as_str(), r.version),
-            ("GET", "/chat", 1)
-        );
+        assert_eq!((r.method.as_str(), r.target.as_str(), r.version), ("GET", "/chat", 1));
         assert_eq!(&raw[r.head_len..], b"EXTRA");
         assert_eq!(parse_request(&raw[..10], 1024), Ok(None));
     }
@@ -203,32 +187,17 @@ mod tests {
     fn too_large_and_malformed_and_h2() {
         let raw = b"GET / HTTP/1.1\r\nX: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
         assert_eq!(parse_request(raw, 32), Err(HeadError::TooLarge(32)));
-        assert!(matches!(
-            parse_request(b"GET / HTTP/3.0\r\n\r\n", 100),
-            Err(HeadError::Malformed(_))
-        ));
-        assert!(matches!(
-            parse_request(b"\x16\x03\x01\x02\x00", 100),
-            Err(HeadError::Malformed(_))
-        ));
-        assert_eq!(
-            parse_request(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 100),
-            Err(HeadError::Http2Preface)
-        );
+        assert!(matches!(parse_request(b"GET / HTTP/3.0\r\n\r\n", 100), Err(HeadError::Malformed(_))));
+        assert!(matches!(parse_request(b"\x16\x03\x01\x02\x00", 100), Err(HeadError::Malformed(_))));
+        assert_eq!(parse_request(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 100), Err(HeadError::Http2Preface));
         assert_eq!(parse_request(b"PRI * HT", 100), Ok(None));
     }
 
     #[test]
     fn tokens_split_across_headers() {
         let h = vec![
-            Header {
-                name: "Connection".into(),
-                value: b"keep-alive, Upgrade".to_vec(),
-            },
-            Header {
-                name: "connection".into(),
-                value: b" x ".to_vec(),
-            },
+            Header { name: "Connection".into(), value: b"keep-alive, Upgrade".to_vec() },
+            Header { name: "connection".into(), value: b" x ".to_vec() },
         ];
         let t: Vec<&[u8]> = tokens(&h, "CONNECTION").collect();
         assert_eq!(t, vec![&b"keep-alive"[..], b"Upgrade", b"x"]);

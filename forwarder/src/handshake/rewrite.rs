@@ -68,45 +68,33 @@ const PROTECTED: &[&str] = &["host", "content-length", "transfer-encoding"];
 /// Checks `req` and builds the head to forward, or the answer to give instead.
 pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusal> {
     if req.method.eq_ignore_ascii_case("CONNECT") {
-        return Err(Refusal::bad_request(
-            "CONNECT is not supported by this router",
-        ));
+        return Err(Refusal::bad_request("CONNECT is not supported by this router"));
     }
     let (host, path) = host_and_path(req)?;
     let body = body_framing(req)?;
 
     // Upgrade: Connection must name "upgrade" and Upgrade must offer
     // something other than h2c (dropped: we do not speak HTTP/2).
-    let connection_upgrade =
-        tokens(&req.headers, "connection").any(|t| t.eq_ignore_ascii_case(b"upgrade"));
-    let offered: Vec<&[u8]> = tokens(&req.headers, "upgrade")
-        .filter(|t| !t.eq_ignore_ascii_case(b"h2c"))
-        .collect();
-    let upgrade = (req.version == 1 && connection_upgrade && !offered.is_empty()).then(|| {
-        offered
-            .iter()
-            .map(|t| String::from_utf8_lossy(t))
-            .collect::<Vec<_>>()
-            .join(", ")
-    });
+    let connection_upgrade = tokens(&req.headers, "connection").any(|t| t.eq_ignore_ascii_case(b"upgrade"));
+    let offered: Vec<&[u8]> = tokens(&req.headers, "upgrade").filter(|t| !t.eq_ignore_ascii_case(b"h2c")).collect();
+    let upgrade = (req.version == 1 && connection_upgrade && !offered.is_empty())
+        .then(|| offered.iter().map(|t| String::from_utf8_lossy(t)).collect::<Vec<_>>().join(", "));
 
-    let named_by_connection: Vec<String> = tokens(&req.headers, "connection")
-        .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
-        .filter(|t| !PROTECTED.contains(&t.as_str()))
+    let named_by_connection: Vec<&[u8]> = tokens(&req.headers, "connection")
+        .filter(|t| !PROTECTED.iter().any(|p| t.eq_ignore_ascii_case(p.as_bytes())))
         .collect();
+    let dropped = |name: &str| {
+        DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
+            || named_by_connection.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    };
 
     let mut head = Vec::with_capacity(req.head_len + 192);
     head.extend_from_slice(req.method.as_bytes());
     head.push(b' ');
     head.extend_from_slice(req.target.as_bytes());
-    head.extend_from_slice(if req.version == 0 {
-        b" HTTP/1.0\r\n"
-    } else {
-        b" HTTP/1.1\r\n"
-    });
+    head.extend_from_slice(if req.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
     for h in &req.headers {
-        let lower = h.name.to_ascii_lowercase();
-        if DROPPED.contains(&lower.as_str()) || named_by_connection.contains(&lower) {
+        if dropped(&h.name) {
             continue;
         }
         push_header(&mut head, &h.name, &h.value);
@@ -121,10 +109,8 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
 
     let peer = client.peer.to_string();
     let xff = if client.trusted {
-        let sent: Vec<&[u8]> = values(&req.headers, "x-forwarded-for")
-            .map(|v| v.trim_ascii())
-            .filter(|v| !v.is_empty())
-            .collect();
+        let sent: Vec<&[u8]> =
+            values(&req.headers, "x-forwarded-for").map(|v| v.trim_ascii()).filter(|v| !v.is_empty()).collect();
         let mut list = sent.join(&b", "[..]);
         if !list.is_empty() {
             list.extend_from_slice(b", ");
@@ -135,29 +121,16 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
         peer.into_bytes()
     };
     push_header(&mut head, "X-Forwarded-For", &xff);
-    let sent_proto = values(&req.headers, "x-forwarded-proto")
-        .next()
-        .map(|v| v.trim_ascii())
-        .filter(|v| !v.is_empty());
+    let sent_proto = values(&req.headers, "x-forwarded-proto").next().map(|v| v.trim_ascii()).filter(|v| !v.is_empty());
     let proto = match sent_proto {
         Some(p) if client.trusted => p,
         _ => client.forwarded_proto.as_bytes(),
     };
     push_header(&mut head, "X-Forwarded-Proto", proto);
-    push_header(
-        &mut head,
-        "X-Request-Start",
-        client.now_ms.to_string().as_bytes(),
-    );
+    push_header(&mut head, "X-Request-Start", client.now_ms.to_string().as_bytes());
     head.extend_from_slice(b"\r\n");
 
-    Ok(Forward {
-        host,
-        path,
-        upgrade,
-        body,
-        head,
-    })
+    Ok(Forward { host, path, upgrade, body, head })
 }
 
 fn push_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -170,11 +143,7 @@ fn push_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
 /// The Host to route by and the path: from an absolute-form target if the
 /// client sent one (it overrides Host, RFC 9112 §3.2.2), else from Host.
 fn host_and_path(req: &Request) -> Result<(String, String), Refusal> {
-    let lower = req
-        .target
-        .get(..8)
-        .unwrap_or(&req.target)
-        .to_ascii_lowercase();
+    let lower = req.target.get(..8).unwrap_or(&req.target).to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
         let rest = &req.target[req.target.find("://").map(|i| i + 3).unwrap_or(0)..];
         let (authority, path) = match rest.find(['/', '?']) {
@@ -196,10 +165,7 @@ fn host_and_path(req: &Request) -> Result<(String, String), Refusal> {
         return Err(Refusal::empty_host());
     }
     let host = std::str::from_utf8(host).map_err(|_| Refusal::bad_request("Host is not ASCII"))?;
-    if host
-        .bytes()
-        .any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'@')
-    {
+    if host.bytes().any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'@') {
         return Err(Refusal::bad_request("Host is not a host name"));
     }
     Ok((host.to_string(), req.target.clone()))
@@ -207,14 +173,12 @@ fn host_and_path(req: &Request) -> Result<(String, String), Refusal> {
 
 fn body_framing(req: &Request) -> Result<Body, Refusal> {
     let te: Vec<&[u8]> = tokens(&req.headers, "transfer-encoding").collect();
-    let mut lengths = values(&req.headers, "content-length")
-        .flat_map(|v| v.split(|&b| b == b','))
-        .map(|v| v.trim_ascii());
+    let mut lengths =
+        values(&req.headers, "content-length").flat_map(|v| v.split(|&b| b == b',')).map(|v| v.trim_ascii());
     let length = match lengths.next() {
         None => None,
         Some(first) => {
-            let n = parse_length(first)
-                .ok_or_else(|| Refusal::bad_request("invalid Content-Length"))?;
+            let n = parse_length(first).ok_or_else(|| Refusal::bad_request("invalid Content-Length"))?;
             if lengths.any(|other| parse_length(other) != Some(n)) {
                 return Err(Refusal::bad_request("conflicting Content-Length headers"));
             }
@@ -223,22 +187,13 @@ fn body_framing(req: &Request) -> Result<Body, Refusal> {
     };
     if !te.is_empty() {
         if length.is_some() {
-            return Err(Refusal::bad_request(
-                "both Transfer-Encoding and Content-Length",
-            ));
+            return Err(Refusal::bad_request("both Transfer-Encoding and Content-Length"));
         }
         if req.version == 0 {
-            return Err(Refusal::bad_request(
-                "Transfer-Encoding in an HTTP/1.0 request",
-            ));
+            return Err(Refusal::bad_request("Transfer-Encoding in an HTTP/1.0 request"));
         }
-        if !te
-            .last()
-            .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
-        {
-            return Err(Refusal::bad_request(
-                "Transfer-Encoding must end with chunked",
-            ));
+        if !te.last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) {
+            return Err(Refusal::bad_request("Transfer-Encoding must end with chunked"));
         }
         return Ok(Body::Chunked);
     }
@@ -261,12 +216,7 @@ mod tests {
     use super::*;
 
     fn client(trusted: bool) -> ClientInfo<'static> {
-        ClientInfo {
-            peer: "192.0.2.7".parse().unwrap(),
-            trusted,
-            forwarded_proto: "https",
-            now_ms: 1_700_000_000_123,
-        }
+        ClientInfo { peer: "192.0.2.7".parse().unwrap(), trusted, forwarded_proto: "https", now_ms: 1_700_000_000_123 }
     }
 
     fn fwd(raw: &str, trusted: bool) -> Result<Forward, Refusal> {
@@ -288,24 +238,10 @@ mod tests {
         assert_eq!(f.upgrade.as_deref(), Some("websocket"));
         assert_eq!(f.host, "chat.example.com");
         let h = head(&f);
-        assert!(
-            h.starts_with(
-                "GET /chat HTTP/1.1\r\nHost: chat.example.com\r\nSec-WebSocket-Key: k\r\n"
-            ),
-            "{h}"
-        );
-        assert!(
-            h.contains("\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"),
-            "{h}"
-        );
-        assert!(
-            h.contains("\r\nX-Forwarded-For: 192.0.2.7\r\n"),
-            "untrusted XFF replaced: {h}"
-        );
-        assert!(
-            h.contains("\r\nX-Forwarded-Proto: https\r\n"),
-            "untrusted XFP replaced: {h}"
-        );
+        assert!(h.starts_with("GET /chat HTTP/1.1\r\nHost: chat.example.com\r\nSec-WebSocket-Key: k\r\n"), "{h}");
+        assert!(h.contains("\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"), "{h}");
+        assert!(h.contains("\r\nX-Forwarded-For: 192.0.2.7\r\n"), "untrusted XFF replaced: {h}");
+        assert!(h.contains("\r\nX-Forwarded-Proto: https\r\n"), "untrusted XFP replaced: {h}");
         assert!(h.contains("\r\nX-Request-Start: 1700000000123\r\n"));
         assert!(!h.contains("6.6.6.6") && !h.contains("keep-alive"));
         assert!(h.ends_with("\r\n\r\n"));
@@ -315,10 +251,7 @@ mod tests {
     fn trusted_peer_keeps_and_extends() {
         let f = fwd("GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.1.1.1\r\nX-Forwarded-For: 10.2.2.2\r\nX-Forwarded-Proto: https\r\n\r\n", true).unwrap();
         let h = head(&f);
-        assert!(
-            h.contains("\r\nX-Forwarded-For: 10.1.1.1, 10.2.2.2, 192.0.2.7\r\n"),
-            "{h}"
-        );
+        assert!(h.contains("\r\nX-Forwarded-For: 10.1.1.1, 10.2.2.2, 192.0.2.7\r\n"), "{h}");
         assert!(h.contains("\r\nX-Forwarded-Proto: https\r\n"), "{h}");
         assert!(h.contains("\r\nConnection: close\r\n"));
         assert_eq!(f.upgrade, None);
@@ -329,10 +262,7 @@ mod tests {
         let f = fwd("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n", false).unwrap();
         assert_eq!(f.upgrade, None);
         let h = head(&f);
-        assert!(
-            !h.to_ascii_lowercase().contains("h2c") && !h.contains("HTTP2-Settings"),
-            "{h}"
-        );
+        assert!(!h.to_ascii_lowercase().contains("h2c") && !h.contains("HTTP2-Settings"), "{h}");
         assert!(h.contains("Connection: close"));
     }
 
@@ -340,68 +270,37 @@ mod tests {
     fn connection_tokens_drop_named_headers_but_not_framing() {
         let f = fwd("POST / HTTP/1.1\r\nHost: h\r\nConnection: X-Secret, Content-Length\r\nX-Secret: 1\r\nContent-Length: 3\r\n\r\nabc", false).unwrap();
         let h = head(&f);
-        assert!(
-            !h.contains("X-Secret") && h.contains("Content-Length: 3"),
-            "{h}"
-        );
+        assert!(!h.contains("X-Secret") && h.contains("Content-Length: 3"), "{h}");
         assert_eq!(f.body, Body::Length(3));
     }
 
     #[test]
     fn refusals() {
+        assert_eq!(fwd("GET / HTTP/1.1\r\n\r\n", false).unwrap_err().cf_error, Some("empty_host"));
+        assert_eq!(fwd("GET / HTTP/1.1\r\nHost:  \r\n\r\n", false).unwrap_err().cf_error, Some("empty_host"));
+        assert_eq!(fwd("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", false).unwrap_err().status, 400);
         assert_eq!(
-            fwd("GET / HTTP/1.1\r\n\r\n", false).unwrap_err().cf_error,
-            Some("empty_host")
-        );
-        assert_eq!(
-            fwd("GET / HTTP/1.1\r\nHost:  \r\n\r\n", false)
-                .unwrap_err()
-                .cf_error,
-            Some("empty_host")
-        );
-        assert_eq!(
-            fwd("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", false)
+            fwd("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", false)
                 .unwrap_err()
                 .status,
             400
         );
-        assert_eq!(fwd("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", false).unwrap_err().status, 400);
         assert_eq!(
-            fwd(
-                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-                false
-            )
-            .unwrap_err()
-            .status,
-            400
-        );
-        assert_eq!(
-            fwd(
-                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-                false
-            )
-            .unwrap_err()
-            .status,
-            400
-        );
-        assert_eq!(
-            fwd("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", false)
+            fwd("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false)
                 .unwrap_err()
                 .status,
             400
         );
+        assert_eq!(
+            fwd("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", false).unwrap_err().status,
+            400
+        );
+        assert_eq!(fwd("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", false).unwrap_err().status, 400);
     }
 
     #[test]
     fn absolute_form_target_overrides_host() {
-        let f = fwd(
-            "GET http://chat.example.com:8080/ws?x=1 HTTP/1.1\r\nHost: other\r\n\r\n",
-            false,
-        )
-        .unwrap();
-        assert_eq!(
-            (f.host.as_str(), f.path.as_str()),
-            ("chat.example.com:8080", "/ws?x=1")
-        );
+        let f = fwd("GET http://chat.example.com:8080/ws?x=1 HTTP/1.1\r\nHost: other\r\n\r\n", false).unwrap();
+        assert_eq!((f.host.as_str(), f.path.as_str()), ("chat.example.com:8080", "/ws?x=1"));
     }
 }

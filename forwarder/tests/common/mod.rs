@@ -1,6 +1,6 @@
 //! Test support: the real `upsplice` binary on loopback, and backends the
 //! tests control byte by byte.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::result_large_err)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -9,16 +9,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
 /// A free loopback port (bound and released; the router binds it next).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A running router process; killed when dropped.
@@ -83,11 +81,7 @@ impl Router {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if self
-                .admin_get("/healthz")
-                .map(|(s, _)| s == 200)
-                .unwrap_or(false)
-            {
+            if self.admin_get("/healthz").map(|(s, _)| s == 200).unwrap_or(false) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -103,11 +97,7 @@ impl Router {
     pub fn wait_log(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "log never contained {needle:?}:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "log never contained {needle:?}:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -124,10 +114,7 @@ impl Router {
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
         Ok((status, body))
     }
 
@@ -153,20 +140,14 @@ impl Router {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "router did not exit within {within:?}; log:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "router did not exit within {within:?}; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// Open fds of the router process.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .unwrap()
-            .count()
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
     }
 
     /// Resident memory of the router process in KiB.
@@ -183,17 +164,11 @@ impl Router {
     /// Sockets of the router process in CLOSE_WAIT (the router failed to
     /// close after its peer did).
     pub fn close_wait_count(&self) -> usize {
-        let inodes: std::collections::HashSet<String> =
-            std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-                .unwrap()
-                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter_map(|p| {
-                    p.to_str()?
-                        .strip_prefix("socket:[")?
-                        .strip_suffix(']')
-                        .map(str::to_string)
-                })
-                .collect();
+        let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|p| p.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+            .collect();
         let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
         tcp.lines()
             .skip(1)
@@ -250,7 +225,10 @@ pool = "main"
 /// A `[[pool]]` "main" with `backends` and a catch-all-ish route for `host`.
 pub fn main_pool(backends: &[SocketAddr], host: &str) -> String {
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
-    format!("[[pool]]\nname = \"main\"\nbackends = [{}]\n\n[[route]]\nhost = \"{host}\"\npool = \"main\"\n", list.join(", "))
+    format!(
+        "[[pool]]\nname = \"main\"\nbackends = [{}]\n\n[[route]]\nhost = \"{host}\"\npool = \"main\"\n",
+        list.join(", ")
+    )
 }
 
 /// A backend the test drives by hand: accepted sockets arrive on a channel.
@@ -275,10 +253,7 @@ impl RawBackend {
     }
 
     pub async fn accept(&mut self) -> TcpStream {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
-            .await
-            .expect("backend accept timed out")
-            .unwrap()
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv()).await.expect("backend accept timed out").unwrap()
     }
 }
 
@@ -295,11 +270,7 @@ pub async fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
             .await
             .expect("head read timed out")
             .unwrap();
-        assert!(
-            n > 0,
-            "peer closed before the end of the head; got {:?}",
-            String::from_utf8_lossy(&buf)
-        );
+        assert!(n > 0, "peer closed before the end of the head; got {:?}", String::from_utf8_lossy(&buf));
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -368,29 +339,20 @@ pub async fn send_all(w: &mut (impl AsyncWriteExt + Unpin), data: &[u8]) -> [u8;
 }
 
 /// Reads exactly `len` bytes (bounded by time); returns their SHA-256.
-pub async fn recv_hash(
-    r: &mut (impl AsyncReadExt + Unpin),
-    len: usize,
-    within: Duration,
-) -> [u8; 32] {
+pub async fn recv_hash(r: &mut (impl AsyncReadExt + Unpin), len: usize, within: Duration) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0;
     let work = async {
         while got < len {
-            let n = r
-                .read(&mut buf[..(len - got).min(256 * 1024)])
-                .await
-                .unwrap();
+            let n = r.read(&mut buf[..(len - got).min(256 * 1024)]).await.unwrap();
             assert!(n > 0, "EOF after {got} of {len} bytes");
             h.update(&buf[..n]);
             got += n;
         }
     };
-    tokio::time::timeout(within, work)
-        .await
-        .expect("transfer did not finish in time");
+    tokio::time::timeout(within, work).await.expect("transfer did not finish in time");
     h.finalize().into()
 }
 
@@ -399,4 +361,41 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned()
+}
+
+/// A WebSocket echo backend built on tokio-tungstenite; every request
+/// head it accepts is sent on the returned channel.
+pub async fn ws_echo_backend() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<(String, String)>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let cb = |req: &Request, resp: Response| {
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    let _ = tx.send(headers);
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        if ws.send(msg).await.is_err() {
+                            break;
+                        }
+                    } else if msg.is_close() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
 }

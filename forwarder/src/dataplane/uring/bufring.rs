@@ -41,8 +41,7 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
         Ok(Mapping { ptr, len })
     }
 }
@@ -82,21 +81,11 @@ impl BufRing {
     /// at most 32768) and fills the ring with all of them.
     pub fn new(count: u16, buf_size: u32, bgid: u16) -> io::Result<BufRing> {
         if !count.is_power_of_two() || count > 32768 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "buffer count must be a power of two up to 32768",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "buffer count must be a power of two up to 32768"));
         }
         let entries = Mapping::new(count as usize * std::mem::size_of::<BufRingEntry>())?;
         let data = Mapping::new(count as usize * buf_size as usize)?;
-        let mut ring = BufRing {
-            entries,
-            data,
-            count,
-            buf_size,
-            tail: 0,
-            bgid,
-        };
+        let mut ring = BufRing { entries, data, count, buf_size, tail: 0, bgid };
         for bid in 0..count {
             ring.provide(bid);
         }
@@ -109,14 +98,7 @@ impl BufRing {
         // entries and stays mapped until `self` is dropped, which the worker
         // does only after the io_uring instance itself is dropped (the kernel
         // pins the ring pages while registered).
-        unsafe {
-            submitter.register_buf_ring_with_flags(
-                self.entries.ptr.as_ptr() as u64,
-                self.count,
-                self.bgid,
-                0,
-            )
-        }
+        unsafe { submitter.register_buf_ring_with_flags(self.entries.ptr.as_ptr() as u64, self.count, self.bgid, 0) }
     }
 
     pub fn bgid(&self) -> u16 {
@@ -131,12 +113,7 @@ impl BufRing {
     pub fn addr(&self, bid: u16) -> *mut u8 {
         assert!(bid < self.count, "buffer id out of range");
         // SAFETY: bid < count, so the offset stays inside the data mapping.
-        unsafe {
-            self.data
-                .ptr
-                .as_ptr()
-                .add(bid as usize * self.buf_size as usize)
-        }
+        unsafe { self.data.ptr.as_ptr().add(bid as usize * self.buf_size as usize) }
     }
 
     /// Drops the pages of all buffers (they read as zeros afterwards), so
@@ -148,11 +125,7 @@ impl BufRing {
         // guarantee, no buffer content is needed and the kernel is not
         // writing into it, so discarding the pages loses nothing.
         unsafe {
-            libc::madvise(
-                self.data.ptr.as_ptr().cast(),
-                self.data.len,
-                libc::MADV_DONTNEED,
-            );
+            libc::madvise(self.data.ptr.as_ptr().cast(), self.data.len, libc::MADV_DONTNEED);
         }
     }
 

@@ -261,12 +261,7 @@ impl Worker {
             for t in self.tunnels.iter_mut().filter_map(Option::take) {
                 finish_reply(t, CloseReason::Error);
             }
-            let Worker {
-                ring,
-                bufs,
-                wake_buf,
-                ..
-            } = self;
+            let Worker { ring, bufs, wake_buf, .. } = self;
             drop(ring);
             std::mem::forget(bufs);
             std::mem::forget(wake_buf);
@@ -282,14 +277,10 @@ impl Worker {
             }
             self.flush_sq()?;
             let want = usize::from(self.pending.is_empty());
-            let timeout = self
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()));
+            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
             let entered = match timeout {
                 Some(t) => {
-                    let ts = types::Timespec::new()
-                        .sec(t.as_secs())
-                        .nsec(t.subsec_nanos());
+                    let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
                     let args = types::SubmitArgs::new().timespec(&ts);
                     self.ring.submitter().submit_with_args(want, &args)
                 }
@@ -297,11 +288,7 @@ impl Worker {
             };
             match entered {
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                    ) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
                 Err(e) => return Err(e),
             }
             self.now = Instant::now();
@@ -329,14 +316,7 @@ impl Worker {
             }
             match self.ring.submit() {
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
-                    ) =>
-                {
-                    return Ok(())
-                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)) => return Ok(()),
                 Err(e) => return Err(e),
             }
             if self.ring.submission().is_full() {
@@ -373,11 +353,7 @@ impl Worker {
         // completions); what arrives after them waits for the next turn.
         for _ in 0..4 {
             cqes.clear();
-            cqes.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
             if cqes.is_empty() {
                 break;
             }
@@ -389,13 +365,10 @@ impl Worker {
     }
 
     fn arm_wake(&mut self) {
-        let read = opcode::Read::new(
-            types::Fd(self.wake_fd.as_raw_fd()),
-            (&mut *self.wake_buf as *mut u64).cast::<u8>(),
-            8,
-        )
-        .build()
-        .user_data(WAKE_UD);
+        let read =
+            opcode::Read::new(types::Fd(self.wake_fd.as_raw_fd()), (&mut *self.wake_buf as *mut u64).cast::<u8>(), 8)
+                .build()
+                .user_data(WAKE_UD);
         self.pending.push_back(read);
         self.wake_armed = true;
     }
@@ -511,14 +484,11 @@ impl Worker {
     }
 
     fn arm_recv(&mut self, slot: u32, t: &mut Tun, d: usize) {
-        let mut recv = opcode::RecvMulti::new(types::Fd(t.src(d)), self.bufs.bgid())
-            .build()
-            .user_data(ud(slot, d, KIND_RECV));
+        let mut recv =
+            opcode::RecvMulti::new(types::Fd(t.src(d)), self.bufs.bgid()).build().user_data(ud(slot, d, KIND_RECV));
         // Let the kernel end this multishot recv by itself once it received
         // what the direction may still queue (at least one buffer's worth).
-        let budget = (self.sizing.high_water)
-            .saturating_sub(t.dirs[d].queued)
-            .max(self.bufs.buf_size() as usize);
+        let budget = (self.sizing.high_water).saturating_sub(t.dirs[d].queued).max(self.bufs.buf_size() as usize);
         set_multishot_limit(&mut recv, budget as u32);
         self.pending.push_back(recv);
         t.dirs[d].recv = Recv::Armed;
@@ -526,9 +496,7 @@ impl Worker {
     }
 
     fn cancel_op(&mut self, slot: u32, t: &mut Tun, d: usize, kind: u64) {
-        let cancel = opcode::AsyncCancel::new(ud(slot, d, kind))
-            .build()
-            .user_data(ud(slot, d, KIND_CANCEL));
+        let cancel = opcode::AsyncCancel::new(ud(slot, d, kind)).build().user_data(ud(slot, d, KIND_CANCEL));
         self.pending.push_back(cancel);
         t.inflight += 1;
     }
@@ -581,10 +549,7 @@ impl Worker {
             }
             t.last_active = self.now;
             let dir = &mut t.dirs[d];
-            dir.queue.push_back(Chunk::Pool {
-                bid,
-                len: res as u32,
-            });
+            dir.queue.push_back(Chunk::Pool { bid, len: res as u32 });
             dir.queued += res as usize;
             if dir.queued >= self.sizing.high_water && dir.recv == Recv::Armed {
                 dir.recv = Recv::Cancelling;
@@ -656,8 +621,7 @@ impl Worker {
             return;
         }
         let dir = &t.dirs[d];
-        if dir.recv == Recv::Off && !dir.eof && !dir.starved && dir.queued <= self.sizing.low_water
-        {
+        if dir.recv == Recv::Off && !dir.eof && !dir.starved && dir.queued <= self.sizing.low_water {
             self.arm_recv(slot, t, d);
         }
         let dir = &mut t.dirs[d];
@@ -754,9 +718,8 @@ impl Worker {
         // outnumber the live tunnels, so churn cannot grow the heap.
         if self.timers.len() > 2 * self.by_id.len() + 64 {
             let tunnels = &self.tunnels;
-            self.timers.retain(|Reverse((_, slot, id))| {
-                matches!(tunnels.get(*slot as usize), Some(Some(t)) if t.id == *id)
-            });
+            self.timers
+                .retain(|Reverse((_, slot, id))| matches!(tunnels.get(*slot as usize), Some(Some(t)) if t.id == *id));
         }
     }
 
@@ -806,15 +769,9 @@ fn set_multishot_limit(entry: &mut squeue::Entry, limit: u32) {
 /// Closes a finished tunnel's sockets (with an RST when `SO_LINGER 0` was
 /// set), then reports its outcome.
 fn finish_reply(t: Tun, reason: CloseReason) {
-    let Tun {
-        fds, dirs, reply, ..
-    } = t;
+    let Tun { fds, dirs, reply, .. } = t;
     drop(fds);
-    let outcome = Outcome {
-        to_backend: dirs[0].moved,
-        to_client: dirs[1].moved,
-        reason,
-    };
+    let outcome = Outcome { to_backend: dirs[0].moved, to_client: dirs[1].moved, reason };
     if let Some(reply) = reply {
         // The relay future may be gone (cancelled); nothing to report then.
         let _ = reply.send(outcome);

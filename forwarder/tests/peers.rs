@@ -1,0 +1,162 @@
+//! The deployment the product was started for: a load balancer in front of
+//! upsplice that passes WebSocket upgrades through (HAProxy in `mode http`
+//! and nginx with upgrade headers) or forwards a port in TCP mode (HAProxy
+//! `mode tcp`, the 443/8443 setup). The load balancer's address is in the
+//! listener's trusted_cidrs, so its X-Forwarded-For is extended, not replaced.
+//!
+//! scripts/setup installs haproxy and nginx; with UPSPLICE_REQUIRE_PEERS=1
+//! (CI) a missing one fails the test instead of skipping it.
+
+#![allow(clippy::result_large_err)] // tungstenite's types, not ours
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(),
+            "{tool} is not installed and UPSPLICE_REQUIRE_PEERS is set"
+        );
+        eprintln!("SKIPPED: {tool} is not installed (scripts/setup installs it)");
+    }
+    ok
+}
+
+/// A peer process, killed when dropped; its config directory lives as long.
+struct Peer(Child, #[allow(dead_code)] tempfile::TempDir);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} never accepted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn haproxy(mode: &str, upsplice: SocketAddr) -> (Peer, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let forwardfor = if mode == "http" { "option forwardfor" } else { "" };
+    let cfg = format!(
+        "global\n  maxconn 2000\ndefaults\n  mode {mode}\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  timeout tunnel 1h\n\
+         frontend fe\n  bind 127.0.0.1:{port}\n  {forwardfor}\n  default_backend be\n\
+         backend be\n  server upsplice {upsplice} source 127.0.0.2\n"
+    );
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, cfg).unwrap();
+    let bin = if std::path::Path::new("/usr/sbin/haproxy").exists() { "/usr/sbin/haproxy" } else { "haproxy" };
+    let child = Command::new(bin).arg("-db").arg("-f").arg(&path).stdout(Stdio::null()).spawn().unwrap();
+    let addr = ([127, 0, 0, 1], port).into();
+    wait_port(addr);
+    (Peer(child, dir), addr)
+}
+
+fn nginx(upsplice: SocketAddr) -> (Peer, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = dir.path().display();
+    let cfg = format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/b;\n proxy_temp_path {d}/p;\n fastcgi_temp_path {d}/f;\n uwsgi_temp_path {d}/u;\n scgi_temp_path {d}/s;\n\
+          server {{\n  listen 127.0.0.1:{port};\n  location / {{\n   proxy_pass http://{upsplice};\n   proxy_bind 127.0.0.2;\n   proxy_http_version 1.1;\n\
+           proxy_set_header Upgrade $http_upgrade;\n   proxy_set_header Connection \"upgrade\";\n   proxy_set_header Host $host;\n\
+           proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n   proxy_read_timeout 1h;\n  }}\n }}\n}}\n"
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, cfg).unwrap();
+    let bin = if std::path::Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" };
+    let child = Command::new(bin)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = ([127, 0, 0, 1], port).into();
+    wait_port(addr);
+    (Peer(child, dir), addr)
+}
+
+/// WebSocket echo through `front` → upsplice → echo backend; returns the
+/// X-Forwarded-For the backend saw.
+async fn echo_through(
+    front: SocketAddr,
+    heads: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<(String, String)>>,
+) -> String {
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{front}/lb"))
+            .unwrap();
+    req.headers_mut().insert("Host", "app.test".parse().unwrap());
+    let (mut ws, resp) =
+        tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..20 {
+        let m = Message::binary(pattern(i, 1000 + i as usize * 3000));
+        ws.send(m.clone()).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), m);
+    }
+    ws.close(None).await.unwrap();
+    let headers = heads.recv().await.unwrap();
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for")).map(|(_, v)| v.clone()).unwrap_or_default()
+}
+
+async fn upsplice(mode: &str) -> (Router, tokio::sync::mpsc::UnboundedReceiver<Vec<(String, String)>>) {
+    let (backend, heads) = ws_echo_backend().await;
+    (Router::start(Setup { mode, limits: "", routing: main_pool(&[backend], "app.test"), extra: "" }), heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_mode_http() {
+    if !have("haproxy") {
+        return;
+    }
+    let (router, mut heads) = upsplice("splice").await;
+    let (_lb, front) = haproxy("http", router.http);
+    // HAProxy (trusted, connecting from 127.0.0.2) says the client is
+    // 127.0.0.1; upsplice appends HAProxy's address.
+    assert_eq!(echo_through(front, &mut heads).await, "127.0.0.1, 127.0.0.2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_mode_tcp() {
+    if !have("haproxy") {
+        return;
+    }
+    let (router, mut heads) = upsplice("copy").await;
+    let (_lb, front) = haproxy("tcp", router.http);
+    // In TCP mode nobody adds a header: the peer upsplice sees is the LB.
+    assert_eq!(echo_through(front, &mut heads).await, "127.0.0.2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_nginx() {
+    if !have("nginx") {
+        return;
+    }
+    let (router, mut heads) = upsplice("splice").await;
+    let (_lb, front) = nginx(router.http);
+    assert_eq!(echo_through(front, &mut heads).await, "127.0.0.1, 127.0.0.2");
+}
