@@ -486,6 +486,32 @@ fn exhausted_buffer_pool_recovers_without_loss() {
         println!("pool exhaustion: {} KiB of pool buffers held", held / 1024);
         assert!(held >= 12 * MIB, "the pool was not exhausted: {held} bytes held");
         assert!(held <= 16 * MIB);
+        // Meanwhile a fresh tunnel on the same worker still moves bytes
+        // both ways (through heap buffers while the pool is empty).
+        let Setup { mut client, mut backend, tunnel } = setup(b"", b"", LONG).await;
+        let p = plane.clone();
+        let fresh = tokio::spawn(async move { relay(&p, tunnel).await });
+        let started = Instant::now();
+        let mut payload = vec![0u8; 200 * 1024];
+        Gen(99).fill(&mut payload);
+        let (c_w, c_r) = tokio::join!(client.write_all(&payload), async {
+            let mut got = vec![0u8; payload.len()];
+            backend.read_exact(&mut got).await.map(|_| got)
+        });
+        c_w.unwrap();
+        assert!(c_r.unwrap() == payload, "fresh tunnel corrupted bytes");
+        backend.write_all(b"still alive").await.unwrap();
+        assert_eq!(read_exact_n(&mut client, 11).await, b"still alive");
+        println!(
+            "pool exhaustion: a fresh tunnel moved 200 KiB + a reply in {:?} ({} heap recvs so far)",
+            started.elapsed(),
+            plane.heap_recvs()
+        );
+        assert!(plane.heap_recvs() > 0, "the heap path was not taken");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        client.shutdown().await.unwrap();
+        backend.shutdown().await.unwrap();
+        assert_eq!(fresh.await.unwrap().reason, CloseReason::Done);
         let readers = backends.into_iter().map(|mut b| {
             tokio::spawn(async move {
                 let r = recv_stream(&mut b).await;

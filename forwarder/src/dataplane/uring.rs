@@ -12,9 +12,11 @@
 //! Memory: each worker maps a pool of 16 MiB in buffers of
 //! `data_plane.uring_buffer` bytes once; an idle tunnel holds none, a
 //! direction with a slow reader at most [`UringPlane::direction_limit`].
-//! When the pool runs dry (many stalled readers), recvs end with ENOBUFS
-//! and resume as buffers come back; the pool's pages go back to the system
-//! after a worker spent a second without tunnels.
+//! When the pool runs dry (many stalled readers hold it), a recv that finds
+//! bytes waiting reads them into a 16 KiB heap buffer instead (ENOBUFS
+//! path), so the worker's other tunnels keep moving; each direction stays
+//! bounded either way. The pool's pages go back to the system after a
+//! worker spent a second without tunnels.
 //!
 //! Why not IORING_OP_SPLICE: measured on this kernel (6.18; the benches in
 //! `tests/uring.rs`), a splice prototype moved one bulk stream a little
@@ -207,6 +209,7 @@ impl UringPlane {
                 alive: AtomicBool::new(true),
                 bufs_in_use: AtomicUsize::new(0),
                 bufs_peak: AtomicUsize::new(0),
+                heap_recvs: AtomicUsize::new(0),
             });
             let (tx, rx) = mpsc::channel();
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -268,6 +271,12 @@ impl UringPlane {
         }
         let size = self.sizing.buf_size as usize;
         (now * size, peak * size)
+    }
+
+    /// How many recvs read into a heap buffer because a worker's pool was
+    /// empty (a sign of many stalled readers; see `data_plane.uring_buffer`).
+    pub fn heap_recvs(&self) -> usize {
+        self.workers.iter().map(|w| w.shared.heap_recvs.load(Ordering::Relaxed)).sum()
     }
 
     /// The most bytes one direction of a tunnel holds in pool buffers while

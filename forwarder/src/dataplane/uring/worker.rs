@@ -11,6 +11,9 @@
 //!   recv is capped to what is left of that budget, a recv still armed at
 //!   the mark is cancelled, and it is re-armed once the queue fell to
 //!   `low_water` (one buffer): a slow reader bounds what the worker holds;
+//! * when the pool is empty (many stalled readers hold it), a recv that
+//!   finds bytes waiting reads them into a small heap buffer instead, so the
+//!   other tunnels keep moving;
 //! * EOF on the source (recv gives 0) becomes `shutdown(SHUT_WR)` on the
 //!   destination once the queue is empty; both done closes the tunnel;
 //! * a failed recv or send is a reset: both sockets get `SO_LINGER 0` so
@@ -94,20 +97,41 @@ pub struct Shared {
     pub bufs_in_use: AtomicUsize,
     /// The most pool buffers that held bytes at once.
     pub bufs_peak: AtomicUsize,
+    /// Recvs that went to a heap buffer because the pool was empty.
+    pub heap_recvs: AtomicUsize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Recv {
     Off,
+    /// A multishot recv into the pool.
     Armed,
+    /// A multishot recv being cancelled (the direction hit its high-water mark).
     Cancelling,
+    /// The pool was empty: one recv into a small heap buffer (`Dir::heap`).
+    Heap,
 }
+
+/// Size of the heap buffer a direction reads into while the pool is empty.
+const HEAP_RECV: usize = 16 * 1024;
 
 enum Chunk {
     /// Bytes read past the handshake heads.
     Leftover(Bytes),
     /// A pool buffer holding `len` received bytes.
     Pool { bid: u16, len: u32 },
+    /// Bytes received while the pool was empty.
+    Heap { buf: Box<[u8]>, len: usize },
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        match self {
+            Chunk::Leftover(b) => b.len(),
+            Chunk::Pool { len, .. } => *len as usize,
+            Chunk::Heap { len, .. } => *len,
+        }
+    }
 }
 
 struct Dir {
@@ -116,8 +140,9 @@ struct Dir {
     front_off: usize,
     queued: usize,
     recv: Recv,
-    /// The recv ended with ENOBUFS: waiting for a buffer to come back.
-    starved: bool,
+    /// Target of the heap recv in flight ([`Recv::Heap`]); kept here until
+    /// its completion is reaped.
+    heap: Option<Box<[u8]>>,
     sending: bool,
     eof: bool,
     /// The destination was shut down for writing: this direction is done.
@@ -132,7 +157,7 @@ impl Dir {
             front_off: 0,
             queued: 0,
             recv: Recv::Off,
-            starved: false,
+            heap: None,
             sending: false,
             eof: false,
             shut: false,
@@ -195,9 +220,6 @@ pub struct Worker {
     free: Vec<u32>,
     by_id: HashMap<u64, u32>,
     timers: BinaryHeap<Reverse<(Instant, u32, u64)>>,
-    starved: VecDeque<(u32, u64, usize)>,
-    /// Buffers returned since the starved list was last retried.
-    returned: bool,
     pending: VecDeque<squeue::Entry>,
     cqes: Vec<(u64, i32, u32)>,
     stopping: bool,
@@ -239,8 +261,6 @@ impl Worker {
             free: Vec::new(),
             by_id: HashMap::new(),
             timers: BinaryHeap::new(),
-            starved: VecDeque::new(),
-            returned: false,
             pending: VecDeque::new(),
             cqes: Vec::with_capacity(256),
             stopping: false,
@@ -294,7 +314,6 @@ impl Worker {
             self.now = Instant::now();
             self.reap();
             self.expire_timers();
-            self.retry_starved();
             self.maybe_trim();
         }
     }
@@ -515,12 +534,14 @@ impl Worker {
         let (ptr, len) = match front {
             Chunk::Leftover(b) => (b.as_ptr(), b.len()),
             Chunk::Pool { bid, len } => (self.bufs.addr(*bid).cast_const(), *len as usize),
+            Chunk::Heap { buf, len } => (buf.as_ptr(), *len),
         };
         debug_assert!(dir.front_off < len);
         // SAFETY: front_off < len, so the pointer stays inside the chunk.
-        // The chunk stays at the front of the queue (its buffer neither
-        // returned to the pool nor its Bytes dropped) until this send's
-        // completion is reaped.
+        // The chunk stays at the front of the queue (its pool buffer not
+        // returned, its Bytes or heap buffer not dropped; moving the Box
+        // does not move its heap block) until this send's completion is
+        // reaped.
         let ptr = unsafe { ptr.add(dir.front_off) };
         let send = opcode::Send::new(types::Fd(dst), ptr, (len - dir.front_off) as u32)
             .flags(libc::MSG_NOSIGNAL)
@@ -532,6 +553,10 @@ impl Worker {
     }
 
     fn on_recv(&mut self, slot: u32, t: &mut Tun, d: usize, res: i32, flags: u32) {
+        if t.dirs[d].recv == Recv::Heap {
+            self.on_heap_recv(slot, t, d, res);
+            return;
+        }
         if !cqueue::more(flags) {
             t.inflight -= 1;
             t.dirs[d].recv = Recv::Off;
@@ -561,16 +586,58 @@ impl Worker {
         } else {
             match -res {
                 libc::ECANCELED => {}
-                libc::ENOBUFS => {
-                    if !t.dirs[d].starved {
-                        t.dirs[d].starved = true;
-                        self.starved.push_back((slot, t.id, d));
-                    }
+                // The pool is empty (other directions hold it all) while
+                // bytes wait here: read them into a small heap buffer, so a
+                // few stalled readers cannot stall the worker's other tunnels.
+                libc::ENOBUFS if t.closing.is_none() && t.dirs[d].queued <= self.sizing.low_water => {
+                    self.arm_heap_recv(slot, t, d)
                 }
+                libc::ENOBUFS => {}
                 _ => {
                     self.close(slot, t, src_failed(d));
                     return;
                 }
+            }
+        }
+        self.advance(slot, t, d);
+    }
+
+    /// Arms one recv into a heap buffer of [`HEAP_RECV`] bytes. Taken only
+    /// after ENOBUFS, i.e. when bytes are waiting, so the buffer is not
+    /// held by an idle tunnel for long.
+    fn arm_heap_recv(&mut self, slot: u32, t: &mut Tun, d: usize) {
+        let src = t.src(d);
+        let dir = &mut t.dirs[d];
+        let buf = dir.heap.insert(vec![0u8; HEAP_RECV].into_boxed_slice());
+        let recv = opcode::Recv::new(types::Fd(src), buf.as_mut_ptr(), HEAP_RECV as u32)
+            .build()
+            .user_data(ud(slot, d, KIND_RECV));
+        self.pending.push_back(recv);
+        dir.recv = Recv::Heap;
+        t.inflight += 1;
+        self.shared.heap_recvs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_heap_recv(&mut self, slot: u32, t: &mut Tun, d: usize, res: i32) {
+        t.inflight -= 1;
+        let dir = &mut t.dirs[d];
+        dir.recv = Recv::Off;
+        let buf = dir.heap.take();
+        if t.closing.is_some() {
+            return;
+        }
+        match (res, buf) {
+            (n, Some(buf)) if n > 0 => {
+                t.last_active = self.now;
+                dir.queue.push_back(Chunk::Heap { buf, len: n as usize });
+                dir.queued += n as usize;
+                self.kick_send(slot, t, d);
+            }
+            (0, _) => dir.eof = true,
+            (n, _) if n == -libc::ECANCELED || n == -libc::EAGAIN => {}
+            _ => {
+                self.close(slot, t, src_failed(d));
+                return;
             }
         }
         self.advance(slot, t, d);
@@ -596,11 +663,7 @@ impl Worker {
         } else {
             self.shared.counters.add(0, n as u64);
         }
-        let front_len = match dir.queue.front() {
-            Some(Chunk::Leftover(b)) => b.len(),
-            Some(Chunk::Pool { len, .. }) => *len as usize,
-            None => 0,
-        };
+        let front_len = dir.queue.front().map_or(0, Chunk::len);
         if dir.front_off >= front_len {
             dir.front_off = 0;
             if let Some(Chunk::Pool { bid, .. }) = dir.queue.pop_front() {
@@ -621,7 +684,7 @@ impl Worker {
             return;
         }
         let dir = &t.dirs[d];
-        if dir.recv == Recv::Off && !dir.eof && !dir.starved && dir.queued <= self.sizing.low_water {
+        if dir.recv == Recv::Off && !dir.eof && dir.queued <= self.sizing.low_water {
             self.arm_recv(slot, t, d);
         }
         let dir = &mut t.dirs[d];
@@ -682,7 +745,6 @@ impl Worker {
     fn give_back(&mut self, bid: u16) {
         self.bufs.provide(bid);
         self.shared.bufs_in_use.fetch_sub(1, Ordering::Relaxed);
-        self.returned = true;
     }
 
     /// Closes tunnels idle past their timeout; re-queues the others.
@@ -720,28 +782,6 @@ impl Worker {
             let tunnels = &self.tunnels;
             self.timers
                 .retain(|Reverse((_, slot, id))| matches!(tunnels.get(*slot as usize), Some(Some(t)) if t.id == *id));
-        }
-    }
-
-    /// Re-arms recvs that ran out of pool buffers, now that some came back.
-    fn retry_starved(&mut self) {
-        if !std::mem::take(&mut self.returned) {
-            return;
-        }
-        // Bounded by the list's length at entry: a recv failing again with
-        // ENOBUFS is queued anew and retried on a later turn.
-        for _ in 0..self.starved.len() {
-            let Some((slot, id, d)) = self.starved.pop_front() else {
-                break;
-            };
-            let Some(mut t) = self.tunnels.get_mut(slot as usize).and_then(Option::take) else {
-                continue;
-            };
-            if t.id == id {
-                t.dirs[d].starved = false;
-                self.advance(slot, &mut t, d);
-            }
-            self.settle(slot, t);
         }
     }
 }
