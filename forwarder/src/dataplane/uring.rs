@@ -24,9 +24,12 @@
 //! on a socket or an empty pipe parks a kernel io-wq thread (64 idle
 //! one-way tunnels: +128 threads, against +0 here), and a non-blocking
 //! variant needs a poll and an io-wq hop per chunk. Multishot recv + send
-//! stays inline and batches: ~0.14 `io_uring_enter` per relayed message
+//! stays inline and batches: 0.1–0.15 `io_uring_enter` per relayed message
 //! with 200 busy tunnels, against ~3 syscalls per message for the copy
-//! plane.
+//! plane. Fewer syscalls did not buy less CPU on loopback, though: end to
+//! end (WebSocket echo, 200 connections, 60k msg/s) the router used about
+//! the same CPU as with copy (kernel TCP and wakeups dominate), with a lower
+//! median latency; one bulk stream moves about as fast as copy.
 
 mod bufring;
 mod worker;
