@@ -512,4 +512,4 @@ fn unavailable(mode: &str) -> Option<String> {
         .and_then(|(_, available)| available.err())
 }
 
-conformance!(copy, splice, sockmap);
+conformance!(copy, splice, uring, sockmap);

@@ -1,0 +1,259 @@
+//! Command-line interface (clap derive).
+
+use crate::echo::EchoMode;
+use crate::tcpbulk::Direction;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Top-level command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "upsplice-loadgen",
+    version,
+    about = "Open-loop WebSocket/HTTP/TCP load generator with corrected latency"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the echo backend (WebSocket + plain HTTP, or raw TCP).
+    Echo(EchoArgs),
+    /// Open-loop WebSocket messages at a fixed rate.
+    Ws(WsArgs),
+    /// Open-loop HTTP/1.1 requests at a fixed rate.
+    Http(HttpArgs),
+    /// Raw TCP: small-message ping-pong latency or bulk throughput.
+    Tcp(TcpArgs),
+    /// Merge .hlog files from several generator nodes into one report.
+    Merge(MergeArgs),
+    /// Overlay several runs' JSON summaries or .hlog files in one SVG.
+    Plot(PlotArgs),
+}
+
+/// `echo` arguments.
+#[derive(Debug, Args)]
+pub struct EchoArgs {
+    /// Address to listen on; port 0 picks a free port (printed as `listening on ADDR`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// ws: WebSocket echo + HTTP 200; tcp: raw echo; discard / source: one-way raw TCP.
+    #[arg(long, value_enum, default_value = "ws")]
+    pub mode: EchoMode,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Fault injection: freeze all replies once, this long after the first connection.
+    #[arg(long, value_parser = parse_duration)]
+    pub stall_at: Option<Duration>,
+    /// Length of the injected stall.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub stall_for: Duration,
+}
+
+/// Arguments shared by the rate-driven modes.
+#[derive(Debug, Args, Clone)]
+pub struct LoadArgs {
+    /// Target HOST:PORT (resolved once).
+    #[arg(long)]
+    pub target: String,
+    /// Connections.
+    #[arg(short = 'c', long, default_value_t = 10)]
+    pub connections: usize,
+    /// Total rate over all connections, per second (fractional per-connection rates are fine).
+    #[arg(short = 'r', long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Measured duration (e.g. 30s, 2m, 500ms).
+    #[arg(short = 'd', long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Warm-up before measuring: messages are sent but not recorded.
+    #[arg(short = 'w', long, value_parser = parse_duration, default_value = "2s")]
+    pub warmup: Duration,
+    /// New connections per second (default: all at once).
+    #[arg(long)]
+    pub ramp_rate: Option<f64>,
+    /// Local source address or IPv4 range (a.b.c.d-a.b.c.e); repeatable.
+    #[arg(long)]
+    pub source_ip: Vec<String>,
+    /// Generator threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Limit for connect + handshake.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
+    /// How long to wait for outstanding replies after the last send.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub drain: Duration,
+    /// Output files.
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// Output files.
+#[derive(Debug, Args, Clone, Default)]
+pub struct OutputArgs {
+    /// Write the summary as JSON (schema in README.md).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the corrected percentile distribution (HdrHistogram .hgrm, ms).
+    #[arg(long)]
+    pub hgrm: Option<PathBuf>,
+    /// Write an interval log (.hlog), one corrected histogram per second.
+    #[arg(long)]
+    pub hlog: Option<PathBuf>,
+    /// Write an SVG plot of latency by percentile.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// Host header and request path of `ws` upgrades and `http` requests.
+#[derive(Debug, Args, Clone)]
+pub struct HttpTarget {
+    /// Host header (default: the target).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Request path.
+    #[arg(long, default_value = "/")]
+    pub path: String,
+}
+
+impl HttpTarget {
+    /// The Host header: `--host`, or else the target as given.
+    pub fn host_or(&self, target: &str) -> String {
+        self.host.clone().unwrap_or_else(|| target.to_string())
+    }
+}
+
+/// `ws` arguments.
+#[derive(Debug, Args)]
+pub struct WsArgs {
+    /// Common load options.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Host header and path.
+    #[command(flatten)]
+    pub http: HttpTarget,
+    /// Message payload size in bytes (at least 8: the sequence number).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Messages outstanding per connection before the writer must wait.
+    #[arg(long, default_value_t = 128)]
+    pub max_inflight: usize,
+}
+
+/// `http` arguments.
+#[derive(Debug, Args)]
+pub struct HttpArgs {
+    /// Common load options.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Host header and path.
+    #[command(flatten)]
+    pub http: HttpTarget,
+    /// Send `Connection: close` and open a new connection per request.
+    #[arg(long)]
+    pub close: bool,
+    /// Requests outstanding (pipelined) per keep-alive connection.
+    #[arg(long, default_value_t = 1)]
+    pub max_inflight: usize,
+}
+
+/// Raw TCP sub-mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TcpMode {
+    /// Small messages at a fixed rate, latency recorded.
+    Pingpong,
+    /// Throughput, as fast as possible.
+    Bulk,
+}
+
+/// `tcp` arguments.
+#[derive(Debug, Args)]
+pub struct TcpArgs {
+    /// Common load options (`--rate` is ignored in bulk mode).
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Ping-pong latency or bulk throughput.
+    #[arg(long, value_enum, default_value = "pingpong")]
+    pub mode: TcpMode,
+    /// Message size (ping-pong, at least 8) or write chunk size (bulk).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Bulk direction.
+    #[arg(long, value_enum, default_value = "both")]
+    pub direction: Direction,
+    /// Ping-pong messages outstanding per connection.
+    #[arg(long, default_value_t = 1)]
+    pub max_inflight: usize,
+}
+
+/// `merge` arguments.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Interval logs to merge.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Output files (`--hlog` writes the merged log, 1 s bins).
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// `plot` arguments.
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// JSON summaries (corrected and uncorrected curves) or .hlog files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// SVG file to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Plot title.
+    #[arg(long, default_value = "Latency by percentile")]
+    pub title: String,
+}
+
+/// Parses `1.5s`, `250ms`, `2m`, `1h`, `10us` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit.trim() {
+        "" | "s" => v,
+        "ms" => v / 1e3,
+        "us" | "µs" => v / 1e6,
+        "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use us, ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("bad duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,24 @@
+//! upsplice-loadgen: an open-loop WebSocket / HTTP / TCP load generator that
+//! records coordinated-omission-corrected latency into HdrHistograms, and the
+//! echo backend it is measured against. See README.md.
+
+pub mod cli;
+pub mod codec;
+pub mod echo;
+pub mod engine;
+pub mod handshake;
+pub mod hgrm;
+pub mod hlog;
+pub mod httphead;
+pub mod net;
+pub mod outputs;
+pub mod plot;
+pub mod progress;
+pub mod readbuf;
+pub mod recorder;
+pub mod report;
+pub mod rusage;
+pub mod schedule;
+pub mod tcpbulk;
+pub mod timer;
+pub mod wsproto;

@@ -1,0 +1,267 @@
+//! `upsplice-loadgen` entry point: parses the command line and runs a subcommand.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use std::io::IsTerminal;
+use std::net::ToSocketAddrs;
+use std::process::ExitCode;
+use std::sync::Arc;
+use upsplice_loadgen::cli::{Cli, Command, LoadArgs, MergeArgs, PlotArgs, TcpMode};
+use upsplice_loadgen::engine::{self, Proto, RunConfig};
+use upsplice_loadgen::outputs::{self, Outputs};
+use upsplice_loadgen::plot::{self, Series};
+use upsplice_loadgen::recorder::Recorder;
+use upsplice_loadgen::report::{self, RunInfo};
+use upsplice_loadgen::rusage::CpuTime;
+use upsplice_loadgen::{echo, hlog, net, progress, tcpbulk};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("upsplice-loadgen: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Echo(a) => {
+            net::raise_fd_limit();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(a.threads.unwrap_or_else(cores).max(1))
+                .enable_all()
+                .build()?;
+            rt.block_on(echo::serve(echo::EchoConfig {
+                listen: a.listen,
+                mode: a.mode,
+                stall_at: a.stall_at,
+                stall_for: a.stall_for,
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ws(a) => {
+            check_size(a.size)?;
+            let host = a.http.host_or(&a.load.target);
+            load(&a.load, Proto::Ws, "ws", host, a.http.path, a.size, a.max_inflight)
+        }
+        Command::Http(a) => {
+            let host = a.http.host_or(&a.load.target);
+            let proto = if a.close { Proto::HttpClose } else { Proto::HttpKeepAlive };
+            let mode = if a.close { "http-close" } else { "http" };
+            load(&a.load, proto, mode, host, a.http.path, 0, a.max_inflight)
+        }
+        Command::Tcp(a) if a.mode == TcpMode::Pingpong => {
+            check_size(a.size)?;
+            let host = a.load.target.clone();
+            load(&a.load, Proto::Raw, "tcp-pingpong", host, String::new(), a.size, a.max_inflight)
+        }
+        Command::Tcp(a) => bulk(&a.load, a.size, a.direction),
+        Command::Merge(a) => merge(a),
+        Command::Plot(a) => plot_files(a),
+    }
+}
+
+fn check_size(size: usize) -> anyhow::Result<()> {
+    if size < upsplice_loadgen::codec::SEQ_LEN {
+        bail!("--size must be at least {} bytes (the sequence number)", upsplice_loadgen::codec::SEQ_LEN);
+    }
+    if size as u64 > upsplice_loadgen::wsproto::MAX_PAYLOAD {
+        bail!("--size must be at most {} bytes", upsplice_loadgen::wsproto::MAX_PAYLOAD);
+    }
+    Ok(())
+}
+
+fn resolve(target: &str) -> anyhow::Result<std::net::SocketAddr> {
+    target
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {target}"))?
+        .next()
+        .with_context(|| format!("{target} resolves to no address"))
+}
+
+fn validate(l: &LoadArgs) -> anyhow::Result<()> {
+    if l.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    if !(l.rate > 0.0 && l.rate.is_finite()) {
+        bail!("--rate must be a positive number");
+    }
+    if l.duration.is_zero() {
+        bail!("--duration must be positive");
+    }
+    if l.ramp_rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        bail!("--ramp-rate must be a positive number");
+    }
+    Ok(())
+}
+
+fn load(
+    l: &LoadArgs,
+    proto: Proto,
+    mode: &str,
+    host: String,
+    path: String,
+    size: usize,
+    max_inflight: usize,
+) -> anyhow::Result<ExitCode> {
+    validate(l)?;
+    let fds = net::raise_fd_limit();
+    if l.connections as u64 + 64 > fds {
+        eprintln!(
+            "upsplice-loadgen: WARNING: {} connections but only {fds} open files allowed (ulimit -n); \
+             connections past it will fail",
+            l.connections
+        );
+    }
+    let cfg = RunConfig {
+        proto,
+        target: resolve(&l.target)?,
+        host,
+        path,
+        connections: l.connections,
+        rate: l.rate,
+        duration: l.duration,
+        warmup: l.warmup,
+        size,
+        max_inflight: max_inflight.max(1),
+        ramp_rate: l.ramp_rate,
+        source_ips: net::parse_source_ips(&l.source_ip)?,
+        threads: l.threads.unwrap_or_else(cores).max(1),
+        connect_timeout: l.connect_timeout,
+        drain: l.drain,
+        keep_intervals: l.out.hlog.is_some(),
+    };
+    let cpu0 = CpuTime::now();
+    let live = std::io::stderr().is_terminal().then(|| Arc::new(progress::Live::default()));
+    let printer = live.clone().map(|lv| progress::Printer::start(lv, cfg.warmup, cfg.rate, "msg"));
+    let out = engine::run(&cfg, live);
+    drop(printer);
+    let cpu = CpuTime::now().since(cpu0);
+    let info = RunInfo {
+        mode: mode.to_string(),
+        target: l.target.clone(),
+        connections: l.connections as u64,
+        threads: cfg.threads.min(cfg.connections) as u64,
+        target_rate: l.rate,
+        duration_s: l.duration.as_secs_f64(),
+        warmup_s: l.warmup.as_secs_f64(),
+        size: size as u64,
+        max_inflight: cfg.max_inflight as u64,
+    };
+    let summary = report::summarize(&info, &out.recorder, cpu, out.wall.as_secs_f64());
+    let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
+    finish(&l.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)
+}
+
+fn finish(
+    args: &upsplice_loadgen::cli::OutputArgs,
+    summary: &report::Summary,
+    rec: &Recorder,
+    uncorrected: Option<&hdrhistogram::Histogram<u64>>,
+    intervals: &[hlog::Interval],
+) -> anyhow::Result<ExitCode> {
+    print!("{}", report::render(summary));
+    for p in &summary.problems {
+        eprintln!("upsplice-loadgen: WARNING: {p}");
+    }
+    outputs::write_all(args, &Outputs { summary, corrected: &rec.corrected, uncorrected, intervals })?;
+    Ok(if summary.valid { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Result<ExitCode> {
+    if l.connections == 0 || l.duration.is_zero() {
+        bail!("--connections and --duration must be positive");
+    }
+    let cfg = tcpbulk::BulkConfig {
+        target: resolve(&l.target)?,
+        connections: l.connections,
+        duration: l.duration,
+        warmup: l.warmup,
+        size: size.max(1),
+        direction,
+        source_ips: net::parse_source_ips(&l.source_ip)?,
+        threads: l.threads.unwrap_or_else(cores),
+        connect_timeout: l.connect_timeout,
+    };
+    let cpu0 = CpuTime::now();
+    let t = std::time::Instant::now();
+    let rec = tcpbulk::run(&cfg)?;
+    let info = RunInfo {
+        mode: "tcp-bulk".into(),
+        target: l.target.clone(),
+        connections: l.connections as u64,
+        threads: cfg.threads as u64,
+        target_rate: 0.0,
+        duration_s: l.duration.as_secs_f64(),
+        warmup_s: l.warmup.as_secs_f64(),
+        size: size as u64,
+        max_inflight: 0,
+    };
+    let summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
+    finish(&l.out, &summary, &rec, None, &[])
+}
+
+fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
+    let cpu0 = CpuTime::now();
+    let t = std::time::Instant::now();
+    let mut logs = Vec::new();
+    for f in &a.files {
+        let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        logs.push(hlog::read(&text).with_context(|| format!("parsing {}", f.display()))?);
+    }
+    let (intervals, total) = hlog::merge(&logs);
+    let span = match (intervals.first(), intervals.last()) {
+        (Some(a), Some(b)) => (b.start + b.length).duration_since(a.start).unwrap_or_default(),
+        _ => std::time::Duration::ZERO,
+    };
+    let mut rec = Recorder::new(false);
+    rec.corrected = total;
+    rec.received = rec.corrected.len();
+    rec.sent = rec.received;
+    rec.sent_in_window = rec.received;
+    let info = RunInfo {
+        mode: "merge".into(),
+        target: a.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" + "),
+        duration_s: span.as_secs_f64(),
+        ..RunInfo::default()
+    };
+    let summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
+    finish(&a.out, &summary, &rec, None, &intervals)
+}
+
+fn plot_files(a: PlotArgs) -> anyhow::Result<ExitCode> {
+    let mut series = Vec::new();
+    for f in &a.files {
+        let name = f.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        if text.trim_ascii_start().starts_with(b"{") {
+            let s: report::Summary =
+                serde_json::from_slice(&text).with_context(|| format!("parsing {}", f.display()))?;
+            series.push(Series {
+                label: format!("{name} corrected"),
+                histogram: report::decode_histogram(&s.histograms.corrected)?,
+                dashed: false,
+            });
+            series.push(Series {
+                label: format!("{name} uncorrected"),
+                histogram: report::decode_histogram(&s.histograms.uncorrected)?,
+                dashed: true,
+            });
+        } else {
+            let log = hlog::read(&text).with_context(|| format!("parsing {}", f.display()))?;
+            let (_, total) = hlog::merge(&[log]);
+            series.push(Series { label: name, histogram: total, dashed: false });
+        }
+    }
+    std::fs::write(&a.output, plot::render(&a.title, &series))
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    println!("wrote {}", a.output.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,423 @@
+//! The run summary: one serialisable value printed as text and written as
+//! JSON (schema `upsplice-loadgen/summary/v1`, documented in README.md).
+
+use crate::recorder::{ErrorKind, Recorder};
+use crate::rusage::CpuTime;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Schema identifier written into every JSON summary.
+pub const SCHEMA: &str = "upsplice-loadgen/summary/v1";
+
+/// Fraction of the target rate below which the run is reported as not reaching it.
+pub const RATE_TOLERANCE: f64 = 0.98;
+
+/// Percentiles of one histogram, in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    /// Number of values.
+    pub count: u64,
+    /// Smallest value.
+    pub min: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Standard deviation.
+    pub stddev: f64,
+    /// 50th percentile.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// 99.99th percentile.
+    pub p9999: u64,
+    /// Largest value.
+    pub max: u64,
+}
+
+impl Percentiles {
+    /// Percentiles of `h` (all zero when empty).
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        let q = |x: f64| h.highest_equivalent(h.value_at_quantile(x));
+        Percentiles {
+            count: h.len(),
+            min: h.min(),
+            mean: h.mean(),
+            stddev: h.stdev(),
+            p50: q(0.50),
+            p90: q(0.90),
+            p99: q(0.99),
+            p999: q(0.999),
+            p9999: q(0.9999),
+            max: h.highest_equivalent(h.max()),
+        }
+    }
+}
+
+/// All latency distributions of a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latencies {
+    /// Round trip from the intended send time.
+    pub corrected: Percentiles,
+    /// Round trip from the actual write.
+    pub uncorrected: Percentiles,
+    /// Generator lateness: actual write minus intended send time (the part
+    /// of `corrected` the generator itself may have caused).
+    pub send_lag: Percentiles,
+    /// TCP connect.
+    pub connect: Percentiles,
+    /// WebSocket upgrade (request to 101).
+    pub upgrade: Percentiles,
+}
+
+/// The full histograms, base64 of HdrHistogram's V2+deflate encoding (the
+/// `.hlog` histogram encoding), so other tools can recompute anything.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EncodedHistograms {
+    /// Corrected latency, µs.
+    pub corrected: String,
+    /// Uncorrected latency, µs.
+    pub uncorrected: String,
+}
+
+/// Raw TCP throughput figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Throughput {
+    /// Bytes written in the measured window.
+    pub bytes_out: u64,
+    /// Bytes read in the measured window.
+    pub bytes_in: u64,
+    /// Upload rate, megabits per second.
+    pub out_mbit_s: f64,
+    /// Download rate, megabits per second.
+    pub in_mbit_s: f64,
+}
+
+/// The generator's own CPU use.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cpu {
+    /// User CPU seconds.
+    pub user_s: f64,
+    /// System CPU seconds.
+    pub system_s: f64,
+    /// Wall-clock seconds of the whole run (including warm-up and drain).
+    pub wall_s: f64,
+    /// (user + system) / wall: cores kept busy on average.
+    pub cores_busy: f64,
+}
+
+/// Everything a run reports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Always [`SCHEMA`].
+    pub schema: String,
+    /// Subcommand: ws, http, tcp-pingpong, tcp-bulk or merge.
+    pub mode: String,
+    /// Target address (or the merged files).
+    pub target: String,
+    /// Connections asked for.
+    pub connections: u64,
+    /// Connections that were established (and upgraded).
+    pub connections_ok: u64,
+    /// Generator threads.
+    pub threads: u64,
+    /// Target rate, messages or requests per second (0 for bulk).
+    pub target_rate: f64,
+    /// Messages written during the measured window, per second of it.
+    pub achieved_rate: f64,
+    /// Replies recorded per second of the measured window.
+    pub reply_rate: f64,
+    /// Whether the achieved rate reached the target (within 2 %).
+    pub rate_reached: bool,
+    /// Measured seconds.
+    pub duration_s: f64,
+    /// Warm-up seconds (not recorded).
+    pub warmup_s: f64,
+    /// Message size in bytes.
+    pub size: u64,
+    /// Per-connection in-flight window.
+    pub max_inflight: u64,
+    /// Messages due in the measured window and written (possibly late).
+    pub sent: u64,
+    /// Of `sent`, those written before the window ended.
+    pub sent_in_window: u64,
+    /// Messages due in the window that were never written (generator overload).
+    pub unsent: u64,
+    /// Messages due in the window before their connection was ready (not sent).
+    pub skipped: u64,
+    /// Replies recorded.
+    pub received: u64,
+    /// Errors by kind (every kind listed, zero included).
+    pub errors: BTreeMap<String, u64>,
+    /// Sum of `errors`.
+    pub total_errors: u64,
+    /// Latency percentiles, µs.
+    pub latency_us: Latencies,
+    /// Raw TCP throughput (bulk mode only).
+    pub throughput: Option<Throughput>,
+    /// Generator CPU use.
+    pub cpu: Cpu,
+    /// False when the figures cannot be trusted; see `problems`.
+    pub valid: bool,
+    /// Why the run is invalid, or warnings (rate not reached).
+    pub problems: Vec<String>,
+    /// Full histograms.
+    pub histograms: EncodedHistograms,
+}
+
+/// Encodes a histogram as base64 V2+deflate.
+pub fn encode_histogram(h: &Histogram<u64>) -> String {
+    use base64::Engine;
+    let mut buf = Vec::new();
+    V2DeflateSerializer::new().serialize(h, &mut buf).expect("serialising into a Vec cannot fail");
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+/// Decodes [`encode_histogram`]'s output.
+pub fn decode_histogram(s: &str) -> anyhow::Result<Histogram<u64>> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim())?;
+    Deserializer::new().deserialize(&mut bytes.as_slice()).map_err(|e| anyhow::anyhow!("bad histogram: {e:?}"))
+}
+
+/// What a run was asked to do, for the summary.
+#[derive(Debug, Clone, Default)]
+pub struct RunInfo {
+    /// Subcommand.
+    pub mode: String,
+    /// Target.
+    pub target: String,
+    /// Connections.
+    pub connections: u64,
+    /// Threads.
+    pub threads: u64,
+    /// Target rate (0 for bulk).
+    pub target_rate: f64,
+    /// Measured seconds.
+    pub duration_s: f64,
+    /// Warm-up seconds.
+    pub warmup_s: f64,
+    /// Message size.
+    pub size: u64,
+    /// In-flight window.
+    pub max_inflight: u64,
+}
+
+/// Builds the summary and decides validity.
+pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> Summary {
+    let errors: BTreeMap<String, u64> =
+        ErrorKind::ALL.iter().map(|k| (k.name().to_string(), rec.errors.get(k).copied().unwrap_or(0))).collect();
+    let total_errors = rec.total_errors();
+    let dur = info.duration_s.max(1e-9);
+    let achieved_rate = rec.sent_in_window as f64 / dur;
+    let bulk = info.mode == "tcp-bulk";
+    // A merge of interval logs has no rate target and no connections of its own.
+    let merged = info.mode == "merge";
+    let rate_reached = bulk || merged || achieved_rate >= info.target_rate * RATE_TOLERANCE;
+    let mut problems = Vec::new();
+    let mut valid = true;
+    if rec.connections_ok == 0 && !merged {
+        valid = false;
+        problems.push("no connection could be established".to_string());
+    } else if !bulk && rec.received == 0 {
+        valid = false;
+        problems.push("no reply was recorded".to_string());
+    }
+    if rec.unsent > 0 {
+        valid = false;
+        problems.push(format!(
+            "{} messages due in the window were never sent: the generator could not keep up",
+            rec.unsent
+        ));
+    }
+    if total_errors > 0 {
+        valid = false;
+        problems.push(format!("{total_errors} errors: the latency figures miss the failed messages"));
+    }
+    if !rate_reached {
+        problems
+            .push(format!("TARGET RATE NOT REACHED: {achieved_rate:.1}/s achieved of {:.1}/s asked", info.target_rate));
+    }
+    let user_s = cpu.user.as_secs_f64();
+    let system_s = cpu.system.as_secs_f64();
+    Summary {
+        schema: SCHEMA.to_string(),
+        mode: info.mode.clone(),
+        target: info.target.clone(),
+        connections: info.connections,
+        connections_ok: rec.connections_ok,
+        threads: info.threads,
+        target_rate: info.target_rate,
+        achieved_rate,
+        reply_rate: rec.received as f64 / dur,
+        rate_reached,
+        duration_s: info.duration_s,
+        warmup_s: info.warmup_s,
+        size: info.size,
+        max_inflight: info.max_inflight,
+        sent: rec.sent,
+        sent_in_window: rec.sent_in_window,
+        unsent: rec.unsent,
+        skipped: rec.skipped,
+        received: rec.received,
+        errors,
+        total_errors,
+        latency_us: Latencies {
+            corrected: Percentiles::of(&rec.corrected),
+            uncorrected: Percentiles::of(&rec.uncorrected),
+            send_lag: Percentiles::of(&rec.send_lag),
+            connect: Percentiles::of(&rec.connect),
+            upgrade: Percentiles::of(&rec.upgrade),
+        },
+        throughput: bulk.then(|| Throughput {
+            bytes_out: rec.bytes_out,
+            bytes_in: rec.bytes_in,
+            out_mbit_s: rec.bytes_out as f64 * 8.0 / 1e6 / dur,
+            in_mbit_s: rec.bytes_in as f64 * 8.0 / 1e6 / dur,
+        }),
+        cpu: Cpu { user_s, system_s, wall_s, cores_busy: (user_s + system_s) / wall_s.max(1e-9) },
+        valid,
+        problems,
+        histograms: EncodedHistograms {
+            corrected: encode_histogram(&rec.corrected),
+            uncorrected: encode_histogram(&rec.uncorrected),
+        },
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3} ms", us as f64 / 1000.0)
+}
+
+fn row(out: &mut String, name: &str, p: &Percentiles) {
+    if p.count == 0 {
+        let _ = writeln!(out, "  {name:<12} (none)");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  {name:<12} p50 {:>11}  p90 {:>11}  p99 {:>11}  p99.9 {:>11}  p99.99 {:>11}  max {:>11}  (n={})",
+        ms(p.p50),
+        ms(p.p90),
+        ms(p.p99),
+        ms(p.p999),
+        ms(p.p9999),
+        ms(p.max),
+        p.count
+    );
+}
+
+/// The human-readable summary.
+pub fn render(s: &Summary) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "upsplice-loadgen {} -> {}", s.mode, s.target);
+    if s.mode == "merge" {
+        let _ = writeln!(out, "  {} values over {:.1}s of intervals ({:.1}/s)", s.received, s.duration_s, s.reply_rate);
+        row(&mut out, "corrected", &s.latency_us.corrected);
+        let _ = writeln!(out, "result         {}", if s.valid { "VALID" } else { "INVALID" });
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "  connections {} ok of {} | threads {} | duration {:.1}s after {:.1}s warm-up | size {} B | max-inflight {}",
+        s.connections_ok, s.connections, s.threads, s.duration_s, s.warmup_s, s.size, s.max_inflight
+    );
+    if let Some(t) = &s.throughput {
+        let _ = writeln!(
+            out,
+            "  throughput   out {:.1} Mbit/s ({} B)  in {:.1} Mbit/s ({} B)",
+            t.out_mbit_s, t.bytes_out, t.in_mbit_s, t.bytes_in
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  rate         {:.1}/s achieved of {:.1}/s target ({:.1} %), replies {:.1}/s | sent {} ({} late, {} unsent, {} skipped) received {}",
+            s.achieved_rate,
+            s.target_rate,
+            100.0 * s.achieved_rate / s.target_rate.max(1e-9),
+            s.reply_rate,
+            s.sent,
+            s.sent - s.sent_in_window,
+            s.unsent,
+            s.skipped,
+            s.received
+        );
+        let _ = writeln!(out, "latency (corrected = from intended send time; uncorrected = from actual write):");
+        row(&mut out, "corrected", &s.latency_us.corrected);
+        row(&mut out, "uncorrected", &s.latency_us.uncorrected);
+        row(&mut out, "send lag", &s.latency_us.send_lag);
+    }
+    row(&mut out, "connect", &s.latency_us.connect);
+    row(&mut out, "upgrade", &s.latency_us.upgrade);
+    let errs: Vec<String> = s.errors.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = writeln!(out, "errors         {}", if errs.is_empty() { "none".to_string() } else { errs.join(", ") });
+    let _ = writeln!(
+        out,
+        "generator cpu  user {:.2}s system {:.2}s over {:.2}s wall = {:.2} cores busy",
+        s.cpu.user_s, s.cpu.system_s, s.cpu.wall_s, s.cpu.cores_busy
+    );
+    for p in &s.problems {
+        let _ = writeln!(out, "!!! {p}");
+    }
+    let _ = writeln!(out, "result         {}", if s.valid { "VALID" } else { "INVALID" });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> RunInfo {
+        RunInfo {
+            mode: "ws".into(),
+            target: "t".into(),
+            connections: 1,
+            threads: 1,
+            target_rate: 100.0,
+            duration_s: 1.0,
+            warmup_s: 0.0,
+            size: 16,
+            max_inflight: 1,
+        }
+    }
+
+    #[test]
+    fn missed_rate_is_loud_but_errors_invalidate() {
+        let mut r = Recorder::new(false);
+        r.connections_ok = 1;
+        r.count_sent(50, true);
+        for _ in 0..50 {
+            r.reply(1_000_000, 1_000_000, 0);
+        }
+        let s = summarize(&info(), &r, CpuTime::default(), 1.0);
+        assert!(s.valid);
+        assert!(!s.rate_reached);
+        assert!(render(&s).contains("TARGET RATE NOT REACHED"));
+        r.error(ErrorKind::ClosedByPeer);
+        let s = summarize(&info(), &r, CpuTime::default(), 1.0);
+        assert!(!s.valid);
+        assert_eq!(s.errors["closed_by_peer"], 1);
+        assert_eq!(s.errors["bad_accept"], 0);
+    }
+
+    #[test]
+    fn json_round_trips_with_histograms() {
+        let mut r = Recorder::new(false);
+        r.connections_ok = 1;
+        r.reply(5_000_000, 2_000_000, 0);
+        let s = summarize(&info(), &r, CpuTime::default(), 1.0);
+        let j = serde_json::to_string(&s).unwrap();
+        let back: Summary = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(decode_histogram(&back.histograms.corrected).unwrap(), r.corrected);
+        assert!(r.corrected.equivalent(back.latency_us.corrected.max, 5000));
+    }
+}

@@ -1,0 +1,109 @@
+//! Helpers shared by the integration tests: start the real binary, run it,
+//! read its JSON summary.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+use upsplice_loadgen::report::Summary;
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_upsplice-loadgen")
+}
+
+/// A child process that prints `listening on ADDR` first; killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Server {
+    /// Starts `cmd` and waits for its `listening on ADDR` line.
+    pub fn start(mut cmd: Command) -> Server {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server { child, addr }
+    }
+
+    /// The bundled echo server with extra arguments.
+    pub fn echo(extra: &[&str]) -> Server {
+        let mut c = Command::new(bin());
+        c.args(["echo", "--listen", "127.0.0.1:0", "--threads", "1"]).args(extra);
+        Server::start(c)
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // The pid is our own child; SIGTERM is what the interface promises to honour.
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let status = wait_timeout(&mut self.child, Duration::from_secs(5));
+        std::mem::forget(self);
+        status
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            return child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Result of one generator run.
+pub struct Run {
+    pub output: Output,
+    pub summary: Summary,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A fresh temporary directory.
+pub fn tmpdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Runs the generator with `args` plus `--json FILE` and parses the summary.
+/// Panics (test failure) when the binary panicked or printed no summary.
+pub fn run(args: &[&str], dir: &Path, name: &str) -> Run {
+    let json: PathBuf = dir.join(format!("{name}.json"));
+    let output =
+        Command::new(bin()).args(args).arg("--json").arg(&json).stdin(Stdio::null()).output().expect("run generator");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "generator panicked:\n{stderr}");
+    let text = std::fs::read_to_string(&json)
+        .unwrap_or_else(|e| panic!("no JSON summary ({e}); stdout:\n{stdout}\nstderr:\n{stderr}"));
+    let summary: Summary = serde_json::from_str(&text).expect("summary JSON");
+    Run { output, summary, stdout, stderr }
+}
+
+/// A free loopback port with nothing listening on it.
+pub fn dead_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a.to_string()
+}

@@ -1,0 +1,120 @@
+//! The other load modes against the bundled echo server: HTTP keep-alive and
+//! close, raw TCP ping-pong and bulk, source-address spreading, ramp-up and
+//! per-connection rates below one message per second.
+
+mod common;
+use common::{run, tmpdir, Server};
+
+#[test]
+fn http_keepalive_and_close() {
+    let echo = Server::echo(&[]);
+    let dir = tmpdir();
+    for (name, extra) in [("keep", vec![]), ("pipelined", vec!["--max-inflight", "4"]), ("close", vec!["--close"])] {
+        let mut args = vec!["http", "--target", &echo.addr, "-c", "4", "-r", "400", "-d", "2s", "-w", "500ms"];
+        args.extend(extra);
+        let r = run(&args, dir.path(), name);
+        let s = &r.summary;
+        assert!(r.output.status.success(), "{name}: {}", r.stdout);
+        assert_eq!(s.total_errors, 0, "{name}: {}", r.stdout);
+        assert!(s.rate_reached && s.received >= 780 && s.received == s.sent, "{name}: {}", r.stdout);
+        if name == "close" {
+            // One connection per request: the connect histogram counts them all.
+            assert!(s.latency_us.connect.count >= s.received, "{}", r.stdout);
+        } else {
+            assert_eq!(s.latency_us.connect.count, 4);
+        }
+    }
+}
+
+#[test]
+fn tcp_pingpong_and_bulk() {
+    let echo = Server::echo(&["--mode", "tcp"]);
+    let dir = tmpdir();
+    let r = run(
+        &["tcp", "--target", &echo.addr, "-c", "2", "-r", "500", "-d", "2s", "-w", "500ms", "--size", "16"],
+        dir.path(),
+        "pingpong",
+    );
+    assert!(r.output.status.success(), "{}", r.stdout);
+    assert!(r.summary.received >= 990 && r.summary.total_errors == 0, "{}", r.stdout);
+
+    let r = run(
+        &["tcp", "--mode", "bulk", "--target", &echo.addr, "-c", "2", "-d", "1s", "-w", "300ms", "--size", "65536"],
+        dir.path(),
+        "bulk",
+    );
+    assert!(r.output.status.success(), "{}", r.stdout);
+    let t = r.summary.throughput.as_ref().expect("throughput");
+    assert!(t.bytes_out > 1 << 20 && t.bytes_in > 1 << 20, "{}", r.stdout);
+
+    let discard = Server::echo(&["--mode", "discard"]);
+    let r = run(
+        &["tcp", "--mode", "bulk", "--direction", "up", "--target", &discard.addr, "-c", "1", "-d", "1s", "-w", "0s"],
+        dir.path(),
+        "up",
+    );
+    let t = r.summary.throughput.as_ref().expect("throughput");
+    assert!(r.output.status.success() && t.bytes_out > 1 << 20 && t.bytes_in == 0, "{}", r.stdout);
+
+    let source = Server::echo(&["--mode", "source"]);
+    let r = run(
+        &["tcp", "--mode", "bulk", "--direction", "down", "--target", &source.addr, "-c", "1", "-d", "1s", "-w", "0s"],
+        dir.path(),
+        "down",
+    );
+    let t = r.summary.throughput.as_ref().expect("throughput");
+    assert!(r.output.status.success() && t.bytes_in > 1 << 20 && t.bytes_out == 0, "{}", r.stdout);
+}
+
+#[test]
+fn source_ips_ramp_and_fractional_rate() {
+    let echo = Server::echo(&[]);
+    let dir = tmpdir();
+    // 5 msg/s over 10 connections = 0.5 msg/s each: must not round to zero.
+    let r = run(
+        &[
+            "ws",
+            "--target",
+            &echo.addr,
+            "-c",
+            "10",
+            "-r",
+            "5",
+            "-d",
+            "4s",
+            "-w",
+            "0s",
+            "--source-ip",
+            "127.0.0.1-127.0.0.5",
+            "--ramp-rate",
+            "1000",
+        ],
+        dir.path(),
+        "frac",
+    );
+    let s = &r.summary;
+    assert!(r.output.status.success(), "{}", r.stdout);
+    assert_eq!(s.connections_ok, 10);
+    assert!((19..=21).contains(&s.sent) && s.received == s.sent, "{}", r.stdout);
+}
+
+#[test]
+fn slow_ramp_counts_missed_schedule_as_rate_not_reached() {
+    let echo = Server::echo(&[]);
+    let dir = tmpdir();
+    // 4 connections at 2/s: the last one starts 1.5 s into a 2 s window.
+    let r = run(
+        &["ws", "--target", &echo.addr, "-c", "4", "-r", "400", "-d", "2s", "-w", "0s", "--ramp-rate", "2"],
+        dir.path(),
+        "ramp",
+    );
+    let s = &r.summary;
+    assert!(!s.rate_reached, "{}", r.stdout);
+    assert!(r.stdout.contains("TARGET RATE NOT REACHED"), "{}", r.stdout);
+    assert!(s.achieved_rate < 0.8 * s.target_rate, "{}", r.stdout);
+    // The messages due before the late connections were up are accounted for.
+    assert!(s.skipped >= 200, "{}", r.stdout);
+    assert_eq!(s.sent + s.skipped + s.unsent, 800, "{}", r.stdout);
+    // The figures themselves are fine: a warning, not an invalid run.
+    assert!(s.valid && r.output.status.success(), "{}", r.stdout);
+}
