@@ -40,7 +40,18 @@ fn have(tool: &str) -> bool {
 struct Peer(Child, #[allow(dead_code)] tempfile::TempDir);
 
 impl Drop for Peer {
+    /// SIGTERM, not SIGKILL: nginx's master must stop its workers, which a
+    /// killed master would leave behind.
     fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
