@@ -98,7 +98,7 @@ def mem_line(path: str) -> str:
 
 
 # ------------------------------------------------------------------ SVG
-def svg_rate_vs_p99(series: dict[str, list[tuple[float, float, bool]]], limit_ms: float, title: str) -> str:
+def svg_rate_vs_p99(series: dict[str, list[tuple[float, float, bool, str]]], limit_ms: float, title: str) -> str:
     """messages/s (log x) against corrected p99 in ms (log y); one line per router.
     A point whose run did not reach its rate or was invalid is drawn hollow."""
     W, H, L, R, T, B = 760, 460, 70, 170, 40, 50
@@ -146,15 +146,23 @@ def svg_rate_vs_p99(series: dict[str, list[tuple[float, float, bool]]], limit_ms
             continue
         col = COLORS.get(name, "#333")
         p = sorted(p)
-        o.append("<polyline fill='none' stroke='{}' stroke-width='2' points='{}'/>".format(
-            col, " ".join(f"{X(a):.1f},{Y(b):.1f}" for a, b, _ in p)))
-        for a, b, good in p:
-            o.append(f"<circle cx='{X(a):.1f}' cy='{Y(b):.1f}' r='4' stroke='{col}' stroke-width='2' fill='{col if good else 'white'}'/>")
+        line_pts = [q for q in p if q[3] == "step"]
+        if len(line_pts) > 1:
+            o.append("<polyline fill='none' stroke='{}' stroke-width='2' points='{}'/>".format(
+                col, " ".join(f"{X(a):.1f},{Y(b):.1f}" for a, b, _, _ in line_pts)))
+        for a, b, good, kind in p:
+            fill = col if good else "white"
+            if kind == "step":
+                o.append(f"<circle cx='{X(a):.1f}' cy='{Y(b):.1f}' r='4' stroke='{col}' stroke-width='2' fill='{fill}'/>")
+            else:
+                o.append(f"<rect x='{X(a) - 4:.1f}' y='{Y(b) - 4:.1f}' width='8' height='8' stroke='{col}' stroke-width='2' fill='{fill}'/>")
         o.append(f"<line x1='{W - R + 12}' y1='{ly}' x2='{W - R + 36}' y2='{ly}' stroke='{col}' stroke-width='2'/>"
                  f"<text x='{W - R + 42}' y='{ly + 4}'>{esc(name)}</text>")
         ly += 18
-    o.append(f"<text x='{W - R + 12}' y='{ly + 10}' fill='#666'>hollow: rate not</text>"
-             f"<text x='{W - R + 12}' y='{ly + 24}' fill='#666'>reached or invalid</text>")
+    o.append(f"<text x='{W - R + 12}' y='{ly + 10}' fill='#666'>● search steps</text>"
+             f"<text x='{W - R + 12}' y='{ly + 24}' fill='#666'>■ fixed-rate runs</text>"
+             f"<text x='{W - R + 12}' y='{ly + 38}' fill='#666'>hollow: rate not</text>"
+             f"<text x='{W - R + 12}' y='{ly + 52}' fill='#666'>reached or invalid</text>")
     o.append("</svg>")
     return "\n".join(o) + "\n"
 
@@ -270,8 +278,11 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       "the same workload run direct — sockmap and io_uring work runs in kernel threads and softirqs that are not charged to the "
       "router process — and the router's own utime+stime from `/proc/PID/stat` (nginx: master + workers).")
     w(f"6. **Idle tunnels**: {meta.get('idle_n')} WebSocket tunnels opened at 3,000/s over 127.0.0.1–127.0.0.4 on the *fresh* "
-      "router (first workload), router RSS (`VmRSS`) and open fds read while all are open; a low message rate over the hold "
-      "window checks that a sample of them still echoes.")
+      "router (its first workload); router RSS (`VmRSS`) and open fds are read 1.5 s after the last one was due to open. "
+      f"The generator closes a connection once its last scheduled message is answered and has no hold-open mode, so each "
+      f"tunnel sends one 64-byte message every {meta.get('idle_period', '?')} s (i.e. {meta.get('idle_n')}/{meta.get('idle_period', '?')} "
+      "messages/s in total) and the run lasts a full period past the sample: the tunnels are nearly idle, every one is still "
+      "open when sampled, and every one is checked to still echo.")
     w("")
     w(f"Generator ceiling: [benchmarks-loadgen.md](benchmarks-loadgen.md) (`scripts/bench-loadgen.sh`). Rows marked "
       "**⚠ rate not reached** or **✗ invalid** were limited by something — the generator, the router or the machine — and their "
@@ -353,13 +364,16 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
               f"{num(s and s['cpu']['cores_busy'], 2)} | {num(rcpu, 2)} | {flags(s, x['rc'])} |")
         w("")
         svg = figdir / f"latency-{rate}.svg"
-        files = [str(out / x["json"]) for r, x, s, c, added in rows if s]
+        # The interval logs hold the corrected histograms only (one curve per router).
+        files = [str(out / x["json"].replace(".json", ".hlog")) for r, x, s, c, added in rows
+                 if s and (out / x["json"].replace(".json", ".hlog")).exists()]
         if files:
             try:
                 subprocess.run([loadgen, "plot", *files, "-o", str(svg)], check=True, capture_output=True, timeout=60)
                 w(f"![latency by percentile at {num(rate)}/s]({rel}/{svg.name})")
                 w("")
-                w("Latency by percentile (`upsplice-loadgen plot` over the runs' JSON; solid corrected, dashed uncorrected).")
+                w("Corrected latency by percentile, one curve per router (`upsplice-loadgen plot` over the runs' interval logs, "
+                  "`out/bench/*-fixed-*.hlog`; the `.json` files have the uncorrected histograms too).")
                 w("")
             except (subprocess.SubprocessError, OSError) as e:
                 w(f"(plot failed: {e})")
@@ -389,10 +403,12 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
                 best, best_x = x["param"], x
             cells.append(f"{fmt_rate(x['param'])} → {ms(p99)} {'✓' if ok else '✗'}"
                          + ("" if ok or not s or (s.get('valid') and s.get('rate_reached')) else " (" + flags(s, x['rc']).replace('|', '/') + ")"))
-        for x in steps + all_of(r, "fixed"):
-            s = x["s"]
-            if s and lat(s).get("p99") is not None:
-                pts.append((float(x["param"]), lat(s)["p99"] / 1000, bool(x["rc"] == 0 and s.get("valid") and s.get("rate_reached"))))
+        for kind, xs in (("step", steps), ("fixed", all_of(r, "fixed"))):
+            for x in xs:
+                s = x["s"]
+                if s and lat(s).get("p99") is not None:
+                    pts.append((float(x["param"]), lat(s)["p99"] / 1000,
+                                bool(x["rc"] == 0 and s.get("valid") and s.get("rate_reached")), kind))
         if pts:
             series[r] = pts
         sustained[r] = best
