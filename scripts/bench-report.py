@@ -304,9 +304,16 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     # ---------------------------------------------------------------- fixed-rate latency
     fixed_rates = sorted({x["param"] for x in runs if x["workload"] == "fixed"})
     fixed_tables = []
+    baselines = {}
     for rate in fixed_rates:
         d = get("direct", "fixed", rate)
-        dp99 = lat(d and d["s"]).get("p99")
+        # Baseline: the median p99 of every direct run at this rate (the fixed
+        # run and the drift probes before each router), so that one hiccup
+        # of the shared machine in one direct run does not decide every ratio.
+        dps = sorted(lat(x["s"])["p99"] for x in runs if x["router"] == "direct" and x["workload"] in ("fixed", "probe")
+                     and x["s"] and x["s"].get("valid") and x["s"]["target_rate"] == rate and lat(x["s"]).get("p99") is not None)
+        dp99 = dps[len(dps) // 2] if len(dps) % 2 else (dps[len(dps) // 2 - 1] + dps[len(dps) // 2]) / 2 if dps else None
+        baselines[rate] = (dp99, len(dps))
         hp = get("haproxy", "fixed", rate)
         hp_added = (lat(hp["s"]).get("p99") - dp99) if hp and hp["s"] and dp99 is not None else None
         rows = []
@@ -325,10 +332,10 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
         if cands and hp_added is not None:
             best_added, best = min(cands)
             rr = best_added / hp_added if hp_added > 0 else float("inf")
-            verdict = "met" if hp_added > 0 and rr <= 0.5 else "not met"
-            note = f"{best}: +{ms(best_added)} ms p99 over direct; HAProxy: +{ms(hp_added)} ms"
+            verdict = ("met" if rr <= 0.5 else "not met") if hp_added > 0 else "could not be measured"
+            note = f"{best}: {best_added / 1000:+.3f} ms p99 over direct; HAProxy: {hp_added / 1000:+.3f} ms"
             if hp_added <= 0:
-                note += " (HAProxy added nothing measurable at this rate: the ratio is meaningless)"
+                note += " (HAProxy's p99 is not above direct's in this run: the noise of the machine is larger than what HAProxy adds, so there is no ratio)"
             hs = hp["s"] if hp else None
             if hs and not (hs.get("valid") and hs.get("rate_reached")):
                 note += " (HAProxy's run did not reach the rate or was invalid)"
@@ -346,11 +353,15 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w("## Message latency at fixed rates")
     w("")
     w(f"{meta.get('conns')} WebSocket tunnels, {meta.get('size')}-byte messages, open loop, latency corrected from the intended send time "
-      "(uncorrected: from the actual write). *added p99* = the router's corrected p99 minus direct's at the same rate; "
+      "(uncorrected: from the actual write). *added p99* = the router's corrected p99 minus direct's at the same rate — "
+      "direct's being the **median p99 of all direct runs at that rate** (the fixed run and, at 20,000/s, the drift probes "
+      "before each router; see the drift table), so one hiccup of the shared machine does not decide every ratio; "
       "*vs HAProxy* = added p99 / HAProxy's added p99. `send lag p99` is the generator's own lateness.")
     w("")
     for rate, d, dp99, hp_added, rows in fixed_tables:
         w(f"### {num(rate)} messages/s")
+        w("")
+        w(f"Direct baseline p99: {ms(dp99)} ms (median of {baselines[rate][1]} direct run{'s' if baselines[rate][1] != 1 else ''}).")
         w("")
         w("| router | achieved/s | p50 (ms) | p99 (ms) | p99.9 (ms) | uncorr. p99 (ms) | added p99 (ms) | vs HAProxy | send lag p99 (ms) | gen (cores) | router CPU (cores) | run |")
         w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
@@ -403,7 +414,8 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
                 best, best_x = x["param"], x
             cells.append(f"{fmt_rate(x['param'])} → {ms(p99)} {'✓' if ok else '✗'}"
                          + ("" if ok or not s or (s.get('valid') and s.get('rate_reached')) else " (" + flags(s, x['rc']).replace('|', '/') + ")"))
-        for kind, xs in (("step", steps), ("fixed", all_of(r, "fixed"))):
+        deciding = list({x["param"]: x for x in steps}.values())   # per rate, the attempt that decided it
+        for kind, xs in (("step", deciding), ("fixed", all_of(r, "fixed"))):
             for x in xs:
                 s = x["s"]
                 if s and lat(s).get("p99") is not None:
@@ -439,7 +451,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     else:
         rr = up_best[0] / hs
         targets.append(("Sustained rate (p99 < 1 ms) ≥ 1.5 × HAProxy's", f"{rr:.2f} × ({up_best[1]} {num(up_best[0])}/s, HAProxy {num(hs)}/s)",
-                        "met" if rr >= 1.5 else "not met", f"direct: {num(sustained.get('direct'))}/s; the steps double, so the ratio is coarse"))
+                        "met" if rr >= 1.5 else "not met", f"direct: {num(sustained.get('direct')) + '/s' if sustained.get('direct') else 'none'}; the steps double, so the ratio is coarse"))
 
     # ---------------------------------------------------------------- handshakes
     w("## Handshakes")
@@ -577,9 +589,10 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
             best = min(cands)
             rp = min(((cpu_cmp[(r, rate)][1], r) for r in upsplices if (r, rate) in cpu_cmp and cpu_cmp[(r, rate)][1] is not None), default=(None, None))
             rr = best[0] / hx
+            noisy = hx <= 0 or best[0] < 0
             targets.append((f"CPU per million messages at {num(rate)}/s ≤ ⅓ of HAProxy's",
-                            f"{rr:.2f} × HAProxy's (machine-wide extra, {best[1]})",
-                            "met" if 0 <= rr <= 1 / 3 else "not met",
+                            f"{rr:.2f} × HAProxy's (machine-wide extra, {best[1]})" if not noisy else f"– (machine-wide extra ≤ 0: {best[1]} {best[0]:+.2f} s, HAProxy {hx:+.2f} s)",
+                            ("met" if rr <= 1 / 3 else "not met") if not noisy else "could not be measured (machine-wide noise larger than the routers' cost)",
                             f"{best[1]} +{best[0]:.2f} s vs HAProxy +{hx:.2f} s per M msgs over direct; router process alone: "
                             + (f"{rp[1]} {rp[0]:.2f} s vs HAProxy {hr:.2f} s ({rp[0] / hr:.2f} ×)" if rp[0] is not None and hr else "–")
                             + (" — HAProxy's or upsplice's run did not reach its rate" if not (cpu_cmp.get(('haproxy', rate), (0, 0, False))[2] and cpu_cmp.get((best[1], rate), (0, 0, False))[2]) else "")))
