@@ -55,6 +55,13 @@ def ratio(a, b, digits=2) -> str:
     return f"{a / b:.{digits}f}"
 
 
+def pos_ratio(a, b, digits=2) -> str:
+    """a / b for costs over a baseline: only when both are positive (noise can make either negative)."""
+    if a is None or b is None or a <= 0 or b <= 0:
+        return "–"
+    return f"{a / b:.{digits}f}"
+
+
 def flags(s, rc) -> str:
     """Marks for a run a reader must not take at face value."""
     if s is None:
@@ -371,7 +378,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
             rcpu = x["router_cpu_s"] / x["wall_s"] if x.get("router_cpu_s") is not None and x["wall_s"] else None
             w(f"| {r} | {num(s and s.get('achieved_rate'))} | {ms(c.get('p50'))} | {ms(c.get('p99'))} | {ms(c.get('p999'))} | "
               f"{ms(u.get('p99'))} | {'–' if added is None else ms(added)} | "
-              f"{ratio(added, hp_added) if r.startswith('upsplice') or r == 'nginx' else '–'} | {ms(lag.get('p99'))} | "
+              f"{pos_ratio(added, hp_added) if r.startswith('upsplice') or r == 'nginx' else '–'} | {ms(lag.get('p99'))} | "
               f"{num(s and s['cpu']['cores_busy'], 2)} | {num(rcpu, 2)} | {flags(s, x['rc'])} |")
         w("")
         svg = figdir / f"latency-{rate}.svg"
@@ -433,7 +440,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
         if ln.startswith("| upsplice-") or ln.startswith("| nginx |"):
             if "{}" in ln:
                 r = ln.split("|")[1].strip()
-                md[i] = ln.replace("{}", ratio(sustained.get(r), hs) if hs else ("∞ (HAProxy: none)" if sustained.get(r) else "–"), 1)
+                md[i] = ln.replace("{}", (ratio(sustained.get(r), hs) if hs else "∞ (HAProxy: none)") if sustained.get(r) else "–", 1)
     w("")
     (figdir / "rate-vs-p99.svg").write_text(svg_rate_vs_p99(series, limit / 1000, "Corrected p99 against offered message rate"))
     w(f"![messages/s against p99]({rel}/rate-vs-p99.svg)")
@@ -581,7 +588,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
             ex = (m - dm) if m is not None and dm is not None and r != "direct" else None
             ro = per_m(x, "router_cpu_s")
             cpu_cmp[(r, rate)] = (ex, ro, x["s"] and x["s"].get("valid") and x["s"].get("rate_reached"))
-            w(f"| {r} | {num(rate)} | {num(m, 2)} | {num(ex, 2)} | {ratio(ex, hx) if r.startswith('upsplice') or r == 'nginx' else '–'} | "
+            w(f"| {r} | {num(rate)} | {num(m, 2)} | {num(ex, 2)} | {pos_ratio(ex, hx) if r.startswith('upsplice') or r == 'nginx' else '–'} | "
               f"{num(ro, 2)} | {ratio(ro, hr) if r.startswith('upsplice') or r == 'nginx' else '–'} | {num(per_m(x, 'echo_cpu_s'), 2)} | "
               f"{num(x['s'] and x['s']['cpu']['cores_busy'], 2)} | {flags(x['s'], x['rc'])} |")
         cands = [(cpu_cmp[(r, rate)][0], r) for r in upsplices if (r, rate) in cpu_cmp and cpu_cmp[(r, rate)][0] is not None]
@@ -609,7 +616,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       "tunnels — the largest round count that fits with the listeners and the admin socket — over 4 source addresses "
       "(127.0.0.1–127.0.0.4), the same for every router. The generator and the echo backend need one fd per tunnel each.")
     w("")
-    w("| router | tunnels asked | upgraded (generator) | established at the router (ss) | router fds | RSS fresh (KiB) | RSS with tunnels (KiB) | **RSS per tunnel** | vs HAProxy | sample echoed (sent / received / errors) | run |")
+    w("| router | tunnels asked | upgraded (generator) | established at the router (ss) | router fds | RSS fresh (KiB) | RSS with tunnels (KiB) | **RSS per tunnel** | vs HAProxy | messages during the hold: sent / echoed / errors | run |")
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     rss = {}
     for r in routers:
