@@ -48,6 +48,11 @@ pub struct DataPlaneConfig {
     pub copy_buffer: u64,
     /// io_uring workers (0 = one per core).
     pub uring_workers: usize,
+    /// Size of each buffer in a uring worker's shared pool (16MiB per
+    /// worker); a tunnel direction holds at most about two while its reader
+    /// is slow, none while idle.
+    #[serde(deserialize_with = "de_size")]
+    pub uring_buffer: u64,
 }
 
 impl Default for DataPlaneConfig {
@@ -58,6 +63,7 @@ impl Default for DataPlaneConfig {
             max_pipes: 16384,
             copy_buffer: 64 * 1024,
             uring_workers: 0,
+            uring_buffer: 128 * 1024,
         }
     }
 }
@@ -225,6 +231,10 @@ impl Config {
         }
         if !(1024..=1 << 26).contains(&self.data_plane.copy_buffer) {
             return Err(("data_plane.copy_buffer".into(), "must be between 1KiB and 64MiB".into()));
+        }
+        let ub = self.data_plane.uring_buffer;
+        if !(4096..=1 << 20).contains(&ub) || !ub.is_power_of_two() {
+            return Err(("data_plane.uring_buffer".into(), "must be a power of two between 4KiB and 1MiB".into()));
         }
 
         let mut pools = HashMap::new();

@@ -499,4 +499,4 @@ macro_rules! conformance {
     )*};
 }
 
-conformance!(copy, splice);
+conformance!(copy, splice, uring);

@@ -1,21 +1,258 @@
-//! `uring` data plane (work in progress: not wired yet).
+//! `uring`: upgraded tunnels relayed by io_uring workers.
+//!
+//! After the handshake a tunnel's two sockets move (as owned fds) to one of
+//! N worker threads, each owning an io_uring instance, a provided-buffer ring
+//! and its tunnels (see [`worker`] for the per-tunnel state machine). Bytes
+//! move by multishot recv into the shared buffer ring plus send, which the
+//! kernel runs inline, and the submissions of all tunnels of a worker are
+//! batched into one `io_uring_enter` per loop turn. The async side only sends
+//! the pair over a channel, wakes the worker through an eventfd and awaits
+//! the outcome; drain (or dropping the relay future) becomes a cancel.
+//!
+//! Memory: each worker maps a pool of 16 MiB in buffers of
+//! `data_plane.uring_buffer` bytes once; an idle tunnel holds none, a
+//! direction with a slow reader at most [`UringPlane::direction_limit`].
+//! When the pool runs dry (many stalled readers hold it), a recv that finds
+//! bytes waiting reads them into a 16 KiB heap buffer instead (ENOBUFS
+//! path), so the worker's other tunnels keep moving; each direction stays
+//! bounded either way. The pool's pages go back to the system after a
+//! worker spent a second without tunnels.
+//!
+//! Why not IORING_OP_SPLICE: measured on this kernel (6.18; the benches in
+//! `tests/uring.rs`), a splice prototype moved one bulk stream a little
+//! faster than recv + send on this 2-core machine, but every splice waiting
+//! on a socket or an empty pipe parks a kernel io-wq thread (64 idle
+//! one-way tunnels: +128 threads, against +0 here), and a non-blocking
+//! variant needs a poll and an io-wq hop per chunk. Multishot recv + send
+//! stays inline and batches: 0.1–0.15 `io_uring_enter` per relayed message
+//! with 200 busy tunnels, against ~3 syscalls per message for the copy
+//! plane. Fewer syscalls did not buy less CPU on loopback, though: end to
+//! end (WebSocket echo, 200 connections, 60k msg/s) the router used about
+//! the same CPU as with copy (kernel TCP and wakeups dominate), with a lower
+//! median latency; one bulk stream moves about as fast as copy.
 
-use super::{ByteCounters, Outcome, Rejected, Tunnel};
+mod bufring;
+mod worker;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use io_uring::{opcode, IoUring};
+use tokio::sync::oneshot;
+
+use super::{ByteCounters, CloseReason, Outcome, Rejected, Tunnel};
 use crate::config::DataPlaneConfig;
+use worker::{Cmd, Job, Shared, Sizing, Worker};
+
+/// Bytes of pool buffers per worker (mapped once, touched only as used,
+/// given back after a second without tunnels).
+const POOL_BYTES: u64 = 16 << 20;
+/// Submission queue entries per worker (the completion queue is 8x).
+const RING_ENTRIES: u32 = 1024;
+
+/// The oldest kernel whose io_uring has everything this plane uses:
+/// multishot recv (6.0), buffer rings (5.19), single issuer (6.0).
+const MIN_KERNEL: (u32, u32) = (6, 0);
+
+/// The first kernel that honours a total length on a multishot recv.
+const MSHOT_LIMIT_KERNEL: (u32, u32) = (6, 17);
 
 /// Whether this kernel and build can run the uring plane.
 pub fn probe() -> Result<(), String> {
-    Err("the uring plane is not built yet".into())
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|_| "0".into());
+    if disabled == "2" {
+        return Err("io_uring is disabled (sysctl kernel.io_uring_disabled = 2)".into());
+    }
+    let release = kernel_release();
+    match parse_release(&release) {
+        Some(v) if v >= MIN_KERNEL => {}
+        Some(_) | None => {
+            return Err(format!(
+                "kernel {release} is older than {}.{} (multishot recv, buffer rings)",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ))
+        }
+    }
+    let ring = IoUring::new(8).map_err(|e| {
+        if disabled == "0" {
+            format!("io_uring_setup failed: {e}")
+        } else {
+            format!(
+                "io_uring_setup failed: {e} (sysctl kernel.io_uring_disabled = {disabled}: \
+                 only CAP_SYS_ADMIN or kernel.io_uring_group may create rings)"
+            )
+        }
+    })?;
+    if !ring.params().is_feature_ext_arg() {
+        return Err("io_uring lacks IORING_FEAT_EXT_ARG (timed waits)".into());
+    }
+    let mut p = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut p).map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
+    for (code, name) in [
+        (opcode::RecvMulti::CODE, "RECV"),
+        (opcode::Send::CODE, "SEND"),
+        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+        (opcode::Read::CODE, "READ"),
+    ] {
+        if !p.is_supported(code) {
+            return Err(format!("io_uring opcode IORING_OP_{name} is not supported"));
+        }
+    }
+    let bufs = bufring::BufRing::new(2, 4096, 0).map_err(|e| format!("mmap failed: {e}"))?;
+    bufs.register(&ring.submitter()).map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
+    drop(ring);
+    drop(bufs);
+    Ok(())
+}
+
+/// Pool layout for buffers of `buf_size` bytes: [`POOL_BYTES`] per worker
+/// (at least 16 buffers), a direction pauses at two buffers queued and
+/// resumes at one.
+fn sizing(buf_size: u64) -> Result<Sizing, String> {
+    if !(4096..=1 << 20).contains(&buf_size) || !buf_size.is_power_of_two() {
+        return Err(format!("uring_buffer = {buf_size}: must be a power of two between 4KiB and 1MiB"));
+    }
+    let count = (POOL_BYTES / buf_size).clamp(16, 32768) as u16;
+    Ok(Sizing {
+        ring_entries: RING_ENTRIES,
+        buf_count: count,
+        buf_size: buf_size as u32,
+        high_water: 2 * buf_size as usize,
+        low_water: buf_size as usize,
+    })
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// "6.18.0-foo" → (6, 18).
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// The async side's handle on one worker thread.
+struct WorkerHandle {
+    tx: mpsc::Sender<Cmd>,
+    wake: Arc<OwnedFd>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    fn send(&self, cmd: Cmd) -> Result<(), Cmd> {
+        self.tx.send(cmd).map_err(|e| e.0)?;
+        wake(&self.wake);
+        Ok(())
+    }
+}
+
+struct DeadOnExit(Arc<Shared>);
+
+impl Drop for DeadOnExit {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Release);
+    }
+}
+
+/// Adds 1 to an eventfd, waking the worker blocked on its read.
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local to an eventfd we own.
+    unsafe {
+        libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8);
+    }
 }
 
 pub struct UringPlane {
-    counters: ByteCounters,
+    workers: Vec<WorkerHandle>,
+    sizing: Sizing,
+    counters: Arc<ByteCounters>,
+    next_id: AtomicU64,
 }
 
 impl UringPlane {
-    pub fn new(_cfg: &DataPlaneConfig) -> Result<Self, String> {
+    /// Starts `cfg.uring_workers` workers (0: one per core), each with its
+    /// own ring and buffer pool; fails with the reason if any cannot start.
+    pub fn new(cfg: &DataPlaneConfig) -> Result<Self, String> {
         probe()?;
-        Ok(UringPlane { counters: ByteCounters::default() })
+        let n = match cfg.uring_workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let sizing = sizing(cfg.uring_buffer)?;
+        let counters = Arc::new(ByteCounters::default());
+        let mut plane = UringPlane {
+            workers: Vec::with_capacity(n),
+            sizing,
+            counters: counters.clone(),
+            next_id: AtomicU64::new(1),
+        };
+        for i in 0..n {
+            // A blocking eventfd: io_uring waits on it by polling.
+            // SAFETY: eventfd has no memory arguments; the result is checked.
+            let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            if raw < 0 {
+                return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+            }
+            // SAFETY: `raw` is a fresh fd nobody else owns.
+            let wake_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+            let shared = Arc::new(Shared {
+                counters: counters.clone(),
+                load: AtomicUsize::new(0),
+                alive: AtomicBool::new(true),
+                bufs_in_use: AtomicUsize::new(0),
+                bufs_peak: AtomicUsize::new(0),
+                heap_recvs: AtomicUsize::new(0),
+            });
+            let (tx, rx) = mpsc::channel();
+            let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+            let (w_fd, w_shared) = (wake_fd.clone(), shared.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("uring-{i}"))
+                .spawn(move || {
+                    // Marks the worker dead however the thread ends (even by
+                    // a panic), so no new tunnel is sent to it.
+                    let _dead_on_exit = DeadOnExit(w_shared.clone());
+                    match Worker::new(sizing, rx, w_fd, w_shared) {
+                        Ok(w) => {
+                            let _ = ready_tx.send(Ok(()));
+                            w.run();
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                        }
+                    }
+                })
+                .map_err(|e| format!("spawning uring worker: {e}"))?;
+            let started = ready_rx.recv().unwrap_or_else(|_| Err("worker exited during setup".into()));
+            plane.workers.push(WorkerHandle { tx, wake: wake_fd, shared, thread: Some(thread) });
+            started.map_err(|e| format!("uring worker {i}: {e}"))?;
+        }
+        if parse_release(&kernel_release()).is_some_and(|v| v < MSHOT_LIMIT_KERNEL) {
+            tracing::info!(
+                "kernel {} has no multishot recv length cap (6.17+): a slow reader's \
+                 direction is bounded by cancelling its recv, which can overshoot by up \
+                 to about 32 buffers",
+                kernel_release()
+            );
+        }
+        tracing::info!(
+            workers = n,
+            buffers = sizing.buf_count,
+            buffer_size = sizing.buf_size,
+            "uring data plane started (multishot recv + provided buffer ring)"
+        );
+        Ok(plane)
     }
 
     pub fn counters(&self) -> &ByteCounters {
@@ -23,10 +260,148 @@ impl UringPlane {
     }
 
     pub fn bytes_relayed(&self) -> (u64, u64) {
-        (0, 0)
+        (self.counters.to_backend.load(Ordering::Relaxed), self.counters.to_client.load(Ordering::Relaxed))
     }
 
+    /// Bytes of pool buffers holding data now, summed over the workers, and
+    /// the highest any single worker reached (for tests and diagnostics).
+    pub fn buffered_bytes(&self) -> (usize, usize) {
+        let mut now = 0;
+        let mut peak = 0;
+        for w in &self.workers {
+            now += w.shared.bufs_in_use.load(Ordering::Relaxed);
+            peak = peak.max(w.shared.bufs_peak.load(Ordering::Relaxed));
+        }
+        let size = self.sizing.buf_size as usize;
+        (now * size, peak * size)
+    }
+
+    /// How many recvs read into a heap buffer because a worker's pool was
+    /// empty (a sign of many stalled readers; see `data_plane.uring_buffer`).
+    pub fn heap_recvs(&self) -> usize {
+        self.workers.iter().map(|w| w.shared.heap_recvs.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The most bytes one direction of a tunnel holds in pool buffers while
+    /// its reader is slow: the high-water mark plus less than one buffer a
+    /// multishot recv may overshoot it by.
+    pub fn direction_limit(&self) -> usize {
+        self.sizing.high_water + self.sizing.buf_size as usize
+    }
+
+    /// The live worker with the fewest tunnels.
+    fn pick(&self) -> Option<&WorkerHandle> {
+        self.workers
+            .iter()
+            .filter(|w| w.shared.alive.load(Ordering::Acquire))
+            .min_by_key(|w| w.shared.load.load(Ordering::Relaxed))
+    }
+
+    /// Relays `t` on a worker until it ends. Hands it back only when no
+    /// worker is alive.
     pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        Err(Rejected { tunnel: t, reason: "not built yet".into() })
+        let Some(worker) = self.pick() else {
+            return Err(Rejected { tunnel: t, reason: "no uring worker is running".into() });
+        };
+        let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain } = t;
+        let (client, backend) = match (into_blocking_fd(client), into_blocking_fd(backend)) {
+            (Ok(c), Ok(b)) => (c, b),
+            (c, b) => {
+                tracing::warn!("uring: cannot take the sockets off tokio: {:?} {:?}", c.err(), b.err());
+                return Ok(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error });
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, mut outcome) = oneshot::channel();
+        let job = Job { id, client, backend, to_backend, to_client, idle_timeout, reply };
+        if let Err(Cmd::Start(job)) = worker.send(Cmd::Start(job)) {
+            // The worker died between pick and send: give the tunnel back.
+            return match rebuild(job, drain) {
+                Ok(tunnel) => Err(Rejected { tunnel, reason: "uring worker stopped".into() }),
+                Err(_) => Ok(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error }),
+            };
+        }
+        let mut guard = CancelOnDrop { worker, id, armed: true };
+        let result = tokio::select! {
+            r = &mut outcome => r,
+            _ = drain.cancelled() => {
+                guard.cancel();
+                outcome.await
+            }
+        };
+        guard.armed = false;
+        Ok(result.unwrap_or(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error }))
+    }
+}
+
+impl Drop for UringPlane {
+    fn drop(&mut self) {
+        for w in &self.workers {
+            let _ = w.send(Cmd::Stop);
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Cancels a tunnel on its worker if the relay future goes away (or drain
+/// fires) before the outcome arrived.
+struct CancelOnDrop<'a> {
+    worker: &'a WorkerHandle,
+    id: u64,
+    armed: bool,
+}
+
+impl CancelOnDrop<'_> {
+    fn cancel(&mut self) {
+        if std::mem::take(&mut self.armed) {
+            let _ = self.worker.send(Cmd::Cancel(self.id));
+        }
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// Takes a socket off tokio's reactor as a blocking fd (io_uring polls it
+/// itself; a blocking socket never makes an operation fail with EAGAIN).
+fn into_blocking_fd(s: tokio::net::TcpStream) -> std::io::Result<OwnedFd> {
+    let s = s.into_std()?;
+    s.set_nonblocking(false)?;
+    Ok(OwnedFd::from(s))
+}
+
+/// Turns a job that never reached a worker back into a tunnel.
+fn rebuild(job: Job, drain: tokio_util::sync::CancellationToken) -> std::io::Result<Tunnel> {
+    let back = |fd: OwnedFd| {
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(s)
+    };
+    Ok(Tunnel {
+        client: back(job.client)?,
+        backend: back(job.backend)?,
+        to_backend: job.to_backend,
+        to_client: job.to_client,
+        idle_timeout: job.idle_timeout,
+        drain,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_releases() {
+        assert_eq!(parse_release("6.18.0-1-amd64"), Some((6, 18)));
+        assert_eq!(parse_release("5.15"), Some((5, 15)));
+        assert_eq!(parse_release("garbage"), None);
     }
 }
