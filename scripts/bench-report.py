@@ -307,6 +307,30 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
         w(p)
     w("```")
     w("")
+    # The router's own count of which plane carried the tunnels (GET /metrics at the end of its runs).
+    mrows = []
+    for r in upsplices:
+        f = out / f"{r}.metrics"
+        if not f.exists():
+            continue
+        tun, fb = {}, {}
+        for ln in f.read_text().splitlines():
+            if ln.startswith("upsplice_tunnels_total{"):
+                plane = ln.split('data_plane="')[1].split('"')[0]
+                tun[plane] = tun.get(plane, 0) + int(float(ln.split()[-1]))
+            elif ln.startswith("upsplice_dataplane_fallbacks_total{"):
+                plane = ln.split('data_plane="')[1].split('"')[0]
+                fb[plane] = fb.get(plane, 0) + int(float(ln.split()[-1]))
+        mrows.append(f"| {r} | {', '.join(f'{k} {num(v)}' for k, v in sorted(tun.items())) or '–'} | "
+                     f"{', '.join(f'{k} {num(v)}' for k, v in sorted(fb.items()) if v) or 'none'} |")
+    if mrows:
+        w("Which plane carried the tunnels, by the router's own `/metrics` at the end of its runs (`upsplice_tunnels_total`, "
+          "`upsplice_dataplane_fallbacks_total`):")
+        w("")
+        w("| router | tunnels by data plane | fallbacks |")
+        w("| --- | --- | --- |")
+        md.extend(mrows)
+        w("")
 
     # ---------------------------------------------------------------- fixed-rate latency
     fixed_rates = sorted({x["param"] for x in runs if x["workload"] == "fixed"})
