@@ -53,6 +53,11 @@ pub struct DataPlaneConfig {
     /// is slow, none while idle.
     #[serde(deserialize_with = "de_size")]
     pub uring_buffer: u64,
+    /// sockmap: most bytes one direction of a tunnel may have in the kernel
+    /// (redirected but not yet acknowledged by the reader) before the plane
+    /// pauses that direction; it resumes below half of it.
+    #[serde(deserialize_with = "de_size")]
+    pub sockmap_queue_limit: u64,
 }
 
 impl Default for DataPlaneConfig {
@@ -64,6 +69,7 @@ impl Default for DataPlaneConfig {
             copy_buffer: 64 * 1024,
             uring_workers: 0,
             uring_buffer: 128 * 1024,
+            sockmap_queue_limit: 4 * 1024 * 1024,
         }
     }
 }
