@@ -370,8 +370,9 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
             hs = hp["s"] if hp else None
             if hs and not (hs.get("valid") and hs.get("rate_reached")):
                 note += " (HAProxy's run did not reach the rate or was invalid)"
-            targets.append((f"Message latency at {num(rate)}/s: upsplice adds ≤ ½ of HAProxy's added p99",
-                            f"{rr:.2f} × HAProxy's added p99" if hp_added > 0 else "–", verdict, note))
+            shown = ("–" if hp_added <= 0 else f"{rr:.2f} × HAProxy's added p99" if best_added > 0
+                     else "upsplice's p99 is not above direct's (adds nothing measurable)")
+            targets.append((f"Message latency at {num(rate)}/s: upsplice adds ≤ ½ of HAProxy's added p99", shown, verdict, note))
         else:
             targets.append((f"Message latency at {num(rate)}/s: upsplice adds ≤ ½ of HAProxy's added p99", "–",
                             "could not be measured", "no valid upsplice or HAProxy run at this rate reached its rate"))
@@ -541,32 +542,42 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     # ---------------------------------------------------------------- bulk
     w("## Bulk throughput")
     w("")
-    w(f"Raw TCP, one way, {int(meta.get('bulk_chunk', 0)) // 1024} KiB writes, {meta.get('bulk_d')}, through the routers' tcp "
+    w(f"Raw TCP, one way, {int(meta.get('bulk_chunk', 0)) // 1024} KiB writes, {meta.get('bulk_reps', '1')} repetitions of "
+      f"{meta.get('bulk_d')} each (the median counts), through the routers' tcp "
       "listeners. *CPU per GiB* is machine-wide busy seconds per GiB moved, and *extra* the same minus direct's (the router's cost); "
       "*router* is the router process alone.")
     w("")
-    w("| router | tunnels | Gbit/s | vs direct | CPU per GiB (s, machine) | extra per GiB over direct (s) | router CPU per GiB (s) | gen (cores) | run |")
-    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    w("| router | tunnels | Gbit/s (median) | each repetition (Gbit/s) | vs direct | CPU per GiB (s, machine) | extra per GiB over direct (s) | router CPU per GiB (s) | gen (cores) | runs |")
+    w("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     bulk = {}
+
+    def bulk_agg(router, c):
+        """Median throughput over the repetitions; CPU per GiB over all of them together."""
+        xs = [x for x in all_of(router, "bulk") if x["param"] == c and x["s"] and x["s"].get("throughput")]
+        if not xs:
+            return None
+        g = sorted((x["s"]["throughput"]["out_mbit_s"] + x["s"]["throughput"]["in_mbit_s"]) / 1000 for x in xs)
+        med = g[len(g) // 2] if len(g) % 2 else (g[len(g) // 2 - 1] + g[len(g) // 2]) / 2
+        byts = sum(x["s"]["throughput"]["bytes_out"] + x["s"]["throughput"]["bytes_in"] for x in xs)
+        mcpu = sum(x["machine_cpu_s"] for x in xs)
+        rcpu = sum(x["router_cpu_s"] for x in xs) if all(x.get("router_cpu_s") is not None for x in xs) else None
+        gen = sum(x["s"]["cpu"]["cores_busy"] for x in xs) / len(xs)
+        fl = sorted({flags(x["s"], x["rc"]) for x in xs})
+        each = ", ".join(f"{(x['s']['throughput']['out_mbit_s'] + x['s']['throughput']['in_mbit_s']) / 1000:.2f}" for x in xs)
+        return dict(gbit=med, each=each, per=mcpu / (byts / GIB) if byts else None,
+                    rper=rcpu / (byts / GIB) if byts and rcpu is not None else None, gen=gen, flags=" ".join(fl), n=len(xs))
+
     for c in (1, 8):
-        d = get("direct", "bulk", c)
-        dt = (d["s"] or {}).get("throughput") if d else None
-        dbytes = (dt["bytes_out"] + dt["bytes_in"]) if dt else None
-        dper = d["machine_cpu_s"] / (dbytes / GIB) if dbytes else None
+        d = bulk_agg("direct", c)
         for r in routers:
-            x = get(r, "bulk", c)
-            if not x or not x["s"]:
+            a = bulk_agg(r, c)
+            if not a:
                 continue
-            t = x["s"].get("throughput") or {}
-            gbit = (t.get("out_mbit_s", 0) + t.get("in_mbit_s", 0)) / 1000
-            byts = t.get("bytes_out", 0) + t.get("bytes_in", 0)
-            per = x["machine_cpu_s"] / (byts / GIB) if byts else None
-            rper = x["router_cpu_s"] / (byts / GIB) if byts and x.get("router_cpu_s") is not None else None
-            dg = ((dt["out_mbit_s"] + dt["in_mbit_s"]) / 1000) if dt else None
-            bulk[(r, c)] = (gbit, dg)
-            w(f"| {r} | {c} | {gbit:.2f} | {ratio(gbit, dg) if r != 'direct' else '–'} | {num(per, 3)} | "
-              f"{num(per - dper, 3) if per is not None and dper is not None and r != 'direct' else '–'} | {num(rper, 3)} | "
-              f"{num(x['s']['cpu']['cores_busy'], 2)} | {flags(x['s'], x['rc'])} |")
+            dg = d["gbit"] if d else None
+            bulk[(r, c)] = (a["gbit"], dg)
+            w(f"| {r} | {c} | {a['gbit']:.2f} | {a['each']} | {ratio(a['gbit'], dg) if r != 'direct' else '–'} | {num(a['per'], 3)} | "
+              f"{num(a['per'] - d['per'], 3) if d and a['per'] is not None and d['per'] is not None and r != 'direct' else '–'} | "
+              f"{num(a['rper'], 3)} | {a['gen']:.2f} | {a['flags']} |")
     w("")
     for c in (1, 8):
         cands = [(bulk[(r, c)][0] / bulk[(r, c)][1], r) for r in upsplices if (r, c) in bulk and bulk[(r, c)][1]]
@@ -638,10 +649,13 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       f"{meta.get('nofile', '?').split('/')[-1]} that root cannot raise (`prlimit` fails with EPERM), and a router holds 2 fds per "
       f"tunnel (client + backend), so one router process can hold at most ~9,990 tunnels. The run uses {meta.get('idle_n')} "
       "tunnels — the largest round count that fits with the listeners and the admin socket — over 4 source addresses "
-      "(127.0.0.1–127.0.0.4), the same for every router. The generator and the echo backend need one fd per tunnel each.")
+      f"(127.0.0.1–127.0.0.4), the same for every router, except the sockmap plane, which holds **3 fds per tunnel** (an "
+      f"epoll fd per tunnel watches both sockets for hang-ups) and so fits ~6,600: it gets {meta.get('idle_n_sockmap', '?')}. "
+      "The generator and the echo backend need one fd per tunnel each. *most tunnels the fd limit allows* = (hard limit − the "
+      "fresh router's fds) / fds per tunnel, from this measurement.")
     w("")
-    w("| router | tunnels asked | upgraded (generator) | established at the router (ss) | router fds | RSS fresh (KiB) | RSS with tunnels (KiB) | **RSS per tunnel** | vs HAProxy | messages during the hold: sent / echoed / errors | run |")
-    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    w("| router | tunnels asked | upgraded (generator) | established at the router (ss) | router fds | fds per tunnel | most tunnels the fd limit allows | RSS fresh (KiB) | RSS with tunnels (KiB) | **RSS per tunnel** | vs HAProxy | messages during the hold: sent / echoed / errors | run |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     rss = {}
     for r in routers:
         m = load(out / f"{r}-idle.mem.json")
@@ -655,7 +669,12 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
         if not m or not x:
             continue
         s = x["s"] or {}
+        fpt = (m["fds"] - m["base_fds"]) / m["tunnels_asked"]
+        hard = int(meta.get("nofile", "0/0").split("/")[-1] or 0)
+        most = (hard - m["base_fds"]) / fpt if fpt > 0 and hard else None
+        # nginx spreads tunnels over two workers, each with its own limit
         w(f"| {r} | {num(m['tunnels_asked'])} | {num(s.get('connections_ok'))} | {num(m['established'])} | {num(m['fds'])} | "
+          f"{fpt:.2f} | {num(most) + (' per worker' if r == 'nginx' else '') if most else '–'} | "
           f"{num(m['base_rss_kib'])} | {num(m['rss_kib'])} | **{rss[r] / 1024:.2f} KiB** | {ratio(rss[r], rss.get('haproxy')) if r != 'haproxy' else '–'} | "
           f"{num(s.get('sent'))} / {num(s.get('received'))} / {num(s.get('total_errors'))} | {flags(x['s'], x['rc'])} |")
     w("")
