@@ -120,8 +120,10 @@ def svg_rate_vs_p99(series: dict[str, list[tuple[float, float, bool, str]]], lim
     if ymax <= ymin:
         ymax = ymin * 10
 
+    xlo, xhi = math.log10(xmin) - 0.05, math.log10(xmax) + 0.05   # a little room for points on a decade
+
     def X(v):
-        return L + (math.log10(v) - math.log10(xmin)) / (math.log10(xmax) - math.log10(xmin)) * (W - L - R)
+        return L + (math.log10(v) - xlo) / (xhi - xlo) * (W - L - R)
 
     def Y(v):
         v = max(v, ymin)
@@ -243,7 +245,24 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
                      ("somaxconn", "net.core.somaxconn")]:
         w(f"| {label} | {meta.get(k, '?')} |")
     w("")
-    w("Contents: [setup](#setup) · [data planes](#data-planes) · [targets](#targets) · [message latency](#message-latency-at-fixed-rates) · "
+    w("## How to run")
+    w("")
+    w("```sh")
+    w("scripts/bench                 # the full run (this report): about 10 minutes on this 2-core machine, bounded well under 20")
+    w("BENCH_QUICK=1 scripts/bench   # smoke run, about 3 minutes: short steps, 2,000 idle tunnels")
+    w("```")
+    w("")
+    w("It runs `scripts/setup` (haproxy, nginx, wrk from apt; the eBPF toolchain) and installs `libnginx-mod-stream` for "
+      "nginx's tcp row, builds the release binaries, starts the echo and discard backends, then every router in turn, and "
+      "writes this file, the plots in `docs/bench/` and the raw results in `out/bench/` (`runs.jsonl`: one line per "
+      "generator run with its CPU samples; `*.json`: the generator's summaries, schema `upsplice-loadgen/summary/v1`; "
+      "`*.hlog`; `*-idle.mem.json`; `conf/`: every router configuration as run; the routers' logs). It needs 127.0.0.1 ports "
+      "20101–20105 free (`BENCH_PORT_BASE` moves them) and root or CAP_BPF + CAP_NET_ADMIN for the sockmap plane. Every "
+      "process it starts is stopped by PID at the end, on Ctrl-C and on errors. Other knobs: `BENCH_ROUTERS` (a subset of "
+      "`upsplice-sockmap upsplice-uring upsplice-splice upsplice-copy haproxy nginx`), `BENCH_IDLE_TUNNELS`, "
+      "`BENCH_OUT`, `BENCH_REPORT`, `BENCH_SKIP_SETUP=1` (see the head of `scripts/bench`).")
+    w("")
+    w("Contents: [how to run](#how-to-run) · [setup](#setup) · [data planes](#data-planes) · [targets](#targets) · [message latency](#message-latency-at-fixed-rates) · "
       "[sustained rate](#highest-rate-with-p99-under-1-ms) · [handshakes](#handshakes) · [bulk](#bulk-throughput) · "
       "[CPU](#cpu-per-million-messages-and-per-gib) · [idle tunnels](#idle-tunnels-memory-and-the-largest-count) · "
       "[drift](#drift-of-the-shared-machine) · [known problems](#known-problems)")
@@ -457,7 +476,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
             series[r] = pts
         sustained[r] = best
         if steps:
-            w(f"| {r} | {'; '.join(cells)} | {num(best) if best else 'none'} | {ratio(best, sustained.get('direct')) if r != 'direct' else '–'} | "
+            w(f"| {r} | {'; '.join(cells)} | {num(best) if best else 'none'} | {ratio(best, sustained.get('direct')) if r != 'direct' and best else '–'} | "
               f"{'–' if r in ('direct', 'haproxy') else '{}'} | {num(best_x and best_x['s']['cpu']['cores_busy'], 2)} |")
     # fill in vs HAProxy now that haproxy's figure is known
     hs = sustained.get("haproxy")
@@ -736,7 +755,16 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w("* `connect+upgrade` percentiles are sums of the two histograms' percentiles (the generator keeps them separately), an upper "
       "bound of the true combined percentile.")
     w("* CPU per message includes connection set-up of the 1,000 tunnels and the warm-up; the same is true of direct, which is subtracted.")
-    w("* 100,000 tunnels (and 10,000 for the memory figure) do not fit under the hard 20,000 open-files limit; see above.")
+    w("* 100,000 tunnels (and 10,000 for the memory figure) do not fit under the hard 20,000 open-files limit; see above. "
+      "The sockmap plane holds 3 fds per tunnel, so it fits a third fewer tunnels per process than the other planes.")
+    w("* Generator workarounds (no change to the generator was made for this benchmark): it closes a connection once its "
+      "last scheduled message is answered and has no hold-open mode, so the idle tunnels each send one 64-byte message every "
+      f"{meta.get('idle_period', '?')} s; it has no churn mode, so handshakes are measured as ramps (above).")
+    w("* The sockmap plane is opt-in in upsplice (`auto` does not pick it: a duplicated segment was seen under sustained "
+      "backpressure, see `forwarder/src/dataplane/sockmap.rs`); the benchmark runs it with `mode = \"sockmap\"`, and the "
+      "router's `/metrics` (Data planes, above) shows how many of its tunnels fell back to another plane.")
+    w("* Rates are doubled between search and handshake steps, so those figures are known to a factor of about 2; "
+      "ratios built from them are coarse.")
     w("")
 
     # the targets table, at the top
