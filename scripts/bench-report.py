@@ -249,7 +249,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w("")
     w("```sh")
     w("scripts/bench                 # the full run (this report): about 10 minutes on this 2-core machine, bounded well under 20")
-    w("BENCH_QUICK=1 scripts/bench   # smoke run, about 3 minutes: short steps, 2,000 idle tunnels")
+    w("BENCH_QUICK=1 scripts/bench   # smoke run, about 3-4 minutes: short steps, 1,000 idle tunnels")
     w("```")
     w("")
     w("It runs `scripts/setup` (haproxy, nginx, wrk from apt; the eBPF toolchain) and installs `libnginx-mod-stream` for "
