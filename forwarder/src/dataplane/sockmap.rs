@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::kernel::{Kernel, DIR_TO_BACKEND, DIR_TO_CLIENT, STATS_FAILED};
 use self::tunnel::{Limits, UserBytes};
-use super::{CloseReason, Mode, Outcome, Rejected, Tunnel};
+use super::{CloseReason, Outcome, Rejected, Tunnel};
 use crate::config::DataPlaneConfig;
 
 /// Sockets the maps hold at most (two per tunnel).
@@ -106,6 +106,12 @@ fn capable() -> Result<(), String> {
     }
 }
 
+/// Why `auto` does not pick this plane (it runs only when asked for by
+/// name): one duplicated (and, in an earlier design, one lost) 64 KiB
+/// segment was seen under sustained pause/resume; see the module docs.
+pub const NOT_FOR_AUTO: &str = "a duplicated segment was seen under sustained backpressure on this kernel (cause not \
+                                found yet); opt in with data_plane.mode = \"sockmap\"";
+
 pub struct SockmapPlane {
     /// Boxed: the loaded object is large and `Plane` holds planes inline.
     kernel: Box<Kernel>,
@@ -118,14 +124,6 @@ impl SockmapPlane {
     /// Loads and attaches the program, then runs the self-test.
     pub fn new(cfg: &DataPlaneConfig) -> Result<Self, String> {
         probe()?;
-        if cfg.mode == Mode::Auto {
-            // See the module docs: one duplicated (and, in an earlier
-            // design, one lost) 64 KiB segment was seen under sustained
-            // pause/resume; until that is understood the plane is opt-in.
-            return Err("opt-in only (data_plane.mode = \"sockmap\"): a duplicated segment was seen under \
-                        sustained backpressure on this kernel"
-                .into());
-        }
         let kernel = Box::new(Kernel::load(object()?, MAX_SOCKETS)?);
         let plane = SockmapPlane {
             kernel,

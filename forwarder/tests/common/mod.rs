@@ -315,9 +315,10 @@ pub async fn raw_tunnel(
     (client, server, head, early)
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so both ends agree.
+/// Deterministic pseudo-random bytes (xorshift), so both ends agree;
+/// different for every seed.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x << 13;
