@@ -248,7 +248,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w("## How to run")
     w("")
     w("```sh")
-    w("scripts/bench                 # the full run (this report): about 10 minutes on this 2-core machine, bounded well under 20")
+    w("scripts/bench                 # the full run (this report): about 12 minutes on this 2-core machine, bounded under 20 (an 18-min budget)")
     w("BENCH_QUICK=1 scripts/bench   # smoke run, about 3-4 minutes: short steps, 1,000 idle tunnels")
     w("```")
     w("")
