@@ -169,7 +169,9 @@ impl Plane {
             Plane::Copy(p) => Ok(p.relay(t).await),
             Plane::Splice(p) => p.relay(t).await,
             Plane::Uring(p) => p.relay(t).await,
-            Plane::Sockmap(p) => p.relay(t).await,
+            // Boxed: its future is over twice the others', and the largest
+            // variant sets the size of every tunnel's task, whatever its plane.
+            Plane::Sockmap(p) => Box::pin(p.relay(t)).await,
         }
     }
 
