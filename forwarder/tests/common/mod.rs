@@ -41,11 +41,25 @@ pub struct Setup<'a> {
 }
 
 impl Router {
+    /// Starts the router on free ports. A port picked free can be taken by
+    /// a concurrent test before the router binds it: then it starts again
+    /// on other ports (bounded).
     pub fn start(setup: Setup<'_>) -> Router {
+        for _ in 0..5 {
+            match Router::try_start(&setup) {
+                Ok(router) => return router,
+                Err(log) if log.contains("cannot bind") => continue,
+                Err(log) => panic!("router did not become ready; log:\n{log}"),
+            }
+        }
+        panic!("router could not bind free ports in 5 attempts");
+    }
+
+    fn try_start(setup: &Setup<'_>) -> Result<Router, String> {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("upsplice.toml");
         let (http, tcp, admin) = (free_port(), free_port(), free_port());
-        let text = render(&setup, http, tcp, admin);
+        let text = render(setup, http, tcp, admin);
         std::fs::write(&config_path, text).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_upsplice"))
             .args(["run", "--config"])
@@ -65,7 +79,7 @@ impl Router {
                 l.push('\n');
             }
         });
-        let router = Router {
+        let mut router = Router {
             child: Some(child),
             http: ([127, 0, 0, 1], http).into(),
             tcp: ([127, 0, 0, 1], tcp).into(),
@@ -74,19 +88,25 @@ impl Router {
             log,
             _dir: dir,
         };
-        router.wait_ready();
-        router
+        router.wait_ready()?;
+        Ok(router)
     }
 
-    fn wait_ready(&self) {
+    /// Waits until /healthz answers; Err(log) if the process exits first.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.admin_get("/healthz").map(|(s, _)| s == 200).unwrap_or(false) {
-                return;
+                return Ok(());
+            }
+            if let Ok(Some(_)) = self.child.as_mut().unwrap().try_wait() {
+                // Let the log reader catch the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("router did not become ready; log:\n{}", self.log());
+        Err(self.log())
     }
 
     pub fn log(&self) -> String {
