@@ -233,34 +233,41 @@ pub fn abort(s: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Reads exactly the bytes queued on `fd` now (`SIOCINQ`), without
-/// blocking, and appends them to `out`. Afterwards the receive queue holds
-/// no partly read segment: the verdict, which reads whole segments
-/// (`tcp_read_skb` ignores how much of the first one userspace consumed),
-/// would otherwise send the already-read part of it a second time.
-pub fn read_queued(fd: RawFd, out: &mut Vec<u8>) -> io::Result<usize> {
-    let queued = inq(fd)? as usize;
+/// Reads everything queued on `fd` in one non-blocking `recv` and appends
+/// it to `out`. `Ok(true)`: the receive queue was emptied; `Ok(false)`: more
+/// than `max` bytes were queued (all read so far is in `out`, some may be
+/// left).
+///
+/// Empty is the point: the verdict reads whole segments (`tcp_read_skb`
+/// ignores how much of the first one userspace consumed), so a segment
+/// left partly read would be sent again from its start. Reading exactly
+/// the `SIOCINQ` count is not enough: a segment arriving between the ioctl
+/// and the read is coalesced into the last queued one, and the read stops
+/// inside it (reproduced: 64 KiB sent twice at full speed). Reading in
+/// chunks until `EAGAIN` never ends against a fast sender. One `recv` with
+/// room to spare does it: `tcp_recvmsg` returns short only once it found
+/// no further byte, every segment it read from eaten whole.
+pub fn read_queued(fd: RawFd, out: &mut Vec<u8>, max: usize) -> io::Result<bool> {
+    let room = max + 1;
+    out.reserve(room);
     let start = out.len();
-    out.resize(start + queued, 0);
-    let mut got = 0;
-    while got < queued {
-        // SAFETY: `out[start + got..start + queued]` is valid for writes.
-        let n = unsafe { libc::recv(fd, out[start + got..].as_mut_ptr().cast(), queued - got, libc::MSG_DONTWAIT) };
+    loop {
+        let spare = &mut out.spare_capacity_mut()[..room];
+        // SAFETY: `spare` is valid for `room` bytes of writes; recv writes at
+        // most that many and reports how many.
+        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), room, libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            out.truncate(start + got);
-            return Err(e);
+            return match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => Ok(true),
+                _ => Err(e),
+            };
         }
-        if n == 0 {
-            break;
-        }
-        got += n as usize;
+        // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+        unsafe { out.set_len(start + n as usize) };
+        return Ok((n as usize) < room);
     }
-    out.truncate(start + got);
-    Ok(got)
 }
 
 /// One non-blocking `recv` into `buf`, bypassing tokio's readiness cache.

@@ -248,12 +248,11 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
     };
 
     // 0. Only ESTABLISHED sockets can join a sockmap: refuse the others
-    //    untouched. Then the bytes already queued on either socket join the
-    //    leftovers, so that no partly read segment is left for the verdict
-    //    (it would resend the part the control plane already read); this
-    //    must happen before the sockets join any map (with a psock,
-    //    SIOCINQ counts the psock's queue instead). Too many: the copy
-    //    planes handle them better.
+    //    untouched. Then everything queued on either socket is read into
+    //    the leftovers, until the queue is empty, so that no partly read
+    //    segment is left for the verdict (it would resend the part already
+    //    read); this must happen before the sockets join any map. Too many
+    //    (a sender at full speed): the copy planes handle them better.
     for (fd, side) in [(c_fd, "client"), (b_fd, "backend")] {
         match sys::tcp_counters(fd) {
             Ok(info) if info.state == sys::TCP_ESTABLISHED => {}
@@ -261,20 +260,20 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
             Err(e) => return rejected(t, format!("{side} socket: TCP_INFO: {e}")),
         }
     }
-    let queued = (sys::inq(c_fd), sys::inq(b_fd));
-    match queued {
-        (Ok(c), Ok(b)) if c <= limits.high && b <= limits.high => {}
-        (Ok(c), Ok(b)) => {
-            return rejected(t, format!("{} bytes queued at handoff", c.max(b)));
+    let max = limits.high as usize;
+    for (fd, side) in [(c_fd, "client"), (b_fd, "backend")] {
+        let leftover = if fd == c_fd { &mut t.to_backend } else { &mut t.to_client };
+        let mut bytes = leftover.to_vec();
+        let drained = sys::read_queued(fd, &mut bytes, max);
+        if bytes.len() != leftover.len() {
+            *leftover = Bytes::from(bytes);
         }
-        (Err(e), _) | (_, Err(e)) => {
-            return rejected(t, format!("SIOCINQ: {e}"));
+        // Whatever was read is in the leftovers: a refused tunnel is whole.
+        match drained {
+            Ok(true) => {}
+            Ok(false) => return rejected(t, format!("more than {max} bytes queued on the {side} socket at handoff")),
+            Err(e) => return rejected(t, format!("reading bytes queued on the {side} socket: {e}")),
         }
-    }
-    let took = take_queued(c_fd, &mut t.to_backend).and_then(|()| take_queued(b_fd, &mut t.to_client));
-    if let Err(e) = took {
-        // What was read is in the leftovers: the tunnel is still whole.
-        return rejected(t, format!("reading queued bytes: {e}"));
     }
 
     // 1. Redirect targets; a refusal here leaves the tunnel untouched.
@@ -452,16 +451,6 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
     Ok(outcome)
 }
 
-/// Appends what is queued on `fd` now to `leftover` (see [`sys::read_queued`]).
-fn take_queued(fd: RawFd, leftover: &mut Bytes) -> io::Result<()> {
-    let mut bytes = leftover.to_vec();
-    let result = sys::read_queued(fd, &mut bytes);
-    if bytes.len() != leftover.len() {
-        *leftover = Bytes::from(bytes);
-    }
-    result.map(|_| ())
-}
-
 /// Watches the tunnel until it ends; returns why.
 async fn watch_loop<'a>(
     kernel: &Kernel,
@@ -552,6 +541,7 @@ async fn watch_loop<'a>(
                     }
                     let dir = if from_client { &mut *up } else { &mut *down };
                     if ev.read_closed || ev.hup {
+                        tracing::debug!(from_client, ?ev, "sockmap: FIN seen (epoll)");
                         dir.eof = true;
                     }
                     // Level-triggered: stop reporting what was handled.
@@ -652,12 +642,27 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
         sys::kick(d.src_fd());
         return Ok(true);
     }
-    if d.eof && d.passed == d.copied && d.tail.is_empty() {
-        // Everything before FIN was verdicted (queue empty) and every passed
-        // byte forwarded: once all reached the send queue, FIN can follow.
-        d.redirected = kernel.peer(d.src_cookie).bytes;
-        if d.flushed().map_err(Failed::Dst)? {
-            tracing::trace!(redirected = d.redirected, passed = d.passed, copied = d.copied, "sockmap: FIN passed on");
+    if d.eof && d.tail.is_empty() {
+        // Every byte before FIN was verdicted by now (the verdict runs as
+        // segments arrive, FIN after them). But a read returns 0 at FIN
+        // while passed bytes still wait in the psock's backlog — behind
+        // bytes redirected the other way, which wait for their reader —
+        // so only fresh counts tell whether every passed byte was
+        // forwarded (reproduced: 1.5 MB cut off at full speed both ways).
+        // Then, once everything reached the send queue, FIN can follow.
+        let entry = kernel.peer(d.src_cookie);
+        d.redirected = entry.bytes;
+        d.passed = entry.passed;
+        if d.passed == d.copied && d.flushed().map_err(Failed::Dst)? {
+            tracing::debug!(
+                src = d.src_fd(),
+                base = d.base,
+                leftover = d.leftover,
+                redirected = d.redirected,
+                passed = d.passed,
+                copied = d.copied,
+                "sockmap: FIN passed on"
+            );
             SockRef::from(d.dst).shutdown(Shutdown::Write).map_err(Failed::Dst)?;
             d.done = true;
             return Ok(true);
@@ -736,6 +741,7 @@ fn forward_passed(kernel: &Kernel, d: &mut Dir<'_>) -> Result<bool, Failed> {
         match d.src.try_read(&mut buf) {
             Ok(0) => {
                 // FIN: the usual path passes it on once everything is flushed.
+                tracing::debug!(src = d.src_fd(), copied = d.copied, "sockmap: FIN seen (read)");
                 let seen = d.eof;
                 d.eof = true;
                 return Ok(moved || !seen);
