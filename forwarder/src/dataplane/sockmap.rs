@@ -17,13 +17,17 @@
 //!
 //! Known issue, why `auto` does not pick this plane: while a direction is
 //! paused (backpressure) its bytes pass through the socket's own psock
-//! queue and userspace. In bulk runs that stayed mostly paused (4 MiB
-//! limit, one sender at full speed), the backend twice received one
-//! 65483-byte segment (one full loopback GSO segment) twice — 1 GiB and
-//! 2 GiB runs of `measure_bulk_throughput_and_cpu`; 10 other runs of 1–2
-//! GiB were intact. With an earlier pause design (leaving `ACTIVE`), one
-//! such segment went missing instead. Until the cause (kernel psock queue
-//! or this plane) is found, the plane runs only when asked for explicitly.
+//! queue (`SK_PASS`) and userspace. Under sustained backpressure (one
+//! sender at full speed against the 4 MiB bound, 1 GiB) one whole loopback
+//! segment (65,483 bytes) reaches the backend twice in 3–8 of 8 runs. The
+//! program counts it twice as passed — the kernel ran the verdict over the
+//! same bytes twice — and it happens with the pause made permanent and
+//! without this plane's kicks, so it lies in the kernel's pass-to-self
+//! path, not in the switching protocol; cause not found yet
+//! (`tests/sockmap.rs`: `sustained_backpressure_keeps_every_byte_once`).
+//! Two defects of this plane that looked alike are fixed: a segment split
+//! by the handoff read and sent twice, and FIN passed on while passed
+//! bytes still waited in the psock backlog.
 //!
 //! Measured (release, loopback, 2 cores shared with other builds): under
 //! sustained bulk load the paused path carries 95–100% of the bytes, so
@@ -107,10 +111,10 @@ fn capable() -> Result<(), String> {
 }
 
 /// Why `auto` does not pick this plane (it runs only when asked for by
-/// name): one duplicated (and, in an earlier design, one lost) 64 KiB
-/// segment was seen under sustained pause/resume; see the module docs.
-pub const NOT_FOR_AUTO: &str = "a duplicated segment was seen under sustained backpressure on this kernel (cause not \
-                                found yet); opt in with data_plane.mode = \"sockmap\"";
+/// name): under sustained backpressure the kernel's pass-to-self path
+/// delivers one segment twice now and then; see the module docs.
+pub const NOT_FOR_AUTO: &str = "under sustained backpressure the kernel's pass-to-self path delivered one segment \
+                                twice (cause not found yet); opt in with data_plane.mode = \"sockmap\"";
 
 pub struct SockmapPlane {
     /// Boxed: the loaded object is large and `Plane` holds planes inline.

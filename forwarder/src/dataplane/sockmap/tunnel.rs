@@ -532,7 +532,8 @@ async fn watch_loop<'a>(
                     };
                     let so_error = if ev.error { sys::take_error(fd) } else { Ok(0) };
                     tracing::trace!(?ev, ?so_error, "sockmap: socket event");
-                    if so_error.map(|e| e != 0).unwrap_or(true) {
+                    if so_error.as_ref().map(|&e| e != 0).unwrap_or(true) {
+                        tracing::debug!(from_client, ?ev, ?so_error, "sockmap: socket error");
                         return if from_client {
                             CloseReason::ClientReset
                         } else {
@@ -607,12 +608,24 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
     if !d.paused && in_kernel > limits.high {
         d.paused = true;
         set_control(d)?;
-        tracing::trace!(in_kernel, "sockmap: direction paused");
+        tracing::debug!(
+            in_kernel,
+            redirected = d.redirected,
+            passed = d.passed,
+            copied = d.copied,
+            "sockmap: direction paused"
+        );
         changed = true;
     } else if d.paused && in_kernel <= limits.low {
         d.paused = false;
         set_control(d)?;
-        tracing::trace!(in_kernel, "sockmap: direction resumed");
+        tracing::debug!(
+            in_kernel,
+            redirected = d.redirected,
+            passed = d.passed,
+            copied = d.copied,
+            "sockmap: direction resumed"
+        );
         changed = true;
     }
 
