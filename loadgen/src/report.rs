@@ -529,6 +529,31 @@ mod tests {
     }
 
     #[test]
+    fn summaries_written_before_hold_and_churn_still_parse() {
+        let mut r = Recorder::new(false);
+        r.connections_ok = 1;
+        r.reply(5_000_000, 2_000_000, 0);
+        let mut v = serde_json::to_value(summarize(&info(), &r, CpuTime::default(), 1.0)).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("hold");
+        o.remove("churn");
+        o["latency_us"].as_object_mut().unwrap().remove("handshake");
+        let back: Summary = serde_json::from_value(v).unwrap();
+        assert!(back.hold.is_none() && back.churn.is_none());
+        assert_eq!(back.latency_us.handshake.count, 0);
+    }
+
+    #[test]
+    fn idle_runs_need_no_replies() {
+        let mut r = Recorder::new(false);
+        r.connections_ok = 3;
+        let hold = RunInfo { mode: "hold".into(), target_rate: 0.0, idle: true, ..info() };
+        assert!(summarize(&hold, &r, CpuTime::default(), 1.0).valid);
+        let busy = RunInfo { idle: false, ..hold };
+        assert!(!summarize(&busy, &r, CpuTime::default(), 1.0).valid);
+    }
+
+    #[test]
     fn json_round_trips_with_histograms() {
         let mut r = Recorder::new(false);
         r.connections_ok = 1;
