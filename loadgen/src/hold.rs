@@ -160,7 +160,8 @@ async fn run_async(cfg: &HoldConfig) -> anyhow::Result<HoldOutput> {
     // Draining: no new liveness messages; wait (bounded) for the echoes still due.
     sh.phase.store(DRAIN, Ordering::SeqCst);
     phase_tx.send_replace(DRAIN);
-    if cfg.ping_every.is_some() && !stopped {
+    // Also after a signal: echoes in flight then are not failures (the wait is bounded by --drain).
+    if cfg.ping_every.is_some() {
         let deadline = Instant::now() + cfg.drain;
         while sh.pending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
