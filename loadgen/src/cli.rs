@@ -30,6 +30,10 @@ pub enum Command {
     Http(HttpArgs),
     /// Raw TCP: small-message ping-pong latency or bulk throughput.
     Tcp(TcpArgs),
+    /// Open N WebSocket connections at a bounded rate and hold them open and idle.
+    Hold(HoldArgs),
+    /// Connection churn: connect, upgrade, one echoed message, close; over and over.
+    Churn(ChurnArgs),
     /// Merge .hlog files from several generator nodes into one report.
     Merge(MergeArgs),
     /// Overlay several runs' JSON summaries or .hlog files in one SVG.
@@ -190,6 +194,78 @@ pub struct TcpArgs {
     /// Ping-pong messages outstanding per connection.
     #[arg(long, default_value_t = 1)]
     pub max_inflight: usize,
+}
+
+/// Options shared by the connection-lifecycle modes (`hold`, `churn`).
+#[derive(Debug, Args, Clone)]
+pub struct LifecycleArgs {
+    /// Target HOST:PORT (resolved once).
+    #[arg(long)]
+    pub target: String,
+    /// Host header and path of the upgrade requests.
+    #[command(flatten)]
+    pub http: HttpTarget,
+    /// Local source address or IPv4 range (a.b.c.d-a.b.c.e); repeatable.
+    #[arg(long)]
+    pub source_ip: Vec<String>,
+    /// Generator threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Limit for connect + handshake (churn: also for the echo).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
+    /// Message payload size in bytes (at least 8: the sequence number).
+    #[arg(long, default_value_t = 16)]
+    pub size: usize,
+    /// Output files.
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// `hold` arguments.
+#[derive(Debug, Args)]
+pub struct HoldArgs {
+    /// Target, headers, threads, outputs.
+    #[command(flatten)]
+    pub common: LifecycleArgs,
+    /// Connections to open and hold.
+    #[arg(short = 'c', long, default_value_t = 100)]
+    pub connections: usize,
+    /// New connections per second (default: as fast as --open-concurrency allows).
+    #[arg(long)]
+    pub open_rate: Option<f64>,
+    /// Handshakes in progress at most.
+    #[arg(long, default_value_t = 256)]
+    pub open_concurrency: usize,
+    /// How long to hold once all connections are open (SIGTERM/SIGINT ends it early).
+    #[arg(short = 'd', long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Send one message per connection this often and count the echoes (default: fully idle).
+    #[arg(long, value_parser = parse_duration)]
+    pub ping_every: Option<Duration>,
+    /// How long to wait for outstanding echoes after the hold.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub drain: Duration,
+}
+
+/// `churn` arguments.
+#[derive(Debug, Args)]
+pub struct ChurnArgs {
+    /// Target, headers, threads, outputs.
+    #[command(flatten)]
+    pub common: LifecycleArgs,
+    /// Cycles in progress at most.
+    #[arg(short = 'c', long, default_value_t = 10)]
+    pub concurrency: usize,
+    /// Cycles started per second (default: as fast as possible).
+    #[arg(short = 'r', long)]
+    pub rate: Option<f64>,
+    /// No cycle starts after this.
+    #[arg(short = 'd', long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Stop after this many cycles (default: only --duration limits).
+    #[arg(short = 'n', long)]
+    pub count: Option<u64>,
 }
 
 /// `merge` arguments.

@@ -59,7 +59,7 @@ pub enum Codec {
     /// HTTP/1.1 keep-alive: the same request over and over.
     Http {
         /// The encoded request.
-        request: std::rc::Rc<[u8]>,
+        request: std::sync::Arc<[u8]>,
     },
     /// Raw TCP: `size`-byte messages echoed verbatim.
     Raw {

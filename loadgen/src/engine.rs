@@ -322,7 +322,9 @@ async fn open(
     }
     match tokio::time::timeout_at(deadline, handshake::client_handshake(&mut sock, &cfg.host, &cfg.path, rng)).await {
         Ok(Ok(leftover)) => {
-            crate::recorder::record_ns(&mut rec.borrow_mut().upgrade, t_conn.elapsed().as_nanos() as u64);
+            let mut r = rec.borrow_mut();
+            crate::recorder::record_ns(&mut r.upgrade, t_conn.elapsed().as_nanos() as u64);
+            crate::recorder::record_ns(&mut r.handshake, t_start.elapsed().as_nanos() as u64);
             Some((sock, leftover))
         }
         Ok(Err(e)) => {

@@ -2,6 +2,7 @@
 //! records coordinated-omission-corrected latency into HdrHistograms, and the
 //! echo backend it is measured against. See README.md.
 
+pub mod churn;
 pub mod cli;
 pub mod codec;
 pub mod echo;
@@ -9,6 +10,7 @@ pub mod engine;
 pub mod handshake;
 pub mod hgrm;
 pub mod hlog;
+pub mod hold;
 pub mod httphead;
 pub mod net;
 pub mod outputs;
@@ -21,4 +23,5 @@ pub mod rusage;
 pub mod schedule;
 pub mod tcpbulk;
 pub mod timer;
+pub mod wsclient;
 pub mod wsproto;

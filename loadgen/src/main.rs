@@ -6,14 +6,14 @@ use std::io::IsTerminal;
 use std::net::ToSocketAddrs;
 use std::process::ExitCode;
 use std::sync::Arc;
-use upsplice_loadgen::cli::{Cli, Command, LoadArgs, MergeArgs, PlotArgs, TcpMode};
+use upsplice_loadgen::cli::{ChurnArgs, Cli, Command, HoldArgs, LifecycleArgs, LoadArgs, MergeArgs, PlotArgs, TcpMode};
 use upsplice_loadgen::engine::{self, Proto, RunConfig};
 use upsplice_loadgen::outputs::{self, Outputs};
 use upsplice_loadgen::plot::{self, Series};
 use upsplice_loadgen::recorder::Recorder;
 use upsplice_loadgen::report::{self, RunInfo};
 use upsplice_loadgen::rusage::CpuTime;
-use upsplice_loadgen::{echo, hlog, net, progress, tcpbulk};
+use upsplice_loadgen::{churn, echo, hlog, hold, net, progress, tcpbulk, wsclient};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -63,6 +63,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             load(&a.load, Proto::Raw, "tcp-pingpong", host, String::new(), a.size, a.max_inflight)
         }
         Command::Tcp(a) => bulk(&a.load, a.size, a.direction),
+        Command::Hold(a) => hold(a),
+        Command::Churn(a) => churn(a),
         Command::Merge(a) => merge(a),
         Command::Plot(a) => plot_files(a),
     }
@@ -154,6 +156,7 @@ fn load(
         warmup_s: l.warmup.as_secs_f64(),
         size: size as u64,
         max_inflight: cfg.max_inflight as u64,
+        idle: false,
     };
     let summary = report::summarize(&info, &out.recorder, cpu, out.wall.as_secs_f64());
     let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
@@ -203,9 +206,117 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
         warmup_s: l.warmup.as_secs_f64(),
         size: size as u64,
         max_inflight: 0,
+        idle: false,
     };
     let summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
     finish(&l.out, &summary, &rec, None, &[])
+}
+
+/// The upgrade target of `hold` and `churn`.
+fn ws_target(c: &LifecycleArgs) -> anyhow::Result<wsclient::WsTarget> {
+    check_size(c.size)?;
+    if c.connect_timeout.is_zero() {
+        bail!("--connect-timeout must be positive");
+    }
+    Ok(wsclient::WsTarget {
+        addr: resolve(&c.target)?,
+        host: c.http.host_or(&c.target),
+        path: c.http.path.clone(),
+        timeout: c.connect_timeout,
+    })
+}
+
+fn positive_rate(name: &str, r: Option<f64>) -> anyhow::Result<()> {
+    if r.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        bail!("{name} must be a positive number");
+    }
+    Ok(())
+}
+
+fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
+    let c = &a.common;
+    if a.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    if a.open_concurrency == 0 {
+        bail!("--open-concurrency must be at least 1");
+    }
+    positive_rate("--open-rate", a.open_rate)?;
+    if a.ping_every.is_some_and(|d| d < std::time::Duration::from_millis(1)) {
+        bail!("--ping-every must be at least 1ms");
+    }
+    let fd_limit = wsclient::ensure_fds(a.connections as u64, "--connections")?;
+    let cfg = hold::HoldConfig {
+        target: ws_target(c)?,
+        connections: a.connections,
+        open_rate: a.open_rate,
+        open_concurrency: a.open_concurrency,
+        duration: a.duration,
+        ping_every: a.ping_every,
+        size: c.size,
+        source_ips: net::parse_source_ips(&c.source_ip)?,
+        threads: c.threads.unwrap_or_else(cores).max(1),
+        drain: a.drain,
+    };
+    let cpu0 = CpuTime::now();
+    let out = hold::run(&cfg)?;
+    let info = RunInfo {
+        mode: "hold".into(),
+        target: c.target.clone(),
+        connections: a.connections as u64,
+        threads: cfg.threads as u64,
+        target_rate: 0.0,
+        duration_s: out.stats.held_for_s,
+        warmup_s: 0.0,
+        size: c.size as u64,
+        max_inflight: 0,
+        idle: out.stats.pings_sent == 0,
+    };
+    let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
+    summary.hold = Some(report::HoldStats { fd_limit, ..out.stats });
+    finish(&c.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
+}
+
+fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
+    let c = &a.common;
+    if a.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if a.count == Some(0) {
+        bail!("--count must be at least 1");
+    }
+    if a.duration.is_zero() {
+        bail!("--duration must be positive");
+    }
+    positive_rate("--rate", a.rate)?;
+    wsclient::ensure_fds(a.concurrency as u64, "--concurrency")?;
+    let cfg = churn::ChurnConfig {
+        target: ws_target(c)?,
+        rate: a.rate,
+        concurrency: a.concurrency,
+        duration: a.duration,
+        count: a.count,
+        size: c.size,
+        source_ips: net::parse_source_ips(&c.source_ip)?,
+        threads: c.threads.unwrap_or_else(cores).max(1),
+    };
+    let cpu0 = CpuTime::now();
+    let out = churn::run(&cfg)?;
+    let info = RunInfo {
+        mode: "churn".into(),
+        target: c.target.clone(),
+        connections: out.stats.attempts,
+        threads: cfg.threads as u64,
+        target_rate: a.rate.unwrap_or(0.0),
+        duration_s: out.dispatch_s,
+        warmup_s: 0.0,
+        size: c.size as u64,
+        max_inflight: 1,
+        idle: false,
+    };
+    let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
+    summary.churn = Some(out.stats);
+    finish(&c.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
 }
 
 fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {

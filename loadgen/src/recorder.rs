@@ -45,11 +45,13 @@ pub enum ErrorKind {
     Unanswered,
     /// An HTTP response with status >= 400.
     HttpStatus,
+    /// Our close (close frame, then FIN) was not answered with EOF in time (`churn`).
+    CloseTimeout,
 }
 
 impl ErrorKind {
     /// All kinds, for stable reporting order.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::Connect,
         ErrorKind::ConnectTimeout,
         ErrorKind::UpgradeRefused,
@@ -60,6 +62,7 @@ impl ErrorKind {
         ErrorKind::Io,
         ErrorKind::Unanswered,
         ErrorKind::HttpStatus,
+        ErrorKind::CloseTimeout,
     ];
 
     /// The snake_case name used in summaries and JSON.
@@ -75,6 +78,7 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::Unanswered => "unanswered",
             ErrorKind::HttpStatus => "http_status",
+            ErrorKind::CloseTimeout => "close_timeout",
         }
     }
 }
@@ -92,6 +96,8 @@ pub struct Recorder {
     pub connect: Histogram<u64>,
     /// WebSocket upgrade (request written to 101 parsed).
     pub upgrade: Histogram<u64>,
+    /// Whole WebSocket handshake: connect started to 101 parsed.
+    pub handshake: Histogram<u64>,
     /// Corrected latencies by second of the measured window (index 0 = first second).
     pub intervals: Vec<Histogram<u64>>,
     /// Whether to keep `intervals`.
@@ -127,6 +133,7 @@ impl Recorder {
             send_lag: new_histogram(),
             connect: new_histogram(),
             upgrade: new_histogram(),
+            handshake: new_histogram(),
             intervals: Vec::new(),
             keep_intervals,
             sent: 0,
@@ -189,6 +196,7 @@ impl Recorder {
         self.send_lag.add(&other.send_lag).expect("same bounds");
         self.connect.add(&other.connect).expect("same bounds");
         self.upgrade.add(&other.upgrade).expect("same bounds");
+        self.handshake.add(&other.handshake).expect("same bounds");
         while self.intervals.len() < other.intervals.len() {
             self.intervals.push(new_histogram());
         }

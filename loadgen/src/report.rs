@@ -76,6 +76,65 @@ pub struct Latencies {
     pub connect: Percentiles,
     /// WebSocket upgrade (request to 101).
     pub upgrade: Percentiles,
+    /// Whole WebSocket handshake: connect started to 101 parsed (added in v1; absent in older files).
+    #[serde(default)]
+    pub handshake: Percentiles,
+}
+
+/// What a `hold` run did with its idle connections.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HoldStats {
+    /// Connections opened per second asked for (0: as fast as `open_concurrency` allows).
+    pub open_rate: f64,
+    /// Handshakes in progress at most.
+    pub open_concurrency: u64,
+    /// Seconds the opening phase took (first connect to last handshake finished).
+    pub open_s: f64,
+    /// Seconds asked to hold.
+    pub hold_s: f64,
+    /// Seconds actually held (shorter when a signal ended the run).
+    pub held_for_s: f64,
+    /// Seconds between liveness messages per connection (0: none, fully idle).
+    pub ping_interval_s: f64,
+    /// Connections still open and upgraded when the hold ended.
+    pub held: u64,
+    /// Upgraded connections the peer closed (or broke) before we closed them.
+    pub closed_early: u64,
+    /// Liveness messages written.
+    pub pings_sent: u64,
+    /// Liveness messages echoed back.
+    pub pings_echoed: u64,
+    /// Liveness messages not echoed before the drain deadline (or lost with their connection).
+    pub pings_unanswered: u64,
+    /// SIGTERM/SIGINT ended the run early.
+    pub stopped_by_signal: bool,
+    /// The soft open-files limit the run had (after raising it to the hard limit).
+    pub fd_limit: u64,
+}
+
+/// What a `churn` run did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChurnStats {
+    /// Cycles started per second asked for (0: as fast as `concurrency` allows).
+    pub target_rate: f64,
+    /// Cycles in progress at most.
+    pub concurrency: u64,
+    /// Cycle limit (0: only the duration limits the run).
+    pub count_limit: u64,
+    /// Cycles started.
+    pub attempts: u64,
+    /// Handshakes completed (101 with a valid accept key).
+    pub handshakes: u64,
+    /// Cycles that completed: upgrade, one echoed message, clean close.
+    pub completed: u64,
+    /// Seconds from the first cycle's start to the last cycle's end.
+    pub elapsed_s: f64,
+    /// `handshakes / elapsed_s`.
+    pub handshakes_per_s: f64,
+    /// `completed / elapsed_s`.
+    pub cycles_per_s: f64,
+    /// SIGTERM/SIGINT ended the run early.
+    pub stopped_by_signal: bool,
 }
 
 /// The full histograms, base64 of HdrHistogram's V2+deflate encoding (the
@@ -163,6 +222,12 @@ pub struct Summary {
     pub latency_us: Latencies,
     /// Raw TCP throughput (bulk mode only).
     pub throughput: Option<Throughput>,
+    /// `hold` mode only (added in v1; null otherwise).
+    #[serde(default)]
+    pub hold: Option<HoldStats>,
+    /// `churn` mode only (added in v1; null otherwise).
+    #[serde(default)]
+    pub churn: Option<ChurnStats>,
     /// Generator CPU use.
     pub cpu: Cpu,
     /// False when the figures cannot be trusted; see `problems`.
@@ -209,6 +274,8 @@ pub struct RunInfo {
     pub size: u64,
     /// In-flight window.
     pub max_inflight: u64,
+    /// The connections carry no messages (`hold` without pings): no reply is expected.
+    pub idle: bool,
 }
 
 /// Builds the summary and decides validity.
@@ -227,7 +294,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
     if rec.connections_ok == 0 && !merged {
         valid = false;
         problems.push("no connection could be established".to_string());
-    } else if !bulk && rec.received == 0 {
+    } else if !bulk && !info.idle && rec.received == 0 {
         valid = false;
         problems.push("no reply was recorded".to_string());
     }
@@ -276,6 +343,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
             send_lag: Percentiles::of(&rec.send_lag),
             connect: Percentiles::of(&rec.connect),
             upgrade: Percentiles::of(&rec.upgrade),
+            handshake: Percentiles::of(&rec.handshake),
         },
         throughput: bulk.then(|| Throughput {
             bytes_out: rec.bytes_out,
@@ -283,6 +351,8 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
             out_mbit_s: rec.bytes_out as f64 * 8.0 / 1e6 / dur,
             in_mbit_s: rec.bytes_in as f64 * 8.0 / 1e6 / dur,
         }),
+        hold: None,
+        churn: None,
         cpu: Cpu { user_s, system_s, wall_s, cores_busy: (user_s + system_s) / wall_s.max(1e-9) },
         valid,
         problems,
@@ -330,7 +400,55 @@ pub fn render(s: &Summary) -> String {
         "  connections {} ok of {} | threads {} | duration {:.1}s after {:.1}s warm-up | size {} B | max-inflight {}",
         s.connections_ok, s.connections, s.threads, s.duration_s, s.warmup_s, s.size, s.max_inflight
     );
-    if let Some(t) = &s.throughput {
+    if let Some(h) = &s.hold {
+        let _ = writeln!(
+            out,
+            "  hold         {} held of {} | closed early {} | opened in {:.2}s ({} open/s, {} at once) | held {:.1}s of {:.1}s{}",
+            h.held,
+            s.connections,
+            h.closed_early,
+            h.open_s,
+            if h.open_rate > 0.0 { format!("{:.0}", h.open_rate) } else { "max".into() },
+            h.open_concurrency,
+            h.held_for_s,
+            h.hold_s,
+            if h.stopped_by_signal { " (stopped by signal)" } else { "" }
+        );
+        if h.ping_interval_s > 0.0 {
+            let _ = writeln!(
+                out,
+                "  pings        every {:.2}s: {} sent, {} echoed, {} unanswered",
+                h.ping_interval_s, h.pings_sent, h.pings_echoed, h.pings_unanswered
+            );
+            let _ = writeln!(out, "latency of the liveness messages (from scheduled / actual send):");
+            row(&mut out, "corrected", &s.latency_us.corrected);
+            row(&mut out, "uncorrected", &s.latency_us.uncorrected);
+        } else {
+            let _ = writeln!(out, "  pings        none (idle)");
+        }
+    } else if let Some(c) = &s.churn {
+        let _ = writeln!(
+            out,
+            "  churn        {} cycles started, {} handshakes, {} completed in {:.2}s = {:.1} handshakes/s, {:.1} cycles/s \
+             (target {}, {} at once{}){}",
+            c.attempts,
+            c.handshakes,
+            c.completed,
+            c.elapsed_s,
+            c.handshakes_per_s,
+            c.cycles_per_s,
+            if c.target_rate > 0.0 { format!("{:.1}/s", c.target_rate) } else { "max".into() },
+            c.concurrency,
+            if c.count_limit > 0 { format!(", limit {}", c.count_limit) } else { String::new() },
+            if c.stopped_by_signal { " (stopped by signal)" } else { "" }
+        );
+        let _ = writeln!(
+            out,
+            "cycle latency, connect to echo (corrected = from intended start; uncorrected = from actual):"
+        );
+        row(&mut out, "corrected", &s.latency_us.corrected);
+        row(&mut out, "uncorrected", &s.latency_us.uncorrected);
+    } else if let Some(t) = &s.throughput {
         let _ = writeln!(
             out,
             "  throughput   out {:.1} Mbit/s ({} B)  in {:.1} Mbit/s ({} B)",
@@ -357,6 +475,7 @@ pub fn render(s: &Summary) -> String {
     }
     row(&mut out, "connect", &s.latency_us.connect);
     row(&mut out, "upgrade", &s.latency_us.upgrade);
+    row(&mut out, "handshake", &s.latency_us.handshake);
     let errs: Vec<String> = s.errors.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k} {v}")).collect();
     let _ = writeln!(out, "errors         {}", if errs.is_empty() { "none".to_string() } else { errs.join(", ") });
     let _ = writeln!(
@@ -386,6 +505,7 @@ mod tests {
             warmup_s: 0.0,
             size: 16,
             max_inflight: 1,
+            idle: false,
         }
     }
 
@@ -406,6 +526,31 @@ mod tests {
         assert!(!s.valid);
         assert_eq!(s.errors["closed_by_peer"], 1);
         assert_eq!(s.errors["bad_accept"], 0);
+    }
+
+    #[test]
+    fn summaries_written_before_hold_and_churn_still_parse() {
+        let mut r = Recorder::new(false);
+        r.connections_ok = 1;
+        r.reply(5_000_000, 2_000_000, 0);
+        let mut v = serde_json::to_value(summarize(&info(), &r, CpuTime::default(), 1.0)).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("hold");
+        o.remove("churn");
+        o["latency_us"].as_object_mut().unwrap().remove("handshake");
+        let back: Summary = serde_json::from_value(v).unwrap();
+        assert!(back.hold.is_none() && back.churn.is_none());
+        assert_eq!(back.latency_us.handshake.count, 0);
+    }
+
+    #[test]
+    fn idle_runs_need_no_replies() {
+        let mut r = Recorder::new(false);
+        r.connections_ok = 3;
+        let hold = RunInfo { mode: "hold".into(), target_rate: 0.0, idle: true, ..info() };
+        assert!(summarize(&hold, &r, CpuTime::default(), 1.0).valid);
+        let busy = RunInfo { idle: false, ..hold };
+        assert!(!summarize(&busy, &r, CpuTime::default(), 1.0).valid);
     }
 
     #[test]

@@ -88,9 +88,32 @@ pub fn tmpdir() -> tempfile::TempDir {
 /// Runs the generator with `args` plus `--json FILE` and parses the summary.
 /// Panics (test failure) when the binary panicked or printed no summary.
 pub fn run(args: &[&str], dir: &Path, name: &str) -> Run {
+    run_cmd(generator(args), dir, name)
+}
+
+/// The generator with `args`, stdin closed.
+pub fn generator(args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(args).stdin(Stdio::null());
+    c
+}
+
+/// The generator with `args`, started through `sh` with the open-files limit
+/// set to `soft` / `hard` first (lowering a limit needs no privilege).
+pub fn generator_with_fd_limit(soft: u64, hard: u64, args: &[&str]) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\""))
+        .arg(bin())
+        .args(args)
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs `cmd` (the generator) plus `--json FILE` and parses the summary.
+pub fn run_cmd(mut cmd: Command, dir: &Path, name: &str) -> Run {
     let json: PathBuf = dir.join(format!("{name}.json"));
-    let output =
-        Command::new(bin()).args(args).arg("--json").arg(&json).stdin(Stdio::null()).output().expect("run generator");
+    let output = cmd.arg("--json").arg(&json).output().expect("run generator");
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
     assert!(!stderr.contains("panicked"), "generator panicked:\n{stderr}");
@@ -98,6 +121,17 @@ pub fn run(args: &[&str], dir: &Path, name: &str) -> Run {
         .unwrap_or_else(|e| panic!("no JSON summary ({e}); stdout:\n{stdout}\nstderr:\n{stderr}"));
     let summary: Summary = serde_json::from_str(&text).expect("summary JSON");
     Run { output, summary, stdout, stderr }
+}
+
+/// Runs `cmd` (the generator) expecting a refusal before any load: exit
+/// status 1, no panic, no summary. Returns stderr.
+pub fn run_refused(mut cmd: Command) -> String {
+    let out = cmd.output().expect("run generator");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "stdout:\n{}\nstderr:\n{stderr}", String::from_utf8_lossy(&out.stdout));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no summary expected: {}", String::from_utf8_lossy(&out.stdout));
+    stderr
 }
 
 /// A free loopback port with nothing listening on it.

@@ -1,0 +1,247 @@
+//! `churn`: connection lifecycles back to back. Each cycle connects, upgrades,
+//! sends one message, waits for its echo and closes (close frame and FIN from
+//! the client first), with at most `concurrency` cycles at once and either a
+//! fixed start rate or as fast as possible, until a duration or count limit.
+//!
+//! With a rate, cycle `i` is due at `t0 + i/rate`; its corrected latency
+//! counts from then, so cycles held back by a full concurrency window are
+//! charged for the wait (coordinated omission), the uncorrected one from the
+//! actual start.
+
+use crate::codec::{Codec, Decoded};
+use crate::readbuf::ReadBuf;
+use crate::recorder::{ErrorKind, Recorder};
+use crate::report::ChurnStats;
+use crate::wsclient::{self, Opened, StopSignals, WsTarget};
+use crate::wsproto::{opcode, Rng};
+use anyhow::Context;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Settings of a `churn` run.
+#[derive(Debug, Clone)]
+pub struct ChurnConfig {
+    /// Where and how to upgrade; its timeout also bounds the wait for the echo.
+    pub target: WsTarget,
+    /// Cycles started per second; `None`: as fast as `concurrency` allows.
+    pub rate: Option<f64>,
+    /// Cycles in progress at most.
+    pub concurrency: usize,
+    /// No cycle starts after this.
+    pub duration: Duration,
+    /// No more than this many cycles.
+    pub count: Option<u64>,
+    /// Message payload size (at least 8: the sequence number).
+    pub size: usize,
+    /// Local addresses to spread connections over.
+    pub source_ips: Vec<IpAddr>,
+    /// Runtime worker threads.
+    pub threads: usize,
+}
+
+/// What a `churn` run produced.
+#[derive(Debug)]
+pub struct ChurnOutput {
+    /// `sent` = cycles started, `received` = echoes; cycle latencies,
+    /// handshake times and errors.
+    pub recorder: Recorder,
+    /// Churn-specific figures.
+    pub stats: ChurnStats,
+    /// Seconds over which cycles were started (for the achieved rate).
+    pub dispatch_s: f64,
+    /// Wall-clock time of the whole run.
+    pub wall: Duration,
+}
+
+/// How long a cycle waits for the peer's EOF after its close frame and FIN.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+struct Shared {
+    rec: Mutex<Recorder>,
+    handshakes: AtomicU64,
+    completed: AtomicU64,
+}
+
+impl Shared {
+    fn rec(&self) -> std::sync::MutexGuard<'_, Recorder> {
+        self.rec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Runs the churn and returns its measurements.
+pub fn run(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.threads.max(1))
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let out = rt.block_on(run_async(cfg));
+    rt.shutdown_timeout(Duration::from_millis(200));
+    out
+}
+
+async fn run_async(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
+    let mut signals = StopSignals::install().context("installing SIGTERM/SIGINT handlers")?;
+    let t0 = Instant::now();
+    let end = t0 + cfg.duration;
+    let sh = Arc::new(Shared {
+        rec: Mutex::new(Recorder::new(false)),
+        handshakes: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+    });
+    let concurrency = cfg.concurrency.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let sem = Arc::new(Semaphore::new(concurrency));
+    let shared_cfg = Arc::new(cfg.clone());
+    let mut started: u64 = 0;
+    let mut stopped = false;
+    {
+        let dispatch = async {
+            while cfg.count.is_none_or(|c| started < c) {
+                let due = cfg.rate.map(|r| t0 + Duration::from_secs_f64(started as f64 / r));
+                if due.is_some_and(|d| d >= end) {
+                    break;
+                }
+                if let Some(d) = due {
+                    tokio::time::sleep_until(d.into()).await;
+                }
+                let permit = tokio::select! {
+                    p = sem.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                    _ = tokio::time::sleep_until(end.into()) => break,
+                };
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                sh.rec().count_sent(1, true);
+                tokio::spawn(cycle(shared_cfg.clone(), started, due.unwrap_or(now), sh.clone(), permit));
+                started += 1;
+            }
+        };
+        tokio::select! {
+            _ = dispatch => {}
+            _ = signals.recv() => stopped = true,
+        }
+    }
+    let dispatch_s = match cfg.rate {
+        // The schedule's span, so that a run ended by --count is not charged for time it was not asked to run.
+        Some(r) if !stopped => (started as f64 / r).min(cfg.duration.as_secs_f64()),
+        _ => t0.elapsed().as_secs_f64(),
+    };
+    // Every permit back: every cycle has ended. Each is bounded by its own timeouts.
+    let bound = 2 * cfg.target.timeout + CLOSE_WAIT + Duration::from_secs(1);
+    let _ = tokio::time::timeout(bound, sem.acquire_many(concurrency as u32)).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let rec = std::mem::replace(&mut *sh.rec(), Recorder::new(false));
+    let handshakes = sh.handshakes.load(Ordering::SeqCst);
+    let completed = sh.completed.load(Ordering::SeqCst);
+    let stats = ChurnStats {
+        target_rate: cfg.rate.unwrap_or(0.0),
+        concurrency: concurrency as u64,
+        count_limit: cfg.count.unwrap_or(0),
+        attempts: started,
+        handshakes,
+        completed,
+        elapsed_s: elapsed,
+        handshakes_per_s: handshakes as f64 / elapsed.max(1e-9),
+        cycles_per_s: completed as f64 / elapsed.max(1e-9),
+        stopped_by_signal: stopped,
+    };
+    Ok(ChurnOutput { recorder: rec, stats, dispatch_s, wall: t0.elapsed() })
+}
+
+/// One connection lifecycle; the permit is held until it ends.
+async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, permit: OwnedSemaphorePermit) {
+    let _permit = permit;
+    let start = Instant::now();
+    let mut rng = Rng::new(idx);
+    let source = wsclient::source_for(&cfg.source_ips, idx as usize);
+    let Opened { mut sock, leftover, .. } = match wsclient::open(&cfg.target, source, &mut rng).await {
+        Ok(o) => {
+            let mut r = sh.rec();
+            o.record(&mut r);
+            r.connections_ok += 1;
+            sh.handshakes.fetch_add(1, Ordering::SeqCst);
+            o
+        }
+        Err(kind) => {
+            sh.rec().error(kind);
+            return;
+        }
+    };
+    let mut codec = Codec::Ws { size: cfg.size, rng, frag_seq: None };
+    let mut rb = ReadBuf::with_leftover(leftover, 256);
+    let exchanged = tokio::time::timeout(cfg.target.timeout, exchange(&mut sock, &mut rb, &mut codec, idx))
+        .await
+        .unwrap_or(Err(ErrorKind::Unanswered));
+    if let Err(kind) = exchanged {
+        sh.rec().error(kind);
+        return;
+    }
+    let now = Instant::now();
+    sh.rec().reply(now.saturating_duration_since(due).as_nanos() as u64, (now - start).as_nanos() as u64, 0);
+    match tokio::time::timeout(CLOSE_WAIT, close(&mut sock, &mut rb, &mut codec)).await {
+        Ok(Ok(())) => {
+            sh.completed.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(Err(kind)) => sh.rec().error(kind),
+        Err(_) => sh.rec().error(ErrorKind::CloseTimeout),
+    }
+}
+
+/// Sends message `seq` and reads until its echo, answering pings.
+async fn exchange(sock: &mut TcpStream, rb: &mut ReadBuf, codec: &mut Codec, seq: u64) -> Result<(), ErrorKind> {
+    let mut out = Vec::with_capacity(64);
+    codec.encode(seq, &mut out);
+    sock.write_all(&out).await.map_err(|_| ErrorKind::Io)?;
+    loop {
+        loop {
+            match codec.decode(rb.data())? {
+                Decoded::NeedMore { need } => {
+                    rb.reserve(need);
+                    break;
+                }
+                Decoded::Skip { consumed } => rb.consume(consumed),
+                Decoded::Ping { consumed, payload } => {
+                    out.clear();
+                    codec.encode_control(opcode::PONG, &rb.data()[payload], &mut out);
+                    rb.consume(consumed);
+                    sock.write_all(&out).await.map_err(|_| ErrorKind::Io)?;
+                }
+                Decoded::Close => return Err(ErrorKind::ClosedByPeer),
+                Decoded::Reply { seq: got, .. } if got != Some(seq) => return Err(ErrorKind::Protocol),
+                Decoded::Reply { consumed, .. } => {
+                    rb.consume(consumed);
+                    return Ok(());
+                }
+            }
+        }
+        match rb.read_from(sock).await {
+            Ok(0) => return Err(ErrorKind::ClosedByPeer),
+            Ok(_) => {}
+            Err(_) => return Err(ErrorKind::Io),
+        }
+    }
+}
+
+/// Client-first close: close frame, then FIN, then read until the peer's EOF
+/// (its close frame, if any, is read and dropped on the way).
+async fn close(sock: &mut TcpStream, rb: &mut ReadBuf, codec: &mut Codec) -> Result<(), ErrorKind> {
+    let mut out = Vec::with_capacity(8);
+    codec.encode_control(opcode::CLOSE, &1000u16.to_be_bytes(), &mut out);
+    sock.write_all(&out).await.map_err(|_| ErrorKind::Io)?;
+    sock.shutdown().await.map_err(|_| ErrorKind::Io)?;
+    loop {
+        let len = rb.data().len();
+        rb.consume(len);
+        match rb.read_from(sock).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(_) => return Err(ErrorKind::Io),
+        }
+    }
+}
