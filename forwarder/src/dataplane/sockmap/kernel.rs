@@ -3,7 +3,8 @@
 
 use std::collections::HashMap as StdHashMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -57,9 +58,27 @@ pub const DIR_TO_CLIENT: u32 = 1;
 /// `STATS` slot of redirects the kernel refused.
 pub const STATS_FAILED: u32 = 2;
 
-/// Wakes the tunnel that owns a socket cookie when its redirected bytes
-/// cross the threshold set in `NOTIFY`.
-pub type Registry = Mutex<StdHashMap<u64, Arc<Notify>>>;
+/// What wakes one tunnel: the events thread records socket events here
+/// (per side: 0 client, 1 backend) and notifies; so do ring-buffer events
+/// (a direction moved another budget of bytes).
+#[derive(Debug, Default)]
+pub struct Signal {
+    pub notify: Notify,
+    events: [AtomicU32; 2],
+}
+
+impl Signal {
+    /// The epoll bits reported for `side` since the last call.
+    pub fn take(&self, side: usize) -> u32 {
+        self.events[side].swap(0, Ordering::AcqRel)
+    }
+}
+
+/// Socket cookie → (the tunnel's signal, which side the socket is).
+pub type Registry = Mutex<StdHashMap<u64, (Arc<Signal>, usize)>>;
+
+/// Epoll token of the ring buffer; socket cookies are never 0 or this.
+const RING_TOKEN: u64 = u64::MAX;
 
 pub struct Kernel {
     active: Mutex<SockHash<MapData, u64>>,
@@ -69,6 +88,10 @@ pub struct Kernel {
     control: Mutex<HashMap<MapData, u64, Control>>,
     stats: PerCpuArray<MapData, Stats>,
     pub registry: Arc<Registry>,
+    /// One epoll set for every socket of every tunnel of this plane (and the
+    /// ring buffer), waited on by the events thread: no descriptor and no
+    /// tokio registration per tunnel.
+    epoll: Arc<OwnedFd>,
     stop: Arc<AtomicBool>,
     events_thread: Option<JoinHandle<()>>,
     /// Holds the program and its attachment: dropping it detaches.
@@ -114,12 +137,22 @@ impl Kernel {
 
         let registry: Arc<Registry> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        // SAFETY: plain syscall; the result is checked before use.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(format!("epoll_create1: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `epfd` is a new descriptor owned from here on.
+        let epoll = Arc::new(unsafe { OwnedFd::from_raw_fd(epfd) });
+        epoll_ctl(epfd, libc::EPOLL_CTL_ADD, events.as_raw_fd(), RING_TOKEN, libc::EPOLLIN as u32)
+            .map_err(|e| format!("epoll for EVENTS: {e}"))?;
         let events_thread = std::thread::Builder::new()
             .name("sockmap-events".into())
             .spawn({
                 let registry = registry.clone();
                 let stop = stop.clone();
-                move || read_events(events, &registry, &stop)
+                let epoll = epoll.clone();
+                move || read_events(events, &epoll, &registry, &stop)
             })
             .map_err(|e| format!("starting the events thread: {e}"))?;
 
@@ -131,6 +164,7 @@ impl Kernel {
             control: Mutex::new(control),
             stats,
             registry,
+            epoll,
             stop,
             events_thread: Some(events_thread),
             _ebpf: ebpf,
@@ -154,6 +188,40 @@ impl Kernel {
     /// Stops running the verdict for `fd`: its bytes stay in its receive queue.
     pub fn deactivate(&self, cookie: u64) {
         let _ = lock(&self.active).remove(&cookie);
+    }
+
+    /// Registers a tunnel's sockets (`cookies`/`fds`: client, backend) with
+    /// the events thread; it wakes `signal` for them. Watching starts with
+    /// [`Self::arm`].
+    pub fn register(&self, cookies: [u64; 2], fds: [RawFd; 2], signal: &Arc<Signal>) -> std::io::Result<()> {
+        {
+            let mut registry = lock(&self.registry);
+            for (side, c) in cookies.iter().enumerate() {
+                registry.insert(*c, (signal.clone(), side));
+            }
+        }
+        for (c, fd) in cookies.iter().zip(fds) {
+            epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, *c, libc::EPOLLONESHOT as u32)?;
+        }
+        Ok(())
+    }
+
+    /// Reports the next of `events` (EPOLLIN/OUT/RDHUP; errors and hang-ups
+    /// always) on `fd` once: each report disarms the socket until this is
+    /// called again.
+    pub fn arm(&self, cookie: u64, fd: RawFd, events: u32) -> std::io::Result<()> {
+        epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, cookie, events | libc::EPOLLONESHOT as u32)
+    }
+
+    /// Undoes [`Self::register`] (before the sockets close).
+    pub fn unregister(&self, cookies: [u64; 2], fds: [RawFd; 2]) {
+        for fd in fds {
+            let _ = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, 0, 0);
+        }
+        let mut registry = lock(&self.registry);
+        for c in cookies {
+            registry.remove(&c);
+        }
     }
 
     pub fn pair(&self, cookie: u64, entry: PeerEntry) -> Result<(), MapError> {
@@ -209,21 +277,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Reads cookies from `EVENTS` and wakes their tunnels until `stop`.
-fn read_events(mut events: RingBuf<MapData>, registry: &Registry, stop: &AtomicBool) {
-    let fd = events.as_raw_fd();
+fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: `ev` is a valid epoll_event; both descriptors are open for the call.
+    if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Until `stop`: waits on the plane's epoll set; wakes the tunnel whose
+/// socket reported something (recording the bits), and for each cookie in
+/// `EVENTS` the tunnel that owns it.
+fn read_events(mut events: RingBuf<MapData>, epoll: &OwnedFd, registry: &Registry, stop: &AtomicBool) {
+    let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 64];
     while !stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd; the timeout bounds how long a stop waits.
-        let _ = unsafe { libc::poll(&mut pfd, 1, 100) };
-        while let Some(item) = events.next() {
-            let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) else {
-                continue;
-            };
-            let cookie = u64::from_ne_bytes(bytes);
-            let waker = lock(registry).get(&cookie).cloned();
-            if let Some(waker) = waker {
-                waker.notify_one();
+        // SAFETY: `ready` is valid for its length; the timeout bounds how long a stop waits.
+        let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), ready.as_mut_ptr(), ready.len() as libc::c_int, 100) };
+        for ev in &ready[..n.max(0) as usize] {
+            let (token, bits) = (ev.u64, ev.events);
+            if token == RING_TOKEN {
+                while let Some(item) = events.next() {
+                    let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) else {
+                        continue;
+                    };
+                    let found = lock(registry).get(&u64::from_ne_bytes(bytes)).cloned();
+                    if let Some((signal, _)) = found {
+                        signal.notify.notify_one();
+                    }
+                }
+            } else if let Some((signal, side)) = lock(registry).get(&token).cloned() {
+                signal.events[side].fetch_or(bits, Ordering::AcqRel);
+                signal.notify.notify_one();
             }
         }
     }

@@ -5,9 +5,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-
-use tokio::io::unix::AsyncFd;
+use std::os::fd::RawFd;
 
 /// `SO_COOKIE`: the 64-bit id `bpf_get_socket_cookie` returns for a socket.
 pub fn cookie(fd: RawFd) -> io::Result<u64> {
@@ -110,11 +108,20 @@ pub fn written_at_least(fd: RawFd) -> io::Result<u64> {
 /// `tcp_data_ready` when the receive queue is not empty
 /// (`tcp_bpf_recvmsg_parser`); the verdict only runs from data-ready, so
 /// without this, bytes queued before insertion wait for the next segment.
-/// `MSG_PEEK | MSG_DONTWAIT` consumes nothing and never blocks.
-pub fn kick(fd: RawFd) {
+/// `MSG_PEEK | MSG_DONTWAIT` consumes nothing and never blocks, but a
+/// pending socket error (a reset) is returned — and cleared — by it, so it
+/// is handed back: swallowed, the reset would later look like a clean EOF.
+pub fn kick(fd: RawFd) -> io::Result<()> {
     let mut byte = 0u8;
     // SAFETY: a one-byte buffer valid for writes; PEEK consumes nothing.
-    let _ = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    let n = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// `SO_ERROR`: the pending socket error, cleared by reading it.
@@ -131,106 +138,38 @@ pub fn take_error(fd: RawFd) -> io::Result<i32> {
     Ok(value)
 }
 
-/// An epoll set of the two sockets of one tunnel, waiting for hang-ups and
-/// errors only (never `EPOLLIN`: redirected bytes would wake it for nothing),
-/// itself registered with tokio.
-pub struct HangupWatch {
-    epoll: AsyncFd<OwnedFd>,
-}
-
-/// What one socket reported.
-#[derive(Debug, Clone, Copy)]
-pub struct Hangup {
-    pub token: u64,
-    /// The peer sent FIN (`EPOLLRDHUP`).
-    pub read_closed: bool,
-    /// Both directions are shut (`EPOLLHUP`).
-    pub hup: bool,
-    /// An error is pending (`EPOLLERR`), e.g. a reset.
-    pub error: bool,
-}
-
-impl HangupWatch {
-    pub fn new() -> io::Result<HangupWatch> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor this function owns.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: `owned` is an open epoll descriptor that the AsyncFd owns
-        // from here on and never replaces; `OwnedFd::as_raw_fd` always returns
-        // that same descriptor.
-        let epoll = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
-            .map_err(io::Error::from)?;
-        Ok(HangupWatch { epoll })
-    }
-
-    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: `ev` is a valid epoll_event; `fd` is open for the call.
-        let rc = unsafe { libc::epoll_ctl(self.epoll.get_ref().as_raw_fd(), op, fd, &mut ev) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Watches `fd` for FIN, hang-up and errors.
-    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, token, libc::EPOLLRDHUP as u32)
-    }
-
-    /// Stops reporting FIN for `fd` (errors and hang-ups still come).
-    pub fn ignore_fin(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, token, 0)
-    }
-
-    /// Stops watching `fd` altogether.
-    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
-    }
-
-    /// Waits until at least one socket reports something.
-    pub async fn wait(&self) -> io::Result<Vec<Hangup>> {
-        loop {
-            let mut guard = self.epoll.readable().await?;
-            let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
-            // SAFETY: `events` is valid for 4 entries; timeout 0 never blocks.
-            let n = unsafe {
-                libc::epoll_wait(self.epoll.get_ref().as_raw_fd(), events.as_mut_ptr(), events.len() as libc::c_int, 0)
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                guard.clear_ready();
-                continue;
-            }
-            return Ok(events[..n as usize]
-                .iter()
-                .map(|ev| {
-                    let bits = ev.events;
-                    Hangup {
-                        token: ev.u64,
-                        read_closed: bits & libc::EPOLLRDHUP as u32 != 0,
-                        hup: bits & libc::EPOLLHUP as u32 != 0,
-                        error: bits & libc::EPOLLERR as u32 != 0,
-                    }
-                })
-                .collect());
-        }
-    }
-}
-
 /// Aborts a socket: its close sends RST instead of FIN.
-pub fn abort(s: &tokio::net::TcpStream) {
-    let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+pub fn abort(fd: RawFd) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: `linger` is a valid value of the size passed; `fd` is open.
+    let _ = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+/// One non-blocking `send` of `buf` (no SIGPIPE).
+pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes of reads.
+    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Shuts the write side of `fd`: FIN once its send queue is out.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Reads everything queued on `fd` in one non-blocking `recv` and appends

@@ -47,19 +47,16 @@
 //! keeps), then shuts the destination's write side (the FIN race).
 
 use std::io;
-use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use socket2::SockRef;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
-use super::kernel::{Control, Kernel, PeerEntry, DIR_TO_BACKEND, DIR_TO_CLIENT};
-use super::sys::{self, abort, HangupWatch};
+use super::kernel::{Control, Kernel, PeerEntry, Signal, DIR_TO_BACKEND, DIR_TO_CLIENT};
+use super::sys::{self, abort};
 use crate::dataplane::{CloseReason, Outcome, Rejected, Tunnel};
 
 /// Bytes userspace wrote itself (leftovers, tails copied after a FIN that
@@ -101,8 +98,9 @@ const TAIL_BUFFER: usize = 64 * 1024;
 struct Dir<'a> {
     /// Where this direction's userspace bytes are added up.
     user_total: &'a AtomicU64,
-    src: &'a TcpStream,
-    dst: &'a TcpStream,
+    /// The socket this direction's bytes arrive on, and the one they leave by.
+    src: RawFd,
+    dst: RawFd,
     src_cookie: u64,
     /// Bytes written into `dst` (acked + queued) when redirection began.
     base: u64,
@@ -130,7 +128,7 @@ struct Dir<'a> {
 }
 
 impl<'a> Dir<'a> {
-    fn new(user_total: &'a AtomicU64, src: &'a TcpStream, dst: &'a TcpStream, src_cookie: u64, budget: u64) -> Dir<'a> {
+    fn new(user_total: &'a AtomicU64, src: RawFd, dst: RawFd, src_cookie: u64, budget: u64) -> Dir<'a> {
         Dir {
             user_total,
             src,
@@ -151,11 +149,11 @@ impl<'a> Dir<'a> {
     }
 
     fn src_fd(&self) -> RawFd {
-        self.src.as_raw_fd()
+        self.src
     }
 
     fn dst_fd(&self) -> RawFd {
-        self.dst.as_raw_fd()
+        self.dst
     }
 
     fn moved(&self) -> u64 {
@@ -179,17 +177,29 @@ impl<'a> Dir<'a> {
         !self.done && (self.paused || self.passed > self.copied || !self.tail.is_empty())
     }
 
+    /// Copying in userspace and waiting for its source to have bytes.
+    fn waits_for_source(&self) -> bool {
+        self.copying() && !self.eof && !self.awaiting_flush && self.tail.is_empty()
+    }
+
+    /// Copying in userspace and waiting for room in its destination.
+    fn waits_for_destination(&self) -> bool {
+        self.copying() && !self.awaiting_flush && !self.tail.is_empty()
+    }
+
     fn control(&self) -> Control {
         Control { copied: self.copied, paused: u32::from(self.paused), pad: 0 }
     }
 }
 
-/// Takes the tunnel's sockets out of every map and the event registry when
-/// dropped, whatever ended the tunnel (also a cancelled relay future).
+/// Takes the tunnel's sockets out of every map and the events thread's
+/// epoll set when dropped, whatever ended the tunnel (also a cancelled
+/// relay future).
 struct Membership<'k> {
     kernel: &'k Kernel,
     cookies: [u64; 2],
-    registered: bool,
+    /// The sockets, once registered with the events thread.
+    registered: Option<[RawFd; 2]>,
 }
 
 impl Drop for Membership<'_> {
@@ -203,11 +213,8 @@ impl Drop for Membership<'_> {
         for c in self.cookies {
             self.kernel.remove_target(c);
         }
-        if self.registered {
-            let mut registry = self.kernel.registry.lock().unwrap_or_else(|p| p.into_inner());
-            for c in self.cookies {
-                registry.remove(&c);
-            }
+        if let Some(fds) = self.registered {
+            self.kernel.unregister(self.cookies, fds);
         }
     }
 }
@@ -272,12 +279,20 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
         match drained {
             Ok(true) => {}
             Ok(false) => return rejected(t, format!("more than {max} bytes queued on the {side} socket at handoff")),
-            Err(e) => return rejected(t, format!("reading bytes queued on the {side} socket: {e}")),
+            // The read took the socket's error (a reset): handed on, the
+            // tunnel would see a clean EOF instead. Pass the reset on.
+            Err(e) => {
+                tracing::debug!("sockmap: {side} socket failed at handoff: {e}");
+                abort(c_fd);
+                abort(b_fd);
+                let reason = if fd == c_fd { CloseReason::ClientReset } else { CloseReason::BackendReset };
+                return Ok(Outcome { to_backend: 0, to_client: 0, reason });
+            }
         }
     }
 
     // 1. Redirect targets; a refusal here leaves the tunnel untouched.
-    let mut members = Membership { kernel, cookies: [c_ck, b_ck], registered: false };
+    let mut members = Membership { kernel, cookies: [c_ck, b_ck], registered: None };
     if let Err(e) = kernel.add_target(c_ck, c_fd) {
         drop(members);
         return rejected(t, format!("client socket refused by the sockmap: {e}"));
@@ -287,8 +302,8 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
         return rejected(t, format!("backend socket refused by the sockmap: {e}"));
     }
 
-    let mut up = Dir::new(&user.to_backend, &t.client, &t.backend, c_ck, limits.budget);
-    let mut down = Dir::new(&user.to_client, &t.backend, &t.client, b_ck, limits.budget);
+    let mut up = Dir::new(&user.to_backend, c_fd, b_fd, c_ck, limits.budget);
+    let mut down = Dir::new(&user.to_client, b_fd, c_fd, b_ck, limits.budget);
 
     // 2. Pair, paused: once active, the verdict passes every byte to the
     //    socket's own queue (nothing reaches a peer) until step 6.
@@ -321,13 +336,13 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
         drop(members);
         return rejected(t, format!("sockmap peer entries: {e}"));
     }
-    let waker = Arc::new(Notify::new());
-    {
-        let mut registry = kernel.registry.lock().unwrap_or_else(|p| p.into_inner());
-        registry.insert(c_ck, waker.clone());
-        registry.insert(b_ck, waker.clone());
+    let signal = Arc::new(Signal::default());
+    if let Err(e) = kernel.register([c_ck, b_ck], [c_fd, b_fd], &signal) {
+        kernel.unregister([c_ck, b_ck], [c_fd, b_fd]);
+        drop(members);
+        return rejected(t, format!("sockmap events: {e}"));
     }
-    members.registered = true;
+    members.registered = Some([c_fd, b_fd]);
 
     // 3. Activate. A refusal (the socket got FIN meanwhile) hands the tunnel
     //    on; bytes the client socket passed to itself meanwhile would be
@@ -355,16 +370,18 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
         t.to_backend = Bytes::from(bytes);
         drop(members);
         if !complete {
-            abort(&t.client);
-            abort(&t.backend);
+            abort(c_fd);
+            abort(b_fd);
             return Ok(ended(&up, &down, CloseReason::Error));
         }
         return rejected(t, format!("backend socket refused by the sockmap: {e}"));
     }
 
     // 4. Kick: bytes queued before activation are verdicted now (passed).
-    sys::kick(c_fd);
-    sys::kick(b_fd);
+    //    A socket error it reports stays for the watch to find (SO_ERROR
+    //    is gone, but the socket is closed: the next read or write fails).
+    let _ = sys::kick(c_fd);
+    let _ = sys::kick(b_fd);
 
     // 5. Leftovers, by userspace, before any redirected byte.
     let leftovers = async {
@@ -399,8 +416,8 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
     down.user_total.fetch_add(down.leftover, Ordering::Relaxed);
     if let Some(reason) = failed {
         drop(members);
-        abort(&t.client);
-        abort(&t.backend);
+        abort(c_fd);
+        abort(b_fd);
         return Ok(ended(&up, &down, reason));
     }
 
@@ -421,149 +438,178 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
     if let Err(e) = unpaused {
         tracing::warn!("sockmap: {e}");
         drop(members);
-        abort(&t.client);
-        abort(&t.backend);
+        abort(c_fd);
+        abort(b_fd);
         return Ok(ended(&up, &down, CloseReason::Error));
     }
 
-    let watch =
-        match HangupWatch::new().and_then(|w| w.add(c_fd, 0).map(|()| w)).and_then(|w| w.add(b_fd, 1).map(|()| w)) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!("sockmap: epoll: {e}");
-                drop(members);
-                abort(&t.client);
-                abort(&t.backend);
-                return Ok(ended(&up, &down, CloseReason::Error));
-            }
-        };
-
-    let reason = watch_loop(kernel, limits, &t, &watch, &waker, &mut up, &mut down).await;
+    // From here on only this plane touches the sockets: take them away from
+    // tokio, so that bytes the kernel redirects no longer wake its reactor
+    // (a wakeup per segment); the events thread reports what matters.
+    let Tunnel { client, backend, idle_timeout, drain, .. } = t;
+    let (client, backend) = match (client.into_std(), backend.into_std()) {
+        (Ok(c), Ok(b)) => (c, b),
+        (c, b) => {
+            tracing::warn!("sockmap: leaving tokio: {:?} {:?}", c.err(), b.err());
+            drop(members);
+            abort(c_fd);
+            abort(b_fd);
+            return Ok(ended(&up, &down, CloseReason::Error));
+        }
+    };
+    let ctx = Watch { kernel, limits, signal: &signal, idle_timeout, drain: &drain, cookies: [c_ck, b_ck] };
+    let reason = ctx.run(&mut up, &mut down).await;
     // The last counts, before the entries go.
     up.redirected = kernel.peer(c_ck).bytes;
     down.redirected = kernel.peer(b_ck).bytes;
     let outcome = ended(&up, &down, reason);
     drop(members);
     if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset) {
-        abort(&t.client);
-        abort(&t.backend);
+        abort(c_fd);
+        abort(b_fd);
     }
+    drop((client, backend));
     Ok(outcome)
 }
 
-/// Watches the tunnel until it ends; returns why.
-async fn watch_loop<'a>(
-    kernel: &Kernel,
+/// What the watching of one tunnel needs besides its two directions.
+struct Watch<'w> {
+    kernel: &'w Kernel,
     limits: Limits,
-    t: &Tunnel,
-    watch: &HangupWatch,
-    waker: &Notify,
-    up: &mut Dir<'a>,
-    down: &mut Dir<'a>,
-) -> CloseReason {
-    let mut tick = TICK_MIN;
-    let mut copy_stalled = false;
-    let mut copy_fired_at: Option<u64> = None;
-    let mut last_sign = None;
-    let mut last_activity = Instant::now();
-    loop {
-        // Check queues, FINs and progress.
-        for dir in [&mut *up, &mut *down] {
-            let src_is_client = std::ptr::eq(dir.src, &t.client);
-            match check(kernel, limits, dir) {
-                Ok(true) => tick = TICK_MIN,
-                Ok(false) => {}
-                Err(failed) => {
-                    tracing::debug!("sockmap: {failed}");
-                    let client_failed = matches!(failed, Failed::Src(_)) == src_is_client;
-                    return if client_failed { CloseReason::ClientReset } else { CloseReason::BackendReset };
-                }
-            }
-        }
-        if up.done && down.done {
-            return CloseReason::Done;
-        }
-        if let Some(before) = copy_fired_at.take() {
-            // Readiness that moved nothing: wait for the timer once.
-            let now = up.copied + down.copied + (up.tail.len() + down.tail.len()) as u64;
-            copy_stalled = now == before;
-        }
-        let sign = activity_sign(up, down);
-        if last_sign != Some(sign) {
-            last_sign = Some(sign);
-            last_activity = Instant::now();
-        }
-        let idle_deadline = last_activity + t.idle_timeout;
-        let now = Instant::now();
-        if now >= idle_deadline {
-            return CloseReason::Idle;
-        }
-        let busy = [&*up, &*down].iter().any(|d| !d.done && (d.paused || d.eof || d.passed > d.copied));
-        let wait = if busy { tick.min(TICK_BUSY_MAX) } else { tick.min(idle_deadline - now) };
+    signal: &'w Signal,
+    idle_timeout: Duration,
+    drain: &'w tokio_util::sync::CancellationToken,
+    /// Client, backend: also the epoll tokens.
+    cookies: [u64; 2],
+}
 
-        // Readiness only helps a direction whose next step waits on a
-        // socket (not on the psock queue flushing, which the timer polls),
-        // and only if the last readiness led to progress.
-        let progress = up.copied + down.copied + (up.tail.len() + down.tail.len()) as u64;
-        let copying = |d: &Dir<'a>| {
-            (d.copying() && !d.eof && !d.awaiting_flush && !copy_stalled).then_some((d.src, d.dst, !d.tail.is_empty()))
-        };
-        let copy_wait = copy_ready([copying(up), copying(down)]);
-        tokio::select! {
-            biased;
-            _ = t.drain.cancelled() => return CloseReason::Drain,
-            _ = copy_wait => {
-                copy_fired_at = Some(progress);
-                tick = TICK_MIN;
-            }
-            events = watch.wait() => {
-                let events = match events {
-                    Ok(events) => events,
-                    Err(e) => {
-                        tracing::warn!("sockmap: epoll: {e}");
-                        return CloseReason::Error;
+/// Epoll interest of one socket: `EPOLLRDHUP` while its FIN may still come,
+/// `EPOLLIN`/`EPOLLOUT` while a direction copying in userspace waits on it.
+fn interest(src_of: &Dir<'_>, dst_of: &Dir<'_>, copy_ready: bool) -> u32 {
+    let mut events = 0;
+    if !src_of.eof {
+        events |= libc::EPOLLRDHUP as u32;
+    }
+    if copy_ready && src_of.waits_for_source() {
+        events |= libc::EPOLLIN as u32;
+    }
+    if copy_ready && dst_of.waits_for_destination() {
+        events |= libc::EPOLLOUT as u32;
+    }
+    events
+}
+
+impl Watch<'_> {
+    /// Watches the tunnel until it ends; returns why.
+    async fn run<'a>(&self, up: &mut Dir<'a>, down: &mut Dir<'a>) -> CloseReason {
+        let mut tick = TICK_MIN;
+        let mut copy_stalled = false;
+        let mut copy_fired_at: Option<u64> = None;
+        let mut last_sign = None;
+        let mut last_activity = Instant::now();
+        // What each socket (client, backend) is armed for; None: disarmed
+        // (a report came) or hung up (never armed again).
+        let mut armed: [Option<u32>; 2] = [None, None];
+        let mut hung_up = [false, false];
+        loop {
+            // Check queues, FINs and progress.
+            for (dir, src_is_client) in [(&mut *up, true), (&mut *down, false)] {
+                match check(self.kernel, self.limits, dir) {
+                    Ok(true) => tick = TICK_MIN,
+                    Ok(false) => {}
+                    Err(failed) => {
+                        tracing::debug!("sockmap: {failed}");
+                        let client_failed = matches!(failed, Failed::Src(_)) == src_is_client;
+                        return if client_failed { CloseReason::ClientReset } else { CloseReason::BackendReset };
                     }
-                };
-                for ev in events {
-                    let (fd, from_client) = if ev.token == 0 {
-                        (t.client.as_raw_fd(), true)
-                    } else {
-                        (t.backend.as_raw_fd(), false)
-                    };
-                    let so_error = if ev.error { sys::take_error(fd) } else { Ok(0) };
-                    tracing::trace!(?ev, ?so_error, "sockmap: socket event");
-                    if so_error.as_ref().map(|&e| e != 0).unwrap_or(true) {
-                        tracing::debug!(from_client, ?ev, ?so_error, "sockmap: socket error");
-                        return if from_client {
-                            CloseReason::ClientReset
-                        } else {
-                            CloseReason::BackendReset
-                        };
-                    }
-                    let dir = if from_client { &mut *up } else { &mut *down };
-                    if ev.read_closed || ev.hup {
-                        tracing::debug!(from_client, ?ev, "sockmap: FIN seen (epoll)");
-                        dir.eof = true;
-                    }
-                    // Level-triggered: stop reporting what was handled.
-                    let _ = if ev.hup {
-                        watch.remove(fd)
-                    } else {
-                        watch.ignore_fin(fd, ev.token)
-                    };
                 }
-                tick = TICK_MIN;
             }
-            _ = waker.notified() => {
-                tracing::trace!("sockmap: budget event");
-                tick = TICK_MIN;
+            if up.done && down.done {
+                return CloseReason::Done;
             }
-            _ = tokio::time::sleep(wait) => {
-                copy_stalled = false;
-                tick = (tick * 2).min(Duration::from_secs(3600));
+            if let Some(before) = copy_fired_at.take() {
+                // Readiness that moved nothing: wait for the timer once.
+                copy_stalled = progress(up, down) == before;
+            }
+            let sign = activity_sign(up, down);
+            if last_sign != Some(sign) {
+                last_sign = Some(sign);
+                last_activity = Instant::now();
+            }
+            let idle_deadline = last_activity + self.idle_timeout;
+            let now = Instant::now();
+            if now >= idle_deadline {
+                return CloseReason::Idle;
+            }
+            let busy = [&*up, &*down].iter().any(|d| !d.done && (d.paused || d.eof || d.passed > d.copied));
+            let wait = if busy { tick.min(TICK_BUSY_MAX) } else { tick.min(idle_deadline - now) };
+
+            // Arm each socket for what it should report next. Readiness only
+            // helps a direction whose next step waits on a socket (not on the
+            // psock queue flushing, which the timer polls), and only if the
+            // last readiness led to progress.
+            let want = [interest(up, down, !copy_stalled), interest(down, up, !copy_stalled)];
+            for side in 0..2 {
+                if hung_up[side] || armed[side] == Some(want[side]) {
+                    continue;
+                }
+                let fd = if side == 0 { up.src } else { down.src };
+                if let Err(e) = self.kernel.arm(self.cookies[side], fd, want[side]) {
+                    tracing::warn!("sockmap: epoll: {e}");
+                    return CloseReason::Error;
+                }
+                armed[side] = Some(want[side]);
+            }
+            let copy_armed = want.iter().any(|w| w & (libc::EPOLLIN | libc::EPOLLOUT) as u32 != 0);
+            let before = progress(up, down);
+
+            tokio::select! {
+                biased;
+                _ = self.drain.cancelled() => return CloseReason::Drain,
+                _ = self.signal.notify.notified() => {
+                    for side in 0..2 {
+                        let bits = self.signal.take(side);
+                        if bits == 0 {
+                            continue;
+                        }
+                        armed[side] = None;
+                        let from_client = side == 0;
+                        let fd = if from_client { up.src } else { down.src };
+                        let error = bits & libc::EPOLLERR as u32 != 0;
+                        let so_error = if error { sys::take_error(fd) } else { Ok(0) };
+                        tracing::trace!(bits, ?so_error, from_client, "sockmap: socket event");
+                        if so_error.as_ref().map(|&e| e != 0).unwrap_or(true) {
+                            tracing::debug!(from_client, bits, ?so_error, "sockmap: socket error");
+                            return if from_client { CloseReason::ClientReset } else { CloseReason::BackendReset };
+                        }
+                        let hup = bits & libc::EPOLLHUP as u32 != 0;
+                        if bits & libc::EPOLLRDHUP as u32 != 0 || hup {
+                            let dir = if from_client { &mut *up } else { &mut *down };
+                            if !dir.eof {
+                                tracing::debug!(from_client, bits, "sockmap: FIN seen (epoll)");
+                            }
+                            dir.eof = true;
+                        }
+                        // A hung-up socket would report HUP on every arming.
+                        hung_up[side] |= hup;
+                    }
+                    if copy_armed {
+                        copy_fired_at = Some(before);
+                    }
+                    tick = TICK_MIN;
+                }
+                _ = tokio::time::sleep(wait) => {
+                    copy_stalled = false;
+                    tick = (tick * 2).min(Duration::from_secs(3600));
+                }
             }
         }
     }
+}
+
+/// Bytes userspace moved or holds, both ways: did a readiness report help?
+fn progress(up: &Dir<'_>, down: &Dir<'_>) -> u64 {
+    up.copied + down.copied + (up.tail.len() + down.tail.len()) as u64
 }
 
 /// What idleness is measured on: bytes moved and acknowledged either way.
@@ -652,7 +698,7 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
     let queued = sys::inq(d.src_fd()).map_err(Failed::Src)?;
     if queued > 0 {
         // Bytes that arrived without a data-ready: run the verdict.
-        sys::kick(d.src_fd());
+        sys::kick(d.src_fd()).map_err(Failed::Src)?;
         return Ok(true);
     }
     if d.eof && d.tail.is_empty() {
@@ -676,7 +722,7 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
                 copied = d.copied,
                 "sockmap: FIN passed on"
             );
-            SockRef::from(d.dst).shutdown(Shutdown::Write).map_err(Failed::Dst)?;
+            sys::shutdown_write(d.dst).map_err(Failed::Dst)?;
             d.done = true;
             return Ok(true);
         }
@@ -694,29 +740,6 @@ fn chain(e: &dyn std::error::Error) -> String {
         next = cause.source();
     }
     out
-}
-
-/// Waits until a direction in copy mode can make progress: its destination
-/// is writable (bytes held) or its source readable. Never completes when no
-/// direction copies.
-async fn copy_ready(dirs: [Option<(&TcpStream, &TcpStream, bool)>; 2]) {
-    let [a, b] = dirs;
-    tokio::select! {
-        _ = copy_ready_one(a) => {}
-        _ = copy_ready_one(b) => {}
-    }
-}
-
-async fn copy_ready_one(d: Option<(&TcpStream, &TcpStream, bool)>) {
-    match d {
-        Some((_, dst, true)) => {
-            let _ = dst.writable().await;
-        }
-        Some((src, _, false)) => {
-            let _ = src.readable().await;
-        }
-        None => std::future::pending::<()>().await,
-    }
 }
 
 /// Forwards bytes the verdict passed to userspace (they wait on the source
@@ -737,7 +760,7 @@ fn forward_passed(kernel: &Kernel, d: &mut Dir<'_>) -> Result<bool, Failed> {
             if d.awaiting_flush {
                 return Ok(moved);
             }
-            match d.dst.try_write(&d.tail) {
+            match sys::send_now(d.dst, &d.tail) {
                 Ok(n) => {
                     d.tail.drain(..n);
                     d.copied += n as u64;
@@ -751,7 +774,7 @@ fn forward_passed(kernel: &Kernel, d: &mut Dir<'_>) -> Result<bool, Failed> {
             }
         }
         let mut buf = vec![0u8; TAIL_BUFFER];
-        match d.src.try_read(&mut buf) {
+        match sys::recv_now(d.src, &mut buf) {
             Ok(0) => {
                 // FIN: the usual path passes it on once everything is flushed.
                 tracing::debug!(src = d.src_fd(), copied = d.copied, "sockmap: FIN seen (read)");
