@@ -7,9 +7,10 @@
 //! FIN handling of sockmap sockets (6.4), and the fixes for data loss on
 //! EAGAIN and the linearize panic (CVE-2025-38165). [`probe`] checks it.
 //!
-//! * [`kernel`]: the loaded program and its maps, loaded once per plane;
+//! * [`kernel`]: the loaded program and its maps, loaded once per plane,
+//!   and the events thread (one epoll set for every tunnel's sockets);
 //! * [`tunnel`]: the handoff, watching and teardown of one tunnel;
-//! * [`sys`]: socket calls (cookies, TCP_INFO, queues, kick, epoll).
+//! * [`sys`]: socket calls (cookies, TCP_INFO, queues, kick, abort).
 //!
 //! [`SockmapPlane::new`] runs a self-test through the real program before
 //! the plane is used: a loopback tunnel with leftovers both ways and a

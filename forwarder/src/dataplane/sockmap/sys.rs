@@ -172,10 +172,9 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads everything queued on `fd` in one non-blocking `recv` and appends
-/// it to `out`. `Ok(true)`: the receive queue was emptied; `Ok(false)`: more
-/// than `max` bytes were queued (all read so far is in `out`, some may be
-/// left).
+/// Reads everything queued on `fd` without blocking and appends it to
+/// `out`. `Ok(true)`: the receive queue was emptied; `Ok(false)`: more than
+/// `max` bytes were queued (all read so far is in `out`, some may be left).
 ///
 /// Empty is the point: the verdict reads whole segments (`tcp_read_skb`
 /// ignores how much of the first one userspace consumed), so a segment
@@ -183,29 +182,41 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
 /// the `SIOCINQ` count is not enough: a segment arriving between the ioctl
 /// and the read is coalesced into the last queued one, and the read stops
 /// inside it (reproduced: 64 KiB sent twice at full speed). Reading in
-/// chunks until `EAGAIN` never ends against a fast sender. One `recv` with
-/// room to spare does it: `tcp_recvmsg` returns short only once it found
-/// no further byte, every segment it read from eaten whole.
+/// small chunks until `EAGAIN` never ends against a fast sender. What does
+/// it is a last `recv` that comes back short: `tcp_recvmsg` returns short
+/// only once it found no further byte, every segment it read from eaten
+/// whole. So: one small read (most handoffs find nothing or a little),
+/// then, if it came back full, one read with room for everything up to
+/// `max` (a fresh 4 MiB allocation per handoff costs more than the read).
 pub fn read_queued(fd: RawFd, out: &mut Vec<u8>, max: usize) -> io::Result<bool> {
-    let room = max + 1;
-    out.reserve(room);
+    const FIRST: usize = 64 * 1024;
     let start = out.len();
+    let mut room = FIRST.min(max + 1);
     loop {
+        out.reserve(room);
         let spare = &mut out.spare_capacity_mut()[..room];
         // SAFETY: `spare` is valid for `room` bytes of writes; recv writes at
         // most that many and reports how many.
         let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), room, libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return match e.kind() {
+            match e.kind() {
                 io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => Ok(true),
-                _ => Err(e),
-            };
+                io::ErrorKind::WouldBlock => return Ok(true),
+                _ => return Err(e),
+            }
         }
+        let n = n as usize;
         // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
-        unsafe { out.set_len(start + n as usize) };
-        return Ok((n as usize) < room);
+        unsafe { out.set_len(out.len() + n) };
+        let got = out.len() - start;
+        if n < room {
+            return Ok(true);
+        }
+        if got > max {
+            return Ok(false);
+        }
+        room = max + 1 - got;
     }
 }
 

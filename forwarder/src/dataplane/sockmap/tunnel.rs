@@ -25,10 +25,13 @@
 //!    forwarded by userspace first: the verdict redirects only once
 //!    userspace reports it forwarded every passed byte.
 //!
-//! Then the kernel moves the bytes. Userspace wakes on FIN/hang-up/error
-//! (epoll without `EPOLLIN`), on a ring-buffer event when a direction moved
-//! another `budget` bytes, on timers while something is pending, and on the
-//! idle deadline.
+//! Then the kernel moves the bytes. The sockets leave tokio (whose reactor
+//! would wake for every redirected segment) and join the plane's one epoll
+//! set, armed one-shot for what the tunnel waits on: FIN, hang-up and
+//! errors; readable/writable only while a direction copies in userspace.
+//! The tunnel wakes on those reports, on a ring-buffer event when a
+//! direction moved another `budget` bytes, on timers while something is
+//! pending, and on the idle deadline.
 //!
 //! Backpressure: a direction whose destination holds more than `high` bytes
 //! not yet acknowledged (psock queue + send queue) is paused through its
