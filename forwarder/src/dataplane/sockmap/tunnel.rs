@@ -643,7 +643,12 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
         return Ok(false);
     }
     let entry = kernel.peer(d.src_cookie);
-    let mut changed = entry.bytes != d.redirected || entry.passed != d.passed;
+    // Bytes the kernel redirected are no work for userspace: only bytes
+    // passed to it are. (Counting redirects as a change woke every tunnel
+    // a handful of times per message: 1.3x HAProxy's router CPU at 20,000
+    // messages/s.) Pressure is checked when the ring buffer says a
+    // direction moved another budget of bytes.
+    let mut changed = entry.passed != d.passed;
     d.redirected = entry.bytes;
     d.passed = entry.passed;
     let dst = sys::tcp_counters(d.dst_fd()).map_err(Failed::Dst)?;
