@@ -659,26 +659,18 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
     let set_control =
         |d: &Dir<'_>| kernel.control(d.src_cookie, d.control()).map_err(|e| Failed::Src(io::Error::other(chain(&e))));
 
-    if !d.paused && in_kernel > limits.high {
-        d.paused = true;
+    // Hysteresis: pause above `high`, resume at or below `low`.
+    let pause = if d.paused { in_kernel > limits.low } else { in_kernel > limits.high };
+    if pause != d.paused {
+        d.paused = pause;
         set_control(d)?;
         tracing::debug!(
+            paused = pause,
             in_kernel,
             redirected = d.redirected,
             passed = d.passed,
             copied = d.copied,
-            "sockmap: direction paused"
-        );
-        changed = true;
-    } else if d.paused && in_kernel <= limits.low {
-        d.paused = false;
-        set_control(d)?;
-        tracing::debug!(
-            in_kernel,
-            redirected = d.redirected,
-            passed = d.passed,
-            copied = d.copied,
-            "sockmap: direction resumed"
+            "sockmap: direction paused or resumed"
         );
         changed = true;
     }
