@@ -140,17 +140,7 @@ fn divergence(want: &[u8], got: &[u8]) -> Option<String> {
 
 /// Hash of `prefix` followed by what `send(seed, len)` sends.
 fn expected(prefix: &[u8], seed: u64, len: usize) -> [u8; 32] {
-    let mut hash = Sha256::new();
-    hash.update(prefix);
-    let mut sent = 0;
-    let mut chunk_seed = seed;
-    while sent < len {
-        let n = (len - sent).min(256 * 1024);
-        hash.update(pattern(chunk_seed, n));
-        chunk_seed += 1;
-        sent += n;
-    }
-    hash.finalize().into()
+    Sha256::digest(expected_bytes(prefix, seed, len)).into()
 }
 
 async fn relay(plane: &SockmapPlane, t: Tunnel) -> Outcome {
