@@ -30,6 +30,12 @@
 //! from `ACTIVE` instead would be simpler, but a segment being verdicted at
 //! that moment finds no program and is dropped: lost 64 KiB in a test.)
 //!
+//! Repeated heads: TCP may queue a segment whose head it already received
+//! (a retransmission merged with new bytes); the kernel hands the verdict
+//! whole segments, so the program cuts the repeated head off first
+//! ([`trim_repeat`]), or, if it cannot, marks the socket broken and drops
+//! its bytes so that userspace resets the tunnel rather than corrupt it.
+//!
 //! A socket without a `PEERS` entry gets `SK_PASS`: its bytes go to its own
 //! receive queue, never dropped. Zero-length segments (FIN) are dropped.
 
@@ -49,7 +55,7 @@ use aya_ebpf::{
 const MAX_SOCKETS: u32 = 65_536;
 
 /// Per-socket entry of [`PEERS`]. The layout is shared with userspace
-/// (`forwarder/src/dataplane/sockmap/maps.rs`): change both together.
+/// (`forwarder/src/dataplane/sockmap/kernel.rs`): change both together.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Peer {
@@ -62,10 +68,24 @@ pub struct Peer {
     pub segments: u64,
     /// Bytes passed to this socket's own queue (for userspace) so far.
     pub passed: u64,
+    /// Bytes cut off the head of segments that repeated bytes this program
+    /// had already handled (see [`trim_repeat`]).
+    pub trimmed: u64,
     /// Index into [`STATS`]: 0 client → backend, 1 backend → client.
     pub dir: u32,
+    /// TCP sequence number of the first byte this program has not seen yet
+    /// (valid once [`SEQ_KNOWN`] is set).
+    pub next_seq: u32,
+    /// [`SEQ_KNOWN`], [`BROKEN`].
+    pub flags: u32,
     pub _pad: u32,
 }
+
+/// [`Peer::next_seq`] holds the sequence number after the last segment.
+pub const SEQ_KNOWN: u32 = 1;
+/// A repeated head could not be cut off: the stream is no longer exact, so
+/// every later byte is dropped and userspace resets the tunnel.
+pub const BROKEN: u32 = 2;
 
 /// Per-socket entry of [`CONTROL`], written by userspace only.
 #[repr(C)]
@@ -87,6 +107,15 @@ pub struct Stats {
 
 /// [`STATS`] slot counting redirects the kernel refused (peer socket gone).
 const STATS_FAILED: u32 = 2;
+/// [`STATS`] slot counting repeated bytes cut off segments ([`trim_repeat`]).
+const STATS_TRIMMED: u32 = 3;
+
+/// Most bytes `bpf_skb_adjust_room` removes from an `sk_skb` in one call.
+const ADJUST_ROOM_MAX: u32 = 0xfff;
+/// Bound of the trimming loop: 64 steps cut up to 256 KiB, more than the
+/// largest segment the TCP receive path queues (backlog coalescing merges
+/// at most a 64 KiB-limited run of segments plus one).
+const TRIM_STEPS: u32 = 64;
 
 #[map]
 static ACTIVE: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
@@ -103,7 +132,7 @@ static PEERS: HashMap<u64, Peer> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 static CONTROL: HashMap<u64, Control> = HashMap::with_max_entries(MAX_SOCKETS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
-static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(3, 0);
+static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(4, 0);
 
 #[map]
 static NOTIFY: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
@@ -131,7 +160,24 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: `entry` points into a PEERS value; only this program writes
     // it, for one socket at a time (the kernel serialises the verdict per
     // socket under the socket lock); userspace only reads it.
-    let (mut peer, dir, passed) = unsafe { ((*entry).peer, (*entry).dir, (*entry).passed) };
+    let (mut peer, dir, passed, flags) = unsafe { ((*entry).peer, (*entry).dir, (*entry).passed, (*entry).flags) };
+    if flags & BROKEN != 0 {
+        return sk_action::SK_DROP;
+    }
+    let len = match trim_repeat(&ctx, entry, flags, len) {
+        Ok(len) => len,
+        Err(()) => {
+            // SAFETY: as for `entry` above.
+            unsafe { (*entry).flags = flags | BROKEN };
+            let _ = EVENTS.output::<u64>(cookie, 0);
+            return sk_action::SK_DROP;
+        }
+    };
+    if len == 0 {
+        // Every byte of it was handled before; nothing is left to send, and
+        // an empty segment leaves the socket's counts alone when dropped.
+        return sk_action::SK_DROP;
+    }
     // SAFETY: a value of a non-preallocated map: userspace replaces it
     // whole, the old one stays valid (RCU) while this program reads it.
     let (copied, paused) = match unsafe { CONTROL.get(cookie) } {
@@ -165,6 +211,65 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
         count(STATS_FAILED, len);
     }
     verdict
+}
+
+/// Cuts off the head of a segment that repeats bytes this program already
+/// handled; returns how many bytes are left.
+///
+/// The kernel hands this program whole queued segments (`tcp_read_skb`),
+/// unlike `recv()`, which starts reading at the socket's copied sequence
+/// number. TCP queues a segment whose head it already received when only
+/// its tail is new — a retransmission merged with new bytes in the socket
+/// backlog, or an out-of-order segment overlapping one that filled the
+/// hole — so without this the peer gets the head twice (reproduced on 6.18:
+/// one 65,483-byte segment twice in most 1 GiB runs against backpressure).
+/// The segment's TCP sequence number is the first word of the control
+/// buffer (`TCP_SKB_CB(skb)->seq`, which `__sk_buff.cb[0]` reads in an
+/// `sk_skb` program); trimming the head before the verdict also keeps the
+/// socket's copied sequence number exact, since the kernel adds the
+/// segment's remaining length.
+fn trim_repeat(ctx: &SkBuffContext, entry: *mut Peer, flags: u32, len: u64) -> Result<u64, ()> {
+    let seq = ctx.cb()[0];
+    // SAFETY: `entry` as in the caller.
+    let next = unsafe { (*entry).next_seq };
+    let end = seq.wrapping_add(len as u32);
+    if flags & SEQ_KNOWN == 0 {
+        // SAFETY: as above.
+        unsafe {
+            (*entry).next_seq = end;
+            (*entry).flags = flags | SEQ_KNOWN;
+        }
+        return Ok(len);
+    }
+    // Serial-number arithmetic: positive when `seq` is before `next`.
+    let repeated = next.wrapping_sub(seq) as i32;
+    if repeated <= 0 {
+        // SAFETY: as above.
+        unsafe { (*entry).next_seq = end };
+        return Ok(len);
+    }
+    let cut = (repeated as u64).min(len) as u32;
+    let mut left = cut;
+    for _ in 0..TRIM_STEPS {
+        if left == 0 {
+            break;
+        }
+        let step = left.min(ADJUST_ROOM_MAX);
+        // Shrinking an sk_skb pulls `step` bytes off its head.
+        ctx.adjust_room(-(step as i32), 0, 0).map_err(|_| ())?;
+        left -= step;
+    }
+    if left != 0 {
+        return Err(());
+    }
+    if end.wrapping_sub(next) as i32 > 0 {
+        // SAFETY: as above.
+        unsafe { (*entry).next_seq = end };
+    }
+    // SAFETY: as above.
+    unsafe { (*entry).trimmed += u64::from(cut) };
+    count(STATS_TRIMMED, u64::from(cut));
+    Ok(len - u64::from(cut))
 }
 
 fn count(slot: u32, len: u64) {

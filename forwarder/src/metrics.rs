@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::dataplane::{DataPlanes, Mode};
+use crate::dataplane::{DataPlanes, Mode, Plane};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
@@ -141,6 +141,13 @@ impl Metrics {
                     out,
                     "upsplice_relayed_bytes_total{{data_plane=\"{m}\",direction=\"to_client\"}} {to_client}"
                 );
+            }
+            for plane in planes.planes() {
+                if let Plane::Sockmap(p) = plane {
+                    out.push_str("# HELP upsplice_sockmap_trimmed_bytes Retransmitted bytes the sockmap program cut off segments that TCP queued overlapping bytes already relayed.\n");
+                    out.push_str("# TYPE upsplice_sockmap_trimmed_bytes counter\n");
+                    let _ = writeln!(out, "upsplice_sockmap_trimmed_bytes_total {}", p.bytes_trimmed());
+                }
             }
         }
         out.push_str("# EOF\n");

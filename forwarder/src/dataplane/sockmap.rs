@@ -48,7 +48,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use self::kernel::{Kernel, DIR_TO_BACKEND, DIR_TO_CLIENT, STATS_FAILED};
+use self::kernel::{Kernel, DIR_TO_BACKEND, DIR_TO_CLIENT, STATS_FAILED, STATS_TRIMMED};
 use self::tunnel::{Limits, UserBytes};
 use super::{CloseReason, Outcome, Rejected, Tunnel};
 use crate::config::DataPlaneConfig;
@@ -162,6 +162,13 @@ impl SockmapPlane {
             self.kernel.stats(DIR_TO_CLIENT).segments,
             self.kernel.stats(STATS_FAILED).bytes,
         )
+    }
+
+    /// Repeated bytes the program cut off the head of segments so far: TCP
+    /// queued a retransmission that overlapped bytes already relayed (see
+    /// `trim_repeat` in `ebpf/src/main.rs`).
+    pub fn bytes_trimmed(&self) -> u64 {
+        self.kernel.stats(STATS_TRIMMED).bytes
     }
 
     /// Relays `t` in the kernel until it ends; hands it back when its

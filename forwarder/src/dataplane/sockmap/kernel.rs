@@ -21,12 +21,20 @@ pub struct PeerEntry {
     pub bytes: u64,
     pub segments: u64,
     pub passed: u64,
+    pub trimmed: u64,
     pub dir: u32,
+    pub next_seq: u32,
+    pub flags: u32,
     pub pad: u32,
 }
 
+/// `PeerEntry::flags`: a repeated segment head could not be cut off; the
+/// program drops everything from that socket and userspace must reset the
+/// tunnel (its stream is no longer exact).
+pub const PEER_BROKEN: u32 = 2;
+
 // SAFETY: plain old data: integers only, `repr(C)`, no padding bytes
-// (4 × u64 + 2 × u32 = 40 bytes, 8-aligned).
+// (5 × u64 + 4 × u32 = 56 bytes, 8-aligned).
 unsafe impl aya::Pod for PeerEntry {}
 
 /// `Control` of the eBPF program's `CONTROL` map; same layout.
@@ -57,6 +65,9 @@ pub const DIR_TO_BACKEND: u32 = 0;
 pub const DIR_TO_CLIENT: u32 = 1;
 /// `STATS` slot of redirects the kernel refused.
 pub const STATS_FAILED: u32 = 2;
+/// `STATS` slot of repeated bytes cut off the head of segments (TCP queued
+/// a retransmission overlapping bytes already handled).
+pub const STATS_TRIMMED: u32 = 3;
 
 /// What wakes one tunnel: the events thread records socket events here
 /// (per side: 0 client, 1 backend) and notifies; so do ring-buffer events

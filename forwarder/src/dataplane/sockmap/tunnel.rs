@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
-use super::kernel::{Control, Kernel, PeerEntry, Signal, DIR_TO_BACKEND, DIR_TO_CLIENT};
+use super::kernel::{Control, Kernel, PeerEntry, Signal, DIR_TO_BACKEND, DIR_TO_CLIENT, PEER_BROKEN};
 use super::sys::{self, abort};
 use crate::dataplane::{CloseReason, Outcome, Rejected, Tunnel};
 
@@ -467,7 +467,9 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
     down.redirected = kernel.peer(b_ck).bytes;
     let outcome = ended(&up, &down, reason);
     drop(members);
-    if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset) {
+    // A reset, or a stream that can no longer be relayed exactly: a FIN
+    // would tell the peers everything arrived.
+    if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset | CloseReason::Error) {
         abort(c_fd);
         abort(b_fd);
     }
@@ -520,6 +522,10 @@ impl Watch<'_> {
                 match check(self.kernel, self.limits, dir) {
                     Ok(true) => tick = TICK_MIN,
                     Ok(false) => {}
+                    Err(Failed::Broken) => {
+                        tracing::warn!("sockmap: {}; resetting the tunnel", Failed::Broken);
+                        return CloseReason::Error;
+                    }
                     Err(failed) => {
                         tracing::debug!("sockmap: {failed}");
                         let client_failed = matches!(failed, Failed::Src(_)) == src_is_client;
@@ -621,10 +627,13 @@ fn activity_sign(up: &Dir<'_>, down: &Dir<'_>) -> (u64, u64, u64, u64) {
     (up.moved(), down.moved(), acked(up), acked(down))
 }
 
-/// Which socket of a direction failed.
+/// Which socket of a direction failed, or whether its stream broke.
 enum Failed {
     Src(io::Error),
     Dst(io::Error),
+    /// The program could not cut a repeated head off a segment (an
+    /// allocation failed) and dropped it: bytes are missing.
+    Broken,
 }
 
 impl std::fmt::Display for Failed {
@@ -632,6 +641,7 @@ impl std::fmt::Display for Failed {
         match self {
             Failed::Src(e) => write!(f, "source failed: {e}"),
             Failed::Dst(e) => write!(f, "destination failed: {e}"),
+            Failed::Broken => write!(f, "a retransmitted segment could not be trimmed in the kernel"),
         }
     }
 }
@@ -643,6 +653,9 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
         return Ok(false);
     }
     let entry = kernel.peer(d.src_cookie);
+    if entry.flags & PEER_BROKEN != 0 {
+        return Err(Failed::Broken);
+    }
     // Bytes the kernel redirected are no work for userspace: only bytes
     // passed to it are. (Counting redirects as a change woke every tunnel
     // a handful of times per message: 1.3x HAProxy's router CPU at 20,000
