@@ -170,6 +170,16 @@ impl Router {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
     }
 
+    /// Open fds of the router process that are pipe ends (the splice
+    /// plane keeps emptied pipes in its pool for the next burst).
+    pub fn pipe_fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+            .count()
+    }
+
     /// Resident memory of the router process in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
