@@ -102,9 +102,6 @@ fn check(path: &Path) -> anyhow::Result<()> {
     println!("data planes on this machine:");
     for (mode, available) in dataplane::probe_all() {
         match available {
-            Ok(()) if mode == dataplane::Mode::Sockmap => {
-                println!("  {mode:<8} available, opt-in only (auto skips it: {})", dataplane::sockmap::NOT_FOR_AUTO)
-            }
             Ok(()) => println!("  {mode:<8} available"),
             Err(why) => println!("  {mode:<8} unavailable: {why}"),
         }

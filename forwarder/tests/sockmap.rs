@@ -163,15 +163,17 @@ fn close_wait_on(port: u16) -> usize {
         .count()
 }
 
-/// `auto` does not pick the plane (see the known issue in its docs).
+/// Where the plane can run (root, the eBPF toolchain at build time), `auto`
+/// picks it, with splice and copy behind it for tunnels it cannot take.
 #[test]
-fn auto_does_not_pick_sockmap() {
+fn auto_picks_sockmap_here() {
     if sockmap::probe().is_err() {
         return;
     }
-    assert!(!upsplice::dataplane::AUTO_ORDER.contains(&upsplice::dataplane::Mode::Sockmap));
-    let planes = upsplice::dataplane::DataPlanes::start(&DataPlaneConfig::default()).unwrap();
-    assert!(planes.planes().iter().all(|p| p.mode() != upsplice::dataplane::Mode::Sockmap));
+    use upsplice::dataplane::{DataPlanes, Mode};
+    let planes = DataPlanes::start(&DataPlaneConfig::default()).unwrap();
+    let modes: Vec<Mode> = planes.planes().iter().map(|p| p.mode()).collect();
+    assert_eq!(modes, [Mode::Sockmap, Mode::Splice, Mode::Copy]);
 }
 
 #[test]

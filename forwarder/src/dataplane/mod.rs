@@ -207,10 +207,9 @@ pub fn probe_all() -> Vec<(Mode, Result<(), String>)> {
     ]
 }
 
-/// The order in which `auto` tries the planes: the first that starts wins.
-/// sockmap is not in it (see [`sockmap::NOT_FOR_AUTO`]): it runs only when
-/// asked for by name.
-pub const AUTO_ORDER: [Mode; 3] = [Mode::Uring, Mode::Splice, Mode::Copy];
+/// The order in which `auto` tries the planes: the first that starts (for
+/// sockmap: loads, attaches and passes its loopback self-test) wins.
+pub const AUTO_ORDER: [Mode; 4] = [Mode::Sockmap, Mode::Uring, Mode::Splice, Mode::Copy];
 
 /// The chosen plane followed by its fallbacks (always ending with copy).
 pub struct DataPlanes {
@@ -224,7 +223,6 @@ impl DataPlanes {
     pub fn start(cfg: &DataPlaneConfig) -> Result<DataPlanes, String> {
         let primary = match cfg.mode {
             Mode::Auto => {
-                tracing::info!(data_plane = "sockmap", "auto: sockmap is not tried: {}", sockmap::NOT_FOR_AUTO);
                 let mut chosen = None;
                 for mode in AUTO_ORDER {
                     match Plane::build(mode, cfg) {
@@ -241,9 +239,6 @@ impl DataPlanes {
                 chosen.expect("copy always starts")
             }
             mode => {
-                if mode == Mode::Sockmap {
-                    tracing::warn!("data_plane.mode = \"sockmap\" is experimental: {}", sockmap::NOT_FOR_AUTO);
-                }
                 Plane::build(mode, cfg).map_err(|why| format!("data_plane.mode = \"{mode}\" cannot start: {why}"))?
             }
         };

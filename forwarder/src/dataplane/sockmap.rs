@@ -16,19 +16,20 @@
 //! the plane is used: a loopback tunnel with leftovers both ways and a
 //! backend that speaks first; `auto` falls back when it fails.
 //!
-//! Known issue, why `auto` does not pick this plane: while a direction is
-//! paused (backpressure) its bytes pass through the socket's own psock
-//! queue (`SK_PASS`) and userspace. Under sustained backpressure (one
-//! sender at full speed against the 4 MiB bound, 1 GiB) one whole loopback
-//! segment (65,483 bytes) reaches the backend twice in 3–8 of 8 runs. The
-//! program counts it twice as passed — the kernel ran the verdict over the
-//! same bytes twice — and it happens with the pause made permanent and
-//! without this plane's kicks, so it lies in the kernel's pass-to-self
-//! path, not in the switching protocol; cause not found yet
-//! (`tests/sockmap.rs`: `sustained_backpressure_keeps_every_byte_once`).
-//! Two defects of this plane that looked alike are fixed: a segment split
-//! by the handoff read and sent twice, and FIN passed on while passed
-//! bytes still waited in the psock backlog.
+//! `auto` tries this plane first. What made it opt-in until then: TCP
+//! queues a segment whose head it already received when only its tail is
+//! new (a retransmission merged with new bytes in the socket backlog, or
+//! an out-of-order segment overlapping the one that filled the hole), and
+//! the kernel hands the verdict whole segments (`tcp_read_skb`), so the
+//! peer got the head twice — one 65,483-byte loopback segment in most 1 GiB
+//! runs against backpressure. The program now cuts repeated heads off by
+//! TCP sequence number before the verdict (`trim_repeat` in
+//! `ebpf/src/main.rs`; counted as `upsplice_sockmap_trimmed_bytes_total`),
+//! and resets the tunnel if it cannot (`tests/sockmap.rs`:
+//! `sustained_backpressure_keeps_every_byte_once`). Two defects that looked
+//! alike were fixed before: a segment split by the handoff read and sent
+//! twice, and FIN passed on while passed bytes still waited in the psock
+//! backlog.
 //!
 //! Measured (release, loopback, 2 cores shared with other builds): under
 //! sustained bulk load the paused path carries 95–100% of the bytes, so
@@ -110,12 +111,6 @@ fn capable() -> Result<(), String> {
         Err("needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN)".into())
     }
 }
-
-/// Why `auto` does not pick this plane (it runs only when asked for by
-/// name): under sustained backpressure the kernel's pass-to-self path
-/// delivers one segment twice now and then; see the module docs.
-pub const NOT_FOR_AUTO: &str = "under sustained backpressure the kernel's pass-to-self path delivered one segment \
-                                twice (cause not found yet); opt in with data_plane.mode = \"sockmap\"";
 
 pub struct SockmapPlane {
     /// Boxed: the loaded object is large and `Plane` holds planes inline.
