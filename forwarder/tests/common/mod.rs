@@ -58,7 +58,12 @@ impl Router {
     fn try_start(setup: &Setup<'_>) -> Result<Router, String> {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("upsplice.toml");
-        let (http, tcp, admin) = (free_port(), free_port(), free_port());
+        // Held together while picked, so the three ports differ (picked one
+        // by one, the kernel may hand the same free port out twice).
+        let picked: Vec<StdListener> = (0..3).map(|_| StdListener::bind("127.0.0.1:0").unwrap()).collect();
+        let port = |i: usize| picked[i].local_addr().unwrap().port();
+        let (http, tcp, admin) = (port(0), port(1), port(2));
+        drop(picked);
         let text = render(setup, http, tcp, admin);
         std::fs::write(&config_path, text).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_upsplice"))
