@@ -305,7 +305,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       "router process — and the router's own utime+stime from `/proc/PID/stat` (nginx: master + workers).")
     w(f"6. **Idle tunnels**: {meta.get('idle_n')} WebSocket tunnels opened at 3,000/s over 127.0.0.1–127.0.0.4 on the *fresh* "
       "router (its first workload); router RSS (`VmRSS`) and open fds are read 1.5 s after the last one was due to open. "
-      f"The generator closes a connection once its last scheduled message is answered and has no hold-open mode, so each "
+      f"The `ws` workload closes a connection once its last scheduled message is answered, so each "
       f"tunnel sends one 64-byte message every {meta.get('idle_period', '?')} s (i.e. {meta.get('idle_n')}/{meta.get('idle_period', '?')} "
       "messages/s in total) and the run lasts a full period past the sample: the tunnels are nearly idle, every one is still "
       "open when sampled, and every one is checked to still echo.")
@@ -615,8 +615,8 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w("")
     w("Over each fixed-rate run (connect, warm-up, measured window and drain): *machine* = busy CPU seconds of the whole machine "
       "(`/proc/stat`) per million messages; *extra* = machine minus direct's at the same rate — what routing the messages cost, "
-      "including kernel threads and softirq work the router process is not charged for (and, before 23:35 on the shared "
-      "machine, other people's work: noisy); *router* = the router process's own utime+stime per million messages. Messages = "
+      "including kernel threads and softirq work the router process is not charged for (and whatever else the machine ran: "
+      "see the load average at the top); *router* = the router process's own utime+stime per million messages. Messages = "
       "reply rate × (warm-up + window); each message crosses the router twice (request and echo). Per GiB: see bulk above.")
     w("")
     w("| router | rate (msg/s) | machine CPU per M msgs (s) | extra over direct (s) | extra vs HAProxy | router CPU per M msgs (s) | router vs HAProxy | echo CPU per M (s) | gen (cores) | run |")
@@ -668,8 +668,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       f"{meta.get('nofile', '?').split('/')[-1]} that root cannot raise (`prlimit` fails with EPERM), and a router holds 2 fds per "
       f"tunnel (client + backend), so one router process can hold at most ~9,990 tunnels. The run uses {meta.get('idle_n')} "
       "tunnels — the largest round count that fits with the listeners and the admin socket — over 4 source addresses "
-      f"(127.0.0.1–127.0.0.4), the same for every router, except the sockmap plane, which holds **3 fds per tunnel** (an "
-      f"epoll fd per tunnel watches both sockets for hang-ups) and so fits ~6,600: it gets {meta.get('idle_n_sockmap', '?')}. "
+      f"(127.0.0.1–127.0.0.4), the same for every router ({meta.get('idle_n_sockmap', '?')} for the sockmap plane). "
       "The generator and the echo backend need one fd per tunnel each. *most tunnels the fd limit allows* = (hard limit − the "
       "fresh router's fds) / fds per tunnel, from this measurement.")
     w("")
@@ -748,21 +747,18 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w("* One 2-core machine runs generator, router and backend: every figure includes their competition for the cores, and the "
       "generator's own lateness is part of the corrected latency (send lag). Latency tails move between runs; medians and rates "
       "repeat better. See the drift table.")
-    w("* The machine was shared with other engineers' builds and tests until about 23:35 UTC; runs that started earlier have "
-      "noisy tails and machine-wide CPU that includes other work.")
-    w("* The generator has no connection-churn mode (open, upgrade, close, repeat): the handshake rate is measured as an open-loop "
-      "ramp of new connections that stay open for the step (at most one second's worth), with the rate known only to the step size.")
+    w("* The handshake rate is measured as an open-loop ramp of new connections that stay open for the step (at most one "
+      "second's worth), with the rate known only to the step size; `upsplice-loadgen churn` (open, upgrade, one echo, close, "
+      "repeat) exists now but this script does not use it yet.")
     w("* `connect+upgrade` percentiles are sums of the two histograms' percentiles (the generator keeps them separately), an upper "
       "bound of the true combined percentile.")
     w("* CPU per message includes connection set-up of the 1,000 tunnels and the warm-up; the same is true of direct, which is subtracted.")
-    w("* 100,000 tunnels (and 10,000 for the memory figure) do not fit under the hard 20,000 open-files limit; see above. "
-      "The sockmap plane holds 3 fds per tunnel, so it fits a third fewer tunnels per process than the other planes.")
-    w("* Generator workarounds (no change to the generator was made for this benchmark): it closes a connection once its "
-      "last scheduled message is answered and has no hold-open mode, so the idle tunnels each send one 64-byte message every "
-      f"{meta.get('idle_period', '?')} s; it has no churn mode, so handshakes are measured as ramps (above).")
-    w("* The sockmap plane is opt-in in upsplice (`auto` does not pick it: a duplicated segment was seen under sustained "
-      "backpressure, see `forwarder/src/dataplane/sockmap.rs`); the benchmark runs it with `mode = \"sockmap\"`, and the "
-      "router's `/metrics` (Data planes, above) shows how many of its tunnels fell back to another plane.")
+    w("* 100,000 tunnels (and 10,000 for the memory figure) do not fit under the hard 20,000 open-files limit; see above.")
+    w("* The idle tunnels are held by the `ws` workload, each sending one 64-byte message every "
+      f"{meta.get('idle_period', '?')} s; `upsplice-loadgen hold` (idle tunnels with optional liveness messages) exists now "
+      "but this script does not use it yet.")
+    w("* Each upsplice row sets `data_plane.mode` to its plane (`auto` picks sockmap where it runs, as here); the router's "
+      "`/metrics` (Data planes, above) shows how many of its tunnels fell back to another plane.")
     w("* Rates are doubled between search and handshake steps, so those figures are known to a factor of about 2; "
       "ratios built from them are coarse.")
     w("")
