@@ -164,13 +164,16 @@ impl Plane {
     }
 
     /// Relays `t` until it ends, or hands it back when this plane cannot take it.
+    ///
+    /// Each plane's future is boxed at its own size: inline, the largest
+    /// would set the size of every tunnel's task, whatever its plane, for
+    /// the tunnel's whole life (a uring or sockmap tunnel kept a copy-sized
+    /// task of 3 KiB while its own state is a fraction of that).
     pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
         match self {
-            Plane::Copy(p) => Ok(p.relay(t).await),
-            Plane::Splice(p) => p.relay(t).await,
-            Plane::Uring(p) => p.relay(t).await,
-            // Boxed: its future is over twice the others', and the largest
-            // variant sets the size of every tunnel's task, whatever its plane.
+            Plane::Copy(p) => Ok(Box::pin(p.relay(t)).await),
+            Plane::Splice(p) => Box::pin(p.relay(t)).await,
+            Plane::Uring(p) => Box::pin(p.relay(t)).await,
             Plane::Sockmap(p) => Box::pin(p.relay(t)).await,
         }
     }
@@ -281,5 +284,38 @@ impl DataPlanes {
             }
         }
         unreachable!("the copy plane ends every chain and takes every tunnel")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tunnel's task holds its plane's relay future for the tunnel's whole
+    /// life, so that future must be only the box of the plane's own future,
+    /// not the largest plane's state inline (3 KiB per idle tunnel before).
+    #[tokio::test]
+    async fn a_relay_future_is_small_whatever_the_plane() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (backend, _) = listener.accept().await.unwrap();
+        let t = Tunnel {
+            client,
+            backend,
+            to_backend: Bytes::new(),
+            to_client: Bytes::new(),
+            idle_timeout: Duration::from_secs(1),
+            drain: CancellationToken::new(),
+        };
+        let plane = Plane::Copy(copy::CopyPlane::new(&DataPlaneConfig::default()));
+        let relay = plane.relay(t);
+        // The tunnel moved in (it is given back on refusal) plus a box.
+        let inline_state = std::mem::size_of::<Tunnel>() + 64;
+        assert!(
+            std::mem::size_of_val(&relay) <= inline_state,
+            "Plane::relay future is {} bytes (at most {inline_state} expected)",
+            std::mem::size_of_val(&relay)
+        );
     }
 }

@@ -222,8 +222,33 @@ impl Drop for Membership<'_> {
     }
 }
 
+/// How a handoff ended: the tunnel is over already, or the kernel relays it.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per tunnel and taken apart at once; a box would cost an allocation per handoff"
+)]
+enum Handoff<'k> {
+    Ended(Outcome),
+    Watch(Handed<'k>),
+}
+
+/// A tunnel the kernel relays: what its watch needs, and what ends with it.
+struct Handed<'k> {
+    members: Membership<'k>,
+    up: Dir<'k>,
+    down: Dir<'k>,
+    signal: Arc<Signal>,
+    /// Client, backend: out of tokio, closed when the tunnel ends.
+    sockets: (std::net::TcpStream, std::net::TcpStream),
+    idle_timeout: Duration,
+    drain: tokio_util::sync::CancellationToken,
+    /// Client, backend.
+    cookies: [u64; 2],
+    fds: [RawFd; 2],
+}
+
 #[expect(clippy::result_large_err, reason = "the seam's Rejected carries the whole tunnel")]
-fn rejected(tunnel: Tunnel, reason: String) -> Result<Outcome, Rejected> {
+fn rejected<T>(tunnel: Tunnel, reason: String) -> Result<T, Rejected> {
     Err(Rejected { tunnel, reason })
 }
 
@@ -247,10 +272,14 @@ fn ended(up: &Dir<'_>, down: &Dir<'_>, reason: CloseReason) -> Outcome {
     Outcome { to_backend: up.moved(), to_client: down.moved(), reason }
 }
 
-/// Relays `t` through the kernel until it ends; hands it back untouched
-/// (or with its leftovers already delivered, and nothing else) when its
-/// sockets cannot join the maps.
-pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tunnel) -> Result<Outcome, Rejected> {
+/// Steps 0–6 of the handoff (module docs): on success the sockets are in
+/// the maps, out of tokio and ready to be watched.
+async fn handoff<'k>(
+    kernel: &'k Kernel,
+    limits: Limits,
+    user: &'k UserBytes,
+    mut t: Tunnel,
+) -> Result<Handoff<'k>, Rejected> {
     let (c_fd, b_fd) = (t.client.as_raw_fd(), t.backend.as_raw_fd());
     let (c_ck, b_ck) = match (sys::cookie(c_fd), sys::cookie(b_fd)) {
         (Ok(c), Ok(b)) => (c, b),
@@ -289,7 +318,7 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
                 abort(c_fd);
                 abort(b_fd);
                 let reason = if fd == c_fd { CloseReason::ClientReset } else { CloseReason::BackendReset };
-                return Ok(Outcome { to_backend: 0, to_client: 0, reason });
+                return Ok(Handoff::Ended(Outcome { to_backend: 0, to_client: 0, reason }));
             }
         }
     }
@@ -375,7 +404,7 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
         if !complete {
             abort(c_fd);
             abort(b_fd);
-            return Ok(ended(&up, &down, CloseReason::Error));
+            return Ok(Handoff::Ended(ended(&up, &down, CloseReason::Error)));
         }
         return rejected(t, format!("backend socket refused by the sockmap: {e}"));
     }
@@ -395,11 +424,11 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
         r = leftovers => r,
         _ = t.drain.cancelled() => {
             drop(members);
-            return Ok(ended(&up, &down, CloseReason::Drain));
+            return Ok(Handoff::Ended(ended(&up, &down, CloseReason::Drain)));
         }
         _ = tokio::time::sleep(t.idle_timeout) => {
             drop(members);
-            return Ok(ended(&up, &down, CloseReason::Idle));
+            return Ok(Handoff::Ended(ended(&up, &down, CloseReason::Idle)));
         }
     };
     up.leftover = t.to_backend.len() as u64;
@@ -421,7 +450,7 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
         drop(members);
         abort(c_fd);
         abort(b_fd);
-        return Ok(ended(&up, &down, reason));
+        return Ok(Handoff::Ended(ended(&up, &down, reason)));
     }
 
     // 6. Directions that started paused: bases (exact: only userspace wrote
@@ -443,7 +472,7 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
         drop(members);
         abort(c_fd);
         abort(b_fd);
-        return Ok(ended(&up, &down, CloseReason::Error));
+        return Ok(Handoff::Ended(ended(&up, &down, CloseReason::Error)));
     }
 
     // From here on only this plane touches the sockets: take them away from
@@ -457,9 +486,34 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
             drop(members);
             abort(c_fd);
             abort(b_fd);
-            return Ok(ended(&up, &down, CloseReason::Error));
+            return Ok(Handoff::Ended(ended(&up, &down, CloseReason::Error)));
         }
     };
+    Ok(Handoff::Watch(Handed {
+        members,
+        up,
+        down,
+        signal,
+        sockets: (client, backend),
+        idle_timeout,
+        drain,
+        cookies: [c_ck, b_ck],
+        fds: [c_fd, b_fd],
+    }))
+}
+
+/// Relays `t` through the kernel until it ends; hands it back untouched
+/// (or with its leftovers already delivered, and nothing else) when its
+/// sockets cannot join the maps.
+pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, t: Tunnel) -> Result<Outcome, Rejected> {
+    // Boxed: the handoff's state (leftover writes, refusal paths) is freed
+    // before the watch, which is what stays for the tunnel's life.
+    let Handed { members, mut up, mut down, signal, sockets, idle_timeout, drain, cookies, fds } =
+        match Box::pin(handoff(kernel, limits, user, t)).await? {
+            Handoff::Ended(outcome) => return Ok(outcome),
+            Handoff::Watch(handed) => handed,
+        };
+    let ([c_ck, b_ck], [c_fd, b_fd]) = (cookies, fds);
     let ctx = Watch { kernel, limits, signal: &signal, idle_timeout, drain: &drain, cookies: [c_ck, b_ck] };
     let reason = ctx.run(&mut up, &mut down).await;
     // The last counts, before the entries go.
@@ -473,7 +527,7 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, mut t: Tun
         abort(c_fd);
         abort(b_fd);
     }
-    drop((client, backend));
+    drop(sockets);
     Ok(outcome)
 }
 
