@@ -125,13 +125,27 @@ impl Session {
     }
 
     /// Hands a connection pair to the data planes and waits for it to end.
+    /// Only what the wait needs is kept across it (this future lives as
+    /// long as the tunnel): the relay, the backend guard and the labels.
     async fn tunnel(&self, plan: Plan, rec: &mut AccessRecord) {
+        let (tunnel, guard, labels) = self.open_tunnel(plan, rec);
+        let (mode, outcome) = self.shared.planes.relay(tunnel).await;
+        metrics::get().tunnels_active.get_or_create(&labels).dec();
+        drop(guard);
+        rec.data_plane = Some(mode);
+        rec.to_backend += outcome.to_backend;
+        rec.to_client += outcome.to_client;
+        rec.reason = outcome.reason.as_str();
+    }
+
+    /// Counts a new tunnel and builds what the data planes take.
+    fn open_tunnel(&self, plan: Plan, rec: &AccessRecord) -> (Tunnel, BackendGuard, TunnelLabels) {
         let Plan { client, backend, to_backend, to_client, status, guard } = plan;
         if status != 0 {
             metrics::outcome(&self.listener, status, "", rec.started.elapsed());
         }
-        let planes = &self.shared.planes;
-        let labels = TunnelLabels { listener: self.listener.to_string(), data_plane: planes.mode().to_string() };
+        let labels =
+            TunnelLabels { listener: self.listener.to_string(), data_plane: self.shared.planes.mode().to_string() };
         let m = metrics::get();
         m.tunnels.get_or_create(&labels).inc();
         m.tunnels_active.get_or_create(&labels).inc();
@@ -143,13 +157,7 @@ impl Session {
             idle_timeout: self.shared.snapshot().config.limits.idle_timeout,
             drain: self.shared.drain.child_token(),
         };
-        let (mode, outcome) = planes.relay(tunnel).await;
-        m.tunnels_active.get_or_create(&labels).dec();
-        drop(guard);
-        rec.data_plane = Some(mode);
-        rec.to_backend += outcome.to_backend;
-        rec.to_client += outcome.to_client;
-        rec.reason = outcome.reason.as_str();
+        (tunnel, guard, labels)
     }
 }
 

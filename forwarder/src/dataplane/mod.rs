@@ -28,6 +28,8 @@ pub mod splice;
 pub mod uring;
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -168,13 +170,15 @@ impl Plane {
     /// Each plane's future is boxed at its own size: inline, the largest
     /// would set the size of every tunnel's task, whatever its plane, for
     /// the tunnel's whole life (a uring or sockmap tunnel kept a copy-sized
-    /// task of 3 KiB while its own state is a fraction of that).
-    pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
+    /// task of 3 KiB while its own state is a fraction of that). Returned
+    /// boxed rather than awaited here, so that no caller's future holds the
+    /// tunnel a second time beside the box.
+    pub fn relay(&self, t: Tunnel) -> RelayFuture<'_> {
         match self {
-            Plane::Copy(p) => Ok(Box::pin(p.relay(t)).await),
-            Plane::Splice(p) => Box::pin(p.relay(t)).await,
-            Plane::Uring(p) => Box::pin(p.relay(t)).await,
-            Plane::Sockmap(p) => Box::pin(p.relay(t)).await,
+            Plane::Copy(p) => Box::pin(async move { Ok(p.relay(t).await) }),
+            Plane::Splice(p) => Box::pin(p.relay(t)),
+            Plane::Uring(p) => Box::pin(p.relay(t)),
+            Plane::Sockmap(p) => Box::pin(p.relay(t)),
         }
     }
 
@@ -213,6 +217,9 @@ pub fn probe_all() -> Vec<(Mode, Result<(), String>)> {
 /// The order in which `auto` tries the planes: the first that starts (for
 /// sockmap: loads, attaches and passes its loopback self-test) wins.
 pub const AUTO_ORDER: [Mode; 4] = [Mode::Sockmap, Mode::Uring, Mode::Splice, Mode::Copy];
+
+/// A plane's relay of one tunnel, boxed at its own size (see [`Plane::relay`]).
+pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = Result<Outcome, Rejected>> + Send + 'a>>;
 
 /// The chosen plane followed by its fallbacks (always ending with copy).
 pub struct DataPlanes {
@@ -309,12 +316,13 @@ mod tests {
             drain: CancellationToken::new(),
         };
         let plane = Plane::Copy(copy::CopyPlane::new(&DataPlaneConfig::default()));
-        let relay = plane.relay(t);
-        // The tunnel moved in (it is given back on refusal) plus a box.
+        let planes = DataPlanes { chain: vec![plane] };
+        let relay = planes.relay(t);
+        // The tunnel moved in (it is given back on refusal) and a box.
         let inline_state = std::mem::size_of::<Tunnel>() + 64;
         assert!(
             std::mem::size_of_val(&relay) <= inline_state,
-            "Plane::relay future is {} bytes (at most {inline_state} expected)",
+            "DataPlanes::relay future is {} bytes (at most {inline_state} expected)",
             std::mem::size_of_val(&relay)
         );
     }
