@@ -212,6 +212,7 @@ impl UringPlane {
                 alive: AtomicBool::new(true),
                 bufs_in_use: AtomicUsize::new(0),
                 bufs_peak: AtomicUsize::new(0),
+                queued_peak: AtomicUsize::new(0),
                 heap_recvs: AtomicUsize::new(0),
             });
             let (tx, rx) = mpsc::channel();
@@ -282,9 +283,22 @@ impl UringPlane {
         self.workers.iter().map(|w| w.shared.heap_recvs.load(Ordering::Relaxed)).sum()
     }
 
-    /// The most bytes one direction of a tunnel holds in pool buffers while
-    /// its reader is slow: the high-water mark plus less than one buffer a
-    /// multishot recv may overshoot it by.
+    /// The most bytes one direction of a tunnel queued at once so far, on
+    /// any worker (for tests and diagnostics).
+    pub fn queued_peak(&self) -> usize {
+        self.workers.iter().map(|w| w.shared.queued_peak.load(Ordering::Relaxed)).max().unwrap_or(0)
+    }
+
+    /// The most bytes one direction of a tunnel queues while its reader is
+    /// slow: a multishot recv is armed with a byte budget that ends at the
+    /// high-water mark (at least one buffer's worth), and cancelled there.
+    ///
+    /// Pool memory is another matter: each recv completion takes a whole
+    /// buffer, however few bytes it carries (a 64 KiB loopback segment fills
+    /// half of a 128 KiB buffer), so a stalled direction may hold up to
+    /// about twice this in buffers; the pool ([`POOL_BYTES`] per worker)
+    /// bounds the total, and recvs go to small heap buffers once it is
+    /// empty so that other tunnels keep moving.
     pub fn direction_limit(&self) -> usize {
         self.sizing.high_water + self.sizing.buf_size as usize
     }

@@ -97,6 +97,8 @@ pub struct Shared {
     pub bufs_in_use: AtomicUsize,
     /// The most pool buffers that held bytes at once.
     pub bufs_peak: AtomicUsize,
+    /// The most bytes one direction of a tunnel queued at once.
+    pub queued_peak: AtomicUsize,
     /// Recvs that went to a heap buffer because the pool was empty.
     pub heap_recvs: AtomicUsize,
 }
@@ -576,6 +578,7 @@ impl Worker {
             let dir = &mut t.dirs[d];
             dir.queue.push_back(Chunk::Pool { bid, len: res as u32 });
             dir.queued += res as usize;
+            self.shared.queued_peak.fetch_max(dir.queued, Ordering::Relaxed);
             if dir.queued >= self.sizing.high_water && dir.recv == Recv::Armed {
                 dir.recv = Recv::Cancelling;
                 self.cancel_op(slot, t, d, KIND_RECV);
@@ -631,6 +634,7 @@ impl Worker {
                 t.last_active = self.now;
                 dir.queue.push_back(Chunk::Heap { buf, len: n as usize });
                 dir.queued += n as usize;
+                self.shared.queued_peak.fetch_max(dir.queued, Ordering::Relaxed);
                 self.kick_send(slot, t, d);
             }
             (0, _) => dir.eof = true,
