@@ -162,6 +162,9 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
     // socket under the socket lock); userspace only reads it.
     let (mut peer, dir, passed, flags) = unsafe { ((*entry).peer, (*entry).dir, (*entry).passed, (*entry).flags) };
     if flags & BROKEN != 0 {
+        // Tell userspace again (the first event may have found the ring
+        // full): it resets the tunnel.
+        let _ = EVENTS.output::<u64>(cookie, 0);
         return sk_action::SK_DROP;
     }
     let len = match trim_repeat(&ctx, entry, flags, len) {

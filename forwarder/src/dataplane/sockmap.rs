@@ -250,3 +250,62 @@ async fn loopback_pair() -> std::io::Result<(TcpStream, TcpStream)> {
     let (far, near) = tokio::join!(TcpStream::connect(addr), listener.accept());
     Ok((far?, near?.0))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::kernel::{PeerEntry, PEER_BROKEN};
+    use super::*;
+
+    /// A socket the program marked broken (a repeated head it could not cut
+    /// off) loses its bytes in the kernel; the plane must then reset both
+    /// sides, never pass the gap on as if the stream were whole. The flag is
+    /// set here by hand: the real cause is an allocation failing inside
+    /// `bpf_skb_adjust_room`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_stream_resets_both_sides() {
+        if let Err(why) = probe() {
+            eprintln!("SKIPPED: sockmap unavailable: {why}");
+            return;
+        }
+        let plane = SockmapPlane::new(&DataPlaneConfig::default()).expect("sockmap plane starts");
+        let (mut client_peer, client) = loopback_pair().await.unwrap();
+        let (mut backend_peer, backend) = loopback_pair().await.unwrap();
+        let client_cookie = sys::cookie(client.as_raw_fd()).unwrap();
+        let t = Tunnel {
+            client,
+            backend,
+            to_backend: Bytes::new(),
+            to_client: Bytes::new(),
+            idle_timeout: Duration::from_secs(30),
+            drain: CancellationToken::new(),
+        };
+        let relay = plane.relay(t);
+        let scenario = async {
+            // Relayed while whole.
+            client_peer.write_all(b"whole;").await.unwrap();
+            let mut got = [0u8; 6];
+            backend_peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"whole;");
+            let entry = plane.kernel.peer(client_cookie);
+            plane.kernel.pair(client_cookie, PeerEntry { flags: entry.flags | PEER_BROKEN, ..entry }).unwrap();
+            let _ = client_peer.write_all(b"lost").await;
+            // Both peers see the tunnel reset, and nothing of "lost" arrives.
+            let mut rest = Vec::new();
+            let backend_end = backend_peer.read_to_end(&mut rest).await;
+            assert!(rest.is_empty(), "bytes after the break reached the backend: {rest:?}");
+            let mut buf = [0u8; 16];
+            let client_end = client_peer.read(&mut buf).await;
+            (backend_end, client_end)
+        };
+        let (outcome, (backend_end, client_end)) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, scenario) })
+                .await
+                .expect("in time");
+        let Ok(outcome) = outcome else { panic!("the plane refused the tunnel") };
+        assert_eq!(outcome.reason, CloseReason::Error, "{outcome:?}");
+        assert_eq!(backend_end.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(client_end.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::ConnectionReset));
+    }
+}
