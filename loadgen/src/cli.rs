@@ -81,21 +81,29 @@ pub struct LoadArgs {
     /// New connections per second (default: all at once).
     #[arg(long)]
     pub ramp_rate: Option<f64>,
-    /// Local source address or IPv4 range (a.b.c.d-a.b.c.e); repeatable.
-    #[arg(long)]
-    pub source_ip: Vec<String>,
-    /// Generator threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Limit for connect + handshake.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
-    pub connect_timeout: Duration,
+    /// Source addresses, threads, connect timeout.
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// How long to wait for outstanding replies after the last send.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub drain: Duration,
     /// Output files.
     #[command(flatten)]
     pub out: OutputArgs,
+}
+
+/// How the generator opens connections; shared by every connecting mode.
+#[derive(Debug, Args, Clone)]
+pub struct ConnArgs {
+    /// Local source address or IPv4 range (a.b.c.d-a.b.c.e); repeatable.
+    #[arg(long)]
+    pub source_ip: Vec<String>,
+    /// Generator threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Limit for connect + handshake (churn: also for the echo).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
 }
 
 /// Output files.
@@ -205,15 +213,9 @@ pub struct LifecycleArgs {
     /// Host header and path of the upgrade requests.
     #[command(flatten)]
     pub http: HttpTarget,
-    /// Local source address or IPv4 range (a.b.c.d-a.b.c.e); repeatable.
-    #[arg(long)]
-    pub source_ip: Vec<String>,
-    /// Generator threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Limit for connect + handshake (churn: also for the echo).
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
-    pub connect_timeout: Duration,
+    /// Source addresses, threads, connect timeout.
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// Message payload size in bytes (at least 8: the sequence number).
     #[arg(long, default_value_t = 16)]
     pub size: usize,

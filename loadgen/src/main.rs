@@ -134,9 +134,9 @@ fn load(
         size,
         max_inflight: max_inflight.max(1),
         ramp_rate: l.ramp_rate,
-        source_ips: net::parse_source_ips(&l.source_ip)?,
-        threads: l.threads.unwrap_or_else(cores).max(1),
-        connect_timeout: l.connect_timeout,
+        source_ips: net::parse_source_ips(&l.conn.source_ip)?,
+        threads: l.conn.threads.unwrap_or_else(cores).max(1),
+        connect_timeout: l.conn.connect_timeout,
         drain: l.drain,
         keep_intervals: l.out.hlog.is_some(),
     };
@@ -189,9 +189,9 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
         warmup: l.warmup,
         size: size.max(1),
         direction,
-        source_ips: net::parse_source_ips(&l.source_ip)?,
-        threads: l.threads.unwrap_or_else(cores),
-        connect_timeout: l.connect_timeout,
+        source_ips: net::parse_source_ips(&l.conn.source_ip)?,
+        threads: l.conn.threads.unwrap_or_else(cores),
+        connect_timeout: l.conn.connect_timeout,
     };
     let cpu0 = CpuTime::now();
     let t = std::time::Instant::now();
@@ -215,14 +215,14 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
 /// The upgrade target of `hold` and `churn`.
 fn ws_target(c: &LifecycleArgs) -> anyhow::Result<wsclient::WsTarget> {
     check_size(c.size)?;
-    if c.connect_timeout.is_zero() {
+    if c.conn.connect_timeout.is_zero() {
         bail!("--connect-timeout must be positive");
     }
     Ok(wsclient::WsTarget {
         addr: resolve(&c.target)?,
         host: c.http.host_or(&c.target),
         path: c.http.path.clone(),
-        timeout: c.connect_timeout,
+        timeout: c.conn.connect_timeout,
     })
 }
 
@@ -254,8 +254,8 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
         duration: a.duration,
         ping_every: a.ping_every,
         size: c.size,
-        source_ips: net::parse_source_ips(&c.source_ip)?,
-        threads: c.threads.unwrap_or_else(cores).max(1),
+        source_ips: net::parse_source_ips(&c.conn.source_ip)?,
+        threads: c.conn.threads.unwrap_or_else(cores).max(1),
         drain: a.drain,
     };
     let cpu0 = CpuTime::now();
@@ -297,8 +297,8 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
         duration: a.duration,
         count: a.count,
         size: c.size,
-        source_ips: net::parse_source_ips(&c.source_ip)?,
-        threads: c.threads.unwrap_or_else(cores).max(1),
+        source_ips: net::parse_source_ips(&c.conn.source_ip)?,
+        threads: c.conn.threads.unwrap_or_else(cores).max(1),
     };
     let cpu0 = CpuTime::now();
     let out = churn::run(&cfg)?;
