@@ -263,7 +263,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       "`BENCH_OUT`, `BENCH_REPORT`, `BENCH_SKIP_SETUP=1` (see the head of `scripts/bench`).")
     w("")
     w("Contents: [how to run](#how-to-run) · [setup](#setup) · [data planes](#data-planes) · [targets](#targets) · [message latency](#message-latency-at-fixed-rates) · "
-      "[sustained rate](#highest-rate-with-p99-under-1-ms) · [handshakes](#handshakes) · [bulk](#bulk-throughput) · "
+      "[sustained rate](#highest-rate-with-p99-under-1-ms) · [handshakes](#handshakes) · [churn](#connection-churn) · [bulk](#bulk-throughput) · "
       "[CPU](#cpu-per-million-messages-and-per-gib) · [idle tunnels](#idle-tunnels-memory-and-the-largest-count) · "
       "[drift](#drift-of-the-shared-machine) · [known problems](#known-problems)")
     w("")
@@ -291,6 +291,10 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       "open-loop schedule (`ws --ramp-rate H -c H`, over source addresses 127.0.0.1–4) and each does connect + HTTP upgrade; connect "
       f"and upgrade latency come from the generator's histograms. A step passes when every connection upgraded, no error occurred and "
       f"connect p99 + upgrade p99 < {int(meta.get('hs_p99_limit_us', 0)) / 1000:g} ms; the handshake rate is the highest passing step.")
+    w(f"1b. **Churn**: whole tunnel lifecycles at each rate in {meta.get('churn_rates')} per second for {meta.get('churn_d')} "
+      "(`churn -r R -c 512`: connect, upgrade, one echoed message, client-first close), so each data plane's teardown is in "
+      "the cost too. A step passes when every cycle completed, no error occurred and the corrected cycle p99 < "
+      f"{int(meta.get('hs_p99_limit_us', 0)) / 1000:g} ms.")
     w(f"2. **Fixed rates**: {meta.get('conns')} tunnels × {meta.get('size')}-byte messages at 20,000 and 100,000 messages/s total "
       f"({meta.get('fixed')}); corrected p50/p99/p99.9.")
     w(f"3. **Sustained rate**: rising steps ({meta.get('search')}), {meta.get('conns')} tunnels, stop at the first step that fails, "
@@ -542,6 +546,45 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w("The steps double, so the rate is known only to a factor of 2; the highest step is also bounded by what the generator "
       "itself opens on a shared core (see direct).")
     w("")
+    # ---------------------------------------------------------------- churn
+    if any(x["workload"] == "churn" for x in runs):
+        w("## Connection churn")
+        w("")
+        w("Whole tunnel lifecycles per second (connect → upgrade → one 64-byte echo → client-first close; open loop, at most "
+          f"512 at once). ✓ = every cycle completed, no errors and corrected cycle p99 < {hs_limit / 1000:g} ms. *router CPU per "
+          "1,000 cycles* is the router process's own CPU; sockmap's map updates and deletions are charged to it.")
+        w("")
+        w("| router | rate/s | completed | handshake p50 / p99 (ms) | cycle p50 / p99 (ms) | router CPU per 1,000 cycles (s) | gen (cores) | step |")
+        w("| --- | ---: | ---: | --- | --- | ---: | ---: | --- |")
+        churn_best = {}
+        for r in routers:
+            best = 0
+            for x in sorted(all_of(r, "churn"), key=lambda x: x["param"]):
+                s = x["s"]
+                ch = (s or {}).get("churn") or {}
+                hs, cy = lat(s, "handshake"), lat(s)
+                done, tried = ch.get("completed"), ch.get("attempts")
+                clean = bool(s and done == tried and s.get("total_errors") == 0)
+                ok = clean and (cy.get("p99") or 1e18) < hs_limit
+                if ok:
+                    best = max(best, x["param"])
+                per_k = (x["router_cpu_s"] / done * 1000) if done and x.get("router_cpu_s") is not None else None
+                w(f"| {r} | {num(x['param'])} | {num(done)} / {num(tried)} | {ms(hs.get('p50'))} / {ms(hs.get('p99'))} | "
+                  f"{ms(cy.get('p50'))} / {ms(cy.get('p99'))} | {num(per_k, 3)} | {num(s and s['cpu']['cores_busy'], 2)} | "
+                  f"{'✓' if ok else '✗ ' + (f'p99 ≥ {hs_limit / 1000:g} ms' if clean else flags(s, x['rc']))} |")
+            churn_best[r] = best
+        w("")
+        w("| router | churn rate (highest ✓ step, /s) | vs direct | vs HAProxy |")
+        w("| --- | ---: | ---: | ---: |")
+        for r in routers:
+            if any(x["router"] == r and x["workload"] == "churn" for x in runs):
+                b = churn_best.get(r, 0)
+                w(f"| {r} | {num(b) if b else 'none'} | {ratio(b, churn_best.get('direct')) if r != 'direct' and b else '–'} | "
+                  f"{ratio(b, churn_best.get('haproxy')) if r not in ('direct', 'haproxy') and b else '–'} |")
+        w("")
+        w("The steps double, so the rate is known only to a factor of 2.")
+        w("")
+
     uh = max(((hs_best.get(r, 0), r) for r in upsplices), default=(0, None))
     hh = hs_best.get("haproxy")
     if uh[1] is None or hh is None:
@@ -748,8 +791,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       "generator's own lateness is part of the corrected latency (send lag). Latency tails move between runs; medians and rates "
       "repeat better. See the drift table.")
     w("* The handshake rate is measured as an open-loop ramp of new connections that stay open for the step (at most one "
-      "second's worth), with the rate known only to the step size; `upsplice-loadgen churn` (open, upgrade, one echo, close, "
-      "repeat) exists now but this script does not use it yet.")
+      "second's worth), and as whole lifecycles (churn), both with the rate known only to the step size.")
     w("* `connect+upgrade` percentiles are sums of the two histograms' percentiles (the generator keeps them separately), an upper "
       "bound of the true combined percentile.")
     w("* CPU per message includes connection set-up of the 1,000 tunnels and the warm-up; the same is true of direct, which is subtracted.")
