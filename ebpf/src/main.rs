@@ -13,11 +13,11 @@
 //!   redirected, bytes passed to userspace); written by userspace once, then
 //!   only by this program.
 //! * [`CONTROL`]: socket cookie → [`Control`], written only by userspace:
-//!   whether the direction is paused, and how many passed bytes userspace
-//!   has copied to the peer so far.
+//!   whether the direction is paused, how many passed bytes userspace has
+//!   copied to the peer so far, and when to notify it (below).
 //! * [`STATS`]: per-CPU [`Stats`] per direction, plus failed redirects.
-//! * [`NOTIFY`]: socket cookie → a byte count; when this socket's redirected
-//!   bytes cross it, the program puts the cookie into [`EVENTS`] so that
+//! * [`EVENTS`]: when a socket's redirected bytes cross its
+//!   [`Control::notify_at`], the program puts the cookie here so that
 //!   userspace checks that tunnel's queues (backpressure) without polling.
 //!
 //! Pausing (backpressure): while a direction is paused, or while userspace
@@ -93,6 +93,8 @@ pub const BROKEN: u32 = 2;
 pub struct Control {
     /// Of the bytes passed to userspace, how many it forwarded so far.
     pub copied: u64,
+    /// Report the socket in [`EVENTS`] when its redirected bytes cross this.
+    pub notify_at: u64,
     /// Non-zero: pass every byte to userspace (backpressure).
     pub paused: u32,
     pub _pad: u32,
@@ -133,9 +135,6 @@ static CONTROL: HashMap<u64, Control> = HashMap::with_max_entries(MAX_SOCKETS, a
 
 #[map]
 static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(4, 0);
-
-#[map]
-static NOTIFY: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -183,9 +182,9 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
     }
     // SAFETY: a value of a non-preallocated map: userspace replaces it
     // whole, the old one stays valid (RCU) while this program reads it.
-    let (copied, paused) = match unsafe { CONTROL.get(cookie) } {
-        Some(c) => (c.copied, c.paused),
-        None => (0, 0),
+    let (copied, paused, notify_at) = match unsafe { CONTROL.get(cookie) } {
+        Some(c) => (c.copied, c.paused, c.notify_at),
+        None => (0, 0, 0),
     };
     if paused != 0 || passed != copied {
         // SAFETY: as for `entry` above.
@@ -203,12 +202,9 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
             (*entry).segments += 1;
         }
         count(dir, len);
-        // SAFETY: a plain u64 value; userspace replaces it whole.
-        if let Some(&at) = unsafe { NOTIFY.get(cookie) } {
-            if before < at && after >= at {
-                // A full ring only delays the check to userspace's next timer.
-                let _ = EVENTS.output::<u64>(cookie, 0);
-            }
+        if before < notify_at && after >= notify_at {
+            // A full ring only delays the check to userspace's next timer.
+            let _ = EVENTS.output::<u64>(cookie, 0);
         }
     } else {
         count(STATS_FAILED, len);

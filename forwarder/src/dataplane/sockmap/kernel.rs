@@ -42,11 +42,12 @@ unsafe impl aya::Pod for PeerEntry {}
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Control {
     pub copied: u64,
+    pub notify_at: u64,
     pub paused: u32,
     pub pad: u32,
 }
 
-// SAFETY: integers only, `repr(C)`, no padding (u64 + 2 × u32 = 16 bytes).
+// SAFETY: integers only, `repr(C)`, no padding (2 × u64 + 2 × u32 = 24 bytes).
 unsafe impl aya::Pod for Control {}
 
 /// `Stats` of the eBPF program's `STATS` map; same layout.
@@ -95,7 +96,6 @@ pub struct Kernel {
     active: Mutex<SockHash<MapData, u64>>,
     targets: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, PeerEntry>>,
-    notify: Mutex<HashMap<MapData, u64, u64>>,
     control: Mutex<HashMap<MapData, u64, Control>>,
     stats: PerCpuArray<MapData, Stats>,
     pub registry: Arc<Registry>,
@@ -121,7 +121,6 @@ impl Kernel {
             .map_max_entries("ACTIVE", max_sockets)
             .map_max_entries("TARGETS", max_sockets)
             .map_max_entries("PEERS", max_sockets)
-            .map_max_entries("NOTIFY", max_sockets)
             .map_max_entries("CONTROL", max_sockets)
             .load(object)
             .map_err(|e| format!("loading the eBPF object: {e}"))?;
@@ -133,7 +132,6 @@ impl Kernel {
         let targets: SockHash<MapData, u64> =
             SockHash::try_from(take(&mut ebpf, "TARGETS")?).map_err(map_err("TARGETS"))?;
         let peers = HashMap::try_from(take(&mut ebpf, "PEERS")?).map_err(map_err("PEERS"))?;
-        let notify = HashMap::try_from(take(&mut ebpf, "NOTIFY")?).map_err(map_err("NOTIFY"))?;
         let control = HashMap::try_from(take(&mut ebpf, "CONTROL")?).map_err(map_err("CONTROL"))?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?).map_err(map_err("STATS"))?;
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
@@ -171,7 +169,6 @@ impl Kernel {
             active: Mutex::new(active),
             targets: Mutex::new(targets),
             peers: Mutex::new(peers),
-            notify: Mutex::new(notify),
             control: Mutex::new(control),
             stats,
             registry,
@@ -224,11 +221,17 @@ impl Kernel {
         epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, cookie, events | libc::EPOLLONESHOT as u32)
     }
 
-    /// Undoes [`Self::register`] (before the sockets close).
+    /// Undoes [`Self::register`] for sockets that stay open.
     pub fn unregister(&self, cookies: [u64; 2], fds: [RawFd; 2]) {
         for fd in fds {
             let _ = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, 0, 0);
         }
+        self.forget(cookies);
+    }
+
+    /// Undoes [`Self::register`] for sockets about to close (closing takes
+    /// them out of the epoll set): events that still come are ignored.
+    pub fn forget(&self, cookies: [u64; 2]) {
         let mut registry = lock(&self.registry);
         for c in cookies {
             registry.remove(&c);
@@ -241,7 +244,6 @@ impl Kernel {
 
     pub fn unpair(&self, cookie: u64) {
         let _ = lock(&self.peers).remove(&cookie);
-        let _ = lock(&self.notify).remove(&cookie);
         let _ = lock(&self.control).remove(&cookie);
     }
 
@@ -250,15 +252,11 @@ impl Kernel {
         lock(&self.peers).get(&cookie, 0).unwrap_or_default()
     }
 
-    /// Tells the program whether to pause the socket `cookie` and how many
-    /// of its passed bytes userspace has forwarded.
+    /// Tells the program whether to pause the socket `cookie`, how many of
+    /// its passed bytes userspace has forwarded, and after how many
+    /// redirected bytes to report it in `EVENTS`.
     pub fn control(&self, cookie: u64, control: Control) -> Result<(), MapError> {
         lock(&self.control).insert(cookie, control, 0)
-    }
-
-    /// Asks for an event once the socket `cookie` redirected `at` bytes.
-    pub fn notify_at(&self, cookie: u64, at: u64) -> Result<(), MapError> {
-        lock(&self.notify).insert(cookie, at, 0)
     }
 
     /// Sum over CPUs of one `STATS` slot.

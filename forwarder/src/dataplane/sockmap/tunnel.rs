@@ -115,7 +115,7 @@ struct Dir<'a> {
     passed: u64,
     /// Of those, bytes userspace wrote to `dst`.
     copied: u64,
-    /// `NOTIFY` threshold currently set for `src`.
+    /// `Control::notify_at` currently set for `src`.
     notify_at: u64,
     /// The verdict passes this direction's bytes to userspace.
     paused: bool,
@@ -191,7 +191,7 @@ impl<'a> Dir<'a> {
     }
 
     fn control(&self) -> Control {
-        Control { copied: self.copied, paused: u32::from(self.paused), pad: 0 }
+        Control { copied: self.copied, notify_at: self.notify_at, paused: u32::from(self.paused), pad: 0 }
     }
 }
 
@@ -203,21 +203,33 @@ struct Membership<'k> {
     cookies: [u64; 2],
     /// The sockets, once registered with the events thread.
     registered: Option<[RawFd; 2]>,
+    /// The sockets are closed right after: closing takes them out of the
+    /// socket maps and the epoll set by itself (four map deletions and two
+    /// epoll_ctl calls fewer per tunnel).
+    closing: bool,
 }
 
 impl Drop for Membership<'_> {
     fn drop(&mut self) {
-        for c in self.cookies {
-            self.kernel.deactivate(c);
+        if !self.closing {
+            for c in self.cookies {
+                self.kernel.deactivate(c);
+            }
         }
         for c in self.cookies {
             self.kernel.unpair(c);
         }
-        for c in self.cookies {
-            self.kernel.remove_target(c);
+        if !self.closing {
+            for c in self.cookies {
+                self.kernel.remove_target(c);
+            }
         }
         if let Some(fds) = self.registered {
-            self.kernel.unregister(self.cookies, fds);
+            if self.closing {
+                self.kernel.forget(self.cookies);
+            } else {
+                self.kernel.unregister(self.cookies, fds);
+            }
         }
     }
 }
@@ -324,7 +336,7 @@ async fn handoff<'k>(
     }
 
     // 1. Redirect targets; a refusal here leaves the tunnel untouched.
-    let mut members = Membership { kernel, cookies: [c_ck, b_ck], registered: None };
+    let mut members = Membership { kernel, cookies: [c_ck, b_ck], registered: None, closing: false };
     if let Err(e) = kernel.add_target(c_ck, c_fd) {
         drop(members);
         return rejected(t, format!("client socket refused by the sockmap: {e}"));
@@ -341,7 +353,11 @@ async fn handoff<'k>(
     //    socket's own queue (nothing reaches a peer) until step 6.
     //    Only a direction with leftovers needs it; the others start unpaused
     //    (their bases are read now, before anything can be redirected).
-    let start = |leftover: &Bytes| Control { paused: u32::from(!leftover.is_empty()), ..Control::default() };
+    let start = |leftover: &Bytes| Control {
+        paused: u32::from(!leftover.is_empty()),
+        notify_at: limits.budget,
+        ..Control::default()
+    };
     let (up_start, down_start) = (start(&t.to_backend), start(&t.to_client));
     let early_bases = (up_start.paused == 0)
         .then(|| sys::written_exact(b_fd))
@@ -361,9 +377,7 @@ async fn handoff<'k>(
         .pair(c_ck, PeerEntry { peer: b_ck, dir: DIR_TO_BACKEND, ..PeerEntry::default() })
         .and_then(|()| kernel.pair(b_ck, PeerEntry { peer: c_ck, dir: DIR_TO_CLIENT, ..PeerEntry::default() }))
         .and_then(|()| kernel.control(c_ck, up_start))
-        .and_then(|()| kernel.control(b_ck, down_start))
-        .and_then(|()| kernel.notify_at(c_ck, limits.budget))
-        .and_then(|()| kernel.notify_at(b_ck, limits.budget));
+        .and_then(|()| kernel.control(b_ck, down_start));
     if let Err(e) = paired {
         drop(members);
         return rejected(t, format!("sockmap peer entries: {e}"));
@@ -464,7 +478,7 @@ async fn handoff<'k>(
         }
         unpaused = sys::written_exact(dir.dst_fd()).map_err(|e| format!("TCP counters: {e}")).and_then(|base| {
             dir.base = base;
-            kernel.control(dir.src_cookie, Control::default()).map_err(|e| format!("CONTROL: {}", chain(&e)))
+            kernel.control(dir.src_cookie, dir.control()).map_err(|e| format!("CONTROL: {}", chain(&e)))
         });
     }
     if let Err(e) = unpaused {
@@ -508,7 +522,7 @@ async fn handoff<'k>(
 pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, t: Tunnel) -> Result<Outcome, Rejected> {
     // Boxed: the handoff's state (leftover writes, refusal paths) is freed
     // before the watch, which is what stays for the tunnel's life.
-    let Handed { members, mut up, mut down, signal, sockets, idle_timeout, drain, cookies, fds } =
+    let Handed { mut members, mut up, mut down, signal, sockets, idle_timeout, drain, cookies, fds } =
         match Box::pin(handoff(kernel, limits, user, t)).await? {
             Handoff::Ended(outcome) => return Ok(outcome),
             Handoff::Watch(handed) => handed,
@@ -520,6 +534,7 @@ pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, t: Tunnel)
     up.redirected = kernel.peer(c_ck).bytes;
     down.redirected = kernel.peer(b_ck).bytes;
     let outcome = ended(&up, &down, reason);
+    members.closing = true;
     drop(members);
     // A reset, or a stream that can no longer be relayed exactly: a FIN
     // would tell the peers everything arrived.
@@ -564,7 +579,10 @@ impl Watch<'_> {
         let mut tick = TICK_MIN;
         let mut copy_stalled = false;
         let mut copy_fired_at: Option<u64> = None;
-        let mut last_sign = None;
+        // Idleness is checked lazily, when the deadline comes: the sign (two
+        // TCP_INFO calls) is read then, not on every wake; a tunnel closes
+        // between one and two idle timeouts after its last byte.
+        let mut last_sign = activity_sign(up, down);
         let mut last_activity = Instant::now();
         // What each socket (client, backend) is armed for; None: disarmed
         // (a report came) or hung up (never armed again).
@@ -594,13 +612,17 @@ impl Watch<'_> {
                 // Readiness that moved nothing: wait for the timer once.
                 copy_stalled = progress(up, down) == before;
             }
-            let sign = activity_sign(up, down);
-            if last_sign != Some(sign) {
-                last_sign = Some(sign);
-                last_activity = Instant::now();
+            let mut idle_deadline = last_activity + self.idle_timeout;
+            let mut now = Instant::now();
+            if now >= idle_deadline {
+                let sign = activity_sign(up, down);
+                if sign != last_sign {
+                    last_sign = sign;
+                    last_activity = now;
+                    idle_deadline = now + self.idle_timeout;
+                    now = Instant::now();
+                }
             }
-            let idle_deadline = last_activity + self.idle_timeout;
-            let now = Instant::now();
             if now >= idle_deadline {
                 return CloseReason::Idle;
             }
@@ -760,7 +782,7 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>) -> Result<bool, Faile
     if !d.paused && entry.bytes + limits.budget / 2 >= d.notify_at {
         // Ask for the next event `budget` bytes from here.
         d.notify_at = entry.bytes + limits.budget;
-        kernel.notify_at(d.src_cookie, d.notify_at).map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
+        kernel.control(d.src_cookie, d.control()).map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
     }
     let queued = sys::inq(d.src_fd()).map_err(Failed::Src)?;
     if queued > 0 {
