@@ -114,9 +114,9 @@ const STATS_TRIMMED: u32 = 3;
 
 /// Most bytes `bpf_skb_adjust_room` removes from an `sk_skb` in one call.
 const ADJUST_ROOM_MAX: u32 = 0xfff;
-/// Bound of the trimming loop: 64 steps cut up to 256 KiB, more than the
-/// largest segment the TCP receive path queues (backlog coalescing merges
-/// at most a 64 KiB-limited run of segments plus one).
+/// Bound of the trimming loop: 64 steps cut a repeated head of up to
+/// 256 KiB (seen: one 65,483-byte loopback segment at the head of a
+/// 143,413-byte coalesced one). A longer repeat marks the socket broken.
 const TRIM_STEPS: u32 = 64;
 
 #[map]

@@ -254,9 +254,6 @@ struct Handed<'k> {
     sockets: (std::net::TcpStream, std::net::TcpStream),
     idle_timeout: Duration,
     drain: tokio_util::sync::CancellationToken,
-    /// Client, backend.
-    cookies: [u64; 2],
-    fds: [RawFd; 2],
 }
 
 #[expect(clippy::result_large_err, reason = "the seam's Rejected carries the whole tunnel")]
@@ -503,17 +500,7 @@ async fn handoff<'k>(
             return Ok(Handoff::Ended(ended(&up, &down, CloseReason::Error)));
         }
     };
-    Ok(Handoff::Watch(Handed {
-        members,
-        up,
-        down,
-        signal,
-        sockets: (client, backend),
-        idle_timeout,
-        drain,
-        cookies: [c_ck, b_ck],
-        fds: [c_fd, b_fd],
-    }))
+    Ok(Handoff::Watch(Handed { members, up, down, signal, sockets: (client, backend), idle_timeout, drain }))
 }
 
 /// Relays `t` through the kernel until it ends; hands it back untouched
@@ -522,12 +509,13 @@ async fn handoff<'k>(
 pub async fn relay(kernel: &Kernel, limits: Limits, user: &UserBytes, t: Tunnel) -> Result<Outcome, Rejected> {
     // Boxed: the handoff's state (leftover writes, refusal paths) is freed
     // before the watch, which is what stays for the tunnel's life.
-    let Handed { mut members, mut up, mut down, signal, sockets, idle_timeout, drain, cookies, fds } =
+    let Handed { mut members, mut up, mut down, signal, sockets, idle_timeout, drain } =
         match Box::pin(handoff(kernel, limits, user, t)).await? {
             Handoff::Ended(outcome) => return Ok(outcome),
             Handoff::Watch(handed) => handed,
         };
-    let ([c_ck, b_ck], [c_fd, b_fd]) = (cookies, fds);
+    // Client → backend is `up`: its source is the client socket.
+    let ([c_ck, b_ck], [c_fd, b_fd]) = ([up.src_cookie, down.src_cookie], [up.src, down.src]);
     let ctx = Watch { kernel, limits, signal: &signal, idle_timeout, drain: &drain, cookies: [c_ck, b_ck] };
     let reason = ctx.run(&mut up, &mut down).await;
     // The last counts, before the entries go.
