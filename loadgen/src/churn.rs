@@ -12,10 +12,9 @@ use crate::codec::{Codec, Decoded};
 use crate::readbuf::ReadBuf;
 use crate::recorder::{ErrorKind, Recorder};
 use crate::report::ChurnStats;
-use crate::wsclient::{self, Opened, StopSignals, WsTarget};
+use crate::wsclient::{self, LifecycleConfig, Opened, StopSignals};
 use crate::wsproto::{opcode, Rng};
 use anyhow::Context;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,8 +25,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Settings of a `churn` run.
 #[derive(Debug, Clone)]
 pub struct ChurnConfig {
-    /// Where and how to upgrade; its timeout also bounds the wait for the echo.
-    pub target: WsTarget,
+    /// Target, message size, sources, threads; the target's timeout also
+    /// bounds the wait for the echo.
+    pub common: LifecycleConfig,
     /// Cycles started per second; `None`: as fast as `concurrency` allows.
     pub rate: Option<f64>,
     /// Cycles in progress at most.
@@ -36,12 +36,6 @@ pub struct ChurnConfig {
     pub duration: Duration,
     /// No more than this many cycles.
     pub count: Option<u64>,
-    /// Message payload size (at least 8: the sequence number).
-    pub size: usize,
-    /// Local addresses to spread connections over.
-    pub source_ips: Vec<IpAddr>,
-    /// Runtime worker threads.
-    pub threads: usize,
 }
 
 /// What a `churn` run produced.
@@ -76,7 +70,7 @@ impl Shared {
 /// Runs the churn and returns its measurements.
 pub fn run(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.threads.max(1))
+        .worker_threads(cfg.common.threads.max(1))
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -133,7 +127,7 @@ async fn run_async(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
         _ => t0.elapsed().as_secs_f64(),
     };
     // Every permit back: every cycle has ended. Each is bounded by its own timeouts.
-    let bound = 2 * cfg.target.timeout + CLOSE_WAIT + Duration::from_secs(1);
+    let bound = 2 * cfg.common.target.timeout + CLOSE_WAIT + Duration::from_secs(1);
     let _ = tokio::time::timeout(bound, sem.acquire_many(concurrency as u32)).await;
     let elapsed = t0.elapsed().as_secs_f64();
     let rec = std::mem::replace(&mut *sh.rec(), Recorder::new(false));
@@ -159,8 +153,8 @@ async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, p
     let _permit = permit;
     let start = Instant::now();
     let mut rng = Rng::new(idx);
-    let source = wsclient::source_for(&cfg.source_ips, idx as usize);
-    let Opened { mut sock, leftover, .. } = match wsclient::open(&cfg.target, source, &mut rng).await {
+    let source = wsclient::source_for(&cfg.common.source_ips, idx as usize);
+    let Opened { mut sock, leftover, .. } = match wsclient::open(&cfg.common.target, source, &mut rng).await {
         Ok(o) => {
             let mut r = sh.rec();
             o.record(&mut r);
@@ -173,9 +167,9 @@ async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, p
             return;
         }
     };
-    let mut codec = Codec::Ws { size: cfg.size, rng, frag_seq: None };
+    let mut codec = Codec::Ws { size: cfg.common.size, rng, frag_seq: None };
     let mut rb = ReadBuf::with_leftover(leftover, 256);
-    let exchanged = tokio::time::timeout(cfg.target.timeout, exchange(&mut sock, &mut rb, &mut codec, idx))
+    let exchanged = tokio::time::timeout(cfg.common.target.timeout, exchange(&mut sock, &mut rb, &mut codec, idx))
         .await
         .unwrap_or(Err(ErrorKind::Unanswered));
     if let Err(kind) = exchanged {

@@ -10,10 +10,9 @@ use crate::codec::{Codec, Decoded};
 use crate::readbuf::ReadBuf;
 use crate::recorder::{ErrorKind, Recorder};
 use crate::report::HoldStats;
-use crate::wsclient::{self, Opened, StopSignals, WsTarget};
+use crate::wsclient::{self, LifecycleConfig, Opened, StopSignals};
 use crate::wsproto::{opcode, Rng};
 use anyhow::Context;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,8 +23,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 /// Settings of a `hold` run.
 #[derive(Debug, Clone)]
 pub struct HoldConfig {
-    /// Where and how to upgrade.
-    pub target: WsTarget,
+    /// Target, liveness message size, sources, threads.
+    pub common: LifecycleConfig,
     /// Connections to open and hold.
     pub connections: usize,
     /// New connections per second; `None`: as fast as `open_concurrency` allows.
@@ -36,12 +35,6 @@ pub struct HoldConfig {
     pub duration: Duration,
     /// Interval of the per-connection liveness message; `None`: fully idle.
     pub ping_every: Option<Duration>,
-    /// Liveness message payload size (at least 8: the sequence number).
-    pub size: usize,
-    /// Local addresses to spread connections over.
-    pub source_ips: Vec<IpAddr>,
-    /// Runtime worker threads.
-    pub threads: usize,
     /// How long to wait for outstanding echoes after the hold.
     pub drain: Duration,
 }
@@ -99,7 +92,7 @@ impl Shared {
 /// Runs a hold and returns its measurements.
 pub fn run(cfg: &HoldConfig) -> anyhow::Result<HoldOutput> {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.threads.max(1))
+        .worker_threads(cfg.common.threads.max(1))
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -171,7 +164,7 @@ async fn run_async(cfg: &HoldConfig) -> anyhow::Result<HoldOutput> {
     // Closing: every connection sends a close frame and FIN, and waits briefly for EOF.
     sh.phase.store(CLOSE, Ordering::SeqCst);
     phase_tx.send_replace(CLOSE);
-    let bound = cfg.target.timeout + CLOSE_WAIT + Duration::from_secs(1);
+    let bound = cfg.common.target.timeout + CLOSE_WAIT + Duration::from_secs(1);
     let _ = tokio::time::timeout(bound, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
 
@@ -206,7 +199,7 @@ async fn connection(
     permit: OwnedSemaphorePermit,
 ) {
     let mut rng = Rng::new(idx as u64);
-    let opened = wsclient::open(&cfg.target, wsclient::source_for(&cfg.source_ips, idx), &mut rng).await;
+    let opened = wsclient::open(&cfg.common.target, wsclient::source_for(&cfg.common.source_ips, idx), &mut rng).await;
     drop(permit);
     let Opened { mut sock, leftover, .. } = match opened {
         Ok(o) => {
@@ -223,7 +216,7 @@ async fn connection(
     sh.alive.fetch_add(1, Ordering::SeqCst);
     let mut state = Conn {
         rb: ReadBuf::with_leftover(leftover, READ_BUF),
-        codec: Codec::Ws { size: cfg.size, rng, frag_seq: None },
+        codec: Codec::Ws { size: cfg.common.size, rng, frag_seq: None },
         out: Vec::new(),
         start_ns: sh.now_ns(),
         next_seq: 0,

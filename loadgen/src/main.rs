@@ -212,17 +212,23 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
     finish(&l.out, &summary, &rec, None, &[])
 }
 
-/// The upgrade target of `hold` and `churn`.
-fn ws_target(c: &LifecycleArgs) -> anyhow::Result<wsclient::WsTarget> {
+/// What `hold` and `churn` share: the upgrade target, message size,
+/// source addresses and threads.
+fn lifecycle(c: &LifecycleArgs) -> anyhow::Result<wsclient::LifecycleConfig> {
     check_size(c.size)?;
     if c.conn.connect_timeout.is_zero() {
         bail!("--connect-timeout must be positive");
     }
-    Ok(wsclient::WsTarget {
-        addr: resolve(&c.target)?,
-        host: c.http.host_or(&c.target),
-        path: c.http.path.clone(),
-        timeout: c.conn.connect_timeout,
+    Ok(wsclient::LifecycleConfig {
+        target: wsclient::WsTarget {
+            addr: resolve(&c.target)?,
+            host: c.http.host_or(&c.target),
+            path: c.http.path.clone(),
+            timeout: c.conn.connect_timeout,
+        },
+        size: c.size,
+        source_ips: net::parse_source_ips(&c.conn.source_ip)?,
+        threads: c.conn.threads.unwrap_or_else(cores).max(1),
     })
 }
 
@@ -247,15 +253,12 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
     }
     let fd_limit = wsclient::ensure_fds(a.connections as u64, "--connections")?;
     let cfg = hold::HoldConfig {
-        target: ws_target(c)?,
+        common: lifecycle(c)?,
         connections: a.connections,
         open_rate: a.open_rate,
         open_concurrency: a.open_concurrency,
         duration: a.duration,
         ping_every: a.ping_every,
-        size: c.size,
-        source_ips: net::parse_source_ips(&c.conn.source_ip)?,
-        threads: c.conn.threads.unwrap_or_else(cores).max(1),
         drain: a.drain,
     };
     let cpu0 = CpuTime::now();
@@ -264,7 +267,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
         mode: "hold".into(),
         target: c.target.clone(),
         connections: a.connections as u64,
-        threads: cfg.threads as u64,
+        threads: cfg.common.threads as u64,
         target_rate: 0.0,
         duration_s: out.stats.held_for_s,
         warmup_s: 0.0,
@@ -291,14 +294,11 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
     positive_rate("--rate", a.rate)?;
     wsclient::ensure_fds(a.concurrency as u64, "--concurrency")?;
     let cfg = churn::ChurnConfig {
-        target: ws_target(c)?,
+        common: lifecycle(c)?,
         rate: a.rate,
         concurrency: a.concurrency,
         duration: a.duration,
         count: a.count,
-        size: c.size,
-        source_ips: net::parse_source_ips(&c.conn.source_ip)?,
-        threads: c.conn.threads.unwrap_or_else(cores).max(1),
     };
     let cpu0 = CpuTime::now();
     let out = churn::run(&cfg)?;
@@ -306,7 +306,7 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
         mode: "churn".into(),
         target: c.target.clone(),
         connections: out.stats.attempts,
-        threads: cfg.threads as u64,
+        threads: cfg.common.threads as u64,
         target_rate: a.rate.unwrap_or(0.0),
         duration_s: out.dispatch_s,
         warmup_s: 0.0,

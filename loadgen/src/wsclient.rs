@@ -23,6 +23,19 @@ pub struct WsTarget {
     pub timeout: Duration,
 }
 
+/// Settings every connection-lifecycle mode (`hold`, `churn`) shares.
+#[derive(Debug, Clone)]
+pub struct LifecycleConfig {
+    /// Where and how to upgrade.
+    pub target: WsTarget,
+    /// Message payload size (at least 8: the sequence number).
+    pub size: usize,
+    /// Local addresses to spread connections over.
+    pub source_ips: Vec<IpAddr>,
+    /// Runtime worker threads.
+    pub threads: usize,
+}
+
 /// An upgraded connection and how long getting there took.
 #[derive(Debug)]
 pub struct Opened {
