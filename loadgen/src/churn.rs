@@ -69,14 +69,7 @@ impl Shared {
 
 /// Runs the churn and returns its measurements.
 pub fn run(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.common.threads.max(1))
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    let out = rt.block_on(run_async(cfg));
-    rt.shutdown_timeout(Duration::from_millis(200));
-    out
+    wsclient::run_on_runtime(cfg.common.threads, run_async(cfg))?
 }
 
 async fn run_async(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {

@@ -83,6 +83,20 @@ pub async fn open(t: &WsTarget, source: Option<IpAddr>, rng: &mut Rng) -> Result
     }
 }
 
+/// Runs `f` to completion on a multi-threaded runtime of `threads` workers
+/// (at least one), then gives its tasks 200 ms to wind down.
+pub fn run_on_runtime<F: std::future::Future>(threads: usize, f: F) -> anyhow::Result<F::Output> {
+    use anyhow::Context;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let out = rt.block_on(f);
+    rt.shutdown_timeout(Duration::from_millis(200));
+    Ok(out)
+}
+
 /// Descriptors kept free for the runtime, stdio, output files and the like.
 pub const FD_RESERVE: u64 = 64;
 
