@@ -102,6 +102,9 @@ fn check(path: &Path) -> anyhow::Result<()> {
     println!("data planes on this machine:");
     for (mode, available) in dataplane::probe_all() {
         match available {
+            Ok(()) if mode == dataplane::Mode::Sockmap => {
+                println!("  {mode:<8} available, {}", dataplane::SOCKMAP_NOT_AUTO)
+            }
             Ok(()) => println!("  {mode:<8} available"),
             Err(why) => println!("  {mode:<8} unavailable: {why}"),
         }

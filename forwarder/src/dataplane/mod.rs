@@ -215,8 +215,16 @@ pub fn probe_all() -> Vec<(Mode, Result<(), String>)> {
 }
 
 /// The order in which `auto` tries the planes: the first that starts (for
-/// sockmap: loads, attaches and passes its loopback self-test) wins.
-pub const AUTO_ORDER: [Mode; 4] = [Mode::Sockmap, Mode::Uring, Mode::Splice, Mode::Copy];
+/// uring and sockmap: passes its loopback self-test) wins.
+///
+/// sockmap is not in it while [`SOCKMAP_NOT_AUTO`] holds: it runs only when
+/// a config asks for it by name.
+pub const AUTO_ORDER: [Mode; 3] = [Mode::Uring, Mode::Splice, Mode::Copy];
+
+/// Why `auto` does not pick sockmap even where it runs (logged at startup,
+/// printed by `upsplice check`).
+pub const SOCKMAP_NOT_AUTO: &str = "not chosen by auto: a tunnel saturated both ways can stall \
+     through it (the pause path of its backpressure); mode = \"sockmap\" still selects it";
 
 /// A plane's relay of one tunnel, boxed at its own size (see [`Plane::relay`]).
 pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = Result<Outcome, Rejected>> + Send + 'a>>;
@@ -233,6 +241,9 @@ impl DataPlanes {
     pub fn start(cfg: &DataPlaneConfig) -> Result<DataPlanes, String> {
         let primary = match cfg.mode {
             Mode::Auto => {
+                if sockmap::probe().is_ok() {
+                    tracing::info!(data_plane = "sockmap", "auto: sockmap {SOCKMAP_NOT_AUTO}");
+                }
                 let mut chosen = None;
                 for mode in AUTO_ORDER {
                     match Plane::build(mode, cfg) {
