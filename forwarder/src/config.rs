@@ -54,10 +54,15 @@ pub struct DataPlaneConfig {
     #[serde(deserialize_with = "de_size")]
     pub uring_buffer: u64,
     /// sockmap: most bytes one direction of a tunnel may have in the kernel
-    /// (redirected but not yet acknowledged by the reader) before the plane
-    /// pauses that direction; it resumes below half of it.
+    /// (redirected but not yet acknowledged by the reader) before the
+    /// tunnel steps aside to the next plane.
     #[serde(deserialize_with = "de_size")]
     pub sockmap_queue_limit: u64,
+    /// sockmap: most bytes all tunnels together may hold in the kernel and
+    /// in the plane's buffers; past it, tunnels step aside at a quarter of
+    /// `sockmap_queue_limit`.
+    #[serde(deserialize_with = "de_size")]
+    pub sockmap_node_limit: u64,
 }
 
 impl Default for DataPlaneConfig {
@@ -70,6 +75,7 @@ impl Default for DataPlaneConfig {
             uring_workers: 0,
             uring_buffer: 128 * 1024,
             sockmap_queue_limit: 4 * 1024 * 1024,
+            sockmap_node_limit: 1024 * 1024 * 1024,
         }
     }
 }
@@ -237,6 +243,9 @@ impl Config {
         }
         if !(1024..=1 << 26).contains(&self.data_plane.copy_buffer) {
             return Err(("data_plane.copy_buffer".into(), "must be between 1KiB and 64MiB".into()));
+        }
+        if self.data_plane.sockmap_node_limit < self.data_plane.sockmap_queue_limit {
+            return Err(("data_plane.sockmap_node_limit".into(), "must be at least sockmap_queue_limit".into()));
         }
         let ub = self.data_plane.uring_buffer;
         if !(4096..=1 << 20).contains(&ub) || !ub.is_power_of_two() {

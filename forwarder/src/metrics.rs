@@ -147,6 +147,22 @@ impl Metrics {
                     out.push_str("# HELP upsplice_sockmap_trimmed_bytes Retransmitted bytes the sockmap program cut off segments that TCP queued overlapping bytes already relayed.\n");
                     out.push_str("# TYPE upsplice_sockmap_trimmed_bytes counter\n");
                     let _ = writeln!(out, "upsplice_sockmap_trimmed_bytes_total {}", p.bytes_trimmed());
+                    let (_, _, failed) = p.kernel_counters();
+                    out.push_str("# HELP upsplice_sockmap_redirect_failed_bytes Bytes the kernel refused to redirect to a tunnel's peer socket (the peer's psock stopped); the tunnel is reset.\n");
+                    out.push_str("# TYPE upsplice_sockmap_redirect_failed_bytes counter\n");
+                    let _ = writeln!(out, "upsplice_sockmap_redirect_failed_bytes_total {failed}");
+                    let (handed_over, reset) = p.step_asides();
+                    out.push_str("# HELP upsplice_sockmap_step_asides Tunnels that left the sockmap plane because a direction reached its bound, by result: handed over to the next plane with every byte accounted for, or reset because that could not be done exactly.\n");
+                    out.push_str("# TYPE upsplice_sockmap_step_asides counter\n");
+                    let _ = writeln!(out, "upsplice_sockmap_step_asides_total{{result=\"handed_over\"}} {handed_over}");
+                    let _ = writeln!(out, "upsplice_sockmap_step_asides_total{{result=\"reset\"}} {reset}");
+                    let (held, limit) = p.held();
+                    out.push_str("# HELP upsplice_sockmap_held_bytes Bytes sockmap tunnels hold now in kernel queues and userspace buffers.\n");
+                    out.push_str("# TYPE upsplice_sockmap_held_bytes gauge\n");
+                    let _ = writeln!(out, "upsplice_sockmap_held_bytes {held}");
+                    out.push_str("# HELP upsplice_sockmap_held_limit_bytes The node-wide bound of upsplice_sockmap_held_bytes (data_plane.sockmap_node_limit).\n");
+                    out.push_str("# TYPE upsplice_sockmap_held_limit_bytes gauge\n");
+                    let _ = writeln!(out, "upsplice_sockmap_held_limit_bytes {limit}");
                 }
             }
         }

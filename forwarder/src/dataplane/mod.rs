@@ -121,10 +121,23 @@ pub struct Outcome {
     pub reason: CloseReason,
 }
 
-/// A tunnel a plane could not take, with the reason (logged and counted).
+/// A tunnel a plane could not take, or stopped carrying, with the reason
+/// (logged and counted). Its leftovers are what the next plane delivers
+/// first.
 pub struct Rejected {
     pub tunnel: Tunnel,
     pub reason: String,
+    /// Bytes (to backend, to client) this plane relayed before it handed the
+    /// tunnel on: zero for a tunnel refused at the start; a sockmap tunnel
+    /// that stepped aside has carried bytes already.
+    pub relayed: (u64, u64),
+}
+
+impl Rejected {
+    /// A tunnel refused before this plane moved a byte of it.
+    pub fn untouched(tunnel: Tunnel, reason: impl Into<String>) -> Rejected {
+        Rejected { tunnel, reason: reason.into(), relayed: (0, 0) }
+    }
 }
 
 /// Bytes relayed by one data plane, in both directions.
@@ -291,12 +304,20 @@ impl DataPlanes {
     /// Relays `t` through the first plane that takes it; returns that plane's
     /// mode and the outcome. Copy takes every tunnel, so this always relays.
     pub async fn relay(&self, mut t: Tunnel) -> (Mode, Outcome) {
+        // Bytes planes earlier in the chain carried before handing it on.
+        let mut carried = (0, 0);
         for plane in &self.chain {
             match plane.relay(t).await {
-                Ok(outcome) => return (plane.mode(), outcome),
+                Ok(mut outcome) => {
+                    outcome.to_backend += carried.0;
+                    outcome.to_client += carried.1;
+                    return (plane.mode(), outcome);
+                }
                 Err(rejected) => {
                     tracing::info!(data_plane = %plane.mode(), reason = %rejected.reason, "tunnel falls back to the next data plane");
                     crate::metrics::fallback(plane.mode());
+                    carried.0 += rejected.relayed.0;
+                    carried.1 += rejected.relayed.1;
                     t = rejected.tunnel;
                 }
             }

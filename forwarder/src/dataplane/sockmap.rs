@@ -16,26 +16,25 @@
 //! the plane is used: a loopback tunnel with leftovers both ways and a
 //! backend that speaks first; `auto` falls back when it fails.
 //!
-//! `auto` tries this plane first. What made it opt-in until then: TCP
-//! queues a segment whose head it already received when only its tail is
-//! new (a retransmission merged with new bytes in the socket backlog, or
-//! an out-of-order segment overlapping the one that filled the hole), and
-//! the kernel hands the verdict whole segments (`tcp_read_skb`), so the
-//! peer got the head twice — one 65,483-byte loopback segment in most 1 GiB
-//! runs against backpressure. The program now cuts repeated heads off by
-//! TCP sequence number before the verdict (`trim_repeat` in
-//! `ebpf/src/main.rs`; counted as `upsplice_sockmap_trimmed_bytes_total`),
-//! and resets the tunnel if it cannot (`tests/sockmap.rs`:
-//! `sustained_backpressure_keeps_every_byte_once`). Two defects that looked
-//! alike were fixed before: a segment split by the handoff read and sent
-//! twice, and FIN passed on while passed bytes still waited in the psock
-//! backlog.
+//! `auto` does not pick this plane for now (`dataplane::SOCKMAP_NOT_AUTO`).
+//! Two defects were found and fixed under bulk load. A tunnel saturated
+//! both ways hung: a paused direction's bytes queued behind the other
+//! direction's in the psock's single backlog queue, uncharged (52 MB in one
+//! socket); a tunnel now steps aside to the next plane instead of pausing
+//! (`tunnel`, "Bounds"; `conformance::two_way_*`, and the node-wide bound in
+//! `fifty_saturated_tunnels_stay_within_the_memory_bound`). And TCP queues a
+//! segment whose head it already received when only its tail is new (a
+//! retransmission merged with new bytes), and the kernel hands the verdict
+//! whole segments (`tcp_read_skb`), so the peer got the head twice; the
+//! program now cuts repeated heads off by TCP sequence number before the
+//! verdict (`trim_repeat` in `ebpf/src/main.rs`; counted as
+//! `upsplice_sockmap_trimmed_bytes_total`), and resets the tunnel if it
+//! cannot (`tests/sockmap.rs`: `sustained_backpressure_keeps_every_byte_once`).
 //!
-//! Measured (release, loopback, 2 cores shared with other builds): under
-//! sustained bulk load the paused path carries 95–100% of the bytes, so
-//! throughput and CPU are those of a userspace copy (ratio to a direct
-//! connection 0.23–0.43, like the copy plane's 0.24–0.48); without the
-//! bound (kernel only) 0.13–0.55, with CPU per GiB no lower than copy's.
+//! Measured (release, loopback, 2 cores shared with other builds): one echo
+//! tunnel saturated both ways carries 2–3.4 GB in 3 s through this plane
+//! (stepping aside within milliseconds), about as much as splice and copy
+//! in the same test.
 
 pub mod kernel;
 pub mod sys;
@@ -50,7 +49,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use self::kernel::{Kernel, DIR_TO_BACKEND, DIR_TO_CLIENT, STATS_FAILED, STATS_TRIMMED};
-use self::tunnel::{Limits, UserBytes};
+use self::tunnel::{Limits, NodeHeld, Shared, StepAsides, UserBytes};
 use super::{CloseReason, Outcome, Rejected, Tunnel};
 use crate::config::DataPlaneConfig;
 
@@ -115,9 +114,8 @@ fn capable() -> Result<(), String> {
 pub struct SockmapPlane {
     /// Boxed: the loaded object is large and `Plane` holds planes inline.
     kernel: Box<Kernel>,
-    limits: Limits,
-    /// Bytes userspace wrote itself (the kernel counts the rest).
-    user: UserBytes,
+    /// Bounds, totals and counters every tunnel shares.
+    shared: Shared,
 }
 
 impl SockmapPlane {
@@ -125,11 +123,19 @@ impl SockmapPlane {
     pub fn new(cfg: &DataPlaneConfig) -> Result<Self, String> {
         probe()?;
         let kernel = Box::new(Kernel::load(object()?, MAX_SOCKETS)?);
-        let plane = SockmapPlane {
-            kernel,
-            limits: Limits::from_queue_limit(cfg.sockmap_queue_limit),
+        let limits = Limits::new(cfg.sockmap_queue_limit, tcp_rmem_max());
+        let shared = Shared {
+            limits,
             user: UserBytes::default(),
+            node: NodeHeld::new(cfg.sockmap_node_limit),
+            step_asides: StepAsides::default(),
         };
+        tracing::debug!(
+            per_tunnel = limits.per_tunnel(),
+            node_limit = cfg.sockmap_node_limit,
+            "sockmap: memory bounds (bytes)"
+        );
+        let plane = SockmapPlane { kernel, shared };
         plane.self_test()?;
         Ok(plane)
     }
@@ -138,15 +144,15 @@ impl SockmapPlane {
     /// program plus what userspace wrote itself (leftovers at handoff).
     pub fn bytes_relayed(&self) -> (u64, u64) {
         (
-            self.kernel.stats(DIR_TO_BACKEND).bytes + self.user.to_backend.load(Ordering::Relaxed),
-            self.kernel.stats(DIR_TO_CLIENT).bytes + self.user.to_client.load(Ordering::Relaxed),
+            self.kernel.stats(DIR_TO_BACKEND).bytes + self.shared.user.to_backend.load(Ordering::Relaxed),
+            self.kernel.stats(DIR_TO_CLIENT).bytes + self.shared.user.to_client.load(Ordering::Relaxed),
         )
     }
 
     /// Of [`Self::bytes_relayed`], the bytes userspace wrote itself:
     /// leftovers, and bytes forwarded while a direction was paused.
     pub fn bytes_by_userspace(&self) -> (u64, u64) {
-        (self.user.to_backend.load(Ordering::Relaxed), self.user.to_client.load(Ordering::Relaxed))
+        (self.shared.user.to_backend.load(Ordering::Relaxed), self.shared.user.to_client.load(Ordering::Relaxed))
     }
 
     /// Segments redirected (to backend, to client) and bytes the kernel
@@ -169,7 +175,26 @@ impl SockmapPlane {
     /// Relays `t` in the kernel until it ends; hands it back when its
     /// sockets cannot join the sockmap.
     pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        tunnel::relay(&self.kernel, self.limits, &self.user, t).await
+        tunnel::relay(&self.kernel, &self.shared, t).await
+    }
+
+    /// Tunnels that stepped aside so far: (handed to the next plane with
+    /// every byte accounted for, reset because that could not be done).
+    pub fn step_asides(&self) -> (u64, u64) {
+        let s = &self.shared.step_asides;
+        (s.handed_over.load(Ordering::Relaxed), s.reset.load(Ordering::Relaxed))
+    }
+
+    /// Bytes all tunnels hold now (kernel queues and userspace buffers),
+    /// against the node-wide bound.
+    pub fn held(&self) -> (u64, u64) {
+        (self.shared.node.total.load(Ordering::Relaxed), self.shared.node.limit)
+    }
+
+    /// What one tunnel can make the node hold at most (both directions,
+    /// on top of its sockets' own TCP buffers).
+    pub fn per_tunnel_bound(&self) -> u64 {
+        self.shared.limits.per_tunnel()
     }
 
     /// A loopback tunnel through the real program: leftovers both ways,
@@ -241,6 +266,15 @@ impl SockmapPlane {
         }
         Ok(())
     }
+}
+
+/// The largest receive buffer TCP autotuning may give a socket (the third
+/// field of `net.ipv4.tcp_rmem`; 6 MiB, the kernel's default, if unreadable).
+fn tcp_rmem_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+        .ok()
+        .and_then(|v| v.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(6 << 20)
 }
 
 /// A connected loopback pair: (the far end, the end a tunnel holds).

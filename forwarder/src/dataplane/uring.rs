@@ -315,7 +315,7 @@ impl UringPlane {
     /// worker is alive.
     pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
         let Some(worker) = self.pick() else {
-            return Err(Rejected { tunnel: t, reason: "no uring worker is running".into() });
+            return Err(Rejected::untouched(t, "no uring worker is running"));
         };
         let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain } = t;
         let (client, backend) = match (into_blocking_fd(client), into_blocking_fd(backend)) {
@@ -331,7 +331,7 @@ impl UringPlane {
         if let Err(Cmd::Start(job)) = worker.send(Cmd::Start(job)) {
             // The worker died between pick and send: give the tunnel back.
             return match rebuild(job, drain) {
-                Ok(tunnel) => Err(Rejected { tunnel, reason: "uring worker stopped".into() }),
+                Ok(tunnel) => Err(Rejected::untouched(tunnel, "uring worker stopped")),
                 Err(_) => Ok(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error }),
             };
         }

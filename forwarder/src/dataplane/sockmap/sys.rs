@@ -103,6 +103,51 @@ pub fn written_at_least(fd: RawFd) -> io::Result<u64> {
     Ok(acked + outq(fd)?)
 }
 
+/// `SO_RCVLOWAT`: TCP calls the socket's data-ready (for a socket in a
+/// sockmap: the verdict) only once this many bytes wait, or its receive
+/// buffer is nearly full (`tcp_data_ready`). The kernel caps the value at
+/// half the receive buffer.
+pub fn set_rcvlowat(fd: RawFd, bytes: i32) -> io::Result<()> {
+    // SAFETY: `bytes` is a valid c_int for the duration of the call and its
+    // size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&bytes as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// TCP states in which the peer's FIN has been received.
+const FIN_RECEIVED: [u8; 4] =
+    [6 /* TIME_WAIT */, 8 /* CLOSE_WAIT */, 9 /* LAST_ACK */, 11 /* CLOSING */];
+
+/// Bytes of the stream `fd` received that its owner consumed so far (read,
+/// or taken by a verdict program): received minus still queued, FIN not
+/// counted. Only for a socket without a psock, where `SIOCINQ` is the
+/// receive queue. Retries until the received count did not move between
+/// the two reads, so a segment arriving meanwhile cannot skew it.
+pub fn consumed(fd: RawFd) -> io::Result<u64> {
+    for _ in 0..1000 {
+        let before = tcp_counters(fd)?;
+        let queued = inq(fd)?;
+        let after = tcp_counters(fd)?;
+        if before.bytes_received == after.bytes_received {
+            // `tcpi_bytes_received` counts the FIN; SIOCINQ does not.
+            let fin = u64::from(FIN_RECEIVED.contains(&after.state));
+            return Ok(after.bytes_received.saturating_sub(queued + fin));
+        }
+    }
+    Err(io::Error::other("the received count never settled"))
+}
+
 /// Makes the kernel run the verdict program over bytes already in `fd`'s
 /// receive queue. On a socket with a verdict program, `recvmsg` first calls
 /// `tcp_data_ready` when the receive queue is not empty
