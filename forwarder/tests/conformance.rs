@@ -67,6 +67,218 @@ async fn integrity_64mib_both_ways(mode: &str) {
     assert_eq!(b, d, "backend → client corrupted");
 }
 
+/// How long each saturated tunnel writes flat out before it half-closes.
+const SATURATE_FOR: Duration = Duration::from_secs(3);
+/// The longest a saturated stream may go without a byte arriving.
+const MAX_GAP: Duration = Duration::from_secs(1);
+/// The same with eight saturated tunnels at once: 24 peer tasks of this
+/// debug build (writer, checking reader, echo per tunnel) share 2 cores
+/// with the router, and their own turns take up to 1.5 s on every plane
+/// (copy and uring alike). The sockmap hang this case guards against
+/// stalled for 5–7 s or for good.
+const MAX_GAP_EIGHT: Duration = Duration::from_secs(3);
+
+/// Writes a [`fast_stream`] as fast as the socket takes it (64 KiB
+/// writes, no cap on bytes in flight) for `for_`, then half-closes; returns
+/// the bytes sent, or what failed.
+async fn write_flat_out(mut w: tokio::net::tcp::OwnedWriteHalf, for_: Duration) -> Result<u64, String> {
+    let mut sent = 0usize;
+    let deadline = Instant::now() + for_;
+    while Instant::now() < deadline {
+        // A write blocked for longer than the whole phase is a stall the
+        // reader reports; stop writing then rather than hang here.
+        match tokio::time::timeout_at(deadline.into(), w.write(fast_stream_at(sent, 64 * 1024))).await {
+            Ok(Ok(n)) => sent += n,
+            Ok(Err(e)) => return Err(format!("write failed after {sent} bytes: {e}")),
+            Err(_) => break,
+        }
+    }
+    w.shutdown().await.map_err(|e| format!("half-close after {sent} bytes: {e}"))?;
+    Ok(sent as u64)
+}
+
+/// What a reader of a checked stream saw.
+#[derive(Debug)]
+struct Received {
+    bytes: u64,
+    /// The longest wait for the next byte once bytes flowed.
+    worst_gap: Duration,
+    /// When it ended (since the first byte), and how many bytes had come
+    /// (printed when a case fails).
+    #[allow(dead_code)]
+    worst_gap_at: (Duration, u64),
+    ended: Instant,
+}
+
+/// Reads a [`fast_stream`] to EOF, checking every byte on arrival;
+/// `slow` reads 16 KiB every 10 ms. Err when a byte is out of place or the
+/// stream does not end within `within`.
+async fn read_checked(mut r: impl AsyncReadExt + Unpin, slow: bool, within: Duration) -> Result<Received, String> {
+    let mut buf = vec![0u8; if slow { 16 * 1024 } else { 256 * 1024 }];
+    let mut got = 0usize;
+    let mut worst_gap = Duration::ZERO;
+    let mut last: Option<Instant> = None;
+    let mut worst_gap_at = (Duration::ZERO, 0);
+    let started = Instant::now();
+    let deadline = started + within;
+    loop {
+        if slow {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let n = match tokio::time::timeout_at(deadline.into(), r.read(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(format!("read failed after {got} bytes: {e}")),
+            Err(_) => return Err(format!("no EOF within {within:?}: {got} bytes received, worst gap {worst_gap:?}")),
+        };
+        let now = Instant::now();
+        if n == 0 {
+            return Ok(Received { bytes: got as u64, worst_gap, worst_gap_at, ended: now });
+        }
+        check_fast_stream(&buf[..n], got)?;
+        if let Some(prev) = last {
+            // A slow reader's own sleep is not a gap of the stream.
+            let waited = now - prev - if slow { Duration::from_millis(10) } else { Duration::ZERO };
+            if waited > worst_gap {
+                worst_gap = waited;
+                worst_gap_at = (now - started, got as u64);
+            }
+        }
+        last = Some(now);
+        got += n;
+    }
+}
+
+/// An echo coupled the way real request/response peers are: it stops
+/// reading while its write blocks. Echoes until EOF, then half-closes.
+async fn coupled_echo(s: TcpStream) {
+    let (mut r, mut w) = s.into_split();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// One tunnel saturated both ways through an echo: the client writes flat
+/// out while reading the echo, half-closes after [`SATURATE_FOR`] and reads
+/// to EOF. Every byte comes back once and in order, no gap over
+/// [`MAX_GAP`], EOF soon after the half-close. Returns the bytes echoed.
+async fn saturated_echo_tunnel(router: &Router, backend: &mut RawBackend) -> Result<u64, String> {
+    let (client, server, _, _) = raw_tunnel(router, backend, "app.test", b"", b"").await;
+    let echo = tokio::spawn(coupled_echo(server));
+    let (cr, cw) = client.into_split();
+    let writer = tokio::spawn(async move {
+        let sent = write_flat_out(cw, SATURATE_FOR).await;
+        (sent, Instant::now())
+    });
+    let received = read_checked(cr, false, SATURATE_FOR + Duration::from_secs(20)).await;
+    let (sent, fin_at) = writer.await.unwrap();
+    echo.abort();
+    let sent = sent?;
+    let received = received.map_err(|e| format!("{e} (client sent {sent})"))?;
+    if received.bytes != sent {
+        return Err(format!("{sent} bytes sent, {} echoed before EOF", received.bytes));
+    }
+    if received.worst_gap > MAX_GAP {
+        return Err(format!("the echo stalled for {:?} ({sent} bytes)", received.worst_gap));
+    }
+    let eof_after = received.ended.saturating_duration_since(fin_at);
+    if eof_after > Duration::from_secs(10) {
+        return Err(format!("EOF came {eof_after:?} after the half-close"));
+    }
+    Ok(sent)
+}
+
+/// Two-way bulk through an echo, three times in a row (each run must pass:
+/// the sockmap stall came in most runs, not all).
+async fn two_way_saturated_echo(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    for run in 0..3 {
+        let echoed = saturated_echo_tunnel(&router, &mut backend)
+            .await
+            .unwrap_or_else(|e| panic!("run {run}: {e}\nrouter log:\n{}", router.log()));
+        eprintln!("{mode}: run {run}: {} MiB echoed", echoed >> 20);
+    }
+    router.wait_log("close=\"done\"");
+}
+
+/// Eight saturated echo tunnels at once.
+async fn two_way_saturated_eight_tunnels(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let mut tunnels = Vec::new();
+    for _ in 0..8 {
+        let (client, server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+        tunnels.push((client, server));
+    }
+    // Each tunnel's reader is a task of its own: polled together in one
+    // task, a reader's wait for its turn would count as a stall.
+    let runs = tunnels.into_iter().enumerate().map(|(i, (client, server))| async move {
+        let echo = tokio::spawn(coupled_echo(server));
+        let (cr, cw) = client.into_split();
+        let writer = tokio::spawn(write_flat_out(cw, SATURATE_FOR));
+        let received = tokio::spawn(read_checked(cr, false, SATURATE_FOR + Duration::from_secs(30))).await.unwrap();
+        let sent = writer.await.unwrap().map_err(|e| format!("tunnel {i}: {e}"))?;
+        echo.abort();
+        let received = received.map_err(|e| format!("tunnel {i}: {e} (sent {sent})"))?;
+        if received.bytes != sent {
+            return Err(format!("tunnel {i}: {sent} sent, {} echoed", received.bytes));
+        }
+        if received.worst_gap > MAX_GAP_EIGHT {
+            return Err(format!("tunnel {i}: stalled for {:?}", received.worst_gap));
+        }
+        Ok(sent)
+    });
+    let results = futures_util::future::join_all(runs).await;
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    if !failed.is_empty() {
+        let log = router.log();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        panic!("{failed:?}\nrouter log (last lines, newest first):\n{}", tail.join("\n"));
+    }
+}
+
+/// The far reader is slow (16 KiB every 10 ms) while the other direction
+/// runs flat out: the fast direction must not wait for the slow one, and
+/// both streams arrive whole.
+async fn two_way_with_a_slow_far_reader(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let (client, server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let up_writer = tokio::spawn(write_flat_out(cw, SATURATE_FOR));
+    let down_writer = tokio::spawn(write_flat_out(sw, SATURATE_FOR));
+    // The slow reader drains what the buffers held at the half-close at
+    // 1.6 MB/s: allow for tens of MB.
+    // Separate tasks: in one, the fast reader's ready socket used up the
+    // task's budget and the slow one's timer waited seconds for its turn.
+    let slow = tokio::spawn(read_checked(sr, true, SATURATE_FOR + Duration::from_secs(60)));
+    let fast = tokio::spawn(read_checked(cr, false, SATURATE_FOR + Duration::from_secs(20)));
+    let (slow, fast) = (slow.await.unwrap(), fast.await.unwrap());
+    let (up_sent, down_sent) = match (up_writer.await.unwrap(), down_writer.await.unwrap()) {
+        (Ok(u), Ok(d)) => (u, d),
+        (u, d) => panic!("a writer failed: {:?} {:?}\nrouter log:\n{}", u.err(), d.err(), router.log()),
+    };
+    let fast = fast.unwrap_or_else(|e| panic!("backend → client (fast reader): {e}\nrouter log:\n{}", router.log()));
+    let slow = slow.unwrap_or_else(|e| panic!("client → backend (slow reader): {e}\nrouter log:\n{}", router.log()));
+    if fast.worst_gap > MAX_GAP {
+        panic!("the fast direction stalled: {fast:?}\nrouter log:\n{}", router.log());
+    }
+    assert_eq!(fast.bytes, down_sent, "backend → client");
+    assert_eq!(slow.bytes, up_sent, "client → backend");
+    assert!(fast.worst_gap <= MAX_GAP, "the fast direction stalled for {:?}", fast.worst_gap);
+    assert!(slow.worst_gap <= MAX_GAP, "the slow reader waited for bytes: {slow:?} (of {up_sent})");
+}
+
 async fn half_close_client_first(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
@@ -491,6 +703,9 @@ macro_rules! conformance {
             }
             case!(websocket_echo_with_real_library);
             case!(integrity_64mib_both_ways);
+            case!(two_way_saturated_echo);
+            case!(two_way_saturated_eight_tunnels);
+            case!(two_way_with_a_slow_far_reader);
             case!(half_close_client_first);
             case!(half_close_backend_first);
             case!(reset_from_backend_resets_client);

@@ -69,7 +69,8 @@ impl Router {
         let mut child = Command::new(env!("CARGO_BIN_EXE_upsplice"))
             .args(["run", "--config"])
             .arg(&config_path)
-            .env("RUST_LOG", "info")
+            // UPSPLICE_TEST_LOG (e.g. "debug") looks deeper into a failing test.
+            .env("RUST_LOG", std::env::var("UPSPLICE_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -434,4 +435,94 @@ pub async fn ws_echo_backend() -> (std::net::SocketAddr, tokio::sync::mpsc::Unbo
         }
     });
     (addr, rx)
+}
+
+/// Fills `buf` with the stream that starts at offset `pos`: every 8-byte
+/// word holds its own offset, so a word out of place tells where it came
+/// from. Cheap enough for a sender at full speed.
+pub fn offset_words(buf: &mut [u8], pos: usize) {
+    debug_assert_eq!(pos % 8, 0);
+    for (i, word) in buf.chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(&((pos + i * 8) as u64).to_le_bytes());
+    }
+}
+
+/// Checks `got`, which arrived at offset `pos` of an [`offset_words`]
+/// stream; on the first byte out of place, says what it is. The common
+/// case is one comparison against the expected words (fast in a debug
+/// build too: the test's sender and checker must outrun the relay, or the
+/// kernel paths under test never see pressure).
+pub fn check_offset_words(got: &[u8], pos: usize) -> Result<(), String> {
+    let start = pos & !7;
+    let mut expected = vec![0u8; (pos - start + got.len()).div_ceil(8) * 8];
+    offset_words(&mut expected, start);
+    if expected[pos - start..pos - start + got.len()] == *got {
+        return Ok(());
+    }
+    for (i, &b) in got.iter().enumerate() {
+        let at = pos + i;
+        if b != ((at & !7) as u64).to_le_bytes()[at % 8] {
+            // The first whole word from here on says where these bytes came from.
+            let from = (0..8).find_map(|k| {
+                let v = u64::from_le_bytes(got.get(i + k..i + k + 8)?.try_into().ok()?);
+                (v % 8 == 0 && (v as i64 - (at + k) as i64).abs() < 1 << 26).then(|| v as i64 - k as i64)
+            });
+            let how = match from {
+                Some(f) if f < at as i64 => format!("a repeat of the {} bytes before it", at as i64 - f),
+                Some(f) => format!("{} bytes skipped", f - at as i64),
+                None => "bytes from nowhere in the stream".into(),
+            };
+            return Err(format!("byte {at} out of place: {how} (it came from offset {from:?})"));
+        }
+    }
+    Ok(())
+}
+
+/// Length of one period of [`fast_stream`]: a multiple of 8, not a power of
+/// two, longer than any segment or buffer on the path (a shift by a whole
+/// period would go unseen).
+pub const FAST_PERIOD: usize = 6 * 1024 * 1024 + 8;
+
+/// One period of a periodic [`offset_words`] stream (byte `p` of the stream
+/// is byte `p % FAST_PERIOD` of this), made once. Sending and checking it
+/// costs a `memcpy`/`memcmp` of std's optimised code per chunk, so the
+/// peers of a debug-built test still saturate a tunnel — generating or
+/// checking each word in the test's own unoptimised code did not (about
+/// 50 MiB/s: too slow to fill any buffer of the path).
+pub fn fast_stream() -> &'static [u8] {
+    static STREAM: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    STREAM.get_or_init(|| {
+        let mut v = vec![0u8; FAST_PERIOD];
+        offset_words(&mut v, 0);
+        v
+    })
+}
+
+/// The bytes of [`fast_stream`] from position `pos` up to the end of its
+/// period, at most `max`.
+pub fn fast_stream_at(pos: usize, max: usize) -> &'static [u8] {
+    let at = pos % FAST_PERIOD;
+    &fast_stream()[at..(at + max).min(FAST_PERIOD)]
+}
+
+/// Checks `got`, which arrived at position `pos` of [`fast_stream`]; on a
+/// mismatch, says where and what the misplaced bytes are.
+pub fn check_fast_stream(got: &[u8], pos: usize) -> Result<(), String> {
+    let mut done = 0;
+    while done < got.len() {
+        let want = fast_stream_at(pos + done, got.len() - done);
+        let have = &got[done..done + want.len()];
+        if have != want {
+            let i = have.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+            let at = pos + done + i;
+            let word_at = i & !7;
+            let found = have.get(word_at..word_at + 8).map(|w| u64::from_le_bytes(w.try_into().unwrap()));
+            return Err(format!(
+                "byte {at} out of place (stream period {FAST_PERIOD}; the word there says offset {found:?} mod the period, expected {})",
+                (at & !7) % FAST_PERIOD
+            ));
+        }
+        done += want.len();
+    }
+    Ok(())
 }
