@@ -16,7 +16,7 @@
 use std::net::IpAddr;
 
 use super::answer::Refusal;
-use super::head::{tokens, values, Request};
+use super::head::{tokens, values, Request, Response};
 
 /// How the request body is framed (what follows the head from the client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +133,32 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
     Ok(Forward { host, path, upgrade, body, head })
 }
 
+/// Response headers that concern one connection, never relayed.
+const RESPONSE_HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection"];
+
+/// The head of a final (non-101) response as the client gets it when the
+/// router closes the connection after it: the backend's status and headers
+/// less its hop-by-hop ones (those `Connection` names too, except framing),
+/// and `Connection: close`. The status line says HTTP/1.1, the router's
+/// own version (RFC 9110 §6.2).
+pub fn response_head(resp: &Response) -> Vec<u8> {
+    let named_by_connection: Vec<&[u8]> = tokens(&resp.headers, "connection")
+        .filter(|t| !PROTECTED.iter().any(|p| t.eq_ignore_ascii_case(p.as_bytes())))
+        .collect();
+    let dropped = |name: &str| {
+        RESPONSE_HOP_BY_HOP.iter().any(|d| name.eq_ignore_ascii_case(d))
+            || named_by_connection.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    };
+    let mut head = Vec::with_capacity(resp.head_len + 32);
+    head.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", resp.status, resp.reason).as_bytes());
+    for h in resp.headers.iter().filter(|h| !dropped(&h.name)) {
+        push_header(&mut head, &h.name, &h.value);
+    }
+    push_header(&mut head, "Connection", b"close");
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
 fn push_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
     head.extend_from_slice(name.as_bytes());
     head.extend_from_slice(b": ");
@@ -194,6 +220,11 @@ fn body_framing(req: &Request) -> Result<Body, Refusal> {
         }
         if !te.last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) {
             return Err(Refusal::bad_request("Transfer-Encoding must end with chunked"));
+        }
+        // Chunked twice would be decoded twice by the backend but framed
+        // once here (RFC 9112 §6.1: a sender must not apply it twice).
+        if te.iter().filter(|t| t.eq_ignore_ascii_case(b"chunked")).count() > 1 {
+            return Err(Refusal::bad_request("chunked applied more than once"));
         }
         return Ok(Body::Chunked);
     }
@@ -296,6 +327,23 @@ mod tests {
             400
         );
         assert_eq!(fwd("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", false).unwrap_err().status, 400);
+        assert_eq!(
+            fwd(
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            )
+            .unwrap_err()
+            .status,
+            400
+        );
+    }
+
+    #[test]
+    fn response_head_says_close_and_drops_hop_by_hop() {
+        let raw = b"HTTP/1.0 200 Fine\r\nConnection: keep-alive, X-Hop, Content-Length\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\n\r\nok";
+        let resp = super::super::head::parse_response(raw, 1024).unwrap().unwrap();
+        let h = String::from_utf8(response_head(&resp)).unwrap();
+        assert_eq!(h, "HTTP/1.1 200 Fine\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\nConnection: close\r\n\r\n");
     }
 
     #[test]
