@@ -276,3 +276,24 @@ async fn refused_upgrade_with_a_body_gets_nothing_past_the_body() {
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("\r\n\r\nka"), "{answer:?}");
     assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_service_route_never_reaches_the_app() {
+    let (r, ka, _other) = setup().await;
+    let cases = [
+        ("GET /private HTTP/1.1\r\nHost: rs.example.com\r\n\r\n".to_string(), "502 "),
+        ("POST /private HTTP/1.1\r\nHost: rs.example.com\r\nContent-Length: 5\r\n\r\nhello".into(), "502 "),
+        ("GET http://rs.example.com/private HTTP/1.1\r\nHost: ka.example.com\r\n\r\n".into(), "502 "),
+        (WS_REQUEST.replace("{host}", "rs.example.com"), "503 "),
+    ];
+    for (request, status) in cases {
+        let answer = exchange(r.http, request.as_bytes()).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{request:?}: {answer:?}");
+        assert!(answer.contains("\r\nX-Cf-Routererror: route_service_unsupported\r\n"), "{answer}");
+    }
+    assert_eq!(ka.connections(), 0, "the app was reached around its route service: {}", ka.received());
+    assert!(
+        r.metric("upsplice_handshakes_total{listener=\"web\",status=\"502\",reason=\"route_service_unsupported\"}")
+            >= 3.0
+    );
+}

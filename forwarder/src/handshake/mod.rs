@@ -95,8 +95,14 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, session: &Session, r
         return refuse(&mut client, Refusal::unknown_route(&fwd.host), session, rec, started).await;
     };
     rec.route = Some(route.name.clone());
-    if fwd.upgrade.is_some() && route.route_service.is_some() {
-        return refuse(&mut client, Refusal::route_service_unsupported(), session, rec, started).await;
+    if route.route_service.is_some() {
+        // Nothing reaches the app around its route service (often its
+        // authentication), whatever the kind of request.
+        let refusal = match fwd.upgrade {
+            Some(_) => Refusal::route_service_unsupported(),
+            None => Refusal::route_service_disabled(),
+        };
+        return refuse(&mut client, refusal, session, rec, started).await;
     }
     let pool = snap.pools[route.pool].clone();
     let (mut backend, guard) = match pool.connect(limits.connect_timeout).await {
