@@ -297,3 +297,42 @@ async fn route_service_route_never_reaches_the_app() {
             >= 3.0
     );
 }
+
+/// Headers only a trusted proxy may state (README, "Forwarded headers").
+const CLAIMS: &str = "Forwarded: for=6.6.6.6;proto=https\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Host: admin.internal\r\nX-Forwarded-Port: 443\r\nX-Forwarded-Ssl: on\r\nX-Forwarded-Scheme: https\r\nX-Forwarded-Client-Cert: Hash=6666\r\nX-Vcap-Request-Id: 66666666-6666-6666-6666-666666666666\r\nX-Request-Start: 1600000000000\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_claims_reach_backends_only_from_trusted_peers() {
+    let (r, ka, _other) = setup().await;
+    let plain = format!("GET /a HTTP/1.1\r\nHost: ka.example.com\r\n{CLAIMS}\r\n");
+    // The recording backend refuses the upgrade; its head is what counts.
+    let upgrade = WS_REQUEST.replace("{host}", "ka.example.com").replace("\r\n\r\n", &format!("\r\n{CLAIMS}\r\n"));
+    // 127.0.0.2 is in the listener's trusted_cidrs; 127.0.0.1 is not.
+    for (source, trusted) in [("127.0.0.1", false), ("127.0.0.2", true)] {
+        for request in [&plain, &upgrade] {
+            let before = ka.connections();
+            let answer = exchange_from(source, r.http, request.as_bytes()).await;
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+            ka.wait_closed().await;
+            let got = String::from_utf8_lossy(&ka.conns.lock().unwrap()[before]).into_owned();
+            let head = got.split("\r\n\r\n").next().unwrap().to_string();
+            for claim in CLAIMS.split("\r\n").filter(|l| !l.is_empty()) {
+                let name = claim.split(':').next().unwrap();
+                let lines = head
+                    .lines()
+                    .filter(|l| l.to_ascii_lowercase().starts_with(&format!("{}:", name.to_ascii_lowercase())));
+                let lines: Vec<&str> = lines.collect();
+                if trusted {
+                    assert_eq!(lines, vec![claim], "{source}: a trusted peer's {name} is kept as sent: {head}");
+                } else if name == "X-Request-Start" {
+                    assert_eq!(lines.len(), 1, "{head}");
+                    assert_ne!(lines[0], claim, "{source}: the router sets X-Request-Start: {head}");
+                } else {
+                    assert!(lines.is_empty(), "{source}: {name} reached the backend: {head}");
+                }
+            }
+            assert!(!trusted || head.contains("\r\nX-Forwarded-For: 127.0.0.2\r\n"), "{head}");
+            assert!(trusted || !head.contains("6.6.6.6"), "{head}");
+        }
+    }
+}

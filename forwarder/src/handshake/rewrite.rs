@@ -8,7 +8,12 @@
 //! * `X-Forwarded-For`: a trusted peer's list is extended with the peer's
 //!   address, anyone else's is replaced by it; `X-Forwarded-Proto`: a trusted
 //!   peer's value is kept, otherwise the listener's is set;
-//!   `X-Request-Start`: milliseconds since the epoch, as gorouter sets it;
+//!   `X-Request-Start`: a trusted peer's is kept, otherwise milliseconds
+//!   since the epoch, as gorouter sets it;
+//! * the other headers that name the client, its scheme or its request
+//!   ([`UNTRUSTED_DROPPED`]: `Forwarded`, `X-Real-IP`, `X-Forwarded-Host`,
+//!   …) are kept from a trusted peer and removed from anyone else's
+//!   request, so a backend never takes a client's claim for the router's;
 //! * ambiguous body framing (Transfer-Encoding with Content-Length, differing
 //!   Content-Lengths, a Transfer-Encoding that does not end in chunked) is
 //!   refused: it is how requests get smuggled past a proxy.
@@ -62,6 +67,23 @@ const DROPPED: &[&str] = &[
     "x-request-start",
 ];
 
+/// Headers removed from the requests of peers outside the listener's
+/// `trusted_cidrs` (README, "Forwarded headers"): each states something
+/// about the client, its scheme or its original request that only a proxy
+/// in front may say, and frameworks act on them (Rack and Spring take the
+/// scheme from `X-Forwarded-Ssl`/`-Scheme`, many apps the client address
+/// from `X-Real-IP` or `Forwarded`). The router does not set them itself.
+pub const UNTRUSTED_DROPPED: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-forwarded-client-cert",
+    "x-vcap-request-id",
+];
+
 /// Headers a `Connection` token may not remove: they frame or route the request.
 const PROTECTED: &[&str] = &["host", "content-length", "transfer-encoding"];
 
@@ -85,6 +107,7 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
         .collect();
     let dropped = |name: &str| {
         DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
+            || (!client.trusted && UNTRUSTED_DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)))
             || named_by_connection.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
     };
 
@@ -127,7 +150,12 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
         _ => client.forwarded_proto.as_bytes(),
     };
     push_header(&mut head, "X-Forwarded-Proto", proto);
-    push_header(&mut head, "X-Request-Start", client.now_ms.to_string().as_bytes());
+    // A trusted proxy in front saw the request first: its start time stands.
+    let sent_start = values(&req.headers, "x-request-start").map(|v| v.trim_ascii()).find(|v| !v.is_empty());
+    match sent_start {
+        Some(start) if client.trusted => push_header(&mut head, "X-Request-Start", start),
+        _ => push_header(&mut head, "X-Request-Start", client.now_ms.to_string().as_bytes()),
+    }
     head.extend_from_slice(b"\r\n");
 
     Ok(Forward { host, path, upgrade, body, head })
@@ -286,6 +314,25 @@ mod tests {
         assert!(h.contains("\r\nX-Forwarded-Proto: https\r\n"), "{h}");
         assert!(h.contains("\r\nConnection: close\r\n"));
         assert_eq!(f.upgrade, None);
+    }
+
+    #[test]
+    fn client_claims_are_kept_only_from_trusted_peers() {
+        let raw = "GET / HTTP/1.1\r\nHost: h\r\nForwarded: for=6.6.6.6;proto=https\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Host: admin.internal\r\nx-forwarded-port: 443\r\nX-Forwarded-Ssl: on\r\nX-Forwarded-Scheme: https\r\nX-Forwarded-Client-Cert: Hash=x\r\nX-Vcap-Request-Id: fixed\r\nX-Request-Start: 1600000000000\r\nX-Other: kept\r\n\r\n";
+        let untrusted = head(&fwd(raw, false).unwrap());
+        for claim in UNTRUSTED_DROPPED {
+            let line = format!("\r\n{claim}:");
+            assert!(
+                !untrusted.to_ascii_lowercase().contains(&line),
+                "{claim} kept from an untrusted peer: {untrusted}"
+            );
+        }
+        assert!(untrusted.contains("\r\nX-Request-Start: 1700000000123\r\n"), "{untrusted}");
+        assert!(untrusted.contains("\r\nX-Other: kept\r\n"), "{untrusted}");
+        let trusted = head(&fwd(raw, true).unwrap());
+        for line in raw.split("\r\n").skip(1).filter(|l| !l.is_empty()) {
+            assert_eq!(trusted.matches(&format!("\r\n{line}\r\n")).count(), 1, "{line}: {trusted}");
+        }
     }
 
     #[test]
