@@ -336,3 +336,26 @@ async fn client_claims_reach_backends_only_from_trusted_peers() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_is_routed_and_forwarded_with_its_host() {
+    let (r, ka, other) = setup().await;
+    let plain = "GET http://api.example.com/api/v2?x=1 HTTP/1.1\r\nHost: unknown.example.com\r\n\r\n".to_string();
+    let upgrade =
+        WS_REQUEST.replace("GET /chat", "GET http://api.example.com/chat").replace("{host}", "unknown.example.com");
+    for (request, line) in [(plain, "GET /api/v2?x=1 HTTP/1.1"), (upgrade, "GET /chat HTTP/1.1")] {
+        let before = other.connections();
+        let answer = exchange(r.http, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("other"), "{answer:?}");
+        other.wait_closed().await;
+        let got = String::from_utf8_lossy(&other.conns.lock().unwrap()[before]).into_owned();
+        // Origin-form, with the target's authority as the only Host.
+        assert!(got.starts_with(&format!("{line}\r\nHost: api.example.com\r\n")), "{got}");
+        assert_eq!(got.matches("\r\nHost: ").count(), 1, "{got}");
+        assert!(!got.contains("unknown.example.com"), "{got}");
+    }
+    // Userinfo obscures the authority (RFC 9110 §4.2.4): refused.
+    let answer = exchange(r.http, b"GET http://ka.example.com@api.example.com/ HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert_eq!(ka.connections(), 0, "{}", ka.received());
+}

@@ -92,7 +92,7 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
     if req.method.eq_ignore_ascii_case("CONNECT") {
         return Err(Refusal::bad_request("CONNECT is not supported by this router"));
     }
-    let (host, path) = host_and_path(req)?;
+    let Target { host, path, absolute } = target(req)?;
     let body = body_framing(req)?;
 
     // Upgrade: Connection must name "upgrade" and Upgrade must offer
@@ -114,10 +114,17 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
     let mut head = Vec::with_capacity(req.head_len + 192);
     head.extend_from_slice(req.method.as_bytes());
     head.push(b' ');
-    head.extend_from_slice(req.target.as_bytes());
+    // An absolute-form target goes on in origin-form with the Host it
+    // names (RFC 9112 §3.2.2), as gorouter and HAProxy send it: the backend
+    // and the router agree on the host, and origin servers that do not
+    // parse absolute-form are not surprised.
+    head.extend_from_slice(if absolute { path.as_bytes() } else { req.target.as_bytes() });
     head.extend_from_slice(if req.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+    if absolute {
+        push_header(&mut head, "Host", host.as_bytes());
+    }
     for h in &req.headers {
-        if dropped(&h.name) {
+        if dropped(&h.name) || (absolute && h.name.eq_ignore_ascii_case("host")) {
             continue;
         }
         push_header(&mut head, &h.name, &h.value);
@@ -194,21 +201,44 @@ fn push_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
     head.extend_from_slice(b"\r\n");
 }
 
-/// The Host to route by and the path: from an absolute-form target if the
+/// Where a request goes, from its target and Host.
+struct Target {
+    /// The host to route by (maybe with a port).
+    host: String,
+    /// The target in origin-form (`/path?query`), or `*`.
+    path: String,
+    /// True when the target was in absolute-form: the forwarded head then
+    /// carries `path` and `Host: host` instead of what the client sent.
+    absolute: bool,
+}
+
+/// The host to route by and the path: from an absolute-form target if the
 /// client sent one (it overrides Host, RFC 9112 §3.2.2), else from Host.
-fn host_and_path(req: &Request) -> Result<(String, String), Refusal> {
+/// Targets that are neither origin-form, absolute-form (http/https) nor
+/// `OPTIONS *` are refused.
+fn target(req: &Request) -> Result<Target, Refusal> {
     let lower = req.target.get(..8).unwrap_or(&req.target).to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
         let rest = &req.target[req.target.find("://").map(|i| i + 3).unwrap_or(0)..];
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
+            None => (rest, ""),
         };
-        let authority = authority.rsplit('@').next().unwrap_or(authority);
+        // RFC 9110 §4.2.4: userinfo is deprecated and used to obscure the
+        // authority; a recipient should treat it as an error.
+        if authority.contains('@') {
+            return Err(Refusal::bad_request("userinfo in the request target"));
+        }
         if authority.is_empty() {
             return Err(Refusal::empty_host());
         }
-        return Ok((authority.to_string(), path.to_string()));
+        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+        return Ok(Target { host: checked_host(authority.as_bytes())?.to_string(), path, absolute: true });
+    }
+    let origin_form = req.target.starts_with('/');
+    let asterisk = req.target == "*" && req.method.eq_ignore_ascii_case("OPTIONS");
+    if !origin_form && !asterisk {
+        return Err(Refusal::bad_request("the request target is not a path or an http(s) URL"));
     }
     let mut hosts = values(&req.headers, "host");
     let host = hosts.next().map(|h| h.trim_ascii()).unwrap_or_default();
@@ -218,11 +248,16 @@ fn host_and_path(req: &Request) -> Result<(String, String), Refusal> {
     if host.is_empty() {
         return Err(Refusal::empty_host());
     }
+    Ok(Target { host: checked_host(host)?.to_string(), path: req.target.clone(), absolute: false })
+}
+
+/// A host (with an optional port) as received, if it looks like one.
+fn checked_host(host: &[u8]) -> Result<&str, Refusal> {
     let host = std::str::from_utf8(host).map_err(|_| Refusal::bad_request("Host is not ASCII"))?;
-    if host.bytes().any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'@') {
+    if host.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'/' || b == b'@') {
         return Err(Refusal::bad_request("Host is not a host name"));
     }
-    Ok((host.to_string(), req.target.clone()))
+    Ok(host)
 }
 
 fn body_framing(req: &Request) -> Result<Body, Refusal> {
@@ -395,7 +430,24 @@ mod tests {
 
     #[test]
     fn absolute_form_target_overrides_host() {
-        let f = fwd("GET http://chat.example.com:8080/ws?x=1 HTTP/1.1\r\nHost: other\r\n\r\n", false).unwrap();
+        let f = fwd("GET http://chat.example.com:8080/ws?x=1 HTTP/1.1\r\nHost: other\r\nX: y\r\n\r\n", false).unwrap();
         assert_eq!((f.host.as_str(), f.path.as_str()), ("chat.example.com:8080", "/ws?x=1"));
+        let h = head(&f);
+        assert!(h.starts_with("GET /ws?x=1 HTTP/1.1\r\nHost: chat.example.com:8080\r\nX: y\r\n"), "{h}");
+        assert!(!h.contains("other"), "{h}");
+        for (target, path) in [("HTTPS://h", "/"), ("http://h?q=1", "/?q=1"), ("http://h/", "/")] {
+            let f = fwd(&format!("GET {target} HTTP/1.1\r\n\r\n"), false).unwrap();
+            assert_eq!((f.host.as_str(), f.path.as_str()), ("h", path), "{target}");
+            assert!(head(&f).starts_with(&format!("GET {path} HTTP/1.1\r\nHost: h\r\n")), "{target}");
+        }
+    }
+
+    #[test]
+    fn odd_targets_are_refused() {
+        for target in ["http://user@h/", "http:///x", "h/x", "ftp://h/x", "*"] {
+            let r = fwd(&format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n"), false);
+            assert!(r.as_ref().is_err_and(|e| e.status == 400), "{target}: {r:?}");
+        }
+        assert!(fwd("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", false).is_ok());
     }
 }
