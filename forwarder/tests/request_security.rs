@@ -359,3 +359,46 @@ async fn absolute_form_is_routed_and_forwarded_with_its_host() {
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
     assert_eq!(ka.connections(), 0, "{}", ka.received());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_matched_normalised_and_forwarded_as_received() {
+    let (r, ka, other) = setup().await;
+    // paths.example.com: /api/v2 → other, / → ka.
+    let cases = [
+        ("/api/v2", "other"),
+        ("/x/../api/v2", "other"),
+        ("/%61pi/v2", "other"),
+        ("/api/./v2/x", "other"),
+        ("/%2e%2e/api/v2?q=1", "other"),
+        ("//api//v2", "other"),
+        ("/api/v2x", "ka"),
+        ("/api/v3/../v2x", "ka"),
+        // An encoded '/' is not a separator: one segment, passed on unchanged.
+        ("/api%2Fv2", "ka"),
+        // One segment "v2%2F..": not the /api/v2 prefix (a backend that
+        // decodes %2F reads "/admin", which is the "/" pool's too).
+        ("/api/v2%2F..%2F..%2Fadmin", "ka"),
+    ];
+    for (path, backend) in cases {
+        let (ka_before, other_before) = (ka.connections(), other.connections());
+        let request = format!("GET {path} HTTP/1.1\r\nHost: paths.example.com\r\n\r\n");
+        let answer = exchange(r.http, request.as_bytes()).await;
+        assert!(answer.ends_with(&format!("\r\n\r\n{backend}")), "{path}: {answer:?}");
+        let (rec, before) = if backend == "ka" { (&ka, ka_before) } else { (&other, other_before) };
+        rec.wait_closed().await;
+        let got = String::from_utf8_lossy(&rec.conns.lock().unwrap()[before]).into_owned();
+        assert!(got.starts_with(&format!("GET {path} HTTP/1.1\r\n")), "{path}: forwarded as received: {got}");
+    }
+    // The same for an upgrade.
+    let upgrade = WS_REQUEST.replace("GET /chat", "GET /x/../%61pi/v2/chat").replace("{host}", "paths.example.com");
+    let answer = exchange(r.http, upgrade.as_bytes()).await;
+    assert!(answer.ends_with("\r\n\r\nother"), "{answer:?}");
+    // Invalid escapes and an encoded NUL: 400, nothing forwarded.
+    let (ka_before, other_before) = (ka.connections(), other.connections());
+    for path in ["/api/v2%00", "/api/%zz", "/api/v2/%", "/%0"] {
+        let answer =
+            exchange(r.http, format!("GET {path} HTTP/1.1\r\nHost: paths.example.com\r\n\r\n").as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{path}: {answer:?}");
+    }
+    assert_eq!((ka.connections(), other.connections()), (ka_before, other_before));
+}

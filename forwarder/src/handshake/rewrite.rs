@@ -45,7 +45,8 @@ pub struct ClientInfo<'a> {
 pub struct Forward {
     /// Host to route by, as sent (maybe with a port).
     pub host: String,
-    /// Path (with query) to route by.
+    /// The normalised path to route by ([`crate::path::normalize`]; no
+    /// query). The request is forwarded with its path as received.
     pub path: String,
     /// The protocols the client asked to upgrade to, if this is an upgrade.
     pub upgrade: Option<String>,
@@ -93,6 +94,7 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
         return Err(Refusal::bad_request("CONNECT is not supported by this router"));
     }
     let Target { host, path, absolute } = target(req)?;
+    let route_path = crate::path::normalize(&path).map_err(|e| Refusal::bad_request(e.to_string()))?;
     let body = body_framing(req)?;
 
     // Upgrade: Connection must name "upgrade" and Upgrade must offer
@@ -165,7 +167,7 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
     }
     head.extend_from_slice(b"\r\n");
 
-    Ok(Forward { host, path, upgrade, body, head })
+    Ok(Forward { host, path: route_path, upgrade, body, head })
 }
 
 /// Response headers that concern one connection, never relayed.
@@ -431,14 +433,25 @@ mod tests {
     #[test]
     fn absolute_form_target_overrides_host() {
         let f = fwd("GET http://chat.example.com:8080/ws?x=1 HTTP/1.1\r\nHost: other\r\nX: y\r\n\r\n", false).unwrap();
-        assert_eq!((f.host.as_str(), f.path.as_str()), ("chat.example.com:8080", "/ws?x=1"));
+        assert_eq!((f.host.as_str(), f.path.as_str()), ("chat.example.com:8080", "/ws"));
         let h = head(&f);
         assert!(h.starts_with("GET /ws?x=1 HTTP/1.1\r\nHost: chat.example.com:8080\r\nX: y\r\n"), "{h}");
         assert!(!h.contains("other"), "{h}");
         for (target, path) in [("HTTPS://h", "/"), ("http://h?q=1", "/?q=1"), ("http://h/", "/")] {
             let f = fwd(&format!("GET {target} HTTP/1.1\r\n\r\n"), false).unwrap();
-            assert_eq!((f.host.as_str(), f.path.as_str()), ("h", path), "{target}");
+            assert_eq!((f.host.as_str(), f.path.as_str()), ("h", "/"), "{target}");
             assert!(head(&f).starts_with(&format!("GET {path} HTTP/1.1\r\nHost: h\r\n")), "{target}");
+        }
+    }
+
+    #[test]
+    fn routed_by_the_normalised_path_forwarded_as_received() {
+        let f = fwd("GET /x/../%61pi//v2?q=/.. HTTP/1.1\r\nHost: h\r\n\r\n", false).unwrap();
+        assert_eq!(f.path, "/api/v2");
+        assert!(head(&f).starts_with("GET /x/../%61pi//v2?q=/.. HTTP/1.1\r\n"), "{}", head(&f));
+        for bad in ["/a%zz", "/a%00", "/%"] {
+            let r = fwd(&format!("GET {bad} HTTP/1.1\r\nHost: h\r\n\r\n"), false);
+            assert!(r.as_ref().is_err_and(|e| e.status == 400), "{bad}: {r:?}");
         }
     }
 
