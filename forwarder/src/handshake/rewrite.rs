@@ -21,7 +21,7 @@
 use std::net::IpAddr;
 
 use super::answer::Refusal;
-use super::head::{tokens, values, Request, Response};
+use super::head::{tokens, values, Header, Request, Response};
 
 /// How the request body is framed (what follows the head from the client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,9 +104,7 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
     let upgrade = (req.version == 1 && connection_upgrade && !offered.is_empty())
         .then(|| offered.iter().map(|t| String::from_utf8_lossy(t)).collect::<Vec<_>>().join(", "));
 
-    let named_by_connection: Vec<&[u8]> = tokens(&req.headers, "connection")
-        .filter(|t| !PROTECTED.iter().any(|p| t.eq_ignore_ascii_case(p.as_bytes())))
-        .collect();
+    let named_by_connection = named_by_connection(&req.headers);
     let dropped = |name: &str| {
         DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
             || (!client.trusted && UNTRUSTED_DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)))
@@ -179,9 +177,7 @@ const RESPONSE_HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connec
 /// and `Connection: close`. The status line says HTTP/1.1, the router's
 /// own version (RFC 9110 §6.2).
 pub fn response_head(resp: &Response) -> Vec<u8> {
-    let named_by_connection: Vec<&[u8]> = tokens(&resp.headers, "connection")
-        .filter(|t| !PROTECTED.iter().any(|p| t.eq_ignore_ascii_case(p.as_bytes())))
-        .collect();
+    let named_by_connection = named_by_connection(&resp.headers);
     let dropped = |name: &str| {
         RESPONSE_HOP_BY_HOP.iter().any(|d| name.eq_ignore_ascii_case(d))
             || named_by_connection.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
@@ -194,6 +190,12 @@ pub fn response_head(resp: &Response) -> Vec<u8> {
     push_header(&mut head, "Connection", b"close");
     head.extend_from_slice(b"\r\n");
     head
+}
+
+/// The headers a message's `Connection` header names (hop-by-hop by
+/// that), less those that frame or route it ([`PROTECTED`]).
+fn named_by_connection(headers: &[Header]) -> Vec<&[u8]> {
+    tokens(headers, "connection").filter(|t| !PROTECTED.iter().any(|p| t.eq_ignore_ascii_case(p.as_bytes()))).collect()
 }
 
 fn push_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
