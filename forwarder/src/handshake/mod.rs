@@ -158,6 +158,8 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, session: &Session, r
             Some(Plan { client, backend, to_backend: after, to_client: rest, status, guard })
         }
         Outcome::Answered => {
+            // The backend is done with: closed now, not after the linger.
+            drop((backend, guard));
             // One request per connection (for now): whatever the client
             // sent after this request is read and discarded, never relayed.
             crate::connection::linger_close(&mut client).await;
