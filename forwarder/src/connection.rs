@@ -24,7 +24,7 @@ pub struct AccessRecord {
     pub route: Option<Arc<str>>,
     pub backend: Option<SocketAddr>,
     /// The status answered (101 for tunnels); 0 when none was seen (tcp
-    /// listeners, plain requests with a body).
+    /// listeners, a backend that never answered).
     pub status: u16,
     pub data_plane: Option<Mode>,
     pub to_backend: u64,

@@ -13,6 +13,7 @@ pub mod connection;
 pub mod dataplane;
 pub mod handshake;
 pub mod metrics;
+pub mod path;
 pub mod route;
 pub mod server;
 pub mod upstream;

@@ -5,7 +5,9 @@
 //! `example.com` itself; an exact host always beats a wildcard, and among
 //! wildcards the longest suffix wins; then the longest path prefix wins, and
 //! prefixes match whole segments (`/api` matches `/api`, `/api/x`, `/api?q`,
-//! not `/apix`).
+//! not `/apix`). Paths are matched normalised ([`crate::path::normalize`]:
+//! `/x/../api` and `/%61pi` are `/api`); configured prefixes are normalised
+//! the same way.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -73,7 +75,7 @@ impl Router {
     }
 
     /// Finds the route for `host` (as sent, maybe with a port) and the
-    /// request target `path`. An exact host that has no matching path prefix
+    /// normalised request path `path` ([`crate::path::normalize`]). An exact host that has no matching path prefix
     /// falls through to the wildcards.
     pub fn lookup(&self, host: &str, path: &str) -> Option<&RouteTarget> {
         let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
@@ -98,9 +100,14 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
-/// A configured path prefix without its trailing slash ("/" and none → "").
+/// A configured path prefix, normalised as request paths are, without its
+/// trailing slash ("/" and none → "").
 pub fn normalize_prefix(path: Option<&str>) -> String {
-    path.unwrap_or("").trim_end_matches('/').to_string()
+    let path = path.unwrap_or("");
+    // A prefix that does not normalise (a bad escape) can match nothing
+    // that does; kept as written, it matches nothing, as it should.
+    let normal = crate::path::normalize(path).unwrap_or_else(|_| path.to_string());
+    normal.trim_end_matches('/').to_string()
 }
 
 /// Does `prefix` (normalized) match `path` on a segment boundary?
@@ -173,6 +180,14 @@ mod tests {
         assert_eq!(pool(&r, "h", "/api/v1"), Some(1));
         assert_eq!(pool(&r, "h", "/api/v2"), Some(2));
         assert_eq!(pool(&r, "h", "/api/v2/socket"), Some(2));
+    }
+
+    #[test]
+    fn configured_prefixes_are_normalised() {
+        let r =
+            router("[[route]]\nhost=\"h\"\npool=\"a\"\n[[route]]\nhost=\"h\"\npath=\"/%7Euser/./x/\"\npool=\"b\"\n");
+        assert_eq!(pool(&r, "h", "/~user/x/y"), Some(1));
+        assert_eq!(pool(&r, "h", "/~user/xy"), Some(0));
     }
 
     #[test]

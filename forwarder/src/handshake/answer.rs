@@ -52,12 +52,24 @@ impl Refusal {
             format!("Requested route ('{host}') has no available endpoints."),
         )
     }
+    /// An upgrade on a route bound to a route service (gorouter's 503).
     pub fn route_service_unsupported() -> Refusal {
         Refusal::new(
             503,
             Some("route_service_unsupported"),
             "route_service_unsupported",
             "Support for WebSockets or TCP upgrade is not implemented for routes bound to route services.",
+        )
+    }
+    /// A plain request on a route bound to a route service: route services
+    /// are not implemented, which gorouter answers like this when they are
+    /// disabled. The app must not be reached around its route service.
+    pub fn route_service_disabled() -> Refusal {
+        Refusal::new(
+            502,
+            Some("route_service_unsupported"),
+            "route_service_unsupported",
+            "Support for route services is disabled.",
         )
     }
     pub fn over_limit() -> Refusal {

@@ -6,8 +6,7 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::head::{tokens, values, Response};
 
@@ -40,16 +39,26 @@ pub fn framing(resp: &Response, method: &str) -> Framing {
 }
 
 /// Finds where a chunked body ends, fed the bytes as they arrive.
+///
+/// Strict (RFC 9112 §7.1): a chunk size is 1–16 hex digits, optionally
+/// followed by whitespace and `;extensions`; every line ends in CRLF; a bare
+/// LF or another control byte in a size line, an extension or a trailer is
+/// an error. A lenient parser here and a different lenient parser in the
+/// backend is how a body hides a second request.
 #[derive(Debug, Default)]
 pub struct ChunkedEnd {
     state: Chunk,
     size: u64,
+    /// Hex digits of the current chunk size seen so far.
+    digits: u8,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
     #[default]
     Size,
+    /// Whitespace after the size: only more of it, `;` or CR may follow.
+    SizeWs,
     Ext,
     SizeLf,
     Data,
@@ -60,6 +69,11 @@ enum Chunk {
     TrailerLf,
     FinalLf,
     Done,
+}
+
+/// A control byte that may not appear in a chunk line or a trailer (HTAB may).
+fn is_ctl(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
 }
 
 impl ChunkedEnd {
@@ -73,6 +87,10 @@ impl ChunkedEnd {
                 Chunk::Size => match b {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
                         let digit = (b as char).to_digit(16).expect("hex digit") as u64;
+                        if self.digits == 16 {
+                            return Err("chunk size overflows");
+                        }
+                        self.digits += 1;
                         self.size = self
                             .size
                             .checked_mul(16)
@@ -80,18 +98,25 @@ impl ChunkedEnd {
                             .ok_or("chunk size overflows")?;
                         Chunk::Size
                     }
-                    b';' | b' ' | b'\t' => Chunk::Ext,
+                    _ if self.digits == 0 => return Err("chunk size missing"),
+                    b' ' | b'\t' => Chunk::SizeWs,
+                    b';' => Chunk::Ext,
                     b'\r' => Chunk::SizeLf,
                     _ => return Err("invalid chunk size"),
                 },
-                Chunk::Ext => {
-                    if b == b'\r' {
-                        Chunk::SizeLf
-                    } else {
-                        Chunk::Ext
-                    }
-                }
+                Chunk::SizeWs => match b {
+                    b' ' | b'\t' => Chunk::SizeWs,
+                    b';' => Chunk::Ext,
+                    b'\r' => Chunk::SizeLf,
+                    _ => return Err("invalid chunk size line"),
+                },
+                Chunk::Ext => match b {
+                    b'\r' => Chunk::SizeLf,
+                    _ if is_ctl(b) => return Err("control byte in a chunk extension"),
+                    _ => Chunk::Ext,
+                },
                 Chunk::SizeLf if b == b'\n' => {
+                    self.digits = 0;
                     if self.size == 0 {
                         Chunk::TrailerStart
                     } else {
@@ -109,20 +134,16 @@ impl ChunkedEnd {
                 }
                 Chunk::DataCr if b == b'\r' => Chunk::DataLf,
                 Chunk::DataLf if b == b'\n' => Chunk::Size,
-                Chunk::TrailerStart => {
-                    if b == b'\r' {
-                        Chunk::FinalLf
-                    } else {
-                        Chunk::Trailer
-                    }
-                }
-                Chunk::Trailer => {
-                    if b == b'\r' {
-                        Chunk::TrailerLf
-                    } else {
-                        Chunk::Trailer
-                    }
-                }
+                Chunk::TrailerStart => match b {
+                    b'\r' => Chunk::FinalLf,
+                    _ if is_ctl(b) => return Err("control byte in a trailer"),
+                    _ => Chunk::Trailer,
+                },
+                Chunk::Trailer => match b {
+                    b'\r' => Chunk::TrailerLf,
+                    _ if is_ctl(b) => return Err("control byte in a trailer"),
+                    _ => Chunk::Trailer,
+                },
                 Chunk::TrailerLf if b == b'\n' => Chunk::TrailerStart,
                 Chunk::FinalLf if b == b'\n' => Chunk::Done,
                 Chunk::Done => return Ok(Some(i)),
@@ -137,18 +158,23 @@ impl ChunkedEnd {
     }
 }
 
-/// Writes `head_and_rest` (the response head and whatever body bytes came
-/// with it) to `client`, then relays body bytes from `backend` until the
-/// framing says the response is complete. Each read waits at most `idle`.
-/// Returns the bytes written to the client.
-pub async fn relay_response(
-    backend: &mut TcpStream,
-    client: &mut TcpStream,
-    head_and_rest: &[u8],
-    head_len: usize,
+/// Writes `head` (a response head, as the client is to get it) and then
+/// the response body to `client`: first what of it is in `rest` (read from
+/// the backend with the head), then what the backend sends, until
+/// `framing` says the response is complete. Bytes past the end are never
+/// relayed. Each read waits at most `idle`. Returns the bytes written.
+pub async fn relay_response<R, W>(
+    backend: &mut R,
+    client: &mut W,
+    head: &[u8],
+    rest: &[u8],
     framing: Framing,
     idle: Duration,
-) -> io::Result<u64> {
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut chunked = ChunkedEnd::default();
     let mut remaining = match framing {
         Framing::Length(n) => n,
@@ -170,9 +196,10 @@ pub async fn relay_response(
             Framing::UntilClose => Ok((data.len(), false)),
         }
     };
-    let (n, mut done) = take(&head_and_rest[head_len..])?;
-    client.write_all(&head_and_rest[..head_len + n]).await?;
-    let mut written = (head_len + n) as u64;
+    let (n, mut done) = take(rest)?;
+    client.write_all(head).await?;
+    client.write_all(&rest[..n]).await?;
+    let mut written = (head.len() + n) as u64;
     let mut buf = vec![0u8; 16 * 1024];
     while !done {
         let read = tokio::time::timeout(idle, backend.read(&mut buf))
@@ -215,7 +242,34 @@ mod tests {
 
     #[test]
     fn chunked_rejects_garbage() {
-        assert!(ChunkedEnd::default().feed(b"zz\r\n").is_err());
-        assert!(ChunkedEnd::default().feed(b"ffffffffffffffffff\r\n").is_err());
+        let bad: &[&[u8]] = &[
+            b"zz\r\n",
+            b"ffffffffffffffffff\r\n",
+            b"11111111111111111\r\n",
+            // No size at all: not a last chunk.
+            b"\r\n\r\n",
+            b";ext\r\n",
+            b" 5\r\n",
+            b"0x5\r\n",
+            // Bare LF where CRLF is required.
+            b"5\nhello\r\n",
+            b"5;a\nb\r\nhello\r\n",
+            b"0\r\nX: 1\n\r\n",
+            b"0\r\n\n",
+            // Whatever follows whitespace must be an extension.
+            b"5 6\r\nhello\r\n",
+            // Chunk data must end with CRLF.
+            b"2\r\nhello\r\n",
+            b"0\r\nX: a\x00b\r\n\r\n",
+        ];
+        for input in bad {
+            assert!(ChunkedEnd::default().feed(input).is_err(), "accepted {:?}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn chunked_accepts_whitespace_extensions_and_trailers() {
+        let body = b"5 ;name=\"v\"\r\nhello\r\nA\r\n0123456789\r\n0\r\nA: 1\r\nB:\t2\r\n\r\n";
+        assert_eq!(ChunkedEnd::default().feed(body), Ok(Some(body.len())));
     }
 }

@@ -9,8 +9,7 @@ use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Most headers a head may carry (httparse needs a fixed array).
 pub const MAX_HEADERS: usize = 128;
@@ -55,6 +54,8 @@ pub struct Request {
 pub struct Response {
     pub version: u8,
     pub status: u16,
+    /// The reason phrase as received (may be empty).
+    pub reason: String,
     pub headers: Vec<Header>,
     pub head_len: usize,
 }
@@ -111,6 +112,7 @@ pub fn parse_response(buf: &[u8], max: usize) -> Result<Option<Response>, HeadEr
         Ok(httparse::Status::Complete(head_len)) => Ok(Some(Response {
             version: resp.version.unwrap_or(1),
             status: resp.code.unwrap_or(0),
+            reason: resp.reason.unwrap_or_default().to_string(),
             headers: own_headers(resp.headers),
             head_len,
         })),
@@ -138,8 +140,8 @@ pub enum ReadError {
 /// head outgrows `max`, or `timeout` passes (for the whole head, not per
 /// read — a slow-loris client cannot extend it). Never reads more than
 /// `max + 1` bytes past what `buf` already holds, so memory stays bounded.
-pub async fn read_head<T>(
-    stream: &mut TcpStream,
+pub async fn read_head<S: AsyncRead + Unpin, T>(
+    stream: &mut S,
     buf: &mut BytesMut,
     max: usize,
     timeout: Duration,

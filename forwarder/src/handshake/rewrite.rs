@@ -8,7 +8,12 @@
 //! * `X-Forwarded-For`: a trusted peer's list is extended with the peer's
 //!   address, anyone else's is replaced by it; `X-Forwarded-Proto`: a trusted
 //!   peer's value is kept, otherwise the listener's is set;
-//!   `X-Request-Start`: milliseconds since the epoch, as gorouter sets it;
+//!   `X-Request-Start`: a trusted peer's is kept, otherwise milliseconds
+//!   since the epoch, as gorouter sets it;
+//! * the other headers that name the client, its scheme or its request
+//!   ([`UNTRUSTED_DROPPED`]: `Forwarded`, `X-Real-IP`, `X-Forwarded-Host`,
+//!   …) are kept from a trusted peer and removed from anyone else's
+//!   request, so a backend never takes a client's claim for the router's;
 //! * ambiguous body framing (Transfer-Encoding with Content-Length, differing
 //!   Content-Lengths, a Transfer-Encoding that does not end in chunked) is
 //!   refused: it is how requests get smuggled past a proxy.
@@ -16,7 +21,7 @@
 use std::net::IpAddr;
 
 use super::answer::Refusal;
-use super::head::{tokens, values, Request};
+use super::head::{tokens, values, Header, Request, Response};
 
 /// How the request body is framed (what follows the head from the client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +45,8 @@ pub struct ClientInfo<'a> {
 pub struct Forward {
     /// Host to route by, as sent (maybe with a port).
     pub host: String,
-    /// Path (with query) to route by.
+    /// The normalised path to route by ([`crate::path::normalize`]; no
+    /// query). The request is forwarded with its path as received.
     pub path: String,
     /// The protocols the client asked to upgrade to, if this is an upgrade.
     pub upgrade: Option<String>,
@@ -62,6 +68,23 @@ const DROPPED: &[&str] = &[
     "x-request-start",
 ];
 
+/// Headers removed from the requests of peers outside the listener's
+/// `trusted_cidrs` (README, "Forwarded headers"): each states something
+/// about the client, its scheme or its original request that only a proxy
+/// in front may say, and frameworks act on them (Rack and Spring take the
+/// scheme from `X-Forwarded-Ssl`/`-Scheme`, many apps the client address
+/// from `X-Real-IP` or `Forwarded`). The router does not set them itself.
+pub const UNTRUSTED_DROPPED: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-forwarded-client-cert",
+    "x-vcap-request-id",
+];
+
 /// Headers a `Connection` token may not remove: they frame or route the request.
 const PROTECTED: &[&str] = &["host", "content-length", "transfer-encoding"];
 
@@ -70,7 +93,8 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
     if req.method.eq_ignore_ascii_case("CONNECT") {
         return Err(Refusal::bad_request("CONNECT is not supported by this router"));
     }
-    let (host, path) = host_and_path(req)?;
+    let Target { host, path, absolute } = target(req)?;
+    let route_path = crate::path::normalize(&path).map_err(|e| Refusal::bad_request(e.to_string()))?;
     let body = body_framing(req)?;
 
     // Upgrade: Connection must name "upgrade" and Upgrade must offer
@@ -80,21 +104,27 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
     let upgrade = (req.version == 1 && connection_upgrade && !offered.is_empty())
         .then(|| offered.iter().map(|t| String::from_utf8_lossy(t)).collect::<Vec<_>>().join(", "));
 
-    let named_by_connection: Vec<&[u8]> = tokens(&req.headers, "connection")
-        .filter(|t| !PROTECTED.iter().any(|p| t.eq_ignore_ascii_case(p.as_bytes())))
-        .collect();
+    let named_by_connection = named_by_connection(&req.headers);
     let dropped = |name: &str| {
         DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
+            || (!client.trusted && UNTRUSTED_DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)))
             || named_by_connection.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
     };
 
     let mut head = Vec::with_capacity(req.head_len + 192);
     head.extend_from_slice(req.method.as_bytes());
     head.push(b' ');
-    head.extend_from_slice(req.target.as_bytes());
+    // An absolute-form target goes on in origin-form with the Host it
+    // names (RFC 9112 §3.2.2), as gorouter and HAProxy send it: the backend
+    // and the router agree on the host, and origin servers that do not
+    // parse absolute-form are not surprised.
+    head.extend_from_slice(if absolute { path.as_bytes() } else { req.target.as_bytes() });
     head.extend_from_slice(if req.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+    if absolute {
+        push_header(&mut head, "Host", host.as_bytes());
+    }
     for h in &req.headers {
-        if dropped(&h.name) {
+        if dropped(&h.name) || (absolute && h.name.eq_ignore_ascii_case("host")) {
             continue;
         }
         push_header(&mut head, &h.name, &h.value);
@@ -127,10 +157,45 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
         _ => client.forwarded_proto.as_bytes(),
     };
     push_header(&mut head, "X-Forwarded-Proto", proto);
-    push_header(&mut head, "X-Request-Start", client.now_ms.to_string().as_bytes());
+    // A trusted proxy in front saw the request first: its start time stands.
+    let sent_start = values(&req.headers, "x-request-start").map(|v| v.trim_ascii()).find(|v| !v.is_empty());
+    match sent_start {
+        Some(start) if client.trusted => push_header(&mut head, "X-Request-Start", start),
+        _ => push_header(&mut head, "X-Request-Start", client.now_ms.to_string().as_bytes()),
+    }
     head.extend_from_slice(b"\r\n");
 
-    Ok(Forward { host, path, upgrade, body, head })
+    Ok(Forward { host, path: route_path, upgrade, body, head })
+}
+
+/// Response headers that concern one connection, never relayed.
+const RESPONSE_HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection"];
+
+/// The head of a final (non-101) response as the client gets it when the
+/// router closes the connection after it: the backend's status and headers
+/// less its hop-by-hop ones (those `Connection` names too, except framing),
+/// and `Connection: close`. The status line says HTTP/1.1, the router's
+/// own version (RFC 9110 §6.2).
+pub fn response_head(resp: &Response) -> Vec<u8> {
+    let named_by_connection = named_by_connection(&resp.headers);
+    let dropped = |name: &str| {
+        RESPONSE_HOP_BY_HOP.iter().any(|d| name.eq_ignore_ascii_case(d))
+            || named_by_connection.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    };
+    let mut head = Vec::with_capacity(resp.head_len + 32);
+    head.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", resp.status, resp.reason).as_bytes());
+    for h in resp.headers.iter().filter(|h| !dropped(&h.name)) {
+        push_header(&mut head, &h.name, &h.value);
+    }
+    push_header(&mut head, "Connection", b"close");
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// The headers a message's `Connection` header names (hop-by-hop by
+/// that), less those that frame or route it ([`PROTECTED`]).
+fn named_by_connection(headers: &[Header]) -> Vec<&[u8]> {
+    tokens(headers, "connection").filter(|t| !PROTECTED.iter().any(|p| t.eq_ignore_ascii_case(p.as_bytes()))).collect()
 }
 
 fn push_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -140,21 +205,44 @@ fn push_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
     head.extend_from_slice(b"\r\n");
 }
 
-/// The Host to route by and the path: from an absolute-form target if the
+/// Where a request goes, from its target and Host.
+struct Target {
+    /// The host to route by (maybe with a port).
+    host: String,
+    /// The target in origin-form (`/path?query`), or `*`.
+    path: String,
+    /// True when the target was in absolute-form: the forwarded head then
+    /// carries `path` and `Host: host` instead of what the client sent.
+    absolute: bool,
+}
+
+/// The host to route by and the path: from an absolute-form target if the
 /// client sent one (it overrides Host, RFC 9112 §3.2.2), else from Host.
-fn host_and_path(req: &Request) -> Result<(String, String), Refusal> {
+/// Targets that are neither origin-form, absolute-form (http/https) nor
+/// `OPTIONS *` are refused.
+fn target(req: &Request) -> Result<Target, Refusal> {
     let lower = req.target.get(..8).unwrap_or(&req.target).to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
         let rest = &req.target[req.target.find("://").map(|i| i + 3).unwrap_or(0)..];
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
+            None => (rest, ""),
         };
-        let authority = authority.rsplit('@').next().unwrap_or(authority);
+        // RFC 9110 §4.2.4: userinfo is deprecated and used to obscure the
+        // authority; a recipient should treat it as an error.
+        if authority.contains('@') {
+            return Err(Refusal::bad_request("userinfo in the request target"));
+        }
         if authority.is_empty() {
             return Err(Refusal::empty_host());
         }
-        return Ok((authority.to_string(), path.to_string()));
+        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+        return Ok(Target { host: checked_host(authority.as_bytes())?.to_string(), path, absolute: true });
+    }
+    let origin_form = req.target.starts_with('/');
+    let asterisk = req.target == "*" && req.method.eq_ignore_ascii_case("OPTIONS");
+    if !origin_form && !asterisk {
+        return Err(Refusal::bad_request("the request target is not a path or an http(s) URL"));
     }
     let mut hosts = values(&req.headers, "host");
     let host = hosts.next().map(|h| h.trim_ascii()).unwrap_or_default();
@@ -164,11 +252,16 @@ fn host_and_path(req: &Request) -> Result<(String, String), Refusal> {
     if host.is_empty() {
         return Err(Refusal::empty_host());
     }
+    Ok(Target { host: checked_host(host)?.to_string(), path: req.target.clone(), absolute: false })
+}
+
+/// A host (with an optional port) as received, if it looks like one.
+fn checked_host(host: &[u8]) -> Result<&str, Refusal> {
     let host = std::str::from_utf8(host).map_err(|_| Refusal::bad_request("Host is not ASCII"))?;
-    if host.bytes().any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'@') {
+    if host.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'/' || b == b'@') {
         return Err(Refusal::bad_request("Host is not a host name"));
     }
-    Ok((host.to_string(), req.target.clone()))
+    Ok(host)
 }
 
 fn body_framing(req: &Request) -> Result<Body, Refusal> {
@@ -194,6 +287,11 @@ fn body_framing(req: &Request) -> Result<Body, Refusal> {
         }
         if !te.last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) {
             return Err(Refusal::bad_request("Transfer-Encoding must end with chunked"));
+        }
+        // Chunked twice would be decoded twice by the backend but framed
+        // once here (RFC 9112 §6.1: a sender must not apply it twice).
+        if te.iter().filter(|t| t.eq_ignore_ascii_case(b"chunked")).count() > 1 {
+            return Err(Refusal::bad_request("chunked applied more than once"));
         }
         return Ok(Body::Chunked);
     }
@@ -258,6 +356,25 @@ mod tests {
     }
 
     #[test]
+    fn client_claims_are_kept_only_from_trusted_peers() {
+        let raw = "GET / HTTP/1.1\r\nHost: h\r\nForwarded: for=6.6.6.6;proto=https\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Host: admin.internal\r\nx-forwarded-port: 443\r\nX-Forwarded-Ssl: on\r\nX-Forwarded-Scheme: https\r\nX-Forwarded-Client-Cert: Hash=x\r\nX-Vcap-Request-Id: fixed\r\nX-Request-Start: 1600000000000\r\nX-Other: kept\r\n\r\n";
+        let untrusted = head(&fwd(raw, false).unwrap());
+        for claim in UNTRUSTED_DROPPED {
+            let line = format!("\r\n{claim}:");
+            assert!(
+                !untrusted.to_ascii_lowercase().contains(&line),
+                "{claim} kept from an untrusted peer: {untrusted}"
+            );
+        }
+        assert!(untrusted.contains("\r\nX-Request-Start: 1700000000123\r\n"), "{untrusted}");
+        assert!(untrusted.contains("\r\nX-Other: kept\r\n"), "{untrusted}");
+        let trusted = head(&fwd(raw, true).unwrap());
+        for line in raw.split("\r\n").skip(1).filter(|l| !l.is_empty()) {
+            assert_eq!(trusted.matches(&format!("\r\n{line}\r\n")).count(), 1, "{line}: {trusted}");
+        }
+    }
+
+    #[test]
     fn h2c_offer_is_dropped() {
         let f = fwd("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n", false).unwrap();
         assert_eq!(f.upgrade, None);
@@ -296,11 +413,56 @@ mod tests {
             400
         );
         assert_eq!(fwd("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", false).unwrap_err().status, 400);
+        assert_eq!(
+            fwd(
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            )
+            .unwrap_err()
+            .status,
+            400
+        );
+    }
+
+    #[test]
+    fn response_head_says_close_and_drops_hop_by_hop() {
+        let raw = b"HTTP/1.0 200 Fine\r\nConnection: keep-alive, X-Hop, Content-Length\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\n\r\nok";
+        let resp = super::super::head::parse_response(raw, 1024).unwrap().unwrap();
+        let h = String::from_utf8(response_head(&resp)).unwrap();
+        assert_eq!(h, "HTTP/1.1 200 Fine\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\nConnection: close\r\n\r\n");
     }
 
     #[test]
     fn absolute_form_target_overrides_host() {
-        let f = fwd("GET http://chat.example.com:8080/ws?x=1 HTTP/1.1\r\nHost: other\r\n\r\n", false).unwrap();
-        assert_eq!((f.host.as_str(), f.path.as_str()), ("chat.example.com:8080", "/ws?x=1"));
+        let f = fwd("GET http://chat.example.com:8080/ws?x=1 HTTP/1.1\r\nHost: other\r\nX: y\r\n\r\n", false).unwrap();
+        assert_eq!((f.host.as_str(), f.path.as_str()), ("chat.example.com:8080", "/ws"));
+        let h = head(&f);
+        assert!(h.starts_with("GET /ws?x=1 HTTP/1.1\r\nHost: chat.example.com:8080\r\nX: y\r\n"), "{h}");
+        assert!(!h.contains("other"), "{h}");
+        for (target, path) in [("HTTPS://h", "/"), ("http://h?q=1", "/?q=1"), ("http://h/", "/")] {
+            let f = fwd(&format!("GET {target} HTTP/1.1\r\n\r\n"), false).unwrap();
+            assert_eq!((f.host.as_str(), f.path.as_str()), ("h", "/"), "{target}");
+            assert!(head(&f).starts_with(&format!("GET {path} HTTP/1.1\r\nHost: h\r\n")), "{target}");
+        }
+    }
+
+    #[test]
+    fn routed_by_the_normalised_path_forwarded_as_received() {
+        let f = fwd("GET /x/../%61pi//v2?q=/.. HTTP/1.1\r\nHost: h\r\n\r\n", false).unwrap();
+        assert_eq!(f.path, "/api/v2");
+        assert!(head(&f).starts_with("GET /x/../%61pi//v2?q=/.. HTTP/1.1\r\n"), "{}", head(&f));
+        for bad in ["/a%zz", "/a%00", "/%"] {
+            let r = fwd(&format!("GET {bad} HTTP/1.1\r\nHost: h\r\n\r\n"), false);
+            assert!(r.as_ref().is_err_and(|e| e.status == 400), "{bad}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn odd_targets_are_refused() {
+        for target in ["http://user@h/", "http:///x", "h/x", "ftp://h/x", "*"] {
+            let r = fwd(&format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n"), false);
+            assert!(r.as_ref().is_err_and(|e| e.status == 400), "{target}: {r:?}");
+        }
+        assert!(fwd("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", false).is_ok());
     }
 }

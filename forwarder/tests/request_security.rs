@@ -1,0 +1,404 @@
+//! What a client may not get past the router with a plain request (issue
+//! 12's security defects), through the real binary on loopback: raw
+//! sockets for hostile input, Python's `http.client` as a real client that
+//! reuses its connection, and backends that keep their connection open
+//! despite `Connection: close` and record every byte they receive.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use upsplice::handshake::framing::ChunkedEnd;
+
+/// A keep-alive backend that ignores `Connection: close`: it answers every
+/// request it parses with `200` and its own name as the body, keeps the
+/// connection open, and records every byte it receives.
+#[derive(Clone)]
+struct Recorder {
+    name: &'static str,
+    addr: SocketAddr,
+    /// Bytes received, one entry per connection.
+    conns: Arc<Mutex<Vec<Vec<u8>>>>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Recorder {
+    async fn start(name: &'static str) -> Recorder {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rec = Recorder { name, addr: l.local_addr().unwrap(), conns: Arc::default(), open: Arc::default() };
+        let r = rec.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let index = {
+                    let mut c = r.conns.lock().unwrap();
+                    c.push(Vec::new());
+                    c.len() - 1
+                };
+                r.open.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    // Bounded: a connection lives at most 10 s here.
+                    let _ = tokio::time::timeout(Duration::from_secs(10), r.serve(s, index)).await;
+                    r.open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        rec
+    }
+
+    async fn serve(&self, mut s: TcpStream, index: usize) {
+        let mut buf = Vec::new();
+        let mut parsed = 0;
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            self.conns.lock().unwrap()[index].extend_from_slice(&chunk[..n]);
+            // Answer every complete request, as a keep-alive server does.
+            while let Some(end) = request_end(&buf[parsed..]) {
+                parsed += end;
+                let body = self.name;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: keep-alive\r\nKeep-Alive: timeout=30\r\n\r\n{body}",
+                    body.len()
+                );
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Everything received so far, all connections together.
+    fn received(&self) -> String {
+        let c = self.conns.lock().unwrap();
+        c.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n--- next connection ---\n")
+    }
+
+    fn connections(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    /// Waits (bounded) until every connection to it was closed by its peer,
+    /// so that nothing more can arrive on them.
+    async fn wait_closed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The length of the first complete request (head and body) in `buf`.
+fn request_end(buf: &[u8]) -> Option<usize> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let head = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return None,
+    };
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+    };
+    if header("transfer-encoding").is_some_and(|te| te.ends_with("chunked")) {
+        return ChunkedEnd::default().feed(&buf[head..]).ok().flatten().map(|n| head + n);
+    }
+    let length: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    (buf.len() >= head + length).then_some(head + length)
+}
+
+/// A router in front of two recording backends: `ka.example.com` → ka,
+/// `internal.other-app.example.com` and `api.example.com` → other,
+/// `rs.example.com` → ka behind a route service, `paths.example.com`:
+/// `/api/v2` → other and `/` → ka.
+async fn setup() -> (Router, Recorder, Recorder) {
+    let ka = Recorder::start("ka").await;
+    let other = Recorder::start("other").await;
+    let routing = format!(
+        "{}[[pool]]\nname = \"other\"\nbackends = [\"{}\"]\n\
+         [[route]]\nhost = \"internal.other-app.example.com\"\npool = \"other\"\n\
+         [[route]]\nhost = \"api.example.com\"\npool = \"other\"\n\
+         [[route]]\nhost = \"rs.example.com\"\npool = \"main\"\nroute_service = \"https://auth.example.com\"\n\
+         [[route]]\nhost = \"paths.example.com\"\npool = \"main\"\n\
+         [[route]]\nhost = \"paths.example.com\"\npath = \"/api/v2\"\npool = \"other\"\n",
+        main_pool(&[ka.addr], "ka.example.com"),
+        other.addr
+    );
+    let limits = "handshake_timeout = \"2s\"\nconnect_timeout = \"1s\"\nidle_timeout = \"5s\"";
+    let router = Router::start(Setup { mode: "copy", limits, routing, extra: "" });
+    (router, ka, other)
+}
+
+/// Sends `request` from `source` in one write and reads until the router
+/// closes, at most 4 s (a router that keeps the connection open does not
+/// hang the test; what came is returned).
+async fn exchange_from(source: &str, router: SocketAddr, request: &[u8]) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(router).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(4), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn exchange(router: SocketAddr, request: &[u8]) -> String {
+    exchange_from("127.0.0.1", router, request).await
+}
+
+/// The second request of the pipelined pairs: another host, spoofed
+/// forwarded headers.
+const SMUGGLED: &str = "GET /admin HTTP/1.1\r\nHost: internal.other-app.example.com\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\n\r\n";
+
+fn assert_never_reached(backend: &Recorder, context: &str) {
+    let got = backend.received();
+    for needle in ["/admin", "6.6.6.6", "internal.other-app"] {
+        assert!(!got.contains(needle), "{context}: {needle:?} reached backend {}:\n{got}", backend.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_request_after_the_first_never_reaches_a_backend() {
+    let (r, ka, other) = setup().await;
+    let firsts = [
+        ("GET", "GET /a HTTP/1.1\r\nHost: ka.example.com\r\n\r\n".to_string(), ""),
+        ("Content-Length body", "POST /a HTTP/1.1\r\nHost: ka.example.com\r\nContent-Length: 5\r\n\r\nhello".into(), "hello"),
+        (
+            "chunked body with a trailer",
+            "POST /a HTTP/1.1\r\nHost: ka.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n"
+                .into(),
+            "5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n",
+        ),
+    ];
+    for (what, first, body) in firsts {
+        let before = ka.connections();
+        let answer = exchange(r.http, format!("{first}{SMUGGLED}").as_bytes()).await;
+        ka.wait_closed().await;
+        assert_never_reached(&ka, what);
+        assert_never_reached(&other, what);
+        // One response, complete, saying the connection closes.
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{what}: {answer:?}");
+        let (head, rest) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains("\r\nConnection: close\r\n") || head.ends_with("\r\nConnection: close"),
+            "{what}: {head}"
+        );
+        assert!(!head.to_ascii_lowercase().contains("keep-alive"), "{what}: backend's keep-alive relayed: {head}");
+        assert_eq!(rest, "ka", "{what}: exactly one response: {answer:?}");
+        // The backend got the first request and its body, nothing after.
+        assert_eq!(ka.connections(), before + 1, "{what}");
+        let got = ka.conns.lock().unwrap()[before].clone();
+        let got = String::from_utf8_lossy(&got).into_owned();
+        assert!(got.starts_with(first.split("\r\n").next().unwrap()), "{what}: {got}");
+        assert!(got.ends_with(&format!("\r\n\r\n{body}")), "{what}: the body, and nothing after it: {got:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_http_client_reusing_its_connection_is_routed_per_request() {
+    let (r, ka, other) = setup().await;
+    // http.client reuses the connection unless the response says close.
+    let script = r#"
+import http.client, sys
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=5)
+conn.request("GET", "/a", headers={"Host": "ka.example.com"})
+first = conn.getresponse().read().decode()
+conn.request("GET", "/admin", headers={"Host": "internal.other-app.example.com", "X-Forwarded-For": "6.6.6.6"})
+second = conn.getresponse().read().decode()
+print(first, second)
+"#;
+    let out = tokio::task::spawn_blocking({
+        let port = r.http.port().to_string();
+        move || Command::new("python3").args(["-c", script, &port]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ka other", "each request routed by its own Host");
+    ka.wait_closed().await;
+    assert_never_reached(&ka, "second request of a reused connection");
+    let got = other.received();
+    assert!(got.contains("GET /admin HTTP/1.1\r\n") && got.contains("\r\nX-Forwarded-For: 127.0.0.1\r\n"), "{got}");
+    assert!(!got.contains("6.6.6.6"), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_request_body_framing_is_refused() {
+    let (r, ka, other) = setup().await;
+    let cases = [
+        // A bare LF ends the chunk-size line: the backend may read it differently.
+        "POST /a HTTP/1.1\r\nHost: ka.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+        // No chunk size: not a last chunk.
+        "POST /a HTTP/1.1\r\nHost: ka.example.com\r\nTransfer-Encoding: chunked\r\n\r\n\r\n\r\n",
+        // Chunked twice, chunked and a length, chunked not last.
+        "POST /a HTTP/1.1\r\nHost: ka.example.com\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /a HTTP/1.1\r\nHost: ka.example.com\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /a HTTP/1.1\r\nHost: ka.example.com\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    ];
+    for case in cases {
+        let answer = exchange(r.http, format!("{case}{SMUGGLED}").as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{case:?}: {answer:?}");
+        assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
+    }
+    ka.wait_closed().await;
+    assert_never_reached(&ka, "invalid framing");
+    assert_never_reached(&other, "invalid framing");
+    assert!(!ka.received().contains("hello"), "a broken body was relayed: {}", ka.received());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upgrade_with_a_body_gets_nothing_past_the_body() {
+    let (r, ka, other) = setup().await;
+    // The recording backend answers 200: the upgrade is refused.
+    let upgrade =
+        WS_REQUEST.replace("{host}", "ka.example.com").replace("\r\n\r\n", "\r\nContent-Length: 5\r\n\r\nhello");
+    let answer = exchange(r.http, format!("{upgrade}{SMUGGLED}").as_bytes()).await;
+    ka.wait_closed().await;
+    assert_never_reached(&ka, "after a refused upgrade");
+    assert_never_reached(&other, "after a refused upgrade");
+    assert!(ka.received().ends_with("\r\n\r\nhello"), "{}", ka.received());
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("\r\n\r\nka"), "{answer:?}");
+    assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_service_route_never_reaches_the_app() {
+    let (r, ka, _other) = setup().await;
+    let cases = [
+        ("GET /private HTTP/1.1\r\nHost: rs.example.com\r\n\r\n".to_string(), "502 "),
+        ("POST /private HTTP/1.1\r\nHost: rs.example.com\r\nContent-Length: 5\r\n\r\nhello".into(), "502 "),
+        ("GET http://rs.example.com/private HTTP/1.1\r\nHost: ka.example.com\r\n\r\n".into(), "502 "),
+        (WS_REQUEST.replace("{host}", "rs.example.com"), "503 "),
+    ];
+    for (request, status) in cases {
+        let answer = exchange(r.http, request.as_bytes()).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{request:?}: {answer:?}");
+        assert!(answer.contains("\r\nX-Cf-Routererror: route_service_unsupported\r\n"), "{answer}");
+    }
+    assert_eq!(ka.connections(), 0, "the app was reached around its route service: {}", ka.received());
+    assert!(
+        r.metric("upsplice_handshakes_total{listener=\"web\",status=\"502\",reason=\"route_service_unsupported\"}")
+            >= 3.0
+    );
+}
+
+/// Headers only a trusted proxy may state (README, "Forwarded headers").
+const CLAIMS: &str = "Forwarded: for=6.6.6.6;proto=https\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Host: admin.internal\r\nX-Forwarded-Port: 443\r\nX-Forwarded-Ssl: on\r\nX-Forwarded-Scheme: https\r\nX-Forwarded-Client-Cert: Hash=6666\r\nX-Vcap-Request-Id: 66666666-6666-6666-6666-666666666666\r\nX-Request-Start: 1600000000000\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_claims_reach_backends_only_from_trusted_peers() {
+    let (r, ka, _other) = setup().await;
+    let plain = format!("GET /a HTTP/1.1\r\nHost: ka.example.com\r\n{CLAIMS}\r\n");
+    // The recording backend refuses the upgrade; its head is what counts.
+    let upgrade = WS_REQUEST.replace("{host}", "ka.example.com").replace("\r\n\r\n", &format!("\r\n{CLAIMS}\r\n"));
+    // 127.0.0.2 is in the listener's trusted_cidrs; 127.0.0.1 is not.
+    for (source, trusted) in [("127.0.0.1", false), ("127.0.0.2", true)] {
+        for request in [&plain, &upgrade] {
+            let before = ka.connections();
+            let answer = exchange_from(source, r.http, request.as_bytes()).await;
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+            ka.wait_closed().await;
+            let got = String::from_utf8_lossy(&ka.conns.lock().unwrap()[before]).into_owned();
+            let head = got.split("\r\n\r\n").next().unwrap().to_string();
+            for claim in CLAIMS.split("\r\n").filter(|l| !l.is_empty()) {
+                let name = claim.split(':').next().unwrap();
+                let lines = head
+                    .lines()
+                    .filter(|l| l.to_ascii_lowercase().starts_with(&format!("{}:", name.to_ascii_lowercase())));
+                let lines: Vec<&str> = lines.collect();
+                if trusted {
+                    assert_eq!(lines, vec![claim], "{source}: a trusted peer's {name} is kept as sent: {head}");
+                } else if name == "X-Request-Start" {
+                    assert_eq!(lines.len(), 1, "{head}");
+                    assert_ne!(lines[0], claim, "{source}: the router sets X-Request-Start: {head}");
+                } else {
+                    assert!(lines.is_empty(), "{source}: {name} reached the backend: {head}");
+                }
+            }
+            assert!(!trusted || head.contains("\r\nX-Forwarded-For: 127.0.0.2\r\n"), "{head}");
+            assert!(trusted || !head.contains("6.6.6.6"), "{head}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_is_routed_and_forwarded_with_its_host() {
+    let (r, ka, other) = setup().await;
+    let plain = "GET http://api.example.com/api/v2?x=1 HTTP/1.1\r\nHost: unknown.example.com\r\n\r\n".to_string();
+    let upgrade =
+        WS_REQUEST.replace("GET /chat", "GET http://api.example.com/chat").replace("{host}", "unknown.example.com");
+    for (request, line) in [(plain, "GET /api/v2?x=1 HTTP/1.1"), (upgrade, "GET /chat HTTP/1.1")] {
+        let before = other.connections();
+        let answer = exchange(r.http, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("other"), "{answer:?}");
+        other.wait_closed().await;
+        let got = String::from_utf8_lossy(&other.conns.lock().unwrap()[before]).into_owned();
+        // Origin-form, with the target's authority as the only Host.
+        assert!(got.starts_with(&format!("{line}\r\nHost: api.example.com\r\n")), "{got}");
+        assert_eq!(got.matches("\r\nHost: ").count(), 1, "{got}");
+        assert!(!got.contains("unknown.example.com"), "{got}");
+    }
+    // Userinfo obscures the authority (RFC 9110 §4.2.4): refused.
+    let answer = exchange(r.http, b"GET http://ka.example.com@api.example.com/ HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert_eq!(ka.connections(), 0, "{}", ka.received());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_matched_normalised_and_forwarded_as_received() {
+    let (r, ka, other) = setup().await;
+    // paths.example.com: /api/v2 → other, / → ka.
+    let cases = [
+        ("/api/v2", "other"),
+        ("/x/../api/v2", "other"),
+        ("/%61pi/v2", "other"),
+        ("/api/./v2/x", "other"),
+        ("/%2e%2e/api/v2?q=1", "other"),
+        ("//api//v2", "other"),
+        ("/api/v2x", "ka"),
+        ("/api/v3/../v2x", "ka"),
+        // An encoded '/' is not a separator: one segment, passed on unchanged.
+        ("/api%2Fv2", "ka"),
+        // One segment "v2%2F..": not the /api/v2 prefix (a backend that
+        // decodes %2F reads "/admin", which is the "/" pool's too).
+        ("/api/v2%2F..%2F..%2Fadmin", "ka"),
+    ];
+    for (path, backend) in cases {
+        let (ka_before, other_before) = (ka.connections(), other.connections());
+        let request = format!("GET {path} HTTP/1.1\r\nHost: paths.example.com\r\n\r\n");
+        let answer = exchange(r.http, request.as_bytes()).await;
+        assert!(answer.ends_with(&format!("\r\n\r\n{backend}")), "{path}: {answer:?}");
+        let (rec, before) = if backend == "ka" { (&ka, ka_before) } else { (&other, other_before) };
+        rec.wait_closed().await;
+        let got = String::from_utf8_lossy(&rec.conns.lock().unwrap()[before]).into_owned();
+        assert!(got.starts_with(&format!("GET {path} HTTP/1.1\r\n")), "{path}: forwarded as received: {got}");
+    }
+    // The same for an upgrade.
+    let upgrade = WS_REQUEST.replace("GET /chat", "GET /x/../%61pi/v2/chat").replace("{host}", "paths.example.com");
+    let answer = exchange(r.http, upgrade.as_bytes()).await;
+    assert!(answer.ends_with("\r\n\r\nother"), "{answer:?}");
+    // Invalid escapes and an encoded NUL: 400, nothing forwarded.
+    let (ka_before, other_before) = (ka.connections(), other.connections());
+    for path in ["/api/v2%00", "/api/%zz", "/api/v2/%", "/%0"] {
+        let answer =
+            exchange(r.http, format!("GET {path} HTTP/1.1\r\nHost: paths.example.com\r\n\r\n").as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{path}: {answer:?}");
+    }
+    assert_eq!((ka.connections(), other.connections()), (ka_before, other_before));
+}
