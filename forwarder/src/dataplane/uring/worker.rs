@@ -17,7 +17,9 @@
 //! * EOF on the source (recv gives 0) becomes `shutdown(SHUT_WR)` on the
 //!   destination once the queue is empty; both done closes the tunnel;
 //! * a failed recv or send is a reset: both sockets get `SO_LINGER 0` so
-//!   the survivor sees an RST.
+//!   the survivor sees an RST. A peer's reset (ECONNRESET, EPIPE, …) is
+//!   reported as that side's reset; any other error is the plane's own
+//!   (`dataplane_error`) and logged at warn with the op and errno.
 //!
 //! A tunnel ends (idle, drain, reset, done) by cancelling its in-flight
 //! operations and waiting for their completions; only then are its buffers
@@ -194,18 +196,55 @@ impl Tun {
     }
 }
 
-/// The reason a tunnel ends when reading direction `d`'s source failed.
-fn src_failed(d: usize) -> CloseReason {
-    if d == 0 {
-        CloseReason::ClientReset
-    } else {
-        CloseReason::BackendReset
+/// The reason a tunnel ends when the socket of side `side` (0: client,
+/// 1: backend) failed with `errno`, and whether that is the peer's doing.
+///
+/// Only the errors a peer causes (a reset, an abort, a dead connection)
+/// are the peer's: anything else (EINVAL, EFAULT, EBADF, ENOMEM,
+/// EOPNOTSUPP, …) is the plane's own failure — an operation this kernel
+/// refused — and goes to the access log as `dataplane_error`, never as the
+/// client's reset.
+fn side_failed(side: usize, errno: i32) -> CloseReason {
+    match errno {
+        libc::ECONNRESET
+        | libc::EPIPE
+        | libc::ECONNABORTED
+        | libc::ETIMEDOUT
+        | libc::EHOSTUNREACH
+        | libc::ENETUNREACH => {
+            if side == 0 {
+                CloseReason::ClientReset
+            } else {
+                CloseReason::BackendReset
+            }
+        }
+        _ => CloseReason::Error,
     }
 }
 
-/// The reason a tunnel ends when writing direction `d`'s destination failed.
-fn dst_failed(d: usize) -> CloseReason {
-    src_failed(1 - d)
+fn side_name(side: usize) -> &'static str {
+    if side == 0 {
+        "client"
+    } else {
+        "backend"
+    }
+}
+
+/// Logs an operation that failed with `errno` and the reason the tunnel
+/// ends with: a plane error at warn (with the op and errno, so an
+/// operator can tell it from a client), a peer's reset at debug.
+fn log_failed(id: u64, op: &str, side: usize, errno: i32, reason: CloseReason) {
+    let err = io::Error::from_raw_os_error(errno);
+    if reason == CloseReason::Error {
+        tracing::warn!(
+            tunnel = id,
+            data_plane = "uring",
+            "uring: {op} on the {} socket failed: errno {errno} ({err}); closing the tunnel as dataplane_error",
+            side_name(side)
+        );
+    } else {
+        tracing::debug!(tunnel = id, data_plane = "uring", "uring: {op} on the {} socket: {err}", side_name(side));
+    }
 }
 
 pub struct Worker {
@@ -565,6 +604,13 @@ impl Worker {
         }
         if res > 0 {
             let Some(bid) = cqueue::buffer_select(flags) else {
+                tracing::warn!(
+                    tunnel = t.id,
+                    data_plane = "uring",
+                    "uring: multishot recv on the {} socket returned {res} bytes without a buffer id; \
+                     closing the tunnel as dataplane_error",
+                    side_name(d)
+                );
                 self.close(slot, t, CloseReason::Error);
                 return;
             };
@@ -596,8 +642,12 @@ impl Worker {
                     self.arm_heap_recv(slot, t, d)
                 }
                 libc::ENOBUFS => {}
-                _ => {
-                    self.close(slot, t, src_failed(d));
+                errno => {
+                    if t.closing.is_none() {
+                        let reason = side_failed(d, errno);
+                        log_failed(t.id, "multishot recv", d, errno, reason);
+                        self.close(slot, t, reason);
+                    }
                     return;
                 }
             }
@@ -639,8 +689,11 @@ impl Worker {
             }
             (0, _) => dir.eof = true,
             (n, _) if n == -libc::ECANCELED || n == -libc::EAGAIN => {}
-            _ => {
-                self.close(slot, t, src_failed(d));
+            (n, _) => {
+                let errno = if n < 0 { -n } else { libc::EFAULT };
+                let reason = side_failed(d, errno);
+                log_failed(t.id, "recv into a heap buffer", d, errno, reason);
+                self.close(slot, t, reason);
                 return;
             }
         }
@@ -652,7 +705,12 @@ impl Worker {
         t.dirs[d].sending = false;
         if res <= 0 {
             if t.closing.is_none() {
-                self.close(slot, t, dst_failed(d));
+                // A send of at least one byte that sent none is the plane's
+                // failure too (reported as EIO).
+                let errno = if res < 0 { -res } else { libc::EIO };
+                let reason = side_failed(1 - d, errno);
+                log_failed(t.id, "send", 1 - d, errno, reason);
+                self.close(slot, t, reason);
             }
             return;
         }
@@ -712,7 +770,9 @@ impl Worker {
             return;
         }
         t.closing = Some(reason);
-        if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset) {
+        // A plane error resets both sides too: a stream cut short must
+        // never look complete.
+        if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset | CloseReason::Error) {
             for fd in &t.fds {
                 let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
             }
