@@ -4,7 +4,9 @@
 //! Per tunnel and direction (0: client → backend, 1: backend → client):
 //!
 //! * a multishot recv on the source picks buffers from the shared pool as
-//!   bytes arrive (an idle tunnel holds none);
+//!   bytes arrive (an idle tunnel holds none); on kernels without the
+//!   multishot length cap (before 6.17) a single-shot recv picks one buffer
+//!   at a time instead, so that a direction stays within its bound;
 //! * received buffers queue in order behind the leftover bytes of the
 //!   handshake and go out through one `Send` at a time;
 //! * a direction may queue `high_water` bytes (two buffers): each multishot
@@ -86,6 +88,9 @@ pub struct Sizing {
     pub high_water: usize,
     /// Bytes queued in one direction at or below which it resumes.
     pub low_water: usize,
+    /// The kernel honours a total length on a multishot recv (probed at
+    /// startup; kernels before 6.17 reject the field with EINVAL).
+    pub mshot_len_cap: bool,
 }
 
 /// State shared between a worker and the plane.
@@ -544,12 +549,31 @@ impl Worker {
     }
 
     fn arm_recv(&mut self, slot: u32, t: &mut Tun, d: usize) {
-        let mut recv =
-            opcode::RecvMulti::new(types::Fd(t.src(d)), self.bufs.bgid()).build().user_data(ud(slot, d, KIND_RECV));
-        // Let the kernel end this multishot recv by itself once it received
-        // what the direction may still queue (at least one buffer's worth).
-        let budget = (self.sizing.high_water).saturating_sub(t.dirs[d].queued).max(self.bufs.buf_size() as usize);
-        set_multishot_limit(&mut recv, budget as u32);
+        let fd = types::Fd(t.src(d));
+        let user_data = ud(slot, d, KIND_RECV);
+        let recv = if self.sizing.mshot_len_cap {
+            // Let the kernel end this multishot recv by itself once it
+            // received what the direction may still queue (at least one
+            // buffer's worth).
+            let mut recv = opcode::RecvMulti::new(fd, self.bufs.bgid()).build().user_data(user_data);
+            let budget = (self.sizing.high_water).saturating_sub(t.dirs[d].queued).max(self.bufs.buf_size() as usize);
+            set_multishot_limit(&mut recv, budget as u32);
+            recv
+        } else {
+            // Without the cap (before 6.17; the field is `file_index` there
+            // and setting it fails the recv with EINVAL) a multishot recv
+            // takes up to 32 buffers in one go before a cancel lands (1 MiB
+            // queued for one stalled direction on Debian's 6.1 and 6.12,
+            // against the 384 KiB bound). A single-shot recv with a buffer
+            // picked from the ring takes exactly one, and like the multishot
+            // one holds none while it waits: re-armed per buffer, it keeps
+            // the direction within its bound on every kernel.
+            opcode::Recv::new(fd, std::ptr::null_mut(), self.bufs.buf_size())
+                .buf_group(self.bufs.bgid())
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(user_data)
+        };
         self.pending.push_back(recv);
         t.dirs[d].recv = Recv::Armed;
         t.inflight += 1;
@@ -854,9 +878,11 @@ impl Worker {
 /// 6.17+, "io_uring/net: Support multishot receive len cap"): the kernel
 /// ends the request (a CQE without `F_MORE`) once it received that much, so
 /// a fast sender cannot take many pool buffers before a cancel arrives.
-/// Older kernels ignore the field for RECV; the cancel at the high-water
-/// mark still bounds the direction there (less tightly).
-fn set_multishot_limit(entry: &mut squeue::Entry, limit: u32) {
+/// Older kernels do not ignore the field: it is `file_index` there, and
+/// RECV fails with EINVAL when it is set — call this only where
+/// [`super::Features::mshot_len_cap`] was probed. Without it the cancel at
+/// the high-water mark bounds the direction (less tightly).
+pub(super) fn set_multishot_limit(entry: &mut squeue::Entry, limit: u32) {
     const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
     // Offset of the `splice_fd_in / file_index / optlen` union in the
     // kernel's `struct io_uring_sqe` (uapi; fixed since 5.x).
