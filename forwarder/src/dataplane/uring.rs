@@ -43,7 +43,7 @@ use std::thread::JoinHandle;
 use io_uring::{opcode, IoUring};
 use tokio::sync::oneshot;
 
-use super::{ByteCounters, CloseReason, Outcome, Rejected, Tunnel};
+use super::{selftest, ByteCounters, CloseReason, Outcome, Rejected, Tunnel};
 use crate::config::DataPlaneConfig;
 use worker::{Cmd, Job, Shared, Sizing, Worker};
 
@@ -243,6 +243,7 @@ pub struct UringPlane {
     sizing: Sizing,
     counters: Arc<ByteCounters>,
     next_id: AtomicU64,
+    self_test: selftest::Report,
     features: Features,
 }
 
@@ -262,6 +263,7 @@ impl UringPlane {
             sizing,
             counters: counters.clone(),
             next_id: AtomicU64::new(1),
+            self_test: selftest::Report { checks: Vec::new() },
             features,
         };
         for i in 0..n {
@@ -315,20 +317,45 @@ impl UringPlane {
                 features.describe()
             );
         }
+        // Carry no tunnel before the plane relayed the self-test's tunnels
+        // correctly on this kernel.
+        let report = selftest::run_blocking(|t| plane.relay(t));
+        if let Some(why) = report.failure() {
+            return Err(format!("kernel {}: {why}", kernel_release()));
+        }
+        plane.self_test = report;
+        plane.reset_stats();
         tracing::info!(
             workers = n,
             buffers = sizing.buf_count,
             buffer_size = sizing.buf_size,
             mshot_len_cap = features.mshot_len_cap,
-            "uring data plane started (multishot recv + provided buffer ring); {}",
+            "uring data plane started (multishot recv + provided buffer ring), {}; {}",
+            plane.self_test,
             features.describe()
         );
         Ok(plane)
     }
 
+    /// What the startup self-test found (every check passed, or `new` failed).
+    pub fn self_test(&self) -> &selftest::Report {
+        &self.self_test
+    }
+
     /// What the startup probe found this kernel's io_uring does.
     pub fn features(&self) -> Features {
         self.features
+    }
+
+    /// Forgets what the self-test's tunnels moved: counters and peaks
+    /// describe real tunnels only.
+    fn reset_stats(&self) {
+        self.counters.reset();
+        for w in &self.workers {
+            w.shared.bufs_peak.store(0, Ordering::Relaxed);
+            w.shared.queued_peak.store(0, Ordering::Relaxed);
+            w.shared.heap_recvs.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn counters(&self) -> &ByteCounters {
