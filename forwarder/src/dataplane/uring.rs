@@ -119,13 +119,19 @@ pub fn probe_features() -> Result<Features, String> {
             return Err(format!("io_uring opcode IORING_OP_{name} is not supported"));
         }
     }
-    let bufs = bufring::BufRing::new(2, 4096, 0).map_err(|e| format!("mmap failed: {e}"))?;
-    bufs.register(&ring.submitter()).map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
-    let plain = try_multishot_recv(&mut ring, &bufs, None);
-    let capped = plain.as_ref().ok().map(|_| try_multishot_recv(&mut ring, &bufs, Some(4096)));
+    // One buffer ring per attempt (group ids 0 and 1): an attempt takes a
+    // buffer and does not give it back, and a second attempt on an empty
+    // ring fails with ENOBUFS whatever the kernel supports (seen on 6.18).
+    let plain_bufs = bufring::BufRing::new(2, 4096, 0).map_err(|e| format!("mmap failed: {e}"))?;
+    plain_bufs.register(&ring.submitter()).map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
+    let capped_bufs = bufring::BufRing::new(2, 4096, 1).map_err(|e| format!("mmap failed: {e}"))?;
+    capped_bufs.register(&ring.submitter()).map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
+    let plain = try_multishot_recv(&mut ring, &plain_bufs, None);
+    let capped = plain.as_ref().ok().map(|_| try_multishot_recv(&mut ring, &capped_bufs, Some(4096)));
     // The ring goes first: no operation may outlive the buffers.
     drop(ring);
-    drop(bufs);
+    drop(plain_bufs);
+    drop(capped_bufs);
     match plain {
         Ok(()) => {}
         Err(errno) => {
@@ -508,4 +514,27 @@ fn rebuild(job: Job, drain: tokio_util::sync::CancellationToken) -> std::io::Res
         idle_timeout: job.idle_timeout,
         drain,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe's answer about the length cap matches one capped recv
+    /// tried alone on a fresh ring (the probe once tried it on a buffer
+    /// ring the first attempt had emptied and said "no" on 6.18).
+    #[test]
+    fn the_length_cap_probe_matches_a_lone_attempt() {
+        let Ok(features) = probe_features() else {
+            println!("SKIPPED: io_uring unavailable here");
+            return;
+        };
+        let mut ring = IoUring::new(8).expect("ring");
+        let bufs = bufring::BufRing::new(2, 4096, 0).expect("buffers");
+        bufs.register(&ring.submitter()).expect("register");
+        let alone = try_multishot_recv(&mut ring, &bufs, Some(4096));
+        drop(ring);
+        assert_eq!(features.mshot_len_cap, alone.is_ok(), "probe {features:?}, a lone capped recv {alone:?}");
+        assert_eq!(features.mshot_len_cap_errno, alone.err());
+    }
 }
