@@ -83,6 +83,10 @@ fn main() -> ExitCode {
     }
 }
 
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
+}
+
 fn run(path: Option<&Path>) -> anyhow::Result<()> {
     let config = match path {
         Some(p) => Config::load(p)?,
@@ -99,15 +103,24 @@ fn run(path: Option<&Path>) -> anyhow::Result<()> {
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     print!("{}", config.summary());
-    println!("data planes on this machine:");
-    for (mode, available) in dataplane::probe_all() {
-        match available {
-            Ok(()) if mode == dataplane::Mode::Sockmap => {
-                println!("  {mode:<8} available, {}", dataplane::SOCKMAP_NOT_AUTO)
+    println!("data planes on this machine (kernel {}; each started and self-tested):", kernel_release());
+    let mut auto = None;
+    for (mode, state) in dataplane::check_all(&config.data_plane) {
+        match state {
+            dataplane::PlaneCheck::Passed(report) => {
+                println!("  {mode:<8} available, {report}");
+                if mode == dataplane::Mode::Sockmap {
+                    println!("  {:<8} {}", "", dataplane::SOCKMAP_NOT_AUTO);
+                } else if auto.is_none() && dataplane::AUTO_ORDER.contains(&mode) {
+                    auto = Some(mode);
+                }
             }
-            Ok(()) => println!("  {mode:<8} available"),
-            Err(why) => println!("  {mode:<8} unavailable: {why}"),
+            dataplane::PlaneCheck::Failed(why) => println!("  {mode:<8} FAILED: {why}"),
+            dataplane::PlaneCheck::Unavailable(why) => println!("  {mode:<8} unavailable: {why}"),
         }
+    }
+    if let Some(mode) = auto {
+        println!("auto picks: {mode}");
     }
     println!("{}: ok", path.display());
     Ok(())

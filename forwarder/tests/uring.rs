@@ -39,6 +39,9 @@ where
     F: std::future::Future<Output = ()>,
 {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The plane's warnings (a failed operation and its errno) go to the
+    // test's output, shown when it fails.
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("upsplice=warn").try_init();
     if let Err(why) = uring::probe() {
         println!("SKIPPED: uring plane unavailable on this kernel: {why}");
         return;

@@ -23,6 +23,7 @@
 
 pub mod copy;
 pub mod pair;
+pub mod selftest;
 pub mod sockmap;
 pub mod splice;
 pub mod uring;
@@ -148,6 +149,12 @@ pub struct ByteCounters {
 }
 
 impl ByteCounters {
+    /// Back to zero (after a plane's self-test, whose bytes are not traffic).
+    pub fn reset(&self) {
+        self.to_backend.store(0, Ordering::Relaxed);
+        self.to_client.store(0, Ordering::Relaxed);
+    }
+
     pub fn add(&self, to_backend: u64, to_client: u64) {
         if to_backend > 0 {
             self.to_backend.fetch_add(to_backend, Ordering::Relaxed);
@@ -206,15 +213,76 @@ impl Plane {
         (c.to_backend.load(Ordering::Relaxed), c.to_client.load(Ordering::Relaxed))
     }
 
-    fn build(mode: Mode, cfg: &DataPlaneConfig) -> Result<Plane, String> {
+    /// Starts the plane `mode` and has it pass its self-test on this
+    /// kernel; fails with the reason (probe, resources or a failed check).
+    /// Returns the plane and what its self-test passed.
+    fn build(mode: Mode, cfg: &DataPlaneConfig) -> Result<(Plane, String), String> {
         Ok(match mode {
-            Mode::Copy => Plane::Copy(copy::CopyPlane::new(cfg)),
-            Mode::Splice => Plane::Splice(splice::SplicePlane::new(cfg)?),
-            Mode::Uring => Plane::Uring(uring::UringPlane::new(cfg)?),
-            Mode::Sockmap => Plane::Sockmap(sockmap::SockmapPlane::new(cfg)?),
+            Mode::Copy => {
+                // Plain read/write: no kernel feature to prove; `upsplice
+                // check` still runs the checks through it (check_all).
+                (Plane::Copy(copy::CopyPlane::new(cfg)), "no self-test at startup (userspace copy)".into())
+            }
+            Mode::Splice => {
+                let p = splice::SplicePlane::new(cfg)?;
+                let report = selftest::run_blocking(|t| p.relay(t));
+                if let Some(why) = report.failure() {
+                    return Err(why);
+                }
+                p.counters().reset();
+                (Plane::Splice(p), report.to_string())
+            }
+            Mode::Uring => {
+                // Runs the self-test in `new` (it also proves its probes).
+                let p = uring::UringPlane::new(cfg)?;
+                let report = format!("{}; {}", p.self_test(), p.features().describe());
+                (Plane::Uring(p), report)
+            }
+            Mode::Sockmap => (
+                // Runs its own self-test in `new` (leftovers both ways, a
+                // backend that speaks first, FIN both ways).
+                Plane::Sockmap(sockmap::SockmapPlane::new(cfg)?),
+                "passed its own self-test (leftovers both ways, backend speaks first, FIN both ways)".into(),
+            ),
             Mode::Auto => unreachable!("auto is resolved by DataPlanes::start"),
         })
     }
+}
+
+/// What `upsplice check` reports for one plane.
+pub enum PlaneCheck {
+    /// The probe says this kernel or build cannot run it.
+    Unavailable(String),
+    /// It started but failed its self-test (or could not take its resources).
+    Failed(String),
+    /// It passed its self-test: what the self-test says.
+    Passed(String),
+}
+
+/// Starts each plane in turn and runs its self-test (for `upsplice check`).
+/// Copy, which `run` starts without one, runs the same checks here.
+pub fn check_all(cfg: &DataPlaneConfig) -> Vec<(Mode, PlaneCheck)> {
+    probe_all()
+        .into_iter()
+        .map(|(mode, probed)| {
+            let state = match probed {
+                Err(why) => PlaneCheck::Unavailable(why),
+                Ok(()) if mode == Mode::Copy => {
+                    let p = copy::CopyPlane::new(cfg);
+                    let report = selftest::run_blocking(|t| async { Ok(p.relay(t).await) });
+                    match report.failure() {
+                        Some(why) => PlaneCheck::Failed(why),
+                        None => PlaneCheck::Passed(report.to_string()),
+                    }
+                }
+                Ok(()) => match Plane::build(mode, cfg) {
+                    Ok((_, report)) => PlaneCheck::Passed(report),
+                    Err(why) => PlaneCheck::Failed(why),
+                },
+            };
+            (mode, state)
+        })
+        .collect()
 }
 
 /// Whether each concrete plane can run here, and if not, why (for `upsplice check`).
@@ -227,8 +295,9 @@ pub fn probe_all() -> Vec<(Mode, Result<(), String>)> {
     ]
 }
 
-/// The order in which `auto` tries the planes: the first that starts (for
-/// uring and sockmap: passes its loopback self-test) wins.
+/// The order in which `auto` tries the planes: the first that starts and
+/// passes its loopback self-test on the running kernel wins (copy, last,
+/// needs no kernel feature).
 ///
 /// sockmap is not in it while [`SOCKMAP_NOT_AUTO`] holds: it runs only when
 /// a config asks for it by name.
@@ -260,8 +329,8 @@ impl DataPlanes {
                 let mut chosen = None;
                 for mode in AUTO_ORDER {
                     match Plane::build(mode, cfg) {
-                        Ok(p) => {
-                            tracing::info!(data_plane = %mode, "auto: chose {mode}");
+                        Ok((p, report)) => {
+                            tracing::info!(data_plane = %mode, "auto: chose {mode}: {report}");
                             chosen = Some(p);
                             break;
                         }
@@ -273,7 +342,10 @@ impl DataPlanes {
                 chosen.expect("copy always starts")
             }
             mode => {
-                Plane::build(mode, cfg).map_err(|why| format!("data_plane.mode = \"{mode}\" cannot start: {why}"))?
+                let (plane, report) = Plane::build(mode, cfg)
+                    .map_err(|why| format!("data_plane.mode = \"{mode}\" cannot start: {why}"))?;
+                tracing::info!(data_plane = %mode, "{mode}: {report}");
+                plane
             }
         };
         let mut chain = vec![];
@@ -282,7 +354,7 @@ impl DataPlanes {
         // Per-tunnel fallbacks: splice after the kernel planes, copy last.
         if matches!(primary_mode, Mode::Sockmap | Mode::Uring) {
             match Plane::build(Mode::Splice, cfg) {
-                Ok(p) => chain.push(p),
+                Ok((p, _)) => chain.push(p),
                 Err(why) => tracing::info!("splice fallback unavailable: {why}"),
             }
         }

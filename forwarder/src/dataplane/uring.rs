@@ -34,6 +34,7 @@
 mod bufring;
 mod worker;
 
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -42,7 +43,7 @@ use std::thread::JoinHandle;
 use io_uring::{opcode, IoUring};
 use tokio::sync::oneshot;
 
-use super::{ByteCounters, CloseReason, Outcome, Rejected, Tunnel};
+use super::{selftest, ByteCounters, CloseReason, Outcome, Rejected, Tunnel};
 use crate::config::DataPlaneConfig;
 use worker::{Cmd, Job, Shared, Sizing, Worker};
 
@@ -52,32 +53,48 @@ const POOL_BYTES: u64 = 16 << 20;
 /// Submission queue entries per worker (the completion queue is 8x).
 const RING_ENTRIES: u32 = 1024;
 
-/// The oldest kernel whose io_uring has everything this plane uses:
-/// multishot recv (6.0), buffer rings (5.19), single issuer (6.0).
-const MIN_KERNEL: (u32, u32) = (6, 0);
+/// What the running kernel's io_uring does, found by trying it (never by
+/// its version: distributions backport).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// A multishot recv takes a total length cap in `sqe->optlen` (upstream
+    /// 6.17, "io_uring/net: Support multishot receive len cap"). Before
+    /// that the same bytes are `file_index`, which RECV must leave zero:
+    /// setting it fails every recv with EINVAL (Debian's 6.1 and 6.12).
+    pub mshot_len_cap: bool,
+    /// The errno the kernel refused the capped recv with, if it did.
+    pub mshot_len_cap_errno: Option<i32>,
+}
 
-/// The first kernel that honours a total length on a multishot recv.
-const MSHOT_LIMIT_KERNEL: (u32, u32) = (6, 17);
+impl Features {
+    /// One line for logs and `upsplice check`.
+    pub fn describe(&self) -> String {
+        match (self.mshot_len_cap, self.mshot_len_cap_errno) {
+            (true, _) => "multishot recv length cap: yes".into(),
+            (false, Some(errno)) => format!(
+                "multishot recv length cap: no (a capped recv failed: {}; the plane recvs one buffer at a time instead)",
+                io::Error::from_raw_os_error(errno)
+            ),
+            (false, None) => "multishot recv length cap: not probed".into(),
+        }
+    }
+}
 
 /// Whether this kernel and build can run the uring plane.
 pub fn probe() -> Result<(), String> {
+    probe_features().map(|_| ())
+}
+
+/// What this kernel's io_uring supports of what the plane uses; an error
+/// names what is missing.
+pub fn probe_features() -> Result<Features, String> {
     let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .map(|v| v.trim().to_owned())
         .unwrap_or_else(|_| "0".into());
     if disabled == "2" {
         return Err("io_uring is disabled (sysctl kernel.io_uring_disabled = 2)".into());
     }
-    let release = kernel_release();
-    match parse_release(&release) {
-        Some(v) if v >= MIN_KERNEL => {}
-        Some(_) | None => {
-            return Err(format!(
-                "kernel {release} is older than {}.{} (multishot recv, buffer rings)",
-                MIN_KERNEL.0, MIN_KERNEL.1
-            ))
-        }
-    }
-    let ring = IoUring::new(8).map_err(|e| {
+    let mut ring = IoUring::new(8).map_err(|e| {
         if disabled == "0" {
             format!("io_uring_setup failed: {e}")
         } else {
@@ -102,17 +119,78 @@ pub fn probe() -> Result<(), String> {
             return Err(format!("io_uring opcode IORING_OP_{name} is not supported"));
         }
     }
-    let bufs = bufring::BufRing::new(2, 4096, 0).map_err(|e| format!("mmap failed: {e}"))?;
-    bufs.register(&ring.submitter()).map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
+    // One buffer ring per attempt (group ids 0 and 1): an attempt takes a
+    // buffer and does not give it back, and a second attempt on an empty
+    // ring fails with ENOBUFS whatever the kernel supports (seen on 6.18).
+    let plain_bufs = bufring::BufRing::new(2, 4096, 0).map_err(|e| format!("mmap failed: {e}"))?;
+    plain_bufs.register(&ring.submitter()).map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
+    let capped_bufs = bufring::BufRing::new(2, 4096, 1).map_err(|e| format!("mmap failed: {e}"))?;
+    capped_bufs.register(&ring.submitter()).map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
+    let plain = try_multishot_recv(&mut ring, &plain_bufs, None);
+    let capped = plain.as_ref().ok().map(|_| try_multishot_recv(&mut ring, &capped_bufs, Some(4096)));
+    // The ring goes first: no operation may outlive the buffers.
     drop(ring);
-    drop(bufs);
-    Ok(())
+    drop(plain_bufs);
+    drop(capped_bufs);
+    match plain {
+        Ok(()) => {}
+        Err(errno) => {
+            return Err(format!(
+                "a multishot recv into a provided buffer ring failed: {}",
+                io::Error::from_raw_os_error(errno)
+            ))
+        }
+    }
+    let capped = capped.unwrap_or(Err(0));
+    Ok(Features { mshot_len_cap: capped.is_ok(), mshot_len_cap_errno: capped.err().filter(|&e| e != 0) })
+}
+
+/// Arms one multishot recv (with a total length cap when `cap` is set) on
+/// a socket pair holding one byte followed by EOF, and reaps it to its
+/// final completion; `Err(errno)` if the kernel refused it.
+fn try_multishot_recv(ring: &mut IoUring, bufs: &bufring::BufRing, cap: Option<u32>) -> Result<(), i32> {
+    let (mut near, far) = std::os::unix::net::UnixStream::pair().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    std::io::Write::write_all(&mut near, b"x").map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    near.shutdown(std::net::Shutdown::Write).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    let mut recv = opcode::RecvMulti::new(io_uring::types::Fd(far.as_raw_fd()), bufs.bgid()).build().user_data(7);
+    if let Some(cap) = cap {
+        worker::set_multishot_limit(&mut recv, cap);
+    }
+    // SAFETY: the recv writes only into the registered buffer ring, which
+    // outlives the ring (the caller drops the ring first).
+    unsafe { ring.submission().push(&recv).map_err(|_| libc::EBUSY)? };
+    // Bounded: one byte then EOF end the recv in two completions; each
+    // wait is capped at a second and there are at most four.
+    let mut result = Err(libc::ETIME);
+    for _ in 0..4 {
+        let ts = io_uring::types::Timespec::new().sec(1);
+        let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+        match ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+        let mut done = false;
+        for cqe in ring.completion() {
+            let res = cqe.result();
+            if res < 0 {
+                result = Err(-res);
+            } else if result.is_err() || res > 0 {
+                result = Ok(());
+            }
+            done |= !io_uring::cqueue::more(cqe.flags());
+        }
+        if done {
+            return result;
+        }
+    }
+    result
 }
 
 /// Pool layout for buffers of `buf_size` bytes: [`POOL_BYTES`] per worker
 /// (at least 16 buffers), a direction pauses at two buffers queued and
 /// resumes at one.
-fn sizing(buf_size: u64) -> Result<Sizing, String> {
+fn sizing(buf_size: u64, features: Features) -> Result<Sizing, String> {
     if !(4096..=1 << 20).contains(&buf_size) || !buf_size.is_power_of_two() {
         return Err(format!("uring_buffer = {buf_size}: must be a power of two between 4KiB and 1MiB"));
     }
@@ -123,6 +201,7 @@ fn sizing(buf_size: u64) -> Result<Sizing, String> {
         buf_size: buf_size as u32,
         high_water: 2 * buf_size as usize,
         low_water: buf_size as usize,
+        mshot_len_cap: features.mshot_len_cap,
     })
 }
 
@@ -130,14 +209,6 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())
-}
-
-/// "6.18.0-foo" → (6, 18).
-fn parse_release(release: &str) -> Option<(u32, u32)> {
-    let mut it = release.split(|c: char| !c.is_ascii_digit());
-    let major = it.next()?.parse().ok()?;
-    let minor = it.next()?.parse().ok()?;
-    Some((major, minor))
 }
 
 /// The async side's handle on one worker thread.
@@ -178,24 +249,28 @@ pub struct UringPlane {
     sizing: Sizing,
     counters: Arc<ByteCounters>,
     next_id: AtomicU64,
+    self_test: selftest::Report,
+    features: Features,
 }
 
 impl UringPlane {
     /// Starts `cfg.uring_workers` workers (0: one per core), each with its
     /// own ring and buffer pool; fails with the reason if any cannot start.
     pub fn new(cfg: &DataPlaneConfig) -> Result<Self, String> {
-        probe()?;
+        let features = probe_features()?;
         let n = match cfg.uring_workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let sizing = sizing(cfg.uring_buffer)?;
+        let sizing = sizing(cfg.uring_buffer, features)?;
         let counters = Arc::new(ByteCounters::default());
         let mut plane = UringPlane {
             workers: Vec::with_capacity(n),
             sizing,
             counters: counters.clone(),
             next_id: AtomicU64::new(1),
+            self_test: selftest::Report { checks: Vec::new() },
+            features,
         };
         for i in 0..n {
             // A blocking eventfd: io_uring waits on it by polling.
@@ -239,21 +314,54 @@ impl UringPlane {
             plane.workers.push(WorkerHandle { tx, wake: wake_fd, shared, thread: Some(thread) });
             started.map_err(|e| format!("uring worker {i}: {e}"))?;
         }
-        if parse_release(&kernel_release()).is_some_and(|v| v < MSHOT_LIMIT_KERNEL) {
+        if !features.mshot_len_cap {
             tracing::info!(
-                "kernel {} has no multishot recv length cap (6.17+): a slow reader's \
-                 direction is bounded by cancelling its recv, which can overshoot by up \
-                 to about 32 buffers",
-                kernel_release()
+                "kernel {}: io_uring has no multishot recv length cap (upstream 6.17; {}): a slow \
+                 reader's direction is bounded by cancelling its recv, which can overshoot by \
+                 up to about 32 buffers",
+                kernel_release(),
+                features.describe()
             );
         }
+        // Carry no tunnel before the plane relayed the self-test's tunnels
+        // correctly on this kernel.
+        let report = selftest::run_blocking(|t| plane.relay(t));
+        if let Some(why) = report.failure() {
+            return Err(format!("kernel {}: {why}", kernel_release()));
+        }
+        plane.self_test = report;
+        plane.reset_stats();
         tracing::info!(
             workers = n,
             buffers = sizing.buf_count,
             buffer_size = sizing.buf_size,
-            "uring data plane started (multishot recv + provided buffer ring)"
+            mshot_len_cap = features.mshot_len_cap,
+            "uring data plane started (multishot recv + provided buffer ring), {}; {}",
+            plane.self_test,
+            features.describe()
         );
         Ok(plane)
+    }
+
+    /// What the startup self-test found (every check passed, or `new` failed).
+    pub fn self_test(&self) -> &selftest::Report {
+        &self.self_test
+    }
+
+    /// What the startup probe found this kernel's io_uring does.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// Forgets what the self-test's tunnels moved: counters and peaks
+    /// describe real tunnels only.
+    fn reset_stats(&self) {
+        self.counters.reset();
+        for w in &self.workers {
+            w.shared.bufs_peak.store(0, Ordering::Relaxed);
+            w.shared.queued_peak.store(0, Ordering::Relaxed);
+            w.shared.heap_recvs.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn counters(&self) -> &ByteCounters {
@@ -412,10 +520,21 @@ fn rebuild(job: Job, drain: tokio_util::sync::CancellationToken) -> std::io::Res
 mod tests {
     use super::*;
 
+    /// The probe's answer about the length cap matches one capped recv
+    /// tried alone on a fresh ring (the probe once tried it on a buffer
+    /// ring the first attempt had emptied and said "no" on 6.18).
     #[test]
-    fn parses_kernel_releases() {
-        assert_eq!(parse_release("6.18.0-1-amd64"), Some((6, 18)));
-        assert_eq!(parse_release("5.15"), Some((5, 15)));
-        assert_eq!(parse_release("garbage"), None);
+    fn the_length_cap_probe_matches_a_lone_attempt() {
+        let Ok(features) = probe_features() else {
+            println!("SKIPPED: io_uring unavailable here");
+            return;
+        };
+        let mut ring = IoUring::new(8).expect("ring");
+        let bufs = bufring::BufRing::new(2, 4096, 0).expect("buffers");
+        bufs.register(&ring.submitter()).expect("register");
+        let alone = try_multishot_recv(&mut ring, &bufs, Some(4096));
+        drop(ring);
+        assert_eq!(features.mshot_len_cap, alone.is_ok(), "probe {features:?}, a lone capped recv {alone:?}");
+        assert_eq!(features.mshot_len_cap_errno, alone.err());
     }
 }

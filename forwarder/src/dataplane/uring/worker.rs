@@ -4,7 +4,9 @@
 //! Per tunnel and direction (0: client → backend, 1: backend → client):
 //!
 //! * a multishot recv on the source picks buffers from the shared pool as
-//!   bytes arrive (an idle tunnel holds none);
+//!   bytes arrive (an idle tunnel holds none); on kernels without the
+//!   multishot length cap (before 6.17) a single-shot recv picks one buffer
+//!   at a time instead, so that a direction stays within its bound;
 //! * received buffers queue in order behind the leftover bytes of the
 //!   handshake and go out through one `Send` at a time;
 //! * a direction may queue `high_water` bytes (two buffers): each multishot
@@ -17,7 +19,9 @@
 //! * EOF on the source (recv gives 0) becomes `shutdown(SHUT_WR)` on the
 //!   destination once the queue is empty; both done closes the tunnel;
 //! * a failed recv or send is a reset: both sockets get `SO_LINGER 0` so
-//!   the survivor sees an RST.
+//!   the survivor sees an RST. A peer's reset (ECONNRESET, EPIPE, …) is
+//!   reported as that side's reset; any other error is the plane's own
+//!   (`dataplane_error`) and logged at warn with the op and errno.
 //!
 //! A tunnel ends (idle, drain, reset, done) by cancelling its in-flight
 //! operations and waiting for their completions; only then are its buffers
@@ -84,6 +88,9 @@ pub struct Sizing {
     pub high_water: usize,
     /// Bytes queued in one direction at or below which it resumes.
     pub low_water: usize,
+    /// The kernel honours a total length on a multishot recv (probed at
+    /// startup; kernels before 6.17 reject the field with EINVAL).
+    pub mshot_len_cap: bool,
 }
 
 /// State shared between a worker and the plane.
@@ -194,18 +201,55 @@ impl Tun {
     }
 }
 
-/// The reason a tunnel ends when reading direction `d`'s source failed.
-fn src_failed(d: usize) -> CloseReason {
-    if d == 0 {
-        CloseReason::ClientReset
-    } else {
-        CloseReason::BackendReset
+/// The reason a tunnel ends when the socket of side `side` (0: client,
+/// 1: backend) failed with `errno`, and whether that is the peer's doing.
+///
+/// Only the errors a peer causes (a reset, an abort, a dead connection)
+/// are the peer's: anything else (EINVAL, EFAULT, EBADF, ENOMEM,
+/// EOPNOTSUPP, …) is the plane's own failure — an operation this kernel
+/// refused — and goes to the access log as `dataplane_error`, never as the
+/// client's reset.
+fn side_failed(side: usize, errno: i32) -> CloseReason {
+    match errno {
+        libc::ECONNRESET
+        | libc::EPIPE
+        | libc::ECONNABORTED
+        | libc::ETIMEDOUT
+        | libc::EHOSTUNREACH
+        | libc::ENETUNREACH => {
+            if side == 0 {
+                CloseReason::ClientReset
+            } else {
+                CloseReason::BackendReset
+            }
+        }
+        _ => CloseReason::Error,
     }
 }
 
-/// The reason a tunnel ends when writing direction `d`'s destination failed.
-fn dst_failed(d: usize) -> CloseReason {
-    src_failed(1 - d)
+fn side_name(side: usize) -> &'static str {
+    if side == 0 {
+        "client"
+    } else {
+        "backend"
+    }
+}
+
+/// Logs an operation that failed with `errno` and the reason the tunnel
+/// ends with: a plane error at warn (with the op and errno, so an
+/// operator can tell it from a client), a peer's reset at debug.
+fn log_failed(id: u64, op: &str, side: usize, errno: i32, reason: CloseReason) {
+    let err = io::Error::from_raw_os_error(errno);
+    if reason == CloseReason::Error {
+        tracing::warn!(
+            tunnel = id,
+            data_plane = "uring",
+            "uring: {op} on the {} socket failed: errno {errno} ({err}); closing the tunnel as dataplane_error",
+            side_name(side)
+        );
+    } else {
+        tracing::debug!(tunnel = id, data_plane = "uring", "uring: {op} on the {} socket: {err}", side_name(side));
+    }
 }
 
 pub struct Worker {
@@ -505,12 +549,31 @@ impl Worker {
     }
 
     fn arm_recv(&mut self, slot: u32, t: &mut Tun, d: usize) {
-        let mut recv =
-            opcode::RecvMulti::new(types::Fd(t.src(d)), self.bufs.bgid()).build().user_data(ud(slot, d, KIND_RECV));
-        // Let the kernel end this multishot recv by itself once it received
-        // what the direction may still queue (at least one buffer's worth).
-        let budget = (self.sizing.high_water).saturating_sub(t.dirs[d].queued).max(self.bufs.buf_size() as usize);
-        set_multishot_limit(&mut recv, budget as u32);
+        let fd = types::Fd(t.src(d));
+        let user_data = ud(slot, d, KIND_RECV);
+        let recv = if self.sizing.mshot_len_cap {
+            // Let the kernel end this multishot recv by itself once it
+            // received what the direction may still queue (at least one
+            // buffer's worth).
+            let mut recv = opcode::RecvMulti::new(fd, self.bufs.bgid()).build().user_data(user_data);
+            let budget = (self.sizing.high_water).saturating_sub(t.dirs[d].queued).max(self.bufs.buf_size() as usize);
+            set_multishot_limit(&mut recv, budget as u32);
+            recv
+        } else {
+            // Without the cap (before 6.17; the field is `file_index` there
+            // and setting it fails the recv with EINVAL) a multishot recv
+            // takes up to 32 buffers in one go before a cancel lands (1 MiB
+            // queued for one stalled direction on Debian's 6.1 and 6.12,
+            // against the 384 KiB bound). A single-shot recv with a buffer
+            // picked from the ring takes exactly one, and like the multishot
+            // one holds none while it waits: re-armed per buffer, it keeps
+            // the direction within its bound on every kernel.
+            opcode::Recv::new(fd, std::ptr::null_mut(), self.bufs.buf_size())
+                .buf_group(self.bufs.bgid())
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(user_data)
+        };
         self.pending.push_back(recv);
         t.dirs[d].recv = Recv::Armed;
         t.inflight += 1;
@@ -565,6 +628,13 @@ impl Worker {
         }
         if res > 0 {
             let Some(bid) = cqueue::buffer_select(flags) else {
+                tracing::warn!(
+                    tunnel = t.id,
+                    data_plane = "uring",
+                    "uring: multishot recv on the {} socket returned {res} bytes without a buffer id; \
+                     closing the tunnel as dataplane_error",
+                    side_name(d)
+                );
                 self.close(slot, t, CloseReason::Error);
                 return;
             };
@@ -596,8 +666,12 @@ impl Worker {
                     self.arm_heap_recv(slot, t, d)
                 }
                 libc::ENOBUFS => {}
-                _ => {
-                    self.close(slot, t, src_failed(d));
+                errno => {
+                    if t.closing.is_none() {
+                        let reason = side_failed(d, errno);
+                        log_failed(t.id, "multishot recv", d, errno, reason);
+                        self.close(slot, t, reason);
+                    }
                     return;
                 }
             }
@@ -639,8 +713,11 @@ impl Worker {
             }
             (0, _) => dir.eof = true,
             (n, _) if n == -libc::ECANCELED || n == -libc::EAGAIN => {}
-            _ => {
-                self.close(slot, t, src_failed(d));
+            (n, _) => {
+                let errno = if n < 0 { -n } else { libc::EFAULT };
+                let reason = side_failed(d, errno);
+                log_failed(t.id, "recv into a heap buffer", d, errno, reason);
+                self.close(slot, t, reason);
                 return;
             }
         }
@@ -652,7 +729,12 @@ impl Worker {
         t.dirs[d].sending = false;
         if res <= 0 {
             if t.closing.is_none() {
-                self.close(slot, t, dst_failed(d));
+                // A send of at least one byte that sent none is the plane's
+                // failure too (reported as EIO).
+                let errno = if res < 0 { -res } else { libc::EIO };
+                let reason = side_failed(1 - d, errno);
+                log_failed(t.id, "send", 1 - d, errno, reason);
+                self.close(slot, t, reason);
             }
             return;
         }
@@ -712,7 +794,9 @@ impl Worker {
             return;
         }
         t.closing = Some(reason);
-        if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset) {
+        // A plane error resets both sides too: a stream cut short must
+        // never look complete.
+        if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset | CloseReason::Error) {
             for fd in &t.fds {
                 let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
             }
@@ -794,9 +878,11 @@ impl Worker {
 /// 6.17+, "io_uring/net: Support multishot receive len cap"): the kernel
 /// ends the request (a CQE without `F_MORE`) once it received that much, so
 /// a fast sender cannot take many pool buffers before a cancel arrives.
-/// Older kernels ignore the field for RECV; the cancel at the high-water
-/// mark still bounds the direction there (less tightly).
-fn set_multishot_limit(entry: &mut squeue::Entry, limit: u32) {
+/// Older kernels do not ignore the field: it is `file_index` there, and
+/// RECV fails with EINVAL when it is set — call this only where
+/// [`super::Features::mshot_len_cap`] was probed. Without it the cancel at
+/// the high-water mark bounds the direction (less tightly).
+pub(super) fn set_multishot_limit(entry: &mut squeue::Entry, limit: u32) {
     const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
     // Offset of the `splice_fd_in / file_index / optlen` union in the
     // kernel's `struct io_uring_sqe` (uapi; fixed since 5.x).
