@@ -375,22 +375,35 @@ impl DataPlanes {
 
     /// Relays `t` through the first plane that takes it; returns that plane's
     /// mode and the outcome. Copy takes every tunnel, so this always relays.
-    pub async fn relay(&self, mut t: Tunnel) -> (Mode, Outcome) {
-        // Bytes planes earlier in the chain carried before handing it on.
+    pub async fn relay(&self, t: Tunnel) -> (Mode, Outcome) {
+        let first = &self.chain[0];
+        let fall_back = match first.relay(t).await {
+            Ok(outcome) => return (first.mode(), outcome),
+            // Boxed: the rare path's state stays out of every tunnel's task.
+            Err(rejected) => Box::pin(self.fall_back(first.mode(), rejected)),
+        };
+        fall_back.await
+    }
+
+    /// Hands a tunnel the plane `from` gave back to the next planes of the
+    /// chain; the outcome counts the bytes the earlier planes relayed.
+    async fn fall_back(&self, from: Mode, mut rejected: Rejected) -> (Mode, Outcome) {
         let mut carried = (0, 0);
-        for plane in &self.chain {
-            match plane.relay(t).await {
+        let mut mode = from;
+        for plane in &self.chain[1..] {
+            tracing::info!(data_plane = %mode, reason = %rejected.reason, "tunnel falls back to the next data plane");
+            crate::metrics::fallback(mode);
+            carried.0 += rejected.relayed.0;
+            carried.1 += rejected.relayed.1;
+            match plane.relay(rejected.tunnel).await {
                 Ok(mut outcome) => {
                     outcome.to_backend += carried.0;
                     outcome.to_client += carried.1;
                     return (plane.mode(), outcome);
                 }
-                Err(rejected) => {
-                    tracing::info!(data_plane = %plane.mode(), reason = %rejected.reason, "tunnel falls back to the next data plane");
-                    crate::metrics::fallback(plane.mode());
-                    carried.0 += rejected.relayed.0;
-                    carried.1 += rejected.relayed.1;
-                    t = rejected.tunnel;
+                Err(again) => {
+                    mode = plane.mode();
+                    rejected = again;
                 }
             }
         }
