@@ -225,8 +225,10 @@ where
     drive(relay, t, peers, (CloseReason::Done, Some((14, 24)))).await
 }
 
-/// Deterministic bytes (xorshift64) for stream `seed`.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
+/// Deterministic bytes (xorshift64) for stream `seed`: both ends of a test
+/// agree on them, and every seed gives another stream. (The integration
+/// tests use it too.)
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {

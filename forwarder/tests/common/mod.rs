@@ -351,20 +351,9 @@ pub async fn raw_tunnel(
     (client, server, head, early)
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so both ends agree;
-/// different for every seed.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+// Not every test binary uses it.
+#[allow(unused_imports)]
+pub use upsplice::dataplane::selftest::pattern;
 
 /// Writes `data` in chunks while hashing; returns the SHA-256.
 pub async fn send_all(w: &mut (impl AsyncWriteExt + Unpin), data: &[u8]) -> [u8; 32] {
