@@ -263,7 +263,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       "`BENCH_OUT`, `BENCH_REPORT`, `BENCH_SKIP_SETUP=1` (see the head of `scripts/bench`).")
     w("")
     w("Contents: [how to run](#how-to-run) · [setup](#setup) · [data planes](#data-planes) · [targets](#targets) · [message latency](#message-latency-at-fixed-rates) · "
-      "[sustained rate](#highest-rate-with-p99-under-1-ms) · [handshakes](#handshakes) · [churn](#connection-churn) · [bulk](#bulk-throughput) · "
+      "[sustained rate](#highest-rate-with-p99-under-1-ms) · [handshakes](#handshakes) · [churn](#connection-churn) · [bulk](#bulk-throughput) · [two-way bulk](#two-way-bulk-throughput) · "
       "[CPU](#cpu-per-million-messages-and-per-gib) · [idle tunnels](#idle-tunnels-memory-and-the-largest-count) · "
       "[drift](#drift-of-the-shared-machine) · [known problems](#known-problems)")
     w("")
@@ -304,6 +304,9 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       f"{meta.get('bulk_d')}) to the discard backend, through 1 and through 8 connections; routers through their tcp listener "
       "(upsplice `protocol = \"tcp\"`, HAProxy `mode tcp`, nginx `stream`). Upgraded WebSocket tunnels use the same data plane "
       "in upsplice; the tcp listener just skips the HTTP handshake.")
+    w(f"4b. **Two-way bulk**: raw TCP through a raw TCP echo backend that stops reading while its write blocks, the client "
+      f"writing and reading at once (`tcp --mode bulk --direction both`), through 1 and through 8 connections, same sizes and "
+      f"durations as one-way bulk.")
     w("5. **CPU**: machine-wide busy time from `/proc/stat` (user+nice+system+irq+softirq+steal) over each generator run, minus "
       "the same workload run direct — sockmap and io_uring work runs in kernel threads and softirqs that are not charged to the "
       "router process — and the router's own utime+stime from `/proc/PID/stat` (nginx: master + workers).")
@@ -602,20 +605,9 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
                         + ("; the highest step was passed by the generator-limited direct run too" if hs_best.get("direct") and uh[0] >= hs_best.get("direct") else "")))
 
     # ---------------------------------------------------------------- bulk
-    w("## Bulk throughput")
-    w("")
-    w(f"Raw TCP, one way, {int(meta.get('bulk_chunk', 0)) // 1024} KiB writes, {meta.get('bulk_reps', '1')} repetitions of "
-      f"{meta.get('bulk_d')} each (the median counts), through the routers' tcp "
-      "listeners. *CPU per GiB* is machine-wide busy seconds per GiB moved, and *extra* the same minus direct's (the router's cost); "
-      "*router* is the router process alone.")
-    w("")
-    w("| router | tunnels | Gbit/s (median) | each repetition (Gbit/s) | vs direct | CPU per GiB (s, machine) | extra per GiB over direct (s) | router CPU per GiB (s) | gen (cores) | runs |")
-    w("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    bulk = {}
-
-    def bulk_agg(router, c):
+    def bulk_agg(router, c, workload):
         """Median throughput over the repetitions; CPU per GiB over all of them together."""
-        xs = [x for x in all_of(router, "bulk") if x["param"] == c and x["s"] and x["s"].get("throughput")]
+        xs = [x for x in all_of(router, workload) if x["param"] == c and x["s"] and x["s"].get("throughput")]
         if not xs:
             return None
         g = sorted((x["s"]["throughput"]["out_mbit_s"] + x["s"]["throughput"]["in_mbit_s"]) / 1000 for x in xs)
@@ -629,29 +621,49 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
         return dict(gbit=med, each=each, per=mcpu / (byts / GIB) if byts else None,
                     rper=rcpu / (byts / GIB) if byts and rcpu is not None else None, gen=gen, flags=" ".join(fl), n=len(xs))
 
-    for c in (1, 8):
-        d = bulk_agg("direct", c)
-        for r in routers:
-            a = bulk_agg(r, c)
-            if not a:
-                continue
-            dg = d["gbit"] if d else None
-            bulk[(r, c)] = (a["gbit"], dg)
-            w(f"| {r} | {c} | {a['gbit']:.2f} | {a['each']} | {ratio(a['gbit'], dg) if r != 'direct' else '–'} | {num(a['per'], 3)} | "
-              f"{num(a['per'] - d['per'], 3) if d and a['per'] is not None and d['per'] is not None and r != 'direct' else '–'} | "
-              f"{num(a['rper'], 3)} | {a['gen']:.2f} | {a['flags']} |")
-    w("")
-    for c in (1, 8):
-        cands = [(bulk[(r, c)][0] / bulk[(r, c)][1], r) for r in upsplices if (r, c) in bulk and bulk[(r, c)][1]]
-        if cands:
-            best = max(cands)
-            allr = ", ".join(f"{r.removeprefix('upsplice-')} {v:.2f}" for v, r in sorted(cands, reverse=True))
-            hb = bulk.get(("haproxy", c))
-            targets.append((f"Bulk throughput, {c} tunnel{'s' if c > 1 else ''}: ≥ 0.9 × direct", f"{best[0]:.2f} × direct ({best[1]})",
-                            "met" if best[0] >= 0.9 else "not met",
-                            f"per plane: {allr}" + (f"; HAProxy {hb[0] / hb[1]:.2f}" if hb and hb[1] else "")))
-        else:
-            targets.append((f"Bulk throughput, {c} tunnel{'s' if c > 1 else ''}: ≥ 0.9 × direct", "–", "could not be measured", "no run"))
+    def bulk_section(workload, title, what, target_name):
+        w(f"## {title}")
+        w("")
+        w(f"{what}, {int(meta.get('bulk_chunk', 0)) // 1024} KiB writes, {meta.get('bulk_reps', '1')} repetitions of "
+          f"{meta.get('bulk_d')} each (the median counts), through the routers' tcp "
+          "listeners. *CPU per GiB* is machine-wide busy seconds per GiB moved, and *extra* the same minus direct's (the router's cost); "
+          "*router* is the router process alone.")
+        w("")
+        w("| router | tunnels | Gbit/s (median) | each repetition (Gbit/s) | vs direct | vs HAProxy | CPU per GiB (s, machine) | extra per GiB over direct (s) | router CPU per GiB (s) | gen (cores) | runs |")
+        w("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        got = {}
+        for c in (1, 8):
+            d = bulk_agg("direct", c, workload)
+            h = bulk_agg("haproxy", c, workload)
+            for r in routers:
+                a = bulk_agg(r, c, workload)
+                if not a:
+                    continue
+                dg = d["gbit"] if d else None
+                got[(r, c)] = (a["gbit"], dg)
+                vs_h = ratio(a["gbit"], h["gbit"]) if h and r not in ("direct", "haproxy") else "–"
+                w(f"| {r} | {c} | {a['gbit']:.2f} | {a['each']} | {ratio(a['gbit'], dg) if r != 'direct' else '–'} | {vs_h} | {num(a['per'], 3)} | "
+                  f"{num(a['per'] - d['per'], 3) if d and a['per'] is not None and d['per'] is not None and r != 'direct' else '–'} | "
+                  f"{num(a['rper'], 3)} | {a['gen']:.2f} | {a['flags']} |")
+        w("")
+        for c in (1, 8):
+            cands = [(got[(r, c)][0] / got[(r, c)][1], r) for r in upsplices if (r, c) in got and got[(r, c)][1]]
+            name = f"{target_name}, {c} tunnel{'s' if c > 1 else ''}: ≥ 0.9 × direct"
+            if cands:
+                best = max(cands)
+                allr = ", ".join(f"{r.removeprefix('upsplice-')} {v:.2f}" for v, r in sorted(cands, reverse=True))
+                hb = got.get(("haproxy", c))
+                targets.append((name, f"{best[0]:.2f} × direct ({best[1]})", "met" if best[0] >= 0.9 else "not met",
+                                f"per plane: {allr}" + (f"; HAProxy {hb[0] / hb[1]:.2f}" if hb and hb[1] else "")))
+            else:
+                targets.append((name, "–", "could not be measured", "no run"))
+
+    bulk_section("bulk", "Bulk throughput", "Raw TCP, one way, to the discard backend", "Bulk throughput")
+    bulk_section("bulk2", "Two-way bulk throughput",
+                 "Raw TCP through a raw TCP echo backend (`upsplice-loadgen echo --mode tcp`, which stops reading while its "
+                 "write blocks), the client writing and reading at once with no cap on bytes in flight "
+                 "(`tcp --mode bulk --direction both`); Gbit/s counts both directions",
+                 "Two-way bulk throughput")
 
     # ---------------------------------------------------------------- CPU per message
     w("## CPU per million messages and per GiB")
