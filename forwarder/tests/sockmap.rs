@@ -180,11 +180,11 @@ fn close_wait_on(port: u16) -> usize {
         .count()
 }
 
-/// Where the plane can run, `auto` still does not pick it while a tunnel
-/// saturated both ways can stall through it; uring (or splice) leads, with
-/// the per-tunnel fallbacks behind it.
+/// Where the plane can run, `auto` still does not pick it (see
+/// `SOCKMAP_NOT_AUTO`); uring (or splice) leads, with the per-tunnel
+/// fallbacks behind it.
 #[test]
-fn auto_leaves_sockmap_out_while_two_way_bulk_can_stall() {
+fn auto_leaves_sockmap_out() {
     use upsplice::dataplane::{DataPlanes, Mode, AUTO_ORDER};
     assert!(!AUTO_ORDER.contains(&Mode::Sockmap));
     let planes = DataPlanes::start(&DataPlaneConfig::default()).unwrap();
@@ -959,4 +959,128 @@ async fn fifty_saturated_tunnels_stay_within_the_memory_bound() {
         stepped.iter().any(|l| l.contains("reset") && l.ends_with(" 0")),
         "no tunnel may be reset for stepping aside: {stepped:?}"
     );
+}
+
+/// Writes `seed`'s stream for `for_` as fast as `s` takes it, then FIN;
+/// returns (bytes, hash).
+/// `pace`: a pause after each write (a paced sender), or none.
+async fn send_for(
+    mut s: impl AsyncWriteExt + Unpin,
+    seed: u64,
+    for_: Duration,
+    pace: Option<Duration>,
+) -> (usize, [u8; 32]) {
+    let mut hash = Sha256::new();
+    let chunk = pattern(seed, 256 * 1024);
+    let deadline = Instant::now() + for_;
+    let (mut sent, mut at) = (0, 0);
+    // The stream is `chunk` repeated, whatever the write sizes.
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), s.write(&chunk[at..])).await {
+        hash.update(&chunk[at..at + n]);
+        sent += n;
+        at = (at + n) % chunk.len();
+        if let Some(pause) = pace {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    s.shutdown().await.expect("FIN");
+    (sent, hash.finalize().into())
+}
+
+/// The writer sends everything and its FIN while the reader stalls, so
+/// the tunnel steps aside with the FIN already queued behind the bytes;
+/// once the reader reads, every byte and then EOF arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stepping_aside_with_the_fin_queued_loses_nothing() {
+    let Some(plane) = shared_plane() else { return };
+    for round in 0..3u64 {
+        let (client_peer, backend_peer, t) = setup(b"", b"").await;
+        let relay = tokio::spawn(async move { relay(plane, t).await });
+        let (c_rd, c_wr) = client_peer.into_split();
+        let writer = tokio::spawn(send_for(c_wr, 400 + round, Duration::from_millis(700), None));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut backend_peer = backend_peer;
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut len = 0;
+        loop {
+            match timeout(Duration::from_secs(10), backend_peer.read(&mut buf)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => {
+                    hash.update(&buf[..n]);
+                    len += n;
+                }
+                Ok(Err(e)) => panic!("round {round}: read failed after {len} bytes: {e}"),
+                Err(_) => {
+                    let (sent, _) = writer.await.unwrap();
+                    panic!("round {round}: {len} of {sent} bytes arrived, then nothing for 10 s");
+                }
+            }
+        }
+        assert_eq!((len, <[u8; 32]>::from(hash.finalize())), writer.await.unwrap(), "round {round}");
+        drop(backend_peer);
+        drop(c_rd);
+        timeout(Duration::from_secs(10), relay).await.expect("tunnel ends").unwrap();
+    }
+}
+
+/// Four paced tunnels written for 1.5 s while their readers stall: without
+/// node-wide pressure each holds up to its own bound (16 MiB per direction
+/// here) before it steps aside; with a 16 MiB node-wide bound, once the sum
+/// passes it every tunnel steps aside at one budget (4 MiB), so the plane
+/// holds about the bound plus a budget per tunnel. Every byte arrives
+/// either way, and no tunnel is reset. (Against full-speed writers the
+/// plane's reaction time adds tens of MB per tunnel: README.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known defect, open in issue 11: with four paced tunnels whose readers stall, three start to \
+            step aside at 16 MiB and none completes once its reader reads (the follower direction never \
+            leaves ACTIVE); run with --ignored to reproduce"]
+async fn the_node_wide_bound_caps_what_tunnels_hold() {
+    let mut held_at = Vec::new();
+    for node_limit in [1u64 << 30, 16 * MIB as u64] {
+        let cfg = DataPlaneConfig {
+            sockmap_queue_limit: 16 * MIB as u64,
+            sockmap_node_limit: node_limit,
+            ..DataPlaneConfig::default()
+        };
+        let Some(plane) = plane_with(&cfg) else { return };
+        let plane = std::sync::Arc::new(plane);
+        let mut relays = Vec::new();
+        let mut ends = Vec::new();
+        for i in 0..4u64 {
+            let (client_peer, backend_peer, t) = setup(b"", b"").await;
+            let plane = plane.clone();
+            relays.push(tokio::spawn(async move { relay(&plane, t).await }));
+            let (c_rd, c_wr) = client_peer.into_split();
+            // Paced (at most 256 KiB per 12 ms, ~20 MB/s each), so what arrives
+            // while the plane reacts stays small next to the bounds tested.
+            let pace = Some(Duration::from_millis(12));
+            ends.push((tokio::spawn(send_for(c_wr, 300 + i, Duration::from_millis(1500), pace)), backend_peer, c_rd));
+        }
+        tokio::time::sleep(Duration::from_millis(1400)).await;
+        let (held, limit) = plane.held();
+        let (_, reset) = plane.step_asides();
+        eprintln!("node limit {} MiB: {} MiB held with every reader stalled", limit >> 20, held >> 20);
+        held_at.push(held);
+        assert_eq!(reset, 0);
+        for (writer, backend_peer, c_rd) in ends {
+            let (len, hash) = timeout(Duration::from_secs(60), recv(backend_peer)).await.expect("all bytes arrive");
+            assert_eq!((len, hash), writer.await.unwrap());
+            drop(c_rd);
+        }
+        for r in relays {
+            timeout(Duration::from_secs(10), r).await.expect("tunnel ends").unwrap();
+        }
+        assert_eq!(plane.step_asides().1, 0, "no tunnel may be reset");
+    }
+    // One budget (4 MiB) per tunnel past the bound, and a budget per
+    // tunnel more for what arrives before the plane reacts.
+    let bound = 16 * MIB as u64 + 2 * 4 * 4 * MIB as u64;
+    assert!(
+        held_at[1] <= bound,
+        "with a 16 MiB node-wide bound the plane held {} MiB (bound {} MiB)",
+        held_at[1] >> 20,
+        bound >> 20
+    );
+    assert!(held_at[1] < held_at[0], "the node-wide bound changed nothing: {held_at:?}");
 }

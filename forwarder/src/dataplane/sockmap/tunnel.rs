@@ -143,11 +143,15 @@ impl Limits {
 pub struct NodeHeld {
     pub total: AtomicU64,
     pub limit: u64,
+    /// Woken when `total` crosses above `limit`: every tunnel checks itself
+    /// against the lower threshold then (a stalled one would not wake by
+    /// itself: no byte moves).
+    crossed: tokio::sync::Notify,
 }
 
 impl NodeHeld {
     pub fn new(limit: u64) -> NodeHeld {
-        NodeHeld { total: AtomicU64::new(0), limit }
+        NodeHeld { total: AtomicU64::new(0), limit, crossed: tokio::sync::Notify::new() }
     }
 
     fn over(&self) -> bool {
@@ -165,7 +169,11 @@ impl HeldShare<'_> {
     fn set(&mut self, side: usize, held: u64) {
         let old = std::mem::replace(&mut self.reported[side], held);
         if held > old {
-            self.node.total.fetch_add(held - old, Ordering::Relaxed);
+            let before = self.node.total.fetch_add(held - old, Ordering::Relaxed);
+            let limit = self.node.limit;
+            if before <= limit && before + (held - old) > limit {
+                self.node.crossed.notify_waiters();
+            }
         } else if old > held {
             self.node.total.fetch_sub(old - held, Ordering::Relaxed);
         }
@@ -941,6 +949,7 @@ impl Watch<'_> {
             tokio::select! {
                 biased;
                 _ = self.drain.cancelled() => return Ended::Closed(CloseReason::Drain),
+                _ = self.node.crossed.notified() => tick = TICK_MIN,
                 _ = self.signal.notify.notified() => {
                     for side in 0..2 {
                         let bits = self.signal.take(side);
