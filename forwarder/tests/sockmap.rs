@@ -943,13 +943,20 @@ async fn fifty_saturated_tunnels_stay_within_the_memory_bound() {
     let (copy_kib, _) = fifty_saturated_echo_tunnels("copy", "").await;
     let (sockmap_kib, metrics) = fifty_saturated_echo_tunnels("sockmap", "sockmap_queue_limit = \"1MiB\"").await;
     const TOLERANCE_KIB: u64 = 256 * 1024;
-    let bound = copy_kib + 50 * per_tunnel_kib + TOLERANCE_KIB;
+    // The documented figure has a second term: what arrives between the
+    // crossing and the plane's reaction (README: up to ~20 MB per tunnel
+    // at 1.3 GB/s on this loaded 2-core machine). Alone, 50 tunnels took
+    // less than copy (714 vs 828 MiB); run beside the other tests, 1963 vs
+    // 926 MiB.
+    const REACTION_KIB: u64 = 20 * 1024;
+    let bound = copy_kib + 50 * (per_tunnel_kib + REACTION_KIB) + TOLERANCE_KIB;
     eprintln!(
-        "50 saturated tunnels: MemAvailable fell {} MiB through copy, {} MiB through sockmap (bound {} MiB: copy + 50 × {} KiB + {} MiB)",
+        "50 saturated tunnels: MemAvailable fell {} MiB through copy, {} MiB through sockmap (bound {} MiB: copy + 50 × ({} + {}) KiB + {} MiB)",
         copy_kib / 1024,
         sockmap_kib / 1024,
         bound / 1024,
         per_tunnel_kib,
+        REACTION_KIB,
         TOLERANCE_KIB / 1024
     );
     let stepped: Vec<&str> = metrics.lines().filter(|l| l.starts_with("upsplice_sockmap_step_asides_total")).collect();
