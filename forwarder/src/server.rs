@@ -77,6 +77,11 @@ impl Drop for ActiveGuard {
 
 /// Runs the router until SIGTERM/SIGINT and the drain are over.
 pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    // Handlers first: once /healthz answers, a SIGHUP or SIGTERM must reach
+    // them, never the default action (SIGHUP's is to kill the process).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let planes = Arc::new(DataPlanes::start(&config.data_plane).map_err(anyhow::Error::msg)?);
     tracing::info!(data_plane = %planes.mode(), "data plane ready (fallbacks: {})",
         planes.planes().iter().skip(1).map(|p| p.mode().as_str()).collect::<Vec<_>>().join(", "));
@@ -118,9 +123,6 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         tokio::spawn(crate::admin::serve(admin, shared.clone()));
     }
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = term.recv() => break,

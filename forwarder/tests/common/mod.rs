@@ -121,10 +121,25 @@ impl Router {
 
     /// Waits (bounded) until the router's log contains `needle`.
     pub fn wait_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(10);
         while !self.log().contains(needle) {
-            assert!(Instant::now() < deadline, "log never contained {needle:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "log never contained {needle:?} (router process {}):\n{}",
+                self.liveness(),
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the router process still runs, from /proc (an exited child
+    /// that was not yet waited for is a zombie), for failure messages.
+    fn liveness(&self) -> &'static str {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) {
+            Ok(stat) if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) => "has exited",
+            Ok(_) => "still runs",
+            Err(_) => "is gone",
         }
     }
 
