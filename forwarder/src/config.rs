@@ -11,16 +11,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
-use crate::dataplane::Mode;
+use crate::dataplane;
+use crate::units::{de_duration, de_size_usize};
 
 /// A validated configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
-    pub data_plane: DataPlaneConfig,
+    pub data_plane: dataplane::Settings,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -31,53 +32,6 @@ pub struct Config {
     pub pools: Vec<Pool>,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataPlaneConfig {
-    pub mode: Mode,
-    /// Size of each splice pipe (rounded by the kernel to a power of two pages).
-    #[serde(deserialize_with = "de_opt_size")]
-    pub pipe_size: Option<u64>,
-    /// Most pipe pairs the splice plane keeps open at once; past it, copy.
-    pub max_pipes: usize,
-    /// Userspace buffer of the copy plane, per direction, taken only while
-    /// bytes are in flight.
-    #[serde(deserialize_with = "de_size")]
-    pub copy_buffer: u64,
-    /// io_uring workers (0 = one per core).
-    pub uring_workers: usize,
-    /// Size of each buffer in a uring worker's shared pool (16MiB per
-    /// worker); a tunnel direction holds at most about two while its reader
-    /// is slow, none while idle.
-    #[serde(deserialize_with = "de_size")]
-    pub uring_buffer: u64,
-    /// sockmap: most bytes one direction of a tunnel may have in the kernel
-    /// (redirected but not yet acknowledged by the reader) before the
-    /// tunnel steps aside to the next plane.
-    #[serde(deserialize_with = "de_size")]
-    pub sockmap_queue_limit: u64,
-    /// sockmap: most bytes all tunnels together may hold in the kernel and
-    /// in the plane's buffers; past it, tunnels step aside at a quarter of
-    /// `sockmap_queue_limit`.
-    #[serde(deserialize_with = "de_size")]
-    pub sockmap_node_limit: u64,
-}
-
-impl Default for DataPlaneConfig {
-    fn default() -> Self {
-        DataPlaneConfig {
-            mode: Mode::Auto,
-            pipe_size: None,
-            max_pipes: 16384,
-            copy_buffer: 64 * 1024,
-            uring_workers: 0,
-            uring_buffer: 128 * 1024,
-            sockmap_queue_limit: 4 * 1024 * 1024,
-            sockmap_node_limit: 1024 * 1024 * 1024,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -236,21 +190,7 @@ impl Config {
                 return Err((format!("limits.{name}"), "must be longer than 0".into()));
             }
         }
-        if let Some(size) = self.data_plane.pipe_size {
-            if !(4096..=1 << 30).contains(&size) {
-                return Err(("data_plane.pipe_size".into(), "must be between 4KiB and 1GiB".into()));
-            }
-        }
-        if !(1024..=1 << 26).contains(&self.data_plane.copy_buffer) {
-            return Err(("data_plane.copy_buffer".into(), "must be between 1KiB and 64MiB".into()));
-        }
-        if self.data_plane.sockmap_node_limit < self.data_plane.sockmap_queue_limit {
-            return Err(("data_plane.sockmap_node_limit".into(), "must be at least sockmap_queue_limit".into()));
-        }
-        let ub = self.data_plane.uring_buffer;
-        if !(4096..=1 << 20).contains(&ub) || !ub.is_power_of_two() {
-            return Err(("data_plane.uring_buffer".into(), "must be a power of two between 4KiB and 1MiB".into()));
-        }
+        self.data_plane.validate().map_err(|(field, m)| (format!("data_plane.{field}"), m))?;
 
         let mut pools = HashMap::new();
         for (i, p) in self.pools.iter().enumerate() {
@@ -320,7 +260,7 @@ impl Config {
 
         let mut route_keys = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
-            crate::route::validate_host(&r.host).map_err(|m| (format!("route[{i}].host"), m))?;
+            validate_host(&r.host).map_err(|m| (format!("route[{i}].host"), m))?;
             if let Some(path) = &r.path {
                 if !path.starts_with('/') {
                     return Err((format!("route[{i}].path"), format!("{path:?} must start with '/'")));
@@ -334,7 +274,7 @@ impl Config {
                     return Err((format!("route[{i}].route_service"), format!("{rs:?} is not an http(s) URL")));
                 }
             }
-            let key = (r.host.to_ascii_lowercase(), crate::route::normalize_prefix(r.path.as_deref()));
+            let key = (r.host.to_ascii_lowercase(), crate::path::normalize_prefix(r.path.as_deref()));
             if !route_keys.insert(key) {
                 return Err((
                     format!("route[{i}]"),
@@ -397,39 +337,24 @@ impl Config {
     }
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration ({e}); use e.g. \"5s\" or \"250ms\"")))
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SizeRepr {
-    Int(u64),
-    Text(String),
-}
-
-fn parse_size<E: serde::de::Error>(r: SizeRepr) -> Result<u64, E> {
-    match r {
-        SizeRepr::Int(n) => Ok(n),
-        SizeRepr::Text(s) => s
-            .parse::<bytesize::ByteSize>()
-            .map(|b| b.as_u64())
-            .map_err(|e| E::custom(format!("{s:?} is not a size ({e}); use e.g. 16384 or \"256KiB\""))),
+/// Checks a configured route host: a DNS name, or `*.` followed by one.
+fn validate_host(host: &str) -> Result<(), String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if name.is_empty() {
+        return Err("must not be empty".into());
     }
-}
-
-fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    parse_size(SizeRepr::deserialize(d)?)
-}
-
-fn de_size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    de_size(d).and_then(|n| usize::try_from(n).map_err(serde::de::Error::custom))
-}
-
-fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    de_size(d).map(Some)
+    if name.contains('*') {
+        return Err(format!("{host:?}: a wildcard is only allowed as the whole first label (\"*.example.com\")"));
+    }
+    let ok = name.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    if !ok || name.len() > 253 {
+        return Err(format!("{host:?} is not a host name"));
+    }
+    Ok(())
 }
 
 /// The built-in configuration used by `upsplice demo` and `run` without
@@ -439,6 +364,7 @@ pub const DEMO_CONFIG: &str = include_str!("../demo.toml");
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::Mode;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("t.toml"), text)

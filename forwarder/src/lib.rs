@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod path;
 pub mod route;
 pub mod server;
+pub mod units;
 pub mod upstream;

@@ -55,6 +55,16 @@ pub fn normalize(target: &str) -> Result<String, PathError> {
     Ok(remove_dot_segments(&decoded))
 }
 
+/// A configured path prefix, normalised as request paths are, without its
+/// trailing slash ("/" and none → "").
+pub fn normalize_prefix(path: Option<&str>) -> String {
+    let path = path.unwrap_or("");
+    // A prefix that does not normalise (a bad escape) can match nothing
+    // that does; kept as written, it matches nothing, as it should.
+    let normal = normalize(path).unwrap_or_else(|_| path.to_string());
+    normal.trim_end_matches('/').to_string()
+}
+
 /// Decodes escapes of unreserved characters; upper-cases the others.
 fn decode_unreserved(path: &str) -> Result<String, PathError> {
     let bytes = path.as_bytes();

@@ -54,7 +54,7 @@ impl Router {
         let mut wildcard: HashMap<String, Entries> = HashMap::new();
         for r in &config.routes {
             let host = r.host.to_ascii_lowercase();
-            let prefix = normalize_prefix(r.path.as_deref());
+            let prefix = crate::path::normalize_prefix(r.path.as_deref());
             let target = RouteTarget {
                 pool: pool_index[r.pool.as_str()],
                 name: format!("{}{}", host, r.path.as_deref().unwrap_or("")).into(),
@@ -100,16 +100,6 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
-/// A configured path prefix, normalised as request paths are, without its
-/// trailing slash ("/" and none → "").
-pub fn normalize_prefix(path: Option<&str>) -> String {
-    let path = path.unwrap_or("");
-    // A prefix that does not normalise (a bad escape) can match nothing
-    // that does; kept as written, it matches nothing, as it should.
-    let normal = crate::path::normalize(path).unwrap_or_else(|_| path.to_string());
-    normal.trim_end_matches('/').to_string()
-}
-
 /// Does `prefix` (normalized) match `path` on a segment boundary?
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     if prefix.is_empty() {
@@ -119,26 +109,6 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
         Some(rest) => rest.is_empty() || rest.starts_with(['/', '?', '#']),
         None => false,
     }
-}
-
-/// Checks a configured route host: a DNS name, or `*.` followed by one.
-pub fn validate_host(host: &str) -> Result<(), String> {
-    let name = host.strip_prefix("*.").unwrap_or(host);
-    if name.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if name.contains('*') {
-        return Err(format!("{host:?}: a wildcard is only allowed as the whole first label (\"*.example.com\")"));
-    }
-    let ok = name.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    });
-    if !ok || name.len() > 253 {
-        return Err(format!("{host:?} is not a host name"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

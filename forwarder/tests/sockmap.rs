@@ -19,14 +19,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use upsplice::config::DataPlaneConfig;
 use upsplice::dataplane::copy::CopyPlane;
 use upsplice::dataplane::sockmap::{self, SockmapPlane};
+use upsplice::dataplane::Settings;
 use upsplice::dataplane::{CloseReason, Mode, Outcome, Tunnel};
 
 const MIB: usize = 1024 * 1024;
 
-fn plane_with(cfg: &DataPlaneConfig) -> Option<SockmapPlane> {
+fn plane_with(cfg: &Settings) -> Option<SockmapPlane> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -35,12 +35,12 @@ fn plane_with(cfg: &DataPlaneConfig) -> Option<SockmapPlane> {
         eprintln!("SKIPPED: sockmap unavailable: {why}");
         return None;
     }
-    let cfg = DataPlaneConfig { mode: Mode::Sockmap, ..cfg.clone() };
+    let cfg = Settings { mode: Mode::Sockmap, ..cfg.clone() };
     Some(SockmapPlane::new(&cfg).expect("sockmap plane starts"))
 }
 
 fn plane() -> Option<SockmapPlane> {
-    plane_with(&DataPlaneConfig::default())
+    plane_with(&Settings::default())
 }
 
 /// A connected loopback pair: (the far end a test drives, the end a tunnel holds).
@@ -158,7 +158,7 @@ async fn relay_parts(plane: &SockmapPlane, t: Tunnel) -> (Outcome, (u64, u64)) {
         Ok(outcome) => (outcome, (outcome.to_backend, outcome.to_client)),
         Err(rejected) => {
             eprintln!("sockmap handed the tunnel on: {}", rejected.reason);
-            let copy = CopyPlane::new(&DataPlaneConfig::default());
+            let copy = CopyPlane::new(&Settings::default());
             let mut outcome = copy.relay(rejected.tunnel).await;
             outcome.to_backend += rejected.relayed.0;
             outcome.to_client += rejected.relayed.1;
@@ -187,7 +187,7 @@ fn close_wait_on(port: u16) -> usize {
 fn auto_leaves_sockmap_out() {
     use upsplice::dataplane::{DataPlanes, Mode, AUTO_ORDER};
     assert!(!AUTO_ORDER.contains(&Mode::Sockmap));
-    let planes = DataPlanes::start(&DataPlaneConfig::default()).unwrap();
+    let planes = DataPlanes::start(&Settings::default()).unwrap();
     assert_ne!(planes.mode(), Mode::Sockmap);
 }
 
@@ -483,7 +483,7 @@ async fn socket_that_got_fin_is_rejected_untouched_and_falls_back() {
     let t = rejected.tunnel;
     assert_eq!(&t.to_backend[..], b"pipelined");
     assert_eq!(&t.to_client[..], b"tail");
-    let copy = CopyPlane::new(&DataPlaneConfig::default());
+    let copy = CopyPlane::new(&Settings::default());
     let backend_side = async {
         let mut got = Vec::new();
         backend_peer.read_to_end(&mut got).await.unwrap();
@@ -527,7 +527,7 @@ fn mem_available_kib() -> u64 {
 /// the kernel; once the backend reads, every byte arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_is_bounded_and_resumes() {
-    let cfg = DataPlaneConfig { sockmap_queue_limit: 4 * MIB as u64, ..DataPlaneConfig::default() };
+    let cfg = Settings { sockmap_queue_limit: 4 * MIB as u64, ..Settings::default() };
     let Some(plane) = plane_with(&cfg) else {
         return;
     };
@@ -792,10 +792,10 @@ async fn sustained_backpressure_keeps_every_byte_once() {
 #[ignore = "measurement; run explicitly in a release build"]
 async fn measure_bulk_throughput_and_cpu() {
     let limit_mib: u64 = std::env::var("UPSPLICE_BENCH_LIMIT_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
-    let cfg = DataPlaneConfig { sockmap_queue_limit: limit_mib << 20, ..DataPlaneConfig::default() };
+    let cfg = Settings { sockmap_queue_limit: limit_mib << 20, ..Settings::default() };
     let Some(plane) = plane_with(&cfg) else { return };
     let len: usize = std::env::var("UPSPLICE_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048) * MIB;
-    let copy = CopyPlane::new(&DataPlaneConfig::default());
+    let copy = CopyPlane::new(&Settings::default());
     let gib = len as f64 / (1u64 << 30) as f64;
     for round in 0..3 {
         let (far, near) = pair().await;
@@ -939,7 +939,7 @@ async fn fifty_saturated_echo_tunnels(mode: &str, extra: &str) -> (u64, String) 
 /// tunnel alone pinned 52 MB in one socket's receive queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_saturated_tunnels_stay_within_the_memory_bound() {
-    let cfg = DataPlaneConfig { sockmap_queue_limit: MIB as u64, ..DataPlaneConfig::default() };
+    let cfg = Settings { sockmap_queue_limit: MIB as u64, ..Settings::default() };
     let Some(plane) = plane_with(&cfg) else { return };
     let per_tunnel_kib = plane.per_tunnel_bound() / 1024;
     drop(plane);
@@ -1048,11 +1048,8 @@ async fn stepping_aside_with_the_fin_queued_loses_nothing() {
 async fn the_node_wide_bound_caps_what_tunnels_hold() {
     let mut held_at = Vec::new();
     for node_limit in [1u64 << 30, 16 * MIB as u64] {
-        let cfg = DataPlaneConfig {
-            sockmap_queue_limit: 16 * MIB as u64,
-            sockmap_node_limit: node_limit,
-            ..DataPlaneConfig::default()
-        };
+        let cfg =
+            Settings { sockmap_queue_limit: 16 * MIB as u64, sockmap_node_limit: node_limit, ..Settings::default() };
         let Some(plane) = plane_with(&cfg) else { return };
         let plane = std::sync::Arc::new(plane);
         let mut relays = Vec::new();

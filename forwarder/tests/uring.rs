@@ -19,8 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use upsplice::config::DataPlaneConfig;
 use upsplice::dataplane::uring::{self, UringPlane};
+use upsplice::dataplane::Settings;
 use upsplice::dataplane::{CloseReason, Outcome, Tunnel};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -48,7 +48,7 @@ where
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
-        let cfg = DataPlaneConfig { uring_workers: workers, ..DataPlaneConfig::default() };
+        let cfg = Settings { uring_workers: workers, ..Settings::default() };
         let plane = UringPlane::new(&cfg).expect("uring plane starts");
         tokio::time::timeout(limit, f(plane)).await.expect("test finished in time");
     });
@@ -761,10 +761,10 @@ fn bench_bulk_throughput() {
     let mib: usize = std::env::var("UPSPLICE_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
     let rounds: usize = std::env::var("UPSPLICE_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     run(Duration::from_secs(600), |plane| async move {
-        let copy = CopyPlane::new(&DataPlaneConfig::default());
+        let copy = CopyPlane::new(&Settings::default());
         let total = mib * MIB;
         let with_buffer = |size: u64| {
-            UringPlane::new(&DataPlaneConfig { uring_workers: 2, uring_buffer: size, ..DataPlaneConfig::default() })
+            UringPlane::new(&Settings { uring_workers: 2, uring_buffer: size, ..Settings::default() })
                 .expect("uring plane")
         };
         let (p64, p256) = (with_buffer(64 << 10), with_buffer(256 << 10));
@@ -820,7 +820,7 @@ fn bench_bulk_throughput() {
         println!(
             "bulk: {mib} MiB one way per run, {rounds} rounds, 256 KiB writes; \
              uring = default {} KiB buffers",
-            DataPlaneConfig::default().uring_buffer / 1024
+            Settings::default().uring_buffer / 1024
         );
         for (name, runs) in &results {
             let mut secs: Vec<f64> = runs.iter().map(|r| r.0).collect();
@@ -852,7 +852,7 @@ fn bench_many_small_messages() {
     let trips: usize = std::env::var("UPSPLICE_BENCH_TRIPS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
     run(Duration::from_secs(600), |plane| async move {
         let plane = std::sync::Arc::new(plane);
-        let copy = std::sync::Arc::new(CopyPlane::new(&DataPlaneConfig::default()));
+        let copy = std::sync::Arc::new(CopyPlane::new(&Settings::default()));
         println!("small messages: {tunnels} tunnels x {trips} round trips of 64 bytes");
         for round in 0..2 {
             for mode in ["copy", "uring"] {

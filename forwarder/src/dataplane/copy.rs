@@ -9,8 +9,8 @@
 use std::sync::Mutex;
 
 use super::pair::{self, Resources};
+use super::Settings;
 use super::{ByteCounters, Outcome, Tunnel};
-use crate::config::DataPlaneConfig;
 
 /// Buffers kept for reuse at most; more in flight are allocated and freed.
 const POOL_KEEP: usize = 256;
@@ -45,7 +45,7 @@ pub struct CopyPlane {
 }
 
 impl CopyPlane {
-    pub fn new(cfg: &DataPlaneConfig) -> CopyPlane {
+    pub fn new(cfg: &Settings) -> CopyPlane {
         CopyPlane { buffers: BufferPool::new(cfg.copy_buffer as usize), counters: ByteCounters::default() }
     }
 

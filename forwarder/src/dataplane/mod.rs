@@ -24,6 +24,7 @@
 pub mod copy;
 pub mod pair;
 pub mod selftest;
+pub mod settings;
 pub mod sockmap;
 pub mod splice;
 pub mod uring;
@@ -39,7 +40,7 @@ use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DataPlaneConfig;
+pub use self::settings::Settings;
 
 /// The data plane chosen in the config (`[data_plane] mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -216,7 +217,7 @@ impl Plane {
     /// Starts the plane `mode` and has it pass its self-test on this
     /// kernel; fails with the reason (probe, resources or a failed check).
     /// Returns the plane and what its self-test passed.
-    fn build(mode: Mode, cfg: &DataPlaneConfig) -> Result<(Plane, String), String> {
+    fn build(mode: Mode, cfg: &Settings) -> Result<(Plane, String), String> {
         Ok(match mode {
             Mode::Copy => {
                 // Plain read/write: no kernel feature to prove; `upsplice
@@ -261,7 +262,7 @@ pub enum PlaneCheck {
 
 /// Starts each plane in turn and runs its self-test (for `upsplice check`).
 /// Copy, which `run` starts without one, runs the same checks here.
-pub fn check_all(cfg: &DataPlaneConfig) -> Vec<(Mode, PlaneCheck)> {
+pub fn check_all(cfg: &Settings) -> Vec<(Mode, PlaneCheck)> {
     probe_all()
         .into_iter()
         .map(|(mode, probed)| {
@@ -325,7 +326,7 @@ impl DataPlanes {
     /// Builds the plane `cfg.mode` asks for. `auto` takes the first of
     /// [`AUTO_ORDER`] that starts and logs why the ones before it did not;
     /// an explicit mode that cannot start is an error naming the reason.
-    pub fn start(cfg: &DataPlaneConfig) -> Result<DataPlanes, String> {
+    pub fn start(cfg: &Settings) -> Result<DataPlanes, String> {
         let primary = match cfg.mode {
             Mode::Auto => {
                 if sockmap::probe().is_ok() {
@@ -437,7 +438,7 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             drain: CancellationToken::new(),
         };
-        let plane = Plane::Copy(copy::CopyPlane::new(&DataPlaneConfig::default()));
+        let plane = Plane::Copy(copy::CopyPlane::new(&Settings::default()));
         let planes = DataPlanes { chain: vec![plane] };
         let relay = planes.relay(t);
         // The tunnel moved in (it is given back on refusal) and a box.

@@ -361,14 +361,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DataPlaneConfig;
     use crate::dataplane::copy::CopyPlane;
+    use crate::dataplane::Settings;
 
     /// The copy plane (userspace, no kernel subtleties) passes every check:
     /// the checks themselves are right.
     #[test]
     fn the_copy_plane_passes_every_check() {
-        let plane = CopyPlane::new(&DataPlaneConfig::default());
+        let plane = CopyPlane::new(&Settings::default());
         let report = run_blocking(|t| async { Ok(plane.relay(t).await) });
         assert!(report.passed(), "{report}");
         assert_eq!(report.checks.len(), 5);

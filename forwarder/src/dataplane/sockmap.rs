@@ -50,8 +50,8 @@ use tokio_util::sync::CancellationToken;
 
 use self::kernel::{Kernel, DIR_TO_BACKEND, DIR_TO_CLIENT, STATS_FAILED, STATS_TRIMMED};
 use self::tunnel::{Limits, NodeHeld, Shared, StepAsides, UserBytes};
+use super::Settings;
 use super::{CloseReason, Outcome, Rejected, Tunnel};
-use crate::config::DataPlaneConfig;
 
 /// Sockets the maps hold at most (two per tunnel).
 const MAX_SOCKETS: u32 = 65_536;
@@ -120,7 +120,7 @@ pub struct SockmapPlane {
 
 impl SockmapPlane {
     /// Loads and attaches the program, then runs the self-test.
-    pub fn new(cfg: &DataPlaneConfig) -> Result<Self, String> {
+    pub fn new(cfg: &Settings) -> Result<Self, String> {
         probe()?;
         let kernel = Box::new(Kernel::load(object()?, MAX_SOCKETS)?);
         let limits = Limits::new(cfg.sockmap_queue_limit, tcp_rmem_max());
@@ -303,7 +303,7 @@ mod tests {
             eprintln!("SKIPPED: sockmap unavailable: {why}");
             return;
         }
-        let plane = SockmapPlane::new(&DataPlaneConfig::default()).expect("sockmap plane starts");
+        let plane = SockmapPlane::new(&Settings::default()).expect("sockmap plane starts");
         let (mut client_peer, client) = loopback_pair().await.unwrap();
         let (mut backend_peer, backend) = loopback_pair().await.unwrap();
         let client_cookie = sys::cookie(client.as_raw_fd()).unwrap();

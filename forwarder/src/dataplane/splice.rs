@@ -20,8 +20,8 @@ use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 
 use super::copy::BufferPool;
 use super::pair::{self, Resources};
+use super::Settings;
 use super::{ByteCounters, Outcome, Rejected, Tunnel};
-use crate::config::DataPlaneConfig;
 
 /// Empty pipes kept open for reuse; beyond it a returned pipe is closed.
 const KEEP_IDLE_PIPES: usize = 256;
@@ -125,7 +125,7 @@ pub struct SplicePlane {
 }
 
 impl SplicePlane {
-    pub fn new(cfg: &DataPlaneConfig) -> Result<SplicePlane, String> {
+    pub fn new(cfg: &Settings) -> Result<SplicePlane, String> {
         probe()?;
         // Open one pipe of the configured size now so a bad size fails at start.
         Pipe::new(cfg.pipe_size).map_err(|e| format!("a pipe of data_plane.pipe_size: {e}"))?;

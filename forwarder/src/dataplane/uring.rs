@@ -43,8 +43,8 @@ use std::thread::JoinHandle;
 use io_uring::{opcode, IoUring};
 use tokio::sync::oneshot;
 
+use super::Settings;
 use super::{selftest, ByteCounters, CloseReason, Outcome, Rejected, Tunnel};
-use crate::config::DataPlaneConfig;
 use worker::{Cmd, Job, Shared, Sizing, Worker};
 
 /// Bytes of pool buffers per worker (mapped once, touched only as used,
@@ -256,7 +256,7 @@ pub struct UringPlane {
 impl UringPlane {
     /// Starts `cfg.uring_workers` workers (0: one per core), each with its
     /// own ring and buffer pool; fails with the reason if any cannot start.
-    pub fn new(cfg: &DataPlaneConfig) -> Result<Self, String> {
+    pub fn new(cfg: &Settings) -> Result<Self, String> {
         let features = probe_features()?;
         let n = match cfg.uring_workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
