@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::handshake::head;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Admin requests are tiny; anything bigger or slower is dropped.
 const MAX_HEAD: usize = 8192;

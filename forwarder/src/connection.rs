@@ -1,73 +1,23 @@
-//! One accepted connection: its access-log record, the tcp-listener path,
-//! and the hand-off of a connection pair to the data planes.
+//! One accepted connection, from accept to its access-log line: an http
+//! listener's handshake or a tcp listener's connect, then the hand-off of
+//! the connection pair to the data planes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::access::AccessRecord;
 use crate::config::Protocol;
-use crate::dataplane::{Mode, Tunnel};
+use crate::dataplane::Tunnel;
+use crate::handshake::answer::{linger_close, Refusal};
+use crate::handshake::{self, Plan};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::upstream::{BackendGuard, ConnectError};
-
-/// What the access log says about a connection when it ends.
-#[derive(Debug)]
-pub struct AccessRecord {
-    pub peer: SocketAddr,
-    pub listener: Arc<str>,
-    pub host: Option<String>,
-    pub route: Option<Arc<str>>,
-    pub backend: Option<SocketAddr>,
-    /// The status answered (101 for tunnels); 0 when none was seen (tcp
-    /// listeners, a backend that never answered).
-    pub status: u16,
-    pub data_plane: Option<Mode>,
-    pub to_backend: u64,
-    pub to_client: u64,
-    pub started: Instant,
-    pub reason: &'static str,
-}
-
-impl AccessRecord {
-    pub fn new(peer: SocketAddr, listener: Arc<str>) -> AccessRecord {
-        AccessRecord {
-            peer,
-            listener,
-            host: None,
-            route: None,
-            backend: None,
-            status: 0,
-            data_plane: None,
-            to_backend: 0,
-            to_client: 0,
-            started: Instant::now(),
-            reason: "done",
-        }
-    }
-
-    /// Writes the access-log line (target `upsplice::access`).
-    pub fn log(&self) {
-        tracing::info!(
-            target: "upsplice::access",
-            client = %self.peer,
-            listener = %self.listener,
-            host = self.host.as_deref().unwrap_or("-"),
-            route = self.route.as_deref().unwrap_or("-"),
-            backend = %self.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
-            status = self.status,
-            data_plane = self.data_plane.map(Mode::as_str).unwrap_or("-"),
-            bytes_to_backend = self.to_backend,
-            bytes_to_client = self.to_client,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            close = self.reason,
-        );
-    }
-}
 
 /// A connection's view of the router: the shared state and its listener.
 pub struct Session {
@@ -86,7 +36,8 @@ impl Session {
             Protocol::Http => {
                 // Boxed, so the handshake's state is freed before the tunnel
                 // runs: only the (small) tunnel state stays for hours.
-                let plan = Box::pin(crate::handshake::serve(client, peer, &self, &mut rec)).await;
+                let snap = self.shared.snapshot();
+                let plan = Box::pin(handshake::serve(client, peer, snap, &self.listener, &mut rec)).await;
                 if let Some(plan) = plan {
                     self.tunnel(plan, &mut rec).await;
                 }
@@ -161,37 +112,11 @@ impl Session {
     }
 }
 
-/// A connection pair ready for a data plane, as the handshake leaves it.
-pub struct Plan {
-    pub client: TcpStream,
-    pub backend: TcpStream,
-    /// Bytes read from the client past its head.
-    pub to_backend: Bytes,
-    /// Bytes read from the backend past its response head.
-    pub to_client: Bytes,
-    /// The status the backend answered (101 for tunnels; 0 when not read).
-    pub status: u16,
-    /// Keeps the backend's active count up for least_conn.
-    pub guard: BackendGuard,
-}
-
-/// Closes a connection after the router's own answer so that the answer is
-/// not lost: shut the write side, then read and discard what the client
-/// still sends (bounded in bytes and time) before the socket is dropped.
-/// Dropping a socket with unread bytes sends RST, which can discard the
-/// answer in flight.
-pub async fn linger_close(client: &mut TcpStream) {
-    let _ = client.shutdown().await;
-    let drain = async {
-        // On the heap: an array here would sit in every connection's future.
-        let mut sink = vec![0u8; 4096];
-        let mut total = 0usize;
-        while total < 256 * 1024 {
-            match client.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+/// Answers a connection over `[limits] max_connections` with 503 and closes
+/// it, bounded in time.
+pub async fn refuse_over_limit(mut stream: TcpStream) {
+    let answer = Refusal::over_limit().render();
+    if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await {
+        linger_close(&mut stream).await;
+    }
 }

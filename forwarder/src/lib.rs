@@ -7,6 +7,7 @@
 //! [`server`] owns the lifecycle (accept, reload, drain), [`metrics`] and
 //! [`admin`] the observability.
 
+pub mod access;
 pub mod admin;
 pub mod config;
 pub mod connection;
@@ -16,5 +17,6 @@ pub mod metrics;
 pub mod path;
 pub mod route;
 pub mod server;
+pub mod state;
 pub mod units;
 pub mod upstream;

@@ -1,79 +1,24 @@
 //! The router's lifecycle: bind the listeners, accept with limits and
 //! back-off, reload on SIGHUP, drain on SIGTERM/SIGINT.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{self, Config, Protocol};
-use crate::connection::Session;
+use crate::config::{Config, Protocol};
+use crate::connection::{self, Session};
 use crate::dataplane::DataPlanes;
-use crate::handshake::answer::Refusal;
 use crate::metrics::{self, ListenerLabels};
-use crate::route::Router;
-use crate::upstream::Pool;
-
-/// The reloadable part of the router: config, routing table and pools.
-pub struct Snapshot {
-    pub config: Config,
-    pub router: Router,
-    pub pools: Vec<Arc<Pool>>,
-    pools_by_name: HashMap<String, usize>,
-}
-
-impl Snapshot {
-    pub fn new(config: Config) -> Snapshot {
-        let pools: Vec<Arc<Pool>> = config.pools.iter().map(|p| Arc::new(Pool::new(p))).collect();
-        let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
-        Snapshot { router: Router::new(&config), pools, pools_by_name, config }
-    }
-
-    /// The settings of the listener called `name` (listeners never change on reload).
-    pub fn listener(&self, name: &str) -> &config::Listener {
-        self.config.listeners.iter().find(|l| l.name == name).expect("listeners are fixed for the process's life")
-    }
-
-    pub fn pool_named(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools_by_name.get(name).map(|&i| &self.pools[i])
-    }
-}
-
-/// State shared by every connection.
-pub struct Shared {
-    snapshot: RwLock<Arc<Snapshot>>,
-    pub planes: Arc<DataPlanes>,
-    /// Fires at the drain deadline: every tunnel closes.
-    pub drain: CancellationToken,
-    /// True once SIGTERM arrived (`/healthz` answers 503).
-    pub draining: AtomicBool,
-    /// Connections open now, all listeners together.
-    active: AtomicUsize,
-}
-
-impl Shared {
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.read().expect("snapshot lock").clone()
-    }
-}
-
-/// Counts a connection in `Shared::active` while it lives.
-struct ActiveGuard(Arc<Shared>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+use crate::state::{Shared, Snapshot};
 
 /// Runs the router until SIGTERM/SIGINT and the drain are over.
 pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
@@ -98,13 +43,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         None => None,
     };
 
-    let shared = Arc::new(Shared {
-        snapshot: RwLock::new(Arc::new(Snapshot::new(config))),
-        planes,
-        drain: CancellationToken::new(),
-        draining: AtomicBool::new(false),
-        active: AtomicUsize::new(0),
-    });
+    let shared = Arc::new(Shared::new(config, planes));
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut accept_loops = Vec::new();
@@ -140,10 +79,10 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         let _ = l.await;
     }
     tracker.close();
-    let open = shared.active.load(Ordering::Relaxed);
+    let open = shared.active();
     tracing::info!(open, "draining: accepting no more; open connections may live {drain_timeout:?}");
     if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
-        tracing::info!(open = shared.active.load(Ordering::Relaxed), "drain timeout: closing open connections");
+        tracing::info!(open = shared.active(), "drain timeout: closing open connections");
         shared.drain.cancel();
         if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
             tracing::warn!("connections still open 5s after the drain deadline; exiting anyway");
@@ -195,15 +134,13 @@ async fn accept_loop(
         backoff = Duration::from_millis(5);
         metrics::get().accepted.get_or_create(&labels).inc();
         let max = shared.snapshot().config.limits.max_connections;
-        if shared.active.fetch_add(1, Ordering::Relaxed) >= max {
-            shared.active.fetch_sub(1, Ordering::Relaxed);
+        let Some(guard) = shared.admit(max) else {
             metrics::get().rejected_over_limit.get_or_create(&labels).inc();
             if protocol == Protocol::Http {
-                tracker.spawn(answer_over_limit(stream));
+                tracker.spawn(connection::refuse_over_limit(stream));
             }
             continue;
-        }
-        let guard = ActiveGuard(shared.clone());
+        };
         let session = Session { shared: shared.clone(), listener: name.clone() };
         tracker.spawn(async move {
             session.serve(stream, peer, protocol).await;
@@ -216,14 +153,6 @@ fn is_transient(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM))
 }
 
-async fn answer_over_limit(mut stream: TcpStream) {
-    use tokio::io::AsyncWriteExt;
-    let answer = Refusal::over_limit().render();
-    if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await {
-        crate::connection::linger_close(&mut stream).await;
-    }
-}
-
 /// Re-reads the config file; a bad one is logged and the old one stays.
 fn reload(shared: &Shared, path: Option<&Path>) {
     let Some(path) = path else {
@@ -234,7 +163,7 @@ fn reload(shared: &Shared, path: Option<&Path>) {
         Ok(config) => {
             let routes = config.routes.len();
             let pools = config.pools.len();
-            *shared.snapshot.write().expect("snapshot lock") = Arc::new(Snapshot::new(config));
+            shared.replace(Snapshot::new(config));
             tracing::info!(routes, pools, "SIGHUP: reloaded {}", path.display());
         }
         Err(e) => tracing::error!("SIGHUP: reload rejected, keeping the running config: {e:#}"),

@@ -3,6 +3,9 @@
 //! gorouter's `X-Cf-Routererror` header where gorouter sets one.
 
 use std::fmt;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// An answer the router gives instead of forwarding the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +124,27 @@ fn status_text(status: u16) -> &'static str {
         505 => "HTTP Version Not Supported",
         _ => "Error",
     }
+}
+
+/// Closes a connection after the router's own answer so that the answer is
+/// not lost: shut the write side, then read and discard what the client
+/// still sends (bounded in bytes and time) before the socket is dropped.
+/// Dropping a socket with unread bytes sends RST, which can discard the
+/// answer in flight.
+pub async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S) {
+    let _ = client.shutdown().await;
+    let drain = async {
+        // On the heap: an array here would sit in every connection's future.
+        let mut sink = vec![0u8; 4096];
+        let mut total = 0usize;
+        while total < 256 * 1024 {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 #[cfg(test)]

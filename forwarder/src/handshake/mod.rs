@@ -18,169 +18,223 @@ pub mod body;
 pub mod framing;
 pub mod head;
 pub mod rewrite;
+pub mod stream;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::connection::{AccessRecord, Plan, Session};
-use answer::Refusal;
+use crate::access::AccessRecord;
+use crate::state::Snapshot;
+use crate::upstream::{BackendGuard, ConnectError};
+use answer::{linger_close, Refusal};
 use body::BodyError;
 use head::{HeadError, ReadError};
 use rewrite::{Body, ClientInfo};
+pub use stream::ClientStream;
 
 /// Backend response heads may be larger than requests (cookies); this much
 /// is always allowed.
 const MIN_RESPONSE_HEAD: usize = 64 * 1024;
 
-/// Handles one connection of an http listener to its end.
-/// Returns the connection pair to relay, or None when the connection is
-/// done (answered, refused, or gone).
-pub async fn serve(mut client: TcpStream, peer: SocketAddr, session: &Session, rec: &mut AccessRecord) -> Option<Plan> {
-    let snap = session.shared.snapshot();
+/// A connection pair ready for a data plane, as the handshake leaves it.
+pub struct Plan<S = TcpStream> {
+    pub client: S,
+    pub backend: TcpStream,
+    /// Bytes read from the client past its head.
+    pub to_backend: Bytes,
+    /// Bytes read from the backend past its response head.
+    pub to_client: Bytes,
+    /// The status the backend answered (101 for tunnels; 0 when not read).
+    pub status: u16,
+    /// Keeps the backend's active count up for least_conn.
+    pub guard: BackendGuard,
+}
+
+/// Why a handshake ends without a tunnel; answered in one place
+/// ([`Stop::answer`]).
+#[derive(Debug)]
+pub enum Stop {
+    /// Nothing final reached the client: the router answers this and closes.
+    Refuse(Refusal),
+    /// The backend's final response was relayed whole; the connection closes.
+    Answered,
+    /// A side failed or left midway; nothing more can be said. The access
+    /// log's close reason.
+    Gone(&'static str),
+}
+
+impl From<Refusal> for Stop {
+    fn from(refusal: Refusal) -> Stop {
+        Stop::Refuse(refusal)
+    }
+}
+
+/// What the backend agreed to: everything of a [`Plan`] but the client.
+struct Agreed {
+    backend: TcpStream,
+    to_backend: Bytes,
+    to_client: Bytes,
+    status: u16,
+    guard: BackendGuard,
+}
+
+/// Handles one connection of an http listener to its end: returns the
+/// connection pair to relay, or None when the connection is done
+/// (answered, refused, or gone). `snap` is the configuration in force when
+/// the connection was accepted; it is released before the pair is returned.
+pub async fn serve<S: ClientStream>(
+    mut client: S,
+    peer: SocketAddr,
+    snap: std::sync::Arc<Snapshot>,
+    listener: &str,
+    rec: &mut AccessRecord,
+) -> Option<Plan<S>> {
+    let started = Instant::now();
+    let agreed = negotiate(&mut client, peer, &snap, listener, rec).await;
+    // Nothing of the handshake stays allocated for the tunnel's life.
+    drop(snap);
+    match agreed {
+        Ok(Agreed { backend, to_backend, to_client, status, guard }) => {
+            Some(Plan { client, backend, to_backend, to_client, status, guard })
+        }
+        Err(stop) => {
+            stop.answer(&mut client, listener, rec, started).await;
+            None
+        }
+    }
+}
+
+/// The first request, from its head to a 101 whose head was written to
+/// the client; any other end is a [`Stop`].
+async fn negotiate<S: ClientStream>(
+    client: &mut S,
+    peer: SocketAddr,
+    snap: &Snapshot,
+    listener: &str,
+    rec: &mut AccessRecord,
+) -> Result<Agreed, Stop> {
     let limits = &snap.config.limits;
     let started = Instant::now();
     let mut buf = BytesMut::new();
-
-    let request = match head::read_head(
-        &mut client,
-        &mut buf,
-        limits.max_header_bytes,
-        limits.handshake_timeout,
-        head::parse_request,
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            let refusal = match e {
-                ReadError::Head(HeadError::TooLarge(max)) => Refusal::too_large(max),
-                ReadError::Head(HeadError::TooManyHeaders) => Refusal::too_large(limits.max_header_bytes),
-                ReadError::Head(HeadError::Http2Preface) => Refusal::http2_unsupported(),
-                ReadError::Head(HeadError::Malformed(m)) => {
-                    Refusal::bad_request(format!("malformed request head ({m})"))
-                }
-                ReadError::Timeout(_) => Refusal::timeout(),
-                ReadError::Closed(_) | ReadError::Io(_) => {
-                    rec.reason = if matches!(e, ReadError::Closed(0)) { "client_closed" } else { "client_error" };
-                    return None;
-                }
-            };
-            return refuse(&mut client, refusal, session, rec, started).await;
-        }
-    };
+    let request =
+        head::read_head(client, &mut buf, limits.max_header_bytes, limits.handshake_timeout, head::parse_request)
+            .await
+            .map_err(|e| request_head_failed(e, limits.max_header_bytes))?;
     // Copied out so the head buffer is freed: a Bytes view would keep the
     // whole read buffer alive for the tunnel's life.
     let leftover = Bytes::copy_from_slice(&buf[request.head_len..]);
     drop(buf);
 
-    let listener = snap.listener(&session.listener);
+    let settings = snap.listener(listener);
     let client_info = ClientInfo {
         peer: peer.ip(),
-        trusted: listener.trusted_cidrs.iter().any(|net| net.contains(&peer.ip())),
-        forwarded_proto: &listener.forwarded_proto,
+        trusted: settings.trusted_cidrs.iter().any(|net| net.contains(&peer.ip())),
+        forwarded_proto: &settings.forwarded_proto,
         now_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
     };
-    let fwd = match rewrite::rewrite(&request, &client_info) {
-        Ok(f) => f,
-        Err(refusal) => return refuse(&mut client, refusal, session, rec, started).await,
-    };
+    let fwd = rewrite::rewrite(&request, &client_info)?;
     rec.host = Some(fwd.host.clone());
-    let Some(route) = snap.router.lookup(&fwd.host, &fwd.path) else {
-        return refuse(&mut client, Refusal::unknown_route(&fwd.host), session, rec, started).await;
-    };
+    let route = snap.router.lookup(&fwd.host, &fwd.path).ok_or_else(|| Refusal::unknown_route(&fwd.host))?;
     rec.route = Some(route.name.clone());
     if route.route_service.is_some() {
         // Nothing reaches the app around its route service (often its
         // authentication), whatever the kind of request.
-        let refusal = match fwd.upgrade {
+        return Err(match fwd.upgrade {
             Some(_) => Refusal::route_service_unsupported(),
             None => Refusal::route_service_disabled(),
-        };
-        return refuse(&mut client, refusal, session, rec, started).await;
-    }
-    let pool = snap.pools[route.pool].clone();
-    let (mut backend, guard) = match pool.connect(limits.connect_timeout).await {
-        Ok(c) => c,
-        Err(crate::upstream::ConnectError::NoBackends(_)) => {
-            return refuse(&mut client, Refusal::no_endpoints(&fwd.host), session, rec, started).await;
         }
-        Err(e) => return refuse(&mut client, Refusal::endpoint_failure(&e.to_string()), session, rec, started).await,
-    };
-    rec.backend = Some(guard.addr());
-    if let Err(e) = backend.write_all(&fwd.head).await {
-        return refuse(
-            &mut client,
-            Refusal::endpoint_failure(&format!("writing the request: {e}")),
-            session,
-            rec,
-            started,
-        )
-        .await;
+        .into());
     }
+    let (mut backend, guard) = snap.pools[route.pool].connect(limits.connect_timeout).await.map_err(|e| match e {
+        ConnectError::NoBackends(_) => Refusal::no_endpoints(&fwd.host),
+        e => Refusal::endpoint_failure(&e.to_string()),
+    })?;
+    rec.backend = Some(guard.addr());
+    backend.write_all(&fwd.head).await.map_err(|e| Refusal::endpoint_failure(&format!("writing the request: {e}")))?;
     rec.to_backend += fwd.head.len() as u64;
 
     // The request body (if any) goes to the backend while its answer is
     // read: a backend may answer before the whole body (an early 413), or
     // only after it. Nothing past the body is sent before the answer.
     let upgrade = fwd.upgrade.is_some();
-    let response_timeout = if upgrade { limits.handshake_timeout } else { limits.idle_timeout };
     let exchange = Exchange {
         upgrade,
         method: &request.method,
         max_head: limits.max_header_bytes.max(MIN_RESPONSE_HEAD),
-        response_timeout,
+        response_timeout: if upgrade { limits.handshake_timeout } else { limits.idle_timeout },
         idle: limits.idle_timeout,
-        listener: &session.listener,
+        listener,
         started,
     };
-    let outcome = exchange.run(&mut client, &mut backend, &leftover, fwd.body, rec).await;
-    drop(leftover);
-    match outcome {
-        Outcome::Tunnel { response, rbuf, after } => {
-            // 101: the head goes out now; what came after it on either side
-            // is delivered first by the data plane, in order.
-            let rest = Bytes::copy_from_slice(&rbuf[response.head_len..]);
-            if let Err(e) = client.write_all(&rbuf[..response.head_len]).await {
-                tracing::debug!("writing the response head to the client: {e}");
-                rec.reason = "client_error";
-                return None;
-            }
-            rec.to_client += response.head_len as u64;
-            let status = response.status;
-            // Nothing of the handshake stays allocated for the tunnel's life.
-            drop((rbuf, response, fwd, request, pool, snap));
-            Some(Plan { client, backend, to_backend: after, to_client: rest, status, guard })
+    let Switched { response, rbuf, after } = exchange.run(client, &mut backend, &leftover, fwd.body, rec).await?;
+    // 101: the head goes out now; what came after it on either side is
+    // delivered first by the data plane, in order.
+    let to_client = Bytes::copy_from_slice(&rbuf[response.head_len..]);
+    if let Err(e) = client.write_all(&rbuf[..response.head_len]).await {
+        tracing::debug!("writing the response head to the client: {e}");
+        return Err(Stop::Gone("client_error"));
+    }
+    rec.to_client += response.head_len as u64;
+    Ok(Agreed { backend, to_backend: after, to_client, status: response.status, guard })
+}
+
+/// The answer to a request head that could not be read.
+fn request_head_failed(e: ReadError, max_header_bytes: usize) -> Stop {
+    match e {
+        ReadError::Head(HeadError::TooLarge(max)) => Refusal::too_large(max).into(),
+        ReadError::Head(HeadError::TooManyHeaders) => Refusal::too_large(max_header_bytes).into(),
+        ReadError::Head(HeadError::Http2Preface) => Refusal::http2_unsupported().into(),
+        ReadError::Head(HeadError::Malformed(m)) => {
+            Refusal::bad_request(format!("malformed request head ({m})")).into()
         }
-        Outcome::Answered => {
-            // The backend is done with: closed now, not after the linger.
-            drop((backend, guard));
-            // One request per connection (for now): whatever the client
-            // sent after this request is read and discarded, never relayed.
-            crate::connection::linger_close(&mut client).await;
-            None
-        }
-        Outcome::Refuse(refusal) => refuse(&mut client, refusal, session, rec, started).await,
-        Outcome::Gone => None,
+        ReadError::Timeout(_) => Refusal::timeout().into(),
+        ReadError::Closed(0) => Stop::Gone("client_closed"),
+        ReadError::Closed(_) | ReadError::Io(_) => Stop::Gone("client_error"),
     }
 }
 
-/// How one request's exchange with its backend ended.
-enum Outcome {
-    /// The backend switched protocols: its head (in `rbuf`) is still to be
-    /// written; `after` holds what the client sent past the request.
-    Tunnel { response: head::Response, rbuf: BytesMut, after: Bytes },
-    /// A final response was relayed to the client whole.
-    Answered,
-    /// Nothing final reached the client: answer this instead.
-    Refuse(Refusal),
-    /// A side failed midway; nothing more can be said (logged in the record).
-    Gone,
+impl Stop {
+    /// Ends the connection as this stop says, and records it: the router's
+    /// own answer is written and counted, then the connection lingers so
+    /// that the answer is not lost to a reset; a relayed answer lingers too.
+    async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        client: &mut S,
+        listener: &str,
+        rec: &mut AccessRecord,
+        started: Instant,
+    ) {
+        match self {
+            Stop::Gone(reason) => rec.reason = reason,
+            // One request per connection (for now): whatever the client
+            // sent after this request is read and discarded, never relayed.
+            Stop::Answered => linger_close(client).await,
+            Stop::Refuse(refusal) => {
+                tracing::debug!(listener, "refused: {refusal}");
+                let bytes = refusal.render();
+                rec.status = refusal.status;
+                rec.reason = refusal.reason;
+                // Counted before the answer goes out: the client may act on it at once.
+                crate::metrics::outcome(listener, refusal.status, refusal.cf_error.unwrap_or(""), started.elapsed());
+                if client.write_all(&bytes).await.is_ok() {
+                    rec.to_client += bytes.len() as u64;
+                    linger_close(client).await;
+                }
+            }
+        }
+    }
+}
+
+/// A 101 from the backend: its head (in `rbuf`) is still to be written;
+/// `after` holds what the client sent past the request.
+struct Switched {
+    response: head::Response,
+    rbuf: BytesMut,
+    after: Bytes,
 }
 
 /// One request's exchange with its backend, after its head was forwarded.
@@ -218,16 +272,16 @@ impl Exchange<'_> {
     /// Relays the request body (framed, nothing past it) while reading the
     /// backend's answer; relays a final answer whole with `Connection:
     /// close`, or returns a 101 for the tunnel.
-    async fn run(
+    async fn run<S: ClientStream>(
         &self,
-        client: &mut TcpStream,
+        client: &mut S,
         backend: &mut TcpStream,
         early: &[u8],
         body: Body,
         rec: &mut AccessRecord,
-    ) -> Outcome {
+    ) -> Result<Switched, Stop> {
         let ended = {
-            let (mut client_rd, mut client_wr) = client.split();
+            let (mut client_rd, mut client_wr) = client.halves();
             let (mut backend_rd, mut backend_wr) = backend.split();
             let body_sent = body::relay_body(early, &mut client_rd, &mut backend_wr, body, self.idle);
             let answered = self.respond(&mut backend_rd, &mut client_wr, rec);
@@ -265,34 +319,24 @@ impl Exchange<'_> {
                 match e {
                     // Nothing final went to the client yet: it gets a 400.
                     BodyError::Framing(m) if rec.status == 0 => {
-                        Outcome::Refuse(Refusal::bad_request(format!("invalid chunked request body ({m})")))
+                        Err(Refusal::bad_request(format!("invalid chunked request body ({m})")).into())
                     }
-                    _ => {
-                        rec.reason = "client_error";
-                        Outcome::Gone
-                    }
+                    _ => Err(Stop::Gone("client_error")),
                 }
             }
             Ended::Answer(respond, sent) => {
                 rec.to_backend += sent.as_ref().map_or(0, |s| s.bytes);
                 match respond {
                     Respond::Switching { response, rbuf } => match sent {
-                        Some(sent) => Outcome::Tunnel { response, rbuf, after: sent.after },
-                        None => {
-                            rec.reason = "backend_error";
-                            Outcome::Gone
-                        }
+                        Some(sent) => Ok(Switched { response, rbuf, after: sent.after }),
+                        None => Err(Stop::Gone("backend_error")),
                     },
-                    Respond::Relayed => Outcome::Answered,
-                    Respond::HeadFailed(m) => Outcome::Refuse(Refusal::endpoint_failure(&m)),
-                    Respond::ClientFailed => {
-                        rec.reason = "client_error";
-                        Outcome::Gone
-                    }
+                    Respond::Relayed => Err(Stop::Answered),
+                    Respond::HeadFailed(m) => Err(Refusal::endpoint_failure(&m).into()),
+                    Respond::ClientFailed => Err(Stop::Gone("client_error")),
                     Respond::RelayFailed(e) => {
                         tracing::debug!("relaying the backend's response: {e}");
-                        rec.reason = "backend_error";
-                        Outcome::Gone
+                        Err(Stop::Gone("backend_error"))
                     }
                 }
             }
@@ -347,31 +391,4 @@ impl Exchange<'_> {
             Err(e) => Respond::RelayFailed(e),
         }
     }
-}
-
-/// Writes the router's own answer and records it; there is nothing to
-/// relay after it (always None). Boxed: its future (with
-/// the linger) would otherwise be part of every connection's, tunnels too.
-fn refuse<'a>(
-    client: &'a mut TcpStream,
-    refusal: Refusal,
-    session: &'a Session,
-    rec: &'a mut AccessRecord,
-    started: Instant,
-) -> Pin<Box<dyn Future<Output = Option<Plan>> + Send + 'a>> {
-    Box::pin(async move {
-        tracing::debug!(listener = %session.listener, "refused: {refusal}");
-        let bytes = refusal.render();
-        rec.status = refusal.status;
-        rec.reason = refusal.reason;
-        // Counted before the answer goes out: the client may act on it at once.
-        crate::metrics::outcome(&session.listener, refusal.status, refusal.cf_error.unwrap_or(""), started.elapsed());
-        if client.write_all(&bytes).await.is_ok() {
-            rec.to_client += bytes.len() as u64;
-            // Let the answer reach the client before the close: a close with
-            // unread request bytes would send RST and could discard it.
-            crate::connection::linger_close(client).await;
-        }
-        None
-    })
 }

@@ -1,0 +1,95 @@
+//! What every connection shares: the reloadable snapshot (config, routing
+//! table, pools), the data planes, and the drain state.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config};
+use crate::dataplane::DataPlanes;
+use crate::route::Router;
+use crate::upstream::Pool;
+
+/// The reloadable part of the router: config, routing table and pools.
+pub struct Snapshot {
+    pub config: Config,
+    pub router: Router,
+    pub pools: Vec<Arc<Pool>>,
+    pools_by_name: HashMap<String, usize>,
+}
+
+impl Snapshot {
+    pub fn new(config: Config) -> Snapshot {
+        let pools: Vec<Arc<Pool>> = config.pools.iter().map(|p| Arc::new(Pool::new(p))).collect();
+        let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        Snapshot { router: Router::new(&config), pools, pools_by_name, config }
+    }
+
+    /// The settings of the listener called `name` (listeners never change on reload).
+    pub fn listener(&self, name: &str) -> &config::Listener {
+        self.config.listeners.iter().find(|l| l.name == name).expect("listeners are fixed for the process's life")
+    }
+
+    pub fn pool_named(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools_by_name.get(name).map(|&i| &self.pools[i])
+    }
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    snapshot: RwLock<Arc<Snapshot>>,
+    pub planes: Arc<DataPlanes>,
+    /// Fires at the drain deadline: every tunnel closes.
+    pub drain: CancellationToken,
+    /// True once SIGTERM arrived (`/healthz` answers 503).
+    pub draining: AtomicBool,
+    /// Connections open now, all listeners together.
+    active: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(config: Config, planes: Arc<DataPlanes>) -> Shared {
+        Shared {
+            snapshot: RwLock::new(Arc::new(Snapshot::new(config))),
+            planes,
+            drain: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().expect("snapshot lock").clone()
+    }
+
+    /// Puts a new snapshot in place (SIGHUP); connections that hold the old
+    /// one keep it until they end.
+    pub fn replace(&self, snapshot: Snapshot) {
+        *self.snapshot.write().expect("snapshot lock") = Arc::new(snapshot);
+    }
+
+    /// Counts one more connection, unless `max` are open already.
+    pub fn admit(self: &Arc<Self>, max: usize) -> Option<ActiveGuard> {
+        if self.active.fetch_add(1, Ordering::Relaxed) >= max {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ActiveGuard(self.clone()))
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a connection in `Shared::active` while it lives.
+pub struct ActiveGuard(Arc<Shared>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
