@@ -63,6 +63,27 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.max_header_bytes < 64 {
+            return Err(("limits.max_header_bytes".into(), "must be at least 64".into()));
+        }
+        if self.max_connections == 0 {
+            return Err(("limits.max_connections".into(), "must be at least 1".into()));
+        }
+        for (name, d) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if d.is_zero() {
+                return Err((format!("limits.{name}"), "must be longer than 0".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
@@ -91,6 +112,28 @@ pub struct Listener {
     /// The pool a tcp listener forwards to.
     #[serde(default)]
     pub pool: Option<String>,
+}
+
+impl Listener {
+    /// What its protocol requires of it alone: Err((key, what is wrong)).
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        match self.protocol {
+            Protocol::Tcp if self.pool.is_none() => Err(("pool", "a tcp listener needs a pool".into())),
+            Protocol::Tcp => Ok(()),
+            Protocol::Http if self.pool.is_some() => {
+                Err(("pool", "only tcp listeners take a pool; http listeners route by [[route]]".into()))
+            }
+            Protocol::Http => {
+                let scheme = &self.forwarded_proto;
+                let valid = !scheme.is_empty()
+                    && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.');
+                if !valid {
+                    return Err(("forwarded_proto", format!("{scheme:?} is not a URI scheme")));
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 fn default_proto() -> String {
@@ -125,6 +168,9 @@ pub struct Route {
     #[serde(default)]
     pub route_service: Option<String>,
 }
+
+/// A validation failure: the field (`route[2].pool`) and what is wrong.
+type Invalid = (String, String);
 
 /// A configuration error: the file, the field (when known) and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -170,34 +216,28 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks every section, then what ties them together (names that
+    /// must exist, binds that must differ). Err((field, what is wrong)).
+    fn validate(&self) -> Result<(), Invalid> {
         if self.listeners.is_empty() {
             return Err(("listener".into(), "at least one [[listener]] is required".into()));
         }
-        let l = &self.limits;
-        if l.max_header_bytes < 64 {
-            return Err(("limits.max_header_bytes".into(), "must be at least 64".into()));
-        }
-        if l.max_connections == 0 {
-            return Err(("limits.max_connections".into(), "must be at least 1".into()));
-        }
-        for (name, d) in [
-            ("handshake_timeout", l.handshake_timeout),
-            ("idle_timeout", l.idle_timeout),
-            ("connect_timeout", l.connect_timeout),
-        ] {
-            if d.is_zero() {
-                return Err((format!("limits.{name}"), "must be longer than 0".into()));
-            }
-        }
+        self.limits.validate()?;
         self.data_plane.validate().map_err(|(field, m)| (format!("data_plane.{field}"), m))?;
+        let pools = self.validate_pools()?;
+        self.validate_listeners(&pools)?;
+        self.validate_routes(&pools)
+    }
 
-        let mut pools = HashMap::new();
+    /// Pool names are unique and not empty, and so are a pool's backends;
+    /// returns the pool names.
+    fn validate_pools(&self) -> Result<HashSet<&str>, Invalid> {
+        let mut pools = HashSet::new();
         for (i, p) in self.pools.iter().enumerate() {
             if p.name.is_empty() {
                 return Err((format!("pool[{i}].name"), "must not be empty".into()));
             }
-            if pools.insert(p.name.as_str(), p).is_some() {
+            if !pools.insert(p.name.as_str()) {
                 return Err((format!("pool[{i}].name"), format!("duplicate pool name {:?}", p.name)));
             }
             let mut seen = HashSet::new();
@@ -207,71 +247,59 @@ impl Config {
                 }
             }
         }
+        Ok(pools)
+    }
 
+    /// Listener names and binds are unique (port 0 asks the kernel for a
+    /// free port, so it never collides); each listener is whole for its
+    /// protocol.
+    fn validate_listeners(&self, pools: &HashSet<&str>) -> Result<(), Invalid> {
         let mut names = HashSet::new();
         let mut binds = HashMap::new();
         for (i, lst) in self.listeners.iter().enumerate() {
+            let field = |name: &str| format!("listener[{i}].{name}");
             if lst.name.is_empty() {
-                return Err((format!("listener[{i}].name"), "must not be empty".into()));
+                return Err((field("name"), "must not be empty".into()));
             }
             if !names.insert(lst.name.as_str()) {
-                return Err((format!("listener[{i}].name"), format!("duplicate listener name {:?}", lst.name)));
+                return Err((field("name"), format!("duplicate listener name {:?}", lst.name)));
             }
-            if let Some(other) = binds.insert(lst.bind, lst.name.as_str()) {
-                return Err((
-                    format!("listener[{i}].bind"),
-                    format!("{} is already bound by listener {other:?}", lst.bind),
-                ));
+            if lst.bind.port() != 0 {
+                if let Some(other) = binds.insert(lst.bind, lst.name.as_str()) {
+                    return Err((field("bind"), format!("{} is already bound by listener {other:?}", lst.bind)));
+                }
+                if self.admin.as_ref().is_some_and(|a| a.bind == lst.bind) {
+                    return Err((field("bind"), format!("{} is already bound by [admin]", lst.bind)));
+                }
             }
-            if self.admin.as_ref().is_some_and(|a| a.bind == lst.bind) {
-                return Err((format!("listener[{i}].bind"), format!("{} is already bound by [admin]", lst.bind)));
-            }
-            match lst.protocol {
-                Protocol::Tcp => match &lst.pool {
-                    None => {
-                        return Err((format!("listener[{i}].pool"), "a tcp listener needs a pool".into()));
-                    }
-                    Some(p) if !pools.contains_key(p.as_str()) => {
-                        return Err((format!("listener[{i}].pool"), format!("no pool named {p:?}")));
-                    }
-                    Some(_) => {}
-                },
-                Protocol::Http => {
-                    if lst.pool.is_some() {
-                        return Err((
-                            format!("listener[{i}].pool"),
-                            "only tcp listeners take a pool; http listeners route by [[route]]".into(),
-                        ));
-                    }
-                    if lst.forwarded_proto.is_empty()
-                        || !lst
-                            .forwarded_proto
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.')
-                    {
-                        return Err((
-                            format!("listener[{i}].forwarded_proto"),
-                            format!("{:?} is not a URI scheme", lst.forwarded_proto),
-                        ));
-                    }
+            lst.validate().map_err(|(name, m)| (field(name), m))?;
+            if let Some(p) = &lst.pool {
+                if !pools.contains(p.as_str()) {
+                    return Err((field("pool"), format!("no pool named {p:?}")));
                 }
             }
         }
+        Ok(())
+    }
 
+    /// Route hosts and paths are well formed, their pools exist, and no
+    /// two routes have the same host and (normalised) path.
+    fn validate_routes(&self, pools: &HashSet<&str>) -> Result<(), Invalid> {
         let mut route_keys = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
-            validate_host(&r.host).map_err(|m| (format!("route[{i}].host"), m))?;
+            let field = |name: &str| format!("route[{i}].{name}");
+            validate_host(&r.host).map_err(|m| (field("host"), m))?;
             if let Some(path) = &r.path {
                 if !path.starts_with('/') {
-                    return Err((format!("route[{i}].path"), format!("{path:?} must start with '/'")));
+                    return Err((field("path"), format!("{path:?} must start with '/'")));
                 }
             }
-            if !pools.contains_key(r.pool.as_str()) {
-                return Err((format!("route[{i}].pool"), format!("no pool named {:?}", r.pool)));
+            if !pools.contains(r.pool.as_str()) {
+                return Err((field("pool"), format!("no pool named {:?}", r.pool)));
             }
             if let Some(rs) = &r.route_service {
                 if !(rs.starts_with("https://") || rs.starts_with("http://")) {
-                    return Err((format!("route[{i}].route_service"), format!("{rs:?} is not an http(s) URL")));
+                    return Err((field("route_service"), format!("{rs:?} is not an http(s) URL")));
                 }
             }
             let key = (r.host.to_ascii_lowercase(), crate::path::normalize_prefix(r.path.as_deref()));
@@ -357,8 +385,8 @@ fn validate_host(host: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The built-in configuration used by `upsplice demo` and `run` without
-/// `--config`: one http listener, one tcp listener, one echo pool.
+/// The built-in configuration used by `run` without `--config` (and so
+/// by `scripts/demo`): one http listener, one tcp listener, one echo pool.
 pub const DEMO_CONFIG: &str = include_str!("../demo.toml");
 
 #[cfg(test)]
@@ -432,5 +460,12 @@ pool = "chat"
 
         let e = parse(&BASE.replace("chat.example.com", "*.*.example.com")).unwrap_err().to_string();
         assert!(e.contains("route[0].host"), "{e}");
+    }
+
+    #[test]
+    fn port_zero_binds_never_collide() {
+        let two = format!("{BASE}\n[[listener]]\nname = \"w2\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n")
+            .replace("127.0.0.1:8080", "127.0.0.1:0");
+        parse(&format!("[admin]\nbind = \"127.0.0.1:0\"\n{two}")).unwrap();
     }
 }
