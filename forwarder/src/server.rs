@@ -42,6 +42,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         Some(a) => Some(bind(a.bind).with_context(|| format!("[admin]: cannot bind {}", a.bind))?),
         None => None,
     };
+    announce(&bound, admin.as_ref())?;
 
     let shared = Arc::new(Shared::new(config, planes));
     let stop_accepting = CancellationToken::new();
@@ -90,6 +91,27 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// Prints what was bound on stdout, one line each, before anything is
+/// served: a `bind` with port 0 gets a free port from the kernel, and this
+/// is how a script or a test learns it (as `upsplice-loadgen echo` does):
+/// `listening on 127.0.0.1:41234 listener=web protocol=http`, then
+/// `admin on 127.0.0.1:41235`.
+fn announce(bound: &[(TcpListener, Arc<str>, Protocol)], admin: Option<&TcpListener>) -> io::Result<()> {
+    use std::io::Write;
+    let mut out = io::stdout().lock();
+    for (listener, name, protocol) in bound {
+        let protocol = match protocol {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        };
+        writeln!(out, "listening on {} listener={name} protocol={protocol}", listener.local_addr()?)?;
+    }
+    if let Some(admin) = admin {
+        writeln!(out, "admin on {}", admin.local_addr()?)?;
+    }
+    out.flush()
 }
 
 /// Binds a listening socket with a deep accept queue (handshake bursts).

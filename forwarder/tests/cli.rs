@@ -63,3 +63,54 @@ fn run_reports_an_unusable_bind_clearly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("listener \"web\": cannot bind"), "{stderr}");
 }
+
+/// `bind` with port 0: the kernel picks free ports and `run` prints them on
+/// stdout before serving, so scripts need not guess free ports; the
+/// printed ports answer.
+#[test]
+fn run_binds_port_zero_and_prints_what_it_bound() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let config = "[data_plane]\nmode = \"copy\"\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
+        [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n\n\
+        [[listener]]\nname = \"raw\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n\n\
+        [[pool]]\nname = \"p\"\nbackends = [\"127.0.0.1:9\"]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_upsplice"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || lines.next().expect("a line on stdout").unwrap();
+    let (web, raw, admin) = (next(), next(), next());
+    let addr = |line: &str, prefix: &str| -> std::net::SocketAddr {
+        assert!(line.starts_with(prefix), "{line:?} does not start with {prefix:?}");
+        line[prefix.len()..].split(' ').next().unwrap().parse().unwrap()
+    };
+    let web_addr = addr(&web, "listening on ");
+    assert!(web.ends_with(" listener=web protocol=http"), "{web}");
+    let raw_addr = addr(&raw, "listening on ");
+    assert!(raw.ends_with(" listener=raw protocol=tcp"), "{raw}");
+    let admin_addr = addr(&admin, "admin on ");
+    let ports = [web_addr.port(), raw_addr.port(), admin_addr.port()];
+    assert!(ports.iter().all(|&p| p != 0) && ports[0] != ports[1] && ports[1] != ports[2], "{ports:?}");
+
+    let mut s = std::net::TcpStream::connect(admin_addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut s = std::net::TcpStream::connect(web_addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
