@@ -1,11 +1,14 @@
 //! upsplice: a router for WebSocket and other HTTP/1.1 Upgrade traffic.
 //!
-//! The control plane (listener → [`handshake`] → [`route`] → [`upstream`])
-//! parses only the first request of a connection; after a `101 Switching
-//! Protocols` the connection pair goes to a data plane ([`dataplane`]) that
-//! relays it, ideally without userspace touching the payload again.
-//! [`server`] owns the lifecycle (accept, reload, drain), [`metrics`] and
-//! [`admin`] the observability.
+//! One connection goes down one chain of modules (docs/architecture.md):
+//! [`server`] (lifecycle: bind, accept, reload, drain) → [`connection`]
+//! (one connection to its access-log line) → [`handshake`] (the first
+//! request: head, rewrite, [`route`], [`upstream`], the backend's 101) →
+//! [`dataplane`] (the tunnel, relayed by one of the planes behind the
+//! `DataPlane` seam). Beside the chain: [`state`] (what connections
+//! share), [`access`] (the access record), [`metrics`] and [`admin`]
+//! (observability); [`config`] is plain data, parsed with [`units`];
+//! [`path`] is the path normaliser routing matches with.
 
 pub mod access;
 pub mod admin;

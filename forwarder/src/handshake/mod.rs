@@ -55,7 +55,7 @@ pub struct Plan<S = TcpStream> {
 }
 
 /// Why a handshake ends without a tunnel; answered in one place
-/// ([`Stop::answer`]).
+/// (`Stop::answer`).
 #[derive(Debug)]
 pub enum Stop {
     /// Nothing final reached the client: the router answers this and closes.
