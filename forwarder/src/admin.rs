@@ -36,21 +36,28 @@ async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
         return;
     };
     let path = req.target.split('?').next().unwrap_or("");
+    // HEAD answers as GET does, without the body (load balancers check
+    // health with either).
+    let head = req.method == "HEAD";
     let (status, content_type, body) = match (req.method.as_str(), path) {
-        ("GET", "/metrics") => {
+        ("GET" | "HEAD", "/metrics") => {
             ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", crate::metrics::get().render())
         }
-        ("GET", "/healthz") if shared.draining.load(Ordering::Relaxed) => {
+        ("GET" | "HEAD", "/healthz") if shared.draining.load(Ordering::Relaxed) => {
             ("503 Service Unavailable", "text/plain", "draining\n".to_string())
         }
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+        ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET or HEAD only\n".to_string()),
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let allow = if status.starts_with("405") { "Allow: GET, HEAD\r\n" } else { "" };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
     );
+    if !head {
+        response.push_str(&body);
+    }
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
 }

@@ -43,6 +43,10 @@ pub struct Limits {
     pub max_header_bytes: usize,
     #[serde(deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
+    /// On SIGTERM/SIGUSR1: how long the listeners keep accepting while
+    /// `/healthz` already answers 503 (gorouter's `drain_wait`).
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_wait: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub drain_timeout: Duration,
     #[serde(deserialize_with = "de_duration")]
@@ -56,6 +60,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(5),
             max_header_bytes: 16384,
             idle_timeout: Duration::from_secs(3600),
+            drain_wait: Duration::from_secs(20),
             drain_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             max_connections: 100_000,

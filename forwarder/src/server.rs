@@ -24,9 +24,10 @@ use crate::state::{Shared, Snapshot};
 pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     // Handlers first: once /healthz answers, a SIGHUP or SIGTERM must reach
     // them, never the default action (SIGHUP's is to kill the process).
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let term = signal(SignalKind::terminate())?;
+    let int = signal(SignalKind::interrupt())?;
+    let hup = signal(SignalKind::hangup())?;
+    let usr1 = signal(SignalKind::user_defined1())?;
     let planes = Arc::new(DataPlanes::start(&config.data_plane).map_err(anyhow::Error::msg)?);
     tracing::info!(data_plane = %planes.mode(), "data plane ready (fallbacks: {})",
         planes.planes().iter().skip(1).map(|p| p.mode().as_str()).collect::<Vec<_>>().join(", "));
@@ -63,34 +64,103 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         tokio::spawn(crate::admin::serve(admin, shared.clone()));
     }
 
-    loop {
+    let mut signals = Signals { term, int, hup, usr1, shared: shared.clone(), path };
+    let exit_after = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => reload(&shared, path.as_deref()),
+            _ = signals.term.recv() => break true,
+            _ = signals.int.recv() => break true,
+            _ = signals.usr1.recv() => break false,
+            _ = signals.hup.recv() => reload(&shared, signals.path.as_deref()),
+        }
+    };
+    drain(&shared, &mut signals, stop_accepting, accept_loops, tracker).await;
+    if !exit_after {
+        tracing::info!("drained after SIGUSR1; not exiting (SIGTERM or SIGINT exits)");
+        signals.until_stopped(std::future::pending::<()>()).await;
+    }
+    tracing::info!("exiting");
+    Ok(())
+}
+
+/// The signals the router takes once it runs.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    shared: Arc<Shared>,
+    path: Option<PathBuf>,
+}
+
+impl Signals {
+    /// Waits for `until`, reloading on SIGHUP meanwhile; None when SIGTERM
+    /// or SIGINT came first. (A SIGUSR1 during a drain changes nothing.)
+    async fn until_stopped<F: std::future::Future>(&mut self, until: F) -> Option<F::Output> {
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                out = &mut until => return Some(out),
+                _ = self.term.recv() => return None,
+                _ = self.int.recv() => return None,
+                _ = self.hup.recv() => reload(&self.shared, self.path.as_deref()),
+                _ = self.usr1.recv() => tracing::info!("SIGUSR1: already draining"),
+            }
         }
     }
+}
 
-    // Drain: stop accepting at once, let open connections run up to
-    // drain_timeout, then close them.
-    let drain_timeout = shared.snapshot().config.limits.drain_timeout;
+/// Drains the router, as gorouter does behind a load balancer:
+/// 1. `/healthz` answers 503 at once, but the listeners keep accepting for
+///    `drain_wait`, so the load balancer takes the node out before any
+///    connection is refused;
+/// 2. then accepting stops, and open connections may live `drain_timeout`;
+/// 3. at that deadline the ones still open are reset (the data-plane
+///    contract: a stream cut short is reset, never closed as if complete).
+///
+/// A second SIGTERM or SIGINT skips to 3 at once.
+async fn drain(
+    shared: &Arc<Shared>,
+    signals: &mut Signals,
+    stop_accepting: CancellationToken,
+    accept_loops: Vec<tokio::task::JoinHandle<()>>,
+    tracker: TaskTracker,
+) {
+    let limits = shared.snapshot().config.limits.clone();
     shared.draining.store(true, Ordering::Relaxed);
+    tracing::info!(
+        open = shared.active(),
+        "draining: /healthz answers 503; still accepting for drain_wait {:?}",
+        limits.drain_wait
+    );
+    let mut cut_short = signals.until_stopped(tokio::time::sleep(limits.drain_wait)).await.is_none();
+
     stop_accepting.cancel();
     for l in accept_loops {
         let _ = l.await;
     }
     tracker.close();
-    let open = shared.active();
-    tracing::info!(open, "draining: accepting no more; open connections may live {drain_timeout:?}");
-    if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
-        tracing::info!(open = shared.active(), "drain timeout: closing open connections");
-        shared.drain.cancel();
-        if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
-            tracing::warn!("connections still open 5s after the drain deadline; exiting anyway");
+    if !cut_short {
+        tracing::info!(
+            open = shared.active(),
+            "draining: accepting no more; open connections may live {:?}",
+            limits.drain_timeout
+        );
+        match signals.until_stopped(tokio::time::timeout(limits.drain_timeout, tracker.wait())).await {
+            Some(Ok(())) => {
+                tracing::info!("drained: every connection ended");
+                return;
+            }
+            Some(Err(_)) => {}
+            None => cut_short = true,
         }
     }
-    tracing::info!("drained; exiting");
-    Ok(())
+    let open = shared.active();
+    let why = if cut_short { "a second SIGTERM/SIGINT ended the drain" } else { "drain_timeout passed" };
+    tracing::info!(open, "{why}: resetting {open} open connections");
+    shared.drain.cancel();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+        tracing::warn!(open = shared.active(), "connections still open 5s after the drain deadline");
+    }
 }
 
 /// Prints what was bound on stdout, one line each, before anything is

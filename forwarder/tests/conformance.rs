@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const LIMITS: &str =
-    "handshake_timeout = \"2s\"\nidle_timeout = \"1h\"\ndrain_timeout = \"2s\"\nconnect_timeout = \"5s\"";
+    "handshake_timeout = \"2s\"\nidle_timeout = \"1h\"\ndrain_wait = \"500ms\"\ndrain_timeout = \"2s\"\nconnect_timeout = \"5s\"";
 
 fn start(mode: &str, backend: &RawBackend) -> Router {
     Router::start(Setup { mode, limits: LIMITS, routing: main_pool(&[backend.addr], "app.test"), extra: "" })
@@ -639,9 +639,13 @@ async fn sigterm_drains_then_closes(mode: &str) {
     let mut router = start(mode, &backend);
     let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
     router.signal(nix::sys::signal::Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Accepting stopped at once...
-    assert!(TcpStream::connect(router.http).await.is_err(), "the listener still accepts while draining");
+    router.wait_log("draining");
+    // For drain_wait (500 ms) new tunnels still open...
+    let (c2, s2, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    drop((c2, s2));
+    // ...then accepting stops...
+    router.wait_log("accepting no more");
+    assert!(TcpStream::connect(router.http).await.is_err(), "the listener still accepts after drain_wait");
     // ...the open tunnel still works during drain_timeout (2 s)...
     client.write_all(b"still here").await.unwrap();
     let mut buf = [0u8; 10];

@@ -216,13 +216,92 @@ async fn metrics_and_healthz() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_answers_503_while_draining() {
-    let (mut r, mut backend) = router("drain_timeout = \"3s\"").await;
+async fn healthz_answers_503_while_draining_and_head_like_get() {
+    let (mut r, mut backend) = router("drain_wait = \"0s\"\ndrain_timeout = \"3s\"").await;
+    assert_eq!(head_status(r.admin, "/healthz").await, (200, String::new()));
     let (_c, _s, _, _) = raw_tunnel(&r, &mut backend, "app.test", b"", b"").await;
     r.signal(nix::sys::signal::Signal::SIGTERM);
     r.wait_log("draining");
     assert_eq!(r.admin_get("/healthz").unwrap().0, 503);
+    assert_eq!(head_status(r.admin, "/healthz").await, (503, String::new()));
     assert!(r.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// `HEAD path` on the admin endpoint: (status, body) — the body must be
+/// empty although Content-Length gives GET's length.
+async fn head_status(admin: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let answer = raw_exchange(admin, format!("HEAD {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole head");
+    assert!(head.contains("Content-Length: "), "{head}");
+    (head[9..12].parse().unwrap(), body.to_string())
+}
+
+/// drain_wait behind a load balancer: from SIGTERM, /healthz is 503 at once
+/// but a client that keeps connecting is still served for drain_wait; only
+/// then are connections refused. The open tunnel lives on until
+/// drain_timeout and the router exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_wait_keeps_accepting_until_the_load_balancer_noticed() {
+    let (mut r, mut backend) = router("drain_wait = \"1500ms\"\ndrain_timeout = \"2s\"").await;
+    let (mut c, mut s, _, _) = raw_tunnel(&r, &mut backend, "app.test", b"", b"").await;
+    let signalled = Instant::now();
+    r.signal(nix::sys::signal::Signal::SIGTERM);
+    r.wait_log("draining");
+    assert_eq!(r.admin_get("/healthz").unwrap().0, 503);
+    let mut served = 0;
+    let refused_after = loop {
+        match TcpStream::connect(r.http).await {
+            Ok(mut conn) => {
+                conn.write_all(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n").await.unwrap();
+                let answer = String::from_utf8_lossy(&read_to_end(&mut conn).await).into_owned();
+                assert!(answer.starts_with("HTTP/1.1 404"), "a connection accepted while draining: {answer}");
+                served += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                break signalled.elapsed();
+            }
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(10), "still accepting 10 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(refused_after >= Duration::from_millis(1400), "refused {refused_after:?} after SIGTERM");
+    assert!(served >= 5, "only {served} connections served during drain_wait");
+    r.wait_log("accepting no more");
+    c.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"still here");
+    assert!(r.wait_exit(Duration::from_secs(15)).success());
+    assert!(r.log().contains("drain_timeout passed: resetting 1 open connections"), "{}", r.log());
+}
+
+/// A second SIGTERM during the drain ends it at once (logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let (mut r, mut backend) = router("drain_wait = \"30s\"\ndrain_timeout = \"30s\"").await;
+    let (_c, _s, _, _) = raw_tunnel(&r, &mut backend, "app.test", b"", b"").await;
+    r.signal(nix::sys::signal::Signal::SIGTERM);
+    r.wait_log("draining");
+    let second = Instant::now();
+    r.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(r.wait_exit(Duration::from_secs(10)).success());
+    assert!(second.elapsed() < Duration::from_secs(8), "exit took {:?}", second.elapsed());
+    assert!(r.log().contains("a second SIGTERM/SIGINT ended the drain: resetting 1 open connections"), "{}", r.log());
+}
+
+/// SIGUSR1 (gorouter's drain signal) drains without exiting; SIGTERM then
+/// exits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_drains_without_exiting() {
+    let (mut r, _backend) = router("drain_wait = \"0s\"\ndrain_timeout = \"1s\"").await;
+    r.signal(nix::sys::signal::Signal::SIGUSR1);
+    r.wait_log("drained after SIGUSR1; not exiting");
+    assert!(TcpStream::connect(r.http).await.is_err(), "still accepting after the drain");
+    assert_eq!(r.admin_get("/healthz").unwrap().0, 503);
+    assert!(r.is_running(), "exited after SIGUSR1");
+    r.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(r.wait_exit(Duration::from_secs(5)).success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

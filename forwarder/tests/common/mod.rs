@@ -143,6 +143,11 @@ impl Router {
         }
     }
 
+    /// True while the router process runs (not exited, not reaped).
+    pub fn is_running(&self) -> bool {
+        self.liveness() == "still runs"
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
