@@ -31,11 +31,14 @@ enum Command {
     /// Run the router until SIGTERM/SIGINT (then drain); SIGHUP reloads
     /// routes and pools from the same file.
     Run {
-        /// The TOML config. Without it, the built-in demo config runs
-        /// (http on 127.0.0.1:8080, tcp on 127.0.0.1:8443, echo backend on
-        /// 127.0.0.1:9001, admin on 127.0.0.1:9100).
-        #[arg(long, short, value_name = "FILE")]
+        /// The TOML config (`upsplice default-config` prints a starting point).
+        #[arg(long, short, value_name = "FILE", required_unless_present = "demo")]
         config: Option<PathBuf>,
+        /// Run the built-in demo config instead: http on 127.0.0.1:8080,
+        /// tcp on 127.0.0.1:8443, echo backend expected on 127.0.0.1:9001,
+        /// admin on 127.0.0.1:9100. Never on a router node.
+        #[arg(long, conflicts_with = "config")]
+        demo: bool,
     },
     /// Validate a config, print a summary and which data planes can run
     /// here; exit non-zero naming the file, the field and what is wrong.
@@ -67,7 +70,7 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Run { config } => run(config.as_deref()),
+        Command::Run { config, demo: _ } => run(config.as_deref()),
         Command::Check { config } => check(&config),
         Command::DefaultConfig => {
             print!("{DEMO_CONFIG}");
@@ -91,7 +94,7 @@ fn run(path: Option<&Path>) -> anyhow::Result<()> {
     let config = match path {
         Some(p) => Config::load(p)?,
         None => {
-            tracing::info!("no --config: running the built-in demo config (see `upsplice default-config`)");
+            tracing::info!("--demo: running the built-in demo config (see `upsplice default-config`)");
             Config::parse(Path::new("<built-in demo config>"), DEMO_CONFIG)?
         }
     };

@@ -114,3 +114,16 @@ fn run_binds_port_zero_and_prints_what_it_bound() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `run` on a router node must not fall back to the demo config's ports:
+/// without --config it refuses and says what to do; --demo is explicit.
+#[test]
+fn run_without_config_refuses_unless_demo_is_asked_for() {
+    let out = Command::new(env!("CARGO_BIN_EXE_upsplice")).arg("run").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--config <FILE>") && stderr.contains("required"), "{stderr}");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_upsplice")).args(["run", "--demo", "--config", "x.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "--demo with --config: {out:?}");
+}
