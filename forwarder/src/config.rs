@@ -293,7 +293,7 @@ impl Config {
         let mut route_keys = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let field = |name: &str| format!("route[{i}].{name}");
-            validate_host(&r.host).map_err(|m| (field("host"), m))?;
+            crate::host::validate_route_host(&r.host).map_err(|m| (field("host"), m))?;
             if let Some(path) = &r.path {
                 if !path.starts_with('/') {
                     return Err((field("path"), format!("{path:?} must start with '/'")));
@@ -307,11 +307,11 @@ impl Config {
                     return Err((field("route_service"), format!("{rs:?} is not an http(s) URL")));
                 }
             }
-            let key = (r.host.to_ascii_lowercase(), crate::path::normalize_prefix(r.path.as_deref()));
+            let key = (crate::host::normalize(&r.host), crate::path::normalize_prefix(r.path.as_deref()));
             if !route_keys.insert(key) {
                 return Err((
                     format!("route[{i}]"),
-                    format!("duplicate route for host {:?} and path {:?}", r.host, r.path),
+                    format!("duplicate route for host {:?} and path {:?}", r.host, r.path.as_deref().unwrap_or("/")),
                 ));
             }
         }
@@ -368,26 +368,6 @@ impl Config {
         }
         s
     }
-}
-
-/// Checks a configured route host: a DNS name, or `*.` followed by one.
-fn validate_host(host: &str) -> Result<(), String> {
-    let name = host.strip_prefix("*.").unwrap_or(host);
-    if name.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if name.contains('*') {
-        return Err(format!("{host:?}: a wildcard is only allowed as the whole first label (\"*.example.com\")"));
-    }
-    let ok = name.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    });
-    if !ok || name.len() > 253 {
-        return Err(format!("{host:?} is not a host name"));
-    }
-    Ok(())
 }
 
 /// The built-in configuration used by `run` without `--config` (and so

@@ -16,6 +16,7 @@ pub mod config;
 pub mod connection;
 pub mod dataplane;
 pub mod handshake;
+pub mod host;
 pub mod metrics;
 pub mod path;
 pub mod route;

@@ -1,7 +1,8 @@
 //! The routing table: Host (exact or `*.suffix`) and optional path prefix → pool.
 //!
-//! Rules (README, "Routing"): hosts compare case-insensitively with any port
-//! ignored; `*.example.com` matches any subdomain at any depth but not
+//! Rules (README, "Routing"): hosts compare in one normal form
+//! ([`crate::host::normalize`]: case-insensitive, port and trailing dot
+//! ignored, `[::1]` as `::1`); `*.example.com` matches any subdomain at any depth but not
 //! `example.com` itself; an exact host always beats a wildcard, and among
 //! wildcards the longest suffix wins; then the longest path prefix wins, and
 //! prefixes match whole segments (`/api` matches `/api`, `/api/x`, `/api?q`,
@@ -53,7 +54,7 @@ impl Router {
         let mut exact: HashMap<String, Entries> = HashMap::new();
         let mut wildcard: HashMap<String, Entries> = HashMap::new();
         for r in &config.routes {
-            let host = r.host.to_ascii_lowercase();
+            let host = crate::host::normalize(&r.host);
             let prefix = crate::path::normalize_prefix(r.path.as_deref());
             let target = RouteTarget {
                 pool: pool_index[r.pool.as_str()],
@@ -78,7 +79,7 @@ impl Router {
     /// normalised request path `path` ([`crate::path::normalize`]). An exact host that has no matching path prefix
     /// falls through to the wildcards.
     pub fn lookup(&self, host: &str, path: &str) -> Option<&RouteTarget> {
-        let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
+        let host = crate::host::normalize(host);
         if let Some(t) = self.exact.get(&host).and_then(|e| e.lookup(path)) {
             return Some(t);
         }
@@ -86,17 +87,6 @@ impl Router {
             .iter()
             .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
             .find_map(|(_, e)| e.lookup(path))
-    }
-}
-
-/// `host[:port]` or `[v6]:port` → host.
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
     }
 }
 
@@ -171,8 +161,14 @@ mod tests {
 
     #[test]
     fn ipv6_host_and_trailing_dot() {
-        let r = router("[[route]]\nhost=\"h.e.com\"\npool=\"a\"\n");
+        let r = router(
+            "[[route]]\nhost=\"h.e.com\"\npool=\"a\"\n[[route]]\nhost=\"[::1]\"\npool=\"b\"\n\
+             [[route]]\nhost=\"Dot.E.com.\"\npool=\"c\"\n",
+        );
         assert_eq!(pool(&r, "h.e.com.", "/"), Some(0));
-        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(pool(&r, "[::1]:8080", "/"), Some(1));
+        assert_eq!(pool(&r, "[::1]", "/"), Some(1));
+        assert_eq!(pool(&r, "dot.e.com", "/"), Some(2));
+        assert_eq!(pool(&r, "dot.e.com.:80", "/"), Some(2));
     }
 }
