@@ -68,10 +68,13 @@ impl Default for Limits {
     }
 }
 
+/// The largest request head `[limits] max_header_bytes` may allow.
+const MAX_HEADER_BYTES: usize = 16 << 20;
+
 impl Limits {
     fn validate(&self) -> Result<(), Invalid> {
-        if self.max_header_bytes < 64 {
-            return Err(("limits.max_header_bytes".into(), "must be at least 64".into()));
+        if !(64..=MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
+            return Err(("limits.max_header_bytes".into(), "must be between 64 and 16MiB".into()));
         }
         if self.max_connections == 0 {
             return Err(("limits.max_connections".into(), "must be at least 1".into()));
@@ -102,17 +105,34 @@ pub enum Protocol {
     Tcp,
 }
 
+impl Protocol {
+    /// As written in the config (`http`, `tcp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
     pub protocol: Protocol,
-    /// X-Forwarded-Proto set on requests that arrive here (http only).
-    #[serde(default = "default_proto")]
-    pub forwarded_proto: String,
+    /// X-Forwarded-Proto set on requests that arrive here (http only;
+    /// `http` when not given): see [`Listener::forwarded_proto`].
+    #[serde(default, rename = "forwarded_proto")]
+    pub forwarded_proto_setting: Option<String>,
     /// Peers whose X-Forwarded-For / X-Forwarded-Proto are kept (http only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_cidrs")]
     pub trusted_cidrs: Vec<IpNet>,
     /// The pool a tcp listener forwards to.
     #[serde(default)]
@@ -120,29 +140,72 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// The X-Forwarded-Proto this listener sets: `forwarded_proto`, or
+    /// `http`.
+    pub fn forwarded_proto(&self) -> &str {
+        self.forwarded_proto_setting.as_deref().unwrap_or("http")
+    }
+
     /// What its protocol requires of it alone: Err((key, what is wrong)).
     fn validate(&self) -> Result<(), (&'static str, String)> {
         match self.protocol {
-            Protocol::Tcp if self.pool.is_none() => Err(("pool", "a tcp listener needs a pool".into())),
-            Protocol::Tcp => Ok(()),
-            Protocol::Http if self.pool.is_some() => {
-                Err(("pool", "only tcp listeners take a pool; http listeners route by [[route]]".into()))
-            }
-            Protocol::Http => {
-                let scheme = &self.forwarded_proto;
-                let valid = !scheme.is_empty()
-                    && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.');
-                if !valid {
-                    return Err(("forwarded_proto", format!("{scheme:?} is not a URI scheme")));
+            Protocol::Tcp => {
+                let only_http = "only http listeners take it: a tcp listener parses no request";
+                if self.pool.is_none() {
+                    return Err(("pool", "a tcp listener needs a pool".into()));
+                }
+                if self.forwarded_proto_setting.is_some() {
+                    return Err(("forwarded_proto", only_http.into()));
+                }
+                if !self.trusted_cidrs.is_empty() {
+                    return Err(("trusted_cidrs", only_http.into()));
                 }
                 Ok(())
             }
+            Protocol::Http if self.pool.is_some() => {
+                Err(("pool", "only tcp listeners take a pool; http listeners route by [[route]]".into()))
+            }
+            Protocol::Http => match self.forwarded_proto() {
+                "http" | "https" => Ok(()),
+                other => Err(("forwarded_proto", format!("{other:?}: must be \"http\" or \"https\""))),
+            },
         }
     }
 }
 
-fn default_proto() -> String {
-    "http".to_string()
+/// Parses CIDRs with errors an operator can act on: the prefix length
+/// that is too long, or the network meant when host bits are set
+/// (`10.0.0.1/8` is refused: "did you mean 10.0.0.0/8?").
+fn de_cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?.iter().map(|s| parse_cidr(s).map_err(serde::de::Error::custom)).collect()
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let (addr, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR such as \"10.0.0.0/8\""))?;
+    let addr: std::net::IpAddr = addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len.parse().map_err(|_| format!("{s:?}: {len:?} is not a prefix length"))?;
+    if len > max {
+        return Err(format!("{s:?}: prefix length {len} is longer than {max}"));
+    }
+    let net = IpNet::new(addr, len).map_err(|e| format!("{s:?}: {e}"))?;
+    if net.trunc() != net {
+        return Err(format!("{s:?} has host bits set; did you mean {}?", net.trunc()));
+    }
+    Ok(net)
+}
+
+/// Parses backend addresses: `IP:PORT`, with an error that says so.
+fn de_backends<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<SocketAddr>().map_err(|_| {
+                let why = if s.parse::<std::net::IpAddr>().is_ok() { " (the port is missing)" } else { "" };
+                serde::de::Error::custom(format!("{s:?}: expected IP:PORT, e.g. \"10.0.0.1:8080\"{why}"))
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -153,11 +216,21 @@ pub enum Balance {
     LeastConn,
 }
 
+impl fmt::Display for Balance {
+    /// As written in the config (`round_robin`, `least_conn`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastConn => "least_conn",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pool {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_backends")]
     pub backends: Vec<SocketAddr>,
     #[serde(default)]
     pub balance: Balance,
@@ -255,9 +328,8 @@ impl Config {
         Ok(pools)
     }
 
-    /// Listener names and binds are unique (port 0 asks the kernel for a
-    /// free port, so it never collides); each listener is whole for its
-    /// protocol.
+    /// Listener names are unique, binds do not overlap ([`overlaps`]);
+    /// each listener is whole for its protocol.
     fn validate_listeners(&self, pools: &HashSet<&str>) -> Result<(), Invalid> {
         let mut names = HashSet::new();
         let mut binds = HashMap::new();
@@ -269,13 +341,12 @@ impl Config {
             if !names.insert(lst.name.as_str()) {
                 return Err((field("name"), format!("duplicate listener name {:?}", lst.name)));
             }
-            if lst.bind.port() != 0 {
-                if let Some(other) = binds.insert(lst.bind, lst.name.as_str()) {
-                    return Err((field("bind"), format!("{} is already bound by listener {other:?}", lst.bind)));
-                }
-                if self.admin.as_ref().is_some_and(|a| a.bind == lst.bind) {
-                    return Err((field("bind"), format!("{} is already bound by [admin]", lst.bind)));
-                }
+            if let Some((_, other)) = binds.iter().find(|(b, _)| overlaps(**b, lst.bind)) {
+                return Err((field("bind"), format!("{} is already bound by listener {other:?}", lst.bind)));
+            }
+            binds.insert(lst.bind, lst.name.as_str());
+            if self.admin.as_ref().is_some_and(|a| overlaps(a.bind, lst.bind)) {
+                return Err((field("bind"), format!("{} is already bound by [admin]", lst.bind)));
             }
             lst.validate().map_err(|(name, m)| (field(name), m))?;
             if let Some(p) = &lst.pool {
@@ -318,6 +389,29 @@ impl Config {
         Ok(())
     }
 
+    /// What is valid but probably not meant: pools without backends
+    /// (requests routed there get 503 no_endpoints) and pools nothing
+    /// routes or forwards to. Printed by `check`, logged by `run` and on
+    /// reload.
+    pub fn warnings(&self) -> Vec<String> {
+        let used: HashSet<&str> = self
+            .routes
+            .iter()
+            .map(|r| r.pool.as_str())
+            .chain(self.listeners.iter().filter_map(|l| l.pool.as_deref()))
+            .collect();
+        let mut out = Vec::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            if p.backends.is_empty() {
+                out.push(format!("pool[{i}] {:?} has no backends: requests routed to it get 503", p.name));
+            }
+            if !used.contains(p.name.as_str()) {
+                out.push(format!("pool[{i}] {:?} is not used by any route or tcp listener", p.name));
+            }
+        }
+        out
+    }
+
     /// A short human summary, printed by `upsplice check`.
     pub fn summary(&self) -> String {
         use std::fmt::Write;
@@ -335,7 +429,7 @@ impl Config {
                         "  {:<12} {:<22} http  proto={} trusted={}",
                         l.name,
                         l.bind,
-                        l.forwarded_proto,
+                        l.forwarded_proto(),
                         l.trusted_cidrs.len()
                     );
                 }
@@ -353,7 +447,7 @@ impl Config {
         let _ = writeln!(s, "pools ({}):", self.pools.len());
         for p in &self.pools {
             let backends: Vec<String> = p.backends.iter().map(|b| b.to_string()).collect();
-            let _ = writeln!(s, "  {:<12} {:?} [{}]", p.name, p.balance, backends.join(", "));
+            let _ = writeln!(s, "  {:<12} {} [{}]", p.name, p.balance, backends.join(", "));
         }
         let _ = writeln!(s, "routes ({}):", self.routes.len());
         for r in &self.routes {
@@ -368,6 +462,14 @@ impl Config {
         }
         s
     }
+}
+
+/// Would binding both fail with EADDRINUSE? The same port, and the same
+/// address or a wildcard on either side (`[::]` takes IPv4 too: the
+/// sockets are dual-stack). Port 0 asks the kernel for a free port, so it
+/// never collides.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// The built-in configuration used by `run` without `--config` (and so
@@ -452,5 +554,64 @@ pool = "chat"
         let two = format!("{BASE}\n[[listener]]\nname = \"w2\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n")
             .replace("127.0.0.1:8080", "127.0.0.1:0");
         parse(&format!("[admin]\nbind = \"127.0.0.1:0\"\n{two}")).unwrap();
+    }
+
+    /// What was accepted silently or worded for Rust rather than for an
+    /// operator: refused, saying what was probably meant.
+    #[test]
+    fn operator_mistakes_are_refused_with_what_was_meant() {
+        let http = |extra: &str| BASE.replace("protocol = \"http\"", &format!("protocol = \"http\"\n{extra}"));
+        let tcp = |extra: &str| {
+            format!("{BASE}\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:8443\"\nprotocol = \"tcp\"\npool = \"chat\"\n{extra}")
+        };
+        let cases = [
+            (http("forwarded_proto = \"ftp\""), "listener[0].forwarded_proto: \"ftp\": must be \"http\" or \"https\""),
+            (tcp("forwarded_proto = \"https\""), "listener[1].forwarded_proto: only http listeners take it"),
+            (tcp("trusted_cidrs = [\"10.0.0.0/8\"]"), "listener[1].trusted_cidrs: only http listeners take it"),
+            (http("trusted_cidrs = [\"10.0.0.1/8\"]"), "\"10.0.0.1/8\" has host bits set; did you mean 10.0.0.0/8?"),
+            (http("trusted_cidrs = [\"10.0.0.0/33\"]"), "\"10.0.0.0/33\": prefix length 33 is longer than 32"),
+            (http("trusted_cidrs = [\"fd00::/129\"]"), "prefix length 129 is longer than 128"),
+            (http("trusted_cidrs = [\"10.0.0.0\"]"), "is not a CIDR such as"),
+            (
+                BASE.replace("127.0.0.1:9001", "10.0.0.1"),
+                "\"10.0.0.1\": expected IP:PORT, e.g. \"10.0.0.1:8080\" (the port is missing)",
+            ),
+            (
+                format!("[limits]\nmax_header_bytes = 100000000000\n{BASE}"),
+                "limits.max_header_bytes: must be between 64 and 16MiB",
+            ),
+            (
+                format!("{BASE}\n[[listener]]\nname = \"any\"\nbind = \"0.0.0.0:8080\"\nprotocol = \"http\"\n"),
+                "listener[1].bind: 0.0.0.0:8080 is already bound by listener \"web\"",
+            ),
+            (
+                format!("{BASE}\n[[listener]]\nname = \"v6\"\nbind = \"[::]:8080\"\nprotocol = \"http\"\n"),
+                "listener[1].bind: [::]:8080 is already bound by listener \"web\"",
+            ),
+            (
+                format!("{BASE}\n[[route]]\nhost = \"Chat.Example.com.\"\npath = \"/\"\npool = \"chat\"\n"),
+                "route[1]: duplicate route for host \"Chat.Example.com.\" and path \"/\"",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = parse(&text).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(expected), "expected {expected:?} in {e:?}");
+        }
+        // Still accepted: the same port on two different addresses, https.
+        parse(&format!("{BASE}\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.2:8080\"\nprotocol = \"http\"\nforwarded_proto = \"https\"\n"))
+            .unwrap();
+    }
+
+    #[test]
+    fn empty_and_unused_pools_are_warned_about() {
+        let c = parse(&format!("{BASE}\n[[pool]]\nname = \"spare\"\n")).unwrap();
+        assert_eq!(
+            c.warnings(),
+            [
+                "pool[1] \"spare\" has no backends: requests routed to it get 503",
+                "pool[1] \"spare\" is not used by any route or tcp listener"
+            ]
+        );
+        assert!(parse(BASE).unwrap().warnings().is_empty());
     }
 }

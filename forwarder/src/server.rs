@@ -29,14 +29,18 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let hup = signal(SignalKind::hangup())?;
     let usr1 = signal(SignalKind::user_defined1())?;
     let planes = Arc::new(DataPlanes::start(&config.data_plane).map_err(anyhow::Error::msg)?);
-    tracing::info!(data_plane = %planes.mode(), "data plane ready (fallbacks: {})",
-        planes.planes().iter().skip(1).map(|p| p.mode().as_str()).collect::<Vec<_>>().join(", "));
+    let fallbacks: Vec<&str> = planes.planes().iter().skip(1).map(|p| p.mode().as_str()).collect();
+    if fallbacks.is_empty() {
+        tracing::info!(data_plane = %planes.mode(), "data plane ready (no fallback)");
+    } else {
+        tracing::info!(data_plane = %planes.mode(), "data plane ready (fallbacks: {})", fallbacks.join(", "));
+    }
     metrics::set_planes(planes.clone());
 
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = bind(l.bind).with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
-        tracing::info!(listener = %l.name, bind = %listener.local_addr()?, protocol = ?l.protocol, "listening");
+        tracing::info!(listener = %l.name, bind = %listener.local_addr()?, protocol = %l.protocol, "listening");
         bound.push((listener, Arc::<str>::from(l.name.as_str()), l.protocol));
     }
     let admin = match &config.admin {
@@ -45,6 +49,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     };
     announce(&bound, admin.as_ref())?;
 
+    for w in config.warnings() {
+        tracing::warn!("config: {w}");
+    }
     let shared = Arc::new(Shared::new(config, planes));
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -172,10 +179,6 @@ fn announce(bound: &[(TcpListener, Arc<str>, Protocol)], admin: Option<&TcpListe
     use std::io::Write;
     let mut out = io::stdout().lock();
     for (listener, name, protocol) in bound {
-        let protocol = match protocol {
-            Protocol::Http => "http",
-            Protocol::Tcp => "tcp",
-        };
         writeln!(out, "listening on {} listener={name} protocol={protocol}", listener.local_addr()?)?;
     }
     if let Some(admin) = admin {
@@ -253,6 +256,9 @@ fn reload(shared: &Shared, path: Option<&Path>) {
     };
     match load_compatible(shared, path) {
         Ok(config) => {
+            for w in config.warnings() {
+                tracing::warn!("SIGHUP: config: {w}");
+            }
             let routes = config.routes.len();
             let pools = config.pools.len();
             shared.replace(Snapshot::new(config));

@@ -133,7 +133,7 @@ async fn negotiate<S: ClientStream>(
     let client_info = ClientInfo {
         peer: peer.ip(),
         trusted: settings.trusted_cidrs.iter().any(|net| net.contains(&peer.ip())),
-        forwarded_proto: &settings.forwarded_proto,
+        forwarded_proto: settings.forwarded_proto(),
         now_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
     };
     let fwd = rewrite::rewrite(&request, &client_info)?;
