@@ -106,9 +106,16 @@ fn run(path: Option<&Path>) -> anyhow::Result<()> {
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     print!("{}", config.summary());
+    for w in config.warnings() {
+        println!("warning: {w}");
+    }
     println!("data planes on this machine (kernel {}; each started and self-tested):", kernel_release());
     let mut auto = None;
+    let mut chosen_fails = None;
     for (mode, state) in dataplane::check_all(&config.data_plane) {
+        if mode == config.data_plane.mode && !matches!(state, dataplane::PlaneCheck::Passed(_)) {
+            chosen_fails = Some(mode);
+        }
         match state {
             dataplane::PlaneCheck::Passed(report) => {
                 println!("  {mode:<8} available, {report}");
@@ -121,6 +128,13 @@ fn check(path: &Path) -> anyhow::Result<()> {
             dataplane::PlaneCheck::Failed(why) => println!("  {mode:<8} FAILED: {why}"),
             dataplane::PlaneCheck::Unavailable(why) => println!("  {mode:<8} unavailable: {why}"),
         }
+    }
+    if let Some(mode) = chosen_fails {
+        // `run` refuses to start on a plane that cannot run: so does check.
+        anyhow::bail!(
+            "{}: data_plane.mode = \"{mode}\" cannot run here (see above); `run` would refuse",
+            path.display()
+        );
     }
     if let Some(mode) = auto {
         println!("auto picks: {mode}");

@@ -127,3 +127,35 @@ fn run_without_config_refuses_unless_demo_is_asked_for() {
         Command::new(env!("CARGO_BIN_EXE_upsplice")).args(["run", "--demo", "--config", "x.toml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "--demo with --config: {out:?}");
 }
+
+/// `check` fails whenever `run` would: a plane chosen by name that cannot
+/// run here. Without privileges (as user nobody, through util-linux's
+/// setpriv) sockmap cannot load its program.
+#[test]
+fn check_fails_when_the_chosen_plane_cannot_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("r.toml");
+    std::fs::write(
+        &path,
+        "[data_plane]\nmode = \"sockmap\"\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let as_nobody = |cmd: &str| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_upsplice"), cmd, "--config"])
+            .arg(&path)
+            .output()
+            .expect("setpriv (util-linux) runs")
+    };
+    let check = as_nobody("check");
+    let (stdout, stderr) = (String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(!check.status.success(), "check passed:\n{stdout}");
+    assert!(stdout.contains("sockmap  unavailable: needs CAP_BPF"), "{stdout}");
+    assert!(stderr.contains("data_plane.mode = \"sockmap\" cannot run here"), "{stderr}");
+    let run = as_nobody("run");
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("data_plane.mode = \"sockmap\" cannot start"), "{run:?}");
+}
