@@ -87,6 +87,22 @@ async fn error_answers_follow_gorouter() {
     r.wait_log("close=\"http2_unsupported\"");
 }
 
+/// A failing backend: the client gets gorouter's sentence, never the pool,
+/// the backend's address or the OS error; those go to the log (WARN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_bodies_keep_internals_in_the_log() {
+    let (r, _backend) = router("").await;
+    let raw = raw_exchange(r.http, b"GET / HTTP/1.1\r\nHost: dead.test\r\n\r\n").await;
+    let (status, _, body) = parse_answer(&raw);
+    assert_eq!(status, 502);
+    assert_eq!(body, "502 Bad Gateway: Registered endpoint failed to handle the request.\n");
+    r.wait_log("refused: 502 endpoint_failure");
+    let log = r.log();
+    let line = log.lines().find(|l| l.contains("refused: 502 endpoint_failure")).unwrap();
+    assert!(line.contains("WARN") && line.contains("host=\"dead.test\"") && line.contains("refused"), "{line}");
+    assert!(line.contains("127.0.0.1:"), "the log names the backend: {line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcards_route_plain_requests() {
     let (r, mut backend) = router("").await;

@@ -15,13 +15,16 @@ pub struct Refusal {
     pub cf_error: Option<&'static str>,
     /// Short machine-readable reason for logs and metrics.
     pub reason: &'static str,
-    /// One human sentence for the body.
+    /// One human sentence for the body: never internals (pool names,
+    /// backend addresses, OS errors), which go to `detail`.
     pub message: String,
+    /// What the log says beyond the message (why a backend failed).
+    pub detail: Option<String>,
 }
 
 impl Refusal {
     fn new(status: u16, cf_error: Option<&'static str>, reason: &'static str, message: impl Into<String>) -> Refusal {
-        Refusal { status, cf_error, reason, message: message.into() }
+        Refusal { status, cf_error, reason, message: message.into(), detail: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Refusal {
@@ -39,13 +42,18 @@ impl Refusal {
     pub fn too_large(max: usize) -> Refusal {
         Refusal::new(431, None, "header_too_large", format!("The request head is larger than {max} bytes."))
     }
-    pub fn endpoint_failure(detail: &str) -> Refusal {
-        Refusal::new(
-            502,
-            Some("endpoint_failure"),
-            "endpoint_failure",
-            format!("Registered endpoint failed to handle the request: {detail}"),
-        )
+    /// The backend failed; `detail` (which backend, the OS error) goes to
+    /// the log only. The body is gorouter's sentence.
+    pub fn endpoint_failure(detail: impl Into<String>) -> Refusal {
+        Refusal {
+            detail: Some(detail.into()),
+            ..Refusal::new(
+                502,
+                Some("endpoint_failure"),
+                "endpoint_failure",
+                "Registered endpoint failed to handle the request.",
+            )
+        }
     }
     pub fn no_endpoints(host: &str) -> Refusal {
         Refusal::new(
@@ -109,7 +117,11 @@ impl Refusal {
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.status, self.reason, self.message)
+        write!(f, "{} {}: {}", self.status, self.reason, self.message)?;
+        match &self.detail {
+            Some(detail) => write!(f, " ({detail})"),
+            None => Ok(()),
+        }
     }
 }
 

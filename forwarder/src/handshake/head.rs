@@ -20,9 +20,9 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 /// Why a request head is refused. Each maps to one error answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {
-    #[error("request head larger than {0} bytes")]
+    #[error("head larger than {0} bytes")]
     TooLarge(usize),
-    #[error("malformed request head: {0}")]
+    #[error("malformed head: {0}")]
     Malformed(String),
     #[error("HTTP/2 prior-knowledge preface")]
     Http2Preface,

@@ -151,10 +151,10 @@ async fn negotiate<S: ClientStream>(
     }
     let (mut backend, guard) = snap.pools[route.pool].connect(limits.connect_timeout).await.map_err(|e| match e {
         ConnectError::NoBackends(_) => Refusal::no_endpoints(&fwd.host),
-        e => Refusal::endpoint_failure(&e.to_string()),
+        e => Refusal::endpoint_failure(e.to_string()),
     })?;
     rec.backend = Some(guard.addr());
-    backend.write_all(&fwd.head).await.map_err(|e| Refusal::endpoint_failure(&format!("writing the request: {e}")))?;
+    backend.write_all(&fwd.head).await.map_err(|e| Refusal::endpoint_failure(format!("writing the request: {e}")))?;
     rec.to_backend += fwd.head.len() as u64;
 
     // The request body (if any) goes to the backend while its answer is
@@ -214,7 +214,12 @@ impl Stop {
             // sent after this request is read and discarded, never relayed.
             Stop::Answered => linger_close(client).await,
             Stop::Refuse(refusal) => {
-                tracing::debug!(listener, "refused: {refusal}");
+                if refusal.detail.is_some() {
+                    // A backend failed: the operator needs to know which and why.
+                    tracing::warn!(listener, host = rec.host.as_deref().unwrap_or("-"), "refused: {refusal}");
+                } else {
+                    tracing::debug!(listener, "refused: {refusal}");
+                }
                 let bytes = refusal.render();
                 rec.status = refusal.status;
                 rec.reason = refusal.reason;
@@ -332,7 +337,7 @@ impl Exchange<'_> {
                         None => Err(Stop::Gone("backend_error")),
                     },
                     Respond::Relayed => Err(Stop::Answered),
-                    Respond::HeadFailed(m) => Err(Refusal::endpoint_failure(&m).into()),
+                    Respond::HeadFailed(m) => Err(Refusal::endpoint_failure(m).into()),
                     Respond::ClientFailed => Err(Stop::Gone("client_error")),
                     Respond::RelayFailed(e) => {
                         tracing::debug!("relaying the backend's response: {e}");
