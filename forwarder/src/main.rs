@@ -43,8 +43,13 @@ enum Command {
     /// Validate a config, print a summary and which data planes can run
     /// here; exit non-zero naming the file, the field and what is wrong.
     Check {
+        /// The TOML config to validate.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Print only problems (warnings, planes that cannot run) and a
+        /// one-line summary, not every listener, pool and route.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Print the built-in demo config (a starting point for your own).
     DefaultConfig,
@@ -53,8 +58,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = match &cli.log_level {
-        Some(level) => EnvFilter::try_new(level),
-        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
+        Some(level) => log_filter(level),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")).map_err(|e| e.to_string()),
     };
     let filter = match filter {
         Ok(f) => f,
@@ -71,7 +76,7 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Run { config, demo: _ } => run(config.as_deref()),
-        Command::Check { config } => check(&config),
+        Command::Check { config, quiet } => check(&config, quiet),
         Command::DefaultConfig => {
             print!("{DEMO_CONFIG}");
             Ok(())
@@ -84,6 +89,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The levels a bare word in `--log-level` may name.
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Parses `--log-level`. A bare word that is not a level (`warning`,
+/// `verbose`) is refused: tracing would read it as a target name and turn
+/// off every log line, errors and the access log included. Targets are
+/// named with `=` (`upsplice::access=off`) or as a module path.
+fn log_filter(spec: &str) -> Result<EnvFilter, String> {
+    for directive in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains('=') && !directive.contains("::") && !directive.contains('[');
+        if bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} is not a level; use one of {} or TARGET=LEVEL (e.g. info,upsplice::access=off)",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    EnvFilter::try_new(spec).map_err(|e| e.to_string())
 }
 
 fn kernel_release() -> String {
@@ -103,42 +128,52 @@ fn run(path: Option<&Path>) -> anyhow::Result<()> {
     runtime.block_on(upsplice::server::run(config, path.map(Path::to_path_buf)))
 }
 
-fn check(path: &Path) -> anyhow::Result<()> {
+fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
+    use dataplane::{Mode, PlaneCheck};
     let config = Config::load(path)?;
-    print!("{}", config.summary());
+    let chosen = config.data_plane.mode;
+    if !quiet {
+        print!("{}", config.summary());
+    }
     for w in config.warnings() {
         println!("warning: {w}");
     }
-    println!("data planes on this machine (kernel {}; each started and self-tested):", kernel_release());
-    let mut auto = None;
-    let mut chosen_fails = None;
-    for (mode, state) in dataplane::check_all(&config.data_plane) {
-        if mode == config.data_plane.mode && !matches!(state, dataplane::PlaneCheck::Passed(_)) {
-            chosen_fails = Some(mode);
+    let planes = dataplane::check_all(&config.data_plane);
+    let passed = |m: &Mode| planes.iter().any(|(mode, state)| mode == m && matches!(state, PlaneCheck::Passed(_)));
+    let auto = dataplane::AUTO_ORDER.iter().find(|m| passed(m));
+    if !quiet {
+        println!("data planes on this machine (kernel {}; each started and self-tested):", kernel_release());
+    }
+    for (mode, state) in &planes {
+        // --quiet: only the planes that matter and cannot run.
+        let problem = !passed(mode) && (*mode == chosen || chosen == Mode::Auto);
+        if quiet && !problem {
+            continue;
         }
         match state {
-            dataplane::PlaneCheck::Passed(report) => {
+            PlaneCheck::Passed(report) => {
                 println!("  {mode:<8} available, {report}");
-                if mode == dataplane::Mode::Sockmap {
+                if *mode == Mode::Sockmap {
                     println!("  {:<8} {}", "", dataplane::SOCKMAP_NOT_AUTO);
-                } else if auto.is_none() && dataplane::AUTO_ORDER.contains(&mode) {
-                    auto = Some(mode);
                 }
             }
-            dataplane::PlaneCheck::Failed(why) => println!("  {mode:<8} FAILED: {why}"),
-            dataplane::PlaneCheck::Unavailable(why) => println!("  {mode:<8} unavailable: {why}"),
+            PlaneCheck::Failed(why) => println!("  {mode:<8} FAILED: {why}"),
+            PlaneCheck::Unavailable(why) => println!("  {mode:<8} unavailable: {why}"),
         }
     }
-    if let Some(mode) = chosen_fails {
+    if chosen != Mode::Auto && !passed(&chosen) {
         // `run` refuses to start on a plane that cannot run: so does check.
         anyhow::bail!(
-            "{}: data_plane.mode = \"{mode}\" cannot run here (see above); `run` would refuse",
+            "{}: data_plane.mode = \"{chosen}\" cannot run here (see above); `run` would refuse",
             path.display()
         );
     }
-    if let Some(mode) = auto {
+    if let Some(mode) = auto.filter(|_| !quiet) {
         println!("auto picks: {mode}");
     }
-    println!("{}: ok", path.display());
+    let (l, p, r) = (config.listeners.len(), config.pools.len(), config.routes.len());
+    let plane =
+        if chosen == Mode::Auto { auto.map_or("none".into(), |m| format!("auto → {m}")) } else { chosen.to_string() };
+    println!("{}: ok ({l} listeners, {p} pools, {r} routes; data plane {plane})", path.display());
     Ok(())
 }

@@ -159,3 +159,48 @@ fn check_fails_when_the_chosen_plane_cannot_run() {
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("data_plane.mode = \"sockmap\" cannot start"), "{run:?}");
 }
+
+/// `--log-level warning` (or any word that is not a level) is an error:
+/// tracing would read it as a target and silence every line, errors and
+/// the access log included.
+#[test]
+fn an_unknown_log_level_is_an_error() {
+    for bad in ["warning", "verbose", "info,chatty"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_upsplice")).args(["--log-level", bad, "default-config"]).output();
+        let out = out.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("is not a level; use one of off, error, warn, info, debug, trace"), "{stderr}");
+    }
+    for good in ["warn", "INFO", "info,upsplice::access=off", "upsplice=debug"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_upsplice")).args(["--log-level", good, "default-config"]).output();
+        assert!(out.unwrap().status.success(), "{good}");
+    }
+}
+
+/// `check --quiet` on a large config: problems and one summary line, not a
+/// line per route; `check --help` explains its options.
+#[test]
+fn check_quiet_prints_problems_and_a_summary() {
+    let mut config = String::from(
+        "[data_plane]\nmode = \"copy\"\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n\
+         [[pool]]\nname = \"p\"\nbackends = [\"127.0.0.1:9\"]\n[[pool]]\nname = \"idle\"\n",
+    );
+    for i in 0..1000 {
+        config.push_str(&format!("[[route]]\nhost = \"h{i}.example.com\"\npool = \"p\"\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.toml");
+    std::fs::write(&path, &config).unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_upsplice")).args(["check", "--quiet", "-c"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines[0].starts_with("warning: pool[1] \"idle\" has no backends"), "{stdout}");
+    assert!(lines[2].ends_with("big.toml: ok (1 listeners, 2 pools, 1000 routes; data plane copy)"), "{stdout}");
+    let help = Command::new(env!("CARGO_BIN_EXE_upsplice")).args(["check", "--help"]).output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("The TOML config to validate") && help.contains("--quiet"), "{help}");
+}
