@@ -267,6 +267,19 @@ impl fmt::Display for ConfigError {
     }
 }
 
+impl ConfigError {
+    /// The error on one line, for logs that ship line by line: toml's caret
+    /// diagram (`3 | colour = "blue"` / `  |     ^`) is left out.
+    pub fn one_line(&self) -> String {
+        let diagram = |l: &str| {
+            let t = l.trim_start();
+            t.is_empty() || t.trim_start_matches(|c: char| c.is_ascii_digit()).trim_start().starts_with('|')
+        };
+        let message: Vec<&str> = self.message.lines().filter(|l| !diagram(l)).map(str::trim).collect();
+        ConfigError { file: self.file.clone(), field: self.field.clone(), message: message.join(": ") }.to_string()
+    }
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -613,5 +626,14 @@ pool = "chat"
             ]
         );
         assert!(parse(BASE).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn toml_errors_fit_on_one_line_for_logs() {
+        let e = parse(&BASE.replace("protocol = \"http\"", "protocol = \"http\"\ncolour = \"blue\"")).unwrap_err();
+        assert!(e.to_string().lines().count() > 2, "{e}");
+        let line = e.one_line();
+        assert!(!line.contains('\n') && line.starts_with("t.toml: TOML parse error at line"), "{line}");
+        assert!(line.contains("unknown field `colour`"), "{line}");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -270,17 +270,36 @@ fn reload(shared: &Shared, path: Option<&Path>) {
 
 /// Loads `path` and checks that it only changes what a reload can change.
 fn load_compatible(shared: &Shared, path: &Path) -> anyhow::Result<Config> {
-    let new = Config::load(path)?;
+    let new = Config::load(path).map_err(|e| anyhow::anyhow!(e.one_line()))?;
     let old = shared.snapshot();
-    let shape = |c: &Config| c.listeners.iter().map(|l| (l.name.clone(), l.bind, l.protocol)).collect::<Vec<_>>();
-    if shape(&new) != shape(&old.config) {
-        bail!("{}: listener: names, binds and protocols can only change with a restart", path.display());
+    let restart = |what: String| anyhow::anyhow!("{}: {what} can only change with a restart", path.display());
+    if new.listeners.len() != old.config.listeners.len() {
+        return Err(restart(format!(
+            "the number of listeners ({} → {})",
+            old.config.listeners.len(),
+            new.listeners.len()
+        )));
     }
-    if new.admin.as_ref().map(|a| a.bind) != old.config.admin.as_ref().map(|a| a.bind) {
-        bail!("{}: admin.bind can only change with a restart", path.display());
+    for (i, (o, n)) in old.config.listeners.iter().zip(&new.listeners).enumerate() {
+        let changed = if o.name != n.name {
+            Some(format!("name ({:?} → {:?})", o.name, n.name))
+        } else if o.bind != n.bind {
+            Some(format!("bind ({} → {})", o.bind, n.bind))
+        } else if o.protocol != n.protocol {
+            Some(format!("protocol ({} → {})", o.protocol, n.protocol))
+        } else {
+            None
+        };
+        if let Some(changed) = changed {
+            return Err(restart(format!("listener[{i}] {:?}: {changed}", o.name)));
+        }
+    }
+    let admin = |c: &Config| c.admin.as_ref().map(|a| a.bind);
+    if admin(&new) != admin(&old.config) {
+        return Err(restart("admin.bind".into()));
     }
     if new.data_plane.mode != old.config.data_plane.mode {
-        bail!("{}: data_plane.mode can only change with a restart", path.display());
+        return Err(restart(format!("data_plane.mode ({} → {})", old.config.data_plane.mode, new.data_plane.mode)));
     }
     Ok(new)
 }

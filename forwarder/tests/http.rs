@@ -438,3 +438,29 @@ async fn expect_100_continue_and_an_early_answer_reach_the_client() {
     let got = upload.await.unwrap();
     assert!(got.starts_with("HTTP/1.1 413 Content Too Large\r\n") && got.ends_with("\r\n\r\nbig"), "{got:?}");
 }
+
+/// A rejected reload says what changed (listener and field), and a TOML
+/// error is one log line (log shippers split on newlines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_reloads_name_the_change_on_one_line() {
+    let (r, _backend) = router("").await;
+    let good = std::fs::read_to_string(&r.config_path).unwrap();
+    let http = r.http.to_string();
+    let moved = good.replacen(&http, "127.0.0.1:1", 1);
+    assert_ne!(moved, good);
+    std::fs::write(&r.config_path, &moved).unwrap();
+    r.signal(nix::sys::signal::Signal::SIGHUP);
+    r.wait_log("can only change with a restart");
+    let log = r.log();
+    let line = log.lines().find(|l| l.contains("can only change with a restart")).unwrap();
+    assert!(line.contains(&format!("listener[0] \"web\": bind ({http} → 127.0.0.1:1)")), "{line}");
+
+    std::fs::write(&r.config_path, format!("{good}\n[limits]\ncolour = \"blue\"\n")).unwrap();
+    r.signal(nix::sys::signal::Signal::SIGHUP);
+    r.wait_log("TOML parse error");
+    let log = r.log();
+    let line = log.lines().find(|l| l.contains("TOML parse error")).unwrap();
+    assert!(line.contains("SIGHUP: reload rejected"), "the whole error on the log line: {line}\n{log}");
+    assert!(line.contains("duplicate key"), "{line}");
+    assert!(!log.lines().any(|l| l.trim_start().starts_with('|')), "a caret diagram reached the log:\n{log}");
+}
