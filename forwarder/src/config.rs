@@ -41,6 +41,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     #[serde(deserialize_with = "de_size_usize")]
     pub max_header_bytes: usize,
+    /// Most header fields in a request head (431 past it).
+    pub max_headers: usize,
     #[serde(deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
     /// On SIGTERM/SIGUSR1: how long the listeners keep accepting while
@@ -59,6 +61,7 @@ impl Default for Limits {
         Limits {
             handshake_timeout: Duration::from_secs(5),
             max_header_bytes: 16384,
+            max_headers: 128,
             idle_timeout: Duration::from_secs(3600),
             drain_wait: Duration::from_secs(20),
             drain_timeout: Duration::from_secs(30),
@@ -70,11 +73,16 @@ impl Default for Limits {
 
 /// The largest request head `[limits] max_header_bytes` may allow.
 const MAX_HEADER_BYTES: usize = 16 << 20;
+/// The most header fields `[limits] max_headers` may allow.
+const MAX_HEADERS: usize = 10_000;
 
 impl Limits {
     fn validate(&self) -> Result<(), Invalid> {
         if !(64..=MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
             return Err(("limits.max_header_bytes".into(), "must be between 64 and 16MiB".into()));
+        }
+        if !(1..=MAX_HEADERS).contains(&self.max_headers) {
+            return Err(("limits.max_headers".into(), format!("must be between 1 and {MAX_HEADERS}")));
         }
         if self.max_connections == 0 {
             return Err(("limits.max_connections".into(), "must be at least 1".into()));

@@ -464,3 +464,26 @@ async fn rejected_reloads_name_the_change_on_one_line() {
     assert!(line.contains("duplicate key"), "{line}");
     assert!(!log.lines().any(|l| l.trim_start().starts_with('|')), "a caret diagram reached the log:\n{log}");
 }
+
+/// The header-count limit has its own answer and its own key: 500 small
+/// headers are "more than 128 header fields", not "larger than 16384
+/// bytes"; `[limits] max_headers` raises it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_count_limit_is_its_own_and_configurable() {
+    let many = |n: usize| {
+        let mut req = String::from("GET / HTTP/1.1\r\nHost: nowhere.test\r\n");
+        for i in 0..n {
+            req.push_str(&format!("X-{i}: v\r\n"));
+        }
+        req + "\r\n"
+    };
+    let (r, _backend) = router("").await;
+    let (status, _, body) = parse_answer(&raw_exchange(r.http, many(500).as_bytes()).await);
+    assert_eq!(
+        (status, body.as_str()),
+        (431, "431 Request Header Fields Too Large: The request has more than 128 header fields.\n")
+    );
+    let (r, _backend) = router("max_headers = 200").await;
+    let (status, _, _) = parse_answer(&raw_exchange(r.http, many(150).as_bytes()).await);
+    assert_eq!(status, 404, "150 headers within max_headers = 200 are routed");
+}

@@ -42,6 +42,9 @@ impl Refusal {
     pub fn too_large(max: usize) -> Refusal {
         Refusal::new(431, None, "header_too_large", format!("The request head is larger than {max} bytes."))
     }
+    pub fn too_many_headers(max: usize) -> Refusal {
+        Refusal::new(431, None, "too_many_headers", format!("The request has more than {max} header fields."))
+    }
     /// The backend failed; `detail` (which backend, the OS error) goes to
     /// the log only. The body is gorouter's sentence.
     pub fn endpoint_failure(detail: impl Into<String>) -> Refusal {

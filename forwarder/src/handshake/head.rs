@@ -26,8 +26,8 @@ pub enum HeadError {
     Malformed(String),
     #[error("HTTP/2 prior-knowledge preface")]
     Http2Preface,
-    #[error("too many headers (more than {MAX_HEADERS})")]
-    TooManyHeaders,
+    #[error("more than {0} header fields")]
+    TooManyHeaders(usize),
 }
 
 /// One header as received (name case preserved).
@@ -74,32 +74,52 @@ fn own_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
     headers.iter().map(|h| Header { name: h.name.to_string(), value: h.value.to_vec() }).collect()
 }
 
-/// Parses a request head from the start of `buf`. `Ok(None)` means the head
-/// is incomplete and may still fit in `max` bytes.
+/// Parses a request head from the start of `buf`, with at most
+/// [`MAX_HEADERS`] header fields. `Ok(None)` means the head is incomplete
+/// and may still fit in `max` bytes.
 pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<Request>, HeadError> {
+    parse_request_with(buf, max, MAX_HEADERS)
+}
+
+/// [`parse_request`] with at most `max_headers` header fields
+/// (`[limits] max_headers`).
+pub fn parse_request_with(buf: &[u8], max: usize, max_headers: usize) -> Result<Option<Request>, HeadError> {
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] && n > 0 {
         return if n == H2_PREFACE.len() { Err(HeadError::Http2Preface) } else { Ok(None) };
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(head_len)) => {
-            if head_len > max {
-                return Err(HeadError::TooLarge(max));
+    with_header_slots(max_headers, |slots| {
+        let mut req = httparse::Request::new(slots);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                if head_len > max {
+                    return Err(HeadError::TooLarge(max));
+                }
+                Ok(Some(Request {
+                    method: req.method.unwrap_or_default().to_string(),
+                    target: req.path.unwrap_or_default().to_string(),
+                    version: req.version.unwrap_or(1),
+                    headers: own_headers(req.headers),
+                    head_len,
+                }))
             }
-            Ok(Some(Request {
-                method: req.method.unwrap_or_default().to_string(),
-                target: req.path.unwrap_or_default().to_string(),
-                version: req.version.unwrap_or(1),
-                headers: own_headers(req.headers),
-                head_len,
-            }))
+            Ok(httparse::Status::Partial) if buf.len() >= max => Err(HeadError::TooLarge(max)),
+            Ok(httparse::Status::Partial) => Ok(None),
+            Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders(max_headers)),
+            Err(e) => Err(HeadError::Malformed(e.to_string())),
         }
-        Ok(httparse::Status::Partial) if buf.len() >= max => Err(HeadError::TooLarge(max)),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
-        Err(e) => Err(HeadError::Malformed(e.to_string())),
+    })
+}
+
+/// Runs `parse` with `n` empty header slots: on the stack up to
+/// [`MAX_HEADERS`], on the heap past it (only a config that raised
+/// `max_headers` pays for that).
+fn with_header_slots<'b, T>(n: usize, parse: impl FnOnce(&mut [httparse::Header<'b>]) -> T) -> T {
+    if n <= MAX_HEADERS {
+        let mut slots: [httparse::Header<'b>; MAX_HEADERS] = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        parse(&mut slots[..n])
+    } else {
+        parse(&mut vec![httparse::EMPTY_HEADER; n])
     }
 }
 
@@ -118,7 +138,7 @@ pub fn parse_response(buf: &[u8], max: usize) -> Result<Option<Response>, HeadEr
         })),
         Ok(httparse::Status::Partial) if buf.len() >= max => Err(HeadError::TooLarge(max)),
         Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders(MAX_HEADERS)),
         Err(e) => Err(HeadError::Malformed(e.to_string())),
     }
 }

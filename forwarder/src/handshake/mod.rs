@@ -120,10 +120,11 @@ async fn negotiate<S: ClientStream>(
     let limits = &snap.config.limits;
     let started = Instant::now();
     let mut buf = BytesMut::new();
-    let request =
-        head::read_head(client, &mut buf, limits.max_header_bytes, limits.handshake_timeout, head::parse_request)
-            .await
-            .map_err(|e| request_head_failed(e, limits.max_header_bytes))?;
+    let request = head::read_head(client, &mut buf, limits.max_header_bytes, limits.handshake_timeout, |b, max| {
+        head::parse_request_with(b, max, limits.max_headers)
+    })
+    .await
+    .map_err(request_head_failed)?;
     // Copied out so the head buffer is freed: a Bytes view would keep the
     // whole read buffer alive for the tunnel's life.
     let leftover = Bytes::copy_from_slice(&buf[request.head_len..]);
@@ -183,10 +184,10 @@ async fn negotiate<S: ClientStream>(
 }
 
 /// The answer to a request head that could not be read.
-fn request_head_failed(e: ReadError, max_header_bytes: usize) -> Stop {
+fn request_head_failed(e: ReadError) -> Stop {
     match e {
         ReadError::Head(HeadError::TooLarge(max)) => Refusal::too_large(max).into(),
-        ReadError::Head(HeadError::TooManyHeaders) => Refusal::too_large(max_header_bytes).into(),
+        ReadError::Head(HeadError::TooManyHeaders(max)) => Refusal::too_many_headers(max).into(),
         ReadError::Head(HeadError::Http2Preface) => Refusal::http2_unsupported().into(),
         ReadError::Head(HeadError::Malformed(m)) => {
             Refusal::bad_request(format!("malformed request head ({m})")).into()
