@@ -20,11 +20,29 @@ pub struct Refusal {
     pub message: String,
     /// What the log says beyond the message (why a backend failed).
     pub detail: Option<String>,
+    /// The protocol the answer is written in: the client's.
+    pub wire: Wire,
+}
+
+/// The protocol of an answer: HTTP/1.1, or — to a client that does not
+/// speak it — the refusal its own protocol has, which its tools report
+/// clearly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Http1,
+    /// A fatal TLS alert, `handshake_failure` (RFC 8446 §6): openssl and
+    /// curl report "alert handshake failure".
+    TlsAlert,
+    /// HTTP/2 frames that refuse the client's first stream (if it opened
+    /// one) and the connection with `HTTP_1_1_REQUIRED` ([`super::h2`]).
+    Http2 {
+        stream: Option<u32>,
+    },
 }
 
 impl Refusal {
     fn new(status: u16, cf_error: Option<&'static str>, reason: &'static str, message: impl Into<String>) -> Refusal {
-        Refusal { status, cf_error, reason, message: message.into(), detail: None }
+        Refusal { status, cf_error, reason, message: message.into(), detail: None, wire: Wire::Http1 }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Refusal {
@@ -89,17 +107,41 @@ impl Refusal {
     pub fn over_limit() -> Refusal {
         Refusal::new(503, None, "connection_limit", "The router is at its connection limit; try again later.")
     }
-    pub fn http2_unsupported() -> Refusal {
-        Refusal::new(
-            505,
-            None,
-            "http2_unsupported",
-            "HTTP/2 is not supported here; use HTTP/1.1 (WebSockets over HTTP/2, RFC 8441, are not supported).",
-        )
+    /// An HTTP/2 prior-knowledge client (curl --http2-prior-knowledge, gRPC):
+    /// answered in HTTP/2 (GOAWAY, HTTP_1_1_REQUIRED).
+    pub fn http2_unsupported(stream: Option<u32>) -> Refusal {
+        Refusal {
+            wire: Wire::Http2 { stream },
+            ..Refusal::new(
+                505,
+                None,
+                "http2_unsupported",
+                "HTTP/2 is not supported here; use HTTP/1.1 (WebSockets over HTTP/2, RFC 8441, are not supported).",
+            )
+        }
+    }
+    /// A TLS ClientHello on a listener without TLS: answered with a TLS
+    /// alert, so the client's TLS stack says what happened.
+    pub fn tls_unsupported() -> Refusal {
+        Refusal {
+            wire: Wire::TlsAlert,
+            ..Refusal::new(400, None, "tls_unsupported", "This listener does not speak TLS; use http://.")
+        }
     }
 
-    /// The complete response bytes.
+    /// The complete answer's bytes, in the client's protocol.
     pub fn render(&self) -> Vec<u8> {
+        match self.wire {
+            Wire::Http1 => self.render_http1(),
+            // An alert record (21) in the TLS 1.0 record version servers use
+            // before a version is agreed, 2 bytes long: fatal (2),
+            // handshake_failure (40).
+            Wire::TlsAlert => vec![21, 3, 1, 0, 2, 2, 40],
+            Wire::Http2 { stream } => super::h2::refusal(stream, self.message.as_bytes()),
+        }
+    }
+
+    fn render_http1(&self) -> Vec<u8> {
         let body = format!("{} {}: {}\n", self.status, status_text(self.status), self.message);
         let mut out = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",

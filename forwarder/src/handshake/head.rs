@@ -26,6 +26,8 @@ pub enum HeadError {
     Malformed(String),
     #[error("HTTP/2 prior-knowledge preface")]
     Http2Preface,
+    #[error("TLS handshake on a plaintext listener")]
+    TlsHandshake,
     #[error("more than {0} header fields")]
     TooManyHeaders(usize),
 }
@@ -84,6 +86,10 @@ pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<Request>, HeadErro
 /// [`parse_request`] with at most `max_headers` header fields
 /// (`[limits] max_headers`).
 pub fn parse_request_with(buf: &[u8], max: usize, max_headers: usize) -> Result<Option<Request>, HeadError> {
+    // A TLS record (handshake, 0x16; version 3.x): no HTTP method starts so.
+    if buf.first() == Some(&0x16) && buf.get(1).is_none_or(|&b| b == 0x03) {
+        return if buf.len() >= 2 { Err(HeadError::TlsHandshake) } else { Ok(None) };
+    }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] && n > 0 {
         return if n == H2_PREFACE.len() { Err(HeadError::Http2Preface) } else { Ok(None) };
@@ -210,7 +216,7 @@ mod tests {
         let raw = b"GET / HTTP/1.1\r\nX: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
         assert_eq!(parse_request(raw, 32), Err(HeadError::TooLarge(32)));
         assert!(matches!(parse_request(b"GET / HTTP/3.0\r\n\r\n", 100), Err(HeadError::Malformed(_))));
-        assert!(matches!(parse_request(b"\x16\x03\x01\x02\x00", 100), Err(HeadError::Malformed(_))));
+        assert_eq!(parse_request(b"\x16\x03\x01\x02\x00", 100), Err(HeadError::TlsHandshake));
         assert_eq!(parse_request(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 100), Err(HeadError::Http2Preface));
         assert_eq!(parse_request(b"PRI * HT", 100), Ok(None));
     }

@@ -16,6 +16,7 @@
 pub mod answer;
 pub mod body;
 pub mod framing;
+pub mod h2;
 pub mod head;
 pub mod rewrite;
 pub mod stream;
@@ -120,11 +121,19 @@ async fn negotiate<S: ClientStream>(
     let limits = &snap.config.limits;
     let started = Instant::now();
     let mut buf = BytesMut::new();
-    let request = head::read_head(client, &mut buf, limits.max_header_bytes, limits.handshake_timeout, |b, max| {
+    let read = head::read_head(client, &mut buf, limits.max_header_bytes, limits.handshake_timeout, |b, max| {
         head::parse_request_with(b, max, limits.max_headers)
     })
-    .await
-    .map_err(request_head_failed)?;
+    .await;
+    let request = match read {
+        Ok(request) => request,
+        Err(ReadError::Head(HeadError::Http2Preface)) => {
+            // Refused in HTTP/2, on the stream the client opens.
+            let stream = h2::first_stream(client, &mut buf, limits.max_header_bytes, limits.handshake_timeout).await;
+            return Err(Refusal::http2_unsupported(stream).into());
+        }
+        Err(e) => return Err(request_head_failed(e)),
+    };
     // Copied out so the head buffer is freed: a Bytes view would keep the
     // whole read buffer alive for the tunnel's life.
     let leftover = Bytes::copy_from_slice(&buf[request.head_len..]);
@@ -188,7 +197,8 @@ fn request_head_failed(e: ReadError) -> Stop {
     match e {
         ReadError::Head(HeadError::TooLarge(max)) => Refusal::too_large(max).into(),
         ReadError::Head(HeadError::TooManyHeaders(max)) => Refusal::too_many_headers(max).into(),
-        ReadError::Head(HeadError::Http2Preface) => Refusal::http2_unsupported().into(),
+        ReadError::Head(HeadError::Http2Preface) => Refusal::http2_unsupported(None).into(),
+        ReadError::Head(HeadError::TlsHandshake) => Refusal::tls_unsupported().into(),
         ReadError::Head(HeadError::Malformed(m)) => {
             Refusal::bad_request(format!("malformed request head ({m})")).into()
         }
@@ -225,7 +235,12 @@ impl Stop {
                 rec.status = refusal.status;
                 rec.reason = refusal.reason;
                 // Counted before the answer goes out: the client may act on it at once.
-                crate::metrics::outcome(listener, refusal.status, refusal.cf_error.unwrap_or(""), started.elapsed());
+                crate::metrics::outcome(
+                    listener,
+                    refusal.status,
+                    refusal.cf_error.unwrap_or(refusal.reason),
+                    started.elapsed(),
+                );
                 if client.write_all(&bytes).await.is_ok() {
                     rec.to_client += bytes.len() as u64;
                     linger_close(client).await;
