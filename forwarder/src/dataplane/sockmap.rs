@@ -48,13 +48,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use self::kernel::{Kernel, DIR_TO_BACKEND, DIR_TO_CLIENT, STATS_FAILED, STATS_TRIMMED};
+use upsplice_common::{DIR_TO_BACKEND, DIR_TO_CLIENT, MAX_SOCKETS, STATS_FAILED, STATS_TRIMMED};
+
+use self::kernel::Kernel;
 use self::tunnel::{Limits, NodeHeld, Shared, StepAsides, UserBytes};
 use super::Settings;
 use super::{CloseReason, Outcome, Rejected, Tunnel};
-
-/// Sockets the maps hold at most (two per tunnel).
-const MAX_SOCKETS: u32 = 65_536;
 
 /// The compiled eBPF object, or why there is none.
 fn object() -> Result<&'static [u8], String> {
@@ -289,7 +288,8 @@ async fn loopback_pair() -> std::io::Result<(TcpStream, TcpStream)> {
 mod tests {
     use std::os::fd::AsRawFd;
 
-    use super::kernel::{PeerEntry, PEER_BROKEN};
+    use upsplice_common::{PeerEntry, PEER_BROKEN};
+
     use super::*;
 
     /// A socket the program marked broken (a repeated head it could not cut

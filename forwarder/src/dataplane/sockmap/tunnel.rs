@@ -86,8 +86,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
+use upsplice_common::{Control, PeerEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, PEER_BROKEN};
 
-use super::kernel::{Control, Kernel, PeerEntry, Signal, DIR_TO_BACKEND, DIR_TO_CLIENT, PEER_BROKEN};
+use super::kernel::{Kernel, Signal};
 use super::sys::{self, abort};
 use crate::dataplane::{CloseReason, Outcome, Rejected, Tunnel};
 
@@ -335,7 +336,7 @@ impl<'a> Dir<'a> {
     }
 
     fn control(&self) -> Control {
-        Control { copied: self.copied, notify_at: self.notify_at, paused: u32::from(self.paused), pad: 0 }
+        Control { copied: self.copied, notify_at: self.notify_at, paused: u32::from(self.paused), _pad: 0 }
     }
 }
 
