@@ -86,20 +86,16 @@ pub const PEER_BROKEN: u32 = 2;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Control {
     /// Of the bytes passed to userspace, how many it forwarded so far: the
-    /// program redirects again only once this equals [`PeerEntry::passed`]
-    /// (and the socket is not paused).
+    /// program redirects again only once this equals [`PeerEntry::passed`].
     pub copied: u64,
     /// Report the socket in `EVENTS` when its redirected bytes cross this.
     pub notify_at: u64,
-    /// Non-zero: pass every byte to userspace (backpressure).
-    pub paused: u32,
-    pub _pad: u32,
 }
 
-// 2 × u64 + 2 × u32: no padding bytes.
-const _: () = assert!(core::mem::size_of::<Control>() == 24);
+// 2 × u64: no padding bytes.
+const _: () = assert!(core::mem::size_of::<Control>() == 16);
 
-// SAFETY: `repr(C)`, integers only, no padding bytes (size asserted above).
+// SAFETY: `repr(C)`, two u64, no padding bytes (size asserted above).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Control {}
 

@@ -15,22 +15,19 @@
 //!   redirected, bytes passed to userspace); written by userspace once, then
 //!   only by this program.
 //! * [`CONTROL`]: socket cookie → [`Control`], written only by userspace:
-//!   whether the direction is paused, how many passed bytes userspace has
-//!   copied to the peer so far, and when to notify it (below).
+//!   how many passed bytes userspace has copied to the peer so far, and
+//!   when to notify it (below).
 //! * [`STATS`]: per-CPU [`Stats`] per direction, plus failed redirects.
 //! * [`EVENTS`]: when a socket's redirected bytes cross its
 //!   [`Control::notify_at`], the program puts the cookie here so that
 //!   userspace checks that tunnel's queues (backpressure) without polling.
 //!
-//! Pausing (backpressure): while a direction is paused, or while userspace
-//! has not yet copied every byte passed to it, its bytes get `SK_PASS`: they
-//! queue on the socket itself, charged to its receive buffer, so TCP flow
-//! control holds the sender back; userspace reads and forwards them. Only
-//! when `passed == copied` (as userspace reports after writing) and the
-//! direction is not paused does the program redirect again — so a
-//! redirected byte can never overtake a passed one. (Removing the socket
-//! from `ACTIVE` instead would be simpler, but a segment being verdicted at
-//! that moment finds no program and is dropped: lost 64 KiB in a test.)
+//! Passed bytes: while userspace has not yet copied every byte passed to
+//! it, a socket's bytes get `SK_PASS`: they queue on the socket itself, and
+//! userspace reads and forwards them. Only when `passed == copied` (as
+//! userspace reports after writing) does the program redirect again — so a
+//! redirected byte can never overtake a passed one. (Backpressure is
+//! userspace's: a tunnel whose queues grow leaves the maps.)
 //!
 //! Repeated heads: TCP may queue a segment whose head it already received
 //! (a retransmission merged with new bytes); the kernel hands the verdict
@@ -128,11 +125,11 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
     }
     // SAFETY: a value of a non-preallocated map: userspace replaces it
     // whole, the old one stays valid (RCU) while this program reads it.
-    let (copied, paused, notify_at) = match unsafe { CONTROL.get(cookie) } {
-        Some(c) => (c.copied, c.paused, c.notify_at),
-        None => (0, 0, 0),
+    let (copied, notify_at) = match unsafe { CONTROL.get(cookie) } {
+        Some(c) => (c.copied, c.notify_at),
+        None => (0, 0),
     };
-    if paused != 0 || passed != copied {
+    if passed != copied {
         // SAFETY: as for `entry` above.
         unsafe { (*entry).passed = passed + len };
         return sk_action::SK_PASS;

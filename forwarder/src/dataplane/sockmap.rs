@@ -122,7 +122,7 @@ impl SockmapPlane {
     pub fn new(cfg: &Settings) -> Result<Self, String> {
         probe()?;
         let kernel = Box::new(Kernel::load(object()?, MAX_SOCKETS)?);
-        let limits = Limits::new(cfg.sockmap_queue_limit, tcp_rmem_max());
+        let limits = Limits::new(cfg.sockmap_queue_limit);
         let shared = Shared {
             limits,
             user: UserBytes::default(),
@@ -149,7 +149,7 @@ impl SockmapPlane {
     }
 
     /// Of [`Self::bytes_relayed`], the bytes userspace wrote itself:
-    /// leftovers, and bytes forwarded while a direction was paused.
+    /// leftovers, and bytes carried while a tunnel stepped aside.
     pub fn bytes_by_userspace(&self) -> (u64, u64) {
         (self.shared.user.to_backend.load(Ordering::Relaxed), self.shared.user.to_client.load(Ordering::Relaxed))
     }
@@ -265,15 +265,6 @@ impl SockmapPlane {
         }
         Ok(())
     }
-}
-
-/// The largest receive buffer TCP autotuning may give a socket (the third
-/// field of `net.ipv4.tcp_rmem`; 6 MiB, the kernel's default, if unreadable).
-fn tcp_rmem_max() -> u64 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
-        .ok()
-        .and_then(|v| v.split_whitespace().nth(2)?.parse().ok())
-        .unwrap_or(6 << 20)
 }
 
 /// A connected loopback pair: (the far end, the end a tunnel holds).
