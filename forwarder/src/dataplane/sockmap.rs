@@ -16,20 +16,16 @@
 //! the plane is used: a loopback tunnel with leftovers both ways and a
 //! backend that speaks first; `auto` falls back when it fails.
 //!
+//! Bounds: a tunnel whose queues grow past `sockmap_queue_limit` (or past
+//! one budget while the plane's node-wide bound is exceeded) steps aside:
+//! it leaves the maps and goes on through the next plane (`tunnel`,
+//! "Bounds"). Repeated heads: TCP may queue a segment whose head it already
+//! received, and the verdict gets whole segments, so the program cuts
+//! repeated heads off by TCP sequence number (`trim_repeat` in
+//! `ebpf/src/main.rs`; counted as `upsplice_sockmap_trimmed_bytes_total`),
+//! or, if it cannot, the tunnel is reset.
+//!
 //! `auto` does not pick this plane for now (`dataplane::SOCKMAP_NOT_AUTO`).
-//! Two defects were found and fixed under bulk load. A tunnel saturated
-//! both ways hung: a paused direction's bytes queued behind the other
-//! direction's in the psock's single backlog queue, uncharged (52 MB in one
-//! socket); a tunnel now steps aside to the next plane instead of pausing
-//! (`tunnel`, "Bounds"; `conformance::two_way_*`, and the node-wide bound in
-//! `fifty_saturated_tunnels_stay_within_the_memory_bound`). And TCP queues a
-//! segment whose head it already received when only its tail is new (a
-//! retransmission merged with new bytes), and the kernel hands the verdict
-//! whole segments (`tcp_read_skb`), so the peer got the head twice; the
-//! program now cuts repeated heads off by TCP sequence number before the
-//! verdict (`trim_repeat` in `ebpf/src/main.rs`; counted as
-//! `upsplice_sockmap_trimmed_bytes_total`), and resets the tunnel if it
-//! cannot (`tests/sockmap.rs`: `sustained_backpressure_keeps_every_byte_once`).
 //!
 //! Measured (release, loopback, 2 cores shared with other builds): one echo
 //! tunnel saturated both ways carries 2–3.4 GB in 3 s through this plane
