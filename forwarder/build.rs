@@ -17,6 +17,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 /// The eBPF crate, as named in `ebpf/Cargo.toml` and its binary.
 const EBPF_PACKAGE: &str = "upsplice-ebpf";
+/// The crate of types the eBPF program shares with userspace.
+const COMMON_PACKAGE: &str = "upsplice-common";
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(upsplice_ebpf)");
@@ -50,12 +52,18 @@ fn main() {
 fn build() -> Result<PathBuf> {
     check_toolchain()?;
     let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
-    let package = metadata
-        .packages
-        .iter()
-        .find(|p| p.name.as_str() == EBPF_PACKAGE)
-        .ok_or_else(|| anyhow!("package {EBPF_PACKAGE} is not in the workspace"))?;
-    let root_dir = package.manifest_path.parent().ok_or_else(|| anyhow!("{} has no parent", package.manifest_path))?;
+    let package_dir = |name: &str| {
+        let package = metadata
+            .packages
+            .iter()
+            .find(|p| p.name.as_str() == name)
+            .ok_or_else(|| anyhow!("package {name} is not in the workspace"))?;
+        package.manifest_path.parent().ok_or_else(|| anyhow!("{} has no parent", package.manifest_path))
+    };
+    let root_dir = package_dir(EBPF_PACKAGE)?;
+    // aya-build reruns this script when the eBPF crate changes; the program
+    // also builds from the common crate.
+    println!("cargo::rerun-if-changed={}", package_dir(COMMON_PACKAGE)?);
     aya_build::build_ebpf(
         [aya_build::Package { name: EBPF_PACKAGE, root_dir: root_dir.as_str(), ..Default::default() }],
         aya_build::Toolchain::default(),

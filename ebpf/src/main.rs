@@ -2,33 +2,32 @@
 //! program that moves tunnel bytes from the socket they arrived on straight
 //! to the egress of its peer, so userspace never touches the payload.
 //!
-//! Maps (userspace in `forwarder/src/dataplane/sockmap/` owns their contents):
+//! Maps (userspace in `forwarder/src/dataplane/sockmap/` owns their contents;
+//! their value types, flag bits, slots and names are in `upsplice-common`,
+//! which userspace builds from too):
 //!
 //! * [`ACTIVE`]: sockets whose arriving bytes this program handles; the
 //!   program is attached to this map.
 //! * [`TARGETS`]: every socket of every tunnel, as redirect target. It has no
 //!   program, so a socket in it alone is not diverted; a socket is put here
 //!   before any socket can be redirected to it.
-//! * [`PEERS`]: socket cookie → [`Peer`] (peer cookie, direction, bytes
+//! * [`PEERS`]: socket cookie → [`PeerEntry`] (peer cookie, direction, bytes
 //!   redirected, bytes passed to userspace); written by userspace once, then
 //!   only by this program.
 //! * [`CONTROL`]: socket cookie → [`Control`], written only by userspace:
-//!   whether the direction is paused, how many passed bytes userspace has
-//!   copied to the peer so far, and when to notify it (below).
+//!   how many passed bytes userspace has copied to the peer so far, and
+//!   when to notify it (below).
 //! * [`STATS`]: per-CPU [`Stats`] per direction, plus failed redirects.
 //! * [`EVENTS`]: when a socket's redirected bytes cross its
 //!   [`Control::notify_at`], the program puts the cookie here so that
 //!   userspace checks that tunnel's queues (backpressure) without polling.
 //!
-//! Pausing (backpressure): while a direction is paused, or while userspace
-//! has not yet copied every byte passed to it, its bytes get `SK_PASS`: they
-//! queue on the socket itself, charged to its receive buffer, so TCP flow
-//! control holds the sender back; userspace reads and forwards them. Only
-//! when `passed == copied` (as userspace reports after writing) and the
-//! direction is not paused does the program redirect again — so a
-//! redirected byte can never overtake a passed one. (Removing the socket
-//! from `ACTIVE` instead would be simpler, but a segment being verdicted at
-//! that moment finds no program and is dropped: lost 64 KiB in a test.)
+//! Passed bytes: while userspace has not yet copied every byte passed to
+//! it, a socket's bytes get `SK_PASS`: they queue on the socket itself, and
+//! userspace reads and forwards them. Only when `passed == copied` (as
+//! userspace reports after writing) does the program redirect again — so a
+//! redirected byte can never overtake a passed one. (Backpressure is
+//! userspace's: a tunnel whose queues grow leaves the maps.)
 //!
 //! Repeated heads: TCP may queue a segment whose head it already received
 //! (a retransmission merged with new bytes); the kernel hands the verdict
@@ -50,67 +49,9 @@ use aya_ebpf::{
     programs::SkBuffContext,
     EbpfContext as _,
 };
-
-/// Most sockets (two per tunnel); userspace may change it at load time.
-const MAX_SOCKETS: u32 = 65_536;
-
-/// Per-socket entry of [`PEERS`]. The layout is shared with userspace
-/// (`forwarder/src/dataplane/sockmap/kernel.rs`): change both together.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Peer {
-    /// Cookie of the socket this socket's bytes go to.
-    pub peer: u64,
-    /// Bytes redirected from this socket so far (written only by this
-    /// program, which the kernel runs for one socket at a time).
-    pub bytes: u64,
-    /// Segments redirected from this socket so far.
-    pub segments: u64,
-    /// Bytes passed to this socket's own queue (for userspace) so far.
-    pub passed: u64,
-    /// Bytes cut off the head of segments that repeated bytes this program
-    /// had already handled (see [`trim_repeat`]).
-    pub trimmed: u64,
-    /// Index into [`STATS`]: 0 client → backend, 1 backend → client.
-    pub dir: u32,
-    /// TCP sequence number of the first byte this program has not seen yet
-    /// (valid once [`SEQ_KNOWN`] is set).
-    pub next_seq: u32,
-    /// [`SEQ_KNOWN`], [`BROKEN`].
-    pub flags: u32,
-    pub _pad: u32,
-}
-
-/// [`Peer::next_seq`] holds the sequence number after the last segment.
-pub const SEQ_KNOWN: u32 = 1;
-/// A repeated head could not be cut off: the stream is no longer exact, so
-/// every later byte is dropped and userspace resets the tunnel.
-pub const BROKEN: u32 = 2;
-
-/// Per-socket entry of [`CONTROL`], written by userspace only.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Control {
-    /// Of the bytes passed to userspace, how many it forwarded so far.
-    pub copied: u64,
-    /// Report the socket in [`EVENTS`] when its redirected bytes cross this.
-    pub notify_at: u64,
-    /// Non-zero: pass every byte to userspace (backpressure).
-    pub paused: u32,
-    pub _pad: u32,
-}
-
-/// One slot of [`STATS`].
-#[repr(C)]
-pub struct Stats {
-    pub bytes: u64,
-    pub segments: u64,
-}
-
-/// [`STATS`] slot counting redirects the kernel refused (peer socket gone).
-const STATS_FAILED: u32 = 2;
-/// [`STATS`] slot counting repeated bytes cut off segments ([`trim_repeat`]).
-const STATS_TRIMMED: u32 = 3;
+use upsplice_common::{
+    Control, PeerEntry, Stats, MAX_SOCKETS, PEER_BROKEN, PEER_SEQ_KNOWN, STATS_FAILED, STATS_SLOTS, STATS_TRIMMED,
+};
 
 /// Most bytes `bpf_skb_adjust_room` removes from an `sk_skb` in one call.
 const ADJUST_ROOM_MAX: u32 = 0xfff;
@@ -119,6 +60,7 @@ const ADJUST_ROOM_MAX: u32 = 0xfff;
 /// 143,413-byte coalesced one). A longer repeat marks the socket broken.
 const TRIM_STEPS: u32 = 64;
 
+// Each map's name in the object is its identifier: `upsplice_common::names`.
 #[map]
 static ACTIVE: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
@@ -126,7 +68,7 @@ static ACTIVE: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
-static PEERS: HashMap<u64, Peer> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static PEERS: HashMap<u64, PeerEntry> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Not preallocated: userspace replaces values whole, and a preallocated
 /// element may be reused while the program still reads it.
@@ -134,11 +76,12 @@ static PEERS: HashMap<u64, Peer> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 static CONTROL: HashMap<u64, Control> = HashMap::with_max_entries(MAX_SOCKETS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
-static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(4, 0);
+static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
+/// Named as `upsplice_common::names::PROGRAM`.
 #[stream_verdict]
 pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context pointer is the sk_buff the kernel passed to this
@@ -160,7 +103,7 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
     // it, for one socket at a time (the kernel serialises the verdict per
     // socket under the socket lock); userspace only reads it.
     let (mut peer, dir, passed, flags) = unsafe { ((*entry).peer, (*entry).dir, (*entry).passed, (*entry).flags) };
-    if flags & BROKEN != 0 {
+    if flags & PEER_BROKEN != 0 {
         // Tell userspace again (the first event may have found the ring
         // full): it resets the tunnel.
         let _ = EVENTS.output::<u64>(cookie, 0);
@@ -170,7 +113,7 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
         Ok(len) => len,
         Err(()) => {
             // SAFETY: as for `entry` above.
-            unsafe { (*entry).flags = flags | BROKEN };
+            unsafe { (*entry).flags = flags | PEER_BROKEN };
             let _ = EVENTS.output::<u64>(cookie, 0);
             return sk_action::SK_DROP;
         }
@@ -182,11 +125,11 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
     }
     // SAFETY: a value of a non-preallocated map: userspace replaces it
     // whole, the old one stays valid (RCU) while this program reads it.
-    let (copied, paused, notify_at) = match unsafe { CONTROL.get(cookie) } {
-        Some(c) => (c.copied, c.paused, c.notify_at),
-        None => (0, 0, 0),
+    let (copied, notify_at) = match unsafe { CONTROL.get(cookie) } {
+        Some(c) => (c.copied, c.notify_at),
+        None => (0, 0),
     };
-    if paused != 0 || passed != copied {
+    if passed != copied {
         // SAFETY: as for `entry` above.
         unsafe { (*entry).passed = passed + len };
         return sk_action::SK_PASS;
@@ -227,16 +170,16 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
 /// `sk_skb` program); trimming the head before the verdict also keeps the
 /// socket's copied sequence number exact, since the kernel adds the
 /// segment's remaining length.
-fn trim_repeat(ctx: &SkBuffContext, entry: *mut Peer, flags: u32, len: u64) -> Result<u64, ()> {
+fn trim_repeat(ctx: &SkBuffContext, entry: *mut PeerEntry, flags: u32, len: u64) -> Result<u64, ()> {
     let seq = ctx.cb()[0];
     // SAFETY: `entry` as in the caller.
     let next = unsafe { (*entry).next_seq };
     let end = seq.wrapping_add(len as u32);
-    if flags & SEQ_KNOWN == 0 {
+    if flags & PEER_SEQ_KNOWN == 0 {
         // SAFETY: as above.
         unsafe {
             (*entry).next_seq = end;
-            (*entry).flags = flags | SEQ_KNOWN;
+            (*entry).flags = flags | PEER_SEQ_KNOWN;
         }
         return Ok(len);
     }

@@ -16,20 +16,16 @@
 //! the plane is used: a loopback tunnel with leftovers both ways and a
 //! backend that speaks first; `auto` falls back when it fails.
 //!
+//! Bounds: a tunnel whose queues grow past `sockmap_queue_limit` (or past
+//! one budget while the plane's node-wide bound is exceeded) steps aside:
+//! it leaves the maps and goes on through the next plane (`tunnel`,
+//! "Bounds"). Repeated heads: TCP may queue a segment whose head it already
+//! received, and the verdict gets whole segments, so the program cuts
+//! repeated heads off by TCP sequence number (`trim_repeat` in
+//! `ebpf/src/main.rs`; counted as `upsplice_sockmap_trimmed_bytes_total`),
+//! or, if it cannot, the tunnel is reset.
+//!
 //! `auto` does not pick this plane for now (`dataplane::SOCKMAP_NOT_AUTO`).
-//! Two defects were found and fixed under bulk load. A tunnel saturated
-//! both ways hung: a paused direction's bytes queued behind the other
-//! direction's in the psock's single backlog queue, uncharged (52 MB in one
-//! socket); a tunnel now steps aside to the next plane instead of pausing
-//! (`tunnel`, "Bounds"; `conformance::two_way_*`, and the node-wide bound in
-//! `fifty_saturated_tunnels_stay_within_the_memory_bound`). And TCP queues a
-//! segment whose head it already received when only its tail is new (a
-//! retransmission merged with new bytes), and the kernel hands the verdict
-//! whole segments (`tcp_read_skb`), so the peer got the head twice; the
-//! program now cuts repeated heads off by TCP sequence number before the
-//! verdict (`trim_repeat` in `ebpf/src/main.rs`; counted as
-//! `upsplice_sockmap_trimmed_bytes_total`), and resets the tunnel if it
-//! cannot (`tests/sockmap.rs`: `sustained_backpressure_keeps_every_byte_once`).
 //!
 //! Measured (release, loopback, 2 cores shared with other builds): one echo
 //! tunnel saturated both ways carries 2–3.4 GB in 3 s through this plane
@@ -48,13 +44,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use self::kernel::{Kernel, DIR_TO_BACKEND, DIR_TO_CLIENT, STATS_FAILED, STATS_TRIMMED};
+use upsplice_common::{DIR_TO_BACKEND, DIR_TO_CLIENT, MAX_SOCKETS, STATS_FAILED, STATS_TRIMMED};
+
+use self::kernel::Kernel;
 use self::tunnel::{Limits, NodeHeld, Shared, StepAsides, UserBytes};
 use super::Settings;
 use super::{CloseReason, Outcome, Rejected, Tunnel};
-
-/// Sockets the maps hold at most (two per tunnel).
-const MAX_SOCKETS: u32 = 65_536;
 
 /// The compiled eBPF object, or why there is none.
 fn object() -> Result<&'static [u8], String> {
@@ -123,7 +118,7 @@ impl SockmapPlane {
     pub fn new(cfg: &Settings) -> Result<Self, String> {
         probe()?;
         let kernel = Box::new(Kernel::load(object()?, MAX_SOCKETS)?);
-        let limits = Limits::new(cfg.sockmap_queue_limit, tcp_rmem_max());
+        let limits = Limits::new(cfg.sockmap_queue_limit);
         let shared = Shared {
             limits,
             user: UserBytes::default(),
@@ -150,7 +145,7 @@ impl SockmapPlane {
     }
 
     /// Of [`Self::bytes_relayed`], the bytes userspace wrote itself:
-    /// leftovers, and bytes forwarded while a direction was paused.
+    /// leftovers, and bytes carried while a tunnel stepped aside.
     pub fn bytes_by_userspace(&self) -> (u64, u64) {
         (self.shared.user.to_backend.load(Ordering::Relaxed), self.shared.user.to_client.load(Ordering::Relaxed))
     }
@@ -268,15 +263,6 @@ impl SockmapPlane {
     }
 }
 
-/// The largest receive buffer TCP autotuning may give a socket (the third
-/// field of `net.ipv4.tcp_rmem`; 6 MiB, the kernel's default, if unreadable).
-fn tcp_rmem_max() -> u64 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
-        .ok()
-        .and_then(|v| v.split_whitespace().nth(2)?.parse().ok())
-        .unwrap_or(6 << 20)
-}
-
 /// A connected loopback pair: (the far end, the end a tunnel holds).
 async fn loopback_pair() -> std::io::Result<(TcpStream, TcpStream)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -289,7 +275,8 @@ async fn loopback_pair() -> std::io::Result<(TcpStream, TcpStream)> {
 mod tests {
     use std::os::fd::AsRawFd;
 
-    use super::kernel::{PeerEntry, PEER_BROKEN};
+    use upsplice_common::{PeerEntry, PEER_BROKEN};
+
     use super::*;
 
     /// A socket the program marked broken (a repeated head it could not cut

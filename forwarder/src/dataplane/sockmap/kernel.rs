@@ -1,5 +1,7 @@
 //! The loaded eBPF program and its maps (see `ebpf/src/main.rs` for what
-//! each map means). One [`Kernel`] per plane: loaded and attached once.
+//! each map means; their value types and names are `upsplice_common`'s,
+//! which the program builds from too). One [`Kernel`] per plane: loaded and
+//! attached once.
 
 use std::collections::HashMap as StdHashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -12,63 +14,7 @@ use aya::maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use tokio::sync::Notify;
-
-/// `Peer` of the eBPF program's `PEERS` map; same layout.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PeerEntry {
-    pub peer: u64,
-    pub bytes: u64,
-    pub segments: u64,
-    pub passed: u64,
-    pub trimmed: u64,
-    pub dir: u32,
-    pub next_seq: u32,
-    pub flags: u32,
-    pub pad: u32,
-}
-
-/// `PeerEntry::flags`: a repeated segment head could not be cut off; the
-/// program drops everything from that socket and userspace must reset the
-/// tunnel (its stream is no longer exact).
-pub const PEER_BROKEN: u32 = 2;
-
-// SAFETY: plain old data: integers only, `repr(C)`, no padding bytes
-// (5 × u64 + 4 × u32 = 56 bytes, 8-aligned).
-unsafe impl aya::Pod for PeerEntry {}
-
-/// `Control` of the eBPF program's `CONTROL` map; same layout.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Control {
-    pub copied: u64,
-    pub notify_at: u64,
-    pub paused: u32,
-    pub pad: u32,
-}
-
-// SAFETY: integers only, `repr(C)`, no padding (2 × u64 + 2 × u32 = 24 bytes).
-unsafe impl aya::Pod for Control {}
-
-/// `Stats` of the eBPF program's `STATS` map; same layout.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Stats {
-    pub bytes: u64,
-    pub segments: u64,
-}
-
-// SAFETY: two u64, `repr(C)`, no padding.
-unsafe impl aya::Pod for Stats {}
-
-/// Direction slots of `STATS` and `PeerEntry::dir`.
-pub const DIR_TO_BACKEND: u32 = 0;
-pub const DIR_TO_CLIENT: u32 = 1;
-/// `STATS` slot of redirects the kernel refused.
-pub const STATS_FAILED: u32 = 2;
-/// `STATS` slot of repeated bytes cut off the head of segments (TCP queued
-/// a retransmission overlapping bytes already handled).
-pub const STATS_TRIMMED: u32 = 3;
+use upsplice_common::{names, Control, PeerEntry, Stats};
 
 /// What wakes one tunnel: the events thread records socket events here
 /// (per side: 0 client, 1 backend) and notifies; so do ring-buffer events
@@ -118,31 +64,32 @@ impl Kernel {
     /// `ACTIVE` and starts the thread that reads `EVENTS`.
     pub fn load(object: &[u8], max_sockets: u32) -> Result<Kernel, String> {
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries("ACTIVE", max_sockets)
-            .map_max_entries("TARGETS", max_sockets)
-            .map_max_entries("PEERS", max_sockets)
-            .map_max_entries("CONTROL", max_sockets)
+            .map_max_entries(names::ACTIVE, max_sockets)
+            .map_max_entries(names::TARGETS, max_sockets)
+            .map_max_entries(names::PEERS, max_sockets)
+            .map_max_entries(names::CONTROL, max_sockets)
             .load(object)
             .map_err(|e| format!("loading the eBPF object: {e}"))?;
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name).ok_or_else(|| format!("map {name} missing from the eBPF object"))
         };
         let active: SockHash<MapData, u64> =
-            SockHash::try_from(take(&mut ebpf, "ACTIVE")?).map_err(map_err("ACTIVE"))?;
+            SockHash::try_from(take(&mut ebpf, names::ACTIVE)?).map_err(map_err(names::ACTIVE))?;
         let targets: SockHash<MapData, u64> =
-            SockHash::try_from(take(&mut ebpf, "TARGETS")?).map_err(map_err("TARGETS"))?;
-        let peers = HashMap::try_from(take(&mut ebpf, "PEERS")?).map_err(map_err("PEERS"))?;
-        let control = HashMap::try_from(take(&mut ebpf, "CONTROL")?).map_err(map_err("CONTROL"))?;
-        let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?).map_err(map_err("STATS"))?;
-        let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
+            SockHash::try_from(take(&mut ebpf, names::TARGETS)?).map_err(map_err(names::TARGETS))?;
+        let peers = HashMap::try_from(take(&mut ebpf, names::PEERS)?).map_err(map_err(names::PEERS))?;
+        let control = HashMap::try_from(take(&mut ebpf, names::CONTROL)?).map_err(map_err(names::CONTROL))?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, names::STATS)?).map_err(map_err(names::STATS))?;
+        let events = RingBuf::try_from(take(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?;
 
+        let name = names::PROGRAM;
         let program: &mut SkSkb = ebpf
-            .program_mut("upsplice_verdict")
-            .ok_or("program upsplice_verdict missing from the eBPF object")?
+            .program_mut(name)
+            .ok_or_else(|| format!("program {name} missing from the eBPF object"))?
             .try_into()
-            .map_err(|e| format!("upsplice_verdict: {e}"))?;
-        program.load().map_err(|e| format!("loading upsplice_verdict (verifier): {e}"))?;
-        program.attach(active.fd()).map_err(|e| format!("attaching upsplice_verdict to ACTIVE: {e}"))?;
+            .map_err(|e| format!("{name}: {e}"))?;
+        program.load().map_err(|e| format!("loading {name} (verifier): {e}"))?;
+        program.attach(active.fd()).map_err(|e| format!("attaching {name} to {}: {e}", names::ACTIVE))?;
 
         let registry: Arc<Registry> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -252,9 +199,9 @@ impl Kernel {
         lock(&self.peers).get(&cookie, 0).unwrap_or_default()
     }
 
-    /// Tells the program whether to pause the socket `cookie`, how many of
-    /// its passed bytes userspace has forwarded, and after how many
-    /// redirected bytes to report it in `EVENTS`.
+    /// Tells the program how many of the socket `cookie`'s passed bytes
+    /// userspace has forwarded, and after how many redirected bytes to
+    /// report it in `EVENTS`.
     pub fn control(&self, cookie: u64, control: Control) -> Result<(), MapError> {
         lock(&self.control).insert(cookie, control, 0)
     }

@@ -10,12 +10,10 @@
 //!    sent again from its start. What each socket consumed so far is noted
 //!    for the exactness check when the tunnel leaves;
 //! 1. both sockets join `TARGETS` (no program: nothing changes for them);
-//! 2. `PEERS` and `CONTROL` entries are written, unpaused;
+//! 2. `PEERS` and `CONTROL` entries are written;
 //! 3. userspace writes the leftovers while neither socket is active: bytes
 //!    arriving meanwhile wait in TCP's receive queue, under its own flow
-//!    control (a direction that started *paused* instead had to forward
-//!    every byte passed to it before the verdict would redirect again, and
-//!    against a sender at full speed it never caught up);
+//!    control;
 //! 4. the destinations' byte counts are read (exact: only userspace wrote);
 //! 5. both sockets join `ACTIVE`; the second one refused (it got FIN
 //!    meanwhile) makes the tunnel step aside at once;
@@ -37,18 +35,18 @@
 //! bytes not yet acknowledged (psock queue + send queue), or one budget
 //! while the plane's node-wide bound is exceeded, makes the tunnel leave the
 //! sockmap for good and go on through the next plane (splice). Why not
-//! pause and resume instead, as this plane did until it hung: each psock
+//! pause a direction (pass its bytes to userspace) and resume: each psock
 //! has *one* backlog queue, processed strictly in order, for both the
 //! bytes redirected *to* its socket (waiting for room in its send queue)
 //! and the socket's own bytes passed to itself (`SK_PASS`, waiting for room
 //! in its receive buffer when that is full). A paused direction's passed
-//! bytes therefore queued behind the other direction's redirected ones,
-//! which waited for the other reader — and in an echo, that reader waits
-//! for the paused direction (it stops reading while its write blocks). And
-//! bytes in that backlog are not charged to the socket (`tcp_read_skb`
-//! orphans each segment before the verdict), so TCP kept the window open:
-//! one tunnel saturated both ways held 52 MB in a socket's receive queue
-//! and stalled for good (5 of 5 runs, `conformance::two_way_*`).
+//! bytes queue behind the other direction's redirected ones, which wait
+//! for the other reader — and in an echo, that reader waits for the paused
+//! direction (it stops reading while its write blocks). And bytes in that
+//! backlog are not charged to the socket (`tcp_read_skb` orphans each
+//! segment before the verdict), so TCP keeps the window open: a tunnel
+//! saturated both ways stalls for good, with 52 MB in one socket's receive
+//! queue (`conformance::two_way_*`).
 //!
 //! Stepping aside uses no `SK_PASS`:
 //! 1. the pressed direction's source leaves `ACTIVE` — after its low-water
@@ -86,13 +84,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
+use upsplice_common::{Control, PeerEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, PEER_BROKEN};
 
-use super::kernel::{Control, Kernel, PeerEntry, Signal, DIR_TO_BACKEND, DIR_TO_CLIENT, PEER_BROKEN};
+use super::kernel::{Kernel, Signal};
 use super::sys::{self, abort};
 use crate::dataplane::{CloseReason, Outcome, Rejected, Tunnel};
 
-/// Bytes userspace wrote itself (leftovers, tails copied after a FIN that
-/// came while paused), per direction, for the plane's totals.
+/// Bytes userspace wrote itself (leftovers, and bytes carried while the
+/// tunnel steps aside), per direction, for the plane's totals.
 #[derive(Debug, Default)]
 pub struct UserBytes {
     pub to_backend: AtomicU64,
@@ -109,27 +108,18 @@ pub struct Limits {
     pub budget: u64,
     /// Most bytes userspace holds for a direction while stepping aside.
     pub tail: u64,
-    /// Most bytes a paused direction may leave passed and unread in the
-    /// kernel (its socket's psock queues) before the tunnel is reset.
-    pub hold: u64,
 }
 
 impl Limits {
-    /// `rmem_max`: the third field of `net.ipv4.tcp_rmem`. Passed bytes
-    /// userspace has not read yet sit in the source's receive buffer (up to
-    /// its size, then TCP closes the window) plus what was in flight.
-    pub fn new(queue_limit: u64, rmem_max: u64) -> Limits {
+    pub fn new(queue_limit: u64) -> Limits {
         let high = queue_limit.max(64 * 1024);
-        Limits { high, budget: (high / 4).max(16 * 1024), tail: high, hold: 2 * high + 2 * rmem_max }
+        Limits { high, budget: (high / 4).max(16 * 1024), tail: high }
     }
 
     /// What one tunnel adds at most to the memory its sockets' own TCP
     /// buffers hold (which every plane has), both directions: bytes
     /// redirected and not yet acknowledged before it steps aside, plus one
-    /// notification budget of lag. (A direction paused at the handoff, while
-    /// its leftovers go out, can also hold up to `tail` in userspace and
-    /// `hold` passed bytes, most of them charged to its source's receive
-    /// buffer; past `hold` the tunnel is reset.)
+    /// notification budget of lag.
     pub fn per_tunnel(&self) -> u64 {
         2 * (self.high + self.budget)
     }
@@ -197,7 +187,7 @@ pub struct StepAsides {
 }
 
 /// Shortest and longest wait between checks while something is pending
-/// (a paused direction, a FIN waiting for its bytes to drain).
+/// (a tunnel stepping aside, a FIN waiting for its bytes to drain).
 const TICK_MIN: Duration = Duration::from_millis(1);
 const TICK_BUSY_MAX: Duration = Duration::from_millis(20);
 /// How long leaving the maps may wait for the last passed bytes.
@@ -222,7 +212,7 @@ struct Dir<'a> {
     leftover: u64,
     /// Bytes the verdict redirected from `src`, as last read.
     redirected: u64,
-    /// Bytes the verdict passed to userspace (paused), as last read.
+    /// Bytes the verdict passed to userspace, as last read.
     passed: u64,
     /// Of those, bytes userspace read from `src`.
     read: u64,
@@ -242,8 +232,6 @@ struct Dir<'a> {
     in_kernel: u64,
     /// `Control::notify_at` currently set for `src`.
     notify_at: u64,
-    /// The verdict passes this direction's bytes to userspace.
-    paused: bool,
     /// `src` is in `ACTIVE`: the verdict sees its bytes. Cleared when the
     /// tunnel steps aside; its later bytes wait in the receive queue.
     active: bool,
@@ -279,7 +267,6 @@ impl<'a> Dir<'a> {
             consumed_base: 0,
             in_kernel: 0,
             notify_at: budget,
-            paused: false,
             active: true,
             quiescing: false,
             eof: false,
@@ -315,7 +302,7 @@ impl<'a> Dir<'a> {
 
     /// Userspace has bytes of this direction to forward (or may get some).
     fn copying(&self) -> bool {
-        !self.done && (self.paused || !self.active || self.passed > self.copied || !self.tail.is_empty())
+        !self.done && (!self.active || self.passed > self.copied || !self.tail.is_empty())
     }
 
     /// Copying in userspace and waiting for its source to have bytes.
@@ -335,7 +322,7 @@ impl<'a> Dir<'a> {
     }
 
     fn control(&self) -> Control {
-        Control { copied: self.copied, notify_at: self.notify_at, paused: u32::from(self.paused), pad: 0 }
+        Control { copied: self.copied, notify_at: self.notify_at }
     }
 }
 
@@ -520,7 +507,7 @@ async fn handoff<'k>(
     up.consumed_base = consumed[0];
     down.consumed_base = consumed[1];
 
-    // 2. Pair, unpaused: the verdict will redirect every byte it sees.
+    // 2. Pair: the verdict will redirect every byte it sees.
     let control = Control { notify_at: limits.budget, ..Control::default() };
     let paired = kernel
         .pair(c_ck, PeerEntry { peer: b_ck, dir: DIR_TO_BACKEND, ..PeerEntry::default() })
@@ -534,11 +521,7 @@ async fn handoff<'k>(
 
     // 3. Leftovers, by userspace, before either socket is active: bytes
     //    arriving meanwhile wait in TCP's receive queue, under its own flow
-    //    control, and are verdicted after the leftovers went out. (A
-    //    direction that started paused instead had to forward every byte
-    //    passed to it before the verdict would redirect again; against a
-    //    sender at full speed it never caught up, and its passed bytes
-    //    piled up in the psock behind the other direction's: 373 MB.)
+    //    control, and are verdicted after the leftovers went out.
     let leftovers = async {
         let (a, b) = tokio::join!(write_all(&t.backend, &t.to_backend), write_all(&t.client, &t.to_client));
         (a, b)
@@ -754,17 +737,16 @@ pub async fn relay(kernel: &Kernel, shared: &Shared, t: Tunnel) -> Result<Outcom
 /// the kernel consumed no byte this tunnel did not account for.
 ///
 /// 1. Every byte the verdict redirected before it stopped reaches its
-///    destination's send queue, and every byte it passed (a direction
-///    paused at the handoff) is read: `recvmsg` serves the psock's queue
-///    before the receive queue, and reads stop at the passed count.
+///    destination's send queue, and every byte it passed is read: `recvmsg`
+///    serves the psock's queue before the receive queue, and reads stop at
+///    the passed count.
 /// 2. Out of `TARGETS` and `PEERS`, off the events thread: the psock goes,
 ///    with nothing in its queues.
 /// 3. Each source's consumed count (TCP: received − queued) equals what
 ///    the tunnel accounted for: consumed before the handoff + redirected +
 ///    passed. A segment the kernel verdicted just as the program was
-///    detached finds no program and is dropped (seen once, 64 KiB, when
-///    sockets left `ACTIVE` on every pause); then the caller resets both
-///    sides instead of handing on a stream with a gap.
+///    detached finds no program and is dropped; then the caller resets
+///    both sides instead of handing on a stream with a gap.
 async fn leave<'a>(
     kernel: &Kernel,
     members: &mut Membership<'_>,
@@ -821,7 +803,7 @@ async fn leave<'a>(
 /// How the watch of a tunnel ended.
 enum Ended {
     Closed(CloseReason),
-    /// Both directions paused and settled: it leaves the maps ([`leave`]).
+    /// Both sources left `ACTIVE` and settled: it leaves the maps ([`leave`]).
     StepAside(&'static str),
 }
 
@@ -877,7 +859,7 @@ impl Watch<'_> {
                 match check(self.kernel, self.limits, dir, leaving_dir) {
                     Ok(true) => tick = TICK_MIN,
                     Ok(false) => {}
-                    Err(failed @ (Failed::Broken | Failed::Held(_))) => {
+                    Err(failed @ Failed::Broken) => {
                         tracing::warn!("sockmap: {failed}; resetting the tunnel");
                         return Ended::Closed(CloseReason::Error);
                     }
@@ -922,8 +904,7 @@ impl Watch<'_> {
             if now >= idle_deadline {
                 return Ended::Closed(CloseReason::Idle);
             }
-            let busy = leaving.is_some()
-                || [&*up, &*down].iter().any(|d| !d.done && (d.paused || d.eof || d.passed > d.copied));
+            let busy = leaving.is_some() || [&*up, &*down].iter().any(|d| !d.done && (d.eof || d.passed > d.copied));
             let wait = if busy { tick.min(TICK_BUSY_MAX) } else { tick.min(idle_deadline - now) };
 
             // Arm each socket for what it should report next. Readiness only
@@ -1031,8 +1012,7 @@ impl Watch<'_> {
             // moves them to the socket's own queue only while its receive
             // buffer has room), they would wait behind the bytes TCP queues
             // once the verdict stops, and a read would return those first
-            // (reproduced: a direction paused at the handoff, 1.2 MB out of
-            // order — the count check in `leave` caught it and reset).
+            // (the count check in `leave` would reset the tunnel).
             //
             // Leaving `ACTIVE` detaches the program, and a segment the kernel
             // verdicts at that very moment finds none and is dropped (seen:
@@ -1077,10 +1057,6 @@ enum Failed {
     /// The program could not cut a repeated head off a segment (an
     /// allocation failed) and dropped it: bytes are missing.
     Broken,
-    /// A paused direction left more passed bytes in the kernel than the
-    /// bound allows (its source kept sending while its own queue was stuck
-    /// behind bytes its reader does not take).
-    Held(u64),
 }
 
 impl std::fmt::Display for Failed {
@@ -1089,7 +1065,6 @@ impl std::fmt::Display for Failed {
             Failed::Src(e) => write!(f, "source failed: {e}"),
             Failed::Dst(e) => write!(f, "destination failed: {e}"),
             Failed::Broken => write!(f, "a retransmitted segment could not be trimmed in the kernel"),
-            Failed::Held(n) => write!(f, "{n} passed bytes held in the kernel, past the bound"),
         }
     }
 }
@@ -1131,10 +1106,6 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Res
             "sockmap: forwarding"
         );
     }
-    let unread = d.passed.saturating_sub(d.read);
-    if unread > limits.hold {
-        return Err(Failed::Held(unread));
-    }
     if d.done {
         return Ok(true);
     }
@@ -1153,7 +1124,7 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Res
         return Ok(changed);
     }
 
-    if !d.paused && entry.bytes + limits.budget / 2 >= d.notify_at {
+    if entry.bytes + limits.budget / 2 >= d.notify_at {
         // Ask for the next event `budget` bytes from here.
         d.notify_at = entry.bytes + limits.budget;
         kernel.control(d.src_cookie, d.control()).map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
@@ -1298,7 +1269,7 @@ fn forward_passed(kernel: &Kernel, tail_max: u64, d: &mut Dir<'_>, leaving: bool
             break;
         }
     }
-    if d.tail.is_empty() && d.tail.capacity() > 0 && !d.paused {
+    if d.tail.is_empty() && d.tail.capacity() > 0 {
         // Nothing held: give the buffer back (an idle tunnel holds none).
         d.tail = BytesMut::new();
     }
