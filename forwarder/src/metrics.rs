@@ -178,6 +178,28 @@ pub fn get() -> &'static Metrics {
 }
 
 /// Makes the data planes' byte counters part of `/metrics`.
+/// Creates every per-listener series at 0 before the first connection,
+/// so that `rate()` and `absent()` alerts work from the start: accepted,
+/// active, over-limit, and the tunnel series for each plane that may
+/// carry a tunnel (the chosen one and its fallbacks).
+pub fn declare_listener(listener: &str, planes: &DataPlanes) {
+    let m = get();
+    let labels = ListenerLabels { listener: listener.to_string() };
+    let _ = m.accepted.get_or_create(&labels);
+    let _ = m.active.get_or_create(&labels);
+    let _ = m.rejected_over_limit.get_or_create(&labels);
+    for plane in planes.planes() {
+        let labels = TunnelLabels { listener: listener.to_string(), data_plane: plane.mode().to_string() };
+        let _ = m.tunnels.get_or_create(&labels);
+        let _ = m.tunnels_active.get_or_create(&labels);
+    }
+}
+
+/// Creates a pool's connect-failure series at 0 (at start and on reload).
+pub fn declare_pool(pool: &str) {
+    let _ = get().connect_failures.get_or_create(&PoolLabels { pool: pool.to_string() });
+}
+
 pub fn set_planes(planes: Arc<DataPlanes>) {
     let _ = get().planes.set(planes);
 }

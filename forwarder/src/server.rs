@@ -52,6 +52,12 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     for w in config.warnings() {
         tracing::warn!("config: {w}");
     }
+    for l in &config.listeners {
+        metrics::declare_listener(&l.name, &planes);
+    }
+    for p in &config.pools {
+        metrics::declare_pool(&p.name);
+    }
     let shared = Arc::new(Shared::new(config, planes));
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -258,6 +264,9 @@ fn reload(shared: &Shared, path: Option<&Path>) {
         Ok(config) => {
             for w in config.warnings() {
                 tracing::warn!("SIGHUP: config: {w}");
+            }
+            for p in &config.pools {
+                metrics::declare_pool(&p.name);
             }
             let routes = config.routes.len();
             let pools = config.pools.len();

@@ -527,3 +527,22 @@ async fn the_header_count_limit_is_its_own_and_configurable() {
     let (status, _, _) = parse_answer(&raw_exchange(r.http, many(150).as_bytes()).await);
     assert_eq!(status, 404, "150 headers within max_headers = 200 are routed");
 }
+
+/// Every per-listener series exists at 0 before the first connection, so
+/// `rate()` and `absent()` alerts work from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_listener_series_exist_from_startup() {
+    let (r, _backend) = router("").await;
+    let (_, body) = r.admin_get("/metrics").unwrap();
+    for series in [
+        "upsplice_connections_accepted_total{listener=\"web\"} 0",
+        "upsplice_connections_active{listener=\"web\"} 0",
+        "upsplice_connections_over_limit_total{listener=\"web\"} 0",
+        "upsplice_tunnels_total{listener=\"web\",data_plane=\"copy\"} 0",
+        "upsplice_tunnels_active{listener=\"web\",data_plane=\"copy\"} 0",
+        "upsplice_connections_accepted_total{listener=\"raw\"} 0",
+        "upsplice_backend_connect_failures_total{pool=\"dead\"} 0",
+    ] {
+        assert!(body.lines().any(|l| l == series), "{series} missing from:\n{body}");
+    }
+}
