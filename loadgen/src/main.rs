@@ -13,7 +13,7 @@ use upsplice_loadgen::plot::{self, Series};
 use upsplice_loadgen::recorder::Recorder;
 use upsplice_loadgen::report::{self, RunInfo};
 use upsplice_loadgen::rusage::CpuTime;
-use upsplice_loadgen::{churn, echo, hlog, hold, net, progress, tcpbulk, wsclient};
+use upsplice_loadgen::{churn, echo, hlog, hold, lifecycle, net, progress, tcpbulk, ws};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -214,13 +214,13 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
 
 /// What `hold` and `churn` share: the upgrade target, message size,
 /// source addresses and threads.
-fn lifecycle(c: &LifecycleArgs) -> anyhow::Result<wsclient::LifecycleConfig> {
+fn lifecycle(c: &LifecycleArgs) -> anyhow::Result<lifecycle::LifecycleConfig> {
     check_size(c.size)?;
     if c.conn.connect_timeout.is_zero() {
         bail!("--connect-timeout must be positive");
     }
-    Ok(wsclient::LifecycleConfig {
-        target: wsclient::WsTarget {
+    Ok(lifecycle::LifecycleConfig {
+        target: ws::WsTarget {
             addr: resolve(&c.target)?,
             host: c.http.host_or(&c.target),
             path: c.http.path.clone(),
@@ -251,7 +251,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
     if a.ping_every.is_some_and(|d| d < std::time::Duration::from_millis(1)) {
         bail!("--ping-every must be at least 1ms");
     }
-    let fd_limit = wsclient::ensure_fds(a.connections as u64, "--connections")?;
+    let fd_limit = lifecycle::ensure_fds(a.connections as u64, "--connections")?;
     let cfg = hold::HoldConfig {
         common: lifecycle(c)?,
         connections: a.connections,
@@ -292,7 +292,7 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
         bail!("--duration must be positive");
     }
     positive_rate("--rate", a.rate)?;
-    wsclient::ensure_fds(a.concurrency as u64, "--concurrency")?;
+    lifecycle::ensure_fds(a.concurrency as u64, "--concurrency")?;
     let cfg = churn::ChurnConfig {
         common: lifecycle(c)?,
         rate: a.rate,
