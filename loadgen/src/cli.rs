@@ -87,9 +87,21 @@ pub struct LoadArgs {
     /// How long to wait for outstanding replies after the last send.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub drain: Duration,
+    /// Processes to watch.
+    #[command(flatten)]
+    pub watch: WatchArgs,
     /// Output files.
     #[command(flatten)]
     pub out: OutputArgs,
+}
+
+/// Other processes to measure over the run, beside the machine's CPU.
+#[derive(Debug, Args, Clone, Default)]
+pub struct WatchArgs {
+    /// Process to measure over the run (CPU time, RSS, open fds; into the
+    /// summary's `watch`); repeatable or comma-separated.
+    #[arg(long = "watch-pid", value_name = "PID", value_delimiter = ',')]
+    pub pids: Vec<u32>,
 }
 
 /// How the generator opens connections; shared by every connecting mode.
@@ -219,6 +231,9 @@ pub struct LifecycleArgs {
     /// Message payload size in bytes (at least 8: the sequence number).
     #[arg(long, default_value_t = 16)]
     pub size: usize,
+    /// Processes to watch.
+    #[command(flatten)]
+    pub watch: WatchArgs,
     /// Output files.
     #[command(flatten)]
     pub out: OutputArgs,

@@ -24,5 +24,6 @@ pub mod rusage;
 pub mod schedule;
 pub mod tcpbulk;
 pub mod timer;
+pub mod watch;
 pub mod ws;
 pub mod wsproto;

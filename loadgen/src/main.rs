@@ -13,6 +13,7 @@ use upsplice_loadgen::plot::{self, Series};
 use upsplice_loadgen::recorder::Recorder;
 use upsplice_loadgen::report::{self, RunInfo};
 use upsplice_loadgen::rusage::CpuTime;
+use upsplice_loadgen::watch::Watch;
 use upsplice_loadgen::{churn, echo, hlog, hold, lifecycle, net, progress, tcpbulk, ws};
 
 fn main() -> ExitCode {
@@ -104,7 +105,13 @@ fn validate(l: &LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load(
+/// A rate-driven run: the engine's settings and what the summary says about them.
+struct Plan {
+    cfg: RunConfig,
+    info: RunInfo,
+}
+
+fn plan(
     l: &LoadArgs,
     proto: Proto,
     mode: &str,
@@ -112,7 +119,7 @@ fn load(
     path: String,
     size: usize,
     max_inflight: usize,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Plan> {
     validate(l)?;
     let fds = net::raise_fd_limit();
     if l.connections as u64 + 64 > fds {
@@ -140,12 +147,6 @@ fn load(
         drain: l.drain,
         keep_intervals: l.out.hlog.is_some(),
     };
-    let cpu0 = CpuTime::now();
-    let live = std::io::stderr().is_terminal().then(|| Arc::new(progress::Live::default()));
-    let printer = live.clone().map(|lv| progress::Printer::start(lv, cfg.warmup, cfg.rate, "msg"));
-    let out = engine::run(&cfg, live);
-    drop(printer);
-    let cpu = CpuTime::now().since(cpu0);
     let info = RunInfo {
         mode: mode.to_string(),
         target: l.target.clone(),
@@ -158,7 +159,33 @@ fn load(
         max_inflight: cfg.max_inflight as u64,
         idle: false,
     };
-    let summary = report::summarize(&info, &out.recorder, cpu, out.wall.as_secs_f64());
+    Ok(Plan { cfg, info })
+}
+
+/// Runs the engine once (with the live progress line on a terminal) and summarizes.
+fn drive(p: &Plan) -> (report::Summary, engine::RunOutput) {
+    let cpu0 = CpuTime::now();
+    let live = std::io::stderr().is_terminal().then(|| Arc::new(progress::Live::default()));
+    let printer = live.clone().map(|lv| progress::Printer::start(lv, p.cfg.warmup, p.cfg.rate, "msg"));
+    let out = engine::run(&p.cfg, live);
+    drop(printer);
+    let cpu = CpuTime::now().since(cpu0);
+    (report::summarize(&p.info, &out.recorder, cpu, out.wall.as_secs_f64()), out)
+}
+
+fn load(
+    l: &LoadArgs,
+    proto: Proto,
+    mode: &str,
+    host: String,
+    path: String,
+    size: usize,
+    max_inflight: usize,
+) -> anyhow::Result<ExitCode> {
+    let p = plan(l, proto, mode, host, path, size, max_inflight)?;
+    let w = Watch::start(&l.watch.pids)?;
+    let (mut summary, out) = drive(&p);
+    summary.watch = Some(w.finish());
     let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
     finish(&l.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)
 }
@@ -193,6 +220,7 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
         threads: l.conn.threads.unwrap_or_else(cores),
         connect_timeout: l.conn.connect_timeout,
     };
+    let w = Watch::start(&l.watch.pids)?;
     let cpu0 = CpuTime::now();
     let t = std::time::Instant::now();
     let rec = tcpbulk::run(&cfg)?;
@@ -208,7 +236,8 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
         max_inflight: 0,
         idle: false,
     };
-    let summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
+    let mut summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
+    summary.watch = Some(w.finish());
     finish(&l.out, &summary, &rec, None, &[])
 }
 
@@ -261,6 +290,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
         ping_every: a.ping_every,
         drain: a.drain,
     };
+    let w = Watch::start(&c.watch.pids)?;
     let cpu0 = CpuTime::now();
     let out = hold::run(&cfg)?;
     let info = RunInfo {
@@ -277,6 +307,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
     };
     let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
     summary.hold = Some(report::HoldStats { fd_limit, ..out.stats });
+    summary.watch = Some(w.finish());
     finish(&c.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
 }
 
@@ -300,6 +331,7 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
         duration: a.duration,
         count: a.count,
     };
+    let w = Watch::start(&c.watch.pids)?;
     let cpu0 = CpuTime::now();
     let out = churn::run(&cfg)?;
     let info = RunInfo {
@@ -316,6 +348,7 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
     };
     let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
     summary.churn = Some(out.stats);
+    summary.watch = Some(w.finish());
     finish(&c.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
 }
 

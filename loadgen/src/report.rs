@@ -3,6 +3,7 @@
 
 use crate::recorder::{ErrorKind, Recorder};
 use crate::rusage::CpuTime;
+use crate::watch::WatchReport;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -230,6 +231,10 @@ pub struct Summary {
     pub churn: Option<ChurnStats>,
     /// Generator CPU use.
     pub cpu: Cpu,
+    /// The machine's busy CPU and the `--watch-pid` processes over the run
+    /// (added in v1; null in older files and for `merge`).
+    #[serde(default)]
+    pub watch: Option<WatchReport>,
     /// False when the figures cannot be trusted; see `problems`.
     pub valid: bool,
     /// Why the run is invalid, or warnings (rate not reached).
@@ -353,6 +358,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
         }),
         hold: None,
         churn: None,
+        watch: None,
         cpu: Cpu { user_s, system_s, wall_s, cores_busy: (user_s + system_s) / wall_s.max(1e-9) },
         valid,
         problems,
@@ -383,6 +389,33 @@ fn row(out: &mut String, name: &str, p: &Percentiles) {
         ms(p.max),
         p.count
     );
+}
+
+fn render_watch(out: &mut String, w: &WatchReport) {
+    let _ = writeln!(
+        out,
+        "machine cpu    {:.2}s busy of {:.2}s over {:.2}s = {:.2} cores busy",
+        w.machine.busy_s, w.machine.total_s, w.window_s, w.machine.cores_busy
+    );
+    for p in &w.processes {
+        let _ = writeln!(
+            out,
+            "watched        pid {} ({}): cpu user {:.2}s system {:.2}s = {:.2} cores busy | rss {} / peak {} / end {} KiB | \
+             fds {} / peak {} / end {}{}",
+            p.pid,
+            p.name,
+            p.user_s,
+            p.system_s,
+            p.cores_busy,
+            p.rss_kib_start,
+            p.rss_kib_peak,
+            p.rss_kib_end,
+            p.fds_start,
+            p.fds_peak,
+            p.fds_end,
+            if p.gone { " (exited during the run)" } else { "" }
+        );
+    }
 }
 
 /// The human-readable summary.
@@ -483,6 +516,9 @@ pub fn render(s: &Summary) -> String {
         "generator cpu  user {:.2}s system {:.2}s over {:.2}s wall = {:.2} cores busy",
         s.cpu.user_s, s.cpu.system_s, s.cpu.wall_s, s.cpu.cores_busy
     );
+    if let Some(w) = &s.watch {
+        render_watch(&mut out, w);
+    }
     for p in &s.problems {
         let _ = writeln!(out, "!!! {p}");
     }
@@ -537,6 +573,7 @@ mod tests {
         let o = v.as_object_mut().unwrap();
         o.remove("hold");
         o.remove("churn");
+        o.remove("watch");
         o["latency_us"].as_object_mut().unwrap().remove("handshake");
         let back: Summary = serde_json::from_value(v).unwrap();
         assert!(back.hold.is_none() && back.churn.is_none());
