@@ -34,6 +34,8 @@ pub enum Command {
     Hold(HoldArgs),
     /// Connection churn: connect, upgrade, one echoed message, close; over and over.
     Churn(ChurnArgs),
+    /// The highest WebSocket message rate whose latency percentile stays under a bound (bisection).
+    Search(SearchArgs),
     /// Merge .hlog files from several generator nodes into one report.
     Merge(MergeArgs),
     /// Overlay several runs' JSON summaries or .hlog files in one SVG.
@@ -168,6 +170,40 @@ pub struct WsArgs {
     /// Messages outstanding per connection before the writer must wait.
     #[arg(long, default_value_t = 128)]
     pub max_inflight: usize,
+}
+
+/// `search` arguments: a `ws` run per step, at rates chosen by bisection.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// The `ws` options of every step (`--rate` is not used: the steps' rates
+    /// come from --floor, --ceiling and the bisection; the outputs describe
+    /// the step that gave the answer, or the last step if none passed).
+    #[command(flatten)]
+    pub ws: WsArgs,
+    /// Lowest rate tried, messages per second over all connections.
+    #[arg(long, default_value_t = 1000.0)]
+    pub floor: f64,
+    /// Highest rate tried.
+    #[arg(long, default_value_t = 100_000.0)]
+    pub ceiling: f64,
+    /// The corrected-latency percentile that must stay under --below.
+    #[arg(long, default_value_t = 99.0)]
+    pub percentile: f64,
+    /// The bound (e.g. 1ms, 500us).
+    #[arg(long, value_parser = parse_duration, default_value = "1ms")]
+    pub below: Duration,
+    /// Stop when the bracket's ends are within this fraction of each other.
+    #[arg(long, default_value_t = 0.1)]
+    pub resolution: f64,
+    /// Most steps (retries included).
+    #[arg(long, default_value_t = 10)]
+    pub max_steps: u32,
+    /// No step starts after this much time.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub max_time: Duration,
+    /// Extra attempts of a failing step before it counts as failed.
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
 }
 
 /// `http` arguments.

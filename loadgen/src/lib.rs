@@ -22,6 +22,7 @@ pub mod recorder;
 pub mod report;
 pub mod rusage;
 pub mod schedule;
+pub mod search;
 pub mod tcpbulk;
 pub mod timer;
 pub mod watch;

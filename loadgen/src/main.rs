@@ -6,7 +6,9 @@ use std::io::IsTerminal;
 use std::net::ToSocketAddrs;
 use std::process::ExitCode;
 use std::sync::Arc;
-use upsplice_loadgen::cli::{ChurnArgs, Cli, Command, HoldArgs, LifecycleArgs, LoadArgs, MergeArgs, PlotArgs, TcpMode};
+use upsplice_loadgen::cli::{
+    ChurnArgs, Cli, Command, HoldArgs, LifecycleArgs, LoadArgs, MergeArgs, PlotArgs, SearchArgs, TcpMode,
+};
 use upsplice_loadgen::engine::{self, Proto, RunConfig};
 use upsplice_loadgen::outputs::{self, Outputs};
 use upsplice_loadgen::plot::{self, Series};
@@ -14,7 +16,7 @@ use upsplice_loadgen::recorder::Recorder;
 use upsplice_loadgen::report::{self, RunInfo};
 use upsplice_loadgen::rusage::CpuTime;
 use upsplice_loadgen::watch::Watch;
-use upsplice_loadgen::{churn, echo, hlog, hold, lifecycle, net, progress, tcpbulk, ws};
+use upsplice_loadgen::{churn, echo, hlog, hold, lifecycle, net, progress, search, tcpbulk, ws};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -66,6 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tcp(a) => bulk(&a.load, a.size, a.direction),
         Command::Hold(a) => hold(a),
         Command::Churn(a) => churn(a),
+        Command::Search(a) => search(a),
         Command::Merge(a) => merge(a),
         Command::Plot(a) => plot_files(a),
     }
@@ -188,6 +191,93 @@ fn load(
     summary.watch = Some(w.finish());
     let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
     finish(&l.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)
+}
+
+fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
+    check_size(a.ws.size)?;
+    let ok = |x: f64| x > 0.0 && x.is_finite();
+    if !(ok(a.floor) && ok(a.ceiling) && a.ceiling >= a.floor) {
+        bail!("--floor and --ceiling must be positive, the ceiling at least the floor");
+    }
+    if !(a.percentile > 0.0 && a.percentile < 100.0) {
+        bail!("--percentile must be between 0 and 100");
+    }
+    if !(a.resolution > 0.0 && a.resolution.is_finite()) || a.max_steps == 0 {
+        bail!("--resolution and --max-steps must be positive");
+    }
+    let l = &a.ws.load;
+    let host = a.ws.http.host_or(&l.target);
+    let mut p = plan(l, Proto::Ws, "ws", host, a.ws.http.path.clone(), a.ws.size, a.ws.max_inflight)?;
+    let bound_us = a.below.as_micros() as u64;
+    let cfg = search::SearchConfig {
+        floor: a.floor,
+        ceiling: a.ceiling,
+        resolution: a.resolution,
+        max_steps: a.max_steps,
+        max_time: a.max_time,
+        retries: a.retries,
+    };
+    println!(
+        "upsplice-loadgen search -> {}: highest rate in {}..{}/s with corrected p{} < {:.3} ms",
+        l.target,
+        a.floor,
+        a.ceiling,
+        a.percentile,
+        bound_us as f64 / 1e3
+    );
+    let w = Watch::start(&l.watch.pids)?;
+    // The outputs describe the step that gave the answer, else the last one.
+    let mut answer: Option<(report::Summary, engine::RunOutput)> = None;
+    let mut last: Option<(report::Summary, engine::RunOutput)> = None;
+    let mut n = 0;
+    let stats = search::search(&cfg, a.percentile, bound_us, |rate| {
+        p.cfg.rate = rate;
+        p.info.target_rate = rate;
+        let (s, out) = drive(&p);
+        let latency_us = out.recorder.corrected.value_at_quantile(a.percentile / 100.0);
+        let latency_us = out.recorder.corrected.highest_equivalent(latency_us);
+        let pass = s.valid && s.rate_reached && latency_us < bound_us;
+        n += 1;
+        println!(
+            "step {n:>2}: {rate:>10.0}/s asked, {:>10.0}/s achieved, p{} {:>9.3} ms, {} errors: {}",
+            s.achieved_rate,
+            a.percentile,
+            latency_us as f64 / 1e3,
+            s.total_errors,
+            if pass {
+                "pass"
+            } else if !s.valid {
+                "fail (invalid run)"
+            } else if !s.rate_reached {
+                "fail (rate not reached)"
+            } else {
+                "fail"
+            }
+        );
+        let step = search::Step {
+            rate,
+            achieved_rate: s.achieved_rate,
+            latency_us,
+            valid: s.valid,
+            rate_reached: s.rate_reached,
+            pass,
+        };
+        if pass && answer.as_ref().is_none_or(|(b, _)| b.target_rate < rate) {
+            answer = Some((s, out));
+        } else {
+            last = Some((s, out));
+        }
+        step
+    });
+    let found = stats.answer_rate > 0.0;
+    let Some((mut summary, out)) = answer.or(last) else {
+        bail!("the search made no step (--max-time too short?)");
+    };
+    summary.watch = Some(w.finish());
+    summary.search = Some(stats);
+    let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
+    let code = finish(&l.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)?;
+    Ok(if found { code } else { ExitCode::from(1) })
 }
 
 fn finish(

@@ -3,6 +3,7 @@
 
 use crate::recorder::{ErrorKind, Recorder};
 use crate::rusage::CpuTime;
+use crate::search::SearchStats;
 use crate::watch::WatchReport;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
@@ -231,6 +232,9 @@ pub struct Summary {
     pub churn: Option<ChurnStats>,
     /// Generator CPU use.
     pub cpu: Cpu,
+    /// `search` only: the steps and the answer (added in v1; null otherwise).
+    #[serde(default)]
+    pub search: Option<SearchStats>,
     /// The machine's busy CPU and the `--watch-pid` processes over the run
     /// (added in v1; null in older files and for `merge`).
     #[serde(default)]
@@ -359,6 +363,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
         hold: None,
         churn: None,
         watch: None,
+        search: None,
         cpu: Cpu { user_s, system_s, wall_s, cores_busy: (user_s + system_s) / wall_s.max(1e-9) },
         valid,
         problems,
@@ -519,6 +524,20 @@ pub fn render(s: &Summary) -> String {
     if let Some(w) = &s.watch {
         render_watch(&mut out, w);
     }
+    if let Some(x) = &s.search {
+        let _ = writeln!(
+            out,
+            "search         p{} < {:.3} ms: {} ({} step(s) in {:.0}..{:.0}/s, stopped: {}{})",
+            x.percentile,
+            x.bound_us as f64 / 1e3,
+            if x.answer_rate > 0.0 { format!("{:.0}/s", x.answer_rate) } else { "no rate passed".into() },
+            x.steps.len(),
+            x.floor,
+            x.ceiling,
+            x.stopped_by.name(),
+            if x.failing_rate > 0.0 { format!(", {:.0}/s failed", x.failing_rate) } else { String::new() }
+        );
+    }
     for p in &s.problems {
         let _ = writeln!(out, "!!! {p}");
     }
@@ -574,6 +593,7 @@ mod tests {
         o.remove("hold");
         o.remove("churn");
         o.remove("watch");
+        o.remove("search");
         o["latency_us"].as_object_mut().unwrap().remove("handshake");
         let back: Summary = serde_json::from_value(v).unwrap();
         assert!(back.hold.is_none() && back.churn.is_none());

@@ -1,6 +1,6 @@
 //! What the generator measures besides latency: `--watch-pid` (another
-//! process's CPU, memory and descriptors, and the machine's CPU), against
-//! real processes on loopback.
+//! process's CPU, memory and descriptors, and the machine's CPU) and the
+//! `search` subcommand, against real processes on loopback.
 
 mod common;
 use common::{run, tmpdir, Server};
@@ -59,4 +59,55 @@ fn watch_pid_measures_a_busy_child_and_the_echo_server() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--watch-pid 999999999"), "{out:?}");
+}
+
+#[test]
+fn search_finds_a_higher_rate_under_a_looser_bound() {
+    let echo = Server::echo(&[]);
+    let dir = tmpdir();
+    let search = |below: &str, name: &str| {
+        run(
+            &[
+                "search",
+                "--target",
+                &echo.addr,
+                "-c",
+                "2",
+                "-d",
+                "1s",
+                "-w",
+                "200ms",
+                "--drain",
+                "500ms",
+                "--floor",
+                "100",
+                "--ceiling",
+                "800",
+                "--below",
+                below,
+                "--max-steps",
+                "4",
+                "--max-time",
+                "30s",
+            ],
+            dir.path(),
+            name,
+        )
+    };
+    // No loopback round trip takes under a microsecond: nothing passes.
+    let tight = search("1us", "tight");
+    // A second is far above anything an idle echo server answers in.
+    let loose = search("1s", "loose");
+    let (ts, ls) = (tight.summary.search.as_ref().unwrap(), loose.summary.search.as_ref().unwrap());
+    assert_eq!(ts.answer_rate, 0.0, "{}", tight.stdout);
+    assert_eq!(tight.output.status.code(), Some(1), "no rate passed: {}", tight.stdout);
+    assert_eq!(ts.steps.len(), 1, "the floor failed, so nothing else was tried: {}", tight.stdout);
+    assert!(loose.output.status.success(), "{}", loose.stdout);
+    assert!(ls.answer_rate > ts.answer_rate && ls.answer_rate >= 100.0, "{}", loose.stdout);
+    assert!(ls.steps.len() <= 4 && ls.steps.iter().any(|s| s.pass), "{}", loose.stdout);
+    assert!(ls.steps.iter().all(|s| s.latency_us > 0 && s.achieved_rate > 0.0), "{:?}", ls.steps);
+    // Every step is printed, and the summary is the answer's run.
+    assert_eq!(loose.stdout.matches("\nstep ").count(), ls.steps.len(), "{}", loose.stdout);
+    assert_eq!(loose.summary.target_rate, ls.answer_rate);
+    assert!(loose.stdout.contains("search         p99 < 1000.000 ms"), "{}", loose.stdout);
 }
