@@ -104,6 +104,10 @@ pub struct WatchArgs {
     /// summary's `watch`); repeatable or comma-separated.
     #[arg(long = "watch-pid", value_name = "PID", value_delimiter = ',')]
     pub pids: Vec<u32>,
+    /// Count the established TCP connections with this local port (a
+    /// listener's accepted connections) at the start, peak and end.
+    #[arg(long = "watch-port", value_name = "PORT")]
+    pub port: Option<u16>,
 }
 
 /// How the generator opens connections; shared by every connecting mode.

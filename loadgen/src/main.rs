@@ -186,7 +186,7 @@ fn load(
     max_inflight: usize,
 ) -> anyhow::Result<ExitCode> {
     let p = plan(l, proto, mode, host, path, size, max_inflight)?;
-    let w = Watch::start(&l.watch.pids)?;
+    let w = Watch::start(&l.watch.pids, l.watch.port)?;
     let (mut summary, out) = drive(&p);
     summary.watch = Some(w.finish());
     let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
@@ -225,7 +225,7 @@ fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
         a.percentile,
         bound_us as f64 / 1e3
     );
-    let w = Watch::start(&l.watch.pids)?;
+    let w = Watch::start(&l.watch.pids, l.watch.port)?;
     // The outputs describe the step that gave the answer, else the last one.
     let mut answer: Option<(report::Summary, engine::RunOutput)> = None;
     let mut last: Option<(report::Summary, engine::RunOutput)> = None;
@@ -310,7 +310,7 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
         threads: l.conn.threads.unwrap_or_else(cores),
         connect_timeout: l.conn.connect_timeout,
     };
-    let w = Watch::start(&l.watch.pids)?;
+    let w = Watch::start(&l.watch.pids, l.watch.port)?;
     let cpu0 = CpuTime::now();
     let t = std::time::Instant::now();
     let rec = tcpbulk::run(&cfg)?;
@@ -380,7 +380,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
         ping_every: a.ping_every,
         drain: a.drain,
     };
-    let w = Watch::start(&c.watch.pids)?;
+    let w = Watch::start(&c.watch.pids, c.watch.port)?;
     let cpu0 = CpuTime::now();
     let out = hold::run(&cfg)?;
     let info = RunInfo {
@@ -421,7 +421,7 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
         duration: a.duration,
         count: a.count,
     };
-    let w = Watch::start(&c.watch.pids)?;
+    let w = Watch::start(&c.watch.pids, c.watch.port)?;
     let cpu0 = CpuTime::now();
     let out = churn::run(&cfg)?;
     let info = RunInfo {

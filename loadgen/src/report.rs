@@ -421,6 +421,13 @@ fn render_watch(out: &mut String, w: &WatchReport) {
             if p.gone { " (exited during the run)" } else { "" }
         );
     }
+    if let Some(p) = &w.port {
+        let _ = writeln!(
+            out,
+            "established    on local port {}: {} / peak {} / end {}",
+            p.port, p.established_start, p.established_peak, p.established_end
+        );
+    }
 }
 
 /// The human-readable summary.

@@ -3,8 +3,11 @@
 //! `/proc/PID/stat`), resident memory (`VmRSS` from `/proc/PID/status`) at
 //! the start, at its peak and at the end, and its open descriptors (entries
 //! of `/proc/PID/fd`) likewise; and the machine's busy CPU from `/proc/stat`
-//! (user + nice + system + irq + softirq + steal). A sampler thread reads
-//! them every [`INTERVAL`] so that peaks between start and end are seen.
+//! (user + nice + system + irq + softirq + steal); with `--watch-port`, the
+//! established TCP connections whose local port is that port (what
+//! `ss state established '( sport = :PORT )'` counts: a listener's accepted
+//! connections). A sampler thread reads them every [`INTERVAL`] so that peaks
+//! between start and end are seen.
 //!
 //! The parsers take the files' text, so they are tested on fixed samples.
 
@@ -65,6 +68,28 @@ pub fn parse_machine(text: &str) -> Option<MachineTicks> {
     // user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is already in user/nice.
     let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
     Some(MachineTicks { busy, total: v.iter().take(8).sum() })
+}
+
+/// Counts the ESTABLISHED sockets (state `01`) with local port `port` in a
+/// `/proc/net/tcp` or `/proc/net/tcp6` table.
+pub fn count_established(table: &str, port: u16) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let mut f = l.split_ascii_whitespace().skip(1);
+            let local_port = f.next().and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            local_port == Some(port) && f.nth(1) == Some("01")
+        })
+        .count() as u64
+}
+
+fn read_established(root: &Path, port: u16) -> u64 {
+    ["net/tcp", "net/tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(root.join(t)).ok())
+        .map(|text| count_established(&text, port))
+        .sum()
 }
 
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
@@ -141,6 +166,19 @@ pub struct MachineCpu {
     pub cores_busy: f64,
 }
 
+/// Established connections on one local port over the window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PortWatch {
+    /// The local port.
+    pub port: u16,
+    /// At the start.
+    pub established_start: u64,
+    /// The most seen.
+    pub established_peak: u64,
+    /// At the end.
+    pub established_end: u64,
+}
+
 /// Everything watched over a run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WatchReport {
@@ -152,6 +190,9 @@ pub struct WatchReport {
     pub machine: MachineCpu,
     /// One entry per `--watch-pid`, in the order given.
     pub processes: Vec<Watched>,
+    /// `--watch-port`, if given.
+    #[serde(default)]
+    pub port: Option<PortWatch>,
 }
 
 /// Per-process state of the sampler.
@@ -216,11 +257,11 @@ pub struct NoSuchProcess(pub u32);
 impl Watch {
     /// Takes the first readings (failing if a pid cannot be read) and starts
     /// the sampler thread.
-    pub fn start(pids: &[u32]) -> Result<Watch, NoSuchProcess> {
-        Self::start_at(Path::new("/proc"), pids, INTERVAL)
+    pub fn start(pids: &[u32], port: Option<u16>) -> Result<Watch, NoSuchProcess> {
+        Self::start_at(Path::new("/proc"), pids, port, INTERVAL)
     }
 
-    fn start_at(root: &Path, pids: &[u32], every: Duration) -> Result<Watch, NoSuchProcess> {
+    fn start_at(root: &Path, pids: &[u32], port: Option<u16>, every: Duration) -> Result<Watch, NoSuchProcess> {
         let root = root.to_path_buf();
         let mut tracks = Vec::with_capacity(pids.len());
         for &pid in pids {
@@ -234,6 +275,10 @@ impl Watch {
             }
             tracks.push(t);
         }
+        let mut port = port.map(|port| {
+            let n = read_established(&root, port);
+            PortWatch { port, established_start: n, established_peak: n, established_end: n }
+        });
         let m0 = read_machine(&root).unwrap_or_default();
         let t0 = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
@@ -246,6 +291,10 @@ impl Watch {
                     let done = flag.load(Ordering::Acquire);
                     for t in tracks.iter_mut().filter(|t| !t.gone) {
                         t.observe(read_proc(&root, t.pid));
+                    }
+                    if let Some(p) = &mut port {
+                        p.established_end = read_established(&root, p.port);
+                        p.established_peak = p.established_peak.max(p.established_end);
                     }
                     samples += 1;
                     if done {
@@ -266,6 +315,7 @@ impl Watch {
                         cores_busy: busy_s / window_s.max(1e-9),
                     },
                     processes: tracks.iter().map(|t| t.report(hz, window_s)).collect(),
+                    port,
                 }
             })
             .expect("spawning the watch thread");
@@ -312,6 +362,22 @@ mod tests {
     }
 
     #[test]
+    fn established_connections_on_a_local_port() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+                   0: 0100007F:4E85 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 212 1\n\
+                   1: 0100007F:4E85 0200007F:B591 01 00000000:00000000 00:00000000 00000000     0        0 213 1\n\
+                   2: 0100007F:4E85 0300007F:B592 01 00000000:00000000 00:00000000 00000000     0        0 214 1\n\
+                   3: 0100007F:4E85 0300007F:B593 06 00000000:00000000 03:0000062E 00000000     0        0 0 3\n\
+                   4: 0300007F:B592 0100007F:4E85 01 00000000:00000000 00:00000000 00000000     0        0 215 1\n";
+        // 0x4E85 = 20101: the listener (0A), a TIME_WAIT (06) and the client side (remote port) do not count.
+        assert_eq!(count_established(tcp, 20101), 2);
+        assert_eq!(count_established(tcp, 20102), 0);
+        let tcp6 = "  sl  local_address                         remote_address                        st\n\
+                    0: 00000000000000000000000001000000:4E85 00000000000000000000000001000000:C001 01 0\n";
+        assert_eq!(count_established(tcp6, 20101), 1);
+    }
+
+    #[test]
     fn a_fake_proc_tree_is_sampled_from_start_to_end() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("77");
@@ -336,7 +402,7 @@ mod tests {
             put(dir.path().join("stat"), format!("cpu  {utime} 0 0 1000 0 0 0 0 0 0\n"));
         };
         write(100, 1000, 3);
-        let w = Watch::start_at(dir.path(), &[77], Duration::from_millis(5)).unwrap();
+        let w = Watch::start_at(dir.path(), &[77], None, Duration::from_millis(5)).unwrap();
         write(150, 5000, 9);
         std::thread::sleep(Duration::from_millis(100));
         write(300, 2000, 4);
@@ -349,6 +415,6 @@ mod tests {
         assert_eq!((p.fds_start, p.fds_peak, p.fds_end), (3, 9, 4));
         assert!((r.machine.busy_s - 200.0 / hz).abs() < 1e-9, "{r:?}");
         assert!(r.samples >= 3);
-        assert!(Watch::start_at(dir.path(), &[78], INTERVAL).is_err());
+        assert!(Watch::start_at(dir.path(), &[78], None, INTERVAL).is_err());
     }
 }

@@ -23,12 +23,9 @@ fn watch_pid_measures_a_busy_child_and_the_echo_server() {
         Busy(Command::new("sh").args(["-c", "while :; do :; done"]).stdin(Stdio::null()).spawn().expect("spawn sh"));
     let dir = tmpdir();
     let (b, e) = (busy.0.id().to_string(), echo.child.id().to_string());
-    let both = format!("{b},{e}");
-    let r = run(
-        &["ws", "--target", &echo.addr, "-c", "2", "-r", "200", "-d", "1s", "-w", "200ms", "--watch-pid", &both],
-        dir.path(),
-        "watched",
-    );
+    let port = echo.addr.rsplit(':').next().unwrap();
+    let cmd = format!("ws --target {} -c 2 -r 200 -d 1s -w 200ms --watch-pid {b},{e} --watch-port {port}", echo.addr);
+    let r = run(&cmd.split_whitespace().collect::<Vec<_>>(), dir.path(), "watched");
     assert!(r.output.status.success(), "{}", r.stdout);
     let w = r.summary.watch.as_ref().expect("the summary has a watch section");
     assert_eq!(w.processes.iter().map(|p| p.pid.to_string()).collect::<Vec<_>>(), [b.clone(), e.clone()]);
@@ -43,6 +40,9 @@ fn watch_pid_measures_a_busy_child_and_the_echo_server() {
     assert!(echo_w.cpu_s > 0.0, "the echo server answered 200 messages/s: {echo_w:?}");
     // Two generator connections were open at the peak: listener + 2 sockets + stdio.
     assert!(echo_w.fds_peak >= echo_w.fds_start + 2, "{echo_w:?}");
+    // The echo server accepted the two connections (its side: local port = its port).
+    let p = w.port.as_ref().expect("--watch-port");
+    assert_eq!((p.established_start, p.established_peak), (0, 2), "{p:?}");
     assert!(w.machine.busy_s >= sh.cpu_s * 0.5 && w.machine.cores_busy > 0.0, "{w:?}");
     assert!(
         r.stdout.contains("machine cpu") && r.stdout.contains(&format!("watched        pid {b} (sh)")),
