@@ -2,6 +2,7 @@
 """Report writer for scripts/bench (Python 3.11 standard library only).
 
     bench-report.py line RUN.json RC          one progress line for a loadgen run
+    bench-report.py mem  ROUTER-idle.mem.json one progress line for an idle-tunnel memory sample
     bench-report.py report OUTDIR REPORT.md LOADGEN
                                               docs/benchmarks.md + SVGs next to it (REPORT's dir/bench/)
 
@@ -9,8 +10,9 @@ Every figure in the report comes from the files scripts/bench wrote into
 OUTDIR: runs.jsonl (one line per generator run: router, workload, which
 pids it watched), the loadgen JSON summaries (schema
 upsplice-loadgen/summary/v1, whose `watch` object holds the router's and
-the backends' CPU, RSS and fds and the machine's busy CPU over the run),
-meta.env and check.txt.
+the backends' CPU and the machine's busy CPU over the run),
+*-idle.mem.json (router memory with the idle tunnels open), meta.env and
+check.txt.
 
 The report is one function per section; the systems compared (direct, the
 upsplice planes, HAProxy, nginx) are the TARGETS table.
@@ -231,6 +233,20 @@ def fmt_rate(v: float) -> str:
 
 
 # ------------------------------------------------------------------ the run's data
+def watched(run) -> dict:
+    """A run's CPU figures from the generator's `watch` (over its whole run): machine-wide busy seconds, the router's
+    processes' CPU seconds (None without a router) and the backends'."""
+    w = (run["s"] or {}).get("watch") or {}
+    procs = {p["pid"]: p for p in w.get("processes") or []}
+
+    def cpu_s(pids):
+        got = [procs[p]["cpu_s"] for p in pids if p in procs]
+        return sum(got) if got else None
+
+    return dict(wall_s=w.get("window_s"), machine_cpu_s=(w.get("machine") or {}).get("busy_s"),
+                router_cpu_s=cpu_s(run.get("router_pids") or []), echo_cpu_s=cpu_s(run.get("echo_pids") or []))
+
+
 class Bench:
     """What scripts/bench wrote into OUTDIR, and the goals the sections judge."""
 
@@ -246,6 +262,7 @@ class Bench:
             if ln.strip():
                 r = json.loads(ln)
                 r["s"] = load(out / r["json"])
+                r.update(watched(r))
                 self.runs.append(r)
         self.routers = [t.name for t in TARGETS if any(x["router"] == t.name for x in self.runs)]
         self.upsplices = [r for r in self.routers if BY_NAME[r].is_plane]
@@ -318,8 +335,8 @@ def how_to_run(b: Bench) -> list[str]:
     w("It runs `scripts/setup` (haproxy, nginx, wrk from apt; the eBPF toolchain) and installs `libnginx-mod-stream` for "
       "nginx's tcp row, builds the release binaries, starts the echo and discard backends, then every router in turn, and "
       "writes this file, the plots in `docs/bench/` and the raw results in `out/bench/` (`runs.jsonl`: one line per "
-      "generator run with its CPU samples; `*.json`: the generator's summaries, schema `upsplice-loadgen/summary/v1`; "
-      "`*.hlog`; `*-idle.mem.json`; `conf/`: every router configuration as run; the routers' logs). It needs 127.0.0.1 ports "
+      "generator run and the pids it watched; `*.json`: the generator's summaries, schema `upsplice-loadgen/summary/v1`, "
+      "with the router's and the backends' CPU and the machine's CPU in `watch`; `*.hlog`; `*-idle.mem.json`; `conf/`: every router configuration as run; the routers' logs). It needs 127.0.0.1 ports "
       "20101–20105 free (`BENCH_PORT_BASE` moves them) and root or CAP_BPF + CAP_NET_ADMIN for the sockmap plane. Every "
       "process it starts is stopped by PID at the end, on Ctrl-C and on errors. Other knobs: `BENCH_ROUTERS` (a subset of "
       "`upsplice-sockmap upsplice-uring upsplice-splice upsplice-copy haproxy nginx`), `BENCH_IDLE_TUNNELS`, "
@@ -377,7 +394,8 @@ def setup(b: Bench) -> list[str]:
       f"durations as one-way bulk.")
     w("5. **CPU**: machine-wide busy time from `/proc/stat` (user+nice+system+irq+softirq+steal) over each generator run, minus "
       "the same workload run direct — sockmap and io_uring work runs in kernel threads and softirqs that are not charged to the "
-      "router process — and the router's own utime+stime from `/proc/PID/stat` (nginx: master + workers).")
+      "router process — and the router's own utime+stime from `/proc/PID/stat` (nginx: master + workers); the generator "
+      "measures both over its run (`--watch-pid`).")
     w(f"6. **Idle tunnels**: {meta.get('idle_n')} WebSocket tunnels opened at 3,000/s over 127.0.0.1–127.0.0.4 on the *fresh* "
       "router (its first workload); router RSS (`VmRSS`) and open fds are read 1.5 s after the last one was due to open. "
       f"The `ws` workload closes a connection once its last scheduled message is answered, so each "
@@ -905,7 +923,7 @@ def drift(b: Bench) -> list[str]:
         s = x["s"]
         c = lat(s)
         w(f"| {x['name'].removeprefix('direct-probe-')} | {num(s and s.get('achieved_rate'))} | {ms(c.get('p50'))} | {ms(c.get('p99'))} | "
-          f"{ms(c.get('p999'))} | {num(s and s['cpu']['cores_busy'], 2)} | {num(x['machine_cpu_s'] / x['wall_s'], 2)} | {x['loadavg']} | {flags(s, x['rc'])} |")
+          f"{ms(c.get('p999'))} | {num(s and s['cpu']['cores_busy'], 2)} | {num(x['machine_cpu_s'] / x['wall_s'] if x['machine_cpu_s'] is not None and x['wall_s'] else None, 2)} | {x['loadavg']} | {flags(s, x['rc'])} |")
     w("")
 
     return md
