@@ -2,7 +2,6 @@
 """Report writer for scripts/bench (Python 3.11 standard library only).
 
     bench-report.py line RUN.json RC          one progress line for a loadgen run
-    bench-report.py mem  ROUTER-idle.mem.json one progress line for an idle-tunnel memory sample
     bench-report.py report OUTDIR REPORT.md LOADGEN
                                               docs/benchmarks.md + SVGs next to it (REPORT's dir/bench/)
 
@@ -10,9 +9,8 @@ Every figure in the report comes from the files scripts/bench wrote into
 OUTDIR: runs.jsonl (one line per generator run: router, workload, which
 pids it watched), the loadgen JSON summaries (schema
 upsplice-loadgen/summary/v1, whose `watch` object holds the router's and
-the backends' CPU and the machine's busy CPU over the run),
-*-idle.mem.json (router memory with the idle tunnels open), meta.env and
-check.txt.
+the backends' CPU, RSS and fds and the machine's busy CPU over the run),
+meta.env and check.txt.
 
 The report is one function per section; the systems compared (direct, the
 upsplice planes, HAProxy, nginx) are the TARGETS table.
@@ -133,18 +131,15 @@ def line(path: str, rc: str) -> str:
         return (f"{t.get('out_mbit_s', 0) + t.get('in_mbit_s', 0):10.0f} Mbit/s over {s['connections_ok']} conn | "
                 f"gen {cpu:.2f} cores | {flags(s, int(rc))}")
     c, cn, up = lat(s), lat(s, "connect"), lat(s, "upgrade")
+    if s["mode"] == "hold":
+        h, w = s.get("hold") or {}, s.get("watch") or {}
+        procs = w.get("processes") or []
+        rss = f"RSS {procs[0]['rss_kib_start']} -> peak {procs[0]['rss_kib_peak']} KiB, fds peak {procs[0]['fds_peak']} " if procs else ""
+        return (f"{h.get('held', 0)} held of {s['connections']} | {rss}(first watched pid) | established peak "
+                f"{(w.get('port') or {}).get('established_peak', '?')} | echoes {s['received']}/{s['sent']} | {flags(s, int(rc))}")
     return (f"{s['achieved_rate']:9.0f}/s of {s['target_rate']:.0f} | p50 {ms(c.get('p50'))} p99 {ms(c.get('p99'))} "
             f"p99.9 {ms(c.get('p999'))} ms | conn {s['connections_ok']}/{s['connections']} "
             f"connect+upgrade p99 {ms((cn.get('p99') or 0) + (up.get('p99') or 0))} ms | gen {cpu:.2f} cores | {flags(s, int(rc))}")
-
-
-def mem_line(path: str) -> str:
-    m = load(Path(path))
-    if not m:
-        return "no sample"
-    per = (m["rss_kib"] - m["base_rss_kib"]) * 1024 / max(m["tunnels_asked"], 1)
-    return (f"RSS {m['base_rss_kib']} -> {m['rss_kib']} KiB with {m['tunnels_asked']} tunnels asked, "
-            f"{m['established']} established, {m['fds']} fds: {per:.0f} B per tunnel")
 
 
 # ------------------------------------------------------------------ SVG
@@ -247,6 +242,18 @@ def watched(run) -> dict:
                 router_cpu_s=cpu_s(run.get("router_pids") or []), echo_cpu_s=cpu_s(run.get("echo_pids") or []))
 
 
+def idle_memory(run):
+    """The router's memory in an idle-tunnel (`hold`) run: RSS and fds at the start (the fresh router) and at the peak
+    (every tunnel open), summed over its processes (nginx: master + workers), and its established tunnels at the peak."""
+    w = (run and run["s"] or {}).get("watch") or {}
+    procs = [p for p in w.get("processes") or [] if p["pid"] in (run.get("router_pids") or [])]
+    if not procs:
+        return None
+    return dict(tunnels_asked=run["param"], base_rss_kib=sum(p["rss_kib_start"] for p in procs),
+                rss_kib=sum(p["rss_kib_peak"] for p in procs), base_fds=sum(p["fds_start"] for p in procs),
+                fds=sum(p["fds_peak"] for p in procs), established=(w.get("port") or {}).get("established_peak", 0))
+
+
 class Bench:
     """What scripts/bench wrote into OUTDIR, and the goals the sections judge."""
 
@@ -336,7 +343,7 @@ def how_to_run(b: Bench) -> list[str]:
       "nginx's tcp row, builds the release binaries, starts the echo and discard backends, then every router in turn, and "
       "writes this file, the plots in `docs/bench/` and the raw results in `out/bench/` (`runs.jsonl`: one line per "
       "generator run and the pids it watched; `*.json`: the generator's summaries, schema `upsplice-loadgen/summary/v1`, "
-      "with the router's and the backends' CPU and the machine's CPU in `watch`; `*.hlog`; `*-idle.mem.json`; `conf/`: every router configuration as run; the routers' logs). It needs 127.0.0.1 ports "
+      "with the router's and the backends' CPU, RSS and fds and the machine's CPU in `watch`; `*.hlog`; `conf/`: every router configuration as run; the routers' logs). It needs 127.0.0.1 ports "
       "20101–20105 free (`BENCH_PORT_BASE` moves them) and root or CAP_BPF + CAP_NET_ADMIN for the sockmap plane. Every "
       "process it starts is stopped by PID at the end, on Ctrl-C and on errors. Other knobs: `BENCH_ROUTERS` (a subset of "
       "`upsplice-sockmap upsplice-uring upsplice-splice upsplice-copy haproxy nginx`), `BENCH_IDLE_TUNNELS`, "
@@ -397,11 +404,11 @@ def setup(b: Bench) -> list[str]:
       "router process — and the router's own utime+stime from `/proc/PID/stat` (nginx: master + workers); the generator "
       "measures both over its run (`--watch-pid`).")
     w(f"6. **Idle tunnels**: {meta.get('idle_n')} WebSocket tunnels opened at 3,000/s over 127.0.0.1–127.0.0.4 on the *fresh* "
-      "router (its first workload); router RSS (`VmRSS`) and open fds are read 1.5 s after the last one was due to open. "
-      f"The `ws` workload closes a connection once its last scheduled message is answered, so each "
+      "router (its first workload) and held a period and a second once all are open (`upsplice-loadgen hold`); each "
       f"tunnel sends one 64-byte message every {meta.get('idle_period', '?')} s (i.e. {meta.get('idle_n')}/{meta.get('idle_period', '?')} "
-      "messages/s in total) and the run lasts a full period past the sample: the tunnels are nearly idle, every one is still "
-      "open when sampled, and every one is checked to still echo.")
+      "messages/s in total), so the tunnels are nearly idle and every one is checked to still echo. The generator reads the "
+      "router's RSS (`VmRSS`) and open fds every 100 ms (`--watch-pid`) and the established connections on its listener "
+      "port (`--watch-port`, as `ss` counts them): at the start (the fresh router) and at the peak (all tunnels open).")
     w("")
     w(f"Generator ceiling: [benchmarks-loadgen.md](benchmarks-loadgen.md) (`scripts/bench-loadgen.sh`). Rows marked "
       "**⚠ rate not reached** or **✗ invalid** were limited by something — the generator, the router or the machine — and their "
@@ -856,13 +863,13 @@ def idle_tunnels(b: Bench) -> list[str]:
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     rss = {}
     for r in routers:
-        m = load(b.out / f"{r}-idle.mem.json")
+        m = idle_memory(get(r, "idle"))
         x = get(r, "idle")
         if not m or not x:
             continue
         rss[r] = (m["rss_kib"] - m["base_rss_kib"]) * 1024 / m["tunnels_asked"]
     for r in routers:
-        m = load(b.out / f"{r}-idle.mem.json")
+        m = idle_memory(get(r, "idle"))
         x = get(r, "idle")
         if not m or not x:
             continue
@@ -899,7 +906,7 @@ def idle_tunnels(b: Bench) -> list[str]:
         n, r = max(big)
         x = get(r, "idle")
         s = x["s"]
-        m = load(b.out / f"{r}-idle.mem.json") or {}
+        m = idle_memory(get(r, "idle")) or {}
         b.goals.append(("100,000 concurrent tunnels on one node, nothing dropped", f"{num(n)} held ({r}), {n / 100000:.2f} × the target",
                         "could not be measured here",
                         f"hard RLIMIT_NOFILE {meta.get('nofile', '?').split('/')[-1]} per process, 2 fds per tunnel: at most ~9,990 per router process; "
@@ -943,9 +950,9 @@ def known_problems(b: Bench) -> list[str]:
       "bound of the true combined percentile.")
     w("* CPU per message includes connection set-up of the 1,000 tunnels and the warm-up; the same is true of direct, which is subtracted.")
     w("* 100,000 tunnels (and 10,000 for the memory figure) do not fit under the hard 20,000 open-files limit; see above.")
-    w("* The idle tunnels are held by the `ws` workload, each sending one 64-byte message every "
-      f"{meta.get('idle_period', '?')} s; `upsplice-loadgen hold` (idle tunnels with optional liveness messages) exists now "
-      "but this script does not use it yet.")
+    w("* The idle tunnels are held by `upsplice-loadgen hold`, each sending one 64-byte message every "
+      f"{meta.get('idle_period', '?')} s; the memory figures are the router's peak over the hold (read every 100 ms), which may "
+      "include what the handshakes in progress held while the last tunnels opened.")
     w("* Each upsplice row sets `data_plane.mode` to its plane (`auto` picks sockmap where it runs, as here); the router's "
       "`/metrics` (Data planes, above) shows how many of its tunnels fell back to another plane.")
     w("* Rates are doubled between search and handshake steps, so those figures are known to a factor of about 2; "
@@ -983,8 +990,6 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
 def main(argv):
     if len(argv) >= 3 and argv[1] == "line":
         print(line(argv[2], argv[3] if len(argv) > 3 else "0"))
-    elif len(argv) >= 3 and argv[1] == "mem":
-        print(mem_line(argv[2]))
     elif len(argv) == 5 and argv[1] == "report":
         report(Path(argv[2]), Path(argv[3]), argv[4])
     else:
