@@ -52,18 +52,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ws(a) => {
             check_size(a.size)?;
             let host = a.http.host_or(&a.load.target);
-            load(&a.load, Proto::Ws, "ws", host, a.http.path, a.size, a.max_inflight)
+            load(&a.load, plan(&a.load, Proto::Ws, "ws", host, a.http.path, a.size, a.max_inflight)?)
         }
         Command::Http(a) => {
             let host = a.http.host_or(&a.load.target);
             let proto = if a.close { Proto::HttpClose } else { Proto::HttpKeepAlive };
             let mode = if a.close { "http-close" } else { "http" };
-            load(&a.load, proto, mode, host, a.http.path, 0, a.max_inflight)
+            load(&a.load, plan(&a.load, proto, mode, host, a.http.path, 0, a.max_inflight)?)
         }
         Command::Tcp(a) if a.mode == TcpMode::Pingpong => {
             check_size(a.size)?;
             let host = a.load.target.clone();
-            load(&a.load, Proto::Raw, "tcp-pingpong", host, String::new(), a.size, a.max_inflight)
+            load(&a.load, plan(&a.load, Proto::Raw, "tcp-pingpong", host, String::new(), a.size, a.max_inflight)?)
         }
         Command::Tcp(a) => bulk(&a.load, a.size, a.direction),
         Command::Hold(a) => hold(a),
@@ -176,16 +176,7 @@ fn drive(p: &Plan) -> (report::Summary, engine::RunOutput) {
     (report::summarize(&p.info, &out.recorder, cpu, out.wall.as_secs_f64()), out)
 }
 
-fn load(
-    l: &LoadArgs,
-    proto: Proto,
-    mode: &str,
-    host: String,
-    path: String,
-    size: usize,
-    max_inflight: usize,
-) -> anyhow::Result<ExitCode> {
-    let p = plan(l, proto, mode, host, path, size, max_inflight)?;
+fn load(l: &LoadArgs, p: Plan) -> anyhow::Result<ExitCode> {
     let w = Watch::start(&l.watch.pids, l.watch.port)?;
     let (mut summary, out) = drive(&p);
     summary.watch = Some(w.finish());
