@@ -348,7 +348,7 @@ def how_to_run(b: Bench) -> list[str]:
       "writes this file, the plots in `docs/bench/` and the raw results in `out/bench/` (`runs.jsonl`: one line per "
       "generator run and the pids it watched; `*.json`: the generator's summaries, schema `upsplice-loadgen/summary/v1`, "
       "with the router's and the backends' CPU, RSS and fds and the machine's CPU in `watch`; `*.hlog`; `conf/`: every router configuration as run; the routers' logs). It needs 127.0.0.1 ports "
-      "20101–20105 free (`BENCH_PORT_BASE` moves them) and root or CAP_BPF + CAP_NET_ADMIN for the sockmap plane. Every "
+      "20101–20107 free (`BENCH_PORT_BASE` moves them) and root or CAP_BPF + CAP_NET_ADMIN for the sockmap plane. Every "
       "process it starts is stopped by PID at the end, on Ctrl-C and on errors. Other knobs: `BENCH_ROUTERS` (a subset of "
       "`upsplice-sockmap upsplice-uring upsplice-splice upsplice-copy haproxy nginx`), `BENCH_IDLE_TUNNELS`, "
       "`BENCH_OUT`, `BENCH_REPORT`, `BENCH_SKIP_SETUP=1` (see the head of `scripts/bench`).")
