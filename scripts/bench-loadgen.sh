@@ -7,8 +7,6 @@ set -euo pipefail
 out=${1:-out/bench-loadgen}
 mkdir -p "$out"
 B=${B:-target/release/upsplice-loadgen}
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }   # utime+stime of a pid, in clock ticks
-hz=$(getconf CLK_TCK)
 
 start_echo() { # mode
   taskset -c "${ECHO_PIN:-1}" "$B" echo --listen 127.0.0.1:0 --threads 1 --mode "$1" > "$out/echo.addr" &
@@ -18,20 +16,18 @@ start_echo() { # mode
 }
 stop_echo() { kill -TERM "$echo_pid"; wait "$echo_pid" || true; }
 
-# gen NAME ARGS...: one generator run with the echo server's CPU measured alongside.
+# gen NAME ARGS...: one generator run; the generator measures the echo server's CPU alongside (--watch-pid).
 gen() {
   local name=$1; shift
-  local e0; e0=$(ticks "$echo_pid")
-  taskset -c "${PIN:-0}" timeout 120 "$B" "$@" --json "$out/$name.json" > "$out/$name.txt" 2>&1 || true
-  local e1; e1=$(ticks "$echo_pid")
-  python3 - "$out/$name.json" "$(( e1 - e0 ))" "$hz" "$name" <<'PY'
+  taskset -c "${PIN:-0}" timeout 120 "$B" "$@" --watch-pid "$echo_pid" --json "$out/$name.json" > "$out/$name.txt" 2>&1 || true
+  python3 - "$out/$name.json" "$name" <<'PY'
 import json, sys
-s = json.load(open(sys.argv[1])); ticks, hz, name = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+s = json.load(open(sys.argv[1])); name = sys.argv[2]
 c, u, lag = s["latency_us"]["corrected"], s["latency_us"]["uncorrected"], s["latency_us"]["send_lag"]
-wall = s["cpu"]["wall_s"]
+echo = s["watch"]["processes"][0]
 print(f"{name:18} target {s['target_rate']:>9.0f}/s achieved {s['achieved_rate']:>9.0f}/s reached={s['rate_reached']!s:5} "
       f"corr p50 {c['p50']/1e3:8.3f} p99 {c['p99']/1e3:8.3f} ms | uncorr p50 {u['p50']/1e3:7.3f} p99 {u['p99']/1e3:8.3f} ms | "
-      f"lag p99 {lag['p99']/1e3:8.3f} ms | gen cpu {s['cpu']['cores_busy']:.2f} cores | echo cpu {ticks/hz/wall:.2f} cores | "
+      f"lag p99 {lag['p99']/1e3:8.3f} ms | gen cpu {s['cpu']['cores_busy']:.2f} cores | echo cpu {echo['cores_busy']:.2f} cores | "
       f"late {s['sent'] - s['sent_in_window']} unsent {s['unsent']} errors {s['total_errors']} valid={s['valid']}")
 PY
 }
@@ -48,11 +44,14 @@ done
 PIN=0,1 gen ws-800000-2thr ws --target "$addr" -c 50 -r 800000 -d 5s -w 2s --size 64 --threads 2
 # HTTP: wrk's closed-loop maximum, then our open-loop http at that rate.
 if command -v wrk > /dev/null; then
-  e0=$(ticks "$echo_pid")
+  # The echo server's CPU during wrk: an idle `hold` of one connection for
+  # the same 10 s watches it (its own cost is one idle socket).
+  "$B" hold --target "$addr" -c 1 -d 10s --watch-pid "$echo_pid" --json "$out/wrk-echo.json" > /dev/null 2>&1 &
+  watcher=$!
   taskset -c "${PIN:-0}" /usr/bin/time -f "wrk cpu user %U system %S wall %e" \
     wrk -t1 -c50 -d10s --latency "http://$addr/" > "$out/wrk.txt" 2>&1
-  e1=$(ticks "$echo_pid")
-  echo "wrk                $(grep -E 'Requests/sec' "$out/wrk.txt") | p99 $(awk '$1=="99%"{print $2}' "$out/wrk.txt") | $(grep 'wrk cpu' "$out/wrk.txt") | echo cpu $(python3 -c "print(round(($e1-$e0)/$hz/10,2))") cores"
+  wait "$watcher" || true
+  echo "wrk                $(grep -E 'Requests/sec' "$out/wrk.txt") | p99 $(awk '$1=="99%"{print $2}' "$out/wrk.txt") | $(grep 'wrk cpu' "$out/wrk.txt") | echo cpu $(python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['watch']['processes'][0]['cores_busy'],2))" "$out/wrk-echo.json") cores"
   wrk_rate=$(awk '/Requests\/sec/{printf "%d", $2}' "$out/wrk.txt")
   gen http-at-wrk-rate http --target "$addr" -c 50 -r "$wrk_rate" -d 10s -w 2s --threads 1
   gen http-80pct-wrk http --target "$addr" -c 50 -r "$(( wrk_rate * 8 / 10 ))" -d 10s -w 2s --threads 1

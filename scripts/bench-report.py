@@ -2,15 +2,18 @@
 """Report writer for scripts/bench (Python 3.11 standard library only).
 
     bench-report.py line RUN.json RC          one progress line for a loadgen run
-    bench-report.py mem  ROUTER-idle.mem.json one progress line for an idle-tunnel memory sample
     bench-report.py report OUTDIR REPORT.md LOADGEN
                                               docs/benchmarks.md + SVGs next to it (REPORT's dir/bench/)
 
 Every figure in the report comes from the files scripts/bench wrote into
-OUTDIR: runs.jsonl (one line per generator run: router, workload, CPU
-samples), the loadgen JSON summaries (schema upsplice-loadgen/summary/v1),
-*-idle.mem.json (router memory with the idle tunnels open), meta.env and
-check.txt.
+OUTDIR: runs.jsonl (one line per generator run: router, workload, which
+pids it watched), the loadgen JSON summaries (schema
+upsplice-loadgen/summary/v1, whose `watch` object holds the router's and
+the backends' CPU, RSS and fds and the machine's busy CPU over the run),
+meta.env and check.txt.
+
+The report is one function per section; the systems compared (direct, the
+upsplice planes, HAProxy, nginx) are the TARGETS table.
 """
 from __future__ import annotations
 
@@ -19,15 +22,53 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-ROUTER_ORDER = ["direct", "upsplice-sockmap", "upsplice-uring", "upsplice-splice", "upsplice-copy", "haproxy", "nginx"]
 GIB = 1024 ** 3
-COLORS = {
-    "direct": "#000000", "upsplice-sockmap": "#d62728", "upsplice-uring": "#ff7f0e",
-    "upsplice-splice": "#2ca02c", "upsplice-copy": "#1f77b4", "haproxy": "#9467bd", "nginx": "#8c564b",
-}
 
+
+@dataclass(frozen=True)
+class Target:
+    """One system the benchmark drives."""
+    name: str
+    kind: str    # "direct" (the baseline), "plane" (an upsplice data plane), "haproxy" (the reference), "nginx"
+    color: str   # in the plots
+
+    @property
+    def is_plane(self) -> bool:
+        return self.kind == "plane"
+
+    @property
+    def vs_direct(self) -> bool:
+        """Ratios to direct are shown for everything but direct itself."""
+        return self.kind != "direct"
+
+    @property
+    def vs_haproxy(self) -> bool:
+        """Ratios to HAProxy are shown for the planes and nginx."""
+        return self.kind in ("plane", "nginx")
+
+
+TARGETS = [
+    Target("direct", "direct", "#000000"),
+    Target("upsplice-sockmap", "plane", "#d62728"),
+    Target("upsplice-uring", "plane", "#ff7f0e"),
+    Target("upsplice-splice", "plane", "#2ca02c"),
+    Target("upsplice-copy", "plane", "#1f77b4"),
+    Target("haproxy", "haproxy", "#9467bd"),
+    Target("nginx", "nginx", "#8c564b"),
+]
+BY_NAME = {t.name: t for t in TARGETS}
+PLANES = [t.name for t in TARGETS if t.is_plane]
+
+
+def vs_direct(r: str) -> bool:
+    return BY_NAME[r].vs_direct
+
+
+def vs_haproxy(r: str) -> bool:
+    return BY_NAME[r].vs_haproxy
 
 # ------------------------------------------------------------------ helpers
 def load(path: Path):
@@ -89,19 +130,20 @@ def line(path: str, rc: str) -> str:
         t = s.get("throughput") or {}
         return (f"{t.get('out_mbit_s', 0) + t.get('in_mbit_s', 0):10.0f} Mbit/s over {s['connections_ok']} conn | "
                 f"gen {cpu:.2f} cores | {flags(s, int(rc))}")
+    if s.get("search"):
+        x = s["search"]
+        return (f"sustained {x['answer_rate']:.0f}/s ({len(x['steps'])} steps, stopped: {x['stopped_by']}) | "
+                + " ".join(f"{fmt_rate(t['rate'])}:{'✓' if t['pass'] else '✗'}" for t in x["steps"]) + f" | {flags(s, int(rc))}")
     c, cn, up = lat(s), lat(s, "connect"), lat(s, "upgrade")
+    if s["mode"] == "hold":
+        h, w = s.get("hold") or {}, s.get("watch") or {}
+        procs = w.get("processes") or []
+        rss = f"RSS {procs[0]['rss_kib_start']} -> peak {procs[0]['rss_kib_peak']} KiB, fds peak {procs[0]['fds_peak']} " if procs else ""
+        return (f"{h.get('held', 0)} held of {s['connections']} | {rss}(first watched pid) | established peak "
+                f"{(w.get('port') or {}).get('established_peak', '?')} | echoes {s['received']}/{s['sent']} | {flags(s, int(rc))}")
     return (f"{s['achieved_rate']:9.0f}/s of {s['target_rate']:.0f} | p50 {ms(c.get('p50'))} p99 {ms(c.get('p99'))} "
             f"p99.9 {ms(c.get('p999'))} ms | conn {s['connections_ok']}/{s['connections']} "
             f"connect+upgrade p99 {ms((cn.get('p99') or 0) + (up.get('p99') or 0))} ms | gen {cpu:.2f} cores | {flags(s, int(rc))}")
-
-
-def mem_line(path: str) -> str:
-    m = load(Path(path))
-    if not m:
-        return "no sample"
-    per = (m["rss_kib"] - m["base_rss_kib"]) * 1024 / max(m["tunnels_asked"], 1)
-    return (f"RSS {m['base_rss_kib']} -> {m['rss_kib']} KiB with {m['tunnels_asked']} tunnels asked, "
-            f"{m['established']} established, {m['fds']} fds: {per:.0f} B per tunnel")
 
 
 # ------------------------------------------------------------------ SVG
@@ -153,7 +195,7 @@ def svg_rate_vs_p99(series: dict[str, list[tuple[float, float, bool, str]]], lim
     for name, p in series.items():
         if not p:
             continue
-        col = COLORS.get(name, "#333")
+        col = BY_NAME[name].color if name in BY_NAME else "#333"
         p = sorted(p)
         line_pts = [q for q in p if q[3] == "step"]
         if len(line_pts) > 1:
@@ -188,39 +230,82 @@ def fmt_rate(v: float) -> str:
     return f"{v:g}"
 
 
-# ------------------------------------------------------------------ report
-def report(out: Path, dest: Path, loadgen: str) -> None:
-    meta = {}
-    for ln in (out / "meta.env").read_text().splitlines():
-        if "=" in ln:
-            k, v = ln.split("=", 1)
-            meta[k] = v
-    runs = []
-    for ln in (out / "runs.jsonl").read_text().splitlines():
-        if ln.strip():
-            r = json.loads(ln)
-            r["s"] = load(out / r["json"])
-            runs.append(r)
-    routers = [r for r in ROUTER_ORDER if any(x["router"] == r for x in runs)]
-    upsplices = [r for r in routers if r.startswith("upsplice-")]
 
-    def get(router, workload, param=None):
-        for x in runs:
+# ------------------------------------------------------------------ the run's data
+def watched(run) -> dict:
+    """A run's CPU figures from the generator's `watch` (over its whole run): machine-wide busy seconds, the router's
+    processes' CPU seconds (None without a router) and the backends'."""
+    w = (run["s"] or {}).get("watch") or {}
+    procs = {p["pid"]: p for p in w.get("processes") or []}
+
+    def cpu_s(pids):
+        got = [procs[p]["cpu_s"] for p in pids if p in procs]
+        return sum(got) if got else None
+
+    return dict(wall_s=w.get("window_s"), machine_cpu_s=(w.get("machine") or {}).get("busy_s"),
+                router_cpu_s=cpu_s(run.get("router_pids") or []), echo_cpu_s=cpu_s(run.get("echo_pids") or []))
+
+
+def idle_memory(run):
+    """The router's memory in an idle-tunnel (`hold`) run: RSS and fds at the start (the fresh router) and at the peak
+    (every tunnel open), summed over its processes (nginx: master + workers), and its established tunnels at the peak."""
+    w = (run and run["s"] or {}).get("watch") or {}
+    procs = [p for p in w.get("processes") or [] if p["pid"] in (run.get("router_pids") or [])]
+    if not procs:
+        return None
+    return dict(tunnels_asked=run["param"], base_rss_kib=sum(p["rss_kib_start"] for p in procs),
+                rss_kib=sum(p["rss_kib_peak"] for p in procs), base_fds=sum(p["fds_start"] for p in procs),
+                fds=sum(p["fds_peak"] for p in procs), established=(w.get("port") or {}).get("established_peak", 0))
+
+
+class Bench:
+    """What scripts/bench wrote into OUTDIR, and the goals the sections judge."""
+
+    def __init__(self, out: Path, dest: Path, loadgen: str):
+        self.out, self.dest, self.loadgen = out, dest, loadgen
+        self.meta = {}
+        for ln in (out / "meta.env").read_text().splitlines():
+            if "=" in ln:
+                k, v = ln.split("=", 1)
+                self.meta[k] = v
+        self.runs = []
+        for ln in (out / "runs.jsonl").read_text().splitlines():
+            if ln.strip():
+                r = json.loads(ln)
+                r["s"] = load(out / r["json"])
+                r.update(watched(r))
+                self.runs.append(r)
+        self.routers = [t.name for t in TARGETS if any(x["router"] == t.name for x in self.runs)]
+        self.upsplices = [r for r in self.routers if BY_NAME[r].is_plane]
+        check = (out / "check.txt").read_text() if (out / "check.txt").exists() else ""
+        self.planes = [ln.strip() for ln in check.splitlines() if ln.startswith("  ") and ("available" in ln)]
+        self.figdir = dest.parent / "bench"
+        self.figdir.mkdir(parents=True, exist_ok=True)
+        self.rel = os.path.relpath(self.figdir, dest.parent)
+        self.fixed_rates = sorted({x["param"] for x in self.runs if x["workload"] == "fixed"})
+        self.hs_limit = int(self.meta.get("hs_p99_limit_us", 10000))
+        self.goals: list[tuple[str, str, str, str]] = []   # goal, measured, verdict, note
+
+    def get(self, router, workload, param=None):
+        for x in self.runs:
             if x["router"] == router and x["workload"] == workload and (param is None or x["param"] == param):
                 return x
         return None
 
-    def all_of(router, workload):
-        return [x for x in runs if x["router"] == router and x["workload"] == workload]
+    def all_of(self, router, workload):
+        return [x for x in self.runs if x["router"] == router and x["workload"] == workload]
 
-    check = (out / "check.txt").read_text() if (out / "check.txt").exists() else ""
-    planes = [ln.strip() for ln in check.splitlines() if ln.startswith("  ") and ("available" in ln)]
-    figdir = dest.parent / "bench"
-    figdir.mkdir(parents=True, exist_ok=True)
-    rel = os.path.relpath(figdir, dest.parent)
-    md: list[str] = []
-    w = md.append
-    targets: list[tuple[str, str, str, str]] = []   # target, measured, verdict, note
+    @staticmethod
+    def section():
+        """A section's lines and the function that appends one."""
+        md: list[str] = []
+        return md, md.append
+
+
+# ------------------------------------------------------------------ sections
+def header(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
 
     quick = meta.get("quick") == "1"
     w("# Benchmarks: upsplice against direct, HAProxy and nginx")
@@ -245,6 +330,12 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
                      ("somaxconn", "net.core.somaxconn")]:
         w(f"| {label} | {meta.get(k, '?')} |")
     w("")
+    return md
+
+
+def how_to_run(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
     w("## How to run")
     w("")
     w("```sh")
@@ -255,9 +346,9 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w("It runs `scripts/setup` (haproxy, nginx, wrk from apt; the eBPF toolchain) and installs `libnginx-mod-stream` for "
       "nginx's tcp row, builds the release binaries, starts the echo and discard backends, then every router in turn, and "
       "writes this file, the plots in `docs/bench/` and the raw results in `out/bench/` (`runs.jsonl`: one line per "
-      "generator run with its CPU samples; `*.json`: the generator's summaries, schema `upsplice-loadgen/summary/v1`; "
-      "`*.hlog`; `*-idle.mem.json`; `conf/`: every router configuration as run; the routers' logs). It needs 127.0.0.1 ports "
-      "20101–20105 free (`BENCH_PORT_BASE` moves them) and root or CAP_BPF + CAP_NET_ADMIN for the sockmap plane. Every "
+      "generator run and the pids it watched; `*.json`: the generator's summaries, schema `upsplice-loadgen/summary/v1`, "
+      "with the router's and the backends' CPU, RSS and fds and the machine's CPU in `watch`; `*.hlog`; `conf/`: every router configuration as run; the routers' logs). It needs 127.0.0.1 ports "
+      "20101–20107 free (`BENCH_PORT_BASE` moves them) and root or CAP_BPF + CAP_NET_ADMIN for the sockmap plane. Every "
       "process it starts is stopped by PID at the end, on Ctrl-C and on errors. Other knobs: `BENCH_ROUTERS` (a subset of "
       "`upsplice-sockmap upsplice-uring upsplice-splice upsplice-copy haproxy nginx`), `BENCH_IDLE_TUNNELS`, "
       "`BENCH_OUT`, `BENCH_REPORT`, `BENCH_SKIP_SETUP=1` (see the head of `scripts/bench`).")
@@ -268,7 +359,12 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       "[drift](#drift-of-the-shared-machine) · [known problems](#known-problems)")
     w("")
 
-    # ---------------------------------------------------------------- setup
+    return md
+
+
+def setup(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
     w("## Setup")
     w("")
     w(f"Everything runs on one machine over loopback (127.0.0.0/8): the generator (`upsplice-loadgen`, one thread), the router and the "
@@ -297,9 +393,10 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       f"{int(meta.get('hs_p99_limit_us', 0)) / 1000:g} ms.")
     w(f"2. **Fixed rates**: {meta.get('conns')} tunnels × {meta.get('size')}-byte messages at 20,000 and 100,000 messages/s total "
       f"({meta.get('fixed')}); corrected p50/p99/p99.9.")
-    w(f"3. **Sustained rate**: rising steps ({meta.get('search')}), {meta.get('conns')} tunnels, stop at the first step that fails, "
-      f"then one step at the geometric middle; a step passes when the run is valid, reached its rate and the corrected p99 < "
-      f"{int(meta.get('p99_limit_us', 1000)) / 1000:g} ms.")
+    w(f"3. **Sustained rate**: `upsplice-loadgen search` ({meta.get('search')}), {meta.get('conns')} tunnels: the floor, the "
+      "ceiling, then bisection at the geometric middle of the last passing and the first failing rate; a step passes when the run "
+      f"is valid, reached its rate and the corrected p99 < {int(meta.get('p99_limit_us', 1000)) / 1000:g} ms, and a failing step "
+      "is measured once more before it counts.")
     w(f"4. **Bulk**: raw TCP, one way (`tcp --mode bulk --direction up`, {int(meta.get('bulk_chunk', 0)) // 1024} KiB writes, "
       f"{meta.get('bulk_d')}) to the discard backend, through 1 and through 8 connections; routers through their tcp listener "
       "(upsplice `protocol = \"tcp\"`, HAProxy `mode tcp`, nginx `stream`). Upgraded WebSocket tunnels use the same data plane "
@@ -309,13 +406,14 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       f"durations as one-way bulk.")
     w("5. **CPU**: machine-wide busy time from `/proc/stat` (user+nice+system+irq+softirq+steal) over each generator run, minus "
       "the same workload run direct — sockmap and io_uring work runs in kernel threads and softirqs that are not charged to the "
-      "router process — and the router's own utime+stime from `/proc/PID/stat` (nginx: master + workers).")
+      "router process — and the router's own utime+stime from `/proc/PID/stat` (nginx: master + workers); the generator "
+      "measures both over its run (`--watch-pid`).")
     w(f"6. **Idle tunnels**: {meta.get('idle_n')} WebSocket tunnels opened at 3,000/s over 127.0.0.1–127.0.0.4 on the *fresh* "
-      "router (its first workload); router RSS (`VmRSS`) and open fds are read 1.5 s after the last one was due to open. "
-      f"The `ws` workload closes a connection once its last scheduled message is answered, so each "
+      "router (its first workload) and held a period and a second once all are open (`upsplice-loadgen hold`); each "
       f"tunnel sends one 64-byte message every {meta.get('idle_period', '?')} s (i.e. {meta.get('idle_n')}/{meta.get('idle_period', '?')} "
-      "messages/s in total) and the run lasts a full period past the sample: the tunnels are nearly idle, every one is still "
-      "open when sampled, and every one is checked to still echo.")
+      "messages/s in total), so the tunnels are nearly idle and every one is checked to still echo. The generator reads the "
+      "router's RSS (`VmRSS`) and open fds every 100 ms (`--watch-pid`) and the established connections on its listener "
+      "port (`--watch-port`, as `ss` counts them): at the start (the fresh router) and at the peak (all tunnels open).")
     w("")
     w(f"Generator ceiling: [benchmarks-loadgen.md](benchmarks-loadgen.md) (`scripts/bench-loadgen.sh`). Rows marked "
       "**⚠ rate not reached** or **✗ invalid** were limited by something — the generator, the router or the machine — and their "
@@ -323,20 +421,25 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       "its run) so a reader can tell who ran out of CPU.")
     w("")
 
-    # ---------------------------------------------------------------- planes
+    return md
+
+
+def data_planes(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
     w("## Data planes")
     w("")
     w("`upsplice check` on this machine (every available plane is measured):")
     w("")
     w("```")
-    for p in planes:
+    for p in b.planes:
         w(p)
     w("```")
     w("")
     # The router's own count of which plane carried the tunnels (GET /metrics at the end of its runs).
     mrows = []
     for r in upsplices:
-        f = out / f"{r}.metrics"
+        f = b.out / f"{r}.metrics"
         if not f.exists():
             continue
         tun, fb = {}, {}
@@ -358,16 +461,20 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
         md.extend(mrows)
         w("")
 
-    # ---------------------------------------------------------------- fixed-rate latency
-    fixed_rates = sorted({x["param"] for x in runs if x["workload"] == "fixed"})
+    return md
+
+
+def fixed_latency(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
     fixed_tables = []
     baselines = {}
-    for rate in fixed_rates:
+    for rate in b.fixed_rates:
         d = get("direct", "fixed", rate)
         # Baseline: the median p99 of every direct run at this rate (the fixed
         # run and the drift probes before each router), so that one hiccup
         # of the shared machine in one direct run does not decide every ratio.
-        dps = sorted(lat(x["s"])["p99"] for x in runs if x["router"] == "direct" and x["workload"] in ("fixed", "probe")
+        dps = sorted(lat(x["s"])["p99"] for x in b.runs if x["router"] == "direct" and x["workload"] in ("fixed", "probe")
                      and x["s"] and x["s"].get("valid") and x["s"]["target_rate"] == rate and lat(x["s"]).get("p99") is not None)
         dp99 = dps[len(dps) // 2] if len(dps) % 2 else (dps[len(dps) // 2 - 1] + dps[len(dps) // 2]) / 2 if dps else None
         baselines[rate] = (dp99, len(dps))
@@ -380,12 +487,12 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
                 continue
             s = x["s"]
             c = lat(s)
-            added = (c.get("p99") - dp99) if c.get("p99") is not None and dp99 is not None and r != "direct" else None
+            added = (c.get("p99") - dp99) if c.get("p99") is not None and dp99 is not None and vs_direct(r) else None
             rows.append((r, x, s, c, added))
         fixed_tables.append((rate, d, dp99, hp_added, rows))
         # target: best upsplice plane's added p99 <= half of HAProxy's added p99
         cands = [(added, r) for r, x, s, c, added in rows
-                 if r.startswith("upsplice-") and added is not None and s and s.get("valid") and s.get("rate_reached")]
+                 if BY_NAME[r].is_plane and added is not None and s and s.get("valid") and s.get("rate_reached")]
         if cands and hp_added is not None:
             best_added, best = min(cands)
             rr = best_added / hp_added if hp_added > 0 else float("inf")
@@ -398,15 +505,10 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
                 note += " (HAProxy's run did not reach the rate or was invalid)"
             shown = ("–" if hp_added <= 0 else f"{rr:.2f} × HAProxy's added p99" if best_added > 0
                      else "upsplice's p99 is not above direct's (adds nothing measurable)")
-            targets.append((f"Message latency at {num(rate)}/s: upsplice adds ≤ ½ of HAProxy's added p99", shown, verdict, note))
+            b.goals.append((f"Message latency at {num(rate)}/s: upsplice adds ≤ ½ of HAProxy's added p99", shown, verdict, note))
         else:
-            targets.append((f"Message latency at {num(rate)}/s: upsplice adds ≤ ½ of HAProxy's added p99", "–",
+            b.goals.append((f"Message latency at {num(rate)}/s: upsplice adds ≤ ½ of HAProxy's added p99", "–",
                             "could not be measured", "no valid upsplice or HAProxy run at this rate reached its rate"))
-
-    w("## Targets")
-    w("")
-    targets_at = len(md)   # the targets table is inserted here at the end
-    w("")
 
     w("## Message latency at fixed rates")
     w("")
@@ -429,17 +531,17 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
             rcpu = x["router_cpu_s"] / x["wall_s"] if x.get("router_cpu_s") is not None and x["wall_s"] else None
             w(f"| {r} | {num(s and s.get('achieved_rate'))} | {ms(c.get('p50'))} | {ms(c.get('p99'))} | {ms(c.get('p999'))} | "
               f"{ms(u.get('p99'))} | {'–' if added is None else ms(added)} | "
-              f"{pos_ratio(added, hp_added) if r.startswith('upsplice') or r == 'nginx' else '–'} | {ms(lag.get('p99'))} | "
+              f"{pos_ratio(added, hp_added) if vs_haproxy(r) else '–'} | {ms(lag.get('p99'))} | "
               f"{num(s and s['cpu']['cores_busy'], 2)} | {num(rcpu, 2)} | {flags(s, x['rc'])} |")
         w("")
-        svg = figdir / f"latency-{rate}.svg"
+        svg = b.figdir / f"latency-{rate}.svg"
         # The interval logs hold the corrected histograms only (one curve per router).
-        files = [str(out / x["json"].replace(".json", ".hlog")) for r, x, s, c, added in rows
-                 if s and (out / x["json"].replace(".json", ".hlog")).exists()]
+        files = [str(b.out / x["json"].replace(".json", ".hlog")) for r, x, s, c, added in rows
+                 if s and (b.out / x["json"].replace(".json", ".hlog")).exists()]
         if files:
             try:
-                subprocess.run([loadgen, "plot", *files, "-o", str(svg)], check=True, capture_output=True, timeout=60)
-                w(f"![latency by percentile at {num(rate)}/s]({rel}/{svg.name})")
+                subprocess.run([b.loadgen, "plot", *files, "-o", str(svg)], check=True, capture_output=True, timeout=60)
+                w(f"![latency by percentile at {num(rate)}/s]({b.rel}/{svg.name})")
                 w("")
                 w("Corrected latency by percentile, one curve per router (`upsplice-loadgen plot` over the runs' interval logs, "
                   "`out/bench/*-fixed-*.hlog`; the `.json` files have the uncorrected histograms too).")
@@ -448,73 +550,72 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
                 w(f"(plot failed: {e})")
                 w("")
 
-    # ---------------------------------------------------------------- sustained rate
+    return md
+
+
+def sustained_rate(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
+    limit = int(meta.get("p99_limit_us", 1000))
     w("## Highest rate with p99 under 1 ms")
     w("")
-    w(f"Steps at rising rates ({meta.get('conns')} tunnels, {meta.get('size')} B). ✓ = valid, rate reached and corrected p99 < "
-      f"{int(meta.get('p99_limit_us', 1000)) / 1000:g} ms. *sustained* = the highest ✓ step.")
+    w(f"`upsplice-loadgen search` steps in the order run ({meta.get('conns')} tunnels, {meta.get('size')} B). ✓ = valid, rate "
+      f"reached and corrected p99 < {limit / 1000:g} ms. *sustained* = the highest ✓ step.")
     w("")
     w("| router | steps: rate → corrected p99 (ms) | sustained (msg/s) | vs direct | vs HAProxy | gen (cores) at the last ✓ |")
     w("| --- | --- | ---: | ---: | ---: | ---: |")
-    limit = int(meta.get("p99_limit_us", 1000))
-    sustained = {}
+    searches = {r: ((x["s"] or {}).get("search") if x else None) for r in routers for x in [get(r, "search")]}
+    sustained = {r: (x or {}).get("answer_rate", 0) for r, x in searches.items()}
+    hs = sustained.get("haproxy")
     series = {}
     for r in routers:
-        steps = sorted(all_of(r, "search"), key=lambda x: x["param"])
-        best, best_x = 0, None
-        cells = []
-        pts = []
-        for x in steps:
+        steps = (searches[r] or {}).get("steps") or []
+        best = sustained[r]
+        cells = [f"{fmt_rate(t['rate'])} → {ms(t['latency_us'])} {'✓' if t['pass'] else '✗'}"
+                 + ("" if t["pass"] or (t["valid"] and t["rate_reached"]) else " (" + ("invalid" if not t["valid"] else "rate not reached") + ")")
+                 for t in steps]
+        deciding = list({t["rate"]: t for t in steps}.values())   # per rate, the attempt that decided it
+        pts = [(float(t["rate"]), t["latency_us"] / 1000, bool(t["valid"] and t["rate_reached"]), "step") for t in deciding]
+        for x in all_of(r, "fixed"):
             s = x["s"]
-            p99 = lat(s).get("p99")
-            ok = bool(s and x["rc"] == 0 and s.get("valid") and s.get("rate_reached") and p99 is not None and p99 < limit)
-            if ok and x["param"] > best:
-                best, best_x = x["param"], x
-            cells.append(f"{fmt_rate(x['param'])} → {ms(p99)} {'✓' if ok else '✗'}"
-                         + ("" if ok or not s or (s.get('valid') and s.get('rate_reached')) else " (" + flags(s, x['rc']).replace('|', '/') + ")"))
-        deciding = list({x["param"]: x for x in steps}.values())   # per rate, the attempt that decided it
-        for kind, xs in (("step", deciding), ("fixed", all_of(r, "fixed"))):
-            for x in xs:
-                s = x["s"]
-                if s and lat(s).get("p99") is not None:
-                    pts.append((float(x["param"]), lat(s)["p99"] / 1000,
-                                bool(x["rc"] == 0 and s.get("valid") and s.get("rate_reached")), kind))
+            if s and lat(s).get("p99") is not None:
+                pts.append((float(x["param"]), lat(s)["p99"] / 1000, bool(x["rc"] == 0 and s.get("valid") and s.get("rate_reached")), "fixed"))
         if pts:
             series[r] = pts
-        sustained[r] = best
         if steps:
-            w(f"| {r} | {'; '.join(cells)} | {num(best) if best else 'none'} | {ratio(best, sustained.get('direct')) if r != 'direct' and best else '–'} | "
-              f"{'–' if r in ('direct', 'haproxy') else '{}'} | {num(best_x and best_x['s']['cpu']['cores_busy'], 2)} |")
-    # fill in vs HAProxy now that haproxy's figure is known
-    hs = sustained.get("haproxy")
-    for i, ln in enumerate(md):
-        if ln.startswith("| upsplice-") or ln.startswith("| nginx |"):
-            if "{}" in ln:
-                r = ln.split("|")[1].strip()
-                md[i] = ln.replace("{}", (ratio(sustained.get(r), hs) if hs else "∞ (HAProxy: none)") if sustained.get(r) else "–", 1)
+            # The search's summary describes the run of its answer.
+            gen = get(r, "search")["s"]["cpu"]["cores_busy"] if best else None
+            vs_h = ((ratio(best, hs) if hs else "∞ (HAProxy: none)") if best else "–") if vs_haproxy(r) else "–"
+            w(f"| {r} | {'; '.join(cells)} | {num(best) if best else 'none'} | {ratio(best, sustained.get('direct')) if vs_direct(r) and best else '–'} | "
+              f"{vs_h} | {num(gen, 2)} |")
     w("")
-    (figdir / "rate-vs-p99.svg").write_text(svg_rate_vs_p99(series, limit / 1000, "Corrected p99 against offered message rate"))
-    w(f"![messages/s against p99]({rel}/rate-vs-p99.svg)")
+    (b.figdir / "rate-vs-p99.svg").write_text(svg_rate_vs_p99(series, limit / 1000, "Corrected p99 against offered message rate"))
+    w(f"![messages/s against p99]({b.rel}/rate-vs-p99.svg)")
     w("")
     w("Messages/s against corrected p99 (search steps and fixed-rate runs; drawn by scripts/bench-report.py).")
     w("")
     up_best = max(((sustained.get(r, 0), r) for r in upsplices), default=(0, None))
     if up_best[1] is None:
-        targets.append(("Sustained rate (p99 < 1 ms) ≥ 1.5 × HAProxy's", "–", "could not be measured", "no upsplice run"))
+        b.goals.append(("Sustained rate (p99 < 1 ms) ≥ 1.5 × HAProxy's", "–", "could not be measured", "no upsplice run"))
     elif not hs:
-        targets.append(("Sustained rate (p99 < 1 ms) ≥ 1.5 × HAProxy's", f"{up_best[1]}: {num(up_best[0])}/s, HAProxy: none",
+        b.goals.append(("Sustained rate (p99 < 1 ms) ≥ 1.5 × HAProxy's", f"{up_best[1]}: {num(up_best[0])}/s, HAProxy: none",
                         "could not be measured" if not up_best[0] else "met (HAProxy had no passing step)",
                         "no HAProxy step kept p99 < 1 ms" + ("" if up_best[0] else ", nor did any upsplice plane") +
                         f"; direct: {num(sustained.get('direct')) if sustained.get('direct') else 'none'}"))
     else:
         rr = up_best[0] / hs
-        targets.append(("Sustained rate (p99 < 1 ms) ≥ 1.5 × HAProxy's", f"{rr:.2f} × ({up_best[1]} {num(up_best[0])}/s, HAProxy {num(hs)}/s)",
-                        "met" if rr >= 1.5 else "not met", f"direct: {num(sustained.get('direct')) + '/s' if sustained.get('direct') else 'none'}; the steps double, so the ratio is coarse"))
+        b.goals.append(("Sustained rate (p99 < 1 ms) ≥ 1.5 × HAProxy's", f"{rr:.2f} × ({up_best[1]} {num(up_best[0])}/s, HAProxy {num(hs)}/s)",
+                        "met" if rr >= 1.5 else "not met", f"direct: {num(sustained.get('direct')) + '/s' if sustained.get('direct') else 'none'}; bisected to the search's resolution"))
 
-    # ---------------------------------------------------------------- handshakes
+    return md
+
+
+def handshakes(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
     w("## Handshakes")
     w("")
-    hs_limit = int(meta.get("hs_p99_limit_us", 10000))
+    hs_limit = b.hs_limit
     w(f"New WebSocket connections per second (open loop, one second of connections per step), connect (TCP) and upgrade "
       f"(request written → 101 parsed) latency. ✓ = all upgraded, no errors and connect p99 + upgrade p99 < {hs_limit / 1000:g} ms.")
     w("")
@@ -542,15 +643,38 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w(f"| router | handshake rate (highest ✓ step, /s) | vs direct | vs HAProxy | highest step with every connection upgraded, no errors (any latency) |")
     w("| --- | ---: | ---: | ---: | ---: |")
     for r in routers:
-        if any(x["router"] == r and x["workload"] == "handshake" for x in runs):
-            w(f"| {r} | {num(hs_best[r]) if hs_best[r] else 'none'} | {ratio(hs_best[r], hs_best.get('direct')) if r != 'direct' and hs_best[r] else '–'} | "
-              f"{ratio(hs_best[r], hs_best.get('haproxy')) if r not in ('direct', 'haproxy') and hs_best[r] else '–'} | {num(hs_cap[r]) if hs_cap[r] else 'none'} |")
+        if any(x["router"] == r and x["workload"] == "handshake" for x in b.runs):
+            w(f"| {r} | {num(hs_best[r]) if hs_best[r] else 'none'} | {ratio(hs_best[r], hs_best.get('direct')) if vs_direct(r) and hs_best[r] else '–'} | "
+              f"{ratio(hs_best[r], hs_best.get('haproxy')) if vs_haproxy(r) and hs_best[r] else '–'} | {num(hs_cap[r]) if hs_cap[r] else 'none'} |")
     w("")
     w("The steps double, so the rate is known only to a factor of 2; the highest step is also bounded by what the generator "
       "itself opens on a shared core (see direct).")
     w("")
-    # ---------------------------------------------------------------- churn
-    if any(x["workload"] == "churn" for x in runs):
+
+    uh = max(((hs_best.get(r, 0), r) for r in upsplices), default=(0, None))
+    hh = hs_best.get("haproxy")
+    if uh[1] is None or hh is None:
+        b.goals.append(("Handshake rate ≥ HAProxy's", "–", "could not be measured", "no upsplice or HAProxy run"))
+    else:
+        worst = min(((hs_best.get(r, 0), r) for r in upsplices))
+        if hh == 0:
+            verdict = "met" if uh[0] > 0 else "could not be measured"
+            meas = f"{uh[1]}: {num(uh[0]) if uh[0] else 'none'}; HAProxy: none"
+        else:
+            verdict = "met" if uh[0] >= hh else "not met"
+            meas = f"{uh[0] / hh:.2f} × ({uh[1]} {num(uh[0])}/s, HAProxy {num(hh)}/s)"
+        b.goals.append(("Handshake rate ≥ HAProxy's", meas, verdict,
+                        f"lowest plane {worst[1]}: {num(worst[0]) if worst[0] else 'none'}; direct {num(hs_best.get('direct'))}/s"
+                        + ("; the highest step was passed by the generator-limited direct run too" if hs_best.get("direct") and uh[0] >= hs_best.get("direct") else "")))
+
+    return md
+
+
+def churn(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
+    hs_limit = b.hs_limit
+    if any(x["workload"] == "churn" for x in b.runs):
         w("## Connection churn")
         w("")
         w("Whole tunnel lifecycles per second (connect → upgrade → one 64-byte echo → client-first close; open loop, at most "
@@ -580,92 +704,89 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
         w("| router | churn rate (highest ✓ step, /s) | vs direct | vs HAProxy |")
         w("| --- | ---: | ---: | ---: |")
         for r in routers:
-            if any(x["router"] == r and x["workload"] == "churn" for x in runs):
-                b = churn_best.get(r, 0)
-                w(f"| {r} | {num(b) if b else 'none'} | {ratio(b, churn_best.get('direct')) if r != 'direct' and b else '–'} | "
-                  f"{ratio(b, churn_best.get('haproxy')) if r not in ('direct', 'haproxy') and b else '–'} |")
+            if any(x["router"] == r and x["workload"] == "churn" for x in b.runs):
+                cb = churn_best.get(r, 0)
+                w(f"| {r} | {num(cb) if cb else 'none'} | {ratio(cb, churn_best.get('direct')) if vs_direct(r) and cb else '–'} | "
+                  f"{ratio(cb, churn_best.get('haproxy')) if vs_haproxy(r) and cb else '–'} |")
         w("")
         w("The steps double, so the rate is known only to a factor of 2.")
         w("")
+    return md
 
-    uh = max(((hs_best.get(r, 0), r) for r in upsplices), default=(0, None))
-    hh = hs_best.get("haproxy")
-    if uh[1] is None or hh is None:
-        targets.append(("Handshake rate ≥ HAProxy's", "–", "could not be measured", "no upsplice or HAProxy run"))
-    else:
-        worst = min(((hs_best.get(r, 0), r) for r in upsplices))
-        if hh == 0:
-            verdict = "met" if uh[0] > 0 else "could not be measured"
-            meas = f"{uh[1]}: {num(uh[0]) if uh[0] else 'none'}; HAProxy: none"
+
+
+def bulk_agg(b: Bench, router, c, workload):
+    """Median throughput over the repetitions; CPU per GiB over all of them together."""
+    xs = [x for x in b.all_of(router, workload) if x["param"] == c and x["s"] and x["s"].get("throughput")]
+    if not xs:
+        return None
+    g = sorted((x["s"]["throughput"]["out_mbit_s"] + x["s"]["throughput"]["in_mbit_s"]) / 1000 for x in xs)
+    med = g[len(g) // 2] if len(g) % 2 else (g[len(g) // 2 - 1] + g[len(g) // 2]) / 2
+    byts = sum(x["s"]["throughput"]["bytes_out"] + x["s"]["throughput"]["bytes_in"] for x in xs)
+    mcpu = sum(x["machine_cpu_s"] for x in xs)
+    rcpu = sum(x["router_cpu_s"] for x in xs) if all(x.get("router_cpu_s") is not None for x in xs) else None
+    gen = sum(x["s"]["cpu"]["cores_busy"] for x in xs) / len(xs)
+    fl = sorted({flags(x["s"], x["rc"]) for x in xs})
+    each = ", ".join(f"{(x['s']['throughput']['out_mbit_s'] + x['s']['throughput']['in_mbit_s']) / 1000:.2f}" for x in xs)
+    return dict(gbit=med, each=each, per=mcpu / (byts / GIB) if byts else None,
+                rper=rcpu / (byts / GIB) if byts and rcpu is not None else None, gen=gen, flags=" ".join(fl), n=len(xs))
+
+def bulk_section(b: Bench, workload, title, what, target_name) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices = b.meta, b.routers, b.upsplices
+    w(f"## {title}")
+    w("")
+    w(f"{what}, {int(meta.get('bulk_chunk', 0)) // 1024} KiB writes, {meta.get('bulk_reps', '1')} repetitions of "
+      f"{meta.get('bulk_d')} each (the median counts), through the routers' tcp "
+      "listeners. *CPU per GiB* is machine-wide busy seconds per GiB moved, and *extra* the same minus direct's (the router's cost); "
+      "*router* is the router process alone.")
+    w("")
+    w("| router | tunnels | Gbit/s (median) | each repetition (Gbit/s) | vs direct | vs HAProxy | CPU per GiB (s, machine) | extra per GiB over direct (s) | router CPU per GiB (s) | gen (cores) | runs |")
+    w("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    got = {}
+    for c in (1, 8):
+        d = bulk_agg(b, "direct", c, workload)
+        h = bulk_agg(b, "haproxy", c, workload)
+        for r in routers:
+            a = bulk_agg(b, r, c, workload)
+            if not a:
+                continue
+            dg = d["gbit"] if d else None
+            got[(r, c)] = (a["gbit"], dg)
+            vs_h = ratio(a["gbit"], h["gbit"]) if h and vs_haproxy(r) else "–"
+            w(f"| {r} | {c} | {a['gbit']:.2f} | {a['each']} | {ratio(a['gbit'], dg) if vs_direct(r) else '–'} | {vs_h} | {num(a['per'], 3)} | "
+              f"{num(a['per'] - d['per'], 3) if d and a['per'] is not None and d['per'] is not None and vs_direct(r) else '–'} | "
+              f"{num(a['rper'], 3)} | {a['gen']:.2f} | {a['flags']} |")
+    w("")
+    for c in (1, 8):
+        cands = [(got[(r, c)][0] / got[(r, c)][1], r) for r in upsplices if (r, c) in got and got[(r, c)][1]]
+        name = f"{target_name}, {c} tunnel{'s' if c > 1 else ''}: ≥ 0.9 × direct"
+        if cands:
+            best = max(cands)
+            allr = ", ".join(f"{r.removeprefix('upsplice-')} {v:.2f}" for v, r in sorted(cands, reverse=True))
+            hb = got.get(("haproxy", c))
+            b.goals.append((name, f"{best[0]:.2f} × direct ({best[1]})", "met" if best[0] >= 0.9 else "not met",
+                            f"per plane: {allr}" + (f"; HAProxy {hb[0] / hb[1]:.2f}" if hb and hb[1] else "")))
         else:
-            verdict = "met" if uh[0] >= hh else "not met"
-            meas = f"{uh[0] / hh:.2f} × ({uh[1]} {num(uh[0])}/s, HAProxy {num(hh)}/s)"
-        targets.append(("Handshake rate ≥ HAProxy's", meas, verdict,
-                        f"lowest plane {worst[1]}: {num(worst[0]) if worst[0] else 'none'}; direct {num(hs_best.get('direct'))}/s"
-                        + ("; the highest step was passed by the generator-limited direct run too" if hs_best.get("direct") and uh[0] >= hs_best.get("direct") else "")))
+            b.goals.append((name, "–", "could not be measured", "no run"))
+    return md
 
-    # ---------------------------------------------------------------- bulk
-    def bulk_agg(router, c, workload):
-        """Median throughput over the repetitions; CPU per GiB over all of them together."""
-        xs = [x for x in all_of(router, workload) if x["param"] == c and x["s"] and x["s"].get("throughput")]
-        if not xs:
-            return None
-        g = sorted((x["s"]["throughput"]["out_mbit_s"] + x["s"]["throughput"]["in_mbit_s"]) / 1000 for x in xs)
-        med = g[len(g) // 2] if len(g) % 2 else (g[len(g) // 2 - 1] + g[len(g) // 2]) / 2
-        byts = sum(x["s"]["throughput"]["bytes_out"] + x["s"]["throughput"]["bytes_in"] for x in xs)
-        mcpu = sum(x["machine_cpu_s"] for x in xs)
-        rcpu = sum(x["router_cpu_s"] for x in xs) if all(x.get("router_cpu_s") is not None for x in xs) else None
-        gen = sum(x["s"]["cpu"]["cores_busy"] for x in xs) / len(xs)
-        fl = sorted({flags(x["s"], x["rc"]) for x in xs})
-        each = ", ".join(f"{(x['s']['throughput']['out_mbit_s'] + x['s']['throughput']['in_mbit_s']) / 1000:.2f}" for x in xs)
-        return dict(gbit=med, each=each, per=mcpu / (byts / GIB) if byts else None,
-                    rper=rcpu / (byts / GIB) if byts and rcpu is not None else None, gen=gen, flags=" ".join(fl), n=len(xs))
 
-    def bulk_section(workload, title, what, target_name):
-        w(f"## {title}")
-        w("")
-        w(f"{what}, {int(meta.get('bulk_chunk', 0)) // 1024} KiB writes, {meta.get('bulk_reps', '1')} repetitions of "
-          f"{meta.get('bulk_d')} each (the median counts), through the routers' tcp "
-          "listeners. *CPU per GiB* is machine-wide busy seconds per GiB moved, and *extra* the same minus direct's (the router's cost); "
-          "*router* is the router process alone.")
-        w("")
-        w("| router | tunnels | Gbit/s (median) | each repetition (Gbit/s) | vs direct | vs HAProxy | CPU per GiB (s, machine) | extra per GiB over direct (s) | router CPU per GiB (s) | gen (cores) | runs |")
-        w("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-        got = {}
-        for c in (1, 8):
-            d = bulk_agg("direct", c, workload)
-            h = bulk_agg("haproxy", c, workload)
-            for r in routers:
-                a = bulk_agg(r, c, workload)
-                if not a:
-                    continue
-                dg = d["gbit"] if d else None
-                got[(r, c)] = (a["gbit"], dg)
-                vs_h = ratio(a["gbit"], h["gbit"]) if h and r not in ("direct", "haproxy") else "–"
-                w(f"| {r} | {c} | {a['gbit']:.2f} | {a['each']} | {ratio(a['gbit'], dg) if r != 'direct' else '–'} | {vs_h} | {num(a['per'], 3)} | "
-                  f"{num(a['per'] - d['per'], 3) if d and a['per'] is not None and d['per'] is not None and r != 'direct' else '–'} | "
-                  f"{num(a['rper'], 3)} | {a['gen']:.2f} | {a['flags']} |")
-        w("")
-        for c in (1, 8):
-            cands = [(got[(r, c)][0] / got[(r, c)][1], r) for r in upsplices if (r, c) in got and got[(r, c)][1]]
-            name = f"{target_name}, {c} tunnel{'s' if c > 1 else ''}: ≥ 0.9 × direct"
-            if cands:
-                best = max(cands)
-                allr = ", ".join(f"{r.removeprefix('upsplice-')} {v:.2f}" for v, r in sorted(cands, reverse=True))
-                hb = got.get(("haproxy", c))
-                targets.append((name, f"{best[0]:.2f} × direct ({best[1]})", "met" if best[0] >= 0.9 else "not met",
-                                f"per plane: {allr}" + (f"; HAProxy {hb[0] / hb[1]:.2f}" if hb and hb[1] else "")))
-            else:
-                targets.append((name, "–", "could not be measured", "no run"))
+def bulk(b: Bench) -> list[str]:
+    return bulk_section(b, "bulk", "Bulk throughput", "Raw TCP, one way, to the discard backend", "Bulk throughput")
 
-    bulk_section("bulk", "Bulk throughput", "Raw TCP, one way, to the discard backend", "Bulk throughput")
-    bulk_section("bulk2", "Two-way bulk throughput",
-                 "Raw TCP through a raw TCP echo backend (`upsplice-loadgen echo --mode tcp`, which stops reading while its "
-                 "write blocks), the client writing and reading at once with no cap on bytes in flight "
-                 "(`tcp --mode bulk --direction both`); Gbit/s counts both directions",
-                 "Two-way bulk throughput")
 
-    # ---------------------------------------------------------------- CPU per message
+def two_way_bulk(b: Bench) -> list[str]:
+    return bulk_section(b, "bulk2", "Two-way bulk throughput",
+                        "Raw TCP through a raw TCP echo backend (`upsplice-loadgen echo --mode tcp`, which stops reading while its "
+                        "write blocks), the client writing and reading at once with no cap on bytes in flight "
+                        "(`tcp --mode bulk --direction both`); Gbit/s counts both directions",
+                        "Two-way bulk throughput")
+
+
+def cpu(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
     w("## CPU per million messages and per GiB")
     w("")
     w("Over each fixed-rate run (connect, warm-up, measured window and drain): *machine* = busy CPU seconds of the whole machine "
@@ -677,7 +798,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w("| router | rate (msg/s) | machine CPU per M msgs (s) | extra over direct (s) | extra vs HAProxy | router CPU per M msgs (s) | router vs HAProxy | echo CPU per M (s) | gen (cores) | run |")
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     cpu_cmp = {}
-    for rate in fixed_rates:
+    for rate in b.fixed_rates:
         def per_m(x, key):
             s = x["s"]
             if not s or x.get(key) is None:
@@ -694,11 +815,11 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
             if not x:
                 continue
             m = per_m(x, "machine_cpu_s")
-            ex = (m - dm) if m is not None and dm is not None and r != "direct" else None
+            ex = (m - dm) if m is not None and dm is not None and vs_direct(r) else None
             ro = per_m(x, "router_cpu_s")
             cpu_cmp[(r, rate)] = (ex, ro, x["s"] and x["s"].get("valid") and x["s"].get("rate_reached"))
-            w(f"| {r} | {num(rate)} | {num(m, 2)} | {num(ex, 2)} | {pos_ratio(ex, hx) if r.startswith('upsplice') or r == 'nginx' else '–'} | "
-              f"{num(ro, 2)} | {ratio(ro, hr) if r.startswith('upsplice') or r == 'nginx' else '–'} | {num(per_m(x, 'echo_cpu_s'), 2)} | "
+            w(f"| {r} | {num(rate)} | {num(m, 2)} | {num(ex, 2)} | {pos_ratio(ex, hx) if vs_haproxy(r) else '–'} | "
+              f"{num(ro, 2)} | {ratio(ro, hr) if vs_haproxy(r) else '–'} | {num(per_m(x, 'echo_cpu_s'), 2)} | "
               f"{num(x['s'] and x['s']['cpu']['cores_busy'], 2)} | {flags(x['s'], x['rc'])} |")
         cands = [(cpu_cmp[(r, rate)][0], r) for r in upsplices if (r, rate) in cpu_cmp and cpu_cmp[(r, rate)][0] is not None]
         if cands and hx:
@@ -706,17 +827,22 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
             rp = min(((cpu_cmp[(r, rate)][1], r) for r in upsplices if (r, rate) in cpu_cmp and cpu_cmp[(r, rate)][1] is not None), default=(None, None))
             rr = best[0] / hx
             noisy = hx <= 0 or best[0] < 0
-            targets.append((f"CPU per million messages at {num(rate)}/s ≤ ⅓ of HAProxy's",
+            b.goals.append((f"CPU per million messages at {num(rate)}/s ≤ ⅓ of HAProxy's",
                             f"{rr:.2f} × HAProxy's (machine-wide extra, {best[1]})" if not noisy else f"– (machine-wide extra ≤ 0: {best[1]} {best[0]:+.2f} s, HAProxy {hx:+.2f} s)",
                             ("met" if rr <= 1 / 3 else "not met") if not noisy else "could not be measured (machine-wide noise larger than the routers' cost)",
                             f"{best[1]} +{best[0]:.2f} s vs HAProxy +{hx:.2f} s per M msgs over direct; router process alone: "
                             + (f"{rp[1]} {rp[0]:.2f} s vs HAProxy {hr:.2f} s ({rp[0] / hr:.2f} ×)" if rp[0] is not None and hr else "–")
                             + (" — HAProxy's or upsplice's run did not reach its rate" if not (cpu_cmp.get(('haproxy', rate), (0, 0, False))[2] and cpu_cmp.get((best[1], rate), (0, 0, False))[2]) else "")))
         else:
-            targets.append((f"CPU per million messages at {num(rate)}/s ≤ ⅓ of HAProxy's", "–", "could not be measured", "no runs"))
+            b.goals.append((f"CPU per million messages at {num(rate)}/s ≤ ⅓ of HAProxy's", "–", "could not be measured", "no runs"))
     w("")
 
-    # ---------------------------------------------------------------- idle tunnels
+    return md
+
+
+def idle_tunnels(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
     w("## Idle tunnels: memory and the largest count")
     w("")
     w(f"**100,000 concurrent tunnels cannot be opened here.** Every process in this sandbox has a hard `RLIMIT_NOFILE` of "
@@ -731,13 +857,13 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     rss = {}
     for r in routers:
-        m = load(out / f"{r}-idle.mem.json")
+        m = idle_memory(get(r, "idle"))
         x = get(r, "idle")
         if not m or not x:
             continue
         rss[r] = (m["rss_kib"] - m["base_rss_kib"]) * 1024 / m["tunnels_asked"]
     for r in routers:
-        m = load(out / f"{r}-idle.mem.json")
+        m = idle_memory(get(r, "idle"))
         x = get(r, "idle")
         if not m or not x:
             continue
@@ -748,40 +874,45 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
         # nginx spreads tunnels over two workers, each with its own limit
         w(f"| {r} | {num(m['tunnels_asked'])} | {num(s.get('connections_ok'))} | {num(m['established'])} | {num(m['fds'])} | "
           f"{fpt:.2f} | {num(most) + (' per worker' if r == 'nginx' else '') if most else '–'} | "
-          f"{num(m['base_rss_kib'])} | {num(m['rss_kib'])} | **{rss[r] / 1024:.2f} KiB** | {ratio(rss[r], rss.get('haproxy')) if r != 'haproxy' else '–'} | "
+          f"{num(m['base_rss_kib'])} | {num(m['rss_kib'])} | **{rss[r] / 1024:.2f} KiB** | {ratio(rss[r], rss.get('haproxy')) if vs_haproxy(r) else '–'} | "
           f"{num(s.get('sent'))} / {num(s.get('received'))} / {num(s.get('total_errors'))} | {flags(x['s'], x['rc'])} |")
     w("")
     w("RSS per tunnel = (RSS with the tunnels open − RSS of the freshly started router) / tunnels; kernel socket buffers are not "
       "in RSS for any router. nginx: master + both workers.")
     w("")
     sm = rss.get("upsplice-sockmap")
-    targets.append(("RSS per idle tunnel ≤ 1 KiB in sockmap mode", f"{sm / 1024:.2f} KiB" if sm is not None else "–",
+    b.goals.append(("RSS per idle tunnel ≤ 1 KiB in sockmap mode", f"{sm / 1024:.2f} KiB" if sm is not None else "–",
                     ("met" if sm <= 1024 else "not met") if sm is not None else "could not be measured",
                     "" if sm is not None else "the sockmap plane is not available in this build (see Data planes)"))
     hr = rss.get("haproxy")
     if hr:
         below = [(rss[r], r) for r in upsplices if r in rss]
         worst = max(below) if below else None
-        targets.append(("RSS per idle tunnel below HAProxy's on every data plane",
+        b.goals.append(("RSS per idle tunnel below HAProxy's on every data plane",
                         ", ".join(f"{r.removeprefix('upsplice-')} {v / 1024:.2f} KiB ({v / hr:.2f} ×)" for v, r in sorted(below)) + f"; HAProxy {hr / 1024:.2f} KiB",
                         ("met" if worst and worst[0] < hr else "not met") if worst else "could not be measured",
-                        f"measured planes only; {', '.join(r for r in ['upsplice-sockmap', 'upsplice-uring', 'upsplice-splice', 'upsplice-copy'] if r not in rss)} not measured"
-                        if len(below) < 4 else "all four planes measured"))
+                        f"measured planes only; {', '.join(r for r in PLANES if r not in rss)} not measured"
+                        if len(below) < len(PLANES) else "all four planes measured"))
     else:
-        targets.append(("RSS per idle tunnel below HAProxy's on every data plane", "–", "could not be measured", "no HAProxy run"))
+        b.goals.append(("RSS per idle tunnel below HAProxy's on every data plane", "–", "could not be measured", "no HAProxy run"))
     big = [(s_ok, r) for r in upsplices for x in [get(r, "idle")] if x and x["s"] for s_ok in [x["s"].get("connections_ok", 0)]]
     if big:
         n, r = max(big)
         x = get(r, "idle")
         s = x["s"]
-        m = load(out / f"{r}-idle.mem.json") or {}
-        targets.append(("100,000 concurrent tunnels on one node, nothing dropped", f"{num(n)} held ({r}), {n / 100000:.2f} × the target",
+        m = idle_memory(get(r, "idle")) or {}
+        b.goals.append(("100,000 concurrent tunnels on one node, nothing dropped", f"{num(n)} held ({r}), {n / 100000:.2f} × the target",
                         "could not be measured here",
                         f"hard RLIMIT_NOFILE {meta.get('nofile', '?').split('/')[-1]} per process, 2 fds per tunnel: at most ~9,990 per router process; "
                         f"at {num(n)}: {s.get('total_errors', '?')} errors, sample {s.get('received', '?')}/{s.get('sent', '?')} echoed, router RSS "
                         f"{num(m.get('rss_kib'))} KiB"))
 
-    # ---------------------------------------------------------------- drift
+    return md
+
+
+def drift(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
     w("## Drift of the shared machine")
     w("")
     w(f"The same direct run ({meta.get('conns')} tunnels, 20,000 msg/s) before each router and at the end, and the load average "
@@ -793,10 +924,15 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
         s = x["s"]
         c = lat(s)
         w(f"| {x['name'].removeprefix('direct-probe-')} | {num(s and s.get('achieved_rate'))} | {ms(c.get('p50'))} | {ms(c.get('p99'))} | "
-          f"{ms(c.get('p999'))} | {num(s and s['cpu']['cores_busy'], 2)} | {num(x['machine_cpu_s'] / x['wall_s'], 2)} | {x['loadavg']} | {flags(s, x['rc'])} |")
+          f"{ms(c.get('p999'))} | {num(s and s['cpu']['cores_busy'], 2)} | {num(x['machine_cpu_s'] / x['wall_s'] if x['machine_cpu_s'] is not None and x['wall_s'] else None, 2)} | {x['loadavg']} | {flags(s, x['rc'])} |")
     w("")
 
-    # ---------------------------------------------------------------- known problems
+    return md
+
+
+def known_problems(b: Bench) -> list[str]:
+    md, w = b.section()
+    meta, routers, upsplices, get, all_of = b.meta, b.routers, b.upsplices, b.get, b.all_of
     w("## Known problems")
     w("")
     w("* One 2-core machine runs generator, router and backend: every figure includes their competition for the cores, and the "
@@ -808,29 +944,46 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
       "bound of the true combined percentile.")
     w("* CPU per message includes connection set-up of the 1,000 tunnels and the warm-up; the same is true of direct, which is subtracted.")
     w("* 100,000 tunnels (and 10,000 for the memory figure) do not fit under the hard 20,000 open-files limit; see above.")
-    w("* The idle tunnels are held by the `ws` workload, each sending one 64-byte message every "
-      f"{meta.get('idle_period', '?')} s; `upsplice-loadgen hold` (idle tunnels with optional liveness messages) exists now "
-      "but this script does not use it yet.")
+    w("* The idle tunnels are held by `upsplice-loadgen hold`, each sending one 64-byte message every "
+      f"{meta.get('idle_period', '?')} s; the memory figures are the router's peak over the hold (read every 100 ms), which may "
+      "include what the handshakes in progress held while the last tunnels opened.")
     w("* Each upsplice row sets `data_plane.mode` to its plane (`auto` picks sockmap where it runs, as here); the router's "
       "`/metrics` (Data planes, above) shows how many of its tunnels fell back to another plane.")
-    w("* Rates are doubled between search and handshake steps, so those figures are known to a factor of about 2; "
-      "ratios built from them are coarse.")
+    w("* Rates are doubled between handshake and churn steps, so those figures are known to a factor of about 2; "
+      "ratios built from them are coarse. The sustained rate is bisected to within the search's resolution (see Setup).")
     w("")
 
-    # the targets table, at the top
-    tt = ["| target | measured | verdict | notes |", "| --- | --- | --- | --- |"]
-    for t, m, v, n in targets:
+    return md
+
+
+def goals_table(b: Bench) -> list[str]:
+    md, w = b.section()
+    w("## Targets")
+    w("")
+    w("| target | measured | verdict | notes |")
+    w("| --- | --- | --- | --- |")
+    for t, m, v, n in b.goals:
         vv = {"met": "**met**", "not met": "**not met**"}.get(v, f"*{v}*")
-        tt.append(f"| {t} | {m} | {vv} | {n} |")
-    md[targets_at:targets_at] = tt
+        w(f"| {t} | {m} | {vv} | {n} |")
+    w("")
+    return md
+
+
+# ------------------------------------------------------------------ report
+def report(out: Path, dest: Path, loadgen: str) -> None:
+    b = Bench(out, dest, loadgen)
+    # Sections are rendered in the order their goals belong in the table;
+    # the table itself stands after the data planes.
+    before = [header(b), how_to_run(b), setup(b), data_planes(b)]
+    after = [fixed_latency(b), sustained_rate(b), handshakes(b), churn(b), bulk(b), two_way_bulk(b), cpu(b),
+             idle_tunnels(b), drift(b), known_problems(b)]
+    md = [ln for sec in before + [goals_table(b)] + after for ln in sec]
     dest.write_text("\n".join(md) + "\n")
 
 
 def main(argv):
     if len(argv) >= 3 and argv[1] == "line":
         print(line(argv[2], argv[3] if len(argv) > 3 else "0"))
-    elif len(argv) >= 3 and argv[1] == "mem":
-        print(mem_line(argv[2]))
     elif len(argv) == 5 and argv[1] == "report":
         report(Path(argv[2]), Path(argv[3]), argv[4])
     else:

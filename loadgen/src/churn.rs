@@ -8,18 +8,16 @@
 //! charged for the wait (coordinated omission), the uncorrected one from the
 //! actual start.
 
-use crate::codec::{Codec, Decoded};
-use crate::readbuf::ReadBuf;
+use crate::codec::Codec;
+use crate::lifecycle::{self, LifecycleConfig, StopSignals};
 use crate::recorder::{ErrorKind, Recorder};
 use crate::report::ChurnStats;
-use crate::wsclient::{self, LifecycleConfig, Opened, StopSignals};
-use crate::wsproto::{opcode, Rng};
+use crate::ws::{self, Conn};
+use crate::wsproto::Rng;
 use anyhow::Context;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Settings of a `churn` run.
@@ -55,6 +53,9 @@ pub struct ChurnOutput {
 /// How long a cycle waits for the peer's EOF after its close frame and FIN.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
+/// Read buffer a cycle's connection starts with.
+const READ_BUF: usize = 256;
+
 struct Shared {
     rec: Mutex<Recorder>,
     handshakes: AtomicU64,
@@ -69,7 +70,7 @@ impl Shared {
 
 /// Runs the churn and returns its measurements.
 pub fn run(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
-    wsclient::run_on_runtime(cfg.common.threads, run_async(cfg))?
+    lifecycle::run_on_runtime(cfg.common.threads, run_async(cfg))?
 }
 
 async fn run_async(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
@@ -145,24 +146,22 @@ async fn run_async(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
 async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, permit: OwnedSemaphorePermit) {
     let _permit = permit;
     let start = Instant::now();
-    let mut rng = Rng::new(idx);
-    let source = wsclient::source_for(&cfg.common.source_ips, idx as usize);
-    let Opened { mut sock, leftover, .. } = match wsclient::open(&cfg.common.target, source, &mut rng).await {
+    let source = lifecycle::source_for(&cfg.common.source_ips, idx as usize);
+    let codec = Codec::Ws { size: cfg.common.size, rng: Rng::new(idx), frag_seq: None };
+    let mut conn = match ws::open(&cfg.common.target, source, codec, READ_BUF).await {
         Ok(o) => {
             let mut r = sh.rec();
             o.record(&mut r);
             r.connections_ok += 1;
             sh.handshakes.fetch_add(1, Ordering::SeqCst);
-            o
+            o.conn
         }
-        Err(kind) => {
-            sh.rec().error(kind);
+        Err(e) => {
+            sh.rec().error(e.kind);
             return;
         }
     };
-    let mut codec = Codec::Ws { size: cfg.common.size, rng, frag_seq: None };
-    let mut rb = ReadBuf::with_leftover(leftover, 256);
-    let exchanged = tokio::time::timeout(cfg.common.target.timeout, exchange(&mut sock, &mut rb, &mut codec, idx))
+    let exchanged = tokio::time::timeout(cfg.common.target.timeout, exchange(&mut conn, idx))
         .await
         .unwrap_or(Err(ErrorKind::Unanswered));
     if let Err(kind) = exchanged {
@@ -171,7 +170,7 @@ async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, p
     }
     let now = Instant::now();
     sh.rec().reply(now.saturating_duration_since(due).as_nanos() as u64, (now - start).as_nanos() as u64, 0);
-    match tokio::time::timeout(CLOSE_WAIT, close(&mut sock, &mut rb, &mut codec)).await {
+    match tokio::time::timeout(CLOSE_WAIT, conn.close()).await {
         Ok(Ok(())) => {
             sh.completed.fetch_add(1, Ordering::SeqCst);
         }
@@ -181,54 +180,10 @@ async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, p
 }
 
 /// Sends message `seq` and reads until its echo, answering pings.
-async fn exchange(sock: &mut TcpStream, rb: &mut ReadBuf, codec: &mut Codec, seq: u64) -> Result<(), ErrorKind> {
-    let mut out = Vec::with_capacity(64);
-    codec.encode(seq, &mut out);
-    sock.write_all(&out).await.map_err(|_| ErrorKind::Io)?;
-    loop {
-        loop {
-            match codec.decode(rb.data())? {
-                Decoded::NeedMore { need } => {
-                    rb.reserve(need);
-                    break;
-                }
-                Decoded::Skip { consumed } => rb.consume(consumed),
-                Decoded::Ping { consumed, payload } => {
-                    out.clear();
-                    codec.encode_control(opcode::PONG, &rb.data()[payload], &mut out);
-                    rb.consume(consumed);
-                    sock.write_all(&out).await.map_err(|_| ErrorKind::Io)?;
-                }
-                Decoded::Close => return Err(ErrorKind::ClosedByPeer),
-                Decoded::Reply { seq: got, .. } if got != Some(seq) => return Err(ErrorKind::Protocol),
-                Decoded::Reply { consumed, .. } => {
-                    rb.consume(consumed);
-                    return Ok(());
-                }
-            }
-        }
-        match rb.read_from(sock).await {
-            Ok(0) => return Err(ErrorKind::ClosedByPeer),
-            Ok(_) => {}
-            Err(_) => return Err(ErrorKind::Io),
-        }
-    }
-}
-
-/// Client-first close: close frame, then FIN, then read until the peer's EOF
-/// (its close frame, if any, is read and dropped on the way).
-async fn close(sock: &mut TcpStream, rb: &mut ReadBuf, codec: &mut Codec) -> Result<(), ErrorKind> {
-    let mut out = Vec::with_capacity(8);
-    codec.encode_control(opcode::CLOSE, &1000u16.to_be_bytes(), &mut out);
-    sock.write_all(&out).await.map_err(|_| ErrorKind::Io)?;
-    sock.shutdown().await.map_err(|_| ErrorKind::Io)?;
-    loop {
-        let len = rb.data().len();
-        rb.consume(len);
-        match rb.read_from(sock).await {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(_) => return Err(ErrorKind::Io),
-        }
+async fn exchange(conn: &mut Conn, seq: u64) -> Result<(), ErrorKind> {
+    conn.send(seq).await?;
+    match conn.next_reply().await?.seq {
+        Some(got) if got == seq => Ok(()),
+        _ => Err(ErrorKind::Protocol),
     }
 }

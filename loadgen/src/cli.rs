@@ -34,6 +34,8 @@ pub enum Command {
     Hold(HoldArgs),
     /// Connection churn: connect, upgrade, one echoed message, close; over and over.
     Churn(ChurnArgs),
+    /// The highest WebSocket message rate whose latency percentile stays under a bound (bisection).
+    Search(SearchArgs),
     /// Merge .hlog files from several generator nodes into one report.
     Merge(MergeArgs),
     /// Overlay several runs' JSON summaries or .hlog files in one SVG.
@@ -87,9 +89,25 @@ pub struct LoadArgs {
     /// How long to wait for outstanding replies after the last send.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub drain: Duration,
+    /// Processes to watch.
+    #[command(flatten)]
+    pub watch: WatchArgs,
     /// Output files.
     #[command(flatten)]
     pub out: OutputArgs,
+}
+
+/// Other processes to measure over the run, beside the machine's CPU.
+#[derive(Debug, Args, Clone, Default)]
+pub struct WatchArgs {
+    /// Process to measure over the run (CPU time, RSS, open fds; into the
+    /// summary's `watch`); repeatable or comma-separated.
+    #[arg(long = "watch-pid", value_name = "PID", value_delimiter = ',')]
+    pub pids: Vec<u32>,
+    /// Count the established TCP connections with this local port (a
+    /// listener's accepted connections) at the start, peak and end.
+    #[arg(long = "watch-port", value_name = "PORT")]
+    pub port: Option<u16>,
 }
 
 /// How the generator opens connections; shared by every connecting mode.
@@ -158,6 +176,40 @@ pub struct WsArgs {
     pub max_inflight: usize,
 }
 
+/// `search` arguments: a `ws` run per step, at rates chosen by bisection.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// The `ws` options of every step (`--rate` is not used: the steps' rates
+    /// come from --floor, --ceiling and the bisection; the outputs describe
+    /// the step that gave the answer, or the last step if none passed).
+    #[command(flatten)]
+    pub ws: WsArgs,
+    /// Lowest rate tried, messages per second over all connections.
+    #[arg(long, default_value_t = 1000.0)]
+    pub floor: f64,
+    /// Highest rate tried.
+    #[arg(long, default_value_t = 100_000.0)]
+    pub ceiling: f64,
+    /// The corrected-latency percentile that must stay under --below.
+    #[arg(long, default_value_t = 99.0)]
+    pub percentile: f64,
+    /// The bound (e.g. 1ms, 500us).
+    #[arg(long, value_parser = parse_duration, default_value = "1ms")]
+    pub below: Duration,
+    /// Stop when the bracket's ends are within this fraction of each other.
+    #[arg(long, default_value_t = 0.1)]
+    pub resolution: f64,
+    /// Most steps (retries included).
+    #[arg(long, default_value_t = 10)]
+    pub max_steps: u32,
+    /// No step starts after this much time.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub max_time: Duration,
+    /// Extra attempts of a failing step before it counts as failed.
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
+}
+
 /// `http` arguments.
 #[derive(Debug, Args)]
 pub struct HttpArgs {
@@ -219,6 +271,9 @@ pub struct LifecycleArgs {
     /// Message payload size in bytes (at least 8: the sequence number).
     #[arg(long, default_value_t = 16)]
     pub size: usize,
+    /// Processes to watch.
+    #[command(flatten)]
+    pub watch: WatchArgs,
     /// Output files.
     #[command(flatten)]
     pub out: OutputArgs,

@@ -8,23 +8,20 @@
 //! schedule the writer sends everything that is due at once (catch-up), still
 //! charging from the intended times.
 
-use crate::codec::{Codec, Decoded};
-use crate::handshake;
-use crate::net;
+use crate::codec::Codec;
 use crate::progress::Live;
-use crate::readbuf::ReadBuf;
 use crate::recorder::{ErrorKind, Recorder};
 use crate::schedule::Schedule;
 use crate::timer::Timer;
+use crate::ws::{self, Conn, WsTarget};
 use crate::wsproto::{opcode, Rng};
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// Which protocol the connections speak.
@@ -231,16 +228,15 @@ async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<
     if cfg.proto == Proto::HttpClose {
         return http_close_loop(cfg, clock, sched, source, rec, timer).await;
     }
-    let mut rng = Rng::new(idx as u64);
-    let Some((sock, leftover)) = open(cfg, source, &mut rng, rec).await else {
-        return;
-    };
-    rec.borrow_mut().connections_ok += 1;
     let codec = match cfg.proto {
-        Proto::Ws => Codec::Ws { size: cfg.size, rng, frag_seq: None },
+        Proto::Ws => Codec::Ws { size: cfg.size, rng: Rng::new(idx as u64), frag_seq: None },
         Proto::HttpKeepAlive => Codec::Http { request: crate::codec::http_request(&cfg.host, &cfg.path, false).into() },
         _ => Codec::Raw { size: cfg.size },
     };
+    let Some(conn) = open(cfg, source, codec, READ_BUF, rec).await else {
+        return;
+    };
+    rec.borrow_mut().connections_ok += 1;
     // Messages due before the connection was ready are not sent (they show as
     // a lower achieved rate); the connection joins the schedule from now on.
     let first = sched.first_at_or_after(clock.now_ns());
@@ -256,14 +252,13 @@ async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<
         closing: Cell::new(false),
         ctrl: RefCell::new(Vec::new()),
     });
-    let (rd, mut wr) = sock.into_split();
+    let mut codec = conn.codec().clone();
+    let (rd, mut wr) = conn.into_split();
     let reader = {
         let shared = shared.clone();
         let rec = rec.clone();
-        let codec = codec.clone();
-        tokio::task::spawn_local(async move { read_loop(rd, leftover, codec, &shared, sched, clock, &rec).await })
+        tokio::task::spawn_local(async move { read_loop(rd, &shared, sched, clock, &rec).await })
     };
-    let mut codec = codec;
     let ok = write_loop(&mut wr, &mut codec, &shared, sched, clock, rec, timer).await;
     // Drain: wait for outstanding replies until the deadline.
     while ok && !shared.dead.get() && shared.inflight() > 0 && clock.now_ns() < clock.drain_ns {
@@ -299,44 +294,30 @@ async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<
 async fn open(
     cfg: &RunConfig,
     source: Option<IpAddr>,
-    rng: &mut Rng,
+    codec: Codec,
+    read_buf: usize,
     rec: &Rc<RefCell<Recorder>>,
-) -> Option<(TcpStream, Vec<u8>)> {
-    let t_start = Instant::now();
-    let deadline = tokio::time::Instant::from(t_start + cfg.connect_timeout);
-    let mut sock = match tokio::time::timeout_at(deadline, net::connect(cfg.target, source)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) => {
-            rec.borrow_mut().error(ErrorKind::Connect);
-            return None;
+) -> Option<Conn> {
+    let target =
+        WsTarget { addr: cfg.target, host: cfg.host.clone(), path: cfg.path.clone(), timeout: cfg.connect_timeout };
+    match ws::open(&target, source, codec, read_buf).await {
+        Ok(o) => {
+            o.record(&mut rec.borrow_mut());
+            Some(o.conn)
         }
-        Err(_) => {
-            rec.borrow_mut().error(ErrorKind::ConnectTimeout);
-            return None;
-        }
-    };
-    let t_conn = Instant::now();
-    crate::recorder::record_ns(&mut rec.borrow_mut().connect, (t_conn - t_start).as_nanos() as u64);
-    if cfg.proto != Proto::Ws {
-        return Some((sock, Vec::new()));
-    }
-    match tokio::time::timeout_at(deadline, handshake::client_handshake(&mut sock, &cfg.host, &cfg.path, rng)).await {
-        Ok(Ok(leftover)) => {
+        Err(e) => {
             let mut r = rec.borrow_mut();
-            crate::recorder::record_ns(&mut r.upgrade, t_conn.elapsed().as_nanos() as u64);
-            crate::recorder::record_ns(&mut r.handshake, t_start.elapsed().as_nanos() as u64);
-            Some((sock, leftover))
-        }
-        Ok(Err(e)) => {
-            rec.borrow_mut().error(e.kind());
-            None
-        }
-        Err(_) => {
-            rec.borrow_mut().error(ErrorKind::ConnectTimeout);
+            if let Some(ns) = e.connect_ns {
+                crate::recorder::record_ns(&mut r.connect, ns);
+            }
+            r.error(e.kind);
             None
         }
     }
 }
+
+/// Read buffer a connection starts with.
+const READ_BUF: usize = 4096;
 
 /// Most messages written with one `write` when catching up.
 const MAX_BATCH: usize = 64;
@@ -432,59 +413,46 @@ fn skipped_measured(sched: Schedule, first: u64, clock: Clock) -> u64 {
 
 /// Reads replies, matches them to sequence numbers and records latencies.
 async fn read_loop(
-    mut rd: OwnedReadHalf,
-    leftover: Vec<u8>,
-    mut codec: Codec,
+    mut conn: Conn<OwnedReadHalf>,
     sh: &Shared,
     sched: Schedule,
     clock: Clock,
     rec: &Rc<RefCell<Recorder>>,
 ) {
     let cap = sh.send_ns.len() as u64;
-    let mut rb = ReadBuf::with_leftover(leftover, 4096);
     let outcome: Result<(), ErrorKind> = 'conn: loop {
         loop {
-            match codec.decode(rb.data()) {
+            let reply = conn.buffered_reply();
+            if conn.take_control(&mut sh.ctrl.borrow_mut()) {
+                sh.wake.notify_one();
+            }
+            let ws::Reply { seq, failed } = match reply {
                 Err(kind) => break 'conn Err(kind),
-                Ok(Decoded::NeedMore { need }) => {
-                    rb.reserve(need);
-                    break;
-                }
-                Ok(Decoded::Skip { consumed }) => rb.consume(consumed),
-                Ok(Decoded::Ping { consumed, payload }) => {
-                    codec.encode_control(opcode::PONG, &rb.data()[payload], &mut sh.ctrl.borrow_mut());
-                    sh.wake.notify_one();
-                    rb.consume(consumed);
-                }
-                Ok(Decoded::Close) => break 'conn Err(ErrorKind::ClosedByPeer),
-                Ok(Decoded::Reply { consumed, seq, failed }) => {
-                    rb.consume(consumed);
-                    let expected = sh.next_ack.get();
-                    if expected >= sh.next_seq.get() || seq.is_some_and(|s| s != expected) {
-                        break 'conn Err(ErrorKind::Protocol);
-                    }
-                    let now = clock.now_ns();
-                    let intended = sched.due_ns(expected);
-                    let actual = sh.send_ns[(expected % cap) as usize].get();
-                    sh.next_ack.set(expected + 1);
-                    if clock.measured(intended) {
-                        let mut r = rec.borrow_mut();
-                        let second = (now.saturating_sub(clock.warm_ns) / 1_000_000_000) as usize;
-                        r.reply(now.saturating_sub(intended), now.saturating_sub(actual), second);
-                        if failed {
-                            r.error(ErrorKind::HttpStatus);
-                        }
-                    }
-                    if sh.writer_waiting.get() {
-                        sh.wake.notify_one();
-                    }
+                Ok(None) => break,
+                Ok(Some(r)) => r,
+            };
+            let expected = sh.next_ack.get();
+            if expected >= sh.next_seq.get() || seq.is_some_and(|s| s != expected) {
+                break 'conn Err(ErrorKind::Protocol);
+            }
+            let now = clock.now_ns();
+            let intended = sched.due_ns(expected);
+            let actual = sh.send_ns[(expected % cap) as usize].get();
+            sh.next_ack.set(expected + 1);
+            if clock.measured(intended) {
+                let mut r = rec.borrow_mut();
+                let second = (now.saturating_sub(clock.warm_ns) / 1_000_000_000) as usize;
+                r.reply(now.saturating_sub(intended), now.saturating_sub(actual), second);
+                if failed {
+                    r.error(ErrorKind::HttpStatus);
                 }
             }
+            if sh.writer_waiting.get() {
+                sh.wake.notify_one();
+            }
         }
-        match rb.read_from(&mut rd).await {
-            Ok(0) => break Err(ErrorKind::ClosedByPeer),
-            Ok(_) => {}
-            Err(_) => break Err(ErrorKind::Io),
+        if let Err(kind) = conn.fill().await {
+            break Err(kind);
         }
     };
     if let Err(kind) = outcome {
@@ -495,6 +463,9 @@ async fn read_loop(
     sh.dead.set(true);
     sh.wake.notify_one();
 }
+
+/// Read buffer of a `Connection: close` request's connection.
+const HTTP_CLOSE_READ_BUF: usize = 16 * 1024;
 
 /// `Connection: close` HTTP: each scheduled request opens its own connection.
 /// Connect time is part of both latencies; uncorrected counts from the moment
@@ -507,10 +478,7 @@ async fn http_close_loop(
     rec: &Rc<RefCell<Recorder>>,
     timer: &Timer,
 ) {
-    let request = crate::codec::http_request(&cfg.host, &cfg.path, true);
-    let mut codec = Codec::Http { request: request.clone().into() };
-    let mut rng = Rng::new(0);
-    let mut buf = vec![0u8; 16 * 1024];
+    let codec = Codec::Http { request: crate::codec::http_request(&cfg.host, &cfg.path, true).into() };
     let mut k = sched.first_at_or_after(clock.now_ns());
     rec.borrow_mut().skipped += skipped_measured(sched, k, clock);
     let mut counted = false;
@@ -530,7 +498,7 @@ async fn http_close_loop(
             rec.borrow_mut().count_sent(1, begin < clock.end_ns);
         }
         k += 1;
-        let Some((mut sock, _)) = open(cfg, source, &mut rng, rec).await else {
+        let Some(mut conn) = open(cfg, source, codec.clone(), HTTP_CLOSE_READ_BUF, rec).await else {
             continue;
         };
         if !counted {
@@ -539,25 +507,8 @@ async fn http_close_loop(
             counted = true;
         }
         let result = async {
-            sock.write_all(&request).await.map_err(|_| ErrorKind::Io)?;
-            let mut end = 0;
-            loop {
-                match codec.decode(&buf[..end])? {
-                    Decoded::Reply { failed, .. } => return Ok(failed),
-                    Decoded::Skip { consumed } => {
-                        buf.copy_within(consumed..end, 0);
-                        end -= consumed;
-                        continue;
-                    }
-                    Decoded::NeedMore { need } if need > buf.len() => buf.resize(need.next_power_of_two(), 0),
-                    _ => {}
-                }
-                match sock.read(&mut buf[end..]).await {
-                    Ok(0) => return Err(ErrorKind::ClosedByPeer),
-                    Ok(n) => end += n,
-                    Err(_) => return Err(ErrorKind::Io),
-                }
-            }
+            conn.send(k - 1).await?;
+            Ok(conn.next_reply().await?.failed)
         };
         let remaining = tokio::time::Instant::from(clock.t0 + Duration::from_nanos(clock.drain_ns));
         let outcome = tokio::time::timeout_at(remaining, result).await.unwrap_or(Err(ErrorKind::Unanswered));

@@ -6,18 +6,16 @@
 //! Per connection the generator keeps one tokio task with its socket, a 64-byte
 //! read buffer that grows only if the peer sends more, and a few counters.
 
-use crate::codec::{Codec, Decoded};
-use crate::readbuf::ReadBuf;
+use crate::codec::Codec;
+use crate::lifecycle::{self, LifecycleConfig, StopSignals};
 use crate::recorder::{ErrorKind, Recorder};
 use crate::report::HoldStats;
-use crate::wsclient::{self, LifecycleConfig, Opened, StopSignals};
-use crate::wsproto::{opcode, Rng};
+use crate::ws::{self, Conn};
+use crate::wsproto::Rng;
 use anyhow::Context;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 /// Settings of a `hold` run.
@@ -91,7 +89,7 @@ impl Shared {
 
 /// Runs a hold and returns its measurements.
 pub fn run(cfg: &HoldConfig) -> anyhow::Result<HoldOutput> {
-    wsclient::run_on_runtime(cfg.common.threads, run_async(cfg))?
+    lifecycle::run_on_runtime(cfg.common.threads, run_async(cfg))?
 }
 
 async fn run_async(cfg: &HoldConfig) -> anyhow::Result<HoldOutput> {
@@ -191,34 +189,31 @@ async fn connection(
     mut phase: watch::Receiver<u8>,
     permit: OwnedSemaphorePermit,
 ) {
-    let mut rng = Rng::new(idx as u64);
-    let opened = wsclient::open(&cfg.common.target, wsclient::source_for(&cfg.common.source_ips, idx), &mut rng).await;
+    let codec = Codec::Ws { size: cfg.common.size, rng: Rng::new(idx as u64), frag_seq: None };
+    let source = lifecycle::source_for(&cfg.common.source_ips, idx);
+    let opened = ws::open(&cfg.common.target, source, codec, READ_BUF).await;
     drop(permit);
-    let Opened { mut sock, leftover, .. } = match opened {
+    let conn = match opened {
         Ok(o) => {
             let mut r = sh.rec();
             o.record(&mut r);
             r.connections_ok += 1;
-            o
+            o.conn
         }
-        Err(kind) => {
-            sh.rec().error(kind);
+        Err(e) => {
+            sh.rec().error(e.kind);
             return;
         }
     };
     sh.alive.fetch_add(1, Ordering::SeqCst);
-    let mut state = Conn {
-        rb: ReadBuf::with_leftover(leftover, READ_BUF),
-        codec: Codec::Ws { size: cfg.common.size, rng, frag_seq: None },
-        out: Vec::new(),
-        start_ns: sh.now_ns(),
-        next_seq: 0,
-        next_ack: 0,
-        last_write_ns: 0,
-    };
-    let outcome = state.idle(&mut sock, &cfg, &sh, &mut phase).await;
+    let mut state = Held { conn, start_ns: sh.now_ns(), next_seq: 0, next_ack: 0, last_write_ns: 0 };
+    let outcome = state.idle(&cfg, &sh, &mut phase).await;
     match outcome {
-        Ok(()) => state.close(&mut sock).await,
+        // Close frame, then FIN; waits (bounded) for the peer's EOF so that the
+        // close is orderly. Nothing here counts as an error.
+        Ok(()) => {
+            let _ = tokio::time::timeout(CLOSE_WAIT, state.conn.close()).await;
+        }
         Err(kind) => {
             // The peer closed or broke the connection before we did.
             sh.alive.fetch_sub(1, Ordering::SeqCst);
@@ -230,11 +225,8 @@ async fn connection(
 }
 
 /// Per-connection state while held.
-struct Conn {
-    rb: ReadBuf,
-    codec: Codec,
-    /// Frames we write (liveness messages, pongs, close); empty until needed.
-    out: Vec<u8>,
+struct Held {
+    conn: Conn,
     start_ns: u64,
     /// Liveness messages written.
     next_seq: u64,
@@ -243,23 +235,17 @@ struct Conn {
     last_write_ns: u64,
 }
 
-impl Conn {
+impl Held {
     /// Scheduled time of liveness message `k`: one interval after the upgrade, then every interval.
     fn due_ns(&self, every: Duration, k: u64) -> u64 {
         self.start_ns + (k + 1) * every.as_nanos() as u64
     }
 
     /// Idles until the CLOSE phase (Ok) or until the peer closes or breaks the connection (Err).
-    async fn idle(
-        &mut self,
-        sock: &mut TcpStream,
-        cfg: &HoldConfig,
-        sh: &Shared,
-        phase: &mut watch::Receiver<u8>,
-    ) -> Result<(), ErrorKind> {
+    async fn idle(&mut self, cfg: &HoldConfig, sh: &Shared, phase: &mut watch::Receiver<u8>) -> Result<(), ErrorKind> {
         let mut now_phase = *phase.borrow_and_update();
         loop {
-            self.handle_frames(sock, cfg, sh).await?;
+            self.handle_replies(cfg, sh).await?;
             if now_phase == CLOSE {
                 return Ok(());
             }
@@ -268,11 +254,7 @@ impl Conn {
                 .filter(|_| now_phase == RUN)
                 .map(|every| sh.t0 + Duration::from_nanos(self.due_ns(every, self.next_seq)));
             tokio::select! {
-                r = self.rb.read_from(sock) => match r {
-                    Ok(0) => return Err(ErrorKind::ClosedByPeer),
-                    Ok(_) => {}
-                    Err(_) => return Err(ErrorKind::Io),
-                },
+                r = self.conn.fill() => r?,
                 _ = tokio::time::sleep_until(ping_at.unwrap_or(sh.t0).into()), if ping_at.is_some() => {
                     // Counted before the phase check (both SeqCst): either the drain sees this
                     // message as pending, or this connection sees the drain and sends nothing.
@@ -281,12 +263,10 @@ impl Conn {
                         sh.pending.fetch_sub(1, Ordering::SeqCst);
                         continue;
                     }
-                    self.out.clear();
-                    self.codec.encode(self.next_seq, &mut self.out);
                     self.last_write_ns = sh.now_ns();
                     self.next_seq += 1;
                     sh.rec().count_sent(1, true);
-                    sock.write_all(&self.out).await.map_err(|_| ErrorKind::Io)?;
+                    self.conn.send(self.next_seq - 1).await?;
                 }
                 r = phase.changed() => {
                     now_phase = if r.is_ok() { *phase.borrow_and_update() } else { CLOSE };
@@ -295,59 +275,22 @@ impl Conn {
         }
     }
 
-    /// Handles every complete frame in the read buffer.
-    async fn handle_frames(&mut self, sock: &mut TcpStream, cfg: &HoldConfig, sh: &Shared) -> Result<(), ErrorKind> {
-        loop {
-            match self.codec.decode(self.rb.data())? {
-                Decoded::NeedMore { need } => {
-                    self.rb.reserve(need);
-                    return Ok(());
-                }
-                Decoded::Skip { consumed } => self.rb.consume(consumed),
-                Decoded::Ping { consumed, payload } => {
-                    self.out.clear();
-                    self.codec.encode_control(opcode::PONG, &self.rb.data()[payload], &mut self.out);
-                    self.rb.consume(consumed);
-                    sock.write_all(&self.out).await.map_err(|_| ErrorKind::Io)?;
-                }
-                Decoded::Close => return Err(ErrorKind::ClosedByPeer),
-                Decoded::Reply { consumed, seq, .. } => {
-                    self.rb.consume(consumed);
-                    let every = cfg.ping_every.ok_or(ErrorKind::Protocol)?;
-                    let k = self.next_ack;
-                    if k >= self.next_seq || seq != Some(k) {
-                        return Err(ErrorKind::Protocol);
-                    }
-                    self.next_ack += 1;
-                    sh.pending.fetch_sub(1, Ordering::SeqCst);
-                    let now = sh.now_ns();
-                    let corrected = now.saturating_sub(self.due_ns(every, k));
-                    // Only the latest message's write time is kept; older ones are charged from schedule.
-                    let uncorrected =
-                        if k + 1 == self.next_seq { now.saturating_sub(self.last_write_ns) } else { corrected };
-                    sh.rec().reply(corrected, uncorrected, 0);
-                }
+    /// Handles every complete reply in the read buffer and answers the pings met on the way.
+    async fn handle_replies(&mut self, cfg: &HoldConfig, sh: &Shared) -> Result<(), ErrorKind> {
+        while let Some(reply) = self.conn.buffered_reply()? {
+            let every = cfg.ping_every.ok_or(ErrorKind::Protocol)?;
+            let k = self.next_ack;
+            if k >= self.next_seq || reply.seq != Some(k) {
+                return Err(ErrorKind::Protocol);
             }
+            self.next_ack += 1;
+            sh.pending.fetch_sub(1, Ordering::SeqCst);
+            let now = sh.now_ns();
+            let corrected = now.saturating_sub(self.due_ns(every, k));
+            // Only the latest message's write time is kept; older ones are charged from schedule.
+            let uncorrected = if k + 1 == self.next_seq { now.saturating_sub(self.last_write_ns) } else { corrected };
+            sh.rec().reply(corrected, uncorrected, 0);
         }
-    }
-
-    /// Close frame, then FIN; waits (bounded) for the peer's EOF so that the
-    /// close is orderly. Nothing here counts as an error.
-    async fn close(&mut self, sock: &mut TcpStream) {
-        self.out.clear();
-        self.codec.encode_control(opcode::CLOSE, &1000u16.to_be_bytes(), &mut self.out);
-        if sock.write_all(&self.out).await.is_err() || sock.shutdown().await.is_err() {
-            return;
-        }
-        let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            while let Ok(n) = self.rb.read_from(sock).await {
-                if n == 0 {
-                    break;
-                }
-                let len = self.rb.data().len();
-                self.rb.consume(len);
-            }
-        })
-        .await;
+        self.conn.flush().await
     }
 }

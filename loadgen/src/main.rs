@@ -6,14 +6,17 @@ use std::io::IsTerminal;
 use std::net::ToSocketAddrs;
 use std::process::ExitCode;
 use std::sync::Arc;
-use upsplice_loadgen::cli::{ChurnArgs, Cli, Command, HoldArgs, LifecycleArgs, LoadArgs, MergeArgs, PlotArgs, TcpMode};
+use upsplice_loadgen::cli::{
+    ChurnArgs, Cli, Command, HoldArgs, LifecycleArgs, LoadArgs, MergeArgs, PlotArgs, SearchArgs, TcpMode,
+};
 use upsplice_loadgen::engine::{self, Proto, RunConfig};
 use upsplice_loadgen::outputs::{self, Outputs};
 use upsplice_loadgen::plot::{self, Series};
 use upsplice_loadgen::recorder::Recorder;
 use upsplice_loadgen::report::{self, RunInfo};
 use upsplice_loadgen::rusage::CpuTime;
-use upsplice_loadgen::{churn, echo, hlog, hold, net, progress, tcpbulk, wsclient};
+use upsplice_loadgen::watch::Watch;
+use upsplice_loadgen::{churn, echo, hlog, hold, lifecycle, net, progress, search, tcpbulk, ws};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -49,22 +52,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ws(a) => {
             check_size(a.size)?;
             let host = a.http.host_or(&a.load.target);
-            load(&a.load, Proto::Ws, "ws", host, a.http.path, a.size, a.max_inflight)
+            load(&a.load, plan(&a.load, Proto::Ws, "ws", host, a.http.path, a.size, a.max_inflight)?)
         }
         Command::Http(a) => {
             let host = a.http.host_or(&a.load.target);
             let proto = if a.close { Proto::HttpClose } else { Proto::HttpKeepAlive };
             let mode = if a.close { "http-close" } else { "http" };
-            load(&a.load, proto, mode, host, a.http.path, 0, a.max_inflight)
+            load(&a.load, plan(&a.load, proto, mode, host, a.http.path, 0, a.max_inflight)?)
         }
         Command::Tcp(a) if a.mode == TcpMode::Pingpong => {
             check_size(a.size)?;
             let host = a.load.target.clone();
-            load(&a.load, Proto::Raw, "tcp-pingpong", host, String::new(), a.size, a.max_inflight)
+            load(&a.load, plan(&a.load, Proto::Raw, "tcp-pingpong", host, String::new(), a.size, a.max_inflight)?)
         }
         Command::Tcp(a) => bulk(&a.load, a.size, a.direction),
         Command::Hold(a) => hold(a),
         Command::Churn(a) => churn(a),
+        Command::Search(a) => search(a),
         Command::Merge(a) => merge(a),
         Command::Plot(a) => plot_files(a),
     }
@@ -104,7 +108,13 @@ fn validate(l: &LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load(
+/// A rate-driven run: the engine's settings and what the summary says about them.
+struct Plan {
+    cfg: RunConfig,
+    info: RunInfo,
+}
+
+fn plan(
     l: &LoadArgs,
     proto: Proto,
     mode: &str,
@@ -112,7 +122,7 @@ fn load(
     path: String,
     size: usize,
     max_inflight: usize,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Plan> {
     validate(l)?;
     let fds = net::raise_fd_limit();
     if l.connections as u64 + 64 > fds {
@@ -140,12 +150,6 @@ fn load(
         drain: l.drain,
         keep_intervals: l.out.hlog.is_some(),
     };
-    let cpu0 = CpuTime::now();
-    let live = std::io::stderr().is_terminal().then(|| Arc::new(progress::Live::default()));
-    let printer = live.clone().map(|lv| progress::Printer::start(lv, cfg.warmup, cfg.rate, "msg"));
-    let out = engine::run(&cfg, live);
-    drop(printer);
-    let cpu = CpuTime::now().since(cpu0);
     let info = RunInfo {
         mode: mode.to_string(),
         target: l.target.clone(),
@@ -158,9 +162,113 @@ fn load(
         max_inflight: cfg.max_inflight as u64,
         idle: false,
     };
-    let summary = report::summarize(&info, &out.recorder, cpu, out.wall.as_secs_f64());
+    Ok(Plan { cfg, info })
+}
+
+/// Runs the engine once (with the live progress line on a terminal) and summarizes.
+fn drive(p: &Plan) -> (report::Summary, engine::RunOutput) {
+    let cpu0 = CpuTime::now();
+    let live = std::io::stderr().is_terminal().then(|| Arc::new(progress::Live::default()));
+    let printer = live.clone().map(|lv| progress::Printer::start(lv, p.cfg.warmup, p.cfg.rate, "msg"));
+    let out = engine::run(&p.cfg, live);
+    drop(printer);
+    let cpu = CpuTime::now().since(cpu0);
+    (report::summarize(&p.info, &out.recorder, cpu, out.wall.as_secs_f64()), out)
+}
+
+fn load(l: &LoadArgs, p: Plan) -> anyhow::Result<ExitCode> {
+    let w = Watch::start(&l.watch.pids, l.watch.port)?;
+    let (mut summary, out) = drive(&p);
+    summary.watch = Some(w.finish());
     let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
     finish(&l.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)
+}
+
+fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
+    check_size(a.ws.size)?;
+    let ok = |x: f64| x > 0.0 && x.is_finite();
+    if !(ok(a.floor) && ok(a.ceiling) && a.ceiling >= a.floor) {
+        bail!("--floor and --ceiling must be positive, the ceiling at least the floor");
+    }
+    if !(a.percentile > 0.0 && a.percentile < 100.0) {
+        bail!("--percentile must be between 0 and 100");
+    }
+    if !(a.resolution > 0.0 && a.resolution.is_finite()) || a.max_steps == 0 {
+        bail!("--resolution and --max-steps must be positive");
+    }
+    let l = &a.ws.load;
+    let host = a.ws.http.host_or(&l.target);
+    let mut p = plan(l, Proto::Ws, "ws", host, a.ws.http.path.clone(), a.ws.size, a.ws.max_inflight)?;
+    let bound_us = a.below.as_micros() as u64;
+    let cfg = search::SearchConfig {
+        floor: a.floor,
+        ceiling: a.ceiling,
+        resolution: a.resolution,
+        max_steps: a.max_steps,
+        max_time: a.max_time,
+        retries: a.retries,
+    };
+    println!(
+        "upsplice-loadgen search -> {}: highest rate in {}..{}/s with corrected p{} < {:.3} ms",
+        l.target,
+        a.floor,
+        a.ceiling,
+        a.percentile,
+        bound_us as f64 / 1e3
+    );
+    let w = Watch::start(&l.watch.pids, l.watch.port)?;
+    // The outputs describe the step that gave the answer, else the last one.
+    let mut answer: Option<(report::Summary, engine::RunOutput)> = None;
+    let mut last: Option<(report::Summary, engine::RunOutput)> = None;
+    let mut n = 0;
+    let stats = search::search(&cfg, a.percentile, bound_us, |rate| {
+        p.cfg.rate = rate;
+        p.info.target_rate = rate;
+        let (s, out) = drive(&p);
+        let latency_us = out.recorder.corrected.value_at_quantile(a.percentile / 100.0);
+        let latency_us = out.recorder.corrected.highest_equivalent(latency_us);
+        let pass = s.valid && s.rate_reached && latency_us < bound_us;
+        n += 1;
+        println!(
+            "step {n:>2}: {rate:>10.0}/s asked, {:>10.0}/s achieved, p{} {:>9.3} ms, {} errors: {}",
+            s.achieved_rate,
+            a.percentile,
+            latency_us as f64 / 1e3,
+            s.total_errors,
+            if pass {
+                "pass"
+            } else if !s.valid {
+                "fail (invalid run)"
+            } else if !s.rate_reached {
+                "fail (rate not reached)"
+            } else {
+                "fail"
+            }
+        );
+        let step = search::Step {
+            rate,
+            achieved_rate: s.achieved_rate,
+            latency_us,
+            valid: s.valid,
+            rate_reached: s.rate_reached,
+            pass,
+        };
+        if pass && answer.as_ref().is_none_or(|(b, _)| b.target_rate < rate) {
+            answer = Some((s, out));
+        } else {
+            last = Some((s, out));
+        }
+        step
+    });
+    let found = stats.answer_rate > 0.0;
+    let Some((mut summary, out)) = answer.or(last) else {
+        bail!("the search made no step (--max-time too short?)");
+    };
+    summary.watch = Some(w.finish());
+    summary.search = Some(stats);
+    let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
+    let code = finish(&l.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)?;
+    Ok(if found { code } else { ExitCode::from(1) })
 }
 
 fn finish(
@@ -193,6 +301,7 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
         threads: l.conn.threads.unwrap_or_else(cores),
         connect_timeout: l.conn.connect_timeout,
     };
+    let w = Watch::start(&l.watch.pids, l.watch.port)?;
     let cpu0 = CpuTime::now();
     let t = std::time::Instant::now();
     let rec = tcpbulk::run(&cfg)?;
@@ -208,19 +317,20 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
         max_inflight: 0,
         idle: false,
     };
-    let summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
+    let mut summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
+    summary.watch = Some(w.finish());
     finish(&l.out, &summary, &rec, None, &[])
 }
 
 /// What `hold` and `churn` share: the upgrade target, message size,
 /// source addresses and threads.
-fn lifecycle(c: &LifecycleArgs) -> anyhow::Result<wsclient::LifecycleConfig> {
+fn lifecycle(c: &LifecycleArgs) -> anyhow::Result<lifecycle::LifecycleConfig> {
     check_size(c.size)?;
     if c.conn.connect_timeout.is_zero() {
         bail!("--connect-timeout must be positive");
     }
-    Ok(wsclient::LifecycleConfig {
-        target: wsclient::WsTarget {
+    Ok(lifecycle::LifecycleConfig {
+        target: ws::WsTarget {
             addr: resolve(&c.target)?,
             host: c.http.host_or(&c.target),
             path: c.http.path.clone(),
@@ -251,7 +361,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
     if a.ping_every.is_some_and(|d| d < std::time::Duration::from_millis(1)) {
         bail!("--ping-every must be at least 1ms");
     }
-    let fd_limit = wsclient::ensure_fds(a.connections as u64, "--connections")?;
+    let fd_limit = lifecycle::ensure_fds(a.connections as u64, "--connections")?;
     let cfg = hold::HoldConfig {
         common: lifecycle(c)?,
         connections: a.connections,
@@ -261,6 +371,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
         ping_every: a.ping_every,
         drain: a.drain,
     };
+    let w = Watch::start(&c.watch.pids, c.watch.port)?;
     let cpu0 = CpuTime::now();
     let out = hold::run(&cfg)?;
     let info = RunInfo {
@@ -277,6 +388,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
     };
     let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
     summary.hold = Some(report::HoldStats { fd_limit, ..out.stats });
+    summary.watch = Some(w.finish());
     finish(&c.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
 }
 
@@ -292,7 +404,7 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
         bail!("--duration must be positive");
     }
     positive_rate("--rate", a.rate)?;
-    wsclient::ensure_fds(a.concurrency as u64, "--concurrency")?;
+    lifecycle::ensure_fds(a.concurrency as u64, "--concurrency")?;
     let cfg = churn::ChurnConfig {
         common: lifecycle(c)?,
         rate: a.rate,
@@ -300,6 +412,7 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
         duration: a.duration,
         count: a.count,
     };
+    let w = Watch::start(&c.watch.pids, c.watch.port)?;
     let cpu0 = CpuTime::now();
     let out = churn::run(&cfg)?;
     let info = RunInfo {
@@ -316,6 +429,7 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
     };
     let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
     summary.churn = Some(out.stats);
+    summary.watch = Some(w.finish());
     finish(&c.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
 }
 

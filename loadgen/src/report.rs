@@ -3,6 +3,8 @@
 
 use crate::recorder::{ErrorKind, Recorder};
 use crate::rusage::CpuTime;
+use crate::search::SearchStats;
+use crate::watch::WatchReport;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -230,6 +232,13 @@ pub struct Summary {
     pub churn: Option<ChurnStats>,
     /// Generator CPU use.
     pub cpu: Cpu,
+    /// `search` only: the steps and the answer (added in v1; null otherwise).
+    #[serde(default)]
+    pub search: Option<SearchStats>,
+    /// The machine's busy CPU and the `--watch-pid` processes over the run
+    /// (added in v1; null in older files and for `merge`).
+    #[serde(default)]
+    pub watch: Option<WatchReport>,
     /// False when the figures cannot be trusted; see `problems`.
     pub valid: bool,
     /// Why the run is invalid, or warnings (rate not reached).
@@ -353,6 +362,8 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
         }),
         hold: None,
         churn: None,
+        watch: None,
+        search: None,
         cpu: Cpu { user_s, system_s, wall_s, cores_busy: (user_s + system_s) / wall_s.max(1e-9) },
         valid,
         problems,
@@ -383,6 +394,40 @@ fn row(out: &mut String, name: &str, p: &Percentiles) {
         ms(p.max),
         p.count
     );
+}
+
+fn render_watch(out: &mut String, w: &WatchReport) {
+    let _ = writeln!(
+        out,
+        "machine cpu    {:.2}s busy of {:.2}s over {:.2}s = {:.2} cores busy",
+        w.machine.busy_s, w.machine.total_s, w.window_s, w.machine.cores_busy
+    );
+    for p in &w.processes {
+        let _ = writeln!(
+            out,
+            "watched        pid {} ({}): cpu user {:.2}s system {:.2}s = {:.2} cores busy | rss {} / peak {} / end {} KiB | \
+             fds {} / peak {} / end {}{}",
+            p.pid,
+            p.name,
+            p.user_s,
+            p.system_s,
+            p.cores_busy,
+            p.rss_kib_start,
+            p.rss_kib_peak,
+            p.rss_kib_end,
+            p.fds_start,
+            p.fds_peak,
+            p.fds_end,
+            if p.gone { " (exited during the run)" } else { "" }
+        );
+    }
+    if let Some(p) = &w.port {
+        let _ = writeln!(
+            out,
+            "established    on local port {}: {} / peak {} / end {}",
+            p.port, p.established_start, p.established_peak, p.established_end
+        );
+    }
 }
 
 /// The human-readable summary.
@@ -483,6 +528,23 @@ pub fn render(s: &Summary) -> String {
         "generator cpu  user {:.2}s system {:.2}s over {:.2}s wall = {:.2} cores busy",
         s.cpu.user_s, s.cpu.system_s, s.cpu.wall_s, s.cpu.cores_busy
     );
+    if let Some(w) = &s.watch {
+        render_watch(&mut out, w);
+    }
+    if let Some(x) = &s.search {
+        let _ = writeln!(
+            out,
+            "search         p{} < {:.3} ms: {} ({} step(s) in {:.0}..{:.0}/s, stopped: {}{})",
+            x.percentile,
+            x.bound_us as f64 / 1e3,
+            if x.answer_rate > 0.0 { format!("{:.0}/s", x.answer_rate) } else { "no rate passed".into() },
+            x.steps.len(),
+            x.floor,
+            x.ceiling,
+            x.stopped_by.name(),
+            if x.failing_rate > 0.0 { format!(", {:.0}/s failed", x.failing_rate) } else { String::new() }
+        );
+    }
     for p in &s.problems {
         let _ = writeln!(out, "!!! {p}");
     }
@@ -537,6 +599,8 @@ mod tests {
         let o = v.as_object_mut().unwrap();
         o.remove("hold");
         o.remove("churn");
+        o.remove("watch");
+        o.remove("search");
         o["latency_us"].as_object_mut().unwrap().remove("handshake");
         let back: Summary = serde_json::from_value(v).unwrap();
         assert!(back.hold.is_none() && back.churn.is_none());

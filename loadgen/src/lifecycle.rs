@@ -1,27 +1,12 @@
-//! Pieces shared by the connection-lifecycle modes (`hold`, `churn`): opening
-//! an upgraded WebSocket connection with its timings, the fd-limit check, and
-//! the stop signals.
+//! The life of a connection-lifecycle run (`hold`, `churn`) around its
+//! connections: their shared settings, the runtime, the open-files limit, the
+//! stop signals and the spreading over source addresses. The connections
+//! themselves are [`crate::ws::Conn`]s.
 
-use crate::handshake;
 use crate::net;
-use crate::recorder::{record_ns, ErrorKind, Recorder};
-use crate::wsproto::Rng;
-use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
-
-/// Where and how to upgrade.
-#[derive(Debug, Clone)]
-pub struct WsTarget {
-    /// Where to connect.
-    pub addr: SocketAddr,
-    /// Host header.
-    pub host: String,
-    /// Request path.
-    pub path: String,
-    /// Limit for connect + handshake.
-    pub timeout: Duration,
-}
+use crate::ws::WsTarget;
+use std::net::IpAddr;
+use std::time::Duration;
 
 /// Settings every connection-lifecycle mode (`hold`, `churn`) shares.
 #[derive(Debug, Clone)]
@@ -34,53 +19,6 @@ pub struct LifecycleConfig {
     pub source_ips: Vec<IpAddr>,
     /// Runtime worker threads.
     pub threads: usize,
-}
-
-/// An upgraded connection and how long getting there took.
-#[derive(Debug)]
-pub struct Opened {
-    /// The socket, positioned after the 101 head.
-    pub sock: TcpStream,
-    /// Bytes read past the 101 head (the start of the first frames, if any).
-    pub leftover: Vec<u8>,
-    /// TCP connect, ns.
-    pub connect_ns: u64,
-    /// Request written to 101 parsed, ns.
-    pub upgrade_ns: u64,
-}
-
-impl Opened {
-    /// Records connect, upgrade and whole-handshake times.
-    pub fn record(&self, rec: &mut Recorder) {
-        record_ns(&mut rec.connect, self.connect_ns);
-        record_ns(&mut rec.upgrade, self.upgrade_ns);
-        record_ns(&mut rec.handshake, self.connect_ns + self.upgrade_ns);
-    }
-}
-
-/// Connects (from `source` when given) and performs the RFC 6455 client
-/// handshake, all within `t.timeout`. Failures come back as the error kind
-/// they are counted under.
-pub async fn open(t: &WsTarget, source: Option<IpAddr>, rng: &mut Rng) -> Result<Opened, ErrorKind> {
-    let t_start = Instant::now();
-    let deadline = tokio::time::Instant::from(t_start + t.timeout);
-    let mut sock = match tokio::time::timeout_at(deadline, net::connect(t.addr, source)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) => return Err(ErrorKind::Connect),
-        Err(_) => return Err(ErrorKind::ConnectTimeout),
-    };
-    let t_conn = Instant::now();
-    match tokio::time::timeout_at(deadline, handshake::client_handshake(&mut sock, &t.host, &t.path, rng)).await {
-        Ok(Ok(leftover)) => Ok(Opened {
-            sock,
-            // The handshake's read buffer is 4 KiB or more; keep only what is in it.
-            leftover: leftover.as_slice().to_vec(),
-            connect_ns: (t_conn - t_start).as_nanos() as u64,
-            upgrade_ns: t_conn.elapsed().as_nanos() as u64,
-        }),
-        Ok(Err(e)) => Err(e.kind()),
-        Err(_) => Err(ErrorKind::ConnectTimeout),
-    }
 }
 
 /// Runs `f` to completion on a multi-threaded runtime of `threads` workers
