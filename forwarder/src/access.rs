@@ -1,27 +1,69 @@
 //! The access record: what the access log says about one connection when
-//! it ends (target `upsplice::access`), filled in as the connection goes.
+//! it ends, filled in as the connection goes, and the three ways it is
+//! written (`[access_log] format`): `text` (key=value), `json` (one object
+//! per line, field names in the README) and `gorouter` (gorouter's line,
+//! so existing Cloud Foundry log pipelines keep parsing).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Deserialize;
 
 use crate::dataplane::Mode;
+
+/// `[access_log] format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// `key=value` pairs, as the diagnostic log writes them.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// gorouter's access-log line.
+    Gorouter,
+}
 
 /// What the access log says about a connection when it ends.
 #[derive(Debug)]
 pub struct AccessRecord {
     pub peer: SocketAddr,
     pub listener: Arc<str>,
+    /// Wall-clock time of the accept (the line's timestamp).
+    pub start: SystemTime,
+    pub started: Instant,
+    pub method: Option<String>,
+    /// The request target as received (path and query).
+    pub target: Option<String>,
+    /// `HTTP/1.1` or `HTTP/1.0`.
+    pub proto: Option<&'static str>,
     pub host: Option<String>,
+    pub user_agent: Option<String>,
+    pub referer: Option<String>,
+    /// `X-Forwarded-For` and `X-Forwarded-Proto` as sent to the backend.
+    pub x_forwarded_for: Option<String>,
+    pub x_forwarded_proto: Option<String>,
+    /// `X-Vcap-Request-Id` as sent to the backend.
+    pub request_id: Option<String>,
     pub route: Option<Arc<str>>,
     pub backend: Option<SocketAddr>,
     /// The status answered (101 for tunnels); 0 when none was seen (tcp
     /// listeners, a backend that never answered).
     pub status: u16,
+    /// `X-Cf-Routererror` of the router's own answer.
+    pub router_error: Option<&'static str>,
+    /// From the accept to the request head written to the backend: the
+    /// router's own part before the backend has the request.
+    pub forwarded: Option<Duration>,
+    /// From the accept to the backend's response head (time to first
+    /// backend byte, as the client waits for it).
+    pub first_byte: Option<Duration>,
+    /// From the accept to the 101 written to the client (upgrades).
+    pub upgraded: Option<Duration>,
     pub data_plane: Option<Mode>,
     pub to_backend: u64,
     pub to_client: u64,
-    pub started: Instant,
     pub reason: &'static str,
 }
 
@@ -30,24 +72,41 @@ impl AccessRecord {
         AccessRecord {
             peer,
             listener,
+            start: SystemTime::now(),
+            started: Instant::now(),
+            method: None,
+            target: None,
+            proto: None,
             host: None,
+            user_agent: None,
+            referer: None,
+            x_forwarded_for: None,
+            x_forwarded_proto: None,
+            request_id: None,
             route: None,
             backend: None,
             status: 0,
+            router_error: None,
+            forwarded: None,
+            first_byte: None,
+            upgraded: None,
             data_plane: None,
             to_backend: 0,
             to_client: 0,
-            started: Instant::now(),
             reason: "done",
         }
     }
 
-    /// Writes the access-log line (target `upsplice::access`).
-    pub fn log(&self) {
+    /// Writes the record to the diagnostic log (target `upsplice::access`),
+    /// as `key=value` fields.
+    pub fn trace(&self) {
+        let ms = |d: Option<Duration>| d.map_or(-1, |d| d.as_millis() as i64);
         tracing::info!(
             target: "upsplice::access",
             client = %self.peer,
             listener = %self.listener,
+            method = self.method.as_deref().unwrap_or("-"),
+            path = self.target.as_deref().unwrap_or("-"),
             host = self.host.as_deref().unwrap_or("-"),
             route = self.route.as_deref().unwrap_or("-"),
             backend = %self.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
@@ -55,8 +114,202 @@ impl AccessRecord {
             data_plane = self.data_plane.map(Mode::as_str).unwrap_or("-"),
             bytes_to_backend = self.to_backend,
             bytes_to_client = self.to_client,
+            user_agent = self.user_agent.as_deref().unwrap_or("-"),
+            x_forwarded_for = self.x_forwarded_for.as_deref().unwrap_or("-"),
+            request_id = self.request_id.as_deref().unwrap_or("-"),
+            first_byte_ms = ms(self.first_byte),
+            upgrade_ms = ms(self.upgraded),
             duration_ms = self.started.elapsed().as_millis() as u64,
             close = self.reason,
         );
+    }
+
+    /// The record as one line (no newline) in `format`; `ended` is its
+    /// duration.
+    pub fn line(&self, format: Format, ended: Duration) -> String {
+        match format {
+            Format::Text => self.text(ended),
+            Format::Json => self.json(ended),
+            Format::Gorouter => self.gorouter(ended),
+        }
+    }
+
+    fn text(&self, ended: Duration) -> String {
+        let q = |v: Option<&str>| format!("{:?}", v.unwrap_or("-"));
+        format!(
+            "time={} client={} listener={} method={} path={} host={} route={} backend={} status={} data_plane={} \
+             bytes_to_backend={} bytes_to_client={} user_agent={} referer={} x_forwarded_for={} \
+             x_forwarded_proto={} request_id={} router_error={} first_byte_ms={} upgrade_ms={} duration_ms={} close={}",
+            humantime::format_rfc3339_millis(self.start),
+            self.peer,
+            q(Some(&self.listener)),
+            q(self.method.as_deref()),
+            q(self.target.as_deref()),
+            q(self.host.as_deref()),
+            q(self.route.as_deref()),
+            self.backend.map_or("-".into(), |b| b.to_string()),
+            self.status,
+            self.data_plane.map_or("-", Mode::as_str),
+            self.to_backend,
+            self.to_client,
+            q(self.user_agent.as_deref()),
+            q(self.referer.as_deref()),
+            q(self.x_forwarded_for.as_deref()),
+            q(self.x_forwarded_proto.as_deref()),
+            q(self.request_id.as_deref()),
+            self.router_error.unwrap_or("-"),
+            millis(self.first_byte),
+            millis(self.upgraded),
+            ended.as_millis(),
+            self.reason,
+        )
+    }
+
+    fn json(&self, ended: Duration) -> String {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        serde_json::json!({
+            "time": humantime::format_rfc3339_millis(self.start).to_string(),
+            "client": self.peer.to_string(),
+            "listener": &*self.listener,
+            "method": self.method,
+            "path": self.target,
+            "proto": self.proto,
+            "host": self.host,
+            "route": self.route.as_deref(),
+            "backend": self.backend.map(|b| b.to_string()),
+            "status": self.status,
+            "data_plane": self.data_plane.map(Mode::as_str),
+            "bytes_to_backend": self.to_backend,
+            "bytes_to_client": self.to_client,
+            "user_agent": self.user_agent,
+            "referer": self.referer,
+            "x_forwarded_for": self.x_forwarded_for,
+            "x_forwarded_proto": self.x_forwarded_proto,
+            "request_id": self.request_id,
+            "router_error": self.router_error,
+            "first_byte_ms": ms(self.first_byte),
+            "upgrade_ms": ms(self.upgraded),
+            "duration_ms": ended.as_secs_f64() * 1000.0,
+            "close": self.reason,
+        })
+        .to_string()
+    }
+
+    /// gorouter's line (its `accesslog/schema`): `<Host> - [<Start>]
+    /// "<Method> <URL> <Proto>" <Status> <BytesReceived> <BytesSent>
+    /// "<Referer>" "<User-Agent>" <RemoteAddr> <BackendAddr>
+    /// x_forwarded_for:"…" x_forwarded_proto:"…" vcap_request_id:…
+    /// response_time:… gorouter_time:… app_id:… app_index:…
+    /// x_cf_routererror:…`, a missing value as `-`. Bytes received are the
+    /// client's (to the backend), bytes sent the client's share; times in
+    /// seconds. app_id and app_index come with routes from NATS; a route
+    /// from the file has neither.
+    fn gorouter(&self, ended: Duration) -> String {
+        let dash = |v: Option<&str>| v.filter(|v| !v.is_empty()).unwrap_or("-").to_string();
+        let quoted = |v: Option<&str>| format!("\"{}\"", dash(v).replace('"', "\\\""));
+        let request = match (&self.method, &self.target) {
+            (Some(m), Some(t)) => format!("\"{m} {t} {}\"", self.proto.unwrap_or("HTTP/1.1")),
+            _ => "\"-\"".into(),
+        };
+        format!(
+            "{} - [{}] {} {} {} {} {} {} {} {} x_forwarded_for:{} x_forwarded_proto:{} vcap_request_id:{} \
+             response_time:{} gorouter_time:{} app_id:- app_index:- x_cf_routererror:{}",
+            dash(self.host.as_deref()),
+            humantime::format_rfc3339_nanos(self.start),
+            request,
+            self.status,
+            self.to_backend,
+            self.to_client,
+            quoted(self.referer.as_deref()),
+            quoted(self.user_agent.as_deref()),
+            self.peer,
+            self.backend.map_or("-".into(), |b| b.to_string()),
+            quoted(self.x_forwarded_for.as_deref()),
+            quoted(self.x_forwarded_proto.as_deref()),
+            dash(self.request_id.as_deref()),
+            seconds(Some(ended)),
+            seconds(self.forwarded),
+            self.router_error.unwrap_or("-"),
+        )
+    }
+}
+
+fn millis(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| d.as_millis().to_string())
+}
+
+fn seconds(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.6}", d.as_secs_f64()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> AccessRecord {
+        let mut r = AccessRecord::new("192.0.2.7:51000".parse().unwrap(), "web".into());
+        r.start = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        r.method = Some("GET".into());
+        r.target = Some("/chat?room=1".into());
+        r.proto = Some("HTTP/1.1");
+        r.host = Some("chat.example.com".into());
+        r.user_agent = Some("Mozilla \"x\"".into());
+        r.x_forwarded_for = Some("192.0.2.7".into());
+        r.x_forwarded_proto = Some("https".into());
+        r.request_id = Some("6f1c1c3e-0000-4000-8000-000000000001".into());
+        r.route = Some("chat.example.com".into());
+        r.backend = Some("10.0.0.5:8080".parse().unwrap());
+        r.status = 101;
+        r.forwarded = Some(Duration::from_micros(1500));
+        r.first_byte = Some(Duration::from_millis(3));
+        r.upgraded = Some(Duration::from_millis(4));
+        r.data_plane = Some(Mode::Splice);
+        r.to_backend = 1200;
+        r.to_client = 3400;
+        r
+    }
+
+    #[test]
+    fn gorouter_line() {
+        let line = record().line(Format::Gorouter, Duration::from_millis(2500));
+        assert_eq!(
+            line,
+            "chat.example.com - [2023-11-14T22:13:20.123000000Z] \"GET /chat?room=1 HTTP/1.1\" 101 1200 3400 \"-\" \
+             \"Mozilla \\\"x\\\"\" 192.0.2.7:51000 10.0.0.5:8080 x_forwarded_for:\"192.0.2.7\" \
+             x_forwarded_proto:\"https\" vcap_request_id:6f1c1c3e-0000-4000-8000-000000000001 \
+             response_time:2.500000 gorouter_time:0.001500 app_id:- app_index:- x_cf_routererror:-"
+        );
+        let bare =
+            AccessRecord::new("192.0.2.7:1".parse().unwrap(), "raw".into()).line(Format::Gorouter, Duration::ZERO);
+        assert!(bare.starts_with("- - ["), "{bare}");
+        assert!(bare.contains("] \"-\" 0 0 0 \"-\" \"-\" 192.0.2.7:1 - x_forwarded_for:\"-\""), "{bare}");
+    }
+
+    #[test]
+    fn json_line_has_the_documented_fields() {
+        let line = record().line(Format::Json, Duration::from_millis(2500));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["path"], "/chat?room=1");
+        assert_eq!(v["status"], 101);
+        assert_eq!(v["data_plane"], "splice");
+        assert_eq!(v["user_agent"], "Mozilla \"x\"");
+        assert_eq!(v["request_id"], "6f1c1c3e-0000-4000-8000-000000000001");
+        assert_eq!(v["first_byte_ms"], 3.0);
+        assert_eq!(v["upgrade_ms"], 4.0);
+        assert_eq!(v["duration_ms"], 2500.0);
+        assert_eq!(v["referer"], serde_json::Value::Null);
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn text_line_quotes_what_may_hold_spaces() {
+        let line = record().line(Format::Text, Duration::from_millis(7));
+        assert!(
+            line.starts_with("time=2023-11-14T22:13:20.123Z client=192.0.2.7:51000 listener=\"web\" method=\"GET\"")
+        );
+        assert!(line.contains(" user_agent=\"Mozilla \\\"x\\\"\" "), "{line}");
+        assert!(line.ends_with(" first_byte_ms=3 upgrade_ms=4 duration_ms=7 close=done"), "{line}");
     }
 }

@@ -26,6 +26,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub admin: Option<Admin>,
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<Listener>,
     #[serde(default, rename = "pool")]
@@ -98,6 +100,18 @@ impl Limits {
         }
         Ok(())
     }
+}
+
+/// `[access_log]`: where access records go and in which format. Read at
+/// start; SIGHUP reopens the file but keeps the path and format.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// A file (appended to; `/dev/stdout` works); none: the diagnostic log.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub format: crate::access::Format,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -320,6 +334,13 @@ impl Config {
     fn validate(&self) -> Result<(), Invalid> {
         if self.listeners.is_empty() {
             return Err(("listener".into(), "at least one [[listener]] is required".into()));
+        }
+        if self.access_log.path.is_none() && self.access_log.format != crate::access::Format::Text {
+            return Err((
+                "access_log.format".into(),
+                "json and gorouter need access_log.path (the diagnostic log writes key=value; \"/dev/stdout\" works)"
+                    .into(),
+            ));
         }
         self.limits.validate()?;
         self.data_plane.validate().map_err(|(field, m)| (format!("data_plane.{field}"), m))?;
@@ -593,6 +614,10 @@ pool = "chat"
             (http("trusted_cidrs = [\"10.0.0.0/33\"]"), "\"10.0.0.0/33\": prefix length 33 is longer than 32"),
             (http("trusted_cidrs = [\"fd00::/129\"]"), "prefix length 129 is longer than 128"),
             (http("trusted_cidrs = [\"10.0.0.0\"]"), "is not a CIDR such as"),
+            (
+                format!("[access_log]\nformat = \"json\"\n{BASE}"),
+                "access_log.format: json and gorouter need access_log.path",
+            ),
             (
                 BASE.replace("127.0.0.1:9001", "10.0.0.1"),
                 "\"10.0.0.1\": expected IP:PORT, e.g. \"10.0.0.1:8080\" (the port is missing)",

@@ -49,7 +49,7 @@ impl Session {
             }
         }
         metrics::get().active.get_or_create(&labels).dec();
-        rec.log();
+        self.shared.access_log.write(&rec);
     }
 
     /// A tcp listener: connect to its pool; the pair is relayed without

@@ -11,6 +11,7 @@
 //! [`path`] is the path normaliser routing matches with.
 
 pub mod access;
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod connection;

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub handshake_seconds: Histogram,
     pub connect_failures: Family<PoolLabels, Counter>,
     pub fallbacks: Family<PlaneLabels, Counter>,
+    pub access_log_dropped: Counter,
     planes: OnceLock<Arc<DataPlanes>>,
 }
 
@@ -105,7 +106,14 @@ impl Metrics {
             "Tunnels a data plane could not take and handed to the next one",
             fallbacks.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer's queue was full",
+            access_log_dropped.clone(),
+        );
         Metrics {
+            access_log_dropped,
             registry,
             accepted,
             active,

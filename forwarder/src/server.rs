@@ -14,6 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, Protocol};
 use crate::connection::{self, Session};
 use crate::dataplane::DataPlanes;
@@ -58,7 +59,12 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     for p in &config.pools {
         metrics::declare_pool(&p.name);
     }
-    let shared = Arc::new(Shared::new(config, planes));
+    let access_log = match &config.access_log.path {
+        Some(path) => AccessLog::open(path, config.access_log.format)
+            .with_context(|| format!("access_log.path: cannot open {}", path.display()))?,
+        None => AccessLog::trace(),
+    };
+    let shared = Arc::new(Shared::new(config, planes, access_log));
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut accept_loops = Vec::new();
@@ -91,6 +97,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!("drained after SIGUSR1; not exiting (SIGTERM or SIGINT exits)");
         signals.until_stopped(std::future::pending::<()>()).await;
     }
+    shared.access_log.sync(Duration::from_secs(2));
     tracing::info!("exiting");
     Ok(())
 }
@@ -255,7 +262,9 @@ fn is_transient(e: &io::Error) -> bool {
 }
 
 /// Re-reads the config file; a bad one is logged and the old one stays.
+/// The access-log file is reopened either way (logrotate's postrotate).
 fn reload(shared: &Shared, path: Option<&Path>) {
+    shared.access_log.reopen();
     let Some(path) = path else {
         tracing::warn!("SIGHUP: running on the built-in config; nothing to reload");
         return;
@@ -302,6 +311,9 @@ fn load_compatible(shared: &Shared, path: &Path) -> anyhow::Result<Config> {
         if let Some(changed) = changed {
             return Err(restart(format!("listener[{i}] {:?}: {changed}", o.name)));
         }
+    }
+    if new.access_log != old.config.access_log {
+        return Err(restart("access_log (path, format)".into()));
     }
     let admin = |c: &Config| c.admin.as_ref().map(|a| a.bind);
     if admin(&new) != admin(&old.config) {

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::AccessLog;
 use crate::config::{self, Config};
 use crate::dataplane::DataPlanes;
 use crate::route::Router;
@@ -47,11 +48,14 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Connections open now, all listeners together.
     active: AtomicUsize,
+    /// Where each connection's record goes when it ends.
+    pub access_log: AccessLog,
 }
 
 impl Shared {
-    pub fn new(config: Config, planes: Arc<DataPlanes>) -> Shared {
+    pub fn new(config: Config, planes: Arc<DataPlanes>, access_log: AccessLog) -> Shared {
         Shared {
+            access_log,
             snapshot: RwLock::new(Arc::new(Snapshot::new(config))),
             planes,
             drain: CancellationToken::new(),

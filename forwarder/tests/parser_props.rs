@@ -10,7 +10,13 @@ use upsplice::handshake::rewrite::{rewrite, ClientInfo};
 const MAX: usize = 4096;
 
 fn client() -> ClientInfo<'static> {
-    ClientInfo { peer: "127.0.0.1".parse().unwrap(), trusted: false, forwarded_proto: "http", now_ms: 1 }
+    ClientInfo {
+        peer: "127.0.0.1".parse().unwrap(),
+        trusted: false,
+        forwarded_proto: "http",
+        now_ms: 1,
+        request_id: "r",
+    }
 }
 
 /// Requests that look like HTTP: a valid start, then mutated headers.

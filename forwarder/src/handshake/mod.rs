@@ -139,8 +139,17 @@ async fn negotiate<S: ClientStream>(
     let leftover = Bytes::copy_from_slice(&buf[request.head_len..]);
     drop(buf);
 
+    rec.method = Some(request.method.clone());
+    rec.target = Some(request.target.clone());
+    rec.proto = Some(if request.version == 0 { "HTTP/1.0" } else { "HTTP/1.1" });
+    let header = |name| head::values(&request.headers, name).next().map(|v| String::from_utf8_lossy(v).into_owned());
+    rec.user_agent = header("user-agent");
+    rec.referer = header("referer");
+
     let settings = snap.listener(listener);
+    let request_id = uuid::Uuid::new_v4().hyphenated().to_string();
     let client_info = ClientInfo {
+        request_id: &request_id,
         peer: peer.ip(),
         trusted: settings.trusted_cidrs.iter().any(|net| net.contains(&peer.ip())),
         forwarded_proto: settings.forwarded_proto(),
@@ -148,6 +157,9 @@ async fn negotiate<S: ClientStream>(
     };
     let fwd = rewrite::rewrite(&request, &client_info)?;
     rec.host = Some(fwd.host.clone());
+    rec.x_forwarded_for = Some(fwd.x_forwarded_for.clone());
+    rec.x_forwarded_proto = Some(fwd.x_forwarded_proto.clone());
+    rec.request_id = Some(fwd.request_id.clone());
     let route = snap.router.lookup(&fwd.host, &fwd.path).ok_or_else(|| Refusal::unknown_route(&fwd.host))?;
     rec.route = Some(route.name.clone());
     if route.route_service.is_some() {
@@ -166,6 +178,7 @@ async fn negotiate<S: ClientStream>(
     rec.backend = Some(guard.addr());
     backend.write_all(&fwd.head).await.map_err(|e| Refusal::endpoint_failure(format!("writing the request: {e}")))?;
     rec.to_backend += fwd.head.len() as u64;
+    rec.forwarded = Some(rec.started.elapsed());
 
     // The request body (if any) goes to the backend while its answer is
     // read: a backend may answer before the whole body (an early 413), or
@@ -189,6 +202,7 @@ async fn negotiate<S: ClientStream>(
         return Err(Stop::Gone("client_error"));
     }
     rec.to_client += response.head_len as u64;
+    rec.upgraded = Some(rec.started.elapsed());
     Ok(Agreed { backend, to_backend: after, to_client, status: response.status, guard })
 }
 
@@ -234,6 +248,7 @@ impl Stop {
                 let bytes = refusal.render();
                 rec.status = refusal.status;
                 rec.reason = refusal.reason;
+                rec.router_error = refusal.cf_error;
                 // Counted before the answer goes out: the client may act on it at once.
                 crate::metrics::outcome(
                     listener,
@@ -381,6 +396,7 @@ impl Exchange<'_> {
                     Ok(r) => r,
                     Err(e) => return Respond::HeadFailed(format!("backend response: {e}")),
                 };
+            rec.first_byte.get_or_insert_with(|| rec.started.elapsed());
             // Informational answers (100, 102, 103) go through; the final one follows.
             if (100..200).contains(&response.status) && response.status != 101 {
                 let info = rbuf.split_to(response.head_len);

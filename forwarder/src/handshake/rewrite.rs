@@ -9,7 +9,8 @@
 //!   address, anyone else's is replaced by it; `X-Forwarded-Proto`: a trusted
 //!   peer's value is kept, otherwise the listener's is set;
 //!   `X-Request-Start`: a trusted peer's is kept, otherwise milliseconds
-//!   since the epoch, as gorouter sets it;
+//!   since the epoch, as gorouter sets it; `X-Vcap-Request-Id`: a trusted
+//!   peer's is kept, otherwise a fresh UUID, as gorouter sets it;
 //! * the other headers that name the client, its scheme or its request
 //!   ([`UNTRUSTED_DROPPED`]: `Forwarded`, `X-Real-IP`, `X-Forwarded-Host`,
 //!   …) are kept from a trusted peer and removed from anyone else's
@@ -38,6 +39,9 @@ pub struct ClientInfo<'a> {
     pub trusted: bool,
     pub forwarded_proto: &'a str,
     pub now_ms: u128,
+    /// The `X-Vcap-Request-Id` to send when a trusted peer sent none (a
+    /// fresh UUID per request, as gorouter sets it).
+    pub request_id: &'a str,
 }
 
 /// A request ready to be routed and forwarded.
@@ -53,6 +57,11 @@ pub struct Forward {
     pub body: Body,
     /// The head to send to the backend.
     pub head: Vec<u8>,
+    /// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Vcap-Request-Id` as
+    /// sent (for the access log).
+    pub x_forwarded_for: String,
+    pub x_forwarded_proto: String,
+    pub request_id: String,
 }
 
 /// Headers never forwarded as they came.
@@ -163,9 +172,28 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
         Some(start) if client.trusted => push_header(&mut head, "X-Request-Start", start),
         _ => push_header(&mut head, "X-Request-Start", client.now_ms.to_string().as_bytes()),
     }
+    // A trusted proxy's request id stands (it is in the dropped list for
+    // anyone else); otherwise the router's, as gorouter sets one.
+    let sent_id = values(&req.headers, "x-vcap-request-id").map(|v| v.trim_ascii()).find(|v| !v.is_empty());
+    let request_id = match sent_id {
+        Some(id) if client.trusted => id,
+        _ => {
+            push_header(&mut head, "X-Vcap-Request-Id", client.request_id.as_bytes());
+            client.request_id.as_bytes()
+        }
+    };
     head.extend_from_slice(b"\r\n");
 
-    Ok(Forward { host, path: route_path, upgrade, body, head })
+    Ok(Forward {
+        host,
+        path: route_path,
+        upgrade,
+        body,
+        x_forwarded_for: String::from_utf8_lossy(&xff).into_owned(),
+        x_forwarded_proto: String::from_utf8_lossy(proto).into_owned(),
+        request_id: String::from_utf8_lossy(request_id).into_owned(),
+        head,
+    })
 }
 
 /// Response headers that concern one connection, never relayed.
@@ -314,7 +342,13 @@ mod tests {
     use super::*;
 
     fn client(trusted: bool) -> ClientInfo<'static> {
-        ClientInfo { peer: "192.0.2.7".parse().unwrap(), trusted, forwarded_proto: "https", now_ms: 1_700_000_000_123 }
+        ClientInfo {
+            peer: "192.0.2.7".parse().unwrap(),
+            trusted,
+            forwarded_proto: "https",
+            now_ms: 1_700_000_000_123,
+            request_id: "00000000-0000-4000-8000-000000000000",
+        }
     }
 
     fn fwd(raw: &str, trusted: bool) -> Result<Forward, Refusal> {
@@ -361,11 +395,12 @@ mod tests {
         let untrusted = head(&fwd(raw, false).unwrap());
         for claim in UNTRUSTED_DROPPED {
             let line = format!("\r\n{claim}:");
-            assert!(
-                !untrusted.to_ascii_lowercase().contains(&line),
-                "{claim} kept from an untrusted peer: {untrusted}"
-            );
+            let count = untrusted.to_ascii_lowercase().matches(&line).count();
+            // The router sets its own request id in place of the client's.
+            let own = usize::from(*claim == "x-vcap-request-id");
+            assert_eq!(count, own, "{claim} kept from an untrusted peer: {untrusted}");
         }
+        assert!(untrusted.contains("\r\nX-Vcap-Request-Id: 00000000-0000-4000-8000-000000000000\r\n"), "{untrusted}");
         assert!(untrusted.contains("\r\nX-Request-Start: 1700000000123\r\n"), "{untrusted}");
         assert!(untrusted.contains("\r\nX-Other: kept\r\n"), "{untrusted}");
         let trusted = head(&fwd(raw, true).unwrap());

@@ -1,0 +1,162 @@
+//! Where access records go: without `[access_log] path`, the diagnostic
+//! log (stderr, target `upsplice::access`, as key=value fields); with one,
+//! that file in the configured format, written by a thread of its own
+//! through a bounded queue, so a slow or full disk never blocks a
+//! connection: lines that do not fit are dropped and counted
+//! (`upsplice_access_log_dropped_total`). SIGHUP reopens the file (for
+//! logrotate's postrotate); the queue is flushed before the process exits.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::access::{AccessRecord, Format};
+
+/// Lines the queue holds before it drops (about 20 MB of lines at most).
+const QUEUE_LINES: usize = 65_536;
+/// How often the writer flushes and looks for a reopen while idle.
+const TICK: Duration = Duration::from_millis(200);
+
+/// The access log of the process.
+pub struct AccessLog {
+    sink: Sink,
+}
+
+enum Sink {
+    Trace,
+    File { tx: SyncSender<Msg>, format: Format, reopen: Arc<AtomicBool> },
+}
+
+enum Msg {
+    Line(String),
+    /// Flush, then say so.
+    Sync(mpsc::Sender<()>),
+}
+
+impl AccessLog {
+    /// The diagnostic log (no `[access_log] path`).
+    pub fn trace() -> AccessLog {
+        AccessLog { sink: Sink::Trace }
+    }
+
+    /// Opens (creates, appends to) `path` and starts its writer thread.
+    pub fn open(path: &Path, format: Format) -> io::Result<AccessLog> {
+        let file = open(path)?;
+        let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let writer =
+            Writer { path: path.to_path_buf(), out: BufWriter::new(file), reopen: reopen.clone(), failing: false };
+        std::thread::Builder::new().name("access-log".into()).spawn(move || writer.run(rx))?;
+        Ok(AccessLog { sink: Sink::File { tx, format, reopen } })
+    }
+
+    /// Logs `rec`; never waits for the disk.
+    pub fn write(&self, rec: &AccessRecord) {
+        match &self.sink {
+            Sink::Trace => rec.trace(),
+            Sink::File { tx, format, .. } => {
+                let line = rec.line(*format, rec.started.elapsed());
+                match tx.try_send(Msg::Line(line)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                        crate::metrics::get().access_log_dropped.inc();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reopens the file at its path (SIGHUP), on the writer thread.
+    pub fn reopen(&self) {
+        if let Sink::File { reopen, .. } = &self.sink {
+            reopen.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits (bounded) until every line queued so far is written.
+    pub fn sync(&self, within: Duration) {
+        if let Sink::File { tx, .. } = &self.sink {
+            let (done, wait) = mpsc::channel();
+            if tx.send(Msg::Sync(done)).is_ok() {
+                let _ = wait.recv_timeout(within);
+            }
+        }
+    }
+}
+
+fn open(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+struct Writer {
+    path: PathBuf,
+    out: BufWriter<File>,
+    reopen: Arc<AtomicBool>,
+    /// A write failed and was logged; the next failure is not.
+    failing: bool,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            match rx.recv_timeout(TICK) {
+                Ok(msg) => {
+                    self.take(msg);
+                    // Drain what queued meanwhile, then flush once.
+                    while let Ok(msg) = rx.try_recv() {
+                        self.take(msg);
+                    }
+                    self.flush();
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.flush();
+                    return;
+                }
+            }
+            if self.reopen.swap(false, Ordering::Relaxed) {
+                self.flush();
+                match open(&self.path) {
+                    Ok(file) => {
+                        self.out = BufWriter::new(file);
+                        tracing::info!("access log: reopened {}", self.path.display());
+                    }
+                    Err(e) => tracing::error!("access log: cannot reopen {}: {e}; writing on", self.path.display()),
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Line(line) => {
+                let written = self.out.write_all(line.as_bytes()).and_then(|()| self.out.write_all(b"\n"));
+                self.result(written);
+            }
+            Msg::Sync(done) => {
+                self.flush();
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let flushed = self.out.flush();
+        self.result(flushed);
+    }
+
+    fn result(&mut self, r: io::Result<()>) {
+        match r {
+            Ok(()) => self.failing = false,
+            Err(e) if !self.failing => {
+                self.failing = true;
+                tracing::error!("access log: writing {} failed: {e}", self.path.display());
+            }
+            Err(_) => {}
+        }
+    }
+}
