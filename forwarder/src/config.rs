@@ -117,6 +117,7 @@ pub struct AccessLogConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
+    #[serde(deserialize_with = "de_bind")]
     pub bind: SocketAddr,
 }
 
@@ -147,6 +148,7 @@ impl fmt::Display for Protocol {
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: String,
+    #[serde(deserialize_with = "de_bind")]
     pub bind: SocketAddr,
     pub protocol: Protocol,
     /// X-Forwarded-Proto set on requests that arrive here (http only;
@@ -217,17 +219,91 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
-/// Parses backend addresses: `IP:PORT`, with an error that says so.
-fn de_backends<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
-    Vec::<String>::deserialize(d)?
-        .iter()
-        .map(|s| {
-            s.parse::<SocketAddr>().map_err(|_| {
-                let why = if s.parse::<std::net::IpAddr>().is_ok() { " (the port is missing)" } else { "" };
-                serde::de::Error::custom(format!("{s:?}: expected IP:PORT, e.g. \"10.0.0.1:8080\"{why}"))
-            })
-        })
-        .collect()
+/// A pool's backends: `IP:PORT`, or `NAME:PORT` resolved when the config
+/// is loaded (at start and on every SIGHUP; a name that resolves to
+/// several addresses gives a backend each).
+#[derive(Debug, Clone, Default)]
+pub struct Backends {
+    addrs: Vec<SocketAddr>,
+    /// Each name as written and what it resolved to, for `check`.
+    pub resolved: Vec<(String, Vec<SocketAddr>)>,
+}
+
+impl FromIterator<SocketAddr> for Backends {
+    fn from_iter<I: IntoIterator<Item = SocketAddr>>(iter: I) -> Backends {
+        Backends { addrs: iter.into_iter().collect(), resolved: Vec::new() }
+    }
+}
+
+impl std::ops::Deref for Backends {
+    type Target = [SocketAddr];
+    fn deref(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+}
+
+impl<'de> Deserialize<'de> for Backends {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Backends, D::Error> {
+        let mut out = Backends::default();
+        for written in Vec::<String>::deserialize(d)? {
+            match resolve(&written).map_err(serde::de::Error::custom)? {
+                Resolved::Addr(a) => out.addrs.push(a),
+                Resolved::Name(addrs) => {
+                    out.addrs.extend(&addrs);
+                    out.resolved.push((written, addrs));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A socket address as written in the config.
+enum Resolved {
+    Addr(SocketAddr),
+    /// A `NAME:PORT`, resolved (at least one address).
+    Name(Vec<SocketAddr>),
+}
+
+/// `IP:PORT` as is, `NAME:PORT` through the system resolver, with errors
+/// that say which it was.
+fn resolve(written: &str) -> Result<Resolved, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = written.parse::<SocketAddr>() {
+        return Ok(Resolved::Addr(a));
+    }
+    let expected = "expected IP:PORT or NAME:PORT, e.g. \"10.0.0.1:8080\"";
+    if written.parse::<std::net::IpAddr>().is_ok()
+        || written.trim_start_matches('[').parse::<std::net::Ipv6Addr>().is_ok()
+    {
+        return Err(format!("{written:?}: {expected} (the port is missing)"));
+    }
+    let Some((name, port)) = written.rsplit_once(':') else {
+        return Err(format!("{written:?}: {expected} (the port is missing)"));
+    };
+    if name.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("{written:?}: {expected}"));
+    }
+    let mut addrs: Vec<SocketAddr> = written
+        .to_socket_addrs()
+        .map_err(|e| format!("{written:?}: cannot resolve {name:?} ({e}); names are resolved at load and on SIGHUP"))?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!("{written:?}: {name:?} resolves to no address"));
+    }
+    Ok(Resolved::Name(addrs))
+}
+
+/// A bind address: `IP:PORT`, or `NAME:PORT` resolved at load (its first
+/// address, IPv4 first).
+fn de_bind<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let written = String::deserialize(d)?;
+    match resolve(&written).map_err(serde::de::Error::custom)? {
+        Resolved::Addr(a) => Ok(a),
+        Resolved::Name(addrs) => Ok(addrs.iter().find(|a| a.is_ipv4()).copied().unwrap_or(addrs[0])),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -252,8 +328,8 @@ impl fmt::Display for Balance {
 #[serde(deny_unknown_fields)]
 pub struct Pool {
     pub name: String,
-    #[serde(default, deserialize_with = "de_backends")]
-    pub backends: Vec<SocketAddr>,
+    #[serde(default)]
+    pub backends: Backends,
     #[serde(default)]
     pub balance: Balance,
 }
@@ -490,6 +566,10 @@ impl Config {
         for p in &self.pools {
             let backends: Vec<String> = p.backends.iter().map(|b| b.to_string()).collect();
             let _ = writeln!(s, "  {:<12} {} [{}]", p.name, p.balance, backends.join(", "));
+            for (name, addrs) in &p.backends.resolved {
+                let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                let _ = writeln!(s, "  {:<12} {name} resolved to {}", "", addrs.join(", "));
+            }
         }
         let _ = writeln!(s, "routes ({}):", self.routes.len());
         for r in &self.routes {
@@ -620,7 +700,7 @@ pool = "chat"
             ),
             (
                 BASE.replace("127.0.0.1:9001", "10.0.0.1"),
-                "\"10.0.0.1\": expected IP:PORT, e.g. \"10.0.0.1:8080\" (the port is missing)",
+                "\"10.0.0.1\": expected IP:PORT or NAME:PORT, e.g. \"10.0.0.1:8080\" (the port is missing)",
             ),
             (
                 format!("[limits]\nmax_header_bytes = 100000000000\n{BASE}"),
@@ -668,5 +748,19 @@ pool = "chat"
         let line = e.one_line();
         assert!(!line.contains('\n') && line.starts_with("t.toml: TOML parse error at line"), "{line}");
         assert!(line.contains("unknown field `colour`"), "{line}");
+    }
+
+    #[test]
+    fn names_resolve_at_load_for_backends_and_binds() {
+        let c = parse(&BASE.replace("127.0.0.1:9001", "localhost:9001").replace("127.0.0.1:8080", "localhost:8080"))
+            .unwrap();
+        assert!(c.pools[0].backends.contains(&"127.0.0.1:9001".parse().unwrap()), "{:?}", c.pools[0].backends);
+        assert_eq!(c.pools[0].backends.resolved[0].0, "localhost:9001");
+        assert_eq!(c.listeners[0].bind, "127.0.0.1:8080".parse().unwrap());
+        assert!(c.summary().contains("localhost:9001 resolved to "), "{}", c.summary());
+        let e = parse(&BASE.replace("127.0.0.1:9001", "no-such-host.invalid:9001")).unwrap_err().to_string();
+        assert!(e.contains("cannot resolve \"no-such-host.invalid\"") && e.contains("at load and on SIGHUP"), "{e}");
+        let e = parse(&BASE.replace("127.0.0.1:9001", "db:http")).unwrap_err().to_string();
+        assert!(e.contains("expected IP:PORT or NAME:PORT"), "{e}");
     }
 }

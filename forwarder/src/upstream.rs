@@ -155,7 +155,7 @@ mod tests {
         drop(dead);
         let p = Pool::new(&config::Pool {
             name: "p".into(),
-            backends: vec![dead_addr, live.local_addr().unwrap()],
+            backends: [dead_addr, live.local_addr().unwrap()].into_iter().collect(),
             balance: Balance::RoundRobin,
         });
         let (_s, guard) = p.connect(Duration::from_secs(1)).await.unwrap();
