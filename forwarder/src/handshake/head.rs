@@ -96,25 +96,34 @@ pub fn parse_request_with(buf: &[u8], max: usize, max_headers: usize) -> Result<
     }
     with_header_slots(max_headers, |slots| {
         let mut req = httparse::Request::new(slots);
-        match req.parse(buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                if head_len > max {
-                    return Err(HeadError::TooLarge(max));
-                }
-                Ok(Some(Request {
-                    method: req.method.unwrap_or_default().to_string(),
-                    target: req.path.unwrap_or_default().to_string(),
-                    version: req.version.unwrap_or(1),
-                    headers: own_headers(req.headers),
-                    head_len,
-                }))
-            }
-            Ok(httparse::Status::Partial) if buf.len() >= max => Err(HeadError::TooLarge(max)),
-            Ok(httparse::Status::Partial) => Ok(None),
-            Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders(max_headers)),
-            Err(e) => Err(HeadError::Malformed(e.to_string())),
-        }
+        let parsed = req.parse(buf);
+        outcome(parsed, buf.len(), max, max_headers, |head_len| Request {
+            method: req.method.unwrap_or_default().to_string(),
+            target: req.path.unwrap_or_default().to_string(),
+            version: req.version.unwrap_or(1),
+            headers: own_headers(req.headers),
+            head_len,
+        })
     })
+}
+
+/// What httparse's answer means for a head read so far (`len` bytes):
+/// complete (and within `max`), not yet, or an error.
+fn outcome<T>(
+    parsed: httparse::Result<usize>,
+    len: usize,
+    max: usize,
+    max_headers: usize,
+    complete: impl FnOnce(usize) -> T,
+) -> Result<Option<T>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(head_len)) if head_len > max => Err(HeadError::TooLarge(max)),
+        Ok(httparse::Status::Complete(head_len)) => Ok(Some(complete(head_len))),
+        Ok(httparse::Status::Partial) if len >= max => Err(HeadError::TooLarge(max)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders(max_headers)),
+        Err(e) => Err(HeadError::Malformed(e.to_string())),
+    }
 }
 
 /// Runs `parse` with `n` empty header slots: on the stack up to
@@ -133,20 +142,14 @@ fn with_header_slots<'b, T>(n: usize, parse: impl FnOnce(&mut [httparse::Header<
 pub fn parse_response(buf: &[u8], max: usize) -> Result<Option<Response>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
-        Ok(httparse::Status::Complete(head_len)) if head_len > max => Err(HeadError::TooLarge(max)),
-        Ok(httparse::Status::Complete(head_len)) => Ok(Some(Response {
-            version: resp.version.unwrap_or(1),
-            status: resp.code.unwrap_or(0),
-            reason: resp.reason.unwrap_or_default().to_string(),
-            headers: own_headers(resp.headers),
-            head_len,
-        })),
-        Ok(httparse::Status::Partial) if buf.len() >= max => Err(HeadError::TooLarge(max)),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders(MAX_HEADERS)),
-        Err(e) => Err(HeadError::Malformed(e.to_string())),
-    }
+    let parsed = resp.parse(buf);
+    outcome(parsed, buf.len(), max, MAX_HEADERS, |head_len| Response {
+        version: resp.version.unwrap_or(1),
+        status: resp.code.unwrap_or(0),
+        reason: resp.reason.unwrap_or_default().to_string(),
+        headers: own_headers(resp.headers),
+        head_len,
+    })
 }
 
 /// How reading a head from a socket ended without a head.
