@@ -1,6 +1,7 @@
 //! The control plane's per-connection work on a realistic ~500-byte
 //! WebSocket upgrade request: parse the head, rewrite it, route it.
-//! `cargo bench -p upsplice-benches` — throughput is in bytes of request head.
+//! `cargo bench -p upsplice-benches --bench handshake` — throughput is in
+//! bytes of request head.
 
 use std::hint::black_box;
 use std::path::Path;

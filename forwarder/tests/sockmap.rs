@@ -6,6 +6,9 @@
 //! (shared/notes/dataplanes.md): `bytes_queued_before_handoff_*` (stall and
 //! deadlock), `fin_right_after_bulk_*` (FIN race) and `stalled_reader_*`
 //! (unbounded psock queue).
+//!
+//! The plane's throughput and CPU against copy is a benchmark:
+//! `cargo bench -p upsplice-benches --bench bulk`.
 
 mod common;
 
@@ -691,38 +694,9 @@ async fn checksummed_64_mib_both_ways() {
     assert_eq!((after_up - before_up, after_down - before_down), by_sockmap, "per-CPU counters");
 }
 
-/// Machine-wide busy CPU time so far (all cores, /proc/stat), in seconds.
-fn machine_cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = stat.lines().next().unwrap_or_default();
-    // cpu user nice system idle iowait irq softirq steal ...
-    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
-    let busy = f.first().unwrap_or(&0)
-        + f.get(1).unwrap_or(&0)
-        + f.get(2).unwrap_or(&0)
-        + f.get(5).unwrap_or(&0)
-        + f.get(6).unwrap_or(&0)
-        + f.get(7).unwrap_or(&0);
-    busy as f64 / 100.0 // USER_HZ
-}
-
-/// This process's CPU time so far (user + system, all threads), in seconds.
-fn process_cpu_secs() -> f64 {
-    // SAFETY: getrusage writes one rusage into the zeroed struct.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        u
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
-}
-
 /// Sends `len` bytes from `tx` to `rx` (256 KiB writes and reads), checking
-/// every byte on arrival; returns (seconds, process CPU seconds, machine
-/// CPU seconds).
-async fn bulk(mut tx: TcpStream, mut rx: TcpStream, len: usize) -> (f64, f64, f64) {
-    let (t0, p0, m0) = (Instant::now(), process_cpu_secs(), machine_cpu_secs());
+/// every byte on arrival.
+async fn bulk(mut tx: TcpStream, mut rx: TcpStream, len: usize) {
     let sender = tokio::spawn(async move {
         let mut chunk = vec![0u8; 256 * 1024];
         let mut sent = 0;
@@ -748,10 +722,7 @@ async fn bulk(mut tx: TcpStream, mut rx: TcpStream, len: usize) -> (f64, f64, f6
         got += n;
     }
     assert_eq!(got, len);
-    let elapsed = t0.elapsed().as_secs_f64();
-    let (p1, m1) = (process_cpu_secs(), machine_cpu_secs());
     drop(sender.await.unwrap());
-    (elapsed, p1 - p0, m1 - m0)
 }
 
 /// One direction at full speed against a 4 MiB queue bound, so the plane
@@ -781,60 +752,6 @@ async fn sustained_backpressure_keeps_every_byte_once() {
         eprintln!("round {round}: {mib} MiB intact; {trimmed} repeated bytes trimmed in the kernel");
         if trimmed > 0 {
             break;
-        }
-    }
-}
-
-/// Measurement, not a check (run with --release --ignored --nocapture):
-/// one tunnel's bulk throughput through sockmap, and through the copy
-/// plane, against a direct loopback connection, with CPU per GiB.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement; run explicitly in a release build"]
-async fn measure_bulk_throughput_and_cpu() {
-    let limit_mib: u64 = std::env::var("UPSPLICE_BENCH_LIMIT_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
-    let cfg = Settings { sockmap_queue_limit: limit_mib << 20, ..Settings::default() };
-    let Some(plane) = plane_with(&cfg) else { return };
-    let len: usize = std::env::var("UPSPLICE_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048) * MIB;
-    let copy = CopyPlane::new(&Settings::default());
-    let gib = len as f64 / (1u64 << 30) as f64;
-    for round in 0..3 {
-        let (far, near) = pair().await;
-        let direct = timeout(Duration::from_secs(120), bulk(far, near, len)).await.expect("direct in time");
-
-        let (client_peer, backend_peer, t) = setup(b"", b"").await;
-        let user_before = plane.bytes_by_userspace().0;
-        let (sockmap, outcome) = timeout(Duration::from_secs(120), async {
-            let (client_peer, backend_peer) = (client_peer, backend_peer);
-            let relay = relay(&plane, t);
-            tokio::pin!(relay);
-            // The relay has to run alongside; bulk() needs both ends owned.
-            let measured = bulk(client_peer, backend_peer, len);
-            tokio::join!(measured, relay)
-        })
-        .await
-        .expect("sockmap in time");
-        assert_eq!(outcome.to_backend as usize, len);
-        let by_user = plane.bytes_by_userspace().0 - user_before;
-        eprintln!(
-            "round {round} sockmap queue limit {limit_mib} MiB: {:.1}% of the bytes went through userspace (paused)",
-            by_user as f64 * 100.0 / len as f64
-        );
-
-        let (client_peer, backend_peer, t) = setup(b"", b"").await;
-        let (copied, _) = timeout(Duration::from_secs(120), async {
-            tokio::join!(bulk(client_peer, backend_peer, len), copy.relay(t))
-        })
-        .await
-        .expect("copy in time");
-
-        for (name, (secs, pcpu, mcpu)) in [("direct", direct), ("sockmap", sockmap), ("copy", copied)] {
-            eprintln!(
-                "round {round} {name:8} {:7.0} MiB/s  ratio {:.2}  process CPU {:.2} s/GiB  machine CPU {:.2} s/GiB",
-                len as f64 / MIB as f64 / secs,
-                direct.0 / secs,
-                pcpu / gib,
-                mcpu / gib
-            );
         }
     }
 }
