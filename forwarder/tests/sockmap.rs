@@ -12,15 +12,15 @@
 
 mod common;
 
-use common::{check_offset_words, offset_words, pattern};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::plane::{recv_stream, send_stream, setup, stream_bytes};
+use common::{check_offset_words, offset_words, pattern};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 
 use upsplice::dataplane::copy::CopyPlane;
 use upsplice::dataplane::sockmap::{self, SockmapPlane};
@@ -28,6 +28,8 @@ use upsplice::dataplane::Settings;
 use upsplice::dataplane::{CloseReason, Mode, Outcome, Tunnel};
 
 const MIB: usize = 1024 * 1024;
+/// Idle timeout of the tests' tunnels: longer than any test.
+const IDLE: Duration = Duration::from_secs(30);
 
 fn plane_with(cfg: &Settings) -> Option<SockmapPlane> {
     let _ = tracing_subscriber::fmt()
@@ -46,77 +48,10 @@ fn plane() -> Option<SockmapPlane> {
     plane_with(&Settings::default())
 }
 
-/// A connected loopback pair: (the far end a test drives, the end a tunnel holds).
-async fn pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (far, near) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    (far.unwrap(), near.unwrap().0)
-}
-
-/// (client peer, backend peer, tunnel between them).
-async fn setup(to_backend: &[u8], to_client: &[u8]) -> (TcpStream, TcpStream, Tunnel) {
-    let (client_peer, client) = pair().await;
-    let (backend_peer, backend) = pair().await;
-    let t = Tunnel {
-        client,
-        backend,
-        to_backend: Bytes::copy_from_slice(to_backend),
-        to_client: Bytes::copy_from_slice(to_client),
-        idle_timeout: Duration::from_secs(30),
-        drain: CancellationToken::new(),
-    };
-    (client_peer, backend_peer, t)
-}
-
-/// Writes `len` pattern bytes in chunks, then FIN; returns their hash.
-async fn send(mut s: impl AsyncWriteExt + Unpin, seed: u64, len: usize) -> [u8; 32] {
-    let mut hash = Sha256::new();
-    let mut sent = 0;
-    let mut chunk_seed = seed;
-    while sent < len {
-        let n = (len - sent).min(256 * 1024);
-        let chunk = pattern(chunk_seed, n);
-        chunk_seed += 1;
-        s.write_all(&chunk).await.expect("send");
-        hash.update(&chunk);
-        sent += n;
-    }
-    s.shutdown().await.expect("FIN");
-    hash.finalize().into()
-}
-
-/// Reads to EOF; returns (length, hash).
-async fn recv(mut s: impl AsyncReadExt + Unpin) -> (usize, [u8; 32]) {
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0;
-    loop {
-        let n = s.read(&mut buf).await.expect("recv");
-        if n == 0 {
-            return (total, hash.finalize().into());
-        }
-        hash.update(&buf[..n]);
-        total += n;
-    }
-}
-
 /// Reads to EOF; returns everything received.
 async fn recv_all(mut s: impl AsyncReadExt + Unpin) -> Vec<u8> {
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.expect("recv");
-    out
-}
-
-/// `prefix` followed by what `send(seed, len)` sends.
-fn expected_bytes(prefix: &[u8], seed: u64, len: usize) -> Vec<u8> {
-    let mut out = prefix.to_vec();
-    let mut chunk_seed = seed;
-    while out.len() < prefix.len() + len {
-        let n = (prefix.len() + len - out.len()).min(256 * 1024);
-        out.extend_from_slice(&pattern(chunk_seed, n));
-        chunk_seed += 1;
-    }
     out
 }
 
@@ -141,9 +76,9 @@ fn divergence(want: &[u8], got: &[u8]) -> Option<String> {
     })
 }
 
-/// Hash of `prefix` followed by what `send(seed, len)` sends.
+/// Hash of `prefix` followed by what `send_stream(seed, len)` sends.
 fn expected(prefix: &[u8], seed: u64, len: usize) -> [u8; 32] {
-    Sha256::digest(expected_bytes(prefix, seed, len)).into()
+    Sha256::digest(stream_bytes(prefix, seed, len)).into()
 }
 
 /// Relays `t` on `plane`; a tunnel the plane hands back — it stepped aside
@@ -219,13 +154,13 @@ async fn leftovers_first_then_everything_in_order_at_full_speed() {
     for round in 0..3u64 {
         let head_up = pattern(100 + round, 3000);
         let head_down = pattern(200 + round, 5000);
-        let (client_peer, backend_peer, t) = setup(&head_up, &head_down).await;
+        let (client_peer, backend_peer, t) = setup(&head_up, &head_down, IDLE).await;
         let (c_rd, c_wr) = client_peer.into_split();
         let (b_rd, b_wr) = backend_peer.into_split();
         let len = 16 * MIB;
         // Both peers start sending before the handoff and keep going.
-        let up_tx = tokio::spawn(send(c_wr, 1 + round, len));
-        let down_tx = tokio::spawn(send(b_wr, 2 + round, len));
+        let up_tx = tokio::spawn(send_stream(c_wr, 1 + round, len));
+        let down_tx = tokio::spawn(send_stream(b_wr, 2 + round, len));
         tokio::time::sleep(Duration::from_millis(5)).await;
         let up_rx = tokio::spawn(recv_all(b_rd));
         let down_rx = tokio::spawn(recv_all(c_rd));
@@ -234,8 +169,8 @@ async fn leftovers_first_then_everything_in_order_at_full_speed() {
         down_tx.await.unwrap();
         let (up, down) = (up_rx.await.unwrap(), down_rx.await.unwrap());
         let (up_len, down_len) = (up.len(), down.len());
-        let up_diff = divergence(&expected_bytes(&head_up, 1 + round, len), &up);
-        let down_diff = divergence(&expected_bytes(&head_down, 2 + round, len), &down);
+        let up_diff = divergence(&stream_bytes(&head_up, 1 + round, len), &up);
+        let down_diff = divergence(&stream_bytes(&head_down, 2 + round, len), &down);
         assert!(
             up_diff.is_none() && down_diff.is_none(),
             "round {round}: {outcome:?}; to backend: {up_diff:?}; to client: {down_diff:?}"
@@ -254,7 +189,7 @@ async fn bytes_queued_before_handoff_are_not_stalled() {
         return;
     }
     for _ in 0..10 {
-        let (mut client_peer, mut backend_peer, t) = setup(b"", b"HTTP-101-tail;").await;
+        let (mut client_peer, mut backend_peer, t) = setup(b"", b"HTTP-101-tail;", IDLE).await;
         backend_peer.write_all(b"hello").await.unwrap();
         // Let the segment land in the tunnel socket's receive queue.
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -295,7 +230,7 @@ fn shared_plane() -> Option<&'static SockmapPlane> {
 async fn partly_read_segment_is_not_sent_twice() {
     let Some(plane) = plane() else { return };
     for round in 0..5u64 {
-        let (mut client_peer, backend_peer, mut t) = setup(b"", b"").await;
+        let (mut client_peer, backend_peer, mut t) = setup(b"", b"", IDLE).await;
         let request = pattern(300 + round, 60_000);
         // One write: on loopback one segment (64 KiB MSS).
         client_peer.write_all(&request).await.unwrap();
@@ -313,7 +248,7 @@ async fn partly_read_segment_is_not_sent_twice() {
             tokio::join!(relay(&plane, t), async {
                 let (rd, wr) = backend_peer.into_split();
                 drop(wr);
-                recv(rd).await
+                recv_stream(rd).await
             })
         })
         .await
@@ -330,16 +265,16 @@ async fn partly_read_segment_is_not_sent_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_queued_before_handoff_fill_the_buffer_and_still_flow() {
     let Some(plane) = plane() else { return };
-    let (client_peer, backend_peer, t) = setup(b"", b"").await;
+    let (client_peer, backend_peer, t) = setup(b"", b"", IDLE).await;
     let len = 8 * MIB;
     let (_b_rd, b_wr) = backend_peer.into_split();
-    let tx = tokio::spawn(send(b_wr, 7, len));
+    let tx = tokio::spawn(send_stream(b_wr, 7, len));
     // Until the backend is blocked: the tunnel socket's buffer is full.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!tx.is_finished(), "8 MiB should not fit in socket buffers");
     // recv drops the client peer after EOF, which closes the other way.
     let (outcome, (got, hash)) =
-        timeout(Duration::from_secs(20), async { tokio::join!(relay(&plane, t), recv(client_peer)) })
+        timeout(Duration::from_secs(20), async { tokio::join!(relay(&plane, t), recv_stream(client_peer)) })
             .await
             .expect("all queued bytes arrive (no deadlock)");
     tx.await.unwrap();
@@ -357,11 +292,11 @@ async fn bytes_queued_before_handoff_fill_the_buffer_and_still_flow() {
 async fn fin_right_after_bulk_loses_nothing_and_half_close_works() {
     let Some(plane) = plane() else { return };
     for round in 0..3u64 {
-        let (client_peer, mut backend_peer, t) = setup(b"", b"").await;
+        let (client_peer, mut backend_peer, t) = setup(b"", b"", IDLE).await;
         let ports = (t.client.local_addr().unwrap().port(), t.backend.local_addr().unwrap().port());
         let (mut c_rd, c_wr) = client_peer.into_split();
         let len = 64 * MIB;
-        let tx = tokio::spawn(send(c_wr, 10 + round, len));
+        let tx = tokio::spawn(send_stream(c_wr, 10 + round, len));
         let backend_side = async move {
             // Read everything up to FIN, then answer and close.
             let mut hash = Sha256::new();
@@ -405,7 +340,7 @@ async fn fin_right_after_bulk_loses_nothing_and_half_close_works() {
 async fn every_close_order_ends_the_tunnel() {
     let Some(plane) = shared_plane() else { return };
     for i in 0..60 {
-        let (mut client, mut server, t) = setup(b"", b"").await;
+        let (mut client, mut server, t) = setup(b"", b"", IDLE).await;
         let relay = tokio::spawn(async move { relay(plane, t).await });
         client.write_all(b"data").await.unwrap();
         let mut buf = [0u8; 4];
@@ -444,7 +379,7 @@ async fn every_close_order_ends_the_tunnel() {
 async fn reset_is_propagated() {
     let Some(plane) = plane() else { return };
     for client_resets in [true, false] {
-        let (mut client_peer, mut backend_peer, t) = setup(b"", b"").await;
+        let (mut client_peer, mut backend_peer, t) = setup(b"", b"", IDLE).await;
         let relay = plane.relay(t);
         let drive = async {
             client_peer.write_all(b"abc").await.unwrap();
@@ -474,7 +409,7 @@ async fn reset_is_propagated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_that_got_fin_is_rejected_untouched_and_falls_back() {
     let Some(plane) = plane() else { return };
-    let (mut client_peer, mut backend_peer, t) = setup(b"pipelined", b"tail").await;
+    let (mut client_peer, mut backend_peer, t) = setup(b"pipelined", b"tail", IDLE).await;
     client_peer.write_all(b"+more").await.unwrap();
     client_peer.shutdown().await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -535,7 +470,7 @@ async fn stalled_reader_is_bounded_and_resumes() {
         return;
     };
     let plane = std::sync::Arc::new(plane);
-    let (client_peer, backend_peer, t) = setup(b"", b"").await;
+    let (client_peer, backend_peer, t) = setup(b"", b"", IDLE).await;
     let (c_rd, mut c_wr) = client_peer.into_split();
     let mem_before = mem_available_kib();
     let stall = Duration::from_secs(3);
@@ -590,7 +525,7 @@ async fn stalled_reader_is_bounded_and_resumes() {
     let bound = 2 * tcp_buffer_max("tcp_rmem") + 2 * tcp_buffer_max("tcp_wmem") + 3 * 4 * MIB;
     assert!(during_stall < bound, "client wrote {during_stall} bytes into a stalled tunnel (bound {bound})");
     let (received, hash) =
-        timeout(Duration::from_secs(30), recv(backend_peer)).await.expect("everything arrives after the stall");
+        timeout(Duration::from_secs(30), recv_stream(backend_peer)).await.expect("everything arrives after the stall");
     let (written, _, sent_hash) = writer.await.unwrap();
     drop(c_rd);
     let grown_mib = mem_before.saturating_sub(mem_stalled) / 1024;
@@ -614,7 +549,7 @@ async fn stalled_reader_is_bounded_and_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_counts_kernel_bytes() {
     let Some(plane) = plane() else { return };
-    let (mut client_peer, mut backend_peer, mut t) = setup(b"", b"").await;
+    let (mut client_peer, mut backend_peer, mut t) = setup(b"", b"", IDLE).await;
     t.idle_timeout = Duration::from_millis(300);
     let start = Instant::now();
     let relay = plane.relay(t);
@@ -640,10 +575,10 @@ async fn idle_timeout_counts_kernel_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_closes_at_once() {
     let Some(plane) = plane() else { return };
-    let (client_peer, backend_peer, t) = setup(b"", b"").await;
+    let (client_peer, backend_peer, t) = setup(b"", b"", IDLE).await;
     let drain = t.drain.clone();
     let (_c_rd, c_wr) = client_peer.into_split();
-    let _tx = tokio::spawn(send(c_wr, 3, 1 << 30));
+    let _tx = tokio::spawn(send_stream(c_wr, 3, 1 << 30));
     let rx = tokio::spawn(async move {
         let mut s = backend_peer;
         let mut buf = vec![0u8; 256 * 1024];
@@ -671,13 +606,19 @@ async fn drain_closes_at_once() {
 async fn checksummed_64_mib_both_ways() {
     let Some(plane) = plane() else { return };
     let (before_up, before_down) = plane.bytes_relayed();
-    let (client_peer, backend_peer, t) = setup(b"head-up", b"head-down").await;
+    let (client_peer, backend_peer, t) = setup(b"head-up", b"head-down", IDLE).await;
     let (c_rd, c_wr) = client_peer.into_split();
     let (b_rd, b_wr) = backend_peer.into_split();
     let len = 64 * MIB;
     let ((outcome, by_sockmap), _, _, (up_len, up_hash), (down_len, down_hash)) =
         timeout(Duration::from_secs(60), async {
-            tokio::join!(relay_parts(&plane, t), send(c_wr, 41, len), send(b_wr, 42, len), recv(b_rd), recv(c_rd))
+            tokio::join!(
+                relay_parts(&plane, t),
+                send_stream(c_wr, 41, len),
+                send_stream(b_wr, 42, len),
+                recv_stream(b_rd),
+                recv_stream(c_rd)
+            )
         })
         .await
         .expect("64 MiB both ways in time");
@@ -741,7 +682,7 @@ async fn sustained_backpressure_keeps_every_byte_once() {
     let mib: usize = std::env::var("UPSPLICE_SUSTAINED_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
     for round in 0..3 {
         let trimmed_before = plane.bytes_trimmed();
-        let (client_peer, backend_peer, t) = setup(b"", b"").await;
+        let (client_peer, backend_peer, t) = setup(b"", b"", IDLE).await;
         let (_, outcome) = timeout(Duration::from_secs(240), async {
             tokio::join!(bulk(client_peer, backend_peer, mib * MIB), relay(&plane, t))
         })
@@ -921,7 +862,7 @@ async fn send_for(
 async fn stepping_aside_with_the_fin_queued_loses_nothing() {
     let Some(plane) = shared_plane() else { return };
     for round in 0..3u64 {
-        let (client_peer, backend_peer, t) = setup(b"", b"").await;
+        let (client_peer, backend_peer, t) = setup(b"", b"", IDLE).await;
         let relay = tokio::spawn(async move { relay(plane, t).await });
         let (c_rd, c_wr) = client_peer.into_split();
         let writer = tokio::spawn(send_for(c_wr, 400 + round, Duration::from_millis(700), None));
@@ -972,7 +913,7 @@ async fn the_node_wide_bound_caps_what_tunnels_hold() {
         let mut relays = Vec::new();
         let mut ends = Vec::new();
         for i in 0..4u64 {
-            let (client_peer, backend_peer, t) = setup(b"", b"").await;
+            let (client_peer, backend_peer, t) = setup(b"", b"", IDLE).await;
             let plane = plane.clone();
             relays.push(tokio::spawn(async move { relay(&plane, t).await }));
             let (c_rd, c_wr) = client_peer.into_split();
@@ -988,7 +929,8 @@ async fn the_node_wide_bound_caps_what_tunnels_hold() {
         held_at.push(held);
         assert_eq!(reset, 0);
         for (writer, backend_peer, c_rd) in ends {
-            let (len, hash) = timeout(Duration::from_secs(60), recv(backend_peer)).await.expect("all bytes arrive");
+            let (len, hash) =
+                timeout(Duration::from_secs(60), recv_stream(backend_peer)).await.expect("all bytes arrive");
             assert_eq!((len, hash), writer.await.unwrap());
             drop(c_rd);
         }
