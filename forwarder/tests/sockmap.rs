@@ -3,9 +3,11 @@
 //! when `sockmap::probe()` says this build or kernel cannot run the plane.
 //!
 //! Regression tests for the three failure modes reproduced on this kernel
-//! (shared/notes/dataplanes.md): `bytes_queued_before_handoff_*` (stall and
-//! deadlock), `fin_right_after_bulk_*` (FIN race) and `stalled_reader_*`
-//! (unbounded psock queue).
+//! (`docs/kernels.md`, "sockmap"; the handoff steps in
+//! `forwarder/src/dataplane/sockmap/tunnel.rs` say which step prevents
+//! which): `bytes_queued_before_handoff_*` (stall and deadlock),
+//! `fin_right_after_bulk_*` (FIN race) and `stalled_reader_*` (unbounded
+//! psock queue).
 //!
 //! The plane's throughput and CPU against copy is a benchmark:
 //! `cargo bench -p upsplice-benches --bench bulk`.
