@@ -139,6 +139,9 @@ pub struct OutputArgs {
     /// Write an SVG plot of latency by percentile.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Name of this run, kept in the JSON summary; `plot` labels its curves with it.
+    #[arg(long)]
+    pub label: Option<String>,
 }
 
 /// Host header and request path of `ws` upgrades and `http` requests.

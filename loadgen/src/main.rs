@@ -181,7 +181,7 @@ fn load(l: &LoadArgs, p: Plan) -> anyhow::Result<ExitCode> {
     let (mut summary, out) = drive(&p);
     summary.watch = Some(w.finish());
     let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
-    finish(&l.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)
+    finish(&l.out, summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)
 }
 
 fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
@@ -267,17 +267,19 @@ fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
     summary.watch = Some(w.finish());
     summary.search = Some(stats);
     let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
-    let code = finish(&l.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)?;
+    let code = finish(&l.out, summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)?;
     Ok(if found { code } else { ExitCode::from(1) })
 }
 
 fn finish(
     args: &upsplice_loadgen::cli::OutputArgs,
-    summary: &report::Summary,
+    mut summary: report::Summary,
     rec: &Recorder,
     uncorrected: Option<&hdrhistogram::Histogram<u64>>,
     intervals: &[hlog::Interval],
 ) -> anyhow::Result<ExitCode> {
+    summary.label.clone_from(&args.label);
+    let summary = &summary;
     print!("{}", report::render(summary));
     for p in &summary.problems {
         eprintln!("upsplice-loadgen: WARNING: {p}");
@@ -319,7 +321,7 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
     };
     let mut summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
     summary.watch = Some(w.finish());
-    finish(&l.out, &summary, &rec, None, &[])
+    finish(&l.out, summary, &rec, None, &[])
 }
 
 /// What `hold` and `churn` share: the upgrade target, message size,
@@ -389,7 +391,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
     let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
     summary.hold = Some(report::HoldStats { fd_limit, ..out.stats });
     summary.watch = Some(w.finish());
-    finish(&c.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
+    finish(&c.out, summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
 }
 
 fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
@@ -430,7 +432,7 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
     let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
     summary.churn = Some(out.stats);
     summary.watch = Some(w.finish());
-    finish(&c.out, &summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
+    finish(&c.out, summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
 }
 
 fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
@@ -458,31 +460,51 @@ fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
         ..RunInfo::default()
     };
     let summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
-    finish(&a.out, &summary, &rec, None, &intervals)
+    finish(&a.out, summary, &rec, None, &intervals)
 }
 
 fn plot_files(a: PlotArgs) -> anyhow::Result<ExitCode> {
-    let mut series = Vec::new();
+    /// One file's curves before they are named.
+    enum Run {
+        Summary(Box<report::Summary>),
+        Log(hdrhistogram::Histogram<u64>),
+    }
+    let mut runs = Vec::new();
     for f in &a.files {
-        let name = f.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
         if text.trim_ascii_start().starts_with(b"{") {
             let s: report::Summary =
                 serde_json::from_slice(&text).with_context(|| format!("parsing {}", f.display()))?;
-            series.push(Series {
-                label: format!("{name} corrected"),
-                histogram: report::decode_histogram(&s.histograms.corrected)?,
-                dashed: false,
-            });
-            series.push(Series {
-                label: format!("{name} uncorrected"),
-                histogram: report::decode_histogram(&s.histograms.uncorrected)?,
-                dashed: true,
-            });
+            runs.push(Run::Summary(Box::new(s)));
         } else {
             let log = hlog::read(&text).with_context(|| format!("parsing {}", f.display()))?;
-            let (_, total) = hlog::merge(&[log]);
-            series.push(Series { label: name, histogram: total, dashed: false });
+            runs.push(Run::Log(hlog::merge(&[log]).1));
+        }
+    }
+    let own: Vec<Option<&str>> = runs
+        .iter()
+        .map(|r| match r {
+            Run::Summary(s) => s.label.as_deref(),
+            Run::Log(_) => None,
+        })
+        .collect();
+    let names = plot::run_names(&a.files, &own);
+    let mut series = Vec::new();
+    for (run, name) in runs.into_iter().zip(names) {
+        match run {
+            Run::Summary(s) => {
+                series.push(Series {
+                    label: format!("{name} corrected"),
+                    histogram: report::decode_histogram(&s.histograms.corrected)?,
+                    dashed: false,
+                });
+                series.push(Series {
+                    label: format!("{name} uncorrected"),
+                    histogram: report::decode_histogram(&s.histograms.uncorrected)?,
+                    dashed: true,
+                });
+            }
+            Run::Log(histogram) => series.push(Series { label: name, histogram, dashed: false }),
         }
     }
     std::fs::write(&a.output, plot::render(&a.title, &series))

@@ -3,6 +3,7 @@
 
 use hdrhistogram::Histogram;
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
 /// One curve: a label and a histogram in µs.
 #[derive(Debug, Clone)]
@@ -142,6 +143,36 @@ pub fn render(title: &str, series: &[Series]) -> String {
     o
 }
 
+/// Legend names of the runs read from `files`: a run's own label (`--label`,
+/// `own[i]`) when it has one, else its file's stem. Names that two runs
+/// would share become the path as given, without its extension (`a/ws`,
+/// `b/ws`), and are numbered if they still collide, so every curve can be
+/// told apart.
+pub fn run_names(files: &[PathBuf], own: &[Option<&str>]) -> Vec<String> {
+    let stem = |f: &Path| f.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let mut names: Vec<String> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| own.get(i).copied().flatten().map_or_else(|| stem(f), String::from))
+        .collect();
+    let shared = |names: &[String], i: usize| names.iter().filter(|n| **n == names[i]).count() > 1;
+    let clash: Vec<bool> = (0..names.len()).map(|i| shared(&names, i)).collect();
+    for (i, f) in files.iter().enumerate() {
+        if clash[i] && own.get(i).copied().flatten().is_none() {
+            names[i] = f.with_extension("").to_string_lossy().to_string();
+        }
+    }
+    let mut seen: Vec<String> = Vec::new();
+    for name in names.iter_mut() {
+        let n = seen.iter().filter(|s| *s == name).count();
+        seen.push(name.clone());
+        if n > 0 {
+            *name = format!("{name} #{}", n + 1);
+        }
+    }
+    names
+}
+
 fn trim_float(v: f64) -> String {
     let s = format!("{v:.3}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
@@ -175,5 +206,20 @@ mod tests {
         assert!(svg.contains("99.9%"));
         assert_eq!(nice_ceiling(73.0), 100.0);
         assert_eq!(nice_ceiling(0.3), 0.5);
+    }
+
+    #[test]
+    fn runs_are_named_by_label_then_file_and_never_share_a_name() {
+        let files: Vec<PathBuf> = ["x/ws.json", "y/ws.json", "z/other.hlog", "x/ws.json", "q/labelled.json"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        let names = run_names(&files, &[None, None, None, None, Some("router")]);
+        assert_eq!(names, ["x/ws", "y/ws", "other", "x/ws #2", "router"]);
+        // Distinct stems stay short; equal labels are numbered.
+        let names = run_names(&files[..2], &[Some("run"), Some("run")]);
+        assert_eq!(names, ["run", "run #2"]);
+        let files: Vec<PathBuf> = ["a.json", "b.json"].iter().map(PathBuf::from).collect();
+        assert_eq!(run_names(&files, &[None, None]), ["a", "b"]);
     }
 }

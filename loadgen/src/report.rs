@@ -182,6 +182,10 @@ pub struct Summary {
     pub schema: String,
     /// Subcommand: ws, http, tcp-pingpong, tcp-bulk or merge.
     pub mode: String,
+    /// The run's name (`--label`; added in v1, null when not given); `plot`
+    /// labels the run's curves with it.
+    #[serde(default)]
+    pub label: Option<String>,
     /// Target address (or the merged files).
     pub target: String,
     /// Connections asked for.
@@ -327,6 +331,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
     Summary {
         schema: SCHEMA.to_string(),
         mode: info.mode.clone(),
+        label: None,
         target: info.target.clone(),
         connections: info.connections,
         connections_ok: rec.connections_ok,
@@ -433,7 +438,8 @@ fn render_watch(out: &mut String, w: &WatchReport) {
 /// The human-readable summary.
 pub fn render(s: &Summary) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "upsplice-loadgen {} -> {}", s.mode, s.target);
+    let label = s.label.as_ref().map(|l| format!(" ({l})")).unwrap_or_default();
+    let _ = writeln!(out, "upsplice-loadgen {} -> {}{label}", s.mode, s.target);
     if s.mode == "merge" {
         let _ = writeln!(out, "  {} values over {:.1}s of intervals ({:.1}/s)", s.received, s.duration_s, s.reply_rate);
         row(&mut out, "corrected", &s.latency_us.corrected);

@@ -109,3 +109,47 @@ fn hgrm_hlog_merge_and_plot() {
     assert_eq!(svg.matches("<polyline").count(), 5);
     assert!(svg.contains("a corrected") && svg.contains("b uncorrected") && svg.contains(">m<"));
 }
+
+/// A `ws` summary whose corrected latencies are all `us` µs, written to `dir/name`.
+fn write_ws_summary(dir: &Path, name: &str, us: u64, label: Option<&str>) -> String {
+    use upsplice_loadgen::recorder::Recorder;
+    use upsplice_loadgen::report::{summarize, RunInfo};
+    let mut rec = Recorder::new(false);
+    rec.connections_ok = 1;
+    rec.count_sent(100, true);
+    for _ in 0..100 {
+        rec.reply(us * 1000, us * 1000, 0);
+    }
+    let info = RunInfo { mode: "ws".into(), target: "t".into(), connections: 1, duration_s: 1.0, ..Default::default() };
+    let mut s = summarize(&info, &rec, Default::default(), 1.0);
+    s.label = label.map(String::from);
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec(&s).unwrap()).unwrap();
+    path.to_string_lossy().to_string()
+}
+
+#[test]
+fn plot_names_two_runs_of_the_same_mode_apart() {
+    let dir = tmpdir();
+    let a = write_ws_summary(&dir.path().join("before"), "ws.json", 200, None);
+    let b = write_ws_summary(&dir.path().join("after"), "ws.json", 900, None);
+    let c = write_ws_summary(dir.path(), "c.json", 500, Some("router <tuned>"));
+    let svg = dir.path().join("cmp.svg");
+    let out = Command::new(bin()).args(["plot", &a, &b, &c, "-o"]).arg(&svg).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    let legend: Vec<&str> =
+        svg.lines().filter_map(|l| l.rsplit_once("\">")).map(|(_, t)| t.trim_end_matches("</text>")).collect();
+    let names: Vec<&&str> = legend.iter().filter(|t| t.ends_with("corrected")).collect();
+    assert_eq!(names.len(), 6, "{legend:?}");
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 6, "two curves share a label: {legend:?}");
+    let (before, after) = (a.trim_end_matches(".json"), b.trim_end_matches(".json"));
+    assert!(legend.contains(&format!("{before} corrected").as_str()), "{legend:?}");
+    assert!(legend.contains(&format!("{after} uncorrected").as_str()), "{legend:?}");
+    // A run's own label wins over its file name.
+    assert!(legend.contains(&"router &lt;tuned&gt; corrected"), "{legend:?}");
+}
