@@ -43,35 +43,54 @@ pub struct BulkConfig {
     pub connect_timeout: Duration,
 }
 
+/// How long the connections get to wind down after the measured window.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// How one connection went: its connect time once established, and the
+/// error that ended it, if any. A connection that was established counts as
+/// such however it ended.
+struct Outcome {
+    connect_ns: Option<u64>,
+    error: Option<ErrorKind>,
+}
+
 /// Runs a bulk transfer and returns bytes and errors in a [`Recorder`].
 pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.threads.max(1)).enable_all().build()?;
     rt.block_on(async {
         let counting = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let out = Arc::new(AtomicU64::new(0));
         let inn = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for i in 0..cfg.connections {
             let cfg = cfg.clone();
-            let (counting, stop, out, inn) = (counting.clone(), stop.clone(), out.clone(), inn.clone());
+            let (counting, out, inn) = (counting.clone(), out.clone(), inn.clone());
+            let stop = stop_rx.clone();
             tasks.push(tokio::spawn(async move {
                 let source = (!cfg.source_ips.is_empty()).then(|| cfg.source_ips[i % cfg.source_ips.len()]);
                 let t = Instant::now();
+                let failed = |kind| Outcome { connect_ns: None, error: Some(kind) };
                 let sock = match tokio::time::timeout(cfg.connect_timeout, net::connect(cfg.target, source)).await {
                     Ok(Ok(s)) => s,
-                    Ok(Err(_)) => return Err(ErrorKind::Connect),
-                    Err(_) => return Err(ErrorKind::ConnectTimeout),
+                    Ok(Err(_)) => return failed(ErrorKind::Connect),
+                    Err(_) => return failed(ErrorKind::ConnectTimeout),
                 };
-                let connect_ns = t.elapsed().as_nanos() as u64;
+                let connect_ns = Some(t.elapsed().as_nanos() as u64);
                 let (mut rd, mut wr) = sock.into_split();
+                let stopped = || *stop.borrow();
                 let writer = async {
                     if cfg.direction == Direction::Down {
                         return Ok(());
                     }
                     let chunk = vec![0x5Au8; cfg.size.max(1)];
-                    while !stop.load(Ordering::Relaxed) {
-                        wr.write_all(&chunk).await.map_err(|_| ErrorKind::Io)?;
+                    let mut stop = stop.clone();
+                    while !stopped() {
+                        // A write blocked on a peer that stopped reading ends with the window.
+                        tokio::select! {
+                            r = wr.write_all(&chunk) => r.map_err(|_| ErrorKind::Io)?,
+                            _ = stop.wait_for(|s| *s) => break,
+                        }
                         if counting.load(Ordering::Relaxed) {
                             out.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                         }
@@ -84,9 +103,14 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
                         return Ok(());
                     }
                     let mut buf = vec![0u8; 256 * 1024];
-                    while !stop.load(Ordering::Relaxed) {
-                        match rd.read(&mut buf).await {
-                            Ok(0) if stop.load(Ordering::Relaxed) => return Ok(()),
+                    let mut stop = stop.clone();
+                    while !stopped() {
+                        let n = tokio::select! {
+                            r = rd.read(&mut buf) => r,
+                            _ = stop.wait_for(|s| *s) => break,
+                        };
+                        match n {
+                            Ok(0) if stopped() => return Ok(()),
                             Ok(0) => return Err(ErrorKind::ClosedByPeer),
                             Ok(n) => {
                                 if counting.load(Ordering::Relaxed) {
@@ -99,24 +123,26 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
                     Ok(())
                 };
                 let (w, r) = tokio::join!(writer, reader);
-                w.and(r).map(|_| connect_ns)
+                Outcome { connect_ns, error: w.and(r).err() }
             }));
         }
         tokio::time::sleep(cfg.warmup).await;
         counting.store(true, Ordering::Relaxed);
         tokio::time::sleep(cfg.duration).await;
         counting.store(false, Ordering::Relaxed);
-        stop.store(true, Ordering::Relaxed);
+        stop_tx.send_replace(true);
         let mut rec = Recorder::new(false);
+        let deadline = tokio::time::Instant::now() + GRACE;
         for t in tasks {
-            // A task blocked on a socket that never drains is cut off after a grace period.
-            match tokio::time::timeout(Duration::from_secs(2), t).await {
-                Ok(Ok(Ok(connect_ns))) => {
+            // A task still connecting is cut off with the grace period.
+            if let Ok(Ok(o)) = tokio::time::timeout_at(deadline, t).await {
+                if let Some(ns) = o.connect_ns {
                     rec.connections_ok += 1;
-                    record_ns(&mut rec.connect, connect_ns);
+                    record_ns(&mut rec.connect, ns);
                 }
-                Ok(Ok(Err(kind))) => rec.error(kind),
-                Ok(Err(_)) | Err(_) => {}
+                if let Some(kind) = o.error {
+                    rec.error(kind);
+                }
             }
         }
         rec.bytes_out = out.load(Ordering::Relaxed);
