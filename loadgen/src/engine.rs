@@ -269,7 +269,7 @@ async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<
         }
     }
     shared.writer_waiting.set(false);
-    let lost = shared.inflight();
+    let lost = unanswered_measured(&shared, sched, clock);
     rec.borrow_mut().error_n(ErrorKind::Unanswered, lost);
     shared.closing.set(true);
     if ok && !shared.dead.get() {
@@ -398,6 +398,13 @@ async fn write_loop(
     }
 }
 
+/// Messages in flight (written, not answered) that are due in the measured
+/// window: what `sent` counted and `received` never will. Counting only
+/// these keeps `sent = received + unanswered`.
+fn unanswered_measured(sh: &Shared, sched: Schedule, clock: Clock) -> u64 {
+    (sh.next_ack.get()..sh.next_seq.get()).filter(|&k| clock.measured(sched.due_ns(k))).count() as u64
+}
+
 /// Messages due in the measured window from sequence `next` on.
 fn unsent_measured(sched: Schedule, next: u64, clock: Clock) -> u64 {
     let from = next.max(sched.first_at_or_after(clock.warm_ns));
@@ -494,13 +501,14 @@ async fn http_close_loop(
             return;
         }
         let measured = clock.measured(due);
-        if measured {
-            rec.borrow_mut().count_sent(1, begin < clock.end_ns);
-        }
         k += 1;
         let Some(mut conn) = open(cfg, source, codec.clone(), HTTP_CLOSE_READ_BUF, rec).await else {
             continue;
         };
+        if measured {
+            // Written now; counted with the moment the attempt began, as its latency is.
+            rec.borrow_mut().count_sent(1, begin < clock.end_ns);
+        }
         if !counted {
             // The slot counts as one connection, however many it opens.
             rec.borrow_mut().connections_ok += 1;
@@ -523,7 +531,13 @@ async fn http_close_loop(
                 }
             }
             Ok(_) => {}
-            Err(kind) => recm.error(kind),
+            Err(kind) => {
+                recm.error(kind);
+                // The request was written and got no answer: keep sent = received + unanswered.
+                if measured && kind != ErrorKind::Unanswered {
+                    recm.error(ErrorKind::Unanswered);
+                }
+            }
         }
     }
 }

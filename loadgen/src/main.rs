@@ -13,7 +13,7 @@ use upsplice_loadgen::engine::{self, Proto, RunConfig};
 use upsplice_loadgen::outputs::{self, Outputs};
 use upsplice_loadgen::plot::{self, Series};
 use upsplice_loadgen::recorder::Recorder;
-use upsplice_loadgen::report::{self, RunInfo};
+use upsplice_loadgen::report::{self, Expect, RunInfo};
 use upsplice_loadgen::rusage::CpuTime;
 use upsplice_loadgen::watch::Watch;
 use upsplice_loadgen::{churn, echo, hlog, hold, lifecycle, net, progress, search, tcpbulk, ws};
@@ -160,7 +160,7 @@ fn plan(
         warmup_s: l.warmup.as_secs_f64(),
         size: size as u64,
         max_inflight: cfg.max_inflight as u64,
-        idle: false,
+        expect: Expect::Replies,
     };
     Ok(Plan { cfg, info })
 }
@@ -317,7 +317,7 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
         warmup_s: l.warmup.as_secs_f64(),
         size: size as u64,
         max_inflight: 0,
-        idle: false,
+        expect: Expect::Bytes { out: direction != tcpbulk::Direction::Down, inn: direction != tcpbulk::Direction::Up },
     };
     let mut summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());
     summary.watch = Some(w.finish());
@@ -386,7 +386,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
         warmup_s: 0.0,
         size: c.size as u64,
         max_inflight: 0,
-        idle: out.stats.pings_sent == 0,
+        expect: if out.stats.pings_sent == 0 { Expect::Nothing } else { Expect::Replies },
     };
     let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
     summary.hold = Some(report::HoldStats { fd_limit, ..out.stats });
@@ -427,7 +427,7 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
         warmup_s: 0.0,
         size: c.size as u64,
         max_inflight: 1,
-        idle: false,
+        expect: Expect::Replies,
     };
     let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
     summary.churn = Some(out.stats);
@@ -457,6 +457,7 @@ fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
         mode: "merge".into(),
         target: a.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" + "),
         duration_s: span.as_secs_f64(),
+        expect: Expect::Merged,
         ..RunInfo::default()
     };
     let summary = report::summarize(&info, &rec, CpuTime::now().since(cpu0), t.elapsed().as_secs_f64());

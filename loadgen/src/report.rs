@@ -220,6 +220,11 @@ pub struct Summary {
     pub skipped: u64,
     /// Replies recorded.
     pub received: u64,
+    /// Of `sent`, those that got no reply (`sent - received`): lost with
+    /// their connection or still outstanding at the drain deadline (added in
+    /// v1; 0 in older files).
+    #[serde(default)]
+    pub unanswered: u64,
     /// Errors by kind (every kind listed, zero included).
     pub errors: BTreeMap<String, u64>,
     /// Sum of `errors`.
@@ -287,8 +292,72 @@ pub struct RunInfo {
     pub size: u64,
     /// In-flight window.
     pub max_inflight: u64,
-    /// The connections carry no messages (`hold` without pings): no reply is expected.
-    pub idle: bool,
+    /// What the run must move to be valid.
+    pub expect: Expect,
+}
+
+/// What a run is meant to move; the validity rule ([`verdict`]) checks it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Expect {
+    /// Messages answered by replies (`ws`, `http`, `tcp` ping-pong, `hold`
+    /// with pings, `churn`).
+    #[default]
+    Replies,
+    /// Nothing: idle connections (`hold` without pings).
+    Nothing,
+    /// Bytes (`tcp` bulk): written (`out`) and/or read (`inn`).
+    Bytes {
+        /// Bytes must have been written.
+        out: bool,
+        /// Bytes must have been read.
+        inn: bool,
+    },
+    /// Values merged from interval logs (`merge`): no connections of its own.
+    Merged,
+}
+
+/// Whether a run's figures can be trusted, and why not. The one rule every
+/// mode applies: a run is invalid when no connection was established, when
+/// it moved nothing it was meant to move (no reply, or no byte in a
+/// direction asked for), when messages due in the window were never sent,
+/// or when any error occurred. A missed target rate is a warning, not a
+/// reason: the corrected figures are still right.
+pub fn verdict(info: &RunInfo, rec: &Recorder, rate_reached: bool, achieved_rate: f64) -> (bool, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut valid = true;
+    let mut invalid = |why: String| {
+        valid = false;
+        problems.push(why);
+    };
+    if info.expect != Expect::Merged && rec.connections_ok == 0 {
+        invalid("no connection could be established".to_string());
+    } else {
+        match info.expect {
+            Expect::Replies if rec.received == 0 => invalid("no reply was recorded".to_string()),
+            Expect::Merged if rec.received == 0 => invalid("the logs hold no values".to_string()),
+            Expect::Bytes { out, inn } => {
+                if out && rec.bytes_out == 0 {
+                    invalid("no byte was sent in the measured window".to_string());
+                }
+                if inn && rec.bytes_in == 0 {
+                    invalid("no byte was received in the measured window".to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    if rec.unsent > 0 {
+        invalid(format!("{} messages due in the window were never sent: the generator could not keep up", rec.unsent));
+    }
+    let total_errors = rec.total_errors();
+    if total_errors > 0 {
+        invalid(format!("{total_errors} errors: the latency figures miss the failed messages"));
+    }
+    if !rate_reached {
+        problems
+            .push(format!("TARGET RATE NOT REACHED: {achieved_rate:.1}/s achieved of {:.1}/s asked", info.target_rate));
+    }
+    (valid, problems)
 }
 
 /// Builds the summary and decides validity.
@@ -298,34 +367,11 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
     let total_errors = rec.total_errors();
     let dur = info.duration_s.max(1e-9);
     let achieved_rate = rec.sent_in_window as f64 / dur;
-    let bulk = info.mode == "tcp-bulk";
+    let bulk = matches!(info.expect, Expect::Bytes { .. });
     // A merge of interval logs has no rate target and no connections of its own.
-    let merged = info.mode == "merge";
+    let merged = info.expect == Expect::Merged;
     let rate_reached = bulk || merged || achieved_rate >= info.target_rate * RATE_TOLERANCE;
-    let mut problems = Vec::new();
-    let mut valid = true;
-    if rec.connections_ok == 0 && !merged {
-        valid = false;
-        problems.push("no connection could be established".to_string());
-    } else if !bulk && !info.idle && rec.received == 0 {
-        valid = false;
-        problems.push("no reply was recorded".to_string());
-    }
-    if rec.unsent > 0 {
-        valid = false;
-        problems.push(format!(
-            "{} messages due in the window were never sent: the generator could not keep up",
-            rec.unsent
-        ));
-    }
-    if total_errors > 0 {
-        valid = false;
-        problems.push(format!("{total_errors} errors: the latency figures miss the failed messages"));
-    }
-    if !rate_reached {
-        problems
-            .push(format!("TARGET RATE NOT REACHED: {achieved_rate:.1}/s achieved of {:.1}/s asked", info.target_rate));
-    }
+    let (valid, problems) = verdict(info, rec, rate_reached, achieved_rate);
     let user_s = cpu.user.as_secs_f64();
     let system_s = cpu.system.as_secs_f64();
     Summary {
@@ -349,6 +395,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
         unsent: rec.unsent,
         skipped: rec.skipped,
         received: rec.received,
+        unanswered: rec.sent.saturating_sub(rec.received),
         errors,
         total_errors,
         latency_us: Latencies {
@@ -435,6 +482,24 @@ fn render_watch(out: &mut String, w: &WatchReport) {
     }
 }
 
+/// What became of the messages due in the measured window, in terms that add
+/// up: sent = answered + unanswered; not sent = unsent + skipped.
+fn render_counts(out: &mut String, s: &Summary) {
+    let noun = if s.mode.starts_with("http") { "requests" } else { "messages" };
+    let _ = writeln!(
+        out,
+        "  {noun:<12} due in the window: sent {} = answered {} + unanswered {} | not sent {} = unsent {} + skipped {} \
+         | sent late (after the window) {}",
+        s.sent,
+        s.received,
+        s.unanswered,
+        s.unsent + s.skipped,
+        s.unsent,
+        s.skipped,
+        s.sent.saturating_sub(s.sent_in_window)
+    );
+}
+
 /// The human-readable summary.
 pub fn render(s: &Summary) -> String {
     let mut out = String::new();
@@ -448,7 +513,7 @@ pub fn render(s: &Summary) -> String {
     }
     let _ = writeln!(
         out,
-        "  connections {} ok of {} | threads {} | duration {:.1}s after {:.1}s warm-up | size {} B | max-inflight {}",
+        "  connections {} established of {} | threads {} | duration {:.1}s after {:.1}s warm-up | size {} B | max-inflight {}",
         s.connections_ok, s.connections, s.threads, s.duration_s, s.warmup_s, s.size, s.max_inflight
     );
     if let Some(h) = &s.hold {
@@ -508,17 +573,13 @@ pub fn render(s: &Summary) -> String {
     } else {
         let _ = writeln!(
             out,
-            "  rate         {:.1}/s achieved of {:.1}/s target ({:.1} %), replies {:.1}/s | sent {} ({} late, {} unsent, {} skipped) received {}",
+            "  rate         {:.1}/s achieved of {:.1}/s target ({:.1} %), replies {:.1}/s",
             s.achieved_rate,
             s.target_rate,
             100.0 * s.achieved_rate / s.target_rate.max(1e-9),
             s.reply_rate,
-            s.sent,
-            s.sent - s.sent_in_window,
-            s.unsent,
-            s.skipped,
-            s.received
         );
+        render_counts(&mut out, s);
         let _ = writeln!(out, "latency (corrected = from intended send time; uncorrected = from actual write):");
         row(&mut out, "corrected", &s.latency_us.corrected);
         row(&mut out, "uncorrected", &s.latency_us.uncorrected);
@@ -573,7 +634,7 @@ mod tests {
             warmup_s: 0.0,
             size: 16,
             max_inflight: 1,
-            idle: false,
+            expect: Expect::Replies,
         }
     }
 
@@ -617,9 +678,9 @@ mod tests {
     fn idle_runs_need_no_replies() {
         let mut r = Recorder::new(false);
         r.connections_ok = 3;
-        let hold = RunInfo { mode: "hold".into(), target_rate: 0.0, idle: true, ..info() };
+        let hold = RunInfo { mode: "hold".into(), target_rate: 0.0, expect: Expect::Nothing, ..info() };
         assert!(summarize(&hold, &r, CpuTime::default(), 1.0).valid);
-        let busy = RunInfo { idle: false, ..hold };
+        let busy = RunInfo { expect: Expect::Replies, ..hold };
         assert!(!summarize(&busy, &r, CpuTime::default(), 1.0).valid);
     }
 
@@ -634,5 +695,81 @@ mod tests {
         assert_eq!(back, s);
         assert_eq!(decode_histogram(&back.histograms.corrected).unwrap(), r.corrected);
         assert!(r.corrected.equivalent(back.latency_us.corrected.max, 5000));
+    }
+
+    fn bulk(out: bool, inn: bool) -> RunInfo {
+        RunInfo { mode: "tcp-bulk".into(), target_rate: 0.0, expect: Expect::Bytes { out, inn }, ..info() }
+    }
+
+    #[test]
+    fn a_run_that_moved_nothing_is_never_valid() {
+        // Bulk: connected, no error, but no byte in a direction asked for.
+        let mut r = Recorder::new(false);
+        r.connections_ok = 1;
+        r.bytes_in = 1 << 20;
+        let s = summarize(&bulk(true, true), &r, CpuTime::default(), 1.0);
+        assert!(!s.valid && s.problems.iter().any(|p| p.contains("no byte was sent")), "{:?}", s.problems);
+        assert!(render(&s).contains("INVALID"));
+        // The same bytes are enough when only the download was asked for.
+        assert!(summarize(&bulk(false, true), &r, CpuTime::default(), 1.0).valid);
+        // Bytes moved but no connection counted as established: never valid.
+        r.bytes_out = 1 << 20;
+        r.connections_ok = 0;
+        let s = summarize(&bulk(true, true), &r, CpuTime::default(), 1.0);
+        assert!(!s.valid && s.problems[0].contains("no connection"), "{:?}", s.problems);
+        // Messages: connections that all failed, or no reply at all.
+        let mut r = Recorder::new(false);
+        r.count_sent(10, true);
+        r.error_n(ErrorKind::Connect, 4);
+        assert!(!summarize(&info(), &r, CpuTime::default(), 1.0).valid);
+        r.connections_ok = 1;
+        r.errors.clear();
+        let s = summarize(&info(), &r, CpuTime::default(), 1.0);
+        assert!(!s.valid && s.problems[0] == "no reply was recorded", "{:?}", s.problems);
+        // A merge of empty logs shows nothing either.
+        let merged = RunInfo { mode: "merge".into(), expect: Expect::Merged, ..RunInfo::default() };
+        assert!(!summarize(&merged, &Recorder::new(false), CpuTime::default(), 1.0).valid);
+    }
+
+    #[test]
+    fn bulk_report_says_established_beside_throughput() {
+        let mut r = Recorder::new(false);
+        r.connections_ok = 1;
+        r.bytes_out = 138_612_500;
+        r.bytes_in = 138_612_500;
+        let s = summarize(&bulk(true, true), &r, CpuTime::default(), 1.0);
+        let text = render(&s);
+        assert!(s.valid, "{text}");
+        assert!(text.contains("connections 1 established of 1"), "{text}");
+        assert!(text.contains("throughput   out 1108.9 Mbit/s"), "{text}");
+    }
+
+    #[test]
+    fn message_counts_add_up_in_the_labels() {
+        // A saturated ws run: 128 messages still in flight at the drain deadline.
+        let mut r = Recorder::new(false);
+        r.connections_ok = 1;
+        r.count_sent(50_000, true);
+        r.count_sent(665, false);
+        r.unsent = 7;
+        r.skipped = 3;
+        for _ in 0..50_537 {
+            r.reply(1_000_000, 1_000_000, 0);
+        }
+        r.error_n(ErrorKind::Unanswered, 128);
+        let s = summarize(&info(), &r, CpuTime::default(), 1.0);
+        assert_eq!(s.unanswered, 128);
+        assert_eq!(s.sent, s.received + s.unanswered);
+        assert_eq!(s.unanswered, s.errors["unanswered"]);
+        let text = render(&s);
+        assert!(
+            text.contains(
+                "messages     due in the window: sent 50665 = answered 50537 + unanswered 128 \
+                 | not sent 10 = unsent 7 + skipped 3 | sent late (after the window) 665"
+            ),
+            "{text}"
+        );
+        let http = RunInfo { mode: "http".into(), ..info() };
+        assert!(render(&summarize(&http, &r, CpuTime::default(), 1.0)).contains("  requests     due in the window"));
     }
 }

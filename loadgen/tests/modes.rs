@@ -118,3 +118,37 @@ fn slow_ramp_counts_missed_schedule_as_rate_not_reached() {
     // The figures themselves are fine: a warning, not an invalid run.
     assert!(s.valid && r.output.status.success(), "{}", r.stdout);
 }
+
+#[test]
+fn bulk_that_moves_no_bytes_is_invalid_and_says_so() {
+    // `discard` never writes: a download from it moves nothing.
+    let discard = Server::echo(&["--mode", "discard"]);
+    let dir = tmpdir();
+    let r = run(
+        &[
+            "tcp",
+            "--mode",
+            "bulk",
+            "--direction",
+            "down",
+            "--target",
+            &discard.addr,
+            "-c",
+            "1",
+            "-d",
+            "500ms",
+            "-w",
+            "0s",
+        ],
+        dir.path(),
+        "nothing",
+    );
+    let s = &r.summary;
+    assert_eq!(r.output.status.code(), Some(1), "{}", r.stdout);
+    assert!(!s.valid && s.throughput.as_ref().unwrap().bytes_in == 0, "{}", r.stdout);
+    // The connection itself was fine, and the report says both.
+    assert_eq!(s.connections_ok, 1, "{}", r.stdout);
+    assert!(r.stdout.contains("connections 1 established of 1"), "{}", r.stdout);
+    assert!(r.stdout.contains("!!! no byte was received in the measured window"), "{}", r.stdout);
+    assert!(r.stdout.contains("result         INVALID"), "{}", r.stdout);
+}
