@@ -27,6 +27,9 @@ pub enum Decoded {
         seq: Option<u64>,
         /// The reply itself reports a failure (HTTP status >= 400).
         failed: bool,
+        /// The peer closes the connection after this reply (HTTP
+        /// `Connection: close`, or HTTP/1.0 without keep-alive).
+        last: bool,
     },
     /// Something that is not a reply (pong, fragment start): drop and go on.
     Skip {
@@ -110,7 +113,7 @@ impl Codec {
                 if buf.len() < *size {
                     return Ok(Decoded::NeedMore { need: *size });
                 }
-                Ok(Decoded::Reply { consumed: *size, seq: Some(read_seq(buf)), failed: false })
+                Ok(Decoded::Reply { consumed: *size, seq: Some(read_seq(buf)), failed: false, last: false })
             }
         }
     }
@@ -144,7 +147,7 @@ fn decode_ws(buf: &[u8], frag_seq: &mut Option<u64>) -> Result<Decoded, ErrorKin
             }
             let seq = read_seq(payload);
             if head.fin {
-                Ok(Decoded::Reply { consumed: total, seq: Some(seq), failed: false })
+                Ok(Decoded::Reply { consumed: total, seq: Some(seq), failed: false, last: false })
             } else {
                 *frag_seq = Some(seq);
                 Ok(Decoded::Skip { consumed: total })
@@ -155,7 +158,7 @@ fn decode_ws(buf: &[u8], frag_seq: &mut Option<u64>) -> Result<Decoded, ErrorKin
             (Some(_), false) => Ok(Decoded::Skip { consumed: total }),
             (Some(seq), true) => {
                 *frag_seq = None;
-                Ok(Decoded::Reply { consumed: total, seq: Some(seq), failed: false })
+                Ok(Decoded::Reply { consumed: total, seq: Some(seq), failed: false, last: false })
             }
         },
         opcode::PING => Ok(Decoded::Ping { consumed: total, payload: head.header_len..total }),
@@ -194,7 +197,10 @@ fn decode_http(buf: &[u8]) -> Result<Decoded, ErrorKind> {
     if buf.len() < total {
         return Ok(Decoded::NeedMore { need: total });
     }
-    Ok(Decoded::Reply { consumed: total, seq: None, failed: code >= 400 })
+    let connection = crate::httphead::header(resp.headers, "connection");
+    let last = crate::httphead::has_token(connection, "close")
+        || resp.version == Some(0) && !crate::httphead::has_token(connection, "keep-alive");
+    Ok(Decoded::Reply { consumed: total, seq: None, failed: code >= 400, last })
 }
 
 /// An HTTP/1.1 GET request for `host` and `path`.
@@ -220,7 +226,10 @@ mod tests {
         // The server's unmasked echo decodes to the same sequence.
         let mut echo = Vec::new();
         wsproto::encode_frame(&mut echo, opcode::BINARY, &body, None);
-        assert_eq!(c.decode(&echo).unwrap(), Decoded::Reply { consumed: echo.len(), seq: Some(42), failed: false });
+        assert_eq!(
+            c.decode(&echo).unwrap(),
+            Decoded::Reply { consumed: echo.len(), seq: Some(42), failed: false, last: false }
+        );
         // A masked server frame is a protocol error.
         let mut bad = Vec::new();
         wsproto::encode_frame(&mut bad, opcode::BINARY, &body, Some([1, 2, 3, 4]));
@@ -236,7 +245,10 @@ mod tests {
         let mut last = Vec::new();
         wsproto::encode_frame(&mut last, opcode::CONTINUATION, &[0u8; 8], None);
         assert_eq!(c.decode(&first).unwrap(), Decoded::Skip { consumed: first.len() });
-        assert_eq!(c.decode(&last).unwrap(), Decoded::Reply { consumed: last.len(), seq: Some(7), failed: false });
+        assert_eq!(
+            c.decode(&last).unwrap(),
+            Decoded::Reply { consumed: last.len(), seq: Some(7), failed: false, last: false }
+        );
     }
 
     #[test]
@@ -245,10 +257,23 @@ mod tests {
         let r = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n";
         let second: &[u8] = b"HTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n";
         let split = r.len() - second.len();
-        assert_eq!(c.decode(r).unwrap(), Decoded::Reply { consumed: split, seq: None, failed: false });
-        assert_eq!(c.decode(second).unwrap(), Decoded::Reply { consumed: second.len(), seq: None, failed: true });
+        assert_eq!(c.decode(r).unwrap(), Decoded::Reply { consumed: split, seq: None, failed: false, last: false });
+        assert_eq!(
+            c.decode(second).unwrap(),
+            Decoded::Reply { consumed: second.len(), seq: None, failed: true, last: false }
+        );
         assert!(matches!(c.decode(&r[..20]).unwrap(), Decoded::NeedMore { .. }));
         assert_eq!(c.decode(b"garbage\r\n\r\n"), Err(ErrorKind::Protocol));
+        // The peer announces that it closes after this answer.
+        for closing in [
+            &b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nconnection: Keep-Alive, Close\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            assert!(matches!(c.decode(closing).unwrap(), Decoded::Reply { last: true, .. }), "{closing:?}");
+        }
+        let kept = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(c.decode(kept).unwrap(), Decoded::Reply { last: false, .. }));
     }
 
     #[test]
@@ -258,6 +283,6 @@ mod tests {
         c.encode(9, &mut out);
         assert_eq!(out.len(), 16);
         assert_eq!(c.decode(&out[..15]).unwrap(), Decoded::NeedMore { need: 16 });
-        assert_eq!(c.decode(&out).unwrap(), Decoded::Reply { consumed: 16, seq: Some(9), failed: false });
+        assert_eq!(c.decode(&out).unwrap(), Decoded::Reply { consumed: 16, seq: Some(9), failed: false, last: false });
     }
 }

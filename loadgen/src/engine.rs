@@ -208,11 +208,27 @@ struct Shared {
     closing: Cell<bool>,
     /// Control frames (pongs) the writer must send.
     ctrl: RefCell<Vec<u8>>,
+    /// Sequence numbers below this were counted as sent (a message written
+    /// again after a reconnect is not counted twice).
+    counted: Cell<u64>,
+    /// The reader ended because the peer closed the connection in a way
+    /// HTTP keep-alive allows (`Connection: close`, or EOF after answering):
+    /// open a new connection and go on.
+    reconnect: Cell<bool>,
 }
 
 impl Shared {
     fn inflight(&self) -> u64 {
         self.next_seq.get() - self.next_ack.get()
+    }
+
+    /// Starts over on a new connection: what the old one never answered is
+    /// written again (still charged from its intended send time).
+    fn restart(&self) {
+        self.next_seq.set(self.next_ack.get());
+        self.dead.set(false);
+        self.reconnect.set(false);
+        self.ctrl.borrow_mut().clear();
     }
 }
 
@@ -233,7 +249,7 @@ async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<
         Proto::HttpKeepAlive => Codec::Http { request: crate::codec::http_request(&cfg.host, &cfg.path, false).into() },
         _ => Codec::Raw { size: cfg.size },
     };
-    let Some(conn) = open(cfg, source, codec, READ_BUF, rec).await else {
+    let Some(mut conn) = open(cfg, source, codec.clone(), READ_BUF, rec).await else {
         return;
     };
     rec.borrow_mut().connections_ok += 1;
@@ -251,28 +267,51 @@ async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<
         dead: Cell::new(false),
         closing: Cell::new(false),
         ctrl: RefCell::new(Vec::new()),
+        counted: Cell::new(first),
+        reconnect: Cell::new(false),
     });
-    let mut codec = conn.codec().clone();
-    let (rd, mut wr) = conn.into_split();
-    let reader = {
-        let shared = shared.clone();
-        let rec = rec.clone();
-        tokio::task::spawn_local(async move { read_loop(rd, &shared, sched, clock, &rec).await })
-    };
-    let ok = write_loop(&mut wr, &mut codec, &shared, sched, clock, rec, timer).await;
-    // Drain: wait for outstanding replies until the deadline.
-    while ok && !shared.dead.get() && shared.inflight() > 0 && clock.now_ns() < clock.drain_ns {
-        shared.writer_waiting.set(true);
-        tokio::select! {
-            _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep_until(clock.at(clock.drain_ns)) => {}
+    let reconnects = cfg.proto == Proto::HttpKeepAlive;
+    let (ok, writer, reader) = loop {
+        let mut codec = conn.codec().clone();
+        let (rd, mut wr) = conn.into_split();
+        let reader = {
+            let shared = shared.clone();
+            let rec = rec.clone();
+            tokio::task::spawn_local(async move { read_loop(rd, &shared, sched, clock, &rec, reconnects).await })
+        };
+        let ok = write_loop(&mut wr, &mut codec, &shared, sched, clock, rec, timer).await;
+        // Drain: wait for outstanding replies until the deadline.
+        while ok && !shared.dead.get() && shared.inflight() > 0 && clock.now_ns() < clock.drain_ns {
+            shared.writer_waiting.set(true);
+            tokio::select! {
+                _ = shared.wake.notified() => {}
+                _ = tokio::time::sleep_until(clock.at(clock.drain_ns)) => {}
+            }
         }
-    }
+        let more = shared.inflight() > 0 || sched.due_ns(shared.next_seq.get()) < clock.end_ns;
+        if !(shared.reconnect.get() && more && clock.now_ns() < clock.drain_ns) {
+            break (ok, Some((wr, codec)), reader);
+        }
+        // The server closed a keep-alive connection: reconnect at once. The
+        // time it takes is in the corrected latency of every request due
+        // meanwhile, as the schedule does not wait.
+        reader.abort();
+        drop(wr);
+        let remaining = clock.instant(clock.drain_ns).saturating_duration_since(std::time::Instant::now());
+        let reopened = tokio::time::timeout(remaining, open(cfg, source, codec, READ_BUF, rec)).await;
+        let Ok(Some(c)) = reopened else {
+            // Counted by open(); what the old connection left unanswered stays so.
+            break (false, None, reader);
+        };
+        rec.borrow_mut().reconnects += 1;
+        shared.restart();
+        conn = c;
+    };
     shared.writer_waiting.set(false);
     let lost = unanswered_measured(&shared, sched, clock);
     rec.borrow_mut().error_n(ErrorKind::Unanswered, lost);
     shared.closing.set(true);
-    if ok && !shared.dead.get() {
+    if let Some((mut wr, mut codec)) = writer.filter(|_| ok && !shared.dead.get()) {
         let mut bye = Vec::new();
         codec.encode_control(opcode::CLOSE, &1000u16.to_be_bytes(), &mut bye);
         if !bye.is_empty() && wr.write_all(&bye).await.is_ok() {
@@ -351,7 +390,7 @@ async fn write_loop(
         let now = clock.now_ns();
         if now >= clock.drain_ns {
             // Hopelessly behind: what is still unsent is reported, not hidden.
-            rec.borrow_mut().unsent += unsent_measured(sched, sh.next_seq.get(), clock);
+            rec.borrow_mut().unsent += unsent_measured(sched, sh.next_seq.get().max(sh.counted.get()), clock);
             return true;
         }
         if buf.is_empty() {
@@ -383,10 +422,11 @@ async fn write_loop(
             codec.encode(k, &mut buf);
             sh.send_ns[(k % cap) as usize].set(now);
             sh.next_seq.set(k + 1);
-            if clock.measured(due) {
+            if clock.measured(due) && k >= sh.counted.get() {
                 sent_measured += 1;
             }
         }
+        sh.counted.set(sh.counted.get().max(sh.next_seq.get()));
         rec.borrow_mut().count_sent(sent_measured, now < clock.end_ns);
         if wr.write_all(&buf).await.is_err() {
             if !sh.dead.get() {
@@ -402,7 +442,9 @@ async fn write_loop(
 /// window: what `sent` counted and `received` never will. Counting only
 /// these keeps `sent = received + unanswered`.
 fn unanswered_measured(sh: &Shared, sched: Schedule, clock: Clock) -> u64 {
-    (sh.next_ack.get()..sh.next_seq.get()).filter(|&k| clock.measured(sched.due_ns(k))).count() as u64
+    // After a reconnect, messages counted as sent may not be written again yet.
+    (sh.next_ack.get()..sh.next_seq.get().max(sh.counted.get())).filter(|&k| clock.measured(sched.due_ns(k))).count()
+        as u64
 }
 
 /// Messages due in the measured window from sequence `next` on.
@@ -419,21 +461,28 @@ fn skipped_measured(sched: Schedule, first: u64, clock: Clock) -> u64 {
 }
 
 /// Reads replies, matches them to sequence numbers and records latencies.
+/// With `reconnects` (HTTP keep-alive), a peer that closes after a reply
+/// (`Connection: close`, or EOF or a reset once it answered something on this
+/// connection, or while nothing was outstanding) ends the connection without
+/// an error and asks for a new one ([`Shared::reconnect`]); a peer that
+/// closes without answering anything that was asked is an error.
 async fn read_loop(
     mut conn: Conn<OwnedReadHalf>,
     sh: &Shared,
     sched: Schedule,
     clock: Clock,
     rec: &Rc<RefCell<Recorder>>,
+    reconnects: bool,
 ) {
     let cap = sh.send_ns.len() as u64;
+    let mut answered = 0u64;
     let outcome: Result<(), ErrorKind> = 'conn: loop {
         loop {
             let reply = conn.buffered_reply();
             if conn.take_control(&mut sh.ctrl.borrow_mut()) {
                 sh.wake.notify_one();
             }
-            let ws::Reply { seq, failed } = match reply {
+            let ws::Reply { seq, failed, last } = match reply {
                 Err(kind) => break 'conn Err(kind),
                 Ok(None) => break,
                 Ok(Some(r)) => r,
@@ -446,6 +495,7 @@ async fn read_loop(
             let intended = sched.due_ns(expected);
             let actual = sh.send_ns[(expected % cap) as usize].get();
             sh.next_ack.set(expected + 1);
+            answered += 1;
             if clock.measured(intended) {
                 let mut r = rec.borrow_mut();
                 let second = (now.saturating_sub(clock.warm_ns) / 1_000_000_000) as usize;
@@ -457,8 +507,17 @@ async fn read_loop(
             if sh.writer_waiting.get() {
                 sh.wake.notify_one();
             }
+            if last && reconnects {
+                sh.reconnect.set(true);
+                break 'conn Ok(());
+            }
         }
         if let Err(kind) = conn.fill().await {
+            let clean = matches!(kind, ErrorKind::ClosedByPeer | ErrorKind::Io);
+            if reconnects && clean && (answered > 0 || sh.inflight() == 0) {
+                sh.reconnect.set(true);
+                break Ok(());
+            }
             break Err(kind);
         }
     };

@@ -116,6 +116,8 @@ pub struct Recorder {
     pub received: u64,
     /// Connections whose handshake completed.
     pub connections_ok: u64,
+    /// New connections opened after the target closed a keep-alive connection (`http`).
+    pub reconnects: u64,
     /// Bytes written / read by raw TCP throughput runs.
     pub bytes_out: u64,
     /// Bytes read by raw TCP throughput runs.
@@ -142,6 +144,7 @@ impl Recorder {
             skipped: 0,
             received: 0,
             connections_ok: 0,
+            reconnects: 0,
             bytes_out: 0,
             bytes_in: 0,
             errors: BTreeMap::new(),
@@ -209,6 +212,7 @@ impl Recorder {
         self.skipped += other.skipped;
         self.received += other.received;
         self.connections_ok += other.connections_ok;
+        self.reconnects += other.reconnects;
         self.bytes_out += other.bytes_out;
         self.bytes_in += other.bytes_in;
         for (k, v) in &other.errors {

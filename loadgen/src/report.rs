@@ -192,6 +192,10 @@ pub struct Summary {
     pub connections: u64,
     /// Connections that were established (and upgraded).
     pub connections_ok: u64,
+    /// Connections opened again after the target closed a keep-alive
+    /// connection (`http`; added in v1, 0 in older files).
+    #[serde(default)]
+    pub reconnects: u64,
     /// Generator threads.
     pub threads: u64,
     /// Target rate, messages or requests per second (0 for bulk).
@@ -353,6 +357,22 @@ pub fn verdict(info: &RunInfo, rec: &Recorder, rate_reached: bool, achieved_rate
     if total_errors > 0 {
         invalid(format!("{total_errors} errors: the latency figures miss the failed messages"));
     }
+    if rec.reconnects > 0 {
+        problems.push(format!(
+            "the target closed keep-alive connections {} times (Connection: close, or EOF after answering): each \
+             was opened again at once, and the time that took is in the corrected latency of the requests due \
+             meanwhile; use --close to measure a new connection per request",
+            rec.reconnects
+        ));
+    }
+    let closed = rec.errors.get(&ErrorKind::ClosedByPeer).copied().unwrap_or(0);
+    if info.mode == "http" && rec.received == 0 && closed > 0 {
+        problems.push(
+            "the target closed keep-alive connections without answering a request: use --close \
+             (Connection: close, a new connection per request)"
+                .to_string(),
+        );
+    }
     if !rate_reached {
         problems
             .push(format!("TARGET RATE NOT REACHED: {achieved_rate:.1}/s achieved of {:.1}/s asked", info.target_rate));
@@ -381,6 +401,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
         target: info.target.clone(),
         connections: info.connections,
         connections_ok: rec.connections_ok,
+        reconnects: rec.reconnects,
         threads: info.threads,
         target_rate: info.target_rate,
         achieved_rate,
@@ -513,8 +534,15 @@ pub fn render(s: &Summary) -> String {
     }
     let _ = writeln!(
         out,
-        "  connections {} established of {} | threads {} | duration {:.1}s after {:.1}s warm-up | size {} B | max-inflight {}",
-        s.connections_ok, s.connections, s.threads, s.duration_s, s.warmup_s, s.size, s.max_inflight
+        "  connections {} established of {}{} | threads {} | duration {:.1}s after {:.1}s warm-up | size {} B | max-inflight {}",
+        s.connections_ok,
+        s.connections,
+        if s.reconnects > 0 { format!(" (+{} reconnects)", s.reconnects) } else { String::new() },
+        s.threads,
+        s.duration_s,
+        s.warmup_s,
+        s.size,
+        s.max_inflight
     );
     if let Some(h) = &s.hold {
         let _ = writeln!(

@@ -46,6 +46,8 @@ pub struct Reply {
     pub seq: Option<u64>,
     /// An HTTP error status.
     pub failed: bool,
+    /// The peer closes the connection after this reply (HTTP `Connection: close`).
+    pub last: bool,
 }
 
 /// A client connection: the socket (or one half of it), its read buffer, the
@@ -161,9 +163,9 @@ impl<S> Conn<S> {
                     self.rb.consume(consumed);
                 }
                 Decoded::Close => return Err(ErrorKind::ClosedByPeer),
-                Decoded::Reply { consumed, seq, failed } => {
+                Decoded::Reply { consumed, seq, failed, last } => {
                     self.rb.consume(consumed);
-                    return Ok(Some(Reply { seq, failed }));
+                    return Ok(Some(Reply { seq, failed, last }));
                 }
             }
         }
@@ -272,7 +274,7 @@ mod tests {
         wire.extend(server_frame(opcode::PONG, b"", true));
         wire.extend(server_frame(opcode::CONTINUATION, &msg[8..], true));
         peer.write_all(&wire).await.unwrap();
-        assert_eq!(conn.next_reply().await, Ok(Reply { seq: Some(7), failed: false }));
+        assert_eq!(conn.next_reply().await, Ok(Reply { seq: Some(7), failed: false, last: false }));
         // The pong went out, masked, with the ping's payload.
         let mut buf = [0u8; 64];
         let n = peer.read(&mut buf).await.unwrap();

@@ -152,3 +152,22 @@ fn bulk_that_moves_no_bytes_is_invalid_and_says_so() {
     assert!(r.stdout.contains("!!! no byte was received in the measured window"), "{}", r.stdout);
     assert!(r.stdout.contains("result         INVALID"), "{}", r.stdout);
 }
+
+#[test]
+fn http_keepalive_reconnects_when_the_server_closes_after_each_response() {
+    let dir = tmpdir();
+    for announce in [true, false] {
+        let addr = common::closing_http_server(announce);
+        let name = if announce { "announced" } else { "unannounced" };
+        let r = run(&["http", "--target", &addr, "-c", "2", "-r", "100", "-d", "2s", "-w", "300ms"], dir.path(), name);
+        let s = &r.summary;
+        assert!(r.output.status.success(), "{name}: {}\n{}", r.stdout, r.stderr);
+        assert!(s.valid && s.total_errors == 0, "{name}: {}", r.stdout);
+        assert!(s.received >= 190 && s.received == s.sent, "{name}: {}", r.stdout);
+        // One connection per answer: at least every measured request came over a new one.
+        assert!(s.reconnects >= s.received, "{name}: {}", r.stdout);
+        assert!(r.stdout.contains(&format!("(+{} reconnects)", s.reconnects)), "{name}: {}", r.stdout);
+        assert!(r.stdout.contains("use --close"), "{name}: {}", r.stdout);
+        assert!(r.stdout.contains("result         VALID"), "{name}: {}", r.stdout);
+    }
+}

@@ -141,3 +141,32 @@ pub fn dead_port() -> String {
     drop(l);
     a.to_string()
 }
+
+/// A tiny HTTP server on a thread: answers each request with `200` and then
+/// closes the connection, as a router that does not keep plain requests
+/// alive does; `announce` adds `Connection: close` to the answer, otherwise
+/// the close comes unannounced. Returns its address; it lives as long as
+/// the test process.
+pub fn closing_http_server(announce: bool) -> String {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let close = if announce { "Connection: close\r\n" } else { "" };
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{close}\r\nok");
+            });
+        }
+    });
+    addr
+}
