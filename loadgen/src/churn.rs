@@ -58,6 +58,8 @@ const READ_BUF: usize = 256;
 
 struct Shared {
     rec: Mutex<Recorder>,
+    /// The run's start, the zero of the recorder's timeline.
+    t0: Instant,
     handshakes: AtomicU64,
     completed: AtomicU64,
 }
@@ -65,6 +67,18 @@ struct Shared {
 impl Shared {
     fn rec(&self) -> std::sync::MutexGuard<'_, Recorder> {
         self.rec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Nanoseconds from the run's start to `t`.
+    fn ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.t0).as_nanos() as u64
+    }
+
+    /// Counts a failed cycle: its error, and its echo owed from `due` until now.
+    fn failed(&self, kind: ErrorKind, due: Instant) {
+        let mut r = self.rec();
+        r.error(kind);
+        r.timeline.owed(self.ns(due), self.ns(Instant::now()));
     }
 }
 
@@ -79,6 +93,7 @@ async fn run_async(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
     let end = t0 + cfg.duration;
     let sh = Arc::new(Shared {
         rec: Mutex::new(Recorder::new(false)),
+        t0,
         handshakes: AtomicU64::new(0),
         completed: AtomicU64::new(0),
     });
@@ -157,7 +172,7 @@ async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, p
             o.conn
         }
         Err(e) => {
-            sh.rec().error(e.kind);
+            sh.failed(e.kind, due);
             return;
         }
     };
@@ -165,11 +180,15 @@ async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, p
         .await
         .unwrap_or(Err(ErrorKind::Unanswered));
     if let Err(kind) = exchanged {
-        sh.rec().error(kind);
+        sh.failed(kind, due);
         return;
     }
     let now = Instant::now();
-    sh.rec().reply(now.saturating_duration_since(due).as_nanos() as u64, (now - start).as_nanos() as u64, 0);
+    {
+        let mut r = sh.rec();
+        r.reply(now.saturating_duration_since(due).as_nanos() as u64, (now - start).as_nanos() as u64, 0);
+        r.timeline.answered(sh.ns(due), sh.ns(now));
+    }
     match tokio::time::timeout(CLOSE_WAIT, conn.close()).await {
         Ok(Ok(())) => {
             sh.completed.fetch_add(1, Ordering::SeqCst);

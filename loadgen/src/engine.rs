@@ -309,7 +309,16 @@ async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<
     };
     shared.writer_waiting.set(false);
     let lost = unanswered_measured(&shared, sched, clock);
-    rec.borrow_mut().error_n(ErrorKind::Unanswered, lost);
+    {
+        let mut r = rec.borrow_mut();
+        r.error_n(ErrorKind::Unanswered, lost);
+        // Whatever was due and never answered was owed until now, or at
+        // least until the window ended (a connection that failed early).
+        let oldest = sched.due_ns(shared.next_ack.get());
+        if oldest < clock.end_ns {
+            r.timeline.owed(oldest, clock.now_ns().max(clock.end_ns));
+        }
+    }
     shared.closing.set(true);
     if let Some((mut wr, mut codec)) = writer.filter(|_| ok && !shared.dead.get()) {
         let mut bye = Vec::new();
@@ -496,14 +505,16 @@ async fn read_loop(
             let actual = sh.send_ns[(expected % cap) as usize].get();
             sh.next_ack.set(expected + 1);
             answered += 1;
+            let mut r = rec.borrow_mut();
+            r.timeline.answered(intended, now);
             if clock.measured(intended) {
-                let mut r = rec.borrow_mut();
                 let second = (now.saturating_sub(clock.warm_ns) / 1_000_000_000) as usize;
                 r.reply(now.saturating_sub(intended), now.saturating_sub(actual), second);
                 if failed {
                     r.error(ErrorKind::HttpStatus);
                 }
             }
+            drop(r);
             if sh.writer_waiting.get() {
                 sh.wake.notify_one();
             }
@@ -562,6 +573,7 @@ async fn http_close_loop(
         let measured = clock.measured(due);
         k += 1;
         let Some(mut conn) = open(cfg, source, codec.clone(), HTTP_CLOSE_READ_BUF, rec).await else {
+            rec.borrow_mut().timeline.owed(due, clock.now_ns());
             continue;
         };
         if measured {
@@ -581,6 +593,10 @@ async fn http_close_loop(
         let outcome = tokio::time::timeout_at(remaining, result).await.unwrap_or(Err(ErrorKind::Unanswered));
         let now = clock.now_ns();
         let mut recm = rec.borrow_mut();
+        match outcome {
+            Ok(_) => recm.timeline.answered(due, now),
+            Err(_) => recm.timeline.owed(due, now),
+        }
         match outcome {
             Ok(failed) if measured => {
                 let second = (now.saturating_sub(clock.warm_ns) / 1_000_000_000) as usize;

@@ -208,6 +208,10 @@ async fn connection(
     sh.alive.fetch_add(1, Ordering::SeqCst);
     let mut state = Held { conn, start_ns: sh.now_ns(), next_seq: 0, next_ack: 0, last_write_ns: 0 };
     let outcome = state.idle(&cfg, &sh, &mut phase).await;
+    if let Some(every) = cfg.ping_every.filter(|_| state.next_ack < state.next_seq) {
+        // Liveness messages never echoed were owed until now.
+        sh.rec().timeline.owed(state.due_ns(every, state.next_ack), sh.now_ns());
+    }
     match outcome {
         // Close frame, then FIN; waits (bounded) for the peer's EOF so that the
         // close is orderly. Nothing here counts as an error.
@@ -289,7 +293,9 @@ impl Held {
             let corrected = now.saturating_sub(self.due_ns(every, k));
             // Only the latest message's write time is kept; older ones are charged from schedule.
             let uncorrected = if k + 1 == self.next_seq { now.saturating_sub(self.last_write_ns) } else { corrected };
-            sh.rec().reply(corrected, uncorrected, 0);
+            let mut r = sh.rec();
+            r.reply(corrected, uncorrected, 0);
+            r.timeline.answered(self.due_ns(every, k), now);
         }
         self.conn.flush().await
     }

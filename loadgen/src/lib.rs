@@ -24,6 +24,7 @@ pub mod rusage;
 pub mod schedule;
 pub mod search;
 pub mod tcpbulk;
+pub mod timeline;
 pub mod timer;
 pub mod watch;
 pub mod ws;

@@ -1,6 +1,7 @@
 //! Per-thread recording: latency histograms (never a list of samples), error
 //! counters by kind, and one corrected histogram per second for the interval log.
 
+use crate::timeline::Timeline;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -124,6 +125,8 @@ pub struct Recorder {
     pub bytes_in: u64,
     /// Errors by kind.
     pub errors: BTreeMap<ErrorKind, u64>,
+    /// Progress and owed messages over the run's time, for finding stalls.
+    pub timeline: Timeline,
 }
 
 impl Recorder {
@@ -148,6 +151,7 @@ impl Recorder {
             bytes_out: 0,
             bytes_in: 0,
             errors: BTreeMap::new(),
+            timeline: Timeline::default(),
         }
     }
 
@@ -218,6 +222,7 @@ impl Recorder {
         for (k, v) in &other.errors {
             *self.errors.entry(*k).or_insert(0) += v;
         }
+        self.timeline.merge(&other.timeline);
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::recorder::{ErrorKind, Recorder};
 use crate::rusage::CpuTime;
 use crate::search::SearchStats;
+use crate::timeline::Stalls;
 use crate::watch::WatchReport;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
@@ -252,6 +253,10 @@ pub struct Summary {
     /// (added in v1; null in older files and for `merge`).
     #[serde(default)]
     pub watch: Option<WatchReport>,
+    /// Stretches of a second or more in which load was due (a message owed,
+    /// bytes to move) and nothing moved (added in v1; zero in older files).
+    #[serde(default)]
+    pub stalls: Stalls,
     /// False when the figures cannot be trusted; see `problems`.
     pub valid: bool,
     /// Why the run is invalid, or warnings (rate not reached).
@@ -326,7 +331,13 @@ pub enum Expect {
 /// direction asked for), when messages due in the window were never sent,
 /// or when any error occurred. A missed target rate is a warning, not a
 /// reason: the corrected figures are still right.
-pub fn verdict(info: &RunInfo, rec: &Recorder, rate_reached: bool, achieved_rate: f64) -> (bool, Vec<String>) {
+pub fn verdict(
+    info: &RunInfo,
+    rec: &Recorder,
+    rate_reached: bool,
+    achieved_rate: f64,
+    stalls: &Stalls,
+) -> (bool, Vec<String>) {
     let mut problems = Vec::new();
     let mut valid = true;
     let mut invalid = |why: String| {
@@ -356,6 +367,13 @@ pub fn verdict(info: &RunInfo, rec: &Recorder, rate_reached: bool, achieved_rate
     let total_errors = rec.total_errors();
     if total_errors > 0 {
         invalid(format!("{total_errors} errors: the latency figures miss the failed messages"));
+    }
+    if stalls.count > 0 {
+        problems.push(format!(
+            "STALLED: {} time(s) nothing moved for a second or more while load was due, the longest for {:.2}s \
+             ({:.2}s in all); the corrected latency includes the wait",
+            stalls.count, stalls.longest_s, stalls.total_s
+        ));
     }
     if rec.reconnects > 0 {
         problems.push(format!(
@@ -391,7 +409,8 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
     // A merge of interval logs has no rate target and no connections of its own.
     let merged = info.expect == Expect::Merged;
     let rate_reached = bulk || merged || achieved_rate >= info.target_rate * RATE_TOLERANCE;
-    let (valid, problems) = verdict(info, rec, rate_reached, achieved_rate);
+    let stalls = rec.timeline.stalls();
+    let (valid, problems) = verdict(info, rec, rate_reached, achieved_rate, &stalls);
     let user_s = cpu.user.as_secs_f64();
     let system_s = cpu.system.as_secs_f64();
     Summary {
@@ -438,6 +457,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
         watch: None,
         search: None,
         cpu: Cpu { user_s, system_s, wall_s, cores_busy: (user_s + system_s) / wall_s.max(1e-9) },
+        stalls,
         valid,
         problems,
         histograms: EncodedHistograms {
@@ -616,6 +636,13 @@ pub fn render(s: &Summary) -> String {
     row(&mut out, "connect", &s.latency_us.connect);
     row(&mut out, "upgrade", &s.latency_us.upgrade);
     row(&mut out, "handshake", &s.latency_us.handshake);
+    if s.stalls.count > 0 {
+        let _ = writeln!(
+            out,
+            "stalls         {} of 1s or more with load due and nothing moving: longest {:.2}s, {:.2}s in all",
+            s.stalls.count, s.stalls.longest_s, s.stalls.total_s
+        );
+    }
     let errs: Vec<String> = s.errors.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k} {v}")).collect();
     let _ = writeln!(out, "errors         {}", if errs.is_empty() { "none".to_string() } else { errs.join(", ") });
     let _ = writeln!(
@@ -799,5 +826,46 @@ mod tests {
         );
         let http = RunInfo { mode: "http".into(), ..info() };
         assert!(render(&summarize(&http, &r, CpuTime::default(), 1.0)).contains("  requests     due in the window"));
+    }
+
+    #[test]
+    fn a_stall_is_flagged_with_its_length_but_does_not_invalidate() {
+        let ms = 1_000_000u64;
+        let mut r = Recorder::new(false);
+        r.connections_ok = 1;
+        r.count_sent(100, true);
+        // Every 10 ms an answer 1 ms after it was due, except that the one
+        // due at 500 ms takes until 1700 ms and nothing else moves meanwhile.
+        let mut answer = |due: u64, at: u64| {
+            r.reply(at - due, at - due, 0);
+            r.timeline.answered(due, at);
+        };
+        for due in (0..500).step_by(10) {
+            answer(due * ms, (due + 1) * ms);
+        }
+        answer(500 * ms, 1700 * ms);
+        for due in (1700..2000).step_by(10) {
+            answer(due * ms, (due + 1) * ms);
+        }
+        let s = summarize(&info(), &r, CpuTime::default(), 1.0);
+        assert_eq!(s.stalls.count, 1, "{:?}", s.stalls);
+        assert!((s.stalls.longest_s - 1.2).abs() < 0.02, "{:?}", s.stalls);
+        assert!(s.valid, "a stall is in the corrected latency, the figures stand: {:?}", s.problems);
+        let text = render(&s);
+        assert!(
+            text.contains("stalls         1 of 1s or more with load due and nothing moving: longest 1.20s"),
+            "{text}"
+        );
+        assert!(text.contains("!!! STALLED: 1 time(s)"), "{text}");
+        let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back.stalls, s.stalls);
+        // Without the wait: no stall, no line.
+        let mut r = Recorder::new(false);
+        r.connections_ok = 1;
+        r.reply(ms, ms, 0);
+        r.timeline.answered(0, ms);
+        let s = summarize(&info(), &r, CpuTime::default(), 1.0);
+        assert_eq!(s.stalls, Stalls::default());
+        assert!(!render(&s).contains("stalls ") && !s.problems.iter().any(|p| p.contains("STALLED")));
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::net;
 use crate::recorder::{record_ns, ErrorKind, Recorder};
+use crate::timeline::Timeline;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,6 +44,9 @@ pub struct BulkConfig {
     pub connect_timeout: Duration,
 }
 
+/// How often the bytes moved are sampled for the stall timeline.
+const SAMPLE: Duration = Duration::from_millis(10);
+
 /// How long the connections get to wind down after the measured window.
 const GRACE: Duration = Duration::from_secs(2);
 
@@ -60,12 +64,35 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
     rt.block_on(async {
         let counting = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_rx_sampler = stop_rx.clone();
         let out = Arc::new(AtomicU64::new(0));
         let inn = Arc::new(AtomicU64::new(0));
+        // Bytes moved either way at any time, sampled for the stall timeline.
+        let moved = Arc::new(AtomicU64::new(0));
+        let t0 = Instant::now();
+        let sampler = {
+            let moved = moved.clone();
+            tokio::spawn(async move {
+                let mut timeline = Timeline::default();
+                let mut tick = tokio::time::interval(SAMPLE);
+                let mut last = 0;
+                loop {
+                    tick.tick().await;
+                    let now = moved.load(Ordering::Relaxed);
+                    if now != last {
+                        timeline.moved(t0.elapsed().as_nanos() as u64);
+                        last = now;
+                    }
+                    if *stop_rx_sampler.borrow() {
+                        return timeline;
+                    }
+                }
+            })
+        };
         let mut tasks = Vec::new();
         for i in 0..cfg.connections {
             let cfg = cfg.clone();
-            let (counting, out, inn) = (counting.clone(), out.clone(), inn.clone());
+            let (counting, out, inn, moved) = (counting.clone(), out.clone(), inn.clone(), moved.clone());
             let stop = stop_rx.clone();
             tasks.push(tokio::spawn(async move {
                 let source = (!cfg.source_ips.is_empty()).then(|| cfg.source_ips[i % cfg.source_ips.len()]);
@@ -91,6 +118,7 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
                             r = wr.write_all(&chunk) => r.map_err(|_| ErrorKind::Io)?,
                             _ = stop.wait_for(|s| *s) => break,
                         }
+                        moved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                         if counting.load(Ordering::Relaxed) {
                             out.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                         }
@@ -113,6 +141,7 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
                             Ok(0) if stopped() => return Ok(()),
                             Ok(0) => return Err(ErrorKind::ClosedByPeer),
                             Ok(n) => {
+                                moved.fetch_add(n as u64, Ordering::Relaxed);
                                 if counting.load(Ordering::Relaxed) {
                                     inn.fetch_add(n as u64, Ordering::Relaxed);
                                 }
@@ -145,6 +174,11 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
                 }
             }
         }
+        if let Ok(timeline) = sampler.await {
+            rec.timeline = timeline;
+        }
+        // Bytes were due for the whole run, warm-up included.
+        rec.timeline.owed(0, (cfg.warmup + cfg.duration).as_nanos() as u64);
         rec.bytes_out = out.load(Ordering::Relaxed);
         rec.bytes_in = inn.load(Ordering::Relaxed);
         Ok(rec)

@@ -96,3 +96,28 @@ fn full_window_corrected_charges_from_intended_time_uncorrected_does_not() {
     // Catch-up sent the backlog, so the count still matches the schedule.
     assert!(s.sent >= 3900, "{}", r.stdout);
 }
+
+#[test]
+fn a_stall_is_flagged_with_its_length() {
+    // The echo server answers nothing for 1.5 s, 1 s after the first connection.
+    let echo = Server::echo(&["--stall-at", "1s", "--stall-for", "1.5s"]);
+    let dir = tmpdir();
+    let r = run(
+        &["ws", "--target", &echo.addr, "-c", "2", "-r", "200", "-d", "3s", "-w", "0s", "--threads", "1"],
+        dir.path(),
+        "stalled",
+    );
+    let s = &r.summary;
+    assert_eq!(s.stalls.count, 1, "{}", r.stdout);
+    assert!(s.stalls.longest_s >= 1.3 && s.stalls.longest_s <= 2.5, "{}", r.stdout);
+    assert!(r.stdout.contains("stalls         1 of 1s or more") && r.stdout.contains("!!! STALLED"), "{}", r.stdout);
+    // The stall is in the corrected figures, which stand: still a valid run.
+    assert!(s.valid && r.output.status.success(), "{}", r.stdout);
+    assert!(s.latency_us.corrected.max >= 1_300_000, "{}", r.stdout);
+
+    // The same run without the stall has none.
+    let calm = Server::echo(&[]);
+    let r = run(&["ws", "--target", &calm.addr, "-c", "2", "-r", "200", "-d", "2s", "-w", "0s"], dir.path(), "calm");
+    assert_eq!(r.summary.stalls.count, 0, "{}", r.stdout);
+    assert!(!r.stdout.contains("STALLED"), "{}", r.stdout);
+}
