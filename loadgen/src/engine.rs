@@ -472,9 +472,9 @@ fn skipped_measured(sched: Schedule, first: u64, clock: Clock) -> u64 {
 /// Reads replies, matches them to sequence numbers and records latencies.
 /// With `reconnects` (HTTP keep-alive), a peer that closes after a reply
 /// (`Connection: close`, or EOF or a reset once it answered something on this
-/// connection, or while nothing was outstanding) ends the connection without
-/// an error and asks for a new one ([`Shared::reconnect`]); a peer that
-/// closes without answering anything that was asked is an error.
+/// connection) ends the connection without an error and asks for a new one
+/// ([`Shared::reconnect`]); a peer that closes a connection before answering
+/// anything on it is an error.
 async fn read_loop(
     mut conn: Conn<OwnedReadHalf>,
     sh: &Shared,
@@ -525,7 +525,9 @@ async fn read_loop(
         }
         if let Err(kind) = conn.fill().await {
             let clean = matches!(kind, ErrorKind::ClosedByPeer | ErrorKind::Io);
-            if reconnects && clean && (answered > 0 || sh.inflight() == 0) {
+            // Only after an answer: a server that closes fresh connections
+            // would otherwise be reconnected to in a tight loop.
+            if reconnects && clean && answered > 0 {
                 sh.reconnect.set(true);
                 break Ok(());
             }

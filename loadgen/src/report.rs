@@ -386,8 +386,8 @@ pub fn verdict(
     let closed = rec.errors.get(&ErrorKind::ClosedByPeer).copied().unwrap_or(0);
     if info.mode == "http" && rec.received == 0 && closed > 0 {
         problems.push(
-            "the target closed keep-alive connections without answering a request: use --close \
-             (Connection: close, a new connection per request)"
+            "the target closed keep-alive connections without answering a request: if it does not keep \
+             connections alive, use --close (Connection: close, a new connection per request)"
                 .to_string(),
         );
     }

@@ -3,7 +3,7 @@
 //! per-connection rates below one message per second.
 
 mod common;
-use common::{run, tmpdir, Server};
+use common::{run, tmpdir, Closing, Server};
 
 #[test]
 fn http_keepalive_and_close() {
@@ -156,9 +156,10 @@ fn bulk_that_moves_no_bytes_is_invalid_and_says_so() {
 #[test]
 fn http_keepalive_reconnects_when_the_server_closes_after_each_response() {
     let dir = tmpdir();
-    for announce in [true, false] {
-        let addr = common::closing_http_server(announce);
-        let name = if announce { "announced" } else { "unannounced" };
+    for how in [Closing::Announced, Closing::Unannounced] {
+        let addr = common::closing_http_server(how);
+        let name = format!("{how:?}");
+        let name = name.as_str();
         let r = run(&["http", "--target", &addr, "-c", "2", "-r", "100", "-d", "2s", "-w", "300ms"], dir.path(), name);
         let s = &r.summary;
         assert!(r.output.status.success(), "{name}: {}\n{}", r.stdout, r.stderr);
@@ -170,4 +171,19 @@ fn http_keepalive_reconnects_when_the_server_closes_after_each_response() {
         assert!(r.stdout.contains("use --close"), "{name}: {}", r.stdout);
         assert!(r.stdout.contains("result         VALID"), "{name}: {}", r.stdout);
     }
+}
+
+#[test]
+fn http_keepalive_against_a_server_that_never_answers_says_to_use_close() {
+    let dir = tmpdir();
+    let addr = common::closing_http_server(Closing::Unanswered);
+    let t = std::time::Instant::now();
+    let r = run(&["http", "--target", &addr, "-c", "2", "-r", "100", "-d", "3s", "-w", "0s"], dir.path(), "silent");
+    let s = &r.summary;
+    assert_eq!(r.output.status.code(), Some(1), "{}", r.stdout);
+    assert!(!s.valid && s.received == 0 && s.reconnects == 0, "{}", r.stdout);
+    assert_eq!(s.errors["closed_by_peer"], 2, "one per connection, no reconnect loop: {}", r.stdout);
+    assert!(r.stdout.contains("without answering a request") && r.stdout.contains("use --close"), "{}", r.stdout);
+    // Said at once: the run does not wait out its 3 s.
+    assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}\n{}", t.elapsed(), r.stdout);
 }

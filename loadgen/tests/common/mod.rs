@@ -142,12 +142,21 @@ pub fn dead_port() -> String {
     a.to_string()
 }
 
-/// A tiny HTTP server on a thread: answers each request with `200` and then
-/// closes the connection, as a router that does not keep plain requests
-/// alive does; `announce` adds `Connection: close` to the answer, otherwise
-/// the close comes unannounced. Returns its address; it lives as long as
-/// the test process.
-pub fn closing_http_server(announce: bool) -> String {
+/// How [`closing_http_server`] ends each connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// Answers `200` with `Connection: close`, then closes.
+    Announced,
+    /// Answers `200` without saying so, then closes.
+    Unannounced,
+    /// Reads the request and closes without answering.
+    Unanswered,
+}
+
+/// A tiny HTTP server on a thread that closes every connection after its
+/// first request, as a router that does not keep plain requests alive does.
+/// Returns its address; it lives as long as the test process.
+pub fn closing_http_server(how: Closing) -> String {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
@@ -163,7 +172,11 @@ pub fn closing_http_server(announce: bool) -> String {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let close = if announce { "Connection: close\r\n" } else { "" };
+                let close = match how {
+                    Closing::Announced => "Connection: close\r\n",
+                    Closing::Unannounced => "",
+                    Closing::Unanswered => return,
+                };
                 let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{close}\r\nok");
             });
         }
