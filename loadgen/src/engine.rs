@@ -211,6 +211,8 @@ struct Shared {
     /// Sequence numbers below this were counted as sent (a message written
     /// again after a reconnect is not counted twice).
     counted: Cell<u64>,
+    /// The connection may be opened again when the peer closes it (HTTP keep-alive).
+    may_reconnect: bool,
     /// The reader ended because the peer closed the connection in a way
     /// HTTP keep-alive allows (`Connection: close`, or EOF after answering):
     /// open a new connection and go on.
@@ -268,16 +270,16 @@ async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<
         closing: Cell::new(false),
         ctrl: RefCell::new(Vec::new()),
         counted: Cell::new(first),
+        may_reconnect: cfg.proto == Proto::HttpKeepAlive,
         reconnect: Cell::new(false),
     });
-    let reconnects = cfg.proto == Proto::HttpKeepAlive;
     let (ok, writer, reader) = loop {
         let mut codec = conn.codec().clone();
         let (rd, mut wr) = conn.into_split();
         let reader = {
             let shared = shared.clone();
             let rec = rec.clone();
-            tokio::task::spawn_local(async move { read_loop(rd, &shared, sched, clock, &rec, reconnects).await })
+            tokio::task::spawn_local(async move { read_loop(rd, &shared, sched, clock, &rec).await })
         };
         let ok = write_loop(&mut wr, &mut codec, &shared, sched, clock, rec, timer).await;
         // Drain: wait for outstanding replies until the deadline.
@@ -438,6 +440,19 @@ async fn write_loop(
         sh.counted.set(sh.counted.get().max(sh.next_seq.get()));
         rec.borrow_mut().count_sent(sent_measured, now < clock.end_ns);
         if wr.write_all(&buf).await.is_err() {
+            if sh.may_reconnect {
+                // The server closed: the reader meets the same close and
+                // decides whether it is a keep-alive close (a new connection)
+                // or an error.
+                while !sh.dead.get() && clock.now_ns() < clock.drain_ns {
+                    sh.writer_waiting.set(true);
+                    tokio::select! {
+                        _ = sh.wake.notified() => {}
+                        _ = tokio::time::sleep_until(drain_at) => {}
+                    }
+                }
+                sh.writer_waiting.set(false);
+            }
             if !sh.dead.get() {
                 rec.borrow_mut().error(ErrorKind::Io);
                 sh.dead.set(true);
@@ -470,7 +485,7 @@ fn skipped_measured(sched: Schedule, first: u64, clock: Clock) -> u64 {
 }
 
 /// Reads replies, matches them to sequence numbers and records latencies.
-/// With `reconnects` (HTTP keep-alive), a peer that closes after a reply
+/// When the connection may be opened again (HTTP keep-alive), a peer that closes after a reply
 /// (`Connection: close`, or EOF or a reset once it answered something on this
 /// connection) ends the connection without an error and asks for a new one
 /// ([`Shared::reconnect`]); a peer that closes a connection before answering
@@ -481,7 +496,6 @@ async fn read_loop(
     sched: Schedule,
     clock: Clock,
     rec: &Rc<RefCell<Recorder>>,
-    reconnects: bool,
 ) {
     let cap = sh.send_ns.len() as u64;
     let mut answered = 0u64;
@@ -518,7 +532,7 @@ async fn read_loop(
             if sh.writer_waiting.get() {
                 sh.wake.notify_one();
             }
-            if last && reconnects {
+            if last && sh.may_reconnect {
                 sh.reconnect.set(true);
                 break 'conn Ok(());
             }
@@ -527,7 +541,7 @@ async fn read_loop(
             let clean = matches!(kind, ErrorKind::ClosedByPeer | ErrorKind::Io);
             // Only after an answer: a server that closes fresh connections
             // would otherwise be reconnected to in a tight loop.
-            if reconnects && clean && answered > 0 {
+            if sh.may_reconnect && clean && answered > 0 {
                 sh.reconnect.set(true);
                 break Ok(());
             }
