@@ -17,8 +17,8 @@
 
 use upsplice::dataplane::copy::CopyPlane;
 use upsplice::dataplane::sockmap::{self, SockmapPlane};
-use upsplice::dataplane::uring::{self, UringPlane};
-use upsplice::dataplane::{Settings, Tunnel};
+use upsplice::dataplane::uring::UringPlane;
+use upsplice::dataplane::{DataPlane, Settings, Tunnel};
 use upsplice_benches::cpu::Usage;
 use upsplice_benches::tunnel::{pair, push, relayed, tunnel, Ends};
 use upsplice_benches::{median, setting, splice_prototype, MIB};
@@ -48,12 +48,12 @@ struct Planes {
 
 impl Planes {
     fn start(limit_mib: u64) -> Planes {
-        let uring = match uring::probe() {
+        let uring = match UringPlane::probe() {
             Ok(()) => {
                 let with_buffer = |size: Option<u64>| {
                     let defaults = Settings::default();
                     let uring_buffer = size.unwrap_or(defaults.uring_buffer);
-                    UringPlane::new(&Settings { uring_workers: 2, uring_buffer, ..defaults }).expect("uring plane")
+                    UringPlane::start(&Settings { uring_workers: 2, uring_buffer, ..defaults }).expect("uring plane")
                 };
                 Some([with_buffer(None), with_buffer(Some(64 << 10)), with_buffer(Some(256 << 10))])
             }
@@ -88,7 +88,7 @@ impl Planes {
     async fn relay(&self, mode: &str, t: Tunnel) -> u64 {
         let uring = |i: usize| &self.uring.as_ref().expect("uring runs")[i];
         match mode {
-            "copy" => self.copy.relay(t).await.to_backend,
+            "copy" => relayed(mode, self.copy.relay(t).await).to_backend,
             "uring" => relayed(mode, uring(0).relay(t).await).to_backend,
             "uring-64k" => relayed(mode, uring(1).relay(t).await).to_backend,
             "uring-256k" => relayed(mode, uring(2).relay(t).await).to_backend,
@@ -102,7 +102,7 @@ impl Planes {
             "sockmap" => match self.sockmap.as_ref().expect("sockmap runs").relay(t).await {
                 Ok(outcome) => outcome.to_backend,
                 Err(rejected) => {
-                    self.copy.relay(rejected.tunnel).await;
+                    relayed("copy", self.copy.relay(rejected.tunnel).await);
                     rejected.relayed.0
                 }
             },

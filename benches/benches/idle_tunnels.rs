@@ -12,14 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use upsplice::dataplane::uring::{self, UringPlane};
+use upsplice::dataplane::uring::UringPlane;
+use upsplice::dataplane::DataPlane;
 use upsplice::dataplane::{CloseReason, Settings};
 use upsplice_benches::tunnel::{relayed, tunnel, Ends};
 use upsplice_benches::{setting, splice_prototype};
 
 fn main() {
     let n = setting("UPSPLICE_BENCH_TUNNELS", 64, 8);
-    if let Err(why) = uring::probe() {
+    if let Err(why) = UringPlane::probe() {
         println!("SKIPPED: uring plane unavailable on this kernel: {why}");
         return;
     }
@@ -32,7 +33,8 @@ fn thread_count() -> usize {
 }
 
 async fn run(n: usize) {
-    let plane = Arc::new(UringPlane::new(&Settings { uring_workers: 2, ..Settings::default() }).expect("uring plane"));
+    let plane =
+        Arc::new(UringPlane::start(&Settings { uring_workers: 2, ..Settings::default() }).expect("uring plane"));
     let threads0 = thread_count();
     let mut splices = Vec::new();
     let mut ends = Vec::new();

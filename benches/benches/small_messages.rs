@@ -13,7 +13,8 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use upsplice::dataplane::copy::CopyPlane;
-use upsplice::dataplane::uring::{self, UringPlane};
+use upsplice::dataplane::uring::UringPlane;
+use upsplice::dataplane::DataPlane;
 use upsplice::dataplane::Settings;
 use upsplice_benches::cpu::Start;
 use upsplice_benches::setting;
@@ -22,7 +23,7 @@ use upsplice_benches::tunnel::{relayed, tunnel, Ends};
 fn main() {
     let tunnels = setting("UPSPLICE_BENCH_TUNNELS", 200, 10);
     let trips = setting("UPSPLICE_BENCH_TRIPS", 500, 20);
-    if let Err(why) = uring::probe() {
+    if let Err(why) = UringPlane::probe() {
         println!("SKIPPED: uring plane unavailable on this kernel: {why}");
         return;
     }
@@ -31,7 +32,8 @@ fn main() {
 }
 
 async fn run(tunnels: usize, trips: usize) {
-    let uring = Arc::new(UringPlane::new(&Settings { uring_workers: 2, ..Settings::default() }).expect("uring plane"));
+    let uring =
+        Arc::new(UringPlane::start(&Settings { uring_workers: 2, ..Settings::default() }).expect("uring plane"));
     let copy = Arc::new(CopyPlane::new(&Settings::default()));
     println!("small messages: {tunnels} tunnels x {trips} round trips of 64 bytes");
     for round in 0..2 {
@@ -44,7 +46,7 @@ async fn run(tunnels: usize, trips: usize) {
                 let (u, c) = (uring.clone(), copy.clone());
                 relays.push(tokio::spawn(async move {
                     if mode == "copy" {
-                        c.relay(tunnel).await
+                        relayed("copy", c.relay(tunnel).await)
                     } else {
                         relayed("uring", u.relay(tunnel).await)
                     }

@@ -26,8 +26,8 @@ use tokio::time::timeout;
 
 use upsplice::dataplane::copy::CopyPlane;
 use upsplice::dataplane::sockmap::{self, SockmapPlane};
-use upsplice::dataplane::Settings;
 use upsplice::dataplane::{CloseReason, Mode, Outcome, Tunnel};
+use upsplice::dataplane::{DataPlane, Settings};
 
 const MIB: usize = 1024 * 1024;
 /// Idle timeout of the tests' tunnels: longer than any test.
@@ -99,7 +99,7 @@ async fn relay_parts(plane: &SockmapPlane, t: Tunnel) -> (Outcome, (u64, u64)) {
         Err(rejected) => {
             eprintln!("sockmap handed the tunnel on: {}", rejected.reason);
             let copy = CopyPlane::new(&Settings::default());
-            let mut outcome = copy.relay(rejected.tunnel).await;
+            let mut outcome = copy.relay(rejected.tunnel).await.expect("copy takes every tunnel");
             outcome.to_backend += rejected.relayed.0;
             outcome.to_client += rejected.relayed.1;
             (outcome, rejected.relayed)
@@ -440,6 +440,7 @@ async fn socket_that_got_fin_is_rejected_untouched_and_falls_back() {
         timeout(Duration::from_secs(5), async { tokio::join!(copy.relay(t), backend_side, client_side) })
             .await
             .expect("copy plane relays it");
+    let outcome = outcome.expect("copy takes every tunnel");
     assert_eq!(to_backend, b"pipelined+more");
     assert_eq!(to_client, b"tailbye");
     assert_eq!(outcome.reason, CloseReason::Done);

@@ -1,6 +1,6 @@
 //! The uring data plane through its library API: loopback socket pairs, a
 //! `Tunnel`, `UringPlane::relay`. Every test is skipped (with the reason
-//! printed) only when `uring::probe()` says this kernel cannot run it.
+//! printed) only when `UringPlane::probe()` says this kernel cannot run it.
 //!
 //! Tests run one at a time (a process-wide lock) because some of them
 //! measure the process's fd count and memory.
@@ -20,9 +20,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use upsplice::dataplane::uring::{self, UringPlane};
-use upsplice::dataplane::Settings;
+use upsplice::dataplane::uring::UringPlane;
 use upsplice::dataplane::{CloseReason, Outcome, Tunnel};
+use upsplice::dataplane::{DataPlane, Settings};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -43,14 +43,14 @@ where
     // The plane's warnings (a failed operation and its errno) go to the
     // test's output, shown when it fails.
     let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("upsplice=warn").try_init();
-    if let Err(why) = uring::probe() {
+    if let Err(why) = UringPlane::probe() {
         println!("SKIPPED: uring plane unavailable on this kernel: {why}");
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let cfg = Settings { uring_workers: workers, ..Settings::default() };
-        let plane = UringPlane::new(&cfg).expect("uring plane starts");
+        let plane = UringPlane::start(&cfg).expect("uring plane starts");
         tokio::time::timeout(limit, f(plane)).await.expect("test finished in time");
     });
 }
@@ -89,7 +89,7 @@ const LONG: Duration = Duration::from_secs(60);
 
 #[test]
 fn probe_gives_a_clear_answer() {
-    match uring::probe() {
+    match UringPlane::probe() {
         Ok(()) => println!("uring probe: ok"),
         Err(why) => {
             assert!(!why.is_empty());

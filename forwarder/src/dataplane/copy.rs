@@ -9,8 +9,7 @@
 use std::sync::Mutex;
 
 use super::pair::{self, Resources};
-use super::Settings;
-use super::{ByteCounters, Outcome, Tunnel};
+use super::{ByteCounters, DataPlane, Mode, Outcome, Rejected, Settings, Tunnel};
 
 /// Buffers kept for reuse at most; more in flight are allocated and freed.
 const POOL_KEEP: usize = 256;
@@ -45,15 +44,36 @@ pub struct CopyPlane {
 }
 
 impl CopyPlane {
+    /// Copy needs no kernel feature and takes no resource up front: it
+    /// always starts (the last plane of every chain).
     pub fn new(cfg: &Settings) -> CopyPlane {
         CopyPlane { buffers: BufferPool::new(cfg.copy_buffer as usize), counters: ByteCounters::default() }
     }
+}
 
-    pub fn counters(&self) -> &ByteCounters {
-        &self.counters
+impl DataPlane for CopyPlane {
+    const MODE: Mode = Mode::Copy;
+
+    fn probe() -> Result<(), String> {
+        Ok(())
     }
 
-    pub async fn relay(&self, t: Tunnel) -> Outcome {
-        pair::drive(t, Resources { buffers: &self.buffers, pipes: None }, &self.counters).await
+    fn start(settings: &Settings) -> Result<CopyPlane, String> {
+        Ok(CopyPlane::new(settings))
+    }
+
+    fn startup_report(&self) -> String {
+        // Plain read/write: no kernel feature to prove; `upsplice check`
+        // still runs the checks through it (check_all).
+        "no self-test at startup (userspace copy)".into()
+    }
+
+    /// Copy takes every tunnel.
+    async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
+        Ok(pair::drive(t, Resources { buffers: &self.buffers, pipes: None }, &self.counters).await)
+    }
+
+    fn bytes_relayed(&self) -> (u64, u64) {
+        self.counters.load()
     }
 }

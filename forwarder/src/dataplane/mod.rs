@@ -72,6 +72,7 @@ impl fmt::Display for Mode {
 }
 
 /// A connection pair handed to a data plane.
+#[derive(Debug)]
 pub struct Tunnel {
     pub client: TcpStream,
     pub backend: TcpStream,
@@ -126,6 +127,7 @@ pub struct Outcome {
 /// A tunnel a plane could not take, or stopped carrying, with the reason
 /// (logged and counted). Its leftovers are what the next plane delivers
 /// first.
+#[derive(Debug)]
 pub struct Rejected {
     pub tunnel: Tunnel,
     pub reason: String,
@@ -156,6 +158,11 @@ impl ByteCounters {
         self.to_client.store(0, Ordering::Relaxed);
     }
 
+    /// (to backend, to client) so far.
+    pub fn load(&self) -> (u64, u64) {
+        (self.to_backend.load(Ordering::Relaxed), self.to_client.load(Ordering::Relaxed))
+    }
+
     pub fn add(&self, to_backend: u64, to_client: u64) {
         if to_backend > 0 {
             self.to_backend.fetch_add(to_backend, Ordering::Relaxed);
@@ -166,9 +173,64 @@ impl ByteCounters {
     }
 }
 
-/// One data plane, ready to relay. Each module provides `probe()` (can this
-/// kernel and build run it? cheap, no resources) and `new(cfg)` (take the
-/// resources: pipes, rings, eBPF maps); `new` fails with the reason.
+/// The contract every data plane implements; [`Plane`] dispatches to it.
+///
+/// A plane says what it is ([`DataPlane::MODE`]), whether this kernel and
+/// build can run it ([`DataPlane::probe`]: cheap, takes no resources), starts
+/// from the `[data_plane]` settings ([`DataPlane::start`]: takes its
+/// resources — pipes, rings, eBPF maps — and, where it has one, passes its
+/// self-test on this kernel), relays one [`Tunnel`] at a time until it ends
+/// ([`DataPlane::relay`]) and counts the bytes it relayed
+/// ([`DataPlane::bytes_relayed`]). The conformance suite
+/// (`tests/conformance.rs`) checks the behaviour the module docs list for
+/// every implementation.
+///
+/// `relay` returns a future rather than being an `async fn` so that the
+/// `Send` bound is part of the contract; [`Plane::relay`] boxes each plane's
+/// future at its own size, and nothing else allocates per tunnel.
+///
+/// What the seam is meant to admit next:
+///
+/// * **A tunnel that moves between planes.** A plane may end its part of a
+///   tunnel at any time by handing it back in a [`Rejected`], untouched or
+///   with the bytes it carried ([`Rejected::relayed`]) and the leftovers the
+///   next plane must deliver first; [`DataPlanes`] then hands it to the next
+///   plane and adds up the bytes. sockmap's step-aside does this today. A
+///   tunnel promoted the other way (to sockmap once it proves long-lived)
+///   needs only a signal in [`Tunnel`], like `drain`, on which a plane hands
+///   its tunnel back, and a dispatcher that picks the next plane by more
+///   than chain order.
+/// * **A userspace TLS relay.** Its tunnel's client side is a TLS stream
+///   (any `AsyncRead + AsyncWrite`), not a socket the kernel can splice or
+///   redirect. Such a side can join [`Tunnel`] as an alternative to the
+///   client `TcpStream` (or a sibling type can carry it); the kernel planes
+///   then refuse that tunnel untouched with [`Rejected`], as they refuse any
+///   tunnel they cannot take, and the TLS plane — a `DataPlane` like the
+///   others, relaying in userspace as copy does — takes it.
+pub trait DataPlane: Sized + Send + Sync {
+    /// The plane's name in the config and in logs and metrics.
+    const MODE: Mode;
+
+    /// Whether this kernel and build can run the plane, and if not, why.
+    fn probe() -> Result<(), String>;
+
+    /// Starts the plane: takes its resources and, where the plane has one,
+    /// passes its self-test on this kernel; fails with the reason.
+    fn start(settings: &Settings) -> Result<Self, String>;
+
+    /// What [`DataPlane::start`] proved (for the startup log and `upsplice
+    /// check`).
+    fn startup_report(&self) -> String;
+
+    /// Relays `t` until it ends, or hands it back (untouched, or with the
+    /// bytes relayed so far) when this plane cannot take or keep it.
+    fn relay(&self, t: Tunnel) -> impl Future<Output = Result<Outcome, Rejected>> + Send;
+
+    /// Bytes relayed so far by all tunnels of this plane (to backend, to client).
+    fn bytes_relayed(&self) -> (u64, u64);
+}
+
+/// One data plane, ready to relay: dispatch over the [`DataPlane`]s.
 pub enum Plane {
     Copy(copy::CopyPlane),
     Splice(splice::SplicePlane),
@@ -179,9 +241,9 @@ pub enum Plane {
 impl Plane {
     pub fn mode(&self) -> Mode {
         match self {
-            Plane::Copy(_) => Mode::Copy,
-            Plane::Splice(_) => Mode::Splice,
-            Plane::Uring(_) => Mode::Uring,
+            Plane::Copy(_) => copy::CopyPlane::MODE,
+            Plane::Splice(_) => splice::SplicePlane::MODE,
+            Plane::Uring(_) => uring::UringPlane::MODE,
             Plane::Sockmap(_) => Mode::Sockmap,
         }
     }
@@ -196,7 +258,7 @@ impl Plane {
     /// tunnel a second time beside the box.
     pub fn relay(&self, t: Tunnel) -> RelayFuture<'_> {
         match self {
-            Plane::Copy(p) => Box::pin(async move { Ok(p.relay(t).await) }),
+            Plane::Copy(p) => Box::pin(p.relay(t)),
             Plane::Splice(p) => Box::pin(p.relay(t)),
             Plane::Uring(p) => Box::pin(p.relay(t)),
             Plane::Sockmap(p) => Box::pin(p.relay(t)),
@@ -205,48 +267,35 @@ impl Plane {
 
     /// Bytes relayed so far by all tunnels of this plane (to backend, to client).
     pub fn bytes_relayed(&self) -> (u64, u64) {
-        let c = match self {
-            Plane::Copy(p) => p.counters(),
-            Plane::Splice(p) => p.counters(),
-            Plane::Uring(p) => p.counters(),
-            Plane::Sockmap(p) => return p.bytes_relayed(),
-        };
-        (c.to_backend.load(Ordering::Relaxed), c.to_client.load(Ordering::Relaxed))
+        match self {
+            Plane::Copy(p) => p.bytes_relayed(),
+            Plane::Splice(p) => p.bytes_relayed(),
+            Plane::Uring(p) => p.bytes_relayed(),
+            Plane::Sockmap(p) => p.bytes_relayed(),
+        }
     }
 
     /// Starts the plane `mode` and has it pass its self-test on this
     /// kernel; fails with the reason (probe, resources or a failed check).
     /// Returns the plane and what its self-test passed.
     fn build(mode: Mode, cfg: &Settings) -> Result<(Plane, String), String> {
-        Ok(match mode {
-            Mode::Copy => {
-                // Plain read/write: no kernel feature to prove; `upsplice
-                // check` still runs the checks through it (check_all).
-                (Plane::Copy(copy::CopyPlane::new(cfg)), "no self-test at startup (userspace copy)".into())
-            }
-            Mode::Splice => {
-                let p = splice::SplicePlane::new(cfg)?;
-                let report = selftest::run_blocking(|t| p.relay(t));
-                if let Some(why) = report.failure() {
-                    return Err(why);
-                }
-                p.counters().reset();
-                (Plane::Splice(p), report.to_string())
-            }
-            Mode::Uring => {
-                // Runs the self-test in `new` (it also proves its probes).
-                let p = uring::UringPlane::new(cfg)?;
-                let report = format!("{}; {}", p.self_test(), p.features().describe());
-                (Plane::Uring(p), report)
-            }
-            Mode::Sockmap => (
+        fn started<P: DataPlane>(cfg: &Settings, wrap: fn(P) -> Plane) -> Result<(Plane, String), String> {
+            let plane = P::start(cfg)?;
+            let report = plane.startup_report();
+            Ok((wrap(plane), report))
+        }
+        match mode {
+            Mode::Copy => started(cfg, Plane::Copy),
+            Mode::Splice => started(cfg, Plane::Splice),
+            Mode::Uring => started(cfg, Plane::Uring),
+            Mode::Sockmap => Ok((
                 // Runs its own self-test in `new` (leftovers both ways, a
                 // backend that speaks first, FIN both ways).
                 Plane::Sockmap(sockmap::SockmapPlane::new(cfg)?),
                 "passed its own self-test (leftovers both ways, backend speaks first, FIN both ways)".into(),
-            ),
+            )),
             Mode::Auto => unreachable!("auto is resolved by DataPlanes::start"),
-        })
+        }
     }
 }
 
@@ -270,7 +319,7 @@ pub fn check_all(cfg: &Settings) -> Vec<(Mode, PlaneCheck)> {
                 Err(why) => PlaneCheck::Unavailable(why),
                 Ok(()) if mode == Mode::Copy => {
                     let p = copy::CopyPlane::new(cfg);
-                    let report = selftest::run_blocking(|t| async { Ok(p.relay(t).await) });
+                    let report = selftest::run_blocking(|t| p.relay(t));
                     match report.failure() {
                         Some(why) => PlaneCheck::Failed(why),
                         None => PlaneCheck::Passed(report.to_string()),
@@ -290,9 +339,9 @@ pub fn check_all(cfg: &Settings) -> Vec<(Mode, PlaneCheck)> {
 pub fn probe_all() -> Vec<(Mode, Result<(), String>)> {
     vec![
         (Mode::Sockmap, sockmap::probe()),
-        (Mode::Uring, uring::probe()),
-        (Mode::Splice, splice::probe()),
-        (Mode::Copy, Ok(())),
+        (Mode::Uring, uring::UringPlane::probe()),
+        (Mode::Splice, splice::SplicePlane::probe()),
+        (Mode::Copy, copy::CopyPlane::probe()),
     ]
 }
 

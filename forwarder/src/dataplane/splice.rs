@@ -20,8 +20,7 @@ use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 
 use super::copy::BufferPool;
 use super::pair::{self, Resources};
-use super::Settings;
-use super::{ByteCounters, Outcome, Rejected, Tunnel};
+use super::{selftest, ByteCounters, DataPlane, Mode, Outcome, Rejected, Settings, Tunnel};
 
 /// Empty pipes kept open for reuse; beyond it a returned pipe is closed.
 const KEEP_IDLE_PIPES: usize = 256;
@@ -29,18 +28,6 @@ const KEEP_IDLE_PIPES: usize = 256;
 /// `SPLICE_F_MOVE` is a hint the kernel ignores today; NONBLOCK makes the
 /// pipe side never block (the socket side is non-blocking already).
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
-
-/// Can this kernel splice? Moves one byte between two pipes.
-pub fn probe() -> Result<(), String> {
-    let a = Pipe::new(None).map_err(|e| format!("pipe2: {e}"))?;
-    let b = Pipe::new(None).map_err(|e| format!("pipe2: {e}"))?;
-    nix::unistd::write(&a.w, b"x").map_err(|e| format!("write to a pipe: {e}"))?;
-    match splice(a.r.as_fd(), None, b.w.as_fd(), None, 1, SpliceFFlags::SPLICE_F_NONBLOCK) {
-        Ok(1) => Ok(()),
-        Ok(n) => Err(format!("splice moved {n} bytes instead of 1")),
-        Err(e) => Err(format!("splice(2) failed: {e}")),
-    }
-}
 
 /// A non-blocking pipe and its capacity.
 pub struct Pipe {
@@ -122,14 +109,32 @@ pub struct SplicePlane {
     pipes: PipePool,
     buffers: BufferPool,
     counters: ByteCounters,
+    /// What the self-test at start passed.
+    self_test: String,
 }
 
-impl SplicePlane {
-    pub fn new(cfg: &Settings) -> Result<SplicePlane, String> {
-        probe()?;
+impl DataPlane for SplicePlane {
+    const MODE: Mode = Mode::Splice;
+
+    /// Can this kernel splice? Moves one byte between two pipes.
+    fn probe() -> Result<(), String> {
+        let a = Pipe::new(None).map_err(|e| format!("pipe2: {e}"))?;
+        let b = Pipe::new(None).map_err(|e| format!("pipe2: {e}"))?;
+        nix::unistd::write(&a.w, b"x").map_err(|e| format!("write to a pipe: {e}"))?;
+        match splice(a.r.as_fd(), None, b.w.as_fd(), None, 1, SpliceFFlags::SPLICE_F_NONBLOCK) {
+            Ok(1) => Ok(()),
+            Ok(n) => Err(format!("splice moved {n} bytes instead of 1")),
+            Err(e) => Err(format!("splice(2) failed: {e}")),
+        }
+    }
+
+    /// Opens a pipe of the configured size, then relays the self-test's
+    /// tunnels: it carries no tunnel before that passed on this kernel.
+    fn start(cfg: &Settings) -> Result<SplicePlane, String> {
+        SplicePlane::probe()?;
         // Open one pipe of the configured size now so a bad size fails at start.
         Pipe::new(cfg.pipe_size).map_err(|e| format!("a pipe of data_plane.pipe_size: {e}"))?;
-        Ok(SplicePlane {
+        let mut plane = SplicePlane {
             pipes: PipePool {
                 size: cfg.pipe_size,
                 max: cfg.max_pipes,
@@ -138,15 +143,28 @@ impl SplicePlane {
             },
             buffers: BufferPool::new(cfg.copy_buffer as usize),
             counters: ByteCounters::default(),
-        })
+            self_test: String::new(),
+        };
+        let report = selftest::run_blocking(|t| plane.relay(t));
+        if let Some(why) = report.failure() {
+            return Err(why);
+        }
+        // The self-test's bytes are not traffic.
+        plane.counters.reset();
+        plane.self_test = report.to_string();
+        Ok(plane)
     }
 
-    pub fn counters(&self) -> &ByteCounters {
-        &self.counters
+    fn startup_report(&self) -> String {
+        self.self_test.clone()
     }
 
     /// Splice takes every tunnel: without a pipe it copies that burst.
-    pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
+    async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
         Ok(pair::drive(t, Resources { buffers: &self.buffers, pipes: Some(&self.pipes) }, &self.counters).await)
+    }
+
+    fn bytes_relayed(&self) -> (u64, u64) {
+        self.counters.load()
     }
 }

@@ -43,8 +43,7 @@ use std::thread::JoinHandle;
 use io_uring::{opcode, IoUring};
 use tokio::sync::oneshot;
 
-use super::Settings;
-use super::{selftest, ByteCounters, CloseReason, Outcome, Rejected, Tunnel};
+use super::{selftest, ByteCounters, CloseReason, DataPlane, Mode, Outcome, Rejected, Settings, Tunnel};
 use worker::{Cmd, Job, Shared, Sizing, Worker};
 
 /// Bytes of pool buffers per worker (mapped once, touched only as used,
@@ -78,11 +77,6 @@ impl Features {
             (false, None) => "multishot recv length cap: not probed".into(),
         }
     }
-}
-
-/// Whether this kernel and build can run the uring plane.
-pub fn probe() -> Result<(), String> {
-    probe_features().map(|_| ())
 }
 
 /// What this kernel's io_uring supports of what the plane uses; an error
@@ -253,10 +247,18 @@ pub struct UringPlane {
     features: Features,
 }
 
-impl UringPlane {
+impl DataPlane for UringPlane {
+    const MODE: Mode = Mode::Uring;
+
+    /// Whether this kernel and build can run the uring plane.
+    fn probe() -> Result<(), String> {
+        probe_features().map(|_| ())
+    }
+
     /// Starts `cfg.uring_workers` workers (0: one per core), each with its
-    /// own ring and buffer pool; fails with the reason if any cannot start.
-    pub fn new(cfg: &Settings) -> Result<Self, String> {
+    /// own ring and buffer pool, and runs the self-test through them; fails
+    /// with the reason if any cannot start or a check fails.
+    fn start(cfg: &Settings) -> Result<Self, String> {
         let features = probe_features()?;
         let n = match cfg.uring_workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -343,7 +345,53 @@ impl UringPlane {
         Ok(plane)
     }
 
-    /// What the startup self-test found (every check passed, or `new` failed).
+    fn startup_report(&self) -> String {
+        format!("{}; {}", self.self_test, self.features.describe())
+    }
+
+    /// Relays `t` on a worker until it ends. Hands it back only when no
+    /// worker is alive.
+    async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
+        let Some(worker) = self.pick() else {
+            return Err(Rejected::untouched(t, "no uring worker is running"));
+        };
+        let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain } = t;
+        let (client, backend) = match (into_blocking_fd(client), into_blocking_fd(backend)) {
+            (Ok(c), Ok(b)) => (c, b),
+            (c, b) => {
+                tracing::warn!("uring: cannot take the sockets off tokio: {:?} {:?}", c.err(), b.err());
+                return Ok(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error });
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, mut outcome) = oneshot::channel();
+        let job = Job { id, client, backend, to_backend, to_client, idle_timeout, reply };
+        if let Err(Cmd::Start(job)) = worker.send(Cmd::Start(job)) {
+            // The worker died between pick and send: give the tunnel back.
+            return match rebuild(job, drain) {
+                Ok(tunnel) => Err(Rejected::untouched(tunnel, "uring worker stopped")),
+                Err(_) => Ok(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error }),
+            };
+        }
+        let mut guard = CancelOnDrop { worker, id, armed: true };
+        let result = tokio::select! {
+            r = &mut outcome => r,
+            _ = drain.cancelled() => {
+                guard.cancel();
+                outcome.await
+            }
+        };
+        guard.armed = false;
+        Ok(result.unwrap_or(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error }))
+    }
+
+    fn bytes_relayed(&self) -> (u64, u64) {
+        self.counters.load()
+    }
+}
+
+impl UringPlane {
+    /// What the startup self-test found (every check passed, or `start` failed).
     pub fn self_test(&self) -> &selftest::Report {
         &self.self_test
     }
@@ -362,14 +410,6 @@ impl UringPlane {
             w.shared.queued_peak.store(0, Ordering::Relaxed);
             w.shared.heap_recvs.store(0, Ordering::Relaxed);
         }
-    }
-
-    pub fn counters(&self) -> &ByteCounters {
-        &self.counters
-    }
-
-    pub fn bytes_relayed(&self) -> (u64, u64) {
-        (self.counters.to_backend.load(Ordering::Relaxed), self.counters.to_client.load(Ordering::Relaxed))
     }
 
     /// Bytes of pool buffers holding data now, summed over the workers, and
@@ -417,42 +457,6 @@ impl UringPlane {
             .iter()
             .filter(|w| w.shared.alive.load(Ordering::Acquire))
             .min_by_key(|w| w.shared.load.load(Ordering::Relaxed))
-    }
-
-    /// Relays `t` on a worker until it ends. Hands it back only when no
-    /// worker is alive.
-    pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        let Some(worker) = self.pick() else {
-            return Err(Rejected::untouched(t, "no uring worker is running"));
-        };
-        let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain } = t;
-        let (client, backend) = match (into_blocking_fd(client), into_blocking_fd(backend)) {
-            (Ok(c), Ok(b)) => (c, b),
-            (c, b) => {
-                tracing::warn!("uring: cannot take the sockets off tokio: {:?} {:?}", c.err(), b.err());
-                return Ok(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error });
-            }
-        };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, mut outcome) = oneshot::channel();
-        let job = Job { id, client, backend, to_backend, to_client, idle_timeout, reply };
-        if let Err(Cmd::Start(job)) = worker.send(Cmd::Start(job)) {
-            // The worker died between pick and send: give the tunnel back.
-            return match rebuild(job, drain) {
-                Ok(tunnel) => Err(Rejected::untouched(tunnel, "uring worker stopped")),
-                Err(_) => Ok(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error }),
-            };
-        }
-        let mut guard = CancelOnDrop { worker, id, armed: true };
-        let result = tokio::select! {
-            r = &mut outcome => r,
-            _ = drain.cancelled() => {
-                guard.cancel();
-                outcome.await
-            }
-        };
-        guard.armed = false;
-        Ok(result.unwrap_or(Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error }))
     }
 }
 
