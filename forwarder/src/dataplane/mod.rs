@@ -21,7 +21,9 @@
 //! insert refused) returns it with [`Rejected`] so the dispatcher hands it to
 //! the next plane; the client never sees an error for it.
 
+mod abort;
 pub mod copy;
+mod direction;
 pub mod pair;
 pub mod selftest;
 pub mod settings;
@@ -40,6 +42,8 @@ use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+pub use self::abort::abort;
+pub use self::direction::Direction;
 pub use self::settings::Settings;
 
 /// The data plane chosen in the config (`[data_plane] mode`).

@@ -19,11 +19,10 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use socket2::SockRef;
@@ -33,7 +32,7 @@ use tokio::time::Instant;
 
 use super::copy::BufferPool;
 use super::splice::{Pipe, PipePool};
-use super::{ByteCounters, CloseReason, Outcome, Tunnel};
+use super::{abort, ByteCounters, CloseReason, Direction, Outcome, Tunnel};
 
 /// Where a plane's movers get their burst resources.
 pub struct Resources<'a> {
@@ -196,11 +195,6 @@ impl Mover {
     }
 }
 
-/// Aborts a socket: its close sends RST instead of FIN.
-fn abort(s: &TcpStream) {
-    let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
-}
-
 /// Runs a tunnel until it ends, moving bytes with `res`.
 pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Outcome {
     let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain } = t;
@@ -213,28 +207,23 @@ pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Ou
     let mut drained = pin!(drain.cancelled());
 
     let reason = poll_fn(|cx| {
-        if !up_done {
-            if let Poll::Ready(end) = up.poll_move(cx, &client, &backend, &res, &counters.to_backend) {
-                match end {
-                    End::Eof => {
-                        // Half-close: the backend sees FIN, the other way keeps flowing.
-                        let _ = SockRef::from(&backend).shutdown(Shutdown::Write);
-                        up_done = true;
-                    }
-                    End::SrcFailed => return Poll::Ready(CloseReason::ClientReset),
-                    End::DstFailed => return Poll::Ready(CloseReason::BackendReset),
-                }
+        for dir in Direction::BOTH {
+            let (mover, done, src, dst, total) = match dir {
+                Direction::ToBackend => (&mut up, &mut up_done, &client, &backend, &counters.to_backend),
+                Direction::ToClient => (&mut down, &mut down_done, &backend, &client, &counters.to_client),
+            };
+            if *done {
+                continue;
             }
-        }
-        if !down_done {
-            if let Poll::Ready(end) = down.poll_move(cx, &backend, &client, &res, &counters.to_client) {
+            if let Poll::Ready(end) = mover.poll_move(cx, src, dst, &res, total) {
                 match end {
                     End::Eof => {
-                        let _ = SockRef::from(&client).shutdown(Shutdown::Write);
-                        down_done = true;
+                        // Half-close: the destination sees FIN, the other way keeps flowing.
+                        let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+                        *done = true;
                     }
-                    End::SrcFailed => return Poll::Ready(CloseReason::BackendReset),
-                    End::DstFailed => return Poll::Ready(CloseReason::ClientReset),
+                    End::SrcFailed => return Poll::Ready(dir.source_failed()),
+                    End::DstFailed => return Poll::Ready(dir.destination_failed()),
                 }
             }
         }
@@ -265,8 +254,8 @@ pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Ou
     down.release(&res);
     if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset) {
         // A truncated stream must not look complete: reset the survivor.
-        abort(&client);
-        abort(&backend);
+        abort(client.as_raw_fd());
+        abort(backend.as_raw_fd());
     }
     Outcome { to_backend: up.moved, to_client: down.moved, reason }
 }

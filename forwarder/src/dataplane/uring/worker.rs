@@ -45,7 +45,7 @@ use socket2::SockRef;
 use tokio::sync::oneshot;
 
 use super::bufring::BufRing;
-use crate::dataplane::{ByteCounters, CloseReason, Outcome};
+use crate::dataplane::{abort, ByteCounters, CloseReason, Direction, Outcome};
 
 /// user_data of the eventfd read that wakes the worker.
 const WAKE_UD: u64 = u64::MAX;
@@ -201,54 +201,41 @@ impl Tun {
     }
 }
 
-/// The reason a tunnel ends when the socket of side `side` (0: client,
-/// 1: backend) failed with `errno`, and whether that is the peer's doing.
+/// The reason a tunnel ends when an operation on one of its sockets failed
+/// with `errno`: `peer_reset` (that side's reset, from [`Direction`]) when
+/// the peer caused it.
 ///
 /// Only the errors a peer causes (a reset, an abort, a dead connection)
 /// are the peer's: anything else (EINVAL, EFAULT, EBADF, ENOMEM,
 /// EOPNOTSUPP, …) is the plane's own failure — an operation this kernel
 /// refused — and goes to the access log as `dataplane_error`, never as the
 /// client's reset.
-fn side_failed(side: usize, errno: i32) -> CloseReason {
+fn failed(errno: i32, peer_reset: CloseReason) -> CloseReason {
     match errno {
         libc::ECONNRESET
         | libc::EPIPE
         | libc::ECONNABORTED
         | libc::ETIMEDOUT
         | libc::EHOSTUNREACH
-        | libc::ENETUNREACH => {
-            if side == 0 {
-                CloseReason::ClientReset
-            } else {
-                CloseReason::BackendReset
-            }
-        }
+        | libc::ENETUNREACH => peer_reset,
         _ => CloseReason::Error,
     }
 }
 
-fn side_name(side: usize) -> &'static str {
-    if side == 0 {
-        "client"
-    } else {
-        "backend"
-    }
-}
-
-/// Logs an operation that failed with `errno` and the reason the tunnel
-/// ends with: a plane error at warn (with the op and errno, so an
-/// operator can tell it from a client), a peer's reset at debug.
-fn log_failed(id: u64, op: &str, side: usize, errno: i32, reason: CloseReason) {
+/// Logs an operation that failed with `errno` on the `side` ("client" or
+/// "backend") socket and the reason the tunnel ends with: a plane error at
+/// warn (with the op and errno, so an operator can tell it from a client),
+/// a peer's reset at debug.
+fn log_failed(id: u64, op: &str, side: &str, errno: i32, reason: CloseReason) {
     let err = io::Error::from_raw_os_error(errno);
     if reason == CloseReason::Error {
         tracing::warn!(
             tunnel = id,
             data_plane = "uring",
-            "uring: {op} on the {} socket failed: errno {errno} ({err}); closing the tunnel as dataplane_error",
-            side_name(side)
+            "uring: {op} on the {side} socket failed: errno {errno} ({err}); closing the tunnel as dataplane_error"
         );
     } else {
-        tracing::debug!(tunnel = id, data_plane = "uring", "uring: {op} on the {} socket: {err}", side_name(side));
+        tracing::debug!(tunnel = id, data_plane = "uring", "uring: {op} on the {side} socket: {err}");
     }
 }
 
@@ -633,7 +620,7 @@ impl Worker {
                     data_plane = "uring",
                     "uring: multishot recv on the {} socket returned {res} bytes without a buffer id; \
                      closing the tunnel as dataplane_error",
-                    side_name(d)
+                    Direction::BOTH[d].source_name()
                 );
                 self.close(slot, t, CloseReason::Error);
                 return;
@@ -668,9 +655,7 @@ impl Worker {
                 libc::ENOBUFS => {}
                 errno => {
                     if t.closing.is_none() {
-                        let reason = side_failed(d, errno);
-                        log_failed(t.id, "multishot recv", d, errno, reason);
-                        self.close(slot, t, reason);
+                        self.op_failed(slot, t, "multishot recv", Direction::BOTH[d], errno);
                     }
                     return;
                 }
@@ -715,9 +700,7 @@ impl Worker {
             (n, _) if n == -libc::ECANCELED || n == -libc::EAGAIN => {}
             (n, _) => {
                 let errno = if n < 0 { -n } else { libc::EFAULT };
-                let reason = side_failed(d, errno);
-                log_failed(t.id, "recv into a heap buffer", d, errno, reason);
-                self.close(slot, t, reason);
+                self.op_failed(slot, t, "recv into a heap buffer", Direction::BOTH[d], errno);
                 return;
             }
         }
@@ -732,9 +715,8 @@ impl Worker {
                 // A send of at least one byte that sent none is the plane's
                 // failure too (reported as EIO).
                 let errno = if res < 0 { -res } else { libc::EIO };
-                let reason = side_failed(1 - d, errno);
-                log_failed(t.id, "send", 1 - d, errno, reason);
-                self.close(slot, t, reason);
+                // The send's destination is the socket the other direction reads.
+                self.op_failed(slot, t, "send", Direction::BOTH[d].opposite(), errno);
             }
             return;
         }
@@ -786,6 +768,15 @@ impl Worker {
         }
     }
 
+    /// Closes a tunnel after `op` failed with `errno` on the socket that
+    /// `reader` reads: that side's reset if the peer caused it, else the
+    /// plane's own error; logged either way ([`log_failed`]).
+    fn op_failed(&mut self, slot: u32, t: &mut Tun, op: &str, reader: Direction, errno: i32) {
+        let reason = failed(errno, reader.source_failed());
+        log_failed(t.id, op, reader.source_name(), errno, reason);
+        self.close(slot, t, reason);
+    }
+
     /// Starts closing a tunnel: resets both sides if `reason` is a reset,
     /// and cancels whatever is in flight. [`Worker::settle`] finishes it
     /// once the last completion came back.
@@ -798,7 +789,7 @@ impl Worker {
         // never look complete.
         if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset | CloseReason::Error) {
             for fd in &t.fds {
-                let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
+                abort(fd.as_raw_fd());
             }
         }
         for d in 0..2 {
