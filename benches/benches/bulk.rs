@@ -58,7 +58,7 @@ impl Planes {
                 Some([with_buffer(None), with_buffer(Some(64 << 10)), with_buffer(Some(256 << 10))])
             }
             Err(why) => {
-                println!("SKIPPED uring modes: {why}");
+                println!("SKIPPED uring modes: {}", upsplice::dataplane::error::chain(&why));
                 None
             }
         };

@@ -21,7 +21,7 @@ use upsplice_benches::{setting, splice_prototype};
 fn main() {
     let n = setting("UPSPLICE_BENCH_TUNNELS", 64, 8);
     if let Err(why) = UringPlane::probe() {
-        println!("SKIPPED: uring plane unavailable on this kernel: {why}");
+        println!("SKIPPED: uring plane unavailable on this kernel: {}", upsplice::dataplane::error::chain(&why));
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");

@@ -24,7 +24,7 @@ fn main() {
     let tunnels = setting("UPSPLICE_BENCH_TUNNELS", 200, 10);
     let trips = setting("UPSPLICE_BENCH_TRIPS", 500, 20);
     if let Err(why) = UringPlane::probe() {
-        println!("SKIPPED: uring plane unavailable on this kernel: {why}");
+        println!("SKIPPED: uring plane unavailable on this kernel: {}", upsplice::dataplane::error::chain(&why));
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");

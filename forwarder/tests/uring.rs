@@ -44,6 +44,7 @@ where
     // test's output, shown when it fails.
     let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("upsplice=warn").try_init();
     if let Err(why) = UringPlane::probe() {
+        let why = upsplice::dataplane::error::chain(&why);
         println!("SKIPPED: uring plane unavailable on this kernel: {why}");
         return;
     }
@@ -92,6 +93,7 @@ fn probe_gives_a_clear_answer() {
     match UringPlane::probe() {
         Ok(()) => println!("uring probe: ok"),
         Err(why) => {
+            let why = upsplice::dataplane::error::chain(&why);
             assert!(!why.is_empty());
             println!("uring probe: {why}");
         }

@@ -9,7 +9,7 @@
 use std::sync::Mutex;
 
 use super::pair::{self, Resources};
-use super::{ByteCounters, DataPlane, Mode, Outcome, Rejected, Settings, Tunnel};
+use super::{ByteCounters, DataPlane, Mode, Outcome, PlaneError, Rejected, Settings, Tunnel};
 
 /// Buffers kept for reuse at most; more in flight are allocated and freed.
 const POOL_KEEP: usize = 256;
@@ -54,11 +54,11 @@ impl CopyPlane {
 impl DataPlane for CopyPlane {
     const MODE: Mode = Mode::Copy;
 
-    fn probe() -> Result<(), String> {
+    fn probe() -> Result<(), PlaneError> {
         Ok(())
     }
 
-    fn start(settings: &Settings) -> Result<CopyPlane, String> {
+    fn start(settings: &Settings) -> Result<CopyPlane, PlaneError> {
         Ok(CopyPlane::new(settings))
     }
 

@@ -24,6 +24,7 @@
 mod abort;
 pub mod copy;
 mod direction;
+pub mod error;
 pub mod pair;
 pub mod selftest;
 pub mod settings;
@@ -44,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::abort::abort;
 pub use self::direction::Direction;
+pub use self::error::PlaneError;
 pub use self::settings::Settings;
 
 /// The data plane chosen in the config (`[data_plane] mode`).
@@ -216,11 +218,11 @@ pub trait DataPlane: Sized + Send + Sync {
     const MODE: Mode;
 
     /// Whether this kernel and build can run the plane, and if not, why.
-    fn probe() -> Result<(), String>;
+    fn probe() -> Result<(), PlaneError>;
 
     /// Starts the plane: takes its resources and, where the plane has one,
     /// passes its self-test on this kernel; fails with the reason.
-    fn start(settings: &Settings) -> Result<Self, String>;
+    fn start(settings: &Settings) -> Result<Self, PlaneError>;
 
     /// What [`DataPlane::start`] proved (for the startup log and `upsplice
     /// check`).
@@ -282,8 +284,8 @@ impl Plane {
     /// Starts the plane `mode` and has it pass its self-test on this
     /// kernel; fails with the reason (probe, resources or a failed check).
     /// Returns the plane and what its self-test passed.
-    fn build(mode: Mode, cfg: &Settings) -> Result<(Plane, String), String> {
-        fn started<P: DataPlane>(cfg: &Settings, wrap: fn(P) -> Plane) -> Result<(Plane, String), String> {
+    fn build(mode: Mode, cfg: &Settings) -> Result<(Plane, String), PlaneError> {
+        fn started<P: DataPlane>(cfg: &Settings, wrap: fn(P) -> Plane) -> Result<(Plane, String), PlaneError> {
             let plane = P::start(cfg)?;
             let report = plane.startup_report();
             Ok((wrap(plane), report))
@@ -295,7 +297,7 @@ impl Plane {
             Mode::Sockmap => Ok((
                 // Runs its own self-test in `new` (leftovers both ways, a
                 // backend that speaks first, FIN both ways).
-                Plane::Sockmap(sockmap::SockmapPlane::new(cfg)?),
+                Plane::Sockmap(sockmap::SockmapPlane::new(cfg).map_err(PlaneError::Unsupported)?),
                 "passed its own self-test (leftovers both ways, backend speaks first, FIN both ways)".into(),
             )),
             Mode::Auto => unreachable!("auto is resolved by DataPlanes::start"),
@@ -331,7 +333,7 @@ pub fn check_all(cfg: &Settings) -> Vec<(Mode, PlaneCheck)> {
                 }
                 Ok(()) => match Plane::build(mode, cfg) {
                     Ok((_, report)) => PlaneCheck::Passed(report),
-                    Err(why) => PlaneCheck::Failed(why),
+                    Err(why) => PlaneCheck::Failed(error::chain(&why)),
                 },
             };
             (mode, state)
@@ -339,13 +341,15 @@ pub fn check_all(cfg: &Settings) -> Vec<(Mode, PlaneCheck)> {
         .collect()
 }
 
-/// Whether each concrete plane can run here, and if not, why (for `upsplice check`).
+/// Whether each concrete plane can run here, and if not, why with every
+/// source (for `upsplice check`).
 pub fn probe_all() -> Vec<(Mode, Result<(), String>)> {
+    let why = |e: PlaneError| error::chain(&e);
     vec![
         (Mode::Sockmap, sockmap::probe()),
-        (Mode::Uring, uring::UringPlane::probe()),
-        (Mode::Splice, splice::SplicePlane::probe()),
-        (Mode::Copy, copy::CopyPlane::probe()),
+        (Mode::Uring, uring::UringPlane::probe().map_err(why)),
+        (Mode::Splice, splice::SplicePlane::probe().map_err(why)),
+        (Mode::Copy, copy::CopyPlane::probe().map_err(why)),
     ]
 }
 
@@ -379,7 +383,7 @@ impl DataPlanes {
     /// Builds the plane `cfg.mode` asks for. `auto` takes the first of
     /// [`AUTO_ORDER`] that starts and logs why the ones before it did not;
     /// an explicit mode that cannot start is an error naming the reason.
-    pub fn start(cfg: &Settings) -> Result<DataPlanes, String> {
+    pub fn start(cfg: &Settings) -> Result<DataPlanes, PlaneError> {
         let primary = match cfg.mode {
             Mode::Auto => {
                 if sockmap::probe().is_ok() {
@@ -394,15 +398,15 @@ impl DataPlanes {
                             break;
                         }
                         Err(why) => {
-                            tracing::info!(data_plane = %mode, "auto: {mode} unavailable: {why}")
+                            tracing::info!(data_plane = %mode, "auto: {mode} unavailable: {}", error::chain(&why))
                         }
                     }
                 }
                 chosen.expect("copy always starts")
             }
             mode => {
-                let (plane, report) = Plane::build(mode, cfg)
-                    .map_err(|why| format!("data_plane.mode = \"{mode}\" cannot start: {why}"))?;
+                let (plane, report) =
+                    Plane::build(mode, cfg).map_err(|why| PlaneError::CannotStart { mode, source: Box::new(why) })?;
                 tracing::info!(data_plane = %mode, "{mode}: {report}");
                 plane
             }
@@ -414,7 +418,7 @@ impl DataPlanes {
         if matches!(primary_mode, Mode::Sockmap | Mode::Uring) {
             match Plane::build(Mode::Splice, cfg) {
                 Ok((p, _)) => chain.push(p),
-                Err(why) => tracing::info!("splice fallback unavailable: {why}"),
+                Err(why) => tracing::info!("splice fallback unavailable: {}", error::chain(&why)),
             }
         }
         if primary_mode != Mode::Copy {

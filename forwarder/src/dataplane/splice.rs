@@ -20,7 +20,7 @@ use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 
 use super::copy::BufferPool;
 use super::pair::{self, Resources};
-use super::{selftest, ByteCounters, DataPlane, Mode, Outcome, Rejected, Settings, Tunnel};
+use super::{selftest, ByteCounters, DataPlane, Mode, Outcome, PlaneError, Rejected, Settings, Tunnel};
 
 /// Empty pipes kept open for reuse; beyond it a returned pipe is closed.
 const KEEP_IDLE_PIPES: usize = 256;
@@ -117,23 +117,23 @@ impl DataPlane for SplicePlane {
     const MODE: Mode = Mode::Splice;
 
     /// Can this kernel splice? Moves one byte between two pipes.
-    fn probe() -> Result<(), String> {
-        let a = Pipe::new(None).map_err(|e| format!("pipe2: {e}"))?;
-        let b = Pipe::new(None).map_err(|e| format!("pipe2: {e}"))?;
-        nix::unistd::write(&a.w, b"x").map_err(|e| format!("write to a pipe: {e}"))?;
+    fn probe() -> Result<(), PlaneError> {
+        let a = Pipe::new(None).map_err(PlaneError::io("pipe2"))?;
+        let b = Pipe::new(None).map_err(PlaneError::io("pipe2"))?;
+        nix::unistd::write(&a.w, b"x").map_err(|e| PlaneError::io("write to a pipe")(e.into()))?;
         match splice(a.r.as_fd(), None, b.w.as_fd(), None, 1, SpliceFFlags::SPLICE_F_NONBLOCK) {
             Ok(1) => Ok(()),
-            Ok(n) => Err(format!("splice moved {n} bytes instead of 1")),
-            Err(e) => Err(format!("splice(2) failed: {e}")),
+            Ok(n) => Err(PlaneError::Unsupported(format!("splice moved {n} bytes instead of 1"))),
+            Err(e) => Err(PlaneError::io("splice(2) failed")(e.into())),
         }
     }
 
     /// Opens a pipe of the configured size, then relays the self-test's
     /// tunnels: it carries no tunnel before that passed on this kernel.
-    fn start(cfg: &Settings) -> Result<SplicePlane, String> {
+    fn start(cfg: &Settings) -> Result<SplicePlane, PlaneError> {
         SplicePlane::probe()?;
         // Open one pipe of the configured size now so a bad size fails at start.
-        Pipe::new(cfg.pipe_size).map_err(|e| format!("a pipe of data_plane.pipe_size: {e}"))?;
+        Pipe::new(cfg.pipe_size).map_err(PlaneError::io("a pipe of data_plane.pipe_size"))?;
         let mut plane = SplicePlane {
             pipes: PipePool {
                 size: cfg.pipe_size,
@@ -147,7 +147,7 @@ impl DataPlane for SplicePlane {
         };
         let report = selftest::run_blocking(|t| plane.relay(t));
         if let Some(why) = report.failure() {
-            return Err(why);
+            return Err(PlaneError::SelfTest(why));
         }
         // The self-test's bytes are not traffic.
         plane.counters.reset();

@@ -43,7 +43,7 @@ use std::thread::JoinHandle;
 use io_uring::{opcode, IoUring};
 use tokio::sync::oneshot;
 
-use super::{selftest, ByteCounters, CloseReason, DataPlane, Mode, Outcome, Rejected, Settings, Tunnel};
+use super::{selftest, ByteCounters, CloseReason, DataPlane, Mode, Outcome, PlaneError, Rejected, Settings, Tunnel};
 use worker::{Cmd, Job, Shared, Sizing, Worker};
 
 /// Bytes of pool buffers per worker (mapped once, touched only as used,
@@ -81,28 +81,26 @@ impl Features {
 
 /// What this kernel's io_uring supports of what the plane uses; an error
 /// names what is missing.
-pub fn probe_features() -> Result<Features, String> {
+pub fn probe_features() -> Result<Features, PlaneError> {
     let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .map(|v| v.trim().to_owned())
         .unwrap_or_else(|_| "0".into());
     if disabled == "2" {
-        return Err("io_uring is disabled (sysctl kernel.io_uring_disabled = 2)".into());
+        return Err(PlaneError::Unsupported("io_uring is disabled (sysctl kernel.io_uring_disabled = 2)".into()));
     }
-    let mut ring = IoUring::new(8).map_err(|e| {
-        if disabled == "0" {
-            format!("io_uring_setup failed: {e}")
-        } else {
-            format!(
-                "io_uring_setup failed: {e} (sysctl kernel.io_uring_disabled = {disabled}: \
-                 only CAP_SYS_ADMIN or kernel.io_uring_group may create rings)"
-            )
-        }
-    })?;
+    let mut ring = IoUring::new(8).map_err(PlaneError::io(if disabled == "0" {
+        "io_uring_setup failed".to_owned()
+    } else {
+        format!(
+            "io_uring_setup failed (sysctl kernel.io_uring_disabled = {disabled}: \
+             only CAP_SYS_ADMIN or kernel.io_uring_group may create rings)"
+        )
+    }))?;
     if !ring.params().is_feature_ext_arg() {
-        return Err("io_uring lacks IORING_FEAT_EXT_ARG (timed waits)".into());
+        return Err(PlaneError::Unsupported("io_uring lacks IORING_FEAT_EXT_ARG (timed waits)".into()));
     }
     let mut p = io_uring::Probe::new();
-    ring.submitter().register_probe(&mut p).map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
+    ring.submitter().register_probe(&mut p).map_err(PlaneError::io("IORING_REGISTER_PROBE failed"))?;
     for (code, name) in [
         (opcode::RecvMulti::CODE, "RECV"),
         (opcode::Send::CODE, "SEND"),
@@ -110,16 +108,16 @@ pub fn probe_features() -> Result<Features, String> {
         (opcode::Read::CODE, "READ"),
     ] {
         if !p.is_supported(code) {
-            return Err(format!("io_uring opcode IORING_OP_{name} is not supported"));
+            return Err(PlaneError::Unsupported(format!("io_uring opcode IORING_OP_{name} is not supported")));
         }
     }
     // One buffer ring per attempt (group ids 0 and 1): an attempt takes a
     // buffer and does not give it back, and a second attempt on an empty
     // ring fails with ENOBUFS whatever the kernel supports (seen on 6.18).
-    let plain_bufs = bufring::BufRing::new(2, 4096, 0).map_err(|e| format!("mmap failed: {e}"))?;
-    plain_bufs.register(&ring.submitter()).map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
-    let capped_bufs = bufring::BufRing::new(2, 4096, 1).map_err(|e| format!("mmap failed: {e}"))?;
-    capped_bufs.register(&ring.submitter()).map_err(|e| format!("IORING_REGISTER_PBUF_RING failed: {e}"))?;
+    let plain_bufs = bufring::BufRing::new(2, 4096, 0).map_err(PlaneError::io("mmap failed"))?;
+    plain_bufs.register(&ring.submitter()).map_err(PlaneError::io("IORING_REGISTER_PBUF_RING failed"))?;
+    let capped_bufs = bufring::BufRing::new(2, 4096, 1).map_err(PlaneError::io("mmap failed"))?;
+    capped_bufs.register(&ring.submitter()).map_err(PlaneError::io("IORING_REGISTER_PBUF_RING failed"))?;
     let plain = try_multishot_recv(&mut ring, &plain_bufs, None);
     let capped = plain.as_ref().ok().map(|_| try_multishot_recv(&mut ring, &capped_bufs, Some(4096)));
     // The ring goes first: no operation may outlive the buffers.
@@ -129,9 +127,8 @@ pub fn probe_features() -> Result<Features, String> {
     match plain {
         Ok(()) => {}
         Err(errno) => {
-            return Err(format!(
-                "a multishot recv into a provided buffer ring failed: {}",
-                io::Error::from_raw_os_error(errno)
+            return Err(PlaneError::io("a multishot recv into a provided buffer ring failed")(
+                io::Error::from_raw_os_error(errno),
             ))
         }
     }
@@ -184,9 +181,11 @@ fn try_multishot_recv(ring: &mut IoUring, bufs: &bufring::BufRing, cap: Option<u
 /// Pool layout for buffers of `buf_size` bytes: [`POOL_BYTES`] per worker
 /// (at least 16 buffers), a direction pauses at two buffers queued and
 /// resumes at one.
-fn sizing(buf_size: u64, features: Features) -> Result<Sizing, String> {
+fn sizing(buf_size: u64, features: Features) -> Result<Sizing, PlaneError> {
     if !(4096..=1 << 20).contains(&buf_size) || !buf_size.is_power_of_two() {
-        return Err(format!("uring_buffer = {buf_size}: must be a power of two between 4KiB and 1MiB"));
+        return Err(PlaneError::Settings(format!(
+            "uring_buffer = {buf_size}: must be a power of two between 4KiB and 1MiB"
+        )));
     }
     let count = (POOL_BYTES / buf_size).clamp(16, 32768) as u16;
     Ok(Sizing {
@@ -251,14 +250,14 @@ impl DataPlane for UringPlane {
     const MODE: Mode = Mode::Uring;
 
     /// Whether this kernel and build can run the uring plane.
-    fn probe() -> Result<(), String> {
+    fn probe() -> Result<(), PlaneError> {
         probe_features().map(|_| ())
     }
 
     /// Starts `cfg.uring_workers` workers (0: one per core), each with its
     /// own ring and buffer pool, and runs the self-test through them; fails
     /// with the reason if any cannot start or a check fails.
-    fn start(cfg: &Settings) -> Result<Self, String> {
+    fn start(cfg: &Settings) -> Result<Self, PlaneError> {
         let features = probe_features()?;
         let n = match cfg.uring_workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -279,7 +278,7 @@ impl DataPlane for UringPlane {
             // SAFETY: eventfd has no memory arguments; the result is checked.
             let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
             if raw < 0 {
-                return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+                return Err(PlaneError::io("eventfd")(io::Error::last_os_error()));
             }
             // SAFETY: `raw` is a fresh fd nobody else owns.
             let wake_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
@@ -307,14 +306,14 @@ impl DataPlane for UringPlane {
                             w.run();
                         }
                         Err(e) => {
-                            let _ = ready_tx.send(Err(e.to_string()));
+                            let _ = ready_tx.send(Err(e));
                         }
                     }
                 })
-                .map_err(|e| format!("spawning uring worker: {e}"))?;
-            let started = ready_rx.recv().unwrap_or_else(|_| Err("worker exited during setup".into()));
+                .map_err(PlaneError::io("spawning uring worker"))?;
+            let started = ready_rx.recv().unwrap_or_else(|_| Err(io::Error::other("worker exited during setup")));
             plane.workers.push(WorkerHandle { tx, wake: wake_fd, shared, thread: Some(thread) });
-            started.map_err(|e| format!("uring worker {i}: {e}"))?;
+            started.map_err(PlaneError::io(format!("uring worker {i}")))?;
         }
         if !features.mshot_len_cap {
             tracing::info!(
@@ -329,7 +328,7 @@ impl DataPlane for UringPlane {
         // correctly on this kernel.
         let report = selftest::run_blocking(|t| plane.relay(t));
         if let Some(why) = report.failure() {
-            return Err(format!("kernel {}: {why}", kernel_release()));
+            return Err(PlaneError::SelfTest(format!("kernel {}: {why}", kernel_release())));
         }
         plane.self_test = report;
         plane.reset_stats();
