@@ -80,7 +80,7 @@ impl Session {
     /// long as the tunnel): the relay, the backend guard and the labels.
     async fn tunnel(&self, plan: Plan, rec: &mut AccessRecord) {
         let (tunnel, guard, labels) = self.open_tunnel(plan, rec);
-        let (mode, outcome) = self.shared.planes.relay(tunnel).await;
+        let (mode, outcome) = self.shared.planes.relay(tunnel, |from, _why| metrics::fallback(from)).await;
         metrics::get().tunnels_active.get_or_create(&labels).dec();
         drop(guard);
         rec.data_plane = Some(mode);

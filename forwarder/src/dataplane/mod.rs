@@ -438,24 +438,33 @@ impl DataPlanes {
 
     /// Relays `t` through the first plane that takes it; returns that plane's
     /// mode and the outcome. Copy takes every tunnel, so this always relays.
-    pub async fn relay(&self, t: Tunnel) -> (Mode, Outcome) {
+    ///
+    /// Each time a plane hands the tunnel on, `on_fallback` hears which
+    /// plane it was and why, in order, as it happens (the caller counts
+    /// them; the data planes report to no one else).
+    pub async fn relay(&self, t: Tunnel, on_fallback: impl FnMut(Mode, &str) + Send) -> (Mode, Outcome) {
         let first = &self.chain[0];
         let fall_back = match first.relay(t).await {
             Ok(outcome) => return (first.mode(), outcome),
             // Boxed: the rare path's state stays out of every tunnel's task.
-            Err(rejected) => Box::pin(self.fall_back(first.mode(), rejected)),
+            Err(rejected) => Box::pin(self.fall_back(first.mode(), rejected, on_fallback)),
         };
         fall_back.await
     }
 
     /// Hands a tunnel the plane `from` gave back to the next planes of the
     /// chain; the outcome counts the bytes the earlier planes relayed.
-    async fn fall_back(&self, from: Mode, mut rejected: Rejected) -> (Mode, Outcome) {
+    async fn fall_back(
+        &self,
+        from: Mode,
+        mut rejected: Rejected,
+        mut on_fallback: impl FnMut(Mode, &str),
+    ) -> (Mode, Outcome) {
         let mut carried = (0, 0);
         let mut mode = from;
         for plane in &self.chain[1..] {
             tracing::info!(data_plane = %mode, reason = %rejected.reason, "tunnel falls back to the next data plane");
-            crate::metrics::fallback(mode);
+            on_fallback(mode, &rejected.reason);
             carried.0 += rejected.relayed.0;
             carried.1 += rejected.relayed.1;
             match plane.relay(rejected.tunnel).await {
@@ -497,7 +506,7 @@ mod tests {
         };
         let plane = Plane::Copy(copy::CopyPlane::new(&Settings::default()));
         let planes = DataPlanes { chain: vec![plane] };
-        let relay = planes.relay(t);
+        let relay = planes.relay(t, |_, _| {});
         // The tunnel moved in (it is given back on refusal) and a box.
         let inline_state = std::mem::size_of::<Tunnel>() + 64;
         assert!(
