@@ -183,21 +183,6 @@ pub fn take_error(fd: RawFd) -> io::Result<i32> {
     Ok(value)
 }
 
-/// Aborts a socket: its close sends RST instead of FIN.
-pub fn abort(fd: RawFd) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: `linger` is a valid value of the size passed; `fd` is open.
-    let _ = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-}
-
 /// One non-blocking `send` of `buf` (no SIGPIPE).
 pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for `buf.len()` bytes of reads.

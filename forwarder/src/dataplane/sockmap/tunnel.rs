@@ -87,8 +87,9 @@ use tokio::net::TcpStream;
 use upsplice_common::{Control, PeerEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, PEER_BROKEN};
 
 use super::kernel::{Kernel, Signal};
-use super::sys::{self, abort};
-use crate::dataplane::{CloseReason, Outcome, Rejected, Tunnel};
+use super::sys;
+use crate::dataplane::error::chain;
+use crate::dataplane::{abort, CloseReason, Direction, Outcome, Rejected, Tunnel};
 
 /// Bytes userspace wrote itself (leftovers, and bytes carried while the
 /// tunnel steps aside), per direction, for the plane's totals.
@@ -453,7 +454,7 @@ async fn handoff<'k>(
     //    segment is left for the verdict (it would resend the part already
     //    read); this must happen before the sockets join any map. Too many
     //    (a sender at full speed): the copy planes handle them better.
-    for (fd, side) in [(c_fd, "client"), (b_fd, "backend")] {
+    for (fd, side) in [(c_fd, Direction::ToBackend.source_name()), (b_fd, Direction::ToClient.source_name())] {
         match sys::tcp_counters(fd) {
             Ok(info) if info.state == sys::TCP_ESTABLISHED => {}
             Ok(info) => return rejected(t, format!("{side} socket not established (state {})", info.state)),
@@ -461,8 +462,12 @@ async fn handoff<'k>(
         }
     }
     let max = limits.high as usize;
-    for (fd, side) in [(c_fd, "client"), (b_fd, "backend")] {
-        let leftover = if fd == c_fd { &mut t.to_backend } else { &mut t.to_client };
+    for (fd, from) in [(c_fd, Direction::ToBackend), (b_fd, Direction::ToClient)] {
+        let side = from.source_name();
+        let leftover = match from {
+            Direction::ToBackend => &mut t.to_backend,
+            Direction::ToClient => &mut t.to_client,
+        };
         let mut bytes = leftover.to_vec();
         let drained = sys::read_queued(fd, &mut bytes, max);
         if bytes.len() != leftover.len() {
@@ -478,7 +483,7 @@ async fn handoff<'k>(
                 tracing::debug!("sockmap: {side} socket failed at handoff: {e}");
                 abort(c_fd);
                 abort(b_fd);
-                let reason = if fd == c_fd { CloseReason::ClientReset } else { CloseReason::BackendReset };
+                let reason = from.source_failed();
                 return Ok(Handoff::Ended(Outcome { to_backend: 0, to_client: 0, reason }));
             }
         }
@@ -542,11 +547,11 @@ async fn handoff<'k>(
     let failed = match (wrote_up, wrote_down) {
         (Err((n, _)), _) => {
             up.leftover = n as u64;
-            Some(CloseReason::BackendReset)
+            Some(Direction::ToBackend.destination_failed())
         }
         (_, Err((n, _))) => {
             down.leftover = n as u64;
-            Some(CloseReason::ClientReset)
+            Some(Direction::ToClient.destination_failed())
         }
         _ => None,
     };
@@ -854,7 +859,7 @@ impl Watch<'_> {
         let mut hung_up = [false, false];
         loop {
             // Check queues, FINs and progress.
-            for (side, (dir, src_is_client)) in [(&mut *up, true), (&mut *down, false)].into_iter().enumerate() {
+            for (dir, direction) in [(&mut *up, Direction::ToBackend), (&mut *down, Direction::ToClient)] {
                 let leaving_dir = !dir.active;
                 match check(self.kernel, self.limits, dir, leaving_dir) {
                     Ok(true) => tick = TICK_MIN,
@@ -865,15 +870,13 @@ impl Watch<'_> {
                     }
                     Err(failed) => {
                         tracing::debug!("sockmap: {failed}");
-                        let client_failed = matches!(failed, Failed::Src(_)) == src_is_client;
-                        return Ended::Closed(if client_failed {
-                            CloseReason::ClientReset
-                        } else {
-                            CloseReason::BackendReset
+                        return Ended::Closed(match failed {
+                            Failed::Src(_) => direction.source_failed(),
+                            _ => direction.destination_failed(),
                         });
                     }
                 }
-                share.set(side, dir.held());
+                share.set(direction.index(), dir.held());
             }
             if up.done && down.done {
                 return Ended::Closed(CloseReason::Done);
@@ -938,14 +941,15 @@ impl Watch<'_> {
                             continue;
                         }
                         armed[side] = None;
-                        let from_client = side == 0;
+                        let from = Direction::BOTH[side];
+                        let from_client = from == Direction::ToBackend;
                         let fd = if from_client { up.src } else { down.src };
                         let error = bits & libc::EPOLLERR as u32 != 0;
                         let so_error = if error { sys::take_error(fd) } else { Ok(0) };
                         tracing::trace!(bits, ?so_error, from_client, "sockmap: socket event");
                         if so_error.as_ref().map(|&e| e != 0).unwrap_or(true) {
                             tracing::debug!(from_client, bits, ?so_error, "sockmap: socket error");
-                            return Ended::Closed(if from_client { CloseReason::ClientReset } else { CloseReason::BackendReset });
+                            return Ended::Closed(from.source_failed());
                         }
                         let hup = bits & libc::EPOLLHUP as u32 != 0;
                         if bits & libc::EPOLLRDHUP as u32 != 0 || hup {
@@ -1162,18 +1166,6 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Res
         }
     }
     Ok(changed)
-}
-
-/// An error with its sources, for logs.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    out
 }
 
 /// Forwards bytes the verdict passed to userspace (they wait on the source
