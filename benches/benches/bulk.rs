@@ -16,7 +16,7 @@
 //!   stream sockmap carried itself.
 
 use upsplice::dataplane::copy::CopyPlane;
-use upsplice::dataplane::sockmap::{self, SockmapPlane};
+use upsplice::dataplane::sockmap::SockmapPlane;
 use upsplice::dataplane::uring::UringPlane;
 use upsplice::dataplane::{DataPlane, Settings, Tunnel};
 use upsplice_benches::cpu::Usage;
@@ -62,13 +62,13 @@ impl Planes {
                 None
             }
         };
-        let sockmap = match sockmap::probe() {
+        let sockmap = match SockmapPlane::probe() {
             Ok(()) => {
                 let settings = Settings { sockmap_queue_limit: limit_mib << 20, ..Settings::default() };
-                Some(SockmapPlane::new(&settings).expect("sockmap plane"))
+                Some(SockmapPlane::start(&settings).expect("sockmap plane"))
             }
             Err(why) => {
-                println!("SKIPPED sockmap: {why}");
+                println!("SKIPPED sockmap: {}", upsplice::dataplane::error::chain(&why));
                 None
             }
         };

@@ -1,6 +1,6 @@
 //! The sockmap data plane through its library API: loopback socket pairs,
 //! a `Tunnel`, `SockmapPlane::relay`. Every test is skipped, saying why,
-//! when `sockmap::probe()` says this build or kernel cannot run the plane.
+//! when `SockmapPlane::probe()` says this build or kernel cannot run the plane.
 //!
 //! Regression tests for the three failure modes reproduced on this kernel
 //! (`docs/kernels.md`, "sockmap"; the handoff steps in
@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use upsplice::dataplane::copy::CopyPlane;
-use upsplice::dataplane::sockmap::{self, SockmapPlane};
+use upsplice::dataplane::sockmap::SockmapPlane;
 use upsplice::dataplane::{CloseReason, Mode, Outcome, Tunnel};
 use upsplice::dataplane::{DataPlane, Settings};
 
@@ -38,12 +38,13 @@ fn plane_with(cfg: &Settings) -> Option<SockmapPlane> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    if let Err(why) = sockmap::probe() {
+    if let Err(why) = SockmapPlane::probe() {
+        let why = upsplice::dataplane::error::chain(&why);
         eprintln!("SKIPPED: sockmap unavailable: {why}");
         return None;
     }
     let cfg = Settings { mode: Mode::Sockmap, ..cfg.clone() };
-    Some(SockmapPlane::new(&cfg).expect("sockmap plane starts"))
+    Some(SockmapPlane::start(&cfg).expect("sockmap plane starts"))
 }
 
 fn plane() -> Option<SockmapPlane> {

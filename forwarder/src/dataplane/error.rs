@@ -21,6 +21,14 @@ pub enum PlaneError {
         #[source]
         source: io::Error,
     },
+    /// Loading or attaching the eBPF program or one of its maps failed
+    /// (sockmap): which step, and aya's error.
+    #[error("{step}")]
+    Ebpf {
+        step: String,
+        #[source]
+        source: Box<dyn Error + Send + Sync>,
+    },
     /// A `[data_plane]` value the plane cannot use.
     #[error("{0}")]
     Settings(String),
@@ -41,6 +49,11 @@ impl PlaneError {
     /// For `map_err`: the step that failed with an I/O error.
     pub fn io(step: impl Into<String>) -> impl FnOnce(io::Error) -> PlaneError {
         move |source| PlaneError::Io { step: step.into(), source }
+    }
+
+    /// For `map_err`: the eBPF step that failed.
+    pub fn ebpf<E: Error + Send + Sync + 'static>(step: impl Into<String>) -> impl FnOnce(E) -> PlaneError {
+        move |source| PlaneError::Ebpf { step: step.into(), source: Box::new(source) }
     }
 }
 

@@ -250,7 +250,7 @@ impl Plane {
             Plane::Copy(_) => copy::CopyPlane::MODE,
             Plane::Splice(_) => splice::SplicePlane::MODE,
             Plane::Uring(_) => uring::UringPlane::MODE,
-            Plane::Sockmap(_) => Mode::Sockmap,
+            Plane::Sockmap(_) => sockmap::SockmapPlane::MODE,
         }
     }
 
@@ -294,12 +294,7 @@ impl Plane {
             Mode::Copy => started(cfg, Plane::Copy),
             Mode::Splice => started(cfg, Plane::Splice),
             Mode::Uring => started(cfg, Plane::Uring),
-            Mode::Sockmap => Ok((
-                // Runs its own self-test in `new` (leftovers both ways, a
-                // backend that speaks first, FIN both ways).
-                Plane::Sockmap(sockmap::SockmapPlane::new(cfg).map_err(PlaneError::Unsupported)?),
-                "passed its own self-test (leftovers both ways, backend speaks first, FIN both ways)".into(),
-            )),
+            Mode::Sockmap => started(cfg, Plane::Sockmap),
             Mode::Auto => unreachable!("auto is resolved by DataPlanes::start"),
         }
     }
@@ -346,7 +341,7 @@ pub fn check_all(cfg: &Settings) -> Vec<(Mode, PlaneCheck)> {
 pub fn probe_all() -> Vec<(Mode, Result<(), String>)> {
     let why = |e: PlaneError| error::chain(&e);
     vec![
-        (Mode::Sockmap, sockmap::probe()),
+        (Mode::Sockmap, sockmap::SockmapPlane::probe().map_err(why)),
         (Mode::Uring, uring::UringPlane::probe().map_err(why)),
         (Mode::Splice, splice::SplicePlane::probe().map_err(why)),
         (Mode::Copy, copy::CopyPlane::probe().map_err(why)),
@@ -386,7 +381,7 @@ impl DataPlanes {
     pub fn start(cfg: &Settings) -> Result<DataPlanes, PlaneError> {
         let primary = match cfg.mode {
             Mode::Auto => {
-                if sockmap::probe().is_ok() {
+                if sockmap::SockmapPlane::probe().is_ok() {
                     tracing::info!(data_plane = "sockmap", "auto: sockmap {SOCKMAP_NOT_AUTO}");
                 }
                 let mut chosen = None;

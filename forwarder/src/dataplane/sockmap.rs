@@ -5,14 +5,15 @@
 //!
 //! What this relies on (kernel ≥ 6.12.34, 6.15.3 or 6.16; measured on 6.18):
 //! FIN handling of sockmap sockets (6.4), and the fixes for data loss on
-//! EAGAIN and the linearize panic (CVE-2025-38165). [`probe`] checks it.
+//! EAGAIN and the linearize panic (CVE-2025-38165). [`SockmapPlane::probe`]
+//! checks it.
 //!
 //! * [`kernel`]: the loaded program and its maps, loaded once per plane,
 //!   and the events thread (one epoll set for every tunnel's sockets);
 //! * [`tunnel`]: the handoff, watching and teardown of one tunnel;
-//! * [`sys`]: socket calls (cookies, TCP_INFO, queues, kick, abort).
+//! * [`sys`]: socket calls (cookies, TCP_INFO, queues, kick).
 //!
-//! [`SockmapPlane::new`] runs a self-test through the real program before
+//! [`SockmapPlane::start`] runs a self-test through the real program before
 //! the plane is used: a loopback tunnel with leftovers both ways and a
 //! backend that speaks first; `auto` falls back when it fails.
 //!
@@ -48,33 +49,23 @@ use upsplice_common::{DIR_TO_BACKEND, DIR_TO_CLIENT, MAX_SOCKETS, STATS_FAILED, 
 
 use self::kernel::Kernel;
 use self::tunnel::{Limits, NodeHeld, Shared, StepAsides, UserBytes};
-use super::Settings;
-use super::{CloseReason, Outcome, Rejected, Tunnel};
+use super::{CloseReason, DataPlane, Mode, Outcome, PlaneError, Rejected, Settings, Tunnel};
 
 /// The compiled eBPF object, or why there is none.
-fn object() -> Result<&'static [u8], String> {
+fn object() -> Result<&'static [u8], PlaneError> {
     #[cfg(upsplice_ebpf)]
     {
         Ok(aya::include_bytes_aligned!(env!("UPSPLICE_EBPF_OBJECT")))
     }
     #[cfg(not(upsplice_ebpf))]
     {
-        Err(format!("eBPF program not built: {}", env!("UPSPLICE_EBPF_MISSING")))
+        Err(PlaneError::Unsupported(format!("eBPF program not built: {}", env!("UPSPLICE_EBPF_MISSING"))))
     }
 }
 
-/// Whether this kernel and build can run the sockmap plane: the eBPF object
-/// is compiled in, the kernel has the sockmap fixes, and the process may
-/// load sk_skb programs (CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN).
-pub fn probe() -> Result<(), String> {
-    object()?;
-    kernel_supported()?;
-    capable()
-}
-
-fn kernel_supported() -> Result<(), String> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_err(|e| format!("reading the kernel release: {e}"))?;
+fn kernel_supported() -> Result<(), PlaneError> {
+    let release =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").map_err(PlaneError::io("reading the kernel release"))?;
     let release = release.trim();
     let mut parts = release.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor, patch) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
@@ -84,25 +75,25 @@ fn kernel_supported() -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("kernel {release} lacks sockmap fixes (needs 6.12.34+, 6.15.3+ or 6.16+)"))
+        Err(PlaneError::Unsupported(format!("kernel {release} lacks sockmap fixes (needs 6.12.34+, 6.15.3+ or 6.16+)")))
     }
 }
 
-fn capable() -> Result<(), String> {
+fn capable() -> Result<(), PlaneError> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_BPF: u32 = 39;
-    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| format!("reading capabilities: {e}"))?;
+    let status = std::fs::read_to_string("/proc/self/status").map_err(PlaneError::io("reading capabilities"))?;
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or("no CapEff in /proc/self/status")?;
+        .ok_or_else(|| PlaneError::Unsupported("no CapEff in /proc/self/status".into()))?;
     let has = |cap: u32| eff & (1 << cap) != 0;
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_NET_ADMIN)) {
         Ok(())
     } else {
-        Err("needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN)".into())
+        Err(PlaneError::Unsupported("needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN)".into()))
     }
 }
 
@@ -113,10 +104,21 @@ pub struct SockmapPlane {
     shared: Shared,
 }
 
-impl SockmapPlane {
+impl DataPlane for SockmapPlane {
+    const MODE: Mode = Mode::Sockmap;
+
+    /// Whether this kernel and build can run the sockmap plane: the eBPF object
+    /// is compiled in, the kernel has the sockmap fixes, and the process may
+    /// load sk_skb programs (CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN).
+    fn probe() -> Result<(), PlaneError> {
+        object()?;
+        kernel_supported()?;
+        capable()
+    }
+
     /// Loads and attaches the program, then runs the self-test.
-    pub fn new(cfg: &Settings) -> Result<Self, String> {
-        probe()?;
+    fn start(cfg: &Settings) -> Result<Self, PlaneError> {
+        SockmapPlane::probe()?;
         let kernel = Box::new(Kernel::load(object()?, MAX_SOCKETS)?);
         let limits = Limits::new(cfg.sockmap_queue_limit);
         let shared = Shared {
@@ -131,19 +133,31 @@ impl SockmapPlane {
             "sockmap: memory bounds (bytes)"
         );
         let plane = SockmapPlane { kernel, shared };
-        plane.self_test()?;
+        plane.self_test().map_err(|e| PlaneError::SelfTest(format!("sockmap self-test failed: {e}")))?;
         Ok(plane)
+    }
+
+    fn startup_report(&self) -> String {
+        "passed its own self-test (leftovers both ways, backend speaks first, FIN both ways)".into()
+    }
+
+    /// Relays `t` in the kernel until it ends; hands it back when its
+    /// sockets cannot join the sockmap, or when it steps aside.
+    async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
+        tunnel::relay(&self.kernel, &self.shared, t).await
     }
 
     /// Bytes relayed by all tunnels so far: the per-CPU counters of the
     /// program plus what userspace wrote itself (leftovers at handoff).
-    pub fn bytes_relayed(&self) -> (u64, u64) {
+    fn bytes_relayed(&self) -> (u64, u64) {
         (
             self.kernel.stats(DIR_TO_BACKEND).bytes + self.shared.user.to_backend.load(Ordering::Relaxed),
             self.kernel.stats(DIR_TO_CLIENT).bytes + self.shared.user.to_client.load(Ordering::Relaxed),
         )
     }
+}
 
+impl SockmapPlane {
     /// Of [`Self::bytes_relayed`], the bytes userspace wrote itself:
     /// leftovers, and bytes carried while a tunnel stepped aside.
     pub fn bytes_by_userspace(&self) -> (u64, u64) {
@@ -165,12 +179,6 @@ impl SockmapPlane {
     /// `trim_repeat` in `ebpf/src/main.rs`).
     pub fn bytes_trimmed(&self) -> u64 {
         self.kernel.stats(STATS_TRIMMED).bytes
-    }
-
-    /// Relays `t` in the kernel until it ends; hands it back when its
-    /// sockets cannot join the sockmap.
-    pub async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        tunnel::relay(&self.kernel, &self.shared, t).await
     }
 
     /// Tunnels that stepped aside so far: (handed to the next plane with
@@ -195,7 +203,7 @@ impl SockmapPlane {
     /// A loopback tunnel through the real program: leftovers both ways,
     /// bytes the backend sent before the handoff and then waits (the stall
     /// case), a reply, and a half-close each way. Runs on its own thread and
-    /// runtime so that `new` works inside and outside a tokio runtime.
+    /// runtime so that `start` works inside and outside a tokio runtime.
     fn self_test(&self) -> Result<(), String> {
         std::thread::scope(|scope| {
             scope
@@ -213,7 +221,6 @@ impl SockmapPlane {
                 .join()
                 .map_err(|_| "self-test panicked".to_string())?
         })
-        .map_err(|e| format!("sockmap self-test failed: {e}"))
     }
 
     async fn self_test_run(&self) -> Result<(), String> {
@@ -286,11 +293,11 @@ mod tests {
     /// `bpf_skb_adjust_room`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_broken_stream_resets_both_sides() {
-        if let Err(why) = probe() {
-            eprintln!("SKIPPED: sockmap unavailable: {why}");
+        if let Err(why) = SockmapPlane::probe() {
+            eprintln!("SKIPPED: sockmap unavailable: {}", crate::dataplane::error::chain(&why));
             return;
         }
-        let plane = SockmapPlane::new(&Settings::default()).expect("sockmap plane starts");
+        let plane = SockmapPlane::start(&Settings::default()).expect("sockmap plane starts");
         let (mut client_peer, client) = loopback_pair().await.unwrap();
         let (mut backend_peer, backend) = loopback_pair().await.unwrap();
         let client_cookie = sys::cookie(client.as_raw_fd()).unwrap();

@@ -16,6 +16,8 @@ use aya::{Ebpf, EbpfLoader};
 use tokio::sync::Notify;
 use upsplice_common::{names, Control, PeerEntry, Stats};
 
+use crate::dataplane::PlaneError;
+
 /// What wakes one tunnel: the events thread records socket events here
 /// (per side: 0 client, 1 backend) and notifies; so do ring-buffer events
 /// (a direction moved another budget of bytes).
@@ -55,53 +57,54 @@ pub struct Kernel {
     _ebpf: Ebpf,
 }
 
-fn map_err(what: &str) -> impl FnOnce(MapError) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
-
 impl Kernel {
     /// Loads `object`, creates the maps, attaches the verdict program to
     /// `ACTIVE` and starts the thread that reads `EVENTS`.
-    pub fn load(object: &[u8], max_sockets: u32) -> Result<Kernel, String> {
+    pub fn load(object: &[u8], max_sockets: u32) -> Result<Kernel, PlaneError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::ACTIVE, max_sockets)
             .map_max_entries(names::TARGETS, max_sockets)
             .map_max_entries(names::PEERS, max_sockets)
             .map_max_entries(names::CONTROL, max_sockets)
             .load(object)
-            .map_err(|e| format!("loading the eBPF object: {e}"))?;
+            .map_err(PlaneError::ebpf("loading the eBPF object"))?;
         let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name).ok_or_else(|| format!("map {name} missing from the eBPF object"))
+            ebpf.take_map(name)
+                .ok_or_else(|| PlaneError::Unsupported(format!("map {name} missing from the eBPF object")))
         };
         let active: SockHash<MapData, u64> =
-            SockHash::try_from(take(&mut ebpf, names::ACTIVE)?).map_err(map_err(names::ACTIVE))?;
-        let targets: SockHash<MapData, u64> =
-            SockHash::try_from(take(&mut ebpf, names::TARGETS)?).map_err(map_err(names::TARGETS))?;
-        let peers = HashMap::try_from(take(&mut ebpf, names::PEERS)?).map_err(map_err(names::PEERS))?;
-        let control = HashMap::try_from(take(&mut ebpf, names::CONTROL)?).map_err(map_err(names::CONTROL))?;
-        let stats = PerCpuArray::try_from(take(&mut ebpf, names::STATS)?).map_err(map_err(names::STATS))?;
-        let events = RingBuf::try_from(take(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?;
+            SockHash::try_from(take(&mut ebpf, names::ACTIVE)?).map_err(PlaneError::ebpf::<MapError>(names::ACTIVE))?;
+        let targets: SockHash<MapData, u64> = SockHash::try_from(take(&mut ebpf, names::TARGETS)?)
+            .map_err(PlaneError::ebpf::<MapError>(names::TARGETS))?;
+        let peers =
+            HashMap::try_from(take(&mut ebpf, names::PEERS)?).map_err(PlaneError::ebpf::<MapError>(names::PEERS))?;
+        let control = HashMap::try_from(take(&mut ebpf, names::CONTROL)?)
+            .map_err(PlaneError::ebpf::<MapError>(names::CONTROL))?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, names::STATS)?)
+            .map_err(PlaneError::ebpf::<MapError>(names::STATS))?;
+        let events =
+            RingBuf::try_from(take(&mut ebpf, names::EVENTS)?).map_err(PlaneError::ebpf::<MapError>(names::EVENTS))?;
 
         let name = names::PROGRAM;
         let program: &mut SkSkb = ebpf
             .program_mut(name)
-            .ok_or_else(|| format!("program {name} missing from the eBPF object"))?
+            .ok_or_else(|| PlaneError::Unsupported(format!("program {name} missing from the eBPF object")))?
             .try_into()
-            .map_err(|e| format!("{name}: {e}"))?;
-        program.load().map_err(|e| format!("loading {name} (verifier): {e}"))?;
-        program.attach(active.fd()).map_err(|e| format!("attaching {name} to {}: {e}", names::ACTIVE))?;
+            .map_err(PlaneError::ebpf(name))?;
+        program.load().map_err(PlaneError::ebpf(format!("loading {name} (verifier)")))?;
+        program.attach(active.fd()).map_err(PlaneError::ebpf(format!("attaching {name} to {}", names::ACTIVE)))?;
 
         let registry: Arc<Registry> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         // SAFETY: plain syscall; the result is checked before use.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if epfd < 0 {
-            return Err(format!("epoll_create1: {}", std::io::Error::last_os_error()));
+            return Err(PlaneError::io("epoll_create1")(std::io::Error::last_os_error()));
         }
         // SAFETY: `epfd` is a new descriptor owned from here on.
         let epoll = Arc::new(unsafe { OwnedFd::from_raw_fd(epfd) });
         epoll_ctl(epfd, libc::EPOLL_CTL_ADD, events.as_raw_fd(), RING_TOKEN, libc::EPOLLIN as u32)
-            .map_err(|e| format!("epoll for EVENTS: {e}"))?;
+            .map_err(PlaneError::io("epoll for EVENTS"))?;
         let events_thread = std::thread::Builder::new()
             .name("sockmap-events".into())
             .spawn({
@@ -110,7 +113,7 @@ impl Kernel {
                 let epoll = epoll.clone();
                 move || read_events(events, &epoll, &registry, &stop)
             })
-            .map_err(|e| format!("starting the events thread: {e}"))?;
+            .map_err(PlaneError::io("starting the events thread"))?;
 
         Ok(Kernel {
             active: Mutex::new(active),
