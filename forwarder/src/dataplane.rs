@@ -110,6 +110,14 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Whether both sockets are reset (RST) rather than closed (FIN): a
+    /// reset from a peer is passed on, and a stream the router cuts short
+    /// (a plane error, the drain deadline) must never look complete to
+    /// either peer — a FIN would make a truncated tcp tunnel look whole.
+    pub fn resets(self) -> bool {
+        matches!(self, CloseReason::ClientReset | CloseReason::BackendReset | CloseReason::Error | CloseReason::Drain)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::Done => "done",

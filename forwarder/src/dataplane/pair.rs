@@ -252,8 +252,8 @@ pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Ou
 
     up.release(&res);
     down.release(&res);
-    if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset) {
-        // A truncated stream must not look complete: reset the survivor.
+    if reason.resets() {
+        // A truncated stream must not look complete: reset both sides.
         abort(client.as_raw_fd());
         abort(backend.as_raw_fd());
     }

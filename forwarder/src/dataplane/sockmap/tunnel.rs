@@ -535,6 +535,8 @@ async fn handoff<'k>(
         r = leftovers => r,
         _ = t.drain.cancelled() => {
             drop(members);
+            abort(c_fd);
+            abort(b_fd);
             return Ok(Handoff::Ended(ended(&up, &down, CloseReason::Drain)));
         }
         _ = tokio::time::sleep(t.idle_timeout) => {
@@ -727,9 +729,9 @@ pub async fn relay(kernel: &Kernel, shared: &Shared, t: Tunnel) -> Result<Outcom
     let outcome = ended(&up, &down, reason);
     members.closing = true;
     drop(members);
-    // A reset, or a stream that can no longer be relayed exactly: a FIN
-    // would tell the peers everything arrived.
-    if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset | CloseReason::Error) {
+    // A reset, a stream that can no longer be relayed exactly, or one the
+    // drain deadline cut: a FIN would tell the peers everything arrived.
+    if reason.resets() {
         abort(c_fd);
         abort(b_fd);
     }

@@ -502,6 +502,9 @@ impl Worker {
                 closing: None,
                 reply: Some(job.reply),
             };
+            for fd in &t.fds {
+                abort(fd.as_raw_fd());
+            }
             finish_reply(t, CloseReason::Drain);
             return;
         }
@@ -785,9 +788,9 @@ impl Worker {
             return;
         }
         t.closing = Some(reason);
-        // A plane error resets both sides too: a stream cut short must
-        // never look complete.
-        if matches!(reason, CloseReason::ClientReset | CloseReason::BackendReset | CloseReason::Error) {
+        // A plane error and the drain deadline reset both sides too: a
+        // stream cut short must never look complete.
+        if reason.resets() {
             for fd in &t.fds {
                 abort(fd.as_raw_fd());
             }
