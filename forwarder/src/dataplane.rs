@@ -466,7 +466,9 @@ impl DataPlanes {
         let mut carried = (0, 0);
         let mut mode = from;
         for plane in &self.chain[1..] {
-            tracing::info!(data_plane = %mode, reason = %rejected.reason, "tunnel falls back to the next data plane");
+            // Debug, not info: on sockmap it happens to most plain requests
+            // (the backend closed before the hand-off); counted in metrics.
+            tracing::debug!(data_plane = %mode, reason = %rejected.reason, "tunnel falls back to the next data plane");
             on_fallback(mode, &rejected.reason);
             carried.0 += rejected.relayed.0;
             carried.1 += rejected.relayed.1;

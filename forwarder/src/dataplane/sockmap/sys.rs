@@ -259,3 +259,37 @@ pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
     Ok(n as usize)
 }
+
+/// The name of a TCP state (`tcpi_state`, include/net/tcp_states.h), for
+/// logs an operator reads.
+pub fn tcp_state_name(state: u8) -> String {
+    const NAMES: [&str; 12] = [
+        "ESTABLISHED",
+        "SYN_SENT",
+        "SYN_RECV",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "CLOSE",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "LISTEN",
+        "CLOSING",
+        "NEW_SYN_RECV",
+    ];
+    match state.checked_sub(1).and_then(|i| NAMES.get(usize::from(i))) {
+        Some(name) => (*name).to_string(),
+        None => format!("TCP state {state}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tcp_states_are_named() {
+        assert_eq!(super::tcp_state_name(1), "ESTABLISHED");
+        assert_eq!(super::tcp_state_name(8), "CLOSE_WAIT");
+        assert_eq!(super::tcp_state_name(0), "TCP state 0");
+        assert_eq!(super::tcp_state_name(13), "TCP state 13");
+    }
+}

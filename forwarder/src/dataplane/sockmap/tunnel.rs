@@ -457,7 +457,9 @@ async fn handoff<'k>(
     for (fd, side) in [(c_fd, Direction::ToBackend.source_name()), (b_fd, Direction::ToClient.source_name())] {
         match sys::tcp_counters(fd) {
             Ok(info) if info.state == sys::TCP_ESTABLISHED => {}
-            Ok(info) => return rejected(t, format!("{side} socket not established (state {})", info.state)),
+            Ok(info) => {
+                return rejected(t, format!("{side} socket not established ({})", sys::tcp_state_name(info.state)))
+            }
             Err(e) => return rejected(t, format!("{side} socket: TCP_INFO: {e}")),
         }
     }
