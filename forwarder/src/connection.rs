@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::access::AccessRecord;
 use crate::config::Protocol;
-use crate::dataplane::Tunnel;
+use crate::dataplane::{Mode, Tunnel};
 use crate::handshake::answer::{linger_close, Refusal};
 use crate::handshake::{self, Plan};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
@@ -79,9 +79,26 @@ impl Session {
     /// Only what the wait needs is kept across it (this future lives as
     /// long as the tunnel): the relay, the backend guard and the labels.
     async fn tunnel(&self, plan: Plan, rec: &mut AccessRecord) {
-        let (tunnel, guard, labels) = self.open_tunnel(plan, rec);
-        let (mode, outcome) = self.shared.planes.relay(tunnel, |from, _why| metrics::fallback(from)).await;
-        metrics::get().tunnels_active.get_or_create(&labels).dec();
+        let (tunnel, guard) = self.open_tunnel(plan, rec);
+        let planes = &self.shared.planes;
+        let m = metrics::get();
+        let labels = |mode: Mode| TunnelLabels { listener: self.listener.to_string(), data_plane: mode.to_string() };
+        m.tunnels_active.get_or_create(&labels(planes.mode())).inc();
+        let (mode, outcome) = planes
+            .relay(tunnel, |from, _why| {
+                metrics::fallback(from);
+                // The tunnel moves to the next plane of the chain, and so
+                // does its place in tunnels_active.
+                m.tunnels_active.get_or_create(&labels(from)).dec();
+                let chain = planes.planes();
+                if let Some(next) = chain.iter().position(|p| p.mode() == from).and_then(|i| chain.get(i + 1)) {
+                    m.tunnels_active.get_or_create(&labels(next.mode())).inc();
+                }
+            })
+            .await;
+        m.tunnels_active.get_or_create(&labels(mode)).dec();
+        // By the plane that carried the tunnel to its end, not the first tried.
+        m.tunnels.get_or_create(&labels(mode)).inc();
         drop(guard);
         rec.data_plane = Some(mode);
         rec.to_backend += outcome.to_backend;
@@ -89,17 +106,12 @@ impl Session {
         rec.reason = outcome.reason.as_str();
     }
 
-    /// Counts a new tunnel and builds what the data planes take.
-    fn open_tunnel(&self, plan: Plan, rec: &AccessRecord) -> (Tunnel, BackendGuard, TunnelLabels) {
+    /// Builds what the data planes take (and counts the 101).
+    fn open_tunnel(&self, plan: Plan, rec: &AccessRecord) -> (Tunnel, BackendGuard) {
         let Plan { client, backend, to_backend, to_client, status, guard } = plan;
         if status != 0 {
             metrics::outcome(&self.listener, status, "", rec.started.elapsed());
         }
-        let labels =
-            TunnelLabels { listener: self.listener.to_string(), data_plane: self.shared.planes.mode().to_string() };
-        let m = metrics::get();
-        m.tunnels.get_or_create(&labels).inc();
-        m.tunnels_active.get_or_create(&labels).inc();
         let tunnel = Tunnel {
             client,
             backend,
@@ -108,7 +120,7 @@ impl Session {
             idle_timeout: self.shared.snapshot().config.limits.idle_timeout,
             drain: self.shared.drain.child_token(),
         };
-        (tunnel, guard, labels)
+        (tunnel, guard)
     }
 }
 

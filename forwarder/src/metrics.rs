@@ -78,7 +78,11 @@ impl Metrics {
             rejected_over_limit.clone(),
         );
         let tunnels = Family::default();
-        registry.register("tunnels", "Connection pairs handed to a data plane", tunnels.clone());
+        registry.register(
+            "tunnels",
+            "Connection pairs relayed to their end, by the data plane that carried them to the end",
+            tunnels.clone(),
+        );
         let tunnels_active = Family::default();
         registry.register("tunnels_active", "Connection pairs relayed by a data plane now", tunnels_active.clone());
         let outcomes = Family::default();
