@@ -26,6 +26,7 @@ pub mod copy;
 mod direction;
 pub mod error;
 pub mod pair;
+pub mod pools;
 pub mod selftest;
 pub mod settings;
 pub mod sockmap;

@@ -6,37 +6,9 @@
 //! so an idle tunnel holds no buffer and a slow reader pins at most one per
 //! direction.
 
-use std::sync::Mutex;
-
 use super::pair::{self, Resources};
+use super::pools::BufferPool;
 use super::{ByteCounters, DataPlane, Mode, Outcome, PlaneError, Rejected, Settings, Tunnel};
-
-/// Buffers kept for reuse at most; more in flight are allocated and freed.
-const POOL_KEEP: usize = 256;
-
-/// A pool of equally sized buffers.
-pub struct BufferPool {
-    size: usize,
-    free: Mutex<Vec<Box<[u8]>>>,
-}
-
-impl BufferPool {
-    pub fn new(size: usize) -> BufferPool {
-        BufferPool { size, free: Mutex::new(Vec::new()) }
-    }
-
-    pub fn take(&self) -> Box<[u8]> {
-        let reused = self.free.lock().expect("buffer pool lock").pop();
-        reused.unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice())
-    }
-
-    pub fn give(&self, buf: Box<[u8]>) {
-        let mut free = self.free.lock().expect("buffer pool lock");
-        if free.len() < POOL_KEEP {
-            free.push(buf);
-        }
-    }
-}
 
 pub struct CopyPlane {
     buffers: BufferPool,

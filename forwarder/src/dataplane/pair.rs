@@ -30,8 +30,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::copy::BufferPool;
-use super::splice::{Pipe, PipePool};
+use super::pools::{BufferPool, Pipe, PipePool};
 use super::{abort, ByteCounters, CloseReason, Direction, Outcome, Tunnel};
 
 /// Where a plane's movers get their burst resources.
