@@ -43,37 +43,23 @@ pub struct Setup<'a> {
 }
 
 impl Router {
-    /// Starts the router on free ports. A port picked free can be taken by
-    /// a concurrent test before the router binds it: then it starts again
-    /// on other ports (bounded).
+    /// Starts the router with every bind on port 0 and learns the ports
+    /// it got from what `run` prints on stdout (no free-port guessing, no
+    /// retry).
     pub fn start(setup: Setup<'_>) -> Router {
-        for _ in 0..5 {
-            match Router::try_start(&setup) {
-                Ok(router) => return router,
-                Err(log) if log.contains("cannot bind") => continue,
-                Err(log) => panic!("router did not become ready; log:\n{log}"),
-            }
-        }
-        panic!("router could not bind free ports in 5 attempts");
+        Router::try_start(&setup).unwrap_or_else(|log| panic!("router did not become ready; log:\n{log}"))
     }
 
     fn try_start(setup: &Setup<'_>) -> Result<Router, String> {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("upsplice.toml");
-        // Held together while picked, so the three ports differ (picked one
-        // by one, the kernel may hand the same free port out twice).
-        let picked: Vec<StdListener> = (0..3).map(|_| StdListener::bind("127.0.0.1:0").unwrap()).collect();
-        let port = |i: usize| picked[i].local_addr().unwrap().port();
-        let (http, tcp, admin) = (port(0), port(1), port(2));
-        drop(picked);
-        let text = render(setup, http, tcp, admin);
-        std::fs::write(&config_path, text).unwrap();
+        std::fs::write(&config_path, render(setup)).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_upsplice"))
             .args(["run", "--config"])
             .arg(&config_path)
             // UPSPLICE_TEST_LOG (e.g. "debug") looks deeper into a failing test.
             .env("RUST_LOG", std::env::var("UPSPLICE_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -87,11 +73,33 @@ impl Router {
                 l.push('\n');
             }
         });
+        // `listening on ADDR listener=NAME ...` per listener, then `admin on ADDR`.
+        let mut bound = std::collections::HashMap::new();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        while bound.len() < 3 {
+            let Some(Ok(line)) = stdout.next() else {
+                // It exited before binding: let the log reader catch up.
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(log.lock().unwrap().clone());
+            };
+            let (name, addr) = match line.strip_prefix("admin on ") {
+                Some(addr) => ("admin".to_string(), addr),
+                None => {
+                    let rest = line.strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line}"));
+                    let (addr, tail) = rest.split_once(" listener=").unwrap();
+                    (tail.split(' ').next().unwrap().to_string(), addr)
+                }
+            };
+            bound.insert(name, addr.parse::<SocketAddr>().unwrap());
+        }
+        // Drained (and dropped) on a thread of its own: nothing else is printed.
+        std::thread::spawn(move || stdout.for_each(drop));
         let mut router = Router {
             child: Some(child),
-            http: ([127, 0, 0, 1], http).into(),
-            tcp: ([127, 0, 0, 1], tcp).into(),
-            admin: ([127, 0, 0, 1], admin).into(),
+            http: bound["web"],
+            tcp: bound["raw"],
+            admin: bound["admin"],
             config_path,
             log,
             _dir: dir,
@@ -247,7 +255,7 @@ impl Drop for Router {
     }
 }
 
-fn render(s: &Setup<'_>, http: u16, tcp: u16, admin: u16) -> String {
+fn render(s: &Setup<'_>) -> String {
     format!(
         r#"[data_plane]
 mode = "{mode}"
@@ -256,18 +264,18 @@ mode = "{mode}"
 {limits}
 
 [admin]
-bind = "127.0.0.1:{admin}"
+bind = "127.0.0.1:0"
 
 [[listener]]
 name = "web"
-bind = "127.0.0.1:{http}"
+bind = "127.0.0.1:0"
 protocol = "http"
 forwarded_proto = "https"
 trusted_cidrs = ["127.0.0.2/32"]
 
 [[listener]]
 name = "raw"
-bind = "127.0.0.1:{tcp}"
+bind = "127.0.0.1:0"
 protocol = "tcp"
 pool = "main"
 
