@@ -77,14 +77,24 @@ impl AccessLog {
         }
     }
 
-    /// Waits (bounded) until every line queued so far is written.
+    /// Waits until every line queued so far is written, `within` at most
+    /// in all: a full queue behind a stuck disk must not hold the exit.
     pub fn sync(&self, within: Duration) {
-        if let Sink::File { tx, .. } = &self.sink {
-            let (done, wait) = mpsc::channel();
-            if tx.send(Msg::Sync(done)).is_ok() {
-                let _ = wait.recv_timeout(within);
+        let Sink::File { tx, .. } = &self.sink else { return };
+        let deadline = std::time::Instant::now() + within;
+        let (done, wait) = mpsc::channel();
+        let mut msg = Msg::Sync(done);
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    msg = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return,
             }
         }
+        let _ = wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 }
 
