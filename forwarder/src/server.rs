@@ -50,14 +50,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     };
     announce(&bound, admin.as_ref())?;
 
-    for w in config.warnings() {
-        tracing::warn!("config: {w}");
-    }
+    adopt(&config, "config");
     for l in &config.listeners {
         metrics::declare_listener(&l.name, &planes);
-    }
-    for p in &config.pools {
-        metrics::declare_pool(&p.name);
     }
     let access_log = match &config.access_log.path {
         Some(path) => AccessLog::open(path, config.access_log.format)
@@ -261,6 +256,17 @@ fn is_transient(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM))
 }
 
+/// What taking a config on (at start, on reload) involves besides the
+/// snapshot: its warnings logged, its pools' series declared at 0.
+fn adopt(config: &Config, context: &str) {
+    for w in config.warnings() {
+        tracing::warn!("{context}: {w}");
+    }
+    for p in &config.pools {
+        metrics::declare_pool(&p.name);
+    }
+}
+
 /// Re-reads the config file; a bad one is logged and the old one stays.
 /// The access-log file is reopened either way (logrotate's postrotate).
 fn reload(shared: &Shared, path: Option<&Path>) {
@@ -271,12 +277,7 @@ fn reload(shared: &Shared, path: Option<&Path>) {
     };
     match load_compatible(shared, path) {
         Ok(config) => {
-            for w in config.warnings() {
-                tracing::warn!("SIGHUP: config: {w}");
-            }
-            for p in &config.pools {
-                metrics::declare_pool(&p.name);
-            }
+            adopt(&config, "SIGHUP: config");
             let routes = config.routes.len();
             let pools = config.pools.len();
             shared.replace(Snapshot::new(config));
