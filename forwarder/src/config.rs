@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::dataplane;
-use crate::units::{de_duration, de_size_usize};
+use crate::units::{de_duration, de_opt_size, de_size_usize};
 
 /// A validated configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -26,6 +26,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub admin: Option<Admin>,
+    #[serde(default)]
+    pub backends: BackendSettings,
     #[serde(default)]
     pub access_log: AccessLogConfig,
     #[serde(default, rename = "listener")]
@@ -56,6 +58,23 @@ pub struct Limits {
     #[serde(deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
     pub max_connections: usize,
+    /// How long a client connection may wait between requests (gorouter's
+    /// `frontend_idle_timeout`).
+    #[serde(deserialize_with = "de_duration")]
+    pub keepalive_timeout: Duration,
+    /// Requests served on one client connection; the last one's response
+    /// says `Connection: close`. 1 turns client keep-alive off.
+    pub max_requests_per_connection: usize,
+    /// How long a backend may take to start its response to a plain
+    /// request (gorouter's `endpoint_timeout`); 504 past it.
+    #[serde(deserialize_with = "de_duration")]
+    pub response_timeout: Duration,
+    /// The largest request body: a larger Content-Length is answered 413
+    /// before a backend is chosen; a chunked body that grows past it ends
+    /// the exchange (413 if no response has started, else a reset).
+    /// None: no limit.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub max_request_body: Option<u64>,
 }
 
 impl Default for Limits {
@@ -69,6 +88,10 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             max_connections: 100_000,
+            keepalive_timeout: Duration::from_secs(900),
+            max_requests_per_connection: 1000,
+            response_timeout: Duration::from_secs(60),
+            max_request_body: None,
         }
     }
 }
@@ -89,14 +112,148 @@ impl Limits {
         if self.max_connections == 0 {
             return Err(("limits.max_connections".into(), "must be at least 1".into()));
         }
+        if self.max_requests_per_connection == 0 {
+            return Err((
+                "limits.max_requests_per_connection".into(),
+                "must be at least 1 (1 turns client keep-alive off)".into(),
+            ));
+        }
         for (name, d) in [
             ("handshake_timeout", self.handshake_timeout),
             ("idle_timeout", self.idle_timeout),
             ("connect_timeout", self.connect_timeout),
+            ("keepalive_timeout", self.keepalive_timeout),
+            ("response_timeout", self.response_timeout),
         ] {
             if d.is_zero() {
                 return Err((format!("limits.{name}"), "must be longer than 0".into()));
             }
+        }
+        Ok(())
+    }
+}
+
+/// `[backends]`: how the router treats its backends, node-wide
+/// (gorouter's `backends` section).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendSettings {
+    /// Connections open to one backend at most (gorouter's
+    /// `backends.max_conns`): past it, a request routed there gets 503
+    /// `Connection Limit Reached`. 0: no cap.
+    pub max_conns: usize,
+    /// Idle keep-alive connections kept per backend for plain requests;
+    /// 0 turns backend connection reuse off.
+    pub max_idle_per_backend: usize,
+    /// How long an idle backend connection is kept: shorter than the
+    /// backends' own keep-alive timeout (Node.js closes after 5 s).
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_conn_timeout: Duration,
+    /// Passive health: a backend that refused, reset or timed out is
+    /// skipped this long, doubling while it keeps failing ...
+    #[serde(deserialize_with = "de_duration")]
+    pub backoff: Duration,
+    /// ... up to this.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for BackendSettings {
+    fn default() -> Self {
+        BackendSettings {
+            max_conns: 0,
+            max_idle_per_backend: 16,
+            idle_conn_timeout: Duration::from_secs(4),
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl BackendSettings {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.idle_conn_timeout.is_zero() && self.max_idle_per_backend > 0 {
+            return Err((
+                "backends.idle_conn_timeout".into(),
+                "must be longer than 0 (max_idle_per_backend = 0 turns reuse off)".into(),
+            ));
+        }
+        if self.backoff.is_zero() {
+            return Err(("backends.backoff".into(), "must be longer than 0".into()));
+        }
+        if self.max_backoff < self.backoff {
+            return Err(("backends.max_backoff".into(), "must not be shorter than backends.backoff".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `[pool.check]`: an active health check of every backend of a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    /// `tcp`: a connect succeeds; `http`: `GET path` answers 2xx or 3xx.
+    pub kind: CheckKind,
+    /// The path an http check requests.
+    #[serde(default = "Check::default_path")]
+    pub path: String,
+    /// The Host header of an http check (default: the backend's address).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "Check::default_interval", deserialize_with = "de_duration")]
+    pub interval: Duration,
+    #[serde(default = "Check::default_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Consecutive passes that bring a backend back.
+    #[serde(default = "Check::default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take a backend out.
+    #[serde(default = "Check::default_fall")]
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Tcp,
+    Http,
+}
+
+impl Check {
+    fn default_path() -> String {
+        "/".into()
+    }
+    fn default_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    fn default_rise() -> u32 {
+        2
+    }
+    fn default_fall() -> u32 {
+        3
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.interval.is_zero() {
+            return Err(("interval", "must be longer than 0".into()));
+        }
+        if self.timeout.is_zero() || self.timeout > self.interval {
+            return Err(("timeout", "must be longer than 0 and at most the interval".into()));
+        }
+        if self.rise == 0 {
+            return Err(("rise", "must be at least 1".into()));
+        }
+        if self.fall == 0 {
+            return Err(("fall", "must be at least 1".into()));
+        }
+        if !self.path.starts_with('/') || self.path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(("path", format!("{:?} must start with '/' and hold no spaces or control bytes", self.path)));
+        }
+        if self.host.as_deref().is_some_and(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_control() || b == b' ')) {
+            return Err(("host", "must be a non-empty host without spaces or control bytes".into()));
         }
         Ok(())
     }
@@ -332,6 +489,9 @@ pub struct Pool {
     pub backends: Backends,
     #[serde(default)]
     pub balance: Balance,
+    /// An active health check of its backends (none: passive health only).
+    #[serde(default)]
+    pub check: Option<Check>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -419,6 +579,7 @@ impl Config {
             ));
         }
         self.limits.validate()?;
+        self.backends.validate()?;
         self.data_plane.validate().map_err(|(field, m)| (format!("data_plane.{field}"), m))?;
         let pools = self.validate_pools()?;
         self.validate_listeners(&pools)?;
@@ -435,6 +596,9 @@ impl Config {
             }
             if !pools.insert(p.name.as_str()) {
                 return Err((format!("pool[{i}].name"), format!("duplicate pool name {:?}", p.name)));
+            }
+            if let Some(check) = &p.check {
+                check.validate().map_err(|(name, m)| (format!("pool[{i}].check.{name}"), m))?;
             }
             let mut seen = HashSet::new();
             for (j, b) in p.backends.iter().enumerate() {
@@ -726,6 +890,38 @@ pool = "chat"
         // Still accepted: the same port on two different addresses, https.
         parse(&format!("{BASE}\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.2:8080\"\nprotocol = \"http\"\nforwarded_proto = \"https\"\n"))
             .unwrap();
+    }
+
+    #[test]
+    fn keep_alive_backend_and_check_keys() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.limits.keepalive_timeout, Duration::from_secs(900));
+        assert_eq!((c.limits.max_requests_per_connection, c.limits.max_request_body), (1000, None));
+        assert_eq!(c.limits.response_timeout, Duration::from_secs(60));
+        assert_eq!((c.backends.max_conns, c.backends.max_idle_per_backend), (0, 16));
+        assert!(c.pools[0].check.is_none());
+        let c = parse(&format!(
+            "[limits]\nmax_request_body = \"10MiB\"\n[backends]\nmax_conns = 500\nbackoff = \"2s\"\n{BASE}\n[pool.check]\nkind = \"http\"\npath = \"/health\"\n"
+        ))
+        .unwrap();
+        assert_eq!((c.limits.max_request_body, c.backends.max_conns), (Some(10 << 20), 500));
+        let check = c.pools[0].check.as_ref().unwrap();
+        assert_eq!((check.kind, check.path.as_str(), check.rise, check.fall), (CheckKind::Http, "/health", 2, 3));
+        let cases = [
+            ("[limits]\nmax_requests_per_connection = 0\n", "limits.max_requests_per_connection: must be at least 1"),
+            ("[limits]\nresponse_timeout = \"0s\"\n", "limits.response_timeout: must be longer than 0"),
+            ("[backends]\nbackoff = \"10s\"\nmax_backoff = \"1s\"\n", "backends.max_backoff: must not be shorter"),
+        ];
+        for (extra, expected) in cases {
+            let e = parse(&format!("{extra}{BASE}")).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(expected), "expected {expected:?} in {e:?}");
+        }
+        let e = parse(&format!("{BASE}\n[pool.check]\nkind = \"http\"\npath = \"health\"\n")).unwrap_err().to_string();
+        assert!(e.contains("pool[0].check.path"), "{e}");
+        let e = parse(&format!("{BASE}\n[pool.check]\nkind = \"tcp\"\ninterval = \"1s\"\ntimeout = \"2s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pool[0].check.timeout"), "{e}");
     }
 
     #[test]

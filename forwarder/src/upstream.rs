@@ -125,6 +125,7 @@ mod tests {
             name: "p".into(),
             backends: (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i))).collect(),
             balance,
+            check: None,
         })
     }
 
@@ -157,6 +158,7 @@ mod tests {
             name: "p".into(),
             backends: [dead_addr, live.local_addr().unwrap()].into_iter().collect(),
             balance: Balance::RoundRobin,
+            check: None,
         });
         let (_s, guard) = p.connect(Duration::from_secs(1)).await.unwrap();
         assert_eq!(guard.addr(), live.local_addr().unwrap());
