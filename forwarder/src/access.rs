@@ -97,6 +97,13 @@ impl AccessRecord {
         }
     }
 
+    /// Starts the record's clocks again: a request on a kept-alive
+    /// connection is timed from its own start, not the connection's.
+    pub fn restart(&mut self) {
+        self.start = SystemTime::now();
+        self.started = Instant::now();
+    }
+
     /// Writes the record to the diagnostic log (target `upsplice::access`),
     /// as `key=value` fields.
     pub fn trace(&self) {

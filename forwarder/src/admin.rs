@@ -1,7 +1,6 @@
 //! The admin endpoint: `GET /metrics` (Prometheus/OpenMetrics text) and
 //! `GET /healthz` (200 while accepting, 503 while draining).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +42,7 @@ async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
         ("GET" | "HEAD", "/metrics") => {
             ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", crate::metrics::get().render())
         }
-        ("GET" | "HEAD", "/healthz") if shared.draining.load(Ordering::Relaxed) => {
+        ("GET" | "HEAD", "/healthz") if shared.draining.is_cancelled() => {
             ("503 Service Unavailable", "text/plain", "draining\n".to_string())
         }
         ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),

@@ -14,7 +14,7 @@ use crate::access::AccessRecord;
 use crate::config::Protocol;
 use crate::dataplane::{Mode, Tunnel};
 use crate::handshake::answer::{linger_close, Refusal};
-use crate::handshake::{self, Plan};
+use crate::handshake::{self, Next, Plan};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
 use crate::state::Shared;
 use crate::upstream::{BackendGuard, ConnectError};
@@ -26,30 +26,49 @@ pub struct Session {
 }
 
 impl Session {
-    /// Serves one accepted connection to its end and logs it.
+    /// Serves one accepted connection to its end and logs it: an access
+    /// record per request (http) or per connection (tcp).
     pub async fn serve(self, client: TcpStream, peer: SocketAddr, protocol: Protocol) {
         let labels = ListenerLabels { listener: self.listener.to_string() };
         metrics::get().active.get_or_create(&labels).inc();
-        let mut rec = AccessRecord::new(peer, self.listener.clone());
         let _ = client.set_nodelay(true);
         match protocol {
-            Protocol::Http => {
-                // Boxed, so the handshake's state is freed before the tunnel
-                // runs: only the (small) tunnel state stays for hours.
-                let snap = self.shared.snapshot();
-                let plan = Box::pin(handshake::serve(client, peer, snap, &self.listener, &mut rec)).await;
-                if let Some(plan) = plan {
-                    self.tunnel(plan, &mut rec).await;
-                }
-            }
+            Protocol::Http => self.serve_http(client, peer).await,
             Protocol::Tcp => {
+                let mut rec = AccessRecord::new(peer, self.listener.clone());
                 if let Some(plan) = Box::pin(self.connect_tcp(client, &mut rec)).await {
                     self.tunnel(plan, &mut rec).await;
                 }
+                self.shared.access_log.write(&rec);
             }
         }
         metrics::get().active.get_or_create(&labels).dec();
-        self.shared.access_log.write(&rec);
+    }
+
+    /// An http listener's connection: its requests one after another, each
+    /// on the configuration in force when it starts and with its own
+    /// access record, until one closes it or starts a tunnel.
+    async fn serve_http(&self, client: TcpStream, peer: SocketAddr) {
+        let mut conn = handshake::Conn::new(client, peer);
+        loop {
+            let mut rec = AccessRecord::new(peer, self.listener.clone());
+            // Boxed, so the handshake's state is freed before a tunnel runs:
+            // only the (small) tunnel state stays for hours.
+            let snap = self.shared.snapshot();
+            let next = Box::pin(conn.serve(snap, &self.listener, &self.shared.draining, &mut rec)).await;
+            let kept = match next {
+                Next::Again(kept) => Some(kept),
+                Next::Tunnel(plan) => {
+                    self.tunnel(plan, &mut rec).await;
+                    None
+                }
+                Next::Done => None,
+                Next::Idle => return,
+            };
+            self.shared.access_log.write(&rec);
+            let Some(kept) = kept else { return };
+            conn = kept;
+        }
     }
 
     /// A tcp listener: connect to its pool; the pair is relayed without

@@ -1,16 +1,18 @@
-//! The control plane of an http listener: one connection's first request,
-//! from the bytes on the socket to a tunnel handed to a data plane, or to an
-//! answer.
+//! The control plane of an http listener: one client connection's
+//! requests, each from the bytes on the socket to an answer, or to a
+//! tunnel handed to a data plane.
 //!
 //! ```text
-//! read head (bounded, timed) → rewrite (XFF/XFP, hop-by-hop, h2c) → route
+//! wait for a request (keepalive_timeout between requests; the drain ends it)
+//!   → read head (bounded, timed) → rewrite (XFF/XFP, hop-by-hop, h2c) → route
 //!   → connect backend (timeout, failover) → forward head
 //!   → relay the request body (framed, nothing past it) while reading the
-//!     backend's head
+//!     backend's head (response_timeout)
 //!   → upgrade: 101 → tunnel (with what followed the request), else relay
-//!     that response and close
-//!   → plain:   relay the response (framed, `Connection: close`) and close;
-//!     what the client sent after its request is discarded, never relayed
+//!     that response
+//!   → plain:   relay the response, framed by its own length or chunks
+//!   → keep-alive: the next request is read from what followed this one,
+//!     parsed, routed and rewritten on its own; else `Connection: close`
 //! ```
 
 pub mod answer;
@@ -22,17 +24,21 @@ pub mod rewrite;
 pub mod stream;
 
 use std::net::SocketAddr;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessRecord;
 use crate::state::Snapshot;
 use crate::upstream::{BackendGuard, ConnectError};
 use answer::{linger_close, Refusal};
 use body::BodyError;
+use framing::Framing;
 use head::{HeadError, ReadError};
 use rewrite::{Body, ClientInfo};
 pub use stream::ClientStream;
@@ -55,14 +61,38 @@ pub struct Plan<S = TcpStream> {
     pub guard: BackendGuard,
 }
 
-/// Why a handshake ends without a tunnel; answered in one place
-/// (`Stop::answer`).
+/// A client connection of an http listener, between two requests.
+pub struct Conn<S> {
+    client: S,
+    peer: SocketAddr,
+    /// What the client sent past its last request (pipelined requests):
+    /// the start of the next one.
+    buf: BytesMut,
+    /// Requests answered on this connection so far.
+    served: usize,
+}
+
+/// How one request on a connection ended.
+pub enum Next<S> {
+    /// Answered; the connection stays open for the next request.
+    Again(Conn<S>),
+    /// Upgraded: the pair goes to a data plane.
+    Tunnel(Plan<S>),
+    /// Answered, refused or gone: the connection is closed (the record
+    /// says how).
+    Done,
+    /// No request came (the client closed, `keepalive_timeout` passed, or
+    /// the drain started) on a connection that had served one: closed,
+    /// with nothing to record.
+    Idle,
+}
+
+/// Why a handshake ends without a tunnel and without keeping the
+/// connection; answered in one place (`Stop::answer`).
 #[derive(Debug)]
 pub enum Stop {
     /// Nothing final reached the client: the router answers this and closes.
     Refuse(Refusal),
-    /// The backend's final response was relayed whole; the connection closes.
-    Answered,
     /// A side failed or left midway; nothing more can be said. The access
     /// log's close reason.
     Gone(&'static str),
@@ -74,7 +104,16 @@ impl From<Refusal> for Stop {
     }
 }
 
-/// What the backend agreed to: everything of a [`Plan`] but the client.
+/// How a request that was not refused ended.
+enum Outcome {
+    /// The backend agreed to an upgrade: everything of a [`Plan`] but the
+    /// client.
+    Upgraded(Agreed),
+    /// The backend's final response was relayed whole; `keep_alive` when
+    /// it said the connection stays open.
+    Answered { keep_alive: bool },
+}
+
 struct Agreed {
     backend: TcpStream,
     to_backend: Bytes,
@@ -83,127 +122,208 @@ struct Agreed {
     guard: BackendGuard,
 }
 
-/// Handles one connection of an http listener to its end: returns the
-/// connection pair to relay, or None when the connection is done
-/// (answered, refused, or gone). `snap` is the configuration in force when
-/// the connection was accepted; it is released before the pair is returned.
-pub async fn serve<S: ClientStream>(
-    mut client: S,
-    peer: SocketAddr,
-    snap: std::sync::Arc<Snapshot>,
-    listener: &str,
-    rec: &mut AccessRecord,
-) -> Option<Plan<S>> {
-    let started = Instant::now();
-    let agreed = negotiate(&mut client, peer, &snap, listener, rec).await;
-    // Nothing of the handshake stays allocated for the tunnel's life.
-    drop(snap);
-    match agreed {
-        Ok(Agreed { backend, to_backend, to_client, status, guard }) => {
-            Some(Plan { client, backend, to_backend, to_client, status, guard })
+impl<S: ClientStream> Conn<S> {
+    pub fn new(client: S, peer: SocketAddr) -> Conn<S> {
+        Conn { client, peer, buf: BytesMut::new(), served: 0 }
+    }
+
+    /// Serves the connection's next request to its end. `snap` is the
+    /// configuration in force when the request started; it is released
+    /// before a tunnel's pair is returned. `draining` ends the wait for a
+    /// next request and the keep-alive of the one in flight.
+    pub async fn serve(
+        mut self,
+        snap: Arc<Snapshot>,
+        listener: &str,
+        draining: &CancellationToken,
+        rec: &mut AccessRecord,
+    ) -> Next<S> {
+        if self.served > 0 {
+            if !self.await_request(snap.config.limits.keepalive_timeout, draining).await {
+                return Next::Idle;
+            }
+            // The record's clock starts with the request, not the connection.
+            rec.restart();
         }
-        Err(stop) => {
-            stop.answer(&mut client, listener, rec, started).await;
-            None
+        let started = Instant::now();
+        let keep_alive_allowed = self.served + 1 < snap.config.limits.max_requests_per_connection;
+        let ctx = Context { peer: self.peer, snap: &snap, listener, draining, keep_alive_allowed };
+        let outcome = ctx.request(&mut self.client, &mut self.buf, rec).await;
+        // Nothing of the handshake stays allocated for the tunnel's life.
+        drop(snap);
+        match outcome {
+            Ok(Outcome::Upgraded(Agreed { backend, to_backend, to_client, status, guard })) => {
+                Next::Tunnel(Plan { client: self.client, backend, to_backend, to_client, status, guard })
+            }
+            Ok(Outcome::Answered { keep_alive: true }) => {
+                self.served += 1;
+                Next::Again(self)
+            }
+            Ok(Outcome::Answered { keep_alive: false }) => {
+                // Whatever the client sent after this request is read and
+                // discarded, never relayed.
+                linger_close(&mut self.client).await;
+                Next::Done
+            }
+            Err(stop) => {
+                stop.answer(&mut self.client, listener, rec, started).await;
+                Next::Done
+            }
         }
+    }
+
+    /// Waits for the first byte of a next request (unless a pipelined one
+    /// is buffered already): false when the client closes, `idle` passes
+    /// or the drain starts first.
+    async fn await_request(&mut self, idle: Duration, draining: &CancellationToken) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        self.buf.reserve(2048);
+        let read = tokio::select! {
+            r = tokio::time::timeout(idle, self.client.read_buf(&mut self.buf)) => r,
+            _ = draining.cancelled() => return false,
+        };
+        matches!(read, Ok(Ok(n)) if n > 0)
     }
 }
 
-/// The first request, from its head to a 101 whose head was written to
-/// the client; any other end is a [`Stop`].
-async fn negotiate<S: ClientStream>(
-    client: &mut S,
+/// What one request is served with.
+struct Context<'a> {
     peer: SocketAddr,
-    snap: &Snapshot,
-    listener: &str,
-    rec: &mut AccessRecord,
-) -> Result<Agreed, Stop> {
-    let limits = &snap.config.limits;
-    let started = Instant::now();
-    let mut buf = BytesMut::new();
-    let read = head::read_head(client, &mut buf, limits.max_header_bytes, limits.handshake_timeout, |b, max| {
-        head::parse_request_with(b, max, limits.max_headers)
-    })
-    .await;
-    let request = match read {
-        Ok(request) => request,
-        Err(ReadError::Head(HeadError::Http2Preface)) => {
-            // Refused in HTTP/2, on the stream the client opens.
-            let stream = h2::first_stream(client, &mut buf, limits.max_header_bytes, limits.handshake_timeout).await;
-            return Err(Refusal::http2_unsupported(stream).into());
+    snap: &'a Snapshot,
+    listener: &'a str,
+    draining: &'a CancellationToken,
+    /// False for the last request `max_requests_per_connection` allows.
+    keep_alive_allowed: bool,
+}
+
+impl Context<'_> {
+    /// One request, from its head (the start of which may be in `buf`)
+    /// to a relayed response or a 101 whose head was written to the
+    /// client; any other end is a [`Stop`]. What the client sent past the
+    /// request is left in `buf`.
+    async fn request<S: ClientStream>(
+        &self,
+        client: &mut S,
+        buf: &mut BytesMut,
+        rec: &mut AccessRecord,
+    ) -> Result<Outcome, Stop> {
+        let Context { peer, snap, listener, .. } = *self;
+        let limits = &snap.config.limits;
+        let started = Instant::now();
+        let read = head::read_head(client, buf, limits.max_header_bytes, limits.handshake_timeout, |b, max| {
+            head::parse_request_with(b, max, limits.max_headers)
+        })
+        .await;
+        let request = match read {
+            Ok(request) => request,
+            Err(ReadError::Head(HeadError::Http2Preface)) => {
+                // Refused in HTTP/2, on the stream the client opens.
+                let stream = h2::first_stream(client, buf, limits.max_header_bytes, limits.handshake_timeout).await;
+                return Err(Refusal::http2_unsupported(stream).into());
+            }
+            Err(e) => return Err(request_head_failed(e)),
+        };
+        // Copied out so the head buffer is freed: a Bytes view would keep the
+        // whole read buffer alive for the tunnel's life.
+        let leftover = Bytes::copy_from_slice(&buf[request.head_len..]);
+        *buf = BytesMut::new();
+
+        rec.method = Some(request.method.clone());
+        rec.target = Some(request.target.clone());
+        rec.proto = Some(if request.version == 0 { "HTTP/1.0" } else { "HTTP/1.1" });
+        let header =
+            |name| head::values(&request.headers, name).next().map(|v| String::from_utf8_lossy(v).into_owned());
+        rec.user_agent = header("user-agent");
+        rec.referer = header("referer");
+
+        let settings = snap.listener(listener);
+        let request_id = uuid::Uuid::new_v4().hyphenated().to_string();
+        let client_info = ClientInfo {
+            request_id: &request_id,
+            peer: peer.ip(),
+            trusted: settings.trusted_cidrs.iter().any(|net| net.contains(&peer.ip())),
+            forwarded_proto: settings.forwarded_proto(),
+            now_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
+        };
+        let fwd = rewrite::rewrite(&request, &client_info)?;
+        rec.host = Some(fwd.host.clone());
+        rec.x_forwarded_for = Some(fwd.x_forwarded_for.clone());
+        rec.x_forwarded_proto = Some(fwd.x_forwarded_proto.clone());
+        rec.request_id = Some(fwd.request_id.clone());
+        if let (Body::Length(n), Some(max)) = (fwd.body, limits.max_request_body) {
+            if n > max {
+                return Err(Refusal::body_too_large(max).into());
+            }
         }
-        Err(e) => return Err(request_head_failed(e)),
-    };
-    // Copied out so the head buffer is freed: a Bytes view would keep the
-    // whole read buffer alive for the tunnel's life.
-    let leftover = Bytes::copy_from_slice(&buf[request.head_len..]);
-    drop(buf);
-
-    rec.method = Some(request.method.clone());
-    rec.target = Some(request.target.clone());
-    rec.proto = Some(if request.version == 0 { "HTTP/1.0" } else { "HTTP/1.1" });
-    let header = |name| head::values(&request.headers, name).next().map(|v| String::from_utf8_lossy(v).into_owned());
-    rec.user_agent = header("user-agent");
-    rec.referer = header("referer");
-
-    let settings = snap.listener(listener);
-    let request_id = uuid::Uuid::new_v4().hyphenated().to_string();
-    let client_info = ClientInfo {
-        request_id: &request_id,
-        peer: peer.ip(),
-        trusted: settings.trusted_cidrs.iter().any(|net| net.contains(&peer.ip())),
-        forwarded_proto: settings.forwarded_proto(),
-        now_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
-    };
-    let fwd = rewrite::rewrite(&request, &client_info)?;
-    rec.host = Some(fwd.host.clone());
-    rec.x_forwarded_for = Some(fwd.x_forwarded_for.clone());
-    rec.x_forwarded_proto = Some(fwd.x_forwarded_proto.clone());
-    rec.request_id = Some(fwd.request_id.clone());
-    let route = snap.router.lookup(&fwd.host, &fwd.path).ok_or_else(|| Refusal::unknown_route(&fwd.host))?;
-    rec.route = Some(route.name.clone());
-    if route.route_service.is_some() {
-        // Nothing reaches the app around its route service (often its
-        // authentication), whatever the kind of request.
-        return Err(match fwd.upgrade {
-            Some(_) => Refusal::route_service_unsupported(),
-            None => Refusal::route_service_disabled(),
+        let route = snap.router.lookup(&fwd.host, &fwd.path).ok_or_else(|| Refusal::unknown_route(&fwd.host))?;
+        rec.route = Some(route.name.clone());
+        if route.route_service.is_some() {
+            // Nothing reaches the app around its route service (often its
+            // authentication), whatever the kind of request.
+            return Err(match fwd.upgrade {
+                Some(_) => Refusal::route_service_unsupported(),
+                None => Refusal::route_service_disabled(),
+            }
+            .into());
         }
-        .into());
-    }
-    let (mut backend, guard) = snap.pools[route.pool].connect(limits.connect_timeout).await.map_err(|e| match e {
-        ConnectError::NoBackends(_) => Refusal::no_endpoints(&fwd.host),
-        e => Refusal::endpoint_failure(e.to_string()),
-    })?;
-    rec.backend = Some(guard.addr());
-    backend.write_all(&fwd.head).await.map_err(|e| Refusal::endpoint_failure(format!("writing the request: {e}")))?;
-    rec.to_backend += fwd.head.len() as u64;
-    rec.forwarded = Some(rec.started.elapsed());
+        let (mut backend, guard) =
+            snap.pools[route.pool].connect(limits.connect_timeout).await.map_err(|e| match e {
+                ConnectError::NoBackends(_) => Refusal::no_endpoints(&fwd.host),
+                e => Refusal::endpoint_failure(e.to_string()),
+            })?;
+        rec.backend = Some(guard.addr());
+        backend
+            .write_all(&fwd.head)
+            .await
+            .map_err(|e| Refusal::endpoint_failure(format!("writing the request: {e}")))?;
+        rec.to_backend += fwd.head.len() as u64;
+        rec.forwarded = Some(rec.started.elapsed());
 
-    // The request body (if any) goes to the backend while its answer is
-    // read: a backend may answer before the whole body (an early 413), or
-    // only after it. Nothing past the body is sent before the answer.
-    let upgrade = fwd.upgrade.is_some();
-    let exchange = Exchange {
-        upgrade,
-        method: &request.method,
-        max_head: limits.max_header_bytes.max(MIN_RESPONSE_HEAD),
-        response_timeout: if upgrade { limits.handshake_timeout } else { limits.idle_timeout },
-        idle: limits.idle_timeout,
-        listener,
-        started,
-    };
-    let Switched { response, rbuf, after } = exchange.run(client, &mut backend, &leftover, fwd.body, rec).await?;
-    // 101: the head goes out now; what came after it on either side is
-    // delivered first by the data plane, in order.
-    let to_client = Bytes::copy_from_slice(&rbuf[response.head_len..]);
-    if let Err(e) = client.write_all(&rbuf[..response.head_len]).await {
-        tracing::debug!("writing the response head to the client: {e}");
-        return Err(Stop::Gone("client_error"));
+        // The request body (if any) goes to the backend while its answer is
+        // read: a backend may answer before the whole body (an early 413), or
+        // only after it. Nothing past the body is sent before the answer.
+        let upgrade = fwd.upgrade.is_some();
+        let exchange = Exchange {
+            upgrade,
+            method: &request.method,
+            client_version: request.version,
+            keep_alive: self.keep_alive_allowed && wants_keep_alive(&request),
+            draining: self.draining,
+            max_head: limits.max_header_bytes.max(MIN_RESPONSE_HEAD),
+            response_timeout: if upgrade { limits.handshake_timeout } else { limits.response_timeout },
+            idle: limits.idle_timeout,
+            max_body: limits.max_request_body,
+            listener,
+            started,
+        };
+        let (response, rbuf, after) = match exchange.run(client, &mut backend, &leftover, fwd.body, rec).await? {
+            Exchanged::Switched { response, rbuf, after } => (response, rbuf, after),
+            Exchanged::Answered { keep_alive, after } => {
+                // The next request starts with what followed this one.
+                *buf = BytesMut::from(&after[..]);
+                return Ok(Outcome::Answered { keep_alive });
+            }
+        };
+        // 101: the head goes out now; what came after it on either side is
+        // delivered first by the data plane, in order.
+        let to_client = Bytes::copy_from_slice(&rbuf[response.head_len..]);
+        if let Err(e) = client.write_all(&rbuf[..response.head_len]).await {
+            tracing::debug!("writing the response head to the client: {e}");
+            return Err(Stop::Gone("client_error"));
+        }
+        rec.to_client += response.head_len as u64;
+        rec.upgraded = Some(rec.started.elapsed());
+        Ok(Outcome::Upgraded(Agreed { backend, to_backend: after, to_client, status: response.status, guard }))
     }
-    rec.to_client += response.head_len as u64;
-    rec.upgraded = Some(rec.started.elapsed());
-    Ok(Agreed { backend, to_backend: after, to_client, status: response.status, guard })
+}
+
+/// Whether the client asked to keep its connection: HTTP/1.1 unless it
+/// said `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`.
+fn wants_keep_alive(req: &head::Request) -> bool {
+    let has = |token: &[u8]| head::tokens(&req.headers, "connection").any(|t| t.eq_ignore_ascii_case(token));
+    !has(b"close") && (req.version >= 1 || has(b"keep-alive"))
 }
 
 /// The answer to a request head that could not be read.
@@ -224,8 +344,9 @@ fn request_head_failed(e: ReadError) -> Stop {
 
 impl Stop {
     /// Ends the connection as this stop says, and records it: the router's
-    /// own answer is written and counted, then the connection lingers so
-    /// that the answer is not lost to a reset; a relayed answer lingers too.
+    /// own answer is written and counted (it says `Connection: close`),
+    /// then the connection lingers so that the answer is not lost to a
+    /// reset.
     async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         self,
         client: &mut S,
@@ -235,9 +356,6 @@ impl Stop {
     ) {
         match self {
             Stop::Gone(reason) => rec.reason = reason,
-            // One request per connection (for now): whatever the client
-            // sent after this request is read and discarded, never relayed.
-            Stop::Answered => linger_close(client).await,
             Stop::Refuse(refusal) => {
                 if refusal.detail.is_some() {
                     // A backend failed: the operator needs to know which and why.
@@ -265,21 +383,29 @@ impl Stop {
     }
 }
 
-/// A 101 from the backend: its head (in `rbuf`) is still to be written;
-/// `after` holds what the client sent past the request.
-struct Switched {
-    response: head::Response,
-    rbuf: BytesMut,
-    after: Bytes,
+/// How an exchange with the backend ended, short of a [`Stop`].
+enum Exchanged {
+    /// A 101: its head (in `rbuf`) is still to be written.
+    Switched { response: head::Response, rbuf: BytesMut, after: Bytes },
+    /// A final response relayed whole; `keep_alive` when its head told the
+    /// client the connection stays open.
+    Answered { keep_alive: bool, after: Bytes },
 }
 
 /// One request's exchange with its backend, after its head was forwarded.
 struct Exchange<'a> {
     upgrade: bool,
     method: &'a str,
+    /// The client's HTTP minor version (a 1.0 client is told `keep-alive`).
+    client_version: u8,
+    /// The client and the configuration allow keeping the connection; the
+    /// response decides (framing, drain, a body not read to its end).
+    keep_alive: bool,
+    draining: &'a CancellationToken,
     max_head: usize,
-    response_timeout: std::time::Duration,
-    idle: std::time::Duration,
+    response_timeout: Duration,
+    idle: Duration,
+    max_body: Option<u64>,
     listener: &'a str,
     started: Instant,
 }
@@ -289,9 +415,9 @@ enum Respond {
     /// 101 to an upgrade: the head (in `rbuf`) is not written yet.
     Switching { response: head::Response, rbuf: BytesMut },
     /// A final response relayed to the client whole.
-    Relayed,
+    Relayed { keep_alive: bool },
     /// No final response head from the backend.
-    HeadFailed(String),
+    HeadFailed(ReadError),
     /// Writing to the client failed.
     ClientFailed,
     /// The backend's response broke off midway.
@@ -306,8 +432,8 @@ enum Ended {
 
 impl Exchange<'_> {
     /// Relays the request body (framed, nothing past it) while reading the
-    /// backend's answer; relays a final answer whole with `Connection:
-    /// close`, or returns a 101 for the tunnel.
+    /// backend's answer; relays a final answer whole, or returns a 101 for
+    /// the tunnel.
     async fn run<S: ClientStream>(
         &self,
         client: &mut S,
@@ -315,19 +441,28 @@ impl Exchange<'_> {
         early: &[u8],
         body: Body,
         rec: &mut AccessRecord,
-    ) -> Result<Switched, Stop> {
+    ) -> Result<Exchanged, Stop> {
+        // Set when the whole body was relayed: a response written before
+        // that closes the connection (the rest of the body is unread). No
+        // body is done from the start (the backend may have answered before
+        // the body's future is first polled).
+        let body_done = AtomicBool::new(body == Body::None);
         let ended = {
             let (mut client_rd, mut client_wr) = client.halves();
             let (mut backend_rd, mut backend_wr) = backend.split();
-            let body_sent = body::relay_body(early, &mut client_rd, &mut backend_wr, body, self.idle);
-            let answered = self.respond(&mut backend_rd, &mut client_wr, rec);
+            let body_sent = async {
+                let r = body::relay_body(early, &mut client_rd, &mut backend_wr, body, self.idle, self.max_body).await;
+                body_done.store(r.is_ok(), Ordering::Relaxed);
+                r
+            };
+            let answered = self.respond(&mut backend_rd, &mut client_wr, &body_done, rec);
             tokio::pin!(body_sent, answered);
             let mut sent = None;
-            let mut body_done = false;
+            let mut body_over = false;
             loop {
                 tokio::select! {
-                    r = &mut body_sent, if !body_done => {
-                        body_done = true;
+                    r = &mut body_sent, if !body_over => {
+                        body_over = true;
                         match r {
                             Ok(s) => sent = Some(s),
                             // The backend stopped reading: its answer may still come.
@@ -337,8 +472,11 @@ impl Exchange<'_> {
                     }
                     r = &mut answered => {
                         // A tunnel starts after the whole body (it is the
-                        // request's, not the tunnel's).
-                        if matches!(r, Respond::Switching { .. }) && !body_done {
+                        // request's, not the tunnel's); a kept connection's
+                        // next request starts after it (the body was read
+                        // to its end, or there is none: this is at once).
+                        let after_body = matches!(r, Respond::Switching { .. } | Respond::Relayed { keep_alive: true });
+                        if after_body && !body_over {
                             match (&mut body_sent).await {
                                 Ok(s) => sent = Some(s),
                                 Err(e) => break Ended::BodyFailed(e),
@@ -353,10 +491,12 @@ impl Exchange<'_> {
             Ended::BodyFailed(e) => {
                 tracing::debug!("request body: {e}");
                 match e {
-                    // Nothing final went to the client yet: it gets a 400.
+                    // Nothing final went to the client yet: it gets an answer.
                     BodyError::Framing(m) if rec.status == 0 => {
                         Err(Refusal::bad_request(format!("invalid chunked request body ({m})")).into())
                     }
+                    BodyError::TooLarge(max) if rec.status == 0 => Err(Refusal::body_too_large(max).into()),
+                    BodyError::TooLarge(_) => Err(Stop::Gone("body_too_large")),
                     _ => Err(Stop::Gone("client_error")),
                 }
             }
@@ -364,11 +504,16 @@ impl Exchange<'_> {
                 rec.to_backend += sent.as_ref().map_or(0, |s| s.bytes);
                 match respond {
                     Respond::Switching { response, rbuf } => match sent {
-                        Some(sent) => Ok(Switched { response, rbuf, after: sent.after }),
+                        Some(sent) => Ok(Exchanged::Switched { response, rbuf, after: sent.after }),
                         None => Err(Stop::Gone("backend_error")),
                     },
-                    Respond::Relayed => Err(Stop::Answered),
-                    Respond::HeadFailed(m) => Err(Refusal::endpoint_failure(m).into()),
+                    Respond::Relayed { keep_alive } => match sent {
+                        Some(sent) => Ok(Exchanged::Answered { keep_alive, after: sent.after }),
+                        // The response said close (the body was not read to its end).
+                        None => Ok(Exchanged::Answered { keep_alive: false, after: Bytes::new() }),
+                    },
+                    Respond::HeadFailed(ReadError::Timeout(t)) => Err(Refusal::endpoint_timeout(t).into()),
+                    Respond::HeadFailed(e) => Err(Refusal::endpoint_failure(format!("backend response: {e}")).into()),
                     Respond::ClientFailed => Err(Stop::Gone("client_error")),
                     Respond::RelayFailed(e) => {
                         tracing::debug!("relaying the backend's response: {e}");
@@ -381,8 +526,17 @@ impl Exchange<'_> {
 
     /// Reads the backend's answer (informational ones are passed on) and,
     /// unless it is a 101 to an upgrade, relays it whole to the client,
-    /// with `Connection: close` and framed by its own length or chunks.
-    async fn respond<R, W>(&self, backend: &mut R, client: &mut W, rec: &mut AccessRecord) -> Respond
+    /// framed by its own length or chunks, keeping the connection when it
+    /// can: the client and the configuration allow it, the router is not
+    /// draining, the request body was read to its end (`body_done`), and
+    /// the response is not delimited by the backend's close.
+    async fn respond<R, W>(
+        &self,
+        backend: &mut R,
+        client: &mut W,
+        body_done: &AtomicBool,
+        rec: &mut AccessRecord,
+    ) -> Respond
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -394,7 +548,7 @@ impl Exchange<'_> {
                     .await
                 {
                     Ok(r) => r,
-                    Err(e) => return Respond::HeadFailed(format!("backend response: {e}")),
+                    Err(e) => return Respond::HeadFailed(e),
                 };
             rec.first_byte.get_or_insert_with(|| rec.started.elapsed());
             // Informational answers (100, 102, 103) go through; the final one follows.
@@ -418,12 +572,20 @@ impl Exchange<'_> {
             rec.reason = "upgrade_refused";
         }
         let framing = framing::framing(&response, self.method);
-        let head = rewrite::response_head(&response);
+        // After a refused upgrade the connection closes: a client may have
+        // sent the new protocol's first bytes already, and they are no
+        // HTTP request.
+        let keep_alive = self.keep_alive
+            && !self.upgrade
+            && body_done.load(Ordering::Relaxed)
+            && framing != Framing::UntilClose
+            && !self.draining.is_cancelled();
+        let head = rewrite::response_head(&response, keep_alive, self.client_version);
         let rest = &rbuf[response.head_len..];
         match framing::relay_response(backend, client, &head, rest, framing, self.idle).await {
             Ok(n) => {
                 rec.to_client += n;
-                Respond::Relayed
+                Respond::Relayed { keep_alive }
             }
             Err(e) => Respond::RelayFailed(e),
         }

@@ -4,7 +4,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,7 +140,7 @@ async fn drain(
     tracker: TaskTracker,
 ) {
     let limits = shared.snapshot().config.limits.clone();
-    shared.draining.store(true, Ordering::Relaxed);
+    shared.draining.cancel();
     tracing::info!(
         open = shared.active(),
         "draining: /healthz answers 503; still accepting for drain_wait {:?}",

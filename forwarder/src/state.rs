@@ -2,7 +2,7 @@
 //! table, pools), the data planes, and the drain state.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio_util::sync::CancellationToken;
@@ -44,8 +44,10 @@ pub struct Shared {
     pub planes: Arc<DataPlanes>,
     /// Fires at the drain deadline: every tunnel closes.
     pub drain: CancellationToken,
-    /// True once SIGTERM arrived (`/healthz` answers 503).
-    pub draining: AtomicBool,
+    /// Fires when the drain starts (SIGTERM, SIGUSR1): `/healthz` answers
+    /// 503, idle keep-alive connections close, responses in flight say
+    /// `Connection: close`.
+    pub draining: CancellationToken,
     /// Connections open now, all listeners together.
     active: AtomicUsize,
     /// Where each connection's record goes when it ends.
@@ -59,7 +61,7 @@ impl Shared {
             snapshot: RwLock::new(Arc::new(Snapshot::new(config))),
             planes,
             drain: CancellationToken::new(),
-            draining: AtomicBool::new(false),
+            draining: CancellationToken::new(),
             active: AtomicUsize::new(0),
         }
     }

@@ -35,12 +35,12 @@ fn lines(path: &Path, n: usize) -> Vec<String> {
     }
 }
 
-/// One plain request: answers 200 from the backend, returns the head the
-/// backend received.
+/// One plain request (the client asks to close after it): answers 200 from
+/// the backend, returns the head the backend received.
 async fn plain_request(router: &Router, backend: &mut RawBackend, extra_headers: &str) -> String {
     let mut client = TcpStream::connect(router.http).await.unwrap();
     let req = format!(
-        "GET /chat?room=1 HTTP/1.1\r\nHost: app.test\r\nUser-Agent: probe/1.0\r\nReferer: http://r.test/\r\n{extra_headers}\r\n"
+        "GET /chat?room=1 HTTP/1.1\r\nHost: app.test\r\nUser-Agent: probe/1.0\r\nReferer: http://r.test/\r\nConnection: close\r\n{extra_headers}\r\n"
     );
     client.write_all(req.as_bytes()).await.unwrap();
     let mut server = backend.accept().await;

@@ -612,7 +612,7 @@ async fn plain_request_with_body(mode: &str) {
     let body = pattern(13, 300_000);
     let mut client = TcpStream::connect(router.http).await.unwrap();
     let head = format!(
-        "POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n",
+        "POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     let mut req = head.into_bytes();

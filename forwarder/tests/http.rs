@@ -148,7 +148,10 @@ async fn wildcards_route_plain_requests() {
     let (r, mut backend) = router("").await;
     for host in ["a.b.wild.test", "x.wild.test"] {
         let mut client = TcpStream::connect(r.http).await.unwrap();
-        client.write_all(format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
+        client
+            .write_all(format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
         let mut server = backend.accept().await;
         let (head, _) = read_head(&mut server).await;
         assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
@@ -164,7 +167,7 @@ async fn h2c_upgrade_offer_proceeds_as_http11() {
     let (r, mut backend) = router("").await;
     let mut client = TcpStream::connect(r.http).await.unwrap();
     client
-        .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
         .await
         .unwrap();
     let mut server = backend.accept().await;
@@ -219,7 +222,7 @@ async fn slow_loris_times_out_while_others_are_served() {
     // Meanwhile other clients are served at once.
     for _ in 0..5 {
         let mut client = TcpStream::connect(http).await.unwrap();
-        client.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await.unwrap();
         let mut server = backend.accept().await;
         read_head(&mut server).await;
         server.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
@@ -390,7 +393,7 @@ async fn fd_exhaustion_backs_off_and_recovers() {
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut client = TcpStream::connect(r.http).await.unwrap();
-    client.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    client.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut server = loop {
         // Connections accepted late (from the held batch) may reach the backend first.
@@ -439,7 +442,7 @@ async fn expect_100_continue_and_an_early_answer_reach_the_client() {
     // 100-continue: the client sends its body only after the backend's 100.
     let mut client = TcpStream::connect(r.http).await.unwrap();
     client
-        .write_all(b"PUT /f HTTP/1.1\r\nHost: app.test\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        .write_all(b"PUT /f HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
         .await
         .unwrap();
     let mut server = backend.accept().await;

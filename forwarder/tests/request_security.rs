@@ -174,7 +174,7 @@ fn assert_never_reached(backend: &Recorder, context: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_request_after_the_first_never_reaches_a_backend() {
+async fn pipelined_requests_are_each_parsed_routed_and_rewritten() {
     let (r, ka, other) = setup().await;
     let firsts = [
         ("GET", "GET /a HTTP/1.1\r\nHost: ka.example.com\r\n\r\n".to_string(), ""),
@@ -186,27 +186,36 @@ async fn pipelined_request_after_the_first_never_reaches_a_backend() {
             "5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n",
         ),
     ];
+    // The pipelined second request asks to close, so the exchange ends.
+    let smuggled = SMUGGLED.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
     for (what, first, body) in firsts {
-        let before = ka.connections();
-        let answer = exchange(r.http, format!("{first}{SMUGGLED}").as_bytes()).await;
+        let (ka_before, other_before) = (ka.connections(), other.connections());
+        let answer = exchange(r.http, format!("{first}{smuggled}").as_bytes()).await;
         ka.wait_closed().await;
+        other.wait_closed().await;
+        // The first backend got the first request and its body, nothing after.
         assert_never_reached(&ka, what);
-        assert_never_reached(&other, what);
-        // One response, complete, saying the connection closes.
-        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{what}: {answer:?}");
-        let (head, rest) = answer.split_once("\r\n\r\n").unwrap();
-        assert!(
-            head.contains("\r\nConnection: close\r\n") || head.ends_with("\r\nConnection: close"),
-            "{what}: {head}"
-        );
-        assert!(!head.to_ascii_lowercase().contains("keep-alive"), "{what}: backend's keep-alive relayed: {head}");
-        assert_eq!(rest, "ka", "{what}: exactly one response: {answer:?}");
-        // The backend got the first request and its body, nothing after.
-        assert_eq!(ka.connections(), before + 1, "{what}");
-        let got = ka.conns.lock().unwrap()[before].clone();
-        let got = String::from_utf8_lossy(&got).into_owned();
+        assert_eq!(ka.connections(), ka_before + 1, "{what}");
+        let got = String::from_utf8_lossy(&ka.conns.lock().unwrap()[ka_before]).into_owned();
         assert!(got.starts_with(first.split("\r\n").next().unwrap()), "{what}: {got}");
         assert!(got.ends_with(&format!("\r\n\r\n{body}")), "{what}: the body, and nothing after it: {got:?}");
+        // The second was routed by its own Host, its forwarded headers
+        // replaced: the client is not trusted.
+        assert_eq!(other.connections(), other_before + 1, "{what}");
+        let got = String::from_utf8_lossy(&other.conns.lock().unwrap()[other_before]).into_owned();
+        assert!(got.starts_with("GET /admin HTTP/1.1\r\n"), "{what}: {got}");
+        assert!(got.contains("\r\nX-Forwarded-For: 127.0.0.1\r\n") && !got.contains("6.6.6.6"), "{what}: {got}");
+        assert_eq!(got.matches("X-Forwarded-Proto:").count(), 1, "{what}: {got}");
+        // Two responses, in order, each framed; the first keeps the
+        // connection, the last says it closes; the backends' keep-alive
+        // headers are not relayed.
+        let (first_answer, second_answer) = answer.split_at(answer.find("\r\n\r\nka").expect(what) + 6);
+        assert!(first_answer.starts_with("HTTP/1.1 200 OK\r\n"), "{what}: {answer:?}");
+        assert!(!first_answer.contains("Connection:"), "{what}: {first_answer:?}");
+        assert!(second_answer.starts_with("HTTP/1.1 200 OK\r\n"), "{what}: {answer:?}");
+        assert!(second_answer.contains("\r\nConnection: close\r\n"), "{what}: {second_answer:?}");
+        assert!(second_answer.ends_with("\r\n\r\nother"), "{what}: exactly two responses: {answer:?}");
+        assert!(!answer.to_ascii_lowercase().contains("keep-alive"), "{what}: backend's keep-alive relayed: {answer}");
     }
 }
 

@@ -104,6 +104,23 @@ impl Refusal {
             "Support for route services is disabled.",
         )
     }
+    /// The backend did not start its response within `[limits]
+    /// response_timeout` (gorouter's `endpoint_timeout`).
+    pub fn endpoint_timeout(after: Duration) -> Refusal {
+        Refusal {
+            detail: Some(format!("no response head within response_timeout ({after:?})")),
+            ..Refusal::new(
+                504,
+                Some("endpoint_failure"),
+                "response_timeout",
+                "Registered endpoint did not respond in time.",
+            )
+        }
+    }
+    /// A request body larger than `[limits] max_request_body`.
+    pub fn body_too_large(max: u64) -> Refusal {
+        Refusal::new(413, None, "body_too_large", format!("The request body is larger than {max} bytes."))
+    }
     pub fn over_limit() -> Refusal {
         Refusal::new(503, None, "connection_limit", "The router is at its connection limit; try again later.")
     }
@@ -175,9 +192,11 @@ fn status_text(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         408 => "Request Timeout",
+        413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
         _ => "Error",
     }

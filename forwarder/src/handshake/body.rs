@@ -26,6 +26,8 @@ pub enum BodyError {
     Backend(#[source] io::Error),
     #[error("no request body bytes for {0:?}")]
     Timeout(Duration),
+    #[error("the request body is larger than [limits] max_request_body ({0} bytes)")]
+    TooLarge(u64),
 }
 
 /// A body relayed whole.
@@ -42,13 +44,16 @@ pub struct Sent {
 /// `early` (read with the head), then what `client` sends. Reads from the
 /// client never go past a Content-Length body; a chunked body's end is
 /// found by parsing it, and what came after it in the same read is
-/// returned in [`Sent::after`]. Each read waits at most `idle`.
+/// returned in [`Sent::after`]. Each read waits at most `idle`. A chunked
+/// body that grows past `max` bytes (framing included) is an error before
+/// those bytes are written.
 pub async fn relay_body<R, W>(
     early: &[u8],
     client: &mut R,
     backend: &mut W,
     body: Body,
     idle: Duration,
+    max: Option<u64>,
 ) -> Result<Sent, BodyError>
 where
     R: AsyncRead + Unpin,
@@ -74,7 +79,12 @@ where
             }
         }
     };
+    let within = |sent: u64, n: usize| match max {
+        Some(max) if sent + n as u64 > max => Err(BodyError::TooLarge(max)),
+        _ => Ok(()),
+    };
     let (n, done) = take(early)?;
+    within(0, n)?;
     backend.write_all(&early[..n]).await.map_err(BodyError::Backend)?;
     let mut sent = n as u64;
     if done {
@@ -94,6 +104,7 @@ where
             return Err(BodyError::ClientClosed(sent));
         }
         let (n, done) = take(&buf[..read])?;
+        within(sent, n)?;
         backend.write_all(&buf[..n]).await.map_err(BodyError::Backend)?;
         sent += n as u64;
         if done {
@@ -109,7 +120,7 @@ mod tests {
     async fn relay(early: &[u8], from_client: &[u8], body: Body) -> (Result<Sent, BodyError>, Vec<u8>, Vec<u8>) {
         let mut client = from_client;
         let mut backend = Vec::new();
-        let r = relay_body(early, &mut client, &mut backend, body, Duration::from_secs(1)).await;
+        let r = relay_body(early, &mut client, &mut backend, body, Duration::from_secs(1), None).await;
         (r, backend, client.to_vec())
     }
 
@@ -150,5 +161,16 @@ mod tests {
         assert_eq!(got, b"abc");
         let (r, got, _) = relay(b"GET /next", b"", Body::None).await;
         assert_eq!((r.unwrap().after.as_ref(), got.len()), (&b"GET /next"[..], 0));
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_past_the_limit_stops_before_the_excess_is_written() {
+        let (mut client, mut backend) = (&b"5\r\nhello\r\n0\r\n\r\n"[..], Vec::new());
+        let r = relay_body(b"", &mut client, &mut backend, Body::Chunked, Duration::from_secs(1), Some(8)).await;
+        assert!(matches!(r, Err(BodyError::TooLarge(8))), "{r:?}");
+        assert!(backend.len() <= 8, "{} bytes written", backend.len());
+        let (mut client, mut backend) = (&b"5\r\nhello\r\n0\r\n\r\n"[..], Vec::new());
+        let r = relay_body(b"", &mut client, &mut backend, Body::Chunked, Duration::from_secs(1), Some(15));
+        assert_eq!(r.await.unwrap().bytes, 15);
     }
 }

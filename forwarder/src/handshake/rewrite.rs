@@ -4,7 +4,8 @@
 //!   `TE`, `HTTP2-Settings` and whatever `Connection` names), except that an
 //!   upgrade keeps `Connection: Upgrade` and its `Upgrade` header;
 //! * an `Upgrade: h2c` offer is dropped and the request proceeds as HTTP/1.1;
-//! * plain requests get `Connection: close` (one request per connection);
+//! * plain requests get `Connection: close` towards the backend (its
+//!   connection carries this one request);
 //! * `X-Forwarded-For`: a trusted peer's list is extended with the peer's
 //!   address, anyone else's is replaced by it; `X-Forwarded-Proto`: a trusted
 //!   peer's value is kept, otherwise the listener's is set;
@@ -199,12 +200,14 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
 /// Response headers that concern one connection, never relayed.
 const RESPONSE_HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection"];
 
-/// The head of a final (non-101) response as the client gets it when the
-/// router closes the connection after it: the backend's status and headers
-/// less its hop-by-hop ones (those `Connection` names too, except framing),
-/// and `Connection: close`. The status line says HTTP/1.1, the router's
-/// own version (RFC 9110 §6.2).
-pub fn response_head(resp: &Response) -> Vec<u8> {
+/// The head of a final (non-101) response as the client gets it: the
+/// backend's status and headers less its hop-by-hop ones (those
+/// `Connection` names too, except framing), and the router's own say on
+/// the connection: `Connection: close` when it closes after this
+/// response, `Connection: keep-alive` to an HTTP/1.0 client whose
+/// connection stays (HTTP/1.1 keeps it by default). The status line says
+/// HTTP/1.1, the router's own version (RFC 9110 §6.2).
+pub fn response_head(resp: &Response, keep_alive: bool, client_version: u8) -> Vec<u8> {
     let named_by_connection = named_by_connection(&resp.headers);
     let dropped = |name: &str| {
         RESPONSE_HOP_BY_HOP.iter().any(|d| name.eq_ignore_ascii_case(d))
@@ -215,7 +218,11 @@ pub fn response_head(resp: &Response) -> Vec<u8> {
     for h in resp.headers.iter().filter(|h| !dropped(&h.name)) {
         push_header(&mut head, &h.name, &h.value);
     }
-    push_header(&mut head, "Connection", b"close");
+    match (keep_alive, client_version) {
+        (false, _) => push_header(&mut head, "Connection", b"close"),
+        (true, 0) => push_header(&mut head, "Connection", b"keep-alive"),
+        (true, _) => {}
+    }
     head.extend_from_slice(b"\r\n");
     head
 }
@@ -463,8 +470,13 @@ mod tests {
     fn response_head_says_close_and_drops_hop_by_hop() {
         let raw = b"HTTP/1.0 200 Fine\r\nConnection: keep-alive, X-Hop, Content-Length\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\n\r\nok";
         let resp = super::super::head::parse_response(raw, 1024).unwrap().unwrap();
-        let h = String::from_utf8(response_head(&resp)).unwrap();
+        let h = String::from_utf8(response_head(&resp, false, 1)).unwrap();
         assert_eq!(h, "HTTP/1.1 200 Fine\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\nConnection: close\r\n\r\n");
+        // Kept: an HTTP/1.1 client needs no word; an HTTP/1.0 client is told.
+        let h = String::from_utf8(response_head(&resp, true, 1)).unwrap();
+        assert_eq!(h, "HTTP/1.1 200 Fine\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\n\r\n");
+        let h = String::from_utf8(response_head(&resp, true, 0)).unwrap();
+        assert!(h.ends_with("Set-Cookie: a=b\r\nConnection: keep-alive\r\n\r\n"), "{h}");
     }
 
     #[test]
