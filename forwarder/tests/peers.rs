@@ -12,58 +12,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::peer::{have, Peer};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-
-fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(),
-            "{tool} is not installed and UPSPLICE_REQUIRE_PEERS is set"
-        );
-        eprintln!("SKIPPED: {tool} is not installed (scripts/setup installs it)");
-    }
-    ok
-}
-
-/// A peer process, killed when dropped; its config directory lives as long.
-struct Peer(Child, #[allow(dead_code)] tempfile::TempDir);
-
-impl Drop for Peer {
-    /// SIGTERM, not SIGKILL: nginx's master must stop its workers, which a
-    /// killed master would leave behind.
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never accepted");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn haproxy(mode: &str, upsplice: SocketAddr) -> (Peer, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
@@ -74,13 +28,8 @@ fn haproxy(mode: &str, upsplice: SocketAddr) -> (Peer, SocketAddr) {
          frontend fe\n  bind 127.0.0.1:{port}\n  {forwardfor}\n  default_backend be\n\
          backend be\n  server upsplice {upsplice} source 127.0.0.2\n"
     );
-    let path = dir.path().join("haproxy.cfg");
-    std::fs::write(&path, cfg).unwrap();
-    let bin = if std::path::Path::new("/usr/sbin/haproxy").exists() { "/usr/sbin/haproxy" } else { "haproxy" };
-    let child = Command::new(bin).arg("-db").arg("-f").arg(&path).stdout(Stdio::null()).spawn().unwrap();
     let addr = ([127, 0, 0, 1], port).into();
-    wait_port(addr);
-    (Peer(child, dir), addr)
+    (Peer::haproxy(dir, &cfg, addr), addr)
 }
 
 fn nginx(upsplice: SocketAddr) -> (Peer, SocketAddr) {
@@ -94,21 +43,8 @@ fn nginx(upsplice: SocketAddr) -> (Peer, SocketAddr) {
            proxy_set_header Upgrade $http_upgrade;\n   proxy_set_header Connection \"upgrade\";\n   proxy_set_header Host $host;\n\
            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n   proxy_read_timeout 1h;\n  }}\n }}\n}}\n"
     );
-    let path = dir.path().join("nginx.conf");
-    std::fs::write(&path, cfg).unwrap();
-    let bin = if std::path::Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" };
-    let child = Command::new(bin)
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let addr = ([127, 0, 0, 1], port).into();
-    wait_port(addr);
-    (Peer(child, dir), addr)
+    (Peer::nginx(dir, &cfg, addr), addr)
 }
 
 /// WebSocket echo through `front` → upsplice → echo backend; returns the

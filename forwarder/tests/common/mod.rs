@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
+pub mod peer;
 pub mod plane;
 
 /// A free loopback port (bound and released; the router binds it next).
@@ -47,13 +48,20 @@ impl Router {
     /// it got from what `run` prints on stdout (no free-port guessing, no
     /// retry).
     pub fn start(setup: Setup<'_>) -> Router {
-        Router::try_start(&setup).unwrap_or_else(|log| panic!("router did not become ready; log:\n{log}"))
+        Router::start_config(&render(&setup))
     }
 
-    fn try_start(setup: &Setup<'_>) -> Result<Router, String> {
+    /// Starts the router on a whole config of the caller's: it must have an
+    /// http listener "web", a tcp listener "raw" and an `[admin]`, each on
+    /// port 0 ([`render`] is the usual one).
+    pub fn start_config(config: &str) -> Router {
+        Router::try_start(config).unwrap_or_else(|log| panic!("router did not become ready; log:\n{log}"))
+    }
+
+    fn try_start(config: &str) -> Result<Router, String> {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("upsplice.toml");
-        std::fs::write(&config_path, render(setup)).unwrap();
+        std::fs::write(&config_path, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_upsplice"))
             .args(["run", "--config"])
             .arg(&config_path)
@@ -255,7 +263,7 @@ impl Drop for Router {
     }
 }
 
-fn render(s: &Setup<'_>) -> String {
+pub fn render(s: &Setup<'_>) -> String {
     format!(
         r#"[data_plane]
 mode = "{mode}"
