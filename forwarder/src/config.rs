@@ -318,6 +318,42 @@ pub struct Listener {
     /// The pool a tcp listener forwards to.
     #[serde(default)]
     pub pool: Option<String>,
+    /// Whether connections start with a PROXY protocol header (a load
+    /// balancer in TCP mode says who the client is).
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    /// The only peers that may send a PROXY header; required unless
+    /// `proxy_protocol` is off.
+    #[serde(default, deserialize_with = "de_cidrs")]
+    pub proxy_trusted_cidrs: Vec<IpNet>,
+}
+
+/// `proxy_protocol` on a listener: which PROXY header versions a
+/// connection must start with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// No header; the TCP peer is the client.
+    #[default]
+    Off,
+    /// The text header (HAProxy `send-proxy`, gorouter's only one).
+    V1,
+    /// The binary header (HAProxy `send-proxy-v2`, AWS NLB).
+    V2,
+    /// Either version, told apart by its signature.
+    Any,
+}
+
+impl ProxyProtocol {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyProtocol::Off => "off",
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+            ProxyProtocol::Any => "any",
+        }
+    }
 }
 
 impl Listener {
@@ -329,6 +365,21 @@ impl Listener {
 
     /// What its protocol requires of it alone: Err((key, what is wrong)).
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        match (self.proxy_protocol, self.proxy_trusted_cidrs.is_empty()) {
+            (ProxyProtocol::Off, false) => {
+                return Err(("proxy_trusted_cidrs", "only with proxy_protocol = \"v1\", \"v2\" or \"any\"".into()))
+            }
+            (p, true) if p != ProxyProtocol::Off => {
+                return Err((
+                    "proxy_trusted_cidrs",
+                    format!(
+                        "required with proxy_protocol = {:?}: the load balancers allowed to send a PROXY header (anyone else could claim any client address)",
+                        p.as_str()
+                    ),
+                ))
+            }
+            _ => {}
+        }
         match self.protocol {
             Protocol::Tcp => {
                 let only_http = "only http listeners take it: a tcp listener parses no request";
@@ -858,6 +909,12 @@ pool = "chat"
             (http("trusted_cidrs = [\"10.0.0.0/33\"]"), "\"10.0.0.0/33\": prefix length 33 is longer than 32"),
             (http("trusted_cidrs = [\"fd00::/129\"]"), "prefix length 129 is longer than 128"),
             (http("trusted_cidrs = [\"10.0.0.0\"]"), "is not a CIDR such as"),
+            (http("proxy_protocol = \"v2\""), "listener[0].proxy_trusted_cidrs: required with proxy_protocol = \"v2\""),
+            (
+                http("proxy_trusted_cidrs = [\"10.0.0.0/8\"]"),
+                "listener[0].proxy_trusted_cidrs: only with proxy_protocol",
+            ),
+            (http("proxy_protocol = \"v3\""), "unknown variant `v3`"),
             (
                 format!("[access_log]\nformat = \"json\"\n{BASE}"),
                 "access_log.format: json and gorouter need access_log.path",
@@ -887,6 +944,8 @@ pool = "chat"
             let e = parse(&text).map(|_| ()).unwrap_err().to_string();
             assert!(e.contains(expected), "expected {expected:?} in {e:?}");
         }
+        let c = parse(&tcp("proxy_protocol = \"any\"\nproxy_trusted_cidrs = [\"10.0.0.0/8\"]")).unwrap();
+        assert_eq!(c.listeners[1].proxy_protocol, ProxyProtocol::Any);
         // Still accepted: the same port on two different addresses, https.
         parse(&format!("{BASE}\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.2:8080\"\nprotocol = \"http\"\nforwarded_proto = \"https\"\n"))
             .unwrap();

@@ -11,11 +11,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::access::AccessRecord;
-use crate::config::Protocol;
+use crate::config::{Protocol, ProxyProtocol};
 use crate::dataplane::{Mode, Tunnel};
 use crate::handshake::answer::{linger_close, Refusal};
 use crate::handshake::{self, Next, Plan};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
+use crate::proxy;
 use crate::state::Shared;
 use crate::upstream::{BackendGuard, ConnectError};
 
@@ -28,10 +29,14 @@ pub struct Session {
 impl Session {
     /// Serves one accepted connection to its end and logs it: an access
     /// record per request (http) or per connection (tcp).
-    pub async fn serve(self, client: TcpStream, peer: SocketAddr, protocol: Protocol) {
+    pub async fn serve(self, mut client: TcpStream, peer: SocketAddr, protocol: Protocol) {
         let labels = ListenerLabels { listener: self.listener.to_string() };
         metrics::get().active.get_or_create(&labels).inc();
         let _ = client.set_nodelay(true);
+        let Some(peer) = self.client_address(&mut client, peer).await else {
+            metrics::get().active.get_or_create(&labels).dec();
+            return;
+        };
         match protocol {
             Protocol::Http => self.serve_http(client, peer).await,
             Protocol::Tcp => {
@@ -43,6 +48,26 @@ impl Session {
             }
         }
         metrics::get().active.get_or_create(&labels).dec();
+    }
+
+    /// The client's address: the TCP peer's, or — on a listener with
+    /// `proxy_protocol` — the one its PROXY header states. None when the
+    /// header is refused (the connection is closed and counted).
+    async fn client_address(&self, client: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        let snap = self.shared.snapshot();
+        let settings = snap.listener(&self.listener);
+        if settings.proxy_protocol == ProxyProtocol::Off {
+            return Some(peer);
+        }
+        let within = snap.config.limits.handshake_timeout;
+        match proxy::accept(client, peer, settings.proxy_protocol, &settings.proxy_trusted_cidrs, within).await {
+            Ok(address) => Some(address),
+            Err(e) => {
+                tracing::debug!(listener = %self.listener, %peer, "closed: {e}");
+                metrics::proxy_error(&self.listener, e.reason());
+                None
+            }
+        }
     }
 
     /// An http listener's connection: its requests one after another, each

@@ -20,6 +20,7 @@ pub mod handshake;
 pub mod host;
 pub mod metrics;
 pub mod path;
+pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod state;

@@ -40,6 +40,13 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyErrorLabels {
+    pub listener: String,
+    /// [`crate::proxy::ProxyError::reason`].
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub pool: String,
 }
@@ -61,6 +68,7 @@ pub struct Metrics {
     pub connect_failures: Family<PoolLabels, Counter>,
     pub fallbacks: Family<PlaneLabels, Counter>,
     pub access_log_dropped: Counter,
+    pub proxy_errors: Family<ProxyErrorLabels, Counter>,
     planes: OnceLock<Arc<DataPlanes>>,
 }
 
@@ -88,14 +96,14 @@ impl Metrics {
         let outcomes = Family::default();
         registry.register(
             "handshakes",
-            "First requests by the status answered (101 for tunnels) and X-Cf-Routererror reason",
+            "Requests by the status answered (101 for tunnels) and X-Cf-Routererror reason",
             outcomes.clone(),
         );
         let handshake_seconds =
             Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]);
         registry.register(
             "handshake_duration_seconds",
-            "From accept to the tunnel (or the answer) being ready",
+            "From a request's start to its tunnel (or its answer) being ready",
             handshake_seconds.clone(),
         );
         let connect_failures = Family::default();
@@ -116,8 +124,15 @@ impl Metrics {
             "Access-log lines dropped because the writer's queue was full",
             access_log_dropped.clone(),
         );
+        let proxy_errors = Family::default();
+        registry.register(
+            "proxy_protocol_errors",
+            "Connections closed before their first byte was served because of their PROXY protocol header, by listener and reason",
+            proxy_errors.clone(),
+        );
         Metrics {
             access_log_dropped,
+            proxy_errors,
             registry,
             accepted,
             active,
@@ -205,6 +220,11 @@ pub fn declare_listener(listener: &str, planes: &DataPlanes) {
         let _ = m.tunnels.get_or_create(&labels);
         let _ = m.tunnels_active.get_or_create(&labels);
     }
+}
+
+/// Counts a connection closed for its PROXY header.
+pub fn proxy_error(listener: &str, reason: &str) {
+    get().proxy_errors.get_or_create(&ProxyErrorLabels { listener: listener.into(), reason: reason.into() }).inc();
 }
 
 /// Creates a pool's connect-failure series at 0 (at start and on reload).
