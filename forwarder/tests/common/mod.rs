@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
 pub mod peer;
 pub mod plane;
+pub mod recorder;
 
 /// A free loopback port (bound and released; the router binds it next).
 pub fn free_port() -> u16 {
