@@ -4,6 +4,10 @@
     bench-report.py line RUN.json RC          one progress line for a loadgen run
     bench-report.py report OUTDIR REPORT.md LOADGEN
                                               docs/benchmarks.md + SVGs next to it (REPORT's dir/bench/)
+    bench-report.py http-ka-line OUTDIR/http-keepalive.jsonl
+                                              the progress line of the http keep-alive section's last run
+    bench-report.py section http-keepalive OUTDIR REPORT.md
+                                              only that section, added to REPORT.md or replacing its own there
 
 Every figure in the report comes from the files scripts/bench wrote into
 OUTDIR: runs.jsonl (one line per generator run: router, workload, which
@@ -341,6 +345,7 @@ def how_to_run(b: Bench) -> list[str]:
     w("```sh")
     w("scripts/bench                 # the full run (this report): about 12 minutes on this 2-core machine, bounded under 20 (an 18-min budget)")
     w("BENCH_QUICK=1 scripts/bench   # smoke run, about 3-4 minutes: short steps, 1,000 idle tunnels")
+    w("scripts/bench --only http-keepalive   # that section alone, about 1.5 minutes; replaces only its part of this file")
     w("```")
     w("")
     w("It runs `scripts/setup` (haproxy, nginx, wrk from apt; the eBPF toolchain) and installs `libnginx-mod-stream` for "
@@ -355,7 +360,7 @@ def how_to_run(b: Bench) -> list[str]:
     w("")
     w("Contents: [how to run](#how-to-run) · [setup](#setup) · [data planes](#data-planes) · [targets](#targets) · [message latency](#message-latency-at-fixed-rates) · "
       "[sustained rate](#highest-rate-with-p99-under-1-ms) · [handshakes](#handshakes) · [churn](#connection-churn) · [bulk](#bulk-throughput) · [two-way bulk](#two-way-bulk-throughput) · "
-      "[CPU](#cpu-per-million-messages-and-per-gib) · [idle tunnels](#idle-tunnels-memory-and-the-largest-count) · "
+      "[HTTP keep-alive](#http-keep-alive-small-gets) · [CPU](#cpu-per-million-messages-and-per-gib) · [idle tunnels](#idle-tunnels-memory-and-the-largest-count) · "
       "[drift](#drift-of-the-shared-machine) · [known problems](#known-problems)")
     w("")
 
@@ -956,6 +961,138 @@ def known_problems(b: Bench) -> list[str]:
     return md
 
 
+# ------------------------------------------------------------------ http keep-alive (a section that also runs alone)
+HTTP_KA_TITLE = "## HTTP keep-alive: small GETs"
+HTTP_KA_TARGETS = ["direct", "upsplice", "haproxy", "nginx"]
+
+
+def http_ka_runs(out: Path) -> list[dict]:
+    """The runs of the http keep-alive section (out/http-keepalive.jsonl), one per router and connection count."""
+    path = out / "http-keepalive.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def http_ka_figures(x: dict) -> dict:
+    """Requests/s, latency and CPU per request of one run; None where the run gave nothing."""
+    wrk = x.get("wrk") or {}
+    n, dur = wrk.get("requests") or 0, (wrk.get("duration_us") or 0) / 1e6
+    errors = {k: v for k, v in (wrk.get("errors") or {}).items() if v}
+    per_req = (lambda cpu: cpu / n * 1e6 if cpu is not None and n else None)
+    return dict(rps=n / dur if dur else None, p50=(wrk.get("latency_us") or {}).get("p50"),
+                p99=(wrk.get("latency_us") or {}).get("p99"), router_us=per_req(x.get("router_cpu_s")),
+                echo_us=per_req(x.get("echo_cpu_s")),
+                router_cores=x["router_cpu_s"] / x["wall_s"] if x.get("router_cpu_s") is not None and x.get("wall_s") else None,
+                conns_per_req=x["accepted"] / n if x.get("accepted") is not None and n else None,
+                errors=errors, ok=bool(wrk) and x.get("rc") == 0)
+
+
+def http_ka_line(path: str) -> str:
+    """The progress line of the last run in the section's JSONL."""
+    runs = http_ka_runs(Path(path).parent)
+    if not runs:
+        return "no result"
+    f = http_ka_figures(runs[-1])
+    errs = ", ".join(f"{k} {v}" for k, v in f["errors"].items())
+    return (f"{num(f['rps'])} req/s | p50 {ms(f['p50'])} p99 {ms(f['p99'])} ms | router {num(f['router_us'], 1)} µs/req "
+            f"({num(f['router_cores'], 2)} cores) | echo {num(f['echo_us'], 1)} µs/req"
+            + (f" | {f['conns_per_req']:.3f} client conns/req" if f["conns_per_req"] is not None else "")
+            + (f" | errors: {errs}" if errs else "") + ("" if f["ok"] else " | ✗ wrk failed"))
+
+
+def http_keepalive(out: Path, goals: list | None = None) -> list[str]:
+    """The section from out/http-keepalive.* alone (it is also written by `scripts/bench --only http-keepalive` into an
+    existing report); when `goals` is given, its goal rows go there too."""
+    runs = http_ka_runs(out)
+    md: list[str] = []
+    w = md.append
+    w(HTTP_KA_TITLE)
+    w("")
+    if not runs:
+        w("Not measured in this run.")
+        w("")
+        return md
+    meta = {}
+    env = out / "http-keepalive.env"
+    for ln in env.read_text().splitlines() if env.exists() else []:
+        if "=" in ln:
+            k, v = ln.split("=", 1)
+            meta[k] = v
+    w(f"Run of {meta.get('date_utc', '?')} (commit {meta.get('commit', '?')}), load average {meta.get('loadavg_start', '?')} "
+      f"at the start and {meta.get('loadavg_end', '?')} at the end, on {meta.get('nproc', '?')} cores shared by wrk, the "
+      "router and the backend:")
+    w("")
+    w("```")
+    w(meta.get("command", "scripts/bench --only http-keepalive"))
+    w("```")
+    w("")
+    w(f"`wrk -t1 -c N -d {meta.get('duration', '?')}` (after {meta.get('warmup', '?')} of warm-up; {meta.get('wrk', 'wrk')}), "
+      "closed loop, HTTP/1.1 keep-alive, `GET /` with `Host: bench.local`, to the echo backend (`upsplice-loadgen echo`, one "
+      "thread; it answers plain requests with a 22-byte body and keeps the connection open). Each router reuses its "
+      "connections to the backend: HAProxy `http-reuse safe` (nbthread 2), nginx an upstream `keepalive 128` (2 workers), "
+      "upsplice `[backends] max_idle_per_backend = 128` (its configuration is in `out/bench/conf/upsplice-http.toml`); "
+      "nginx's and upsplice's per-connection request caps are raised to 1,000,000 (HAProxy has none). *Router CPU* = "
+      "utime + stime of the router's processes (nginx: master and workers) over the measured run, from `/proc/PID/stat`, "
+      "per request; *echo* the same for the backend. wrk's latency is closed-loop (a slow answer delays the next request "
+      "instead of counting against it): p99 at saturation, not at a fixed rate. A router that closes after each response "
+      "makes wrk open a new connection for every request; its row measures that (*client connections per request*: "
+      "upsplice's `upsplice_connections_accepted_total` over the run per request; the other routers do not count them).")
+    w("")
+    by = {(x["router"], x["conns"]): x for x in runs}
+    for conns in sorted({x["conns"] for x in runs}):
+        d = by.get(("direct", conns))
+        h = by.get(("haproxy", conns))
+        df = http_ka_figures(d) if d else {}
+        hf = http_ka_figures(h) if h else {}
+        w(f"### {conns} connections")
+        w("")
+        w("| target | requests/s | vs direct | vs HAProxy | p50 (ms) | p99 (ms) | router CPU (cores) | router CPU per request (µs) "
+          "| vs HAProxy | echo CPU per request (µs) | client connections per request | wrk errors | run |")
+        w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+        for r in HTTP_KA_TARGETS:
+            x = by.get((r, conns))
+            if not x:
+                continue
+            f = http_ka_figures(x)
+            versus = r not in ("direct", "haproxy")
+            errs = ", ".join(f"{k} {v}" for k, v in f["errors"].items()) or "–"
+            w(f"| {r} | {num(f['rps'])} | {ratio(f['rps'], df.get('rps')) if r != 'direct' else '–'} | "
+              f"{ratio(f['rps'], hf.get('rps')) if versus else '–'} | {ms(f['p50'])} | {ms(f['p99'])} | "
+              f"{num(f['router_cores'], 2)} | {num(f['router_us'], 1)} | {ratio(f['router_us'], hf.get('router_us')) if versus else '–'} | "
+              f"{num(f['echo_us'], 1)} | {num(f['conns_per_req'], 3)} | {errs} | {'ok' if f['ok'] else '✗ wrk failed'} |")
+        w("")
+        u = by.get(("upsplice", conns))
+        uf = http_ka_figures(u) if u else {}
+        target = f"HTTP keep-alive at {conns} connections: requests/s ≥ HAProxy's at ≤ its CPU per request"
+        if uf.get("rps") and hf.get("rps") and uf.get("router_us") and hf.get("router_us"):
+            met = uf["rps"] >= hf["rps"] and uf["router_us"] <= hf["router_us"]
+            measured = (f"{uf['rps'] / hf['rps']:.2f} × HAProxy's requests/s at {uf['router_us'] / hf['router_us']:.2f} × its "
+                        "CPU per request")
+            verdict = "met" if met else "not met"
+        else:
+            measured, verdict = "–", "could not be measured"
+        w(f"Goal (issue 12): {target.split(': ', 1)[1]} — **{verdict}** ({measured}).")
+        w("")
+        if goals is not None:
+            goals.append((target, measured, verdict, "section HTTP keep-alive"))
+    return md
+
+
+def replace_section(report_path: Path, lines: list[str], title: str, before: str) -> None:
+    """Puts `lines` (a `## ` section) into the report in place of the section called `title`, or, when it has none,
+    before the section called `before` (at the end without that); the rest of the file stays as it was."""
+    old = report_path.read_text().splitlines() if report_path.exists() else []
+    heads = [i for i, ln in enumerate(old) if ln.startswith("## ")]
+    if title in old:
+        start = old.index(title)
+        end = next((i for i in heads if i > start), len(old))
+    else:
+        start = end = old.index(before) if before in old else len(old)
+    report_path.write_text("\n".join(old[:start] + lines + old[end:]) + "\n")
+
+
+
 def goals_table(b: Bench) -> list[str]:
     md, w = b.section()
     w("## Targets")
@@ -975,8 +1112,8 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     # Sections are rendered in the order their goals belong in the table;
     # the table itself stands after the data planes.
     before = [header(b), how_to_run(b), setup(b), data_planes(b)]
-    after = [fixed_latency(b), sustained_rate(b), handshakes(b), churn(b), bulk(b), two_way_bulk(b), cpu(b),
-             idle_tunnels(b), drift(b), known_problems(b)]
+    after = [fixed_latency(b), sustained_rate(b), handshakes(b), churn(b), bulk(b), two_way_bulk(b),
+             http_keepalive(b.out, b.goals), cpu(b), idle_tunnels(b), drift(b), known_problems(b)]
     md = [ln for sec in before + [goals_table(b)] + after for ln in sec]
     dest.write_text("\n".join(md) + "\n")
 
@@ -984,8 +1121,12 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
 def main(argv):
     if len(argv) >= 3 and argv[1] == "line":
         print(line(argv[2], argv[3] if len(argv) > 3 else "0"))
+    elif len(argv) == 3 and argv[1] == "http-ka-line":
+        print(http_ka_line(argv[2]))
     elif len(argv) == 5 and argv[1] == "report":
         report(Path(argv[2]), Path(argv[3]), argv[4])
+    elif len(argv) == 5 and argv[1:3] == ["section", "http-keepalive"]:
+        replace_section(Path(argv[4]), http_keepalive(Path(argv[3])), HTTP_KA_TITLE, "## CPU per million messages and per GiB")
     else:
         print(__doc__, file=sys.stderr)
         return 2
