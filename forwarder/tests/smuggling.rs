@@ -18,10 +18,12 @@
 //!   (RFC 9112 §6.3), its own answer for a valid request, and never bytes a
 //!   backend sent past the end of its response.
 //!
-//! Today the router answers one request per connection and drops what
-//! follows; with client keep-alive a valid pipelined request gets its own
-//! answer. The security property is the same: where the expected answer
-//! differs, the assertions accept both, and say so ([`Pipelined`]).
+//! Without client keep-alive (as before 32459cc, or with
+//! `max_requests_per_connection = 1`) the router answers one request per
+//! connection and drops what follows; with it, a valid pipelined request
+//! gets its own answer. The security property is the same: where the
+//! expected answer differs, the assertions accept both, and say so
+//! ([`Pipelined`]).
 //! request_security.rs covers the pipelined-request bypass with bodies,
 //! route services, forwarded headers and paths; framing.rs's unit tests
 //! cover the chunked parser byte by byte.
@@ -338,8 +340,8 @@ async fn served(case: &str, writes: &[&[u8]], bodies: &[&str]) {
 /// What may follow the answers to the requests for ka: [`SECOND`] was
 /// pipelined after them.
 ///
-/// Today (one request per connection) it is read and dropped: no answer,
-/// and the other backend gets nothing. With client keep-alive it is
+/// Without client keep-alive (one request per connection) it is read and
+/// dropped: no answer, and the other backend gets nothing. With client keep-alive it is
 /// parsed, routed to the other backend, rewritten, and answered in order.
 /// Both are accepted; anything else fails.
 enum Pipelined {
@@ -634,7 +636,8 @@ async fn response_longer_than_its_content_length_is_cut_pipelined() {
         "the backend's extra bytes were taken for an answer: {got:?}"
     );
     assert!(!got.trailing.contains("SMUGGLED"), "{got:?}");
-    // Today: one answer and the close; with keep-alive: an answer each.
+    // One request per connection: one answer and the close; with
+    // keep-alive: an answer each.
     assert!(matches!(got.answers.len(), 1 | 2), "{got:?}");
     let ka = received(&f.ka, KA, "overrun, pipelined").await;
     assert_eq!(ka.len(), got.answers.len(), "every request the backend got was answered to the client: {ka:?}");
@@ -648,9 +651,9 @@ async fn response_longer_than_its_content_length_is_cut_sequential() {
     let first = read_one(&mut s).await;
     assert_eq!(first.as_ref().map(|a| (a.status, a.body())), Some((200, "ka".into())), "{first:?}");
     // The next request on the same connection, after the first answer:
-    // today the router has closed (the write may fail, the read gets
-    // EOF); with keep-alive (and backend reuse) its answer must be its own,
-    // never the backend's leftover.
+    // without keep-alive the router has closed (the write may fail, the
+    // read gets EOF); with keep-alive (and backend reuse) its answer must
+    // be its own, never the backend's leftover.
     let _ = s.write_all(format!("GET /b HTTP/1.1\r\nHost: {KA}\r\n\r\n").as_bytes()).await;
     let got = read_answers(&mut s, 0).await;
     assert!(got.answers.iter().all(|a| a.body() == "ka") && got.answers.len() <= 1, "{got:?}");
@@ -751,7 +754,7 @@ async fn body_sent_with_a_head_response_is_never_relayed() {
     let got = lossy(&read_quiet(&mut s).await);
     let (head, rest) = got.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head: {got:?}"));
     assert!(head.starts_with("HTTP/1.1 200 ") && head.contains("\r\nContent-Length: 2"), "{got:?}");
-    // Today nothing follows (one request per connection); with keep-alive,
+    // One request per connection: nothing follows; with keep-alive,
     // the other app's own answer to the pipelined request.
     assert!(
         rest.is_empty() || (rest.starts_with("HTTP/1.1 200 ") && rest.ends_with("\r\n\r\nother")),
