@@ -59,14 +59,20 @@ async fn fixture() -> Fixture {
 
 async fn fixture_with(ka: Recorder) -> Fixture {
     let other = Recorder::start("other").await;
+    let router = router_for(ka.addr, &other);
+    Fixture { router, ka, other }
+}
+
+const LIMITS: &str = "handshake_timeout = \"2s\"\nconnect_timeout = \"1s\"\nidle_timeout = \"5s\"";
+
+/// A router with `ka.example.com` → `ka` and `internal.other-app.example.com` → `other`.
+fn router_for(ka: std::net::SocketAddr, other: &Recorder) -> Router {
     let routing = format!(
         "{}[[pool]]\nname = \"other\"\nbackends = [\"{}\"]\n[[route]]\nhost = \"{OTHER}\"\npool = \"other\"\n",
-        main_pool(&[ka.addr], KA),
+        main_pool(&[ka], KA),
         other.addr
     );
-    let limits = "handshake_timeout = \"2s\"\nconnect_timeout = \"1s\"\nidle_timeout = \"5s\"";
-    let router = Router::start(Setup { mode: "copy", limits, routing, extra: "" });
-    Fixture { router, ka, other }
+    Router::start(Setup { mode: "copy", limits: LIMITS, routing, extra: "" })
 }
 
 /// One response as the client parsed it.
@@ -684,8 +690,8 @@ async fn read_one(s: &mut TcpStream) -> Option<Answer> {
 /// and keeps its connection open.
 async fn relayed(response: &[u8]) -> Got {
     let mut backend = RawBackend::start().await;
-    let limits = "handshake_timeout = \"2s\"\nconnect_timeout = \"1s\"\nidle_timeout = \"5s\"";
-    let router = Router::start(Setup { mode: "copy", limits, routing: main_pool(&[backend.addr], KA), extra: "" });
+    let router =
+        Router::start(Setup { mode: "copy", limits: LIMITS, routing: main_pool(&[backend.addr], KA), extra: "" });
     let mut client = TcpStream::connect(router.http).await.unwrap();
     client.write_all(format!("GET /a HTTP/1.1\r\nHost: {KA}\r\n\r\n").as_bytes()).await.unwrap();
     let mut server = backend.accept().await;
@@ -776,4 +782,42 @@ async fn read_quiet(s: &mut TcpStream) -> Vec<u8> {
             _ => return out,
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_after_connection_close_is_never_answered() {
+    let first = format!("GET /a HTTP/1.1\r\nHost: {KA}\r\nConnection: close\r\n\r\n{SECOND}");
+    let f = fixture().await;
+    let got = send(&f.router, &[first.as_bytes()], 1).await;
+    assert!(got.answers.len() == 1 && got.answers[0].body() == "ka" && got.closed, "{got:?}");
+    assert!(got.answers[0].head.contains("\r\nConnection: close\r\n"), "{got:?}");
+    assert_eq!(received(&f.ka, KA, "after Connection: close").await.len(), 1);
+    let other = received(&f.other, OTHER, "after Connection: close").await;
+    assert!(other.is_empty(), "a request after the client's Connection: close reached a backend: {other:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_after_an_early_answer_is_never_read_as_a_request() {
+    // The backend answers 401 after the head, before the body; the rest of
+    // the body (which looks like a request) arrives after that answer. It
+    // is body: relayed or discarded, never parsed, routed or answered.
+    let mut ka = RawBackend::start().await;
+    let other = Recorder::start("other").await;
+    let router = router_for(ka.addr, &other);
+    let mut s = TcpStream::connect(router.http).await.unwrap();
+    let padding = "x".repeat(10);
+    let head = format!("POST /a HTTP/1.1\r\nHost: {KA}\r\nContent-Length: {}\r\n\r\n", padding.len() + SECOND.len());
+    s.write_all(format!("{head}{padding}").as_bytes()).await.unwrap();
+    let mut server = ka.accept().await;
+    read_head(&mut server).await;
+    server.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nauth").await.unwrap();
+    let first = read_one(&mut s).await;
+    assert_eq!(first.as_ref().map(|a| (a.status, a.body())), Some((401, "auth".into())), "{first:?}");
+    // The router may have closed already: a failed write is fine.
+    let _ = s.write_all(SECOND.as_bytes()).await;
+    let got = read_answers(&mut s, 0).await;
+    assert!(got.answers.is_empty() && got.trailing.is_empty(), "the body's bytes were answered as a request: {got:?}");
+    let other = received(&other, OTHER, "early answer").await;
+    assert!(other.is_empty(), "the body's bytes reached a backend as a request: {other:?}");
+    drop(server);
 }
