@@ -18,7 +18,7 @@ use crate::handshake::{self, Next, Plan};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
 use crate::proxy;
 use crate::state::Shared;
-use crate::upstream::{BackendGuard, ConnectError};
+use crate::upstream::{BackendGuard, ConnectError, ConnectOpts};
 
 /// A connection's view of the router: the shared state and its listener.
 pub struct Session {
@@ -102,8 +102,12 @@ impl Session {
         let snap = self.shared.snapshot();
         let pool_name = snap.listener(&self.listener).pool.clone().unwrap_or_default();
         let pool = snap.pool_named(&pool_name).expect("validated: tcp listener pools exist").clone();
-        match pool.connect(snap.config.limits.connect_timeout).await {
-            Ok((backend, guard)) => {
+        let opts = ConnectOpts { timeout: snap.config.limits.connect_timeout, reuse: false };
+        match pool.connect(opts).await {
+            Ok(upstream) => {
+                // Nothing more is seen of a tcp backend: a connect is its success.
+                upstream.succeeded();
+                let (backend, guard) = upstream.into_tunnel();
                 rec.backend = Some(guard.addr());
                 Some(Plan { client, backend, to_backend: Bytes::new(), to_client: Bytes::new(), status: 0, guard })
             }
@@ -112,6 +116,7 @@ impl Session {
                 rec.reason = match e {
                     ConnectError::NoBackends(_) => "no_endpoints",
                     ConnectError::AllFailed { .. } => "endpoint_failure",
+                    ConnectError::ConnLimit { .. } => "backend_connection_limit",
                 };
                 tracing::warn!(listener = %self.listener, "tcp listener: {e}");
                 None

@@ -269,8 +269,9 @@ impl Context<'_> {
             .into());
         }
         let (mut backend, guard) =
-            snap.pools[route.pool].connect(limits.connect_timeout).await.map_err(|e| match e {
+            snap.pools[route.pool].connect_pair(limits.connect_timeout).await.map_err(|e| match e {
                 ConnectError::NoBackends(_) => Refusal::no_endpoints(&fwd.host),
+                ConnectError::ConnLimit { .. } => Refusal::connection_limit(&fwd.host),
                 e => Refusal::endpoint_failure(e.to_string()),
             })?;
         rec.backend = Some(guard.addr());

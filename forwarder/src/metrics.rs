@@ -7,6 +7,7 @@
 //! per-CPU map) and they are read when `/metrics` is scraped.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -52,6 +53,19 @@ pub struct PoolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub pool: String,
+    /// The backend's IP:PORT.
+    pub backend: String,
+}
+
+impl BackendLabels {
+    fn new(pool: &str, backend: SocketAddr) -> BackendLabels {
+        BackendLabels { pool: pool.to_string(), backend: backend.to_string() }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PlaneLabels {
     pub data_plane: String,
 }
@@ -66,6 +80,9 @@ pub struct Metrics {
     pub outcomes: Family<OutcomeLabels, Counter>,
     pub handshake_seconds: Histogram,
     pub connect_failures: Family<PoolLabels, Counter>,
+    pub backend_up: Family<BackendLabels, Gauge>,
+    pub backend_failures: Family<BackendLabels, Counter>,
+    pub backend_reused: Family<PoolLabels, Counter>,
     pub fallbacks: Family<PlaneLabels, Counter>,
     pub access_log_dropped: Counter,
     pub proxy_errors: Family<ProxyErrorLabels, Counter>,
@@ -112,6 +129,24 @@ impl Metrics {
             "Backend connects that failed or timed out, by pool",
             connect_failures.clone(),
         );
+        let backend_up = Family::default();
+        registry.register(
+            "backend_up",
+            "1 while a backend is in service, 0 while it is in back-off after a failure",
+            backend_up.clone(),
+        );
+        let backend_failures = Family::default();
+        registry.register(
+            "backend_failures",
+            "Requests a backend failed (connect refused or timed out, reset or no response in time), by pool and backend",
+            backend_failures.clone(),
+        );
+        let backend_reused = Family::default();
+        registry.register(
+            "backend_reused",
+            "Requests served on an idle keep-alive backend connection instead of a new one, by pool",
+            backend_reused.clone(),
+        );
         let fallbacks = Family::default();
         registry.register(
             "dataplane_fallbacks",
@@ -142,6 +177,9 @@ impl Metrics {
             outcomes,
             handshake_seconds,
             connect_failures,
+            backend_up,
+            backend_failures,
+            backend_reused,
             fallbacks,
             planes: OnceLock::new(),
         }
@@ -227,9 +265,38 @@ pub fn proxy_error(listener: &str, reason: &str) {
     get().proxy_errors.get_or_create(&ProxyErrorLabels { listener: listener.into(), reason: reason.into() }).inc();
 }
 
-/// Creates a pool's connect-failure series at 0 (at start and on reload).
+/// Creates a pool's connect-failure and reuse series at 0 (at start and on reload).
 pub fn declare_pool(pool: &str) {
-    let _ = get().connect_failures.get_or_create(&PoolLabels { pool: pool.to_string() });
+    let labels = PoolLabels { pool: pool.to_string() };
+    let _ = get().connect_failures.get_or_create(&labels);
+    let _ = get().backend_reused.get_or_create(&labels);
+}
+
+/// A pool's `upsplice_backend_reused_total` counter, kept by the pool so a
+/// reused connection costs no label lookup.
+pub fn reused_counter(pool: &str) -> Counter {
+    get().backend_reused.get_or_create(&PoolLabels { pool: pool.to_string() }).clone()
+}
+
+/// Sets a backend's `upsplice_backend_up` in one pool (and creates its
+/// failure series at 0).
+pub fn backend_up(pool: &str, backend: SocketAddr, up: bool) {
+    let m = get();
+    let labels = BackendLabels::new(pool, backend);
+    m.backend_up.get_or_create(&labels).set(i64::from(up));
+    let _ = m.backend_failures.get_or_create(&labels);
+}
+
+pub fn backend_failure(pool: &str, backend: SocketAddr) {
+    get().backend_failures.get_or_create(&BackendLabels::new(pool, backend)).inc();
+}
+
+/// A reload took the backend out of the pool: its series go.
+pub fn forget_backend(pool: &str, backend: SocketAddr) {
+    let m = get();
+    let labels = BackendLabels::new(pool, backend);
+    m.backend_up.remove(&labels);
+    m.backend_failures.remove(&labels);
 }
 
 pub fn set_planes(planes: Arc<DataPlanes>) {

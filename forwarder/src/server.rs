@@ -279,7 +279,7 @@ fn reload(shared: &Shared, path: Option<&Path>) {
             adopt(&config, "SIGHUP: config");
             let routes = config.routes.len();
             let pools = config.pools.len();
-            shared.replace(Snapshot::new(config));
+            shared.replace(Snapshot::new(config, &shared.registry));
             tracing::info!(routes, pools, "SIGHUP: reloaded {}", path.display());
         }
         Err(e) => tracing::error!("SIGHUP: reload rejected, keeping the running config: {e:#}"),

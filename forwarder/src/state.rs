@@ -11,7 +11,7 @@ use crate::access_log::AccessLog;
 use crate::config::{self, Config};
 use crate::dataplane::DataPlanes;
 use crate::route::Router;
-use crate::upstream::Pool;
+use crate::upstream::{Pool, Registry};
 
 /// The reloadable part of the router: config, routing table and pools.
 pub struct Snapshot {
@@ -22,8 +22,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(config: Config) -> Snapshot {
-        let pools: Vec<Arc<Pool>> = config.pools.iter().map(|p| Arc::new(Pool::new(p))).collect();
+    /// The snapshot of `config`; its backends' state comes from (and its
+    /// checks and idle connections are settled in) `registry`.
+    pub fn new(config: Config, registry: &Registry) -> Snapshot {
+        registry.adopt(&config);
+        let pools: Vec<Arc<Pool>> =
+            config.pools.iter().map(|p| Arc::new(Pool::new(p, &config.backends, registry))).collect();
         let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
         Snapshot { router: Router::new(&config), pools, pools_by_name, config }
     }
@@ -42,6 +46,8 @@ impl Snapshot {
 pub struct Shared {
     snapshot: RwLock<Arc<Snapshot>>,
     pub planes: Arc<DataPlanes>,
+    /// Every backend's health, idle connections and active count, across reloads.
+    pub registry: Arc<Registry>,
     /// Fires at the drain deadline: every tunnel closes.
     pub drain: CancellationToken,
     /// Fires when the drain starts (SIGTERM, SIGUSR1): `/healthz` answers
@@ -56,9 +62,11 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config, planes: Arc<DataPlanes>, access_log: AccessLog) -> Shared {
+        let registry = Registry::new();
         Shared {
             access_log,
-            snapshot: RwLock::new(Arc::new(Snapshot::new(config))),
+            snapshot: RwLock::new(Arc::new(Snapshot::new(config, &registry))),
+            registry,
             planes,
             drain: CancellationToken::new(),
             draining: CancellationToken::new(),

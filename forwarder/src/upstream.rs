@@ -1,49 +1,79 @@
-//! Backend pools: balancing and connecting with a timeout and failover.
+//! Backend pools: balancing, connection reuse, passive and active health,
+//! and the per-backend connection cap.
 //!
-//! A request tries each backend of its pool at most once, starting with the
-//! one the balancer picks; a backend that refuses or times out is counted in
-//! `upsplice_backend_connect_failures_total{pool}` and the next one is tried.
+//! A request asks its [`Pool`] for an [`Upstream`]: an idle keep-alive
+//! connection when reuse is allowed and one is alive, else a new one to
+//! the balancer's pick among the backends in service. A backend that
+//! refuses, resets or times out is skipped for a back-off period that
+//! doubles while it keeps failing; after it one request probes it. The
+//! per-address state lives in the [`Registry`], which outlives reloads.
+//!
+//! - `health`: the state machine (back-off, probe), no I/O;
+//! - `idle`: a backend's idle connections (liveness peek, expiry, cap);
+//! - `backend`: one address's state, its active count and guard;
+//! - `registry`: every address's state across reloads, the idle sweep.
+
+mod backend;
+mod health;
+mod idle;
+mod registry;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
-use crate::config::{self, Balance};
+pub use self::backend::{Backend, BackendGuard};
+use self::health::{Admit, Backoff};
+pub use self::registry::Registry;
+use crate::config::{self, BackendSettings, Balance};
 
-/// One backend and the connections it carries now (for least_conn).
-#[derive(Debug)]
-pub struct Backend {
-    pub addr: SocketAddr,
-    active: AtomicUsize,
-}
-
-/// A pool of backends, shared by all connections routed to it.
+/// A pool of backends, shared by all connections routed to it while its
+/// snapshot is in force.
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
     pub backends: Vec<Arc<Backend>>,
     balance: Balance,
     next: AtomicUsize,
+    ctx: Arc<PoolContext>,
 }
 
-/// Holds a backend's active count up while a connection to it lives.
+/// What an [`Upstream`] needs of its pool after `connect`.
 #[derive(Debug)]
-pub struct BackendGuard(Arc<Backend>);
-
-impl BackendGuard {
-    pub fn addr(&self) -> SocketAddr {
-        self.0.addr
-    }
+struct PoolContext {
+    name: String,
+    /// `[backends]` as configured in this pool's snapshot.
+    settings: BackendSettings,
+    backoff: Backoff,
+    reused: Counter,
 }
 
-impl Drop for BackendGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
+/// How one request wants its backend connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOpts {
+    /// For a new connection's connect.
+    pub timeout: Duration,
+    /// An idle keep-alive connection may serve it (a plain request to a
+    /// pool that sends no PROXY header).
+    pub reuse: bool,
+}
+
+/// A backend connection for one request. Dropping it closes the
+/// connection with no effect on the backend's health.
+#[derive(Debug)]
+pub struct Upstream {
+    pub stream: TcpStream,
+    /// It served an earlier request: if it turns out closed before any
+    /// response byte, drop it (the backend may have closed it idle) and
+    /// retry on a fresh one rather than calling [`Upstream::failed`].
+    pub reused: bool,
+    guard: BackendGuard,
+    pool: Arc<PoolContext>,
 }
 
 /// Why no backend could be reached.
@@ -53,23 +83,36 @@ pub enum ConnectError {
     NoBackends(String),
     #[error("every backend of pool {pool:?} failed; last: {last}")]
     AllFailed { pool: String, last: String },
+    #[error("every backend of pool {pool:?} is at its connection limit ([backends] max_conns)")]
+    ConnLimit { pool: String },
+}
+
+/// Why one backend did not give a connection.
+enum Miss {
+    AtCap,
+    Failed(String),
 }
 
 impl Pool {
-    pub fn new(cfg: &config::Pool) -> Pool {
+    /// The pool `cfg` of a config whose `[backends]` are `settings`, its
+    /// backends' state taken from (or added to) `registry`.
+    pub fn new(cfg: &config::Pool, settings: &BackendSettings, registry: &Registry) -> Pool {
+        let reused = crate::metrics::reused_counter(&cfg.name);
         Pool {
             name: cfg.name.clone(),
-            backends: cfg
-                .backends
-                .iter()
-                .map(|&addr| Arc::new(Backend { addr, active: AtomicUsize::new(0) }))
-                .collect(),
+            backends: cfg.backends.iter().map(|&addr| registry.backend(addr)).collect(),
             balance: cfg.balance,
             next: AtomicUsize::new(0),
+            ctx: Arc::new(PoolContext {
+                name: cfg.name.clone(),
+                settings: settings.clone(),
+                backoff: Backoff::from_settings(settings),
+                reused,
+            }),
         }
     }
 
-    /// The order in which this request tries the backends.
+    /// The order in which this request considers the backends.
     fn order(&self) -> Vec<Arc<Backend>> {
         let n = self.backends.len();
         let start = match self.balance {
@@ -77,34 +120,125 @@ impl Pool {
             Balance::LeastConn => {
                 // Ties go round robin so equal backends share the load.
                 let offset = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..n)
-                    .map(|i| (i + offset) % n)
-                    .min_by_key(|&i| self.backends[i].active.load(Ordering::Relaxed))
-                    .unwrap_or(0)
+                (0..n).map(|i| (i + offset) % n).min_by_key(|&i| self.backends[i].active()).unwrap_or(0)
             }
         };
         (0..n).map(|i| self.backends[(start + i) % n].clone()).collect()
     }
 
-    /// Connects to one backend, trying each at most once.
-    pub async fn connect(&self, timeout: Duration) -> Result<(TcpStream, BackendGuard), ConnectError> {
+    /// A connection for one request: an idle pooled one when `opts.reuse`
+    /// and one is alive, else a new one, to the balancer's pick among the
+    /// backends in service, trying each at most once. If every backend is
+    /// out (back-off), they are tried anyway, in order,
+    /// rather than refusing. A backend at `[backends] max_conns` is
+    /// skipped; all at their cap: [`ConnectError::ConnLimit`].
+    pub async fn connect(&self, opts: ConnectOpts) -> Result<Upstream, ConnectError> {
         if self.backends.is_empty() {
             return Err(ConnectError::NoBackends(self.name.clone()));
         }
-        let mut last = String::new();
+        let mut out = Vec::new();
+        let mut last = None;
+        let mut tried = false;
         for backend in self.order() {
-            backend.active.fetch_add(1, Ordering::Relaxed);
-            let guard = BackendGuard(backend.clone());
-            match connect_one(backend.addr, timeout).await {
-                Ok(stream) => return Ok((stream, guard)),
-                Err(e) => {
-                    tracing::warn!(pool = %self.name, backend = %backend.addr, "backend connect failed: {e}");
-                    crate::metrics::connect_failure(&self.name);
-                    last = format!("{}: {e}", backend.addr);
+            if backend.admit(Instant::now(), self.ctx.backoff) == Admit::No {
+                out.push(backend);
+                continue;
+            }
+            match self.attempt(&backend, opts).await {
+                Ok(upstream) => return Ok(upstream),
+                Err(miss) => {
+                    tried = true;
+                    if let Miss::Failed(why) = miss {
+                        last = Some(why);
+                    }
                 }
             }
         }
-        Err(ConnectError::AllFailed { pool: self.name.clone(), last })
+        if !tried {
+            tracing::debug!(pool = %self.name, "every backend is out of service; trying them anyway");
+            for backend in out {
+                match self.attempt(&backend, opts).await {
+                    Ok(upstream) => return Ok(upstream),
+                    Err(Miss::Failed(why)) => last = Some(why),
+                    Err(Miss::AtCap) => {}
+                }
+            }
+        }
+        Err(match last {
+            Some(last) => ConnectError::AllFailed { pool: self.name.clone(), last },
+            None => ConnectError::ConnLimit { pool: self.name.clone() },
+        })
+    }
+
+    /// [`Pool::connect`] without reuse for callers that take the stream
+    /// whole (a tunnel): the connect itself counts as the backend's
+    /// success.
+    pub async fn connect_pair(&self, timeout: Duration) -> Result<(TcpStream, BackendGuard), ConnectError> {
+        let upstream = self.connect(ConnectOpts { timeout, reuse: false }).await?;
+        upstream.succeeded();
+        Ok(upstream.into_tunnel())
+    }
+
+    async fn attempt(&self, backend: &Arc<Backend>, opts: ConnectOpts) -> Result<Upstream, Miss> {
+        let settings = &self.ctx.settings;
+        if opts.reuse && settings.max_idle_per_backend > 0 {
+            if let Some(stream) = backend.idle.take_live(Instant::now()) {
+                self.ctx.reused.inc();
+                return Ok(self.upstream(stream, backend.lease(), true));
+            }
+        }
+        let guard = backend.reserve(settings.max_conns).ok_or(Miss::AtCap)?;
+        match connect_one(backend.addr, opts.timeout).await {
+            Ok(stream) => Ok(self.upstream(stream, guard, false)),
+            Err(e) => {
+                drop(guard);
+                crate::metrics::connect_failure(&self.name);
+                backend.failed(&self.name, &format!("connect: {e}"), self.ctx.backoff);
+                Err(Miss::Failed(format!("{}: {e}", backend.addr)))
+            }
+        }
+    }
+
+    fn upstream(&self, stream: TcpStream, guard: BackendGuard, reused: bool) -> Upstream {
+        Upstream { stream, reused, guard, pool: self.ctx.clone() }
+    }
+}
+
+impl Upstream {
+    pub fn addr(&self) -> SocketAddr {
+        self.guard.addr()
+    }
+
+    /// The response was read to its end and neither side said close: the
+    /// connection goes to its backend's idle list, or is closed when the
+    /// list is full, reuse is off, or the backend left the config.
+    pub fn release(self) {
+        let Upstream { stream, guard, pool, .. } = self;
+        let settings = &pool.settings;
+        let backend = guard.backend();
+        if settings.max_idle_per_backend == 0 || backend.is_retired() {
+            return;
+        }
+        let expires = Instant::now() + settings.idle_conn_timeout;
+        // Over the cap it is handed back, and closed here.
+        let _ = backend.idle.put(stream, expires, settings.max_idle_per_backend);
+    }
+
+    /// The backend failed this request before any response byte (reset,
+    /// or no response within response_timeout): counts for passive
+    /// health; the connection is closed.
+    pub fn failed(self, why: &str) {
+        self.guard.backend().failed(&self.pool.name, why, self.pool.backoff);
+    }
+
+    /// A response head arrived: the backend's failure streak ends.
+    pub fn succeeded(&self) {
+        self.guard.backend().succeeded(&self.pool.name);
+    }
+
+    /// For a tunnel: the stream and the guard that keeps the active count up.
+    pub fn into_tunnel(self) -> (TcpStream, BackendGuard) {
+        (self.stream, self.guard)
     }
 }
 
@@ -118,15 +252,32 @@ async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
     use super::*;
 
+    const OPTS: ConnectOpts = ConnectOpts { timeout: Duration::from_secs(1), reuse: true };
+
+    fn pool_with(balance: Balance, backends: &[SocketAddr], settings: BackendSettings) -> (Pool, Arc<Registry>) {
+        let registry = Registry::new();
+        let cfg = config::Pool { name: "p".into(), backends: backends.iter().copied().collect(), balance, check: None };
+        (Pool::new(&cfg, &settings, &registry), registry)
+    }
+
     fn pool(balance: Balance, n: u16) -> Pool {
-        Pool::new(&config::Pool {
-            name: "p".into(),
-            backends: (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i))).collect(),
-            balance,
-            check: None,
-        })
+        let addrs: Vec<SocketAddr> = (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i))).collect();
+        pool_with(balance, &addrs, BackendSettings::default()).0
+    }
+
+    fn failures_of(backend: SocketAddr) -> u64 {
+        let labels = crate::metrics::BackendLabels { pool: "p".into(), backend: backend.to_string() };
+        crate::metrics::get().backend_failures.get_or_create(&labels).get()
+    }
+
+    async fn dead_addr() -> SocketAddr {
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        dead.local_addr().unwrap()
     }
 
     #[test]
@@ -142,27 +293,96 @@ mod tests {
     #[test]
     fn least_conn_prefers_the_idlest() {
         let p = pool(Balance::LeastConn, 3);
-        p.backends[0].active.store(5, Ordering::Relaxed);
-        p.backends[1].active.store(1, Ordering::Relaxed);
-        p.backends[2].active.store(3, Ordering::Relaxed);
+        let _held: Vec<BackendGuard> = [(0, 5), (1, 1), (2, 3)]
+            .into_iter()
+            .flat_map(|(i, n)| (0..n).map(move |_| i))
+            .map(|i| p.backends[i].lease())
+            .collect();
         assert_eq!(p.order()[0].addr.port(), 9001);
     }
 
     #[tokio::test]
-    async fn fails_over_to_the_next_backend() {
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dead_addr = dead.local_addr().unwrap();
-        drop(dead);
-        let p = Pool::new(&config::Pool {
-            name: "p".into(),
-            backends: [dead_addr, live.local_addr().unwrap()].into_iter().collect(),
-            balance: Balance::RoundRobin,
-            check: None,
-        });
-        let (_s, guard) = p.connect(Duration::from_secs(1)).await.unwrap();
-        assert_eq!(guard.addr(), live.local_addr().unwrap());
-        let (_s, guard) = p.connect(Duration::from_secs(1)).await.unwrap();
-        assert_eq!(guard.addr(), live.local_addr().unwrap());
+    async fn fails_over_and_skips_a_failed_backend_until_its_backoff_ends() {
+        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = dead_addr().await;
+        let settings = BackendSettings { backoff: Duration::from_millis(300), ..BackendSettings::default() };
+        let (p, _r) = pool_with(Balance::RoundRobin, &[dead, live.local_addr().unwrap()], settings);
+        let up = p.connect(OPTS).await.unwrap();
+        assert_eq!(up.addr(), live.local_addr().unwrap());
+        assert!(!p.backends[0].in_service(), "the refusing backend is out after one failure");
+        // Round robin would start with the dead one now: it is skipped.
+        for _ in 0..4 {
+            assert_eq!(p.connect(OPTS).await.unwrap().addr(), live.local_addr().unwrap());
+        }
+        assert_eq!(failures_of(dead), 1);
+        // After the back-off one request probes it (and fails over again).
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        p.connect(OPTS).await.unwrap();
+        p.connect(OPTS).await.unwrap();
+        assert_eq!(failures_of(dead), 2);
+    }
+
+    #[tokio::test]
+    async fn every_backend_out_is_tried_anyway_and_a_success_brings_it_back() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (p, _r) = pool_with(Balance::RoundRobin, &[l.local_addr().unwrap()], BackendSettings::default());
+        let up = p.connect(OPTS).await.unwrap();
+        up.failed("reset before the response");
+        assert!(!p.backends[0].in_service());
+        // The only backend is out: tried anyway, not refused.
+        let up = p.connect(OPTS).await.unwrap();
+        up.succeeded();
+        assert!(p.backends[0].in_service());
+    }
+
+    #[tokio::test]
+    async fn released_connections_are_reused_and_dropped_ones_are_not() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (p, _r) = pool_with(Balance::RoundRobin, &[l.local_addr().unwrap()], BackendSettings::default());
+        let up = p.connect(OPTS).await.unwrap();
+        assert!(!up.reused);
+        let port = up.stream.local_addr().unwrap().port();
+        let (mut peer, _) = l.accept().await.unwrap();
+        up.release();
+        assert_eq!(p.backends[0].active(), 0);
+        let mut again = p.connect(OPTS).await.unwrap();
+        assert!(again.reused);
+        assert_eq!(again.stream.local_addr().unwrap().port(), port);
+        assert_eq!(p.backends[0].active(), 1);
+        // It is the same connection end to end.
+        again.stream.write_all(b"x").await.unwrap();
+        assert_eq!(peer.read_u8().await.unwrap(), b'x');
+        drop(again);
+        // Dropped, not released: the next one is new; reuse off: new too.
+        assert!(!p.connect(OPTS).await.unwrap().reused);
+        let up = p.connect(OPTS).await.unwrap();
+        up.release();
+        assert!(!p.connect(ConnectOpts { reuse: false, ..OPTS }).await.unwrap().reused);
+    }
+
+    #[tokio::test]
+    async fn max_conns_skips_a_full_backend_and_refuses_when_all_are_full() {
+        let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = BackendSettings { max_conns: 1, ..BackendSettings::default() };
+        let (p, _r) = pool_with(Balance::RoundRobin, &[a.local_addr().unwrap(), b.local_addr().unwrap()], settings);
+        let first = p.connect(OPTS).await.unwrap();
+        let (tunnel, guard) = p.connect(OPTS).await.unwrap().into_tunnel();
+        assert_ne!(first.addr(), guard.addr(), "the full backend is skipped");
+        match p.connect(OPTS).await {
+            Err(ConnectError::ConnLimit { pool }) => assert_eq!(pool, "p"),
+            other => panic!("expected ConnLimit, got {other:?}"),
+        }
+        // A tunnel holds its slot until its guard goes.
+        drop(tunnel);
+        assert!(p.connect(OPTS).await.is_err());
+        drop(guard);
+        p.connect(OPTS).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pool_without_backends_says_so() {
+        let (p, _r) = pool_with(Balance::RoundRobin, &[], BackendSettings::default());
+        assert!(matches!(p.connect(OPTS).await, Err(ConnectError::NoBackends(_))));
     }
 }

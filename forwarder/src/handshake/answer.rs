@@ -84,6 +84,16 @@ impl Refusal {
             format!("Requested route ('{host}') has no available endpoints."),
         )
     }
+    /// Every backend of the pool is at `[backends] max_conns` (gorouter's
+    /// answer for `backends.max_conns`).
+    pub fn connection_limit(host: &str) -> Refusal {
+        Refusal::new(
+            503,
+            Some("Connection Limit Reached"),
+            "backend_connection_limit",
+            format!("Requested route ('{host}') has reached the connection limit."),
+        )
+    }
     /// An upgrade on a route bound to a route service (gorouter's 503).
     pub fn route_service_unsupported() -> Refusal {
         Refusal::new(
