@@ -132,7 +132,7 @@ impl Metrics {
         let backend_up = Family::default();
         registry.register(
             "backend_up",
-            "1 while a backend is in service, 0 while it is in back-off after a failure",
+            "1 while a backend is in service, 0 while it is in back-off after a failure or held down by its health check",
             backend_up.clone(),
         );
         let backend_failures = Family::default();

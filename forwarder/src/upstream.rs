@@ -5,15 +5,19 @@
 //! connection when reuse is allowed and one is alive, else a new one to
 //! the balancer's pick among the backends in service. A backend that
 //! refuses, resets or times out is skipped for a back-off period that
-//! doubles while it keeps failing; after it one request probes it. The
-//! per-address state lives in the [`Registry`], which outlives reloads.
+//! doubles while it keeps failing; after it one request probes it. An
+//! optional active check (`[pool.check]`) holds a backend out while it
+//! fails. The per-address state lives in the [`Registry`], which outlives
+//! reloads.
 //!
-//! - `health`: the state machine (back-off, probe), no I/O;
+//! - `health`: the state machines (back-off, probe, rise/fall), no I/O;
 //! - `idle`: a backend's idle connections (liveness peek, expiry, cap);
 //! - `backend`: one address's state, its active count and guard;
+//! - `check`: the active check tasks;
 //! - `registry`: every address's state across reloads, the idle sweep.
 
 mod backend;
+mod check;
 mod health;
 mod idle;
 mod registry;
@@ -129,7 +133,7 @@ impl Pool {
     /// A connection for one request: an idle pooled one when `opts.reuse`
     /// and one is alive, else a new one, to the balancer's pick among the
     /// backends in service, trying each at most once. If every backend is
-    /// out (back-off), they are tried anyway, in order,
+    /// out (back-off, active check), they are tried anyway, in order,
     /// rather than refusing. A backend at `[backends] max_conns` is
     /// skipped; all at their cap: [`ConnectError::ConnLimit`].
     pub async fn connect(&self, opts: ConnectOpts) -> Result<Upstream, ConnectError> {

@@ -1,7 +1,7 @@
 //! Backend health and the per-backend connection cap, through the real
-//! binary: passive back-off and its probe, `[backends] max_conns`
-//! answered like gorouter, the state in `/metrics`, and all of it kept
-//! across a SIGHUP that keeps the backend.
+//! binary: passive back-off and its probe, the active http check with
+//! rise/fall, `[backends] max_conns` answered like gorouter, the state in
+//! `/metrics`, and all of it kept across a SIGHUP that keeps the backend.
 
 mod common;
 
@@ -100,6 +100,19 @@ fn failures_line(b: SocketAddr) -> String {
     format!("upsplice_backend_failures_total{{pool=\"main\",backend=\"{b}\"}} ")
 }
 
+/// Waits (bounded) until a metric line has `value`.
+fn wait_metric(router: &Router, line: &str, value: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = router.metric(line);
+        if got == value {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{line}never became {value} (last {got}); log:\n{}", router.log());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusing_backend_is_skipped_after_one_failure_and_comes_back_after_its_backoff() {
     let live = HttpBackend::start().await;
@@ -144,6 +157,46 @@ async fn every_backend_out_is_still_tried_rather_than_refused() {
     assert_eq!(revived.hits(), 1);
     assert_eq!(router.metric(&up_line(dead)), 1.0);
     drop(backend);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_check_takes_a_failing_backend_out_and_brings_it_back() {
+    let sick = HttpBackend::start().await;
+    let well = HttpBackend::start().await;
+    let check = "[pool.check]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 3\nfall = 2\n";
+    let router = start(&[sick.addr, well.addr], check, "");
+    wait_metric(&router, &up_line(sick.addr), 1.0, Duration::from_secs(5));
+
+    sick.health.store(500, Ordering::Relaxed);
+    let checks_before = sick.checks.load(Ordering::Relaxed);
+    wait_metric(&router, &up_line(sick.addr), 0.0, Duration::from_secs(5));
+    assert!(sick.checks.load(Ordering::Relaxed) >= checks_before + 2, "fall = 2: out after two failed checks, not one");
+    router.wait_log("health check failed 2 times");
+    let hits = sick.hits();
+    for _ in 0..6 {
+        assert_eq!(get(&router).await, 200);
+    }
+    assert_eq!(sick.hits(), hits, "no request reaches a backend its check holds out");
+    assert_eq!(router.metric(&up_line(well.addr)), 1.0);
+
+    sick.health.store(204, Ordering::Relaxed);
+    let checks_before = sick.checks.load(Ordering::Relaxed);
+    wait_metric(&router, &up_line(sick.addr), 1.0, Duration::from_secs(5));
+    assert!(sick.checks.load(Ordering::Relaxed) >= checks_before + 3, "rise = 3");
+    for _ in 0..6 {
+        assert_eq!(get(&router).await, 200);
+    }
+    assert!(sick.hits() >= hits + 2, "back in rotation");
+
+    // A reload without the check stops its task.
+    let config = std::fs::read_to_string(&router.config_path).unwrap();
+    std::fs::write(&router.config_path, config.replace(check, "")).unwrap();
+    router.signal(nix::sys::signal::Signal::SIGHUP);
+    router.wait_log("SIGHUP: reloaded");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let checks = sick.checks.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(sick.checks.load(Ordering::Relaxed), checks, "no check after the reload removed it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,7 +67,7 @@ impl Backend {
         self.health.lock().expect("backend health lock")
     }
 
-    /// Not in back-off.
+    /// Not in back-off and not held down by the active check.
     pub fn in_service(&self) -> bool {
         self.health().in_service()
     }
@@ -127,6 +127,31 @@ impl Backend {
         let back = self.health().passive.succeeded();
         if back {
             tracing::info!(pool, backend = %self.addr, "backend back in service: a request succeeded");
+            self.publish();
+        }
+    }
+
+    /// One result of the active check.
+    pub(super) fn checked(&self, pool: &str, result: Result<(), String>, rise: u32, fall: u32) {
+        let flipped = self.health().active.record(result.is_ok(), rise, fall);
+        match (flipped, result) {
+            (Some(false), Err(why)) => {
+                tracing::warn!(pool, backend = %self.addr, "backend out of service: health check failed {fall} times: {why}");
+                self.publish();
+            }
+            (Some(true), _) => {
+                tracing::info!(pool, backend = %self.addr, "backend back in service: health check passed {rise} times");
+                self.publish();
+            }
+            (_, Err(why)) => tracing::debug!(pool, backend = %self.addr, "health check failed: {why}"),
+            _ => {}
+        }
+    }
+
+    /// Its check was removed from the config: it is no longer held down.
+    pub(super) fn unchecked(&self) {
+        if self.health().active.reset() {
+            tracing::info!(backend = %self.addr, "backend back in service: its health check was removed");
             self.publish();
         }
     }

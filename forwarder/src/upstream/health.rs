@@ -1,5 +1,6 @@
 //! A backend's health as the router sees it, without clocks or I/O (the
-//! caller passes `now`): passive back-off from failed requests.
+//! caller passes `now`): passive back-off from failed requests, and the
+//! active check's rise/fall verdict.
 
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ pub enum Admit {
     /// waits another back-off period unless the probe's outcome comes
     /// first).
     Probe,
-    /// Out: in back-off.
+    /// Out: in back-off, or held down by the active check.
     No,
 }
 
@@ -98,19 +99,68 @@ impl Passive {
     }
 }
 
-/// What is kept per backend.
+/// The active check's verdict: up until `fall` consecutive failures, then
+/// down until `rise` consecutive passes. A backend starts up (as in
+/// HAProxy), so a new config does not take every backend out at once.
+#[derive(Debug, Clone)]
+pub struct Active {
+    up: bool,
+    /// Consecutive results that disagree with `up`.
+    streak: u32,
+}
+
+impl Default for Active {
+    fn default() -> Active {
+        Active { up: true, streak: 0 }
+    }
+}
+
+impl Active {
+    pub fn up(&self) -> bool {
+        self.up
+    }
+
+    /// Counts one check result; Some(new state) when it flips.
+    pub fn record(&mut self, passed: bool, rise: u32, fall: u32) -> Option<bool> {
+        if passed == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if self.up { fall } else { rise };
+        if self.streak >= needed {
+            self.up = passed;
+            self.streak = 0;
+            return Some(passed);
+        }
+        None
+    }
+
+    /// Back to up (the check was removed from the config).
+    pub fn reset(&mut self) -> bool {
+        let was_down = !self.up;
+        *self = Active::default();
+        was_down
+    }
+}
+
+/// Both views together, as kept per backend.
 #[derive(Debug, Default, Clone)]
 pub struct Health {
     pub passive: Passive,
+    pub active: Active,
 }
 
 impl Health {
-    /// In service: not in back-off.
+    /// In service: not in back-off and not held down by the check.
     pub fn in_service(&self) -> bool {
-        self.passive.in_service()
+        self.passive.in_service() && self.active.up()
     }
 
     pub fn admit(&mut self, now: Instant, backoff: Backoff) -> Admit {
+        if !self.active.up() {
+            return Admit::No;
+        }
         self.passive.admit(now, backoff)
     }
 }
@@ -161,5 +211,34 @@ mod tests {
         assert_eq!(p.admit(t1, B), Admit::Probe);
         assert_eq!(p.admit(t1 + Duration::from_millis(500), B), Admit::No);
         assert_eq!(p.admit(t1 + Duration::from_secs(1), B), Admit::Probe);
+    }
+
+    #[test]
+    fn active_check_falls_and_rises_by_thresholds() {
+        let mut a = Active::default();
+        assert!(a.up());
+        assert_eq!(a.record(false, 2, 3), None);
+        assert_eq!(a.record(false, 2, 3), None);
+        // A pass in between restarts the count.
+        assert_eq!(a.record(true, 2, 3), None);
+        assert_eq!(a.record(false, 2, 3), None);
+        assert_eq!(a.record(false, 2, 3), None);
+        assert_eq!(a.record(false, 2, 3), Some(false));
+        assert!(!a.up());
+        assert_eq!(a.record(true, 2, 3), None);
+        assert_eq!(a.record(false, 2, 3), None);
+        assert_eq!(a.record(true, 2, 3), None);
+        assert_eq!(a.record(true, 2, 3), Some(true));
+        assert!(a.up());
+    }
+
+    #[test]
+    fn a_backend_held_down_by_its_check_is_not_admitted() {
+        let mut h = Health::default();
+        h.active.record(false, 1, 1);
+        assert!(!h.in_service());
+        assert_eq!(h.admit(Instant::now(), B), Admit::No);
+        assert!(h.active.reset());
+        assert_eq!(h.admit(Instant::now(), B), Admit::Yes);
     }
 }

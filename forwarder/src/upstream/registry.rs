@@ -1,15 +1,19 @@
 //! The process-wide state of every backend address, kept across reloads:
 //! a backend that stays in the config keeps its health, idle connections
-//! and active count; one that leaves it has its idle connections closed.
-//! Also the sweep that closes expired and dead idle connections.
+//! and active count; one that leaves it has its idle connections closed
+//! and its check stopped. Also the sweep that closes expired and dead idle
+//! connections, and the active check tasks.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+
 use super::backend::Backend;
-use crate::config::Config;
+use super::check;
+use crate::config::{Check, Config};
 use crate::metrics;
 
 /// How often idle connections are swept: one whose backend closed it is
@@ -21,8 +25,15 @@ const SWEEP_EVERY: Duration = Duration::from_millis(500);
 #[derive(Default)]
 pub struct Registry {
     backends: Mutex<HashMap<SocketAddr, Arc<Backend>>>,
+    checks: Mutex<HashMap<SocketAddr, Running>>,
     /// The (pool, backend) pairs whose series `/metrics` shows.
     series: Mutex<BTreeSet<(String, SocketAddr)>>,
+}
+
+/// A check task and what it checks with.
+struct Running {
+    check: Check,
+    stop: CancellationToken,
 }
 
 impl Registry {
@@ -46,13 +57,27 @@ impl Registry {
     }
 
     /// Takes a (new or reloaded) config on: which pools list each backend,
-    /// backends that left are retired, and
+    /// backends that left are retired, checks started and stopped, and
     /// `/metrics` series for the (pool, backend) pairs of this config only.
     pub fn adopt(&self, config: &Config) {
         let mut pools_of: HashMap<SocketAddr, Vec<String>> = HashMap::new();
+        let mut checks: HashMap<SocketAddr, (String, Check)> = HashMap::new();
         for pool in &config.pools {
             for &addr in pool.backends.iter() {
                 pools_of.entry(addr).or_default().push(pool.name.clone());
+                if let Some(check) = &pool.check {
+                    match checks.get(&addr) {
+                        Some((first, other)) if other != check => tracing::warn!(
+                            backend = %addr,
+                            "pools {first:?} and {:?} check this backend differently; {first:?}'s check is used",
+                            pool.name
+                        ),
+                        Some(_) => {}
+                        None => {
+                            checks.insert(addr, (pool.name.clone(), check.clone()));
+                        }
+                    }
+                }
             }
         }
         let series: BTreeSet<(String, SocketAddr)> =
@@ -79,6 +104,32 @@ impl Registry {
                 backend.idle.clear();
             }
         }
+        self.run_checks(checks);
+    }
+
+    /// Starts a task per newly checked backend (or changed check), stops
+    /// the ones no longer wanted.
+    fn run_checks(&self, wanted: HashMap<SocketAddr, (String, Check)>) {
+        let runtime = tokio::runtime::Handle::try_current().is_ok();
+        let mut running = self.checks.lock().expect("registry checks lock");
+        running.retain(|addr, task| {
+            let keep = wanted.get(addr).is_some_and(|(_, check)| *check == task.check);
+            if !keep {
+                task.stop.cancel();
+                if !wanted.contains_key(addr) {
+                    self.backend(*addr).unchecked();
+                }
+            }
+            keep
+        });
+        for (addr, (pool, check)) in wanted {
+            if running.contains_key(&addr) || !runtime {
+                continue;
+            }
+            let stop = CancellationToken::new();
+            check::spawn(self.backend(addr), pool, check.clone(), stop.clone());
+            running.insert(addr, Running { check, stop });
+        }
     }
 
     /// Closes expired and dead idle connections; forgets retired backends
@@ -87,6 +138,14 @@ impl Registry {
         let mut backends = self.lock();
         backends.retain(|_, b| !(b.is_retired() && Arc::strong_count(b) == 1));
         backends.values().map(|b| b.idle.sweep(now)).sum()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        for task in self.checks.get_mut().map(|c| c.values()).into_iter().flatten() {
+            task.stop.cancel();
+        }
     }
 }
 
