@@ -327,6 +327,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_backend_that_resets_requests_is_reached_once_then_skipped() {
+        // A backend that accepts and resets: the request fails on it as the
+        // handshake reports it (Upstream::failed), and it is not reached
+        // again within its back-off.
+        let resets = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (reset_addr, good_addr) = (resets.local_addr().unwrap(), good.local_addr().unwrap());
+        let reached = Arc::new(AtomicUsize::new(0));
+        let counter = reached.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = resets.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                let _ = s.set_zero_linger();
+            }
+        });
+        let (p, _r) = pool_with(Balance::RoundRobin, &[reset_addr, good_addr], BackendSettings::default());
+        for _ in 0..6 {
+            let mut up = p.connect(OPTS).await.unwrap();
+            if up.addr() == reset_addr {
+                let _ = up.stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+                let mut buf = [0u8; 1];
+                let got = up.stream.read(&mut buf).await;
+                assert!(!matches!(got, Ok(1)), "no response byte");
+                up.failed("reset before any response byte");
+                // The request goes to the next backend, as the handshake's retry would.
+                continue;
+            }
+            up.succeeded();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(reached.load(Ordering::Relaxed), 1, "reached once, then skipped");
+        assert!(!p.backends[0].in_service());
+    }
+
+    #[tokio::test]
     async fn every_backend_out_is_tried_anyway_and_a_success_brings_it_back() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (p, _r) = pool_with(Balance::RoundRobin, &[l.local_addr().unwrap()], BackendSettings::default());
