@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessRecord;
 use crate::state::Snapshot;
-use crate::upstream::{BackendGuard, ConnectError};
+use crate::upstream::{BackendGuard, ConnectError, ConnectOpts};
 use answer::{linger_close, Refusal};
 use body::BodyError;
 use framing::Framing;
@@ -247,7 +247,11 @@ impl Context<'_> {
             forwarded_proto: settings.forwarded_proto(),
             now_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
         };
-        let fwd = rewrite::rewrite(&request, &client_info)?;
+        // A plain HTTP/1.1 request's backend connection may serve another
+        // request after it (HTTP/1.0 backends close after each).
+        let is_upgrade_request = head::tokens(&request.headers, "upgrade").next().is_some();
+        let keep_backend = snap.config.backends.max_idle_per_backend > 0 && request.version >= 1 && !is_upgrade_request;
+        let fwd = rewrite::rewrite(&request, &client_info, keep_backend)?;
         rec.host = Some(fwd.host.clone());
         rec.x_forwarded_for = Some(fwd.x_forwarded_for.clone());
         rec.x_forwarded_proto = Some(fwd.x_forwarded_proto.clone());
@@ -268,20 +272,6 @@ impl Context<'_> {
             }
             .into());
         }
-        let (mut backend, guard) =
-            snap.pools[route.pool].connect_pair(limits.connect_timeout).await.map_err(|e| match e {
-                ConnectError::NoBackends(_) => Refusal::no_endpoints(&fwd.host),
-                ConnectError::ConnLimit { .. } => Refusal::connection_limit(&fwd.host),
-                e => Refusal::endpoint_failure(e.to_string()),
-            })?;
-        rec.backend = Some(guard.addr());
-        backend
-            .write_all(&fwd.head)
-            .await
-            .map_err(|e| Refusal::endpoint_failure(format!("writing the request: {e}")))?;
-        rec.to_backend += fwd.head.len() as u64;
-        rec.forwarded = Some(rec.started.elapsed());
-
         // The request body (if any) goes to the backend while its answer is
         // read: a backend may answer before the whole body (an early 413), or
         // only after it. Nothing past the body is sent before the answer.
@@ -296,17 +286,70 @@ impl Context<'_> {
             response_timeout: if upgrade { limits.handshake_timeout } else { limits.response_timeout },
             idle: limits.idle_timeout,
             max_body: limits.max_request_body,
+            keep_backend,
             listener,
             started,
         };
-        let (response, rbuf, after) = match exchange.run(client, &mut backend, &leftover, fwd.body, rec).await? {
+        // A request with no body that may be sent twice is retried when its
+        // backend gave no response: once on a new connection if a reused one
+        // turned out closed (the backend closed it while idle), and on the
+        // next backend if the backend failed — up to MAX_ATTEMPTS in all,
+        // never after response_timeout (the backend may be working on it).
+        let retryable = fwd.body == Body::None && is_idempotent(&request.method);
+        let pool = &snap.pools[route.pool];
+        let mut attempt = 0;
+        let (upstream, exchanged) = loop {
+            attempt += 1;
+            let opts = ConnectOpts { timeout: limits.connect_timeout, reuse: keep_backend && attempt == 1 };
+            let mut upstream = pool.connect(opts).await.map_err(|e| match e {
+                ConnectError::NoBackends(_) => Refusal::no_endpoints(&fwd.host),
+                ConnectError::ConnLimit { .. } => Refusal::connection_limit(&fwd.host),
+                e => Refusal::endpoint_failure(e.to_string()),
+            })?;
+            rec.backend = Some(upstream.addr());
+            let failure = match upstream.stream.write_all(&fwd.head).await {
+                Err(e) => ReadError::Io(e),
+                Ok(()) => {
+                    rec.to_backend += fwd.head.len() as u64;
+                    rec.forwarded = Some(rec.started.elapsed());
+                    match exchange.run(client, &mut upstream.stream, &leftover, fwd.body, rec).await? {
+                        Exchanged::NoResponse(e) => e,
+                        exchanged => break (upstream, exchanged),
+                    }
+                }
+            };
+            // The connection failed (closed, reset): the request may go again.
+            // A timeout or a broken response is no connection failure: the
+            // backend may have acted on the request.
+            let connection_failed = matches!(failure, ReadError::Closed(_) | ReadError::Io(_));
+            let idle_close = upstream.reused && connection_failed;
+            if idle_close {
+                tracing::debug!(backend = %upstream.addr(), "a reused connection gave no response: {failure}");
+            } else {
+                upstream.failed(&failure.to_string());
+            }
+            if !(retryable && connection_failed && attempt < MAX_ATTEMPTS && rec.to_client == 0) {
+                return Err(match failure {
+                    ReadError::Timeout(t) => Refusal::endpoint_timeout(t),
+                    e => Refusal::endpoint_failure(format!("backend response: {e}")),
+                }
+                .into());
+            }
+        };
+        upstream.succeeded();
+        let (response, rbuf, after) = match exchanged {
             Exchanged::Switched { response, rbuf, after } => (response, rbuf, after),
-            Exchanged::Answered { keep_alive, after } => {
+            Exchanged::Answered { keep_alive, after, reusable } => {
+                if reusable {
+                    upstream.release();
+                }
                 // The next request starts with what followed this one.
                 *buf = BytesMut::from(&after[..]);
                 return Ok(Outcome::Answered { keep_alive });
             }
+            Exchanged::NoResponse(_) => unreachable!("handled in the loop"),
         };
+        let (backend, guard) = upstream.into_tunnel();
         // 101: the head goes out now; what came after it on either side is
         // delivered first by the data plane, in order.
         let to_client = Bytes::copy_from_slice(&rbuf[response.head_len..]);
@@ -318,6 +361,14 @@ impl Context<'_> {
         rec.upgraded = Some(rec.started.elapsed());
         Ok(Outcome::Upgraded(Agreed { backend, to_backend: after, to_client, status: response.status, guard }))
     }
+}
+
+/// Attempts at a request in all (gorouter's `backends.max_attempts`).
+const MAX_ATTEMPTS: u32 = 3;
+
+/// Methods a request may be sent twice with (RFC 9110 §9.2.2).
+fn is_idempotent(method: &str) -> bool {
+    ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"].iter().any(|m| method.eq_ignore_ascii_case(m))
 }
 
 /// Whether the client asked to keep its connection: HTTP/1.1 unless it
@@ -389,8 +440,13 @@ enum Exchanged {
     /// A 101: its head (in `rbuf`) is still to be written.
     Switched { response: head::Response, rbuf: BytesMut, after: Bytes },
     /// A final response relayed whole; `keep_alive` when its head told the
-    /// client the connection stays open.
-    Answered { keep_alive: bool, after: Bytes },
+    /// client the connection stays open; `reusable` when the backend
+    /// connection may carry another request.
+    Answered { keep_alive: bool, after: Bytes, reusable: bool },
+    /// No response head from the backend, and nothing of this request
+    /// reached the client but informational answers: the caller may retry
+    /// or answer.
+    NoResponse(ReadError),
 }
 
 /// One request's exchange with its backend, after its head was forwarded.
@@ -407,6 +463,9 @@ struct Exchange<'a> {
     response_timeout: Duration,
     idle: Duration,
     max_body: Option<u64>,
+    /// The request was sent without `Connection: close`: the backend
+    /// connection may be reused if the response allows it.
+    keep_backend: bool,
     listener: &'a str,
     started: Instant,
 }
@@ -416,7 +475,7 @@ enum Respond {
     /// 101 to an upgrade: the head (in `rbuf`) is not written yet.
     Switching { response: head::Response, rbuf: BytesMut },
     /// A final response relayed to the client whole.
-    Relayed { keep_alive: bool },
+    Relayed { keep_alive: bool, reusable: bool },
     /// No final response head from the backend.
     HeadFailed(ReadError),
     /// Writing to the client failed.
@@ -476,7 +535,7 @@ impl Exchange<'_> {
                         // request's, not the tunnel's); a kept connection's
                         // next request starts after it (the body was read
                         // to its end, or there is none: this is at once).
-                        let after_body = matches!(r, Respond::Switching { .. } | Respond::Relayed { keep_alive: true });
+                        let after_body = matches!(r, Respond::Switching { .. } | Respond::Relayed { keep_alive: true, .. });
                         if after_body && !body_over {
                             match (&mut body_sent).await {
                                 Ok(s) => sent = Some(s),
@@ -508,13 +567,13 @@ impl Exchange<'_> {
                         Some(sent) => Ok(Exchanged::Switched { response, rbuf, after: sent.after }),
                         None => Err(Stop::Gone("backend_error")),
                     },
-                    Respond::Relayed { keep_alive } => match sent {
-                        Some(sent) => Ok(Exchanged::Answered { keep_alive, after: sent.after }),
-                        // The response said close (the body was not read to its end).
-                        None => Ok(Exchanged::Answered { keep_alive: false, after: Bytes::new() }),
+                    Respond::Relayed { keep_alive, reusable } => match sent {
+                        Some(sent) => Ok(Exchanged::Answered { keep_alive, after: sent.after, reusable }),
+                        // The response said close (the body was not read to its
+                        // end); the backend may still be reading it.
+                        None => Ok(Exchanged::Answered { keep_alive: false, after: Bytes::new(), reusable: false }),
                     },
-                    Respond::HeadFailed(ReadError::Timeout(t)) => Err(Refusal::endpoint_timeout(t).into()),
-                    Respond::HeadFailed(e) => Err(Refusal::endpoint_failure(format!("backend response: {e}")).into()),
+                    Respond::HeadFailed(e) => Ok(Exchanged::NoResponse(e)),
                     Respond::ClientFailed => Err(Stop::Gone("client_error")),
                     Respond::RelayFailed(e) => {
                         tracing::debug!("relaying the backend's response: {e}");
@@ -563,16 +622,21 @@ impl Exchange<'_> {
             }
             break response;
         };
-        rec.status = response.status;
         if self.upgrade && response.status == 101 {
+            rec.status = response.status;
             return Respond::Switching { response, rbuf };
         }
+        let framing = match framing::framing(&response, self.method) {
+            Ok(framing) => framing,
+            // Nothing of it is relayed: the client gets a 502.
+            Err(m) => return Respond::HeadFailed(ReadError::Head(HeadError::Malformed(m.into()))),
+        };
+        rec.status = response.status;
         // Counted before the answer goes out: the client may act on it at once.
         crate::metrics::outcome(self.listener, response.status, "", self.started.elapsed());
         if self.upgrade {
             rec.reason = "upgrade_refused";
         }
-        let framing = framing::framing(&response, self.method);
         // After a refused upgrade the connection closes: a client may have
         // sent the new protocol's first bytes already, and they are no
         // HTTP request.
@@ -583,10 +647,16 @@ impl Exchange<'_> {
             && !self.draining.is_cancelled();
         let head = rewrite::response_head(&response, keep_alive, self.client_version);
         let rest = &rbuf[response.head_len..];
+        // The backend connection may serve another request when it was
+        // asked to, answered in HTTP/1.1 without saying close, framed its
+        // response, and sent nothing past it.
+        let backend_closes = response.version == 0
+            || head::tokens(&response.headers, "connection").any(|t| t.eq_ignore_ascii_case(b"close"));
+        let reusable = self.keep_backend && !backend_closes && framing != Framing::UntilClose;
         match framing::relay_response(backend, client, &head, rest, framing, self.idle).await {
-            Ok(n) => {
+            Ok((n, clean)) => {
                 rec.to_client += n;
-                Respond::Relayed { keep_alive }
+                Respond::Relayed { keep_alive, reusable: reusable && clean }
             }
             Err(e) => Respond::RelayFailed(e),
         }

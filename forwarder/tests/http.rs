@@ -183,6 +183,9 @@ async fn h2c_upgrade_offer_proceeds_as_http11() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trusted_peer_forwarded_headers_are_kept() {
     let (r, mut backend) = router("").await;
+    // Held open: a backend connection closed without an answer would have
+    // its (idempotent) request retried on a new one.
+    let mut servers = Vec::new();
     // 127.0.0.2 is in the listener's trusted_cidrs; 127.0.0.1 is not.
     for (source, xff, xfp) in [("127.0.0.2", "10.9.8.7, 127.0.0.2", "http"), ("127.0.0.1", "127.0.0.1", "https")] {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -198,6 +201,7 @@ async fn trusted_peer_forwarded_headers_are_kept() {
         let (head, _) = read_head(&mut server).await;
         assert!(head.contains(&format!("\r\nX-Forwarded-For: {xff}\r\n")), "{source}: {head}");
         assert!(head.contains(&format!("\r\nX-Forwarded-Proto: {xfp}\r\n")), "{source}: {head}");
+        servers.push(server);
     }
 }
 
@@ -458,6 +462,9 @@ async fn expect_100_continue_and_an_early_answer_reach_the_client() {
     server.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n").await.unwrap();
     let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
     assert!(got.starts_with("HTTP/1.1 201 Created\r\n") && got.contains("\r\nConnection: close\r\n"), "{got}");
+    // The backend closes its kept connection: the next request takes a new one.
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(50)).await;
 
     // An early answer: the backend refuses a body before reading it (smaller
     // than what the router drains after its answer, so no reset can race it).

@@ -26,6 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 /// * `/chunked`: a chunked body with a trailer;
 /// * `/204`, `/304`: no body;
 /// * `/upgrade`: 101, then echoes raw bytes;
+/// * `/bye`: 200 with `Content-Length` (keep-alive), then the backend
+///   closes the connection, as one does at its own idle timeout;
 /// * anything else: 200, `Content-Length`, body `NAME METHOD PATH HOST XFF`.
 #[derive(Clone)]
 struct Scripted {
@@ -130,6 +132,10 @@ impl Scripted {
                         .to_string()
                 }
                 "/204" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+                "/bye" => {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye").await;
+                    return;
+                }
                 "/304" => "HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n".to_string(),
                 "/upgrade" if upgrade => {
                     let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").await;
@@ -488,4 +494,34 @@ print(" ".join(out))
     assert_eq!(stdout.matches("a GET /curl a.test").count(), 3, "{stdout}\n{stderr}");
     assert!(stderr.contains("Re-using existing connection") || stderr.contains("Reusing existing"), "{stderr}");
     assert_eq!(accepted(&r), 2.0, "curl opened more than one connection");
+}
+
+/// Backend connections are kept and reused across requests and client
+/// connections (`[backends] max_idle_per_backend`); one the backend closed
+/// while idle is never used for a request that then fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_connections_are_reused_and_a_closed_one_is_not_a_failure() {
+    let (r, a, _b) = setup("").await;
+    let mut s = TcpStream::connect(r.http).await.unwrap();
+    let mut left = Vec::new();
+    for _ in 0..5 {
+        s.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+        let (head, _) = read_response(&mut s, &mut left, false).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    }
+    for _ in 0..3 {
+        let got = raw_exchange(r.http, b"GET /two HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").await;
+        assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    }
+    assert_eq!(a.connections.load(Ordering::SeqCst), 1, "8 requests, one backend connection");
+    assert_eq!(r.metric("upsplice_backend_reused_total{pool=\"main\"}"), 7.0);
+    // The backend closes the connection after answering: the next requests
+    // get a new one, and nobody sees an error.
+    for path in ["/bye", "/one", "/bye", "/one"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes()).await.unwrap();
+        let (head, _) = read_response(&mut s, &mut left, false).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{path}: {head}");
+    }
+    assert_eq!(a.connections.load(Ordering::SeqCst), 3);
+    assert_eq!(r.metric("upsplice_handshakes_total{listener=\"web\",status=\"200\",reason=\"\"}"), 12.0);
 }

@@ -55,7 +55,7 @@ fn check(input: &[u8]) {
         Err(_) => {}
         Ok(Some(req)) => {
             assert!(req.head_len <= input.len() && req.head_len <= MAX);
-            match rewrite(&req, &client()) {
+            match rewrite(&req, &client(), false) {
                 Err(refusal) => {
                     let answer = refusal.render();
                     let text = String::from_utf8(answer).unwrap();

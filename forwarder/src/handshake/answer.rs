@@ -127,6 +127,10 @@ impl Refusal {
             )
         }
     }
+    /// Something the router does not implement (a transfer coding).
+    pub fn not_implemented(what: &str) -> Refusal {
+        Refusal::new(501, None, "not_implemented", format!("This router does not implement {what}."))
+    }
     /// A request body larger than `[limits] max_request_body`.
     pub fn body_too_large(max: u64) -> Refusal {
         Refusal::new(413, None, "body_too_large", format!("The request body is larger than {max} bytes."))
@@ -205,6 +209,7 @@ fn status_text(status: u16) -> &'static str {
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",

@@ -21,21 +21,31 @@ pub enum Framing {
     UntilClose,
 }
 
-/// The framing of `resp` given the request method.
-pub fn framing(resp: &Response, method: &str) -> Framing {
+/// The framing of `resp` given the request method, or why it has none a
+/// proxy may relay: Content-Length values that are invalid or differ
+/// (RFC 9112 §6.3 item 5: the proxy answers 502 instead).
+pub fn framing(resp: &Response, method: &str) -> Result<Framing, &'static str> {
     if method.eq_ignore_ascii_case("HEAD") || resp.status < 200 || resp.status == 204 || resp.status == 304 {
-        return Framing::Empty;
+        return Ok(Framing::Empty);
     }
     if tokens(&resp.headers, "transfer-encoding").last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) {
-        return Framing::Chunked;
+        return Ok(Framing::Chunked);
     }
-    match values(&resp.headers, "content-length")
-        .next()
-        .and_then(|v| std::str::from_utf8(v.trim_ascii()).ok()?.parse().ok())
-    {
-        Some(n) => Framing::Length(n),
-        None => Framing::UntilClose,
+    let mut length = None;
+    for value in values(&resp.headers, "content-length").flat_map(|v| v.split(|&b| b == b',')) {
+        let value = value.trim_ascii();
+        let n: u64 = match std::str::from_utf8(value) {
+            Ok(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+                v.parse().map_err(|_| "Content-Length out of range")?
+            }
+            _ => return Err("invalid Content-Length in the response"),
+        };
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting Content-Length values in the response");
+        }
+        length = Some(n);
     }
+    Ok(length.map_or(Framing::UntilClose, Framing::Length))
 }
 
 /// Finds where a chunked body ends, fed the bytes as they arrive.
@@ -162,7 +172,10 @@ impl ChunkedEnd {
 /// the response body to `client`: first what of it is in `rest` (read from
 /// the backend with the head), then what the backend sends, until
 /// `framing` says the response is complete. Bytes past the end are never
-/// relayed. Each read waits at most `idle`. Returns the bytes written.
+/// relayed. Each read waits at most `idle`. Returns the bytes written and
+/// whether the backend sent nothing past the response's end as far as it
+/// was read (else its connection must not carry another request: those
+/// bytes would be taken for the next response).
 pub async fn relay_response<R, W>(
     backend: &mut R,
     client: &mut W,
@@ -170,7 +183,7 @@ pub async fn relay_response<R, W>(
     rest: &[u8],
     framing: Framing,
     idle: Duration,
-) -> io::Result<u64>
+) -> io::Result<(u64, bool)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -197,6 +210,7 @@ where
         }
     };
     let (n, mut done) = take(rest)?;
+    let mut clean = n == rest.len();
     client.write_all(head).await?;
     client.write_all(&rest[..n]).await?;
     let mut written = (head.len() + n) as u64;
@@ -215,17 +229,40 @@ where
             ));
         }
         let (n, complete) = take(&buf[..read])?;
+        clean = n == read;
         client.write_all(&buf[..n]).await?;
         written += n as u64;
         done = complete;
     }
     client.flush().await?;
-    Ok(written)
+    Ok((written, clean))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_framing_refuses_what_a_client_could_read_otherwise() {
+        let parse = |raw: &str| super::super::head::parse_response(raw.as_bytes(), 4096).unwrap().unwrap();
+        let framing_of = |raw: &str| framing(&parse(raw), "GET");
+        assert_eq!(framing_of("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"), Ok(Framing::Length(5)));
+        assert_eq!(
+            framing_of("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n"),
+            Ok(Framing::Length(5))
+        );
+        assert_eq!(framing_of("HTTP/1.1 200 OK\r\n\r\n"), Ok(Framing::UntilClose));
+        assert_eq!(
+            framing_of("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Ok(Framing::Chunked)
+        );
+        for bad in ["2, 12", "2\r\nContent-Length: 12", "+5", "-1", "0x5", "5 6", "", "18446744073709551616"] {
+            let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(framing_of(&raw).is_err(), "{bad:?} accepted");
+        }
+        // No body to frame, whatever the headers say.
+        assert_eq!(framing(&parse("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"), "HEAD"), Ok(Framing::Empty));
+    }
 
     #[test]
     fn chunked_end_found_across_pieces() {

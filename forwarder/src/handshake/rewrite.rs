@@ -4,8 +4,9 @@
 //!   `TE`, `HTTP2-Settings` and whatever `Connection` names), except that an
 //!   upgrade keeps `Connection: Upgrade` and its `Upgrade` header;
 //! * an `Upgrade: h2c` offer is dropped and the request proceeds as HTTP/1.1;
-//! * plain requests get `Connection: close` towards the backend (its
-//!   connection carries this one request);
+//! * plain requests get `Connection: close` towards the backend unless its
+//!   connection may carry another request (`keep_backend`: backend reuse
+//!   is on and the request is HTTP/1.1);
 //! * `X-Forwarded-For`: a trusted peer's list is extended with the peer's
 //!   address, anyone else's is replaced by it; `X-Forwarded-Proto`: a trusted
 //!   peer's value is kept, otherwise the listener's is set;
@@ -98,8 +99,10 @@ pub const UNTRUSTED_DROPPED: &[&str] = &[
 /// Headers a `Connection` token may not remove: they frame or route the request.
 const PROTECTED: &[&str] = &["host", "content-length", "transfer-encoding"];
 
-/// Checks `req` and builds the head to forward, or the answer to give instead.
-pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusal> {
+/// Checks `req` and builds the head to forward, or the answer to give
+/// instead. `keep_backend`: the backend connection may carry another
+/// request after this one (no `Connection: close` on a plain request).
+pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Result<Forward, Refusal> {
     if req.method.eq_ignore_ascii_case("CONNECT") {
         return Err(Refusal::bad_request("CONNECT is not supported by this router"));
     }
@@ -144,6 +147,7 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>) -> Result<Forward, Refusa
             push_header(&mut head, "Connection", b"Upgrade");
             push_header(&mut head, "Upgrade", protocols.as_bytes());
         }
+        None if keep_backend => {}
         None => push_header(&mut head, "Connection", b"close"),
     }
 
@@ -209,9 +213,14 @@ const RESPONSE_HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connec
 /// HTTP/1.1, the router's own version (RFC 9110 §6.2).
 pub fn response_head(resp: &Response, keep_alive: bool, client_version: u8) -> Vec<u8> {
     let named_by_connection = named_by_connection(&resp.headers);
+    // Transfer-Encoding overrides Content-Length, and a proxy removes the
+    // Content-Length (RFC 9112 §6.3): a client that read it would take the
+    // rest for its next response.
+    let chunked = values(&resp.headers, "transfer-encoding").next().is_some();
     let dropped = |name: &str| {
         RESPONSE_HOP_BY_HOP.iter().any(|d| name.eq_ignore_ascii_case(d))
             || named_by_connection.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+            || (chunked && name.eq_ignore_ascii_case("content-length"))
     };
     let mut head = Vec::with_capacity(resp.head_len + 32);
     head.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", resp.status, resp.reason).as_bytes());
@@ -328,6 +337,16 @@ fn body_framing(req: &Request) -> Result<Body, Refusal> {
         if te.iter().filter(|t| t.eq_ignore_ascii_case(b"chunked")).count() > 1 {
             return Err(Refusal::bad_request("chunked applied more than once"));
         }
+        // Only `chunked`, on one line: another coding before it is one the
+        // router would pass on undecoded (RFC 9112 §6.1: 501), and the same
+        // list split over two lines is read by some backends from its first
+        // line only — which then frames no body.
+        if values(&req.headers, "transfer-encoding").count() > 1 {
+            return Err(Refusal::bad_request("more than one Transfer-Encoding header"));
+        }
+        if te.len() > 1 {
+            return Err(Refusal::not_implemented("transfer codings other than chunked"));
+        }
         return Ok(Body::Chunked);
     }
     Ok(match length {
@@ -360,7 +379,7 @@ mod tests {
 
     fn fwd(raw: &str, trusted: bool) -> Result<Forward, Refusal> {
         let req = parse_request(raw.as_bytes(), 65536).unwrap().unwrap();
-        rewrite(&req, &client(trusted))
+        rewrite(&req, &client(trusted), false)
     }
 
     fn head(f: &Forward) -> String {
@@ -423,6 +442,10 @@ mod tests {
         let h = head(&f);
         assert!(!h.to_ascii_lowercase().contains("h2c") && !h.contains("HTTP2-Settings"), "{h}");
         assert!(h.contains("Connection: close"));
+        // A backend connection kept for reuse is not told to close.
+        let req = super::super::head::parse_request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", 4096).unwrap().unwrap();
+        let kept = String::from_utf8(rewrite(&req, &client(false), true).unwrap().head).unwrap();
+        assert!(!kept.contains("Connection"), "{kept}");
     }
 
     #[test]
