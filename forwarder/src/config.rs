@@ -543,6 +543,21 @@ pub struct Pool {
     /// An active health check of its backends (none: passive health only).
     #[serde(default)]
     pub check: Option<Check>,
+    /// A PROXY protocol header at the start of every backend connection,
+    /// stating the client (`off`, `v1`, `v2`).
+    #[serde(default)]
+    pub send_proxy: SendProxy,
+}
+
+/// `send_proxy` on a pool: which PROXY header its backend connections
+/// start with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    #[default]
+    Off,
+    V1,
+    V2,
 }
 
 #[derive(Debug, Clone, Deserialize)]

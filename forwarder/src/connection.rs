@@ -74,7 +74,8 @@ impl Session {
     /// on the configuration in force when it starts and with its own
     /// access record, until one closes it or starts a tunnel.
     async fn serve_http(&self, client: TcpStream, peer: SocketAddr) {
-        let mut conn = handshake::Conn::new(client, peer);
+        let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut conn = handshake::Conn::new(client, peer, local);
         loop {
             let mut rec = AccessRecord::new(peer, self.listener.clone());
             // Boxed, so the handshake's state is freed before a tunnel runs:
@@ -102,7 +103,9 @@ impl Session {
         let snap = self.shared.snapshot();
         let pool_name = snap.listener(&self.listener).pool.clone().unwrap_or_default();
         let pool = snap.pool_named(&pool_name).expect("validated: tcp listener pools exist").clone();
-        let opts = ConnectOpts { timeout: snap.config.limits.connect_timeout, reuse: false };
+        let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let opts =
+            ConnectOpts { timeout: snap.config.limits.connect_timeout, reuse: false, client: Some((rec.peer, local)) };
         match pool.connect(opts).await {
             Ok(upstream) => {
                 // Nothing more is seen of a tcp backend: a connect is its success.

@@ -64,7 +64,10 @@ pub struct Plan<S = TcpStream> {
 /// A client connection of an http listener, between two requests.
 pub struct Conn<S> {
     client: S,
+    /// The client's address (the PROXY header's, if the listener takes one).
     peer: SocketAddr,
+    /// The address the client connected to (for a PROXY header sent on).
+    local: SocketAddr,
     /// What the client sent past its last request (pipelined requests):
     /// the start of the next one.
     buf: BytesMut,
@@ -123,8 +126,8 @@ struct Agreed {
 }
 
 impl<S: ClientStream> Conn<S> {
-    pub fn new(client: S, peer: SocketAddr) -> Conn<S> {
-        Conn { client, peer, buf: BytesMut::new(), served: 0 }
+    pub fn new(client: S, peer: SocketAddr, local: SocketAddr) -> Conn<S> {
+        Conn { client, peer, local, buf: BytesMut::new(), served: 0 }
     }
 
     /// Serves the connection's next request to its end. `snap` is the
@@ -147,7 +150,7 @@ impl<S: ClientStream> Conn<S> {
         }
         let started = Instant::now();
         let keep_alive_allowed = self.served + 1 < snap.config.limits.max_requests_per_connection;
-        let ctx = Context { peer: self.peer, snap: &snap, listener, draining, keep_alive_allowed };
+        let ctx = Context { peer: self.peer, local: self.local, snap: &snap, listener, draining, keep_alive_allowed };
         let outcome = ctx.request(&mut self.client, &mut self.buf, rec).await;
         // Nothing of the handshake stays allocated for the tunnel's life.
         drop(snap);
@@ -191,6 +194,7 @@ impl<S: ClientStream> Conn<S> {
 /// What one request is served with.
 struct Context<'a> {
     peer: SocketAddr,
+    local: SocketAddr,
     snap: &'a Snapshot,
     listener: &'a str,
     draining: &'a CancellationToken,
@@ -300,7 +304,11 @@ impl Context<'_> {
         let mut attempt = 0;
         let (upstream, exchanged) = loop {
             attempt += 1;
-            let opts = ConnectOpts { timeout: limits.connect_timeout, reuse: keep_backend && attempt == 1 };
+            let opts = ConnectOpts {
+                timeout: limits.connect_timeout,
+                reuse: keep_backend && attempt == 1,
+                client: Some((peer, self.local)),
+            };
             let mut upstream = pool.connect(opts).await.map_err(|e| match e {
                 ConnectError::NoBackends(_) => Refusal::no_endpoints(&fwd.host),
                 ConnectError::ConnLimit { .. } => Refusal::connection_limit(&fwd.host),

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::config::ProxyProtocol;
+use crate::config::{ProxyProtocol, SendProxy};
 
 /// The v2 signature (12 bytes) that starts a binary header.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -160,6 +160,45 @@ fn frame(seen: &[u8], mode: ProxyProtocol) -> Result<Option<usize>, ProxyError> 
     Err(ProxyError::Missing(shown))
 }
 
+/// The header a pool with `send_proxy` starts its backend connections
+/// with: `client` connected to `local` (both in one address family; an
+/// IPv4 address beside an IPv6 one is written IPv4-mapped).
+pub fn header(version: SendProxy, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let (client, local) = match (client, local) {
+        (SocketAddr::V4(c), SocketAddr::V6(_)) => (SocketAddr::new(c.ip().to_ipv6_mapped().into(), c.port()), local),
+        (SocketAddr::V6(_), SocketAddr::V4(l)) => (client, SocketAddr::new(l.ip().to_ipv6_mapped().into(), l.port())),
+        _ => (client, local),
+    };
+    match version {
+        SendProxy::V1 => ppp::v1::Addresses::from((client, local)).to_string().into_bytes(),
+        SendProxy::V2 | SendProxy::Off => ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            (client, local),
+        )
+        .build()
+        .expect("a header built in memory from two socket addresses"),
+    }
+}
+
+/// The header of a connection the router opens for itself (a health
+/// check) to a backend that expects one: v2 `LOCAL`, v1 `UNKNOWN`.
+pub fn local_header(version: SendProxy) -> Option<Vec<u8>> {
+    match version {
+        SendProxy::Off => None,
+        SendProxy::V1 => Some(b"PROXY UNKNOWN\r\n".to_vec()),
+        SendProxy::V2 => Some(
+            ppp::v2::Builder::with_addresses(
+                ppp::v2::Version::Two | ppp::v2::Command::Local,
+                ppp::v2::Protocol::Unspecified,
+                ppp::v2::Addresses::Unspecified,
+            )
+            .build()
+            .expect("a header built in memory"),
+        ),
+    }
+}
+
 /// The client address a complete header states; None when it says to
 /// use the connection's own peer (v2 LOCAL, v1 UNKNOWN, v2 unspecified).
 fn client_address(header: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
@@ -246,6 +285,25 @@ mod tests {
         wire.extend_from_slice(b"\x16\x03\x01");
         let (r, rest) = run(&[&wire], ProxyProtocol::V2).await;
         assert_eq!((r.unwrap(), rest.as_slice()), ("198.51.100.9:4000".parse().unwrap(), &b"\x16\x03\x01"[..]));
+    }
+
+    #[test]
+    fn headers_sent_on_read_back_as_written() {
+        let (client, local) = ("192.0.2.7:5555".parse().unwrap(), "10.0.0.1:443".parse().unwrap());
+        let v1 = header(SendProxy::V1, client, local);
+        assert_eq!(v1, b"PROXY TCP4 192.0.2.7 10.0.0.1 5555 443\r\n");
+        for version in [SendProxy::V1, SendProxy::V2] {
+            let wire = header(version, client, local);
+            assert_eq!(frame(&wire, ProxyProtocol::Any).unwrap(), Some(wire.len()));
+            assert_eq!(client_address(&wire).unwrap(), Some(client));
+            // Mixed families: the IPv4 side is written IPv4-mapped.
+            let wire = header(version, client, "[2001:db8::1]:443".parse().unwrap());
+            assert_eq!(client_address(&wire).unwrap().unwrap().port(), 5555, "{version:?}");
+            // A health check's header says "no client".
+            let local = local_header(version).unwrap();
+            assert_eq!(frame(&local, ProxyProtocol::Any).unwrap(), Some(local.len()));
+            assert_eq!(client_address(&local).unwrap(), None);
+        }
     }
 
     #[tokio::test]

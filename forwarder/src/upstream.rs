@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 pub use self::backend::{Backend, BackendGuard};
 use self::health::{Admit, Backoff};
 pub use self::registry::Registry;
-use crate::config::{self, BackendSettings, Balance};
+use crate::config::{self, BackendSettings, Balance, SendProxy};
 
 /// A pool of backends, shared by all connections routed to it while its
 /// snapshot is in force.
@@ -55,6 +55,8 @@ struct PoolContext {
     settings: BackendSettings,
     backoff: Backoff,
     reused: Counter,
+    /// `send_proxy`: its connections describe one client each, never reused.
+    send_proxy: SendProxy,
 }
 
 /// How one request wants its backend connection.
@@ -65,6 +67,10 @@ pub struct ConnectOpts {
     /// An idle keep-alive connection may serve it (a plain request to a
     /// pool that sends no PROXY header).
     pub reuse: bool,
+    /// The client and the address it connected to, for the PROXY header
+    /// of a pool with `send_proxy` (a new connection each time: the header
+    /// describes one client connection).
+    pub client: Option<(SocketAddr, SocketAddr)>,
 }
 
 /// A backend connection for one request. Dropping it closes the
@@ -112,6 +118,7 @@ impl Pool {
                 settings: settings.clone(),
                 backoff: Backoff::from_settings(settings),
                 reused,
+                send_proxy: cfg.send_proxy,
             }),
         }
     }
@@ -174,25 +181,23 @@ impl Pool {
         })
     }
 
-    /// [`Pool::connect`] without reuse for callers that take the stream
-    /// whole (a tunnel): the connect itself counts as the backend's
-    /// success.
-    pub async fn connect_pair(&self, timeout: Duration) -> Result<(TcpStream, BackendGuard), ConnectError> {
-        let upstream = self.connect(ConnectOpts { timeout, reuse: false }).await?;
-        upstream.succeeded();
-        Ok(upstream.into_tunnel())
-    }
-
     async fn attempt(&self, backend: &Arc<Backend>, opts: ConnectOpts) -> Result<Upstream, Miss> {
         let settings = &self.ctx.settings;
-        if opts.reuse && settings.max_idle_per_backend > 0 {
+        let proxied = self.ctx.send_proxy != SendProxy::Off;
+        if opts.reuse && settings.max_idle_per_backend > 0 && !proxied {
             if let Some(stream) = backend.idle.take_live(Instant::now()) {
                 self.ctx.reused.inc();
                 return Ok(self.upstream(stream, backend.lease(), true));
             }
         }
         let guard = backend.reserve(settings.max_conns).ok_or(Miss::AtCap)?;
-        match connect_one(backend.addr, opts.timeout).await {
+        let header = match (self.ctx.send_proxy, opts.client) {
+            (SendProxy::Off, _) => None,
+            (version, Some((client, local))) => Some(crate::proxy::header(version, client, local)),
+            // No client to speak of (an active check never comes here).
+            (_, None) => None,
+        };
+        match connect_one(backend.addr, opts.timeout, header.as_deref()).await {
             Ok(stream) => Ok(self.upstream(stream, guard, false)),
             Err(e) => {
                 drop(guard);
@@ -220,7 +225,7 @@ impl Upstream {
         let Upstream { stream, guard, pool, .. } = self;
         let settings = &pool.settings;
         let backend = guard.backend();
-        if settings.max_idle_per_backend == 0 || backend.is_retired() {
+        if settings.max_idle_per_backend == 0 || backend.is_retired() || pool.send_proxy != SendProxy::Off {
             return;
         }
         let expires = Instant::now() + settings.idle_conn_timeout;
@@ -246,12 +251,19 @@ impl Upstream {
     }
 }
 
-async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+/// Connects within `timeout` and writes the PROXY `header`, if any, first.
+async fn connect_one(addr: SocketAddr, timeout: Duration, header: Option<&[u8]>) -> io::Result<TcpStream> {
+    let connect = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        if let Some(header) = header {
+            tokio::io::AsyncWriteExt::write_all(&mut stream, header).await?;
+        }
+        Ok::<_, io::Error>(stream)
+    };
+    tokio::time::timeout(timeout, connect)
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))?
 }
 
 #[cfg(test)]
@@ -261,11 +273,17 @@ mod tests {
 
     use super::*;
 
-    const OPTS: ConnectOpts = ConnectOpts { timeout: Duration::from_secs(1), reuse: true };
+    const OPTS: ConnectOpts = ConnectOpts { timeout: Duration::from_secs(1), reuse: true, client: None };
 
     fn pool_with(balance: Balance, backends: &[SocketAddr], settings: BackendSettings) -> (Pool, Arc<Registry>) {
         let registry = Registry::new();
-        let cfg = config::Pool { name: "p".into(), backends: backends.iter().copied().collect(), balance, check: None };
+        let cfg = config::Pool {
+            name: "p".into(),
+            backends: backends.iter().copied().collect(),
+            balance,
+            check: None,
+            send_proxy: SendProxy::Off,
+        };
         (Pool::new(&cfg, &settings, &registry), registry)
     }
 

@@ -27,7 +27,9 @@ fn router(mode: &str, backend: SocketAddr) -> Router {
         mode: "copy",
         limits: "handshake_timeout = \"1s\"",
         routing: main_pool(&[backend], "app.test"),
-        extra: "",
+        // A backend connection per request: the tests read each request on
+        // a connection of its own.
+        extra: "[backends]\nmax_idle_per_backend = 0\n",
     };
     let proxy = format!("proxy_protocol = \"{mode}\"\nproxy_trusted_cidrs = [\"127.0.0.2/32\"]\n");
     let config = render(&setup)
@@ -167,4 +169,68 @@ async fn bad_headers_close_only_their_connection_and_are_counted() {
     let mut server = backend.accept().await;
     let (head, _) = read_head(&mut server).await;
     assert!(head.starts_with("GET /later ") && head.contains("\r\nX-Forwarded-For: 192.0.2.8\r\n"), "{head}");
+}
+
+/// `send_proxy` on a pool: each backend connection starts with a header
+/// stating the client (from its own PROXY header here), never reused
+/// across requests, and a tcp listener's stream follows it unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_proxy_tells_backends_the_client_on_every_connection() {
+    let mut backend = RawBackend::start().await;
+    let mut held = Vec::new();
+    for (version, expected) in [("v1", &b"PROXY TCP4 192.0.2.7 "[..]), ("v2", &b"\r\n\r\n\0\r\nQUIT\n\x21\x11"[..])] {
+        let setup = Setup {
+            mode: "copy",
+            limits: "handshake_timeout = \"1s\"",
+            routing: main_pool(&[backend.addr], "app.test")
+                .replace("[[route]]", &format!("send_proxy = \"{version}\"\n\n[[route]]")),
+            extra: "",
+        };
+        let config = render(&setup).replace(
+            "protocol = \"http\"\n",
+            "protocol = \"http\"\nproxy_protocol = \"v1\"\nproxy_trusted_cidrs = [\"127.0.0.2/32\"]\n",
+        );
+        let r = Router::start_config(&config);
+        let mut client = connect_from("127.0.0.2", r.http).await;
+        client.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 443\r\n").await.unwrap();
+        for i in 0..2 {
+            client.write_all(b"GET /p HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+            let mut server = backend.accept().await;
+            let mut start = vec![0u8; expected.len()];
+            server.read_exact(&mut start).await.unwrap();
+            assert_eq!(start, expected, "{version}, request {i}");
+            // The rest of the header, then the request.
+            let (head, _) = read_head(&mut server).await;
+            assert!(head.contains("GET /p HTTP/1.1\r\n"), "{version}: {head:?}");
+            assert!(head.contains("\r\nX-Forwarded-For: 192.0.2.7\r\n"), "{version}: {head:?}");
+            server.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+            let mut answer = [0u8; 17];
+            client.read_exact(&mut answer).await.unwrap();
+            assert_eq!(&answer, b"HTTP/1.1 200 OK\r\n");
+            let mut rest = [0u8; 21];
+            client.read_exact(&mut rest).await.unwrap();
+            // Held open: the second request must still come on a new connection.
+            held.push(server);
+        }
+    }
+    // A tcp listener: the header, then the client's bytes as sent.
+    let setup = Setup {
+        mode: "copy",
+        limits: "",
+        routing: main_pool(&[backend.addr], "app.test").replace("[[route]]", "send_proxy = \"v1\"\n\n[[route]]"),
+        extra: "",
+    };
+    let r = Router::start(setup);
+    let mut client = TcpStream::connect(r.tcp).await.unwrap();
+    client.write_all(b"raw").await.unwrap();
+    let mut server = backend.accept().await;
+    let mut got = Vec::new();
+    while !got.ends_with(b"raw") {
+        let mut chunk = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 ") && text.ends_with("\r\nraw"), "{text:?}");
 }

@@ -10,19 +10,19 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::Backend;
-use crate::config::{Check, CheckKind};
+use crate::config::{Check, CheckKind, SendProxy};
 
 /// The most of a check's answer that is read: its status line must fit.
 const MAX_STATUS_LINE: usize = 4096;
 
 /// Checks `backend` every `check.interval` (the first at once) until
 /// `stop` fires.
-pub(super) fn spawn(backend: Arc<Backend>, pool: String, check: Check, stop: CancellationToken) {
+pub(super) fn spawn(backend: Arc<Backend>, pool: String, check: Check, send_proxy: SendProxy, stop: CancellationToken) {
     tokio::spawn(async move {
         loop {
             let result = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = probe(backend.addr, &check) => r,
+                r = probe(backend.addr, &check, send_proxy) => r,
             };
             backend.checked(&pool, result, check.rise, check.fall);
             tokio::select! {
@@ -33,16 +33,22 @@ pub(super) fn spawn(backend: Arc<Backend>, pool: String, check: Check, stop: Can
     });
 }
 
-/// One check: Ok when it passes, else why not.
-pub async fn probe(addr: SocketAddr, check: &Check) -> Result<(), String> {
-    match tokio::time::timeout(check.timeout, probe_untimed(addr, check)).await {
+/// One check: Ok when it passes, else why not. A backend of a pool with
+/// `send_proxy` expects a PROXY header: it gets one that says the
+/// connection is the router's own (v2 `LOCAL`, v1 `UNKNOWN`), as the spec
+/// has load balancers do for health checks.
+pub async fn probe(addr: SocketAddr, check: &Check, send_proxy: SendProxy) -> Result<(), String> {
+    match tokio::time::timeout(check.timeout, probe_untimed(addr, check, send_proxy)).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {:?}", check.timeout)),
     }
 }
 
-async fn probe_untimed(addr: SocketAddr, check: &Check) -> Result<(), String> {
+async fn probe_untimed(addr: SocketAddr, check: &Check, send_proxy: SendProxy) -> Result<(), String> {
     let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    if let Some(header) = crate::proxy::local_header(send_proxy) {
+        stream.write_all(&header).await.map_err(|e| format!("writing the PROXY header: {e}"))?;
+    }
     if check.kind == CheckKind::Tcp {
         return Ok(());
     }
@@ -131,7 +137,7 @@ mod tests {
     #[tokio::test]
     async fn http_check_sends_get_with_host_and_close_and_passes_on_2xx_3xx() {
         let (addr, head) = answering(b"HTTP/1.1 301 Moved\r\nContent-Length: 0\r\n\r\n").await;
-        assert_eq!(probe(addr, &check(CheckKind::Http)).await, Ok(()));
+        assert_eq!(probe(addr, &check(CheckKind::Http), SendProxy::Off).await, Ok(()));
         let head = head.await.unwrap();
         assert!(head.starts_with("GET /healthz HTTP/1.1\r\n"), "{head}");
         assert!(head.contains("\r\nHost: app.internal\r\n"), "{head}");
@@ -141,10 +147,10 @@ mod tests {
     #[tokio::test]
     async fn http_check_fails_on_5xx_and_tcp_check_passes_on_connect() {
         let (addr, _) = answering(b"HTTP/1.1 500 Internal Server Error\r\n\r\n").await;
-        let err = probe(addr, &check(CheckKind::Http)).await.unwrap_err();
+        let err = probe(addr, &check(CheckKind::Http), SendProxy::Off).await.unwrap_err();
         assert!(err.contains("500"), "{err}");
         let (addr, _) = answering(b"").await;
-        assert_eq!(probe(addr, &check(CheckKind::Tcp)).await, Ok(()));
+        assert_eq!(probe(addr, &check(CheckKind::Tcp), SendProxy::Off).await, Ok(()));
     }
 
     #[tokio::test]
@@ -152,9 +158,9 @@ mod tests {
         let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dead_addr = dead.local_addr().unwrap();
         drop(dead);
-        assert!(probe(dead_addr, &check(CheckKind::Tcp)).await.unwrap_err().starts_with("connect"));
+        assert!(probe(dead_addr, &check(CheckKind::Tcp), SendProxy::Off).await.unwrap_err().starts_with("connect"));
         let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let err = probe(silent.local_addr().unwrap(), &check(CheckKind::Http)).await.unwrap_err();
+        let err = probe(silent.local_addr().unwrap(), &check(CheckKind::Http), SendProxy::Off).await.unwrap_err();
         assert!(err.starts_with("no answer within"), "{err}");
     }
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backend::Backend;
 use super::check;
-use crate::config::{Check, Config};
+use crate::config::{Check, Config, SendProxy};
 use crate::metrics;
 
 /// How often idle connections are swept: one whose backend closed it is
@@ -33,6 +33,7 @@ pub struct Registry {
 /// A check task and what it checks with.
 struct Running {
     check: Check,
+    send_proxy: SendProxy,
     stop: CancellationToken,
 }
 
@@ -61,20 +62,20 @@ impl Registry {
     /// `/metrics` series for the (pool, backend) pairs of this config only.
     pub fn adopt(&self, config: &Config) {
         let mut pools_of: HashMap<SocketAddr, Vec<String>> = HashMap::new();
-        let mut checks: HashMap<SocketAddr, (String, Check)> = HashMap::new();
+        let mut checks: HashMap<SocketAddr, (String, Check, SendProxy)> = HashMap::new();
         for pool in &config.pools {
             for &addr in pool.backends.iter() {
                 pools_of.entry(addr).or_default().push(pool.name.clone());
                 if let Some(check) = &pool.check {
                     match checks.get(&addr) {
-                        Some((first, other)) if other != check => tracing::warn!(
+                        Some((first, other, _)) if other != check => tracing::warn!(
                             backend = %addr,
                             "pools {first:?} and {:?} check this backend differently; {first:?}'s check is used",
                             pool.name
                         ),
                         Some(_) => {}
                         None => {
-                            checks.insert(addr, (pool.name.clone(), check.clone()));
+                            checks.insert(addr, (pool.name.clone(), check.clone(), pool.send_proxy));
                         }
                     }
                 }
@@ -109,11 +110,13 @@ impl Registry {
 
     /// Starts a task per newly checked backend (or changed check), stops
     /// the ones no longer wanted.
-    fn run_checks(&self, wanted: HashMap<SocketAddr, (String, Check)>) {
+    fn run_checks(&self, wanted: HashMap<SocketAddr, (String, Check, SendProxy)>) {
         let runtime = tokio::runtime::Handle::try_current().is_ok();
         let mut running = self.checks.lock().expect("registry checks lock");
         running.retain(|addr, task| {
-            let keep = wanted.get(addr).is_some_and(|(_, check)| *check == task.check);
+            let keep = wanted
+                .get(addr)
+                .is_some_and(|(_, check, send_proxy)| *check == task.check && *send_proxy == task.send_proxy);
             if !keep {
                 task.stop.cancel();
                 if !wanted.contains_key(addr) {
@@ -122,13 +125,13 @@ impl Registry {
             }
             keep
         });
-        for (addr, (pool, check)) in wanted {
+        for (addr, (pool, check, send_proxy)) in wanted {
             if running.contains_key(&addr) || !runtime {
                 continue;
             }
             let stop = CancellationToken::new();
-            check::spawn(self.backend(addr), pool, check.clone(), stop.clone());
-            running.insert(addr, Running { check, stop });
+            check::spawn(self.backend(addr), pool, check.clone(), send_proxy, stop.clone());
+            running.insert(addr, Running { check, send_proxy, stop });
         }
     }
 
