@@ -623,10 +623,9 @@ async fn plain_request_with_body(mode: &str) {
     });
     let mut server = backend.accept().await;
     let (got_head, mut got) = read_head(&mut server).await;
-    assert!(
-        got_head.contains("\r\nConnection: close\r\n"),
-        "plain requests go to the backend with Connection: close: {got_head}"
-    );
+    // The client's hop-by-hop header stays with the client; the backend
+    // connection may be kept for the next request ([backends] reuse).
+    assert!(!got_head.contains("\r\nConnection:"), "{got_head}");
     while got.len() < body.len() {
         let mut buf = vec![0u8; 65536];
         let n = server.read(&mut buf).await.unwrap();
