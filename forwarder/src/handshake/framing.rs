@@ -211,8 +211,13 @@ where
     };
     let (n, mut done) = take(rest)?;
     let mut clean = n == rest.len();
-    client.write_all(head).await?;
-    client.write_all(&rest[..n]).await?;
+    // One write for the head and what of the body came with it (a small
+    // response is one segment, one syscall).
+    let mut first = Vec::with_capacity(head.len() + n);
+    first.extend_from_slice(head);
+    first.extend_from_slice(&rest[..n]);
+    client.write_all(&first).await?;
+    drop(first);
     let mut written = (head.len() + n) as u64;
     let mut buf = vec![0u8; 16 * 1024];
     while !done {
