@@ -18,6 +18,9 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The size of `/big`.
+const BIG: usize = 50_000_000;
+
 /// A keep-alive HTTP/1.1 backend scripted by path; it counts the
 /// connections it accepted and the requests it answered.
 ///
@@ -26,6 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 /// * `/chunked`: a chunked body with a trailer;
 /// * `/204`, `/304`: no body;
 /// * `/upgrade`: 101, then echoes raw bytes;
+/// * `/big`: 200 with a [`BIG`]-byte patterned body;
 /// * `/bye`: 200 with `Content-Length` (keep-alive), then the backend
 ///   closes the connection, as one does at its own idle timeout;
 /// * anything else: 200, `Content-Length`, body `NAME METHOD PATH HOST XFF`.
@@ -132,6 +136,13 @@ impl Scripted {
                         .to_string()
                 }
                 "/204" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+                "/big" => {
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
+                    if s.write_all(head.as_bytes()).await.is_err() || s.write_all(&pattern(7, BIG)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 "/bye" => {
                     let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye").await;
                     return;
@@ -524,4 +535,22 @@ async fn backend_connections_are_reused_and_a_closed_one_is_not_a_failure() {
     }
     assert_eq!(a.connections.load(Ordering::SeqCst), 3);
     assert_eq!(r.metric("upsplice_handshakes_total{listener=\"web\",status=\"200\",reason=\"\"}"), 12.0);
+}
+
+/// A 50 MB response on a kept connection: every byte, in order, framed by
+/// its length; the next request on the same connection is answered after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50_mb_download_then_the_next_request() {
+    let (r, a, _b) = setup("").await;
+    let mut s = TcpStream::connect(r.http).await.unwrap();
+    let mut left = Vec::new();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    let (head, body) = read_response(&mut s, &mut left, false).await;
+    assert!(head.starts_with("HTTP/1.1 200 ") && head.contains(&format!("Content-Length: {BIG}\r\n")), "{head}");
+    assert!(body == pattern(7, BIG), "the 50 MB body differs ({} bytes)", body.len());
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    let (_, body) = read_response(&mut s, &mut left, false).await;
+    assert_eq!(body, b"a GET /after a.test 127.0.0.1");
+    assert_eq!(accepted(&r), 1.0);
+    assert_eq!(a.connections.load(Ordering::SeqCst), 1, "the backend connection was kept after 50 MB");
 }

@@ -23,10 +23,13 @@ fn haproxy(mode: &str, upsplice: SocketAddr) -> (Peer, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let forwardfor = if mode == "http" { "option forwardfor" } else { "" };
+    // HAProxy's default (safe) gives each client's first request a
+    // connection of its own; always shares idle ones across clients.
+    let reuse = if mode == "http" { "http-reuse always" } else { "" };
     let cfg = format!(
         "global\n  maxconn 2000\ndefaults\n  mode {mode}\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  timeout tunnel 1h\n\
          frontend fe\n  bind 127.0.0.1:{port}\n  {forwardfor}\n  default_backend be\n\
-         backend be\n  server upsplice {upsplice} source 127.0.0.2\n"
+         backend be\n  {reuse}\n  server upsplice {upsplice} source 127.0.0.2\n"
     );
     let addr = ([127, 0, 0, 1], port).into();
     (Peer::haproxy(dir, &cfg, addr), addr)
@@ -106,4 +109,50 @@ async fn behind_nginx() {
     let (router, mut heads) = upsplice("splice").await;
     let (_lb, front) = nginx(router.http);
     assert_eq!(echo_through(front, &mut heads).await, "127.0.0.1, 127.0.0.2");
+}
+
+/// nginx with an upstream `keepalive` pool in front of upsplice: plain
+/// requests, connections to upsplice reused.
+fn nginx_pooling(upsplice: SocketAddr) -> (Peer, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = dir.path().display();
+    let cfg = format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/b;\n proxy_temp_path {d}/p;\n fastcgi_temp_path {d}/f;\n uwsgi_temp_path {d}/u;\n scgi_temp_path {d}/s;\n\
+          upstream up {{\n  server {upsplice};\n  keepalive 8;\n }}\n\
+          server {{\n  listen 127.0.0.1:{port};\n  location / {{\n   proxy_pass http://up;\n   proxy_bind 127.0.0.2;\n   proxy_http_version 1.1;\n\
+           proxy_set_header Connection \"\";\n   proxy_set_header Host $host;\n\
+           proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n  }}\n }}\n}}\n"
+    );
+    let addr = ([127, 0, 0, 1], port).into();
+    (Peer::nginx(dir, &cfg, addr), addr)
+}
+
+/// Load balancers pool their connections to the router (HAProxy's
+/// `http-reuse`, nginx's upstream `keepalive`): upsplice keeps them, and
+/// routes and rewrites every request that arrives on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancers_pool_plain_requests_to_upsplice() {
+    for lb in ["haproxy", "nginx"] {
+        if !have(lb) {
+            continue;
+        }
+        let app = common::recorder::Recorder::start("app").await;
+        let router =
+            Router::start(Setup { mode: "copy", limits: "", routing: main_pool(&[app.addr], "app.test"), extra: "" });
+        let (_lb, front) = if lb == "haproxy" { haproxy("http", router.http) } else { nginx_pooling(router.http) };
+        for i in 0..30 {
+            // A new client connection to the load balancer each time.
+            let request = format!("GET /n{i} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+            let answer = raw_exchange(front, request.as_bytes()).await;
+            assert!(answer.starts_with("HTTP/1.1 200 ") && answer.ends_with("app"), "{lb}: {answer}");
+        }
+        let accepted = router.metric("upsplice_connections_accepted_total{listener=\"web\"}");
+        assert!(accepted <= 4.0, "{lb}: 30 requests took {accepted} connections to upsplice");
+        let got = app.received();
+        assert_eq!(got.matches("GET /n").count(), 30, "{lb}: {got}");
+        // The LB (127.0.0.2, trusted) appended the client; upsplice appended the LB.
+        assert_eq!(got.matches("\r\nX-Forwarded-For: 127.0.0.1, 127.0.0.2\r\n").count(), 30, "{lb}: {got}");
+    }
 }
