@@ -32,20 +32,31 @@ async fn setup() -> (Router, Recorder, Recorder) {
         other.addr
     );
     let limits = "handshake_timeout = \"2s\"\nconnect_timeout = \"1s\"\nidle_timeout = \"5s\"";
-    let router = Router::start(Setup { mode: "copy", limits, routing, extra: "" });
+    // A backend connection per request, so that each recorded connection
+    // holds what one request brought (reuse: smuggling.rs, keepalive.rs).
+    let extra = "[backends]\nmax_idle_per_backend = 0\n";
+    let router = Router::start(Setup { mode: "copy", limits, routing, extra });
     (router, ka, other)
 }
 
-/// Sends `request` from `source` in one write and reads until the router
-/// closes, at most 4 s (a router that keeps the connection open does not
-/// hang the test; what came is returned).
+/// Sends `request` from `source` in one write and reads what comes back
+/// (see below for when it stops; what came is returned).
 async fn exchange_from(source: &str, router: SocketAddr, request: &[u8]) -> String {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
     let mut s = socket.connect(router).await.unwrap();
     s.write_all(request).await.unwrap();
+    // Until the router closes, or (a kept-alive connection) 500 ms pass
+    // without a byte once answers started; 4 s for the first byte.
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(4), s.read_to_end(&mut out)).await;
+    let mut chunk = [0u8; 8192];
+    loop {
+        let wait = if out.is_empty() { Duration::from_secs(4) } else { Duration::from_millis(500) };
+        match tokio::time::timeout(wait, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
     String::from_utf8_lossy(&out).into_owned()
 }
 
