@@ -295,10 +295,12 @@ impl Context<'_> {
             started,
         };
         // A request with no body that may be sent twice is retried when its
-        // backend gave no response: once on a new connection if a reused one
-        // turned out closed (the backend closed it while idle), and on the
-        // next backend if the backend failed — up to MAX_ATTEMPTS in all,
-        // never after response_timeout (the backend may be working on it).
+        // backend connection closed or reset before any response byte: a
+        // reused one that turned out closed (the backend closed it while
+        // idle) is not the backend's failure, a new one is (passive health;
+        // the next attempt goes to the next backend) — up to MAX_ATTEMPTS in
+        // all, never after response_timeout or a broken response (the
+        // backend may have acted on the request).
         let retryable = fwd.body == Body::None && is_idempotent(&request.method);
         let pool = &snap.pools[route.pool];
         let mut attempt = 0;
@@ -322,7 +324,7 @@ impl Context<'_> {
                     rec.forwarded = Some(rec.started.elapsed());
                     match exchange.run(client, &mut upstream.stream, &leftover, fwd.body, rec).await? {
                         Exchanged::NoResponse(e) => e,
-                        exchanged => break (upstream, exchanged),
+                        Exchanged::Final(last) => break (upstream, last),
                     }
                 }
             };
@@ -346,8 +348,8 @@ impl Context<'_> {
         };
         upstream.succeeded();
         let (response, rbuf, after) = match exchanged {
-            Exchanged::Switched { response, rbuf, after } => (response, rbuf, after),
-            Exchanged::Answered { keep_alive, after, reusable } => {
+            Final::Switched { response, rbuf, after } => (response, rbuf, after),
+            Final::Answered { keep_alive, after, reusable } => {
                 if reusable {
                     upstream.release();
                 }
@@ -355,7 +357,6 @@ impl Context<'_> {
                 *buf = BytesMut::from(&after[..]);
                 return Ok(Outcome::Answered { keep_alive });
             }
-            Exchanged::NoResponse(_) => unreachable!("handled in the loop"),
         };
         let (backend, guard) = upstream.into_tunnel();
         // 101: the head goes out now; what came after it on either side is
@@ -445,16 +446,22 @@ impl Stop {
 
 /// How an exchange with the backend ended, short of a [`Stop`].
 enum Exchanged {
+    /// The backend's last word on the request.
+    Final(Final),
+    /// No response head from the backend, and nothing of this request
+    /// reached the client but informational answers: the caller may retry
+    /// or answer.
+    NoResponse(ReadError),
+}
+
+/// A backend's final answer to a request.
+enum Final {
     /// A 101: its head (in `rbuf`) is still to be written.
     Switched { response: head::Response, rbuf: BytesMut, after: Bytes },
     /// A final response relayed whole; `keep_alive` when its head told the
     /// client the connection stays open; `reusable` when the backend
     /// connection may carry another request.
     Answered { keep_alive: bool, after: Bytes, reusable: bool },
-    /// No response head from the backend, and nothing of this request
-    /// reached the client but informational answers: the caller may retry
-    /// or answer.
-    NoResponse(ReadError),
 }
 
 /// One request's exchange with its backend, after its head was forwarded.
@@ -572,14 +579,18 @@ impl Exchange<'_> {
                 rec.to_backend += sent.as_ref().map_or(0, |s| s.bytes);
                 match respond {
                     Respond::Switching { response, rbuf } => match sent {
-                        Some(sent) => Ok(Exchanged::Switched { response, rbuf, after: sent.after }),
+                        Some(sent) => Ok(Exchanged::Final(Final::Switched { response, rbuf, after: sent.after })),
                         None => Err(Stop::Gone("backend_error")),
                     },
                     Respond::Relayed { keep_alive, reusable } => match sent {
-                        Some(sent) => Ok(Exchanged::Answered { keep_alive, after: sent.after, reusable }),
+                        Some(sent) => Ok(Exchanged::Final(Final::Answered { keep_alive, after: sent.after, reusable })),
                         // The response said close (the body was not read to its
                         // end); the backend may still be reading it.
-                        None => Ok(Exchanged::Answered { keep_alive: false, after: Bytes::new(), reusable: false }),
+                        None => Ok(Exchanged::Final(Final::Answered {
+                            keep_alive: false,
+                            after: Bytes::new(),
+                            reusable: false,
+                        })),
                     },
                     Respond::HeadFailed(e) => Ok(Exchanged::NoResponse(e)),
                     Respond::ClientFailed => Err(Stop::Gone("client_error")),
