@@ -278,3 +278,40 @@ async fn a_sighup_that_keeps_a_backend_keeps_its_state_and_one_that_drops_it_dro
     }
     assert_eq!(router.metric(&up_line(live.addr)), 1.0);
 }
+
+/// A backend that accepts and reads each request, then resets the
+/// connection: the request (an idempotent GET) goes to the next backend
+/// and the client never sees the failure; the resetting backend counts
+/// one failure and is skipped for its back-off; a POST is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_resets_requests_is_skipped_and_gets_are_retried() {
+    let resets = Arc::new(AtomicUsize::new(0));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bad = l.local_addr().unwrap();
+    let count = resets.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut chunk = [0u8; 1024];
+            let _ = s.read(&mut chunk).await;
+            count.fetch_add(1, Ordering::Relaxed);
+            // SO_LINGER 0: the close is a reset.
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        }
+    });
+    let live = HttpBackend::start().await;
+    let router = start(&[bad, live.addr], "", "[backends]\nbackoff = \"10s\"\nmax_backoff = \"10s\"\n");
+    for _ in 0..6 {
+        assert_eq!(get(&router).await, 200, "a GET saw the reset");
+    }
+    assert_eq!(resets.load(Ordering::Relaxed), 1, "reached again within its back-off");
+    assert_eq!(live.hits(), 6);
+    assert_eq!(router.metric(&failures_line(bad)), 1.0);
+    assert_eq!(router.metric(&up_line(bad)), 0.0);
+
+    // A POST that meets the reset is answered 502, not sent twice.
+    let bad_only = start(&[bad], "", "");
+    let post = b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi";
+    let answer = raw_exchange(bad_only.http, post).await;
+    assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+    assert_eq!(resets.load(Ordering::Relaxed), 2, "the POST was sent once");
+}
