@@ -770,11 +770,15 @@ impl Config {
         }
         let _ = writeln!(s, "listeners ({}):", self.listeners.len());
         for l in &self.listeners {
+            let proxy = match l.proxy_protocol {
+                ProxyProtocol::Off => String::new(),
+                p => format!(" proxy_protocol={} from {} cidrs", p.as_str(), l.proxy_trusted_cidrs.len()),
+            };
             match l.protocol {
                 Protocol::Http => {
                     let _ = writeln!(
                         s,
-                        "  {:<12} {:<22} http  proto={} trusted={}",
+                        "  {:<12} {:<22} http  proto={} trusted={}{proxy}",
                         l.name,
                         l.bind,
                         l.forwarded_proto(),
@@ -784,7 +788,7 @@ impl Config {
                 Protocol::Tcp => {
                     let _ = writeln!(
                         s,
-                        "  {:<12} {:<22} tcp   -> pool {}",
+                        "  {:<12} {:<22} tcp   -> pool {}{proxy}",
                         l.name,
                         l.bind,
                         l.pool.as_deref().unwrap_or("?")
@@ -795,7 +799,16 @@ impl Config {
         let _ = writeln!(s, "pools ({}):", self.pools.len());
         for p in &self.pools {
             let backends: Vec<String> = p.backends.iter().map(|b| b.to_string()).collect();
-            let _ = writeln!(s, "  {:<12} {} [{}]", p.name, p.balance, backends.join(", "));
+            let send_proxy = match p.send_proxy {
+                SendProxy::Off => "",
+                SendProxy::V1 => " send_proxy=v1",
+                SendProxy::V2 => " send_proxy=v2",
+            };
+            let check = p.check.as_ref().map_or(String::new(), |c| match c.kind {
+                CheckKind::Tcp => format!(" check=tcp every {:?}", c.interval),
+                CheckKind::Http => format!(" check=http GET {} every {:?}", c.path, c.interval),
+            });
+            let _ = writeln!(s, "  {:<12} {} [{}]{send_proxy}{check}", p.name, p.balance, backends.join(", "));
             for (name, addrs) in &p.backends.resolved {
                 let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
                 let _ = writeln!(s, "  {:<12} {name} resolved to {}", "", addrs.join(", "));
@@ -981,6 +994,7 @@ pool = "chat"
         assert_eq!((c.limits.max_request_body, c.backends.max_conns), (Some(10 << 20), 500));
         let check = c.pools[0].check.as_ref().unwrap();
         assert_eq!((check.kind, check.path.as_str(), check.rise, check.fall), (CheckKind::Http, "/health", 2, 3));
+        assert!(c.summary().contains("check=http GET /health every 5s"), "{}", c.summary());
         let cases = [
             ("[limits]\nmax_requests_per_connection = 0\n", "limits.max_requests_per_connection: must be at least 1"),
             ("[limits]\nresponse_timeout = \"0s\"\n", "limits.response_timeout: must be longer than 0"),
