@@ -219,8 +219,13 @@ where
     client.write_all(&first).await?;
     drop(first);
     let mut written = (head.len() + n) as u64;
-    let mut buf = vec![0u8; 16 * 1024];
+    // Only a response longer than what came with its head needs a buffer
+    // (most small responses do not: no 16 KiB allocated and zeroed for them).
+    let mut buf = Vec::new();
     while !done {
+        if buf.is_empty() {
+            buf = vec![0u8; 16 * 1024];
+        }
         let read = tokio::time::timeout(idle, backend.read(&mut buf))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "backend response stalled"))??;
