@@ -752,7 +752,11 @@ async fn fifty_saturated_echo_tunnels(mode: &str, extra: &str) -> (u64, String) 
                     let chunk = vec![7u8; 64 * 1024];
                     let deadline = Instant::now() + Duration::from_secs(3);
                     let mut sent = 0u64;
-                    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), cw.write(&chunk)).await {
+                    // Deadline checked before each write too (see `send_for`).
+                    while Instant::now() < deadline {
+                        let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), cw.write(&chunk)).await else {
+                            break;
+                        };
                         sent += n as u64;
                     }
                     let _ = cw.shutdown().await;
@@ -846,8 +850,12 @@ async fn send_for(
     let chunk = pattern(seed, 256 * 1024);
     let deadline = Instant::now() + for_;
     let (mut sent, mut at) = (0, 0);
-    // The stream is `chunk` repeated, whatever the write sizes.
-    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), s.write(&chunk[at..])).await {
+    // The stream is `chunk` repeated, whatever the write sizes. The
+    // deadline is checked before each write as well: `timeout_at` returns a
+    // write that is ready at once even past its deadline, so against a
+    // reader that keeps up the writer would never stop.
+    while Instant::now() < deadline {
+        let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), s.write(&chunk[at..])).await else { break };
         hash.update(&chunk[at..at + n]);
         sent += n;
         at = (at + n) % chunk.len();
