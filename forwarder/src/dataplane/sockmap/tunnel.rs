@@ -66,6 +66,11 @@
 //!    stream with a gap. The next plane gets what userspace still holds as
 //!    leftovers.
 //!
+//! While a direction waits for its redirected bytes to flush, userspace
+//! reads its source into a buffer (so that an echo which stops reading
+//! while its writes wait can go on), but only as far as kernel and buffer
+//! together stay within the direction's bound ([`Limits::tail_max`]).
+//!
 //! What one tunnel can add to the node's memory beyond its sockets' own
 //! TCP buffers: [`Limits::per_tunnel`], plus what arrives between the
 //! crossing and the watch's reaction (a notification and a wakeup: up to
@@ -107,20 +112,41 @@ pub struct Limits {
     pub high: u64,
     /// Check a direction's queues each time it moved this much.
     pub budget: u64,
-    /// Most bytes userspace holds for a direction while stepping aside.
-    pub tail: u64,
 }
 
 impl Limits {
     pub fn new(queue_limit: u64) -> Limits {
         let high = queue_limit.max(64 * 1024);
-        Limits { high, budget: (high / 4).max(16 * 1024), tail: high }
+        Limits { high, budget: (high / 4).max(16 * 1024) }
+    }
+
+    /// A direction holding more than this (bytes written to its destination
+    /// and not acknowledged) makes the tunnel step aside: `high`, or one
+    /// budget while the plane's node-wide bound is exceeded.
+    fn threshold(&self, node_over: bool) -> u64 {
+        if node_over {
+            self.budget
+        } else {
+            self.high
+        }
+    }
+
+    /// Most bytes userspace reads from a direction's source while the
+    /// tunnel steps aside, given what the direction holds in the kernel:
+    /// kernel and userspace together stay within one threshold and one
+    /// budget ([`Limits::per_tunnel`]). Reading into this tail is what lets
+    /// an echo that stops reading while its writes wait drain the other
+    /// way; reading without a bound let four stalled tunnels hold 12 MiB
+    /// each against a 16 MiB node-wide bound (the tail grew to `high`).
+    fn tail_max(&self, node_over: bool, in_kernel: u64) -> u64 {
+        (self.threshold(node_over) + self.budget).saturating_sub(in_kernel)
     }
 
     /// What one tunnel adds at most to the memory its sockets' own TCP
     /// buffers hold (which every plane has), both directions: bytes
     /// redirected and not yet acknowledged before it steps aside, plus one
-    /// notification budget of lag.
+    /// notification budget of lag; bytes userspace holds while stepping
+    /// aside count within it ([`Limits::tail_max`]).
     pub fn per_tunnel(&self) -> u64 {
         2 * (self.high + self.budget)
     }
@@ -865,7 +891,7 @@ impl Watch<'_> {
             // Check queues, FINs and progress.
             for (dir, direction) in [(&mut *up, Direction::ToBackend), (&mut *down, Direction::ToClient)] {
                 let leaving_dir = !dir.active;
-                match check(self.kernel, self.limits, dir, leaving_dir) {
+                match check(self.kernel, self.limits, self.node.over(), dir, leaving_dir) {
                     Ok(true) => tick = TICK_MIN,
                     Ok(false) => {}
                     Err(failed @ Failed::Broken) => {
@@ -918,8 +944,10 @@ impl Watch<'_> {
             // helps a direction whose next step waits on a socket (not on the
             // psock queue flushing, which the timer polls), and only if the
             // last readiness led to progress.
-            let tail_max = self.limits.tail;
-            let want = [interest(up, down, !copy_stalled, tail_max), interest(down, up, !copy_stalled, tail_max)];
+            let over = self.node.over();
+            let tail_max = |d: &Dir<'_>| self.limits.tail_max(over, d.in_kernel);
+            let want =
+                [interest(up, down, !copy_stalled, tail_max(up)), interest(down, up, !copy_stalled, tail_max(down))];
             for side in 0..2 {
                 if hung_up[side] || armed[side] == Some(want[side]) {
                     continue;
@@ -995,11 +1023,10 @@ impl Watch<'_> {
         down: &mut Dir<'a>,
         leaving: &mut Option<&'static str>,
     ) -> Result<Option<&'static str>, String> {
-        let (threshold, why) = if self.node.over() {
-            (self.limits.budget, "the plane's node-wide bound was reached")
-        } else {
-            (self.limits.high, "a direction reached sockmap_queue_limit")
-        };
+        let over = self.node.over();
+        let threshold = self.limits.threshold(over);
+        let why =
+            if over { "the plane's node-wide bound was reached" } else { "a direction reached sockmap_queue_limit" };
         let mut flushed = [false, false];
         for (i, d) in [&*up, &*down].into_iter().enumerate() {
             let entry = self.kernel.peer(d.src_cookie);
@@ -1079,7 +1106,7 @@ impl std::fmt::Display for Failed {
 
 /// Updates one direction: counters, userspace forwarding of passed bytes,
 /// FIN. Ok(true) when its state changed (check again soon).
-fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Result<bool, Failed> {
+fn check(kernel: &Kernel, limits: Limits, node_over: bool, d: &mut Dir<'_>, leaving: bool) -> Result<bool, Failed> {
     if d.done {
         d.in_kernel = 0;
         return Ok(false);
@@ -1103,7 +1130,8 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Res
     d.in_kernel = d.in_kernel(dst.bytes_acked);
 
     if d.copying() {
-        changed |= forward_passed(kernel, limits.tail, d, leaving)?;
+        let tail_max = limits.tail_max(node_over, d.in_kernel);
+        changed |= forward_passed(kernel, tail_max, d, leaving)?;
         tracing::trace!(
             redirected = d.redirected,
             passed = d.passed,
@@ -1190,8 +1218,11 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Res
 fn forward_passed(kernel: &Kernel, tail_max: u64, d: &mut Dir<'_>, leaving: bool) -> Result<bool, Failed> {
     let mut moved = false;
     let mut buf = Vec::new();
+    // Bytes written here are held in the kernel until acknowledged: they
+    // count against `tail_max` as the tail they left.
+    let mut written = 0u64;
     for _ in 0..FORWARD_STEPS {
-        let mut room = (tail_max as usize).saturating_sub(d.tail.len()).min(TAIL_BUFFER);
+        let mut room = (tail_max.saturating_sub(written) as usize).saturating_sub(d.tail.len()).min(TAIL_BUFFER);
         // Out of `ACTIVE`: first the bytes the verdict passed (`recvmsg`
         // serves them before the receive queue, and reads stop at their
         // count), then the receive queue, which the verdict never saw.
@@ -1249,6 +1280,7 @@ fn forward_passed(kernel: &Kernel, tail_max: u64, d: &mut Dir<'_>, leaving: bool
                     Ok(n) => {
                         d.tail.advance(n);
                         d.copied += n as u64;
+                        written += n as u64;
                         d.user_total.fetch_add(n as u64, Ordering::Relaxed);
                         kernel
                             .control(d.src_cookie, d.control())
