@@ -825,10 +825,18 @@ async fn leave<'a>(
         let consumed = sys::consumed(d.src).map_err(|e| format!("TCP counters: {e}"))?;
         let accounted = d.consumed_base + d.redirected + d.passed + d.drained;
         if consumed != accounted {
+            let state = sys::tcp_counters(d.src).map(|c| sys::tcp_state_name(c.state));
             return Err(format!(
                 "the kernel consumed {consumed} bytes of a source, this tunnel accounted for {accounted} \
-                 (before the handoff {}, redirected {}, passed {}, read after leaving ACTIVE {}, trimmed {trimmed})",
-                d.consumed_base, d.redirected, d.passed, d.drained
+                 (before the handoff {}, redirected {}, passed {}, read after leaving ACTIVE {}, trimmed {trimmed}; \
+                 source {}, FIN seen {}, destination's FIN sent {})",
+                d.consumed_base,
+                d.redirected,
+                d.passed,
+                d.drained,
+                state.unwrap_or_else(|e| e.to_string()),
+                d.eof,
+                [&*up, &*down].iter().any(|o| o.dst == d.src && o.done),
             ));
         }
     }
