@@ -147,11 +147,12 @@ fn starts_and_self_tests() {
 /// into the last queued one, so the verdict sent its first part again;
 /// (2) a read returned 0 at FIN while passed bytes still waited in the
 /// psock backlog behind the other direction's bytes, and the tunnel passed
-/// FIN on without them (the stream cut off 1–3 MB early).
+/// FIN on without them (the stream cut off 1–3 MB early); (3) a source
+/// that got FIN after the plane had passed FIN the other way is in
+/// TCP_CLOSE, not TIME_WAIT, and its FIN was not counted: the exactness
+/// check at the step-aside found one byte too many and reset the tunnel
+/// (about one run in ten beside the conformance suite).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky since the step-aside, open in issue 11: under the CI command's parallel load one run \
-            reset the tunnel (the plane's protective reset, never a gap) instead of completing; it passed \
-            alone and in the first full CI run; run with --ignored"]
 async fn leftovers_first_then_everything_in_order_at_full_speed() {
     let Some(plane) = plane() else { return };
     for round in 0..3u64 {
