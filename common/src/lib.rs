@@ -48,8 +48,6 @@ pub struct PeerEntry {
     pub bytes: u64,
     /// Segments redirected from this socket so far.
     pub segments: u64,
-    /// Bytes passed to this socket's own queue (for userspace) so far.
-    pub passed: u64,
     /// Bytes cut off the head of segments that repeated bytes the program
     /// had already handled (`trim_repeat` in `ebpf/src/main.rs`).
     pub trimmed: u64,
@@ -64,8 +62,8 @@ pub struct PeerEntry {
     pub _pad: u32,
 }
 
-// 5 × u64 + 4 × u32, 8-aligned: no padding bytes.
-const _: () = assert!(core::mem::size_of::<PeerEntry>() == 56);
+// 4 × u64 + 4 × u32, 8-aligned: no padding bytes.
+const _: () = assert!(core::mem::size_of::<PeerEntry>() == 48);
 
 // SAFETY: `repr(C)`, integers only, no padding bytes (size asserted above):
 // every bit pattern is a valid value.
@@ -85,17 +83,14 @@ pub const PEER_BROKEN: u32 = 2;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Control {
-    /// Of the bytes passed to userspace, how many it forwarded so far: the
-    /// program redirects again only once this equals [`PeerEntry::passed`].
-    pub copied: u64,
     /// Report the socket in `EVENTS` when its redirected bytes cross this.
     pub notify_at: u64,
 }
 
-// 2 × u64: no padding bytes.
-const _: () = assert!(core::mem::size_of::<Control>() == 16);
+// One u64: no padding bytes.
+const _: () = assert!(core::mem::size_of::<Control>() == 8);
 
-// SAFETY: `repr(C)`, two u64, no padding bytes (size asserted above).
+// SAFETY: `repr(C)`, one u64, no padding bytes (size asserted above).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Control {}
 

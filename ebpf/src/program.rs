@@ -10,22 +10,18 @@
 //!   program, so a socket in it alone is not diverted; a socket is put here
 //!   before any socket can be redirected to it.
 //! * [`PEERS`]: socket cookie → [`PeerEntry`] (peer cookie, direction, bytes
-//!   redirected, bytes passed to userspace); written by userspace once, then
-//!   only by this program.
+//!   redirected); written by userspace once, then only by this program.
 //! * [`CONTROL`]: socket cookie → [`Control`], written only by userspace:
-//!   how many passed bytes userspace has copied to the peer so far, and
 //!   when to notify it (below).
 //! * [`STATS`]: per-CPU [`Stats`] per direction, plus failed redirects.
 //! * [`EVENTS`]: when a socket's redirected bytes cross its
 //!   [`Control::notify_at`], the program puts the cookie here so that
 //!   userspace checks that tunnel's queues (backpressure) without polling.
 //!
-//! Passed bytes: while userspace has not yet copied every byte passed to
-//! it, a socket's bytes get `SK_PASS`: they queue on the socket itself, and
-//! userspace reads and forwards them. Only when `passed == copied` (as
-//! userspace reports after writing) does the program redirect again — so a
-//! redirected byte can never overtake a passed one. (Backpressure is
-//! userspace's: a tunnel whose queues grow leaves the maps.)
+//! Every byte of a paired socket is redirected: the program never passes
+//! bytes to userspace. Backpressure is userspace's: a tunnel whose queues
+//! grow leaves `ACTIVE` for good (the program no longer runs for it) and
+//! goes on through another plane.
 //!
 //! Repeated heads: TCP may queue a segment whose head it already received
 //! (a retransmission merged with new bytes); the kernel hands the verdict
@@ -97,7 +93,7 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: `entry` points into a PEERS value; only this program writes
     // it, for one socket at a time (the kernel serialises the verdict per
     // socket under the socket lock); userspace only reads it.
-    let (mut peer, dir, passed, flags) = unsafe { ((*entry).peer, (*entry).dir, (*entry).passed, (*entry).flags) };
+    let (mut peer, dir, flags) = unsafe { ((*entry).peer, (*entry).dir, (*entry).flags) };
     if flags & PEER_BROKEN != 0 {
         // Tell userspace again (the first event may have found the ring
         // full): it resets the tunnel.
@@ -120,15 +116,10 @@ pub fn upsplice_verdict(ctx: SkBuffContext) -> u32 {
     }
     // SAFETY: a value of a non-preallocated map: userspace replaces it
     // whole, the old one stays valid (RCU) while this program reads it.
-    let (copied, notify_at) = match unsafe { CONTROL.get(cookie) } {
-        Some(c) => (c.copied, c.notify_at),
-        None => (0, 0),
+    let notify_at = match unsafe { CONTROL.get(cookie) } {
+        Some(c) => c.notify_at,
+        None => 0,
     };
-    if passed != copied {
-        // SAFETY: as for `entry` above.
-        unsafe { (*entry).passed = passed + len };
-        return sk_action::SK_PASS;
-    }
     let verdict = TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
     if verdict == sk_action::SK_PASS {
         // SAFETY: as above.

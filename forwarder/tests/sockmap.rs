@@ -147,11 +147,12 @@ fn starts_and_self_tests() {
 /// into the last queued one, so the verdict sent its first part again;
 /// (2) a read returned 0 at FIN while passed bytes still waited in the
 /// psock backlog behind the other direction's bytes, and the tunnel passed
-/// FIN on without them (the stream cut off 1–3 MB early).
+/// FIN on without them (the stream cut off 1–3 MB early); (3) a source
+/// that got FIN after the plane had passed FIN the other way is in
+/// TCP_CLOSE, not TIME_WAIT, and its FIN was not counted: the exactness
+/// check at the step-aside found one byte too many and reset the tunnel
+/// (about one run in ten beside the conformance suite).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky since the step-aside, open in issue 11: under the CI command's parallel load one run \
-            reset the tunnel (the plane's protective reset, never a gap) instead of completing; it passed \
-            alone and in the first full CI run; run with --ignored"]
 async fn leftovers_first_then_everything_in_order_at_full_speed() {
     let Some(plane) = plane() else { return };
     for round in 0..3u64 {
@@ -752,7 +753,11 @@ async fn fifty_saturated_echo_tunnels(mode: &str, extra: &str) -> (u64, String) 
                     let chunk = vec![7u8; 64 * 1024];
                     let deadline = Instant::now() + Duration::from_secs(3);
                     let mut sent = 0u64;
-                    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), cw.write(&chunk)).await {
+                    // Deadline checked before each write too (see `send_for`).
+                    while Instant::now() < deadline {
+                        let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), cw.write(&chunk)).await else {
+                            break;
+                        };
                         sent += n as u64;
                     }
                     let _ = cw.shutdown().await;
@@ -846,8 +851,12 @@ async fn send_for(
     let chunk = pattern(seed, 256 * 1024);
     let deadline = Instant::now() + for_;
     let (mut sent, mut at) = (0, 0);
-    // The stream is `chunk` repeated, whatever the write sizes.
-    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), s.write(&chunk[at..])).await {
+    // The stream is `chunk` repeated, whatever the write sizes. The
+    // deadline is checked before each write as well: `timeout_at` returns a
+    // write that is ready at once even past its deadline, so against a
+    // reader that keeps up the writer would never stop.
+    while Instant::now() < deadline {
+        let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), s.write(&chunk[at..])).await else { break };
         hash.update(&chunk[at..at + n]);
         sent += n;
         at = (at + n) % chunk.len();
@@ -904,9 +913,6 @@ async fn stepping_aside_with_the_fin_queued_loses_nothing() {
 /// either way, and no tunnel is reset. (Against full-speed writers the
 /// plane's reaction time adds tens of MB per tunnel: README.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect, open in issue 11: with four paced tunnels whose readers stall, three start to \
-            step aside at 16 MiB and none completes once its reader reads (the follower direction never \
-            leaves ACTIVE); run with --ignored to reproduce"]
 async fn the_node_wide_bound_caps_what_tunnels_hold() {
     let mut held_at = Vec::new();
     for node_limit in [1u64 << 30, 16 * MIB as u64] {
@@ -926,16 +932,28 @@ async fn the_node_wide_bound_caps_what_tunnels_hold() {
             let pace = Some(Duration::from_millis(12));
             ends.push((tokio::spawn(send_for(c_wr, 300 + i, Duration::from_millis(1500), pace)), backend_peer, c_rd));
         }
-        tokio::time::sleep(Duration::from_millis(1400)).await;
-        let (held, limit) = plane.held();
+        // The most the plane held, sampled until the writers stopped and the
+        // plane had time to react to their last bytes (a fixed moment
+        // instead saw less offered than the bounds under a loaded machine).
+        let (mut held, mut limit) = (0, 0);
+        let mut settled_at = None;
+        while settled_at.is_none_or(|at| Instant::now() < at) {
+            let (now, l) = plane.held();
+            (held, limit) = (held.max(now), l);
+            if settled_at.is_none() && ends.iter().all(|(writer, _, _)| writer.is_finished()) {
+                settled_at = Some(Instant::now() + Duration::from_millis(300));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let (_, reset) = plane.step_asides();
-        eprintln!("node limit {} MiB: {} MiB held with every reader stalled", limit >> 20, held >> 20);
+        eprintln!("node limit {} MiB: at most {} MiB held with every reader stalled", limit >> 20, held >> 20);
         held_at.push(held);
         assert_eq!(reset, 0);
         for (writer, backend_peer, c_rd) in ends {
+            let sent = writer.await.unwrap();
             let (len, hash) =
                 timeout(Duration::from_secs(60), recv_stream(backend_peer)).await.expect("all bytes arrive");
-            assert_eq!((len, hash), writer.await.unwrap());
+            assert_eq!((len, hash), sent);
             drop(c_rd);
         }
         for r in relays {

@@ -202,9 +202,8 @@ impl Kernel {
         lock(&self.peers).get(&cookie, 0).unwrap_or_default()
     }
 
-    /// Tells the program how many of the socket `cookie`'s passed bytes
-    /// userspace has forwarded, and after how many redirected bytes to
-    /// report it in `EVENTS`.
+    /// Tells the program after how many redirected bytes to report the
+    /// socket `cookie` in `EVENTS`.
     pub fn control(&self, cookie: u64, control: Control) -> Result<(), MapError> {
         lock(&self.control).insert(cookie, control, 0)
     }

@@ -125,9 +125,15 @@ pub fn set_rcvlowat(fd: RawFd, bytes: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// TCP states in which the peer's FIN has been received.
-const FIN_RECEIVED: [u8; 4] =
-    [6 /* TIME_WAIT */, 8 /* CLOSE_WAIT */, 9 /* LAST_ACK */, 11 /* CLOSING */];
+/// TCP states of a socket (not yet closed by its owner) in which the
+/// peer's FIN has been received. `TCP_CLOSE` is one: a socket that sent
+/// FIN first and then receives one does not show `TIME_WAIT` (that is a
+/// separate timewait socket); `tcp_time_wait` closes the full socket at
+/// once, with its unread bytes still queued. A reset also ends in
+/// `TCP_CLOSE`, without a FIN: counted as one, it makes the consumed
+/// count one short, and a check against it fails — as a reset tunnel
+/// should.
+const FIN_RECEIVED: [u8; 4] = [TCP_CLOSE, 8 /* CLOSE_WAIT */, 9 /* LAST_ACK */, 11 /* CLOSING */];
 
 /// Bytes of the stream `fd` received that its owner consumed so far (read,
 /// or taken by a verdict program): received minus still queued, FIN not

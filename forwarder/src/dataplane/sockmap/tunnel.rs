@@ -66,6 +66,11 @@
 //!    stream with a gap. The next plane gets what userspace still holds as
 //!    leftovers.
 //!
+//! While a direction waits for its redirected bytes to flush, userspace
+//! reads its source into a buffer (so that an echo which stops reading
+//! while its writes wait can go on), but only as far as kernel and buffer
+//! together stay within the direction's bound ([`Limits::tail_max`]).
+//!
 //! What one tunnel can add to the node's memory beyond its sockets' own
 //! TCP buffers: [`Limits::per_tunnel`], plus what arrives between the
 //! crossing and the watch's reaction (a notification and a wakeup: up to
@@ -107,20 +112,41 @@ pub struct Limits {
     pub high: u64,
     /// Check a direction's queues each time it moved this much.
     pub budget: u64,
-    /// Most bytes userspace holds for a direction while stepping aside.
-    pub tail: u64,
 }
 
 impl Limits {
     pub fn new(queue_limit: u64) -> Limits {
         let high = queue_limit.max(64 * 1024);
-        Limits { high, budget: (high / 4).max(16 * 1024), tail: high }
+        Limits { high, budget: (high / 4).max(16 * 1024) }
+    }
+
+    /// A direction holding more than this (bytes written to its destination
+    /// and not acknowledged) makes the tunnel step aside: `high`, or one
+    /// budget while the plane's node-wide bound is exceeded.
+    fn threshold(&self, node_over: bool) -> u64 {
+        if node_over {
+            self.budget
+        } else {
+            self.high
+        }
+    }
+
+    /// Most bytes userspace reads from a direction's source while the
+    /// tunnel steps aside, given what the direction holds in the kernel:
+    /// kernel and userspace together stay within one threshold and one
+    /// budget ([`Limits::per_tunnel`]). Reading into this tail is what lets
+    /// an echo that stops reading while its writes wait drain the other
+    /// way; reading without a bound let four stalled tunnels hold 12 MiB
+    /// each against a 16 MiB node-wide bound (the tail grew to `high`).
+    fn tail_max(&self, node_over: bool, in_kernel: u64) -> u64 {
+        (self.threshold(node_over) + self.budget).saturating_sub(in_kernel)
     }
 
     /// What one tunnel adds at most to the memory its sockets' own TCP
     /// buffers hold (which every plane has), both directions: bytes
     /// redirected and not yet acknowledged before it steps aside, plus one
-    /// notification budget of lag.
+    /// notification budget of lag; bytes userspace holds while stepping
+    /// aside count within it ([`Limits::tail_max`]).
     pub fn per_tunnel(&self) -> u64 {
         2 * (self.high + self.budget)
     }
@@ -191,7 +217,7 @@ pub struct StepAsides {
 /// (a tunnel stepping aside, a FIN waiting for its bytes to drain).
 const TICK_MIN: Duration = Duration::from_millis(1);
 const TICK_BUSY_MAX: Duration = Duration::from_millis(20);
-/// How long leaving the maps may wait for the last passed bytes.
+/// How long leaving the maps may wait for the last redirected bytes.
 const LEAVE_MAX: Duration = Duration::from_secs(2);
 /// One read or write of bytes userspace forwards.
 const TAIL_BUFFER: usize = 64 * 1024;
@@ -213,17 +239,13 @@ struct Dir<'a> {
     leftover: u64,
     /// Bytes the verdict redirected from `src`, as last read.
     redirected: u64,
-    /// Bytes the verdict passed to userspace, as last read.
-    passed: u64,
-    /// Of those, bytes userspace read from `src`.
-    read: u64,
     /// Bytes userspace read from `src`'s receive queue after it left
     /// `ACTIVE` (the verdict never saw them).
     drained: u64,
     /// A read from `src`, out of `ACTIVE`, returned 0: every byte before its
     /// FIN was read.
     drained_eof: bool,
-    /// Of those, bytes userspace wrote to `dst`.
+    /// Of `drained`, bytes userspace wrote to `dst`.
     copied: u64,
     /// Bytes of `src` consumed (read or verdicted) when the handoff began:
     /// leaving the maps checks that the kernel consumed nothing since that
@@ -260,8 +282,6 @@ impl<'a> Dir<'a> {
             base: 0,
             leftover: 0,
             redirected: 0,
-            passed: 0,
-            read: 0,
             drained: 0,
             drained_eof: false,
             copied: 0,
@@ -301,9 +321,9 @@ impl<'a> Dir<'a> {
         Ok(sys::written_at_least(self.dst_fd())? >= self.base + self.redirected + self.copied)
     }
 
-    /// Userspace has bytes of this direction to forward (or may get some).
+    /// Userspace carries this direction: its source left `ACTIVE`.
     fn copying(&self) -> bool {
-        !self.done && (!self.active || self.passed > self.copied || !self.tail.is_empty())
+        !self.done && !self.active
     }
 
     /// Copying in userspace and waiting for its source to have bytes.
@@ -312,9 +332,9 @@ impl<'a> Dir<'a> {
     }
 
     /// Bytes this direction holds: in the kernel (redirected or written and
-    /// not acknowledged, passed and not read) and in userspace.
+    /// not acknowledged) and in userspace.
     fn held(&self) -> u64 {
-        self.in_kernel + self.passed.saturating_sub(self.read) + self.tail.len() as u64
+        self.in_kernel + self.tail.len() as u64
     }
 
     /// Copying in userspace and waiting for room in its destination.
@@ -323,7 +343,7 @@ impl<'a> Dir<'a> {
     }
 
     fn control(&self) -> Control {
-        Control { copied: self.copied, notify_at: self.notify_at }
+        Control { notify_at: self.notify_at }
     }
 }
 
@@ -515,7 +535,7 @@ async fn handoff<'k>(
     down.consumed_base = consumed[1];
 
     // 2. Pair: the verdict will redirect every byte it sees.
-    let control = Control { notify_at: limits.budget, ..Control::default() };
+    let control = Control { notify_at: limits.budget };
     let paired = kernel
         .pair(c_ck, PeerEntry { peer: b_ck, dir: DIR_TO_BACKEND, ..PeerEntry::default() })
         .and_then(|()| kernel.pair(b_ck, PeerEntry { peer: c_ck, dir: DIR_TO_CLIENT, ..PeerEntry::default() }))
@@ -746,14 +766,12 @@ pub async fn relay(kernel: &Kernel, shared: &Shared, t: Tunnel) -> Result<Outcom
 /// the kernel consumed no byte this tunnel did not account for.
 ///
 /// 1. Every byte the verdict redirected before it stopped reaches its
-///    destination's send queue, and every byte it passed is read: `recvmsg`
-///    serves the psock's queue before the receive queue, and reads stop at
-///    the passed count.
+///    destination's send queue.
 /// 2. Out of `TARGETS` and `PEERS`, off the events thread: the psock goes,
 ///    with nothing in its queues.
 /// 3. Each source's consumed count (TCP: received − queued) equals what
 ///    the tunnel accounted for: consumed before the handoff + redirected +
-///    passed. A segment the kernel verdicted just as the program was
+///    read by userspace since. A segment the kernel verdicted just as the program was
 ///    detached finds no program and is dropped; then the caller resets
 ///    both sides instead of handing on a stream with a gap.
 async fn leave<'a>(
@@ -763,31 +781,16 @@ async fn leave<'a>(
     down: &mut Dir<'a>,
 ) -> Result<(), String> {
     let deadline = Instant::now() + LEAVE_MAX;
-    let mut buf = vec![0u8; TAIL_BUFFER];
     for d in [&mut *up, &mut *down] {
         loop {
-            let entry = kernel.peer(d.src_cookie);
-            d.redirected = entry.bytes;
-            d.passed = entry.passed;
-            if d.read < d.passed {
-                let want = ((d.passed - d.read) as usize).min(buf.len());
-                match sys::recv_now(d.src, &mut buf[..want]) {
-                    Ok(0) => return Err(format!("EOF with {} passed bytes unread", d.passed - d.read)),
-                    Ok(n) => {
-                        d.tail.extend_from_slice(&buf[..n]);
-                        d.read += n as u64;
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(format!("reading passed bytes: {e}")),
-                }
-            } else if d.done || d.flushed().map_err(|e| format!("TCP counters: {e}"))? {
+            d.redirected = kernel.peer(d.src_cookie).bytes;
+            if d.done || d.flushed().map_err(|e| format!("TCP counters: {e}"))? {
                 break;
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "bytes still in the kernel after {LEAVE_MAX:?} (redirected {}, passed {}, read {})",
-                    d.redirected, d.passed, d.read
+                    "redirected bytes still in the kernel after {LEAVE_MAX:?} (redirected {}, copied {})",
+                    d.redirected, d.copied
                 ));
             }
             tokio::time::sleep(TICK_MIN).await;
@@ -797,12 +800,19 @@ async fn leave<'a>(
     members.leave();
     for (d, trimmed) in [&*up, &*down].into_iter().zip(trimmed) {
         let consumed = sys::consumed(d.src).map_err(|e| format!("TCP counters: {e}"))?;
-        let accounted = d.consumed_base + d.redirected + d.passed + d.drained;
+        let accounted = d.consumed_base + d.redirected + d.drained;
         if consumed != accounted {
+            let state = sys::tcp_counters(d.src).map(|c| sys::tcp_state_name(c.state));
             return Err(format!(
                 "the kernel consumed {consumed} bytes of a source, this tunnel accounted for {accounted} \
-                 (before the handoff {}, redirected {}, passed {}, read after leaving ACTIVE {}, trimmed {trimmed})",
-                d.consumed_base, d.redirected, d.passed, d.drained
+                 (before the handoff {}, redirected {}, read after leaving ACTIVE {}, trimmed {trimmed}; \
+                 source {}, FIN seen {}, destination's FIN sent {})",
+                d.consumed_base,
+                d.redirected,
+                d.drained,
+                state.unwrap_or_else(|e| e.to_string()),
+                d.eof,
+                [&*up, &*down].iter().any(|o| o.dst == d.src && o.done),
             ));
         }
     }
@@ -864,8 +874,7 @@ impl Watch<'_> {
         loop {
             // Check queues, FINs and progress.
             for (dir, direction) in [(&mut *up, Direction::ToBackend), (&mut *down, Direction::ToClient)] {
-                let leaving_dir = !dir.active;
-                match check(self.kernel, self.limits, dir, leaving_dir) {
+                match check(self.kernel, self.limits, self.node.over(), dir) {
                     Ok(true) => tick = TICK_MIN,
                     Ok(false) => {}
                     Err(failed @ Failed::Broken) => {
@@ -911,15 +920,17 @@ impl Watch<'_> {
             if now >= idle_deadline {
                 return Ended::Closed(CloseReason::Idle);
             }
-            let busy = leaving.is_some() || [&*up, &*down].iter().any(|d| !d.done && (d.eof || d.passed > d.copied));
+            let busy = leaving.is_some() || [&*up, &*down].iter().any(|d| !d.done && d.eof);
             let wait = if busy { tick.min(TICK_BUSY_MAX) } else { tick.min(idle_deadline - now) };
 
             // Arm each socket for what it should report next. Readiness only
             // helps a direction whose next step waits on a socket (not on the
             // psock queue flushing, which the timer polls), and only if the
             // last readiness led to progress.
-            let tail_max = self.limits.tail;
-            let want = [interest(up, down, !copy_stalled, tail_max), interest(down, up, !copy_stalled, tail_max)];
+            let over = self.node.over();
+            let tail_max = |d: &Dir<'_>| self.limits.tail_max(over, d.in_kernel);
+            let want =
+                [interest(up, down, !copy_stalled, tail_max(up)), interest(down, up, !copy_stalled, tail_max(down))];
             for side in 0..2 {
                 if hung_up[side] || armed[side] == Some(want[side]) {
                     continue;
@@ -995,19 +1006,17 @@ impl Watch<'_> {
         down: &mut Dir<'a>,
         leaving: &mut Option<&'static str>,
     ) -> Result<Option<&'static str>, String> {
-        let (threshold, why) = if self.node.over() {
-            (self.limits.budget, "the plane's node-wide bound was reached")
-        } else {
-            (self.limits.high, "a direction reached sockmap_queue_limit")
-        };
+        let over = self.node.over();
+        let threshold = self.limits.threshold(over);
+        let why =
+            if over { "the plane's node-wide bound was reached" } else { "a direction reached sockmap_queue_limit" };
         let mut flushed = [false, false];
         for (i, d) in [&*up, &*down].into_iter().enumerate() {
-            let entry = self.kernel.peer(d.src_cookie);
+            let redirected = self.kernel.peer(d.src_cookie).bytes;
             flushed[i] = d.done
                 || (!d.active
-                    && entry.passed == d.read
                     && sys::written_at_least(d.dst_fd()).map_err(|e| format!("TCP counters: {e}"))?
-                        >= d.base + entry.bytes + d.copied);
+                        >= d.base + redirected + d.copied);
         }
         for (i, d) in [&mut *up, &mut *down].into_iter().enumerate() {
             if !d.active || d.done {
@@ -1015,27 +1024,22 @@ impl Watch<'_> {
             }
             let pressed = d.in_kernel > threshold;
             let follows = leaving.is_some() && flushed[1 - i];
-            // Only at a moment when userspace has read every byte the
-            // verdict passed: left behind in the psock's backlog (which
-            // moves them to the socket's own queue only while its receive
-            // buffer has room), they would wait behind the bytes TCP queues
-            // once the verdict stops, and a read would return those first
-            // (the count check in `leave` would reset the tunnel).
-            //
             // Leaving `ACTIVE` detaches the program, and a segment the kernel
             // verdicts at that very moment finds none and is dropped (seen:
             // one 65,483-byte segment in about one of 15 step-asides under
             // two-way bulk; `leave` detects it and resets). So first the
             // source's low-water mark goes up: TCP then stops running the
             // verdict (data-ready) for it and lets bytes wait in the receive
-            // queue; the socket leaves `ACTIVE` on the next tick, when no
-            // verdict can still be running, and the mark comes back down.
+            // queue; the socket leaves `ACTIVE` on the next tick, and the
+            // mark comes back down. (The kernel caps the mark at half the
+            // largest receive buffer, so a verdict then is rare, not
+            // impossible: `leave` checks.)
             if d.quiescing {
                 self.kernel.deactivate(d.src_cookie);
                 let _ = sys::set_rcvlowat(d.src, 1);
                 d.quiescing = false;
                 d.active = false;
-            } else if (pressed || follows) && self.kernel.peer(d.src_cookie).passed == d.read {
+            } else if pressed || follows {
                 tracing::debug!(in_kernel = d.in_kernel, threshold, pressed, "sockmap: stepping aside: {why}");
                 sys::set_rcvlowat(d.src, i32::MAX).map_err(|e| format!("SO_RCVLOWAT: {e}"))?;
                 d.quiescing = true;
@@ -1049,7 +1053,7 @@ impl Watch<'_> {
 
 /// Bytes userspace moved or holds, both ways: did a readiness report help?
 fn progress(up: &Dir<'_>, down: &Dir<'_>) -> u64 {
-    up.copied + down.copied + up.read + down.read
+    up.copied + down.copied + up.drained + down.drained
 }
 
 /// What idleness is measured on: bytes moved and acknowledged either way.
@@ -1077,9 +1081,9 @@ impl std::fmt::Display for Failed {
     }
 }
 
-/// Updates one direction: counters, userspace forwarding of passed bytes,
-/// FIN. Ok(true) when its state changed (check again soon).
-fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Result<bool, Failed> {
+/// Updates one direction: counters, userspace forwarding once its source
+/// left `ACTIVE`, FIN. Ok(true) when its state changed (check again soon).
+fn check(kernel: &Kernel, limits: Limits, node_over: bool, d: &mut Dir<'_>) -> Result<bool, Failed> {
     if d.done {
         d.in_kernel = 0;
         return Ok(false);
@@ -1088,14 +1092,13 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Res
     if entry.flags & PEER_BROKEN != 0 {
         return Err(Failed::Broken);
     }
-    // Bytes the kernel redirected are no work for userspace: only bytes
-    // passed to it are. (Counting redirects as a change woke every tunnel
-    // a handful of times per message: 1.3x HAProxy's router CPU at 20,000
-    // messages/s.) Pressure is checked when the ring buffer says a
-    // direction moved another budget of bytes.
-    let mut changed = entry.passed != d.passed;
+    // Bytes the kernel redirected are no work for userspace. (Counting
+    // redirects as a change woke every tunnel a handful of times per
+    // message: 1.3x HAProxy's router CPU at 20,000 messages/s.) Pressure is
+    // checked when the ring buffer says a direction moved another budget
+    // of bytes.
+    let mut changed = false;
     d.redirected = entry.bytes;
-    d.passed = entry.passed;
     let dst = sys::tcp_counters(d.dst_fd()).map_err(Failed::Dst)?;
     if dst.state == sys::TCP_CLOSE {
         return Err(Failed::Dst(io::Error::other("destination closed while bytes were owed")));
@@ -1103,26 +1106,21 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Res
     d.in_kernel = d.in_kernel(dst.bytes_acked);
 
     if d.copying() {
-        changed |= forward_passed(kernel, limits.tail, d, leaving)?;
+        // Out of `ACTIVE`: userspace carries the bytes after the last
+        // verdicted one until the tunnel hands over — a peer that stops
+        // reading while its own writes wait (an echo) would otherwise keep
+        // the other direction from ever draining. FIN follows once a read
+        // returned it and everything before it is out.
+        let tail_max = limits.tail_max(node_over, d.in_kernel);
+        changed |= forward_tail(kernel, tail_max, d)?;
         tracing::trace!(
             redirected = d.redirected,
-            passed = d.passed,
-            read = d.read,
+            drained = d.drained,
             copied = d.copied,
             tail = d.tail.len(),
             in_kernel = d.in_kernel,
             "sockmap: forwarding"
         );
-    }
-    if d.done {
-        return Ok(true);
-    }
-    if leaving {
-        // Out of `ACTIVE`: userspace carries the bytes after the last
-        // verdicted one (`forward_passed`) until the tunnel hands over — a
-        // peer that stops reading while its own writes wait (an echo)
-        // would otherwise keep the other direction from ever draining. FIN
-        // follows once a read returned it and everything before it is out.
         if d.drained_eof && d.tail.is_empty() && d.flushed().map_err(Failed::Dst)? {
             tracing::debug!(src = d.src_fd(), drained = d.drained, "sockmap: FIN passed on (out of ACTIVE)");
             sys::shutdown_write(d.dst).map_err(Failed::Dst)?;
@@ -1143,25 +1141,17 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Res
         sys::kick(d.src_fd()).map_err(Failed::Src)?;
         return Ok(true);
     }
-    if d.eof && d.tail.is_empty() {
+    if d.eof {
         // Every byte before FIN was verdicted by now (the verdict runs as
-        // segments arrive, FIN after them). But a read returns 0 at FIN
-        // while passed bytes still wait in the psock's backlog — behind
-        // bytes redirected the other way, which wait for their reader —
-        // so only fresh counts tell whether every passed byte was
-        // forwarded (reproduced: 1.5 MB cut off at full speed both ways).
-        // Then, once everything reached the send queue, FIN can follow.
-        let entry = kernel.peer(d.src_cookie);
-        d.redirected = entry.bytes;
-        d.passed = entry.passed;
-        if d.passed == d.copied && d.flushed().map_err(Failed::Dst)? {
+        // segments arrive, FIN after them); once everything redirected
+        // reached the send queue, FIN can follow.
+        d.redirected = kernel.peer(d.src_cookie).bytes;
+        if d.flushed().map_err(Failed::Dst)? {
             tracing::debug!(
                 src = d.src_fd(),
                 base = d.base,
                 leftover = d.leftover,
                 redirected = d.redirected,
-                passed = d.passed,
-                copied = d.copied,
                 "sockmap: FIN passed on"
             );
             sys::shutdown_write(d.dst).map_err(Failed::Dst)?;
@@ -1172,71 +1162,43 @@ fn check(kernel: &Kernel, limits: Limits, d: &mut Dir<'_>, leaving: bool) -> Res
     Ok(changed)
 }
 
-/// Forwards bytes the verdict passed to userspace (they wait on the source
-/// socket itself), without blocking; records them in `CONTROL` so the
-/// program knows when it may redirect again. Ok(true) if bytes moved.
+/// Carries a direction whose source left `ACTIVE`, without blocking: reads
+/// its receive queue (which the verdict never saw) into the tail, up to
+/// `tail_max`, and writes the tail to `dst` once every byte redirected
+/// before reached `dst`'s send queue. Ok(true) if bytes moved.
 ///
-/// Reading and writing are decoupled: passed bytes are read as they come,
-/// up to `tail_max` held in userspace, whether or not they may be written
-/// yet. A passed byte may only be written once every byte redirected
-/// before it reached the send queue of `dst` — but those redirected bytes
-/// may wait in `dst`'s psock behind `dst`'s own passed bytes, which move
-/// only when userspace reads them and frees `dst`'s receive buffer. Reading
-/// only what could be written at once closed that circle between the two
-/// directions (the two-way hang: every tunnel saturated both ways stalled).
-///
-/// While the tunnel leaves the maps (`leaving`), the verdict no longer
-/// runs: reads stop at the passed count, the rest is the next plane's.
-fn forward_passed(kernel: &Kernel, tail_max: u64, d: &mut Dir<'_>, leaving: bool) -> Result<bool, Failed> {
+/// Reading and writing are decoupled: bytes are read as they come, whether
+/// or not they may be written yet — the redirected bytes they must follow
+/// may wait for a reader that waits for this source to be read (an echo).
+fn forward_tail(kernel: &Kernel, tail_max: u64, d: &mut Dir<'_>) -> Result<bool, Failed> {
     let mut moved = false;
     let mut buf = Vec::new();
+    // Bytes written here are held in the kernel until acknowledged: they
+    // count against `tail_max` as the tail they left.
+    let mut written = 0u64;
     for _ in 0..FORWARD_STEPS {
-        let mut room = (tail_max as usize).saturating_sub(d.tail.len()).min(TAIL_BUFFER);
-        // Out of `ACTIVE`: first the bytes the verdict passed (`recvmsg`
-        // serves them before the receive queue, and reads stop at their
-        // count), then the receive queue, which the verdict never saw.
-        let mut passed_bytes = true;
-        if leaving {
-            d.passed = kernel.peer(d.src_cookie).passed;
-            if d.read < d.passed {
-                room = room.min((d.passed - d.read) as usize);
-            } else {
-                passed_bytes = false;
-            }
-        }
+        let room = (tail_max.saturating_sub(written) as usize).saturating_sub(d.tail.len()).min(TAIL_BUFFER);
         let mut read_now = 0;
-        // A read returns 0 at FIN while passed bytes may still wait in the
-        // psock's backlog: after FIN, read on while the count says so. Out
-        // of `ACTIVE`, read on until a read itself says FIN (epoll reports
-        // it while bytes before it still wait in the receive queue).
-        if room > 0 && (!d.eof || d.passed > d.read || (leaving && !passed_bytes && !d.drained_eof)) {
+        // Read on until a read itself says FIN (epoll reports it while
+        // bytes before it still wait in the receive queue).
+        if room > 0 && !d.drained_eof {
             buf.resize(room, 0);
             match sys::recv_now(d.src, &mut buf[..room]) {
                 Ok(0) => {
-                    // FIN: the usual path passes it on once everything is flushed.
-                    d.drained_eof |= leaving && !passed_bytes;
                     if !d.eof {
-                        tracing::debug!(src = d.src_fd(), read = d.read, "sockmap: FIN seen (read)");
-                        moved = true;
+                        tracing::debug!(src = d.src_fd(), drained = d.drained, "sockmap: FIN seen (read)");
                     }
+                    d.drained_eof = true;
                     d.eof = true;
-                    d.passed = kernel.peer(d.src_cookie).passed;
+                    moved = true;
                 }
                 Ok(n) => {
                     d.tail.extend_from_slice(&buf[..n]);
-                    if passed_bytes {
-                        d.read += n as u64;
-                    } else {
-                        d.drained += n as u64;
-                    }
+                    d.drained += n as u64;
                     read_now = n;
                     moved = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Bytes may have been passed since `check` read the count:
-                    // refresh it, so `copying()` keeps waiting for them.
-                    d.passed = kernel.peer(d.src_cookie).passed;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(Failed::Src(e)),
             }
         }
@@ -1249,10 +1211,8 @@ fn forward_passed(kernel: &Kernel, tail_max: u64, d: &mut Dir<'_>, leaving: bool
                     Ok(n) => {
                         d.tail.advance(n);
                         d.copied += n as u64;
+                        written += n as u64;
                         d.user_total.fetch_add(n as u64, Ordering::Relaxed);
-                        kernel
-                            .control(d.src_cookie, d.control())
-                            .map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
                         wrote_now = n;
                         moved = true;
                     }
