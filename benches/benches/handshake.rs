@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(REQUEST.len() as u64));
     g.bench_function("parse", |b| b.iter(|| parse_request(black_box(REQUEST), 16384).unwrap().unwrap()));
     let req = parse_request(REQUEST, 16384).unwrap().unwrap();
-    g.bench_function("rewrite", |b| b.iter(|| rewrite(black_box(&req), &client).unwrap()));
+    g.bench_function("rewrite", |b| b.iter(|| rewrite(black_box(&req), &client, true).unwrap()));
     g.bench_function("route", |b| {
         b.iter(|| {
             router.lookup(black_box("doppler.system.example.com"), black_box("/v2/firehose/stream")).unwrap().pool
@@ -62,7 +62,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("parse_rewrite_route", |b| {
         b.iter(|| {
             let req = parse_request(black_box(REQUEST), 16384).unwrap().unwrap();
-            let fwd = rewrite(&req, &client).unwrap();
+            let fwd = rewrite(&req, &client, true).unwrap();
             router.lookup(&fwd.host, &fwd.path).unwrap().pool
         })
     });
