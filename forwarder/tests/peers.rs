@@ -36,15 +36,32 @@ fn haproxy(mode: &str, upsplice: SocketAddr) -> (Peer, SocketAddr) {
 }
 
 fn nginx(upsplice: SocketAddr) -> (Peer, SocketAddr) {
+    nginx_in_front(upsplice, false)
+}
+
+/// nginx in front of upsplice, connecting from 127.0.0.2 and extending
+/// X-Forwarded-For. `pooled`: plain requests over an upstream `keepalive`
+/// pool; else each connection passed through with its upgrade headers.
+fn nginx_in_front(upsplice: SocketAddr, pooled: bool) -> (Peer, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let d = dir.path().display();
+    let (upstream, target, connection) = if pooled {
+        (format!(" upstream up {{\n  server {upsplice};\n  keepalive 8;\n }}\n"), "up".to_string(), "\"\"")
+    } else {
+        (
+            String::new(),
+            upsplice.to_string(),
+            "\"upgrade\";\n   proxy_set_header Upgrade $http_upgrade;\n   proxy_read_timeout 1h",
+        )
+    };
     let cfg = format!(
         "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n\
          http {{\n access_log off;\n client_body_temp_path {d}/b;\n proxy_temp_path {d}/p;\n fastcgi_temp_path {d}/f;\n uwsgi_temp_path {d}/u;\n scgi_temp_path {d}/s;\n\
-          server {{\n  listen 127.0.0.1:{port};\n  location / {{\n   proxy_pass http://{upsplice};\n   proxy_bind 127.0.0.2;\n   proxy_http_version 1.1;\n\
-           proxy_set_header Upgrade $http_upgrade;\n   proxy_set_header Connection \"upgrade\";\n   proxy_set_header Host $host;\n\
-           proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n   proxy_read_timeout 1h;\n  }}\n }}\n}}\n"
+         {upstream}\
+          server {{\n  listen 127.0.0.1:{port};\n  location / {{\n   proxy_pass http://{target};\n   proxy_bind 127.0.0.2;\n   proxy_http_version 1.1;\n\
+           proxy_set_header Connection {connection};\n   proxy_set_header Host $host;\n\
+           proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n  }}\n }}\n}}\n"
     );
     let addr = ([127, 0, 0, 1], port).into();
     (Peer::nginx(dir, &cfg, addr), addr)
@@ -111,24 +128,6 @@ async fn behind_nginx() {
     assert_eq!(echo_through(front, &mut heads).await, "127.0.0.1, 127.0.0.2");
 }
 
-/// nginx with an upstream `keepalive` pool in front of upsplice: plain
-/// requests, connections to upsplice reused.
-fn nginx_pooling(upsplice: SocketAddr) -> (Peer, SocketAddr) {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let d = dir.path().display();
-    let cfg = format!(
-        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n\
-         http {{\n access_log off;\n client_body_temp_path {d}/b;\n proxy_temp_path {d}/p;\n fastcgi_temp_path {d}/f;\n uwsgi_temp_path {d}/u;\n scgi_temp_path {d}/s;\n\
-          upstream up {{\n  server {upsplice};\n  keepalive 8;\n }}\n\
-          server {{\n  listen 127.0.0.1:{port};\n  location / {{\n   proxy_pass http://up;\n   proxy_bind 127.0.0.2;\n   proxy_http_version 1.1;\n\
-           proxy_set_header Connection \"\";\n   proxy_set_header Host $host;\n\
-           proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n  }}\n }}\n}}\n"
-    );
-    let addr = ([127, 0, 0, 1], port).into();
-    (Peer::nginx(dir, &cfg, addr), addr)
-}
-
 /// Load balancers pool their connections to the router (HAProxy's
 /// `http-reuse`, nginx's upstream `keepalive`): upsplice keeps them, and
 /// routes and rewrites every request that arrives on them.
@@ -141,7 +140,8 @@ async fn load_balancers_pool_plain_requests_to_upsplice() {
         let app = common::recorder::Recorder::start("app").await;
         let router =
             Router::start(Setup { mode: "copy", limits: "", routing: main_pool(&[app.addr], "app.test"), extra: "" });
-        let (_lb, front) = if lb == "haproxy" { haproxy("http", router.http) } else { nginx_pooling(router.http) };
+        let (_lb, front) =
+            if lb == "haproxy" { haproxy("http", router.http) } else { nginx_in_front(router.http, true) };
         for i in 0..30 {
             // A new client connection to the load balancer each time.
             let request = format!("GET /n{i} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
