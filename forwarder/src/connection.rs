@@ -37,11 +37,13 @@ impl Session {
             metrics::get().active.get_or_create(&labels).dec();
             return;
         };
+        // The address the client connected to (a PROXY header sent on says it).
+        let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         match protocol {
-            Protocol::Http => self.serve_http(client, peer).await,
+            Protocol::Http => self.serve_http(client, peer, local).await,
             Protocol::Tcp => {
                 let mut rec = AccessRecord::new(peer, self.listener.clone());
-                if let Some(plan) = Box::pin(self.connect_tcp(client, &mut rec)).await {
+                if let Some(plan) = Box::pin(self.connect_tcp(client, local, &mut rec)).await {
                     self.tunnel(plan, &mut rec).await;
                 }
                 self.shared.access_log.write(&rec);
@@ -73,8 +75,7 @@ impl Session {
     /// An http listener's connection: its requests one after another, each
     /// on the configuration in force when it starts and with its own
     /// access record, until one closes it or starts a tunnel.
-    async fn serve_http(&self, client: TcpStream, peer: SocketAddr) {
-        let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    async fn serve_http(&self, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
         let mut conn = handshake::Conn::new(client, peer, local);
         loop {
             let mut rec = AccessRecord::new(peer, self.listener.clone());
@@ -99,11 +100,10 @@ impl Session {
 
     /// A tcp listener: connect to its pool; the pair is relayed without
     /// reading a byte.
-    async fn connect_tcp(&self, client: TcpStream, rec: &mut AccessRecord) -> Option<Plan> {
+    async fn connect_tcp(&self, client: TcpStream, local: SocketAddr, rec: &mut AccessRecord) -> Option<Plan> {
         let snap = self.shared.snapshot();
         let pool_name = snap.listener(&self.listener).pool.clone().unwrap_or_default();
         let pool = snap.pool_named(&pool_name).expect("validated: tcp listener pools exist").clone();
-        let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let opts =
             ConnectOpts { timeout: snap.config.limits.connect_timeout, reuse: false, client: Some((rec.peer, local)) };
         match pool.connect(opts).await {
