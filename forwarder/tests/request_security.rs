@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::recorder::Recorder;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// A router in front of two recording backends: `ka.example.com` → ka,
 /// `internal.other-app.example.com` and `api.example.com` → other,
@@ -46,17 +46,8 @@ async fn exchange_from(source: &str, router: SocketAddr, request: &[u8]) -> Stri
     socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
     let mut s = socket.connect(router).await.unwrap();
     s.write_all(request).await.unwrap();
-    // Until the router closes, or (a kept-alive connection) 500 ms pass
-    // without a byte once answers started; 4 s for the first byte.
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let wait = if out.is_empty() { Duration::from_secs(4) } else { Duration::from_millis(500) };
-        match tokio::time::timeout(wait, s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&chunk[..n]),
-            _ => break,
-        }
-    }
+    // A kept-alive connection is done once answers went quiet for 500 ms.
+    let out = read_quiet(&mut s, Duration::from_secs(4), Duration::from_millis(500)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
 

@@ -754,7 +754,7 @@ async fn body_sent_with_a_head_response_is_never_relayed() {
     let f = fixture().await;
     let mut s = TcpStream::connect(f.router.http).await.unwrap();
     s.write_all(format!("HEAD /a HTTP/1.1\r\nHost: {KA}\r\n\r\n{SECOND}").as_bytes()).await.unwrap();
-    let got = lossy(&read_quiet(&mut s).await);
+    let got = lossy(&read_quiet(&mut s, Duration::from_secs(10), Duration::from_secs(1)).await);
     let (head, rest) = got.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head: {got:?}"));
     assert!(head.starts_with("HTTP/1.1 200 ") && head.contains("\r\nContent-Length: 2"), "{got:?}");
     // One request per connection: nothing follows; with keep-alive,
@@ -765,20 +765,6 @@ async fn body_sent_with_a_head_response_is_never_relayed() {
     );
     let ka = received(&f.ka, KA, "HEAD").await;
     assert!(ka.len() == 1 && ka[0].head.starts_with("HEAD /a HTTP/1.1\r\n"), "{ka:?}");
-}
-
-/// Reads until the router closes, or for a second after the last byte
-/// (bounded: 10 s for the first).
-async fn read_quiet(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let wait = if out.is_empty() { Duration::from_secs(10) } else { Duration::from_secs(1) };
-        match tokio::time::timeout(wait, s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&chunk[..n]),
-            _ => return out,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

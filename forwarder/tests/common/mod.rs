@@ -421,6 +421,21 @@ pub async fn recv_hash(r: &mut (impl AsyncReadExt + Unpin), len: usize, within: 
     h.finalize().into()
 }
 
+/// Reads until the peer closes, or until `quiet` passes without a byte
+/// once bytes came (a kept-alive connection); `first` bounds the wait for
+/// the first byte.
+pub async fn read_quiet(s: &mut TcpStream, first: Duration, quiet: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let wait = if out.is_empty() { first } else { quiet };
+        match tokio::time::timeout(wait, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&chunk[..n]),
+            _ => return out,
+        }
+    }
+}
+
 /// Writes a raw request and reads the whole answer until the router closes.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
