@@ -30,6 +30,9 @@ pub struct Config {
     pub backends: BackendSettings,
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    /// `[backend_tls]`: node-wide material for TLS to backends.
+    #[serde(default)]
+    pub backend_tls: BackendTls,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<Listener>,
     #[serde(default, rename = "pool")]
@@ -326,6 +329,156 @@ pub struct Listener {
     /// `proxy_protocol` is off.
     #[serde(default, deserialize_with = "de_cidrs")]
     pub proxy_trusted_cidrs: Vec<IpNet>,
+    /// `[listener.tls]`: terminate TLS on this listener.
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// X-Forwarded-Client-Cert handling (http only; gorouter's modes).
+    #[serde(default, rename = "forwarded_client_cert")]
+    pub forwarded_client_cert_setting: Option<ForwardedClientCert>,
+    /// tcp only: route by the ClientHello's SNI without terminating TLS.
+    #[serde(default)]
+    pub sni_routes: Vec<SniRoute>,
+}
+
+/// `[listener.tls]`: TLS termination. Paths are relative to the config
+/// file's directory; the files are read at start and on every SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Chosen by SNI (the certificates' SAN names, exact and wildcard);
+    /// the first is the default.
+    pub certs: Vec<CertKey>,
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Ask for client certificates signed by these CAs (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: whether a client certificate is optional.
+    #[serde(default)]
+    pub client_cert: ClientCertMode,
+    /// rustls cipher suite names (`TLS13_AES_128_GCM_SHA256`, …); none:
+    /// rustls's default set.
+    #[serde(default)]
+    pub cipher_suites: Option<Vec<String>>,
+    /// Session ticket keys shared by the nodes of a fleet: a file of
+    /// 32-byte keys (the first encrypts, all decrypt), re-read on SIGHUP.
+    /// None: each process makes its own and rotates them.
+    #[serde(default)]
+    pub ticket_keys: Option<PathBuf>,
+}
+
+impl ListenerTls {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.certs.is_empty() {
+            return Err(("tls.certs", "at least one { cert = \"…\", key = \"…\" } is required".into()));
+        }
+        if self.client_cert == ClientCertMode::Require && self.client_ca.is_none() {
+            return Err((
+                "tls.client_cert",
+                "\"require\" needs tls.client_ca (the CAs client certificates must chain to)".into(),
+            ));
+        }
+        if self.cipher_suites.as_ref().is_some_and(Vec::is_empty) {
+            return Err(("tls.cipher_suites", "must not be empty (leave it out for rustls's default set)".into()));
+        }
+        Ok(())
+    }
+
+    /// Every file it names, for resolving against the config's directory.
+    fn paths_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
+        self.certs
+            .iter_mut()
+            .flat_map(|c| [&mut c.cert, &mut c.key])
+            .chain(self.client_ca.as_mut())
+            .chain(self.ticket_keys.as_mut())
+    }
+}
+
+/// A certificate chain (PEM, leaf first) and its private key (PEM).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertKey {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `min_version`: `"1.2"` or `"1.3"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// `client_cert`: `request` (optional) or `require`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertMode {
+    #[default]
+    Request,
+    Require,
+}
+
+/// `forwarded_client_cert` (gorouter's `forwarded_client_cert`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardedClientCert {
+    /// Pass the header through (kept only from `trusted_cidrs` peers).
+    #[default]
+    AlwaysForward,
+    /// Remove it unless the client connection is mTLS.
+    Forward,
+    /// Always remove it; on mTLS, set the client's certificate.
+    SanitizeSet,
+}
+
+impl ForwardedClientCert {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardedClientCert::AlwaysForward => "always_forward",
+            ForwardedClientCert::Forward => "forward",
+            ForwardedClientCert::SanitizeSet => "sanitize_set",
+        }
+    }
+}
+
+/// One `sni_routes` entry: connections whose ClientHello names
+/// `server_name` (exact, or `*.example.com`) go to `pool`, still encrypted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniRoute {
+    pub server_name: String,
+    pub pool: String,
+}
+
+/// `tls` on a pool: TLS to its backends, verified.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolTls {
+    /// CAs the backends' certificates must chain to (default:
+    /// `[backend_tls] ca`).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The name the backends' certificates must carry, sent as SNI
+    /// (gorouter's `server_cert_domain_san`).
+    pub server_name: String,
+}
+
+/// `[backend_tls]` (gorouter's `backends.cert_chain` / `private_key`
+/// and CA): the CA for pools whose `tls` names none and for NATS endpoints
+/// with a `tls_port`, and the client certificate every TLS backend
+/// connection presents.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTls {
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub cert_chain: Option<PathBuf>,
+    #[serde(default)]
+    pub private_key: Option<PathBuf>,
 }
 
 /// `proxy_protocol` on a listener: which PROXY header versions a
@@ -363,8 +516,26 @@ impl Listener {
         self.forwarded_proto_setting.as_deref().unwrap_or("http")
     }
 
+    /// How this listener treats X-Forwarded-Client-Cert (http only):
+    /// `forwarded_client_cert`, or `always_forward`.
+    pub fn forwarded_client_cert(&self) -> ForwardedClientCert {
+        self.forwarded_client_cert_setting.unwrap_or_default()
+    }
+
     /// What its protocol requires of it alone: Err((key, what is wrong)).
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+            if !self.sni_routes.is_empty() {
+                return Err((
+                    "sni_routes",
+                    "a listener either terminates TLS ([listener.tls]) or routes it by SNI unopened, not both".into(),
+                ));
+            }
+        }
+        for r in &self.sni_routes {
+            crate::host::validate_route_host(&r.server_name).map_err(|m| ("sni_routes.server_name", m))?;
+        }
         match (self.proxy_protocol, self.proxy_trusted_cidrs.is_empty()) {
             (ProxyProtocol::Off, false) => {
                 return Err(("proxy_trusted_cidrs", "only with proxy_protocol = \"v1\", \"v2\" or \"any\"".into()))
@@ -383,8 +554,11 @@ impl Listener {
         match self.protocol {
             Protocol::Tcp => {
                 let only_http = "only http listeners take it: a tcp listener parses no request";
-                if self.pool.is_none() {
-                    return Err(("pool", "a tcp listener needs a pool".into()));
+                if self.pool.is_none() && self.sni_routes.is_empty() {
+                    return Err(("pool", "a tcp listener needs a pool (or sni_routes)".into()));
+                }
+                if self.forwarded_client_cert_setting.is_some() {
+                    return Err(("forwarded_client_cert", only_http.into()));
                 }
                 if self.forwarded_proto_setting.is_some() {
                     return Err(("forwarded_proto", only_http.into()));
@@ -394,6 +568,10 @@ impl Listener {
                 }
                 Ok(())
             }
+            Protocol::Http if !self.sni_routes.is_empty() => Err((
+                "sni_routes",
+                "only tcp listeners route by SNI; an http listener terminates TLS with [listener.tls]".into(),
+            )),
             Protocol::Http if self.pool.is_some() => {
                 Err(("pool", "only tcp listeners take a pool; http listeners route by [[route]]".into()))
             }
@@ -547,6 +725,9 @@ pub struct Pool {
     /// stating the client (`off`, `v1`, `v2`).
     #[serde(default)]
     pub send_proxy: SendProxy,
+    /// TLS to the backends, verified (none: plain TCP).
+    #[serde(default)]
+    pub tls: Option<PoolTls>,
 }
 
 /// `send_proxy` on a pool: which PROXY header its backend connections
@@ -628,7 +809,24 @@ impl Config {
             field: Some(field),
             message,
         })?;
+        let mut config = config;
+        config.resolve_paths(path.parent().unwrap_or(Path::new("")));
         Ok(config)
+    }
+
+    /// Makes every relative certificate, key and CA path relative to
+    /// `dir` (the config file's directory), so that the router reads the
+    /// same files whatever its working directory.
+    fn resolve_paths(&mut self, dir: &Path) {
+        let listeners = self.listeners.iter_mut().filter_map(|l| l.tls.as_mut()).flat_map(ListenerTls::paths_mut);
+        let pools = self.pools.iter_mut().filter_map(|p| p.tls.as_mut()).filter_map(|t| t.ca.as_mut());
+        let b = &mut self.backend_tls;
+        let node = b.ca.iter_mut().chain(b.cert_chain.iter_mut()).chain(b.private_key.iter_mut());
+        for p in listeners.chain(pools).chain(node) {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
     }
 
     /// Checks every section, then what ties them together (names that
@@ -646,10 +844,43 @@ impl Config {
         }
         self.limits.validate()?;
         self.backends.validate()?;
+        if self.backend_tls.cert_chain.is_some() != self.backend_tls.private_key.is_some() {
+            return Err((
+                "backend_tls".into(),
+                "cert_chain and private_key go together (the client certificate backends may require)".into(),
+            ));
+        }
         self.data_plane.validate().map_err(|(field, m)| (format!("data_plane.{field}"), m))?;
         let pools = self.validate_pools()?;
         self.validate_listeners(&pools)?;
-        self.validate_routes(&pools)
+        self.validate_routes(&pools)?;
+        self.refuse_not_yet_built()
+    }
+
+    /// Keys whose behaviour is still being built are refused, not ignored:
+    /// a router that accepted `[listener.tls]` and then spoke plain HTTP
+    /// would be worse than one that says so. Each goes as it lands.
+    fn refuse_not_yet_built(&self) -> Result<(), Invalid> {
+        let not_yet =
+            |field: String, what: &str| Err((field, format!("{what} is not built yet (README, \"Not there yet\")")));
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.tls.is_some() {
+                return not_yet(format!("listener[{i}].tls"), "TLS termination");
+            }
+            if !l.sni_routes.is_empty() {
+                return not_yet(format!("listener[{i}].sni_routes"), "SNI passthrough");
+            }
+            if l.forwarded_client_cert() != ForwardedClientCert::AlwaysForward {
+                return not_yet(format!("listener[{i}].forwarded_client_cert"), "this mode");
+            }
+        }
+        if let Some(i) = self.pools.iter().position(|p| p.tls.is_some()) {
+            return not_yet(format!("pool[{i}].tls"), "TLS to backends");
+        }
+        if self.backend_tls != BackendTls::default() {
+            return not_yet("backend_tls".into(), "TLS to backends");
+        }
+        Ok(())
     }
 
     /// Pool names are unique and not empty, and so are a pool's backends;
@@ -665,6 +896,17 @@ impl Config {
             }
             if let Some(check) = &p.check {
                 check.validate().map_err(|(name, m)| (format!("pool[{i}].check.{name}"), m))?;
+            }
+            if let Some(tls) = &p.tls {
+                if tls.ca.is_none() && self.backend_tls.ca.is_none() {
+                    return Err((
+                        format!("pool[{i}].tls.ca"),
+                        "required unless [backend_tls] ca is set: the CAs the backends' certificates must chain to"
+                            .into(),
+                    ));
+                }
+                crate::host::validate_route_host(&tls.server_name)
+                    .map_err(|m| (format!("pool[{i}].tls.server_name"), m))?;
             }
             let mut seen = HashSet::new();
             for (j, b) in p.backends.iter().enumerate() {
@@ -700,6 +942,18 @@ impl Config {
             if let Some(p) = &lst.pool {
                 if !pools.contains(p.as_str()) {
                     return Err((field("pool"), format!("no pool named {p:?}")));
+                }
+            }
+            let mut names = HashSet::new();
+            for (j, r) in lst.sni_routes.iter().enumerate() {
+                if !pools.contains(r.pool.as_str()) {
+                    return Err((field(&format!("sni_routes[{j}].pool")), format!("no pool named {:?}", r.pool)));
+                }
+                if !names.insert(crate::host::normalize(&r.server_name)) {
+                    return Err((
+                        field(&format!("sni_routes[{j}].server_name")),
+                        format!("duplicate server_name {:?}", r.server_name),
+                    ));
                 }
             }
         }
@@ -747,6 +1001,7 @@ impl Config {
             .iter()
             .map(|r| r.pool.as_str())
             .chain(self.listeners.iter().filter_map(|l| l.pool.as_deref()))
+            .chain(self.listeners.iter().flat_map(|l| l.sni_routes.iter().map(|r| r.pool.as_str())))
             .collect();
         let mut out = Vec::new();
         for (i, p) in self.pools.iter().enumerate() {
@@ -908,7 +1163,7 @@ pool = "chat"
         let e = parse(&format!("{BASE}\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:8443\"\nprotocol = \"tcp\"\n"))
             .unwrap_err()
             .to_string();
-        assert_eq!(e, "t.toml: listener[1].pool: a tcp listener needs a pool");
+        assert_eq!(e, "t.toml: listener[1].pool: a tcp listener needs a pool (or sni_routes)");
 
         let e = parse(&BASE.replace("chat.example.com", "*.*.example.com")).unwrap_err().to_string();
         assert!(e.contains("route[0].host"), "{e}");
@@ -1010,6 +1265,91 @@ pool = "chat"
             .unwrap_err()
             .to_string();
         assert!(e.contains("pool[0].check.timeout"), "{e}");
+    }
+
+    /// The TLS, SNI passthrough, backend TLS and XFCC keys of the
+    /// TLS/PROXY issue: defaults, paths relative to the config file, and
+    /// the combinations refused.
+    #[test]
+    fn tls_sni_and_backend_tls_keys() {
+        let text = r#"
+[backend_tls]
+ca = "/etc/upsplice/backend-ca.pem"
+cert_chain = "certs/router.pem"
+private_key = "certs/router.key"
+
+[[listener]]
+name = "wss"
+bind = "127.0.0.1:0"
+protocol = "http"
+forwarded_proto = "https"
+forwarded_client_cert = "sanitize_set"
+[listener.tls]
+certs = [ { cert = "certs/apps.pem", key = "certs/apps.key" }, { cert = "/abs/sys.pem", key = "/abs/sys.key" } ]
+min_version = "1.3"
+client_ca = "certs/clients.pem"
+client_cert = "require"
+
+[[listener]]
+name = "passthrough"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+sni_routes = [ { server_name = "*.ws.example.com", pool = "ws-tls" } ]
+
+[[pool]]
+name = "ws-tls"
+backends = ["127.0.0.1:9443"]
+tls = { server_name = "app.internal" }
+send_proxy = "v2"
+"#;
+        let mut c: Config = toml::from_str(text).unwrap();
+        c.validate_listeners(&c.validate_pools().unwrap()).unwrap();
+        c.resolve_paths(Path::new("/etc/upsplice"));
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.certs[0].cert, Path::new("/etc/upsplice/certs/apps.pem"));
+        assert_eq!(tls.certs[1].key, Path::new("/abs/sys.key"));
+        assert_eq!((tls.min_version, tls.client_cert), (TlsVersion::V1_3, ClientCertMode::Require));
+        assert_eq!(tls.client_ca.as_deref(), Some(Path::new("/etc/upsplice/certs/clients.pem")));
+        assert_eq!(c.listeners[0].forwarded_client_cert(), ForwardedClientCert::SanitizeSet);
+        assert_eq!(c.listeners[1].sni_routes[0].pool, "ws-tls");
+        assert_eq!(c.backend_tls.private_key.as_deref(), Some(Path::new("/etc/upsplice/certs/router.key")));
+        assert_eq!(c.pools[0].tls.as_ref().unwrap().server_name, "app.internal");
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        // Defaults.
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.listeners[0].forwarded_client_cert(), ForwardedClientCert::AlwaysForward);
+        assert!(c.listeners[0].tls.is_none() && c.backend_tls == BackendTls::default());
+        let web = "[[listener]]\nname = \"w\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n";
+        let raw = "[[listener]]\nname = \"r\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\n";
+        let pool = "[[pool]]\nname = \"p\"\nbackends = [\"127.0.0.1:1\"]\n";
+        let cases = [
+            (format!("{web}[listener.tls]\ncerts = []\n{pool}"), "listener[0].tls.certs: at least one"),
+            (
+                format!("{web}[listener.tls]\ncerts = [{{ cert = \"a\", key = \"b\" }}]\nclient_cert = \"require\"\n{pool}"),
+                "listener[0].tls.client_cert: \"require\" needs tls.client_ca",
+            ),
+            (
+                format!("{web}[listener.tls]\ncerts = [{{ cert = \"a\", key = \"b\" }}]\nmin_version = \"1.1\"\n{pool}"),
+                "min_version",
+            ),
+            (format!("{web}sni_routes = [{{ server_name = \"a.example\", pool = \"p\" }}]\n{pool}"), "only tcp listeners route by SNI"),
+            (format!("{raw}forwarded_client_cert = \"forward\"\npool = \"p\"\n{pool}"), "listener[0].forwarded_client_cert: only http"),
+            (format!("{raw}sni_routes = [{{ server_name = \"a.example\", pool = \"q\" }}]\n{pool}"), "sni_routes[0].pool: no pool named \"q\""),
+            (
+                format!("{raw}sni_routes = [{{ server_name = \"a.example\", pool = \"p\" }}, {{ server_name = \"A.example\", pool = \"p\" }}]\n{pool}"),
+                "sni_routes[1].server_name: duplicate",
+            ),
+            (
+                format!("{raw}sni_routes = [{{ server_name = \"a.example\", pool = \"p\" }}]\n[listener.tls]\ncerts = [{{ cert = \"a\", key = \"b\" }}]\n{pool}"),
+                "either terminates TLS",
+            ),
+            (format!("{raw}pool = \"p\"\n{pool}tls = {{ server_name = \"x.internal\" }}\n"), "pool[0].tls.ca: required unless [backend_tls] ca"),
+            (format!("[backend_tls]\ncert_chain = \"c.pem\"\n{raw}pool = \"p\"\n{pool}"), "backend_tls: cert_chain and private_key go together"),
+        ];
+        for (text, expected) in cases {
+            let e = parse(&text).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(expected), "expected {expected:?} in {e:?}");
+        }
     }
 
     #[test]

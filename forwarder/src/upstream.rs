@@ -283,6 +283,7 @@ mod tests {
             balance,
             check: None,
             send_proxy: SendProxy::Off,
+            tls: None,
         };
         (Pool::new(&cfg, &settings, &registry), registry)
     }
