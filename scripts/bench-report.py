@@ -728,12 +728,14 @@ def bulk_agg(b: Bench, router, c, workload):
     g = sorted((x["s"]["throughput"]["out_mbit_s"] + x["s"]["throughput"]["in_mbit_s"]) / 1000 for x in xs)
     med = g[len(g) // 2] if len(g) % 2 else (g[len(g) // 2 - 1] + g[len(g) // 2]) / 2
     byts = sum(x["s"]["throughput"]["bytes_out"] + x["s"]["throughput"]["bytes_in"] for x in xs)
-    mcpu = sum(x["machine_cpu_s"] for x in xs)
+    # A run whose machine CPU could not be read (the sampler missed its
+    # window) has no CPU figure; the throughput still counts.
+    mcpu = sum(x["machine_cpu_s"] for x in xs) if all(x.get("machine_cpu_s") is not None for x in xs) else None
     rcpu = sum(x["router_cpu_s"] for x in xs) if all(x.get("router_cpu_s") is not None for x in xs) else None
     gen = sum(x["s"]["cpu"]["cores_busy"] for x in xs) / len(xs)
     fl = sorted({flags(x["s"], x["rc"]) for x in xs})
     each = ", ".join(f"{(x['s']['throughput']['out_mbit_s'] + x['s']['throughput']['in_mbit_s']) / 1000:.2f}" for x in xs)
-    return dict(gbit=med, each=each, per=mcpu / (byts / GIB) if byts else None,
+    return dict(gbit=med, each=each, per=mcpu / (byts / GIB) if byts and mcpu is not None else None,
                 rper=rcpu / (byts / GIB) if byts and rcpu is not None else None, gen=gen, flags=" ".join(fl), n=len(xs))
 
 def bulk_section(b: Bench, workload, title, what, target_name) -> list[str]:
