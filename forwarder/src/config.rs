@@ -33,6 +33,9 @@ pub struct Config {
     /// `[backend_tls]`: node-wide material for TLS to backends.
     #[serde(default)]
     pub backend_tls: BackendTls,
+    /// `[nats]`: routes announced on NATS, the way gorouter takes them.
+    #[serde(default)]
+    pub nats: Option<Nats>,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<Listener>,
     #[serde(default, rename = "pool")]
@@ -453,6 +456,85 @@ pub struct SniRoute {
     pub pool: String,
 }
 
+/// `[nats]`: the NATS servers that carry gorouter's `router.*` messages,
+/// and gorouter's timings for them (its names and defaults). Read at
+/// start: a reload that changes it is rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nats {
+    /// `nats://host:port` URLs (credentials may ride in them:
+    /// `nats://user:password@host:port`); the client reconnects to any.
+    pub servers: Vec<String>,
+    /// A token instead of URL credentials.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// TLS to the NATS servers, verified against `ca`.
+    #[serde(default)]
+    pub tls: Option<NatsTls>,
+    /// This node's index: the start message's id is `"<index>-<uuid>"`.
+    #[serde(default)]
+    pub index: u32,
+    /// An endpoint not re-registered within this is pruned (unless its
+    /// registration says `stale_threshold_in_seconds`).
+    #[serde(default = "Nats::default_stale", deserialize_with = "de_duration")]
+    pub droplet_stale_threshold: Duration,
+    /// How often stale endpoints are pruned.
+    #[serde(default = "Nats::default_prune_interval", deserialize_with = "de_duration")]
+    pub prune_stale_droplets_interval: Duration,
+    /// The start message's `minimumRegisterIntervalInSeconds`; `/healthz`
+    /// answers 503 until this long after the first `router.start`.
+    #[serde(default = "Nats::default_start_delay", deserialize_with = "de_duration")]
+    pub start_response_delay_interval: Duration,
+    /// Keep the table while NATS is unreachable instead of pruning it.
+    #[serde(default)]
+    pub suspend_pruning_if_nats_unavailable: bool,
+}
+
+/// `tls` under `[nats]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    pub ca: PathBuf,
+}
+
+impl Nats {
+    fn default_stale() -> Duration {
+        Duration::from_secs(120)
+    }
+    fn default_prune_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+    fn default_start_delay() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.servers.is_empty() {
+            return Err(("servers", "at least one nats://host:port is required".into()));
+        }
+        for s in &self.servers {
+            let rest = s.strip_prefix("nats://").or_else(|| s.strip_prefix("tls://"));
+            let Some(rest) = rest else {
+                return Err(("servers", format!("{s:?} must start with nats:// (or tls://)")));
+            };
+            let host_port = rest.rsplit('@').next().unwrap_or(rest);
+            if host_port.is_empty() || !host_port.contains(':') {
+                return Err(("servers", format!("{s:?} needs host:port")));
+            }
+        }
+        if self.droplet_stale_threshold.is_zero() {
+            return Err(("droplet_stale_threshold", "must be longer than 0".into()));
+        }
+        if self.prune_stale_droplets_interval.is_zero() {
+            return Err(("prune_stale_droplets_interval", "must be longer than 0".into()));
+        }
+        if self.start_response_delay_interval.as_secs() == 0 {
+            return Err(("start_response_delay_interval", "must be at least 1s (it is sent in whole seconds)".into()));
+        }
+        Ok(())
+    }
+}
+
 /// `tls` on a pool: TLS to its backends, verified.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -822,7 +904,8 @@ impl Config {
         let pools = self.pools.iter_mut().filter_map(|p| p.tls.as_mut()).filter_map(|t| t.ca.as_mut());
         let b = &mut self.backend_tls;
         let node = b.ca.iter_mut().chain(b.cert_chain.iter_mut()).chain(b.private_key.iter_mut());
-        for p in listeners.chain(pools).chain(node) {
+        let nats = self.nats.iter_mut().filter_map(|n| n.tls.as_mut()).map(|t| &mut t.ca);
+        for p in listeners.chain(pools).chain(node).chain(nats) {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }
@@ -844,6 +927,9 @@ impl Config {
         }
         self.limits.validate()?;
         self.backends.validate()?;
+        if let Some(n) = &self.nats {
+            n.validate().map_err(|(field, m)| (format!("nats.{field}"), m))?;
+        }
         if self.backend_tls.cert_chain.is_some() != self.backend_tls.private_key.is_some() {
             return Err((
                 "backend_tls".into(),
@@ -879,6 +965,9 @@ impl Config {
         }
         if self.backend_tls != BackendTls::default() {
             return not_yet("backend_tls".into(), "TLS to backends");
+        }
+        if self.nats.is_some() {
+            return not_yet("nats".into(), "Routes from NATS");
         }
         Ok(())
     }
@@ -1348,6 +1437,33 @@ send_proxy = "v2"
         ];
         for (text, expected) in cases {
             let e = parse(&text).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(expected), "expected {expected:?} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn nats_keys_with_gorouter_defaults() {
+        let text = format!("[nats]\nservers = [\"nats://u:p@127.0.0.1:4222\", \"nats://127.0.0.2:4222\"]\nindex = 2\ntls = {{ ca = \"nats-ca.pem\" }}\n{BASE}");
+        let mut c: Config = toml::from_str(&text).unwrap();
+        c.resolve_paths(Path::new("/etc/upsplice"));
+        let n = c.nats.as_ref().unwrap();
+        n.validate().unwrap();
+        assert_eq!(n.droplet_stale_threshold, Duration::from_secs(120));
+        assert_eq!(n.prune_stale_droplets_interval, Duration::from_secs(30));
+        assert_eq!(n.start_response_delay_interval, Duration::from_secs(5));
+        assert!(!n.suspend_pruning_if_nats_unavailable && n.index == 2);
+        assert_eq!(n.tls.as_ref().unwrap().ca, Path::new("/etc/upsplice/nats-ca.pem"));
+        for (nats, expected) in [
+            ("servers = []", "nats.servers: at least one"),
+            ("servers = [\"127.0.0.1:4222\"]", "must start with nats://"),
+            ("servers = [\"nats://host\"]", "needs host:port"),
+            (
+                "servers = [\"nats://h:1\"]\nprune_stale_droplets_interval = \"0s\"",
+                "nats.prune_stale_droplets_interval",
+            ),
+            ("servers = [\"nats://h:1\"]\nstart_response_delay_interval = \"500ms\"", "at least 1s"),
+        ] {
+            let e = parse(&format!("[nats]\n{nats}\n{BASE}")).map(|_| ()).unwrap_err().to_string();
             assert!(e.contains(expected), "expected {expected:?} in {e:?}");
         }
     }

@@ -315,6 +315,9 @@ fn load_compatible(shared: &Shared, path: &Path) -> anyhow::Result<Config> {
     if new.access_log != old.config.access_log {
         return Err(restart("access_log (path, format)".into()));
     }
+    if new.nats != old.config.nats {
+        return Err(restart("[nats]".into()));
+    }
     let admin = |c: &Config| c.admin.as_ref().map(|a| a.bind);
     if admin(&new) != admin(&old.config) {
         return Err(restart("admin.bind".into()));
