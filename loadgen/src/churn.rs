@@ -172,6 +172,7 @@ async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, p
             o.conn
         }
         Err(e) => {
+            e.note(&mut sh.rec());
             sh.failed(e.kind, due);
             return;
         }

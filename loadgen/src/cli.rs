@@ -1,6 +1,7 @@
 //! Command-line interface (clap derive).
 
 use crate::echo::EchoMode;
+use crate::proxy::ProxyVersion;
 use crate::tcpbulk::Direction;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -11,13 +12,23 @@ use std::time::Duration;
 #[command(
     name = "upsplice-loadgen",
     version,
-    about = "Open-loop WebSocket/HTTP/TCP load generator with corrected latency"
+    about = "Open-loop WebSocket/HTTP/TCP load generator with corrected latency",
+    after_help = EXAMPLES
 )]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// Shown after `--help`.
+const EXAMPLES: &str = "Examples:
+  upsplice-loadgen echo --listen 127.0.0.1:9000
+  upsplice-loadgen ws ws://127.0.0.1:8080/chat -c 100 -r 10000 -d 30s
+  upsplice-loadgen ws wss://app.example.com/ws --ca ca.pem -c 100 -r 10000
+  upsplice-loadgen http https://127.0.0.1:8443/ --insecure --sni app.example.com
+  upsplice-loadgen tcp --target 127.0.0.1:8443 --tls --ca ca.pem --proxy-protocol v2
+  upsplice-loadgen churn ws://127.0.0.1:8080/ --proxy-protocol v1 -r 500";
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
@@ -54,6 +65,12 @@ pub struct EchoArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Serve TLS with this certificate chain (PEM; needs --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Fault injection: freeze all replies once, this long after the first connection.
     #[arg(long, value_parser = parse_duration)]
     pub stall_at: Option<Duration>,
@@ -65,9 +82,13 @@ pub struct EchoArgs {
 /// Arguments shared by the rate-driven modes.
 #[derive(Debug, Args, Clone)]
 pub struct LoadArgs {
-    /// Target HOST:PORT (resolved once).
-    #[arg(long)]
-    pub target: String,
+    /// Target URL: ws://HOST[:PORT][/PATH], wss://, http:// or https:// (sets the
+    /// address, Host header, path and TLS; resolved once).
+    #[arg(value_name = "URL")]
+    pub url: Option<String>,
+    /// Target HOST:PORT instead of a URL (resolved once).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "url", required_unless_present = "url")]
+    pub target: Option<String>,
     /// Connections.
     #[arg(short = 'c', long, default_value_t = 10)]
     pub connections: usize,
@@ -95,6 +116,9 @@ pub struct LoadArgs {
     /// Output files.
     #[command(flatten)]
     pub out: OutputArgs,
+    /// TLS and PROXY protocol.
+    #[command(flatten)]
+    pub wire: WireArgs,
 }
 
 /// Other processes to measure over the run, beside the machine's CPU.
@@ -119,9 +143,34 @@ pub struct ConnArgs {
     /// Generator threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Limit for connect + handshake (churn: also for the echo).
+    /// Limit for connect + TLS + upgrade (churn: also for the echo).
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,
+}
+
+/// Help heading of [`WireArgs`].
+const WIRE: &str = "TLS and PROXY protocol";
+
+/// TLS and the PROXY protocol header, for every connection a mode opens.
+#[derive(Debug, Args, Clone, Default)]
+pub struct WireArgs {
+    /// Speak TLS to a --target HOST:PORT (a wss:// or https:// URL implies it).
+    /// Every connection makes a full handshake, timed apart from the connect.
+    #[arg(help_heading = WIRE, long)]
+    pub tls: bool,
+    /// Verify the target's certificate against the CA certificates in this PEM file.
+    #[arg(help_heading = WIRE, long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Do not verify the target's certificate (tests only; never the default).
+    #[arg(help_heading = WIRE, long, conflicts_with = "ca")]
+    pub insecure: bool,
+    /// Server name sent (SNI) and verified (default: the Host header's host name).
+    #[arg(help_heading = WIRE, long, value_name = "NAME")]
+    pub sni: Option<String>,
+    /// Send a PROXY protocol header first on every connection, before TLS,
+    /// with the connection's own source and destination addresses.
+    #[arg(help_heading = WIRE, long, value_enum, value_name = "VERSION")]
+    pub proxy_protocol: Option<ProxyVersion>,
 }
 
 /// Output files.
@@ -147,19 +196,12 @@ pub struct OutputArgs {
 /// Host header and request path of `ws` upgrades and `http` requests.
 #[derive(Debug, Args, Clone)]
 pub struct HttpTarget {
-    /// Host header (default: the target).
+    /// Host header (default: the URL's host[:port], or the --target as given).
     #[arg(long)]
     pub host: Option<String>,
-    /// Request path.
-    #[arg(long, default_value = "/")]
-    pub path: String,
-}
-
-impl HttpTarget {
-    /// The Host header: `--host`, or else the target as given.
-    pub fn host_or(&self, target: &str) -> String {
-        self.host.clone().unwrap_or_else(|| target.to_string())
-    }
+    /// Request path (default: the URL's path, or /).
+    #[arg(long)]
+    pub path: Option<String>,
 }
 
 /// `ws` arguments.
@@ -262,9 +304,13 @@ pub struct TcpArgs {
 /// Options shared by the connection-lifecycle modes (`hold`, `churn`).
 #[derive(Debug, Args, Clone)]
 pub struct LifecycleArgs {
-    /// Target HOST:PORT (resolved once).
-    #[arg(long)]
-    pub target: String,
+    /// Target URL: ws://HOST[:PORT][/PATH] or wss:// (sets the address, Host
+    /// header, path and TLS; resolved once).
+    #[arg(value_name = "URL")]
+    pub url: Option<String>,
+    /// Target HOST:PORT instead of a URL (resolved once).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "url", required_unless_present = "url")]
+    pub target: Option<String>,
     /// Host header and path of the upgrade requests.
     #[command(flatten)]
     pub http: HttpTarget,
@@ -280,6 +326,9 @@ pub struct LifecycleArgs {
     /// Output files.
     #[command(flatten)]
     pub out: OutputArgs,
+    /// TLS and PROXY protocol.
+    #[command(flatten)]
+    pub wire: WireArgs,
 }
 
 /// `hold` arguments.
@@ -391,5 +440,21 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_url_or_target_and_not_both() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args);
+        let cli = parse(&["lg", "ws", "wss://h:1/x", "--insecure", "--proxy-protocol", "v2"]).unwrap();
+        let Command::Ws(a) = cli.command else { panic!() };
+        assert_eq!(a.load.url.as_deref(), Some("wss://h:1/x"));
+        assert_eq!(a.load.wire.proxy_protocol, Some(ProxyVersion::V2));
+        assert!(parse(&["lg", "tcp", "--target", "h:1", "--tls", "--ca", "ca.pem"]).is_ok());
+        let both = parse(&["lg", "ws", "ws://h:1/", "--target", "h:1"]).unwrap_err().to_string();
+        assert!(both.contains("cannot be used with"), "{both}");
+        let neither = parse(&["lg", "http"]).unwrap_err().to_string();
+        assert!(neither.contains("--target"), "{neither}");
+        let conflict = parse(&["lg", "churn", "wss://h/", "--ca", "x", "--insecure"]).unwrap_err().to_string();
+        assert!(conflict.contains("cannot be used with"), "{conflict}");
     }
 }

@@ -10,8 +10,8 @@ use crate::wsproto::{self, opcode};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 /// What the server does with each connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -43,6 +43,8 @@ pub struct EchoConfig {
     pub listen: SocketAddr,
     /// Connection behaviour.
     pub mode: EchoMode,
+    /// Serve TLS with this configuration (`--tls-cert`, `--tls-key`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Stall all replies once, starting this long after the first accepted connection.
     pub stall_at: Option<Duration>,
     /// How long the stall lasts.
@@ -96,6 +98,7 @@ pub async fn serve(cfg: EchoConfig) -> anyhow::Result<()> {
         out.flush()?;
     }
     let stall = Arc::new(Stall { at: cfg.stall_at, len: cfg.stall_for, window: OnceLock::new() });
+    let tls = cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -111,20 +114,40 @@ pub async fn serve(cfg: EchoConfig) -> anyhow::Result<()> {
                 let _ = sock.set_nodelay(true);
                 let stall = stall.clone();
                 let mode = cfg.mode;
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = match mode {
-                        EchoMode::Ws => serve_http(sock, &stall).await,
-                        EchoMode::Tcp => serve_tcp_echo(sock, &stall).await,
-                        EchoMode::Discard => serve_discard(sock).await,
-                        EchoMode::Source => serve_source(sock).await,
-                    };
+                    match tls {
+                        // A failed handshake only ends that connection.
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(sock).await {
+                                serve_conn(s, mode, &stall).await;
+                            }
+                        }
+                        None => serve_conn(sock, mode, &stall).await,
+                    }
                 });
             }
         }
     }
 }
 
-async fn serve_tcp_echo(mut sock: TcpStream, stall: &Stall) -> std::io::Result<()> {
+/// Serves one connection (plain TCP or TLS) in `mode`.
+async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(sock: S, mode: EchoMode, stall: &Stall) {
+    let _ = match mode {
+        EchoMode::Ws => serve_http(sock, stall).await,
+        EchoMode::Tcp => serve_tcp_echo(sock, stall).await,
+        EchoMode::Discard => serve_discard(sock).await,
+        EchoMode::Source => serve_source(sock).await,
+    };
+}
+
+/// Writes `buf` and flushes it (TLS buffers what it encrypts).
+async fn send<S: AsyncWrite + Unpin>(sock: &mut S, buf: &[u8]) -> std::io::Result<()> {
+    sock.write_all(buf).await?;
+    sock.flush().await
+}
+
+async fn serve_tcp_echo<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, stall: &Stall) -> std::io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = sock.read(&mut buf).await?;
@@ -132,25 +155,25 @@ async fn serve_tcp_echo(mut sock: TcpStream, stall: &Stall) -> std::io::Result<(
             return Ok(());
         }
         stall.wait().await;
-        sock.write_all(&buf[..n]).await?;
+        send(&mut sock, &buf[..n]).await?;
     }
 }
 
-async fn serve_discard(mut sock: TcpStream) -> std::io::Result<()> {
+async fn serve_discard<S: AsyncRead + Unpin>(mut sock: S) -> std::io::Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
     while sock.read(&mut buf).await? != 0 {}
     Ok(())
 }
 
-async fn serve_source(mut sock: TcpStream) -> std::io::Result<()> {
+async fn serve_source<S: AsyncWrite + Unpin>(mut sock: S) -> std::io::Result<()> {
     let buf = vec![0u8; 256 * 1024];
     loop {
-        sock.write_all(&buf).await?;
+        send(&mut sock, &buf).await?;
     }
 }
 
 /// HTTP/1.1 requests on one connection until one asks to upgrade to WebSocket.
-async fn serve_http(mut sock: TcpStream, stall: &Stall) -> std::io::Result<()> {
+async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, stall: &Stall) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(4096);
     let mut out = Vec::with_capacity(4096);
     loop {
@@ -158,21 +181,21 @@ async fn serve_http(mut sock: TcpStream, stall: &Stall) -> std::io::Result<()> {
             Ok(n) => n,
             Err(httphead::HeadError::Eof) if buf.is_empty() => return Ok(()),
             Err(_) => {
-                sock.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
+                send(&mut sock, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
                 return Ok(());
             }
         };
         let mut hdrs = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut hdrs);
         if !matches!(req.parse(&buf[..head_len]), Ok(httparse::Status::Complete(_))) {
-            sock.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
+            send(&mut sock, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
             return Ok(());
         }
         let upgrade = has_token(header(req.headers, "connection"), "upgrade")
             && header(req.headers, "upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"));
         if upgrade {
             let Some(key) = header(req.headers, "sec-websocket-key") else {
-                sock.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
+                send(&mut sock, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
                 return Ok(());
             };
             let accept = wsproto::accept_key(&String::from_utf8_lossy(key));
@@ -180,7 +203,7 @@ async fn serve_http(mut sock: TcpStream, stall: &Stall) -> std::io::Result<()> {
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
             );
             out.extend_from_slice(resp.as_bytes());
-            sock.write_all(&out).await?;
+            send(&mut sock, &out).await?;
             buf.drain(..head_len);
             return serve_ws(sock, buf, stall).await;
         }
@@ -208,7 +231,7 @@ async fn serve_http(mut sock: TcpStream, stall: &Stall) -> std::io::Result<()> {
             continue;
         }
         stall.wait().await;
-        sock.write_all(&out).await?;
+        send(&mut sock, &out).await?;
         out.clear();
         if close {
             return Ok(());
@@ -217,15 +240,19 @@ async fn serve_http(mut sock: TcpStream, stall: &Stall) -> std::io::Result<()> {
 }
 
 /// Answers a framing violation with close code 1002 and ends the connection.
-async fn close_protocol_error(sock: &mut TcpStream, out: &mut Vec<u8>) -> std::io::Result<()> {
+async fn close_protocol_error<S: AsyncWrite + Unpin>(sock: &mut S, out: &mut Vec<u8>) -> std::io::Result<()> {
     out.clear();
     wsproto::encode_frame(out, opcode::CLOSE, &1002u16.to_be_bytes(), None);
-    let _ = sock.write_all(out).await;
+    let _ = send(sock, out).await;
     Ok(())
 }
 
 /// Echoes WebSocket frames until close. `leftover` holds bytes read past the handshake.
-async fn serve_ws(mut sock: TcpStream, leftover: Vec<u8>, stall: &Stall) -> std::io::Result<()> {
+async fn serve_ws<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
+    leftover: Vec<u8>,
+    stall: &Stall,
+) -> std::io::Result<()> {
     // Small to start so that many idle connections stay cheap; both grow on demand.
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut rb = ReadBuf::with_leftover(leftover, 4096);
@@ -272,7 +299,7 @@ async fn serve_ws(mut sock: TcpStream, leftover: Vec<u8>, stall: &Stall) -> std:
         }
         if !out.is_empty() {
             stall.wait().await;
-            sock.write_all(&out).await?;
+            send(&mut sock, &out).await?;
             out.clear();
         }
         if closing {

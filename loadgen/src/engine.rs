@@ -9,9 +9,11 @@
 //! charging from the intended times.
 
 use crate::codec::Codec;
+use crate::net::{ReadHalf, WriteHalf};
 use crate::progress::Live;
 use crate::recorder::{ErrorKind, Recorder};
 use crate::schedule::Schedule;
+use crate::target::Wire;
 use crate::timer::Timer;
 use crate::ws::{self, Conn, WsTarget};
 use crate::wsproto::{opcode, Rng};
@@ -21,7 +23,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 
 /// Which protocol the connections speak.
@@ -44,6 +45,8 @@ pub struct RunConfig {
     pub proto: Proto,
     /// Where to connect.
     pub target: SocketAddr,
+    /// PROXY header and TLS of every connection.
+    pub wire: Wire,
     /// Host header.
     pub host: String,
     /// Request path.
@@ -325,7 +328,7 @@ async fn connection(cfg: &RunConfig, clock: Clock, idx: usize, rec: &Rc<RefCell<
     if let Some((mut wr, mut codec)) = writer.filter(|_| ok && !shared.dead.get()) {
         let mut bye = Vec::new();
         codec.encode_control(opcode::CLOSE, &1000u16.to_be_bytes(), &mut bye);
-        if !bye.is_empty() && wr.write_all(&bye).await.is_ok() {
+        if !bye.is_empty() && wr.write_all(&bye).await.is_ok() && wr.flush().await.is_ok() {
             // Give the server a moment to answer the close.
             let _ = tokio::time::timeout(Duration::from_millis(300), async {
                 while !shared.dead.get() {
@@ -348,19 +351,20 @@ async fn open(
     read_buf: usize,
     rec: &Rc<RefCell<Recorder>>,
 ) -> Option<Conn> {
-    let target =
-        WsTarget { addr: cfg.target, host: cfg.host.clone(), path: cfg.path.clone(), timeout: cfg.connect_timeout };
+    let target = WsTarget {
+        addr: cfg.target,
+        host: cfg.host.clone(),
+        path: cfg.path.clone(),
+        timeout: cfg.connect_timeout,
+        wire: cfg.wire.clone(),
+    };
     match ws::open(&target, source, codec, read_buf).await {
         Ok(o) => {
             o.record(&mut rec.borrow_mut());
             Some(o.conn)
         }
         Err(e) => {
-            let mut r = rec.borrow_mut();
-            if let Some(ns) = e.connect_ns {
-                crate::recorder::record_ns(&mut r.connect, ns);
-            }
-            r.error(e.kind);
+            e.record(&mut rec.borrow_mut());
             None
         }
     }
@@ -375,7 +379,7 @@ const MAX_BATCH: usize = 64;
 /// Writes messages on schedule until the measured window ends. Returns false
 /// when the connection failed.
 async fn write_loop(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut WriteHalf,
     codec: &mut Codec,
     sh: &Shared,
     sched: Schedule,
@@ -439,7 +443,13 @@ async fn write_loop(
         }
         sh.counted.set(sh.counted.get().max(sh.next_seq.get()));
         rec.borrow_mut().count_sent(sent_measured, now < clock.end_ns);
-        if wr.write_all(&buf).await.is_err() {
+        // TLS buffers what it encrypts: flush it to the socket.
+        let written = async {
+            wr.write_all(&buf).await?;
+            wr.flush().await
+        }
+        .await;
+        if written.is_err() {
             if sh.may_reconnect {
                 // The server closed: the reader meets the same close and
                 // decides whether it is a keep-alive close (a new connection)
@@ -490,13 +500,7 @@ fn skipped_measured(sched: Schedule, first: u64, clock: Clock) -> u64 {
 /// connection) ends the connection without an error and asks for a new one
 /// ([`Shared::reconnect`]); a peer that closes a connection before answering
 /// anything on it is an error.
-async fn read_loop(
-    mut conn: Conn<OwnedReadHalf>,
-    sh: &Shared,
-    sched: Schedule,
-    clock: Clock,
-    rec: &Rc<RefCell<Recorder>>,
-) {
+async fn read_loop(mut conn: Conn<ReadHalf>, sh: &Shared, sched: Schedule, clock: Clock, rec: &Rc<RefCell<Recorder>>) {
     let cap = sh.send_ns.len() as u64;
     let mut answered = 0u64;
     let outcome: Result<(), ErrorKind> = 'conn: loop {

@@ -3,8 +3,7 @@
 use crate::httphead::{self, has_token, header};
 use crate::recorder::ErrorKind;
 use crate::wsproto::{self, Rng};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// A failed client handshake.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +39,8 @@ impl HandshakeError {
 
 /// Performs the opening handshake on `sock`. Returns the bytes that arrived
 /// after the 101 head (the start of the first frames, if any).
-pub async fn client_handshake(
-    sock: &mut TcpStream,
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
     host: &str,
     path: &str,
     rng: &mut Rng,
@@ -51,6 +50,7 @@ pub async fn client_handshake(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     sock.write_all(req.as_bytes()).await.map_err(|e| HandshakeError::Head(e.into()))?;
+    sock.flush().await.map_err(|e| HandshakeError::Head(e.into()))?;
     let mut buf = Vec::with_capacity(1024);
     let n = httphead::read_head(sock, &mut buf).await?;
     {

@@ -201,7 +201,7 @@ async fn connection(
             o.conn
         }
         Err(e) => {
-            sh.rec().error(e.kind);
+            e.record(&mut sh.rec());
             return;
         }
     };

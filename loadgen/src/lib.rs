@@ -24,6 +24,7 @@ pub mod report;
 pub mod rusage;
 pub mod schedule;
 pub mod search;
+pub mod target;
 pub mod tcpbulk;
 pub mod timeline;
 pub mod timer;

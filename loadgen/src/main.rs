@@ -7,7 +7,8 @@ use std::net::ToSocketAddrs;
 use std::process::ExitCode;
 use std::sync::Arc;
 use upsplice_loadgen::cli::{
-    ChurnArgs, Cli, Command, HoldArgs, LifecycleArgs, LoadArgs, MergeArgs, PlotArgs, SearchArgs, TcpMode,
+    ChurnArgs, Cli, Command, HoldArgs, HttpTarget, LifecycleArgs, LoadArgs, MergeArgs, PlotArgs, SearchArgs, TcpMode,
+    WireArgs,
 };
 use upsplice_loadgen::engine::{self, Proto, RunConfig};
 use upsplice_loadgen::outputs::{self, Outputs};
@@ -15,6 +16,7 @@ use upsplice_loadgen::plot::{self, Series};
 use upsplice_loadgen::recorder::Recorder;
 use upsplice_loadgen::report::{self, Expect, RunInfo};
 use upsplice_loadgen::rusage::CpuTime;
+use upsplice_loadgen::target::{TargetSpec, Wire, ALPN_HTTP1};
 use upsplice_loadgen::watch::Watch;
 use upsplice_loadgen::{churn, echo, hlog, hold, lifecycle, net, progress, search, tcpbulk, ws};
 
@@ -41,9 +43,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .worker_threads(a.threads.unwrap_or_else(cores).max(1))
                 .enable_all()
                 .build()?;
+            let tls = match (&a.tls_cert, &a.tls_key) {
+                (Some(cert), Some(key)) => Some(upsplice_loadgen::tls::server_config(cert, key)?),
+                _ => None,
+            };
             rt.block_on(echo::serve(echo::EchoConfig {
                 listen: a.listen,
                 mode: a.mode,
+                tls,
                 stall_at: a.stall_at,
                 stall_for: a.stall_for,
             }))?;
@@ -51,21 +58,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ws(a) => {
             check_size(a.size)?;
-            let host = a.http.host_or(&a.load.target);
-            load(&a.load, plan(&a.load, Proto::Ws, "ws", host, a.http.path, a.size, a.max_inflight)?)
+            let dest = Dest::http(&a.load.url, &a.load.target, &a.http, &a.load.wire)?;
+            load(&a.load, plan(&a.load, Proto::Ws, "ws", dest, a.size, a.max_inflight)?)
         }
         Command::Http(a) => {
-            let host = a.http.host_or(&a.load.target);
+            let dest = Dest::http(&a.load.url, &a.load.target, &a.http, &a.load.wire)?;
             let proto = if a.close { Proto::HttpClose } else { Proto::HttpKeepAlive };
             let mode = if a.close { "http-close" } else { "http" };
-            load(&a.load, plan(&a.load, proto, mode, host, a.http.path, 0, a.max_inflight)?)
+            load(&a.load, plan(&a.load, proto, mode, dest, 0, a.max_inflight)?)
         }
         Command::Tcp(a) if a.mode == TcpMode::Pingpong => {
             check_size(a.size)?;
-            let host = a.load.target.clone();
-            load(&a.load, plan(&a.load, Proto::Raw, "tcp-pingpong", host, String::new(), a.size, a.max_inflight)?)
+            let dest = Dest::tcp(&a.load)?;
+            load(&a.load, plan(&a.load, Proto::Raw, "tcp-pingpong", dest, a.size, a.max_inflight)?)
         }
-        Command::Tcp(a) => bulk(&a.load, a.size, a.direction),
+        Command::Tcp(a) => bulk(&a.load, Dest::tcp(&a.load)?, a.size, a.direction),
         Command::Hold(a) => hold(a),
         Command::Churn(a) => churn(a),
         Command::Search(a) => search(a),
@@ -82,6 +89,52 @@ fn check_size(size: usize) -> anyhow::Result<()> {
         bail!("--size must be at most {} bytes", upsplice_loadgen::wsproto::MAX_PAYLOAD);
     }
     Ok(())
+}
+
+/// Where a mode connects and how: the address, what the summary calls the
+/// target, the Host header and path, and the TLS and PROXY settings.
+struct Dest {
+    addr: std::net::SocketAddr,
+    name: String,
+    host: String,
+    path: String,
+    wire: Wire,
+}
+
+impl Dest {
+    /// A URL or `--target` with `--host` and `--path` (ws, http, hold, churn, search).
+    fn http(url: &Option<String>, target: &Option<String>, http: &HttpTarget, wire: &WireArgs) -> anyhow::Result<Dest> {
+        Self::new(url, target, Some(http), wire, ALPN_HTTP1)
+    }
+
+    /// A URL or `--target` for raw TCP: no request, so no path.
+    fn tcp(l: &LoadArgs) -> anyhow::Result<Dest> {
+        let d = Self::new(&l.url, &l.target, None, &l.wire, &[])?;
+        if d.path != "/" {
+            bail!("tcp sends no request: the URL's path {} has no use, leave it out", d.path);
+        }
+        Ok(d)
+    }
+
+    fn new(
+        url: &Option<String>,
+        target: &Option<String>,
+        http: Option<&HttpTarget>,
+        wire: &WireArgs,
+        alpn: &[&[u8]],
+    ) -> anyhow::Result<Dest> {
+        let spec = TargetSpec {
+            url: url.as_deref(),
+            target: target.as_deref(),
+            host: http.and_then(|h| h.host.as_deref()),
+            path: http.and_then(|h| h.path.as_deref()),
+            tls: wire.tls,
+        };
+        let e = spec.endpoint()?;
+        let wire = Wire::new(&e, wire, alpn)?;
+        let name = url.clone().or_else(|| target.clone()).unwrap_or_default();
+        Ok(Dest { addr: resolve(&e.addr)?, name, host: e.host, path: e.path, wire })
+    }
 }
 
 fn resolve(target: &str) -> anyhow::Result<std::net::SocketAddr> {
@@ -114,15 +167,7 @@ struct Plan {
     info: RunInfo,
 }
 
-fn plan(
-    l: &LoadArgs,
-    proto: Proto,
-    mode: &str,
-    host: String,
-    path: String,
-    size: usize,
-    max_inflight: usize,
-) -> anyhow::Result<Plan> {
+fn plan(l: &LoadArgs, proto: Proto, mode: &str, dest: Dest, size: usize, max_inflight: usize) -> anyhow::Result<Plan> {
     validate(l)?;
     let fds = net::raise_fd_limit();
     if l.connections as u64 + 64 > fds {
@@ -134,9 +179,10 @@ fn plan(
     }
     let cfg = RunConfig {
         proto,
-        target: resolve(&l.target)?,
-        host,
-        path,
+        target: dest.addr,
+        wire: dest.wire,
+        host: dest.host,
+        path: dest.path,
         connections: l.connections,
         rate: l.rate,
         duration: l.duration,
@@ -152,7 +198,7 @@ fn plan(
     };
     let info = RunInfo {
         mode: mode.to_string(),
-        target: l.target.clone(),
+        target: dest.name,
         connections: l.connections as u64,
         threads: cfg.threads.min(cfg.connections) as u64,
         target_rate: l.rate,
@@ -197,8 +243,8 @@ fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
         bail!("--resolution and --max-steps must be positive");
     }
     let l = &a.ws.load;
-    let host = a.ws.http.host_or(&l.target);
-    let mut p = plan(l, Proto::Ws, "ws", host, a.ws.http.path.clone(), a.ws.size, a.ws.max_inflight)?;
+    let dest = Dest::http(&l.url, &l.target, &a.ws.http, &l.wire)?;
+    let mut p = plan(l, Proto::Ws, "ws", dest, a.ws.size, a.ws.max_inflight)?;
     let bound_us = a.below.as_micros() as u64;
     let cfg = search::SearchConfig {
         floor: a.floor,
@@ -210,7 +256,7 @@ fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
     };
     println!(
         "upsplice-loadgen search -> {}: highest rate in {}..{}/s with corrected p{} < {:.3} ms",
-        l.target,
+        p.info.target,
         a.floor,
         a.ceiling,
         a.percentile,
@@ -288,12 +334,13 @@ fn finish(
     Ok(if summary.valid { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Result<ExitCode> {
+fn bulk(l: &LoadArgs, dest: Dest, size: usize, direction: tcpbulk::Direction) -> anyhow::Result<ExitCode> {
     if l.connections == 0 || l.duration.is_zero() {
         bail!("--connections and --duration must be positive");
     }
     let cfg = tcpbulk::BulkConfig {
-        target: resolve(&l.target)?,
+        target: dest.addr,
+        wire: dest.wire,
         connections: l.connections,
         duration: l.duration,
         warmup: l.warmup,
@@ -309,7 +356,7 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
     let rec = tcpbulk::run(&cfg)?;
     let info = RunInfo {
         mode: "tcp-bulk".into(),
-        target: l.target.clone(),
+        target: dest.name,
         connections: l.connections as u64,
         threads: cfg.threads as u64,
         target_rate: 0.0,
@@ -326,22 +373,25 @@ fn bulk(l: &LoadArgs, size: usize, direction: tcpbulk::Direction) -> anyhow::Res
 
 /// What `hold` and `churn` share: the upgrade target, message size,
 /// source addresses and threads.
-fn lifecycle(c: &LifecycleArgs) -> anyhow::Result<lifecycle::LifecycleConfig> {
+fn lifecycle(c: &LifecycleArgs) -> anyhow::Result<(lifecycle::LifecycleConfig, String)> {
     check_size(c.size)?;
     if c.conn.connect_timeout.is_zero() {
         bail!("--connect-timeout must be positive");
     }
-    Ok(lifecycle::LifecycleConfig {
+    let dest = Dest::http(&c.url, &c.target, &c.http, &c.wire)?;
+    let cfg = lifecycle::LifecycleConfig {
         target: ws::WsTarget {
-            addr: resolve(&c.target)?,
-            host: c.http.host_or(&c.target),
-            path: c.http.path.clone(),
+            addr: dest.addr,
+            host: dest.host,
+            path: dest.path,
             timeout: c.conn.connect_timeout,
+            wire: dest.wire,
         },
         size: c.size,
         source_ips: net::parse_source_ips(&c.conn.source_ip)?,
         threads: c.conn.threads.unwrap_or_else(cores).max(1),
-    })
+    };
+    Ok((cfg, dest.name))
 }
 
 fn positive_rate(name: &str, r: Option<f64>) -> anyhow::Result<()> {
@@ -364,8 +414,9 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
         bail!("--ping-every must be at least 1ms");
     }
     let fd_limit = lifecycle::ensure_fds(a.connections as u64, "--connections")?;
+    let (common, target) = lifecycle(c)?;
     let cfg = hold::HoldConfig {
-        common: lifecycle(c)?,
+        common,
         connections: a.connections,
         open_rate: a.open_rate,
         open_concurrency: a.open_concurrency,
@@ -378,7 +429,7 @@ fn hold(a: HoldArgs) -> anyhow::Result<ExitCode> {
     let out = hold::run(&cfg)?;
     let info = RunInfo {
         mode: "hold".into(),
-        target: c.target.clone(),
+        target,
         connections: a.connections as u64,
         threads: cfg.common.threads as u64,
         target_rate: 0.0,
@@ -407,19 +458,15 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
     }
     positive_rate("--rate", a.rate)?;
     lifecycle::ensure_fds(a.concurrency as u64, "--concurrency")?;
-    let cfg = churn::ChurnConfig {
-        common: lifecycle(c)?,
-        rate: a.rate,
-        concurrency: a.concurrency,
-        duration: a.duration,
-        count: a.count,
-    };
+    let (common, target) = lifecycle(c)?;
+    let cfg =
+        churn::ChurnConfig { common, rate: a.rate, concurrency: a.concurrency, duration: a.duration, count: a.count };
     let w = Watch::start(&c.watch.pids, c.watch.port)?;
     let cpu0 = CpuTime::now();
     let out = churn::run(&cfg)?;
     let info = RunInfo {
         mode: "churn".into(),
-        target: c.target.clone(),
+        target,
         connections: out.stats.attempts,
         threads: cfg.common.threads as u64,
         target_rate: a.rate.unwrap_or(0.0),

@@ -1,8 +1,140 @@
-//! Outgoing connections: source-address lists (`--source-ip`, with ranges)
-//! and connecting from a chosen local address.
+//! Outgoing connections: source-address lists (`--source-ip`, with ranges),
+//! connecting from a chosen local address, and [`dial`]: connect, send the
+//! PROXY header, make the TLS handshake, each step timed.
 
+use crate::proxy;
+use crate::recorder::{record_ns, ErrorKind, Recorder};
+use crate::target::Wire;
+use crate::tls::ClientStream;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Instant;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::either::Either;
+
+/// A connection to the target: plain TCP, or TLS over it (boxed: a TLS
+/// session is large, and idle plain connections should stay small).
+pub type Stream = Either<TcpStream, Box<ClientStream>>;
+/// The reading half of a split [`Stream`].
+pub type ReadHalf = Either<OwnedReadHalf, tokio::io::ReadHalf<Box<ClientStream>>>;
+/// The writing half of a split [`Stream`].
+pub type WriteHalf = Either<OwnedWriteHalf, tokio::io::WriteHalf<Box<ClientStream>>>;
+
+/// Splits a stream for a reader task and a writer task. Plain TCP splits
+/// without a lock; a TLS session is shared by the two halves.
+pub fn split(s: Stream) -> (ReadHalf, WriteHalf) {
+    match s {
+        Either::Left(tcp) => {
+            let (r, w) = tcp.into_split();
+            (Either::Left(r), Either::Left(w))
+        }
+        Either::Right(tls) => {
+            let (r, w) = tokio::io::split(tls);
+            (Either::Right(r), Either::Right(w))
+        }
+    }
+}
+
+/// A connection that [`dial`] made, and how long its steps took.
+#[derive(Debug)]
+pub struct Dialed {
+    /// The connection, ready for the protocol.
+    pub stream: Stream,
+    /// TCP connect (and the PROXY header written), ns.
+    pub connect_ns: u64,
+    /// The TLS handshake, ns (`None`: no TLS).
+    pub tls_ns: Option<u64>,
+}
+
+/// Records a connection's connect and TLS handshake times (ns).
+pub fn record_dial(rec: &mut Recorder, connect_ns: u64, tls_ns: Option<u64>) {
+    record_ns(&mut rec.connect, connect_ns);
+    if let Some(ns) = tls_ns {
+        record_ns(&mut rec.tls, ns);
+    }
+}
+
+/// A failed [`dial`] (or a failed upgrade after it): the error counter it
+/// goes to, the connect time if the TCP connection was made, and for a
+/// failed TLS handshake what rustls said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DialError {
+    /// What failed.
+    pub kind: ErrorKind,
+    /// TCP connect, ns, when the failure came after it.
+    pub connect_ns: Option<u64>,
+    /// Why the TLS handshake failed (e.g. `invalid peer certificate: UnknownIssuer`).
+    pub tls_error: Option<String>,
+}
+
+impl DialError {
+    /// A failure of kind `kind` after a connect that took `connect_ns`.
+    pub fn new(kind: ErrorKind, connect_ns: Option<u64>) -> Self {
+        DialError { kind, connect_ns, tls_error: None }
+    }
+
+    /// Records the connect time (if any), counts the error and keeps the
+    /// first TLS failure's reason for the report.
+    pub fn record(&self, rec: &mut Recorder) {
+        if let Some(ns) = self.connect_ns {
+            record_ns(&mut rec.connect, ns);
+        }
+        self.note(rec);
+        rec.error(self.kind);
+    }
+
+    /// Keeps the first TLS failure's reason for the report (when the caller
+    /// counts the error itself).
+    pub fn note(&self, rec: &mut Recorder) {
+        if rec.tls_error.is_none() {
+            rec.tls_error.clone_from(&self.tls_error);
+        }
+    }
+}
+
+/// Connects to `target` from `source`, sends the PROXY header `wire` asks
+/// for (the connection's own addresses) and makes the TLS handshake, all
+/// before `deadline`.
+pub async fn dial(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    wire: &Wire,
+    deadline: tokio::time::Instant,
+) -> Result<Dialed, DialError> {
+    let t_start = Instant::now();
+    let mut sock = match tokio::time::timeout_at(deadline, connect(target, source)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return Err(DialError::new(ErrorKind::Connect, None)),
+        Err(_) => return Err(DialError::new(ErrorKind::ConnectTimeout, None)),
+    };
+    if let Some(version) = wire.proxy {
+        let addrs = sock.local_addr().and_then(|l| Ok((l, sock.peer_addr()?)));
+        let written = match addrs {
+            Ok((local, peer)) => sock.write_all(&proxy::header(version, local, peer)).await,
+            Err(e) => Err(e),
+        };
+        if written.is_err() {
+            return Err(DialError::new(ErrorKind::Connect, None));
+        }
+    }
+    let t_conn = Instant::now();
+    let connect_ns = (t_conn - t_start).as_nanos() as u64;
+    let Some(tls) = &wire.tls else {
+        return Ok(Dialed { stream: Either::Left(sock), connect_ns, tls_ns: None });
+    };
+    match tokio::time::timeout_at(deadline, tls.handshake(sock)).await {
+        Ok(Ok(s)) => Ok(Dialed {
+            stream: Either::Right(Box::new(s)),
+            connect_ns,
+            tls_ns: Some(t_conn.elapsed().as_nanos() as u64),
+        }),
+        Ok(Err(e)) => {
+            Err(DialError { kind: ErrorKind::Tls, connect_ns: Some(connect_ns), tls_error: Some(e.to_string()) })
+        }
+        Err(_) => Err(DialError::new(ErrorKind::ConnectTimeout, Some(connect_ns))),
+    }
+}
 
 /// A `--source-ip` value that could not be understood.
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,8 @@ pub enum ErrorKind {
     Connect,
     /// TCP connect or handshake exceeded the connect timeout.
     ConnectTimeout,
+    /// The TLS handshake failed (certificate not trusted, wrong name, no common version...).
+    Tls,
     /// The HTTP upgrade was answered with something other than 101.
     UpgradeRefused,
     /// The 101 answer carried a wrong or missing Sec-WebSocket-Accept.
@@ -52,9 +54,10 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// All kinds, for stable reporting order.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::Connect,
         ErrorKind::ConnectTimeout,
+        ErrorKind::Tls,
         ErrorKind::UpgradeRefused,
         ErrorKind::BadAccept,
         ErrorKind::Handshake,
@@ -71,6 +74,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Connect => "connect",
             ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::Tls => "tls",
             ErrorKind::UpgradeRefused => "upgrade_refused",
             ErrorKind::BadAccept => "bad_accept",
             ErrorKind::Handshake => "handshake",
@@ -95,6 +99,8 @@ pub struct Recorder {
     pub send_lag: Histogram<u64>,
     /// TCP connect time.
     pub connect: Histogram<u64>,
+    /// TLS handshake time (every one a full handshake: resumption is off).
+    pub tls: Histogram<u64>,
     /// WebSocket upgrade (request written to 101 parsed).
     pub upgrade: Histogram<u64>,
     /// Whole WebSocket handshake: connect started to 101 parsed.
@@ -125,6 +131,8 @@ pub struct Recorder {
     pub bytes_in: u64,
     /// Errors by kind.
     pub errors: BTreeMap<ErrorKind, u64>,
+    /// Why the first failed TLS handshake failed.
+    pub tls_error: Option<String>,
     /// Progress and owed messages over the run's time, for finding stalls.
     pub timeline: Timeline,
 }
@@ -137,6 +145,7 @@ impl Recorder {
             uncorrected: new_histogram(),
             send_lag: new_histogram(),
             connect: new_histogram(),
+            tls: new_histogram(),
             upgrade: new_histogram(),
             handshake: new_histogram(),
             intervals: Vec::new(),
@@ -151,6 +160,7 @@ impl Recorder {
             bytes_out: 0,
             bytes_in: 0,
             errors: BTreeMap::new(),
+            tls_error: None,
             timeline: Timeline::default(),
         }
     }
@@ -202,6 +212,7 @@ impl Recorder {
         self.uncorrected.add(&other.uncorrected).expect("same bounds");
         self.send_lag.add(&other.send_lag).expect("same bounds");
         self.connect.add(&other.connect).expect("same bounds");
+        self.tls.add(&other.tls).expect("same bounds");
         self.upgrade.add(&other.upgrade).expect("same bounds");
         self.handshake.add(&other.handshake).expect("same bounds");
         while self.intervals.len() < other.intervals.len() {
@@ -221,6 +232,9 @@ impl Recorder {
         self.bytes_in += other.bytes_in;
         for (k, v) in &other.errors {
             *self.errors.entry(*k).or_insert(0) += v;
+        }
+        if self.tls_error.is_none() {
+            self.tls_error.clone_from(&other.tls_error);
         }
         self.timeline.merge(&other.timeline);
     }

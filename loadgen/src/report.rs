@@ -75,11 +75,16 @@ pub struct Latencies {
     /// Generator lateness: actual write minus intended send time (the part
     /// of `corrected` the generator itself may have caused).
     pub send_lag: Percentiles,
-    /// TCP connect.
+    /// TCP connect (and the PROXY header written, when sent).
     pub connect: Percentiles,
+    /// TLS handshake after the connect; `count` is the number of full
+    /// handshakes (resumption is off). Added in v1; absent in older files and
+    /// empty without TLS.
+    #[serde(default)]
+    pub tls: Percentiles,
     /// WebSocket upgrade (request to 101).
     pub upgrade: Percentiles,
-    /// Whole WebSocket handshake: connect started to 101 parsed (added in v1; absent in older files).
+    /// Whole WebSocket handshake: connect started to 101 parsed, TLS included (added in v1; absent in older files).
     #[serde(default)]
     pub handshake: Percentiles,
 }
@@ -368,6 +373,11 @@ pub fn verdict(
     if total_errors > 0 {
         invalid(format!("{total_errors} errors: the latency figures miss the failed messages"));
     }
+    if let Some(why) = &rec.tls_error {
+        problems.push(format!(
+            "TLS handshake failed: {why} (check --ca, --sni and the target's certificate; --insecure skips verification)"
+        ));
+    }
     if stalls.count > 0 {
         problems.push(format!(
             "STALLED: {} time(s) nothing moved for a second or more while load was due, the longest for {:.2}s \
@@ -443,6 +453,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
             uncorrected: Percentiles::of(&rec.uncorrected),
             send_lag: Percentiles::of(&rec.send_lag),
             connect: Percentiles::of(&rec.connect),
+            tls: Percentiles::of(&rec.tls),
             upgrade: Percentiles::of(&rec.upgrade),
             handshake: Percentiles::of(&rec.handshake),
         },
@@ -634,6 +645,9 @@ pub fn render(s: &Summary) -> String {
         row(&mut out, "send lag", &s.latency_us.send_lag);
     }
     row(&mut out, "connect", &s.latency_us.connect);
+    if s.latency_us.tls.count > 0 {
+        row(&mut out, "tls (full)", &s.latency_us.tls);
+    }
     row(&mut out, "upgrade", &s.latency_us.upgrade);
     row(&mut out, "handshake", &s.latency_us.handshake);
     if s.stalls.count > 0 {

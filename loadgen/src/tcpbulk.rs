@@ -1,8 +1,9 @@
 //! Raw TCP bulk throughput: each connection writes and/or reads as fast as it
 //! can; bytes are counted only inside the measured window.
 
-use crate::net;
-use crate::recorder::{record_ns, ErrorKind, Recorder};
+use crate::net::{self, DialError};
+use crate::recorder::{ErrorKind, Recorder};
+use crate::target::Wire;
 use crate::timeline::Timeline;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,8 +41,10 @@ pub struct BulkConfig {
     pub source_ips: Vec<IpAddr>,
     /// Threads for the runtime.
     pub threads: usize,
-    /// Connect time limit.
+    /// Connect time limit (TLS handshake included).
     pub connect_timeout: Duration,
+    /// PROXY header and TLS.
+    pub wire: Wire,
 }
 
 /// How often the bytes moved are sampled for the stall timeline.
@@ -50,12 +53,12 @@ const SAMPLE: Duration = Duration::from_millis(10);
 /// How long the connections get to wind down after the measured window.
 const GRACE: Duration = Duration::from_secs(2);
 
-/// How one connection went: its connect time once established, and the
-/// error that ended it, if any. A connection that was established counts as
-/// such however it ended.
-struct Outcome {
-    connect_ns: Option<u64>,
-    error: Option<ErrorKind>,
+/// How one connection went: its connect and TLS times once established, and
+/// the error that ended it, if any. A connection that was established
+/// counts as such however it ended.
+enum Outcome {
+    Failed(DialError),
+    Ran { connect_ns: u64, tls_ns: Option<u64>, error: Option<ErrorKind> },
 }
 
 /// Runs a bulk transfer and returns bytes and errors in a [`Recorder`].
@@ -96,15 +99,13 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
             let stop = stop_rx.clone();
             tasks.push(tokio::spawn(async move {
                 let source = (!cfg.source_ips.is_empty()).then(|| cfg.source_ips[i % cfg.source_ips.len()]);
-                let t = Instant::now();
-                let failed = |kind| Outcome { connect_ns: None, error: Some(kind) };
-                let sock = match tokio::time::timeout(cfg.connect_timeout, net::connect(cfg.target, source)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(_)) => return failed(ErrorKind::Connect),
-                    Err(_) => return failed(ErrorKind::ConnectTimeout),
+                let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+                let dialed = match net::dial(cfg.target, source, &cfg.wire, deadline).await {
+                    Ok(d) => d,
+                    Err(e) => return Outcome::Failed(e),
                 };
-                let connect_ns = Some(t.elapsed().as_nanos() as u64);
-                let (mut rd, mut wr) = sock.into_split();
+                let (connect_ns, tls_ns) = (dialed.connect_ns, dialed.tls_ns);
+                let (mut rd, mut wr) = net::split(dialed.stream);
                 let stopped = || *stop.borrow();
                 let writer = async {
                     if cfg.direction == Direction::Down {
@@ -115,7 +116,8 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
                     while !stopped() {
                         // A write blocked on a peer that stopped reading ends with the window.
                         tokio::select! {
-                            r = wr.write_all(&chunk) => r.map_err(|_| ErrorKind::Io)?,
+                            // TLS buffers what it encrypts: flush it to the socket.
+                            r = async { wr.write_all(&chunk).await?; wr.flush().await } => r.map_err(|_| ErrorKind::Io)?,
                             _ = stop.wait_for(|s| *s) => break,
                         }
                         moved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -152,7 +154,7 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
                     Ok(())
                 };
                 let (w, r) = tokio::join!(writer, reader);
-                Outcome { connect_ns, error: w.and(r).err() }
+                Outcome::Ran { connect_ns, tls_ns, error: w.and(r).err() }
             }));
         }
         tokio::time::sleep(cfg.warmup).await;
@@ -164,14 +166,16 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
         let deadline = tokio::time::Instant::now() + GRACE;
         for t in tasks {
             // A task still connecting is cut off with the grace period.
-            if let Ok(Ok(o)) = tokio::time::timeout_at(deadline, t).await {
-                if let Some(ns) = o.connect_ns {
+            match tokio::time::timeout_at(deadline, t).await {
+                Ok(Ok(Outcome::Ran { connect_ns, tls_ns, error })) => {
                     rec.connections_ok += 1;
-                    record_ns(&mut rec.connect, ns);
+                    net::record_dial(&mut rec, connect_ns, tls_ns);
+                    if let Some(kind) = error {
+                        rec.error(kind);
+                    }
                 }
-                if let Some(kind) = o.error {
-                    rec.error(kind);
-                }
+                Ok(Ok(Outcome::Failed(e))) => e.record(&mut rec),
+                _ => {}
             }
         }
         if let Ok(timeline) = sampler.await {

@@ -1,6 +1,7 @@
 //! The generator's one client connection (after mini-redis's `Connection`):
-//! [`open`] connects (from a chosen source address) and, for WebSocket,
-//! performs the RFC 6455 upgrade within a time limit; a [`Conn`] then
+//! [`open`] dials ([`net::dial`]: connect from a chosen source address,
+//! PROXY header, TLS) and, for WebSocket, performs the RFC 6455 upgrade,
+//! all within a time limit; a [`Conn`] then
 //! [`send`](Conn::send)s messages, reads them back with
 //! [`next_reply`](Conn::next_reply) (answering pings, skipping pongs, joining
 //! fragments, stopping at a close frame) and ends with a client-first
@@ -15,15 +16,14 @@
 
 use crate::codec::{Codec, Decoded};
 use crate::handshake;
-use crate::net;
+use crate::net::{self, ReadHalf, Stream, WriteHalf};
 use crate::readbuf::ReadBuf;
 use crate::recorder::{record_ns, ErrorKind, Recorder};
+use crate::target::Wire;
 use crate::wsproto::opcode;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 
 /// Where and how to connect and upgrade.
 #[derive(Debug, Clone)]
@@ -34,8 +34,10 @@ pub struct WsTarget {
     pub host: String,
     /// Request path.
     pub path: String,
-    /// Limit for connect + handshake.
+    /// Limit for connect + TLS + upgrade.
     pub timeout: Duration,
+    /// PROXY header and TLS.
+    pub wire: Wire,
 }
 
 /// One reply read back: the sequence number it carried (WebSocket and raw
@@ -53,7 +55,7 @@ pub struct Reply {
 /// A client connection: the socket (or one half of it), its read buffer, the
 /// codec, and the control frames owed to the peer.
 #[derive(Debug)]
-pub struct Conn<S = TcpStream> {
+pub struct Conn<S = Stream> {
     io: S,
     rb: ReadBuf,
     codec: Codec,
@@ -66,36 +68,33 @@ pub struct Conn<S = TcpStream> {
 pub struct Opened {
     /// The connection, positioned after the 101 head.
     pub conn: Conn,
-    /// TCP connect, ns.
+    /// TCP connect (and PROXY header), ns.
     pub connect_ns: u64,
+    /// TLS handshake, ns (`None`: no TLS).
+    pub tls_ns: Option<u64>,
     /// Request written to 101 parsed, ns (`None`: no upgrade, the codec is not WebSocket).
     pub upgrade_ns: Option<u64>,
 }
 
 impl Opened {
-    /// Records connect time, and upgrade and whole-handshake times when upgraded.
+    /// Records connect and TLS times, and upgrade and whole-handshake times when upgraded.
     pub fn record(&self, rec: &mut Recorder) {
-        record_ns(&mut rec.connect, self.connect_ns);
+        net::record_dial(rec, self.connect_ns, self.tls_ns);
         if let Some(up) = self.upgrade_ns {
             record_ns(&mut rec.upgrade, up);
-            record_ns(&mut rec.handshake, self.connect_ns + up);
+            record_ns(&mut rec.handshake, self.connect_ns + self.tls_ns.unwrap_or(0) + up);
         }
     }
 }
 
-/// A failed [`open`]: the error counter it goes to, and the connect time if
-/// the TCP connection was made before the upgrade failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OpenError {
-    /// What failed.
-    pub kind: ErrorKind,
-    /// TCP connect, ns, when the failure came after it.
-    pub connect_ns: Option<u64>,
-}
+/// A failed [`open`]: the error counter it goes to, the connect time if the
+/// TCP connection was made before the TLS handshake or the upgrade failed,
+/// and why TLS failed.
+pub type OpenError = net::DialError;
 
-/// Connects to `t.addr` (from `source` when given) and, when `codec` is
-/// WebSocket, performs the client handshake with `t.host` and `t.path`, all
-/// within `t.timeout`. The connection's read buffer starts with room for
+/// Dials `t.addr` (from `source` when given, with `t.wire`'s PROXY header
+/// and TLS) and, when `codec` is WebSocket, performs the client handshake
+/// with `t.host` and `t.path`, all within `t.timeout`. The connection's read buffer starts with room for
 /// `read_buf` bytes and grows only if a frame needs more.
 pub async fn open(
     t: &WsTarget,
@@ -103,21 +102,14 @@ pub async fn open(
     mut codec: Codec,
     read_buf: usize,
 ) -> Result<Opened, OpenError> {
-    let t_start = Instant::now();
-    let deadline = tokio::time::Instant::from(t_start + t.timeout);
-    let fail = |kind| OpenError { kind, connect_ns: None };
-    let mut sock = match tokio::time::timeout_at(deadline, net::connect(t.addr, source)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) => return Err(fail(ErrorKind::Connect)),
-        Err(_) => return Err(fail(ErrorKind::ConnectTimeout)),
-    };
+    let deadline = tokio::time::Instant::from(Instant::now() + t.timeout);
+    let net::Dialed { stream: mut sock, connect_ns, tls_ns } = net::dial(t.addr, source, &t.wire, deadline).await?;
     let t_conn = Instant::now();
-    let connect_ns = (t_conn - t_start).as_nanos() as u64;
     let Codec::Ws { rng, .. } = &mut codec else {
         let conn = Conn { io: sock, rb: ReadBuf::with_leftover(Vec::new(), read_buf), codec, out: Vec::new() };
-        return Ok(Opened { conn, connect_ns, upgrade_ns: None });
+        return Ok(Opened { conn, connect_ns, tls_ns, upgrade_ns: None });
     };
-    let failed = |kind| OpenError { kind, connect_ns: Some(connect_ns) };
+    let failed = |kind| OpenError::new(kind, Some(connect_ns));
     let leftover =
         match tokio::time::timeout_at(deadline, handshake::client_handshake(&mut sock, &t.host, &t.path, rng)).await {
             Ok(Ok(leftover)) => leftover,
@@ -127,15 +119,15 @@ pub async fn open(
     let upgrade_ns = t_conn.elapsed().as_nanos() as u64;
     // The handshake's read buffer is larger than what it holds; keep only the bytes.
     let rb = ReadBuf::with_leftover(leftover.as_slice().to_vec(), read_buf);
-    Ok(Opened { conn: Conn { io: sock, rb, codec, out: Vec::new() }, connect_ns, upgrade_ns: Some(upgrade_ns) })
+    Ok(Opened { conn: Conn { io: sock, rb, codec, out: Vec::new() }, connect_ns, tls_ns, upgrade_ns: Some(upgrade_ns) })
 }
 
 impl Conn {
     /// Splits into a reading connection and the write half. The caller writes
     /// with its own copy of the codec ([`codec`](Self::codec)) and sends the
     /// pongs the reader collects ([`take_control`](Self::take_control)).
-    pub fn into_split(self) -> (Conn<OwnedReadHalf>, OwnedWriteHalf) {
-        let (rd, wr) = self.io.into_split();
+    pub fn into_split(self) -> (Conn<ReadHalf>, WriteHalf) {
+        let (rd, wr) = net::split(self.io);
         (Conn { io: rd, rb: self.rb, codec: self.codec, out: self.out }, wr)
     }
 }
@@ -205,7 +197,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let r = self.io.write_all(&self.out).await.map_err(|_| ErrorKind::Io);
+        // TLS buffers what it encrypts: flush it to the socket.
+        let r = async {
+            self.io.write_all(&self.out).await?;
+            self.io.flush().await
+        }
+        .await
+        .map_err(|_| ErrorKind::Io);
         self.out.clear();
         r
     }

@@ -41,6 +41,7 @@ fn allocations_for(addr: &str, rate: f64) -> (u64, u64) {
     let cfg = RunConfig {
         proto: Proto::Ws,
         target: addr.parse().unwrap(),
+        wire: Default::default(),
         host: addr.to_string(),
         path: "/".into(),
         connections: 4,
