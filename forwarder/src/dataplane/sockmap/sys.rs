@@ -103,10 +103,49 @@ pub fn written_at_least(fd: RawFd) -> io::Result<u64> {
     Ok(acked + outq(fd)?)
 }
 
+/// `SO_RCVBUF`: the receive buffer the kernel uses now (autotuned or set).
+pub fn rcvbuf(fd: RawFd) -> io::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes, `len` is its size.
+    let rc =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&mut value as *mut i32).cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Sets the receive buffer back to `bytes` (a value [`rcvbuf`] read), as
+/// `SO_RCVBUFFORCE` (the kernel doubles what it is given, and only the
+/// forced form may exceed `net.core.rmem_max`; the router holds
+/// CAP_NET_ADMIN for the sockmap plane). From then on TCP no longer
+/// autotunes it.
+pub fn restore_rcvbuf(fd: RawFd, bytes: i32) -> io::Result<()> {
+    let half: libc::c_int = bytes / 2;
+    // SAFETY: `half` is a valid c_int for the duration of the call and its
+    // size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&half as *const i32).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `SO_RCVLOWAT`: TCP calls the socket's data-ready (for a socket in a
 /// sockmap: the verdict) only once this many bytes wait, or its receive
 /// buffer is nearly full (`tcp_data_ready`). The kernel caps the value at
-/// half the receive buffer.
+/// half the largest receive buffer (`tcp_rmem[2]`) and, as a side effect
+/// that outlives the mark, grows the socket's receive buffer to hold it
+/// (`tcp_set_rcvlowat`).
 pub fn set_rcvlowat(fd: RawFd, bytes: i32) -> io::Result<()> {
     // SAFETY: `bytes` is a valid c_int for the duration of the call and its
     // size is passed.

@@ -259,8 +259,9 @@ struct Dir<'a> {
     /// tunnel steps aside; its later bytes wait in the receive queue.
     active: bool,
     /// `src` is about to leave `ACTIVE`: its low-water mark is raised so
-    /// that TCP stops running the verdict for it first.
-    quiescing: bool,
+    /// that TCP stops running the verdict for it first. Holds the receive
+    /// buffer it had before (raising the mark grows it).
+    quiescing: Option<i32>,
     /// `src` sent FIN.
     eof: bool,
     /// FIN passed on to `dst`; nothing more goes this way.
@@ -289,7 +290,7 @@ impl<'a> Dir<'a> {
             in_kernel: 0,
             notify_at: budget,
             active: true,
-            quiescing: false,
+            quiescing: None,
             eof: false,
             done: false,
             tail: BytesMut::new(),
@@ -1034,15 +1035,37 @@ impl Watch<'_> {
             // mark comes back down. (The kernel caps the mark at half the
             // largest receive buffer, so a verdict then is rare, not
             // impossible: `leave` checks.)
-            if d.quiescing {
+            //
+            // The kernel grows the receive buffer to fit the mark
+            // (`tcp_set_rcvlowat`: 17 MB here, for a mark capped at
+            // `tcp_rmem[2] / 2`) and never shrinks it: every tunnel that
+            // stepped aside kept 17 MB buffers on both sockets for its life
+            // on the next plane, and fifty saturated tunnels beside other
+            // tests took the node near `tcp_mem`'s pressure line, where TCP
+            // drops segments — one tunnel backed off to 13 s RTOs and moved
+            // nothing for a minute (CI; `ss`: `backoff:6`, drops on both
+            // sockets). A smaller mark does not work: at half the buffer (a
+            // young socket has 128 KiB) or at `sockmap_queue_limit` a verdict
+            // met the detach in about one of 100 step-asides. So the mark
+            // stays high while the source leaves `ACTIVE`, and then the
+            // buffer goes back to what TCP had made it, or to
+            // `sockmap_queue_limit` if that is more (a young socket's 128 KiB
+            // would slow the bulk tunnel the next plane carries); it stays
+            // fixed from then on (`restore_rcvbuf`).
+            if let Some(before) = d.quiescing {
                 self.kernel.deactivate(d.src_cookie);
                 let _ = sys::set_rcvlowat(d.src, 1);
-                d.quiescing = false;
+                let floor = i32::try_from(self.limits.high).unwrap_or(i32::MAX);
+                if let Err(e) = sys::restore_rcvbuf(d.src, before.max(floor)) {
+                    tracing::debug!("sockmap: receive buffer stays grown: {e}");
+                }
+                d.quiescing = None;
                 d.active = false;
             } else if pressed || follows {
                 tracing::debug!(in_kernel = d.in_kernel, threshold, pressed, "sockmap: stepping aside: {why}");
+                let before = sys::rcvbuf(d.src).map_err(|e| format!("SO_RCVBUF: {e}"))?;
                 sys::set_rcvlowat(d.src, i32::MAX).map_err(|e| format!("SO_RCVLOWAT: {e}"))?;
-                d.quiescing = true;
+                d.quiescing = Some(before);
                 leaving.get_or_insert(why);
             }
         }
@@ -1135,7 +1158,7 @@ fn check(kernel: &Kernel, limits: Limits, node_over: bool, d: &mut Dir<'_>) -> R
         d.notify_at = entry.bytes + limits.budget;
         kernel.control(d.src_cookie, d.control()).map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
     }
-    let queued = if d.quiescing { 0 } else { sys::inq(d.src_fd()).map_err(Failed::Src)? };
+    let queued = if d.quiescing.is_some() { 0 } else { sys::inq(d.src_fd()).map_err(Failed::Src)? };
     if queued > 0 {
         // Bytes that arrived without a data-ready: run the verdict.
         sys::kick(d.src_fd()).map_err(Failed::Src)?;
