@@ -456,6 +456,18 @@ fn tcp_buffer_max(name: &str) -> usize {
         .unwrap_or(8 * MIB)
 }
 
+/// Tests that fill TCP buffers node-wide take turns. Fifty saturated
+/// tunnels measure what the node holds, and beside another test's stalled
+/// readers (64 MB and more in receive queues autotuned up to `tcp_rmem[2]`)
+/// the machine came near `tcp_mem`'s pressure line, where TCP drops
+/// segments and backs a connection off to multi-second RTOs: a tunnel of
+/// the test then looked hung for a minute (seen once in CI). A production
+/// node sizes `tcp_mem` for its tunnels; a test binary shares one kernel.
+async fn memory_heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
+}
+
 fn mem_available_kib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
@@ -470,6 +482,7 @@ fn mem_available_kib() -> u64 {
 /// the kernel; once the backend reads, every byte arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_is_bounded_and_resumes() {
+    let _turn = memory_heavy().await;
     let cfg = Settings { sockmap_queue_limit: 4 * MIB as u64, ..Settings::default() };
     let Some(plane) = plane_with(&cfg) else {
         return;
@@ -609,6 +622,7 @@ async fn drain_closes_at_once() {
 /// 64 MiB each way at once, checksummed; counters agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checksummed_64_mib_both_ways() {
+    let _turn = memory_heavy().await;
     let Some(plane) = plane() else { return };
     let (before_up, before_down) = plane.bytes_relayed();
     let (client_peer, backend_peer, t) = setup(b"head-up", b"head-down", IDLE).await;
@@ -683,6 +697,7 @@ async fn bulk(mut tx: TcpStream, mut rx: TcpStream, len: usize) {
 /// a round saw a trimmed segment, or after 3 rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sustained_backpressure_keeps_every_byte_once() {
+    let _turn = memory_heavy().await;
     let Some(plane) = plane() else { return };
     let mib: usize = std::env::var("UPSPLICE_SUSTAINED_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
     for round in 0..3 {
@@ -806,6 +821,7 @@ async fn fifty_saturated_echo_tunnels(mode: &str, extra: &str) -> (u64, String) 
 /// tunnel alone pinned 52 MB in one socket's receive queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_saturated_tunnels_stay_within_the_memory_bound() {
+    let _turn = memory_heavy().await;
     let cfg = Settings { sockmap_queue_limit: MIB as u64, ..Settings::default() };
     let Some(plane) = plane_with(&cfg) else { return };
     let per_tunnel_kib = plane.per_tunnel_bound() / 1024;
@@ -914,6 +930,7 @@ async fn stepping_aside_with_the_fin_queued_loses_nothing() {
 /// plane's reaction time adds tens of MB per tunnel: README.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_wide_bound_caps_what_tunnels_hold() {
+    let _turn = memory_heavy().await;
     let mut held_at = Vec::new();
     for node_limit in [1u64 << 30, 16 * MIB as u64] {
         let cfg =
