@@ -37,7 +37,8 @@ impl Entries {
     }
 }
 
-/// An immutable routing table, rebuilt on reload.
+/// An immutable routing table, rebuilt on reload and when the routes
+/// learned from NATS change.
 #[derive(Debug, Default)]
 pub struct Router {
     exact: HashMap<String, Entries>,
@@ -49,22 +50,28 @@ pub struct Router {
 impl Router {
     /// Builds the table from a validated config.
     pub fn new(config: &Config) -> Router {
-        let pool_index: HashMap<&str, usize> =
-            config.pools.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+        Router::build(file_routes(config)).0
+    }
+
+    /// Builds the table from `(host, path prefix, target)` routes, hosts
+    /// and prefixes as written. When two routes have the same host and
+    /// prefix, the first one wins (the file's routes come first); returns
+    /// the table and how many routes were left out that way.
+    pub fn build<'a>(routes: impl IntoIterator<Item = (&'a str, Option<&'a str>, RouteTarget)>) -> (Router, usize) {
         let mut exact: HashMap<String, Entries> = HashMap::new();
         let mut wildcard: HashMap<String, Entries> = HashMap::new();
-        for r in &config.routes {
-            let host = crate::host::normalize(&r.host);
-            let prefix = crate::path::normalize_prefix(r.path.as_deref());
-            let target = RouteTarget {
-                pool: pool_index[r.pool.as_str()],
-                name: format!("{}{}", host, r.path.as_deref().unwrap_or("")).into(),
-                route_service: r.route_service.as_deref().map(Arc::from),
-            };
+        let mut shadowed = 0;
+        for (host, path, target) in routes {
+            let host = crate::host::normalize(host);
+            let prefix = crate::path::normalize_prefix(path);
             let entries = match host.strip_prefix('*') {
                 Some(suffix) => wildcard.entry(suffix.to_string()).or_default(),
                 None => exact.entry(host).or_default(),
             };
+            if entries.by_prefix.iter().any(|(p, _)| *p == prefix) {
+                shadowed += 1;
+                continue;
+            }
             entries.by_prefix.push((prefix, target));
         }
         for e in exact.values_mut().chain(wildcard.values_mut()) {
@@ -72,7 +79,7 @@ impl Router {
         }
         let mut wildcard: Vec<_> = wildcard.into_iter().collect();
         wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
-        Router { exact, wildcard }
+        (Router { exact, wildcard }, shadowed)
     }
 
     /// Finds the route for `host` (as sent, maybe with a port) and the
@@ -87,6 +94,28 @@ impl Router {
             .iter()
             .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
             .find_map(|(_, e)| e.lookup(path))
+    }
+}
+
+/// The config's `[[route]]`s as [`Router::build`] takes them; pools are
+/// indexed in the config's pool list.
+pub fn file_routes(config: &Config) -> impl Iterator<Item = (&str, Option<&str>, RouteTarget)> {
+    let pool_index: HashMap<&str, usize> = config.pools.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+    config.routes.iter().map(move |r| {
+        let target = RouteTarget {
+            pool: pool_index[r.pool.as_str()],
+            name: format!("{}{}", crate::host::normalize(&r.host), r.path.as_deref().unwrap_or("")).into(),
+            route_service: r.route_service.as_deref().map(Arc::from),
+        };
+        (r.host.as_str(), r.path.as_deref(), target)
+    })
+}
+
+/// A NATS route's URI (`host` or `host/path`) as its host and path.
+pub fn split_uri(uri: &str) -> (&str, Option<&str>) {
+    match uri.find('/') {
+        Some(i) => (&uri[..i], Some(&uri[i..])),
+        None => (uri, None),
     }
 }
 
@@ -170,5 +199,20 @@ mod tests {
         assert_eq!(pool(&r, "[::1]", "/"), Some(1));
         assert_eq!(pool(&r, "dot.e.com", "/"), Some(2));
         assert_eq!(pool(&r, "dot.e.com.:80", "/"), Some(2));
+    }
+
+    #[test]
+    fn the_first_route_for_a_host_and_path_wins_and_others_are_counted() {
+        let target = |pool, name: &str| RouteTarget { pool, name: name.into(), route_service: None };
+        let (r, shadowed) = Router::build([
+            ("h.e.com", Some("/api"), target(0, "file")),
+            ("H.E.com", Some("/api/"), target(1, "nats")),
+            ("h.e.com", None, target(2, "nats")),
+        ]);
+        assert_eq!(shadowed, 1);
+        assert_eq!(pool(&r, "h.e.com", "/api/x"), Some(0));
+        assert_eq!(pool(&r, "h.e.com", "/"), Some(2));
+        assert_eq!(split_uri("a.e.com/x/y"), ("a.e.com", Some("/x/y")));
+        assert_eq!(split_uri("a.e.com"), ("a.e.com", None));
     }
 }
