@@ -107,7 +107,39 @@ impl Pool {
     /// The pool `cfg` of a config whose `[backends]` are `settings`, its
     /// backends' state taken from (or added to) `registry`.
     pub fn new(cfg: &config::Pool, settings: &BackendSettings, registry: &Registry) -> Pool {
-        let reused = crate::metrics::reused_counter(&cfg.name);
+        Pool::with_reuse_counter(cfg, settings, registry, crate::metrics::reused_counter(&cfg.name))
+    }
+
+    /// The pool of one URI learned from NATS: its endpoints `addrs`, no
+    /// PROXY header, no active check. Named by its URI (in logs and in the
+    /// failure series of a backend that fails); reuse counts under one
+    /// `pool="nats"` series, not one per URI.
+    pub fn learned(
+        uri: &str,
+        addrs: impl IntoIterator<Item = SocketAddr>,
+        balance: Balance,
+        settings: &BackendSettings,
+        registry: &Registry,
+    ) -> Pool {
+        let cfg = config::Pool {
+            name: uri.to_string(),
+            backends: addrs.into_iter().collect(),
+            balance,
+            check: None,
+            send_proxy: SendProxy::Off,
+            tls: None,
+        };
+        static NATS_REUSED: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
+        let reused = NATS_REUSED.get_or_init(|| crate::metrics::reused_counter("nats")).clone();
+        Pool::with_reuse_counter(&cfg, settings, registry, reused)
+    }
+
+    fn with_reuse_counter(
+        cfg: &config::Pool,
+        settings: &BackendSettings,
+        registry: &Registry,
+        reused: Counter,
+    ) -> Pool {
         Pool {
             name: cfg.name.clone(),
             backends: cfg.backends.iter().map(|&addr| registry.backend(addr)).collect(),

@@ -24,6 +24,9 @@ pub struct Backend {
     pools: Mutex<Vec<String>>,
     /// Gone from the running config: its connections are not kept idle.
     retired: AtomicBool,
+    /// An endpoint of a route learned from NATS: not retired while it is,
+    /// whatever the config lists.
+    learned: AtomicBool,
 }
 
 /// Holds a backend's active count up while a connection to it is in use.
@@ -55,6 +58,7 @@ impl Backend {
             idle: IdleList::default(),
             pools: Mutex::default(),
             retired: AtomicBool::new(false),
+            learned: AtomicBool::new(false),
         }
     }
 
@@ -160,14 +164,33 @@ impl Backend {
         self.retired.load(Ordering::Acquire)
     }
 
-    /// Which pools list it now (none: it left the config).
+    pub(super) fn is_learned(&self) -> bool {
+        self.learned.load(Ordering::Acquire)
+    }
+
+    /// Which pools list it now (none: it left the config, and it is
+    /// retired unless it is a NATS endpoint).
     pub(super) fn set_pools(&self, pools: Vec<String>) {
-        self.retired.store(pools.is_empty(), Ordering::Release);
         *self.pools.lock().expect("backend pools lock") = pools;
-        if self.is_retired() {
+        self.update_retired();
+        self.publish();
+    }
+
+    /// Whether a route learned from NATS has it as an endpoint now.
+    pub(super) fn set_learned(&self, learned: bool) {
+        if self.learned.swap(learned, Ordering::AcqRel) != learned {
+            self.update_retired();
+        }
+    }
+
+    /// Retired: listed by no pool of the config and no NATS route; its
+    /// idle connections are closed.
+    fn update_retired(&self) {
+        let retired = self.pools.lock().expect("backend pools lock").is_empty() && !self.is_learned();
+        self.retired.store(retired, Ordering::Release);
+        if retired {
             self.idle.clear();
         }
-        self.publish();
     }
 
     /// Sets `upsplice_backend_up` for every pool that lists it.

@@ -4,7 +4,7 @@
 //! and its check stopped. Also the sweep that closes expired and dead idle
 //! connections, and the active check tasks.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -92,7 +92,7 @@ impl Registry {
         }
         let known: Vec<Arc<Backend>> = self.lock().values().cloned().collect();
         for backend in known {
-            if !pools_of.contains_key(&backend.addr) && !backend.is_retired() {
+            if !pools_of.contains_key(&backend.addr) && !backend.is_retired() && !backend.is_learned() {
                 tracing::info!(backend = %backend.addr, "backend left the config: its idle connections are closed");
                 backend.set_pools(Vec::new());
             }
@@ -106,6 +106,19 @@ impl Registry {
             }
         }
         self.run_checks(checks);
+    }
+
+    /// Takes the endpoints of the routes learned from NATS on (all of
+    /// them, each time they change): they are not retired while they are
+    /// endpoints; one that no longer is and no pool of the config lists is.
+    pub fn learn(&self, addrs: &HashSet<SocketAddr>) {
+        let mut backends = self.lock();
+        for backend in backends.values() {
+            backend.set_learned(addrs.contains(&backend.addr));
+        }
+        for &addr in addrs {
+            backends.entry(addr).or_insert_with(|| Arc::new(Backend::new(addr))).set_learned(true);
+        }
     }
 
     /// Starts a task per newly checked backend (or changed check), stops
