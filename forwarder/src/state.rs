@@ -3,22 +3,36 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
 use crate::config::{self, Config};
 use crate::dataplane::DataPlanes;
-use crate::route::Router;
+use crate::route::{self, RouteTarget, Router};
 use crate::upstream::{Pool, Registry};
 
 /// The reloadable part of the router: config, routing table and pools.
+/// The table holds the config's routes and the routes learned from NATS.
 pub struct Snapshot {
-    pub config: Config,
+    pub config: Arc<Config>,
     pub router: Router,
+    /// The config's pools (in its order), then one per learned route.
     pub pools: Vec<Arc<Pool>>,
-    pools_by_name: HashMap<String, usize>,
+    pools_by_name: Arc<HashMap<String, usize>>,
+    /// Learned routes left out because a config route has the same host
+    /// and path (the config's route wins).
+    pub shadowed: usize,
+}
+
+/// A route learned at run time (from NATS): its URI (`host` or
+/// `host/path`), the pool of its endpoints, its route service.
+#[derive(Debug)]
+pub struct LearnedRoute {
+    pub uri: Arc<str>,
+    pub pool: Arc<Pool>,
+    pub route_service: Option<Arc<str>>,
 }
 
 impl Snapshot {
@@ -29,7 +43,31 @@ impl Snapshot {
         let pools: Vec<Arc<Pool>> =
             config.pools.iter().map(|p| Arc::new(Pool::new(p, &config.backends, registry))).collect();
         let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
-        Snapshot { router: Router::new(&config), pools, pools_by_name, config }
+        Snapshot::assemble(Arc::new(config), pools, Arc::new(pools_by_name), &[])
+    }
+
+    /// This snapshot's config and pools with `learned` beside the config's
+    /// routes (instead of the ones it had).
+    pub fn with_learned(&self, learned: &[LearnedRoute]) -> Snapshot {
+        let pools = self.pools[..self.config.pools.len()].to_vec();
+        Snapshot::assemble(self.config.clone(), pools, self.pools_by_name.clone(), learned)
+    }
+
+    fn assemble(
+        config: Arc<Config>,
+        mut pools: Vec<Arc<Pool>>,
+        pools_by_name: Arc<HashMap<String, usize>>,
+        learned: &[LearnedRoute],
+    ) -> Snapshot {
+        let first = pools.len();
+        let learned_routes = learned.iter().enumerate().map(|(i, r)| {
+            let (host, path) = route::split_uri(&r.uri);
+            let target = RouteTarget { pool: first + i, name: r.uri.clone(), route_service: r.route_service.clone() };
+            (host, path, target)
+        });
+        let (router, shadowed) = Router::build(route::file_routes(&config).chain(learned_routes));
+        pools.extend(learned.iter().map(|r| r.pool.clone()));
+        Snapshot { config, router, pools, pools_by_name, shadowed }
     }
 
     /// The settings of the listener called `name` (listeners never change on reload).
@@ -45,6 +83,9 @@ impl Snapshot {
 /// State shared by every connection.
 pub struct Shared {
     snapshot: RwLock<Arc<Snapshot>>,
+    /// The routes learned from NATS now: every new snapshot takes them.
+    /// Held while a snapshot is built and put in place (never by a lookup).
+    learned: Mutex<Arc<Vec<LearnedRoute>>>,
     pub planes: Arc<DataPlanes>,
     /// Every backend's health, idle connections and active count, across reloads.
     pub registry: Arc<Registry>,
@@ -66,6 +107,7 @@ impl Shared {
         Shared {
             access_log,
             snapshot: RwLock::new(Arc::new(Snapshot::new(config, &registry))),
+            learned: Mutex::default(),
             registry,
             planes,
             drain: CancellationToken::new(),
@@ -80,8 +122,23 @@ impl Shared {
 
     /// Puts a new snapshot in place (SIGHUP); connections that hold the old
     /// one keep it until they end.
+    /// The learned routes stay.
     pub fn replace(&self, snapshot: Snapshot) {
+        let learned = self.learned.lock().expect("learned routes lock");
+        let snapshot = if learned.is_empty() { snapshot } else { snapshot.with_learned(&learned) };
         *self.snapshot.write().expect("snapshot lock") = Arc::new(snapshot);
+    }
+
+    /// Puts the routes learned from NATS in place of the ones before,
+    /// beside the config's; returns how many the config's routes shadow.
+    /// Requests that started before keep the table they started with.
+    pub fn learn(&self, routes: Arc<Vec<LearnedRoute>>) -> usize {
+        let mut learned = self.learned.lock().expect("learned routes lock");
+        let next = self.snapshot().with_learned(&routes);
+        let shadowed = next.shadowed;
+        *self.snapshot.write().expect("snapshot lock") = Arc::new(next);
+        *learned = routes;
+        shadowed
     }
 
     /// Counts one more connection, unless `max` are open already.
