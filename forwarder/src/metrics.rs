@@ -65,6 +65,12 @@ impl BackendLabels {
     }
 }
 
+/// A NATS message kind or a reason (`upsplice_nats_*`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NatsLabels {
+    pub kind: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PlaneLabels {
     pub data_plane: String,
@@ -86,6 +92,7 @@ pub struct Metrics {
     pub fallbacks: Family<PlaneLabels, Counter>,
     pub access_log_dropped: Counter,
     pub proxy_errors: Family<ProxyErrorLabels, Counter>,
+    pub nats: NatsMetrics,
     planes: OnceLock<Arc<DataPlanes>>,
 }
 
@@ -165,7 +172,9 @@ impl Metrics {
             "Connections closed before their first byte was served because of their PROXY protocol header, by listener and reason",
             proxy_errors.clone(),
         );
+        let nats = NatsMetrics::register(&mut registry);
         Metrics {
+            nats,
             access_log_dropped,
             proxy_errors,
             registry,
@@ -233,6 +242,74 @@ impl Metrics {
         }
         out.push_str("# EOF\n");
         out
+    }
+}
+
+/// Routes from NATS (`upsplice_nats_*`).
+pub struct NatsMetrics {
+    /// Endpoints in the NATS table now (one per URI and address).
+    pub endpoints: Gauge,
+    /// URIs in the NATS table now.
+    pub routes: Gauge,
+    /// NATS routes left out because a config route has the same host and path.
+    pub shadowed: Gauge,
+    /// Messages taken, by kind: register, unregister, greet.
+    pub messages: Family<NatsLabels, Counter>,
+    /// Endpoints pruned because they were not re-registered in time.
+    pub pruned: Counter,
+    /// Messages dropped, by reason.
+    pub bad: Family<NatsLabels, Counter>,
+    /// Endpoints of valid registrations not taken, by reason (tls_port).
+    pub skipped: Family<NatsLabels, Counter>,
+    /// 1 while connected to a NATS server.
+    pub connected: Gauge,
+    /// Connections to NATS after the first.
+    pub reconnects: Counter,
+}
+
+impl NatsMetrics {
+    fn register(registry: &mut Registry) -> NatsMetrics {
+        let m = NatsMetrics {
+            endpoints: Gauge::default(),
+            routes: Gauge::default(),
+            shadowed: Gauge::default(),
+            messages: Family::default(),
+            pruned: Counter::default(),
+            bad: Family::default(),
+            skipped: Family::default(),
+            connected: Gauge::default(),
+            reconnects: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("nats");
+        r.register(
+            "endpoints",
+            "Endpoints in the table learned from NATS (one per URI and address)",
+            m.endpoints.clone(),
+        );
+        r.register("routes", "URIs in the table learned from NATS", m.routes.clone());
+        r.register(
+            "routes_shadowed",
+            "URIs learned from NATS left out because a config route has the same host and path",
+            m.shadowed.clone(),
+        );
+        r.register("messages", "router.* messages taken, by kind (register, unregister, greet)", m.messages.clone());
+        r.register(
+            "pruned",
+            "Endpoints pruned because they were not re-registered within their stale threshold",
+            m.pruned.clone(),
+        );
+        r.register("bad_messages", "router.register/unregister messages dropped, by reason", m.bad.clone());
+        r.register("endpoints_skipped", "Endpoints of valid registrations not taken, by reason", m.skipped.clone());
+        r.register("connected", "1 while connected to a NATS server", m.connected.clone());
+        r.register("reconnects", "Connections to NATS after the first", m.reconnects.clone());
+        for kind in ["register", "unregister", "greet"] {
+            let _ = m.messages.get_or_create(&NatsLabels { kind: kind.into() });
+        }
+        m
+    }
+
+    pub fn count(family: &Family<NatsLabels, Counter>, kind: &str) {
+        family.get_or_create(&NatsLabels { kind: kind.to_string() }).inc();
     }
 }
 
