@@ -19,6 +19,7 @@ pub mod dataplane;
 pub mod handshake;
 pub mod host;
 pub mod metrics;
+pub mod nats;
 pub mod path;
 pub mod proxy;
 pub mod route;

@@ -1,0 +1,218 @@
+//! The endpoints learned from NATS, by URI: registration, unregistration,
+//! pruning, and the routes (one pool per URI) handed to the routing table.
+//!
+//! Owned by the NATS task alone (no lock). A refresh that changes nothing
+//! but the time costs no rebuild; a URI whose endpoints changed gets a new
+//! pool at the next [`Table::routes`], the others keep theirs (and their
+//! balancer's position).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::message::{Endpoint, Registration};
+use crate::config::Config;
+use crate::state::LearnedRoute;
+use crate::upstream::{Pool, Registry};
+
+#[derive(Default)]
+pub struct Table {
+    uris: HashMap<Arc<str>, Uri>,
+    endpoints: usize,
+    /// Something changed since the last [`Table::routes`].
+    dirty: bool,
+    /// The config whose `[backends]` the cached pools were built with.
+    config: Option<Arc<Config>>,
+}
+
+#[derive(Default)]
+struct Uri {
+    endpoints: HashMap<SocketAddr, Slot>,
+    /// Its pool as last built; None once its endpoints changed.
+    pool: Option<Arc<Pool>>,
+}
+
+struct Slot {
+    endpoint: Arc<Endpoint>,
+    /// When it was last registered.
+    seen: Instant,
+}
+
+/// One URI's endpoints, for `/routes`.
+pub type View = Vec<(Arc<str>, Vec<Arc<Endpoint>>)>;
+
+impl Table {
+    /// Endpoints in the table (one per URI and address).
+    pub fn len(&self) -> usize {
+        self.endpoints
+    }
+
+    pub fn uris(&self) -> usize {
+        self.uris.len()
+    }
+
+    /// Something changed since the last [`Table::routes`], or `config`
+    /// is not the one its pools were built with (a reload).
+    pub fn is_dirty(&self, config: &Arc<Config>) -> bool {
+        self.dirty || !self.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config))
+    }
+
+    /// Adds or refreshes the registration's endpoint under each of its URIs.
+    pub fn register(&mut self, reg: &Registration, now: Instant) {
+        for uri in &reg.uris {
+            let entry = self.uris.entry(uri.clone()).or_default();
+            match entry.endpoints.get_mut(&reg.endpoint.addr) {
+                Some(slot) => {
+                    slot.seen = now;
+                    if slot.endpoint != reg.endpoint {
+                        slot.endpoint = reg.endpoint.clone();
+                        entry.pool = None;
+                        self.dirty = true;
+                    }
+                }
+                None => {
+                    entry.endpoints.insert(reg.endpoint.addr, Slot { endpoint: reg.endpoint.clone(), seen: now });
+                    entry.pool = None;
+                    self.endpoints += 1;
+                    self.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Removes the registration's endpoint from each of its URIs.
+    pub fn unregister(&mut self, reg: &Registration) {
+        for uri in &reg.uris {
+            let Some(entry) = self.uris.get_mut(uri) else { continue };
+            if entry.endpoints.remove(&reg.endpoint.addr).is_some() {
+                self.endpoints -= 1;
+                entry.pool = None;
+                self.dirty = true;
+                if entry.endpoints.is_empty() {
+                    self.uris.remove(uri);
+                }
+            }
+        }
+    }
+
+    /// Removes the endpoints not registered within their stale threshold
+    /// (their own, when shorter than `threshold`, as gorouter takes it);
+    /// returns how many.
+    pub fn prune(&mut self, now: Instant, threshold: Duration) -> usize {
+        let mut pruned = 0;
+        self.uris.retain(|_, entry| {
+            let before = entry.endpoints.len();
+            entry.endpoints.retain(|_, slot| {
+                let limit = slot.endpoint.stale_threshold.map_or(threshold, |own| own.min(threshold));
+                now.saturating_duration_since(slot.seen) <= limit
+            });
+            if entry.endpoints.len() != before {
+                pruned += before - entry.endpoints.len();
+                entry.pool = None;
+            }
+            !entry.endpoints.is_empty()
+        });
+        self.endpoints -= pruned;
+        self.dirty |= pruned > 0;
+        pruned
+    }
+
+    /// Every endpoint counts as registered `now` (pruning resumes after
+    /// NATS was unreachable: each gets a whole threshold to re-register).
+    pub fn touch_all(&mut self, now: Instant) {
+        for slot in self.uris.values_mut().flat_map(|e| e.endpoints.values_mut()) {
+            slot.seen = now;
+        }
+    }
+
+    /// The routes for the routing table, one per URI, and every endpoint
+    /// address; pools of unchanged URIs are kept unless `config` is
+    /// another one than last time (its `[backends]` may differ).
+    pub fn routes(
+        &mut self,
+        config: &Arc<Config>,
+        registry: &Registry,
+    ) -> (Arc<Vec<LearnedRoute>>, HashSet<SocketAddr>) {
+        if !self.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
+            self.config = Some(config.clone());
+            for entry in self.uris.values_mut() {
+                entry.pool = None;
+            }
+        }
+        let settings = &config.backends;
+        self.dirty = false;
+        let mut addrs = HashSet::with_capacity(self.endpoints);
+        let mut routes = Vec::with_capacity(self.uris.len());
+        for (uri, entry) in &mut self.uris {
+            addrs.extend(entry.endpoints.keys().copied());
+            // The pool takes its balancing and route service from the
+            // latest registration, as gorouter's pool does.
+            let latest = entry.endpoints.values().max_by_key(|s| s.seen).map(|s| &s.endpoint);
+            let latest = latest.expect("a URI in the table has endpoints");
+            let pool = entry.pool.get_or_insert_with(|| {
+                let mut addrs: Vec<SocketAddr> = entry.endpoints.keys().copied().collect();
+                addrs.sort();
+                Arc::new(Pool::learned(uri, addrs, latest.balance, settings, registry))
+            });
+            routes.push(LearnedRoute {
+                uri: uri.clone(),
+                pool: pool.clone(),
+                route_service: latest.route_service_url.clone(),
+            });
+        }
+        (Arc::new(routes), addrs)
+    }
+
+    /// Every URI with its endpoints, sorted by URI and address.
+    pub fn view(&self) -> View {
+        let mut view: View = self
+            .uris
+            .iter()
+            .map(|(uri, e)| {
+                let mut eps: Vec<Arc<Endpoint>> = e.endpoints.values().map(|s| s.endpoint.clone()).collect();
+                eps.sort_by_key(|e| e.addr);
+                (uri.clone(), eps)
+            })
+            .collect();
+        view.sort_by(|a, b| a.0.cmp(&b.0));
+        view
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(json: &str) -> Registration {
+        super::super::message::parse(json.as_bytes()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn register_refresh_unregister_and_prune() {
+        let registry = Registry::new();
+        let config: Arc<Config> = Arc::new(toml::from_str("").unwrap());
+        let mut t = Table::default();
+        let now = Instant::now();
+        let a = reg(r#"{"host":"10.0.0.1","port":1,"uris":["a.e.com","b.e.com/x"]}"#);
+        let b = reg(r#"{"host":"10.0.0.2","port":1,"uris":["a.e.com"],"stale_threshold_in_seconds":10}"#);
+        t.register(&a, now);
+        t.register(&b, now);
+        assert_eq!((t.len(), t.uris()), (3, 2));
+        let (routes, addrs) = t.routes(&config, &registry);
+        assert_eq!((routes.len(), addrs.len()), (2, 2));
+        let pool_a = routes.iter().find(|r| &*r.uri == "a.e.com").unwrap().pool.clone();
+        assert_eq!(pool_a.backends.len(), 2);
+        // A refresh changes nothing but the time: no rebuild, same pool.
+        t.register(&a, now + Duration::from_secs(20));
+        assert!(!t.is_dirty(&config));
+        let (routes, _) = t.routes(&config, &registry);
+        assert!(Arc::ptr_eq(&routes.iter().find(|r| &*r.uri == "a.e.com").unwrap().pool, &pool_a));
+        // b's own 10 s threshold is shorter than 120 s: pruned at 20 s; a was refreshed.
+        assert_eq!(t.prune(now + Duration::from_secs(21), Duration::from_secs(120)), 1);
+        assert_eq!(t.len(), 2);
+        t.unregister(&a);
+        assert_eq!((t.len(), t.uris()), (0, 0));
+        assert!(t.is_dirty(&config));
+    }
+}
