@@ -1,25 +1,29 @@
-//! The admin endpoint: `GET /metrics` (Prometheus/OpenMetrics text) and
-//! `GET /healthz` (200 while accepting, 503 while draining).
+//! The admin endpoint: `GET /metrics` (Prometheus/OpenMetrics text),
+//! `GET /healthz` (200 while accepting; 503 while draining, and with
+//! `[nats]` until the routes had time to arrive) and `GET /routes` (the
+//! routing table as JSON, in gorouter's shape).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use serde_json::{json, Map, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::handshake::head;
+use crate::nats;
 use crate::state::Shared;
 
 /// Admin requests are tiny; anything bigger or slower is dropped.
 const MAX_HEAD: usize = 8192;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, nats: Option<Arc<nats::Status>>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(answer(stream, shared.clone()));
+                tokio::spawn(answer(stream, shared.clone(), nats.clone()));
             }
             Err(e) => {
                 tracing::warn!("admin accept failed: {e}");
@@ -29,7 +33,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
+async fn answer(mut stream: TcpStream, shared: Arc<Shared>, nats: Option<Arc<nats::Status>>) {
     let mut buf = BytesMut::new();
     let Ok(req) = head::read_head(&mut stream, &mut buf, MAX_HEAD, HEAD_TIMEOUT, head::parse_request).await else {
         return;
@@ -45,8 +49,14 @@ async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
         ("GET" | "HEAD", "/healthz") if shared.draining.is_cancelled() => {
             ("503 Service Unavailable", "text/plain", "draining\n".to_string())
         }
+        ("GET" | "HEAD", "/healthz") if nats.as_ref().is_some_and(|n| !n.ready()) => (
+            "503 Service Unavailable",
+            "text/plain",
+            "waiting for routes from NATS (router.start, then start_response_delay_interval)\n".to_string(),
+        ),
         ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
+        ("GET" | "HEAD", "/routes") => ("200 OK", "application/json", routes(&shared, nats.as_deref()).await),
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz or /routes\n".to_string()),
         _ => ("405 Method Not Allowed", "text/plain", "GET or HEAD only\n".to_string()),
     };
     let allow = if status.starts_with("405") { "Allow: GET, HEAD\r\n" } else { "" };
@@ -59,4 +69,63 @@ async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
     }
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// The routing table as gorouter's `/routes` shows it: each URI (`host`
+/// or `host/path`) with its endpoints (`address`, `tls`, `ttl` in seconds,
+/// `tags`, and `route_service_url`, `isolation_segment`,
+/// `private_instance_id`, `server_cert_domain_san` when set). The
+/// config's routes come first with `ttl` 0 (they never expire); a NATS
+/// URI they shadow is not shown.
+async fn routes(shared: &Shared, nats: Option<&nats::Status>) -> String {
+    let snap = shared.snapshot();
+    let mut table = Map::new();
+    for route in &snap.config.routes {
+        let uri = format!("{}{}", crate::host::normalize(&route.host), route.path.as_deref().unwrap_or(""));
+        let uri = uri.trim_end_matches('/').to_string();
+        let pool = snap.pool_named(&route.pool).expect("validated: routes name pools");
+        let endpoints = pool.backends.iter().map(|b| {
+            let mut e = json!({ "address": b.addr.to_string(), "tls": false, "ttl": 0, "tags": {} });
+            if let Some(rs) = &route.route_service {
+                e["route_service_url"] = rs.as_str().into();
+            }
+            e
+        });
+        table.insert(uri, Value::Array(endpoints.collect()));
+    }
+    let default_ttl = snap.config.nats.as_ref().map(|n| n.droplet_stale_threshold).unwrap_or_default();
+    let view = match nats {
+        Some(n) => n.view().await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    for (uri, endpoints) in view {
+        if table.contains_key(&*uri) {
+            continue;
+        }
+        let endpoints = endpoints.iter().map(|e| {
+            let ttl = e.stale_threshold.map_or(default_ttl, |own| own.min(default_ttl));
+            let mut o = json!({
+                "address": e.addr.to_string(),
+                "protocol": e.protocol,
+                "tls": false,
+                "ttl": ttl.as_secs(),
+                "tags": e.tags,
+            });
+            let optional = [
+                ("route_service_url", e.route_service_url.as_deref().unwrap_or("")),
+                ("isolation_segment", &e.isolation_segment),
+                ("private_instance_id", &e.private_instance_id),
+                ("server_cert_domain_san", &e.server_cert_domain_san),
+                ("availability_zone", &e.availability_zone),
+            ];
+            for (key, value) in optional.into_iter().filter(|(_, v)| !v.is_empty()) {
+                o[key] = value.into();
+            }
+            o
+        });
+        table.insert(uri.to_string(), Value::Array(endpoints.collect()));
+    }
+    let mut body = Value::Object(table).to_string();
+    body.push('\n');
+    body
 }

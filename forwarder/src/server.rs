@@ -72,9 +72,10 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             tracker.clone(),
         )));
     }
+    let nats = shared.snapshot().config.nats.clone().map(|cfg| crate::nats::spawn(cfg, shared.clone()));
     if let Some(admin) = admin {
-        tracing::info!(bind = %admin.local_addr()?, "admin endpoint: /metrics, /healthz");
-        tokio::spawn(crate::admin::serve(admin, shared.clone()));
+        tracing::info!(bind = %admin.local_addr()?, "admin endpoint: /metrics, /healthz, /routes");
+        tokio::spawn(crate::admin::serve(admin, shared.clone(), nats));
     }
 
     let mut signals = Signals { term, int, hup, usr1, shared: shared.clone(), path };
