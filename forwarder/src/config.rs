@@ -966,9 +966,6 @@ impl Config {
         if self.backend_tls != BackendTls::default() {
             return not_yet("backend_tls".into(), "TLS to backends");
         }
-        if self.nats.is_some() {
-            return not_yet("nats".into(), "Routes from NATS");
-        }
         Ok(())
     }
 
