@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
+pub mod nats;
 pub mod peer;
 pub mod plane;
 pub mod recorder;
@@ -59,7 +60,19 @@ impl Router {
         Router::try_start(config).unwrap_or_else(|log| panic!("router did not become ready; log:\n{log}"))
     }
 
+    /// As [`Router::start_config`], but returns once the ports are bound,
+    /// without waiting for `/healthz` to answer 200.
+    pub fn spawn_config(config: &str) -> Router {
+        Router::try_spawn(config).unwrap_or_else(|log| panic!("router did not bind; log:\n{log}"))
+    }
+
     fn try_start(config: &str) -> Result<Router, String> {
+        let mut router = Router::try_spawn(config)?;
+        router.wait_ready()?;
+        Ok(router)
+    }
+
+    fn try_spawn(config: &str) -> Result<Router, String> {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("upsplice.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -104,7 +117,7 @@ impl Router {
         }
         // Drained (and dropped) on a thread of its own: nothing else is printed.
         std::thread::spawn(move || stdout.for_each(drop));
-        let mut router = Router {
+        Ok(Router {
             child: Some(child),
             http: bound["web"],
             tcp: bound["raw"],
@@ -112,9 +125,7 @@ impl Router {
             config_path,
             log,
             _dir: dir,
-        };
-        router.wait_ready()?;
-        Ok(router)
+        })
     }
 
     /// Waits until /healthz answers; Err(log) if the process exits first.

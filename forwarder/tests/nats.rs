@@ -1,0 +1,294 @@
+//! Routes from NATS against a real `nats-server` (Debian's package), driven
+//! by a NATS client that is not the router's (tests/common/nats.rs), with
+//! gorouter's messages.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::nats::{NatsClient, NatsServer};
+use common::peer::have;
+use common::{free_port, raw_exchange, render, ws_echo_backend, Router, Setup};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A router with `[nats]` at `url` (plus `nats`), an http listener and no
+/// NATS-independent route but `file.test` → pool "main" (`main`).
+fn config(url: &str, nats: &str, main: SocketAddr) -> String {
+    let extra = format!("[nats]\nservers = [\"{url}\"]\nstart_response_delay_interval = \"1s\"\nindex = 7\n{nats}\n");
+    let routing = format!(
+        "[[pool]]\nname = \"main\"\nbackends = [\"{main}\"]\n\n[[route]]\nhost = \"file.test\"\npool = \"main\"\n"
+    );
+    render(&Setup { mode: "copy", limits: "", routing, extra: &extra })
+}
+
+/// An HTTP backend that answers every request with `name`.
+async fn http_backend(name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}", name.len());
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// (status, body) of a GET for `host`.
+async fn get(router: &Router, host: &str) -> (u16, String) {
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let resp = raw_exchange(router.http, req.as_bytes()).await;
+    let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// Polls a GET for `host` until it answers `status`; how long that took.
+async fn wait_status(router: &Router, host: &str, status: u16, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (got, _) = get(router, host).await;
+        if got == status {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{host} still answers {got}, not {status}, after {within:?}:\n{}",
+            router.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn register(addr: SocketAddr, uri: &str) -> String {
+    format!(
+        r#"{{"host":"{}","port":{},"uris":["{uri}"],"app":"app-guid","private_instance_id":"inst-1","private_instance_index":"0","tags":{{"component":"route-emitter"}},"unknown_field":true}}"#,
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// Waits until `metric` (a line prefix) reaches `value`.
+fn wait_metric(router: &Router, metric: &str, value: f64) {
+    wait_metric_until(router, metric, |v| v >= value);
+}
+
+/// Waits until `metric` (a line prefix) satisfies `ok`.
+fn wait_metric_until(router: &Router, metric: &str, ok: impl Fn(f64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok(router.metric(metric)) {
+        assert!(Instant::now() < deadline, "{metric} is {}:\n{}", router.metric(metric), router.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_routes_carry_requests_and_websockets_until_unregistered() {
+    if !have("nats-server") {
+        return;
+    }
+    let nats = NatsServer::start(free_port());
+    let mut client = NatsClient::connect(nats.port);
+    client.subscribe("router.start");
+    let file_backend = http_backend("file").await;
+    let router = Router::start_config(&config(&nats.url(), "", file_backend));
+
+    // router.start, then greet answered with the same message.
+    let start = client.next_on("router.start", Duration::from_secs(5)).expect("router.start published");
+    let start: serde_json::Value = serde_json::from_str(&start.payload).unwrap();
+    assert!(start["id"].as_str().unwrap().starts_with("7-"), "{start}");
+    assert_eq!(start["hosts"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(start["minimumRegisterIntervalInSeconds"], 1);
+    assert_eq!(start["pruneThresholdInSeconds"], 120);
+    client.subscribe("_INBOX.greet");
+    client.request("router.greet", "_INBOX.greet", "");
+    let greet = client.next_on("_INBOX.greet", Duration::from_secs(5)).expect("router.greet answered");
+    let greet: serde_json::Value = serde_json::from_str(&greet.payload).unwrap();
+    assert_eq!(greet["id"], start["id"]);
+
+    let one = http_backend("one").await;
+    let (ws_addr, _heads) = ws_echo_backend().await;
+    let sent = Instant::now();
+    client.publish("router.register", &register(one, "app.test"));
+    client.publish("router.register", &register(ws_addr, "ws.test/chat"));
+    // The config's route for the same host and path wins.
+    client.publish("router.register", &register(one, "file.test"));
+    wait_status(&router, "app.test", 200, Duration::from_secs(1)).await;
+    assert!(sent.elapsed() < Duration::from_secs(1), "routed {:?} after router.register", sent.elapsed());
+    wait_metric(&router, "upsplice_nats_endpoints ", 3.0);
+    assert_eq!(get(&router, "app.test").await.1, "one");
+    assert_eq!(get(&router, "file.test").await.1, "file");
+    assert_eq!(get(&router, "other.test").await.0, 404);
+
+    let url = format!("ws://{}/chat/room", router.http);
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut().insert("Host", "ws.test".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+
+    // /routes in gorouter's shape; the metrics.
+    let (status, body) = router.admin_get("/routes").unwrap();
+    assert_eq!(status, 200);
+    let routes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let e = &routes["app.test"][0];
+    assert_eq!(e["address"], one.to_string());
+    assert_eq!((e["tls"].clone(), e["ttl"].clone()), (false.into(), 120.into()));
+    assert_eq!(e["private_instance_id"], "inst-1");
+    assert_eq!(e["tags"]["component"], "route-emitter");
+    assert_eq!(routes["ws.test/chat"][0]["address"], ws_addr.to_string());
+    assert_eq!(routes["file.test"][0]["address"], file_backend.to_string());
+    assert_eq!(routes["file.test"][0]["ttl"], 0);
+    assert_eq!(router.metric("upsplice_nats_endpoints "), 3.0);
+    assert_eq!(router.metric("upsplice_nats_routes_shadowed "), 1.0);
+    assert_eq!(router.metric("upsplice_nats_messages_total{kind=\"register\"}"), 3.0);
+    assert_eq!(router.metric("upsplice_nats_connected "), 1.0);
+
+    // A reload keeps the routes from NATS.
+    router.signal(nix::sys::signal::Signal::SIGHUP);
+    router.wait_log("SIGHUP: reloaded");
+    assert_eq!(get(&router, "app.test").await.1, "one");
+
+    // Unregistered: new requests get 404; the open tunnel keeps working.
+    client.publish("router.unregister", &register(ws_addr, "ws.test/chat"));
+    client.publish("router.unregister", &register(one, "app.test"));
+    wait_status(&router, "app.test", 404, Duration::from_secs(1)).await;
+    let (_, body) = get(&router, "ws.test").await;
+    assert!(!body.contains("hello"));
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/chat",
+        router.http
+    ))
+    .unwrap();
+    req.headers_mut().insert("Host", "ws.test".parse().unwrap());
+    assert!(
+        tokio_tungstenite::connect_async(req).await.is_err(),
+        "a new WebSocket to an unregistered route is refused"
+    );
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("still here"));
+    assert_eq!(router.metric("upsplice_nats_endpoints "), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_are_counted_and_dropped_and_the_next_good_one_works() {
+    if !have("nats-server") {
+        return;
+    }
+    let nats = NatsServer::start(free_port());
+    let mut client = NatsClient::connect(nats.port);
+    let router = Router::start_config(&config(&nats.url(), "", "127.0.0.1:9".parse().unwrap()));
+    let one = http_backend("one").await;
+    for (bad, reason) in [
+        ("{not json", "invalid_json"),
+        (r#"{"port":8080,"uris":["bad.test"]}"#, "missing_host"),
+        (r#"{"host":"127.0.0.1","port":70000,"uris":["bad.test"]}"#, "invalid_port"),
+        (r#"{"host":"127.0.0.1","port":"8080","uris":["bad.test"]}"#, "invalid_json"),
+        (r#"{"host":"127.0.0.1","port":8080}"#, "missing_uris"),
+        (r#"{"host":"127.0.0.1","port":8080,"uris":["good.test","bad host"]}"#, "invalid_uri"),
+    ] {
+        client.publish("router.register", bad);
+        wait_metric(&router, &format!("upsplice_nats_bad_messages_total{{reason=\"{reason}\"}}"), 1.0);
+    }
+    client.publish("router.register", r#"{"host":"127.0.0.1","port":8080,"tls_port":8443,"uris":["tls.test"]}"#);
+    wait_metric(&router, "upsplice_nats_endpoints_skipped_total{reason=\"tls_port\"}", 1.0);
+    client.publish("router.register", &register(one, "good.test"));
+    wait_status(&router, "good.test", 200, Duration::from_secs(1)).await;
+    assert_eq!(router.metric("upsplice_nats_bad_messages_total{reason=\"invalid_json\"}"), 2.0);
+    assert_eq!(get(&router, "bad.test").await.0, 404, "no partial route");
+    assert_eq!(get(&router, "tls.test").await.0, 404, "tls_port endpoints wait for TLS to backends");
+    assert!(router.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_not_registered_again_is_pruned() {
+    if !have("nats-server") {
+        return;
+    }
+    let nats = NatsServer::start(free_port());
+    let mut client = NatsClient::connect(nats.port);
+    let nats_keys = "droplet_stale_threshold = \"1s\"\nprune_stale_droplets_interval = \"200ms\"";
+    let router = Router::start_config(&config(&nats.url(), nats_keys, "127.0.0.1:9".parse().unwrap()));
+    let one = http_backend("one").await;
+    client.publish("router.register", &register(one, "stale.test"));
+    client.publish("router.register", &register(one, "fresh.test"));
+    wait_status(&router, "stale.test", 200, Duration::from_secs(1)).await;
+    // fresh.test is re-registered (as route emitters do); stale.test is not.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        client.publish("router.register", &register(one, "fresh.test"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(get(&router, "stale.test").await.0, 404);
+    assert_eq!(get(&router, "fresh.test").await.0, 200);
+    assert!(router.metric("upsplice_nats_pruned_total ") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_nats_restart_the_router_reconnects_says_start_and_keeps_its_table() {
+    if !have("nats-server") {
+        return;
+    }
+    let port = free_port();
+    let nats = NatsServer::start(port);
+    let mut client = NatsClient::connect(port);
+    let router = Router::start_config(&config(&nats.url(), "", "127.0.0.1:9".parse().unwrap()));
+    let one = http_backend("one").await;
+    client.publish("router.register", &register(one, "app.test"));
+    wait_status(&router, "app.test", 200, Duration::from_secs(1)).await;
+
+    drop(client);
+    drop(nats);
+    wait_metric_until(&router, "upsplice_nats_connected ", |v| v == 0.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&router, "app.test").await.0, 200, "the table stays while NATS is gone");
+
+    let _nats = NatsServer::start(port);
+    let mut client = NatsClient::connect(port);
+    client.subscribe("router.start");
+    let start = client.next_on("router.start", Duration::from_secs(10));
+    assert!(start.is_some(), "no router.start after the reconnect:\n{}", router.log());
+    assert_eq!(router.metric("upsplice_nats_reconnects_total "), 1.0);
+    assert_eq!(router.metric("upsplice_nats_connected "), 1.0);
+    assert_eq!(get(&router, "app.test").await.0, 200);
+    // The subscription is back too.
+    let two = http_backend("two").await;
+    client.publish("router.register", &register(two, "two.test"));
+    wait_status(&router, "two.test", 200, Duration::from_secs(1)).await;
+}
+
+#[test]
+fn healthz_waits_for_router_start_and_the_delay() {
+    if !have("nats-server") {
+        return;
+    }
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let router = Router::spawn_config(&config(&url, "", "127.0.0.1:9".parse().unwrap()));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, body) = router.admin_get("/healthz").unwrap();
+    assert_eq!(status, 503, "no NATS yet: {body}");
+    assert!(body.contains("NATS"), "{body}");
+    let _nats = NatsServer::start(port);
+    let up = Instant::now();
+    let deadline = up + Duration::from_secs(15);
+    while router.admin_get("/healthz").unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "healthz never 200:\n{}", router.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(up.elapsed() >= Duration::from_secs(1), "200 before start_response_delay_interval");
+}
