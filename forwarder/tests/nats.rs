@@ -212,6 +212,15 @@ async fn bad_messages_are_counted_and_dropped_and_the_next_good_one_works() {
     assert_eq!(get(&router, "bad.test").await.0, 404, "no partial route");
     assert_eq!(get(&router, "tls.test").await.0, 404, "tls_port endpoints wait for TLS to backends");
     assert!(router.is_running());
+
+    // A route service is stored, and refused as the file's are (not built yet).
+    let rs = r#"{"host":"127.0.0.1","port":1,"uris":["rs.test"],"route_service_url":"https://rs.example.com"}"#;
+    client.publish("router.register", rs);
+    let took = wait_status(&router, "rs.test", 502, Duration::from_secs(1)).await;
+    assert!(took < Duration::from_secs(1));
+    let (_, routes) = router.admin_get("/routes").unwrap();
+    let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    assert_eq!(routes["rs.test"][0]["route_service_url"], "https://rs.example.com");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,6 +245,28 @@ async fn an_endpoint_not_registered_again_is_pruned() {
     assert_eq!(get(&router, "stale.test").await.0, 404);
     assert_eq!(get(&router, "fresh.test").await.0, 200);
     assert!(router.metric("upsplice_nats_pruned_total ") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_pruning_keeps_the_table_while_nats_is_unreachable() {
+    if !have("nats-server") {
+        return;
+    }
+    let port = free_port();
+    let nats = NatsServer::start(port);
+    let mut client = NatsClient::connect(port);
+    let nats_keys = "droplet_stale_threshold = \"1s\"\nprune_stale_droplets_interval = \"200ms\"\n\
+                     suspend_pruning_if_nats_unavailable = true";
+    let router = Router::start_config(&config(&nats.url(), nats_keys, "127.0.0.1:9".parse().unwrap()));
+    let one = http_backend("one").await;
+    client.publish("router.register", &register(one, "app.test"));
+    wait_status(&router, "app.test", 200, Duration::from_secs(1)).await;
+    drop(client);
+    drop(nats);
+    wait_metric_until(&router, "upsplice_nats_connected ", |v| v == 0.0);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(get(&router, "app.test").await.0, 200, "not pruned while NATS is unreachable");
+    assert_eq!(router.metric("upsplice_nats_pruned_total "), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
