@@ -65,10 +65,16 @@ impl BackendLabels {
     }
 }
 
-/// A NATS message kind or a reason (`upsplice_nats_*`).
+/// A NATS message kind (`upsplice_nats_messages_total`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NatsLabels {
+pub struct NatsKindLabels {
     pub kind: String,
+}
+
+/// Why a NATS message or endpoint was dropped.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NatsReasonLabels {
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -254,13 +260,13 @@ pub struct NatsMetrics {
     /// NATS routes left out because a config route has the same host and path.
     pub shadowed: Gauge,
     /// Messages taken, by kind: register, unregister, greet.
-    pub messages: Family<NatsLabels, Counter>,
+    pub messages: Family<NatsKindLabels, Counter>,
     /// Endpoints pruned because they were not re-registered in time.
     pub pruned: Counter,
     /// Messages dropped, by reason.
-    pub bad: Family<NatsLabels, Counter>,
+    pub bad: Family<NatsReasonLabels, Counter>,
     /// Endpoints of valid registrations not taken, by reason (tls_port).
-    pub skipped: Family<NatsLabels, Counter>,
+    pub skipped: Family<NatsReasonLabels, Counter>,
     /// 1 while connected to a NATS server.
     pub connected: Gauge,
     /// Connections to NATS after the first.
@@ -303,13 +309,21 @@ impl NatsMetrics {
         r.register("connected", "1 while connected to a NATS server", m.connected.clone());
         r.register("reconnects", "Connections to NATS after the first", m.reconnects.clone());
         for kind in ["register", "unregister", "greet"] {
-            let _ = m.messages.get_or_create(&NatsLabels { kind: kind.into() });
+            let _ = m.messages.get_or_create(&NatsKindLabels { kind: kind.into() });
         }
         m
     }
 
-    pub fn count(family: &Family<NatsLabels, Counter>, kind: &str) {
-        family.get_or_create(&NatsLabels { kind: kind.to_string() }).inc();
+    pub fn message(&self, kind: &str) {
+        self.messages.get_or_create(&NatsKindLabels { kind: kind.to_string() }).inc();
+    }
+
+    pub fn bad(&self, reason: &str) {
+        self.bad.get_or_create(&NatsReasonLabels { reason: reason.to_string() }).inc();
+    }
+
+    pub fn skipped(&self, reason: &str) {
+        self.skipped.get_or_create(&NatsReasonLabels { reason: reason.to_string() }).inc();
     }
 }
 

@@ -17,7 +17,7 @@ use super::start::Start;
 use super::table::{Table, View};
 use super::Status;
 use crate::config::Nats;
-use crate::metrics::{self, NatsMetrics};
+use crate::metrics;
 use crate::state::Shared;
 
 /// A burst of registrations reaches the routing table in one rebuild per
@@ -34,15 +34,17 @@ pub(super) async fn run(
 ) {
     let m = &metrics::get().nats;
     let (tx, mut events) = mpsc::unbounded_channel();
-    let mut opts =
-        ConnectOptions::new().name("upsplice").retry_on_initial_connect().max_reconnects(None).event_callback(
-            move |event| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send(event);
-                }
-            },
-        );
+    let mut opts = ConnectOptions::new()
+        .name("upsplice")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(reconnect_delay)
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        });
     if let Some(token) = &cfg.token {
         opts = opts.token(token.clone());
     }
@@ -94,12 +96,12 @@ pub(super) async fn run(
                 match msg.subject.as_str() {
                     subject @ ("router.register" | "router.unregister") => {
                         let kind = subject.trim_start_matches("router.");
-                        NatsMetrics::count(&m.messages, kind);
+                        m.message(kind);
                         match message::parse(&msg.payload) {
                             Err(bad) => dropped.log(subject, &bad),
                             Ok(reg) if reg.tls => {
                                 if kind == "register" {
-                                    NatsMetrics::count(&m.skipped, "tls_port");
+                                    m.skipped("tls_port");
                                 }
                             }
                             Ok(reg) if kind == "register" => table.register(&reg, Instant::now()),
@@ -107,7 +109,7 @@ pub(super) async fn run(
                         }
                     }
                     "router.greet" => {
-                        NatsMetrics::count(&m.messages, "greet");
+                        m.message("greet");
                         if let Some(reply) = msg.reply {
                             if let Err(e) = client.publish(reply, start_json.clone()).await {
                                 tracing::warn!("NATS: cannot answer router.greet: {e}");
@@ -159,13 +161,16 @@ pub(super) async fn run(
             _ = flush.tick() => {
                 let snap = shared.snapshot();
                 if table.is_dirty(&snap.config) {
-                    let (routes, addrs) = table.routes(&snap.config, &shared.registry);
-                    drop(snap);
-                    shared.registry.learn(&addrs);
-                    let shadowed = shared.learn(routes);
+                    // A rebuild of a big table takes a while: other tasks
+                    // move off this worker meanwhile.
+                    tokio::task::block_in_place(|| {
+                        let (routes, changes) = table.routes(&snap.config, &shared.registry);
+                        shared.registry.learn(&changes.added, &changes.removed);
+                        let shadowed = shared.learn(routes);
+                        m.shadowed.set(shadowed as i64);
+                    });
                     m.endpoints.set(table.len() as i64);
                     m.routes.set(table.uris() as i64);
-                    m.shadowed.set(shadowed as i64);
                 }
             }
             Some(reply) = views.recv() => {
@@ -173,6 +178,11 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// 100 ms after the first failed attempt, doubling up to 5 s.
+fn reconnect_delay(attempts: usize) -> Duration {
+    Duration::from_millis(100u64 << attempts.min(6)).min(Duration::from_secs(5))
 }
 
 /// Logs a dropped message at most once per reason per [`LOG_EVERY`],
@@ -185,7 +195,7 @@ struct Throttle {
 impl Throttle {
     fn log(&mut self, subject: &str, bad: &Bad) {
         let reason = bad.reason();
-        NatsMetrics::count(&metrics::get().nats.bad, reason);
+        metrics::get().nats.bad(reason);
         let now = Instant::now();
         match self.last.get_mut(reason) {
             Some((at, more)) if now.duration_since(*at) < LOG_EVERY => *more += 1,

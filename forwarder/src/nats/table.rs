@@ -24,6 +24,20 @@ pub struct Table {
     dirty: bool,
     /// The config whose `[backends]` the cached pools were built with.
     config: Option<Arc<Config>>,
+    /// Every endpoint address and how many URIs list it.
+    addrs: HashMap<SocketAddr, usize>,
+    /// Addresses that became endpoints, and ones that no longer are,
+    /// since the last [`Table::routes`].
+    added: HashSet<SocketAddr>,
+    removed: HashSet<SocketAddr>,
+}
+
+/// What changed in the set of endpoint addresses since the last
+/// [`Table::routes`] (for [`Registry::learn`]).
+#[derive(Debug, Default)]
+pub struct AddrChanges {
+    pub added: Vec<SocketAddr>,
+    pub removed: Vec<SocketAddr>,
 }
 
 #[derive(Default)]
@@ -76,7 +90,27 @@ impl Table {
                     entry.pool = None;
                     self.endpoints += 1;
                     self.dirty = true;
+                    self.addr_up(reg.endpoint.addr);
                 }
+            }
+        }
+    }
+
+    fn addr_up(&mut self, addr: SocketAddr) {
+        let refs = self.addrs.entry(addr).or_insert(0);
+        *refs += 1;
+        if *refs == 1 && !self.removed.remove(&addr) {
+            self.added.insert(addr);
+        }
+    }
+
+    fn addr_down(&mut self, addr: SocketAddr) {
+        let Some(refs) = self.addrs.get_mut(&addr) else { return };
+        *refs -= 1;
+        if *refs == 0 {
+            self.addrs.remove(&addr);
+            if !self.added.remove(&addr) {
+                self.removed.insert(addr);
             }
         }
     }
@@ -85,14 +119,16 @@ impl Table {
     pub fn unregister(&mut self, reg: &Registration) {
         for uri in &reg.uris {
             let Some(entry) = self.uris.get_mut(uri) else { continue };
-            if entry.endpoints.remove(&reg.endpoint.addr).is_some() {
-                self.endpoints -= 1;
-                entry.pool = None;
-                self.dirty = true;
-                if entry.endpoints.is_empty() {
-                    self.uris.remove(uri);
-                }
+            if entry.endpoints.remove(&reg.endpoint.addr).is_none() {
+                continue;
             }
+            entry.pool = None;
+            if entry.endpoints.is_empty() {
+                self.uris.remove(uri);
+            }
+            self.endpoints -= 1;
+            self.dirty = true;
+            self.addr_down(reg.endpoint.addr);
         }
     }
 
@@ -100,19 +136,26 @@ impl Table {
     /// (their own, when shorter than `threshold`, as gorouter takes it);
     /// returns how many.
     pub fn prune(&mut self, now: Instant, threshold: Duration) -> usize {
-        let mut pruned = 0;
+        let mut gone = Vec::new();
         self.uris.retain(|_, entry| {
-            let before = entry.endpoints.len();
-            entry.endpoints.retain(|_, slot| {
+            let before = gone.len();
+            entry.endpoints.retain(|addr, slot| {
                 let limit = slot.endpoint.stale_threshold.map_or(threshold, |own| own.min(threshold));
-                now.saturating_duration_since(slot.seen) <= limit
+                let keep = now.saturating_duration_since(slot.seen) <= limit;
+                if !keep {
+                    gone.push(*addr);
+                }
+                keep
             });
-            if entry.endpoints.len() != before {
-                pruned += before - entry.endpoints.len();
+            if gone.len() != before {
                 entry.pool = None;
             }
             !entry.endpoints.is_empty()
         });
+        let pruned = gone.len();
+        for addr in gone {
+            self.addr_down(addr);
+        }
         self.endpoints -= pruned;
         self.dirty |= pruned > 0;
         pruned
@@ -126,14 +169,11 @@ impl Table {
         }
     }
 
-    /// The routes for the routing table, one per URI, and every endpoint
-    /// address; pools of unchanged URIs are kept unless `config` is
-    /// another one than last time (its `[backends]` may differ).
-    pub fn routes(
-        &mut self,
-        config: &Arc<Config>,
-        registry: &Registry,
-    ) -> (Arc<Vec<LearnedRoute>>, HashSet<SocketAddr>) {
+    /// The routes for the routing table, one per URI, and the endpoint
+    /// addresses added and removed since the last call; pools of
+    /// unchanged URIs are kept unless `config` is another one than last
+    /// time (its `[backends]` may differ).
+    pub fn routes(&mut self, config: &Arc<Config>, registry: &Registry) -> (Arc<Vec<LearnedRoute>>, AddrChanges) {
         if !self.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
             self.config = Some(config.clone());
             for entry in self.uris.values_mut() {
@@ -142,10 +182,8 @@ impl Table {
         }
         let settings = &config.backends;
         self.dirty = false;
-        let mut addrs = HashSet::with_capacity(self.endpoints);
         let mut routes = Vec::with_capacity(self.uris.len());
         for (uri, entry) in &mut self.uris {
-            addrs.extend(entry.endpoints.keys().copied());
             // The pool takes its balancing and route service from the
             // latest registration, as gorouter's pool does.
             let latest = entry.endpoints.values().max_by_key(|s| s.seen).map(|s| &s.endpoint);
@@ -161,7 +199,8 @@ impl Table {
                 route_service: latest.route_service_url.clone(),
             });
         }
-        (Arc::new(routes), addrs)
+        let changes = AddrChanges { added: self.added.drain().collect(), removed: self.removed.drain().collect() };
+        (Arc::new(routes), changes)
     }
 
     /// Every URI with its endpoints, sorted by URI and address.
@@ -199,8 +238,8 @@ mod tests {
         t.register(&a, now);
         t.register(&b, now);
         assert_eq!((t.len(), t.uris()), (3, 2));
-        let (routes, addrs) = t.routes(&config, &registry);
-        assert_eq!((routes.len(), addrs.len()), (2, 2));
+        let (routes, changes) = t.routes(&config, &registry);
+        assert_eq!((routes.len(), changes.added.len(), changes.removed.len()), (2, 2, 0));
         let pool_a = routes.iter().find(|r| &*r.uri == "a.e.com").unwrap().pool.clone();
         assert_eq!(pool_a.backends.len(), 2);
         // A refresh changes nothing but the time: no rebuild, same pool.
@@ -214,5 +253,7 @@ mod tests {
         t.unregister(&a);
         assert_eq!((t.len(), t.uris()), (0, 0));
         assert!(t.is_dirty(&config));
+        let (_, changes) = t.routes(&config, &registry);
+        assert_eq!((changes.added.len(), changes.removed.len()), (0, 2));
     }
 }

@@ -4,7 +4,7 @@
 //! and its check stopped. Also the sweep that closes expired and dead idle
 //! connections, and the active check tasks.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -108,15 +108,17 @@ impl Registry {
         self.run_checks(checks);
     }
 
-    /// Takes the endpoints of the routes learned from NATS on (all of
-    /// them, each time they change): they are not retired while they are
-    /// endpoints; one that no longer is and no pool of the config lists is.
-    pub fn learn(&self, addrs: &HashSet<SocketAddr>) {
+    /// Takes the changes to the endpoints of the routes learned from NATS
+    /// on: an `added` one is not retired while it is an endpoint; a
+    /// `removed` one that no pool of the config lists is.
+    pub fn learn(&self, added: &[SocketAddr], removed: &[SocketAddr]) {
         let mut backends = self.lock();
-        for backend in backends.values() {
-            backend.set_learned(addrs.contains(&backend.addr));
+        for addr in removed {
+            if let Some(backend) = backends.get(addr) {
+                backend.set_learned(false);
+            }
         }
-        for &addr in addrs {
+        for &addr in added {
             backends.entry(addr).or_insert_with(|| Arc::new(Backend::new(addr))).set_learned(true);
         }
     }
