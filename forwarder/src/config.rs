@@ -1109,6 +1109,25 @@ impl Config {
         if let Some(a) = &self.admin {
             let _ = writeln!(s, "admin: {}", a.bind);
         }
+        if let Some(n) = &self.nats {
+            // Servers without their credentials: the summary is printed.
+            let servers: Vec<&str> = n
+                .servers
+                .iter()
+                .map(|u| u.split_once("://").map_or(u.as_str(), |(_, rest)| rest))
+                .map(|u| u.rsplit('@').next().unwrap_or(u))
+                .collect();
+            let _ = writeln!(
+                s,
+                "nats: {} (index {}; prune after {:?} every {:?}{}; routes wanted {:?} after start)",
+                servers.join(", "),
+                n.index,
+                n.droplet_stale_threshold,
+                n.prune_stale_droplets_interval,
+                if n.suspend_pruning_if_nats_unavailable { ", not while NATS is down" } else { "" },
+                n.start_response_delay_interval
+            );
+        }
         let _ = writeln!(s, "listeners ({}):", self.listeners.len());
         for l in &self.listeners {
             let proxy = match l.proxy_protocol {
@@ -1450,6 +1469,12 @@ send_proxy = "v2"
         assert_eq!(n.start_response_delay_interval, Duration::from_secs(5));
         assert!(!n.suspend_pruning_if_nats_unavailable && n.index == 2);
         assert_eq!(n.tls.as_ref().unwrap().ca, Path::new("/etc/upsplice/nats-ca.pem"));
+        let summary = c.summary();
+        assert!(
+            summary.contains("nats: 127.0.0.1:4222, 127.0.0.2:4222 (index 2; prune after 120s every 30s"),
+            "{summary}"
+        );
+        assert!(!summary.contains("u:p"), "credentials never printed: {summary}");
         for (nats, expected) in [
             ("servers = []", "nats.servers: at least one"),
             ("servers = [\"127.0.0.1:4222\"]", "must start with nats://"),
