@@ -8,7 +8,8 @@
 //! `DataPlane` seam). Beside the chain: [`state`] (what connections
 //! share), [`access`] (the access record), [`metrics`] and [`admin`]
 //! (observability); [`config`] is plain data, parsed with [`units`];
-//! [`path`] is the path normaliser routing matches with.
+//! [`path`] is the path normaliser routing matches with; [`tls`] builds
+//! the TLS listeners' rustls configs.
 
 pub mod access;
 pub mod access_log;
@@ -25,5 +26,6 @@ pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod units;
 pub mod upstream;
