@@ -31,6 +31,7 @@ pub mod selftest;
 pub mod settings;
 pub mod sockmap;
 pub mod splice;
+pub mod stream;
 pub mod uring;
 
 use std::fmt;
@@ -58,6 +59,10 @@ pub enum Mode {
     Uring,
     Splice,
     Copy,
+    /// The userspace relay of TLS tunnels ([`stream`]): not a mode the
+    /// config chooses, the plane that carries what the kernel cannot.
+    #[serde(skip)]
+    Tls,
 }
 
 impl Mode {
@@ -68,6 +73,7 @@ impl Mode {
             Mode::Uring => "uring",
             Mode::Splice => "splice",
             Mode::Copy => "copy",
+            Mode::Tls => "tls",
         }
     }
 }
@@ -305,6 +311,7 @@ impl Plane {
             Mode::Uring => started(cfg, Plane::Uring),
             Mode::Sockmap => started(cfg, Plane::Sockmap),
             Mode::Auto => unreachable!("auto is resolved by DataPlanes::start"),
+            Mode::Tls => Err(PlaneError::Settings("tls is the TLS tunnels' relay, not a mode to choose".into())),
         }
     }
 }
@@ -378,9 +385,11 @@ pub const SOCKMAP_NOT_AUTO: &str = "not chosen by auto: its handshakes cost most
 /// A plane's relay of one tunnel, boxed at its own size (see [`Plane::relay`]).
 pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = Result<Outcome, Rejected>> + Send + 'a>>;
 
-/// The chosen plane followed by its fallbacks (always ending with copy).
+/// The chosen plane followed by its fallbacks (always ending with copy),
+/// and the stream relay TLS tunnels take.
 pub struct DataPlanes {
     chain: Vec<Plane>,
+    pub stream: stream::StreamRelay,
 }
 
 impl DataPlanes {
@@ -428,7 +437,7 @@ impl DataPlanes {
         if primary_mode != Mode::Copy {
             chain.push(Plane::Copy(copy::CopyPlane::new(cfg)));
         }
-        Ok(DataPlanes { chain })
+        Ok(DataPlanes { chain, stream: stream::StreamRelay::new(cfg.copy_buffer as usize) })
     }
 
     /// The plane tunnels go to first.
@@ -511,7 +520,7 @@ mod tests {
             drain: CancellationToken::new(),
         };
         let plane = Plane::Copy(copy::CopyPlane::new(&Settings::default()));
-        let planes = DataPlanes { chain: vec![plane] };
+        let planes = DataPlanes { chain: vec![plane], stream: stream::StreamRelay::new(4096) };
         let relay = planes.relay(t, |_, _| {});
         // The tunnel moved in (it is given back on refusal) and a box.
         let inline_state = std::mem::size_of::<Tunnel>() + 64;

@@ -99,6 +99,7 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     pub proxy_errors: Family<ProxyErrorLabels, Counter>,
     pub nats: NatsMetrics,
+    pub tls_errors: Family<ProxyErrorLabels, Counter>,
     planes: OnceLock<Arc<DataPlanes>>,
 }
 
@@ -179,8 +180,15 @@ impl Metrics {
             proxy_errors.clone(),
         );
         let nats = NatsMetrics::register(&mut registry);
+        let tls_errors = Family::default();
+        registry.register(
+            "tls_handshake_errors",
+            "TLS handshakes on a listener that failed or timed out, by listener and reason",
+            tls_errors.clone(),
+        );
         Metrics {
             nats,
+            tls_errors,
             access_log_dropped,
             proxy_errors,
             registry,
@@ -210,9 +218,10 @@ impl Metrics {
         if let Some(planes) = self.planes.get() {
             out.push_str("# HELP upsplice_relayed_bytes Bytes relayed through upgraded tunnels and plain requests, by data plane and direction.\n");
             out.push_str("# TYPE upsplice_relayed_bytes counter\n");
-            for plane in planes.planes() {
-                let (to_backend, to_client) = plane.bytes_relayed();
-                let m = plane.mode();
+            let stream = (Mode::Tls, planes.stream.bytes_relayed());
+            for (m, (to_backend, to_client)) in
+                planes.planes().iter().map(|p| (p.mode(), p.bytes_relayed())).chain([stream])
+            {
                 let _ = writeln!(
                     out,
                     "upsplice_relayed_bytes_total{{data_plane=\"{m}\",direction=\"to_backend\"}} {to_backend}"
@@ -354,6 +363,11 @@ pub fn declare_listener(listener: &str, planes: &DataPlanes) {
 /// Counts a connection closed for its PROXY header.
 pub fn proxy_error(listener: &str, reason: &str) {
     get().proxy_errors.get_or_create(&ProxyErrorLabels { listener: listener.into(), reason: reason.into() }).inc();
+}
+
+/// Counts a connection closed because its TLS handshake failed.
+pub fn tls_error(listener: &str, reason: &str) {
+    get().tls_errors.get_or_create(&ProxyErrorLabels { listener: listener.into(), reason: reason.into() }).inc();
 }
 
 /// Creates a pool's connect-failure and reuse series at 0 (at start and on reload).

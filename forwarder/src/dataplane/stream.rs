@@ -1,0 +1,218 @@
+//! `tls`: the userspace relay for streams the kernel planes cannot move —
+//! a TLS connection's decrypted bytes exist only in userspace. It is
+//! generic over both sides (`AsyncRead + AsyncWrite`), so a TLS client and
+//! a plain backend, or (later) a TLS backend, go through the same code.
+//!
+//! The contract is the other planes' (module docs of [`super`]): leftovers
+//! first, every byte once and in order; EOF on one side becomes a
+//! half-close of the other (for TLS, `close_notify` then FIN, and a
+//! `close_notify` read is the EOF); a reset or error resets both sockets;
+//! idle timeout; drain. Each direction holds one buffer of
+//! `data_plane.copy_buffer` bytes only while bytes are in flight, so an
+//! idle tunnel holds none (rustls keeps its own records' buffers) and a
+//! slow reader stops the reading (bounded).
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{abort, ByteCounters, CloseReason, Direction, Outcome};
+
+/// A connection pair for the stream relay: [`super::Tunnel`] over any streams.
+pub struct StreamTunnel<C, B> {
+    pub client: C,
+    pub backend: B,
+    /// Bytes read from the client past its request head: deliver first.
+    pub to_backend: Bytes,
+    /// Bytes read from the backend past its response head: deliver first.
+    pub to_client: Bytes,
+    pub idle_timeout: Duration,
+    pub drain: CancellationToken,
+}
+
+/// A stream whose socket can be reset (the fd under a TLS stream).
+pub trait Stream: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send> Stream for T {}
+
+/// The relay and its byte counts (`data_plane="tls"` in /metrics).
+pub struct StreamRelay {
+    buffer: usize,
+    counters: ByteCounters,
+}
+
+/// How one direction ended.
+enum End {
+    Eof,
+    SrcFailed,
+    DstFailed,
+}
+
+/// One direction: what waits to be written, and whether the source ended.
+struct Mover {
+    first: Bytes,
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    unflushed: bool,
+    eof: bool,
+    moved: u64,
+}
+
+impl Mover {
+    fn new(first: Bytes) -> Mover {
+        Mover { first, buf: None, start: 0, end: 0, unflushed: false, eof: false, moved: 0 }
+    }
+
+    /// Writes what is pending to `dst`; Ready(Ok) once nothing is.
+    fn poll_write_pending<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut dst: Pin<&mut D>,
+        total: &std::sync::atomic::AtomicU64,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let pending: &[u8] = if !self.first.is_empty() {
+                &self.first
+            } else if let (Some(buf), true) = (&self.buf, self.start < self.end) {
+                &buf[self.start..self.end]
+            } else {
+                break;
+            };
+            let n = std::task::ready!(dst.as_mut().poll_write(cx, pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if !self.first.is_empty() {
+                self.first.advance(n);
+            } else {
+                self.start += n;
+            }
+            self.moved += n as u64;
+            total.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            self.unflushed = true;
+        }
+        if self.unflushed {
+            std::task::ready!(dst.as_mut().poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_move<S: AsyncRead + Unpin, D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut src: Pin<&mut S>,
+        mut dst: Pin<&mut D>,
+        size: usize,
+        total: &std::sync::atomic::AtomicU64,
+    ) -> Poll<End> {
+        loop {
+            match self.poll_write_pending(cx, dst.as_mut(), total) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(End::DstFailed),
+                Poll::Pending => return Poll::Pending,
+            }
+            if self.eof {
+                return match dst.as_mut().poll_shutdown(cx) {
+                    Poll::Ready(_) => Poll::Ready(End::Eof),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            let buf = self.buf.get_or_insert_with(|| vec![0; size].into_boxed_slice());
+            let mut read = ReadBuf::new(buf);
+            match src.as_mut().poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if read.filled().is_empty() => self.eof = true,
+                Poll::Ready(Ok(())) => (self.start, self.end) = (0, read.filled().len()),
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A TLS stream that ends without close_notify reads as an
+                // error: possibly truncated, so it is a reset, not an EOF.
+                Poll::Ready(Err(_)) => return Poll::Ready(End::SrcFailed),
+                Poll::Pending => {
+                    // Idle: hold no buffer until bytes arrive.
+                    self.buf = None;
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl StreamRelay {
+    pub fn new(buffer: usize) -> StreamRelay {
+        StreamRelay { buffer: buffer.max(4096), counters: ByteCounters::default() }
+    }
+
+    /// (to backend, to client) relayed so far.
+    pub fn bytes_relayed(&self) -> (u64, u64) {
+        self.counters.load()
+    }
+
+    /// Runs a tunnel until it ends.
+    pub async fn relay<C: Stream, B: Stream>(&self, t: StreamTunnel<C, B>) -> Outcome {
+        let StreamTunnel { mut client, mut backend, to_backend, to_client, idle_timeout, drain } = t;
+        let fds: [RawFd; 2] = [client.as_raw_fd(), backend.as_raw_fd()];
+        let mut up = Mover::new(to_backend);
+        let mut down = Mover::new(to_client);
+        let (mut up_done, mut down_done) = (false, false);
+        let mut last_moved = (0u64, 0u64);
+        let mut last_active = Instant::now();
+        let mut idle = pin!(tokio::time::sleep(idle_timeout));
+        let mut drained = pin!(drain.cancelled());
+        let size = self.buffer;
+        let counters = &self.counters;
+
+        let reason = poll_fn(|cx| {
+            for dir in Direction::BOTH {
+                let (done, end) = match dir {
+                    Direction::ToBackend if !up_done => (
+                        &mut up_done,
+                        up.poll_move(cx, Pin::new(&mut client), Pin::new(&mut backend), size, &counters.to_backend),
+                    ),
+                    Direction::ToClient if !down_done => (
+                        &mut down_done,
+                        down.poll_move(cx, Pin::new(&mut backend), Pin::new(&mut client), size, &counters.to_client),
+                    ),
+                    _ => continue,
+                };
+                match end {
+                    Poll::Ready(End::Eof) => *done = true,
+                    Poll::Ready(End::SrcFailed) => return Poll::Ready(dir.source_failed()),
+                    Poll::Ready(End::DstFailed) => return Poll::Ready(dir.destination_failed()),
+                    Poll::Pending => {}
+                }
+            }
+            if up_done && down_done {
+                return Poll::Ready(CloseReason::Done);
+            }
+            if drained.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(CloseReason::Drain);
+            }
+            if (up.moved, down.moved) != last_moved {
+                last_moved = (up.moved, down.moved);
+                last_active = Instant::now();
+            }
+            while idle.as_mut().poll(cx).is_ready() {
+                let deadline = last_active + idle_timeout;
+                if deadline <= Instant::now() {
+                    return Poll::Ready(CloseReason::Idle);
+                }
+                idle.as_mut().reset(deadline);
+            }
+            Poll::Pending
+        })
+        .await;
+        if reason.resets() {
+            // A truncated stream must not look complete: reset both sockets.
+            fds.into_iter().for_each(abort);
+        }
+        Outcome { to_backend: up.moved, to_client: down.moved, reason }
+    }
+}
