@@ -48,6 +48,8 @@ fn bench(c: &mut Criterion) {
         forwarded_proto: "https",
         now_ms: 1_700_000_000_000,
         request_id: "6f1c1c3e-0000-4000-8000-000000000001",
+        forwarded_client_cert: Default::default(),
+        client_cert: None,
     };
     let mut g = c.benchmark_group("upgrade_request");
     g.throughput(Throughput::Bytes(REQUEST.len() as u64));

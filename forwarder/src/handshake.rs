@@ -35,13 +35,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessRecord;
 use crate::state::Snapshot;
+use crate::tls::ClientCert;
 use crate::upstream::{BackendGuard, ConnectError, ConnectOpts};
 use answer::{linger_close, Refusal};
 use body::BodyError;
 use framing::Framing;
 use head::{HeadError, ReadError};
 use rewrite::{Body, ClientInfo};
-pub use stream::ClientStream;
+pub use stream::{ClientStream, TlsClient};
 
 /// Backend response heads may be larger than requests (cookies); this much
 /// is always allowed.
@@ -73,6 +74,8 @@ pub struct Conn<S> {
     buf: BytesMut,
     /// Requests answered on this connection so far.
     served: usize,
+    /// The certificate the client presented (an mTLS connection).
+    client_cert: Option<ClientCert>,
 }
 
 /// How one request on a connection ended.
@@ -127,7 +130,12 @@ struct Agreed {
 
 impl<S: ClientStream> Conn<S> {
     pub fn new(client: S, peer: SocketAddr, local: SocketAddr) -> Conn<S> {
-        Conn { client, peer, local, buf: BytesMut::new(), served: 0 }
+        Conn { client, peer, local, buf: BytesMut::new(), served: 0, client_cert: None }
+    }
+
+    /// The connection is mTLS: the client presented `cert`.
+    pub fn with_client_cert(self, cert: Option<ClientCert>) -> Conn<S> {
+        Conn { client_cert: cert, ..self }
     }
 
     /// Serves the connection's next request to its end. `snap` is the
@@ -150,7 +158,15 @@ impl<S: ClientStream> Conn<S> {
         }
         let started = Instant::now();
         let keep_alive_allowed = self.served + 1 < snap.config.limits.max_requests_per_connection;
-        let ctx = Context { peer: self.peer, local: self.local, snap: &snap, listener, draining, keep_alive_allowed };
+        let ctx = Context {
+            peer: self.peer,
+            local: self.local,
+            snap: &snap,
+            listener,
+            draining,
+            keep_alive_allowed,
+            client_cert: self.client_cert.as_ref(),
+        };
         let outcome = ctx.request(&mut self.client, &mut self.buf, rec).await;
         // Nothing of the handshake stays allocated for the tunnel's life.
         drop(snap);
@@ -200,6 +216,7 @@ struct Context<'a> {
     draining: &'a CancellationToken,
     /// False for the last request `max_requests_per_connection` allows.
     keep_alive_allowed: bool,
+    client_cert: Option<&'a ClientCert>,
 }
 
 impl Context<'_> {
@@ -250,6 +267,8 @@ impl Context<'_> {
             trusted: settings.trusted_cidrs.iter().any(|net| net.contains(&peer.ip())),
             forwarded_proto: settings.forwarded_proto(),
             now_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
+            forwarded_client_cert: settings.forwarded_client_cert(),
+            client_cert: self.client_cert.map(|c| &c.0[..]),
         };
         // A plain HTTP/1.1 request's backend connection may serve another
         // request after it (HTTP/1.0 backends close after each).

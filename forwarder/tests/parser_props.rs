@@ -16,6 +16,8 @@ fn client() -> ClientInfo<'static> {
         forwarded_proto: "http",
         now_ms: 1,
         request_id: "r",
+        forwarded_client_cert: Default::default(),
+        client_cert: None,
     }
 }
 

@@ -17,14 +17,21 @@
 //!   ([`UNTRUSTED_DROPPED`]: `Forwarded`, `X-Real-IP`, `X-Forwarded-Host`,
 //!   …) are kept from a trusted peer and removed from anyone else's
 //!   request, so a backend never takes a client's claim for the router's;
+//! * `X-Forwarded-Client-Cert` per the listener's `forwarded_client_cert`
+//!   (gorouter's modes): `always_forward` keeps a trusted peer's,
+//!   `forward` keeps it only on an mTLS connection, `sanitize_set` always
+//!   removes it and, on mTLS, sets the client's certificate (base64 DER);
 //! * ambiguous body framing (Transfer-Encoding with Content-Length, differing
 //!   Content-Lengths, a Transfer-Encoding that does not end in chunked) is
 //!   refused: it is how requests get smuggled past a proxy.
 
 use std::net::IpAddr;
 
+use base64::Engine;
+
 use super::answer::Refusal;
 use super::head::{tokens, values, Header, Request, Response};
+use crate::config::ForwardedClientCert;
 
 /// How the request body is framed (what follows the head from the client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +51,10 @@ pub struct ClientInfo<'a> {
     /// The `X-Vcap-Request-Id` to send when a trusted peer sent none (a
     /// fresh UUID per request, as gorouter sets it).
     pub request_id: &'a str,
+    /// The listener's `forwarded_client_cert`.
+    pub forwarded_client_cert: ForwardedClientCert,
+    /// The leaf certificate (DER) the client presented, on an mTLS connection.
+    pub client_cert: Option<&'a [u8]>,
 }
 
 /// A request ready to be routed and forwarded.
@@ -96,6 +107,9 @@ pub const UNTRUSTED_DROPPED: &[&str] = &[
     "x-vcap-request-id",
 ];
 
+/// `X-Forwarded-Client-Cert`: kept or set by the listener's `forwarded_client_cert`.
+const XFCC: &str = "x-forwarded-client-cert";
+
 /// Headers a `Connection` token may not remove: they frame or route the request.
 const PROTECTED: &[&str] = &["host", "content-length", "transfer-encoding"];
 
@@ -118,9 +132,16 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Re
         .then(|| offered.iter().map(|t| String::from_utf8_lossy(t)).collect::<Vec<_>>().join(", "));
 
     let named_by_connection = named_by_connection(&req.headers);
+    let keep_xfcc = match client.forwarded_client_cert {
+        ForwardedClientCert::AlwaysForward => client.trusted,
+        ForwardedClientCert::Forward => client.client_cert.is_some(),
+        ForwardedClientCert::SanitizeSet => false,
+    };
     let dropped = |name: &str| {
+        let xfcc = name.eq_ignore_ascii_case(XFCC);
         DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
-            || (!client.trusted && UNTRUSTED_DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)))
+            || (xfcc && !keep_xfcc)
+            || (!xfcc && !client.trusted && UNTRUSTED_DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)))
             || named_by_connection.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
     };
 
@@ -187,6 +208,11 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Re
             client.request_id.as_bytes()
         }
     };
+    if let (ForwardedClientCert::SanitizeSet, Some(cert)) = (client.forwarded_client_cert, client.client_cert) {
+        // gorouter's format: the leaf certificate's DER, base64.
+        let encoded = base64::engine::general_purpose::STANDARD.encode(cert);
+        push_header(&mut head, "X-Forwarded-Client-Cert", encoded.as_bytes());
+    }
     head.extend_from_slice(b"\r\n");
 
     Ok(Forward {
@@ -374,6 +400,8 @@ mod tests {
             forwarded_proto: "https",
             now_ms: 1_700_000_000_123,
             request_id: "00000000-0000-4000-8000-000000000000",
+            forwarded_client_cert: ForwardedClientCert::AlwaysForward,
+            client_cert: None,
         }
     }
 
@@ -413,6 +441,24 @@ mod tests {
         assert!(h.contains("\r\nX-Forwarded-Proto: https\r\n"), "{h}");
         assert!(h.contains("\r\nConnection: close\r\n"));
         assert_eq!(f.upgrade, None);
+    }
+
+    #[test]
+    fn forwarded_client_cert_follows_the_listener_mode() {
+        let raw = "GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-Client-Cert: claimed\r\n\r\n";
+        let req = parse_request(raw.as_bytes(), 8192).unwrap().unwrap();
+        let xfcc = |mode, trusted, cert: Option<&'static [u8]>| {
+            let info = ClientInfo { forwarded_client_cert: mode, client_cert: cert, ..client(trusted) };
+            let h = head(&rewrite(&req, &info, false).unwrap());
+            h.lines().filter_map(|l| l.strip_prefix("X-Forwarded-Client-Cert: ")).map(String::from).collect::<Vec<_>>()
+        };
+        use ForwardedClientCert::*;
+        assert_eq!(xfcc(AlwaysForward, true, None), ["claimed"]);
+        assert!(xfcc(AlwaysForward, false, None).is_empty(), "only from trusted peers");
+        assert!(xfcc(Forward, true, None).is_empty(), "forward: removed without mTLS");
+        assert_eq!(xfcc(Forward, false, Some(b"der")), ["claimed"], "forward: kept on mTLS");
+        assert!(xfcc(SanitizeSet, true, None).is_empty(), "sanitize_set: always removed");
+        assert_eq!(xfcc(SanitizeSet, true, Some(b"der")), ["ZGVy"], "sanitize_set: the client's certificate");
     }
 
     #[test]
