@@ -950,14 +950,8 @@ impl Config {
         let not_yet =
             |field: String, what: &str| Err((field, format!("{what} is not built yet (README, \"Not there yet\")")));
         for (i, l) in self.listeners.iter().enumerate() {
-            if l.tls.is_some() {
-                return not_yet(format!("listener[{i}].tls"), "TLS termination");
-            }
             if !l.sni_routes.is_empty() {
                 return not_yet(format!("listener[{i}].sni_routes"), "SNI passthrough");
-            }
-            if l.forwarded_client_cert() != ForwardedClientCert::AlwaysForward {
-                return not_yet(format!("listener[{i}].forwarded_client_cert"), "this mode");
             }
         }
         if let Some(i) = self.pools.iter().position(|p| p.tls.is_some()) {

@@ -1,6 +1,7 @@
-//! One accepted connection, from accept to its access-log line: an http
+//! One accepted connection, from accept to its access-log line: the
+//! PROXY header and TLS handshake (where the listener takes them), an http
 //! listener's handshake or a tcp listener's connect, then the hand-off of
-//! the connection pair to the data planes.
+//! the connection pair to the data planes (or, for TLS, the stream relay).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,16 +10,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::access::AccessRecord;
 use crate::config::{Protocol, ProxyProtocol};
+use crate::dataplane::stream::StreamTunnel;
 use crate::dataplane::{Mode, Tunnel};
 use crate::handshake::answer::{linger_close, Refusal};
-use crate::handshake::{self, Next, Plan};
+use crate::handshake::{self, ClientStream, Next, Plan, TlsClient};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
 use crate::proxy;
 use crate::state::Shared;
-use crate::upstream::{BackendGuard, ConnectError, ConnectOpts};
+use crate::tls::ClientCert;
+use crate::upstream::{ConnectError, ConnectOpts};
 
 /// A connection's view of the router: the shared state and its listener.
 pub struct Session {
@@ -33,23 +37,66 @@ impl Session {
         let labels = ListenerLabels { listener: self.listener.to_string() };
         metrics::get().active.get_or_create(&labels).inc();
         let _ = client.set_nodelay(true);
+        // The PROXY header and the TLS handshake share handshake_timeout.
+        let deadline = Instant::now() + self.shared.snapshot().config.limits.handshake_timeout;
         let Some(peer) = self.client_address(&mut client, peer).await else {
             metrics::get().active.get_or_create(&labels).dec();
             return;
         };
         // The address the client connected to (a PROXY header sent on says it).
         let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        match protocol {
-            Protocol::Http => self.serve_http(client, peer, local).await,
-            Protocol::Tcp => {
-                let mut rec = AccessRecord::new(peer, self.listener.clone());
-                if let Some(plan) = Box::pin(self.connect_tcp(client, local, &mut rec)).await {
-                    self.tunnel(plan, &mut rec).await;
+        let tls = self.shared.snapshot().listener_tls(&self.listener).cloned();
+        match (tls, protocol) {
+            (None, Protocol::Http) => self.serve_http(handshake::Conn::new(client, peer, local), peer).await,
+            (None, Protocol::Tcp) => self.serve_tcp(client, peer, local).await,
+            (Some(config), protocol) => {
+                if let Some(client) = self.accept_tls(client, config, peer, deadline).await {
+                    match protocol {
+                        Protocol::Http => {
+                            let cert = ClientCert::of(client.get_ref().1);
+                            let conn = handshake::Conn::new(client, peer, local).with_client_cert(cert);
+                            self.serve_http(conn, peer).await
+                        }
+                        Protocol::Tcp => self.serve_tcp(client, peer, local).await,
+                    }
                 }
-                self.shared.access_log.write(&rec);
             }
         }
         metrics::get().active.get_or_create(&labels).dec();
+    }
+
+    /// A TLS listener's handshake, by `deadline`; None when it fails (the
+    /// connection is closed and counted).
+    async fn accept_tls(
+        &self,
+        client: TcpStream,
+        config: Arc<rustls::ServerConfig>,
+        peer: SocketAddr,
+        deadline: Instant,
+    ) -> Option<TlsClient> {
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(client);
+        let reason = match tokio::time::timeout_at(deadline, accept).await {
+            Ok(Ok(stream)) => return Some(Box::new(stream)),
+            Ok(Err(e)) => {
+                tracing::debug!(listener = %self.listener, %peer, "TLS handshake failed: {e}");
+                tls_failure(&e)
+            }
+            Err(_) => {
+                tracing::debug!(listener = %self.listener, %peer, "TLS handshake: handshake_timeout passed");
+                "timeout"
+            }
+        };
+        metrics::tls_error(&self.listener, reason);
+        None
+    }
+
+    /// A tcp listener's connection: connected to its pool and relayed.
+    async fn serve_tcp<S: Into<Client>>(&self, client: S, peer: SocketAddr, local: SocketAddr) {
+        let mut rec = AccessRecord::new(peer, self.listener.clone());
+        if let Some(plan) = Box::pin(self.connect_tcp(client, local, &mut rec)).await {
+            self.tunnel(plan, &mut rec).await;
+        }
+        self.shared.access_log.write(&rec);
     }
 
     /// The client's address: the TCP peer's, or — on a listener with
@@ -75,8 +122,7 @@ impl Session {
     /// An http listener's connection: its requests one after another, each
     /// on the configuration in force when it starts and with its own
     /// access record, until one closes it or starts a tunnel.
-    async fn serve_http(&self, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
-        let mut conn = handshake::Conn::new(client, peer, local);
+    async fn serve_http<S: ClientStream + Into<Client>>(&self, mut conn: handshake::Conn<S>, peer: SocketAddr) {
         loop {
             let mut rec = AccessRecord::new(peer, self.listener.clone());
             // Boxed, so the handshake's state is freed before a tunnel runs:
@@ -100,7 +146,7 @@ impl Session {
 
     /// A tcp listener: connect to its pool; the pair is relayed without
     /// reading a byte.
-    async fn connect_tcp(&self, client: TcpStream, local: SocketAddr, rec: &mut AccessRecord) -> Option<Plan> {
+    async fn connect_tcp<S>(&self, client: S, local: SocketAddr, rec: &mut AccessRecord) -> Option<Plan<S>> {
         let snap = self.shared.snapshot();
         let pool_name = snap.listener(&self.listener).pool.clone().unwrap_or_default();
         let pool = snap.pool_named(&pool_name).expect("validated: tcp listener pools exist").clone();
@@ -127,30 +173,33 @@ impl Session {
         }
     }
 
-    /// Hands a connection pair to the data planes and waits for it to end.
-    /// Only what the wait needs is kept across it (this future lives as
-    /// long as the tunnel): the relay, the backend guard and the labels.
-    async fn tunnel(&self, plan: Plan, rec: &mut AccessRecord) {
-        let (tunnel, guard) = self.open_tunnel(plan, rec);
-        let planes = &self.shared.planes;
-        let m = metrics::get();
-        let labels = |mode: Mode| TunnelLabels { listener: self.listener.to_string(), data_plane: mode.to_string() };
-        m.tunnels_active.get_or_create(&labels(planes.mode())).inc();
-        let (mode, outcome) = planes
-            .relay(tunnel, |from, _why| {
-                metrics::fallback(from);
-                // The tunnel moves to the next plane of the chain, and so
-                // does its place in tunnels_active.
-                m.tunnels_active.get_or_create(&labels(from)).dec();
-                let chain = planes.planes();
-                if let Some(next) = chain.iter().position(|p| p.mode() == from).and_then(|i| chain.get(i + 1)) {
-                    m.tunnels_active.get_or_create(&labels(next.mode())).inc();
-                }
-            })
-            .await;
-        m.tunnels_active.get_or_create(&labels(mode)).dec();
+    /// Hands a connection pair to a data plane and waits for it to end: a
+    /// plain client to the planes, a TLS one to the stream relay. Only what
+    /// the wait needs is kept across it (this future lives as long as the
+    /// tunnel): the relay, the backend guard and the labels.
+    async fn tunnel<S: Into<Client>>(&self, plan: Plan<S>, rec: &mut AccessRecord) {
+        let Plan { client, backend, to_backend, to_client, status, guard } = plan;
+        if status != 0 {
+            metrics::outcome(&self.listener, status, "", rec.started.elapsed());
+        }
+        let idle_timeout = self.shared.snapshot().config.limits.idle_timeout;
+        let drain = self.shared.drain.child_token();
+        let (mode, outcome) = match client.into() {
+            Client::Plain(client) => {
+                self.relay_planes(Tunnel { client, backend, to_backend, to_client, idle_timeout, drain }).await
+            }
+            Client::Tls(client) => {
+                let tunnel = StreamTunnel { client, backend, to_backend, to_client, idle_timeout, drain };
+                let m = metrics::get();
+                m.tunnels_active.get_or_create(&self.labels(Mode::Tls)).inc();
+                // Boxed: the plain path's future stays the planes' size.
+                let outcome = Box::pin(self.shared.planes.stream.relay(tunnel)).await;
+                m.tunnels_active.get_or_create(&self.labels(Mode::Tls)).dec();
+                (Mode::Tls, outcome)
+            }
+        };
         // By the plane that carried the tunnel to its end, not the first tried.
-        m.tunnels.get_or_create(&labels(mode)).inc();
+        metrics::get().tunnels.get_or_create(&self.labels(mode)).inc();
         drop(guard);
         rec.data_plane = Some(mode);
         rec.to_backend += outcome.to_backend;
@@ -158,21 +207,66 @@ impl Session {
         rec.reason = outcome.reason.as_str();
     }
 
-    /// Builds what the data planes take (and counts the 101).
-    fn open_tunnel(&self, plan: Plan, rec: &AccessRecord) -> (Tunnel, BackendGuard) {
-        let Plan { client, backend, to_backend, to_client, status, guard } = plan;
-        if status != 0 {
-            metrics::outcome(&self.listener, status, "", rec.started.elapsed());
+    fn labels(&self, mode: Mode) -> TunnelLabels {
+        TunnelLabels { listener: self.listener.to_string(), data_plane: mode.to_string() }
+    }
+
+    /// Relays a plain pair through the data planes' chain.
+    async fn relay_planes(&self, tunnel: Tunnel) -> (Mode, crate::dataplane::Outcome) {
+        let planes = &self.shared.planes;
+        let m = metrics::get();
+        m.tunnels_active.get_or_create(&self.labels(planes.mode())).inc();
+        let (mode, outcome) = planes
+            .relay(tunnel, |from, _why| {
+                metrics::fallback(from);
+                // The tunnel moves to the next plane of the chain, and so
+                // does its place in tunnels_active.
+                m.tunnels_active.get_or_create(&self.labels(from)).dec();
+                let chain = planes.planes();
+                if let Some(next) = chain.iter().position(|p| p.mode() == from).and_then(|i| chain.get(i + 1)) {
+                    m.tunnels_active.get_or_create(&self.labels(next.mode())).inc();
+                }
+            })
+            .await;
+        m.tunnels_active.get_or_create(&self.labels(mode)).dec();
+        (mode, outcome)
+    }
+}
+
+/// A client connection as a tunnel takes it: a plain socket goes to the
+/// data planes, a TLS stream (decrypted in userspace) to the stream relay.
+pub enum Client {
+    Plain(TcpStream),
+    Tls(TlsClient),
+}
+
+impl From<TcpStream> for Client {
+    fn from(s: TcpStream) -> Client {
+        Client::Plain(s)
+    }
+}
+
+impl From<TlsClient> for Client {
+    fn from(s: TlsClient) -> Client {
+        Client::Tls(s)
+    }
+}
+
+/// The `reason` label of a failed TLS handshake.
+fn tls_failure(e: &std::io::Error) -> &'static str {
+    use rustls::Error as E;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+        Some(E::InvalidMessage(_) | E::InappropriateHandshakeMessage { .. } | E::InappropriateMessage { .. }) => {
+            "bad_message"
         }
-        let tunnel = Tunnel {
-            client,
-            backend,
-            to_backend,
-            to_client,
-            idle_timeout: self.shared.snapshot().config.limits.idle_timeout,
-            drain: self.shared.drain.child_token(),
-        };
-        (tunnel, guard)
+        Some(E::NoApplicationProtocol) => "no_application_protocol",
+        Some(E::PeerIncompatible(_)) => "incompatible",
+        Some(E::NoCertificatesPresented) => "no_client_certificate",
+        Some(E::InvalidCertificate(_)) => "bad_client_certificate",
+        Some(E::AlertReceived(_)) => "alert_received",
+        Some(_) => "other",
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => "closed",
+        None => "io",
     }
 }
 

@@ -58,7 +58,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             .with_context(|| format!("access_log.path: cannot open {}", path.display()))?,
         None => AccessLog::trace(),
     };
-    let shared = Arc::new(Shared::new(config, planes, access_log));
+    let shared = Arc::new(Shared::new(config, planes, access_log)?);
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut accept_loops = Vec::new();
@@ -275,12 +275,16 @@ fn reload(shared: &Shared, path: Option<&Path>) {
         tracing::warn!("SIGHUP: running on the built-in config; nothing to reload");
         return;
     };
-    match load_compatible(shared, path) {
-        Ok(config) => {
-            adopt(&config, "SIGHUP: config");
-            let routes = config.routes.len();
-            let pools = config.pools.len();
-            shared.replace(Snapshot::new(config, &shared.registry));
+    let loaded = load_compatible(shared, path).and_then(|config| {
+        let (routes, pools) = (config.routes.len(), config.pools.len());
+        // The TLS files are read here: a bad one rejects the reload.
+        let snapshot = Snapshot::new(config, &shared.registry)?;
+        Ok((snapshot, routes, pools))
+    });
+    match loaded {
+        Ok((snapshot, routes, pools)) => {
+            adopt(&snapshot.config, "SIGHUP: config");
+            shared.replace(snapshot);
             tracing::info!(routes, pools, "SIGHUP: reloaded {}", path.display());
         }
         Err(e) => tracing::error!("SIGHUP: reload rejected, keeping the running config: {e:#}"),

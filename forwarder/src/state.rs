@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
-use crate::config::{self, Config};
+use crate::config::{self, Config, Protocol};
 use crate::dataplane::DataPlanes;
 use crate::route::{self, RouteTarget, Router};
+use crate::tls;
 use crate::upstream::{Pool, Registry};
 
 /// The reloadable part of the router: config, routing table and pools.
@@ -24,6 +25,8 @@ pub struct Snapshot {
     /// Learned routes left out because a config route has the same host
     /// and path (the config's route wins).
     pub shadowed: usize,
+    /// Each listener's TLS config (None: plain), in `config.listeners` order.
+    tls: Arc<[Option<Arc<rustls::ServerConfig>>]>,
 }
 
 /// A route learned at run time (from NATS): its URI (`host` or
@@ -37,26 +40,37 @@ pub struct LearnedRoute {
 
 impl Snapshot {
     /// The snapshot of `config`; its backends' state comes from (and its
-    /// checks and idle connections are settled in) `registry`.
-    pub fn new(config: Config, registry: &Registry) -> Snapshot {
+    /// checks and idle connections are settled in) `registry`. Its TLS
+    /// listeners' files are read first: a bad one fails it (naming the
+    /// listener and the file) before anything is adopted.
+    pub fn new(config: Config, registry: &Registry) -> Result<Snapshot, SnapshotError> {
+        let tls = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let built = l.tls.as_ref().map(|t| tls::server_config(t, l.protocol == Protocol::Http)).transpose();
+                built.map_err(|source| SnapshotError::Tls { listener: l.name.clone(), source })
+            })
+            .collect::<Result<_, _>>()?;
         registry.adopt(&config);
         let pools: Vec<Arc<Pool>> =
             config.pools.iter().map(|p| Arc::new(Pool::new(p, &config.backends, registry))).collect();
         let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
-        Snapshot::assemble(Arc::new(config), pools, Arc::new(pools_by_name), &[])
+        Ok(Snapshot::assemble(Arc::new(config), pools, Arc::new(pools_by_name), tls, &[]))
     }
 
     /// This snapshot's config and pools with `learned` beside the config's
     /// routes (instead of the ones it had).
     pub fn with_learned(&self, learned: &[LearnedRoute]) -> Snapshot {
         let pools = self.pools[..self.config.pools.len()].to_vec();
-        Snapshot::assemble(self.config.clone(), pools, self.pools_by_name.clone(), learned)
+        Snapshot::assemble(self.config.clone(), pools, self.pools_by_name.clone(), self.tls.clone(), learned)
     }
 
     fn assemble(
         config: Arc<Config>,
         mut pools: Vec<Arc<Pool>>,
         pools_by_name: Arc<HashMap<String, usize>>,
+        tls: Arc<[Option<Arc<rustls::ServerConfig>>]>,
         learned: &[LearnedRoute],
     ) -> Snapshot {
         let first = pools.len();
@@ -67,7 +81,13 @@ impl Snapshot {
         });
         let (router, shadowed) = Router::build(route::file_routes(&config).chain(learned_routes));
         pools.extend(learned.iter().map(|r| r.pool.clone()));
-        Snapshot { config, router, pools, pools_by_name, shadowed }
+        Snapshot { config, router, pools, pools_by_name, shadowed, tls }
+    }
+
+    /// The TLS config of the listener called `name`, if it terminates TLS.
+    pub fn listener_tls(&self, name: &str) -> Option<&Arc<rustls::ServerConfig>> {
+        let i = self.config.listeners.iter().position(|l| l.name == name)?;
+        self.tls[i].as_ref()
     }
 
     /// The settings of the listener called `name` (listeners never change on reload).
@@ -78,6 +98,17 @@ impl Snapshot {
     pub fn pool_named(&self, name: &str) -> Option<&Arc<Pool>> {
         self.pools_by_name.get(name).map(|&i| &self.pools[i])
     }
+}
+
+/// Why a config cannot become a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("listener {listener:?}: {source}")]
+    Tls {
+        listener: String,
+        #[source]
+        source: tls::TlsError,
+    },
 }
 
 /// State shared by every connection.
@@ -102,18 +133,19 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, planes: Arc<DataPlanes>, access_log: AccessLog) -> Shared {
+    pub fn new(config: Config, planes: Arc<DataPlanes>, access_log: AccessLog) -> Result<Shared, SnapshotError> {
         let registry = Registry::new();
-        Shared {
+        let snapshot = Snapshot::new(config, &registry)?;
+        Ok(Shared {
             access_log,
-            snapshot: RwLock::new(Arc::new(Snapshot::new(config, &registry))),
+            snapshot: RwLock::new(Arc::new(snapshot)),
             learned: Mutex::default(),
             registry,
             planes,
             drain: CancellationToken::new(),
             draining: CancellationToken::new(),
             active: AtomicUsize::new(0),
-        }
+        })
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
