@@ -128,6 +128,31 @@ fn run(path: Option<&Path>) -> anyhow::Result<()> {
     runtime.block_on(upsplice::server::run(config, path.map(Path::to_path_buf)))
 }
 
+/// Each TLS listener's certificates (names, expiry), built as `run` would
+/// build them (a bad file fails the check); a warning for one that expires
+/// within 30 days.
+fn check_tls(config: &Config, quiet: bool) -> anyhow::Result<()> {
+    const SOON: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+    for l in &config.listeners {
+        let Some(tls) = &l.tls else { continue };
+        upsplice::tls::server_config(tls, l.protocol == upsplice::config::Protocol::Http)
+            .with_context(|| format!("listener {:?}", l.name))?;
+        for ck in &tls.certs {
+            let info =
+                upsplice::tls::info::CertInfo::load(&ck.cert).with_context(|| format!("listener {:?}", l.name))?;
+            let expires = humantime::format_rfc3339_seconds(info.expires);
+            if !quiet {
+                println!("listener {:?}: {} ({}), expires {expires}", l.name, ck.cert.display(), info.names.join(", "));
+            }
+            if info.remaining() < SOON {
+                let days = info.remaining().as_secs() / (24 * 3600);
+                println!("warning: listener {:?}: {} expires in {days} days ({expires})", l.name, ck.cert.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
     use dataplane::{Mode, PlaneCheck};
     let config = Config::load(path)?;
@@ -138,6 +163,7 @@ fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
     for w in config.warnings() {
         println!("warning: {w}");
     }
+    check_tls(&config, quiet)?;
     let planes = dataplane::check_all(&config.data_plane);
     let passed = |m: &Mode| planes.iter().any(|(mode, state)| mode == m && matches!(state, PlaneCheck::Passed(_)));
     let auto = dataplane::AUTO_ORDER.iter().find(|m| passed(m));

@@ -257,3 +257,29 @@ async fn sighup_rotates_the_certificate_or_keeps_the_old_one() {
     tls_connect(r.http, &new_ca, "app.test").await.expect("the rotated certificate is served");
     assert!(tls_connect(r.http, &old_ca, "app.test").await.is_err(), "the old certificate is no longer served");
 }
+
+#[test]
+fn check_lists_each_tls_listeners_certificates_and_fails_on_a_bad_one() {
+    let certs = Certs::make();
+    let config = certs.path("upsplice.toml");
+    let listener = |cert: &str| {
+        format!(
+            "[[listener]]\nname = \"wss\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n[listener.tls]\n\
+             certs = [ {{ cert = \"{cert}\", key = \"app.key\" }} ]\n\n{}",
+            main_pool(&["127.0.0.1:9".parse().unwrap()], "app.test")
+        )
+    };
+    let check =
+        || Command::new(env!("CARGO_BIN_EXE_upsplice")).args(["check", "--config"]).arg(&config).output().unwrap();
+    std::fs::write(&config, listener("app.pem")).unwrap();
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("listener \"wss\": ") && stdout.contains("(app.test), expires "), "{stdout}");
+    // A key that is not the certificate's: the check fails, naming both.
+    std::fs::write(&config, listener("other.pem")).unwrap();
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("other.pem with") && stderr.contains("app.key"), "{stderr}");
+}
