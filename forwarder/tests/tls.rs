@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::peer::have;
 use common::*;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -44,8 +44,14 @@ impl Certs {
     }
 }
 
-/// A router whose http listener "web" terminates TLS with `certs`.
+/// A router whose http listener "web" terminates TLS with `certs`
+/// (`tls_extra` goes into its `[listener.tls]`).
 fn router(certs: &Certs, backend: std::net::SocketAddr, tls_extra: &str) -> Router {
+    Router::start_config(&config(certs, backend, "", tls_extra))
+}
+
+/// The config of [`router`]; `listener_extra` goes into the "web" listener.
+fn config(certs: &Certs, backend: std::net::SocketAddr, listener_extra: &str, tls_extra: &str) -> String {
     let setup = Setup {
         mode: "copy",
         limits: "handshake_timeout = \"1s\"",
@@ -53,15 +59,14 @@ fn router(certs: &Certs, backend: std::net::SocketAddr, tls_extra: &str) -> Rout
         extra: "[backends]\nmax_idle_per_backend = 0\n",
     };
     let tls = format!(
-        "[listener.tls]\ncerts = [ {{ cert = {:?}, key = {:?} }}, {{ cert = {:?}, key = {:?} }} ]\n{tls_extra}\n",
+        "{listener_extra}\n[listener.tls]\ncerts = [ {{ cert = {:?}, key = {:?} }}, {{ cert = {:?}, key = {:?} }} ]\n{tls_extra}\n",
         certs.path("app.pem"),
         certs.path("app.key"),
         certs.path("other.pem"),
         certs.path("other.key"),
     );
-    let config = render(&setup)
-        .replace("trusted_cidrs = [\"127.0.0.2/32\"]\n", &format!("trusted_cidrs = [\"127.0.0.2/32\"]\n{tls}"));
-    Router::start_config(&config)
+    let trusted = "trusted_cidrs = [\"127.0.0.2/32\"]\n";
+    render(&setup).replace(trusted, &format!("{trusted}{tls}"))
 }
 
 /// A TLS client that trusts `ca` (a PEM file) only.
@@ -70,16 +75,29 @@ async fn tls_connect(
     ca: &Path,
     sni: &str,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    tls_connect_as(addr, ca, sni, None).await
+}
+
+/// [`tls_connect`], presenting `identity` (certificate DER, key DER) if given.
+async fn tls_connect_as(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    sni: &str,
+    identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
     let provider = Arc::new(upsplice::tls::provider().as_ref().clone());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => config.with_client_auth_cert(vec![cert], key).unwrap(),
+        None => config.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = TcpStream::connect(addr).await?;
     tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -282,4 +300,53 @@ fn check_lists_each_tls_listeners_certificates_and_fails_on_a_bad_one() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("other.pem with") && stderr.contains("app.key"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_require_refuses_no_certificate_and_sanitize_set_sends_the_clients() {
+    use base64::Engine;
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let certs = Certs::make();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    std::fs::write(certs.path("clients.pem"), ca_params.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["client.test".to_string()]).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+    let identity = || {
+        let key = PrivatePkcs8KeyDer::from(client_key.serialize_der());
+        Some((client_cert.der().clone(), PrivateKeyDer::from(key)))
+    };
+
+    let mut backend = RawBackend::start().await;
+    let tls_extra = format!("client_ca = {:?}\nclient_cert = \"require\"", certs.path("clients.pem"));
+    let r = Router::start_config(&config(&certs, backend.addr, "forwarded_client_cert = \"sanitize_set\"", &tls_extra));
+    let ca = certs.path("app.pem");
+    let request = b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-Client-Cert: forged\r\n\r\n";
+
+    // No client certificate: the handshake fails (in TLS 1.3 the client
+    // learns it at its first read), nothing reaches the backend.
+    if let Ok(mut anonymous) = tls_connect(r.http, &ca, "app.test").await {
+        let _ = anonymous.write_all(request).await;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), anonymous.read(&mut buf)).await.unwrap();
+        assert!(matches!(read, Ok(0) | Err(_)), "served without a client certificate: {read:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.metric("upsplice_tls_handshake_errors_total{listener=\"web\",reason=\"no_client_certificate\"}") < 1.0 {
+        assert!(Instant::now() < deadline, "not counted: {}", r.admin_get("/metrics").unwrap().1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // With one: served, and XFCC is the client's certificate, not the claim.
+    let mut client = tls_connect_as(r.http, &ca, "app.test", identity()).await.unwrap();
+    client.write_all(request).await.unwrap();
+    let mut server = backend.accept().await;
+    let (head, _) = read_head(&mut server).await;
+    let expected = base64::engine::general_purpose::STANDARD.encode(client_cert.der());
+    assert!(head.contains(&format!("\r\nX-Forwarded-Client-Cert: {expected}\r\n")), "{head}");
+    assert!(!head.contains("forged"), "{head}");
 }
