@@ -216,3 +216,81 @@ impl StreamRelay {
         Outcome { to_backend: up.moved, to_client: down.moved, reason }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Two connected pairs: (client peer, client side), (backend side, backend peer).
+    async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let a = TcpStream::connect(addr).await.unwrap();
+            let (b, _) = l.accept().await.unwrap();
+            out.push((a, b));
+        }
+        let second = out.pop().unwrap();
+        let first = out.pop().unwrap();
+        ((first.0, first.1), (second.1, second.0))
+    }
+
+    fn tunnel(client: TcpStream, backend: TcpStream, idle: Duration) -> StreamTunnel<TcpStream, TcpStream> {
+        StreamTunnel {
+            client,
+            backend,
+            to_backend: Bytes::from_static(b"early-up "),
+            to_client: Bytes::from_static(b"early-down "),
+            idle_timeout: idle,
+            drain: CancellationToken::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn leftovers_first_and_half_close_each_way() {
+        let ((mut c, client), (backend, mut b)) = pairs().await;
+        let relay = StreamRelay::new(4096);
+        let run = tokio::spawn(async move { relay.relay(tunnel(client, backend, Duration::from_secs(10))).await });
+        c.write_all(&[1u8; 100_000]).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(&got[..9], b"early-up ");
+        assert_eq!(got.len(), 9 + 100_000);
+        // The other way still flows after the client's FIN.
+        b.write_all(b"answer").await.unwrap();
+        b.shutdown().await.unwrap();
+        let mut down = Vec::new();
+        c.read_to_end(&mut down).await.unwrap();
+        assert_eq!(down, b"early-down answer");
+        let outcome = run.await.unwrap();
+        assert_eq!(outcome.reason, CloseReason::Done);
+        assert_eq!((outcome.to_backend, outcome.to_client), (100_009, 17));
+    }
+
+    #[tokio::test]
+    async fn a_reset_resets_the_other_side() {
+        let ((c, client), (backend, mut b)) = pairs().await;
+        let relay = StreamRelay::new(4096);
+        let run = tokio::spawn(async move { relay.relay(tunnel(client, backend, Duration::from_secs(10))).await });
+        let mut early = [0u8; 9];
+        b.read_exact(&mut early).await.unwrap();
+        abort(c.as_raw_fd());
+        drop(c);
+        assert_eq!(run.await.unwrap().reason, CloseReason::ClientReset);
+        let read = b.read(&mut [0u8; 16]).await;
+        assert!(matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset), "{read:?}");
+    }
+
+    #[tokio::test]
+    async fn idle_tunnels_close() {
+        let ((_c, client), (backend, _b)) = pairs().await;
+        let relay = StreamRelay::new(4096);
+        let outcome = relay.relay(tunnel(client, backend, Duration::from_millis(200))).await;
+        assert_eq!(outcome.reason, CloseReason::Idle);
+    }
+}
