@@ -10,22 +10,11 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::peer::python_websockets;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-
-fn python_websockets() -> bool {
-    let ok = Command::new("python3").args(["-c", "import websockets"]).status().map(|s| s.success()).unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(),
-            "python3 -c 'import websockets' failed and UPSPLICE_REQUIRE_PEERS is set"
-        );
-        eprintln!("SKIPPED: Python `websockets` is not installed (pip install websockets; scripts/test does it)");
-    }
-    ok
-}
 
 const PY_CLIENT: &str = r#"
 import asyncio, sys, websockets

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::peer::have;
+use common::peer::{have, python_websockets};
 use common::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -349,4 +349,41 @@ async fn mtls_require_refuses_no_certificate_and_sanitize_set_sends_the_clients(
     let expected = base64::engine::general_purpose::STANDARD.encode(client_cert.der());
     assert!(head.contains(&format!("\r\nX-Forwarded-Client-Cert: {expected}\r\n")), "{head}");
     assert!(!head.contains("forged"), "{head}");
+}
+
+const PY_WSS_CLIENT: &str = r#"
+import asyncio, ssl, sys, websockets
+async def main(port, ca):
+    ctx = ssl.create_default_context(cafile=ca)
+    url = "wss://app.test:%s/py" % port
+    async with websockets.connect(url, ssl=ctx, host="127.0.0.1", port=int(port), server_hostname="app.test", max_size=None) as ws:
+        for i in range(20):
+            msg = "wss message %d " % i + "z" * (i * 500)
+            await ws.send(msg)
+            assert await ws.recv() == msg
+        blob = bytes(range(256)) * 4096
+        await ws.send(blob)
+        assert await ws.recv() == blob
+    print("python wss client ok")
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_websockets_over_wss() {
+    if !python_websockets() {
+        return;
+    }
+    let certs = Certs::make();
+    let (backend, mut heads) = ws_echo_backend().await;
+    let r = router(&certs, backend, "");
+    let (port, ca) = (r.http.port().to_string(), certs.path("app.pem"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3").args(["-c", PY_WSS_CLIENT, &port]).arg(&ca).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "python wss client failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("python wss client ok"));
+    let headers = heads.recv().await.unwrap();
+    assert!(headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("x-forwarded-proto") && v == "https"), "{headers:?}");
 }

@@ -24,6 +24,19 @@ pub fn have(tool: &str) -> bool {
     ok
 }
 
+/// True if Python's `websockets` is importable; otherwise as [`have`].
+pub fn python_websockets() -> bool {
+    let ok = Command::new("python3").args(["-c", "import websockets"]).status().map(|s| s.success()).unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(),
+            "python3 -c 'import websockets' failed and UPSPLICE_REQUIRE_PEERS is set"
+        );
+        eprintln!("SKIPPED: Python `websockets` is not installed (pip install websockets; scripts/test does it)");
+    }
+    ok
+}
+
 /// A peer process, killed when dropped; its config directory lives as long.
 pub struct Peer(Child, tempfile::TempDir);
 
