@@ -25,6 +25,7 @@ mod abort;
 pub mod copy;
 mod direction;
 pub mod error;
+mod lifetime;
 pub mod pair;
 pub mod pools;
 pub mod selftest;

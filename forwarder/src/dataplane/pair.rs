@@ -16,7 +16,7 @@
 //! The driver turns EOF into a half-close of the other side, a failure into
 //! a reset of both sides, and ends the tunnel on idle timeout or drain.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
@@ -28,10 +28,10 @@ use bytes::{Buf, Bytes};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
+use super::lifetime::Lifetime;
 use super::pools::{BufferPool, Pipe, PipePool};
-use super::{abort, ByteCounters, CloseReason, Direction, Outcome, Tunnel};
+use super::{abort, ByteCounters, Direction, Outcome, Tunnel};
 
 /// Where a plane's movers get their burst resources.
 pub struct Resources<'a> {
@@ -200,8 +200,7 @@ pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Ou
     let mut up = Mover::new(to_backend);
     let mut down = Mover::new(to_client);
     let (mut up_done, mut down_done) = (false, false);
-    let mut last_moved = (0u64, 0u64);
-    let mut last_active = Instant::now();
+    let mut life = Lifetime::new(idle_timeout);
     let mut idle = pin!(tokio::time::sleep(idle_timeout));
     let mut drained = pin!(drain.cancelled());
 
@@ -226,26 +225,7 @@ pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Ou
                 }
             }
         }
-        if up_done && down_done {
-            return Poll::Ready(CloseReason::Done);
-        }
-        if drained.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(CloseReason::Drain);
-        }
-        if (up.moved, down.moved) != last_moved {
-            last_moved = (up.moved, down.moved);
-            last_active = Instant::now();
-        }
-        // The timer is re-armed only when it fires early (bytes moved
-        // since it was set), not on every chunk.
-        while idle.as_mut().poll(cx).is_ready() {
-            let deadline = last_active + idle_timeout;
-            if deadline <= Instant::now() {
-                return Poll::Ready(CloseReason::Idle);
-            }
-            idle.as_mut().reset(deadline);
-        }
-        Poll::Pending
+        life.poll_end(cx, [up_done, down_done], (up.moved, down.moved), idle.as_mut(), drained.as_mut())
     })
     .await;
 

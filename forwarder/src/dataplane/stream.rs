@@ -12,7 +12,7 @@
 //! idle tunnel holds none (rustls keeps its own records' buffers) and a
 //! slow reader stops the reading (bounded).
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::{pin, Pin};
@@ -21,10 +21,10 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{abort, ByteCounters, CloseReason, Direction, Outcome};
+use super::lifetime::Lifetime;
+use super::{abort, ByteCounters, Direction, Outcome};
 
 /// A connection pair for the stream relay: [`super::Tunnel`] over any streams.
 pub struct StreamTunnel<C, B> {
@@ -162,8 +162,7 @@ impl StreamRelay {
         let mut up = Mover::new(to_backend);
         let mut down = Mover::new(to_client);
         let (mut up_done, mut down_done) = (false, false);
-        let mut last_moved = (0u64, 0u64);
-        let mut last_active = Instant::now();
+        let mut life = Lifetime::new(idle_timeout);
         let mut idle = pin!(tokio::time::sleep(idle_timeout));
         let mut drained = pin!(drain.cancelled());
         let size = self.buffer;
@@ -189,24 +188,7 @@ impl StreamRelay {
                     Poll::Pending => {}
                 }
             }
-            if up_done && down_done {
-                return Poll::Ready(CloseReason::Done);
-            }
-            if drained.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(CloseReason::Drain);
-            }
-            if (up.moved, down.moved) != last_moved {
-                last_moved = (up.moved, down.moved);
-                last_active = Instant::now();
-            }
-            while idle.as_mut().poll(cx).is_ready() {
-                let deadline = last_active + idle_timeout;
-                if deadline <= Instant::now() {
-                    return Poll::Ready(CloseReason::Idle);
-                }
-                idle.as_mut().reset(deadline);
-            }
-            Poll::Pending
+            life.poll_end(cx, [up_done, down_done], (up.moved, down.moved), idle.as_mut(), drained.as_mut())
         })
         .await;
         if reason.resets() {
@@ -223,6 +205,7 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
+    use crate::dataplane::CloseReason;
 
     /// Two connected pairs: (client peer, client side), (backend side, backend peer).
     async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
