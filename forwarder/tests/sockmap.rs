@@ -854,13 +854,14 @@ async fn fifty_saturated_tunnels_stay_within_the_memory_bound() {
     );
 }
 
-/// Writes `seed`'s stream for `for_` as fast as `s` takes it, then FIN;
-/// returns (bytes, hash).
+/// Writes `seed`'s stream for `for_` as fast as `s` takes it, or until
+/// `at_most` bytes went, then FIN; returns (bytes, hash).
 /// `pace`: a pause after each write (a paced sender), or none.
 async fn send_for(
     mut s: impl AsyncWriteExt + Unpin,
     seed: u64,
     for_: Duration,
+    at_most: usize,
     pace: Option<Duration>,
 ) -> (usize, [u8; 32]) {
     let mut hash = Sha256::new();
@@ -871,8 +872,9 @@ async fn send_for(
     // deadline is checked before each write as well: `timeout_at` returns a
     // write that is ready at once even past its deadline, so against a
     // reader that keeps up the writer would never stop.
-    while Instant::now() < deadline {
-        let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), s.write(&chunk[at..])).await else { break };
+    while Instant::now() < deadline && sent < at_most {
+        let end = chunk.len().min(at + (at_most - sent));
+        let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), s.write(&chunk[at..end])).await else { break };
         hash.update(&chunk[at..at + n]);
         sent += n;
         at = (at + n) % chunk.len();
@@ -894,7 +896,7 @@ async fn stepping_aside_with_the_fin_queued_loses_nothing() {
         let (client_peer, backend_peer, t) = setup(b"", b"", IDLE).await;
         let relay = tokio::spawn(async move { relay(plane, t).await });
         let (c_rd, c_wr) = client_peer.into_split();
-        let writer = tokio::spawn(send_for(c_wr, 400 + round, Duration::from_millis(700), None));
+        let writer = tokio::spawn(send_for(c_wr, 400 + round, Duration::from_millis(700), usize::MAX, None));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let mut backend_peer = backend_peer;
         let mut hash = Sha256::new();
@@ -945,9 +947,15 @@ async fn the_node_wide_bound_caps_what_tunnels_hold() {
             relays.push(tokio::spawn(async move { relay(&plane, t).await }));
             let (c_rd, c_wr) = client_peer.into_split();
             // Paced (at most 256 KiB per 12 ms, ~20 MB/s each), so what arrives
-            // while the plane reacts stays small next to the bounds tested.
+            // while the plane reacts stays small next to the bounds tested;
+            // 20 MiB each (past the 16 MiB per-direction bound, within what
+            // the buffers take without blocking) whatever the pace comes to:
+            // a loaded machine stretched the pauses, and by time alone the
+            // 1 GiB case was offered too little to reach its per-tunnel
+            // bound (8 MiB held instead of 64).
             let pace = Some(Duration::from_millis(12));
-            ends.push((tokio::spawn(send_for(c_wr, 300 + i, Duration::from_millis(1500), pace)), backend_peer, c_rd));
+            let send = send_for(c_wr, 300 + i, Duration::from_secs(20), 20 * MIB, pace);
+            ends.push((tokio::spawn(send), backend_peer, c_rd));
         }
         // The most the plane held, sampled until the writers stopped and the
         // plane had time to react to their last bytes (a fixed moment
