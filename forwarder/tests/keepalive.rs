@@ -532,14 +532,17 @@ async fn backend_connections_are_reused_and_a_closed_one_is_not_a_failure() {
         s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes()).await.unwrap();
         let (head, _) = read_response(&mut s, &mut left, false).await;
         assert!(head.starts_with("HTTP/1.1 200 "), "{path}: {head}");
+        if path == "/bye" {
+            // Closed *while idle*: the backend's FIN trails its response,
+            // and on a loaded machine its task may not have closed yet when
+            // the next request arrives (a clean-clone CI run then saw one
+            // more connection: the request went out on the closing one, saw
+            // EOF and was sent again — the race of RFC 9112 §9.3.1, handled,
+            // but not the case this test pins down).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
-    // A new connection after each close: 3. One more when the next request
-    // took the idle connection before the backend's FIN reached the
-    // router (it trails the response by microseconds; a clean-clone CI
-    // run saw 4): the request then went out again on a new connection —
-    // which is what this test is about — and nobody saw an error.
-    let opened = a.connections.load(Ordering::SeqCst);
-    assert!((3..=4).contains(&opened), "{opened} backend connections for 12 requests and two closes");
+    assert_eq!(a.connections.load(Ordering::SeqCst), 3);
     assert_eq!(r.metric("upsplice_handshakes_total{listener=\"web\",status=\"200\",reason=\"\"}"), 12.0);
 }
 
