@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::lifetime::Lifetime;
+use super::pools::BufferPool;
 use super::{abort, ByteCounters, Direction, Outcome};
 
 /// A connection pair for the stream relay: [`super::Tunnel`] over any streams.
@@ -44,7 +45,9 @@ impl<T: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send> Stream for T {}
 
 /// The relay and its byte counts (`data_plane="tls"` in /metrics).
 pub struct StreamRelay {
-    buffer: usize,
+    /// `copy_buffer`-sized buffers, held by a direction only while bytes
+    /// move: taken from here rather than allocated and zeroed per burst.
+    buffers: BufferPool,
     counters: ByteCounters,
 }
 
@@ -69,6 +72,14 @@ struct Mover {
 impl Mover {
     fn new(first: Bytes) -> Mover {
         Mover { first, buf: None, start: 0, end: 0, unflushed: false, eof: false, moved: 0 }
+    }
+
+    /// Gives the buffer back to the pool (nothing in it waits: called when
+    /// the source has nothing to read, or the tunnel ended).
+    fn release(&mut self, buffers: &BufferPool) {
+        if let Some(buf) = self.buf.take() {
+            buffers.give(buf);
+        }
     }
 
     /// Writes what is pending to `dst`; Ready(Ok) once nothing is.
@@ -111,7 +122,7 @@ impl Mover {
         cx: &mut Context<'_>,
         mut src: Pin<&mut S>,
         mut dst: Pin<&mut D>,
-        size: usize,
+        buffers: &BufferPool,
         total: &std::sync::atomic::AtomicU64,
     ) -> Poll<End> {
         loop {
@@ -126,7 +137,7 @@ impl Mover {
                     Poll::Pending => Poll::Pending,
                 };
             }
-            let buf = self.buf.get_or_insert_with(|| vec![0; size].into_boxed_slice());
+            let buf = self.buf.get_or_insert_with(|| buffers.take());
             let mut read = ReadBuf::new(buf);
             match src.as_mut().poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) if read.filled().is_empty() => self.eof = true,
@@ -137,7 +148,7 @@ impl Mover {
                 Poll::Ready(Err(_)) => return Poll::Ready(End::SrcFailed),
                 Poll::Pending => {
                     // Idle: hold no buffer until bytes arrive.
-                    self.buf = None;
+                    self.release(buffers);
                     return Poll::Pending;
                 }
             }
@@ -147,7 +158,7 @@ impl Mover {
 
 impl StreamRelay {
     pub fn new(buffer: usize) -> StreamRelay {
-        StreamRelay { buffer: buffer.max(4096), counters: ByteCounters::default() }
+        StreamRelay { buffers: BufferPool::new(buffer.max(4096)), counters: ByteCounters::default() }
     }
 
     /// (to backend, to client) relayed so far.
@@ -165,7 +176,7 @@ impl StreamRelay {
         let mut life = Lifetime::new(idle_timeout);
         let mut idle = pin!(tokio::time::sleep(idle_timeout));
         let mut drained = pin!(drain.cancelled());
-        let size = self.buffer;
+        let buffers = &self.buffers;
         let counters = &self.counters;
 
         let reason = poll_fn(|cx| {
@@ -173,11 +184,11 @@ impl StreamRelay {
                 let (done, end) = match dir {
                     Direction::ToBackend if !up_done => (
                         &mut up_done,
-                        up.poll_move(cx, Pin::new(&mut client), Pin::new(&mut backend), size, &counters.to_backend),
+                        up.poll_move(cx, Pin::new(&mut client), Pin::new(&mut backend), buffers, &counters.to_backend),
                     ),
                     Direction::ToClient if !down_done => (
                         &mut down_done,
-                        down.poll_move(cx, Pin::new(&mut backend), Pin::new(&mut client), size, &counters.to_client),
+                        down.poll_move(cx, Pin::new(&mut backend), Pin::new(&mut client), buffers, &counters.to_client),
                     ),
                     _ => continue,
                 };
@@ -191,6 +202,8 @@ impl StreamRelay {
             life.poll_end(cx, [up_done, down_done], (up.moved, down.moved), idle.as_mut(), drained.as_mut())
         })
         .await;
+        up.release(buffers);
+        down.release(buffers);
         if reason.resets() {
             // A truncated stream must not look complete: reset both sockets.
             fds.into_iter().for_each(abort);
