@@ -36,6 +36,10 @@ pub struct Config {
     /// `[nats]`: routes announced on NATS, the way gorouter takes them.
     #[serde(default)]
     pub nats: Option<Nats>,
+    /// `[route_services]`: gorouter's route services (its
+    /// `route_services_*` keys); without `key` they are disabled.
+    #[serde(default)]
+    pub route_services: RouteServices,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<Listener>,
     #[serde(default, rename = "pool")]
@@ -535,6 +539,69 @@ impl Nats {
     }
 }
 
+/// `[route_services]`: requests on a route with a `route_service` go
+/// to that service first, carrying a token only routers holding `key`
+/// can read; the service calls back through the router, which checks
+/// the token and forwards to the app (gorouter's contract, token format
+/// included, so a callback may land on any node or on a gorouter).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteServices {
+    /// The secret every node of the foundation shares (gorouter's
+    /// `route_services_secret`). Without it route services are disabled:
+    /// plain requests on such routes get 502, upgrades 503.
+    pub key: Option<String>,
+    /// The previous secret during a rotation: tokens sealed with it are
+    /// still accepted, never made (`route_services_secret_decrypt_only`).
+    pub previous_key: Option<String>,
+    /// How old a token may be when the service calls back
+    /// (`route_services_timeout`).
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Let WebSocket upgrades through route services too (recent
+    /// gorouters allow it); otherwise they get 503.
+    pub websockets: bool,
+    /// The scheme of `X-CF-Forwarded-Url`: https, or the client's own
+    /// (`route_services_recommend_https`).
+    pub recommend_https: bool,
+    /// CAs the route services' certificates may chain to, besides the
+    /// system's trust store.
+    pub ca: Option<PathBuf>,
+}
+
+impl Default for RouteServices {
+    fn default() -> Self {
+        RouteServices {
+            key: None,
+            previous_key: None,
+            timeout: Duration::from_secs(60),
+            websockets: false,
+            recommend_https: true,
+            ca: None,
+        }
+    }
+}
+
+impl RouteServices {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (name, k) in [("key", &self.key), ("previous_key", &self.previous_key)] {
+            if k.as_deref().is_some_and(str::is_empty) {
+                return Err((name, "must not be empty (leave it out to disable route services)".into()));
+            }
+        }
+        if self.previous_key.is_some() && self.key.is_none() {
+            return Err((
+                "previous_key",
+                "needs key: the previous key only reads tokens the current one cannot".into(),
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(("timeout", "must be longer than 0".into()));
+        }
+        Ok(())
+    }
+}
+
 /// `tls` on a pool: TLS to its backends, verified.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -905,7 +972,8 @@ impl Config {
         let b = &mut self.backend_tls;
         let node = b.ca.iter_mut().chain(b.cert_chain.iter_mut()).chain(b.private_key.iter_mut());
         let nats = self.nats.iter_mut().filter_map(|n| n.tls.as_mut()).map(|t| &mut t.ca);
-        for p in listeners.chain(pools).chain(node).chain(nats) {
+        let rs = self.route_services.ca.iter_mut();
+        for p in listeners.chain(pools).chain(node).chain(nats).chain(rs) {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }
@@ -930,6 +998,7 @@ impl Config {
         if let Some(n) = &self.nats {
             n.validate().map_err(|(field, m)| (format!("nats.{field}"), m))?;
         }
+        self.route_services.validate().map_err(|(field, m)| (format!("route_services.{field}"), m))?;
         if self.backend_tls.cert_chain.is_some() != self.backend_tls.private_key.is_some() {
             return Err((
                 "backend_tls".into(),
@@ -959,6 +1028,9 @@ impl Config {
         }
         if self.backend_tls != BackendTls::default() {
             return not_yet("backend_tls".into(), "TLS to backends");
+        }
+        if self.route_services.key.is_some() {
+            return not_yet("route_services.key".into(), "calling route services");
         }
         Ok(())
     }
@@ -1120,6 +1192,17 @@ impl Config {
                 n.prune_stale_droplets_interval,
                 if n.suspend_pruning_if_nats_unavailable { ", not while NATS is down" } else { "" },
                 n.start_response_delay_interval
+            );
+        }
+        let rs = &self.route_services;
+        if rs.key.is_some() {
+            // Never the keys themselves: the summary is printed.
+            let _ = writeln!(
+                s,
+                "route services: on (token valid {:?}{}; upgrades {})",
+                rs.timeout,
+                if rs.previous_key.is_some() { ", previous key still read" } else { "" },
+                if rs.websockets { "through the service too" } else { "refused with 503" }
             );
         }
         let _ = writeln!(s, "listeners ({}):", self.listeners.len());
@@ -1480,6 +1563,32 @@ send_proxy = "v2"
             ("servers = [\"nats://h:1\"]\nstart_response_delay_interval = \"500ms\"", "at least 1s"),
         ] {
             let e = parse(&format!("[nats]\n{nats}\n{BASE}")).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(expected), "expected {expected:?} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn route_services_keys_with_gorouter_defaults() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.route_services, RouteServices::default());
+        assert!(c.route_services.key.is_none() && c.route_services.recommend_https);
+        assert_eq!(c.route_services.timeout, Duration::from_secs(60));
+        let text = format!(
+            "[route_services]\nkey = \"s3cret\"\nprevious_key = \"old\"\ntimeout = \"30s\"\nwebsockets = true\nca = \"rs-ca.pem\"\n{BASE}"
+        );
+        let mut c: Config = toml::from_str(&text).unwrap();
+        c.resolve_paths(Path::new("/etc/upsplice"));
+        c.route_services.validate().unwrap();
+        assert_eq!(c.route_services.ca.as_deref(), Some(Path::new("/etc/upsplice/rs-ca.pem")));
+        let summary = c.summary();
+        assert!(summary.contains("route services: on (token valid 30s, previous key still read; upgrades through"));
+        assert!(!summary.contains("s3cret") && !summary.contains("old\""), "keys never printed: {summary}");
+        for (rs, expected) in [
+            ("key = \"\"", "route_services.key: must not be empty"),
+            ("previous_key = \"old\"", "route_services.previous_key: needs key"),
+            ("key = \"k\"\ntimeout = \"0s\"", "route_services.timeout"),
+        ] {
+            let e = parse(&format!("[route_services]\n{rs}\n{BASE}")).map(|_| ()).unwrap_err().to_string();
             assert!(e.contains(expected), "expected {expected:?} in {e:?}");
         }
     }
