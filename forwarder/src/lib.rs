@@ -24,6 +24,7 @@ pub mod nats;
 pub mod path;
 pub mod proxy;
 pub mod route;
+pub mod route_service;
 pub mod server;
 pub mod state;
 pub mod tls;
