@@ -9,7 +9,7 @@ pub fn normalize(host: &str) -> String {
 }
 
 /// `host[:port]` or `[v6]:port` → host (an IPv6 literal without brackets).
-fn without_port(host: &str) -> &str {
+pub fn without_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }

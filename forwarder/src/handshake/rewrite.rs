@@ -227,6 +227,96 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Re
     })
 }
 
+/// The route-service headers of gorouter's contract: the router sets
+/// them on the way to a service and removes them before the app.
+const ROUTE_SERVICE_HEADERS: [&str; 3] =
+    [crate::route_service::FORWARDED_URL, crate::route_service::SIGNATURE, crate::route_service::METADATA];
+
+impl Forward {
+    /// The URL the request was sent to, as `X-CF-Forwarded-Url` states
+    /// it (gorouter's: the scheme, the Host without its port, the target
+    /// as received, here in origin-form).
+    pub fn forwarded_url(&self, scheme: &str) -> String {
+        let host = crate::host::without_port(&self.host);
+        let target = self.target();
+        match host.contains(':') {
+            true => format!("{scheme}://[{host}]{target}"),
+            false => format!("{scheme}://{host}{target}"),
+        }
+    }
+
+    /// The request target of the head to send (origin-form).
+    fn target(&self) -> &str {
+        let line = self.head.split(|&b| b == b'\n').next().unwrap_or_default();
+        let line = std::str::from_utf8(line).unwrap_or_default();
+        line.split(' ').nth(1).unwrap_or("/")
+    }
+
+    /// Sends the request to its route service instead of the app: the
+    /// target becomes the service URL's path and query, the Host the
+    /// service's, and the contract's headers are set (any the client sent
+    /// are replaced), as gorouter does.
+    pub fn to_route_service(
+        &mut self,
+        target: &str,
+        host: &str,
+        forwarded_url: &str,
+        sealed: &crate::route_service::Sealed,
+    ) {
+        let set = [
+            ("X-CF-Forwarded-Url", forwarded_url.as_bytes()),
+            ("X-CF-Proxy-Signature", sealed.signature.as_bytes()),
+            ("X-CF-Proxy-Metadata", sealed.metadata.as_bytes()),
+        ];
+        self.head = edit_head(&self.head, Some(target), Some(host), &set);
+    }
+
+    /// A checked callback from the route service goes on to the app
+    /// without the contract's headers (gorouter removes them).
+    pub fn strip_route_service_headers(&mut self) {
+        self.head = edit_head(&self.head, None, None, &[]);
+    }
+}
+
+/// Rebuilds a head this module made: a new target and Host if given, the
+/// route-service headers removed, then `set` added.
+fn edit_head(head: &[u8], target: Option<&str>, host: Option<&str>, set: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + set.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>());
+    let body = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
+    let mut lines = body.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let request_line = lines.next().unwrap_or_default();
+    match target {
+        Some(t) => {
+            let mut parts = request_line.splitn(3, |&b| b == b' ');
+            let (method, _, version) = (parts.next(), parts.next(), parts.next());
+            out.extend_from_slice(method.unwrap_or(b"GET"));
+            out.push(b' ');
+            out.extend_from_slice(t.as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(version.unwrap_or(b"HTTP/1.1"));
+        }
+        None => out.extend_from_slice(request_line),
+    }
+    out.extend_from_slice(b"\r\n");
+    if let Some(h) = host {
+        push_header(&mut out, "Host", h.as_bytes());
+    }
+    for line in lines {
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if ROUTE_SERVICE_HEADERS.iter().any(|n| is(n)) || (host.is_some() && is("host")) {
+            continue;
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in set {
+        push_header(&mut out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
 /// Response headers that concern one connection, never relayed.
 const RESPONSE_HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection"];
 
@@ -412,6 +502,41 @@ mod tests {
 
     fn head(f: &Forward) -> String {
         String::from_utf8(f.head.clone()).unwrap()
+    }
+
+    #[test]
+    fn a_request_for_a_route_service_is_retargeted_and_carries_the_token() {
+        let mut f = fwd(
+            "POST /orders/7?x=%20y HTTP/1.1\r\nHost: shop.example.com:8080\r\nX-CF-Forwarded-Url: https://evil.example.com/\r\nX-CF-Proxy-Signature: forged\r\nContent-Length: 2\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(f.forwarded_url("https"), "https://shop.example.com/orders/7?x=%20y");
+        let sealed = crate::route_service::Sealed { signature: "SIG=".into(), metadata: "META=".into() };
+        f.to_route_service("/auth?app=1", "rs.example.com", &f.forwarded_url("https"), &sealed);
+        let h = head(&f);
+        assert!(h.starts_with("POST /auth?app=1 HTTP/1.1\r\nHost: rs.example.com\r\n"), "{h}");
+        assert!(!h.contains("shop.example.com:8080") && !h.contains("evil") && !h.contains("forged"), "{h}");
+        assert!(h.contains("\r\nContent-Length: 2\r\n") && h.contains("\r\nX-Forwarded-For: 192.0.2.7\r\n"), "{h}");
+        assert!(h.ends_with(
+            "X-CF-Forwarded-Url: https://shop.example.com/orders/7?x=%20y\r\nX-CF-Proxy-Signature: SIG=\r\nX-CF-Proxy-Metadata: META=\r\n\r\n"
+        ), "{h}");
+        assert_eq!(parse_request(h.as_bytes(), 65536).unwrap().unwrap().head_len, h.len());
+    }
+
+    #[test]
+    fn a_callback_reaches_the_app_without_the_route_service_headers() {
+        let mut f = fwd(
+            "GET /a HTTP/1.1\r\nHost: shop.example.com\r\nx-cf-forwarded-url: https://shop.example.com/a\r\nX-CF-Proxy-Signature: s\r\nX-Cf-Proxy-Metadata: m\r\nAccept: */*\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        let before = head(&f);
+        f.strip_route_service_headers();
+        let after = head(&f);
+        assert!(after.starts_with("GET /a HTTP/1.1\r\nHost: shop.example.com\r\nAccept: */*\r\n"), "{after}");
+        assert!(!after.to_ascii_lowercase().contains("x-cf-"), "{after}");
+        assert_eq!(before.lines().count(), after.lines().count() + 3);
     }
 
     #[test]
