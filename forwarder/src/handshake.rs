@@ -21,6 +21,7 @@ pub mod framing;
 pub mod h2;
 pub mod head;
 pub mod rewrite;
+pub mod route_service;
 pub mod stream;
 
 use std::net::SocketAddr;

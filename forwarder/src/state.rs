@@ -11,6 +11,7 @@ use crate::access_log::AccessLog;
 use crate::config::{self, Config, Protocol};
 use crate::dataplane::DataPlanes;
 use crate::route::{self, RouteTarget, Router};
+use crate::route_service;
 use crate::tls;
 use crate::upstream::{Pool, Registry};
 
@@ -27,6 +28,9 @@ pub struct Snapshot {
     pub shadowed: usize,
     /// Each listener's TLS config (None: plain), in `config.listeners` order.
     tls: Arc<[Option<Arc<rustls::ServerConfig>>]>,
+    /// `[route_services]` keys, derived once per config (None: route
+    /// services disabled).
+    pub route_service_keys: Option<Arc<route_service::Keys>>,
 }
 
 /// A route learned at run time (from NATS): its URI (`host` or
@@ -56,14 +60,21 @@ impl Snapshot {
         let pools: Vec<Arc<Pool>> =
             config.pools.iter().map(|p| Arc::new(Pool::new(p, &config.backends, registry))).collect();
         let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
-        Ok(Snapshot::assemble(Arc::new(config), pools, Arc::new(pools_by_name), tls, &[]))
+        let rs = &config.route_services;
+        let keys = rs.key.as_deref().map(|k| Arc::new(route_service::Keys::derive(k, rs.previous_key.as_deref())));
+        let mut snapshot = Snapshot::assemble(Arc::new(config), pools, Arc::new(pools_by_name), tls, &[]);
+        snapshot.route_service_keys = keys;
+        Ok(snapshot)
     }
 
     /// This snapshot's config and pools with `learned` beside the config's
     /// routes (instead of the ones it had).
     pub fn with_learned(&self, learned: &[LearnedRoute]) -> Snapshot {
         let pools = self.pools[..self.config.pools.len()].to_vec();
-        Snapshot::assemble(self.config.clone(), pools, self.pools_by_name.clone(), self.tls.clone(), learned)
+        let mut snapshot =
+            Snapshot::assemble(self.config.clone(), pools, self.pools_by_name.clone(), self.tls.clone(), learned);
+        snapshot.route_service_keys = self.route_service_keys.clone();
+        snapshot
     }
 
     fn assemble(
@@ -81,7 +92,7 @@ impl Snapshot {
         });
         let (router, shadowed) = Router::build(route::file_routes(&config).chain(learned_routes));
         pools.extend(learned.iter().map(|r| r.pool.clone()));
-        Snapshot { config, router, pools, pools_by_name, shadowed, tls }
+        Snapshot { config, router, pools, pools_by_name, shadowed, tls, route_service_keys: None }
     }
 
     /// The TLS config of the listener called `name`, if it terminates TLS.

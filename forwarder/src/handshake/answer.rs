@@ -114,6 +114,33 @@ impl Refusal {
             "Support for route services is disabled.",
         )
     }
+    /// A route service called back with a token that does not open with
+    /// the foundation's keys, or that was made for another route
+    /// (gorouter's 400).
+    pub fn route_service_invalid_signature(why: impl std::fmt::Display) -> Refusal {
+        Refusal {
+            detail: Some(format!("route service signature: {why}")),
+            ..Refusal::new(
+                400,
+                Some("invalid_route_service_signature"),
+                "invalid_route_service_signature",
+                "Failed to validate Route Service Signature",
+            )
+        }
+    }
+    /// A route service called back later than `[route_services] timeout`
+    /// after the router sent the request to it (gorouter's 504).
+    pub fn route_service_expired_signature(why: impl std::fmt::Display) -> Refusal {
+        Refusal {
+            detail: Some(format!("route service signature: {why}")),
+            ..Refusal::new(
+                504,
+                Some("expired_route_service_signature"),
+                "expired_route_service_signature",
+                "Failed to validate Route Service Signature: the request took too long through the route service",
+            )
+        }
+    }
     /// The backend did not start its response within `[limits]
     /// response_timeout` (gorouter's `endpoint_timeout`).
     pub fn endpoint_timeout(after: Duration) -> Refusal {
