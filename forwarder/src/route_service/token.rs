@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(signed.forwarded_url, "https://app.example.com/a/b?c=d");
         assert_eq!(signed.host_and_path(), Some(("app.example.com", "/a/b")));
         // gorouter's header alphabet and padding.
-        assert!(t.signature.len() % 4 == 0 && !t.signature.contains(['+', '/']));
+        assert!(t.signature.len().is_multiple_of(4) && !t.signature.contains(['+', '/']));
     }
 
     #[test]
