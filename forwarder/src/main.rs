@@ -187,6 +187,9 @@ fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
             PlaneCheck::Unavailable(why) => println!("  {mode:<8} unavailable: {why}"),
         }
     }
+    if !quiet {
+        println!("  {:<8} {}", "tls", upsplice::tls::ktls::probe());
+    }
     if chosen != Mode::Auto && !passed(&chosen) {
         // `run` refuses to start on a plane that cannot run: so does check.
         anyhow::bail!(

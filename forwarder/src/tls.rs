@@ -5,9 +5,11 @@
 //!
 //! * [`material`]: certificate chains, keys and CAs read from PEM files;
 //! * [`resolver`]: the certificate a ClientHello gets, by its SNI;
-//! * [`info`]: what `upsplice check` shows of a certificate (names, expiry).
+//! * [`info`]: what `upsplice check` shows of a certificate (names, expiry);
+//! * [`ktls`]: whether the kernel could carry TLS tunnels (the seam for kTLS).
 
 pub mod info;
+pub mod ktls;
 pub mod material;
 pub mod resolver;
 
