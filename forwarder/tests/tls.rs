@@ -10,39 +10,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::peer::{have, python_websockets};
+use common::tls::{client_config, connect_with, Certs};
 use common::*;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Certificates for `app.test` (the first, so the default) and
-/// `*.other.test`, each self-signed (each its own trust anchor).
-struct Certs {
-    dir: tempfile::TempDir,
-}
-
-impl Certs {
-    fn make() -> Certs {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, san) in [("app", "app.test"), ("other", "*.other.test")] {
-            let made = rcgen::generate_simple_self_signed(vec![san.to_string()]).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.pem")), made.cert.pem()).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.key")), made.signing_key.serialize_pem()).unwrap();
-        }
-        Certs { dir }
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-}
 
 /// A router whose http listener "web" terminates TLS with `certs`
 /// (`tls_extra` goes into its `[listener.tls]`).
@@ -58,13 +36,7 @@ fn config(certs: &Certs, backend: std::net::SocketAddr, listener_extra: &str, tl
         routing: main_pool(&[backend], "app.test"),
         extra: "[backends]\nmax_idle_per_backend = 0\n",
     };
-    let tls = format!(
-        "{listener_extra}\n[listener.tls]\ncerts = [ {{ cert = {:?}, key = {:?} }}, {{ cert = {:?}, key = {:?} }} ]\n{tls_extra}\n",
-        certs.path("app.pem"),
-        certs.path("app.key"),
-        certs.path("other.pem"),
-        certs.path("other.key"),
-    );
+    let tls = format!("{listener_extra}\n{}", certs.listener_table(tls_extra));
     let trusted = "trusted_cidrs = [\"127.0.0.2/32\"]\n";
     render(&setup).replace(trusted, &format!("{trusted}{tls}"))
 }
@@ -85,24 +57,7 @@ async fn tls_connect_as(
     sni: &str,
     identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(upsplice::tls::provider().as_ref().clone());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut config = match identity {
-        Some((cert, key)) => config.with_client_auth_cert(vec![cert], key).unwrap(),
-        None => config.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(addr).await?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
-        .await
+    connect_with(addr, Arc::new(client_config(ca, identity)), sni).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,3 +342,4 @@ async fn python_websockets_over_wss() {
     let headers = heads.recv().await.unwrap();
     assert!(headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("x-forwarded-proto") && v == "https"), "{headers:?}");
 }
+

@@ -18,6 +18,7 @@ pub mod nats;
 pub mod peer;
 pub mod plane;
 pub mod recorder;
+pub mod tls;
 
 /// A free loopback port (bound and released; the router binds it next).
 pub fn free_port() -> u16 {
