@@ -6,12 +6,14 @@
 //! * [`material`]: certificate chains, keys and CAs read from PEM files;
 //! * [`resolver`]: the certificate a ClientHello gets, by its SNI;
 //! * [`info`]: what `upsplice check` shows of a certificate (names, expiry);
-//! * [`ktls`]: whether the kernel could carry TLS tunnels (the seam for kTLS).
+//! * [`ktls`]: whether the kernel could carry TLS tunnels (the seam for kTLS);
+//! * [`tickets`]: session ticket keys shared by a fleet (`ticket_keys`).
 
 pub mod info;
 pub mod ktls;
 pub mod material;
 pub mod resolver;
+pub mod tickets;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -48,8 +50,13 @@ pub fn provider() -> Arc<CryptoProvider> {
     PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
 }
 
-/// One ticket encrypter for the process: resumption survives reloads.
-fn ticketer() -> Result<Arc<dyn ProducesTickets>, TlsError> {
+/// The listener's ticket encrypter: the keys of its `ticket_keys` file
+/// (read at every load, so a SIGHUP rotates them), or without one the
+/// process's own, which rotates itself and survives reloads.
+fn ticketer(tls: &ListenerTls) -> Result<Arc<dyn ProducesTickets>, TlsError> {
+    if let Some(path) = &tls.ticket_keys {
+        return Ok(Arc::new(tickets::SharedTicketer::load(path)?));
+    }
     static TICKETER: OnceLock<Arc<dyn ProducesTickets>> = OnceLock::new();
     if let Some(t) = TICKETER.get() {
         return Ok(t.clone());
@@ -63,12 +70,6 @@ fn ticketer() -> Result<Arc<dyn ProducesTickets>, TlsError> {
 /// listener speaks HTTP/1.1 inside, the only ALPN protocol offered (a
 /// client that offers only `h2` gets the `no_application_protocol` alert).
 pub fn server_config(tls: &ListenerTls, http: bool) -> Result<Arc<ServerConfig>, TlsError> {
-    if tls.ticket_keys.is_some() {
-        return Err(TlsError::Setting {
-            field: "tls.ticket_keys",
-            problem: "fleet-shared ticket keys are not built yet; leave it out (each process makes its own)".into(),
-        });
-    }
     let base = provider();
     let provider = Arc::new(CryptoProvider { cipher_suites: cipher_suites(tls, &base)?, ..(*base).clone() });
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
@@ -97,7 +98,7 @@ pub fn server_config(tls: &ListenerTls, http: bool) -> Result<Arc<ServerConfig>,
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
     }
     config.max_early_data_size = 0;
-    config.ticketer = ticketer()?;
+    config.ticketer = ticketer(tls)?;
     Ok(Arc::new(config))
 }
 

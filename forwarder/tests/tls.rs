@@ -343,3 +343,114 @@ async fn python_websockets_over_wss() {
     assert!(headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("x-forwarded-proto") && v == "https"), "{headers:?}");
 }
 
+/// A ticket-key file of `keys` (each a byte repeated 32 times, base64).
+fn write_ticket_keys(path: &Path, keys: &[u8]) {
+    use base64::Engine;
+    let lines: Vec<String> = keys.iter().map(|&k| base64::engine::general_purpose::STANDARD.encode([k; 32])).collect();
+    std::fs::write(path, format!("# newest first\n{}\n", lines.join("\n"))).unwrap();
+}
+
+/// A handshake with `router` by `client`, then a request the router
+/// answers itself (no route for the host), read to its end: reading it
+/// also takes in the session tickets sent after the handshake. How the
+/// handshake went: full or resumed.
+async fn handshake_with(router: &Router, client: &Arc<rustls::ClientConfig>) -> rustls::HandshakeKind {
+    let mut client = connect_with(router.http, client.clone(), "app.test").await.unwrap();
+    let kind = client.get_ref().1.handshake_kind().expect("the handshake is done");
+    client.write_all(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer)).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 "), "{:?}", String::from_utf8_lossy(&answer));
+    kind
+}
+
+/// A client with a session store of its own (each phase of the test takes
+/// tickets from one router and offers them to another). One config for
+/// all its handshakes: rustls resumes a session only with the config
+/// (verifier) that made it.
+fn fresh_client(ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut config = client_config(ca, None);
+    config.resumption = rustls::client::Resumption::store(Arc::new(rustls::client::ClientSessionMemoryCache::new(16)));
+    Arc::new(config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_ticket_keys_resume_across_routers_and_rotate() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let certs = Certs::make();
+    let backend = RawBackend::start().await;
+    let (fleet_keys, other_keys) = (certs.path("fleet.keys"), certs.path("other.keys"));
+    write_ticket_keys(&fleet_keys, &[1]);
+    write_ticket_keys(&other_keys, &[3]);
+    let with_keys =
+        |keys: &Path| Router::start_config(&config(&certs, backend.addr, "", &format!("ticket_keys = {keys:?}")));
+    let (node_a, node_b, stranger) = (with_keys(&fleet_keys), with_keys(&fleet_keys), with_keys(&other_keys));
+    let ca = certs.path("app.pem");
+
+    // A session made on one node of the fleet resumes on the other...
+    let client = fresh_client(&ca);
+    assert_eq!(handshake_with(&node_a, &client).await, Full);
+    assert_eq!(handshake_with(&node_b, &client).await, Resumed, "node b did not resume node a's session");
+    // ...and not on a node with other keys.
+    let client = fresh_client(&ca);
+    assert_eq!(handshake_with(&node_a, &client).await, Full);
+    assert_eq!(handshake_with(&stranger, &client).await, Full, "resumed with another fleet's ticket");
+
+    // Rotation: a new key first, the old one kept. Tickets of the old key
+    // still resume; new tickets are made with the new key.
+    let old_ticket = fresh_client(&ca);
+    assert_eq!(handshake_with(&node_a, &old_ticket).await, Full);
+    write_ticket_keys(&fleet_keys, &[2, 1]);
+    node_b.signal(nix::sys::signal::Signal::SIGHUP);
+    node_b.wait_log("SIGHUP: reloaded");
+    assert_eq!(handshake_with(&node_b, &old_ticket).await, Resumed, "an old key's ticket after rotation");
+    let new_ticket = fresh_client(&ca);
+    assert_eq!(handshake_with(&node_b, &new_ticket).await, Full);
+    write_ticket_keys(&other_keys, &[2]);
+    stranger.signal(nix::sys::signal::Signal::SIGHUP);
+    stranger.wait_log("SIGHUP: reloaded");
+    assert_eq!(handshake_with(&stranger, &new_ticket).await, Resumed, "the first key encrypts");
+
+    // A malformed file on SIGHUP: the reload is rejected, naming the file
+    // and the problem, and the keys in use stay.
+    let kept = fresh_client(&ca);
+    assert_eq!(handshake_with(&node_b, &kept).await, Full);
+    std::fs::write(&fleet_keys, "c2hvcnQ=\n").unwrap();
+    node_b.signal(nix::sys::signal::Signal::SIGHUP);
+    node_b.wait_log("reload rejected");
+    let log = node_b.log();
+    assert!(log.contains("fleet.keys") && log.contains("line 1: a key of 5 bytes"), "{log}");
+    assert_eq!(handshake_with(&node_b, &kept).await, Resumed, "the old keys were dropped");
+}
+
+#[test]
+fn a_malformed_ticket_key_file_is_refused_at_start() {
+    let certs = Certs::make();
+    let keys = certs.path("bad.keys");
+    std::fs::write(&keys, "not base64!\n").unwrap();
+    let config_path = certs.path("upsplice.toml");
+    let config = config(&certs, "127.0.0.1:9".parse().unwrap(), "", &format!("ticket_keys = {keys:?}"));
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_upsplice"))
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the router started with a malformed ticket key file");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("bad.keys") && stderr.contains("line 1: not base64"), "{stderr}");
+}
