@@ -7,7 +7,8 @@
 //! first, every byte once and in order; EOF on one side becomes a
 //! half-close of the other (for TLS, `close_notify` then FIN, and a
 //! `close_notify` read is the EOF); a reset or error resets both sockets;
-//! idle timeout; drain. Each direction holds one buffer of
+//! idle timeout (a clean close of both sides: towards TLS `close_notify`
+//! then FIN, as a kernel plane's FIN); drain. Each direction holds one buffer of
 //! `data_plane.copy_buffer` bytes only while bytes are in flight, so an
 //! idle tunnel holds none (rustls keeps its own records' buffers) and a
 //! slow reader stops the reading (bounded).
@@ -20,12 +21,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::lifetime::Lifetime;
 use super::pools::BufferPool;
-use super::{abort, ByteCounters, Direction, Outcome};
+use super::{abort, ByteCounters, CloseReason, Direction, Outcome};
+
+/// How long the clean close of an idle tunnel may wait for a peer that
+/// takes no bytes (its `close_notify` does not fit): then it is dropped.
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
 /// A connection pair for the stream relay: [`super::Tunnel`] over any streams.
 pub struct StreamTunnel<C, B> {
@@ -207,6 +212,14 @@ impl StreamRelay {
         if reason.resets() {
             // A truncated stream must not look complete: reset both sockets.
             fds.into_iter().for_each(abort);
+        } else if reason == CloseReason::Idle {
+            // The router ends a stream nothing cut short: close each side
+            // cleanly. Dropped without it, a TLS stream ends in a bare FIN,
+            // which its client must read as a truncation.
+            let close = async {
+                let _ = tokio::join!(client.shutdown(), backend.shutdown());
+            };
+            let _ = tokio::time::timeout(CLOSE_WITHIN, close).await;
         }
         Outcome { to_backend: up.moved, to_client: down.moved, reason }
     }
