@@ -1,34 +1,126 @@
 //! The data-plane conformance suite: every behaviour of a tunnel, checked
 //! through the real binary on loopback, once per data plane. A new plane
 //! joins by adding its name to the `conformance!` list at the bottom.
+//!
+//! `tls` is one more plane: the listeners terminate TLS, so every tunnel
+//! runs on the TLS relay (`dataplane/stream.rs`) and every case's client
+//! speaks TLS ([`Client`]). Where TLS changes what a case means, the case
+//! says what the TLS contract is: a client's clean close is `close_notify`
+//! then FIN (it reaches the backend as a FIN), the router's clean close
+//! towards a TLS client is the same, and a TLS stream that ends without
+//! `close_notify` is truncated, so it is passed on as a reset.
 
 #![allow(clippy::result_large_err)] // tungstenite's callback signature, not ours
 
 mod common;
 
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::tls::{client_config, Certs, Client, Connector};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const LIMITS: &str =
     "handshake_timeout = \"2s\"\nidle_timeout = \"1h\"\ndrain_wait = \"500ms\"\ndrain_timeout = \"2s\"\nconnect_timeout = \"5s\"";
 
-fn start(mode: &str, backend: &RawBackend) -> Router {
-    Router::start(Setup { mode, limits: LIMITS, routing: main_pool(&[backend.addr], "app.test"), extra: "" })
+/// The router under test and how its clients reach it. For every plane
+/// but `tls` it runs that `data_plane.mode` and its clients speak plain
+/// TCP. For `tls` both listeners get a `[listener.tls]` (the mode stays
+/// `copy`, which no TLS tunnel uses) and clients speak TLS to `app.test`.
+struct Node {
+    router: Router,
+    /// The http listener "web".
+    web: Connector,
+    /// The tcp listener "raw".
+    raw: Connector,
+    /// The certificate files, read again on SIGHUP: dropped after the router.
+    _certs: Option<Certs>,
+}
+
+impl Node {
+    fn start(mode: &str, limits: &str, routing: String) -> Node {
+        if mode != "tls" {
+            let router = Router::start(Setup { mode, limits, routing, extra: "" });
+            let (web, raw) = (Connector { addr: router.http, tls: None }, Connector { addr: router.tcp, tls: None });
+            return Node { router, web, raw, _certs: None };
+        }
+        let certs = Certs::make();
+        let table = certs.listener_table("");
+        let config = render(&Setup { mode: "copy", limits, routing, extra: "" });
+        // The last key of each listener: its [listener.tls] follows it.
+        let (web_end, raw_end) = ("trusted_cidrs = [\"127.0.0.2/32\"]\n", "protocol = \"tcp\"\npool = \"main\"\n");
+        assert!(config.contains(web_end) && config.contains(raw_end), "{config}");
+        let config = config.replacen(web_end, &format!("{web_end}{table}"), 1).replacen(
+            raw_end,
+            &format!("{raw_end}{table}"),
+            1,
+        );
+        let router = Router::start_config(&config);
+        let tls = Some(Arc::new(client_config(&certs.path("app.pem"), None)));
+        let web = Connector { addr: router.http, tls: tls.clone() };
+        let raw = Connector { addr: router.tcp, tls };
+        Node { router, web, raw, _certs: Some(certs) }
+    }
+
+    fn is_tls(&self) -> bool {
+        self.web.tls.is_some()
+    }
+
+    /// An upgraded tunnel through "web" to `backend` (see [`raw_tunnel`]).
+    async fn tunnel(
+        &self,
+        backend: &mut RawBackend,
+        pipelined: &[u8],
+        after_101: &[u8],
+    ) -> (Client, TcpStream, String, Vec<u8>) {
+        raw_tunnel_on(self.web.connect().await, backend, "app.test", pipelined, after_101).await
+    }
+}
+
+impl Deref for Node {
+    type Target = Router;
+    fn deref(&self) -> &Router {
+        &self.router
+    }
+}
+
+impl DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut Router {
+        &mut self.router
+    }
+}
+
+fn start(mode: &str, backend: &RawBackend) -> Node {
+    Node::start(mode, LIMITS, main_pool(&[backend.addr], "app.test"))
+}
+
+/// A WebSocket client (tokio-tungstenite) over a connection of `web`.
+async fn ws_connect(
+    web: &Connector,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<
+    (tokio_tungstenite::WebSocketStream<Client>, tokio_tungstenite::tungstenite::handshake::client::Response),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let url = format!("ws://{}{path}", web.addr);
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut().insert("Host", "app.test".parse().unwrap());
+    for (name, value) in headers {
+        req.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    tokio_tungstenite::client_async(req, web.connect().await).await
 }
 
 async fn websocket_echo_with_real_library(mode: &str) {
     let (addr, mut heads) = ws_echo_backend().await;
-    let router = Router::start(Setup { mode, limits: LIMITS, routing: main_pool(&[addr], "app.test"), extra: "" });
-    let url = format!("ws://{}/chat", router.http);
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
-    req.headers_mut().insert("Host", "app.test".parse().unwrap());
-    req.headers_mut().insert("X-Forwarded-For", "6.6.6.6".parse().unwrap());
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let router = Node::start(mode, LIMITS, main_pool(&[addr], "app.test"));
+    let (mut ws, resp) = ws_connect(&router.web, "/chat", &[("X-Forwarded-For", "6.6.6.6")]).await.unwrap();
     assert_eq!(resp.status(), 101);
     for i in 0..50 {
         let text = format!("message {i} {}", "x".repeat(i * 100));
@@ -50,11 +142,11 @@ async fn websocket_echo_with_real_library(mode: &str) {
 async fn integrity_64mib_both_ways(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let (client, server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (client, server, _, _) = router.tunnel(&mut backend, b"", b"").await;
     const LEN: usize = 64 << 20;
     let up = pattern(1, LEN);
     let down = pattern(2, LEN);
-    let (mut cr, mut cw) = client.into_split();
+    let (mut cr, mut cw) = tokio::io::split(client);
     let (mut sr, mut sw) = server.into_split();
     let t = Duration::from_secs(120);
     let (a, b, c, d) = tokio::join!(
@@ -81,7 +173,7 @@ const MAX_GAP_EIGHT: Duration = Duration::from_secs(3);
 /// Writes a [`fast_stream`] as fast as the socket takes it (64 KiB
 /// writes, no cap on bytes in flight) for `for_`, then half-closes; returns
 /// the bytes sent, or what failed.
-async fn write_flat_out(mut w: tokio::net::tcp::OwnedWriteHalf, for_: Duration) -> Result<u64, String> {
+async fn write_flat_out(mut w: impl AsyncWrite + Unpin, for_: Duration) -> Result<u64, String> {
     let mut sent = 0usize;
     let deadline = Instant::now() + for_;
     while Instant::now() < deadline {
@@ -170,10 +262,10 @@ async fn coupled_echo(s: TcpStream) {
 /// out while reading the echo, half-closes after [`SATURATE_FOR`] and reads
 /// to EOF. Every byte comes back once and in order, no gap over
 /// [`MAX_GAP`], EOF soon after the half-close. Returns the bytes echoed.
-async fn saturated_echo_tunnel(router: &Router, backend: &mut RawBackend) -> Result<u64, String> {
-    let (client, server, _, _) = raw_tunnel(router, backend, "app.test", b"", b"").await;
+async fn saturated_echo_tunnel(router: &Node, backend: &mut RawBackend) -> Result<u64, String> {
+    let (client, server, _, _) = router.tunnel(backend, b"", b"").await;
     let echo = tokio::spawn(coupled_echo(server));
-    let (cr, cw) = client.into_split();
+    let (cr, cw) = tokio::io::split(client);
     let writer = tokio::spawn(async move {
         let sent = write_flat_out(cw, SATURATE_FOR).await;
         (sent, Instant::now())
@@ -208,6 +300,12 @@ async fn two_way_saturated_echo(mode: &str) {
         eprintln!("{mode}: run {run}: {} MiB echoed", echoed >> 20);
     }
     router.wait_log("close=\"done\"");
+    if router.is_tls() {
+        // The tunnels ran on the TLS relay, and the log and /metrics say so.
+        router.wait_log("status=101 data_plane=\"tls\"");
+        let tunnels = router.metric("upsplice_tunnels_total{listener=\"web\",data_plane=\"tls\"}");
+        assert!(tunnels >= 3.0, "{tunnels} tls tunnels counted");
+    }
 }
 
 /// Eight saturated echo tunnels at once.
@@ -216,14 +314,14 @@ async fn two_way_saturated_eight_tunnels(mode: &str) {
     let router = start(mode, &backend);
     let mut tunnels = Vec::new();
     for _ in 0..8 {
-        let (client, server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+        let (client, server, _, _) = router.tunnel(&mut backend, b"", b"").await;
         tunnels.push((client, server));
     }
     // Each tunnel's reader is a task of its own: polled together in one
     // task, a reader's wait for its turn would count as a stall.
     let runs = tunnels.into_iter().enumerate().map(|(i, (client, server))| async move {
         let echo = tokio::spawn(coupled_echo(server));
-        let (cr, cw) = client.into_split();
+        let (cr, cw) = tokio::io::split(client);
         let writer = tokio::spawn(write_flat_out(cw, SATURATE_FOR));
         let received = tokio::spawn(read_checked(cr, false, SATURATE_FOR + Duration::from_secs(30))).await.unwrap();
         let sent = writer.await.unwrap().map_err(|e| format!("tunnel {i}: {e}"))?;
@@ -252,8 +350,8 @@ async fn two_way_saturated_eight_tunnels(mode: &str) {
 async fn two_way_with_a_slow_far_reader(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let (client, server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
-    let (cr, cw) = client.into_split();
+    let (client, server, _, _) = router.tunnel(&mut backend, b"", b"").await;
+    let (cr, cw) = tokio::io::split(client);
     let (sr, sw) = server.into_split();
     let up_writer = tokio::spawn(write_flat_out(cw, SATURATE_FOR));
     let down_writer = tokio::spawn(write_flat_out(sw, SATURATE_FOR));
@@ -282,8 +380,10 @@ async fn two_way_with_a_slow_far_reader(mode: &str) {
 async fn half_close_client_first(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (mut client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
     client.write_all(b"last words").await.unwrap();
+    // A FIN; over TLS close_notify then FIN, which reaches the backend as
+    // its FIN (the client can still read: TLS 1.3 closes each way alone).
     client.shutdown().await.unwrap();
     assert_eq!(read_to_end(&mut server).await, b"last words", "backend sees the bytes, then EOF");
     // The other direction keeps flowing after the client's FIN.
@@ -297,8 +397,10 @@ async fn half_close_client_first(mode: &str) {
 async fn half_close_backend_first(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (mut client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
     server.write_all(b"bye").await.unwrap();
+    // The backend's FIN reaches a TLS client as close_notify then FIN: a
+    // clean EOF (read_to_end fails on a truncated TLS stream).
     server.shutdown().await.unwrap();
     assert_eq!(read_to_end(&mut client).await, b"bye");
     let tail = pattern(4, 4 << 20);
@@ -313,7 +415,7 @@ fn is_reset(e: &std::io::Error) -> bool {
 }
 
 /// Reads until an error or EOF; true when the stream ended with a reset.
-async fn ends_with_reset(s: &mut TcpStream) -> bool {
+async fn ends_with_reset(s: &mut (impl AsyncRead + Unpin)) -> bool {
     let mut buf = [0u8; 65536];
     let work = async {
         loop {
@@ -330,7 +432,7 @@ async fn ends_with_reset(s: &mut TcpStream) -> bool {
 async fn reset_from_backend_resets_client(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let (mut client, server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (mut client, server, _, _) = router.tunnel(&mut backend, b"", b"").await;
     server.set_zero_linger().unwrap();
     drop(server);
     assert!(ends_with_reset(&mut client).await, "the client must see a reset, not a clean EOF");
@@ -339,10 +441,21 @@ async fn reset_from_backend_resets_client(mode: &str) {
 async fn reset_from_client_resets_backend(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let (client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
-    client.set_zero_linger().unwrap();
+    let (client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
+    client.set_zero_linger();
     drop(client);
     assert!(ends_with_reset(&mut server).await, "the backend must see a reset, not a clean EOF");
+    if router.is_tls() {
+        // Over TLS a FIN without close_notify is a truncated stream (an
+        // attacker can forge a FIN, not a close_notify): passed on as a
+        // reset too.
+        let (client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
+        let Client::Tls(tls) = client else { unreachable!("a TLS node's client") };
+        let (mut tcp, _) = tls.into_inner();
+        tcp.shutdown().await.unwrap();
+        assert!(ends_with_reset(&mut server).await, "a TLS stream cut without close_notify must reset the backend");
+        drop(tcp);
+    }
 }
 
 async fn backend_speaks_first(mode: &str) {
@@ -350,7 +463,7 @@ async fn backend_speaks_first(mode: &str) {
     let router = start(mode, &backend);
     // The backend's first message rides in the same write as its 101 and
     // then it waits for the client: the client must get it without sending.
-    let mut client = TcpStream::connect(router.http).await.unwrap();
+    let mut client = router.web.connect().await;
     client.write_all(WS_REQUEST.replace("{host}", "app.test").as_bytes()).await.unwrap();
     let mut server = backend.accept().await;
     read_head(&mut server).await;
@@ -384,8 +497,7 @@ async fn backend_speaks_first(mode: &str) {
 async fn pipelined_bytes_after_head(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let (mut client, mut server, head, mut early) =
-        raw_tunnel(&router, &mut backend, "app.test", b"early-bytes", b"").await;
+    let (mut client, mut server, head, mut early) = router.tunnel(&mut backend, b"early-bytes", b"").await;
     assert!(head.contains("Upgrade: websocket"), "{head}");
     // The pipelined bytes arrive after the head, in order, none dropped.
     while early.len() < 11 {
@@ -414,7 +526,7 @@ async fn refused_upgrade_is_relayed_framed(mode: &str) {
             "4\r\nnope\r\n0\r\n\r\n",
         ),
     ] {
-        let mut client = TcpStream::connect(router.http).await.unwrap();
+        let mut client = router.web.connect().await;
         client.write_all(WS_REQUEST.replace("{host}", "app.test").as_bytes()).await.unwrap();
         let mut server = backend.accept().await;
         read_head(&mut server).await;
@@ -432,31 +544,38 @@ async fn refused_upgrade_is_relayed_framed(mode: &str) {
 
 async fn many_concurrent_websocket_clients(mode: &str) {
     let (addr, _heads) = ws_echo_backend().await;
-    let router = Router::start(Setup { mode, limits: LIMITS, routing: main_pool(&[addr], "app.test"), extra: "" });
-    let http = router.http;
-    let mut tasks = Vec::new();
+    let router = Node::start(mode, LIMITS, main_pool(&[addr], "app.test"));
+    let (mut open, mut failed, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
+    // Each TLS connect is a handshake of this debug build's, the router's
+    // and the test's, on 2 shared cores: waves of 10, each done before the
+    // next starts, or handshake_timeout cuts the queue (50 at once did, on
+    // a loaded machine). The handshake rate is a benchmark's question; this
+    // case's is 500 tunnels open at once.
+    let wave = if router.is_tls() { 10 } else { 50 };
     for i in 0..500 {
-        if i % 50 == 0 {
+        if i % wave == 0 {
+            if router.is_tls() {
+                wait_all(&mut tasks, &mut open, &mut failed).await;
+            }
             // Connect in waves so the test's own backend keeps up with accepts.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let web = router.web.clone();
         tasks.push(tokio::spawn(async move {
-            let mut req =
-                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{http}/"))
-                    .unwrap();
-            req.headers_mut().insert("Host", "app.test".parse().unwrap());
-            let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+            let (mut ws, _) = ws_connect(&web, "/", &[]).await.map_err(|e| format!("client {i}: {e}"))?;
             for j in 0..3 {
                 let text = format!("client {i} message {j}");
                 ws.send(Message::text(text.clone())).await.unwrap();
                 assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
             }
-            ws
+            Ok::<_, String>(ws)
         }));
     }
-    let mut open = Vec::new();
-    for t in tasks {
-        open.push(tokio::time::timeout(Duration::from_secs(60), t).await.expect("clients stalled").unwrap());
+    wait_all(&mut tasks, &mut open, &mut failed).await;
+    if !failed.is_empty() {
+        let (_, metrics) = router.admin_get("/metrics").unwrap();
+        let errors: Vec<&str> = metrics.lines().filter(|l| l.starts_with("upsplice_tls_handshake_errors")).collect();
+        panic!("{} clients failed, first {:?}; {errors:?}", failed.len(), &failed[..failed.len().min(3)]);
     }
     // All 500 are open at once here (on whichever planes carry them: the
     // series of every plane that may exists from startup).
@@ -470,15 +589,24 @@ async fn many_concurrent_websocket_clients(mode: &str) {
     drop(open);
 }
 
+/// Waits for each of `tasks` (bounded), sorting what they return.
+async fn wait_all<T>(
+    tasks: &mut Vec<tokio::task::JoinHandle<Result<T, String>>>,
+    ok: &mut Vec<T>,
+    failed: &mut Vec<String>,
+) {
+    for t in tasks.drain(..) {
+        match tokio::time::timeout(Duration::from_secs(60), t).await.expect("clients stalled").unwrap() {
+            Ok(v) => ok.push(v),
+            Err(e) => failed.push(e),
+        }
+    }
+}
+
 async fn idle_timeout_closes_tunnel(mode: &str) {
     let mut backend = RawBackend::start().await;
-    let router = Router::start(Setup {
-        mode,
-        limits: "idle_timeout = \"1s\"",
-        routing: main_pool(&[backend.addr], "app.test"),
-        extra: "",
-    });
-    let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let router = Node::start(mode, "idle_timeout = \"1s\"", main_pool(&[backend.addr], "app.test"));
+    let (mut client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
     // Traffic keeps it alive past the timeout...
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -486,7 +614,9 @@ async fn idle_timeout_closes_tunnel(mode: &str) {
         let mut buf = [0u8; 4];
         server.read_exact(&mut buf).await.unwrap();
     }
-    // ...silence closes it.
+    // ...silence closes it: FIN both ways (towards a TLS client
+    // close_notify then FIN, a clean EOF: the router closed it, nothing
+    // was cut short).
     let started = Instant::now();
     let end = read_to_end(&mut client).await;
     assert!(end.is_empty());
@@ -499,10 +629,10 @@ async fn idle_timeout_closes_tunnel(mode: &str) {
 async fn backpressure_is_bounded(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let (client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
     let rss_before = router.rss_kib();
     // The backend stops reading; the client writes as fast as it can for 2 s.
-    let (_cr, mut cw) = client.into_split();
+    let (_cr, mut cw) = tokio::io::split(client);
     let data = pattern(9, 256 << 20);
     let writer = tokio::spawn(async move {
         let mut sent = 0usize;
@@ -521,7 +651,7 @@ async fn backpressure_is_bounded(mode: &str) {
         }
         (sent, data, cw)
     });
-    let (sent, data, cw) = writer.await.unwrap();
+    let (sent, data, mut cw) = writer.await.unwrap();
     let rss_stalled = router.rss_kib();
     assert!(sent < 200 << 20, "the writer was never pushed back: {sent} bytes accepted with nobody reading");
     assert!(
@@ -531,7 +661,10 @@ async fn backpressure_is_bounded(mode: &str) {
     // The backend reads again: every byte accepted arrives, intact.
     use sha2::{Digest, Sha256};
     let expected: [u8; 32] = Sha256::digest(&data[..sent]).into();
-    assert_eq!(recv_hash(&mut server, sent, Duration::from_secs(60)).await, expected);
+    // (A TLS client flushes what rustls still holds of the bytes it accepted.)
+    let (got, flushed) = tokio::join!(recv_hash(&mut server, sent, Duration::from_secs(60)), cw.flush());
+    flushed.unwrap();
+    assert_eq!(got, expected);
     drop(cw);
 }
 
@@ -539,26 +672,29 @@ async fn no_close_wait_and_fds_return(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
     // Warm up pools (buffers, pipes) so the baseline includes them.
-    let (c, s, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (c, s, _, _) = router.tunnel(&mut backend, b"", b"").await;
     drop((c, s));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (baseline, baseline_pipes) = (router.fd_count(), router.pipe_fd_count());
     for i in 0..60 {
-        let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+        let (mut client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
         client.write_all(b"data").await.unwrap();
         let mut buf = [0u8; 4];
         server.read_exact(&mut buf).await.unwrap();
         match i % 3 {
             0 => {
-                // Client closes first; the backend answers the FIN with its own.
+                // Client closes first (cleanly: FIN, over TLS close_notify
+                // then FIN); the backend answers the FIN with its own.
+                client.shutdown().await.unwrap();
                 drop(client);
                 read_to_end(&mut server).await;
                 drop(server);
             }
             1 => {
-                // Backend closes first.
+                // Backend closes first; the client answers, cleanly.
                 drop(server);
                 read_to_end(&mut client).await;
+                client.shutdown().await.unwrap();
                 drop(client);
             }
             _ => {
@@ -589,12 +725,12 @@ async fn no_close_wait_and_fds_return(mode: &str) {
 async fn tcp_listener_forwards_raw_bytes(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
-    let client = TcpStream::connect(router.tcp).await.unwrap();
+    let client = router.raw.connect().await;
     let server = backend.accept().await;
     // Not HTTP at all: the tcp listener must not parse a byte.
     let up = pattern(11, 8 << 20);
     let down = pattern(12, 8 << 20);
-    let (mut cr, mut cw) = client.into_split();
+    let (mut cr, mut cw) = tokio::io::split(client);
     let (mut sr, mut sw) = server.into_split();
     let t = Duration::from_secs(60);
     let (a, b, c, d) = tokio::join!(
@@ -610,7 +746,7 @@ async fn plain_request_with_body(mode: &str) {
     let mut backend = RawBackend::start().await;
     let router = start(mode, &backend);
     let body = pattern(13, 300_000);
-    let mut client = TcpStream::connect(router.http).await.unwrap();
+    let mut client = router.web.connect().await;
     let head = format!(
         "POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -619,6 +755,7 @@ async fn plain_request_with_body(mode: &str) {
     req.extend_from_slice(&body);
     let writer = tokio::spawn(async move {
         client.write_all(&req).await.unwrap();
+        client.flush().await.unwrap();
         client
     });
     let mut server = backend.accept().await;
@@ -643,11 +780,11 @@ async fn plain_request_with_body(mode: &str) {
 async fn sigterm_drains_then_closes(mode: &str) {
     let mut backend = RawBackend::start().await;
     let mut router = start(mode, &backend);
-    let (mut client, mut server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (mut client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
     router.signal(nix::sys::signal::Signal::SIGTERM);
     router.wait_log("draining");
     // For drain_wait (500 ms) new tunnels still open...
-    let (c2, s2, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
+    let (c2, s2, _, _) = router.tunnel(&mut backend, b"", b"").await;
     drop((c2, s2));
     // ...then accepting stops...
     router.wait_log("accepting no more");
@@ -659,7 +796,7 @@ async fn sigterm_drains_then_closes(mode: &str) {
     assert_eq!(&buf, b"still here");
     // ...and is reset at the deadline, both sides (a FIN would make a
     // stream cut short look complete); the router exits 0.
-    for (side, stream) in [("client", &mut client), ("backend", &mut server)] {
+    async fn is_cut(side: &str, stream: &mut (impl AsyncRead + Unpin)) {
         let cut = tokio::time::timeout(Duration::from_secs(6), stream.read(&mut [0u8; 16]))
             .await
             .unwrap_or_else(|_| panic!("{side}: tunnel not cut at the drain deadline"));
@@ -668,6 +805,8 @@ async fn sigterm_drains_then_closes(mode: &str) {
             "{side}: the drain deadline must reset, got {cut:?}"
         );
     }
+    is_cut("client", &mut client).await;
+    is_cut("backend", &mut server).await;
     let status = router.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status {status:?}");
 }
@@ -676,7 +815,7 @@ async fn sighup_reloads_routes_and_keeps_tunnels(mode: &str) {
     let mut old_backend = RawBackend::start().await;
     let mut new_backend = RawBackend::start().await;
     let router = start(mode, &old_backend);
-    let (mut client, mut server, _, _) = raw_tunnel(&router, &mut old_backend, "app.test", b"", b"").await;
+    let (mut client, mut server, _, _) = router.tunnel(&mut old_backend, b"", b"").await;
 
     // A broken config is rejected; the old one stays.
     let good = std::fs::read_to_string(&router.config_path).unwrap();
@@ -684,7 +823,7 @@ async fn sighup_reloads_routes_and_keeps_tunnels(mode: &str) {
         .unwrap();
     router.signal(nix::sys::signal::Signal::SIGHUP);
     router.wait_log("reload rejected");
-    let (c2, s2, _, _) = raw_tunnel(&router, &mut old_backend, "app.test", b"", b"").await;
+    let (c2, s2, _, _) = router.tunnel(&mut old_backend, b"", b"").await;
     drop((c2, s2));
 
     // A good one moves new connections to the new pool.
@@ -692,7 +831,7 @@ async fn sighup_reloads_routes_and_keeps_tunnels(mode: &str) {
         .unwrap();
     router.signal(nix::sys::signal::Signal::SIGHUP);
     router.wait_log("SIGHUP: reloaded");
-    let (c3, s3, _, _) = raw_tunnel(&router, &mut new_backend, "app.test", b"", b"").await;
+    let (c3, s3, _, _) = router.tunnel(&mut new_backend, b"", b"").await;
     drop((c3, s3));
 
     // The tunnel opened before both reloads is untouched.
@@ -742,7 +881,7 @@ macro_rules! conformance {
 }
 
 /// Why a plane cannot run on this machine or build (e.g. sockmap without
-/// the eBPF toolchain), if it cannot.
+/// the eBPF toolchain), if it cannot. `tls` (the TLS relay) runs anywhere.
 fn unavailable(mode: &str) -> Option<String> {
     upsplice::dataplane::probe_all()
         .into_iter()
@@ -750,4 +889,4 @@ fn unavailable(mode: &str) -> Option<String> {
         .and_then(|(_, available)| available.err())
 }
 
-conformance!(copy, splice, uring, sockmap);
+conformance!(copy, splice, uring, sockmap, tls);

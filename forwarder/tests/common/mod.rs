@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
@@ -345,7 +345,7 @@ impl RawBackend {
 }
 
 /// Reads until the end of an HTTP head; returns (head, bytes after it).
-pub async fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
+pub async fn read_head(s: &mut (impl AsyncRead + Unpin)) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -363,7 +363,7 @@ pub async fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
 }
 
 /// Reads to EOF (bounded by time); returns the bytes.
-pub async fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+pub async fn read_to_end(s: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
         .await
@@ -386,7 +386,18 @@ pub async fn raw_tunnel(
     pipelined: &[u8],
     after_101: &[u8],
 ) -> (TcpStream, TcpStream, String, Vec<u8>) {
-    let mut client = TcpStream::connect(router.http).await.unwrap();
+    let client = TcpStream::connect(router.http).await.unwrap();
+    raw_tunnel_on(client, backend, host, pipelined, after_101).await
+}
+
+/// [`raw_tunnel`] over a client connection of the caller's (plain or TLS).
+pub async fn raw_tunnel_on<C: AsyncRead + AsyncWrite + Unpin>(
+    mut client: C,
+    backend: &mut RawBackend,
+    host: &str,
+    pipelined: &[u8],
+    after_101: &[u8],
+) -> (C, TcpStream, String, Vec<u8>) {
     let mut req = WS_REQUEST.replace("{host}", host).into_bytes();
     req.extend_from_slice(pipelined);
     client.write_all(&req).await.unwrap();
@@ -412,6 +423,8 @@ pub async fn send_all(w: &mut (impl AsyncWriteExt + Unpin), data: &[u8]) -> [u8;
     for chunk in data.chunks(256 * 1024) {
         w.write_all(chunk).await.unwrap();
     }
+    // A buffered writer (TLS) may hold the last bytes until flushed.
+    w.flush().await.unwrap();
     Sha256::digest(data).into()
 }
 
