@@ -368,7 +368,9 @@ pub struct ListenerTls {
     #[serde(default)]
     pub cipher_suites: Option<Vec<String>>,
     /// Session ticket keys shared by the nodes of a fleet: a file of
-    /// 32-byte keys (the first encrypts, all decrypt), re-read on SIGHUP.
+    /// base64 keys, one per line, at least 32 bytes each once decoded
+    /// (the first encrypts, all decrypt; `tls/tickets.rs`), re-read on
+    /// SIGHUP.
     /// None: each process makes its own and rotates them.
     #[serde(default)]
     pub ticket_keys: Option<PathBuf>,
