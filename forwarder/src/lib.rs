@@ -9,7 +9,8 @@
 //! share), [`access`] (the access record), [`metrics`] and [`admin`]
 //! (observability); [`config`] is plain data, parsed with [`units`];
 //! [`path`] is the path normaliser routing matches with; [`tls`] builds
-//! the TLS listeners' rustls configs.
+//! the TLS listeners' rustls configs; [`sni`] reads a passthrough
+//! listener's ClientHello and routes it by its server name.
 
 pub mod access;
 pub mod access_log;
@@ -26,6 +27,7 @@ pub mod proxy;
 pub mod route;
 pub mod route_service;
 pub mod server;
+pub mod sni;
 pub mod state;
 pub mod tls;
 pub mod units;
