@@ -1098,6 +1098,21 @@ impl Config {
                     return Err((field("pool"), format!("no pool named {p:?}")));
                 }
             }
+            // Passthrough forwards the client's own TLS, to the routes'
+            // pools and the listener's: a pool that speaks TLS to its
+            // backends would wrap it twice.
+            let passthrough =
+                lst.sni_routes.iter().enumerate().map(|(j, r)| (format!("sni_routes[{j}].pool"), &r.pool));
+            let passthrough =
+                passthrough.chain(lst.pool.iter().filter(|_| !lst.sni_routes.is_empty()).map(|p| ("pool".into(), p)));
+            for (name, pool) in passthrough {
+                if self.pools.iter().any(|p| &p.name == pool && p.tls.is_some()) {
+                    return Err((
+                        field(&name),
+                        format!("pool {pool:?} has tls: SNI passthrough forwards the client's TLS unopened"),
+                    ));
+                }
+            }
             let mut names = HashSet::new();
             for (j, r) in lst.sni_routes.iter().enumerate() {
                 if !pools.contains(r.pool.as_str()) {
@@ -1483,8 +1498,16 @@ sni_routes = [ { server_name = "*.ws.example.com", pool = "ws-tls" } ]
 [[pool]]
 name = "ws-tls"
 backends = ["127.0.0.1:9443"]
-tls = { server_name = "app.internal" }
 send_proxy = "v2"
+
+[[pool]]
+name = "apps-tls"
+backends = ["127.0.0.1:8443"]
+tls = { server_name = "app.internal" }
+
+[[route]]
+host = "app.example.com"
+pool = "apps-tls"
 "#;
         let mut c: Config = toml::from_str(text).unwrap();
         c.validate_listeners(&c.validate_pools().unwrap()).unwrap();
@@ -1497,7 +1520,7 @@ send_proxy = "v2"
         assert_eq!(c.listeners[0].forwarded_client_cert(), ForwardedClientCert::SanitizeSet);
         assert_eq!(c.listeners[1].sni_routes[0].pool, "ws-tls");
         assert_eq!(c.backend_tls.private_key.as_deref(), Some(Path::new("/etc/upsplice/certs/router.key")));
-        assert_eq!(c.pools[0].tls.as_ref().unwrap().server_name, "app.internal");
+        assert_eq!(c.pools[1].tls.as_ref().unwrap().server_name, "app.internal");
         assert!(c.warnings().is_empty(), "{:?}", c.warnings());
         // Defaults.
         let c = parse(BASE).unwrap();
@@ -1528,6 +1551,14 @@ send_proxy = "v2"
                 "either terminates TLS",
             ),
             (format!("{raw}pool = \"p\"\n{pool}tls = {{ server_name = \"x.internal\" }}\n"), "pool[0].tls.ca: required unless [backend_tls] ca"),
+            (
+                format!("[backend_tls]\nca = \"ca.pem\"\n{raw}sni_routes = [{{ server_name = \"a.example\", pool = \"p\" }}]\n{pool}tls = {{ server_name = \"x.internal\" }}\n"),
+                "sni_routes[0].pool: pool \"p\" has tls",
+            ),
+            (
+                format!("[backend_tls]\nca = \"ca.pem\"\n{raw}sni_routes = [{{ server_name = \"a.example\", pool = \"q\" }}]\npool = \"p\"\n{pool}tls = {{ server_name = \"x.internal\" }}\n[[pool]]\nname = \"q\"\n"),
+                "listener[0].pool: pool \"p\" has tls",
+            ),
             (format!("[backend_tls]\ncert_chain = \"c.pem\"\n{raw}pool = \"p\"\n{pool}"), "backend_tls: cert_chain and private_key go together"),
         ];
         for (text, expected) in cases {
