@@ -1020,11 +1020,6 @@ impl Config {
     fn refuse_not_yet_built(&self) -> Result<(), Invalid> {
         let not_yet =
             |field: String, what: &str| Err((field, format!("{what} is not built yet (README, \"Not there yet\")")));
-        for (i, l) in self.listeners.iter().enumerate() {
-            if !l.sni_routes.is_empty() {
-                return not_yet(format!("listener[{i}].sni_routes"), "SNI passthrough");
-            }
-        }
         if let Some(i) = self.pools.iter().position(|p| p.tls.is_some()) {
             return not_yet(format!("pool[{i}].tls"), "TLS to backends");
         }

@@ -1,6 +1,7 @@
 //! One accepted connection, from accept to its access-log line: the
 //! PROXY header and TLS handshake (where the listener takes them), an http
-//! listener's handshake or a tcp listener's connect, then the hand-off of
+//! listener's handshake or a tcp listener's connect (by the ClientHello's
+//! SNI on a passthrough listener), then the hand-off of
 //! the connection pair to the data planes (or, for TLS, the stream relay).
 
 use std::net::SocketAddr;
@@ -20,9 +21,10 @@ use crate::handshake::answer::{linger_close, Refusal};
 use crate::handshake::{self, ClientStream, Next, Plan, TlsClient};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
 use crate::proxy;
+use crate::sni;
 use crate::state::Shared;
 use crate::tls::ClientCert;
-use crate::upstream::{ConnectError, ConnectOpts};
+use crate::upstream::{ConnectError, ConnectOpts, Pool};
 
 /// A connection's view of the router: the shared state and its listener.
 pub struct Session {
@@ -48,6 +50,9 @@ impl Session {
         let tls = self.shared.snapshot().listener_tls(&self.listener).cloned();
         match (tls, protocol) {
             (None, Protocol::Http) => self.serve_http(handshake::Conn::new(client, peer, local), peer).await,
+            (None, Protocol::Tcp) if self.shared.snapshot().listener_sni(&self.listener).is_some() => {
+                self.serve_sni(client, peer, local, deadline).await
+            }
             (None, Protocol::Tcp) => self.serve_tcp(client, peer, local).await,
             (Some(config), protocol) => {
                 if let Some(client) = self.accept_tls(client, config, peer, deadline).await {
@@ -92,8 +97,82 @@ impl Session {
 
     /// A tcp listener's connection: connected to its pool and relayed.
     async fn serve_tcp<S: Into<Client>>(&self, client: S, peer: SocketAddr, local: SocketAddr) {
+        let rec = AccessRecord::new(peer, self.listener.clone());
+        let snap = self.shared.snapshot();
+        let pool = snap.listener(&self.listener).pool.as_deref().and_then(|p| snap.pool_named(p)).cloned();
+        drop(snap);
+        match pool {
+            Some(pool) => self.forward_tcp(client, pool, Bytes::new(), local, rec).await,
+            // Only when a reload gave the listener sni_routes and no pool
+            // since this connection was told apart.
+            None => self.no_route(rec),
+        }
+    }
+
+    /// An SNI passthrough listener's connection: its ClientHello read by
+    /// `deadline`, routed by its server name (the snapshot's table then),
+    /// and forwarded still encrypted. A bad, slow or unroutable
+    /// ClientHello closes the connection and is counted.
+    ///
+    /// The bytes read to find the name are handed to the tunnel as
+    /// `to_backend`, which every plane writes to the backend first, exactly
+    /// once (the conformance suite's pipelined bytes), after the PROXY
+    /// header `send_proxy` puts on the connection. Reading them, rather
+    /// than peeking with MSG_PEEK and leaving them for the kernel to move,
+    /// costs one copy of at most 16 KiB per connection and avoids what a
+    /// peek brings: readiness that stays set while the bytes sit in the
+    /// queue (a spin, or SO_RCVLOWAT per record to dodge it) and a
+    /// ClientHello over several records that a peek must reparse whole.
+    async fn serve_sni(&self, mut client: TcpStream, peer: SocketAddr, local: SocketAddr, deadline: Instant) {
+        let hello = match tokio::time::timeout_at(deadline, sni::read_client_hello(&mut client)).await {
+            Ok(Ok(hello)) => hello,
+            Ok(Err(e)) => return self.sni_refused(peer, &e),
+            Err(_) => return self.sni_refused(peer, &sni::HelloError::Timeout),
+        };
         let mut rec = AccessRecord::new(peer, self.listener.clone());
-        if let Some(plan) = Box::pin(self.connect_tcp(client, local, &mut rec)).await {
+        let snap = self.shared.snapshot();
+        let name = match snap.listener_sni(&self.listener) {
+            Some(table) => table.pool(hello.server_name.as_deref()).cloned(),
+            // A reload took the listener's sni_routes away meanwhile.
+            None => snap.listener(&self.listener).pool.as_deref().map(Arc::from),
+        };
+        let pool = name.as_deref().and_then(|p| snap.pool_named(p)).cloned();
+        drop(snap);
+        rec.host = hello.server_name;
+        rec.route = name;
+        match pool {
+            Some(pool) => self.forward_tcp(client, pool, hello.bytes, local, rec).await,
+            None => self.no_route(rec),
+        }
+    }
+
+    /// Closes (by dropping) a passthrough connection whose ClientHello was refused.
+    fn sni_refused(&self, peer: SocketAddr, e: &sni::HelloError) {
+        tracing::debug!(listener = %self.listener, %peer, "closed: {e}");
+        metrics::sni_error(&self.listener, e.reason());
+    }
+
+    /// Closes a passthrough connection whose server name no pool takes;
+    /// counted, and logged with the name.
+    fn no_route(&self, mut rec: AccessRecord) {
+        let name = rec.host.as_deref().unwrap_or("-");
+        tracing::debug!(listener = %self.listener, peer = %rec.peer, server_name = name, "closed: no pool takes it");
+        metrics::sni_error(&self.listener, "no_route");
+        rec.reason = "no_route";
+        self.shared.access_log.write(&rec);
+    }
+
+    /// Connects `client` to `pool` and relays the pair, `first` going to
+    /// the backend ahead of the client's stream; logs `rec` at the end.
+    async fn forward_tcp<S: Into<Client>>(
+        &self,
+        client: S,
+        pool: Arc<Pool>,
+        first: Bytes,
+        local: SocketAddr,
+        mut rec: AccessRecord,
+    ) {
+        if let Some(plan) = Box::pin(self.connect_tcp(client, pool, first, local, &mut rec)).await {
             self.tunnel(plan, &mut rec).await;
         }
         self.shared.access_log.write(&rec);
@@ -144,21 +223,26 @@ impl Session {
         }
     }
 
-    /// A tcp listener: connect to its pool; the pair is relayed without
-    /// reading a byte.
-    async fn connect_tcp<S>(&self, client: S, local: SocketAddr, rec: &mut AccessRecord) -> Option<Plan<S>> {
-        let snap = self.shared.snapshot();
-        let pool_name = snap.listener(&self.listener).pool.clone().unwrap_or_default();
-        let pool = snap.pool_named(&pool_name).expect("validated: tcp listener pools exist").clone();
-        let opts =
-            ConnectOpts { timeout: snap.config.limits.connect_timeout, reuse: false, client: Some((rec.peer, local)) };
+    /// A tcp listener: connect to `pool` (of the snapshot that chose it);
+    /// the pair is relayed without reading a byte more (`to_backend`: those
+    /// already read).
+    async fn connect_tcp<S>(
+        &self,
+        client: S,
+        pool: Arc<Pool>,
+        to_backend: Bytes,
+        local: SocketAddr,
+        rec: &mut AccessRecord,
+    ) -> Option<Plan<S>> {
+        let timeout = self.shared.snapshot().config.limits.connect_timeout;
+        let opts = ConnectOpts { timeout, reuse: false, client: Some((rec.peer, local)) };
         match pool.connect(opts).await {
             Ok(upstream) => {
                 // Nothing more is seen of a tcp backend: a connect is its success.
                 upstream.succeeded();
                 let (backend, guard) = upstream.into_tunnel();
                 rec.backend = Some(guard.addr());
-                Some(Plan { client, backend, to_backend: Bytes::new(), to_client: Bytes::new(), status: 0, guard })
+                Some(Plan { client, backend, to_backend, to_client: Bytes::new(), status: 0, guard })
             }
             Err(e) => {
                 // Nothing to answer in a protocol we do not parse: close.

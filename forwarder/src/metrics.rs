@@ -100,6 +100,7 @@ pub struct Metrics {
     pub proxy_errors: Family<ProxyErrorLabels, Counter>,
     pub nats: NatsMetrics,
     pub tls_errors: Family<ProxyErrorLabels, Counter>,
+    pub sni_errors: Family<ProxyErrorLabels, Counter>,
     planes: OnceLock<Arc<DataPlanes>>,
 }
 
@@ -186,9 +187,16 @@ impl Metrics {
             "TLS handshakes on a listener that failed or timed out, by listener and reason",
             tls_errors.clone(),
         );
+        let sni_errors = Family::default();
+        registry.register(
+            "sni_errors",
+            "Connections to an SNI passthrough listener closed before reaching a backend because of their ClientHello (or its server name routing nowhere), by listener and reason",
+            sni_errors.clone(),
+        );
         Metrics {
             nats,
             tls_errors,
+            sni_errors,
             access_log_dropped,
             proxy_errors,
             registry,
@@ -368,6 +376,11 @@ pub fn proxy_error(listener: &str, reason: &str) {
 /// Counts a connection closed because its TLS handshake failed.
 pub fn tls_error(listener: &str, reason: &str) {
     get().tls_errors.get_or_create(&ProxyErrorLabels { listener: listener.into(), reason: reason.into() }).inc();
+}
+
+/// Counts a passthrough connection closed for its ClientHello.
+pub fn sni_error(listener: &str, reason: &str) {
+    get().sni_errors.get_or_create(&ProxyErrorLabels { listener: listener.into(), reason: reason.into() }).inc();
 }
 
 /// Creates a pool's connect-failure and reuse series at 0 (at start and on reload).

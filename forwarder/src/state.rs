@@ -12,6 +12,7 @@ use crate::config::{self, Config, Protocol};
 use crate::dataplane::DataPlanes;
 use crate::route::{self, RouteTarget, Router};
 use crate::route_service;
+use crate::sni::SniTable;
 use crate::tls;
 use crate::upstream::{Pool, Registry};
 
@@ -31,7 +32,14 @@ pub struct Snapshot {
     /// `[route_services]` keys, derived once per config (None: route
     /// services disabled).
     pub route_service_keys: Option<Arc<route_service::Keys>>,
+    /// Each passthrough listener's SNI routes (None: it does not route by
+    /// SNI), in `config.listeners` order.
+    sni: Arc<[Option<SniTable>]>,
 }
+
+/// What a snapshot builds per listener from its config: TLS configs and
+/// SNI routes, in `config.listeners` order.
+type ListenerTables = (Arc<[Option<Arc<rustls::ServerConfig>>]>, Arc<[Option<SniTable>]>);
 
 /// A route learned at run time (from NATS): its URI (`host` or
 /// `host/path`), the pool of its endpoints, its route service.
@@ -56,13 +64,14 @@ impl Snapshot {
                 built.map_err(|source| SnapshotError::Tls { listener: l.name.clone(), source })
             })
             .collect::<Result<_, _>>()?;
+        let sni = config.listeners.iter().map(SniTable::of).collect();
         registry.adopt(&config);
         let pools: Vec<Arc<Pool>> =
             config.pools.iter().map(|p| Arc::new(Pool::new(p, &config.backends, registry))).collect();
         let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
         let rs = &config.route_services;
         let keys = rs.key.as_deref().map(|k| Arc::new(route_service::Keys::derive(k, rs.previous_key.as_deref())));
-        let mut snapshot = Snapshot::assemble(Arc::new(config), pools, Arc::new(pools_by_name), tls, &[]);
+        let mut snapshot = Snapshot::assemble(Arc::new(config), pools, Arc::new(pools_by_name), (tls, sni), &[]);
         snapshot.route_service_keys = keys;
         Ok(snapshot)
     }
@@ -71,8 +80,9 @@ impl Snapshot {
     /// routes (instead of the ones it had).
     pub fn with_learned(&self, learned: &[LearnedRoute]) -> Snapshot {
         let pools = self.pools[..self.config.pools.len()].to_vec();
+        let listeners = (self.tls.clone(), self.sni.clone());
         let mut snapshot =
-            Snapshot::assemble(self.config.clone(), pools, self.pools_by_name.clone(), self.tls.clone(), learned);
+            Snapshot::assemble(self.config.clone(), pools, self.pools_by_name.clone(), listeners, learned);
         snapshot.route_service_keys = self.route_service_keys.clone();
         snapshot
     }
@@ -81,7 +91,7 @@ impl Snapshot {
         config: Arc<Config>,
         mut pools: Vec<Arc<Pool>>,
         pools_by_name: Arc<HashMap<String, usize>>,
-        tls: Arc<[Option<Arc<rustls::ServerConfig>>]>,
+        (tls, sni): ListenerTables,
         learned: &[LearnedRoute],
     ) -> Snapshot {
         let first = pools.len();
@@ -92,13 +102,19 @@ impl Snapshot {
         });
         let (router, shadowed) = Router::build(route::file_routes(&config).chain(learned_routes));
         pools.extend(learned.iter().map(|r| r.pool.clone()));
-        Snapshot { config, router, pools, pools_by_name, shadowed, tls, route_service_keys: None }
+        Snapshot { config, router, pools, pools_by_name, shadowed, tls, sni, route_service_keys: None }
     }
 
     /// The TLS config of the listener called `name`, if it terminates TLS.
     pub fn listener_tls(&self, name: &str) -> Option<&Arc<rustls::ServerConfig>> {
         let i = self.config.listeners.iter().position(|l| l.name == name)?;
         self.tls[i].as_ref()
+    }
+
+    /// The SNI routes of the listener called `name`, if it routes by SNI.
+    pub fn listener_sni(&self, name: &str) -> Option<&SniTable> {
+        let i = self.config.listeners.iter().position(|l| l.name == name)?;
+        self.sni[i].as_ref()
     }
 
     /// The settings of the listener called `name` (listeners never change on reload).
