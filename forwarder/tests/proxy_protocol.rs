@@ -1,13 +1,15 @@
 //! PROXY protocol in (issue 15), the seed's TCP-mode topology: a load
 //! balancer forwards the port in TCP mode and says who the client is with
 //! a PROXY header — HAProxy `send-proxy-v2` (as an AWS NLB sends) and
-//! `send-proxy` (v1, gorouter's only one) in front of the real binary. The
-//! client connects from 127.0.0.5; HAProxy reaches upsplice from 127.0.0.2,
+//! `send-proxy` (v1, gorouter's only one), and nginx `stream` with
+//! `proxy_protocol on` (v1), in front of the real binary. The client
+//! connects from 127.0.0.5; the balancer reaches upsplice from 127.0.0.2,
 //! the only address in `proxy_trusted_cidrs`. Raw sockets bring the bad
 //! headers.
 //!
-//! scripts/setup installs haproxy; with UPSPLICE_REQUIRE_PEERS=1 (CI) a
-//! missing one fails the test instead of skipping it.
+//! scripts/setup installs haproxy, nginx and its stream module; with
+//! UPSPLICE_REQUIRE_PEERS=1 (CI) a missing one fails the test instead of
+//! skipping it.
 
 mod common;
 
@@ -52,6 +54,24 @@ fn haproxy_tcp(send_proxy: &str, upsplice: SocketAddr) -> (Peer, SocketAddr) {
     (Peer::haproxy(dir, &cfg, addr), addr)
 }
 
+/// Debian's nginx stream module (`libnginx-mod-stream`), loaded by path.
+const NGINX_STREAM: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+/// nginx `stream` in front of `upsplice`: TCP passed through with a PROXY
+/// v1 header (`proxy_protocol on`), connecting from 127.0.0.2.
+fn nginx_stream(upsplice: SocketAddr) -> (Peer, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = dir.path().display();
+    let cfg = format!(
+        "load_module {NGINX_STREAM};\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{}}\nstream {{\n server {{\n  listen 127.0.0.1:{port};\n  proxy_pass {upsplice};\n\
+         proxy_protocol on;\n  proxy_bind 127.0.0.2;\n }}\n}}\n"
+    );
+    let addr = ([127, 0, 0, 1], port).into();
+    (Peer::nginx(dir, &cfg, addr), addr)
+}
+
 /// Connects to `to` from the local address `from`.
 async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
@@ -93,6 +113,30 @@ async fn haproxy_send_proxy_v2_and_v1_make_the_client_the_real_one() {
         assert!(!head.contains("6.6.6.6"), "{mode}/{send_proxy}: {head}");
         r.wait_log("client=127.0.0.5:");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_stream_proxy_protocol_makes_the_client_the_real_one() {
+    if !have("nginx") {
+        return;
+    }
+    if !std::path::Path::new(NGINX_STREAM).exists() {
+        assert!(
+            std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(),
+            "{NGINX_STREAM} is missing (libnginx-mod-stream) and UPSPLICE_REQUIRE_PEERS is set"
+        );
+        eprintln!("SKIPPED: {NGINX_STREAM} is missing (scripts/setup installs libnginx-mod-stream)");
+        return;
+    }
+    let mut backend = RawBackend::start().await;
+    let r = router("v1", backend.addr);
+    let (_lb, front) = nginx_stream(r.http);
+    let (head, answer) = request_via(front, &mut backend).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("ok"), "{answer}");
+    // The header's client, not nginx (127.0.0.2) nor the spoofed value.
+    assert!(head.contains("\r\nX-Forwarded-For: 127.0.0.5\r\n"), "{head}");
+    assert!(!head.contains("6.6.6.6"), "{head}");
+    r.wait_log("client=127.0.0.5:");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
