@@ -1234,6 +1234,18 @@ impl Config {
                         l.trusted_cidrs.len()
                     );
                 }
+                Protocol::Tcp if !l.sni_routes.is_empty() => {
+                    let routes: Vec<String> =
+                        l.sni_routes.iter().map(|r| format!("{} -> {}", r.server_name, r.pool)).collect();
+                    let other = l.pool.as_deref().map_or("closed".to_string(), |p| format!("-> pool {p}"));
+                    let _ = writeln!(
+                        s,
+                        "  {:<12} {:<22} tcp   SNI passthrough: {}; other names {other}{proxy}",
+                        l.name,
+                        l.bind,
+                        routes.join(", ")
+                    );
+                }
                 Protocol::Tcp => {
                     let _ = writeln!(
                         s,
@@ -1517,6 +1529,8 @@ pool = "apps-tls"
         assert_eq!(c.backend_tls.private_key.as_deref(), Some(Path::new("/etc/upsplice/certs/router.key")));
         assert_eq!(c.pools[1].tls.as_ref().unwrap().server_name, "app.internal");
         assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        let summary = c.summary();
+        assert!(summary.contains("tcp   SNI passthrough: *.ws.example.com -> ws-tls; other names closed"), "{summary}");
         // Defaults.
         let c = parse(BASE).unwrap();
         assert_eq!(c.listeners[0].forwarded_client_cert(), ForwardedClientCert::AlwaysForward);
