@@ -3,6 +3,11 @@
 //! the client first), with at most `concurrency` cycles at once and either a
 //! fixed start rate or as fast as possible, until a duration or count limit.
 //!
+//! With `connect_only`, a cycle is only the connection: connect, PROXY
+//! header and TLS handshake, then the client-first close (TLS close_notify,
+//! FIN, the peer's EOF) — a handshake rate without upgrade or echo; the
+//! cycle's latency ends when the handshake does.
+//!
 //! With a rate, cycle `i` is due at `t0 + i/rate`; its corrected latency
 //! counts from then, so cycles held back by a full concurrency window are
 //! charged for the wait (coordinated omission), the uncorrected one from the
@@ -10,6 +15,7 @@
 
 use crate::codec::Codec;
 use crate::lifecycle::{self, LifecycleConfig, StopSignals};
+use crate::net;
 use crate::recorder::{ErrorKind, Recorder};
 use crate::report::ChurnStats;
 use crate::ws::{self, Conn};
@@ -18,6 +24,7 @@ use anyhow::Context;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Settings of a `churn` run.
@@ -34,6 +41,8 @@ pub struct ChurnConfig {
     pub duration: Duration,
     /// No more than this many cycles.
     pub count: Option<u64>,
+    /// A cycle is connect, PROXY header and TLS handshake only, then the close.
+    pub connect_only: bool,
 }
 
 /// What a `churn` run produced.
@@ -72,6 +81,26 @@ impl Shared {
     /// Nanoseconds from the run's start to `t`.
     fn ns(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.t0).as_nanos() as u64
+    }
+
+    /// Records a cycle's reply now: from its due time (corrected) and from
+    /// its actual `start` (uncorrected).
+    fn answered(&self, due: Instant, start: Instant) {
+        let now = Instant::now();
+        let mut r = self.rec();
+        r.reply(now.saturating_duration_since(due).as_nanos() as u64, (now - start).as_nanos() as u64, 0);
+        r.timeline.answered(self.ns(due), self.ns(now));
+    }
+
+    /// Bounds a cycle's client-first close by [`CLOSE_WAIT`] and counts how it went.
+    async fn close(&self, close: impl std::future::Future<Output = Result<(), ErrorKind>>) {
+        match tokio::time::timeout(CLOSE_WAIT, close).await {
+            Ok(Ok(())) => {
+                self.completed.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Err(kind)) => self.rec().error(kind),
+            Err(_) => self.rec().error(ErrorKind::CloseTimeout),
+        }
     }
 
     /// Counts a failed cycle: its error, and its echo owed from `due` until now.
@@ -162,6 +191,9 @@ async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, p
     let _permit = permit;
     let start = Instant::now();
     let source = lifecycle::source_for(&cfg.common.source_ips, idx as usize);
+    if cfg.connect_only {
+        return connect_only(&cfg, source, due, start, &sh).await;
+    }
     let codec = Codec::Ws { size: cfg.common.size, rng: Rng::new(idx), frag_seq: None };
     let mut conn = match ws::open(&cfg.common.target, source, codec, READ_BUF).await {
         Ok(o) => {
@@ -184,19 +216,52 @@ async fn cycle(cfg: Arc<ChurnConfig>, idx: u64, due: Instant, sh: Arc<Shared>, p
         sh.failed(kind, due);
         return;
     }
-    let now = Instant::now();
-    {
-        let mut r = sh.rec();
-        r.reply(now.saturating_duration_since(due).as_nanos() as u64, (now - start).as_nanos() as u64, 0);
-        r.timeline.answered(sh.ns(due), sh.ns(now));
-    }
-    match tokio::time::timeout(CLOSE_WAIT, conn.close()).await {
-        Ok(Ok(())) => {
-            sh.completed.fetch_add(1, Ordering::SeqCst);
+    sh.answered(due, start);
+    sh.close(conn.close()).await;
+}
+
+/// A `connect_only` cycle: dial (connect, PROXY header, TLS handshake),
+/// recorded as the cycle's reply, then the client-first close.
+async fn connect_only(cfg: &ChurnConfig, source: Option<std::net::IpAddr>, due: Instant, start: Instant, sh: &Shared) {
+    let t = &cfg.common.target;
+    let deadline = tokio::time::Instant::from(start + t.timeout);
+    let mut stream = match net::dial(t.addr, source, &t.wire, deadline).await {
+        Ok(d) => {
+            sh.answered(due, start);
+            let mut r = sh.rec();
+            d.times.record(&mut r);
+            r.connections_ok += 1;
+            sh.handshakes.fetch_add(1, Ordering::SeqCst);
+            d.stream
         }
-        Ok(Err(kind)) => sh.rec().error(kind),
-        Err(_) => sh.rec().error(ErrorKind::CloseTimeout),
-    }
+        Err(e) => {
+            e.note(&mut sh.rec());
+            sh.failed(e.kind, due);
+            return;
+        }
+    };
+    // close_notify (TLS) and FIN, then read until the peer's EOF: TLS 1.3
+    // session tickets arrive after the handshake, so this read is also what
+    // stores them for the next `--resume` connection.
+    let close = async {
+        stream.shutdown().await.map_err(|_| ErrorKind::Io)?;
+        let mut buf = [0u8; 512];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                // A peer that closes without its own close_notify, or with a
+                // reset, has closed too: the handshake is what was measured.
+                Err(e)
+                    if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) =>
+                {
+                    return Ok(())
+                }
+                Err(_) => return Err(ErrorKind::Io),
+            }
+        }
+    };
+    sh.close(close).await;
 }
 
 /// Sends message `seq` and reads until its echo, answering pings.

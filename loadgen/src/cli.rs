@@ -158,6 +158,11 @@ pub struct WireArgs {
     /// Every connection makes a full handshake, timed apart from the connect.
     #[arg(help_heading = WIRE, long)]
     pub tls: bool,
+    /// Resume TLS sessions: each new connection offers a ticket (or session
+    /// id) an earlier connection of the run received; resumed and full
+    /// handshakes are counted apart.
+    #[arg(help_heading = WIRE, long)]
+    pub resume: bool,
     /// Verify the target's certificate against the CA certificates in this PEM file.
     #[arg(help_heading = WIRE, long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
@@ -375,6 +380,10 @@ pub struct ChurnArgs {
     /// Stop after this many cycles (default: only --duration limits).
     #[arg(short = 'n', long)]
     pub count: Option<u64>,
+    /// A cycle is only connect, PROXY header and TLS handshake, then the
+    /// close (close_notify, FIN, the peer's EOF): no upgrade, no message.
+    #[arg(long)]
+    pub connect_only: bool,
 }
 
 /// `merge` arguments.

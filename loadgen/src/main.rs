@@ -459,8 +459,14 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
     positive_rate("--rate", a.rate)?;
     lifecycle::ensure_fds(a.concurrency as u64, "--concurrency")?;
     let (common, target) = lifecycle(c)?;
-    let cfg =
-        churn::ChurnConfig { common, rate: a.rate, concurrency: a.concurrency, duration: a.duration, count: a.count };
+    let cfg = churn::ChurnConfig {
+        common,
+        rate: a.rate,
+        concurrency: a.concurrency,
+        duration: a.duration,
+        count: a.count,
+        connect_only: a.connect_only,
+    };
     let w = Watch::start(&c.watch.pids, c.watch.port)?;
     let cpu0 = CpuTime::now();
     let out = churn::run(&cfg)?;

@@ -41,17 +41,29 @@ pub fn split(s: Stream) -> (ReadHalf, WriteHalf) {
 pub struct Dialed {
     /// The connection, ready for the protocol.
     pub stream: Stream,
+    /// How long its steps took.
+    pub times: DialTimes,
+}
+
+/// How long a [`dial`]'s steps took, and what kind of TLS handshake it made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DialTimes {
     /// TCP connect (and the PROXY header written), ns.
     pub connect_ns: u64,
     /// The TLS handshake, ns (`None`: no TLS).
     pub tls_ns: Option<u64>,
+    /// The TLS handshake resumed a session (`--resume`, and the server took it).
+    pub resumed: bool,
 }
 
-/// Records a connection's connect and TLS handshake times (ns).
-pub fn record_dial(rec: &mut Recorder, connect_ns: u64, tls_ns: Option<u64>) {
-    record_ns(&mut rec.connect, connect_ns);
-    if let Some(ns) = tls_ns {
-        record_ns(&mut rec.tls, ns);
+impl DialTimes {
+    /// Records the connect time, and the TLS handshake's as a full or a
+    /// resumed one.
+    pub fn record(&self, rec: &mut Recorder) {
+        record_ns(&mut rec.connect, self.connect_ns);
+        if let Some(ns) = self.tls_ns {
+            record_ns(if self.resumed { &mut rec.tls_resumed } else { &mut rec.tls }, ns);
+        }
     }
 }
 
@@ -121,14 +133,17 @@ pub async fn dial(
     let t_conn = Instant::now();
     let connect_ns = (t_conn - t_start).as_nanos() as u64;
     let Some(tls) = &wire.tls else {
-        return Ok(Dialed { stream: Either::Left(sock), connect_ns, tls_ns: None });
+        return Ok(Dialed { stream: Either::Left(sock), times: DialTimes { connect_ns, ..DialTimes::default() } });
     };
     match tokio::time::timeout_at(deadline, tls.handshake(sock)).await {
-        Ok(Ok(s)) => Ok(Dialed {
-            stream: Either::Right(Box::new(s)),
-            connect_ns,
-            tls_ns: Some(t_conn.elapsed().as_nanos() as u64),
-        }),
+        Ok(Ok(s)) => {
+            let times = DialTimes {
+                connect_ns,
+                tls_ns: Some(t_conn.elapsed().as_nanos() as u64),
+                resumed: crate::tls::resumed(&s),
+            };
+            Ok(Dialed { stream: Either::Right(Box::new(s)), times })
+        }
         Ok(Err(e)) => {
             Err(DialError { kind: ErrorKind::Tls, connect_ns: Some(connect_ns), tls_error: Some(e.to_string()) })
         }

@@ -99,8 +99,10 @@ pub struct Recorder {
     pub send_lag: Histogram<u64>,
     /// TCP connect time.
     pub connect: Histogram<u64>,
-    /// TLS handshake time (every one a full handshake: resumption is off).
+    /// Full TLS handshakes' times.
     pub tls: Histogram<u64>,
+    /// Resumed TLS handshakes' times (`--resume`).
+    pub tls_resumed: Histogram<u64>,
     /// WebSocket upgrade (request written to 101 parsed).
     pub upgrade: Histogram<u64>,
     /// Whole WebSocket handshake: connect started to 101 parsed.
@@ -146,6 +148,7 @@ impl Recorder {
             send_lag: new_histogram(),
             connect: new_histogram(),
             tls: new_histogram(),
+            tls_resumed: new_histogram(),
             upgrade: new_histogram(),
             handshake: new_histogram(),
             intervals: Vec::new(),
@@ -213,6 +216,7 @@ impl Recorder {
         self.send_lag.add(&other.send_lag).expect("same bounds");
         self.connect.add(&other.connect).expect("same bounds");
         self.tls.add(&other.tls).expect("same bounds");
+        self.tls_resumed.add(&other.tls_resumed).expect("same bounds");
         self.upgrade.add(&other.upgrade).expect("same bounds");
         self.handshake.add(&other.handshake).expect("same bounds");
         while self.intervals.len() < other.intervals.len() {

@@ -78,10 +78,14 @@ pub struct Latencies {
     /// TCP connect (and the PROXY header written, when sent).
     pub connect: Percentiles,
     /// TLS handshake after the connect; `count` is the number of full
-    /// handshakes (resumption is off). Added in v1; absent in older files and
-    /// empty without TLS.
+    /// handshakes. Added in v1; absent in older files and empty without TLS.
     #[serde(default)]
     pub tls: Percentiles,
+    /// Resumed TLS handshakes (`--resume` and the server took the ticket);
+    /// `count` is the number of resumptions. Added in v1; absent in older
+    /// files and empty without `--resume`.
+    #[serde(default)]
+    pub tls_resumed: Percentiles,
     /// WebSocket upgrade (request to 101).
     pub upgrade: Percentiles,
     /// Whole WebSocket handshake: connect started to 101 parsed, TLS included (added in v1; absent in older files).
@@ -454,6 +458,7 @@ pub fn summarize(info: &RunInfo, rec: &Recorder, cpu: CpuTime, wall_s: f64) -> S
             send_lag: Percentiles::of(&rec.send_lag),
             connect: Percentiles::of(&rec.connect),
             tls: Percentiles::of(&rec.tls),
+            tls_resumed: Percentiles::of(&rec.tls_resumed),
             upgrade: Percentiles::of(&rec.upgrade),
             handshake: Percentiles::of(&rec.handshake),
         },
@@ -647,6 +652,9 @@ pub fn render(s: &Summary) -> String {
     row(&mut out, "connect", &s.latency_us.connect);
     if s.latency_us.tls.count > 0 {
         row(&mut out, "tls (full)", &s.latency_us.tls);
+    }
+    if s.latency_us.tls_resumed.count > 0 {
+        row(&mut out, "tls (resumed)", &s.latency_us.tls_resumed);
     }
     row(&mut out, "upgrade", &s.latency_us.upgrade);
     row(&mut out, "handshake", &s.latency_us.handshake);

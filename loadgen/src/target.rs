@@ -270,11 +270,14 @@ impl Wire {
                 _ => return Err(TargetError::NoVerify),
             };
             let name = args.sni.as_deref().unwrap_or_else(|| host_name(&endpoint.host));
-            Some(Arc::new(tls::Client::new(&verify, name, alpn)?))
+            Some(Arc::new(tls::Client::new(&verify, name, alpn, args.resume)?))
         } else {
-            for (given, flag) in
-                [(args.ca.is_some(), "--ca"), (args.insecure, "--insecure"), (args.sni.is_some(), "--sni")]
-            {
+            for (given, flag) in [
+                (args.ca.is_some(), "--ca"),
+                (args.insecure, "--insecure"),
+                (args.sni.is_some(), "--sni"),
+                (args.resume, "--resume"),
+            ] {
                 if given {
                     return Err(TargetError::TlsOnly(flag));
                 }

@@ -1,7 +1,7 @@
 //! Raw TCP bulk throughput: each connection writes and/or reads as fast as it
 //! can; bytes are counted only inside the measured window.
 
-use crate::net::{self, DialError};
+use crate::net::{self, DialError, DialTimes};
 use crate::recorder::{ErrorKind, Recorder};
 use crate::target::Wire;
 use crate::timeline::Timeline;
@@ -58,7 +58,7 @@ const GRACE: Duration = Duration::from_secs(2);
 /// counts as such however it ended.
 enum Outcome {
     Failed(DialError),
-    Ran { connect_ns: u64, tls_ns: Option<u64>, error: Option<ErrorKind> },
+    Ran { times: DialTimes, error: Option<ErrorKind> },
 }
 
 /// Runs a bulk transfer and returns bytes and errors in a [`Recorder`].
@@ -104,7 +104,7 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
                     Ok(d) => d,
                     Err(e) => return Outcome::Failed(e),
                 };
-                let (connect_ns, tls_ns) = (dialed.connect_ns, dialed.tls_ns);
+                let times = dialed.times;
                 let (mut rd, mut wr) = net::split(dialed.stream);
                 let stopped = || *stop.borrow();
                 let writer = async {
@@ -154,7 +154,7 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
                     Ok(())
                 };
                 let (w, r) = tokio::join!(writer, reader);
-                Outcome::Ran { connect_ns, tls_ns, error: w.and(r).err() }
+                Outcome::Ran { times, error: w.and(r).err() }
             }));
         }
         tokio::time::sleep(cfg.warmup).await;
@@ -167,9 +167,9 @@ pub fn run(cfg: &BulkConfig) -> anyhow::Result<Recorder> {
         for t in tasks {
             // A task still connecting is cut off with the grace period.
             match tokio::time::timeout_at(deadline, t).await {
-                Ok(Ok(Outcome::Ran { connect_ns, tls_ns, error })) => {
+                Ok(Ok(Outcome::Ran { times, error })) => {
                     rec.connections_ok += 1;
-                    net::record_dial(&mut rec, connect_ns, tls_ns);
+                    times.record(&mut rec);
                     if let Some(kind) = error {
                         rec.error(kind);
                     }

@@ -3,16 +3,19 @@
 //! `--sni NAME`) and the echo backend's server side (`--tls-cert`,
 //! `--tls-key`).
 //!
-//! Every client connection makes a full handshake: session resumption is
-//! off, so a run measures what a new client costs the target and the
-//! handshake time is comparable between connections.
+//! By default every client connection makes a full handshake: session
+//! resumption is off, so a run measures what a new client costs the target
+//! and the handshake time is comparable between connections. With
+//! `--resume` the run's connections share one session store, so each new
+//! connection offers a ticket an earlier one received; whether the server
+//! took it is read from the finished handshake ([`resumed`]), never assumed.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore, ServerConfig, SignatureScheme};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::TcpStream;
@@ -73,9 +76,10 @@ impl std::fmt::Debug for Client {
 pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 impl Client {
-    /// A client that sends (and verifies) `server_name` and offers the ALPN
-    /// protocols `alpn` (none: no ALPN extension).
-    pub fn new(verify: &Verify, server_name: &str, alpn: &[&[u8]]) -> Result<Client, TlsError> {
+    /// A client that sends (and verifies) `server_name`, offers the ALPN
+    /// protocols `alpn` (none: no ALPN extension) and, with `resume`,
+    /// offers the sessions its earlier connections received.
+    pub fn new(verify: &Verify, server_name: &str, alpn: &[&[u8]], resume: bool) -> Result<Client, TlsError> {
         let name =
             ServerName::try_from(server_name.to_string()).map_err(|_| TlsError::ServerName(server_name.to_string()))?;
         // ring, TLS 1.2 and 1.3, key exchange groups in a browser's order.
@@ -95,7 +99,14 @@ impl Client {
                 builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth()
             }
         };
-        config.resumption = Resumption::disabled();
+        config.resumption = if resume {
+            // One store for the whole run: each connection takes a ticket an
+            // earlier one received (TLS 1.3 tickets are used once; servers
+            // send new ones on every handshake).
+            Resumption::in_memory_sessions(SESSION_CACHE)
+        } else {
+            Resumption::disabled()
+        };
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Client { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), name })
     }
@@ -120,6 +131,15 @@ fn client_provider() -> Arc<CryptoProvider> {
     #[allow(deprecated)]
     let base = rustls::crypto::ring::default_provider();
     Arc::new(CryptoProvider { kx_groups: vec![X25519, SECP256R1, SECP384R1], ..base })
+}
+
+/// Sessions the `--resume` store keeps (one server name per run; rustls
+/// keeps at most 8 TLS 1.3 tickets per name on top).
+const SESSION_CACHE: usize = 256;
+
+/// Whether the finished handshake of `stream` resumed a session.
+pub fn resumed(stream: &ClientStream) -> bool {
+    stream.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed)
 }
 
 /// The echo backend's TLS: the certificate chain and key from PEM files.
@@ -187,15 +207,15 @@ mod tests {
     fn bad_files_and_names_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.pem");
-        let e = Client::new(&Verify::Ca(missing.clone()), "a.example", &[]).unwrap_err();
+        let e = Client::new(&Verify::Ca(missing.clone()), "a.example", &[], false).unwrap_err();
         assert!(e.to_string().contains("missing.pem"), "{e}");
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not pem\n").unwrap();
-        let e = Client::new(&Verify::Ca(empty), "a.example", &[]).unwrap_err();
+        let e = Client::new(&Verify::Ca(empty), "a.example", &[], false).unwrap_err();
         assert!(e.to_string().contains("no certificate"), "{e}");
-        let e = Client::new(&Verify::Insecure, "bad name!", &[]).unwrap_err();
+        let e = Client::new(&Verify::Insecure, "bad name!", &[], false).unwrap_err();
         assert!(matches!(e, TlsError::ServerName(_)), "{e}");
-        assert!(Client::new(&Verify::Insecure, "127.0.0.1", &[]).is_ok());
+        assert!(Client::new(&Verify::Insecure, "127.0.0.1", &[], true).is_ok());
     }
 
     #[test]

@@ -68,10 +68,8 @@ pub struct Conn<S = Stream> {
 pub struct Opened {
     /// The connection, positioned after the 101 head.
     pub conn: Conn,
-    /// TCP connect (and PROXY header), ns.
-    pub connect_ns: u64,
-    /// TLS handshake, ns (`None`: no TLS).
-    pub tls_ns: Option<u64>,
+    /// TCP connect (and PROXY header) and TLS handshake.
+    pub dial: net::DialTimes,
     /// Request written to 101 parsed, ns (`None`: no upgrade, the codec is not WebSocket).
     pub upgrade_ns: Option<u64>,
 }
@@ -79,10 +77,10 @@ pub struct Opened {
 impl Opened {
     /// Records connect and TLS times, and upgrade and whole-handshake times when upgraded.
     pub fn record(&self, rec: &mut Recorder) {
-        net::record_dial(rec, self.connect_ns, self.tls_ns);
+        self.dial.record(rec);
         if let Some(up) = self.upgrade_ns {
             record_ns(&mut rec.upgrade, up);
-            record_ns(&mut rec.handshake, self.connect_ns + self.tls_ns.unwrap_or(0) + up);
+            record_ns(&mut rec.handshake, self.dial.connect_ns + self.dial.tls_ns.unwrap_or(0) + up);
         }
     }
 }
@@ -103,13 +101,13 @@ pub async fn open(
     read_buf: usize,
 ) -> Result<Opened, OpenError> {
     let deadline = tokio::time::Instant::from(Instant::now() + t.timeout);
-    let net::Dialed { stream: mut sock, connect_ns, tls_ns } = net::dial(t.addr, source, &t.wire, deadline).await?;
+    let net::Dialed { stream: mut sock, times: dial } = net::dial(t.addr, source, &t.wire, deadline).await?;
     let t_conn = Instant::now();
     let Codec::Ws { rng, .. } = &mut codec else {
         let conn = Conn { io: sock, rb: ReadBuf::with_leftover(Vec::new(), read_buf), codec, out: Vec::new() };
-        return Ok(Opened { conn, connect_ns, tls_ns, upgrade_ns: None });
+        return Ok(Opened { conn, dial, upgrade_ns: None });
     };
-    let failed = |kind| OpenError::new(kind, Some(connect_ns));
+    let failed = |kind| OpenError::new(kind, Some(dial.connect_ns));
     let leftover =
         match tokio::time::timeout_at(deadline, handshake::client_handshake(&mut sock, &t.host, &t.path, rng)).await {
             Ok(Ok(leftover)) => leftover,
@@ -119,7 +117,7 @@ pub async fn open(
     let upgrade_ns = t_conn.elapsed().as_nanos() as u64;
     // The handshake's read buffer is larger than what it holds; keep only the bytes.
     let rb = ReadBuf::with_leftover(leftover.as_slice().to_vec(), read_buf);
-    Ok(Opened { conn: Conn { io: sock, rb, codec, out: Vec::new() }, connect_ns, tls_ns, upgrade_ns: Some(upgrade_ns) })
+    Ok(Opened { conn: Conn { io: sock, rb, codec, out: Vec::new() }, dial, upgrade_ns: Some(upgrade_ns) })
 }
 
 impl Conn {

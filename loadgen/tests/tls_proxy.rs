@@ -120,6 +120,35 @@ fn wss_https_and_tls_tcp_against_the_tls_echo() {
 }
 
 #[test]
+fn connect_only_churn_counts_full_and_resumed_handshakes() {
+    let dir = tmpdir();
+    let c = certs(dir.path());
+    let echo = tls_echo(&c, "ws");
+    let url = format!("wss://{}/", echo.addr);
+    // One at a time: without --resume every cycle is a full handshake and
+    // nothing but the handshake (no upgrade, no message).
+    let args = ["churn", &url, "--insecure", "--connect-only", "-n", "10", "-c", "1"];
+    let r = run(&args, dir.path(), "full");
+    let s = &r.summary;
+    assert!(r.output.status.success() && s.total_errors == 0, "{}", r.stdout);
+    assert_eq!((s.latency_us.tls.count, s.latency_us.tls_resumed.count), (10, 0), "{}", r.stdout);
+    assert_eq!((s.latency_us.upgrade.count, s.received), (0, 10), "{}", r.stdout);
+    assert_eq!(s.churn.as_ref().unwrap().completed, 10, "{}", r.stdout);
+    // With --resume the first is full and every later one resumes the
+    // tickets the earlier ones read while closing.
+    let args = ["churn", &url, "--insecure", "--connect-only", "--resume", "-n", "10", "-c", "1"];
+    let r = run(&args, dir.path(), "resumed");
+    let s = &r.summary;
+    assert!(r.output.status.success() && s.total_errors == 0, "{}", r.stdout);
+    assert_eq!((s.latency_us.tls.count, s.latency_us.tls_resumed.count), (1, 9), "{}", r.stdout);
+    assert!(r.stdout.contains("tls (resumed)"), "{}", r.stdout);
+    // --resume needs TLS.
+    let plain = format!("ws://{}/", echo.addr);
+    let stderr = run_refused(generator(&["churn", &plain, "--resume", "-n", "1"]));
+    assert!(stderr.contains("--resume applies to TLS targets only"), "{stderr}");
+}
+
+#[test]
 fn an_untrusted_certificate_fails_with_the_reason() {
     let dir = tmpdir();
     let c = certs(dir.path());
