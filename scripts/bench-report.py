@@ -6,7 +6,7 @@
                                               docs/benchmarks.md + SVGs next to it (REPORT's dir/bench/)
     bench-report.py http-ka-line OUTDIR/http-keepalive.jsonl
                                               the progress line of the http keep-alive section's last run
-    bench-report.py section http-keepalive OUTDIR REPORT.md
+    bench-report.py section http-keepalive|tls OUTDIR REPORT.md
                                               only that section, added to REPORT.md or replacing its own there
 
 Every figure in the report comes from the files scripts/bench wrote into
@@ -346,6 +346,7 @@ def how_to_run(b: Bench) -> list[str]:
     w("scripts/bench                 # the full run (this report): about 12 minutes on this 2-core machine, bounded under 20 (an 18-min budget)")
     w("BENCH_QUICK=1 scripts/bench   # smoke run, about 3-4 minutes: short steps, 1,000 idle tunnels")
     w("scripts/bench --only http-keepalive   # that section alone, about 1.5 minutes; replaces only its part of this file")
+    w("scripts/bench --only tls      # TLS termination against HAProxy, about 5 minutes (quick: 2); replaces only its section")
     w("```")
     w("")
     w("It runs `scripts/setup` (haproxy, nginx, wrk from apt; the eBPF toolchain) and installs `libnginx-mod-stream` for "
@@ -353,14 +354,14 @@ def how_to_run(b: Bench) -> list[str]:
       "writes this file, the plots in `docs/bench/` and the raw results in `out/bench/` (`runs.jsonl`: one line per "
       "generator run and the pids it watched; `*.json`: the generator's summaries, schema `upsplice-loadgen/summary/v1`, "
       "with the router's and the backends' CPU, RSS and fds and the machine's CPU in `watch`; `*.hlog`; `conf/`: every router configuration as run; the routers' logs). It needs 127.0.0.1 ports "
-      "20101–20107 free (`BENCH_PORT_BASE` moves them) and root or CAP_BPF + CAP_NET_ADMIN for the sockmap plane. Every "
+      "20101–20107 and 20111–20115 free (`BENCH_PORT_BASE` moves them) and root or CAP_BPF + CAP_NET_ADMIN for the sockmap plane. Every "
       "process it starts is stopped by PID at the end, on Ctrl-C and on errors. Other knobs: `BENCH_ROUTERS` (a subset of "
       "`upsplice-sockmap upsplice-uring upsplice-splice upsplice-copy haproxy nginx`), `BENCH_IDLE_TUNNELS`, "
-      "`BENCH_OUT`, `BENCH_REPORT`, `BENCH_SKIP_SETUP=1` (see the head of `scripts/bench`).")
+      "`BENCH_OUT`, `BENCH_REPORT`, `BENCH_SKIP_SETUP=1`, `BENCH_TLS_KEY=ec|rsa` (see the head of `scripts/bench`).")
     w("")
     w("Contents: [how to run](#how-to-run) · [setup](#setup) · [data planes](#data-planes) · [targets](#targets) · [message latency](#message-latency-at-fixed-rates) · "
       "[sustained rate](#highest-rate-with-p99-under-1-ms) · [handshakes](#handshakes) · [churn](#connection-churn) · [bulk](#bulk-throughput) · [two-way bulk](#two-way-bulk-throughput) · "
-      "[HTTP keep-alive](#http-keep-alive-small-gets) · [CPU](#cpu-per-million-messages-and-per-gib) · [idle tunnels](#idle-tunnels-memory-and-the-largest-count) · "
+      "[HTTP keep-alive](#http-keep-alive-small-gets) · [TLS](#tls-termination-upsplice-rustls-and-haproxy-openssl) · [CPU](#cpu-per-million-messages-and-per-gib) · [idle tunnels](#idle-tunnels-memory-and-the-largest-count) · "
       "[drift](#drift-of-the-shared-machine) · [known problems](#known-problems)")
     w("")
 
@@ -964,6 +965,16 @@ def known_problems(b: Bench) -> list[str]:
 
 
 # ------------------------------------------------------------------ http keep-alive (a section that also runs alone)
+def read_env(path: Path) -> dict:
+    """KEY=value lines of a section's .env file (empty when it is missing)."""
+    meta = {}
+    for ln in path.read_text().splitlines() if path.exists() else []:
+        if "=" in ln:
+            k, v = ln.split("=", 1)
+            meta[k] = v
+    return meta
+
+
 HTTP_KA_TITLE = "## HTTP keep-alive: small GETs"
 HTTP_KA_TARGETS = ["direct", "upsplice", "haproxy", "nginx"]
 
@@ -1015,12 +1026,7 @@ def http_keepalive(out: Path, goals: list | None = None) -> list[str]:
         w("Not measured in this run.")
         w("")
         return md
-    meta = {}
-    env = out / "http-keepalive.env"
-    for ln in env.read_text().splitlines() if env.exists() else []:
-        if "=" in ln:
-            k, v = ln.split("=", 1)
-            meta[k] = v
+    meta = read_env(out / "http-keepalive.env")
     w(f"Run of {meta.get('date_utc', '?')} (commit {meta.get('commit', '?')}), load average {meta.get('loadavg_start', '?')} "
       f"at the start and {meta.get('loadavg_end', '?')} at the end, on {meta.get('nproc', '?')} cores shared by wrk, the "
       "router and the backend:")
@@ -1081,6 +1087,256 @@ def http_keepalive(out: Path, goals: list | None = None) -> list[str]:
     return md
 
 
+# ------------------------------------------------------------------ TLS termination (a section that also runs alone)
+TLS_TITLE = "## TLS termination: upsplice (rustls) and HAProxy (OpenSSL)"
+TLS_TARGETS = ["direct", "upsplice", "haproxy"]
+
+
+def tls_runs(out: Path) -> list[dict]:
+    """The runs of the TLS section (out/tls-runs.jsonl), each with its summary and CPU figures."""
+    path = out / "tls-runs.jsonl"
+    runs = []
+    for ln in path.read_text().splitlines() if path.exists() else []:
+        if ln.strip():
+            r = json.loads(ln)
+            r["s"] = load(out / r["json"])
+            r.update(watched(r))
+            runs.append(r)
+    return runs
+
+
+def server_cpu_s(x):
+    """CPU seconds of the process that terminated TLS in run x: the router's, or for direct the TLS backend's."""
+    return x["router_cpu_s"] if x["router"] != "direct" else x["echo_cpu_s"]
+
+
+def hs_figures(x):
+    """Handshakes per second, full / resumed counts, latency and the TLS server's CPU per handshake of a churn run."""
+    s = (x or {}).get("s") or {}
+    ch = s.get("churn") or {}
+    lu = s.get("latency_us") or {}
+    full, resumed = (lu.get("tls") or {}).get("count", 0), (lu.get("tls_resumed") or {}).get("count", 0)
+    n, el = ch.get("handshakes", 0), ch.get("elapsed_s") or 0
+    cpu = server_cpu_s(x) if x else None
+    return dict(rate=n / el if el else None, n=n, full=full, resumed=resumed, p50=lat(s).get("p50"), p99=lat(s).get("p99"),
+                p999=lat(s).get("p999"), tls_p50=(lu.get("tls_resumed") if resumed > full else lu.get("tls") or {}).get("p50"),
+                cpu_us=cpu / n * 1e6 if cpu is not None and n else None,
+                cores=cpu / x["wall_s"] if cpu is not None and x.get("wall_s") else None,
+                achieved=s.get("achieved_rate"), ok=flags(s or None, x["rc"]) if x else "✗ no result")
+
+
+def tls_section(out: Path, goals: list | None = None) -> list[str]:
+    """The section from out/tls-* alone (`scripts/bench --only tls` writes it into an existing report; a full run adds it
+    to the whole report, with its goal rows when `goals` is given)."""
+    runs = tls_runs(out)
+    md: list[str] = []
+    w = md.append
+    w(TLS_TITLE)
+    w("")
+    if not runs:
+        w("Not measured in this run.")
+        w("")
+        return md
+    meta = read_env(out / "tls.env")
+
+    def get(t, wl):
+        return next((x for x in runs if x["router"] == t and x["workload"] == wl), None)
+
+    targets = [t for t in TLS_TARGETS if any(x["router"] == t for x in runs)]
+    key = {"ec": "ECDSA P-256", "rsa": "RSA 2048"}.get(meta.get("key", ""), meta.get("key", "?"))
+    w(f"Run of {meta.get('date_utc', '?')} (commit {meta.get('commit', '?')}), load average {meta.get('loadavg_start', '?')} "
+      f"at the start and {meta.get('loadavg_end', '?')} at the end. The machine has {meta.get('nproc', '?')} cores, shared "
+      "by the generator, the router, the backends **and other sessions' compilers** (the load average says how busy it "
+      "was): absolute figures move from run to run, the ratios measured in this one run are what count.")
+    w("")
+    w("```")
+    w(meta.get("command", "scripts/bench --only tls"))
+    w("```")
+    w("")
+    w(f"One certificate for `bench.local` and 127.0.0.1 ({key}, signed by a CA made in the same step), generated with the "
+      f"openssl CLI at the start of the run and served by all three: **upsplice** (rustls {meta.get('rustls', '?')}, ring; "
+      "`[listener.tls]` on an http listener, whose upgraded tunnels run on the `tls` relay; a tcp listener with TLS for "
+      f"bulk), **HAProxy** ({meta.get('haproxy', '?')}; {meta.get('haproxy_ssl', 'OpenSSL')}; `bind … ssl crt … alpn "
+      "http/1.1`, mode http, nbthread 2; mode tcp with `ssl` for bulk) and **direct**: the echo backend itself serving TLS "
+      "(`upsplice-loadgen echo --tls-cert --tls-key`, rustls, one thread) — the cost of TLS with no router at all. Both "
+      "routers terminate TLS and speak plain TCP to the same plain echo / discard backends. All TLS 1.3 (both sides' "
+      "default), X25519 (the generator, rustls, offers it first, as browsers do), TLS_AES_256_GCM_SHA384 (its first suite). Their configurations are in `out/bench/conf/` (`upsplice-tls.toml`, "
+      "`haproxy-tls.cfg`). *Server CPU* is the CPU time (user + system, all threads, `/proc/PID/stat`, read by the "
+      "generator's `--watch-pid`) of the process that terminates TLS — the router, or for *direct* the TLS echo — over the "
+      "whole generator run, divided by what the run did.")
+    w("")
+
+    # ---- handshakes
+    w("### TLS handshakes")
+    w("")
+    w(f"`upsplice-loadgen churn wss://… --connect-only`: each cycle connects, makes a TLS handshake and closes (the "
+      f"client's close_notify and FIN, then the server's EOF) — no upgrade, no message. **Closed loop**: "
+      f"{meta.get('hs_conc', '?')} cycles in flight for {meta.get('hs_d', '?')}, one generator thread (its own TLS work "
+      "shares the 2 cores, the same for every target; `--insecure`: the client checks the handshake signature but not "
+      "the certificate chain, to leave the cores to the servers). **Resumed**: the same loop with `--resume`: the "
+      "run's connections share one session store, so each new connection offers a ticket an earlier one received; "
+      "*resumed / full* are counted from each finished handshake (rustls's `handshake_kind()`), not assumed.")
+    w("")
+    w("| target | full handshakes/s | vs direct | vs HAProxy | server CPU per full handshake (µs) | vs HAProxy | server cores busy "
+      "| cycle p50 / p99 (ms) | resumptions/s | vs HAProxy | resumed / full | server CPU per resumption (µs) | vs HAProxy | runs |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    hs = {t: hs_figures(get(t, "hs")) for t in targets}
+    rs = {t: hs_figures(get(t, "resume")) for t in targets}
+    for t in targets:
+        f, r = hs[t], rs[t]
+        vh = t == "upsplice"
+        w(f"| {t} | {num(f['rate'])} | {ratio(f['rate'], hs['direct']['rate']) if t != 'direct' and 'direct' in hs else '–'} | "
+          f"{ratio(f['rate'], hs.get('haproxy', {}).get('rate')) if vh else '–'} | {num(f['cpu_us'])} | "
+          f"{ratio(f['cpu_us'], hs.get('haproxy', {}).get('cpu_us')) if vh else '–'} | {num(f['cores'], 2)} | "
+          f"{ms(f['p50'])} / {ms(f['p99'])} | {num(r['rate'])} | {ratio(r['rate'], rs.get('haproxy', {}).get('rate')) if vh else '–'} | "
+          f"{num(r['resumed'])} / {num(r['full'])} | {num(r['cpu_us'])} | "
+          f"{ratio(r['cpu_us'], rs.get('haproxy', {}).get('cpu_us')) if vh else '–'} | {f['ok']}; {r['ok']} |")
+    w("")
+    w(f"**Open loop** at {meta.get('hs_rate', '?')} handshakes/s offered (`-r`, at most 256 in flight; corrected latency: "
+      "from each cycle's due time, so a server that falls behind is charged for the queue):")
+    w("")
+    w("| target | achieved/s | cycle p50 (ms) | p99 (ms) | p99.9 (ms) | p99 vs HAProxy | server CPU per handshake (µs) | server cores busy | run |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    ol = {t: hs_figures(get(t, "hs-rate")) for t in targets}
+    for t in targets:
+        f = ol[t]
+        w(f"| {t} | {num(f['achieved'])} | {ms(f['p50'])} | {ms(f['p99'])} | {ms(f['p999'])} | "
+          f"{pos_ratio(f['p99'], ol.get('haproxy', {}).get('p99')) if t == 'upsplice' else '–'} | {num(f['cpu_us'])} | "
+          f"{num(f['cores'], 2)} | {f['ok']} |")
+    w("")
+
+    # ---- PROXY protocol
+    w("### PROXY protocol v2 in front of the handshake")
+    w("")
+    w("The closed handshake loop again, to a second TLS listener of the same process that requires a PROXY v2 header "
+      "(upsplice `proxy_protocol = \"v2\"` with `proxy_trusted_cidrs = [\"127.0.0.0/8\"]`; HAProxy `accept-proxy`), the "
+      "generator sending one (`--proxy-protocol v2`) before its ClientHello; then the loop without once more. *without* is "
+      "the mean of the runs before and after, and *drift* how far those two differ (the shared machine's noise floor).")
+    w("")
+    w("| router | handshakes/s without | with PROXY v2 | with / without | drift (before / after) | server CPU per handshake without (µs) | with (µs) | with / without | runs |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    pp_cost = {}
+    for t in [t for t in targets if t != "direct"]:
+        a, b2, pp = hs_figures(get(t, "hs")), hs_figures(get(t, "hs-again")), hs_figures(get(t, "hs-proxy-v2"))
+        both = [v for v in (a["rate"], b2["rate"]) if v]
+        base = sum(both) / len(both) if both else None
+        cpus = [v for v in (a["cpu_us"], b2["cpu_us"]) if v]
+        base_cpu = sum(cpus) / len(cpus) if cpus else None
+        pp_cost[t] = (base, pp["rate"], base_cpu, pp["cpu_us"])
+        w(f"| {t} | {num(base)} | {num(pp['rate'])} | {ratio(pp['rate'], base)} | {ratio(b2['rate'], a['rate'])} | "
+          f"{num(base_cpu)} | {num(pp['cpu_us'])} | {ratio(pp['cpu_us'], base_cpu)} | {pp['ok']}; {b2['ok']} |")
+    w("")
+
+    # ---- wss messages
+    fx = {t: get(t, "fixed") for t in targets}
+    w("### wss messages at a fixed rate")
+    w("")
+    w(f"`upsplice-loadgen ws wss://…` — {meta.get('conns', '?')} TLS connections (upgraded through the router), "
+      f"{meta.get('size', '?')}-byte messages at {meta.get('rate', '?')}/s in total, {meta.get('fixed', '?')}, latency "
+      "corrected for coordinated omission. *Server CPU per message* = the TLS server's CPU over the whole run (including the "
+      "connections' handshakes and upgrades) / messages echoed; each message crosses the router twice (there and back).")
+    w("")
+    w("| target | achieved/s | p50 (ms) | p99 (ms) | p99.9 (ms) | p99 vs direct | p99 vs HAProxy | server CPU per message (µs) | vs direct | vs HAProxy | run |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    per_msg = {}
+    for t in targets:
+        x = fx[t]
+        s = (x or {}).get("s") or {}
+        cpu = server_cpu_s(x) if x else None
+        per_msg[t] = cpu / s["received"] * 1e6 if cpu is not None and s.get("received") else None
+    for t in targets:
+        x = fx[t]
+        s = (x or {}).get("s") or {}
+        c = lat(s)
+        dp, hp = lat((fx.get("direct") or {}).get("s")).get("p99"), lat((fx.get("haproxy") or {}).get("s")).get("p99")
+        w(f"| {t} | {num(s.get('achieved_rate'))} | {ms(c.get('p50'))} | {ms(c.get('p99'))} | {ms(c.get('p999'))} | "
+          f"{pos_ratio(c.get('p99'), dp) if t != 'direct' else '–'} | {pos_ratio(c.get('p99'), hp) if t == 'upsplice' else '–'} | "
+          f"{num(per_msg[t], 1)} | {pos_ratio(per_msg[t], per_msg.get('direct')) if t != 'direct' else '–'} | "
+          f"{pos_ratio(per_msg[t], per_msg.get('haproxy')) if t == 'upsplice' else '–'} | {flags(x['s'], x['rc']) if x else '✗ no result'} |")
+    w("")
+
+    # ---- bulk
+    w("### Bulk through one TLS connection (MB/s)")
+    w("")
+    w(f"`upsplice-loadgen tcp --mode bulk --direction up --tls` — one connection writing {meta.get('bulk', '?')} (the "
+      "median run is shown) to the discard backend: through a tcp listener with TLS (upsplice: the same `tls` relay as the "
+      "wss tunnels) or HAProxy mode tcp with `ssl`, or straight to the discard backend serving TLS (direct). The TLS "
+      "server decrypts every byte; the routers then write it in the clear. *Server CPU per GiB*: its CPU over the run / "
+      "GiB moved in the measured window (the 1 s warm-up moves bytes too, so this overstates all three alike).")
+    w("")
+    w("| target | MB/s | vs direct | vs HAProxy | server CPU per GiB (s) | vs HAProxy | runs (MB/s) |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    bulk = {}
+    for t in targets:
+        xs = [x for x in runs if x["router"] == t and x["workload"] == "bulk" and x["s"] and x["s"].get("throughput")]
+        vals = sorted(((x["s"]["throughput"]["bytes_out"] / 1e6 / x["s"]["duration_s"]), x) for x in xs if x["s"].get("duration_s"))
+        if not vals:
+            bulk[t] = (None, None, "")
+            continue
+        mb, x = vals[len(vals) // 2]
+        cpu = server_cpu_s(x)
+        gib = x["s"]["throughput"]["bytes_out"] / GIB
+        bulk[t] = (mb, cpu / gib if cpu is not None and gib else None, ", ".join(f"{v:.0f}" for v, _ in vals))
+    for t in targets:
+        mb, cg, allv = bulk[t]
+        w(f"| {t} | {num(mb)} | {ratio(mb, bulk['direct'][0]) if t != 'direct' and 'direct' in bulk else '–'} | "
+          f"{ratio(mb, bulk.get('haproxy', (None,))[0]) if t == 'upsplice' else '–'} | {num(cg, 2)} | "
+          f"{pos_ratio(cg, bulk.get('haproxy', (None, None))[1]) if t == 'upsplice' else '–'} | {allv or '✗ no result'} |")
+    w("")
+
+    # ---- idle
+    w("### Memory per idle TLS tunnel")
+    w("")
+    w(f"`upsplice-loadgen hold wss://…` opens {meta.get('idle_n', '?')} wss tunnels through the freshly started router "
+      f"(TLS handshake, upgrade) and holds them {int(meta.get('idle_period', 5)) + 1} s, each sending one message every "
+      f"{meta.get('idle_period', '?')} s (which checks that every one is alive); then the same number of plain ws tunnels "
+      "through a plain listener of the same process (upsplice: the `copy` plane). RSS per tunnel = (peak RSS − RSS before "
+      "the hold) / tunnels, from the router's `VmRSS`; kernel socket buffers are not in it.")
+    w("")
+    w("| router | TLS tunnels held | RSS before (KiB) | RSS with them (KiB) | **RSS per TLS tunnel** | vs HAProxy | plain tunnels held | RSS per plain tunnel | TLS − plain | runs |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    idle = {}
+    for t in [t for t in targets if t != "direct"]:
+        per = {}
+        for wl in ("idle", "idle-plain"):
+            x = get(t, wl)
+            m = idle_memory(x) if x else None
+            per[wl] = (m, (m["rss_kib"] - m["base_rss_kib"]) * 1024 / m["tunnels_asked"] if m else None, x)
+        idle[t] = per
+    for t, per in idle.items():
+        (m, v, x), (_, vp, xp) = per["idle"], per["idle-plain"]
+        hv = idle.get("haproxy", {}).get("idle", (None, None, None))[1]
+        held = lambda y: num(((y or {}).get("s") or {}).get("hold", {}).get("held")) if y else "–"
+        w(f"| {t} | {held(x)} | {num(m['base_rss_kib']) if m else '–'} | {num(m['rss_kib']) if m else '–'} | "
+          f"**{v / 1024:.2f} KiB** | {pos_ratio(v, hv) if t == 'upsplice' else '–'} | {held(xp)} | "
+          f"{f'{vp / 1024:.2f} KiB' if vp is not None else '–'} | {f'{(v - vp) / 1024:.2f} KiB' if vp is not None else '–'} | "
+          f"{flags(x['s'], x['rc']) if x else '✗'}; {flags(xp['s'], xp['rc']) if xp else '✗'} |" if v is not None else f"| {t} | – | – | – | – | – | – | – | – | ✗ no result |")
+    w("")
+
+    # ---- goals
+    u, h = hs.get("upsplice", {}), hs.get("haproxy", {})
+    ui, hi = idle.get("upsplice", {}).get("idle", (None, None))[1], idle.get("haproxy", {}).get("idle", (None, None))[1]
+    rows = []
+    if u.get("rate") and h.get("rate"):
+        met = u["rate"] >= h["rate"]
+        rows.append(("TLS: full handshakes/s at least HAProxy's", f"{u['rate'] / h['rate']:.2f} × HAProxy's "
+                     f"({num(u['rate'])} vs {num(h['rate'])}/s); server CPU per handshake {pos_ratio(u['cpu_us'], h['cpu_us'])} × its",
+                     "met" if met else "not met"))
+    else:
+        rows.append(("TLS: full handshakes/s at least HAProxy's", "–", "could not be measured"))
+    if ui and hi:
+        rows.append(("TLS: less memory per idle TLS tunnel than HAProxy", f"{ui / 1024:.2f} KiB vs {hi / 1024:.2f} KiB "
+                     f"({ui / hi:.2f} ×)", "met" if ui < hi else "not met"))
+    else:
+        rows.append(("TLS: less memory per idle TLS tunnel than HAProxy", "–", "could not be measured"))
+    for target, measured, verdict in rows:
+        w(f"Goal (issue 15): {target.split(': ', 1)[1]} — **{verdict}** ({measured}).")
+        w("")
+        if goals is not None:
+            goals.append((target, measured, verdict, "section TLS termination"))
+    return md
+
+
 def replace_section(report_path: Path, lines: list[str], title: str, before: str) -> None:
     """Puts `lines` (a `## ` section) into the report in place of the section called `title`, or, when it has none,
     before the section called `before` (at the end without that); the rest of the file stays as it was."""
@@ -1115,7 +1371,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     # the table itself stands after the data planes.
     before = [header(b), how_to_run(b), setup(b), data_planes(b)]
     after = [fixed_latency(b), sustained_rate(b), handshakes(b), churn(b), bulk(b), two_way_bulk(b),
-             http_keepalive(b.out, b.goals), cpu(b), idle_tunnels(b), drift(b), known_problems(b)]
+             http_keepalive(b.out, b.goals), tls_section(b.out, b.goals), cpu(b), idle_tunnels(b), drift(b), known_problems(b)]
     md = [ln for sec in before + [goals_table(b)] + after for ln in sec]
     dest.write_text("\n".join(md) + "\n")
 
@@ -1129,6 +1385,8 @@ def main(argv):
         report(Path(argv[2]), Path(argv[3]), argv[4])
     elif len(argv) == 5 and argv[1:3] == ["section", "http-keepalive"]:
         replace_section(Path(argv[4]), http_keepalive(Path(argv[3])), HTTP_KA_TITLE, "## CPU per million messages and per GiB")
+    elif len(argv) == 5 and argv[1:3] == ["section", "tls"]:
+        replace_section(Path(argv[4]), tls_section(Path(argv[3])), TLS_TITLE, "## CPU per million messages and per GiB")
     else:
         print(__doc__, file=sys.stderr)
         return 2
