@@ -1234,10 +1234,13 @@ def tls_section(out: Path, goals: list | None = None) -> list[str]:
     w(f"`upsplice-loadgen ws wss://…` — {meta.get('conns', '?')} TLS connections (upgraded through the router), "
       f"{meta.get('size', '?')}-byte messages at {meta.get('rate', '?')}/s in total, {meta.get('fixed', '?')}, latency "
       "corrected for coordinated omission. *Server CPU per message* = the TLS server's CPU over the whole run (including the "
-      "connections' handshakes and upgrades) / messages echoed; each message crosses the router twice (there and back).")
+      "connections' handshakes and upgrades) / messages echoed; each message crosses the router twice (there and back). "
+      "One pause of ~100 ms anywhere on the machine puts 1–2 % of a run's messages behind it, i.e. at p99: this VM has such "
+      "pauses now and then (two back-to-back direct plain ws runs here gave p99 0.07 ms and 83 ms), so read p90 beside p99, "
+      "and the run's `.hlog` (`out/bench/tls-*-fixed.hlog`, one histogram per second) for when it happened.")
     w("")
-    w("| target | achieved/s | p50 (ms) | p99 (ms) | p99.9 (ms) | p99 vs direct | p99 vs HAProxy | server CPU per message (µs) | vs direct | vs HAProxy | run |")
-    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    w("| target | achieved/s | p50 (ms) | p90 (ms) | p99 (ms) | p99.9 (ms) | p99 vs direct | p99 vs HAProxy | server CPU per message (µs) | vs direct | vs HAProxy | run |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     per_msg = {}
     for t in targets:
         x = fx[t]
@@ -1249,7 +1252,7 @@ def tls_section(out: Path, goals: list | None = None) -> list[str]:
         s = (x or {}).get("s") or {}
         c = lat(s)
         dp, hp = lat((fx.get("direct") or {}).get("s")).get("p99"), lat((fx.get("haproxy") or {}).get("s")).get("p99")
-        w(f"| {t} | {num(s.get('achieved_rate'))} | {ms(c.get('p50'))} | {ms(c.get('p99'))} | {ms(c.get('p999'))} | "
+        w(f"| {t} | {num(s.get('achieved_rate'))} | {ms(c.get('p50'))} | {ms(c.get('p90'))} | {ms(c.get('p99'))} | {ms(c.get('p999'))} | "
           f"{pos_ratio(c.get('p99'), dp) if t != 'direct' else '–'} | {pos_ratio(c.get('p99'), hp) if t == 'upsplice' else '–'} | "
           f"{num(per_msg[t], 1)} | {pos_ratio(per_msg[t], per_msg.get('direct')) if t != 'direct' else '–'} | "
           f"{pos_ratio(per_msg[t], per_msg.get('haproxy')) if t == 'upsplice' else '–'} | {flags(x['s'], x['rc']) if x else '✗ no result'} |")
@@ -1337,6 +1340,7 @@ def tls_section(out: Path, goals: list | None = None) -> list[str]:
         cmp(uh.get("cpu_us"), hh.get("cpu_us"), True, "CPU per full handshake"),
         cmp(ur.get("rate"), hr.get("rate"), False, "resumptions/s"),
         cmp(uo.get("p99"), ho.get("p99"), True, f"handshake p99 at {meta.get('hs_rate', '?')}/s offered"),
+        cmp(us_.get("p90"), hs_.get("p90"), True, "wss message p90"),
         cmp(us_.get("p99"), hs_.get("p99"), True, "wss message p99"),
         cmp(us_.get("p999"), hs_.get("p999"), True, "wss message p99.9"),
         cmp(per_msg.get("upsplice"), per_msg.get("haproxy"), True, "CPU per wss message"),
