@@ -1235,9 +1235,11 @@ def tls_section(out: Path, goals: list | None = None) -> list[str]:
       f"{meta.get('size', '?')}-byte messages at {meta.get('rate', '?')}/s in total, {meta.get('fixed', '?')}, latency "
       "corrected for coordinated omission. *Server CPU per message* = the TLS server's CPU over the whole run (including the "
       "connections' handshakes and upgrades) / messages echoed; each message crosses the router twice (there and back). "
-      "One pause of ~100 ms anywhere on the machine puts 1–2 % of a run's messages behind it, i.e. at p99: this VM has such "
-      "pauses now and then (two back-to-back direct plain ws runs here gave p99 0.07 ms and 83 ms), so read p90 beside p99, "
-      "and the run's `.hlog` (`out/bench/tls-*-fixed.hlog`, one histogram per second) for when it happened.")
+      "A pause of ~100 ms puts 1–2 % of a run's messages behind it, i.e. at p99. On this machine such pauses hit the "
+      "tokio-based targets (the direct echo and upsplice) in two of three runs of this section and HAProxy in none, and "
+      "two back-to-back direct plain ws runs gave p99 0.07 ms and 83 ms: their cause is **not found yet** (every socket "
+      "here has TCP_NODELAY), so read p90 beside p99, and the run's `.hlog` (`out/bench/tls-*-fixed.hlog`, one histogram "
+      "per second) for when it happened.")
     w("")
     w("| target | achieved/s | p50 (ms) | p90 (ms) | p99 (ms) | p99.9 (ms) | p99 vs direct | p99 vs HAProxy | server CPU per message (µs) | vs direct | vs HAProxy | run |")
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
