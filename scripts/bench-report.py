@@ -965,6 +965,11 @@ def known_problems(b: Bench) -> list[str]:
 
 
 # ------------------------------------------------------------------ http keep-alive (a section that also runs alone)
+def section_head(title: str, measured: bool) -> list[str]:
+    """The first lines of a section that also runs alone: its title, and a note when its runs are missing."""
+    return [title, ""] + ([] if measured else ["Not measured in this run.", ""])
+
+
 def read_env(path: Path) -> dict:
     """KEY=value lines of a section's .env file (empty when it is missing)."""
     meta = {}
@@ -1018,13 +1023,9 @@ def http_keepalive(out: Path, goals: list | None = None) -> list[str]:
     """The section from out/http-keepalive.* alone (it is also written by `scripts/bench --only http-keepalive` into an
     existing report); when `goals` is given, its goal rows go there too."""
     runs = http_ka_runs(out)
-    md: list[str] = []
+    md = section_head(HTTP_KA_TITLE, bool(runs))
     w = md.append
-    w(HTTP_KA_TITLE)
-    w("")
     if not runs:
-        w("Not measured in this run.")
-        w("")
         return md
     meta = read_env(out / "http-keepalive.env")
     w(f"Run of {meta.get('date_utc', '?')} (commit {meta.get('commit', '?')}), load average {meta.get('loadavg_start', '?')} "
@@ -1129,13 +1130,9 @@ def tls_section(out: Path, goals: list | None = None) -> list[str]:
     """The section from out/tls-* alone (`scripts/bench --only tls` writes it into an existing report; a full run adds it
     to the whole report, with its goal rows when `goals` is given)."""
     runs = tls_runs(out)
-    md: list[str] = []
+    md = section_head(TLS_TITLE, bool(runs))
     w = md.append
-    w(TLS_TITLE)
-    w("")
     if not runs:
-        w("Not measured in this run.")
-        w("")
         return md
     meta = read_env(out / "tls.env")
 
