@@ -1,14 +1,17 @@
-//! TLS termination on listeners (rustls): each TLS listener's
-//! `rustls::ServerConfig`, built from its `[listener.tls]` when a config is
-//! loaded (at start and on SIGHUP). The files are read then; a bad one is
-//! an error that names it, and the running material stays.
+//! TLS with rustls: each TLS listener's `rustls::ServerConfig`, built
+//! from its `[listener.tls]`, and the client configs for TLS to backends
+//! ([`client`]), when a config is loaded (at start and on SIGHUP). The
+//! files are read then; a bad one is an error that names it, and the
+//! running material stays.
 //!
 //! * [`material`]: certificate chains, keys and CAs read from PEM files;
+//! * [`client`]: TLS to backends, the client side (pool `tls`, `[backend_tls]`);
 //! * [`resolver`]: the certificate a ClientHello gets, by its SNI;
 //! * [`info`]: what `upsplice check` shows of a certificate (names, expiry);
 //! * [`ktls`]: whether the kernel could carry TLS tunnels (the seam for kTLS);
 //! * [`tickets`]: session ticket keys shared by a fleet (`ticket_keys`).
 
+pub mod client;
 pub mod info;
 pub mod ktls;
 pub mod material;
