@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::access::AccessRecord;
 use crate::config::{Protocol, ProxyProtocol};
-use crate::dataplane::stream::StreamTunnel;
+use crate::dataplane::stream::{Stream, StreamTunnel};
 use crate::dataplane::{Mode, Tunnel};
 use crate::handshake::answer::{linger_close, Refusal};
 use crate::handshake::{self, ClientStream, Next, Plan, TlsClient};
@@ -24,7 +24,7 @@ use crate::proxy;
 use crate::sni;
 use crate::state::Shared;
 use crate::tls::ClientCert;
-use crate::upstream::{ConnectError, ConnectOpts, Pool};
+use crate::upstream::{BackendStream, ConnectError, ConnectOpts, Pool};
 
 /// A connection's view of the router: the shared state and its listener.
 pub struct Session {
@@ -258,7 +258,7 @@ impl Session {
     }
 
     /// Hands a connection pair to a data plane and waits for it to end: a
-    /// plain client to the planes, a TLS one to the stream relay. Only what
+    /// plain pair to the planes, one with a TLS side to the stream relay. Only what
     /// the wait needs is kept across it (this future lives as long as the
     /// tunnel): the relay, the backend guard and the labels.
     async fn tunnel<S: Into<Client>>(&self, plan: Plan<S>, rec: &mut AccessRecord) {
@@ -268,18 +268,18 @@ impl Session {
         }
         let idle_timeout = self.shared.snapshot().config.limits.idle_timeout;
         let drain = self.shared.drain.child_token();
-        let (mode, outcome) = match client.into() {
-            Client::Plain(client) => {
+        let (mode, outcome) = match (client.into(), backend) {
+            (Client::Plain(client), BackendStream::Plain(backend)) => {
                 self.relay_planes(Tunnel { client, backend, to_backend, to_client, idle_timeout, drain }).await
             }
-            Client::Tls(client) => {
+            // Boxed: the plain path's future stays the planes' size.
+            (Client::Plain(client), BackendStream::Tls(backend)) => {
                 let tunnel = StreamTunnel { client, backend, to_backend, to_client, idle_timeout, drain };
-                let m = metrics::get();
-                m.tunnels_active.get_or_create(&self.labels(Mode::Tls)).inc();
-                // Boxed: the plain path's future stays the planes' size.
-                let outcome = Box::pin(self.shared.planes.stream.relay(tunnel)).await;
-                m.tunnels_active.get_or_create(&self.labels(Mode::Tls)).dec();
-                (Mode::Tls, outcome)
+                Box::pin(self.relay_stream(tunnel)).await
+            }
+            (Client::Tls(client), backend) => {
+                let tunnel = StreamTunnel { client, backend, to_backend, to_client, idle_timeout, drain };
+                Box::pin(self.relay_stream(tunnel)).await
             }
         };
         // By the plane that carried the tunnel to its end, not the first tried.
@@ -289,6 +289,18 @@ impl Session {
         rec.to_backend += outcome.to_backend;
         rec.to_client += outcome.to_client;
         rec.reason = outcome.reason.as_str();
+    }
+
+    /// Relays a pair with a TLS side (decrypted in userspace) on the stream relay.
+    async fn relay_stream<C: Stream, B: Stream>(
+        &self,
+        tunnel: StreamTunnel<C, B>,
+    ) -> (Mode, crate::dataplane::Outcome) {
+        let m = metrics::get();
+        m.tunnels_active.get_or_create(&self.labels(Mode::Tls)).inc();
+        let outcome = self.shared.planes.stream.relay(tunnel).await;
+        m.tunnels_active.get_or_create(&self.labels(Mode::Tls)).dec();
+        (Mode::Tls, outcome)
     }
 
     fn labels(&self, mode: Mode) -> TunnelLabels {
@@ -318,7 +330,8 @@ impl Session {
 }
 
 /// A client connection as a tunnel takes it: a plain socket goes to the
-/// data planes, a TLS stream (decrypted in userspace) to the stream relay.
+/// data planes (unless its backend is TLS), a TLS stream (decrypted in
+/// userspace) to the stream relay.
 pub enum Client {
     Plain(TcpStream),
     Tls(TlsClient),

@@ -36,8 +36,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::AccessRecord;
 use crate::state::Snapshot;
+use crate::tls::client::Failure;
 use crate::tls::ClientCert;
-use crate::upstream::{BackendGuard, ConnectError, ConnectOpts};
+use crate::upstream::{BackendGuard, BackendStream, ConnectError, ConnectOpts};
 use answer::{linger_close, Refusal};
 use body::BodyError;
 use framing::Framing;
@@ -52,7 +53,7 @@ const MIN_RESPONSE_HEAD: usize = 64 * 1024;
 /// A connection pair ready for a data plane, as the handshake leaves it.
 pub struct Plan<S = TcpStream> {
     pub client: S,
-    pub backend: TcpStream,
+    pub backend: BackendStream,
     /// Bytes read from the client past its head.
     pub to_backend: Bytes,
     /// Bytes read from the backend past its response head.
@@ -122,7 +123,7 @@ enum Outcome {
 }
 
 struct Agreed {
-    backend: TcpStream,
+    backend: BackendStream,
     to_backend: Bytes,
     to_client: Bytes,
     status: u16,
@@ -334,6 +335,7 @@ impl Context<'_> {
             let mut upstream = pool.connect(opts).await.map_err(|e| match e {
                 ConnectError::NoBackends(_) => Refusal::no_endpoints(&fwd.host),
                 ConnectError::ConnLimit { .. } => Refusal::connection_limit(&fwd.host),
+                ConnectError::AllFailed { tls: Some(failure), .. } => Refusal::backend_tls(failure, e.to_string()),
                 e => Refusal::endpoint_failure(e.to_string()),
             })?;
             rec.backend = Some(upstream.addr());
@@ -361,6 +363,12 @@ impl Context<'_> {
             if !(retryable && connection_failed && attempt < MAX_ATTEMPTS && rec.to_client == 0) {
                 return Err(match failure {
                     ReadError::Timeout(t) => Refusal::endpoint_timeout(t),
+                    // TLS 1.3: a backend refuses the router's client
+                    // certificate after the handshake, on the first read.
+                    ReadError::Io(e) => match Failure::of_alert(&e) {
+                        Some(refused) => Refusal::backend_tls(refused, format!("backend response: {e}")),
+                        None => Refusal::endpoint_failure(format!("backend response: read failed: {e}")),
+                    },
                     e => Refusal::endpoint_failure(format!("backend response: {e}")),
                 }
                 .into());
@@ -532,7 +540,7 @@ impl Exchange<'_> {
     async fn run<S: ClientStream>(
         &self,
         client: &mut S,
-        backend: &mut TcpStream,
+        backend: &mut BackendStream,
         early: &[u8],
         body: Body,
         rec: &mut AccessRecord,
@@ -544,7 +552,7 @@ impl Exchange<'_> {
         let body_done = AtomicBool::new(body == Body::None);
         let ended = {
             let (mut client_rd, mut client_wr) = client.halves();
-            let (mut backend_rd, mut backend_wr) = backend.split();
+            let (mut backend_rd, mut backend_wr) = backend.halves();
             let body_sent = async {
                 let r = body::relay_body(early, &mut client_rd, &mut backend_wr, body, self.idle, self.max_body).await;
                 body_done.store(r.is_ok(), Ordering::Relaxed);

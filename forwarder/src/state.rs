@@ -35,6 +35,9 @@ pub struct Snapshot {
     /// Each passthrough listener's SNI routes (None: it does not route by
     /// SNI), in `config.listeners` order.
     sni: Arc<[Option<SniTable>]>,
+    /// `[backend_tls]`'s client config (with its `ca`): the pools with
+    /// `tls` but no `ca` of their own, and NATS endpoints with a `tls_port`.
+    backend_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What a snapshot builds per listener from its config: TLS configs and
@@ -53,8 +56,9 @@ pub struct LearnedRoute {
 impl Snapshot {
     /// The snapshot of `config`; its backends' state comes from (and its
     /// checks and idle connections are settled in) `registry`. Its TLS
-    /// listeners' files are read first: a bad one fails it (naming the
-    /// listener and the file) before anything is adopted.
+    /// files (listeners', `[backend_tls]`, pools') are read first: a bad
+    /// one fails it (naming the listener or pool and the file) before
+    /// anything is adopted.
     pub fn new(config: Config, registry: &Registry) -> Result<Snapshot, SnapshotError> {
         let tls = config
             .listeners
@@ -65,15 +69,34 @@ impl Snapshot {
             })
             .collect::<Result<_, _>>()?;
         let sni = config.listeners.iter().map(SniTable::of).collect();
+        let backend_tls = config
+            .backend_tls
+            .ca
+            .as_ref()
+            .map(|ca| tls::client::client_config(ca, &config.backend_tls))
+            .transpose()
+            .map_err(SnapshotError::BackendTls)?;
+        let targets =
+            config.pools.iter().map(|p| pool_tls(p, &config, backend_tls.as_ref())).collect::<Result<Vec<_>, _>>()?;
         registry.adopt(&config);
-        let pools: Vec<Arc<Pool>> =
-            config.pools.iter().map(|p| Arc::new(Pool::new(p, &config.backends, registry))).collect();
+        let pools: Vec<Arc<Pool>> = config
+            .pools
+            .iter()
+            .zip(targets)
+            .map(|(p, tls)| Arc::new(Pool::new(p, &config.backends, registry, tls)))
+            .collect();
         let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
         let rs = &config.route_services;
         let keys = rs.key.as_deref().map(|k| Arc::new(route_service::Keys::derive(k, rs.previous_key.as_deref())));
         let mut snapshot = Snapshot::assemble(Arc::new(config), pools, Arc::new(pools_by_name), (tls, sni), &[]);
         snapshot.route_service_keys = keys;
+        snapshot.backend_tls = backend_tls;
         Ok(snapshot)
+    }
+
+    /// `[backend_tls]`'s client config, when it has a `ca`.
+    pub fn backend_tls(&self) -> Option<&Arc<rustls::ClientConfig>> {
+        self.backend_tls.as_ref()
     }
 
     /// This snapshot's config and pools with `learned` beside the config's
@@ -84,6 +107,7 @@ impl Snapshot {
         let mut snapshot =
             Snapshot::assemble(self.config.clone(), pools, self.pools_by_name.clone(), listeners, learned);
         snapshot.route_service_keys = self.route_service_keys.clone();
+        snapshot.backend_tls = self.backend_tls.clone();
         snapshot
     }
 
@@ -102,7 +126,17 @@ impl Snapshot {
         });
         let (router, shadowed) = Router::build(route::file_routes(&config).chain(learned_routes));
         pools.extend(learned.iter().map(|r| r.pool.clone()));
-        Snapshot { config, router, pools, pools_by_name, shadowed, tls, sni, route_service_keys: None }
+        Snapshot {
+            config,
+            router,
+            pools,
+            pools_by_name,
+            shadowed,
+            tls,
+            sni,
+            route_service_keys: None,
+            backend_tls: None,
+        }
     }
 
     /// The TLS config of the listener called `name`, if it terminates TLS.
@@ -127,12 +161,43 @@ impl Snapshot {
     }
 }
 
+/// How the backends of pool `p` are dialled: with its `tls`, verified
+/// against its `ca` (else `[backend_tls]`'s, whose config it then shares).
+fn pool_tls(
+    p: &config::Pool,
+    config: &Config,
+    backend_tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Option<Arc<tls::client::Target>>, SnapshotError> {
+    let Some(t) = &p.tls else { return Ok(None) };
+    let failed = |source| SnapshotError::PoolTls { pool: p.name.clone(), source };
+    let client = match (&t.ca, backend_tls) {
+        (Some(ca), _) => tls::client::client_config(ca, &config.backend_tls).map_err(failed)?,
+        (None, Some(node)) => node.clone(),
+        (None, None) => {
+            return Err(failed(tls::TlsError::Setting {
+                field: "tls.ca",
+                problem: "required unless [backend_tls] ca is set".into(),
+            }))
+        }
+    };
+    let server_name = tls::client::server_name(&t.server_name).map_err(failed)?;
+    Ok(Some(Arc::new(tls::client::Target { config: client, server_name })))
+}
+
 /// Why a config cannot become a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("listener {listener:?}: {source}")]
     Tls {
         listener: String,
+        #[source]
+        source: tls::TlsError,
+    },
+    #[error("[backend_tls]: {0}")]
+    BackendTls(#[source] tls::TlsError),
+    #[error("pool {pool:?} tls: {source}")]
+    PoolTls {
+        pool: String,
         #[source]
         source: tls::TlsError,
     },

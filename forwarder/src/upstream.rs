@@ -14,27 +14,29 @@
 //! - `idle`: a backend's idle connections (liveness peek, expiry, cap);
 //! - `backend`: one address's state, its active count and guard;
 //! - `check`: the active check tasks;
-//! - `registry`: every address's state across reloads, the idle sweep.
+//! - `registry`: every address's state across reloads, the idle sweep;
+//! - `stream`: a backend connection, plain or TLS, and its connect.
 
 mod backend;
 mod check;
 mod health;
 mod idle;
 mod registry;
+mod stream;
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::net::TcpStream;
 
 pub use self::backend::{Backend, BackendGuard};
 use self::health::{Admit, Backoff};
 pub use self::registry::Registry;
+pub use self::stream::{BackendStream, TlsBackend};
 use crate::config::{self, BackendSettings, Balance, SendProxy};
+use crate::tls::client::{Failure, Target};
 
 /// A pool of backends, shared by all connections routed to it while its
 /// snapshot is in force.
@@ -42,6 +44,8 @@ use crate::config::{self, BackendSettings, Balance, SendProxy};
 pub struct Pool {
     pub name: String,
     pub backends: Vec<Arc<Backend>>,
+    /// How each backend (same index) is dialled with TLS; empty: none is.
+    tls: Vec<Option<Arc<Target>>>,
     balance: Balance,
     next: AtomicUsize,
     ctx: Arc<PoolContext>,
@@ -77,11 +81,13 @@ pub struct ConnectOpts {
 /// connection with no effect on the backend's health.
 #[derive(Debug)]
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     /// It served an earlier request: if it turns out closed before any
     /// response byte, drop it (the backend may have closed it idle) and
     /// retry on a fresh one rather than calling [`Upstream::failed`].
     pub reused: bool,
+    /// Its TLS (idle connections are reused for the same TLS only).
+    tls: Option<Arc<Target>>,
     guard: BackendGuard,
     pool: Arc<PoolContext>,
 }
@@ -91,8 +97,9 @@ pub struct Upstream {
 pub enum ConnectError {
     #[error("pool {0:?} has no backends")]
     NoBackends(String),
+    /// `tls`: the last failure was a TLS handshake's, and how it failed.
     #[error("every backend of pool {pool:?} failed; last: {last}")]
-    AllFailed { pool: String, last: String },
+    AllFailed { pool: String, last: String, tls: Option<Failure> },
     #[error("every backend of pool {pool:?} is at its connection limit ([backends] max_conns)")]
     ConnLimit { pool: String },
 }
@@ -100,30 +107,37 @@ pub enum ConnectError {
 /// Why one backend did not give a connection.
 enum Miss {
     AtCap,
-    Failed(String),
+    Failed(String, Option<Failure>),
 }
 
 impl Pool {
     /// The pool `cfg` of a config whose `[backends]` are `settings`, its
-    /// backends' state taken from (or added to) `registry`.
-    pub fn new(cfg: &config::Pool, settings: &BackendSettings, registry: &Registry) -> Pool {
-        Pool::with_reuse_counter(cfg, settings, registry, crate::metrics::reused_counter(&cfg.name))
+    /// backends' state taken from (or added to) `registry`; `tls`: how its
+    /// backends are dialled when it has `tls` (built with the snapshot).
+    pub fn new(cfg: &config::Pool, settings: &BackendSettings, registry: &Registry, tls: Option<Arc<Target>>) -> Pool {
+        let tls = tls.map(|t| vec![Some(t); cfg.backends.len()]).unwrap_or_default();
+        Pool::with_reuse_counter(cfg, settings, registry, crate::metrics::reused_counter(&cfg.name), tls)
     }
 
-    /// The pool of one URI learned from NATS: its endpoints `addrs`, no
-    /// PROXY header, no active check. Named by its URI (in logs and in the
+    /// The pool of one URI learned from NATS: its endpoints (each an
+    /// address, and its TLS when it registered a `tls_port`), no PROXY
+    /// header, no active check. Named by its URI (in logs and in the
     /// failure series of a backend that fails); reuse counts under one
     /// `pool="nats"` series, not one per URI.
     pub fn learned(
         uri: &str,
-        addrs: impl IntoIterator<Item = SocketAddr>,
+        endpoints: impl IntoIterator<Item = (SocketAddr, Option<Arc<Target>>)>,
         balance: Balance,
         settings: &BackendSettings,
         registry: &Registry,
     ) -> Pool {
+        let (backends, mut tls): (Vec<SocketAddr>, Vec<Option<Arc<Target>>>) = endpoints.into_iter().unzip();
+        if tls.iter().all(Option::is_none) {
+            tls = Vec::new();
+        }
         let cfg = config::Pool {
             name: uri.to_string(),
-            backends: addrs.into_iter().collect(),
+            backends: backends.into_iter().collect(),
             balance,
             check: None,
             send_proxy: SendProxy::Off,
@@ -131,7 +145,7 @@ impl Pool {
         };
         static NATS_REUSED: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
         let reused = NATS_REUSED.get_or_init(|| crate::metrics::reused_counter("nats")).clone();
-        Pool::with_reuse_counter(&cfg, settings, registry, reused)
+        Pool::with_reuse_counter(&cfg, settings, registry, reused, tls)
     }
 
     fn with_reuse_counter(
@@ -139,10 +153,12 @@ impl Pool {
         settings: &BackendSettings,
         registry: &Registry,
         reused: Counter,
+        tls: Vec<Option<Arc<Target>>>,
     ) -> Pool {
         Pool {
             name: cfg.name.clone(),
             backends: cfg.backends.iter().map(|&addr| registry.backend(addr)).collect(),
+            tls,
             balance: cfg.balance,
             next: AtomicUsize::new(0),
             ctx: Arc::new(PoolContext {
@@ -155,8 +171,8 @@ impl Pool {
         }
     }
 
-    /// The order in which this request considers the backends.
-    fn order(&self) -> Vec<Arc<Backend>> {
+    /// The order in which this request considers the backends (indexes).
+    fn order(&self) -> Vec<usize> {
         let n = self.backends.len();
         let start = match self.balance {
             Balance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
@@ -166,7 +182,7 @@ impl Pool {
                 (0..n).map(|i| (i + offset) % n).min_by_key(|&i| self.backends[i].active()).unwrap_or(0)
             }
         };
-        (0..n).map(|i| self.backends[(start + i) % n].clone()).collect()
+        (0..n).map(|i| (start + i) % n).collect()
     }
 
     /// A connection for one request: an idle pooled one when `opts.reuse`
@@ -182,44 +198,46 @@ impl Pool {
         let mut out = Vec::new();
         let mut last = None;
         let mut tried = false;
-        for backend in self.order() {
-            if backend.admit(Instant::now(), self.ctx.backoff) == Admit::No {
-                out.push(backend);
+        for i in self.order() {
+            if self.backends[i].admit(Instant::now(), self.ctx.backoff) == Admit::No {
+                out.push(i);
                 continue;
             }
-            match self.attempt(&backend, opts).await {
+            match self.attempt(i, opts).await {
                 Ok(upstream) => return Ok(upstream),
                 Err(miss) => {
                     tried = true;
-                    if let Miss::Failed(why) = miss {
-                        last = Some(why);
+                    if let Miss::Failed(why, tls) = miss {
+                        last = Some((why, tls));
                     }
                 }
             }
         }
         if !tried {
             tracing::debug!(pool = %self.name, "every backend is out of service; trying them anyway");
-            for backend in out {
-                match self.attempt(&backend, opts).await {
+            for i in out {
+                match self.attempt(i, opts).await {
                     Ok(upstream) => return Ok(upstream),
-                    Err(Miss::Failed(why)) => last = Some(why),
+                    Err(Miss::Failed(why, tls)) => last = Some((why, tls)),
                     Err(Miss::AtCap) => {}
                 }
             }
         }
         Err(match last {
-            Some(last) => ConnectError::AllFailed { pool: self.name.clone(), last },
+            Some((last, tls)) => ConnectError::AllFailed { pool: self.name.clone(), last, tls },
             None => ConnectError::ConnLimit { pool: self.name.clone() },
         })
     }
 
-    async fn attempt(&self, backend: &Arc<Backend>, opts: ConnectOpts) -> Result<Upstream, Miss> {
+    async fn attempt(&self, i: usize, opts: ConnectOpts) -> Result<Upstream, Miss> {
+        let backend = &self.backends[i];
+        let tls = self.tls.get(i).and_then(Option::as_ref);
         let settings = &self.ctx.settings;
         let proxied = self.ctx.send_proxy != SendProxy::Off;
         if opts.reuse && settings.max_idle_per_backend > 0 && !proxied {
-            if let Some(stream) = backend.idle.take_live(Instant::now()) {
+            if let Some(stream) = backend.idle.take_live(Instant::now(), tls.map(|t| &**t)) {
                 self.ctx.reused.inc();
-                return Ok(self.upstream(stream, backend.lease(), true));
+                return Ok(self.upstream(stream, tls, backend.lease(), true));
             }
         }
         let guard = backend.reserve(settings.max_conns).ok_or(Miss::AtCap)?;
@@ -229,19 +247,26 @@ impl Pool {
             // No client to speak of (an active check never comes here).
             (_, None) => None,
         };
-        match connect_one(backend.addr, opts.timeout, header.as_deref()).await {
-            Ok(stream) => Ok(self.upstream(stream, guard, false)),
+        // A failed TLS handshake counts as a failed connect (passive health).
+        match stream::connect(backend.addr, opts.timeout, header.as_deref(), tls.map(|t| &**t)).await {
+            Ok(stream) => Ok(self.upstream(stream, tls, guard, false)),
             Err(e) => {
                 drop(guard);
                 crate::metrics::connect_failure(&self.name);
-                backend.failed(&self.name, &format!("connect: {e}"), self.ctx.backoff);
-                Err(Miss::Failed(format!("{}: {e}", backend.addr)))
+                backend.failed(&self.name, &e.to_string(), self.ctx.backoff);
+                Err(Miss::Failed(format!("{}: {e}", backend.addr), e.tls))
             }
         }
     }
 
-    fn upstream(&self, stream: TcpStream, guard: BackendGuard, reused: bool) -> Upstream {
-        Upstream { stream, reused, guard, pool: self.ctx.clone() }
+    fn upstream(
+        &self,
+        stream: BackendStream,
+        tls: Option<&Arc<Target>>,
+        guard: BackendGuard,
+        reused: bool,
+    ) -> Upstream {
+        Upstream { stream, reused, tls: tls.cloned(), guard, pool: self.ctx.clone() }
     }
 }
 
@@ -254,7 +279,7 @@ impl Upstream {
     /// connection goes to its backend's idle list, or is closed when the
     /// list is full, reuse is off, or the backend left the config.
     pub fn release(self) {
-        let Upstream { stream, guard, pool, .. } = self;
+        let Upstream { stream, tls, guard, pool, .. } = self;
         let settings = &pool.settings;
         let backend = guard.backend();
         if settings.max_idle_per_backend == 0 || backend.is_retired() || pool.send_proxy != SendProxy::Off {
@@ -262,7 +287,7 @@ impl Upstream {
         }
         let expires = Instant::now() + settings.idle_conn_timeout;
         // Over the cap it is handed back, and closed here.
-        let _ = backend.idle.put(stream, expires, settings.max_idle_per_backend);
+        let _ = backend.idle.put(stream, tls, expires, settings.max_idle_per_backend);
     }
 
     /// The backend failed this request before any response byte (reset,
@@ -278,24 +303,9 @@ impl Upstream {
     }
 
     /// For a tunnel: the stream and the guard that keeps the active count up.
-    pub fn into_tunnel(self) -> (TcpStream, BackendGuard) {
+    pub fn into_tunnel(self) -> (BackendStream, BackendGuard) {
         (self.stream, self.guard)
     }
-}
-
-/// Connects within `timeout` and writes the PROXY `header`, if any, first.
-async fn connect_one(addr: SocketAddr, timeout: Duration, header: Option<&[u8]>) -> io::Result<TcpStream> {
-    let connect = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        if let Some(header) = header {
-            tokio::io::AsyncWriteExt::write_all(&mut stream, header).await?;
-        }
-        Ok::<_, io::Error>(stream)
-    };
-    tokio::time::timeout(timeout, connect)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))?
 }
 
 #[cfg(test)]
@@ -317,7 +327,7 @@ mod tests {
             send_proxy: SendProxy::Off,
             tls: None,
         };
-        (Pool::new(&cfg, &settings, &registry), registry)
+        (Pool::new(&cfg, &settings, &registry, None), registry)
     }
 
     fn pool(balance: Balance, n: u16) -> Pool {
@@ -338,9 +348,9 @@ mod tests {
     #[test]
     fn round_robin_rotates_and_covers_every_backend() {
         let p = pool(Balance::RoundRobin, 3);
-        let firsts: Vec<u16> = (0..6).map(|_| p.order()[0].addr.port()).collect();
+        let firsts: Vec<u16> = (0..6).map(|_| p.backends[p.order()[0]].addr.port()).collect();
         assert_eq!(firsts, vec![9000, 9001, 9002, 9000, 9001, 9002]);
-        let mut all: Vec<u16> = p.order().iter().map(|b| b.addr.port()).collect();
+        let mut all: Vec<u16> = p.order().iter().map(|&i| p.backends[i].addr.port()).collect();
         all.sort();
         assert_eq!(all, vec![9000, 9001, 9002]);
     }
@@ -353,7 +363,7 @@ mod tests {
             .flat_map(|(i, n)| (0..n).map(move |_| i))
             .map(|i| p.backends[i].lease())
             .collect();
-        assert_eq!(p.order()[0].addr.port(), 9001);
+        assert_eq!(p.backends[p.order()[0]].addr.port(), 9001);
     }
 
     #[tokio::test]
@@ -431,13 +441,13 @@ mod tests {
         let (p, _r) = pool_with(Balance::RoundRobin, &[l.local_addr().unwrap()], BackendSettings::default());
         let up = p.connect(OPTS).await.unwrap();
         assert!(!up.reused);
-        let port = up.stream.local_addr().unwrap().port();
+        let port = up.stream.tcp().local_addr().unwrap().port();
         let (mut peer, _) = l.accept().await.unwrap();
         up.release();
         assert_eq!(p.backends[0].active(), 0);
         let mut again = p.connect(OPTS).await.unwrap();
         assert!(again.reused);
-        assert_eq!(again.stream.local_addr().unwrap().port(), port);
+        assert_eq!(again.stream.tcp().local_addr().unwrap().port(), port);
         assert_eq!(p.backends[0].active(), 1);
         // It is the same connection end to end.
         again.stream.write_all(b"x").await.unwrap();

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::tls::client::Failure;
+
 /// An answer the router gives instead of forwarding the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -75,6 +77,28 @@ impl Refusal {
                 "Registered endpoint failed to handle the request.",
             )
         }
+    }
+    /// TLS to the backend failed (gorouter's statuses, with
+    /// `X-Cf-Routererror: endpoint_failure`): 525 the handshake, 526 an
+    /// untrusted certificate, 503 a certificate for another name, 496 the
+    /// backend refused the router's client certificate. `detail` (which
+    /// backend, rustls's error) goes to the log only.
+    pub fn backend_tls(failure: Failure, detail: impl Into<String>) -> Refusal {
+        let (status, reason, message) = match failure {
+            Failure::Handshake => {
+                (525, "backend_tls_handshake", "The TLS handshake with the registered endpoint failed.")
+            }
+            Failure::Untrusted => {
+                (526, "backend_tls_untrusted", "The registered endpoint's certificate is not trusted.")
+            }
+            Failure::NameMismatch => {
+                (503, "backend_tls_hostname", "The registered endpoint's certificate is not valid for its name.")
+            }
+            Failure::CertificateRefused => {
+                (496, "backend_tls_client_certificate", "The registered endpoint refused the router's certificate.")
+            }
+        };
+        Refusal { detail: Some(detail.into()), ..Refusal::new(status, Some("endpoint_failure"), reason, message) }
     }
     pub fn no_endpoints(host: &str) -> Refusal {
         Refusal::new(
@@ -235,11 +259,15 @@ fn status_text(status: u16) -> &'static str {
         408 => "Request Timeout",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
+        // gorouter's (and Cloudflare's) names for the backend TLS failures.
+        496 => "SSL Certificate Required",
         502 => "Bad Gateway",
         501 => "Not Implemented",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
+        525 => "SSL Handshake Failed",
+        526 => "Invalid SSL Certificate",
         _ => "Error",
     }
 }

@@ -191,7 +191,8 @@ impl Table {
             let pool = entry.pool.get_or_insert_with(|| {
                 let mut addrs: Vec<SocketAddr> = entry.endpoints.keys().copied().collect();
                 addrs.sort();
-                Arc::new(Pool::learned(uri, addrs, latest.balance, settings, registry))
+                let endpoints = addrs.into_iter().map(|addr| (addr, None));
+                Arc::new(Pool::learned(uri, endpoints, latest.balance, settings, registry))
             });
             routes.push(LearnedRoute {
                 uri: uri.clone(),

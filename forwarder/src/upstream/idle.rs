@@ -5,20 +5,35 @@
 //! non-blocking peek tells whether the backend closed it meanwhile (EOF)
 //! or sent bytes nobody asked for: either way it is closed and skipped.
 //! The registry's sweep closes expired and dead ones, so no socket stays
-//! in CLOSE_WAIT much past `[backends] idle_conn_timeout`.
+//! in CLOSE_WAIT much past `[backends] idle_conn_timeout`. A TLS
+//! connection is only handed out for the same TLS ([`Target::same_as`]):
+//! the same CAs, client certificate and server name.
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
-use tokio::net::TcpStream;
+
+use super::stream::BackendStream;
+use crate::tls::client::Target;
 
 struct Idle {
-    stream: TcpStream,
+    stream: BackendStream,
+    tls: Option<Arc<Target>>,
     expires: Instant,
+}
+
+impl Idle {
+    fn serves(&self, tls: Option<&Target>) -> bool {
+        match (&self.tls, tls) {
+            (None, None) => true,
+            (Some(mine), Some(wanted)) => mine.same_as(wanted),
+            _ => false,
+        }
+    }
 }
 
 /// Idle connections to one backend.
@@ -47,29 +62,46 @@ impl IdleList {
         self.conns.lock().expect("idle list lock")
     }
 
-    /// Keeps `stream` until `expires`, unless `cap` are kept already:
-    /// then it is handed back (the caller closes it).
-    pub fn put(&self, stream: TcpStream, expires: Instant, cap: usize) -> Result<(), TcpStream> {
+    /// Keeps `stream` (made with `tls`) until `expires`, unless `cap` are
+    /// kept already: then it is handed back (the caller closes it).
+    pub fn put(
+        &self,
+        stream: BackendStream,
+        tls: Option<Arc<Target>>,
+        expires: Instant,
+        cap: usize,
+    ) -> Result<(), BackendStream> {
         let mut conns = self.lock();
         if conns.len() >= cap {
             return Err(stream);
         }
-        conns.push_back(Idle { stream, expires });
+        conns.push_back(Idle { stream, tls, expires });
         Ok(())
     }
 
-    /// The newest idle connection that is unexpired and alive; the ones
-    /// found expired or dead on the way are closed.
-    pub fn take_live(&self, now: Instant) -> Option<TcpStream> {
+    /// The newest idle connection made with `tls` that is unexpired and
+    /// alive; the ones found expired or dead on the way are closed, the
+    /// ones made with another TLS are left.
+    pub fn take_live(&self, now: Instant, tls: Option<&Target>) -> Option<BackendStream> {
         let mut closed = Vec::new();
         let found = {
             let mut conns = self.lock();
+            let mut i = conns.len();
             loop {
-                match conns.pop_back() {
-                    None => break None,
-                    Some(idle) if idle.expires > now && is_live(&idle.stream) => break Some(idle.stream),
-                    Some(idle) => closed.push(idle.stream),
+                if i == 0 {
+                    break None;
                 }
+                i -= 1;
+                let idle = &conns[i];
+                let usable = idle.expires > now && is_live(&idle.stream);
+                if usable && !idle.serves(tls) {
+                    continue;
+                }
+                let idle = conns.remove(i).expect("index within the list");
+                if usable {
+                    break Some(idle.stream);
+                }
+                closed.push(idle.stream);
             }
         };
         // Closed outside the lock.
@@ -105,7 +137,7 @@ impl IdleList {
 /// An idle connection is alive when reading it would block: nothing
 /// arrived, not even EOF. Bytes (an unsolicited response) or EOF or an
 /// error mean it cannot carry a request.
-fn is_live(stream: &TcpStream) -> bool {
+fn is_live(stream: &BackendStream) -> bool {
     let mut byte = [0u8; 1];
     matches!(recv(stream.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT), Err(Errno::EAGAIN))
 }
@@ -115,7 +147,7 @@ mod tests {
     use std::time::Duration;
 
     use tokio::io::AsyncWriteExt;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
@@ -141,16 +173,16 @@ mod tests {
         let good_port = good.local_addr().unwrap().port();
         let (closed, closed_peer) = pair(&l).await;
         let (chatty, mut chatty_peer) = pair(&l).await;
-        list.put(good, later, 8).unwrap();
-        list.put(closed, later, 8).unwrap();
-        list.put(chatty, later, 8).unwrap();
+        list.put(good.into(), None, later, 8).unwrap();
+        list.put(closed.into(), None, later, 8).unwrap();
+        list.put(chatty.into(), None, later, 8).unwrap();
         drop(closed_peer);
         chatty_peer.write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n").await.unwrap();
         settle().await;
-        let got = list.take_live(Instant::now()).expect("the live one");
-        assert_eq!(got.local_addr().unwrap().port(), good_port);
+        let got = list.take_live(Instant::now(), None).expect("the live one");
+        assert_eq!(got.tcp().local_addr().unwrap().port(), good_port);
         assert!(list.is_empty(), "the dead ones were closed on the way");
-        assert!(list.take_live(Instant::now()).is_none());
+        assert!(list.take_live(Instant::now(), None).is_none());
     }
 
     #[tokio::test]
@@ -161,16 +193,48 @@ mod tests {
         let (a, _pa) = pair(&l).await;
         let (b, _pb) = pair(&l).await;
         let (c, pc) = pair(&l).await;
-        list.put(a, now + Duration::from_millis(10), 8).unwrap();
-        list.put(b, now + Duration::from_secs(60), 8).unwrap();
-        list.put(c, now + Duration::from_secs(60), 8).unwrap();
+        list.put(a.into(), None, now + Duration::from_millis(10), 8).unwrap();
+        list.put(b.into(), None, now + Duration::from_secs(60), 8).unwrap();
+        list.put(c.into(), None, now + Duration::from_secs(60), 8).unwrap();
         drop(pc);
         settle().await;
         // a expired, c's backend closed it: both go; b stays.
         assert_eq!(list.sweep(now + Duration::from_secs(1)), 2);
         assert_eq!(list.len(), 1);
-        assert!(list.take_live(now + Duration::from_secs(61)).is_none(), "expired by then");
+        assert!(list.take_live(now + Duration::from_secs(61), None).is_none(), "expired by then");
         assert!(list.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_serves_only_the_tls_it_was_made_with() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let later = Instant::now() + Duration::from_secs(60);
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let target = |name: &str| {
+            let server_name = crate::tls::client::server_name(name).unwrap();
+            Arc::new(Target { config: config.clone(), server_name })
+        };
+        let list = IdleList::default();
+        let (plain, _pp) = pair(&l).await;
+        let (tls, _pt) = pair(&l).await;
+        let (plain_port, tls_port) = (plain.local_addr().unwrap().port(), tls.local_addr().unwrap().port());
+        list.put(plain.into(), None, later, 8).unwrap();
+        list.put(tls.into(), Some(target("a.internal")), later, 8).unwrap();
+        // Another name: nothing; the same config and name: the TLS one.
+        assert!(list.take_live(Instant::now(), Some(&target("b.internal"))).is_none());
+        assert_eq!(list.len(), 2, "the others are left, not closed");
+        let got = list.take_live(Instant::now(), Some(&target("a.internal"))).unwrap();
+        assert_eq!(got.tcp().local_addr().unwrap().port(), tls_port);
+        assert!(list.take_live(Instant::now(), Some(&target("a.internal"))).is_none());
+        // A plain request never gets a TLS connection, and the reverse.
+        let got = list.take_live(Instant::now(), None).unwrap();
+        assert_eq!(got.tcp().local_addr().unwrap().port(), plain_port);
     }
 
     #[tokio::test]
@@ -182,11 +246,11 @@ mod tests {
         let (b, _pb) = pair(&l).await;
         let (c, _pc) = pair(&l).await;
         let b_port = b.local_addr().unwrap().port();
-        list.put(a, later, 2).unwrap();
-        list.put(b, later, 2).unwrap();
-        assert!(list.put(c, later, 2).is_err(), "over the cap: handed back");
+        list.put(a.into(), None, later, 2).unwrap();
+        list.put(b.into(), None, later, 2).unwrap();
+        assert!(list.put(c.into(), None, later, 2).is_err(), "over the cap: handed back");
         assert!(list.evict_oldest());
-        assert_eq!(list.take_live(Instant::now()).unwrap().local_addr().unwrap().port(), b_port);
+        assert_eq!(list.take_live(Instant::now(), None).unwrap().tcp().local_addr().unwrap().port(), b_port);
         assert!(!list.evict_oldest());
     }
 }
