@@ -1020,12 +1020,6 @@ impl Config {
     fn refuse_not_yet_built(&self) -> Result<(), Invalid> {
         let not_yet =
             |field: String, what: &str| Err((field, format!("{what} is not built yet (README, \"Not there yet\")")));
-        if let Some(i) = self.pools.iter().position(|p| p.tls.is_some()) {
-            return not_yet(format!("pool[{i}].tls"), "TLS to backends");
-        }
-        if self.backend_tls != BackendTls::default() {
-            return not_yet("backend_tls".into(), "TLS to backends");
-        }
         if self.route_services.key.is_some() {
             return not_yet("route_services.key".into(), "calling route services");
         }

@@ -19,6 +19,7 @@ pub mod peer;
 pub mod plane;
 pub mod recorder;
 pub mod tls;
+pub mod tls_backend;
 
 /// A free loopback port (bound and released; the router binds it next).
 pub fn free_port() -> u16 {
