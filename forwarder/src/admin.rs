@@ -84,8 +84,9 @@ async fn routes(shared: &Shared, nats: Option<&nats::Status>) -> String {
         let uri = format!("{}{}", crate::host::normalize(&route.host), route.path.as_deref().unwrap_or(""));
         let uri = uri.trim_end_matches('/').to_string();
         let pool = snap.pool_named(&route.pool).expect("validated: routes name pools");
+        let tls = snap.config.pools.iter().any(|p| p.name == route.pool && p.tls.is_some());
         let endpoints = pool.backends.iter().map(|b| {
-            let mut e = json!({ "address": b.addr.to_string(), "tls": false, "ttl": 0, "tags": {} });
+            let mut e = json!({ "address": b.addr.to_string(), "tls": tls, "ttl": 0, "tags": {} });
             if let Some(rs) = &route.route_service {
                 e["route_service_url"] = rs.as_str().into();
             }
@@ -107,7 +108,7 @@ async fn routes(shared: &Shared, nats: Option<&nats::Status>) -> String {
             let mut o = json!({
                 "address": e.addr.to_string(),
                 "protocol": e.protocol,
-                "tls": false,
+                "tls": e.tls,
                 "ttl": ttl.as_secs(),
                 "tags": e.tags,
             });

@@ -282,7 +282,9 @@ pub struct NatsMetrics {
     pub pruned: Counter,
     /// Messages dropped, by reason.
     pub bad: Family<NatsReasonLabels, Counter>,
-    /// Endpoints of valid registrations not taken, by reason (tls_port).
+    /// Endpoints of valid registrations not taken, by reason: a
+    /// `tls_port` without `[backend_tls] ca` or without a usable
+    /// `server_cert_domain_san`.
     pub skipped: Family<NatsReasonLabels, Counter>,
     /// 1 while connected to a NATS server.
     pub connected: Gauge,

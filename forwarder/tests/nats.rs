@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::nats::{NatsClient, NatsServer};
 use common::peer::have;
+use common::tls_backend::{Pki, TlsBackend};
 use common::{free_port, raw_exchange, render, ws_echo_backend, Router, Setup};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -205,12 +206,12 @@ async fn bad_messages_are_counted_and_dropped_and_the_next_good_one_works() {
         wait_metric(&router, &format!("upsplice_nats_bad_messages_total{{reason=\"{reason}\"}}"), 1.0);
     }
     client.publish("router.register", r#"{"host":"127.0.0.1","port":8080,"tls_port":8443,"uris":["tls.test"]}"#);
-    wait_metric(&router, "upsplice_nats_endpoints_skipped_total{reason=\"tls_port\"}", 1.0);
+    wait_metric(&router, "upsplice_nats_endpoints_skipped_total{reason=\"no_backend_tls_ca\"}", 1.0);
     client.publish("router.register", &register(one, "good.test"));
     wait_status(&router, "good.test", 200, Duration::from_secs(1)).await;
     assert_eq!(router.metric("upsplice_nats_bad_messages_total{reason=\"invalid_json\"}"), 2.0);
     assert_eq!(get(&router, "bad.test").await.0, 404, "no partial route");
-    assert_eq!(get(&router, "tls.test").await.0, 404, "tls_port endpoints wait for TLS to backends");
+    assert_eq!(get(&router, "tls.test").await.0, 404, "a tls_port endpoint without [backend_tls] ca is skipped");
     assert!(router.is_running());
 
     // A route service is stored, and refused as the file's are (not built yet).
@@ -221,6 +222,40 @@ async fn bad_messages_are_counted_and_dropped_and_the_next_good_one_works() {
     let (_, routes) = router.admin_get("/routes").unwrap();
     let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
     assert_eq!(routes["rs.test"][0]["route_service_url"], "https://rs.example.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_port_endpoint_is_dialled_with_backend_tls_and_its_san() {
+    if !have("nats-server") {
+        return;
+    }
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    pki.leaf(&ca, "app", "c1a2-instance.internal", false);
+    let backend = TlsBackend::start(&pki, "app", None, false);
+    let nats = NatsServer::start(free_port());
+    let mut client = NatsClient::connect(nats.port);
+    let backend_tls = format!("[backend_tls]\nca = {:?}\n", pki.path("ca.pem"));
+    let router = Router::start_config(&config(&nats.url(), &backend_tls, "127.0.0.1:9".parse().unwrap()));
+    let registration = |uri: &str, san: &str| {
+        format!(
+            r#"{{"host":"127.0.0.1","port":1,"tls_port":{},"uris":["{uri}"],"server_cert_domain_san":"{san}"}}"#,
+            backend.addr.port()
+        )
+    };
+    client.publish("router.register", &registration("tls.test", "c1a2-instance.internal"));
+    wait_status(&router, "tls.test", 200, Duration::from_secs(2)).await;
+    assert!(get(&router, "tls.test").await.1.starts_with("hello over tls"));
+    let (_, routes) = router.admin_get("/routes").unwrap();
+    let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    assert_eq!(routes["tls.test"][0]["tls"], true);
+    // Another instance's name on the same certificate: verified, refused.
+    client.publish("router.register", &registration("other.test", "other-instance.internal"));
+    wait_status(&router, "other.test", 503, Duration::from_secs(2)).await;
+    // No name to verify: not taken, counted.
+    client.publish("router.register", &registration("nameless.test", ""));
+    wait_metric(&router, "upsplice_nats_endpoints_skipped_total{reason=\"no_server_cert_domain_san\"}", 1.0);
+    assert_eq!(get(&router, "nameless.test").await.0, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 //! timer that hands a burst of changes to the routing table at most every
 //! [`FLUSH_EVERY`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,9 +12,9 @@ use async_nats::{ConnectOptions, Event, ServerAddr};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::message::{self, Bad};
+use super::message::{self, Bad, Registration};
 use super::start::Start;
-use super::table::{Table, View};
+use super::table::{self, Table, View};
 use super::Status;
 use crate::config::Nats;
 use crate::metrics;
@@ -79,6 +79,7 @@ pub(super) async fn run(
 
     let mut table = Table::default();
     let mut dropped = Throttle::default();
+    let mut skipped = Skipped::default();
     let mut connected = false;
     let mut ever_connected = false;
     let mut disconnected_while_suspended = false;
@@ -99,12 +100,17 @@ pub(super) async fn run(
                         m.message(kind);
                         match message::parse(&msg.payload) {
                             Err(bad) => dropped.log(subject, &bad),
-                            Ok(reg) if reg.tls => {
-                                if kind == "register" {
-                                    m.skipped("tls_port");
+                            Ok(reg) if kind == "register" => {
+                                // Only a tls_port endpoint needs the snapshot (its client config).
+                                let taken = match reg.endpoint.tls {
+                                    false => Ok(None),
+                                    true => table::tls_target(&reg.endpoint, shared.snapshot().backend_tls()),
+                                };
+                                match taken {
+                                    Ok(_) => table.register(&reg, Instant::now()),
+                                    Err(reason) => skipped.count(reason, &reg),
                                 }
                             }
-                            Ok(reg) if kind == "register" => table.register(&reg, Instant::now()),
                             Ok(reg) => table.unregister(&reg),
                         }
                     }
@@ -164,7 +170,7 @@ pub(super) async fn run(
                     // A rebuild of a big table takes a while: other tasks
                     // move off this worker meanwhile.
                     tokio::task::block_in_place(|| {
-                        let (routes, changes) = table.routes(&snap.config, &shared.registry);
+                        let (routes, changes) = table.routes(&snap.config, snap.backend_tls(), &shared.registry);
                         shared.registry.learn(&changes.added, &changes.removed);
                         let shadowed = shared.learn(routes);
                         m.shadowed.set(shadowed as i64);
@@ -205,5 +211,32 @@ impl Throttle {
                 self.last.insert(reason, (now, 0));
             }
         }
+    }
+}
+
+/// Endpoints of valid registrations that cannot be taken (a `tls_port`
+/// the router cannot dial): each counted, each reason logged once.
+#[derive(Default)]
+struct Skipped {
+    told: HashSet<&'static str>,
+}
+
+impl Skipped {
+    fn count(&mut self, reason: &'static str, reg: &Registration) {
+        metrics::get().nats.skipped(reason);
+        if !self.told.insert(reason) {
+            return;
+        }
+        let why = match reason {
+            "no_backend_tls_ca" => "[backend_tls] ca is not set (the CA its certificate must chain to)",
+            "no_server_cert_domain_san" => "it names no server_cert_domain_san (the name its certificate must carry)",
+            _ => "its server_cert_domain_san is no DNS name or IP address",
+        };
+        tracing::warn!(
+            reason,
+            endpoint = %reg.endpoint.addr,
+            "NATS: an endpoint with a tls_port is not taken: {why}; others like it are only counted \
+             (upsplice_nats_endpoints_skipped_total)"
+        );
     }
 }

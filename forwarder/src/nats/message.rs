@@ -58,6 +58,9 @@ pub struct Endpoint {
     pub protocol: String,
     pub updated_at_ns: i64,
     pub balance: Balance,
+    /// It registered a `tls_port` (its `addr`'s port): TLS to it, with
+    /// `[backend_tls]`, verified against `server_cert_domain_san`.
+    pub tls: bool,
 }
 
 /// A valid message: its endpoint and the URIs it is registered for
@@ -67,8 +70,6 @@ pub struct Endpoint {
 pub struct Registration {
     pub endpoint: Arc<Endpoint>,
     pub uris: Vec<Arc<str>>,
-    /// It names a `tls_port`: TLS to the backend, not built yet.
-    pub tls: bool,
 }
 
 /// Why a message was dropped (the `reason` label of
@@ -146,8 +147,9 @@ pub fn parse(payload: &[u8]) -> Result<Registration, Bad> {
         protocol: w.protocol.unwrap_or_default(),
         updated_at_ns: w.endpoint_updated_at_ns.unwrap_or_default(),
         balance,
+        tls: tls_port.is_some(),
     };
-    Ok(Registration { endpoint: Arc::new(endpoint), uris, tls: tls_port.is_some() })
+    Ok(Registration { endpoint: Arc::new(endpoint), uris })
 }
 
 /// A port: absent or 0 is none (Go's zero value); otherwise an integer
@@ -204,7 +206,7 @@ mod tests {
         assert_eq!(e.tags["component"], "route-emitter");
         assert_eq!(e.stale_threshold, Some(Duration::from_secs(30)));
         assert_eq!(e.balance, Balance::LeastConn);
-        assert!(!r.tls);
+        assert!(!r.endpoint.tls);
     }
 
     #[test]
@@ -219,8 +221,8 @@ mod tests {
     fn tls_port_is_preferred_and_marks_the_endpoint() {
         let r = ok(r#"{"host":"10.0.0.1","port":8080,"tls_port":8443,"uris":["a.e.com"]}"#);
         assert_eq!(r.endpoint.addr.port(), 8443);
-        assert!(r.tls);
-        assert!(ok(r#"{"host":"10.0.0.1","tls_port":8443,"uris":["a.e.com"]}"#).tls);
+        assert!(r.endpoint.tls);
+        assert!(ok(r#"{"host":"10.0.0.1","tls_port":8443,"uris":["a.e.com"]}"#).endpoint.tls);
     }
 
     #[test]

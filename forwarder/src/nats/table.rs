@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use super::message::{Endpoint, Registration};
 use crate::config::Config;
 use crate::state::LearnedRoute;
+use crate::tls::client::{self, Target};
 use crate::upstream::{Pool, Registry};
 
 #[derive(Default)]
@@ -172,8 +173,14 @@ impl Table {
     /// The routes for the routing table, one per URI, and the endpoint
     /// addresses added and removed since the last call; pools of
     /// unchanged URIs are kept unless `config` is another one than last
-    /// time (its `[backends]` may differ).
-    pub fn routes(&mut self, config: &Arc<Config>, registry: &Registry) -> (Arc<Vec<LearnedRoute>>, AddrChanges) {
+    /// time (its `[backends]` may differ, and `backend_tls` with it: the
+    /// client config of endpoints with a `tls_port`).
+    pub fn routes(
+        &mut self,
+        config: &Arc<Config>,
+        backend_tls: Option<&Arc<rustls::ClientConfig>>,
+        registry: &Registry,
+    ) -> (Arc<Vec<LearnedRoute>>, AddrChanges) {
         if !self.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
             self.config = Some(config.clone());
             for entry in self.uris.values_mut() {
@@ -189,9 +196,14 @@ impl Table {
             let latest = entry.endpoints.values().max_by_key(|s| s.seen).map(|s| &s.endpoint);
             let latest = latest.expect("a URI in the table has endpoints");
             let pool = entry.pool.get_or_insert_with(|| {
-                let mut addrs: Vec<SocketAddr> = entry.endpoints.keys().copied().collect();
-                addrs.sort();
-                let endpoints = addrs.into_iter().map(|addr| (addr, None));
+                // A TLS endpoint is left out while it cannot be dialled (a
+                // reload took `[backend_tls] ca` away).
+                let mut endpoints: Vec<(SocketAddr, Option<Arc<Target>>)> = entry
+                    .endpoints
+                    .iter()
+                    .filter_map(|(addr, slot)| Some((*addr, tls_target(&slot.endpoint, backend_tls).ok()?)))
+                    .collect();
+                endpoints.sort_by_key(|(addr, _)| *addr);
                 Arc::new(Pool::learned(uri, endpoints, latest.balance, settings, registry))
             });
             routes.push(LearnedRoute {
@@ -220,6 +232,25 @@ impl Table {
     }
 }
 
+/// How `endpoint` is dialled: plain, or (it registered a `tls_port`) with
+/// `[backend_tls]`'s client config, verified against its
+/// `server_cert_domain_san`. Err: why it cannot be taken (the `reason`
+/// label of `upsplice_nats_endpoints_skipped_total`).
+pub fn tls_target(
+    endpoint: &Endpoint,
+    backend_tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Option<Arc<Target>>, &'static str> {
+    if !endpoint.tls {
+        return Ok(None);
+    }
+    let config = backend_tls.ok_or("no_backend_tls_ca")?;
+    let server_name = match endpoint.server_cert_domain_san.as_str() {
+        "" => return Err("no_server_cert_domain_san"),
+        san => client::server_name(san).map_err(|_| "bad_server_cert_domain_san")?,
+    };
+    Ok(Some(Arc::new(Target { config: config.clone(), server_name })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,14 +270,14 @@ mod tests {
         t.register(&a, now);
         t.register(&b, now);
         assert_eq!((t.len(), t.uris()), (3, 2));
-        let (routes, changes) = t.routes(&config, &registry);
+        let (routes, changes) = t.routes(&config, None, &registry);
         assert_eq!((routes.len(), changes.added.len(), changes.removed.len()), (2, 2, 0));
         let pool_a = routes.iter().find(|r| &*r.uri == "a.e.com").unwrap().pool.clone();
         assert_eq!(pool_a.backends.len(), 2);
         // A refresh changes nothing but the time: no rebuild, same pool.
         t.register(&a, now + Duration::from_secs(20));
         assert!(!t.is_dirty(&config));
-        let (routes, _) = t.routes(&config, &registry);
+        let (routes, _) = t.routes(&config, None, &registry);
         assert!(Arc::ptr_eq(&routes.iter().find(|r| &*r.uri == "a.e.com").unwrap().pool, &pool_a));
         // b's own 10 s threshold is shorter than 120 s: pruned at 20 s; a was refreshed.
         assert_eq!(t.prune(now + Duration::from_secs(21), Duration::from_secs(120)), 1);
@@ -254,7 +285,7 @@ mod tests {
         t.unregister(&a);
         assert_eq!((t.len(), t.uris()), (0, 0));
         assert!(t.is_dirty(&config));
-        let (_, changes) = t.routes(&config, &registry);
+        let (_, changes) = t.routes(&config, None, &registry);
         assert_eq!((changes.added.len(), changes.removed.len()), (0, 2));
     }
 }
