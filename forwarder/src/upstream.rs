@@ -110,6 +110,27 @@ enum Miss {
     Failed(String, Option<Failure>),
 }
 
+/// Where a pool made at run time comes from: the label its reuse counts under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learned {
+    /// A route learned from NATS (`pool="nats"`).
+    Nats,
+    /// A route service's URL (`pool="route_service"`).
+    RouteService,
+}
+
+impl Learned {
+    fn reused(self) -> Counter {
+        static NATS: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
+        static ROUTE_SERVICE: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
+        let (cell, label) = match self {
+            Learned::Nats => (&NATS, "nats"),
+            Learned::RouteService => (&ROUTE_SERVICE, "route_service"),
+        };
+        cell.get_or_init(|| crate::metrics::reused_counter(label)).clone()
+    }
+}
+
 impl Pool {
     /// The pool `cfg` of a config whose `[backends]` are `settings`, its
     /// backends' state taken from (or added to) `registry`; `tls`: how its
@@ -123,13 +144,14 @@ impl Pool {
     /// address, and its TLS when it registered a `tls_port`), no PROXY
     /// header, no active check. Named by its URI (in logs and in the
     /// failure series of a backend that fails); reuse counts under one
-    /// `pool="nats"` series, not one per URI.
+    /// series for all such pools, `pool=` [`Learned`]'s label, not one per URI.
     pub fn learned(
         uri: &str,
         endpoints: impl IntoIterator<Item = (SocketAddr, Option<Arc<Target>>)>,
         balance: Balance,
         settings: &BackendSettings,
         registry: &Registry,
+        kind: Learned,
     ) -> Pool {
         let (backends, mut tls): (Vec<SocketAddr>, Vec<Option<Arc<Target>>>) = endpoints.into_iter().unzip();
         if tls.iter().all(Option::is_none) {
@@ -143,9 +165,7 @@ impl Pool {
             send_proxy: SendProxy::Off,
             tls: None,
         };
-        static NATS_REUSED: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
-        let reused = NATS_REUSED.get_or_init(|| crate::metrics::reused_counter("nats")).clone();
-        Pool::with_reuse_counter(&cfg, settings, registry, reused, tls)
+        Pool::with_reuse_counter(&cfg, settings, registry, kind.reused(), tls)
     }
 
     fn with_reuse_counter(

@@ -15,7 +15,7 @@ use super::message::{Endpoint, Registration};
 use crate::config::Config;
 use crate::state::LearnedRoute;
 use crate::tls::client::{self, Target};
-use crate::upstream::{Pool, Registry};
+use crate::upstream::{Learned, Pool, Registry};
 
 #[derive(Default)]
 pub struct Table {
@@ -204,7 +204,7 @@ impl Table {
                     .filter_map(|(addr, slot)| Some((*addr, tls_target(&slot.endpoint, backend_tls).ok()?)))
                     .collect();
                 endpoints.sort_by_key(|(addr, _)| *addr);
-                Arc::new(Pool::learned(uri, endpoints, latest.balance, settings, registry))
+                Arc::new(Pool::learned(uri, endpoints, latest.balance, settings, registry, Learned::Nats))
             });
             routes.push(LearnedRoute {
                 uri: uri.clone(),
