@@ -11,7 +11,7 @@ use crate::access_log::AccessLog;
 use crate::config::{self, Config, Protocol};
 use crate::dataplane::DataPlanes;
 use crate::route::{self, RouteTarget, Router};
-use crate::route_service;
+use crate::route_service::RouteServices;
 use crate::sni::SniTable;
 use crate::tls;
 use crate::upstream::{Pool, Registry};
@@ -29,9 +29,9 @@ pub struct Snapshot {
     pub shadowed: usize,
     /// Each listener's TLS config (None: plain), in `config.listeners` order.
     tls: Arc<[Option<Arc<rustls::ServerConfig>>]>,
-    /// `[route_services]` keys, derived once per config (None: route
-    /// services disabled).
-    pub route_service_keys: Option<Arc<route_service::Keys>>,
+    /// `[route_services]`: the keys, derived once per config, and the
+    /// services' pools (None: route services disabled).
+    pub route_services: Option<Arc<RouteServices>>,
     /// Each passthrough listener's SNI routes (None: it does not route by
     /// SNI), in `config.listeners` order.
     sni: Arc<[Option<SniTable>]>,
@@ -59,7 +59,7 @@ impl Snapshot {
     /// files (listeners', `[backend_tls]`, pools') are read first: a bad
     /// one fails it (naming the listener or pool and the file) before
     /// anything is adopted.
-    pub fn new(config: Config, registry: &Registry) -> Result<Snapshot, SnapshotError> {
+    pub fn new(config: Config, registry: &Arc<Registry>) -> Result<Snapshot, SnapshotError> {
         let tls = config
             .listeners
             .iter()
@@ -78,6 +78,7 @@ impl Snapshot {
             .map_err(SnapshotError::BackendTls)?;
         let targets =
             config.pools.iter().map(|p| pool_tls(p, &config, backend_tls.as_ref())).collect::<Result<Vec<_>, _>>()?;
+        let route_services = RouteServices::new(&config, registry).map_err(SnapshotError::RouteServices)?;
         registry.adopt(&config);
         let pools: Vec<Arc<Pool>> = config
             .pools
@@ -86,10 +87,8 @@ impl Snapshot {
             .map(|(p, tls)| Arc::new(Pool::new(p, &config.backends, registry, tls)))
             .collect();
         let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
-        let rs = &config.route_services;
-        let keys = rs.key.as_deref().map(|k| Arc::new(route_service::Keys::derive(k, rs.previous_key.as_deref())));
         let mut snapshot = Snapshot::assemble(Arc::new(config), pools, Arc::new(pools_by_name), (tls, sni), &[]);
-        snapshot.route_service_keys = keys;
+        snapshot.route_services = route_services.map(Arc::new);
         snapshot.backend_tls = backend_tls;
         Ok(snapshot)
     }
@@ -106,7 +105,7 @@ impl Snapshot {
         let listeners = (self.tls.clone(), self.sni.clone());
         let mut snapshot =
             Snapshot::assemble(self.config.clone(), pools, self.pools_by_name.clone(), listeners, learned);
-        snapshot.route_service_keys = self.route_service_keys.clone();
+        snapshot.route_services = self.route_services.clone();
         snapshot.backend_tls = self.backend_tls.clone();
         snapshot
     }
@@ -126,17 +125,7 @@ impl Snapshot {
         });
         let (router, shadowed) = Router::build(route::file_routes(&config).chain(learned_routes));
         pools.extend(learned.iter().map(|r| r.pool.clone()));
-        Snapshot {
-            config,
-            router,
-            pools,
-            pools_by_name,
-            shadowed,
-            tls,
-            sni,
-            route_service_keys: None,
-            backend_tls: None,
-        }
+        Snapshot { config, router, pools, pools_by_name, shadowed, tls, sni, route_services: None, backend_tls: None }
     }
 
     /// The TLS config of the listener called `name`, if it terminates TLS.
@@ -195,6 +184,8 @@ pub enum SnapshotError {
     },
     #[error("[backend_tls]: {0}")]
     BackendTls(#[source] tls::TlsError),
+    #[error("[route_services]: {0}")]
+    RouteServices(#[source] tls::TlsError),
     #[error("pool {pool:?} tls: {source}")]
     PoolTls {
         pool: String,

@@ -142,6 +142,34 @@ impl Keys {
     }
 }
 
+/// The forwarded URL as gorouter signs it: query-unescaped (Go's
+/// `url.QueryUnescape`: `%XX` decoded, `+` as a space); None when a `%`
+/// is not followed by two hex digits (gorouter fails such a request).
+pub fn query_unescape(url: &str) -> Option<String> {
+    let bytes = url.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// Header values for a request on its way to a route service.
 #[derive(Debug, Clone)]
 pub struct Sealed {
@@ -301,6 +329,14 @@ mod tests {
         let signed = keys.open(signature, Some(metadata), at, MINUTE).unwrap();
         assert_eq!(signed.forwarded_url, "https://app.example.com/path?x=1");
         assert_eq!(signed.requested_time, OffsetDateTime::parse("2026-12-06T17:00:00.123456789Z", &Rfc3339).unwrap());
+    }
+
+    #[test]
+    fn forwarded_urls_are_signed_query_unescaped_like_go() {
+        assert_eq!(query_unescape("https://a.test/x%20y?q=a+b&r=%2F").as_deref(), Some("https://a.test/x y?q=a b&r=/"));
+        assert_eq!(query_unescape("https://a.test/plain").as_deref(), Some("https://a.test/plain"));
+        assert_eq!(query_unescape("https://a.test/%zz"), None);
+        assert_eq!(query_unescape("https://a.test/%2"), None);
     }
 
     #[test]

@@ -55,6 +55,39 @@ pub fn client_config(ca: &Path, node: &BackendTls) -> Result<Arc<ClientConfig>, 
     Ok(Arc::new(config))
 }
 
+/// The client config for route services: their certificates may chain
+/// to the system's trust store (route services are often public https
+/// endpoints) or to `ca`; no client certificate. The system store is read
+/// once per process (certificates it cannot parse are skipped).
+pub fn route_service_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    static SYSTEM: std::sync::OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>> = std::sync::OnceLock::new();
+    let system = SYSTEM.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        if !found.errors.is_empty() {
+            tracing::debug!("system trust store: {} certificates, errors: {:?}", found.certs.len(), found.errors);
+        }
+        found.certs
+    });
+    let mut roots = match ca {
+        Some(ca) => material::roots(ca)?,
+        None => rustls::RootCertStore::empty(),
+    };
+    let (added, _ignored) = roots.add_parsable_certificates(system.iter().cloned());
+    if roots.is_empty() {
+        return Err(TlsError::Setting {
+            field: "route_services.ca",
+            problem: format!("no trust anchors: the system store has none ({added} usable) and no ca is set"),
+        });
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setting { field: "route_services", problem: e.to_string() })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Why TLS to a backend failed, as gorouter answers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
