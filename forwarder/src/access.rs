@@ -47,6 +47,9 @@ pub struct AccessRecord {
     /// `X-Vcap-Request-Id` as sent to the backend.
     pub request_id: Option<String>,
     pub route: Option<Arc<str>>,
+    /// The route service the request was sent to (its URL), when it went
+    /// to one rather than to the app.
+    pub route_service: Option<String>,
     pub backend: Option<SocketAddr>,
     /// The status answered (101 for tunnels); 0 when none was seen (tcp
     /// listeners, a backend that never answered).
@@ -84,6 +87,7 @@ impl AccessRecord {
             x_forwarded_proto: None,
             request_id: None,
             route: None,
+            route_service: None,
             backend: None,
             status: 0,
             router_error: None,
@@ -183,6 +187,7 @@ impl AccessRecord {
             "proto": self.proto,
             "host": self.host,
             "route": self.route.as_deref(),
+            "route_service": self.route_service,
             "backend": self.backend.map(|b| b.to_string()),
             "status": self.status,
             "data_plane": self.data_plane.map(Mode::as_str),

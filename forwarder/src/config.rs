@@ -1010,20 +1010,7 @@ impl Config {
         self.data_plane.validate().map_err(|(field, m)| (format!("data_plane.{field}"), m))?;
         let pools = self.validate_pools()?;
         self.validate_listeners(&pools)?;
-        self.validate_routes(&pools)?;
-        self.refuse_not_yet_built()
-    }
-
-    /// Keys whose behaviour is still being built are refused, not ignored:
-    /// a router that accepted `[listener.tls]` and then spoke plain HTTP
-    /// would be worse than one that says so. Each goes as it lands.
-    fn refuse_not_yet_built(&self) -> Result<(), Invalid> {
-        let not_yet =
-            |field: String, what: &str| Err((field, format!("{what} is not built yet (README, \"Not there yet\")")));
-        if self.route_services.key.is_some() {
-            return not_yet("route_services.key".into(), "calling route services");
-        }
-        Ok(())
+        self.validate_routes(&pools)
     }
 
     /// Pool names are unique and not empty, and so are a pool's backends;
@@ -1039,6 +1026,12 @@ impl Config {
             }
             if let Some(check) = &p.check {
                 check.validate().map_err(|(name, m)| (format!("pool[{i}].check.{name}"), m))?;
+                if check.kind == CheckKind::Http && p.tls.is_some() {
+                    return Err((
+                        format!("pool[{i}].check.kind"),
+                        "\"http\" checks speak plain HTTP, and this pool's backends speak TLS: use \"tcp\"".into(),
+                    ));
+                }
             }
             if let Some(tls) = &p.tls {
                 if tls.ca.is_none() && self.backend_tls.ca.is_none() {
@@ -1554,6 +1547,10 @@ pool = "apps-tls"
                 "either terminates TLS",
             ),
             (format!("{raw}pool = \"p\"\n{pool}tls = {{ server_name = \"x.internal\" }}\n"), "pool[0].tls.ca: required unless [backend_tls] ca"),
+            (
+                format!("{raw}pool = \"p\"\n{pool}tls = {{ ca = \"ca.pem\", server_name = \"x.internal\" }}\n[pool.check]\nkind = \"http\"\n"),
+                "pool[0].check.kind: \"http\" checks speak plain HTTP",
+            ),
             (
                 format!("[backend_tls]\nca = \"ca.pem\"\n{raw}sni_routes = [{{ server_name = \"a.example\", pool = \"p\" }}]\n{pool}tls = {{ server_name = \"x.internal\" }}\n"),
                 "sni_routes[0].pool: pool \"p\" has tls",

@@ -276,7 +276,7 @@ impl Context<'_> {
         // request after it (HTTP/1.0 backends close after each).
         let is_upgrade_request = head::tokens(&request.headers, "upgrade").next().is_some();
         let keep_backend = snap.config.backends.max_idle_per_backend > 0 && request.version >= 1 && !is_upgrade_request;
-        let fwd = rewrite::rewrite(&request, &client_info, keep_backend)?;
+        let mut fwd = rewrite::rewrite(&request, &client_info, keep_backend)?;
         rec.host = Some(fwd.host.clone());
         rec.x_forwarded_for = Some(fwd.x_forwarded_for.clone());
         rec.x_forwarded_proto = Some(fwd.x_forwarded_proto.clone());
@@ -288,14 +288,31 @@ impl Context<'_> {
         }
         let route = snap.router.lookup(&fwd.host, &fwd.path).ok_or_else(|| Refusal::unknown_route(&fwd.host))?;
         rec.route = Some(route.name.clone());
-        if route.route_service.is_some() {
+        let mut pool = &snap.pools[route.pool];
+        let service;
+        if let Some(url) = &route.route_service {
             // Nothing reaches the app around its route service (often its
             // authentication), whatever the kind of request.
-            return Err(match fwd.upgrade {
-                Some(_) => Refusal::route_service_unsupported(),
-                None => Refusal::route_service_disabled(),
+            let rs = &snap.config.route_services;
+            let decide = route_service::Decide {
+                keys: snap.route_services.as_deref().map(|r| &r.keys),
+                timeout: rs.timeout,
+                websockets: rs.websockets,
+                router: &snap.router,
+            };
+            let scheme = if rs.recommend_https { "https" } else { fwd.x_forwarded_proto.as_str() };
+            let forwarded_url = || fwd.forwarded_url(scheme);
+            let now = time::OffsetDateTime::now_utc();
+            match decide.leg(route, url, &request.headers, fwd.upgrade.is_some(), forwarded_url, now)? {
+                route_service::Leg::App => fwd.strip_route_service_headers(),
+                route_service::Leg::Service { url, forwarded_url, sealed } => {
+                    let services = &snap.route_services.as_ref().expect("a service leg has route services").services;
+                    service = services.get(&url).await.map_err(|e| Refusal::endpoint_failure(e.to_string()))?;
+                    fwd.to_route_service(&service.target, &service.host, &forwarded_url, &sealed);
+                    rec.route_service = Some(url);
+                    pool = &service.pool;
+                }
             }
-            .into());
         }
         // The request body (if any) goes to the backend while its answer is
         // read: a backend may answer before the whole body (an early 413), or
@@ -323,7 +340,6 @@ impl Context<'_> {
         // all, never after response_timeout or a broken response (the
         // backend may have acted on the request).
         let retryable = fwd.body == Body::None && is_idempotent(&request.method);
-        let pool = &snap.pools[route.pool];
         let mut attempt = 0;
         let (upstream, exchanged) = loop {
             attempt += 1;

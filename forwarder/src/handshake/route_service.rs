@@ -54,8 +54,12 @@ impl Decide<'_> {
         }
         let value = |name| head::values(headers, name).next().map(|v| std::str::from_utf8(v).unwrap_or("\u{fffd}"));
         let Some(signature) = value(token::SIGNATURE).filter(|s| !s.is_empty()) else {
+            // The header carries the URL as received; the token, as
+            // gorouter seals it, the URL query-unescaped.
             let forwarded_url = forwarded_url();
-            let sealed = keys.seal(&forwarded_url, now);
+            let signed = token::query_unescape(&forwarded_url)
+                .ok_or_else(|| Refusal::bad_request("invalid percent-encoding in the request target"))?;
+            let sealed = keys.seal(&signed, now);
             return Ok(Leg::Service { url: url.to_owned(), forwarded_url, sealed });
         };
         let signed =
