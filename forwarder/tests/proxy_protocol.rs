@@ -47,7 +47,7 @@ fn haproxy_tcp(send_proxy: &str, upsplice: SocketAddr) -> (Peer, SocketAddr) {
     let port = free_port();
     let cfg = format!(
         "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
-         frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
+         frontend fe\n  bind 127.0.0.1:{port}\n  unique-id-format %{{+X}}o\\ %ci:%cp_%fi:%fp_%Ts_%rt\n  default_backend be\n\
          backend be\n  server upsplice {upsplice} source 127.0.0.2 {send_proxy}\n"
     );
     let addr = ([127, 0, 0, 1], port).into();
@@ -99,8 +99,11 @@ async fn haproxy_send_proxy_v2_and_v1_make_the_client_the_real_one() {
     if !have("haproxy") {
         return;
     }
+    // The TLVs an AWS NLB adds (here HAProxy's: a CRC32c of the header, the
+    // SSL flags, a unique id) are skipped, the address still taken.
+    let tlvs = "send-proxy-v2 proxy-v2-options crc32c,ssl,unique-id";
     for (mode, send_proxy) in
-        [("v2", "send-proxy-v2"), ("any", "send-proxy-v2"), ("v1", "send-proxy"), ("any", "send-proxy")]
+        [("v2", "send-proxy-v2"), ("v2", tlvs), ("any", "send-proxy-v2"), ("v1", "send-proxy"), ("any", "send-proxy")]
     {
         let mut backend = RawBackend::start().await;
         let r = router(mode, backend.addr);
