@@ -104,19 +104,7 @@ srv.serve_forever()
 /// True if python3 can import `cryptography`; otherwise skip (or fail
 /// under UPSPLICE_REQUIRE_PEERS).
 fn python_cryptography() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import cryptography.hazmat.primitives.ciphers.aead"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(),
-            "python3 cannot import cryptography and UPSPLICE_REQUIRE_PEERS is set"
-        );
-        eprintln!("SKIPPED: Python `cryptography` is not installed (scripts/setup installs it)");
-    }
-    ok
+    common::peer::python_module("cryptography.hazmat.primitives.ciphers.aead", "scripts/setup installs it")
 }
 
 /// The Python route service, killed when dropped.

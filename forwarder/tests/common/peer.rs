@@ -26,13 +26,23 @@ pub fn have(tool: &str) -> bool {
 
 /// True if Python's `websockets` is importable; otherwise as [`have`].
 pub fn python_websockets() -> bool {
-    let ok = Command::new("python3").args(["-c", "import websockets"]).status().map(|s| s.success()).unwrap_or(false);
+    python_module("websockets", "pip install websockets; scripts/test does it")
+}
+
+/// True if `python3 -c "import MODULE"` works; otherwise as [`have`]
+/// (skip, or fail under UPSPLICE_REQUIRE_PEERS), saying how to get it.
+pub fn python_module(module: &str, how: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !ok {
         assert!(
             std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(),
-            "python3 -c 'import websockets' failed and UPSPLICE_REQUIRE_PEERS is set"
+            "python3 -c 'import {module}' failed and UPSPLICE_REQUIRE_PEERS is set"
         );
-        eprintln!("SKIPPED: Python `websockets` is not installed (pip install websockets; scripts/test does it)");
+        eprintln!("SKIPPED: Python `{module}` is not installed ({how})");
     }
     ok
 }
