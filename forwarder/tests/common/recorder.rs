@@ -141,6 +141,10 @@ fn request_end(buf: &[u8]) -> Option<usize> {
     if header("transfer-encoding").is_some_and(|te| te.ends_with("chunked")) {
         return ChunkedEnd::default().feed(&buf[head..]).ok().flatten().map(|n| head + n);
     }
-    let length: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    // A list of identical values ("5, 5") is one length (RFC 9110 §8.6),
+    // as the router frames it: read as 0, the recorder would answer before
+    // the body and race the router's relay of it.
+    let length: usize =
+        header("content-length").and_then(|v| v.split(',').next()?.trim().parse().ok()).unwrap_or(0);
     (buf.len() >= head + length).then_some(head + length)
 }
