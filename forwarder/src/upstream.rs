@@ -46,6 +46,9 @@ pub struct Pool {
     pub backends: Vec<Arc<Backend>>,
     /// How each backend (same index) is dialled with TLS; empty: none is.
     tls: Vec<Option<Arc<Target>>>,
+    /// The app instance each backend (same index) registered as; empty:
+    /// none did (a pool from the file, a route service's).
+    instances: Vec<Option<Arc<AppInstance>>>,
     balance: Balance,
     next: AtomicUsize,
     ctx: Arc<PoolContext>,
@@ -61,6 +64,24 @@ struct PoolContext {
     reused: Counter,
     /// `send_proxy`: its connections describe one client each, never reused.
     send_proxy: SendProxy,
+}
+
+/// What an endpoint learned from NATS registered about itself (`app`,
+/// `private_instance_id`, `private_instance_index`): the request headers
+/// gorouter sets towards it and the access log's app fields. Control
+/// characters are removed: the values go into header lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppInstance {
+    pub app_id: Arc<str>,
+    pub instance_id: Arc<str>,
+    pub instance_index: Arc<str>,
+}
+
+impl AppInstance {
+    pub fn new(app_id: &str, instance_id: &str, instance_index: &str) -> AppInstance {
+        let clean = |v: &str| -> Arc<str> { v.chars().filter(|c| !c.is_control()).collect::<String>().trim().into() };
+        AppInstance { app_id: clean(app_id), instance_id: clean(instance_id), instance_index: clean(instance_index) }
+    }
 }
 
 /// How one request wants its backend connection.
@@ -88,6 +109,8 @@ pub struct Upstream {
     pub reused: bool,
     /// Its TLS (idle connections are reused for the same TLS only).
     tls: Option<Arc<Target>>,
+    /// The app instance its backend registered as, if it did.
+    instance: Option<Arc<AppInstance>>,
     guard: BackendGuard,
     pool: Arc<PoolContext>,
 }
@@ -168,6 +191,14 @@ impl Pool {
         Pool::with_reuse_counter(&cfg, settings, registry, kind.reused(), tls)
     }
 
+    /// The app instance each backend (same order as the endpoints it was
+    /// made with) registered as: what a request to it is told.
+    pub fn with_instances(self, instances: Vec<Option<Arc<AppInstance>>>) -> Pool {
+        debug_assert_eq!(instances.len(), self.backends.len(), "one instance per backend");
+        let instances = if instances.iter().all(Option::is_none) { Vec::new() } else { instances };
+        Pool { instances, ..self }
+    }
+
     fn with_reuse_counter(
         cfg: &config::Pool,
         settings: &BackendSettings,
@@ -179,6 +210,7 @@ impl Pool {
             name: cfg.name.clone(),
             backends: cfg.backends.iter().map(|&addr| registry.backend(addr)).collect(),
             tls,
+            instances: Vec::new(),
             balance: cfg.balance,
             next: AtomicUsize::new(0),
             ctx: Arc::new(PoolContext {
@@ -257,7 +289,7 @@ impl Pool {
         if opts.reuse && settings.max_idle_per_backend > 0 && !proxied {
             if let Some(stream) = backend.idle.take_live(Instant::now(), tls.map(|t| &**t)) {
                 self.ctx.reused.inc();
-                return Ok(self.upstream(stream, tls, backend.lease(), true));
+                return Ok(self.upstream(i, stream, backend.lease(), true));
             }
         }
         let guard = backend.reserve(settings.max_conns).ok_or(Miss::AtCap)?;
@@ -269,7 +301,7 @@ impl Pool {
         };
         // A failed TLS handshake counts as a failed connect (passive health).
         match stream::connect(backend.addr, opts.timeout, header.as_deref(), tls.map(|t| &**t)).await {
-            Ok(stream) => Ok(self.upstream(stream, tls, guard, false)),
+            Ok(stream) => Ok(self.upstream(i, stream, guard, false)),
             Err(e) => {
                 drop(guard);
                 crate::metrics::connect_failure(&self.name);
@@ -279,20 +311,23 @@ impl Pool {
         }
     }
 
-    fn upstream(
-        &self,
-        stream: BackendStream,
-        tls: Option<&Arc<Target>>,
-        guard: BackendGuard,
-        reused: bool,
-    ) -> Upstream {
-        Upstream { stream, reused, tls: tls.cloned(), guard, pool: self.ctx.clone() }
+    /// Backend `i`'s connection for one request.
+    fn upstream(&self, i: usize, stream: BackendStream, guard: BackendGuard, reused: bool) -> Upstream {
+        let tls = self.tls.get(i).cloned().flatten();
+        let instance = self.instances.get(i).cloned().flatten();
+        Upstream { stream, reused, tls, instance, guard, pool: self.ctx.clone() }
     }
 }
 
 impl Upstream {
     pub fn addr(&self) -> SocketAddr {
         self.guard.addr()
+    }
+
+    /// The app instance its backend registered as (an endpoint learned
+    /// from NATS), if it did.
+    pub fn instance(&self) -> Option<&AppInstance> {
+        self.instance.as_deref()
     }
 
     /// The response was read to its end and neither side said close: the
@@ -498,6 +533,27 @@ mod tests {
         assert!(p.connect(OPTS).await.is_err());
         drop(guard);
         p.connect(OPTS).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_connection_carries_its_own_backends_app_instance() {
+        let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
+        let (p, _r) = pool_with(Balance::RoundRobin, &addrs, BackendSettings::default());
+        let of = |addr: SocketAddr| Some(Arc::new(AppInstance::new("app", &addr.to_string(), "0")));
+        let p = p.with_instances(addrs.iter().map(|&addr| of(addr)).collect());
+        for _ in 0..2 {
+            let up = p.connect(OPTS).await.unwrap();
+            assert_eq!(&*up.instance().unwrap().instance_id, up.addr().to_string());
+            // A reused connection keeps saying its own backend's.
+            up.release();
+            let again = p.connect(OPTS).await.unwrap();
+            assert_eq!(&*again.instance().unwrap().instance_id, again.addr().to_string());
+        }
+        // A pool from the file: none.
+        let (p, _r) = pool_with(Balance::RoundRobin, &addrs, BackendSettings::default());
+        assert!(p.connect(OPTS).await.unwrap().instance().is_none());
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use super::message::{Endpoint, Registration};
 use crate::config::Config;
 use crate::state::LearnedRoute;
 use crate::tls::client::{self, Target};
-use crate::upstream::{Learned, Pool, Registry};
+use crate::upstream::{AppInstance, Learned, Pool, Registry};
 
 #[derive(Default)]
 pub struct Table {
@@ -198,13 +198,19 @@ impl Table {
             let pool = entry.pool.get_or_insert_with(|| {
                 // A TLS endpoint is left out while it cannot be dialled (a
                 // reload took `[backend_tls] ca` away).
-                let mut endpoints: Vec<(SocketAddr, Option<Arc<Target>>)> = entry
+                let mut endpoints: Vec<(SocketAddr, Option<Arc<Target>>, &Endpoint)> = entry
                     .endpoints
                     .iter()
-                    .filter_map(|(addr, slot)| Some((*addr, tls_target(&slot.endpoint, backend_tls).ok()?)))
+                    .filter_map(|(addr, slot)| {
+                        Some((*addr, tls_target(&slot.endpoint, backend_tls).ok()?, &*slot.endpoint))
+                    })
                     .collect();
-                endpoints.sort_by_key(|(addr, _)| *addr);
-                Arc::new(Pool::learned(uri, endpoints, latest.balance, settings, registry, Learned::Nats))
+                endpoints.sort_by_key(|(addr, ..)| *addr);
+                // Each backend is told the app instance it registered as.
+                let instances = endpoints.iter().map(|(.., e)| Some(Arc::new(app_instance(e)))).collect();
+                let endpoints = endpoints.into_iter().map(|(addr, tls, _)| (addr, tls));
+                let pool = Pool::learned(uri, endpoints, latest.balance, settings, registry, Learned::Nats);
+                Arc::new(pool.with_instances(instances))
             });
             routes.push(LearnedRoute {
                 uri: uri.clone(),
@@ -230,6 +236,12 @@ impl Table {
         view.sort_by(|a, b| a.0.cmp(&b.0));
         view
     }
+}
+
+/// What `endpoint` registered itself as (gorouter's `ApplicationId`,
+/// `PrivateInstanceId`, `PrivateInstanceIndex`).
+fn app_instance(endpoint: &Endpoint) -> AppInstance {
+    AppInstance::new(&endpoint.app, &endpoint.private_instance_id, &endpoint.private_instance_index)
 }
 
 /// How `endpoint` is dialled: plain, or (it registered a `tls_port`) with
