@@ -51,6 +51,12 @@ pub struct AccessRecord {
     /// to one rather than to the app.
     pub route_service: Option<String>,
     pub backend: Option<SocketAddr>,
+    /// The app instance the backend registered as (an endpoint learned
+    /// from NATS): `app`, `private_instance_index`, `private_instance_id`;
+    /// None when it registered none, or the backend is no app instance.
+    pub app_id: Option<Arc<str>>,
+    pub app_index: Option<Arc<str>>,
+    pub instance_id: Option<Arc<str>>,
     /// The status answered (101 for tunnels); 0 when none was seen (tcp
     /// listeners, a backend that never answered).
     pub status: u16,
@@ -89,6 +95,9 @@ impl AccessRecord {
             route: None,
             route_service: None,
             backend: None,
+            app_id: None,
+            app_index: None,
+            instance_id: None,
             status: 0,
             router_error: None,
             forwarded: None,
@@ -150,7 +159,8 @@ impl AccessRecord {
         format!(
             "time={} client={} listener={} method={} path={} host={} route={} backend={} status={} data_plane={} \
              bytes_to_backend={} bytes_to_client={} user_agent={} referer={} x_forwarded_for={} \
-             x_forwarded_proto={} request_id={} router_error={} first_byte_ms={} upgrade_ms={} duration_ms={} close={}",
+             x_forwarded_proto={} request_id={} app_id={} app_index={} instance_id={} router_error={} \
+             first_byte_ms={} upgrade_ms={} duration_ms={} close={}",
             humantime::format_rfc3339_millis(self.start),
             self.peer,
             q(Some(&self.listener)),
@@ -168,6 +178,9 @@ impl AccessRecord {
             q(self.x_forwarded_for.as_deref()),
             q(self.x_forwarded_proto.as_deref()),
             q(self.request_id.as_deref()),
+            q(self.app_id.as_deref()),
+            q(self.app_index.as_deref()),
+            q(self.instance_id.as_deref()),
             self.router_error.unwrap_or("-"),
             millis(self.first_byte),
             millis(self.upgraded),
@@ -189,6 +202,9 @@ impl AccessRecord {
             "route": self.route.as_deref(),
             "route_service": self.route_service,
             "backend": self.backend.map(|b| b.to_string()),
+            "app_id": self.app_id.as_deref(),
+            "app_index": self.app_index.as_deref(),
+            "instance_id": self.instance_id.as_deref(),
             "status": self.status,
             "data_plane": self.data_plane.map(Mode::as_str),
             "bytes_to_backend": self.to_backend,
@@ -214,8 +230,9 @@ impl AccessRecord {
     /// response_time:… gorouter_time:… app_id:… app_index:…
     /// x_cf_routererror:…`, a missing value as `-`. Bytes received are the
     /// client's (to the backend), bytes sent the client's share; times in
-    /// seconds. app_id and app_index come with routes from NATS; a route
-    /// from the file has neither.
+    /// seconds. app_id and app_index are the registration's `app` and
+    /// `private_instance_index` (routes from NATS); a route from the file
+    /// has neither.
     fn gorouter(&self, ended: Duration) -> String {
         let dash = |v: Option<&str>| v.filter(|v| !v.is_empty()).unwrap_or("-").to_string();
         let quoted = |v: Option<&str>| format!("\"{}\"", dash(v).replace('"', "\\\""));
@@ -225,7 +242,7 @@ impl AccessRecord {
         };
         format!(
             "{} - [{}] {} {} {} {} {} {} {} {} x_forwarded_for:{} x_forwarded_proto:{} vcap_request_id:{} \
-             response_time:{} gorouter_time:{} app_id:- app_index:- x_cf_routererror:{}",
+             response_time:{} gorouter_time:{} app_id:{} app_index:{} x_cf_routererror:{}",
             dash(self.host.as_deref()),
             humantime::format_rfc3339_nanos(self.start),
             request,
@@ -241,6 +258,8 @@ impl AccessRecord {
             dash(self.request_id.as_deref()),
             seconds(Some(ended)),
             seconds(self.forwarded),
+            dash(self.app_id.as_deref()),
+            dash(self.app_index.as_deref()),
             self.router_error.unwrap_or("-"),
         )
     }
@@ -291,6 +310,10 @@ mod tests {
              x_forwarded_proto:\"https\" vcap_request_id:6f1c1c3e-0000-4000-8000-000000000001 \
              response_time:2.500000 gorouter_time:0.001500 app_id:- app_index:- x_cf_routererror:-"
         );
+        let mut app = record();
+        (app.app_id, app.app_index, app.instance_id) = (Some("b8c2".into()), Some("2".into()), Some("c1a2".into()));
+        let line = app.line(Format::Gorouter, Duration::from_millis(2500));
+        assert!(line.ends_with(" app_id:b8c2 app_index:2 x_cf_routererror:-"), "{line}");
         let bare =
             AccessRecord::new("192.0.2.7:1".parse().unwrap(), "raw".into()).line(Format::Gorouter, Duration::ZERO);
         assert!(bare.starts_with("- - ["), "{bare}");
@@ -299,6 +322,7 @@ mod tests {
 
     #[test]
     fn json_line_has_the_documented_fields() {
+        use serde_json::Value::Null;
         let line = record().line(Format::Json, Duration::from_millis(2500));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
@@ -312,7 +336,12 @@ mod tests {
         assert_eq!(v["upgrade_ms"], 4.0);
         assert_eq!(v["duration_ms"], 2500.0);
         assert_eq!(v["referer"], serde_json::Value::Null);
+        assert_eq!((&v["app_id"], &v["app_index"], &v["instance_id"]), (&Null, &Null, &Null));
         assert!(!line.contains('\n'));
+        let mut app = record();
+        (app.app_id, app.app_index, app.instance_id) = (Some("b8c2".into()), Some("2".into()), Some("c1a2".into()));
+        let v: serde_json::Value = serde_json::from_str(&app.line(Format::Json, Duration::ZERO)).unwrap();
+        assert_eq!((&v["app_id"], &v["app_index"], &v["instance_id"]), (&"b8c2".into(), &"2".into(), &"c1a2".into()));
     }
 
     #[test]
