@@ -38,7 +38,7 @@ use crate::access::AccessRecord;
 use crate::state::Snapshot;
 use crate::tls::client::Failure;
 use crate::tls::ClientCert;
-use crate::upstream::{BackendGuard, BackendStream, ConnectError, ConnectOpts};
+use crate::upstream::{AppInstance, BackendGuard, BackendStream, ConnectError, ConnectOpts};
 use answer::{linger_close, Refusal};
 use body::BodyError;
 use framing::Framing;
@@ -355,10 +355,18 @@ impl Context<'_> {
                 e => Refusal::endpoint_failure(e.to_string()),
             })?;
             rec.backend = Some(upstream.addr());
-            let failure = match upstream.stream.write_all(&fwd.head).await {
+            // The access log names the app instance of the last attempt's backend.
+            let instance = upstream.instance();
+            let field = |f: fn(&AppInstance) -> &Arc<str>| instance.map(f).filter(|v| !v.is_empty()).cloned();
+            rec.app_id = field(|i| &i.app_id);
+            rec.app_index = field(|i| &i.instance_index);
+            rec.instance_id = field(|i| &i.instance_id);
+            // Each attempt's head tells its own backend's app instance.
+            let head = fwd.head_to(instance, upstream.addr());
+            let failure = match upstream.stream.write_all(&head).await {
                 Err(e) => ReadError::Io(e),
                 Ok(()) => {
-                    rec.to_backend += fwd.head.len() as u64;
+                    rec.to_backend += head.len() as u64;
                     rec.forwarded = Some(rec.started.elapsed());
                     match exchange.run(client, &mut upstream.stream, &leftover, fwd.body, rec).await? {
                         Exchanged::NoResponse(e) => e,

@@ -358,3 +358,155 @@ fn healthz_waits_for_router_start_and_the_delay() {
     }
     assert!(up.elapsed() >= Duration::from_secs(1), "200 before start_response_delay_interval");
 }
+
+/// An HTTP backend that answers every request with `name`, a newline and
+/// the request head it received.
+async fn head_echo_backend(name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (head, _) = common::read_head(&mut s).await;
+                let body = format!("{name}\n{head}");
+                let answer =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A backend that reads each request head and closes without an answer
+/// (the router retries on the next endpoint); counts its connections.
+async fn closing_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let reached = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let _ = common::read_head(&mut s).await;
+            });
+        }
+    });
+    (addr, reached)
+}
+
+fn register_instance(addr: SocketAddr, uri: &str, id: &str, index: &str) -> String {
+    format!(
+        r#"{{"host":"{}","port":{},"uris":["{uri}"],"app":"app-guid","private_instance_id":"{id}","private_instance_index":"{index}"}}"#,
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// The value of header `name` in `head` (case-insensitive), if sent.
+fn header_of<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| l.split_once(": ").filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_names_the_app_instance_that_served_it() {
+    if !have("nats-server") {
+        return;
+    }
+    let nats = NatsServer::start(free_port());
+    let mut client = NatsClient::connect(nats.port);
+    let dir = tempfile::tempdir().unwrap();
+    let file_backend = head_echo_backend("file").await;
+    // Two routers on the same NATS: one logs gorouter's line, one JSON.
+    let logs = [("gorouter", dir.path().join("access.log")), ("json", dir.path().join("access.json"))];
+    let routers: Vec<Router> = logs
+        .iter()
+        .map(|(format, path)| {
+            let log = format!("[access_log]\npath = \"{}\"\nformat = \"{format}\"\n", path.display());
+            Router::start_config(&config(&nats.url(), &log, file_backend))
+        })
+        .collect();
+
+    let a = head_echo_backend("a").await;
+    let b = head_echo_backend("b").await;
+    let (dead, reached_dead) = closing_backend().await;
+    client.publish("router.register", &register_instance(a, "app.test", "inst-a", "0"));
+    client.publish("router.register", &register_instance(b, "app.test", "inst-b", "1"));
+    client.publish("router.register", &register_instance(dead, "app.test", "inst-dead", "2"));
+    let spoofed = "X-CF-ApplicationID: spoofed\r\nX-CF-InstanceID: spoofed\r\nX-CF-InstanceIndex: 9\r\n";
+    for router in &routers {
+        wait_metric(router, "upsplice_nats_endpoints ", 3.0);
+        let dead_before = reached_dead.load(std::sync::atomic::Ordering::Relaxed);
+        let mut served = Vec::new();
+        // Round robin over three endpoints: the closing one is tried once
+        // (then backed off), and that request goes on to the next endpoint.
+        for _ in 0..6 {
+            let req = format!("GET / HTTP/1.1\r\nHost: app.test\r\n{spoofed}Connection: close\r\n\r\n");
+            let resp = raw_exchange(router.http, req.as_bytes()).await;
+            let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with("HTTP/1.1 200"), "{resp}\n{}", router.log());
+            let (name, got) = body.split_once('\n').unwrap();
+            let (id, index) = match name {
+                "a" => ("inst-a", "0"),
+                "b" => ("inst-b", "1"),
+                other => panic!("served by {other}"),
+            };
+            assert_eq!(header_of(got, "X-CF-ApplicationID"), Some("app-guid"), "{got}");
+            assert_eq!(header_of(got, "X-CF-InstanceID"), Some(id), "{got}");
+            assert_eq!(header_of(got, "X-CF-InstanceIndex"), Some(index), "{got}");
+            assert_eq!(got.matches("X-CF-").count(), 3, "one of each, none of the client's: {got}");
+            assert!(!got.contains("spoofed") && !got.contains("inst-dead"), "{got}");
+            served.push(name.to_string());
+        }
+        assert!(served.iter().any(|n| n == "a") && served.iter().any(|n| n == "b"), "{served:?}");
+        let dead_after = reached_dead.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(dead_after > dead_before, "a request was retried from the closing endpoint");
+
+        // A route from the file: no app instance, and none of the client's.
+        let req = format!("GET / HTTP/1.1\r\nHost: file.test\r\n{spoofed}Connection: close\r\n\r\n");
+        let resp = raw_exchange(router.http, req.as_bytes()).await;
+        let got = resp.split_once("\r\n\r\nfile\n").map(|(_, h)| h).unwrap_or_else(|| panic!("{resp}"));
+        assert!(!got.to_ascii_lowercase().contains("x-cf-"), "{got}");
+    }
+
+    // The access log names the instance of each request's endpoint.
+    let text = log_lines(&logs[0].1, 7);
+    for line in &text[..6] {
+        let backend_is = |addr: SocketAddr| line.contains(&format!(" {addr} x_forwarded_for:"));
+        let app = if backend_is(a) { "0" } else { "1" };
+        assert!(backend_is(a) || backend_is(b), "{line}");
+        assert!(line.contains(&format!(" app_id:app-guid app_index:{app} x_cf_routererror:-")), "{line}");
+    }
+    assert!(text[6].contains(" app_id:- app_index:- "), "{}", text[6]);
+    let json = log_lines(&logs[1].1, 7);
+    for line in &json[..6] {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (id, index) = if v["backend"] == a.to_string() { ("inst-a", "0") } else { ("inst-b", "1") };
+        assert_eq!(
+            (v["app_id"].as_str(), v["app_index"].as_str(), v["instance_id"].as_str()),
+            (Some("app-guid"), Some(index), Some(id)),
+            "{v}"
+        );
+    }
+    let v: serde_json::Value = serde_json::from_str(&json[6]).unwrap();
+    assert_eq!(
+        (&v["app_id"], &v["app_index"], &v["instance_id"]),
+        (&serde_json::Value::Null, &serde_json::Value::Null, &serde_json::Value::Null),
+        "{v}"
+    );
+}
+
+/// Waits (bounded) until the file at `path` has `n` lines; returns them.
+fn log_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "{} has {} lines, not {n}:\n{text}", path.display(), lines.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

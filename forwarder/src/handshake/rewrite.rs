@@ -21,17 +21,22 @@
 //!   (gorouter's modes): `always_forward` keeps a trusted peer's,
 //!   `forward` keeps it only on an mTLS connection, `sanitize_set` always
 //!   removes it and, on mTLS, sets the client's certificate (base64 DER);
+//! * `X-CF-ApplicationID`, `X-CF-InstanceID` and `X-CF-InstanceIndex` are
+//!   always removed; each attempt's head to an app instance learned from
+//!   NATS carries its own ([`Forward::head_to`]), as gorouter sets them;
 //! * ambiguous body framing (Transfer-Encoding with Content-Length, differing
 //!   Content-Lengths, a Transfer-Encoding that does not end in chunked) is
 //!   refused: it is how requests get smuggled past a proxy.
 
-use std::net::IpAddr;
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
 
 use base64::Engine;
 
 use super::answer::Refusal;
 use super::head::{tokens, values, Header, Request, Response};
 use crate::config::ForwardedClientCert;
+use crate::upstream::AppInstance;
 
 /// How the request body is framed (what follows the head from the client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +93,11 @@ const DROPPED: &[&str] = &[
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-request-start",
+    // The app instance headers: the router's alone to say (see
+    // `Forward::head_to`), whoever the client is.
+    "x-cf-applicationid",
+    "x-cf-instanceid",
+    "x-cf-instanceindex",
 ];
 
 /// Headers removed from the requests of peers outside the listener's
@@ -269,6 +279,29 @@ impl Forward {
             ("X-CF-Proxy-Metadata", sealed.metadata.as_bytes()),
         ];
         self.head = edit_head(&self.head, Some(target), Some(host), &set);
+    }
+
+    /// The head for one attempt at the request, to the backend it went
+    /// to: a backend that registered as an app instance (an endpoint
+    /// learned from NATS) is told which, as gorouter tells it —
+    /// `X-CF-ApplicationID`, `X-CF-InstanceIndex` and `X-CF-InstanceID`
+    /// (the backend's address when it registered no instance id); any
+    /// other backend gets none (the client's were removed).
+    pub fn head_to(&self, instance: Option<&AppInstance>, addr: SocketAddr) -> Cow<'_, [u8]> {
+        let Some(instance) = instance else { return Cow::Borrowed(&self.head) };
+        let addr = addr.to_string();
+        let instance_id = match &*instance.instance_id {
+            "" => addr.as_str(),
+            id => id,
+        };
+        let body = self.head.strip_suffix(b"\r\n").unwrap_or(&self.head);
+        let mut head = Vec::with_capacity(self.head.len() + 96 + instance.app_id.len() + instance_id.len());
+        head.extend_from_slice(body);
+        push_header(&mut head, "X-CF-ApplicationID", instance.app_id.as_bytes());
+        push_header(&mut head, "X-CF-InstanceIndex", instance.instance_index.as_bytes());
+        push_header(&mut head, "X-CF-InstanceID", instance_id.as_bytes());
+        head.extend_from_slice(b"\r\n");
+        Cow::Owned(head)
     }
 
     /// A checked callback from the route service goes on to the app
@@ -522,6 +555,37 @@ mod tests {
             "X-CF-Forwarded-Url: https://shop.example.com/orders/7?x=%20y\r\nX-CF-Proxy-Signature: SIG=\r\nX-CF-Proxy-Metadata: META=\r\n\r\n"
         ), "{h}");
         assert_eq!(parse_request(h.as_bytes(), 65536).unwrap().unwrap().head_len, h.len());
+    }
+
+    #[test]
+    fn app_instance_headers_are_the_routers_alone() {
+        // Whoever sends them (a trusted peer too), the client's go.
+        let sent = "GET /a HTTP/1.1\r\nHost: app.example.com\r\nX-CF-ApplicationID: spoofed\r\n\
+                    x-cf-instanceid: spoofed\r\nX-Cf-InstanceIndex: 9\r\nAccept: */*\r\n\r\n";
+        for trusted in [false, true] {
+            let f = fwd(sent, trusted).unwrap();
+            let addr: SocketAddr = "10.0.0.5:61001".parse().unwrap();
+            // A backend that is no app instance (a route from the file) gets none.
+            let plain = String::from_utf8(f.head_to(None, addr).into_owned()).unwrap();
+            assert!(!plain.to_ascii_lowercase().contains("x-cf-") && plain.contains("Accept: */*"), "{plain}");
+            assert!(!plain.contains("spoofed"), "{plain}");
+            let app = AppInstance::new("b8c2", "c1a2\r\nX-Evil: 1", "2");
+            let h = String::from_utf8(f.head_to(Some(&app), addr).into_owned()).unwrap();
+            assert!(
+                h.ends_with(
+                    "X-CF-ApplicationID: b8c2\r\nX-CF-InstanceIndex: 2\r\nX-CF-InstanceID: c1a2X-Evil: 1\r\n\r\n"
+                ),
+                "{h}"
+            );
+            assert!(!h.contains("spoofed") && !h.contains(": 9\r\n"), "{h}");
+            assert_eq!(parse_request(h.as_bytes(), 65536).unwrap().unwrap().head_len, h.len());
+            // No instance id registered: the backend's address, as gorouter sends it.
+            let h = String::from_utf8(f.head_to(Some(&AppInstance::new("", "", "")), addr).into_owned()).unwrap();
+            assert!(
+                h.ends_with("X-CF-ApplicationID: \r\nX-CF-InstanceIndex: \r\nX-CF-InstanceID: 10.0.0.5:61001\r\n\r\n"),
+                "{h}"
+            );
+        }
     }
 
     #[test]
