@@ -144,7 +144,6 @@ fn request_end(buf: &[u8]) -> Option<usize> {
     // A list of identical values ("5, 5") is one length (RFC 9110 §8.6),
     // as the router frames it: read as 0, the recorder would answer before
     // the body and race the router's relay of it.
-    let length: usize =
-        header("content-length").and_then(|v| v.split(',').next()?.trim().parse().ok()).unwrap_or(0);
+    let length: usize = header("content-length").and_then(|v| v.split(',').next()?.trim().parse().ok()).unwrap_or(0);
     (buf.len() >= head + length).then_some(head + length)
 }
