@@ -51,6 +51,8 @@ pub enum Command {
     Merge(MergeArgs),
     /// Overlay several runs' JSON summaries or .hlog files in one SVG.
     Plot(PlotArgs),
+    /// Publish gorouter's `router.register` messages to NATS (a route table at scale).
+    NatsRegister(NatsRegisterArgs),
 }
 
 /// `echo` arguments.
@@ -409,6 +411,62 @@ pub struct PlotArgs {
     /// Plot title.
     #[arg(long, default_value = "Latency by percentile")]
     pub title: String,
+}
+
+/// `nats-register` arguments.
+#[derive(Debug, Args)]
+pub struct NatsRegisterArgs {
+    /// The NATS server (`nats://[user:password@|token@]host:port`).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub server: String,
+    /// URIs the endpoints are spread over (`app-<n>.<domain>`).
+    #[arg(long, default_value_t = 50_000)]
+    pub uris: u32,
+    /// Endpoints (one registration each, each with its own address `10.x.y.z:61000`).
+    #[arg(long, default_value_t = 100_000)]
+    pub endpoints: u32,
+    /// Registrations per second, or `max`.
+    #[arg(long, default_value = "max", value_parser = parse_rate)]
+    pub rate: Rate,
+    /// The URIs' domain.
+    #[arg(long, default_value = "nats.bench")]
+    pub domain: String,
+    /// Register every endpoint again this often (a route emitter's refresh), until --duration.
+    #[arg(long, value_parser = parse_duration)]
+    pub repeat_every: Option<Duration>,
+    /// Upper bound of the whole run.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// After the first round, poll this `/metrics` URL until `upsplice_nats_endpoints` reaches --endpoints.
+    #[arg(long)]
+    pub wait_metrics: Option<String>,
+    /// How long --wait-metrics and each --first-route sample may wait.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Instead of a burst: register one new URI at a time and time the requests through this
+    /// router address until it routes it.
+    #[arg(long, requires = "backend")]
+    pub first_route: Option<std::net::SocketAddr>,
+    /// --first-route: the backend the new URIs point at.
+    #[arg(long)]
+    pub backend: Option<std::net::SocketAddr>,
+    /// --first-route: how many URIs, one after another.
+    #[arg(long, default_value_t = 20)]
+    pub samples: usize,
+    /// --first-route: a prefix for the URIs' names (`first-<prefix><i>.<domain>`), so runs differ.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+}
+
+/// `--rate`: registrations per second, or None for `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate(pub Option<u32>);
+
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    match s {
+        "max" => Ok(Rate(None)),
+        n => n.parse().map(|r| Rate(Some(r))).map_err(|_| format!("bad rate {s:?} (a number or `max`)")),
+    }
 }
 
 /// Parses `1.5s`, `250ms`, `2m`, `1h`, `10us` or a bare number of seconds.

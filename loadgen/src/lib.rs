@@ -13,6 +13,7 @@ pub mod hlog;
 pub mod hold;
 pub mod httphead;
 pub mod lifecycle;
+pub mod nats;
 pub mod net;
 pub mod outputs;
 pub mod plot;

@@ -7,8 +7,8 @@ use std::net::ToSocketAddrs;
 use std::process::ExitCode;
 use std::sync::Arc;
 use upsplice_loadgen::cli::{
-    ChurnArgs, Cli, Command, HoldArgs, HttpTarget, LifecycleArgs, LoadArgs, MergeArgs, PlotArgs, SearchArgs, TcpMode,
-    WireArgs,
+    ChurnArgs, Cli, Command, HoldArgs, HttpTarget, LifecycleArgs, LoadArgs, MergeArgs, NatsRegisterArgs, PlotArgs,
+    SearchArgs, TcpMode, WireArgs,
 };
 use upsplice_loadgen::engine::{self, Proto, RunConfig};
 use upsplice_loadgen::outputs::{self, Outputs};
@@ -78,7 +78,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Search(a) => search(a),
         Command::Merge(a) => merge(a),
         Command::Plot(a) => plot_files(a),
+        Command::NatsRegister(a) => nats_register(a),
     }
+}
+
+/// `nats-register`: a burst of registrations, or the register-to-routed loop; one JSON line.
+fn nats_register(a: NatsRegisterArgs) -> anyhow::Result<ExitCode> {
+    use upsplice_loadgen::nats;
+    let json = match (a.first_route, a.backend) {
+        (Some(router), Some(backend)) => serde_json::to_string(&nats::first_route(
+            &a.server, router, backend, a.samples, &a.domain, &a.prefix, a.timeout,
+        )?)?,
+        _ => {
+            let plan = nats::Plan {
+                server: a.server,
+                uris: a.uris,
+                endpoints: a.endpoints,
+                rate: a.rate.0,
+                domain: a.domain,
+                repeat_every: a.repeat_every,
+                duration: a.duration,
+                wait_metrics: a.wait_metrics,
+                timeout: a.timeout,
+            };
+            let report = nats::burst(&plan)?;
+            let absorbed = report.absorbed_s.is_some() || plan.wait_metrics.is_none();
+            let json = serde_json::to_string(&report)?;
+            if !absorbed {
+                println!("{json}");
+                bail!("the router did not show {} endpoints within {:?}", plan.endpoints, plan.timeout);
+            }
+            json
+        }
+    };
+    println!("{json}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check_size(size: usize) -> anyhow::Result<()> {
