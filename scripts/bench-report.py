@@ -6,7 +6,7 @@
                                               docs/benchmarks.md + SVGs next to it (REPORT's dir/bench/)
     bench-report.py http-ka-line OUTDIR/http-keepalive.jsonl
                                               the progress line of the http keep-alive section's last run
-    bench-report.py section http-keepalive|tls OUTDIR REPORT.md
+    bench-report.py section http-keepalive|tls|nats OUTDIR REPORT.md
                                               only that section, added to REPORT.md or replacing its own there
 
 Every figure in the report comes from the files scripts/bench wrote into
@@ -1404,6 +1404,119 @@ def tls_section(out: Path, goals: list | None = None) -> list[str]:
     return md
 
 
+# ------------------------------------------------------------------ routes from NATS (a section that runs alone)
+NATS_TITLE = "## Routes from NATS at scale"
+
+
+def nats_json(out: Path, name: str) -> dict | None:
+    """One nats-register summary (out/nats-NAME.json), None when the run gave none."""
+    path = out / f"nats-{name}.json"
+    try:
+        return json.loads(path.read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def nats_wrk(out: Path, name: str) -> dict | None:
+    """wrk's summary line of one request loop (out/nats-wrk-NAME.txt)."""
+    path = out / f"nats-wrk-{name}.txt"
+    if not path.exists():
+        return None
+    return next((json.loads(ln.split(" ", 1)[1]) for ln in path.read_text().splitlines() if ln.startswith("WRK_JSON ")), None)
+
+
+def nats_section(out: Path, dest: Path | None = None) -> list[str]:
+    """The section from out/nats* (`scripts/bench --only nats`); without those results, the report's old section stays."""
+    burst = nats_json(out, "burst")
+    if burst is None and dest is not None and dest.exists():
+        old = dest.read_text().splitlines()
+        if NATS_TITLE in old:
+            start = old.index(NATS_TITLE)
+            end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+            return old[start:end]
+    md = section_head(NATS_TITLE, burst is not None)
+    w = md.append
+    if burst is None:
+        return md
+    meta = read_env(out / "nats.env")
+    f = lambda k: float(meta[k]) if meta.get(k) not in (None, "") else None  # noqa: E731
+    rss = [int(x) for x in meta.get("rss_kib", "").split()] + [None] * 4
+    eps = burst.get("endpoints") or 0
+    w(f"Run of {meta.get('date_utc', '?')} (commit {meta.get('commit', '?')}), load average {meta.get('loadavg_start', '?')} "
+      f"at the start, {meta.get('loadavg_burst', '?')} after the burst and {meta.get('loadavg_end', '?')} at the end. The "
+      f"machine has {meta.get('nproc', '?')} cores, shared by nats-server, the generator, the router, the echo backend, wrk "
+      "**and other sessions' compilers**: absolute figures move from run to run, the ratios measured in this one run are what "
+      "count.")
+    w("")
+    w("```")
+    w(meta.get("command", "scripts/bench --only nats"))
+    w("```")
+    w("")
+    w(f"A real `nats-server` ({meta.get('nats_server', '?')}) on loopback; one upsplice (data plane copy) with `[nats]` "
+      f"(`droplet_stale_threshold = \"{meta.get('stale_s', '?')}s\"`, `prune_stale_droplets_interval = \"1s\"`) and one file "
+      "route, `bench.local` → the echo backend, which the request loop uses: file and NATS routes live in one table, and a "
+      "file route never expires, so the loop keeps its route through the prune. `upsplice-loadgen nats-register` publishes "
+      f"gorouter's `router.register` JSON (host, port, uris, app, private_instance_id, private_instance_index as a string, "
+      f"tags) on a raw NATS connection: {num(eps)} endpoints, each its own address `10.x.y.z:61000`, over "
+      f"{num(burst.get('uris'))} URIs (`app-<n>.nats.bench`), at rate {meta.get('rate', '?')}. The request loop is "
+      f"`wrk -t1 -c {meta.get('conns', '?')} -d {meta.get('wrk_d', '?')}s` (GET through the router to the echo backend, "
+      "keep-alive), closed-loop: a stalled lookup shows in its tail and its max, not as a queue.")
+    w("")
+    w("### Filling the table")
+    w("")
+    cpu, wall = f("burst_cpu_s"), f("burst_wall_s")
+    absorbed = burst.get("absorbed_s")
+    w("| figure | value |")
+    w("| --- | --- |")
+    w(f"| registrations published (generator → nats-server, until its PONG) | {num(eps)} in {num(burst.get('publish_s'), 2)} s: "
+      f"**{num(burst.get('published_per_s'))}/s** ({num((burst.get('bytes') or 0) / eps if eps else None)} bytes of JSON each) |")
+    w(f"| registrations absorbed by the router (first PUB → `upsplice_nats_endpoints` = {num(eps)}) | "
+      + (f"{num(absorbed, 2)} s: **{num(burst.get('absorbed_per_s'))}/s** |" if absorbed else "**not reached** within the timeout |"))
+    w(f"| the router's table then (`upsplice_nats_endpoints` / `upsplice_nats_routes`) | {num(burst.get('router_endpoints'))} / "
+      f"{num(burst.get('router_routes'))} |")
+    w(f"| router CPU during the burst | {num(cpu, 2)} s in {num(wall, 2)} s ({num(100 * cpu / wall if cpu and wall else None)} % "
+      f"of one core); {num(cpu / eps * 1e6 if cpu and eps else None, 1)} µs per registration |")
+    w(f"| router RSS before → after | {num(rss[0])} KiB → {num(rss[1])} KiB: **{num((rss[1] - rss[0]) / eps if rss[1] and eps else None, 2)} "
+      "KiB per endpoint** (allocator's high-water mark included) |")
+    w(f"| a refresh of every endpoint (nothing changes: no rebuild) | router CPU {num(f('refresh_cpu_s'), 2)} s "
+      f"({num(f('refresh_cpu_s') / eps * 1e6 if f('refresh_cpu_s') and eps else None, 1)} µs per registration); RSS {num(rss[2])} KiB |")
+    w(f"| the prune of all of them (stale after {meta.get('stale_s', '?')} s) | {num(meta.get('pruned_total') and int(meta['pruned_total']))} "
+      f"pruned, {meta.get('prune_endpoints_left', '?')} left; router CPU while it ran {num(f('prune_cpu_s'), 2)} s; RSS after {num(rss[3])} KiB |")
+    w(f"| bad messages | {meta.get('bad_total', '?')} |")
+    w("")
+    w("### Requests while the table changes")
+    w("")
+    w("| request loop | requests/s | p50 | p99 | p99.9 | max | errors |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, label in [("idle", "alone"), ("burst", f"during the burst of {num(eps)} registrations"),
+                        ("refresh", "during the refresh"), ("prune", "during the prune")]:
+        x = nats_wrk(out, name)
+        if not x:
+            w(f"| {label} | – | – | – | – | – | – |")
+            continue
+        lat = x.get("latency_us") or {}
+        errs = sum((x.get("errors") or {}).values())
+        rps = x["requests"] / (x["duration_us"] / 1e6) if x.get("duration_us") else None
+        ms = lambda us: f"{us / 1000:.2f} ms" if us is not None else "–"  # noqa: E731
+        w(f"| {label} | {num(rps)} | {ms(lat.get('p50'))} | {ms(lat.get('p99'))} | {ms(lat.get('p999'))} | {ms(lat.get('max'))} | {errs} |")
+    w("")
+    w("### From `router.register` to the first routed request")
+    w("")
+    w("One new URI at a time, pointing at the echo backend; the generator publishes its registration and requests it through "
+      "the router (a new connection each time) every millisecond until the answer is not 404.")
+    w("")
+    w("| table | samples | median | max |")
+    w("| --- | --- | --- | --- |")
+    for name, label in [("first-empty", "empty"), ("first-full", f"{num(eps)} endpoints")]:
+        x = nats_json(out, name)
+        if x:
+            w(f"| {label} | {x['samples']} | {num(x['p50_ms'], 1)} ms | {num(x['max_ms'], 1)} ms |")
+        else:
+            w(f"| {label} | – | – | – |")
+    w("")
+    return md
+
+
 def replace_section(report_path: Path, lines: list[str], title: str, before: str) -> None:
     """Puts `lines` (a `## ` section) into the report in place of the section called `title`, or, when it has none,
     before the section called `before` (at the end without that); the rest of the file stays as it was."""
@@ -1438,7 +1551,7 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     # the table itself stands after the data planes.
     before = [header(b), how_to_run(b), setup(b), data_planes(b)]
     after = [fixed_latency(b), sustained_rate(b), handshakes(b), churn(b), bulk(b), two_way_bulk(b),
-             http_keepalive(b.out, b.goals), tls_section(b.out, b.goals), cpu(b), idle_tunnels(b), drift(b), known_problems(b)]
+             http_keepalive(b.out, b.goals), tls_section(b.out, b.goals), nats_section(b.out, dest), cpu(b), idle_tunnels(b), drift(b), known_problems(b)]
     md = [ln for sec in before + [goals_table(b)] + after for ln in sec]
     dest.write_text("\n".join(md) + "\n")
 
@@ -1454,6 +1567,8 @@ def main(argv):
         replace_section(Path(argv[4]), http_keepalive(Path(argv[3])), HTTP_KA_TITLE, "## CPU per million messages and per GiB")
     elif len(argv) == 5 and argv[1:3] == ["section", "tls"]:
         replace_section(Path(argv[4]), tls_section(Path(argv[3])), TLS_TITLE, "## CPU per million messages and per GiB")
+    elif len(argv) == 5 and argv[1:3] == ["section", "nats"]:
+        replace_section(Path(argv[4]), nats_section(Path(argv[3])), NATS_TITLE, "## CPU per million messages and per GiB")
     else:
         print(__doc__, file=sys.stderr)
         return 2
