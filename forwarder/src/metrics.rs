@@ -290,6 +290,9 @@ pub struct NatsMetrics {
     pub connected: Gauge,
     /// Connections to NATS after the first.
     pub reconnects: Counter,
+    /// Messages the client dropped because the router fell behind (its
+    /// subscription buffer was full: a NATS "slow consumer").
+    pub dropped: Counter,
 }
 
 impl NatsMetrics {
@@ -304,6 +307,7 @@ impl NatsMetrics {
             skipped: Family::default(),
             connected: Gauge::default(),
             reconnects: Counter::default(),
+            dropped: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("nats");
         r.register(
@@ -327,6 +331,11 @@ impl NatsMetrics {
         r.register("endpoints_skipped", "Endpoints of valid registrations not taken, by reason", m.skipped.clone());
         r.register("connected", "1 while connected to a NATS server", m.connected.clone());
         r.register("reconnects", "Connections to NATS after the first", m.reconnects.clone());
+        r.register(
+            "dropped_messages",
+            "router.* messages dropped by the NATS client because the router fell behind (slow consumer; a lower bound)",
+            m.dropped.clone(),
+        );
         for kind in ["register", "unregister", "greet"] {
             let _ = m.messages.get_or_create(&NatsKindLabels { kind: kind.into() });
         }
