@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::AsyncWriteExt;
@@ -19,20 +18,6 @@ fn router_logging_to(path: &Path, format: &str, backend: &RawBackend) -> Router 
         routing: main_pool(&[backend.addr], "app.test"),
         extra: &extra,
     })
-}
-
-/// Waits (bounded) until `path` has `n` lines; returns them.
-fn lines(path: &Path, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(Instant::now() < deadline, "{} has {} lines, not {n}:\n{text}", path.display(), lines.len());
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// One plain request (the client asks to close after it): answers 200 from
@@ -66,7 +51,7 @@ async fn gorouter_format_parses_as_gorouter_writes_it() {
     let head = plain_request(&router, &mut backend, "X-Forwarded-For: 6.6.6.6\r\n").await;
     let id = header(&head, "X-Vcap-Request-Id");
     assert_eq!(id.len(), 36, "a UUID: {id}");
-    let line = &lines(&path, 1)[0];
+    let line = &wait_lines(&path, 1)[0];
     let start = line.find("] ").unwrap();
     assert!(line.starts_with("app.test - [20"), "{line}");
     let rest = &line[start + 2..];
@@ -85,7 +70,7 @@ async fn gorouter_format_parses_as_gorouter_writes_it() {
 
     // The router's own answer carries its X-Cf-Routererror.
     raw_exchange(router.http, b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n").await;
-    let line = &lines(&path, 2)[1];
+    let line = &wait_lines(&path, 2)[1];
     assert!(line.starts_with("nowhere.test - [") && line.contains("\"GET / HTTP/1.1\" 404 "), "{line}");
     assert!(line.ends_with(" x_cf_routererror:unknown_route"), "{line}");
 }
@@ -100,7 +85,7 @@ async fn json_format_and_reopen_on_sighup() {
     // A tunnel: its line comes when it ends, with the upgrade's timings.
     let (client, server, _, _) = raw_tunnel(&router, &mut backend, "app.test", b"", b"").await;
     drop((client, server));
-    let v: serde_json::Value = serde_json::from_str(&lines(&path, 1)[0]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&wait_lines(&path, 1)[0]).unwrap();
     assert_eq!(v["status"], 101);
     assert_eq!(v["data_plane"], "copy");
     assert_eq!(v["listener"], "web");
@@ -116,11 +101,11 @@ async fn json_format_and_reopen_on_sighup() {
     router.signal(nix::sys::signal::Signal::SIGHUP);
     router.wait_log("access log: reopened");
     plain_request(&router, &mut backend, "").await;
-    let v: serde_json::Value = serde_json::from_str(&lines(&path, 1)[0]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&wait_lines(&path, 1)[0]).unwrap();
     assert_eq!(
         (v["method"].as_str(), v["path"].as_str(), v["status"].as_u64()),
         (Some("GET"), Some("/chat?room=1"), Some(200))
     );
     assert_eq!(v["user_agent"], "probe/1.0");
-    assert_eq!(lines(&rotated, 1).len(), 1, "the rotated file keeps its line");
+    assert_eq!(wait_lines(&rotated, 1).len(), 1, "the rotated file keeps its line");
 }

@@ -473,7 +473,7 @@ async fn each_request_names_the_app_instance_that_served_it() {
     }
 
     // The access log names the instance of each request's endpoint.
-    let text = log_lines(&logs[0].1, 7);
+    let text = common::wait_lines(&logs[0].1, 7);
     for line in &text[..6] {
         let backend_is = |addr: SocketAddr| line.contains(&format!(" {addr} x_forwarded_for:"));
         let app = if backend_is(a) { "0" } else { "1" };
@@ -481,7 +481,7 @@ async fn each_request_names_the_app_instance_that_served_it() {
         assert!(line.contains(&format!(" app_id:app-guid app_index:{app} x_cf_routererror:-")), "{line}");
     }
     assert!(text[6].contains(" app_id:- app_index:- "), "{}", text[6]);
-    let json = log_lines(&logs[1].1, 7);
+    let json = common::wait_lines(&logs[1].1, 7);
     for line in &json[..6] {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let (id, index) = if v["backend"] == a.to_string() { ("inst-a", "0") } else { ("inst-b", "1") };
@@ -497,18 +497,4 @@ async fn each_request_names_the_app_instance_that_served_it() {
         (&serde_json::Value::Null, &serde_json::Value::Null, &serde_json::Value::Null),
         "{v}"
     );
-}
-
-/// Waits (bounded) until the file at `path` has `n` lines; returns them.
-fn log_lines(path: &std::path::Path, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(Instant::now() < deadline, "{} has {} lines, not {n}:\n{text}", path.display(), lines.len());
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

@@ -293,15 +293,7 @@ async fn a_request_goes_through_its_route_service_and_reaches_the_app_once_check
     assert_eq!(ok, 2.0, "two 200s, the request and the callback:\n{metrics}");
     // The service's leg is logged with the service it went to; the
     // callback, which went to the app, without one.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let lines = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        if lines.len() >= 2 || std::time::Instant::now() > deadline {
-            break lines;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let lines: Vec<serde_json::Value> = wait_lines(&log, 2).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
     let legs: Vec<(&str, Option<&str>)> =
         lines.iter().map(|l| (l["route"].as_str().unwrap(), l["route_service"].as_str())).collect();
     assert!(legs.contains(&("shop.test", Some(rs.url().as_str()))), "{lines:?}");

@@ -596,3 +596,18 @@ pub fn check_fast_stream(got: &[u8], pos: usize) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Waits (bounded, 10 s) until the file at `path` has `n` lines (an
+/// access log the router appends to); returns them.
+pub fn wait_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "{} has {} lines, not {n}:\n{text}", path.display(), lines.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
