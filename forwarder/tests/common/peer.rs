@@ -14,12 +14,15 @@ pub fn have(tool: &str) -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
+    present(ok, &format!("{tool} is not installed"), "scripts/setup installs it")
+}
+
+/// `ok`, or — when a peer is missing — a skip notice, unless
+/// UPSPLICE_REQUIRE_PEERS is set (CI), which makes it a failure.
+fn present(ok: bool, missing: &str, how: &str) -> bool {
     if !ok {
-        assert!(
-            std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(),
-            "{tool} is not installed and UPSPLICE_REQUIRE_PEERS is set"
-        );
-        eprintln!("SKIPPED: {tool} is not installed (scripts/setup installs it)");
+        assert!(std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(), "{missing} and UPSPLICE_REQUIRE_PEERS is set");
+        eprintln!("SKIPPED: {missing} ({how})");
     }
     ok
 }
@@ -37,14 +40,7 @@ pub fn python_module(module: &str, how: &str) -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var_os("UPSPLICE_REQUIRE_PEERS").is_none(),
-            "python3 -c 'import {module}' failed and UPSPLICE_REQUIRE_PEERS is set"
-        );
-        eprintln!("SKIPPED: Python `{module}` is not installed ({how})");
-    }
-    ok
+    present(ok, &format!("Python `{module}` is not installed (python3 -c 'import {module}' failed)"), how)
 }
 
 /// A peer process, killed when dropped; its config directory lives as long.
