@@ -288,7 +288,7 @@ impl Context<'_> {
         }
         let route = snap.router.lookup(&fwd.host, &fwd.path).ok_or_else(|| Refusal::unknown_route(&fwd.host))?;
         rec.route = Some(route.name.clone());
-        let mut pool = &snap.pools[route.pool];
+        let mut pool = &route.pool;
         let service;
         if let Some(url) = &route.route_service {
             // Nothing reaches the app around its route service (often its

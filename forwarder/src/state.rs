@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access_log::AccessLog;
 use crate::config::{self, Config, Protocol};
 use crate::dataplane::DataPlanes;
-use crate::route::{self, RouteTarget, Router};
+use crate::route::{RouteTarget, Router};
 use crate::route_service::RouteServices;
 use crate::sni::SniTable;
 use crate::tls;
@@ -20,13 +20,11 @@ use crate::upstream::{Pool, Registry};
 /// The table holds the config's routes and the routes learned from NATS.
 pub struct Snapshot {
     pub config: Arc<Config>,
+    /// The config's routes and the learned ones (persistent: a change
+    /// from NATS shares the rest of the table with the one before).
     pub router: Router,
-    /// The config's pools (in its order), then one per learned route.
-    pub pools: Vec<Arc<Pool>>,
-    pools_by_name: Arc<HashMap<String, usize>>,
-    /// Learned routes left out because a config route has the same host
-    /// and path (the config's route wins).
-    pub shadowed: usize,
+    /// The config's pools, by name (a learned route carries its own).
+    pools_by_name: Arc<HashMap<String, Arc<Pool>>>,
     /// Each listener's TLS config (None: plain), in `config.listeners` order.
     tls: Arc<[Option<Arc<rustls::ServerConfig>>]>,
     /// `[route_services]`: the keys, derived once per config, and the
@@ -40,10 +38,6 @@ pub struct Snapshot {
     backend_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// What a snapshot builds per listener from its config: TLS configs and
-/// SNI routes, in `config.listeners` order.
-type ListenerTables = (Arc<[Option<Arc<rustls::ServerConfig>>]>, Arc<[Option<SniTable>]>);
-
 /// A route learned at run time (from NATS): its URI (`host` or
 /// `host/path`), the pool of its endpoints, its route service.
 #[derive(Debug)]
@@ -52,6 +46,10 @@ pub struct LearnedRoute {
     pub pool: Arc<Pool>,
     pub route_service: Option<Arc<str>>,
 }
+
+/// One change to the learned routes: a URI's route, new or in place of
+/// the one it had (Some), or gone (None).
+pub type LearnedChange = (Arc<str>, Option<LearnedRoute>);
 
 impl Snapshot {
     /// The snapshot of `config`; its backends' state comes from (and its
@@ -86,11 +84,17 @@ impl Snapshot {
             .zip(targets)
             .map(|(p, tls)| Arc::new(Pool::new(p, &config.backends, registry, tls)))
             .collect();
-        let pools_by_name = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
-        let mut snapshot = Snapshot::assemble(Arc::new(config), pools, Arc::new(pools_by_name), (tls, sni), &[]);
-        snapshot.route_services = route_services.map(Arc::new);
-        snapshot.backend_tls = backend_tls;
-        Ok(snapshot)
+        let router = Router::new(&config, &pools);
+        let pools_by_name = config.pools.iter().zip(pools).map(|(p, pool)| (p.name.clone(), pool)).collect();
+        Ok(Snapshot {
+            config: Arc::new(config),
+            router,
+            pools_by_name: Arc::new(pools_by_name),
+            tls,
+            sni,
+            route_services: route_services.map(Arc::new),
+            backend_tls,
+        })
     }
 
     /// `[backend_tls]`'s client config, when it has a `ca`.
@@ -98,34 +102,17 @@ impl Snapshot {
         self.backend_tls.as_ref()
     }
 
-    /// This snapshot's config and pools with `learned` beside the config's
-    /// routes (instead of the ones it had).
-    pub fn with_learned(&self, learned: &[LearnedRoute]) -> Snapshot {
-        let pools = self.pools[..self.config.pools.len()].to_vec();
-        let listeners = (self.tls.clone(), self.sni.clone());
-        let mut snapshot =
-            Snapshot::assemble(self.config.clone(), pools, self.pools_by_name.clone(), listeners, learned);
-        snapshot.route_services = self.route_services.clone();
-        snapshot.backend_tls = self.backend_tls.clone();
-        snapshot
-    }
-
-    fn assemble(
-        config: Arc<Config>,
-        mut pools: Vec<Arc<Pool>>,
-        pools_by_name: Arc<HashMap<String, usize>>,
-        (tls, sni): ListenerTables,
-        learned: &[LearnedRoute],
-    ) -> Snapshot {
-        let first = pools.len();
-        let learned_routes = learned.iter().enumerate().map(|(i, r)| {
-            let (host, path) = route::split_uri(&r.uri);
-            let target = RouteTarget { pool: first + i, name: r.uri.clone(), route_service: r.route_service.clone() };
-            (host, path, target)
-        });
-        let (router, shadowed) = Router::build(route::file_routes(&config).chain(learned_routes));
-        pools.extend(learned.iter().map(|r| r.pool.clone()));
-        Snapshot { config, router, pools, pools_by_name, shadowed, tls, sni, route_services: None, backend_tls: None }
+    /// This snapshot with `router` in place of its routing table.
+    fn with_router(&self, router: Router) -> Snapshot {
+        Snapshot {
+            config: self.config.clone(),
+            router,
+            pools_by_name: self.pools_by_name.clone(),
+            tls: self.tls.clone(),
+            sni: self.sni.clone(),
+            route_services: self.route_services.clone(),
+            backend_tls: self.backend_tls.clone(),
+        }
     }
 
     /// The TLS config of the listener called `name`, if it terminates TLS.
@@ -146,7 +133,7 @@ impl Snapshot {
     }
 
     pub fn pool_named(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools_by_name.get(name).map(|&i| &self.pools[i])
+        self.pools_by_name.get(name)
     }
 }
 
@@ -197,9 +184,9 @@ pub enum SnapshotError {
 /// State shared by every connection.
 pub struct Shared {
     snapshot: RwLock<Arc<Snapshot>>,
-    /// The routes learned from NATS now: every new snapshot takes them.
-    /// Held while a snapshot is built and put in place (never by a lookup).
-    learned: Mutex<Arc<Vec<LearnedRoute>>>,
+    /// Held while a snapshot is built from the one in place and put in
+    /// its place (a reload, a change of learned routes; never by a lookup).
+    update: Mutex<()>,
     pub planes: Arc<DataPlanes>,
     /// Every backend's health, idle connections and active count, across reloads.
     pub registry: Arc<Registry>,
@@ -222,7 +209,7 @@ impl Shared {
         Ok(Shared {
             access_log,
             snapshot: RwLock::new(Arc::new(snapshot)),
-            learned: Mutex::default(),
+            update: Mutex::default(),
             registry,
             planes,
             drain: CancellationToken::new(),
@@ -236,23 +223,28 @@ impl Shared {
     }
 
     /// Puts a new snapshot in place (SIGHUP); connections that hold the old
-    /// one keep it until they end.
-    /// The learned routes stay.
+    /// one keep it until they end. The learned routes stay.
     pub fn replace(&self, snapshot: Snapshot) {
-        let learned = self.learned.lock().expect("learned routes lock");
-        let snapshot = if learned.is_empty() { snapshot } else { snapshot.with_learned(&learned) };
-        *self.snapshot.write().expect("snapshot lock") = Arc::new(snapshot);
+        let _update = self.update.lock().expect("snapshot update lock");
+        let router = self.snapshot().router.with_file_routes(snapshot.router.clone());
+        *self.snapshot.write().expect("snapshot lock") = Arc::new(snapshot.with_router(router));
     }
 
-    /// Puts the routes learned from NATS in place of the ones before,
-    /// beside the config's; returns how many the config's routes shadow.
-    /// Requests that started before keep the table they started with.
-    pub fn learn(&self, routes: Arc<Vec<LearnedRoute>>) -> usize {
-        let mut learned = self.learned.lock().expect("learned routes lock");
-        let next = self.snapshot().with_learned(&routes);
-        let shadowed = next.shadowed;
-        *self.snapshot.write().expect("snapshot lock") = Arc::new(next);
-        *learned = routes;
+    /// Applies `changes` to the routes learned from NATS, beside the
+    /// config's: each costs what it touches, not the whole table. Returns
+    /// how many routes are shadowed now (by a config route or an earlier
+    /// learned one with the same host and path). Requests that started
+    /// before keep the table they started with.
+    pub fn learn(&self, changes: impl IntoIterator<Item = LearnedChange>) -> usize {
+        let _update = self.update.lock().expect("snapshot update lock");
+        let snapshot = self.snapshot();
+        let mut router = snapshot.router.clone();
+        for (uri, route) in changes {
+            let target = route.map(|r| RouteTarget { pool: r.pool, name: r.uri, route_service: r.route_service });
+            router.learn(&uri, target);
+        }
+        let shadowed = router.shadowed();
+        *self.snapshot.write().expect("snapshot lock") = Arc::new(snapshot.with_router(router));
         shadowed
     }
 

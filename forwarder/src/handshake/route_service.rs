@@ -2,6 +2,7 @@
 //! refused, on to its service with a fresh token, or — a callback whose
 //! token checks out — on to the app (gorouter's handlers/routeservice.go).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -75,7 +76,7 @@ impl Decide<'_> {
         let path = crate::path::normalize(path)
             .map_err(|e| Refusal::route_service_invalid_signature(format!("the signed URL's path: {e}")))?;
         match self.router.lookup(host, &path) {
-            Some(t) if t.pool == route.pool && t.name == route.name => Ok(Leg::App),
+            Some(t) if Arc::ptr_eq(&t.pool, &route.pool) && t.name == route.name => Ok(Leg::App),
             _ => Err(Refusal::route_service_invalid_signature(format!(
                 "signed for {}, which is not route {}",
                 signed.forwarded_url, route.name
@@ -86,17 +87,20 @@ impl Decide<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn router() -> Router {
-        let t = |pool, name: &str| RouteTarget { pool, name: name.into(), route_service: Some("https://rs".into()) };
+        let registry = crate::upstream::Registry::new();
+        let t = |name: &str| {
+            let (settings, kind) = (Default::default(), crate::upstream::Learned::Nats);
+            let pool = crate::upstream::Pool::learned(name, [], Default::default(), &settings, &registry, kind);
+            RouteTarget { pool: Arc::new(pool), name: name.into(), route_service: Some("https://rs".into()) }
+        };
         let routes = [
-            ("shop.example.com", None, t(0, "shop.example.com")),
-            ("shop.example.com", Some("/admin"), t(1, "shop.example.com/admin")),
+            ("shop.example.com", None, t("shop.example.com")),
+            ("shop.example.com", Some("/admin"), t("shop.example.com/admin")),
         ];
-        Router::build(routes).0
+        Router::build(routes)
     }
 
     fn headers(pairs: &[(&str, &str)]) -> Vec<Header> {
@@ -121,7 +125,7 @@ mod tests {
                 router: &self.router,
             };
             let target = self.router.lookup("shop.example.com", if route == 0 { "/" } else { "/admin/x" }).unwrap();
-            assert_eq!(target.pool, route);
+            assert_eq!(target.pool.name, ["shop.example.com", "shop.example.com/admin"][route]);
             let fwd = || "https://shop.example.com/x?y=1".to_string();
             d.leg(target, "https://rs.example.com/auth", &headers(hs), upgrade, fwd, OffsetDateTime::now_utc())
         }

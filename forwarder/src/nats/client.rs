@@ -188,12 +188,13 @@ pub(super) async fn run(
             _ = flush.tick() => {
                 let snap = shared.snapshot();
                 if table.is_dirty(&snap.config) {
-                    // A rebuild of a big table takes a while: other tasks
-                    // move off this worker meanwhile.
+                    // Each flush costs what changed; a burst (the first
+                    // round of registrations, a reload) can take a while:
+                    // other tasks move off this worker meanwhile.
                     tokio::task::block_in_place(|| {
-                        let (routes, changes) = table.routes(&snap.config, snap.backend_tls(), &shared.registry);
-                        shared.registry.learn(&changes.added, &changes.removed);
-                        let shadowed = shared.learn(routes);
+                        let (changes, addrs) = table.changes(&snap.config, snap.backend_tls(), &shared.registry);
+                        shared.registry.learn(&addrs.added, &addrs.removed);
+                        let shadowed = shared.learn(changes);
                         m.shadowed.set(shadowed as i64);
                     });
                     m.endpoints.set(table.len() as i64);

@@ -3,8 +3,9 @@
 //!
 //! Owned by the NATS task alone (no lock). A refresh that changes nothing
 //! but the time costs no rebuild; a URI whose endpoints changed gets a new
-//! pool at the next [`Table::routes`], the others keep theirs (and their
-//! balancer's position).
+//! pool at the next [`Table::changes`], the others keep theirs (and their
+//! balancer's position): what goes to the routing table is what changed,
+//! never the whole table.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::message::{Endpoint, Registration};
 use crate::config::Config;
-use crate::state::LearnedRoute;
+use crate::state::{LearnedChange, LearnedRoute};
 use crate::tls::client::{self, Target};
 use crate::upstream::{AppInstance, Learned, Pool, Registry};
 
@@ -21,32 +22,28 @@ use crate::upstream::{AppInstance, Learned, Pool, Registry};
 pub struct Table {
     uris: HashMap<Arc<str>, Uri>,
     endpoints: usize,
-    /// Something changed since the last [`Table::routes`].
-    dirty: bool,
+    /// URIs whose endpoints changed since the last [`Table::changes`].
+    changed: HashSet<Arc<str>>,
     /// The config whose `[backends]` the cached pools were built with.
     config: Option<Arc<Config>>,
     /// Every endpoint address and how many URIs list it.
     addrs: HashMap<SocketAddr, usize>,
     /// Addresses that became endpoints, and ones that no longer are,
-    /// since the last [`Table::routes`].
+    /// since the last [`Table::changes`].
     added: HashSet<SocketAddr>,
     removed: HashSet<SocketAddr>,
 }
 
 /// What changed in the set of endpoint addresses since the last
-/// [`Table::routes`] (for [`Registry::learn`]).
+/// [`Table::changes`] (for [`Registry::learn`]).
 #[derive(Debug, Default)]
 pub struct AddrChanges {
     pub added: Vec<SocketAddr>,
     pub removed: Vec<SocketAddr>,
 }
 
-#[derive(Default)]
-struct Uri {
-    endpoints: HashMap<SocketAddr, Slot>,
-    /// Its pool as last built; None once its endpoints changed.
-    pool: Option<Arc<Pool>>,
-}
+/// One URI's endpoints by address.
+type Uri = HashMap<SocketAddr, Slot>;
 
 struct Slot {
     endpoint: Arc<Endpoint>,
@@ -67,30 +64,28 @@ impl Table {
         self.uris.len()
     }
 
-    /// Something changed since the last [`Table::routes`], or `config`
+    /// Something changed since the last [`Table::changes`], or `config`
     /// is not the one its pools were built with (a reload).
     pub fn is_dirty(&self, config: &Arc<Config>) -> bool {
-        self.dirty || !self.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config))
+        !self.changed.is_empty() || !self.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config))
     }
 
     /// Adds or refreshes the registration's endpoint under each of its URIs.
     pub fn register(&mut self, reg: &Registration, now: Instant) {
         for uri in &reg.uris {
-            let entry = self.uris.entry(uri.clone()).or_default();
-            match entry.endpoints.get_mut(&reg.endpoint.addr) {
+            let endpoints = self.uris.entry(uri.clone()).or_default();
+            match endpoints.get_mut(&reg.endpoint.addr) {
                 Some(slot) => {
                     slot.seen = now;
                     if slot.endpoint != reg.endpoint {
                         slot.endpoint = reg.endpoint.clone();
-                        entry.pool = None;
-                        self.dirty = true;
+                        self.changed.insert(uri.clone());
                     }
                 }
                 None => {
-                    entry.endpoints.insert(reg.endpoint.addr, Slot { endpoint: reg.endpoint.clone(), seen: now });
-                    entry.pool = None;
+                    endpoints.insert(reg.endpoint.addr, Slot { endpoint: reg.endpoint.clone(), seen: now });
                     self.endpoints += 1;
-                    self.dirty = true;
+                    self.changed.insert(uri.clone());
                     self.addr_up(reg.endpoint.addr);
                 }
             }
@@ -119,16 +114,15 @@ impl Table {
     /// Removes the registration's endpoint from each of its URIs.
     pub fn unregister(&mut self, reg: &Registration) {
         for uri in &reg.uris {
-            let Some(entry) = self.uris.get_mut(uri) else { continue };
-            if entry.endpoints.remove(&reg.endpoint.addr).is_none() {
+            let Some(endpoints) = self.uris.get_mut(uri) else { continue };
+            if endpoints.remove(&reg.endpoint.addr).is_none() {
                 continue;
             }
-            entry.pool = None;
-            if entry.endpoints.is_empty() {
+            if endpoints.is_empty() {
                 self.uris.remove(uri);
             }
             self.endpoints -= 1;
-            self.dirty = true;
+            self.changed.insert(uri.clone());
             self.addr_down(reg.endpoint.addr);
         }
     }
@@ -138,9 +132,10 @@ impl Table {
     /// returns how many.
     pub fn prune(&mut self, now: Instant, threshold: Duration) -> usize {
         let mut gone = Vec::new();
-        self.uris.retain(|_, entry| {
+        let changed = &mut self.changed;
+        self.uris.retain(|uri, endpoints| {
             let before = gone.len();
-            entry.endpoints.retain(|addr, slot| {
+            endpoints.retain(|addr, slot| {
                 let limit = slot.endpoint.stale_threshold.map_or(threshold, |own| own.min(threshold));
                 let keep = now.saturating_duration_since(slot.seen) <= limit;
                 if !keep {
@@ -149,77 +144,54 @@ impl Table {
                 keep
             });
             if gone.len() != before {
-                entry.pool = None;
+                changed.insert(uri.clone());
             }
-            !entry.endpoints.is_empty()
+            !endpoints.is_empty()
         });
         let pruned = gone.len();
         for addr in gone {
             self.addr_down(addr);
         }
         self.endpoints -= pruned;
-        self.dirty |= pruned > 0;
         pruned
     }
 
     /// Every endpoint counts as registered `now` (pruning resumes after
     /// NATS was unreachable: each gets a whole threshold to re-register).
     pub fn touch_all(&mut self, now: Instant) {
-        for slot in self.uris.values_mut().flat_map(|e| e.endpoints.values_mut()) {
+        for slot in self.uris.values_mut().flat_map(|e| e.values_mut()) {
             slot.seen = now;
         }
     }
 
-    /// The routes for the routing table, one per URI, and the endpoint
-    /// addresses added and removed since the last call; pools of
-    /// unchanged URIs are kept unless `config` is another one than last
-    /// time (its `[backends]` may differ, and `backend_tls` with it: the
-    /// client config of endpoints with a `tls_port`).
-    pub fn routes(
+    /// What changed for the routing table since the last call: each
+    /// changed URI's route (its new pool), or None for a URI gone; and
+    /// the endpoint addresses added and removed. Every URI's pool is
+    /// built anew when `config` is another one than last time (its
+    /// `[backends]` may differ, and `backend_tls` with it: the client
+    /// config of endpoints with a `tls_port`).
+    pub fn changes(
         &mut self,
         config: &Arc<Config>,
         backend_tls: Option<&Arc<rustls::ClientConfig>>,
         registry: &Registry,
-    ) -> (Arc<Vec<LearnedRoute>>, AddrChanges) {
+    ) -> (Vec<LearnedChange>, AddrChanges) {
         if !self.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
             self.config = Some(config.clone());
-            for entry in self.uris.values_mut() {
-                entry.pool = None;
-            }
+            self.changed.extend(self.uris.keys().cloned());
         }
-        let settings = &config.backends;
-        self.dirty = false;
-        let mut routes = Vec::with_capacity(self.uris.len());
-        for (uri, entry) in &mut self.uris {
-            // The pool takes its balancing and route service from the
-            // latest registration, as gorouter's pool does.
-            let latest = entry.endpoints.values().max_by_key(|s| s.seen).map(|s| &s.endpoint);
-            let latest = latest.expect("a URI in the table has endpoints");
-            let pool = entry.pool.get_or_insert_with(|| {
-                // A TLS endpoint is left out while it cannot be dialled (a
-                // reload took `[backend_tls] ca` away).
-                let mut endpoints: Vec<(SocketAddr, Option<Arc<Target>>, &Endpoint)> = entry
-                    .endpoints
-                    .iter()
-                    .filter_map(|(addr, slot)| {
-                        Some((*addr, tls_target(&slot.endpoint, backend_tls).ok()?, &*slot.endpoint))
-                    })
-                    .collect();
-                endpoints.sort_by_key(|(addr, ..)| *addr);
-                // Each backend is told the app instance it registered as.
-                let instances = endpoints.iter().map(|(.., e)| Some(Arc::new(app_instance(e)))).collect();
-                let endpoints = endpoints.into_iter().map(|(addr, tls, _)| (addr, tls));
-                let pool = Pool::learned(uri, endpoints, latest.balance, settings, registry, Learned::Nats);
-                Arc::new(pool.with_instances(instances))
-            });
-            routes.push(LearnedRoute {
-                uri: uri.clone(),
-                pool: pool.clone(),
-                route_service: latest.route_service_url.clone(),
-            });
-        }
-        let changes = AddrChanges { added: self.added.drain().collect(), removed: self.removed.drain().collect() };
-        (Arc::new(routes), changes)
+        let uris = &self.uris;
+        let changes = self
+            .changed
+            .drain()
+            .map(|uri| {
+                let route =
+                    uris.get(&uri).map(|endpoints| learned_route(&uri, endpoints, config, backend_tls, registry));
+                (uri, route)
+            })
+            .collect();
+        let addrs = AddrChanges { added: self.added.drain().collect(), removed: self.removed.drain().collect() };
+        (changes, addrs)
     }
 
     /// Every URI with its endpoints, sorted by URI and address.
@@ -228,13 +200,43 @@ impl Table {
             .uris
             .iter()
             .map(|(uri, e)| {
-                let mut eps: Vec<Arc<Endpoint>> = e.endpoints.values().map(|s| s.endpoint.clone()).collect();
+                let mut eps: Vec<Arc<Endpoint>> = e.values().map(|s| s.endpoint.clone()).collect();
                 eps.sort_by_key(|e| e.addr);
                 (uri.clone(), eps)
             })
             .collect();
         view.sort_by(|a, b| a.0.cmp(&b.0));
         view
+    }
+}
+
+/// The route of `uri` with `endpoints`: a new pool of them (`config`'s
+/// `[backends]`), its balancing and route service from the latest
+/// registration, as gorouter's pool takes them.
+fn learned_route(
+    uri: &Arc<str>,
+    endpoints: &Uri,
+    config: &Config,
+    backend_tls: Option<&Arc<rustls::ClientConfig>>,
+    registry: &Registry,
+) -> LearnedRoute {
+    let latest = endpoints.values().max_by_key(|s| s.seen).map(|s| &s.endpoint);
+    let latest = latest.expect("a URI in the table has endpoints");
+    // A TLS endpoint is left out while it cannot be dialled (a reload
+    // took `[backend_tls] ca` away).
+    let mut taken: Vec<(SocketAddr, Option<Arc<Target>>, &Endpoint)> = endpoints
+        .iter()
+        .filter_map(|(addr, slot)| Some((*addr, tls_target(&slot.endpoint, backend_tls).ok()?, &*slot.endpoint)))
+        .collect();
+    taken.sort_by_key(|(addr, ..)| *addr);
+    // Each backend is told the app instance it registered as.
+    let instances = taken.iter().map(|(.., e)| Some(Arc::new(app_instance(e)))).collect();
+    let taken = taken.into_iter().map(|(addr, tls, _)| (addr, tls));
+    let pool = Pool::learned(uri, taken, latest.balance, &config.backends, registry, Learned::Nats);
+    LearnedRoute {
+        uri: uri.clone(),
+        pool: Arc::new(pool.with_instances(instances)),
+        route_service: latest.route_service_url.clone(),
     }
 }
 
@@ -282,22 +284,32 @@ mod tests {
         t.register(&a, now);
         t.register(&b, now);
         assert_eq!((t.len(), t.uris()), (3, 2));
-        let (routes, changes) = t.routes(&config, None, &registry);
-        assert_eq!((routes.len(), changes.added.len(), changes.removed.len()), (2, 2, 0));
-        let pool_a = routes.iter().find(|r| &*r.uri == "a.e.com").unwrap().pool.clone();
-        assert_eq!(pool_a.backends.len(), 2);
-        // A refresh changes nothing but the time: no rebuild, same pool.
+        let (routes, addrs) = t.changes(&config, None, &registry);
+        assert_eq!((routes.len(), addrs.added.len(), addrs.removed.len()), (2, 2, 0));
+        let route = |routes: &[LearnedChange], uri: &str| {
+            routes.iter().find(|(u, _)| &**u == uri).map(|(_, r)| r.as_ref().map(|r| r.pool.backends.len()))
+        };
+        assert_eq!(route(&routes, "a.e.com"), Some(Some(2)));
+        // A refresh changes nothing but the time: nothing to hand over.
         t.register(&a, now + Duration::from_secs(20));
         assert!(!t.is_dirty(&config));
-        let (routes, _) = t.routes(&config, None, &registry);
-        assert!(Arc::ptr_eq(&routes.iter().find(|r| &*r.uri == "a.e.com").unwrap().pool, &pool_a));
-        // b's own 10 s threshold is shorter than 120 s: pruned at 20 s; a was refreshed.
+        assert!(t.changes(&config, None, &registry).0.is_empty());
+        // b's own 10 s threshold is shorter than 120 s: pruned at 20 s; a was
+        // refreshed. Only a.e.com changed; b.e.com/x is not handed over again.
         assert_eq!(t.prune(now + Duration::from_secs(21), Duration::from_secs(120)), 1);
         assert_eq!(t.len(), 2);
+        let (routes, addrs) = t.changes(&config, None, &registry);
+        assert_eq!((routes.len(), route(&routes, "a.e.com")), (1, Some(Some(1))));
+        assert_eq!((addrs.added.len(), addrs.removed.len()), (0, 1));
+        // A reload (another config) rebuilds every URI's pool.
+        let reloaded: Arc<Config> = Arc::new(toml::from_str("").unwrap());
+        assert!(t.is_dirty(&reloaded));
+        assert_eq!(t.changes(&reloaded, None, &registry).0.len(), 2);
         t.unregister(&a);
         assert_eq!((t.len(), t.uris()), (0, 0));
-        assert!(t.is_dirty(&config));
-        let (_, changes) = t.routes(&config, None, &registry);
-        assert_eq!((changes.added.len(), changes.removed.len()), (0, 2));
+        assert!(t.is_dirty(&reloaded));
+        let (routes, addrs) = t.changes(&reloaded, None, &registry);
+        assert_eq!((route(&routes, "a.e.com"), route(&routes, "b.e.com/x")), (Some(None), Some(None)));
+        assert_eq!((addrs.added.len(), addrs.removed.len()), (0, 1));
     }
 }
