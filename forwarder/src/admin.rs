@@ -115,7 +115,7 @@ async fn routes(shared: &Shared, nats: Option<&nats::Status>) -> String {
             let optional = [
                 ("route_service_url", e.route_service_url.as_deref().unwrap_or("")),
                 ("isolation_segment", &e.isolation_segment),
-                ("private_instance_id", &e.private_instance_id),
+                ("private_instance_id", &e.instance.instance_id),
                 ("server_cert_domain_san", &e.server_cert_domain_san),
                 ("availability_zone", &e.availability_zone),
             ];

@@ -16,7 +16,7 @@ use super::message::{Endpoint, Registration};
 use crate::config::Config;
 use crate::state::{LearnedChange, LearnedRoute};
 use crate::tls::client::{self, Target};
-use crate::upstream::{AppInstance, Learned, Pool, Registry};
+use crate::upstream::{Learned, Pool, Registry};
 
 #[derive(Default)]
 pub struct Table {
@@ -230,7 +230,7 @@ fn learned_route(
         .collect();
     taken.sort_by_key(|(addr, ..)| *addr);
     // Each backend is told the app instance it registered as.
-    let instances = taken.iter().map(|(.., e)| Some(Arc::new(app_instance(e)))).collect();
+    let instances = taken.iter().map(|(.., e)| Some(e.instance.clone())).collect();
     let taken = taken.into_iter().map(|(addr, tls, _)| (addr, tls));
     let pool = Pool::learned(uri, taken, latest.balance, &config.backends, registry, Learned::Nats);
     LearnedRoute {
@@ -238,12 +238,6 @@ fn learned_route(
         pool: Arc::new(pool.with_instances(instances)),
         route_service: latest.route_service_url.clone(),
     }
-}
-
-/// What `endpoint` registered itself as (gorouter's `ApplicationId`,
-/// `PrivateInstanceId`, `PrivateInstanceIndex`).
-fn app_instance(endpoint: &Endpoint) -> AppInstance {
-    AppInstance::new(&endpoint.app, &endpoint.private_instance_id, &endpoint.private_instance_index)
 }
 
 /// How `endpoint` is dialled: plain, or (it registered a `tls_port`) with
