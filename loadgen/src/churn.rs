@@ -23,7 +23,7 @@ use crate::wsproto::Rng;
 use anyhow::Context;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -55,6 +55,9 @@ pub struct ChurnOutput {
     pub stats: ChurnStats,
     /// Seconds over which cycles were started (for the achieved rate).
     pub dispatch_s: f64,
+    /// Wall-clock time of the run's start: second 0 of the recorder's
+    /// per-second histograms (the interval log).
+    pub start_unix: SystemTime,
     /// Wall-clock time of the whole run.
     pub wall: Duration,
 }
@@ -84,11 +87,12 @@ impl Shared {
     }
 
     /// Records a cycle's reply now: from its due time (corrected) and from
-    /// its actual `start` (uncorrected).
+    /// its actual `start` (uncorrected), in the second of the run it ended.
     fn answered(&self, due: Instant, start: Instant) {
         let now = Instant::now();
+        let second = now.saturating_duration_since(self.t0).as_secs() as usize;
         let mut r = self.rec();
-        r.reply(now.saturating_duration_since(due).as_nanos() as u64, (now - start).as_nanos() as u64, 0);
+        r.reply(now.saturating_duration_since(due).as_nanos() as u64, (now - start).as_nanos() as u64, second);
         r.timeline.answered(self.ns(due), self.ns(now));
     }
 
@@ -119,9 +123,10 @@ pub fn run(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
 async fn run_async(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
     let mut signals = StopSignals::install().context("installing SIGTERM/SIGINT handlers")?;
     let t0 = Instant::now();
+    let start_unix = SystemTime::now();
     let end = t0 + cfg.duration;
     let sh = Arc::new(Shared {
-        rec: Mutex::new(Recorder::new(false)),
+        rec: Mutex::new(Recorder::new(true)),
         t0,
         handshakes: AtomicU64::new(0),
         completed: AtomicU64::new(0),
@@ -183,7 +188,7 @@ async fn run_async(cfg: &ChurnConfig) -> anyhow::Result<ChurnOutput> {
         cycles_per_s: completed as f64 / elapsed.max(1e-9),
         stopped_by_signal: stopped,
     };
-    Ok(ChurnOutput { recorder: rec, stats, dispatch_s, wall: t0.elapsed() })
+    Ok(ChurnOutput { recorder: rec, stats, dispatch_s, start_unix, wall: t0.elapsed() })
 }
 
 /// One connection lifecycle; the permit is held until it ends.

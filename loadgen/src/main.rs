@@ -519,7 +519,8 @@ fn churn(a: ChurnArgs) -> anyhow::Result<ExitCode> {
     let mut summary = report::summarize(&info, &out.recorder, CpuTime::now().since(cpu0), out.wall.as_secs_f64());
     summary.churn = Some(out.stats);
     summary.watch = Some(w.finish());
-    finish(&c.out, summary, &out.recorder, Some(&out.recorder.uncorrected), &[])
+    let intervals = outputs::intervals_from(out.start_unix, &out.recorder.intervals);
+    finish(&c.out, summary, &out.recorder, Some(&out.recorder.uncorrected), &intervals)
 }
 
 fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {

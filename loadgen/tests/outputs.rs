@@ -153,3 +153,35 @@ fn plot_names_two_runs_of_the_same_mode_apart() {
     // A run's own label wins over its file name.
     assert!(legend.contains(&"router &lt;tuned&gt; corrected"), "{legend:?}");
 }
+
+#[test]
+fn churn_hlogs_from_two_generators_merge() {
+    let echo = Server::echo(&[]);
+    let dir = tmpdir();
+    let p = |n: &str| dir.path().join(n).to_string_lossy().to_string();
+    let mut runs = Vec::new();
+    for name in ["c1", "c2"] {
+        let hlog = p(&format!("{name}.hlog"));
+        let r = run(
+            &["churn", "--target", &echo.addr, "-r", "100", "-n", "150", "-c", "8", "-d", "10s", "--hlog", &hlog],
+            dir.path(),
+            name,
+        );
+        assert!(r.output.status.success(), "{}", r.stdout);
+        let corrected = decode_histogram(&r.summary.histograms.corrected).unwrap();
+        assert_eq!(corrected.len(), 150, "{}", r.stdout);
+        // One interval per second the cycles ended in (due over 1.5 s: at
+        // least two), adding up to the run's histogram.
+        let (total, intervals) = read_hlog(Path::new(&hlog));
+        assert!(intervals >= 2, "{intervals} intervals");
+        assert_eq!(total, corrected);
+        runs.push(corrected);
+    }
+    let mjson = p("m.json");
+    let out = Command::new(bin()).args(["merge", &p("c1.hlog"), &p("c2.hlog"), "--json", &mjson]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m: upsplice_loadgen::report::Summary = serde_json::from_str(&std::fs::read_to_string(&mjson).unwrap()).unwrap();
+    let mut both = runs[0].clone();
+    both.add(&runs[1]).unwrap();
+    assert_eq!(decode_histogram(&m.histograms.corrected).unwrap(), both);
+}
