@@ -10,7 +10,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use upsplice::config::Config;
 use upsplice::handshake::head::parse_request;
 use upsplice::handshake::rewrite::{rewrite, ClientInfo};
-use upsplice::route::Router;
+use upsplice::state::Snapshot;
+use upsplice::upstream::Registry;
 
 const REQUEST: &[u8] = b"GET /v2/firehose/stream?filter=logs HTTP/1.1\r\n\
 Host: doppler.system.example.com\r\n\
@@ -41,7 +42,8 @@ fn config() -> Config {
 }
 
 fn bench(c: &mut Criterion) {
-    let router = Router::new(&config());
+    // The routing table as a running router builds it (its snapshot).
+    let router = Snapshot::new(config(), &Registry::new()).unwrap().router;
     let client = ClientInfo {
         peer: "192.0.2.10".parse().unwrap(),
         trusted: false,
@@ -58,14 +60,14 @@ fn bench(c: &mut Criterion) {
     g.bench_function("rewrite", |b| b.iter(|| rewrite(black_box(&req), &client, true).unwrap()));
     g.bench_function("route", |b| {
         b.iter(|| {
-            router.lookup(black_box("doppler.system.example.com"), black_box("/v2/firehose/stream")).unwrap().pool
+            &router.lookup(black_box("doppler.system.example.com"), black_box("/v2/firehose/stream")).unwrap().pool
         })
     });
     g.bench_function("parse_rewrite_route", |b| {
         b.iter(|| {
             let req = parse_request(black_box(REQUEST), 16384).unwrap().unwrap();
             let fwd = rewrite(&req, &client, true).unwrap();
-            router.lookup(&fwd.host, &fwd.path).unwrap().pool
+            &router.lookup(&fwd.host, &fwd.path).unwrap().pool
         })
     });
     g.finish();
