@@ -4,14 +4,16 @@
 //! bytes of request head.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use upsplice::config::Config;
 use upsplice::handshake::head::parse_request;
 use upsplice::handshake::rewrite::{rewrite, ClientInfo};
+use upsplice::route::RouteTarget;
 use upsplice::state::Snapshot;
-use upsplice::upstream::Registry;
+use upsplice::upstream::{Learned, Pool, Registry};
 
 const REQUEST: &[u8] = b"GET /v2/firehose/stream?filter=logs HTTP/1.1\r\n\
 Host: doppler.system.example.com\r\n\
@@ -69,6 +71,32 @@ fn bench(c: &mut Criterion) {
             let fwd = rewrite(&req, &client, true).unwrap();
             &router.lookup(&fwd.host, &fwd.path).unwrap().pool
         })
+    });
+    g.finish();
+
+    // The same lookups once 100,000 endpoints over 50,000 URIs were learned
+    // from NATS (as `scripts/bench --only nats` registers them), one route
+    // at a time into the persistent table: what a request pays for a big table.
+    let mut learned = router.clone();
+    let registry = Registry::new();
+    for i in 0..50_000u32 {
+        let uri = format!("app-{i}.nats.bench");
+        let endpoints = (0..2u32).map(|j| (format!("10.{}.{}.{}:61000", j, i >> 8 & 255, i & 255).parse().unwrap(), None));
+        let pool = Pool::learned(&uri, endpoints, Default::default(), &Default::default(), &registry, Learned::Nats);
+        let target = RouteTarget { pool: Arc::new(pool), name: uri.as_str().into(), route_service: None };
+        learned.learn(&uri, Some(target));
+    }
+    let mut g = c.benchmark_group("route_lookup");
+    for (name, table) in [("file_1100", &router), ("with_50000_learned", &learned)] {
+        g.bench_function(format!("{name}/file_route"), |b| {
+            b.iter(|| &table.lookup(black_box("app731.apps.example.com"), black_box("/ws")).unwrap().pool)
+        });
+        g.bench_function(format!("{name}/wildcard"), |b| {
+            b.iter(|| &table.lookup(black_box("a.b.tenant42.example.com"), black_box("/")).unwrap().pool)
+        });
+    }
+    g.bench_function("with_50000_learned/learned_route", |b| {
+        b.iter(|| &learned.lookup(black_box("app-31337.nats.bench"), black_box("/")).unwrap().pool)
     });
     g.finish();
 }
