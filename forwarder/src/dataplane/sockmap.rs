@@ -10,7 +10,8 @@
 //!
 //! * [`kernel`]: the loaded program and its maps, loaded once per plane,
 //!   and the events thread (one epoll set for every tunnel's sockets);
-//! * [`tunnel`]: the handoff, watching and teardown of one tunnel;
+//! * [`tunnel`]: one tunnel along its life (handoff, watch, stepping
+//!   aside, teardown), a module each;
 //! * [`sys`]: socket calls (cookies, TCP_INFO, queues, kick).
 //!
 //! [`SockmapPlane::start`] runs a self-test through the real program before
@@ -19,10 +20,10 @@
 //!
 //! Bounds: a tunnel whose queues grow past `sockmap_queue_limit` (or past
 //! one budget while the plane's node-wide bound is exceeded) steps aside:
-//! it leaves the maps and goes on through the next plane (`tunnel`,
-//! "Bounds"). Repeated heads: TCP may queue a segment whose head it already
-//! received, and the verdict gets whole segments, so the program cuts
-//! repeated heads off by TCP sequence number (`trim_repeat` in
+//! it leaves the maps and goes on through the next plane
+//! (`tunnel/step_aside.rs`). Repeated heads: TCP may queue a segment whose
+//! head it already received, and the verdict gets whole segments, so the
+//! program cuts repeated heads off by TCP sequence number (`trim_repeat` in
 //! `ebpf/src/main.rs`; counted as `upsplice_sockmap_trimmed_bytes_total`),
 //! or, if it cannot, the tunnel is reset.
 //!

@@ -1,0 +1,248 @@
+//! Watching one tunnel the kernel relays, until it ends or settles to step
+//! aside.
+//!
+//! The sockets are out of tokio (whose reactor would wake for every
+//! redirected segment) and in the plane's one epoll set, armed one-shot
+//! for what the tunnel waits on: FIN, hang-up and errors; readable/writable
+//! only while userspace copies. The tunnel wakes on those reports, on a
+//! ring-buffer event when a direction moved another `budget` bytes, on
+//! timers while something is pending, and on the idle deadline
+//! ([`super::pace`]).
+
+use std::time::{Duration, Instant};
+
+use super::super::kernel::{Kernel, Signal};
+use super::super::sys;
+use super::bounds::{HeldShare, Limits, NodeHeld};
+use super::carry::{check, Failed};
+use super::direction::{interest, Dir};
+use super::pace::{Pace, Sign};
+use super::step_aside::step_aside;
+use crate::dataplane::{CloseReason, Direction};
+
+/// How the watch of a tunnel ended.
+pub(super) enum Ended {
+    Closed(CloseReason),
+    /// Both sources left `ACTIVE` and settled: it leaves the maps
+    /// ([`super::step_aside::leave`]).
+    StepAside(&'static str),
+}
+
+/// What the watching of one tunnel needs besides its two directions.
+pub(super) struct Watch<'w> {
+    pub kernel: &'w Kernel,
+    pub limits: Limits,
+    pub node: &'w NodeHeld,
+    pub signal: &'w Signal,
+    pub idle_timeout: Duration,
+    pub drain: &'w tokio_util::sync::CancellationToken,
+    /// Client, backend: also the epoll tokens.
+    pub cookies: [u64; 2],
+}
+
+/// What each socket (client, backend) is armed for.
+#[derive(Debug, Default)]
+struct Armed {
+    /// None: disarmed (a report came) or never armed.
+    events: [Option<u32>; 2],
+    /// Hung up: never armed again (it would report HUP on every arming).
+    hung_up: [bool; 2],
+}
+
+impl Armed {
+    /// Whether socket `side` must be armed again to report `want`.
+    fn needs(&self, side: usize, want: u32) -> bool {
+        !self.hung_up[side] && self.events[side] != Some(want)
+    }
+}
+
+/// What one epoll report on a socket says.
+#[derive(Debug, PartialEq, Eq)]
+struct Report {
+    /// `EPOLLERR`: `SO_ERROR` says which (0: none after all).
+    error: bool,
+    /// FIN came (`EPOLLRDHUP`), or the socket hung up.
+    fin: bool,
+    /// `EPOLLHUP`.
+    hup: bool,
+}
+
+impl Report {
+    fn new(bits: u32) -> Report {
+        let hup = bits & libc::EPOLLHUP as u32 != 0;
+        Report { error: bits & libc::EPOLLERR as u32 != 0, fin: bits & libc::EPOLLRDHUP as u32 != 0 || hup, hup }
+    }
+}
+
+/// Bytes userspace moved or holds, both ways: did a readiness report help?
+fn progress(up: &Dir<'_>, down: &Dir<'_>) -> u64 {
+    up.copied + down.copied + up.drained + down.drained
+}
+
+/// What idleness is measured on: bytes moved and acknowledged either way.
+fn activity_sign(up: &Dir<'_>, down: &Dir<'_>) -> Sign {
+    let acked = |d: &Dir<'_>| sys::tcp_counters(d.dst).map(|c| c.bytes_acked).unwrap_or(0);
+    (up.moved(), down.moved(), acked(up), acked(down))
+}
+
+impl Watch<'_> {
+    /// Watches the tunnel until it ends or settles to step aside.
+    pub async fn run<'a>(&self, up: &mut Dir<'a>, down: &mut Dir<'a>, share: &mut HeldShare<'_>) -> Ended {
+        let mut pace = Pace::new(activity_sign(up, down), Instant::now());
+        // Why the tunnel steps aside, once it began to (out of `ACTIVE`).
+        let mut leaving: Option<&'static str> = None;
+        let mut armed = Armed::default();
+        loop {
+            if let Some(ended) = self.look(up, down, share, &mut pace, &mut leaving) {
+                return ended;
+            }
+            pace.judge_readiness(progress(up, down));
+            let now = Instant::now();
+            let Some(idle_deadline) = pace.idle_deadline(now, self.idle_timeout, || activity_sign(up, down)) else {
+                return Ended::Closed(CloseReason::Idle);
+            };
+            let busy = leaving.is_some() || up.closing() || down.closing();
+            let wait = pace.wait(busy, idle_deadline, now);
+            let copy_armed = match self.arm(up, down, pace.copy_ready(), &mut armed) {
+                Ok(copy_armed) => copy_armed,
+                Err(e) => {
+                    tracing::warn!("sockmap: epoll: {e}");
+                    return Ended::Closed(CloseReason::Error);
+                }
+            };
+            let before = progress(up, down);
+
+            tokio::select! {
+                biased;
+                _ = self.drain.cancelled() => return Ended::Closed(CloseReason::Drain),
+                _ = self.node.crossed.notified() => pace.changed(),
+                _ = self.signal.notify.notified() => {
+                    if let Some(ended) = self.reports(up, down, &mut armed) {
+                        return ended;
+                    }
+                    pace.reported(copy_armed, before);
+                }
+                _ = tokio::time::sleep(wait) => pace.timer(),
+            }
+        }
+    }
+
+    /// One look at both directions: queues, FINs and progress, the node's
+    /// share, then stepping aside. Some(how) when the watch ends.
+    fn look<'a>(
+        &self,
+        up: &mut Dir<'a>,
+        down: &mut Dir<'a>,
+        share: &mut HeldShare<'_>,
+        pace: &mut Pace,
+        leaving: &mut Option<&'static str>,
+    ) -> Option<Ended> {
+        for (dir, direction) in [(&mut *up, Direction::ToBackend), (&mut *down, Direction::ToClient)] {
+            match check(self.kernel, self.limits, self.node.over(), dir) {
+                Ok(true) => pace.changed(),
+                Ok(false) => {}
+                Err(failed) => {
+                    if let Failed::Broken = failed {
+                        tracing::warn!("sockmap: {failed}; resetting the tunnel");
+                    } else {
+                        tracing::debug!("sockmap: {failed}");
+                    }
+                    return Some(Ended::Closed(failed.close_reason(direction)));
+                }
+            }
+            share.set(direction.index(), dir.held());
+        }
+        if up.done() && down.done() {
+            return Some(Ended::Closed(CloseReason::Done));
+        }
+        match step_aside(self.kernel, self.limits, self.node.over(), up, down, leaving) {
+            Ok(Some(why)) => Some(Ended::StepAside(why)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!("sockmap: stepping aside: {e}");
+                Some(Ended::Closed(CloseReason::Error))
+            }
+        }
+    }
+
+    /// Arms each socket for what it should report next. Readiness only
+    /// helps a direction whose next step waits on a socket (not on the
+    /// psock queue flushing, which the timer polls), and only if the last
+    /// readiness led to progress (`copy_ready`). Ok(true) when a socket is
+    /// armed for readiness.
+    fn arm(&self, up: &Dir<'_>, down: &Dir<'_>, copy_ready: bool, armed: &mut Armed) -> std::io::Result<bool> {
+        let over = self.node.over();
+        let tail_max = |d: &Dir<'_>| self.limits.tail_max(over, d.in_kernel);
+        let want = [interest(up, down, copy_ready, tail_max(up)), interest(down, up, copy_ready, tail_max(down))];
+        for (side, src) in [up.src, down.src].into_iter().enumerate() {
+            if armed.needs(side, want[side]) {
+                self.kernel.arm(self.cookies[side], src, want[side])?;
+                armed.events[side] = Some(want[side]);
+            }
+        }
+        Ok(want.iter().any(|w| w & (libc::EPOLLIN | libc::EPOLLOUT) as u32 != 0))
+    }
+
+    /// Takes the socket reports the events thread left: an error ends the
+    /// tunnel (Some), FIN and hang-up are noted.
+    fn reports<'a>(&self, up: &mut Dir<'a>, down: &mut Dir<'a>, armed: &mut Armed) -> Option<Ended> {
+        for (side, dir) in [up, down].into_iter().enumerate() {
+            let bits = self.signal.take(side);
+            if bits == 0 {
+                continue;
+            }
+            armed.events[side] = None;
+            let from = Direction::BOTH[side];
+            let from_client = from == Direction::ToBackend;
+            let report = Report::new(bits);
+            let so_error = if report.error { sys::take_error(dir.src) } else { Ok(0) };
+            tracing::trace!(bits, ?so_error, from_client, "sockmap: socket event");
+            if so_error.as_ref().map(|&e| e != 0).unwrap_or(true) {
+                tracing::debug!(from_client, bits, ?so_error, "sockmap: socket error");
+                return Some(Ended::Closed(from.source_failed()));
+            }
+            if report.fin {
+                if !dir.eof {
+                    tracing::debug!(from_client, bits, "sockmap: FIN seen (epoll)");
+                }
+                dir.eof = true;
+            }
+            armed.hung_up[side] |= report.hup;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_says_error_fin_and_hang_up() {
+        let bit = |b: libc::c_int| b as u32;
+        assert_eq!(Report::new(0), Report { error: false, fin: false, hup: false });
+        assert_eq!(Report::new(bit(libc::EPOLLRDHUP)), Report { error: false, fin: true, hup: false });
+        assert_eq!(
+            Report::new(bit(libc::EPOLLHUP)),
+            Report { error: false, fin: true, hup: true },
+            "a hang-up is a FIN"
+        );
+        assert_eq!(
+            Report::new(bit(libc::EPOLLERR) | bit(libc::EPOLLIN)),
+            Report { error: true, fin: false, hup: false }
+        );
+    }
+
+    #[test]
+    fn a_socket_is_armed_again_only_for_something_new_and_never_once_hung_up() {
+        let mut armed = Armed::default();
+        assert!(armed.needs(0, 0), "never armed");
+        armed.events[0] = Some(libc::EPOLLRDHUP as u32);
+        assert!(!armed.needs(0, libc::EPOLLRDHUP as u32));
+        assert!(armed.needs(0, (libc::EPOLLRDHUP | libc::EPOLLIN) as u32));
+        armed.events[0] = None;
+        assert!(armed.needs(0, libc::EPOLLRDHUP as u32), "a report disarmed it");
+        armed.hung_up[1] = true;
+        assert!(!armed.needs(1, libc::EPOLLRDHUP as u32));
+    }
+}
