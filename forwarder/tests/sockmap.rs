@@ -4,7 +4,7 @@
 //!
 //! Regression tests for the three failure modes reproduced on this kernel
 //! (`docs/kernels.md`, "sockmap"; the handoff steps in
-//! `forwarder/src/dataplane/sockmap/tunnel.rs` say which step prevents
+//! `forwarder/src/dataplane/sockmap/tunnel/handoff.rs` say which step prevents
 //! which): `bytes_queued_before_handoff_*` (stall and deadlock),
 //! `fin_right_after_bulk_*` (FIN race) and `stalled_reader_*` (unbounded
 //! psock queue).
