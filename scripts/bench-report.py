@@ -1556,6 +1556,9 @@ def nats_section(out: Path, dest: Path | None = None) -> list[str]:
 
 # ------------------------------------------------------------------ a three-node fleet (a section that runs alone)
 FLEET_TITLE = "## A three-node fleet against one node"
+# Written by hand from `cargo bench -p upsplice-benches --bench handshake -- route_lookup`
+# (a microbenchmark, not a load run): a full run keeps it as it is.
+LOOKUP_TITLE = "## Route lookup in a table learned from NATS"
 FLEET_TARGETS = [
     ("direct", "(a) direct", "generator → echo backend"),
     ("node", "(d) one node, no balancer", "generator (PROXY v2 from 127.0.0.2) → node 1 → echo"),
@@ -1812,7 +1815,8 @@ def report(out: Path, dest: Path, loadgen: str) -> None:
     # the table itself stands after the data planes.
     before = [header(b), how_to_run(b), setup(b), data_planes(b)]
     after = [fixed_latency(b), sustained_rate(b), handshakes(b), churn(b), bulk(b), two_way_bulk(b),
-             http_keepalive(b.out, b.goals), tls_section(b.out, b.goals), nats_section(b.out, dest), fleet_section(b.out, dest), cpu(b), idle_tunnels(b), drift(b), known_problems(b)]
+             http_keepalive(b.out, b.goals), tls_section(b.out, b.goals), nats_section(b.out, dest),
+             kept_section(dest, LOOKUP_TITLE) or [], fleet_section(b.out, dest), cpu(b), idle_tunnels(b), drift(b), known_problems(b)]
     md = [ln for sec in before + [goals_table(b)] + after for ln in sec]
     dest.write_text("\n".join(md) + "\n")
 
