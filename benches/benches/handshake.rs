@@ -4,8 +4,8 @@
 //! bytes of request head.
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::path::Path;
+use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use upsplice::config::Config;
@@ -81,7 +81,8 @@ fn bench(c: &mut Criterion) {
     let registry = Registry::new();
     for i in 0..50_000u32 {
         let uri = format!("app-{i}.nats.bench");
-        let endpoints = (0..2u32).map(|j| (format!("10.{}.{}.{}:61000", j, i >> 8 & 255, i & 255).parse().unwrap(), None));
+        let endpoints =
+            (0..2u32).map(|j| (format!("10.{}.{}.{}:61000", j, i >> 8 & 255, i & 255).parse().unwrap(), None));
         let pool = Pool::learned(&uri, endpoints, Default::default(), &Default::default(), &registry, Learned::Nats);
         let target = RouteTarget { pool: Arc::new(pool), name: uri.as_str().into(), route_service: None };
         learned.learn(&uri, Some(target));
