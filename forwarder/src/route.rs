@@ -48,6 +48,13 @@ struct Entry {
     target: RouteTarget,
 }
 
+impl Entry {
+    /// Where it sorts among its host's routes ([`Entries`]).
+    fn order(&self) -> (Reverse<usize>, &str, Source) {
+        (Reverse(self.prefix.len()), &self.prefix, self.source)
+    }
+}
+
 /// One host's routes, longest prefix first; for the same prefix the
 /// config's first, then the earlier one. Only the first of equal
 /// prefixes is ever chosen; the others are shadowed.
@@ -65,10 +72,11 @@ impl Entries {
     }
 
     fn insert(&mut self, entry: Entry) {
-        // After every entry that sorts before it or equal (a stable order:
-        // the first route written for a host and prefix wins).
-        let key = |e: &Entry| (Reverse(e.prefix.len()), e.source);
-        let at = self.0.partition_point(|e| key(e) <= key(&entry));
+        // Longest prefix first; equal prefixes side by side (so the
+        // shadowed ones are counted), the config's first; after every
+        // entry that sorts before it or equal (a stable order: the first
+        // route written for a host and prefix wins).
+        let at = self.0.partition_point(|e| e.order() <= entry.order());
         self.0.insert(at, entry);
     }
 
@@ -370,6 +378,21 @@ mod tests {
         // Forgetting what is not there changes nothing.
         r.learn("nope.e.com", None);
         assert_eq!((r.exact.len(), r.shadowed()), (1, 0));
+    }
+
+    #[test]
+    fn a_shadowed_route_is_counted_whatever_else_has_its_prefix_length() {
+        let mut r =
+            Router::build([("h.e.com", Some("/ab"), target(0, "ab")), ("h.e.com", Some("/cd"), target(1, "cd"))]);
+        r.learn("h.e.com/ab", Some(target(2, "h.e.com/ab")));
+        r.learn("h.e.com/aa", Some(target(2, "h.e.com/aa")));
+        assert_eq!(r.shadowed(), 1);
+        assert_eq!(
+            (pool(&r, "h.e.com", "/ab"), pool(&r, "h.e.com", "/cd"), pool(&r, "h.e.com", "/aa")),
+            (Some(0), Some(1), Some(2))
+        );
+        r.learn("h.e.com/ab", None);
+        assert_eq!(r.shadowed(), 0);
     }
 
     #[test]
