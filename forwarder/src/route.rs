@@ -80,11 +80,9 @@ impl Entries {
         self.0.insert(at, entry);
     }
 
-    /// Removes the learned route called `name`; true if there was one.
-    fn forget(&mut self, name: &str) -> bool {
-        let before = self.0.len();
+    /// Removes the learned route called `name`, if there is one.
+    fn forget(&mut self, name: &str) {
         self.0.retain(|e| !(e.source == Source::Learned && *e.target.name == *name));
-        self.0.len() != before
     }
 }
 
