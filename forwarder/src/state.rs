@@ -38,18 +38,11 @@ pub struct Snapshot {
     backend_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// A route learned at run time (from NATS): its URI (`host` or
-/// `host/path`), the pool of its endpoints, its route service.
-#[derive(Debug)]
-pub struct LearnedRoute {
-    pub uri: Arc<str>,
-    pub pool: Arc<Pool>,
-    pub route_service: Option<Arc<str>>,
-}
-
-/// One change to the learned routes: a URI's route, new or in place of
-/// the one it had (Some), or gone (None).
-pub type LearnedChange = (Arc<str>, Option<LearnedRoute>);
+/// One change to the routes learned at run time (from NATS): a URI
+/// (`host` or `host/path`) and its route — named by the URI, the pool of
+/// its endpoints, its route service — new or in place of the one it had
+/// (Some), or gone (None).
+pub type LearnedChange = (Arc<str>, Option<RouteTarget>);
 
 impl Snapshot {
     /// The snapshot of `config`; its backends' state comes from (and its
@@ -239,8 +232,7 @@ impl Shared {
         let _update = self.update.lock().expect("snapshot update lock");
         let snapshot = self.snapshot();
         let mut router = snapshot.router.clone();
-        for (uri, route) in changes {
-            let target = route.map(|r| RouteTarget { pool: r.pool, name: r.uri, route_service: r.route_service });
+        for (uri, target) in changes {
             router.learn(&uri, target);
         }
         let shadowed = router.shadowed();

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use super::message::{Endpoint, Registration};
 use crate::config::Config;
-use crate::state::{LearnedChange, LearnedRoute};
+use crate::route::RouteTarget;
+use crate::state::LearnedChange;
 use crate::tls::client::{self, Target};
 use crate::upstream::{Learned, Pool, Registry};
 
@@ -24,7 +25,7 @@ pub struct Table {
     endpoints: usize,
     /// URIs whose endpoints changed since the last [`Table::changes`].
     changed: HashSet<Arc<str>>,
-    /// The config whose `[backends]` the cached pools were built with.
+    /// The config whose `[backends]` the pools handed over were built with.
     config: Option<Arc<Config>>,
     /// Every endpoint address and how many URIs list it.
     addrs: HashMap<SocketAddr, usize>,
@@ -219,7 +220,7 @@ fn learned_route(
     config: &Config,
     backend_tls: Option<&Arc<rustls::ClientConfig>>,
     registry: &Registry,
-) -> LearnedRoute {
+) -> RouteTarget {
     let latest = endpoints.values().max_by_key(|s| s.seen).map(|s| &s.endpoint);
     let latest = latest.expect("a URI in the table has endpoints");
     // A TLS endpoint is left out while it cannot be dialled (a reload
@@ -233,8 +234,8 @@ fn learned_route(
     let instances = taken.iter().map(|(.., e)| Some(e.instance.clone())).collect();
     let taken = taken.into_iter().map(|(addr, tls, _)| (addr, tls));
     let pool = Pool::learned(uri, taken, latest.balance, &config.backends, registry, Learned::Nats);
-    LearnedRoute {
-        uri: uri.clone(),
+    RouteTarget {
+        name: uri.clone(),
         pool: Arc::new(pool.with_instances(instances)),
         route_service: latest.route_service_url.clone(),
     }
