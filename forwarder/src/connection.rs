@@ -2,9 +2,11 @@
 //! PROXY header and TLS handshake (where the listener takes them), an http
 //! listener's handshake or a tcp listener's connect (by the ClientHello's
 //! SNI on a passthrough listener), then the hand-off of
-//! the connection pair to the data planes (or, for TLS, the stream relay).
+//! the connection pair to the data planes (or, for TLS, the kTLS relay
+//! where the kernel takes the session, the stream relay where not).
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,13 +18,15 @@ use tokio::time::Instant;
 use crate::access::AccessRecord;
 use crate::config::{Protocol, ProxyProtocol};
 use crate::dataplane::stream::{Stream, StreamTunnel};
-use crate::dataplane::{Mode, Tunnel};
+use crate::dataplane::{CloseReason, Mode, Tunnel};
 use crate::handshake::answer::{linger_close, Refusal};
 use crate::handshake::{self, ClientStream, Next, Plan, TlsClient};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
 use crate::proxy;
 use crate::sni;
 use crate::state::Shared;
+use crate::tls::ktls::Offload;
+use crate::tls::records::Records;
 use crate::tls::ClientCert;
 use crate::upstream::{BackendStream, ConnectError, ConnectOpts, Pool};
 
@@ -79,7 +83,7 @@ impl Session {
         peer: SocketAddr,
         deadline: Instant,
     ) -> Option<TlsClient> {
-        let accept = tokio_rustls::TlsAcceptor::from(config).accept(client);
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(Records::new(client));
         let reason = match tokio::time::timeout_at(deadline, accept).await {
             Ok(Ok(stream)) => return Some(Box::new(stream)),
             Ok(Err(e)) => {
@@ -277,6 +281,10 @@ impl Session {
                 let tunnel = StreamTunnel { client, backend, to_backend, to_client, idle_timeout, drain };
                 Box::pin(self.relay_stream(tunnel)).await
             }
+            (Client::Tls(client), BackendStream::Plain(backend)) if self.shared.planes.ktls.is_some() => {
+                let tunnel = StreamTunnel { client, backend, to_backend, to_client, idle_timeout, drain };
+                Box::pin(self.relay_ktls(tunnel)).await
+            }
             (Client::Tls(client), backend) => {
                 let tunnel = StreamTunnel { client, backend, to_backend, to_client, idle_timeout, drain };
                 Box::pin(self.relay_stream(tunnel)).await
@@ -301,6 +309,48 @@ impl Session {
         let outcome = self.shared.planes.stream.relay(tunnel).await;
         m.tunnels_active.get_or_create(&self.labels(Mode::Tls)).dec();
         (Mode::Tls, outcome)
+    }
+
+    /// Offers a TLS client's session to the kernel (kTLS) and relays the
+    /// pair on the kTLS relay; on the userspace relay when the handoff
+    /// cannot be made exactly (`tls::ktls`).
+    async fn relay_ktls(&self, tunnel: StreamTunnel<TlsClient, TcpStream>) -> (Mode, crate::dataplane::Outcome) {
+        let relay = self.shared.planes.ktls.as_ref().expect("checked by the caller");
+        let StreamTunnel { client, backend, to_backend, to_client, idle_timeout, drain } = tunnel;
+        let first = |plaintext: Bytes| {
+            if plaintext.is_empty() {
+                to_backend.clone()
+            } else {
+                [to_backend.clone(), plaintext].concat().into()
+            }
+        };
+        match crate::tls::ktls::offload(client, relay) {
+            Offload::Kernel { socket, plaintext, cipher } => {
+                metrics::ktls_handoff(&self.listener, "offloaded");
+                tracing::debug!(listener = %self.listener, cipher = cipher.name(), "TLS tunnel handed to the kernel (kTLS)");
+                let tunnel =
+                    Tunnel { client: socket, backend, to_backend: first(plaintext), to_client, idle_timeout, drain };
+                let m = metrics::get();
+                m.tunnels_active.get_or_create(&self.labels(Mode::Ktls)).inc();
+                let outcome = relay.relay(tunnel).await;
+                m.tunnels_active.get_or_create(&self.labels(Mode::Ktls)).dec();
+                (Mode::Ktls, outcome)
+            }
+            Offload::Userspace { stream, plaintext, why } => {
+                metrics::ktls_handoff(&self.listener, why);
+                tracing::debug!(listener = %self.listener, "TLS tunnel stays on the userspace relay: {why}");
+                let to_backend = first(plaintext);
+                self.relay_stream(StreamTunnel { client: stream, backend, to_backend, to_client, idle_timeout, drain })
+                    .await
+            }
+            Offload::Failed { socket, why } => {
+                metrics::ktls_handoff(&self.listener, "failed");
+                tracing::warn!(listener = %self.listener, "TLS tunnel reset: kTLS handoff failed: {why}");
+                crate::dataplane::abort(socket.as_raw_fd());
+                crate::dataplane::abort(backend.as_raw_fd());
+                (Mode::Ktls, crate::dataplane::Outcome { to_backend: 0, to_client: 0, reason: CloseReason::Error })
+            }
+        }
     }
 
     fn labels(&self, mode: Mode) -> TunnelLabels {

@@ -25,6 +25,7 @@ mod abort;
 pub mod copy;
 mod direction;
 pub mod error;
+pub mod ktls;
 mod lifetime;
 pub mod pair;
 pub mod pools;
@@ -64,6 +65,10 @@ pub enum Mode {
     /// config chooses, the plane that carries what the kernel cannot.
     #[serde(skip)]
     Tls,
+    /// TLS tunnels whose session the kernel carries ([`ktls`]): splice
+    /// between a kTLS client socket and the backend. Not a mode either.
+    #[serde(skip)]
+    Ktls,
 }
 
 impl Mode {
@@ -75,6 +80,7 @@ impl Mode {
             Mode::Splice => "splice",
             Mode::Copy => "copy",
             Mode::Tls => "tls",
+            Mode::Ktls => "ktls",
         }
     }
 }
@@ -312,7 +318,9 @@ impl Plane {
             Mode::Uring => started(cfg, Plane::Uring),
             Mode::Sockmap => started(cfg, Plane::Sockmap),
             Mode::Auto => unreachable!("auto is resolved by DataPlanes::start"),
-            Mode::Tls => Err(PlaneError::Settings("tls is the TLS tunnels' relay, not a mode to choose".into())),
+            Mode::Tls | Mode::Ktls => {
+                Err(PlaneError::Settings(format!("{mode} is a relay of TLS tunnels, not a mode to choose")))
+            }
         }
     }
 }
@@ -387,10 +395,12 @@ pub const SOCKMAP_NOT_AUTO: &str = "not chosen by auto: its handshakes cost most
 pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = Result<Outcome, Rejected>> + Send + 'a>>;
 
 /// The chosen plane followed by its fallbacks (always ending with copy),
-/// and the stream relay TLS tunnels take.
+/// the stream relay TLS tunnels take, and the kTLS relay they take instead
+/// where the kernel carries TLS (`data_plane.ktls`).
 pub struct DataPlanes {
     chain: Vec<Plane>,
     pub stream: stream::StreamRelay,
+    pub ktls: Option<ktls::KtlsRelay>,
 }
 
 impl DataPlanes {
@@ -438,7 +448,35 @@ impl DataPlanes {
         if primary_mode != Mode::Copy {
             chain.push(Plane::Copy(copy::CopyPlane::new(cfg)));
         }
-        Ok(DataPlanes { chain, stream: stream::StreamRelay::new(cfg.copy_buffer as usize) })
+        let ktls = DataPlanes::start_ktls(cfg)?;
+        Ok(DataPlanes { chain, stream: stream::StreamRelay::new(cfg.copy_buffer as usize), ktls })
+    }
+
+    /// The kTLS relay as `data_plane.ktls` asks: `auto` logs why it is not
+    /// there, `on` fails the start.
+    fn start_ktls(cfg: &Settings) -> Result<Option<ktls::KtlsRelay>, PlaneError> {
+        if cfg.ktls == ktls::KtlsMode::Off {
+            tracing::info!(data_plane = "ktls", "ktls = \"off\": TLS tunnels run on the userspace tls relay");
+            return Ok(None);
+        }
+        match ktls::KtlsRelay::start(cfg) {
+            Ok(relay) => {
+                tracing::info!(data_plane = "ktls", "ktls: TLS tunnels go to the kernel: {}", relay.startup_report());
+                Ok(Some(relay))
+            }
+            Err(why) if cfg.ktls == ktls::KtlsMode::Auto => {
+                tracing::info!(
+                    data_plane = "ktls",
+                    "ktls unavailable, TLS tunnels run on the userspace tls relay: {}",
+                    error::chain(&why)
+                );
+                Ok(None)
+            }
+            Err(why) => Err(PlaneError::Settings(format!(
+                "data_plane.ktls = \"on\" but kTLS cannot run here: {}",
+                error::chain(&why)
+            ))),
+        }
     }
 
     /// The plane tunnels go to first.
@@ -521,7 +559,7 @@ mod tests {
             drain: CancellationToken::new(),
         };
         let plane = Plane::Copy(copy::CopyPlane::new(&Settings::default()));
-        let planes = DataPlanes { chain: vec![plane], stream: stream::StreamRelay::new(4096) };
+        let planes = DataPlanes { chain: vec![plane], stream: stream::StreamRelay::new(4096), ktls: None };
         let relay = planes.relay(t, |_, _| {});
         // The tunnel moved in (it is given back on refusal) and a box.
         let inline_state = std::mem::size_of::<Tunnel>() + 64;

@@ -187,8 +187,24 @@ fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
             PlaneCheck::Unavailable(why) => println!("  {mode:<8} unavailable: {why}"),
         }
     }
-    if !quiet {
-        println!("  {:<8} {}", "tls", upsplice::tls::ktls::probe());
+    let ktls = config.data_plane.ktls;
+    let ktls_line = match ktls {
+        dataplane::ktls::KtlsMode::Off => Ok("ktls = \"off\": TLS tunnels run on the userspace tls relay".to_string()),
+        _ => dataplane::ktls::KtlsRelay::start(&config.data_plane)
+            .map(|r| format!("available, TLS tunnels go to the kernel: {}", r.startup_report()))
+            .map_err(|e| dataplane::error::chain(&e)),
+    };
+    match &ktls_line {
+        Ok(line) if !quiet => println!("  {:<8} {line}", "ktls"),
+        Ok(_) => {}
+        Err(why) if ktls == dataplane::ktls::KtlsMode::On => println!("  {:<8} FAILED: {why}", "ktls"),
+        Err(why) if !quiet => {
+            println!("  {:<8} unavailable (TLS tunnels run on the userspace tls relay): {why}", "ktls")
+        }
+        Err(_) => {}
+    }
+    if ktls == dataplane::ktls::KtlsMode::On && ktls_line.is_err() {
+        anyhow::bail!("{}: data_plane.ktls = \"on\" cannot run here (see above); `run` would refuse", path.display());
     }
     if chosen != Mode::Auto && !passed(&chosen) {
         // `run` refuses to start on a plane that cannot run: so does check.

@@ -77,6 +77,13 @@ pub struct NatsReasonLabels {
     pub reason: String,
 }
 
+/// A kTLS handoff's listener and result (`upsplice_ktls_handoffs_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KtlsLabels {
+    pub listener: String,
+    pub result: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PlaneLabels {
     pub data_plane: String,
@@ -101,6 +108,7 @@ pub struct Metrics {
     pub nats: NatsMetrics,
     pub tls_errors: Family<ProxyErrorLabels, Counter>,
     pub sni_errors: Family<ProxyErrorLabels, Counter>,
+    pub ktls_handoffs: Family<KtlsLabels, Counter>,
     planes: OnceLock<Arc<DataPlanes>>,
 }
 
@@ -187,6 +195,12 @@ impl Metrics {
             "TLS handshakes on a listener that failed or timed out, by listener and reason",
             tls_errors.clone(),
         );
+        let ktls_handoffs = Family::default();
+        registry.register(
+            "ktls_handoffs",
+            "TLS tunnels offered to the kernel (kTLS), by listener and result: offloaded, or kept on the userspace tls relay and why, or failed (the tunnel was reset)",
+            ktls_handoffs.clone(),
+        );
         let sni_errors = Family::default();
         registry.register(
             "sni_errors",
@@ -197,6 +211,7 @@ impl Metrics {
             nats,
             tls_errors,
             sni_errors,
+            ktls_handoffs,
             access_log_dropped,
             proxy_errors,
             registry,
@@ -227,8 +242,9 @@ impl Metrics {
             out.push_str("# HELP upsplice_relayed_bytes Bytes relayed through upgraded tunnels and plain requests, by data plane and direction.\n");
             out.push_str("# TYPE upsplice_relayed_bytes counter\n");
             let stream = (Mode::Tls, planes.stream.bytes_relayed());
+            let ktls = planes.ktls.as_ref().map(|k| (Mode::Ktls, k.bytes_relayed()));
             for (m, (to_backend, to_client)) in
-                planes.planes().iter().map(|p| (p.mode(), p.bytes_relayed())).chain([stream])
+                planes.planes().iter().map(|p| (p.mode(), p.bytes_relayed())).chain([stream]).chain(ktls)
             {
                 let _ = writeln!(
                     out,
@@ -387,6 +403,11 @@ pub fn proxy_error(listener: &str, reason: &str) {
 /// Counts a connection closed because its TLS handshake failed.
 pub fn tls_error(listener: &str, reason: &str) {
     get().tls_errors.get_or_create(&ProxyErrorLabels { listener: listener.into(), reason: reason.into() }).inc();
+}
+
+/// Counts a TLS tunnel offered to the kernel, by result.
+pub fn ktls_handoff(listener: &str, result: &str) {
+    get().ktls_handoffs.get_or_create(&KtlsLabels { listener: listener.into(), result: result.into() }).inc();
 }
 
 /// Counts a passthrough connection closed for its ClientHello.

@@ -35,9 +35,6 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     } else {
         tracing::info!(data_plane = %planes.mode(), "data plane ready (fallbacks: {})", fallbacks.join(", "));
     }
-    if config.listeners.iter().any(|l| l.tls.is_some()) || config.pools.iter().any(|p| p.tls.is_some()) {
-        tracing::info!("{}", crate::tls::ktls::probe());
-    }
     metrics::set_planes(planes.clone());
 
     let mut bound = Vec::new();

@@ -8,13 +8,15 @@
 //! * [`client`]: TLS to backends, the client side (pool `tls`, `[backend_tls]`);
 //! * [`resolver`]: the certificate a ClientHello gets, by its SNI;
 //! * [`info`]: what `upsplice check` shows of a certificate (names, expiry);
-//! * [`ktls`]: whether the kernel could carry TLS tunnels (the seam for kTLS);
+//! * [`ktls`]: handing an established session to the kernel (kTLS);
+//! * [`records`]: where a TLS connection's reads stand in its records;
 //! * [`tickets`]: session ticket keys shared by a fleet (`ticket_keys`).
 
 pub mod client;
 pub mod info;
 pub mod ktls;
 pub mod material;
+pub mod records;
 pub mod resolver;
 pub mod tickets;
 
@@ -114,6 +116,9 @@ pub fn server_config(tls: &ListenerTls, http: bool) -> Result<Arc<ServerConfig>,
     }
     config.max_early_data_size = 0;
     config.ticketer = ticketer(tls)?;
+    // A tunnel's keys may go to the kernel (kTLS, `data_plane.ktls`); the
+    // flag only lets rustls hand over what it already holds.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

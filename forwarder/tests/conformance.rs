@@ -4,7 +4,10 @@
 //!
 //! `tls` is one more plane: the listeners terminate TLS, so every tunnel
 //! runs on the TLS relay (`dataplane/stream.rs`) and every case's client
-//! speaks TLS ([`Client`]). Where TLS changes what a case means, the case
+//! speaks TLS ([`Client`]). `ktls` is the same with `data_plane.ktls =
+//! "on"`: each tunnel's session goes to the kernel after its handshake and
+//! splice relays it (`dataplane/ktls.rs`); it runs where the kernel has
+//! kTLS (the VM matrix, `scripts/vm-test`). Where TLS changes what a case means, the case
 //! says what the TLS contract is: a client's clean close is `close_notify`
 //! then FIN (it reaches the backend as a FIN), the router's clean close
 //! towards a TLS client is the same, and a TLS stream that ends without
@@ -44,14 +47,15 @@ struct Node {
 
 impl Node {
     fn start(mode: &str, limits: &str, routing: String) -> Node {
-        if mode != "tls" {
+        if mode != "tls" && mode != "ktls" {
             let router = Router::start(Setup { mode, limits, routing, extra: "" });
             let (web, raw) = (Connector { addr: router.http, tls: None }, Connector { addr: router.tcp, tls: None });
             return Node { router, web, raw, _certs: None };
         }
         let certs = Certs::make();
         let table = certs.listener_table("");
-        let config = render(&Setup { mode: "copy", limits, routing, extra: "" });
+        let extra = if mode == "ktls" { "ktls = \"on\"" } else { "" };
+        let config = render(&Setup { mode: "copy", limits, routing, extra });
         // The last key of each listener: its [listener.tls] follows it.
         let (web_end, raw_end) = ("trusted_cidrs = [\"127.0.0.2/32\"]\n", "protocol = \"tcp\"\npool = \"main\"\n");
         assert!(config.contains(web_end) && config.contains(raw_end), "{config}");
@@ -69,6 +73,15 @@ impl Node {
 
     fn is_tls(&self) -> bool {
         self.web.tls.is_some()
+    }
+
+    /// The relay a TLS node's tunnels run on: "ktls" or "tls".
+    fn tls_relay(&self) -> &'static str {
+        if self.router.log().contains("TLS tunnels go to the kernel") {
+            "ktls"
+        } else {
+            "tls"
+        }
     }
 
     /// An upgraded tunnel through "web" to `backend` (see [`raw_tunnel`]).
@@ -301,10 +314,17 @@ async fn two_way_saturated_echo(mode: &str) {
     }
     router.wait_log("close=\"done\"");
     if router.is_tls() {
-        // The tunnels ran on the TLS relay, and the log and /metrics say so.
-        router.wait_log("status=101 data_plane=\"tls\"");
-        let tunnels = router.metric("upsplice_tunnels_total{listener=\"web\",data_plane=\"tls\"}");
-        assert!(tunnels >= 3.0, "{tunnels} tls tunnels counted");
+        // The tunnels ran on the TLS relay (the kernel's, for ktls), and
+        // the log and /metrics say so.
+        let relay = router.tls_relay();
+        assert_eq!(relay == "ktls", mode == "ktls", "{}", router.log());
+        router.wait_log(&format!("status=101 data_plane=\"{relay}\""));
+        let tunnels = router.metric(&format!("upsplice_tunnels_total{{listener=\"web\",data_plane=\"{relay}\"}}"));
+        assert!(tunnels >= 3.0, "{tunnels} {relay} tunnels counted");
+        if relay == "ktls" {
+            let handed = router.metric("upsplice_ktls_handoffs_total{listener=\"web\",result=\"offloaded\"}");
+            assert!(handed >= 3.0, "{handed} sessions handed to the kernel");
+        }
     }
 }
 
@@ -385,7 +405,13 @@ async fn half_close_client_first(mode: &str) {
     // A FIN; over TLS close_notify then FIN, which reaches the backend as
     // its FIN (the client can still read: TLS 1.3 closes each way alone).
     client.shutdown().await.unwrap();
-    assert_eq!(read_to_end(&mut server).await, b"last words", "backend sees the bytes, then EOF");
+    let mut got = vec![];
+    let end = tokio::time::timeout(Duration::from_secs(10), server.read_to_end(&mut got)).await;
+    assert!(
+        matches!(end, Ok(Ok(_))) && got == b"last words",
+        "the backend must see the bytes, then EOF: read {got:?}, then {end:?}\nrouter log:\n{}",
+        router.log()
+    );
     // The other direction keeps flowing after the client's FIN.
     let tail = pattern(3, 4 << 20);
     let sent = send_all(&mut server, &tail).await;
@@ -881,12 +907,16 @@ macro_rules! conformance {
 }
 
 /// Why a plane cannot run on this machine or build (e.g. sockmap without
-/// the eBPF toolchain), if it cannot. `tls` (the TLS relay) runs anywhere.
+/// the eBPF toolchain), if it cannot. `tls` (the TLS relay) runs anywhere;
+/// `ktls` where the kernel offers the `tls` ULP.
 fn unavailable(mode: &str) -> Option<String> {
+    if mode == "ktls" {
+        return upsplice::dataplane::ktls::probe().err().map(|e| e.to_string());
+    }
     upsplice::dataplane::probe_all()
         .into_iter()
         .find(|(m, _)| m.as_str() == mode)
         .and_then(|(_, available)| available.err())
 }
 
-conformance!(copy, splice, uring, sockmap, tls);
+conformance!(copy, splice, uring, sockmap, tls, ktls);

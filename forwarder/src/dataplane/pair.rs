@@ -15,6 +15,16 @@
 //!
 //! The driver turns EOF into a half-close of the other side, a failure into
 //! a reset of both sides, and ends the tunnel on idle timeout or drain.
+//!
+//! A side may be a kTLS socket ([`Sides`]): the kernel decrypts what is
+//! read and encrypts what is written, so the movers splice or copy
+//! plaintext as for any socket. What differs is TLS's framing of the
+//! stream's end and its control records, handled here and nowhere else
+//! (see [`super::ktls`]): an alert or handshake record stops a read
+//! (EIO, or EINVAL for splice) and is read with its type; the peer's
+//! `close_notify` is its EOF and a FIN without one is a truncation
+//! (passed on as a reset, as the userspace TLS relay does); the router's
+//! own clean end towards a kTLS side is `close_notify` then FIN.
 
 use std::future::poll_fn;
 use std::io;
@@ -29,9 +39,21 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::ktls::{self, Control};
 use super::lifetime::Lifetime;
 use super::pools::{BufferPool, Pipe, PipePool};
 use super::{abort, ByteCounters, Direction, Outcome, Tunnel};
+
+/// Which sides of a pair are kTLS sockets (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sides {
+    pub client_ktls: bool,
+}
+
+impl Sides {
+    /// Plain TCP on both sides.
+    pub const PLAIN: Sides = Sides { client_ktls: false };
+}
 
 /// Where a plane's movers get their burst resources.
 pub struct Resources<'a> {
@@ -64,6 +86,11 @@ struct Mover {
     burst: Burst,
     eof: bool,
     moved: u64,
+    /// The source is a kTLS socket: control records and its end are TLS's.
+    tls_src: bool,
+    /// The destination is a kTLS socket that still owes a `close_notify`
+    /// before its FIN.
+    notify_dst: bool,
 }
 
 fn is_would_block(e: &io::Error) -> bool {
@@ -71,8 +98,41 @@ fn is_would_block(e: &io::Error) -> bool {
 }
 
 impl Mover {
-    fn new(first: Bytes) -> Mover {
-        Mover { first, burst: Burst::Idle, eof: false, moved: 0 }
+    fn new(first: Bytes, tls_src: bool, tls_dst: bool) -> Mover {
+        Mover { first, burst: Burst::Idle, eof: false, moved: 0, tls_src, notify_dst: tls_dst }
+    }
+
+    /// Sends the `close_notify` a kTLS destination is owed, once; Pending
+    /// while its send buffer is full.
+    fn poll_close_notify(&mut self, cx: &mut Context<'_>, dst: &TcpStream) -> Poll<io::Result<()>> {
+        while self.notify_dst {
+            ready!(dst.poll_write_ready(cx))?;
+            match dst.try_io(Interest::WRITABLE, || ktls::close_notify(dst.as_raw_fd())) {
+                Ok(()) => self.notify_dst = false,
+                Err(e) if is_would_block(&e) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// A read from a kTLS source stopped at a control record: reads it and
+    /// says what it means for this direction.
+    fn take_control(&mut self, src: &TcpStream) -> Result<(), End> {
+        match ktls::take_control(src.as_raw_fd()) {
+            Control::CloseNotify => {
+                self.eof = true;
+                Ok(())
+            }
+            Control::Data(bytes) => {
+                // The record turned out to be data (the read's error had
+                // another cause): it goes out before the next read.
+                self.first = bytes;
+                Ok(())
+            }
+            Control::Handled | Control::NotReady => Ok(()),
+            Control::Fail => Err(End::SrcFailed),
+        }
     }
 
     /// Returns the burst resource to its pool (a pipe only if it is empty).
@@ -151,7 +211,10 @@ impl Mover {
             }
             if self.eof {
                 self.release(res);
-                return Poll::Ready(End::Eof);
+                return match ready!(self.poll_close_notify(cx, dst)) {
+                    Ok(()) => Poll::Ready(End::Eof),
+                    Err(_) => Poll::Ready(End::DstFailed),
+                };
             }
             match src.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -171,7 +234,11 @@ impl Mover {
                     None => Burst::Buffer { buf: res.buffers.take(), start: 0, end: 0 },
                 };
             }
+            let tls_src = self.tls_src;
             let read = match &mut self.burst {
+                // A short read from kTLS ends a record, not the queue: a
+                // control record may wait behind it with no new event.
+                Burst::Buffer { buf, start, end } if tls_src => src.try_read(buf).inspect(|&n| (*start, *end) = (0, n)),
                 Burst::Buffer { buf, start, end } => read_until_drained(src, buf).inspect(|&n| (*start, *end) = (0, n)),
                 Burst::Pipe { pipe, filled } => {
                     src.try_io(Interest::READABLE, || pipe.splice_in(src.as_fd())).inspect(|&n| *filled = n)
@@ -179,8 +246,20 @@ impl Mover {
                 Burst::Idle => unreachable!("set above"),
             };
             match read {
+                // TLS ends with close_notify (read as a control record
+                // below): a bare FIN is a truncation, passed on as a reset.
+                Ok(0) if self.tls_src => {
+                    self.release(res);
+                    return Poll::Ready(End::SrcFailed);
+                }
                 Ok(0) => self.eof = true,
                 Ok(_) => {}
+                Err(e) if self.tls_src && ktls::stopped_at_control(&e) => {
+                    if let Err(end) = self.take_control(src) {
+                        self.release(res);
+                        return Poll::Ready(end);
+                    }
+                }
                 // Readiness was cleared: the next poll_read_ready registers
                 // this task for the next bytes (and releases the resource).
                 Err(e) if is_would_block(&e) => {}
@@ -218,11 +297,16 @@ fn read_until_drained(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Runs a tunnel until it ends, moving bytes with `res`.
+/// Runs a tunnel of two plain sockets until it ends, moving bytes with `res`.
 pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Outcome {
+    drive_sides(t, Sides::PLAIN, res, counters).await
+}
+
+/// Runs a tunnel whose `sides` say which sockets are kTLS until it ends.
+pub async fn drive_sides(t: Tunnel, sides: Sides, res: Resources<'_>, counters: &ByteCounters) -> Outcome {
     let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain } = t;
-    let mut up = Mover::new(to_backend);
-    let mut down = Mover::new(to_client);
+    let mut up = Mover::new(to_backend, sides.client_ktls, false);
+    let mut down = Mover::new(to_client, false, sides.client_ktls);
     let (mut up_done, mut down_done) = (false, false);
     let mut life = Lifetime::new(idle_timeout);
     let mut idle = pin!(tokio::time::sleep(idle_timeout));
@@ -259,6 +343,11 @@ pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Ou
         // A truncated stream must not look complete: reset both sides.
         abort(client.as_raw_fd());
         abort(backend.as_raw_fd());
+    } else if down.notify_dst {
+        // The router's clean close (idle timeout) of a kTLS client:
+        // close_notify then FIN, if it fits now (a peer that takes no
+        // bytes gets the FIN alone).
+        let _ = ktls::close_notify(client.as_raw_fd());
     }
     Outcome { to_backend: up.moved, to_client: down.moved, reason }
 }

@@ -4,6 +4,7 @@
 
 use serde::Deserialize;
 
+use super::ktls::KtlsMode;
 use super::Mode;
 use crate::units::{de_opt_size, de_size};
 
@@ -39,6 +40,9 @@ pub struct Settings {
     /// `sockmap_queue_limit`.
     #[serde(deserialize_with = "de_size")]
     pub sockmap_node_limit: u64,
+    /// TLS tunnels: hand the session to the kernel (kTLS) and splice, or
+    /// relay in userspace (`auto`, `on`, `off`).
+    pub ktls: KtlsMode,
 }
 
 impl Default for Settings {
@@ -52,6 +56,7 @@ impl Default for Settings {
             uring_buffer: 128 * 1024,
             sockmap_queue_limit: 4 * 1024 * 1024,
             sockmap_node_limit: 1024 * 1024 * 1024,
+            ktls: KtlsMode::Auto,
         }
     }
 }

@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
+use crate::tls::records::Records;
 use crate::upstream::BackendStream;
 
 /// A connection the handshake can serve (and the backend's, split alike).
@@ -25,8 +26,9 @@ impl ClientStream for TcpStream {
 }
 
 /// A TLS listener's client, boxed: rustls's connection state is large and
-/// a keep-alive connection holds it between requests.
-pub type TlsClient = Box<tokio_rustls::server::TlsStream<TcpStream>>;
+/// a keep-alive connection holds it between requests. Its socket is read
+/// through [`Records`], so that a tunnel's session can go to the kernel.
+pub type TlsClient = Box<tokio_rustls::server::TlsStream<Records<TcpStream>>>;
 
 impl ClientStream for TlsClient {
     fn halves(&mut self) -> (impl AsyncRead + Unpin + Send + '_, impl AsyncWrite + Unpin + Send + '_) {
