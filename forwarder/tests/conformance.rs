@@ -481,6 +481,25 @@ async fn reset_from_client_resets_backend(mode: &str) {
         tcp.shutdown().await.unwrap();
         assert!(ends_with_reset(&mut server).await, "a TLS stream cut without close_notify must reset the backend");
         drop(tcp);
+        // A TLS 1.3 KeyUpdate from the client: the userspace relay follows
+        // it and the bytes after it arrive; a kTLS tunnel cannot (rustls
+        // exports keys, not the secrets the next ones derive from): it is
+        // reset, never left carrying bytes it cannot decrypt.
+        let (client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
+        let Client::Tls(mut tls) = client else { unreachable!("a TLS node's client") };
+        tls.write_all(b"before").await.unwrap();
+        let mut before = [0u8; 6];
+        server.read_exact(&mut before).await.unwrap();
+        tls.get_mut().1.refresh_traffic_keys().unwrap();
+        tls.write_all(b"after the key update").await.unwrap();
+        if router.tls_relay() == "ktls" {
+            assert!(ends_with_reset(&mut server).await, "a kTLS tunnel must reset on a KeyUpdate");
+            router.wait_log("KeyUpdate, which a kTLS tunnel cannot follow");
+        } else {
+            let mut after = [0u8; 20];
+            server.read_exact(&mut after).await.unwrap();
+            assert_eq!(&after, b"after the key update");
+        }
     }
 }
 

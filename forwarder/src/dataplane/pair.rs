@@ -130,7 +130,7 @@ impl Mover {
                 self.first = bytes;
                 Ok(())
             }
-            Control::Handled | Control::NotReady => Ok(()),
+            Control::Handled => Ok(()),
             Control::Fail => Err(End::SrcFailed),
         }
     }

@@ -89,6 +89,16 @@ where
     F: Fn(Tunnel) -> Fut + Sync,
     Fut: Future<Output = Result<Outcome, Rejected>>,
 {
+    on_own_runtime(|| run(&relay))
+}
+
+/// Runs the checks `checks` makes on a runtime of their own, on a thread
+/// of their own (the caller may be inside a runtime already), and waits.
+pub fn on_own_runtime<F, Fut>(checks: F) -> Report
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = Report>,
+{
     let failed = |why: String| Report { checks: vec![Check { name: "self-test", result: Err(why) }] };
     std::thread::scope(|scope| {
         scope
@@ -97,7 +107,7 @@ where
                     Ok(rt) => rt,
                     Err(e) => return failed(format!("cannot start its runtime: {e}")),
                 };
-                rt.block_on(run(&relay))
+                rt.block_on(checks())
             })
             .join()
             .unwrap_or_else(|_| failed("panicked".into()))
@@ -119,7 +129,8 @@ where
     Report { checks }
 }
 
-async fn check(name: &'static str, f: impl Future<Output = Result<(), String>>) -> Check {
+/// One check, bounded by [`CHECK_LIMIT`].
+pub async fn check(name: &'static str, f: impl Future<Output = Result<(), String>>) -> Check {
     let result = match tokio::time::timeout(CHECK_LIMIT, f).await {
         Ok(r) => r,
         Err(_) => Err(format!("did not finish within {CHECK_LIMIT:?}")),
@@ -127,12 +138,12 @@ async fn check(name: &'static str, f: impl Future<Output = Result<(), String>>) 
     Check { name, result }
 }
 
-fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> String {
+pub fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> String {
     move |e| format!("{what}: {e}")
 }
 
 /// A connected loopback pair: (the far end, the end a tunnel holds).
-async fn loopback_pair() -> Result<(TcpStream, TcpStream), String> {
+pub async fn loopback_pair() -> Result<(TcpStream, TcpStream), String> {
     let listener = TcpListener::bind("127.0.0.1:0").await.map_err(io_err("bind"))?;
     let addr = listener.local_addr().map_err(io_err("local_addr"))?;
     let (far, near) = tokio::join!(TcpStream::connect(addr), listener.accept());
