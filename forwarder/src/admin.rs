@@ -38,11 +38,11 @@ async fn answer(mut stream: TcpStream, shared: Arc<Shared>, nats: Option<Arc<nat
     let Ok(req) = head::read_head(&mut stream, &mut buf, MAX_HEAD, HEAD_TIMEOUT, head::parse_request).await else {
         return;
     };
-    let path = req.target.split('?').next().unwrap_or("");
+    let path = req.target().split('?').next().unwrap_or("");
     // HEAD answers as GET does, without the body (load balancers check
     // health with either).
-    let head = req.method == "HEAD";
-    let (status, content_type, body) = match (req.method.as_str(), path) {
+    let head = req.method() == "HEAD";
+    let (status, content_type, body) = match (req.method(), path) {
         ("GET" | "HEAD", "/metrics") => {
             ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", crate::metrics::get().render())
         }

@@ -253,8 +253,8 @@ impl Context<'_> {
         let leftover = Bytes::copy_from_slice(&buf[request.head_len..]);
         *buf = BytesMut::new();
 
-        rec.method = Some(request.method.clone());
-        rec.target = Some(request.target.clone());
+        rec.method = Some(request.method().to_owned());
+        rec.target = Some(request.target().to_owned());
         rec.proto = Some(if request.version == 0 { "HTTP/1.0" } else { "HTTP/1.1" });
         let header =
             |name| head::values(&request.headers, name).next().map(|v| String::from_utf8_lossy(v).into_owned());
@@ -320,7 +320,7 @@ impl Context<'_> {
         let upgrade = fwd.upgrade.is_some();
         let exchange = Exchange {
             upgrade,
-            method: &request.method,
+            method: request.method(),
             client_version: request.version,
             keep_alive: self.keep_alive_allowed && wants_keep_alive(&request),
             draining: self.draining,
@@ -339,7 +339,7 @@ impl Context<'_> {
         // the next attempt goes to the next backend) — up to MAX_ATTEMPTS in
         // all, never after response_timeout or a broken response (the
         // backend may have acted on the request).
-        let retryable = fwd.body == Body::None && is_idempotent(&request.method);
+        let retryable = fwd.body == Body::None && is_idempotent(request.method());
         let mut attempt = 0;
         let (upstream, exchanged) = loop {
             attempt += 1;

@@ -32,23 +32,81 @@ pub enum HeadError {
     TooManyHeaders(usize),
 }
 
-/// One header as received (name case preserved).
+/// Where a part of a head lies in its bytes (start, end).
+type Span = (usize, usize);
+
+/// The header fields of a head: one copy of the head's bytes and where
+/// each name and value lies in it — two allocations per head, however
+/// many fields it has.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
-    pub name: String,
-    pub value: Vec<u8>,
+pub struct Headers {
+    raw: Box<[u8]>,
+    fields: Vec<(Span, Span)>,
+}
+
+/// One header as received (name case preserved), borrowed from its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header<'a> {
+    pub name: &'a str,
+    pub value: &'a [u8],
+}
+
+impl Headers {
+    /// Copies `buf` (a head as httparse parsed it) and records where each
+    /// of `headers` — slices of `buf` — lies in it.
+    fn new(buf: &[u8], headers: &[httparse::Header<'_>]) -> Headers {
+        let fields = headers.iter().map(|h| (span(buf, h.name.as_bytes()), span(buf, h.value))).collect();
+        Headers { raw: buf.into(), fields }
+    }
+
+    /// The bytes a span of the head covers.
+    fn bytes(&self, (start, end): Span) -> &[u8] {
+        &self.raw[start..end]
+    }
+
+    /// Text a span covers that httparse gave as `&str` (a method, a target,
+    /// a header name, a reason phrase): valid UTF-8 by that.
+    fn text(&self, span: Span) -> &str {
+        std::str::from_utf8(self.bytes(span)).expect("httparse parsed this part of the head as text")
+    }
+
+    /// Every header, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Header<'_>> + '_ {
+        self.fields.iter().map(|&(name, value)| Header { name: self.text(name), value: self.bytes(value) })
+    }
+}
+
+/// Where `part`, a slice of `buf` (or empty), lies in it.
+fn span(buf: &[u8], part: &[u8]) -> Span {
+    if part.is_empty() {
+        return (0, 0);
+    }
+    let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    assert!(start.checked_add(part.len()).is_some_and(|end| end <= buf.len()), "httparse returns slices of its input");
+    (start, start + part.len())
 }
 
 /// A parsed request head, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    pub method: String,
-    pub target: String,
+    method: Span,
+    target: Span,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
-    pub headers: Vec<Header>,
+    pub headers: Headers,
     /// Length of the head in the buffer, including the blank line.
     pub head_len: usize,
+}
+
+impl Request {
+    pub fn method(&self) -> &str {
+        self.headers.text(self.method)
+    }
+
+    /// The request target as received.
+    pub fn target(&self) -> &str {
+        self.headers.text(self.target)
+    }
 }
 
 /// A parsed response head, owned.
@@ -56,24 +114,30 @@ pub struct Request {
 pub struct Response {
     pub version: u8,
     pub status: u16,
-    /// The reason phrase as received (may be empty).
-    pub reason: String,
-    pub headers: Vec<Header>,
+    reason: Span,
+    pub headers: Headers,
     pub head_len: usize,
 }
 
+impl Response {
+    /// The reason phrase as received (may be empty).
+    pub fn reason(&self) -> &str {
+        self.headers.text(self.reason)
+    }
+}
+
 /// Iterates the values of every header called `name` (case-insensitive).
-pub fn values<'a>(headers: &'a [Header], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-    headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_slice())
+pub fn values<'a>(headers: &'a Headers, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    headers
+        .fields
+        .iter()
+        .filter(move |&&(n, _)| headers.bytes(n).eq_ignore_ascii_case(name.as_bytes()))
+        .map(|&(_, v)| headers.bytes(v))
 }
 
 /// Iterates the comma-separated tokens of every header called `name`, trimmed.
-pub fn tokens<'a>(headers: &'a [Header], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+pub fn tokens<'a>(headers: &'a Headers, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
     values(headers, name).flat_map(|v| v.split(|&b| b == b',')).map(|t| t.trim_ascii()).filter(|t| !t.is_empty())
-}
-
-fn own_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
-    headers.iter().map(|h| Header { name: h.name.to_string(), value: h.value.to_vec() }).collect()
 }
 
 /// Parses a request head from the start of `buf`, with at most
@@ -97,12 +161,15 @@ pub fn parse_request_with(buf: &[u8], max: usize, max_headers: usize) -> Result<
     with_header_slots(max_headers, |slots| {
         let mut req = httparse::Request::new(slots);
         let parsed = req.parse(buf);
-        outcome(parsed, buf.len(), max, max_headers, |head_len| Request {
-            method: req.method.unwrap_or_default().to_string(),
-            target: req.path.unwrap_or_default().to_string(),
-            version: req.version.unwrap_or(1),
-            headers: own_headers(req.headers),
-            head_len,
+        outcome(parsed, buf.len(), max, max_headers, |head_len| {
+            let head = &buf[..head_len];
+            Request {
+                method: span(head, req.method.unwrap_or_default().as_bytes()),
+                target: span(head, req.path.unwrap_or_default().as_bytes()),
+                version: req.version.unwrap_or(1),
+                headers: Headers::new(head, req.headers),
+                head_len,
+            }
         })
     })
 }
@@ -143,12 +210,15 @@ pub fn parse_response(buf: &[u8], max: usize) -> Result<Option<Response>, HeadEr
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let parsed = resp.parse(buf);
-    outcome(parsed, buf.len(), max, MAX_HEADERS, |head_len| Response {
-        version: resp.version.unwrap_or(1),
-        status: resp.code.unwrap_or(0),
-        reason: resp.reason.unwrap_or_default().to_string(),
-        headers: own_headers(resp.headers),
-        head_len,
+    outcome(parsed, buf.len(), max, MAX_HEADERS, |head_len| {
+        let head = &buf[..head_len];
+        Response {
+            version: resp.version.unwrap_or(1),
+            status: resp.code.unwrap_or(0),
+            reason: span(head, resp.reason.unwrap_or_default().as_bytes()),
+            headers: Headers::new(head, resp.headers),
+            head_len,
+        }
     })
 }
 
@@ -209,7 +279,7 @@ mod tests {
     fn complete_partial_and_leftover() {
         let raw = b"GET /chat HTTP/1.1\r\nHost: a\r\n\r\nEXTRA";
         let r = parse_request(raw, 1024).unwrap().unwrap();
-        assert_eq!((r.method.as_str(), r.target.as_str(), r.version), ("GET", "/chat", 1));
+        assert_eq!((r.method(), r.target(), r.version), ("GET", "/chat", 1));
         assert_eq!(&raw[r.head_len..], b"EXTRA");
         assert_eq!(parse_request(&raw[..10], 1024), Ok(None));
     }
@@ -226,10 +296,8 @@ mod tests {
 
     #[test]
     fn tokens_split_across_headers() {
-        let h = vec![
-            Header { name: "Connection".into(), value: b"keep-alive, Upgrade".to_vec() },
-            Header { name: "connection".into(), value: b" x ".to_vec() },
-        ];
+        let raw = b"GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nconnection: x \r\n\r\n";
+        let h = parse_request(raw, 1024).unwrap().unwrap().headers;
         let t: Vec<&[u8]> = tokens(&h, "CONNECTION").collect();
         assert_eq!(t, vec![&b"keep-alive"[..], b"Upgrade", b"x"]);
     }

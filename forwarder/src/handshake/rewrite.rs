@@ -29,12 +29,13 @@
 //!   refused: it is how requests get smuggled past a proxy.
 
 use std::borrow::Cow;
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use base64::Engine;
 
 use super::answer::Refusal;
-use super::head::{tokens, values, Header, Request, Response};
+use super::head::{tokens, values, Headers, Request, Response};
 use crate::config::ForwardedClientCert;
 use crate::upstream::AppInstance;
 
@@ -127,7 +128,7 @@ const PROTECTED: &[&str] = &["host", "content-length", "transfer-encoding"];
 /// instead. `keep_backend`: the backend connection may carry another
 /// request after this one (no `Connection: close` on a plain request).
 pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Result<Forward, Refusal> {
-    if req.method.eq_ignore_ascii_case("CONNECT") {
+    if req.method().eq_ignore_ascii_case("CONNECT") {
         return Err(Refusal::bad_request("CONNECT is not supported by this router"));
     }
     let Target { host, path, absolute } = target(req)?;
@@ -156,22 +157,22 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Re
     };
 
     let mut head = Vec::with_capacity(req.head_len + 192);
-    head.extend_from_slice(req.method.as_bytes());
+    head.extend_from_slice(req.method().as_bytes());
     head.push(b' ');
     // An absolute-form target goes on in origin-form with the Host it
     // names (RFC 9112 §3.2.2), as gorouter and HAProxy send it: the backend
     // and the router agree on the host, and origin servers that do not
     // parse absolute-form are not surprised.
-    head.extend_from_slice(if absolute { path.as_bytes() } else { req.target.as_bytes() });
+    head.extend_from_slice(if absolute { path.as_bytes() } else { req.target().as_bytes() });
     head.extend_from_slice(if req.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
     if absolute {
         push_header(&mut head, "Host", host.as_bytes());
     }
-    for h in &req.headers {
-        if dropped(&h.name) || (absolute && h.name.eq_ignore_ascii_case("host")) {
+    for h in req.headers.iter() {
+        if dropped(h.name) || (absolute && h.name.eq_ignore_ascii_case("host")) {
             continue;
         }
-        push_header(&mut head, &h.name, &h.value);
+        push_header(&mut head, h.name, h.value);
     }
     match &upgrade {
         Some(protocols) => {
@@ -372,9 +373,11 @@ pub fn response_head(resp: &Response, keep_alive: bool, client_version: u8) -> V
             || (chunked && name.eq_ignore_ascii_case("content-length"))
     };
     let mut head = Vec::with_capacity(resp.head_len + 32);
-    head.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", resp.status, resp.reason).as_bytes());
-    for h in resp.headers.iter().filter(|h| !dropped(&h.name)) {
-        push_header(&mut head, &h.name, &h.value);
+    // Written into the head, not through a `format!`ed String.
+    write!(head, "HTTP/1.1 {} {}", resp.status, resp.reason()).expect("a Vec takes every write");
+    head.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter().filter(|h| !dropped(h.name)) {
+        push_header(&mut head, h.name, h.value);
     }
     match (keep_alive, client_version) {
         (false, _) => push_header(&mut head, "Connection", b"close"),
@@ -387,7 +390,7 @@ pub fn response_head(resp: &Response, keep_alive: bool, client_version: u8) -> V
 
 /// The headers a message's `Connection` header names (hop-by-hop by
 /// that), less those that frame or route it ([`PROTECTED`]).
-fn named_by_connection(headers: &[Header]) -> Vec<&[u8]> {
+fn named_by_connection(headers: &Headers) -> Vec<&[u8]> {
     tokens(headers, "connection").filter(|t| !PROTECTED.iter().any(|p| t.eq_ignore_ascii_case(p.as_bytes()))).collect()
 }
 
@@ -414,9 +417,10 @@ struct Target {
 /// Targets that are neither origin-form, absolute-form (http/https) nor
 /// `OPTIONS *` are refused.
 fn target(req: &Request) -> Result<Target, Refusal> {
-    let lower = req.target.get(..8).unwrap_or(&req.target).to_ascii_lowercase();
+    let req_target = req.target();
+    let lower = req_target.get(..8).unwrap_or(req_target).to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
-        let rest = &req.target[req.target.find("://").map(|i| i + 3).unwrap_or(0)..];
+        let rest = &req_target[req_target.find("://").map(|i| i + 3).unwrap_or(0)..];
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -432,8 +436,8 @@ fn target(req: &Request) -> Result<Target, Refusal> {
         let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
         return Ok(Target { host: checked_host(authority.as_bytes())?.to_string(), path, absolute: true });
     }
-    let origin_form = req.target.starts_with('/');
-    let asterisk = req.target == "*" && req.method.eq_ignore_ascii_case("OPTIONS");
+    let origin_form = req_target.starts_with('/');
+    let asterisk = req_target == "*" && req.method().eq_ignore_ascii_case("OPTIONS");
     if !origin_form && !asterisk {
         return Err(Refusal::bad_request("the request target is not a path or an http(s) URL"));
     }
@@ -445,7 +449,7 @@ fn target(req: &Request) -> Result<Target, Refusal> {
     if host.is_empty() {
         return Err(Refusal::empty_host());
     }
-    Ok(Target { host: checked_host(host)?.to_string(), path: req.target.clone(), absolute: false })
+    Ok(Target { host: checked_host(host)?.to_string(), path: req_target.to_string(), absolute: false })
 }
 
 /// A host (with an optional port) as received, if it looks like one.

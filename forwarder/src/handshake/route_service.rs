@@ -8,7 +8,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::answer::Refusal;
-use super::head::{self, Header};
+use super::head::{self, Headers};
 use crate::route::{RouteTarget, Router};
 use crate::route_service::{self as token, Keys};
 
@@ -40,7 +40,7 @@ impl Decide<'_> {
         &self,
         route: &RouteTarget,
         url: &str,
-        headers: &[Header],
+        headers: &Headers,
         upgrade: bool,
         forwarded_url: impl FnOnce() -> String,
         now: OffsetDateTime,
@@ -103,8 +103,10 @@ mod tests {
         Router::build(routes)
     }
 
-    fn headers(pairs: &[(&str, &str)]) -> Vec<Header> {
-        pairs.iter().map(|(n, v)| Header { name: (*n).into(), value: v.as_bytes().to_vec() }).collect()
+    fn headers(pairs: &[(&str, &str)]) -> Headers {
+        let fields: String = pairs.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+        let raw = format!("GET / HTTP/1.1\r\n{fields}\r\n");
+        head::parse_request(raw.as_bytes(), raw.len()).unwrap().unwrap().headers
     }
 
     struct Case {
