@@ -138,11 +138,8 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Re
     // Upgrade: Connection must name "upgrade" and Upgrade must offer
     // something other than h2c (dropped: we do not speak HTTP/2).
     let connection_upgrade = tokens(&req.headers, "connection").any(|t| t.eq_ignore_ascii_case(b"upgrade"));
-    let offered: Vec<&[u8]> = tokens(&req.headers, "upgrade").filter(|t| !t.eq_ignore_ascii_case(b"h2c")).collect();
-    let upgrade = (req.version == 1 && connection_upgrade && !offered.is_empty())
-        .then(|| offered.iter().map(|t| String::from_utf8_lossy(t)).collect::<Vec<_>>().join(", "));
+    let upgrade = (req.version == 1 && connection_upgrade).then(|| offered_protocols(&req.headers)).flatten();
 
-    let named_by_connection = named_by_connection(&req.headers);
     let keep_xfcc = match client.forwarded_client_cert {
         ForwardedClientCert::AlwaysForward => client.trusted,
         ForwardedClientCert::Forward => client.client_cert.is_some(),
@@ -153,7 +150,7 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Re
         DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
             || (xfcc && !keep_xfcc)
             || (!xfcc && !client.trusted && UNTRUSTED_DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)))
-            || named_by_connection.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+            || named_by_connection(&req.headers).any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
     };
 
     let mut head = Vec::with_capacity(req.head_len + 192);
@@ -183,19 +180,17 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Re
         None => push_header(&mut head, "Connection", b"close"),
     }
 
-    let peer = client.peer.to_string();
-    let xff = if client.trusted {
-        let sent: Vec<&[u8]> =
-            values(&req.headers, "x-forwarded-for").map(|v| v.trim_ascii()).filter(|v| !v.is_empty()).collect();
-        let mut list = sent.join(&b", "[..]);
-        if !list.is_empty() {
-            list.extend_from_slice(b", ");
+    // A trusted peer's list, then the peer, in one buffer that becomes
+    // the access log's copy (as text; a trusted peer's non-UTF-8 bytes go
+    // on to the backend as sent).
+    let mut xff = Vec::with_capacity(48);
+    if client.trusted {
+        for sent in values(&req.headers, "x-forwarded-for").map(|v| v.trim_ascii()).filter(|v| !v.is_empty()) {
+            xff.extend_from_slice(sent);
+            xff.extend_from_slice(b", ");
         }
-        list.extend_from_slice(peer.as_bytes());
-        list
-    } else {
-        peer.into_bytes()
-    };
+    }
+    write!(xff, "{}", client.peer).expect("a Vec takes every write");
     push_header(&mut head, "X-Forwarded-For", &xff);
     let sent_proto = values(&req.headers, "x-forwarded-proto").next().map(|v| v.trim_ascii()).filter(|v| !v.is_empty());
     let proto = match sent_proto {
@@ -207,7 +202,7 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Re
     let sent_start = values(&req.headers, "x-request-start").map(|v| v.trim_ascii()).find(|v| !v.is_empty());
     match sent_start {
         Some(start) if client.trusted => push_header(&mut head, "X-Request-Start", start),
-        _ => push_header(&mut head, "X-Request-Start", client.now_ms.to_string().as_bytes()),
+        _ => write!(head, "X-Request-Start: {}\r\n", client.now_ms).expect("a Vec takes every write"),
     }
     // A trusted proxy's request id stands (it is in the dropped list for
     // anyone else); otherwise the router's, as gorouter sets one.
@@ -231,7 +226,7 @@ pub fn rewrite(req: &Request, client: &ClientInfo<'_>, keep_backend: bool) -> Re
         path: route_path,
         upgrade,
         body,
-        x_forwarded_for: String::from_utf8_lossy(&xff).into_owned(),
+        x_forwarded_for: String::from_utf8(xff).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
         x_forwarded_proto: String::from_utf8_lossy(proto).into_owned(),
         request_id: String::from_utf8_lossy(request_id).into_owned(),
         head,
@@ -362,14 +357,13 @@ const RESPONSE_HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connec
 /// connection stays (HTTP/1.1 keeps it by default). The status line says
 /// HTTP/1.1, the router's own version (RFC 9110 §6.2).
 pub fn response_head(resp: &Response, keep_alive: bool, client_version: u8) -> Vec<u8> {
-    let named_by_connection = named_by_connection(&resp.headers);
     // Transfer-Encoding overrides Content-Length, and a proxy removes the
     // Content-Length (RFC 9112 §6.3): a client that read it would take the
     // rest for its next response.
     let chunked = values(&resp.headers, "transfer-encoding").next().is_some();
     let dropped = |name: &str| {
         RESPONSE_HOP_BY_HOP.iter().any(|d| name.eq_ignore_ascii_case(d))
-            || named_by_connection.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+            || named_by_connection(&resp.headers).any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
             || (chunked && name.eq_ignore_ascii_case("content-length"))
     };
     let mut head = Vec::with_capacity(resp.head_len + 32);
@@ -390,8 +384,23 @@ pub fn response_head(resp: &Response, keep_alive: bool, client_version: u8) -> V
 
 /// The headers a message's `Connection` header names (hop-by-hop by
 /// that), less those that frame or route it ([`PROTECTED`]).
-fn named_by_connection(headers: &Headers) -> Vec<&[u8]> {
-    tokens(headers, "connection").filter(|t| !PROTECTED.iter().any(|p| t.eq_ignore_ascii_case(p.as_bytes()))).collect()
+fn named_by_connection(headers: &Headers) -> impl Iterator<Item = &[u8]> + '_ {
+    tokens(headers, "connection").filter(|t| !PROTECTED.iter().any(|p| t.eq_ignore_ascii_case(p.as_bytes())))
+}
+
+/// The protocols an `Upgrade` header offers, less h2c (the router does
+/// not speak HTTP/2), as one list; None when it offers nothing else.
+fn offered_protocols(headers: &Headers) -> Option<String> {
+    let mut offered = tokens(headers, "upgrade").filter(|t| !t.eq_ignore_ascii_case(b"h2c")).peekable();
+    offered.peek()?;
+    let mut list = String::new();
+    for t in offered {
+        if !list.is_empty() {
+            list.push_str(", ");
+        }
+        list.push_str(&String::from_utf8_lossy(t));
+    }
+    Some(list)
 }
 
 fn push_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -402,11 +411,12 @@ fn push_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
 }
 
 /// Where a request goes, from its target and Host.
-struct Target {
+struct Target<'a> {
     /// The host to route by (maybe with a port).
     host: String,
-    /// The target in origin-form (`/path?query`), or `*`.
-    path: String,
+    /// The target in origin-form (`/path?query`), or `*`: the request's
+    /// own unless it came in absolute-form without a path.
+    path: Cow<'a, str>,
     /// True when the target was in absolute-form: the forwarded head then
     /// carries `path` and `Host: host` instead of what the client sent.
     absolute: bool,
@@ -416,10 +426,10 @@ struct Target {
 /// client sent one (it overrides Host, RFC 9112 §3.2.2), else from Host.
 /// Targets that are neither origin-form, absolute-form (http/https) nor
 /// `OPTIONS *` are refused.
-fn target(req: &Request) -> Result<Target, Refusal> {
+fn target(req: &Request) -> Result<Target<'_>, Refusal> {
     let req_target = req.target();
-    let lower = req_target.get(..8).unwrap_or(req_target).to_ascii_lowercase();
-    if lower.starts_with("http://") || lower.starts_with("https://") {
+    let scheme_is = |s: &str| req_target.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s));
+    if scheme_is("http://") || scheme_is("https://") {
         let rest = &req_target[req_target.find("://").map(|i| i + 3).unwrap_or(0)..];
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -433,7 +443,7 @@ fn target(req: &Request) -> Result<Target, Refusal> {
         if authority.is_empty() {
             return Err(Refusal::empty_host());
         }
-        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+        let path = if path.starts_with('/') { Cow::Borrowed(path) } else { Cow::Owned(format!("/{path}")) };
         return Ok(Target { host: checked_host(authority.as_bytes())?.to_string(), path, absolute: true });
     }
     let origin_form = req_target.starts_with('/');
@@ -449,7 +459,7 @@ fn target(req: &Request) -> Result<Target, Refusal> {
     if host.is_empty() {
         return Err(Refusal::empty_host());
     }
-    Ok(Target { host: checked_host(host)?.to_string(), path: req_target.to_string(), absolute: false })
+    Ok(Target { host: checked_host(host)?.to_string(), path: Cow::Borrowed(req_target), absolute: false })
 }
 
 /// A host (with an optional port) as received, if it looks like one.
