@@ -4,6 +4,7 @@
 //! per line, field names in the README) and `gorouter` (gorouter's line,
 //! so existing Cloud Foundry log pipelines keep parsing).
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -25,6 +26,16 @@ pub enum Format {
     Gorouter,
 }
 
+/// A request's method as the record keeps it: RFC 9110's methods and
+/// PATCH as static strings, any other copied.
+pub fn method(m: &str) -> Cow<'static, str> {
+    const KNOWN: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+    match KNOWN.iter().find(|k| **k == m) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(m.to_owned()),
+    }
+}
+
 /// What the access log says about a connection when it ends.
 #[derive(Debug)]
 pub struct AccessRecord {
@@ -33,7 +44,8 @@ pub struct AccessRecord {
     /// Wall-clock time of the accept (the line's timestamp).
     pub start: SystemTime,
     pub started: Instant,
-    pub method: Option<String>,
+    /// The request method ([`method`]: the common ones are not copied).
+    pub method: Option<Cow<'static, str>>,
     /// The request target as received (path and query).
     pub target: Option<String>,
     /// `HTTP/1.1` or `HTTP/1.0`.

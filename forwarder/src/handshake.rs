@@ -253,7 +253,7 @@ impl Context<'_> {
         let leftover = Bytes::copy_from_slice(&buf[request.head_len..]);
         *buf = BytesMut::new();
 
-        rec.method = Some(request.method().to_owned());
+        rec.method = Some(crate::access::method(request.method()));
         rec.target = Some(request.target().to_owned());
         rec.proto = Some(if request.version == 0 { "HTTP/1.0" } else { "HTTP/1.1" });
         let header =
@@ -262,9 +262,9 @@ impl Context<'_> {
         rec.referer = header("referer");
 
         let settings = snap.listener(listener);
-        let request_id = uuid::Uuid::new_v4().hyphenated().to_string();
+        let mut request_id = uuid::Uuid::encode_buffer();
         let client_info = ClientInfo {
-            request_id: &request_id,
+            request_id: uuid::Uuid::new_v4().hyphenated().encode_lower(&mut request_id),
             peer: peer.ip(),
             trusted: settings.trusted_cidrs.iter().any(|net| net.contains(&peer.ip())),
             forwarded_proto: settings.forwarded_proto(),
@@ -277,10 +277,11 @@ impl Context<'_> {
         let is_upgrade_request = head::tokens(&request.headers, "upgrade").next().is_some();
         let keep_backend = snap.config.backends.max_idle_per_backend > 0 && request.version >= 1 && !is_upgrade_request;
         let mut fwd = rewrite::rewrite(&request, &client_info, keep_backend)?;
+        // The log's copies are the rewrite's own (the host is routed by below).
         rec.host = Some(fwd.host.clone());
-        rec.x_forwarded_for = Some(fwd.x_forwarded_for.clone());
-        rec.x_forwarded_proto = Some(fwd.x_forwarded_proto.clone());
-        rec.request_id = Some(fwd.request_id.clone());
+        rec.x_forwarded_for = Some(std::mem::take(&mut fwd.x_forwarded_for));
+        rec.x_forwarded_proto = Some(std::mem::take(&mut fwd.x_forwarded_proto));
+        rec.request_id = Some(std::mem::take(&mut fwd.request_id));
         if let (Body::Length(n), Some(max)) = (fwd.body, limits.max_request_body) {
             if n > max {
                 return Err(Refusal::body_too_large(max).into());
@@ -300,7 +301,10 @@ impl Context<'_> {
                 websockets: rs.websockets,
                 router: &snap.router,
             };
-            let scheme = if rs.recommend_https { "https" } else { fwd.x_forwarded_proto.as_str() };
+            let scheme = match rs.recommend_https {
+                true => "https",
+                false => rec.x_forwarded_proto.as_deref().unwrap_or_default(),
+            };
             let forwarded_url = || fwd.forwarded_url(scheme);
             let now = time::OffsetDateTime::now_utc();
             match decide.leg(route, url, &request.headers, fwd.upgrade.is_some(), forwarded_url, now)? {
