@@ -50,6 +50,11 @@ pub use stream::{ClientStream, TlsClient};
 /// is always allowed.
 const MIN_RESPONSE_HEAD: usize = 64 * 1024;
 
+/// A client's read buffer at most this large is kept for its next request
+/// (a tunnel drops it with the connection); a larger one, grown by a large
+/// head, is freed once the head is parsed.
+const KEPT_READ_BUFFER: usize = 4096;
+
 /// A connection pair ready for a data plane, as the handshake leaves it.
 pub struct Plan<S = TcpStream> {
     pub client: S,
@@ -248,10 +253,14 @@ impl Context<'_> {
             }
             Err(e) => return Err(request_head_failed(e)),
         };
-        // Copied out so the head buffer is freed: a Bytes view would keep the
-        // whole read buffer alive for the tunnel's life.
+        // Copied out so the head buffer is not shared: a Bytes view would keep
+        // the whole read buffer alive for the tunnel's life. A small buffer
+        // stays for the next request, without its bytes.
         let leftover = Bytes::copy_from_slice(&buf[request.head_len..]);
-        *buf = BytesMut::new();
+        match buf.capacity() <= KEPT_READ_BUFFER {
+            true => buf.clear(),
+            false => *buf = BytesMut::new(),
+        }
 
         rec.method = Some(crate::access::method(request.method()));
         rec.target = Some(request.target().to_owned());
@@ -410,7 +419,7 @@ impl Context<'_> {
                     upstream.release();
                 }
                 // The next request starts with what followed this one.
-                *buf = BytesMut::from(&after[..]);
+                buf.extend_from_slice(&after);
                 return Ok(Outcome::Answered { keep_alive });
             }
         };
