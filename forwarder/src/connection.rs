@@ -40,7 +40,7 @@ impl Session {
     /// Serves one accepted connection to its end and logs it: an access
     /// record per request (http) or per connection (tcp).
     pub async fn serve(self, mut client: TcpStream, peer: SocketAddr, protocol: Protocol) {
-        let labels = ListenerLabels { listener: self.listener.to_string() };
+        let labels = ListenerLabels { listener: self.listener.clone() };
         metrics::get().active.get_or_create(&labels).inc();
         let _ = client.set_nodelay(true);
         // The PROXY header and the TLS handshake share handshake_timeout.
@@ -354,7 +354,7 @@ impl Session {
     }
 
     fn labels(&self, mode: Mode) -> TunnelLabels {
-        TunnelLabels { listener: self.listener.to_string(), data_plane: mode.to_string() }
+        TunnelLabels { listener: self.listener.clone(), data_plane: mode.as_str() }
     }
 
     /// Relays a plain pair through the data planes' chain.

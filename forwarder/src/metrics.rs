@@ -21,15 +21,18 @@ use prometheus_client::registry::Registry;
 
 use crate::dataplane::{DataPlanes, Mode, Plane};
 
+/// A listener's series. Shared strings, not owned ones: every connection
+/// and tunnel looks its series up, and an owned label set cost it an
+/// allocation per label per lookup (callgrind, docs/performance.md §6).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
-    pub listener: String,
+    pub listener: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TunnelLabels {
-    pub listener: String,
-    pub data_plane: String,
+    pub listener: Arc<str>,
+    pub data_plane: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -384,12 +387,12 @@ pub fn get() -> &'static Metrics {
 /// carry a tunnel (the chosen one and its fallbacks).
 pub fn declare_listener(listener: &str, planes: &DataPlanes) {
     let m = get();
-    let labels = ListenerLabels { listener: listener.to_string() };
+    let labels = ListenerLabels { listener: listener.into() };
     let _ = m.accepted.get_or_create(&labels);
     let _ = m.active.get_or_create(&labels);
     let _ = m.rejected_over_limit.get_or_create(&labels);
     for plane in planes.planes() {
-        let labels = TunnelLabels { listener: listener.to_string(), data_plane: plane.mode().to_string() };
+        let labels = TunnelLabels { listener: labels.listener.clone(), data_plane: plane.mode().as_str() };
         let _ = m.tunnels.get_or_create(&labels);
         let _ = m.tunnels_active.get_or_create(&labels);
     }

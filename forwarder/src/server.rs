@@ -211,7 +211,7 @@ async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let labels = ListenerLabels { listener: name.to_string() };
+    let labels = ListenerLabels { listener: name.clone() };
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
