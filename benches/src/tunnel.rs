@@ -39,6 +39,7 @@ pub async fn tunnel() -> Ends {
         to_client: Bytes::new(),
         idle_timeout: Duration::from_secs(3600),
         drain: CancellationToken::new(),
+        promote: None,
     };
     Ends { client, backend, tunnel }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 
-use crate::dataplane::Mode;
+use crate::dataplane::{Legs, Mode};
 
 /// `[access_log] format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -83,6 +83,9 @@ pub struct AccessRecord {
     /// From the accept to the 101 written to the client (upgrades).
     pub upgraded: Option<Duration>,
     pub data_plane: Option<Mode>,
+    /// The planes the tunnel used and what each carried, when it moved
+    /// between planes (empty when it ended where it started).
+    pub planes: Legs,
     pub to_backend: u64,
     pub to_client: u64,
     pub reason: &'static str,
@@ -116,6 +119,7 @@ impl AccessRecord {
             first_byte: None,
             upgraded: None,
             data_plane: None,
+            planes: Legs::default(),
             to_backend: 0,
             to_client: 0,
             reason: "done",
@@ -153,6 +157,7 @@ impl AccessRecord {
             upgrade_ms = ms(self.upgraded),
             duration_ms = self.started.elapsed().as_millis() as u64,
             close = self.reason,
+            planes = %self.planes,
         );
     }
 
@@ -172,7 +177,7 @@ impl AccessRecord {
             "time={} client={} listener={} method={} path={} host={} route={} backend={} status={} data_plane={} \
              bytes_to_backend={} bytes_to_client={} user_agent={} referer={} x_forwarded_for={} \
              x_forwarded_proto={} request_id={} app_id={} app_index={} instance_id={} router_error={} \
-             first_byte_ms={} upgrade_ms={} duration_ms={} close={}",
+             first_byte_ms={} upgrade_ms={} duration_ms={} close={} planes={}",
             humantime::format_rfc3339_millis(self.start),
             self.peer,
             q(Some(&self.listener)),
@@ -198,6 +203,7 @@ impl AccessRecord {
             millis(self.upgraded),
             ended.as_millis(),
             self.reason,
+            self.planes,
         )
     }
 
@@ -231,6 +237,11 @@ impl AccessRecord {
             "upgrade_ms": ms(self.upgraded),
             "duration_ms": ended.as_secs_f64() * 1000.0,
             "close": self.reason,
+            "planes": (!self.planes.is_empty()).then(|| self.planes.iter().map(|l| serde_json::json!({
+                "data_plane": l.mode.as_str(),
+                "bytes_to_backend": l.to_backend,
+                "bytes_to_client": l.to_client,
+            })).collect::<Vec<_>>()),
         })
         .to_string()
     }
@@ -363,6 +374,29 @@ mod tests {
             line.starts_with("time=2023-11-14T22:13:20.123Z client=192.0.2.7:51000 listener=\"web\" method=\"GET\"")
         );
         assert!(line.contains(" user_agent=\"Mozilla \\\"x\\\"\" "), "{line}");
-        assert!(line.ends_with(" first_byte_ms=3 upgrade_ms=4 duration_ms=7 close=done"), "{line}");
+        assert!(line.ends_with(" first_byte_ms=3 upgrade_ms=4 duration_ms=7 close=done planes=-"), "{line}");
+    }
+
+    /// A tunnel that moved names each plane and what it carried; the
+    /// record's byte counts are their sum.
+    #[test]
+    fn a_tunnel_that_moved_names_its_planes() {
+        let mut r = record();
+        r.data_plane = Some(Mode::Sockmap);
+        r.planes.push(Mode::Splice, (200, 400), false);
+        r.planes.push(Mode::Sockmap, (1000, 3000), true);
+        let text = r.line(Format::Text, Duration::ZERO);
+        assert!(text.ends_with(" planes=splice:200/400,sockmap:1000/3000"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&r.line(Format::Json, Duration::ZERO)).unwrap();
+        assert_eq!(v["data_plane"], "sockmap");
+        assert_eq!(
+            v["planes"],
+            serde_json::json!([
+                {"data_plane": "splice", "bytes_to_backend": 200, "bytes_to_client": 400},
+                {"data_plane": "sockmap", "bytes_to_backend": 1000, "bytes_to_client": 3000},
+            ])
+        );
+        let v: serde_json::Value = serde_json::from_str(&record().line(Format::Json, Duration::ZERO)).unwrap();
+        assert_eq!(v["planes"], serde_json::Value::Null, "a tunnel that stayed on its plane");
     }
 }

@@ -1331,6 +1331,23 @@ pool = "chat"
     }
 
     #[test]
+    fn adaptive_reads_its_policy() {
+        let c = parse(&format!(
+            "[data_plane]\nmode = \"adaptive\"\npromote_after = \"250ms\"\npromote_message_size = \"1KiB\"\n{BASE}"
+        ))
+        .unwrap();
+        assert_eq!(c.data_plane.mode, Mode::Adaptive);
+        assert_eq!(c.data_plane.promote_after, Duration::from_millis(250));
+        assert_eq!(c.data_plane.promote_message_size, 1024);
+        let e = parse(&format!("[data_plane]\nmode = \"adaptive\"\npromote_after = \"1ms\"\n{BASE}"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "t.toml: data_plane.promote_after: must be between 10ms and 1h");
+        let e = parse(&format!("[data_plane]\npromote_message_size = 0\n{BASE}")).unwrap_err().to_string();
+        assert_eq!(e, "t.toml: data_plane.promote_message_size: must be between 1 byte and 16MiB");
+    }
+
+    #[test]
     fn errors_name_file_field_and_problem() {
         let e = parse(&BASE.replace("pool = \"chat\"\n", "pool = \"nope\"\n")).unwrap_err().to_string();
         assert_eq!(e, "t.toml: route[0].pool: no pool named \"nope\"");

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::access::AccessRecord;
 use crate::config::{Protocol, ProxyProtocol};
 use crate::dataplane::stream::{Stream, StreamTunnel};
-use crate::dataplane::{CloseReason, Mode, Tunnel};
+use crate::dataplane::{CloseReason, Mode, Relayed, Tunnel};
 use crate::handshake::answer::{linger_close, Refusal};
 use crate::handshake::{self, ClientStream, Next, Plan, TlsClient};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
@@ -274,7 +274,10 @@ impl Session {
         let drain = self.shared.drain.child_token();
         let (mode, outcome) = match (client.into(), backend) {
             (Client::Plain(client), BackendStream::Plain(backend)) => {
-                self.relay_planes(Tunnel { client, backend, to_backend, to_client, idle_timeout, drain }).await
+                let tunnel = Tunnel { client, backend, to_backend, to_client, idle_timeout, drain, promote: None };
+                let relayed = self.relay_planes(tunnel).await;
+                rec.planes = relayed.legs;
+                (relayed.mode, relayed.outcome)
             }
             // Boxed: the plain path's future stays the planes' size.
             (Client::Plain(client), BackendStream::Tls(backend)) => {
@@ -328,8 +331,15 @@ impl Session {
             Offload::Kernel { socket, plaintext, cipher } => {
                 metrics::ktls_handoff(&self.listener, "offloaded");
                 tracing::debug!(listener = %self.listener, cipher = cipher.name(), "TLS tunnel handed to the kernel (kTLS)");
-                let tunnel =
-                    Tunnel { client: socket, backend, to_backend: first(plaintext), to_client, idle_timeout, drain };
+                let tunnel = Tunnel {
+                    client: socket,
+                    backend,
+                    to_backend: first(plaintext),
+                    to_client,
+                    idle_timeout,
+                    drain,
+                    promote: None,
+                };
                 let m = metrics::get();
                 m.tunnels_active.get_or_create(&self.labels(Mode::Ktls)).inc();
                 let outcome = relay.relay(tunnel).await;
@@ -358,24 +368,20 @@ impl Session {
     }
 
     /// Relays a plain pair through the data planes' chain.
-    async fn relay_planes(&self, tunnel: Tunnel) -> (Mode, crate::dataplane::Outcome) {
+    async fn relay_planes(&self, tunnel: Tunnel) -> Relayed {
         let planes = &self.shared.planes;
         let m = metrics::get();
         m.tunnels_active.get_or_create(&self.labels(planes.mode())).inc();
-        let (mode, outcome) = planes
-            .relay(tunnel, |from, _why| {
-                metrics::fallback(from);
-                // The tunnel moves to the next plane of the chain, and so
-                // does its place in tunnels_active.
-                m.tunnels_active.get_or_create(&self.labels(from)).dec();
-                let chain = planes.planes();
-                if let Some(next) = chain.iter().position(|p| p.mode() == from).and_then(|i| chain.get(i + 1)) {
-                    m.tunnels_active.get_or_create(&self.labels(next.mode())).inc();
-                }
+        let relayed = planes
+            .relay(tunnel, |moved| {
+                metrics::moved(moved);
+                // The tunnel's place in tunnels_active moves with it.
+                m.tunnels_active.get_or_create(&self.labels(moved.from)).dec();
+                m.tunnels_active.get_or_create(&self.labels(moved.to)).inc();
             })
             .await;
-        m.tunnels_active.get_or_create(&self.labels(mode)).dec();
-        (mode, outcome)
+        m.tunnels_active.get_or_create(&self.labels(relayed.mode)).dec();
+        relayed
     }
 }
 

@@ -20,6 +20,15 @@
 //! A plane that cannot take one particular tunnel (no pipes left, sockmap
 //! insert refused) returns it with [`Rejected`] so the dispatcher hands it to
 //! the next plane; the client never sees an error for it.
+//!
+//! A tunnel also moves between planes as its traffic shows itself
+//! (`mode = "adaptive"`, [`Promote`]): it starts on splice, cheap to set
+//! up; one that lives on and carries small messages is handed back
+//! ([`Cause::Promoted`]) between two bursts, holding nothing, and goes to
+//! sockmap; one whose directions then saturate steps aside from sockmap
+//! ([`Cause::Demoted`]) and goes back to splice, for good. Every move keeps
+//! the contract above: the plane that lets go of a tunnel holds none of its
+//! bytes, or hands them on as leftovers.
 
 mod abort;
 pub mod copy;
@@ -61,6 +70,10 @@ pub enum Mode {
     Uring,
     Splice,
     Copy,
+    /// Tunnels start on splice and move: promoted to sockmap once they
+    /// prove long-lived with small messages, back to splice when they
+    /// saturate ([`Promote`]).
+    Adaptive,
     /// The userspace relay of TLS tunnels ([`stream`]): not a mode the
     /// config chooses, the plane that carries what the kernel cannot.
     #[serde(skip)]
@@ -79,6 +92,7 @@ impl Mode {
             Mode::Uring => "uring",
             Mode::Splice => "splice",
             Mode::Copy => "copy",
+            Mode::Adaptive => "adaptive",
             Mode::Tls => "tls",
             Mode::Ktls => "ktls",
         }
@@ -104,6 +118,71 @@ pub struct Tunnel {
     pub idle_timeout: Duration,
     /// Fires when the router's drain deadline passed: close at once.
     pub drain: CancellationToken,
+    /// Whether the plane carrying the tunnel should hand it back for
+    /// promotion once its traffic shows it belongs on the promotion plane
+    /// (`mode = "adaptive"`); None for every other tunnel, and for one that
+    /// left the promotion plane already.
+    pub promote: Option<Promote>,
+}
+
+/// How few reads a window must have seen before its tunnel can be
+/// promoted: below it, a tunnel talks too seldom for sockmap's handoff (a
+/// few dozen syscalls and map updates) to pay for itself.
+pub const PROMOTE_MIN_READS: u64 = 8;
+
+/// When a tunnel on a readiness plane is handed back for promotion
+/// (`[data_plane] promote_after`, `promote_message_size`): it is judged
+/// once per `window`, from its start, on the reads of the last window, and
+/// promoted when there were at least [`PROMOTE_MIN_READS`] of them and
+/// they averaged at most `message_size` bytes. A bulk tunnel's reads fill
+/// the pipe (64 KiB): it stays where splice serves it best; an idle one
+/// stays where it costs least, until it talks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promote {
+    pub window: Duration,
+    pub message_size: u64,
+}
+
+impl Promote {
+    /// Whether a window with `reads` reads carrying `bytes` in all earns
+    /// the tunnel a promotion.
+    pub fn earned(&self, reads: u64, bytes: u64) -> bool {
+        reads >= PROMOTE_MIN_READS && bytes <= reads.saturating_mul(self.message_size)
+    }
+}
+
+/// Why a plane handed a tunnel back, for the dispatcher (which plane
+/// next) and `/metrics` (`kind`, `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The plane could not take or keep this tunnel: the next plane of the
+    /// chain takes it.
+    Refused,
+    /// The tunnel saturated a bound of the plane and stepped aside
+    /// (`reason`: which bound); it goes back to the start of the chain.
+    Demoted(&'static str),
+    /// The tunnel proved long-lived with small messages (`reason`); it goes
+    /// to the promotion plane.
+    Promoted(&'static str),
+}
+
+impl Cause {
+    /// `fallback`, `demotion` or `promotion`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Cause::Refused => "fallback",
+            Cause::Demoted(_) => "demotion",
+            Cause::Promoted(_) => "promotion",
+        }
+    }
+
+    /// A short, fixed label (for metrics).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Cause::Refused => "refused",
+            Cause::Demoted(why) | Cause::Promoted(why) => why,
+        }
+    }
 }
 
 /// Why a tunnel ended; goes to the access log.
@@ -163,12 +242,72 @@ pub struct Rejected {
     /// tunnel on: zero for a tunnel refused at the start; a sockmap tunnel
     /// that stepped aside has carried bytes already.
     pub relayed: (u64, u64),
+    pub cause: Cause,
 }
 
 impl Rejected {
     /// A tunnel refused before this plane moved a byte of it.
     pub fn untouched(tunnel: Tunnel, reason: impl Into<String>) -> Rejected {
-        Rejected { tunnel, reason: reason.into(), relayed: (0, 0) }
+        Rejected { tunnel, reason: reason.into(), relayed: (0, 0), cause: Cause::Refused }
+    }
+}
+
+/// One plane's part of a tunnel: the bytes it carried each way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leg {
+    pub mode: Mode,
+    pub to_backend: u64,
+    pub to_client: u64,
+}
+
+/// The planes a tunnel used, in order, with the bytes each carried: empty
+/// for a tunnel that stayed on the plane it started on (which allocates
+/// nothing), else every plane that carried bytes of it and the one it
+/// ended on, a plane that carried it twice in a row counted once.
+/// Rendered `splice:1200/5400,sockmap:80000/81000` (to backend/to client).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Legs(Vec<Leg>);
+
+impl Legs {
+    /// Adds `mode`'s part; `last` for the plane the tunnel ended on, which
+    /// counts even if it carried nothing.
+    pub(crate) fn push(&mut self, mode: Mode, (to_backend, to_client): (u64, u64), last: bool) {
+        if to_backend == 0 && to_client == 0 && !last {
+            return;
+        }
+        match self.0.last_mut() {
+            Some(leg) if leg.mode == mode => {
+                leg.to_backend += to_backend;
+                leg.to_client += to_client;
+            }
+            _ => self.0.push(Leg { mode, to_backend, to_client }),
+        }
+    }
+
+    /// Bytes all legs carried (to backend, to client).
+    fn total(&self) -> (u64, u64) {
+        self.0.iter().fold((0, 0), |(b, c), l| (b + l.to_backend, c + l.to_client))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Leg> {
+        self.0.iter()
+    }
+}
+
+impl fmt::Display for Legs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("-");
+        }
+        for (i, leg) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            write!(f, "{sep}{}:{}/{}", leg.mode, leg.to_backend, leg.to_client)?;
+        }
+        Ok(())
     }
 }
 
@@ -317,7 +456,7 @@ impl Plane {
             Mode::Splice => started(cfg, Plane::Splice),
             Mode::Uring => started(cfg, Plane::Uring),
             Mode::Sockmap => started(cfg, Plane::Sockmap),
-            Mode::Auto => unreachable!("auto is resolved by DataPlanes::start"),
+            Mode::Auto | Mode::Adaptive => unreachable!("{mode} is resolved by DataPlanes::start"),
             Mode::Tls | Mode::Ktls => {
                 Err(PlaneError::Settings(format!("{mode} is a relay of TLS tunnels, not a mode to choose")))
             }
@@ -384,30 +523,61 @@ pub const AUTO_ORDER: [Mode; 3] = [Mode::Uring, Mode::Splice, Mode::Copy];
 /// Why `auto` does not pick sockmap even where it runs (logged at startup,
 /// printed by `upsplice check`). It left `auto` when two-way bulk hung
 /// through it; with that fixed (tunnels step aside), what keeps it out is
-/// measured cost, until a tunnel can be promoted to it once it proves
-/// long-lived.
+/// measured cost; `adaptive` promotes to it the tunnels that prove
+/// long-lived with small messages.
 pub const SOCKMAP_NOT_AUTO: &str = "not chosen by auto: its handshakes cost most (about 79 syscalls per \
      connect-upgrade-close against uring's 32) and its latency tails at moderate rates are the kernel \
-     workqueue's, while bulk tunnels step aside to splice anyway; mode = \"sockmap\" selects it, for the \
-     least router CPU per message";
+     workqueue's, while bulk tunnels step aside to splice anyway; mode = \"sockmap\" selects it for every \
+     tunnel (the least router CPU per message), mode = \"adaptive\" for the long-lived tunnels that carry \
+     small messages";
 
 /// A plane's relay of one tunnel, boxed at its own size (see [`Plane::relay`]).
 pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = Result<Outcome, Rejected>> + Send + 'a>>;
 
 /// The chosen plane followed by its fallbacks (always ending with copy),
-/// the stream relay TLS tunnels take, and the kTLS relay they take instead
-/// where the kernel carries TLS (`data_plane.ktls`).
+/// the plane tunnels are promoted to (`adaptive`), the stream relay TLS
+/// tunnels take, and the kTLS relay they take instead where the kernel
+/// carries TLS (`data_plane.ktls`).
 pub struct DataPlanes {
     chain: Vec<Plane>,
+    promotion: Option<Promotion>,
     pub stream: stream::StreamRelay,
     pub ktls: Option<ktls::KtlsRelay>,
+}
+
+/// `adaptive`: where tunnels are promoted to, and when.
+pub struct Promotion {
+    to: Plane,
+    policy: Promote,
+}
+
+/// A tunnel's move from one plane to the next, as the dispatcher makes it.
+#[derive(Debug)]
+pub struct Move<'a> {
+    pub from: Mode,
+    pub to: Mode,
+    pub cause: Cause,
+    /// The plane's own words (logged).
+    pub why: &'a str,
+}
+
+/// How a tunnel ended: on which plane, its outcome over every plane it
+/// used (bytes added up), and those planes when there were several.
+#[derive(Debug)]
+pub struct Relayed {
+    pub mode: Mode,
+    pub outcome: Outcome,
+    pub legs: Legs,
 }
 
 impl DataPlanes {
     /// Builds the plane `cfg.mode` asks for. `auto` takes the first of
     /// [`AUTO_ORDER`] that starts and logs why the ones before it did not;
-    /// an explicit mode that cannot start is an error naming the reason.
+    /// `adaptive` starts sockmap and splice; an explicit mode that cannot
+    /// start is an error naming the reason.
     pub fn start(cfg: &Settings) -> Result<DataPlanes, PlaneError> {
+        let cannot = |mode: Mode| move |why: PlaneError| PlaneError::CannotStart { mode, source: Box::new(why) };
+        let mut promotion = None;
         let primary = match cfg.mode {
             Mode::Auto => {
                 if sockmap::SockmapPlane::probe().is_ok() {
@@ -428,9 +598,17 @@ impl DataPlanes {
                 }
                 chosen.expect("copy always starts")
             }
+            Mode::Adaptive => {
+                let (to, report) = Plane::build(Mode::Sockmap, cfg).map_err(cannot(Mode::Adaptive))?;
+                tracing::info!(data_plane = "sockmap", "adaptive: promotion plane sockmap: {report}");
+                let (start, report) = Plane::build(Mode::Splice, cfg).map_err(cannot(Mode::Adaptive))?;
+                tracing::info!(data_plane = "splice", "adaptive: tunnels start on splice: {report}");
+                let policy = Promote { window: cfg.promote_after, message_size: cfg.promote_message_size };
+                promotion = Some(Promotion { to, policy });
+                start
+            }
             mode => {
-                let (plane, report) =
-                    Plane::build(mode, cfg).map_err(|why| PlaneError::CannotStart { mode, source: Box::new(why) })?;
+                let (plane, report) = Plane::build(mode, cfg).map_err(cannot(mode))?;
                 tracing::info!(data_plane = %mode, "{mode}: {report}");
                 plane
             }
@@ -449,7 +627,11 @@ impl DataPlanes {
             chain.push(Plane::Copy(copy::CopyPlane::new(cfg)));
         }
         let ktls = DataPlanes::start_ktls(cfg)?;
-        Ok(DataPlanes { chain, stream: stream::StreamRelay::new(cfg.copy_buffer as usize), ktls })
+        let planes = DataPlanes { chain, promotion, stream: stream::StreamRelay::new(cfg.copy_buffer as usize), ktls };
+        if let Some(policy) = planes.policy() {
+            tracing::info!(data_plane = "adaptive", "{policy}");
+        }
+        Ok(planes)
     }
 
     /// The kTLS relay as `data_plane.ktls` asks: `auto` logs why it is not
@@ -484,62 +666,137 @@ impl DataPlanes {
         self.chain[0].mode()
     }
 
-    pub fn planes(&self) -> &[Plane] {
-        &self.chain
+    /// Every plane that may carry a tunnel: the chain, then the promotion
+    /// plane.
+    pub fn planes(&self) -> impl Iterator<Item = &Plane> {
+        self.chain.iter().chain(self.promotion.as_ref().map(|p| &p.to))
     }
 
-    /// Relays `t` through the first plane that takes it; returns that plane's
-    /// mode and the outcome. Copy takes every tunnel, so this always relays.
+    /// The planes a tunnel falls back to, in order, after the first.
+    pub fn fallbacks(&self) -> impl Iterator<Item = Mode> + '_ {
+        self.chain[1..].iter().map(Plane::mode)
+    }
+
+    /// What moves tunnels between planes (`adaptive`), in words, for the
+    /// startup log and `upsplice check`; None when they stay on their plane.
+    pub fn policy(&self) -> Option<String> {
+        let p = self.promotion.as_ref()?;
+        Some(describe_policy(self.mode(), p.to.mode(), p.policy))
+    }
+
+    /// Relays `t` until it ends, through the first plane that takes it and
+    /// every plane it moves to; returns the plane it ended on and its
+    /// outcome over all of them. Copy takes every tunnel, so this always
+    /// relays.
     ///
-    /// Each time a plane hands the tunnel on, `on_fallback` hears which
-    /// plane it was and why, in order, as it happens (the caller counts
-    /// them; the data planes report to no one else).
-    pub async fn relay(&self, t: Tunnel, on_fallback: impl FnMut(Mode, &str) + Send) -> (Mode, Outcome) {
+    /// Each time a tunnel moves, `on_move` hears from where to where and
+    /// why, in order, as it happens (the caller counts them; the data
+    /// planes report to no one else).
+    pub async fn relay(&self, mut t: Tunnel, on_move: impl FnMut(&Move<'_>) + Send) -> Relayed {
         let first = &self.chain[0];
-        let fall_back = match first.relay(t).await {
-            Ok(outcome) => return (first.mode(), outcome),
+        t.promote = self.promotion.as_ref().map(|p| p.policy);
+        let moved = match first.relay(t).await {
+            Ok(outcome) => return Relayed { mode: first.mode(), outcome, legs: Legs::default() },
             // Boxed: the rare path's state stays out of every tunnel's task.
-            Err(rejected) => Box::pin(self.fall_back(first.mode(), rejected, on_fallback)),
+            Err(rejected) => Box::pin(self.move_on(first, rejected, on_move)),
         };
-        fall_back.await
+        moved.await
     }
 
-    /// Hands a tunnel the plane `from` gave back to the next planes of the
-    /// chain; the outcome counts the bytes the earlier planes relayed.
-    async fn fall_back(
-        &self,
-        from: Mode,
-        mut rejected: Rejected,
-        mut on_fallback: impl FnMut(Mode, &str),
-    ) -> (Mode, Outcome) {
-        let mut carried = (0, 0);
-        let mut mode = from;
-        for plane in &self.chain[1..] {
+    /// The plane a tunnel `from` handed back for `cause` goes to next:
+    /// the promotion plane when promoted; the start of the chain when it
+    /// leaves the promotion plane; else the next plane of the chain.
+    fn next(&self, from: &Plane, cause: Cause) -> &Plane {
+        if let Some(p) = &self.promotion {
+            if matches!(cause, Cause::Promoted(_)) {
+                return &p.to;
+            }
+            if std::ptr::eq(from, &p.to) {
+                return &self.chain[0];
+            }
+        }
+        let at = self.chain.iter().position(|p| std::ptr::eq(p, from)).unwrap_or(0);
+        self.chain.get(at + 1).unwrap_or_else(|| self.chain.last().expect("a chain has a plane"))
+    }
+
+    /// Hands a tunnel the plane `from` gave back to the planes it moves
+    /// to; the outcome counts the bytes every plane relayed.
+    async fn move_on(&self, mut from: &Plane, mut rejected: Rejected, mut on_move: impl FnMut(&Move<'_>)) -> Relayed {
+        let mut legs = Legs::default();
+        loop {
+            let to = self.next(from, rejected.cause);
             // Debug, not info: on sockmap it happens to most plain requests
             // (the backend closed before the hand-off); counted in metrics.
-            tracing::debug!(data_plane = %mode, reason = %rejected.reason, "tunnel falls back to the next data plane");
-            on_fallback(mode, &rejected.reason);
-            carried.0 += rejected.relayed.0;
-            carried.1 += rejected.relayed.1;
-            match plane.relay(rejected.tunnel).await {
+            tracing::debug!(
+                from = %from.mode(),
+                to = %to.mode(),
+                kind = rejected.cause.kind(),
+                reason = %rejected.reason,
+                "tunnel moves to another data plane"
+            );
+            on_move(&Move { from: from.mode(), to: to.mode(), cause: rejected.cause, why: &rejected.reason });
+            legs.push(from.mode(), rejected.relayed, false);
+            let mut tunnel = rejected.tunnel;
+            // Once off the promotion plane, a tunnel stays where it lands:
+            // no tunnel goes back and forth.
+            if self.promotion.as_ref().is_some_and(|p| std::ptr::eq(from, &p.to)) {
+                tunnel.promote = None;
+            }
+            match to.relay(tunnel).await {
                 Ok(mut outcome) => {
-                    outcome.to_backend += carried.0;
-                    outcome.to_client += carried.1;
-                    return (plane.mode(), outcome);
+                    legs.push(to.mode(), (outcome.to_backend, outcome.to_client), true);
+                    (outcome.to_backend, outcome.to_client) = legs.total();
+                    return Relayed { mode: to.mode(), outcome, legs };
                 }
                 Err(again) => {
-                    mode = plane.mode();
+                    from = to;
                     rejected = again;
                 }
             }
         }
-        unreachable!("the copy plane ends every chain and takes every tunnel")
     }
+}
+
+/// The adaptive policy in words (startup log, `upsplice check`).
+pub fn describe_policy(start: Mode, to: Mode, policy: Promote) -> String {
+    format!(
+        "adaptive: tunnels start on {start}; one that carried at least {PROMOTE_MIN_READS} reads averaging at most \
+         {} bytes in a window of {:?} (promote_after, promote_message_size) moves to {to} between two bursts; \
+         one whose direction then saturates sockmap_queue_limit (or the node's bound) steps aside back to \
+         {start} and stays there",
+        policy.message_size, policy.window
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn legs_keep_the_planes_that_carried_bytes_in_order_and_add_up() {
+        let mut legs = Legs::default();
+        assert_eq!(legs.to_string(), "-");
+        // Refused untouched: not a plane the tunnel used.
+        legs.push(Mode::Sockmap, (0, 0), false);
+        legs.push(Mode::Splice, (10, 20), false);
+        // Promoted, refused by sockmap at once: splice goes on, one leg.
+        legs.push(Mode::Sockmap, (0, 0), false);
+        legs.push(Mode::Splice, (5, 5), false);
+        legs.push(Mode::Sockmap, (100, 200), false);
+        // The plane it ended on counts even with nothing carried.
+        legs.push(Mode::Copy, (0, 0), true);
+        assert_eq!(legs.to_string(), "splice:15/25,sockmap:100/200,copy:0/0");
+        assert_eq!(legs.total(), (115, 225));
+    }
+
+    #[test]
+    fn a_cause_names_its_kind_and_a_fixed_reason() {
+        assert_eq!((Cause::Refused.kind(), Cause::Refused.reason()), ("fallback", "refused"));
+        let demoted = Cause::Demoted("queue_limit");
+        assert_eq!((demoted.kind(), demoted.reason()), ("demotion", "queue_limit"));
+        let promoted = Cause::Promoted("small_messages");
+        assert_eq!((promoted.kind(), promoted.reason()), ("promotion", "small_messages"));
+    }
 
     /// A tunnel's task holds its plane's relay future for the tunnel's whole
     /// life, so that future must be only the box of the plane's own future,
@@ -557,10 +814,12 @@ mod tests {
             to_client: Bytes::new(),
             idle_timeout: Duration::from_secs(1),
             drain: CancellationToken::new(),
+            promote: None,
         };
         let plane = Plane::Copy(copy::CopyPlane::new(&Settings::default()));
-        let planes = DataPlanes { chain: vec![plane], stream: stream::StreamRelay::new(4096), ktls: None };
-        let relay = planes.relay(t, |_, _| {});
+        let planes =
+            DataPlanes { chain: vec![plane], promotion: None, stream: stream::StreamRelay::new(4096), ktls: None };
+        let relay = planes.relay(t, |_| {});
         // The tunnel moved in (it is given back on refusal) and a box.
         let inline_state = std::mem::size_of::<Tunnel>() + 64;
         assert!(

@@ -172,7 +172,10 @@ fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
     }
     for (mode, state) in &planes {
         // --quiet: only the planes that matter and cannot run.
-        let problem = !passed(mode) && (*mode == chosen || chosen == Mode::Auto);
+        let needed = *mode == chosen
+            || chosen == Mode::Auto
+            || (chosen == Mode::Adaptive && matches!(mode, Mode::Splice | Mode::Sockmap));
+        let problem = !passed(mode) && needed;
         if quiet && !problem {
             continue;
         }
@@ -206,12 +209,25 @@ fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
     if ktls == dataplane::ktls::KtlsMode::On && ktls_line.is_err() {
         anyhow::bail!("{}: data_plane.ktls = \"on\" cannot run here (see above); `run` would refuse", path.display());
     }
-    if chosen != Mode::Auto && !passed(&chosen) {
+    // adaptive runs on splice and sockmap: both must pass.
+    let needs: Vec<Mode> = match chosen {
+        Mode::Adaptive => vec![Mode::Splice, Mode::Sockmap],
+        Mode::Auto => vec![],
+        mode => vec![mode],
+    };
+    if let Some(missing) = needs.iter().find(|m| !passed(m)) {
         // `run` refuses to start on a plane that cannot run: so does check.
         anyhow::bail!(
-            "{}: data_plane.mode = \"{chosen}\" cannot run here (see above); `run` would refuse",
+            "{}: data_plane.mode = \"{chosen}\" cannot run here ({missing}: see above); `run` would refuse",
             path.display()
         );
+    }
+    if chosen == Mode::Adaptive && !quiet {
+        let policy = dataplane::Promote {
+            window: config.data_plane.promote_after,
+            message_size: config.data_plane.promote_message_size,
+        };
+        println!("{}", dataplane::describe_policy(Mode::Splice, Mode::Sockmap, policy));
     }
     if let Some(mode) = auto.filter(|_| !quiet) {
         println!("auto picks: {mode}");

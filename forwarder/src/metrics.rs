@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::dataplane::{DataPlanes, Mode, Plane};
+use crate::dataplane::{Cause, DataPlanes, Mode, Move, Plane};
 
 /// A listener's series. Shared strings, not owned ones: every connection
 /// and tunnel looks its series up, and an owned label set cost it an
@@ -92,6 +92,16 @@ pub struct PlaneLabels {
     pub data_plane: String,
 }
 
+/// A tunnel's move between data planes: `kind` promotion, demotion or
+/// fallback; `reason` a fixed word per kind (`dataplane::Cause`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MoveLabels {
+    pub from: &'static str,
+    pub to: &'static str,
+    pub kind: &'static str,
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub accepted: Family<ListenerLabels, Counter>,
@@ -106,6 +116,7 @@ pub struct Metrics {
     pub backend_failures: Family<BackendLabels, Counter>,
     pub backend_reused: Family<PoolLabels, Counter>,
     pub fallbacks: Family<PlaneLabels, Counter>,
+    pub moves: Family<MoveLabels, Counter>,
     pub access_log_dropped: Counter,
     pub proxy_errors: Family<ProxyErrorLabels, Counter>,
     pub nats: NatsMetrics,
@@ -176,8 +187,14 @@ impl Metrics {
         let fallbacks = Family::default();
         registry.register(
             "dataplane_fallbacks",
-            "Tunnels a data plane could not take and handed to the next one",
+            "Tunnels a data plane could not take or keep (refused, or stepped aside) and handed to the next one",
             fallbacks.clone(),
+        );
+        let moves = Family::default();
+        registry.register(
+            "dataplane_moves",
+            "Tunnels moved from one data plane to another, by from, to, kind (promotion, demotion, fallback) and reason",
+            moves.clone(),
         );
         let access_log_dropped = Counter::default();
         registry.register(
@@ -230,6 +247,7 @@ impl Metrics {
             backend_failures,
             backend_reused,
             fallbacks,
+            moves,
             planes: OnceLock::new(),
         }
     }
@@ -247,7 +265,7 @@ impl Metrics {
             let stream = (Mode::Tls, planes.stream.bytes_relayed());
             let ktls = planes.ktls.as_ref().map(|k| (Mode::Ktls, k.bytes_relayed()));
             for (m, (to_backend, to_client)) in
-                planes.planes().iter().map(|p| (p.mode(), p.bytes_relayed())).chain([stream]).chain(ktls)
+                planes.planes().map(|p| (p.mode(), p.bytes_relayed())).chain([stream]).chain(ktls)
             {
                 let _ = writeln!(
                     out,
@@ -456,8 +474,16 @@ pub fn set_planes(planes: Arc<DataPlanes>) {
     let _ = get().planes.set(planes);
 }
 
-pub fn fallback(from: Mode) {
-    get().fallbacks.get_or_create(&PlaneLabels { data_plane: from.to_string() }).inc();
+/// Counts a tunnel's move between planes; every move but a promotion is
+/// also a fallback (`dataplane_fallbacks`, by the plane that let go).
+pub fn moved(m: &Move<'_>) {
+    let metrics = get();
+    let labels =
+        MoveLabels { from: m.from.as_str(), to: m.to.as_str(), kind: m.cause.kind(), reason: m.cause.reason() };
+    metrics.moves.get_or_create(&labels).inc();
+    if !matches!(m.cause, Cause::Promoted(_)) {
+        metrics.fallbacks.get_or_create(&PlaneLabels { data_plane: m.from.to_string() }).inc();
+    }
 }
 
 pub fn outcome(listener: &str, status: u16, reason: &str, elapsed: Duration) {

@@ -29,7 +29,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let hup = signal(SignalKind::hangup())?;
     let usr1 = signal(SignalKind::user_defined1())?;
     let planes = Arc::new(DataPlanes::start(&config.data_plane)?);
-    let fallbacks: Vec<&str> = planes.planes().iter().skip(1).map(|p| p.mode().as_str()).collect();
+    let fallbacks: Vec<&str> = planes.fallbacks().map(crate::dataplane::Mode::as_str).collect();
     if fallbacks.is_empty() {
         tracing::info!(data_plane = %planes.mode(), "data plane ready (no fallback)");
     } else {

@@ -40,9 +40,9 @@ impl DataPlane for CopyPlane {
         "no self-test at startup (userspace copy)".into()
     }
 
-    /// Copy takes every tunnel.
+    /// Copy takes every tunnel; it hands one back only for promotion.
     async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        Ok(pair::drive(t, Resources { buffers: &self.buffers, pipes: None }, &self.counters).await)
+        pair::drive(t, Resources { buffers: &self.buffers, pipes: None }, &self.counters).await
     }
 
     fn bytes_relayed(&self) -> (u64, u64) {

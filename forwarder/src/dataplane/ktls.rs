@@ -140,7 +140,12 @@ impl KtlsRelay {
     /// Relays a tunnel whose client socket carries kTLS until it ends.
     pub async fn relay(&self, t: Tunnel) -> Outcome {
         let res = Resources { buffers: &self.buffers, pipes: Some(&self.pipes) };
-        pair::drive_sides(t, Sides { client_ktls: true }, res, &self.counters).await
+        match pair::drive_sides(t, Sides { client_ktls: true }, res, &self.counters).await {
+            Ok(outcome) => outcome,
+            // The driver promotes plain pairs only: a kTLS socket cannot
+            // join a sockmap (docs/kernels.md), so its tunnel ends here.
+            Err(handed_back) => unreachable!("a kTLS tunnel was handed back: {}", handed_back.reason),
+        }
     }
 
     pub fn bytes_relayed(&self) -> (u64, u64) {
@@ -292,6 +297,7 @@ impl Check {
             to_client: Bytes::new(),
             idle_timeout: Duration::from_secs(60),
             drain: CancellationToken::new(),
+            promote: None,
         };
         let relayed = relay.relay(t);
         let test = async {

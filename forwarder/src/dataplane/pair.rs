@@ -16,6 +16,13 @@
 //! The driver turns EOF into a half-close of the other side, a failure into
 //! a reset of both sides, and ends the tunnel on idle timeout or drain.
 //!
+//! A tunnel that may be promoted ([`Tunnel::promote`]) is judged once per
+//! window on the reads it made ([`Judge`]); when it earned a promotion, it
+//! is handed back at the first moment both directions hold nothing (no
+//! leftover, no burst: every byte read was written) and neither has ended,
+//! so the next plane starts from the sockets alone. Bytes in flight stay
+//! in the kernel's socket queues, where the next plane finds them.
+//!
 //! A side may be a kTLS socket ([`Sides`]): the kernel decrypts what is
 //! read and encrypts what is written, so the movers splice or copy
 //! plaintext as for any socket. What differs is TLS's framing of the
@@ -33,6 +40,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes};
 use socket2::SockRef;
@@ -42,7 +50,7 @@ use tokio::net::TcpStream;
 use super::ktls::{self, Control};
 use super::lifetime::Lifetime;
 use super::pools::{BufferPool, Pipe, PipePool};
-use super::{abort, ByteCounters, Direction, Outcome, Tunnel};
+use super::{abort, ByteCounters, Cause, CloseReason, Direction, Outcome, Promote, Rejected, Tunnel};
 
 /// Which sides of a pair are kTLS sockets (see the module docs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,6 +94,8 @@ struct Mover {
     burst: Burst,
     eof: bool,
     moved: u64,
+    /// Reads that returned bytes (for [`Judge`]).
+    reads: u64,
     /// The source is a kTLS socket: control records and its end are TLS's.
     tls_src: bool,
     /// The destination is a kTLS socket that still owes a `close_notify`
@@ -99,7 +109,13 @@ fn is_would_block(e: &io::Error) -> bool {
 
 impl Mover {
     fn new(first: Bytes, tls_src: bool, tls_dst: bool) -> Mover {
-        Mover { first, burst: Burst::Idle, eof: false, moved: 0, tls_src, notify_dst: tls_dst }
+        Mover { first, burst: Burst::Idle, eof: false, moved: 0, reads: 0, tls_src, notify_dst: tls_dst }
+    }
+
+    /// Holds no byte of the stream and has not ended: the direction could
+    /// go on from its sockets alone.
+    fn holds_nothing(&self) -> bool {
+        self.first.is_empty() && matches!(self.burst, Burst::Idle) && !self.eof
     }
 
     /// Sends the `close_notify` a kTLS destination is owed, once; Pending
@@ -253,7 +269,7 @@ impl Mover {
                     return Poll::Ready(End::SrcFailed);
                 }
                 Ok(0) => self.eof = true,
-                Ok(_) => {}
+                Ok(_) => self.reads += 1,
                 Err(e) if self.tls_src && ktls::stopped_at_control(&e) => {
                     if let Err(end) = self.take_control(src) {
                         self.release(res);
@@ -297,48 +313,126 @@ fn read_until_drained(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Runs a tunnel of two plain sockets until it ends, moving bytes with `res`.
-pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Outcome {
+/// Judges, once per window, whether a tunnel earned a promotion
+/// ([`Promote`]), from the reads and bytes of the window just past.
+struct Judge {
+    policy: Promote,
+    /// When the current window ends.
+    next: Instant,
+    /// Reads and bytes (both ways) when it began.
+    reads: u64,
+    bytes: u64,
+}
+
+impl Judge {
+    fn new(policy: Promote, now: Instant) -> Judge {
+        Judge { policy, next: now + policy.window, reads: 0, bytes: 0 }
+    }
+
+    /// Whether the tunnel, with `reads` reads and `bytes` moved so far,
+    /// earned a promotion: false until a window ended; then the window
+    /// just past decides, and the next one begins.
+    fn earned(&mut self, now: Instant, reads: u64, bytes: u64) -> bool {
+        if now < self.next {
+            return false;
+        }
+        let earned = self.policy.earned(reads - self.reads, bytes - self.bytes);
+        (self.next, self.reads, self.bytes) = (now + self.policy.window, reads, bytes);
+        earned
+    }
+}
+
+/// How the driver stopped.
+enum Stop {
+    Closed(CloseReason),
+    /// Handed back for promotion, holding nothing.
+    Promoted,
+}
+
+/// Runs a tunnel of two plain sockets until it ends, moving bytes with
+/// `res`; hands it back when it earned a promotion ([`Tunnel::promote`]).
+pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Result<Outcome, Rejected> {
     drive_sides(t, Sides::PLAIN, res, counters).await
 }
 
-/// Runs a tunnel whose `sides` say which sockets are kTLS until it ends.
-pub async fn drive_sides(t: Tunnel, sides: Sides, res: Resources<'_>, counters: &ByteCounters) -> Outcome {
-    let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain } = t;
+/// Runs a tunnel whose `sides` say which sockets are kTLS until it ends (or
+/// is promoted: only a plain pair can be, a kTLS socket cannot leave the
+/// relay, and its `promote` is ignored).
+pub async fn drive_sides(
+    t: Tunnel,
+    sides: Sides,
+    res: Resources<'_>,
+    counters: &ByteCounters,
+) -> Result<Outcome, Rejected> {
+    let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain, promote } = t;
     let mut up = Mover::new(to_backend, sides.client_ktls, false);
     let mut down = Mover::new(to_client, false, sides.client_ktls);
     let (mut up_done, mut down_done) = (false, false);
     let mut life = Lifetime::new(idle_timeout);
-    let mut idle = pin!(tokio::time::sleep(idle_timeout));
-    let mut drained = pin!(drain.cancelled());
-
-    let reason = poll_fn(|cx| {
-        for dir in Direction::BOTH {
-            let (mover, done, src, dst, total) = match dir {
-                Direction::ToBackend => (&mut up, &mut up_done, &client, &backend, &counters.to_backend),
-                Direction::ToClient => (&mut down, &mut down_done, &backend, &client, &counters.to_client),
-            };
-            if *done {
-                continue;
-            }
-            if let Poll::Ready(end) = mover.poll_move(cx, src, dst, &res, total) {
-                match end {
-                    End::Eof => {
-                        // Half-close: the destination sees FIN, the other way keeps flowing.
-                        let _ = SockRef::from(dst).shutdown(Shutdown::Write);
-                        *done = true;
+    let mut judge = promote.filter(|_| sides == Sides::PLAIN).map(|p| Judge::new(p, Instant::now()));
+    // A block: its timer and drain wait end with it, and a promoted
+    // tunnel takes its drain signal along.
+    let stop = {
+        let mut idle = pin!(tokio::time::sleep(idle_timeout));
+        let mut drained = pin!(drain.cancelled());
+        poll_fn(|cx| {
+            for dir in Direction::BOTH {
+                let (mover, done, src, dst, total) = match dir {
+                    Direction::ToBackend => (&mut up, &mut up_done, &client, &backend, &counters.to_backend),
+                    Direction::ToClient => (&mut down, &mut down_done, &backend, &client, &counters.to_client),
+                };
+                if *done {
+                    continue;
+                }
+                if let Poll::Ready(end) = mover.poll_move(cx, src, dst, &res, total) {
+                    match end {
+                        End::Eof => {
+                            // Half-close: the destination sees FIN, the other way keeps flowing.
+                            let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+                            *done = true;
+                        }
+                        End::SrcFailed => return Poll::Ready(Stop::Closed(dir.source_failed())),
+                        End::DstFailed => return Poll::Ready(Stop::Closed(dir.destination_failed())),
                     }
-                    End::SrcFailed => return Poll::Ready(dir.source_failed()),
-                    End::DstFailed => return Poll::Ready(dir.destination_failed()),
                 }
             }
-        }
-        life.poll_end(cx, [up_done, down_done], (up.moved, down.moved), idle.as_mut(), drained.as_mut())
-    })
-    .await;
+            // Both directions wait on their sockets: a moment to let go.
+            if let Some(judge) = judge.as_mut() {
+                if !up_done
+                    && !down_done
+                    && up.holds_nothing()
+                    && down.holds_nothing()
+                    && judge.earned(Instant::now(), up.reads + down.reads, up.moved + down.moved)
+                {
+                    return Poll::Ready(Stop::Promoted);
+                }
+            }
+            life.poll_end(cx, [up_done, down_done], (up.moved, down.moved), idle.as_mut(), drained.as_mut())
+                .map(Stop::Closed)
+        })
+        .await
+    };
 
     up.release(&res);
     down.release(&res);
+    let reason = match stop {
+        Stop::Closed(reason) => reason,
+        Stop::Promoted => {
+            // Nothing held: the next plane starts from the sockets.
+            let relayed = (up.moved, down.moved);
+            let tunnel = Tunnel {
+                client,
+                backend,
+                to_backend: up.first,
+                to_client: down.first,
+                idle_timeout,
+                drain,
+                promote: None,
+            };
+            let reason = "promoted: a long-lived tunnel carrying small messages".to_string();
+            return Err(Rejected { tunnel, reason, relayed, cause: Cause::Promoted("small_messages") });
+        }
+    };
     if reason.resets() {
         // A truncated stream must not look complete: reset both sides.
         abort(client.as_raw_fd());
@@ -349,5 +443,44 @@ pub async fn drive_sides(t: Tunnel, sides: Sides, res: Resources<'_>, counters: 
         // bytes gets the FIN alone).
         let _ = ktls::close_notify(client.as_raw_fd());
     }
-    Outcome { to_backend: up.moved, to_client: down.moved, reason }
+    Ok(Outcome { to_backend: up.moved, to_client: down.moved, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const POLICY: Promote = Promote { window: Duration::from_secs(1), message_size: 4096 };
+
+    #[test]
+    fn a_window_of_small_reads_earns_a_promotion_once_it_ended() {
+        let t0 = Instant::now();
+        let mut judge = Judge::new(POLICY, t0);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert!(!judge.earned(at(500), 100, 6_400), "the first window has not ended");
+        assert!(judge.earned(at(1_000), 100, 6_400), "100 reads of 64 bytes");
+    }
+
+    #[test]
+    fn each_window_is_judged_on_its_own_reads() {
+        let t0 = Instant::now();
+        let mut judge = Judge::new(POLICY, t0);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // A bulk first window: 100 reads of 64 KiB.
+        assert!(!judge.earned(at(1_000), 100, 100 << 16));
+        // The next window ends a second later, not before.
+        assert!(!judge.earned(at(1_500), 200, (100 << 16) + 6_400));
+        // Then small messages: 100 reads of 64 bytes in the second window.
+        assert!(judge.earned(at(2_000), 200, (100 << 16) + 6_400));
+    }
+
+    #[test]
+    fn too_few_reads_or_too_large_ones_earn_nothing() {
+        assert!(!POLICY.earned(super::super::PROMOTE_MIN_READS - 1, 64), "too few reads");
+        assert!(POLICY.earned(super::super::PROMOTE_MIN_READS, 8 * 4096), "exactly at the size");
+        assert!(!POLICY.earned(super::super::PROMOTE_MIN_READS, 8 * 4096 + 1), "larger on average");
+        assert!(!POLICY.earned(0, 0), "an idle window");
+    }
 }

@@ -161,6 +161,7 @@ async fn setup(to_backend: &'static [u8], to_client: &'static [u8]) -> Result<(T
         to_client: Bytes::from_static(to_client),
         idle_timeout: CHECK_LIMIT,
         drain: CancellationToken::new(),
+        promote: None,
     };
     Ok((client_peer, backend_peer, t))
 }

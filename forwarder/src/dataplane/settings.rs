@@ -2,11 +2,13 @@
 //! sizes and bounds. It lives with the planes (they read it at start); the
 //! config file embeds it as plain data.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use super::ktls::KtlsMode;
 use super::Mode;
-use crate::units::{de_opt_size, de_size};
+use crate::units::{de_duration, de_opt_size, de_size};
 
 /// `[data_plane]` settings (README, "Configuration"). Read when the planes
 /// start; SIGHUP does not change them.
@@ -40,6 +42,14 @@ pub struct Settings {
     /// `sockmap_queue_limit`.
     #[serde(deserialize_with = "de_size")]
     pub sockmap_node_limit: u64,
+    /// `adaptive`: a tunnel's traffic is judged over windows this long,
+    /// from its start ([`super::Promote`]).
+    #[serde(deserialize_with = "de_duration")]
+    pub promote_after: Duration,
+    /// `adaptive`: a window whose reads averaged at most this many bytes
+    /// (and were at least [`super::PROMOTE_MIN_READS`]) promotes its tunnel.
+    #[serde(deserialize_with = "de_size")]
+    pub promote_message_size: u64,
     /// TLS tunnels: hand the session to the kernel (kTLS) and splice, or
     /// relay in userspace (`auto`, `on`, `off`).
     pub ktls: KtlsMode,
@@ -56,6 +66,8 @@ impl Default for Settings {
             uring_buffer: 128 * 1024,
             sockmap_queue_limit: 4 * 1024 * 1024,
             sockmap_node_limit: 1024 * 1024 * 1024,
+            promote_after: Duration::from_secs(1),
+            promote_message_size: 4096,
             ktls: KtlsMode::Auto,
         }
     }
@@ -75,6 +87,12 @@ impl Settings {
         }
         if self.sockmap_node_limit < self.sockmap_queue_limit {
             return Err(("sockmap_node_limit", "must be at least sockmap_queue_limit".into()));
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&self.promote_after) {
+            return Err(("promote_after", "must be between 10ms and 1h".into()));
+        }
+        if !(1..=1 << 24).contains(&self.promote_message_size) {
+            return Err(("promote_message_size", "must be between 1 byte and 16MiB".into()));
         }
         let ub = self.uring_buffer;
         if !(4096..=1 << 20).contains(&ub) || !ub.is_power_of_two() {

@@ -237,6 +237,7 @@ impl SockmapPlane {
             to_client: Bytes::from_static(b"after-101;"),
             idle_timeout: Duration::from_secs(5),
             drain: CancellationToken::new(),
+            promote: None,
         };
         let relay = self.relay(t);
         let exchange = async {
@@ -309,6 +310,7 @@ mod tests {
             to_client: Bytes::new(),
             idle_timeout: Duration::from_secs(30),
             drain: CancellationToken::new(),
+            promote: None,
         };
         let relay = plane.relay(t);
         let scenario = async {

@@ -68,9 +68,10 @@ impl DataPlane for SplicePlane {
         self.self_test.clone()
     }
 
-    /// Splice takes every tunnel: without a pipe it copies that burst.
+    /// Splice takes every tunnel (without a pipe it copies that burst); it
+    /// hands one back only for promotion.
     async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        Ok(pair::drive(t, Resources { buffers: &self.buffers, pipes: Some(&self.pipes) }, &self.counters).await)
+        pair::drive(t, Resources { buffers: &self.buffers, pipes: Some(&self.pipes) }, &self.counters).await
     }
 
     fn bytes_relayed(&self) -> (u64, u64) {

@@ -354,7 +354,7 @@ impl DataPlane for UringPlane {
         let Some(worker) = self.pick() else {
             return Err(Rejected::untouched(t, "no uring worker is running"));
         };
-        let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain } = t;
+        let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain, .. } = t;
         let (client, backend) = match (into_blocking_fd(client), into_blocking_fd(backend)) {
             (Ok(c), Ok(b)) => (c, b),
             (c, b) => {
@@ -516,6 +516,7 @@ fn rebuild(job: Job, drain: tokio_util::sync::CancellationToken) -> std::io::Res
         to_client: job.to_client,
         idle_timeout: job.idle_timeout,
         drain,
+        promote: None,
     })
 }
 

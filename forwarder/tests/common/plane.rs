@@ -34,6 +34,7 @@ pub async fn setup(to_backend: &[u8], to_client: &[u8], idle_timeout: Duration) 
         to_client: Bytes::copy_from_slice(to_client),
         idle_timeout,
         drain: CancellationToken::new(),
+        promote: None,
     };
     (client_peer, backend_peer, tunnel)
 }

@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use self::bounds::HeldShare;
+use self::bounds::{step_aside_reason, HeldShare};
 pub use self::bounds::{Limits, NodeHeld};
 use self::direction::{ended, Dir};
 use self::handoff::{handoff, Handed, Handoff};
@@ -40,7 +40,7 @@ use self::membership::Membership;
 use self::step_aside::leave;
 use self::watch::{Ended, Watch};
 use super::kernel::Kernel;
-use crate::dataplane::{CloseReason, Outcome, Rejected, Tunnel};
+use crate::dataplane::{Cause, CloseReason, Outcome, Rejected, Tunnel};
 
 /// Bytes userspace wrote itself (leftovers, and bytes carried while the
 /// tunnel steps aside), per direction, for the plane's totals.
@@ -149,6 +149,7 @@ fn hand_over(
         to_client: std::mem::take(&mut down.tail).freeze(),
         idle_timeout,
         drain,
+        promote: None,
     };
     tracing::info!(
         reason = why,
@@ -156,5 +157,6 @@ fn hand_over(
         to_client = relayed.1,
         "sockmap: tunnel stepped aside to the next data plane"
     );
-    Err(Rejected { tunnel, reason: format!("stepped aside: {why}"), relayed })
+    let bound = if why == step_aside_reason(true) { "node_limit" } else { "queue_limit" };
+    Err(Rejected { tunnel, reason: format!("stepped aside: {why}"), relayed, cause: Cause::Demoted(bound) })
 }

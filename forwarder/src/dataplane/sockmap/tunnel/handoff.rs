@@ -44,7 +44,7 @@ use super::direction::{ended, Dir};
 use super::membership::{reset_if, Membership};
 use super::pace::TICK_MIN;
 use super::step_aside::leave;
-use crate::dataplane::{CloseReason, Direction, Outcome, Rejected, Tunnel};
+use crate::dataplane::{Cause, CloseReason, Direction, Outcome, Rejected, Tunnel};
 
 /// How a handoff ended: the tunnel is over already, or the kernel relays it.
 #[expect(
@@ -110,7 +110,7 @@ pub(super) async fn handoff<'k>(
             // delivered (and `t`'s are empty): they count as relayed here.
             let relayed = (joining.up.moved(), joining.down.moved());
             drop(joining);
-            Err(Rejected { tunnel: t, reason, relayed })
+            Err(Rejected { tunnel: t, reason, relayed, cause: Cause::Refused })
         }
         Err(Stop::End(reason)) => Ok(Handoff::Ended(joining.end(reason))),
     }
