@@ -31,6 +31,10 @@ use tokio_tungstenite::tungstenite::Message;
 const LIMITS: &str =
     "handshake_timeout = \"2s\"\nidle_timeout = \"1h\"\ndrain_wait = \"500ms\"\ndrain_timeout = \"2s\"\nconnect_timeout = \"5s\"";
 
+/// `adaptive`'s keys in the suite: a tunnel that carried 8 small reads in
+/// 100 ms moves to sockmap.
+const ADAPTIVE: &str = "promote_after = \"100ms\"\npromote_message_size = \"4KiB\"";
+
 /// The router under test and how its clients reach it. For every plane
 /// but `tls` it runs that `data_plane.mode` and its clients speak plain
 /// TCP. For `tls` both listeners get a `[listener.tls]` (the mode stays
@@ -48,7 +52,10 @@ struct Node {
 impl Node {
     fn start(mode: &str, limits: &str, routing: String) -> Node {
         if mode != "tls" && mode != "ktls" {
-            let router = Router::start(Setup { mode, limits, routing, extra: "" });
+            // adaptive judges tunnels over short windows here, so that the
+            // cases' tunnels move while they run.
+            let extra = if mode == "adaptive" { ADAPTIVE } else { "" };
+            let router = Router::start(Setup { mode, limits, routing, extra });
             let (web, raw) = (Connector { addr: router.http, tls: None }, Connector { addr: router.tcp, tls: None });
             return Node { router, web, raw, _certs: None };
         }
@@ -886,6 +893,162 @@ async fn sighup_reloads_routes_and_keeps_tunnels(mode: &str) {
     assert_eq!(&buf, b"after reload");
 }
 
+/// Writes a [`fast_stream`] in small messages (`size` bytes every
+/// millisecond or so, as a chatty WebSocket does) for `for_`, then
+/// half-closes; returns the bytes sent.
+async fn write_small_messages(mut w: impl AsyncWrite + Unpin, size: usize, for_: Duration) -> Result<u64, String> {
+    let mut sent = 0usize;
+    let deadline = Instant::now() + for_;
+    while Instant::now() < deadline {
+        let mut message = Vec::with_capacity(size);
+        while message.len() < size {
+            message.extend_from_slice(fast_stream_at(sent + message.len(), size - message.len()));
+        }
+        w.write_all(&message).await.map_err(|e| format!("write failed after {sent} bytes: {e}"))?;
+        sent += size;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    w.shutdown().await.map_err(|e| format!("half-close after {sent} bytes: {e}"))?;
+    Ok(sent as u64)
+}
+
+/// Small messages both ways, then each side half-closes after its own
+/// time; every byte arrives once and in order, then EOF, both ways.
+/// Returns the bytes each way (up, down).
+async fn chatty_tunnel(router: &Node, backend: &mut RawBackend, up_for: Duration, down_for: Duration) -> (u64, u64) {
+    let (client, server, _, _) = router.tunnel(backend, b"", b"").await;
+    let (cr, cw) = tokio::io::split(client);
+    let (sr, sw) = server.into_split();
+    let up = tokio::spawn(write_small_messages(cw, 100, up_for));
+    let down = tokio::spawn(write_small_messages(sw, 60, down_for));
+    let within = up_for.max(down_for) + Duration::from_secs(20);
+    let (at_backend, at_client) = tokio::join!(read_checked(sr, false, within), read_checked(cr, false, within));
+    let (up, down) = (up.await.unwrap(), down.await.unwrap());
+    let log = || router.log();
+    let up = up.unwrap_or_else(|e| panic!("client writer: {e}\nrouter log:\n{}", log()));
+    let down = down.unwrap_or_else(|e| panic!("backend writer: {e}\nrouter log:\n{}", log()));
+    let at_backend = at_backend.unwrap_or_else(|e| panic!("client → backend: {e}\nrouter log:\n{}", log()));
+    let at_client = at_client.unwrap_or_else(|e| panic!("backend → client: {e}\nrouter log:\n{}", log()));
+    assert_eq!(at_backend.bytes, up, "client → backend");
+    assert_eq!(at_client.bytes, down, "backend → client");
+    (up, down)
+}
+
+/// The `upsplice_dataplane_moves_total` series of `kind`, added up.
+fn moves(router: &Node, kind: &str) -> f64 {
+    let (_, body) = router.admin_get("/metrics").unwrap();
+    body.lines()
+        .filter(|l| l.starts_with("upsplice_dataplane_moves_total{") && l.contains(&format!("kind=\"{kind}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A chatty tunnel keeps talking both ways while it is judged and moved
+/// (adaptive: to sockmap, with bytes in flight each way at that moment);
+/// nothing is lost, duplicated or reordered.
+async fn moves_with_bytes_in_flight_both_ways(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let talk = Duration::from_millis(1500);
+    let (up, down) = chatty_tunnel(&router, &mut backend, talk, talk).await;
+    assert!(up > 0 && down > 0);
+    router.wait_log("close=\"done\"");
+    if mode == "adaptive" {
+        let promoted = router.metric(
+            "upsplice_dataplane_moves_total{from=\"splice\",to=\"sockmap\",kind=\"promotion\",reason=\"small_messages\"}",
+        );
+        assert!(promoted >= 1.0, "the chatty tunnel was not promoted\n{}", router.log());
+        // The access record names the planes and what each carried.
+        router.wait_log("planes=splice:");
+        assert!(router.log().contains(",sockmap:"), "{}", router.log());
+    }
+}
+
+/// Tunnels whose client half-closes around the moment they are judged
+/// (100 ms on adaptive) and moved: some FINs come before, during and after
+/// the move. The other direction keeps flowing; both streams arrive whole.
+async fn half_close_during_a_move(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    // One tunnel after another: each needs the backend's next accept.
+    for i in 0..8u64 {
+        let up_for = Duration::from_millis(60 + 20 * i);
+        chatty_tunnel(&router, &mut backend, up_for, Duration::from_millis(600)).await;
+    }
+    if mode == "adaptive" {
+        assert!(moves(&router, "promotion") >= 1.0, "no tunnel was promoted\n{}", router.log());
+    }
+}
+
+/// A tunnel that talks in small messages (promoted, on adaptive), then
+/// saturates one way towards a reader that stops: it steps aside (demoted,
+/// on adaptive) and every byte still arrives once the reader reads again.
+async fn saturating_after_chatting(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    let (client, server, _, _) = router.tunnel(&mut backend, b"", b"").await;
+    let (cr, mut cw) = tokio::io::split(client);
+    let (sr, mut sw) = server.into_split();
+    // Chat: 300 ms of small messages each way, read and checked by each side.
+    let mut sent = [0usize; 2];
+    let (mut cr, mut sr) = (cr, sr);
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < deadline {
+        for (i, w) in [&mut cw as &mut (dyn AsyncWrite + Unpin + Send), &mut sw].into_iter().enumerate() {
+            let m = fast_stream_at(sent[i], 80);
+            w.write_all(m).await.unwrap();
+            sent[i] += m.len();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for (i, r) in [&mut sr as &mut (dyn AsyncRead + Unpin + Send), &mut cr].into_iter().enumerate() {
+        let mut got = vec![0u8; sent[i]];
+        tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut got)).await.unwrap().unwrap();
+        check_fast_stream(&got, 0).unwrap();
+    }
+    // Then bulk towards a backend that does not read for 2 s.
+    let offset = sent[0];
+    let writer = tokio::spawn(async move {
+        let mut at = offset;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(100), cw.write(fast_stream_at(at, 64 * 1024))).await {
+                Ok(Ok(n)) => at += n,
+                Ok(Err(e)) => return Err(format!("write failed: {e}")),
+                Err(_) => {}
+            }
+        }
+        // (A TLS client's close_notify waits behind the bulk: it goes out
+        // once the backend reads again.)
+        cw.shutdown().await.map_err(|e| format!("half-close: {e}"))?;
+        Ok(at - offset)
+    });
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // The backend reads again: the rest of the stream, checked, then EOF.
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = tokio::time::timeout_at(deadline.into(), sr.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no EOF after {got} bulk bytes\n{}", router.log()))
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        check_fast_stream(&buf[..n], offset + got).unwrap();
+        got += n;
+    }
+    let bulk = writer.await.unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", router.log()));
+    assert_eq!(got, bulk, "bulk bytes after the chat");
+    sw.shutdown().await.unwrap();
+    if mode == "adaptive" {
+        assert!(moves(&router, "promotion") >= 1.0, "not promoted while chatting\n{}", router.log());
+        assert!(moves(&router, "demotion") >= 1.0, "not demoted when it saturated\n{}", router.log());
+        router.wait_log("planes=splice:");
+    }
+}
+
 macro_rules! conformance {
     ($($mode:ident),* $(,)?) => {$(
         mod $mode {
@@ -921,6 +1084,9 @@ macro_rules! conformance {
             case!(plain_request_with_body);
             case!(sigterm_drains_then_closes);
             case!(sighup_reloads_routes_and_keeps_tunnels);
+            case!(moves_with_bytes_in_flight_both_ways);
+            case!(half_close_during_a_move);
+            case!(saturating_after_chatting);
         }
     )*};
 }
@@ -932,10 +1098,14 @@ fn unavailable(mode: &str) -> Option<String> {
     if mode == "ktls" {
         return upsplice::dataplane::ktls::probe().err().map(|e| e.to_string());
     }
+    if mode == "adaptive" {
+        // Tunnels start on splice and move to sockmap: both must run.
+        return ["splice", "sockmap"].into_iter().find_map(unavailable);
+    }
     upsplice::dataplane::probe_all()
         .into_iter()
         .find(|(m, _)| m.as_str() == mode)
         .and_then(|(_, available)| available.err())
 }
 
-conformance!(copy, splice, uring, sockmap, tls, ktls);
+conformance!(copy, splice, uring, sockmap, adaptive, tls, ktls);
