@@ -57,6 +57,7 @@ class Target:
 
 TARGETS = [
     Target("direct", "direct", "#000000"),
+    Target("upsplice-adaptive", "plane", "#e377c2"),
     Target("upsplice-sockmap", "plane", "#d62728"),
     Target("upsplice-uring", "plane", "#ff7f0e"),
     Target("upsplice-splice", "plane", "#2ca02c"),
@@ -360,7 +361,7 @@ def how_to_run(b: Bench) -> list[str]:
       "20101–20107 and 20111–20118 free (the fleet section: 20120–20126, and 20121–20122 on 127.0.0.11–13; "
       "`BENCH_PORT_BASE` moves them) and root or CAP_BPF + CAP_NET_ADMIN for the sockmap plane. Every "
       "process it starts is stopped by PID at the end, on Ctrl-C and on errors. Other knobs: `BENCH_ROUTERS` (a subset of "
-      "`upsplice-sockmap upsplice-uring upsplice-splice upsplice-copy haproxy nginx`), `BENCH_IDLE_TUNNELS`, "
+      "`upsplice-adaptive upsplice-sockmap upsplice-uring upsplice-splice upsplice-copy haproxy nginx`), `BENCH_IDLE_TUNNELS`, "
       "`BENCH_OUT`, `BENCH_REPORT`, `BENCH_SKIP_SETUP=1`, `BENCH_TLS_KEY=ec|rsa` (see the head of `scripts/bench`).")
     w("")
     w("Contents: [how to run](#how-to-run) · [setup](#setup) · [data planes](#data-planes) · [targets](#targets) · [message latency](#message-latency-at-fixed-rates) · "
@@ -452,8 +453,11 @@ def data_planes(b: Bench) -> list[str]:
         f = b.out / f"{r}.metrics"
         if not f.exists():
             continue
-        tun, fb = {}, {}
+        tun, fb, mv = {}, {}, {}
         for ln in f.read_text().splitlines():
+            if ln.startswith("upsplice_dataplane_moves_total{"):
+                kind = ln.split('kind="')[1].split('"')[0]
+                mv[kind] = mv.get(kind, 0) + int(float(ln.split()[-1]))
             if ln.startswith("upsplice_tunnels_total{"):
                 plane = ln.split('data_plane="')[1].split('"')[0]
                 tun[plane] = tun.get(plane, 0) + int(float(ln.split()[-1]))
@@ -461,13 +465,15 @@ def data_planes(b: Bench) -> list[str]:
                 plane = ln.split('data_plane="')[1].split('"')[0]
                 fb[plane] = fb.get(plane, 0) + int(float(ln.split()[-1]))
         mrows.append(f"| {r} | {', '.join(f'{k} {num(v)}' for k, v in sorted(tun.items())) or '–'} | "
-                     f"{', '.join(f'{k} {num(v)}' for k, v in sorted(fb.items()) if v) or 'none'} |")
+                     f"{', '.join(f'{k} {num(v)}' for k, v in sorted(fb.items()) if v) or 'none'} | "
+                     f"{', '.join(f'{k} {num(v)}' for k, v in sorted(mv.items()) if v) or 'none'} |")
     if mrows:
-        w("Which plane carried the tunnels, by the router's own `/metrics` at the end of its runs (`upsplice_tunnels_total`, "
-          "`upsplice_dataplane_fallbacks_total`):")
+        w("Which plane carried the tunnels to their end, by the router's own `/metrics` at the end of its runs "
+          "(`upsplice_tunnels_total`, `upsplice_dataplane_fallbacks_total`, and `upsplice_dataplane_moves_total` by kind: "
+          "`upsplice-adaptive` promotes chatty tunnels from splice to sockmap and demotes saturating ones back):")
         w("")
-        w("| router | tunnels by data plane | fallbacks |")
-        w("| --- | --- | --- |")
+        w("| router | tunnels by data plane | fallbacks | moves |")
+        w("| --- | --- | --- | --- |")
         md.extend(mrows)
         w("")
 
