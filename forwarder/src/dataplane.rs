@@ -132,7 +132,9 @@ pub const PROMOTE_MIN_READS: u64 = 8;
 
 /// When a tunnel on a readiness plane is handed back for promotion
 /// (`[data_plane] promote_after`, `promote_message_size`): it is judged
-/// once per `window`, from its start, on the reads of the last window, and
+/// once per `window` (its first window lasts one to two windows, at
+/// random, so tunnels opened together move at different times), on the
+/// reads of the last window, and
 /// promoted when there were at least [`PROMOTE_MIN_READS`] of them and
 /// they averaged at most `message_size` bytes. A bulk tunnel's reads fill
 /// the pipe (64 KiB): it stays where splice serves it best; an idle one
@@ -761,7 +763,8 @@ impl DataPlanes {
 pub fn describe_policy(start: Mode, to: Mode, policy: Promote) -> String {
     format!(
         "adaptive: tunnels start on {start}; one that carried at least {PROMOTE_MIN_READS} reads averaging at most \
-         {} bytes in a window of {:?} (promote_after, promote_message_size) moves to {to} between two bursts; \
+         {} bytes in a window of {:?} (promote_after, promote_message_size; the first window 1-2x as long, at \
+         random) moves to {to} between two bursts; \
          one whose direction then saturates sockmap_queue_limit (or the node's bound) steps aside back to \
          {start} and stays there",
         policy.message_size, policy.window

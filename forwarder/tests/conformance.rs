@@ -980,6 +980,35 @@ async fn half_close_during_a_move(mode: &str) {
     }
 }
 
+/// Tunnels whose client resets around the moment they are judged and
+/// moved: each backend sees a reset, never a clean EOF, wherever the reset
+/// met the tunnel (before, during or after the move).
+async fn reset_during_a_move(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = start(mode, &backend);
+    for i in 0..6u64 {
+        let (mut client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
+        let talk_until = Instant::now() + Duration::from_millis(60 + 25 * i);
+        let reader = tokio::spawn(async move {
+            let reset = ends_with_reset(&mut server).await;
+            (reset, server)
+        });
+        let mut sent = 0;
+        while Instant::now() < talk_until {
+            client.write_all(fast_stream_at(sent, 90)).await.unwrap();
+            sent += 90;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        client.set_zero_linger();
+        drop(client);
+        let (reset, _server) = reader.await.unwrap();
+        assert!(reset, "tunnel {i}: the backend saw a clean EOF after the client's reset\n{}", router.log());
+    }
+    if mode == "adaptive" {
+        assert!(moves(&router, "promotion") >= 1.0, "no tunnel was promoted\n{}", router.log());
+    }
+}
+
 /// A tunnel that talks in small messages (promoted, on adaptive), then
 /// saturates one way towards a reader that stops: it steps aside (demoted,
 /// on adaptive) and every byte still arrives once the reader reads again.
@@ -1086,6 +1115,7 @@ macro_rules! conformance {
             case!(sighup_reloads_routes_and_keeps_tunnels);
             case!(moves_with_bytes_in_flight_both_ways);
             case!(half_close_during_a_move);
+            case!(reset_during_a_move);
             case!(saturating_after_chatting);
         }
     )*};
