@@ -4,7 +4,8 @@
 //!   that the kernel relays (or a refusal, untouched or with its leftovers
 //!   delivered);
 //! * `watch`: the task that watches the tunnel until it ends or steps
-//!   aside, waking on the events thread's reports and on `pace`'s clock;
+//!   aside, waking on the events thread's reports, its idle deadline, and
+//!   `pace`'s clock only while something nothing reports is pending;
 //!   each look updates both directions (`carry`: counters, the userspace
 //!   tail, FIN) and asks whether to step aside;
 //! * `step_aside`: the bounds at work: leaving `ACTIVE` one source at a

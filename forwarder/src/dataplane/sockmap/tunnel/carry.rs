@@ -65,7 +65,16 @@ pub(super) fn flushed(d: &Dir<'_>) -> io::Result<bool> {
 
 /// Updates one direction: counters, userspace forwarding once its source
 /// left `ACTIVE`, FIN. Ok(true) when its state changed (check again soon).
-pub(super) fn check(kernel: &Kernel, limits: Limits, node_over: bool, d: &mut Dir<'_>) -> Result<bool, Failed> {
+/// `kick`: also look for bytes queued on an active source without a
+/// data-ready (a `SIOCINQ`), which the handoff's kick leaves none of: only
+/// when time, not a report, woke the watch — before idleness is judged.
+pub(super) fn check(
+    kernel: &Kernel,
+    limits: Limits,
+    node_over: bool,
+    d: &mut Dir<'_>,
+    kick: bool,
+) -> Result<bool, Failed> {
     if d.done() {
         d.in_kernel = 0;
         return Ok(false);
@@ -113,7 +122,7 @@ pub(super) fn check(kernel: &Kernel, limits: Limits, node_over: bool, d: &mut Di
         d.notify_at = notify_at;
         kernel.control(d.src_cookie, d.control()).map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
     }
-    if d.kicks() && sys::inq(d.src).map_err(Failed::Src)? > 0 {
+    if kick && d.kicks() && sys::inq(d.src).map_err(Failed::Src)? > 0 {
         // Bytes that arrived without a data-ready: run the verdict.
         sys::kick(d.src).map_err(Failed::Src)?;
         return Ok(true);

@@ -5,9 +5,12 @@
 //! redirected segment) and in the plane's one epoll set, armed one-shot
 //! for what the tunnel waits on: FIN, hang-up and errors; readable/writable
 //! only while userspace copies. The tunnel wakes on those reports, on a
-//! ring-buffer event when a direction moved another `budget` bytes, on
-//! timers while something is pending, and on the idle deadline
-//! ([`super::pace`]).
+//! ring-buffer event when a direction moved another `budget` bytes, when
+//! the node-wide bound is crossed, on the drain, at the idle deadline, and
+//! on a timer only while something nothing reports is pending
+//! ([`super::pace`]). It reads the kernel's counters when it wakes, not
+//! in between: a tunnel that carries a few small messages and closes is
+//! looked at once per FIN.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +19,7 @@ use super::super::sys;
 use super::bounds::{HeldShare, Limits, NodeHeld};
 use super::carry::{check, Failed};
 use super::direction::{interest, Dir};
-use super::pace::{Pace, Sign};
+use super::pace::{Pace, Pending, Sign};
 use super::step_aside::step_aside;
 use crate::dataplane::{CloseReason, Direction};
 
@@ -85,24 +88,41 @@ fn activity_sign(up: &Dir<'_>, down: &Dir<'_>) -> Sign {
     (up.moved(), down.moved(), acked(up), acked(down))
 }
 
+/// What woke the watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woke {
+    /// A socket report, a ring-buffer event or the node's crossing.
+    Event,
+    /// The timer: something pending, or the idle deadline.
+    Timer,
+}
+
 impl Watch<'_> {
     /// Watches the tunnel until it ends or settles to step aside.
     pub async fn run<'a>(&self, up: &mut Dir<'a>, down: &mut Dir<'a>, share: &mut HeldShare<'_>) -> Ended {
-        let mut pace = Pace::new(activity_sign(up, down), Instant::now());
+        let mut pace = Pace::new(Instant::now());
         // Why the tunnel steps aside, once it began to (out of `ACTIVE`).
         let mut leaving: Option<&'static str> = None;
         let mut armed = Armed::default();
+        // Nothing to look at before the first wake: the handoff left both
+        // directions as it counted them and kicked both sources; a FIN or
+        // an error that came meanwhile is reported when the sockets are
+        // armed, bytes redirected meanwhile by the ring buffer.
+        let mut woke = None;
         loop {
-            if let Some(ended) = self.look(up, down, share, &mut pace, &mut leaving) {
-                return ended;
+            if let Some(woke) = woke {
+                if let Some(ended) = self.look(up, down, share, &mut pace, &mut leaving, woke) {
+                    return ended;
+                }
             }
             pace.judge_readiness(progress(up, down));
             let now = Instant::now();
             let Some(idle_deadline) = pace.idle_deadline(now, self.idle_timeout, || activity_sign(up, down)) else {
                 return Ended::Closed(CloseReason::Idle);
             };
-            let busy = leaving.is_some() || up.closing() || down.closing();
-            let wait = pace.wait(busy, idle_deadline, now);
+            let held = up.in_kernel.max(down.in_kernel);
+            let pending = Pending::of(leaving.is_some(), up.closing() || down.closing(), held, self.limits.budget);
+            let wait = pace.wait(pending, idle_deadline, now);
             let copy_armed = match self.arm(up, down, pace.copy_ready(), &mut armed) {
                 Ok(copy_armed) => copy_armed,
                 Err(e) => {
@@ -112,18 +132,25 @@ impl Watch<'_> {
             };
             let before = progress(up, down);
 
-            tokio::select! {
+            woke = Some(tokio::select! {
                 biased;
                 _ = self.drain.cancelled() => return Ended::Closed(CloseReason::Drain),
-                _ = self.node.crossed.notified() => pace.changed(),
+                _ = self.node.crossed.notified() => {
+                    pace.changed();
+                    Woke::Event
+                }
                 _ = self.signal.notify.notified() => {
                     if let Some(ended) = self.reports(up, down, &mut armed) {
                         return ended;
                     }
                     pace.reported(copy_armed, before);
+                    Woke::Event
                 }
-                _ = tokio::time::sleep(wait) => pace.timer(),
-            }
+                _ = tokio::time::sleep(wait) => {
+                    pace.timer();
+                    Woke::Timer
+                }
+            });
         }
     }
 
@@ -136,10 +163,11 @@ impl Watch<'_> {
         share: &mut HeldShare<'_>,
         pace: &mut Pace,
         leaving: &mut Option<&'static str>,
+        woke: Woke,
     ) -> Option<Ended> {
         for (dir, direction) in [(&mut *up, Direction::ToBackend), (&mut *down, Direction::ToClient)] {
-            match check(self.kernel, self.limits, self.node.over(), dir) {
-                Ok(true) => pace.changed(),
+            match check(self.kernel, self.limits, self.node.over(), dir, woke == Woke::Timer) {
+                Ok(true) => pace.moved(Instant::now()),
                 Ok(false) => {}
                 Err(failed) => {
                     if let Failed::Broken = failed {
