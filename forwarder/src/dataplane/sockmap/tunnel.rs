@@ -110,9 +110,13 @@ pub async fn relay(kernel: &Kernel, shared: &Shared, t: Tunnel) -> Result<Outcom
         },
     };
     drop(share);
-    // The last counts, before the entries go.
-    up.redirected = kernel.peer(up.src_cookie).bytes;
-    down.redirected = kernel.peer(down.src_cookie).bytes;
+    // The last counts, before the entries go (a direction that passed FIN
+    // on had its last count read then: the verdict had seen every byte).
+    for d in [&mut up, &mut down] {
+        if !d.done() {
+            d.redirected = kernel.peer(d.src_cookie).bytes;
+        }
+    }
     let outcome = ended(&up, &down, reason);
     members.closing = true;
     members.end(reason);

@@ -129,8 +129,12 @@ pub(super) fn check(
     }
     if d.fin_pending() {
         // Once everything redirected reached the send queue, FIN can follow.
-        d.redirected = kernel.peer(d.src_cookie).bytes;
-        if flushed(d).map_err(Failed::Dst)? {
+        // The verdict had seen every byte before FIN when FIN was reported,
+        // so `entry` counts them all; and the acknowledged count read above,
+        // before the queue now, makes a lower bound of what `dst` was
+        // written (as [`sys::written_at_least`]).
+        let written = dst.bytes_acked + sys::outq(d.dst).map_err(Failed::Dst)?;
+        if d.flushed_at(written) {
             tracing::debug!(
                 src = d.src,
                 base = d.base,

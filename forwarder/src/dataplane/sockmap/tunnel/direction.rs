@@ -143,12 +143,19 @@ impl Dir<'_> {
     }
 
     /// The same, for a settled step aside: the source is out of `ACTIVE`
-    /// and everything `redirected` (as read just now) reached `dst`.
-    /// `written` is asked only when that can be so.
-    pub fn settled<E>(&self, redirected: u64, written: impl FnOnce() -> Result<u64, E>) -> Result<bool, E> {
+    /// and everything `redirected` (read now, before `written`) reached
+    /// `dst`. The counters are asked only when that can be so.
+    pub fn settled<E>(
+        &self,
+        redirected: impl FnOnce() -> u64,
+        written: impl FnOnce() -> Result<u64, E>,
+    ) -> Result<bool, E> {
         Ok(match self.phase {
             Phase::Done => true,
-            Phase::Copying => written()? >= self.owed(redirected),
+            Phase::Copying => {
+                let owed = self.owed(redirected());
+                written()? >= owed
+            }
             Phase::Active | Phase::Quiescing { .. } => false,
         })
     }
@@ -168,7 +175,8 @@ impl Dir<'_> {
         matches!(self.phase, Phase::Copying | Phase::Done)
     }
 
-    /// FIN came and is not passed on yet: the watch polls until it can be.
+    /// FIN came and is not passed on yet: the watch polls until it can be
+    /// (nothing reports the bytes before it leaving the psock).
     pub fn closing(&self) -> bool {
         !self.done() && self.eof
     }
@@ -187,9 +195,10 @@ impl Dir<'_> {
 
     /// Bytes queued on `src` while the verdict runs for it arrived without
     /// a data-ready: they are worth a kick. Not while quiescing (the raised
-    /// mark holds them back on purpose) nor out of `ACTIVE`.
+    /// mark holds them back on purpose), nor out of `ACTIVE`, nor after FIN
+    /// (the verdict had seen every byte before it when FIN was reported).
     pub fn kicks(&self) -> bool {
-        self.phase == Phase::Active
+        self.phase == Phase::Active && !self.eof
     }
 
     /// The next `notify_at`, once the verdict has `redirected` bytes: the
@@ -321,16 +330,22 @@ mod tests {
             asked.set(true);
             Ok::<_, Infallible>(1_000)
         };
-        assert_eq!(d.settled(0, ask), Ok(false), "active: still redirected");
+        let count = || {
+            asked.set(true);
+            0
+        };
+        assert_eq!(d.settled(count, ask), Ok(false), "active: still redirected");
         assert!(!asked.get(), "no counters read for an active direction");
         d.phase = Phase::Quiescing { rcvbuf: 1 };
-        assert_eq!(d.settled(0, written(1_000)), Ok(false));
+        assert_eq!(d.settled(count, written(1_000)), Ok(false));
+        assert!(!asked.get(), "nor for a quiescing one");
         d.phase = Phase::Copying;
         d.base = 10;
-        assert_eq!(d.settled(20, written(29)), Ok(false), "redirected bytes still in the psock");
-        assert_eq!(d.settled(20, written(30)), Ok(true));
+        assert_eq!(d.settled(|| 20, written(29)), Ok(false), "redirected bytes still in the psock");
+        assert_eq!(d.settled(|| 20, written(30)), Ok(true));
         d.phase = Phase::Done;
-        assert_eq!(d.settled(1 << 40, written(0)), Ok(true), "finished: nothing owed");
+        assert_eq!(d.settled(count, written(0)), Ok(true), "finished: nothing owed");
+        assert!(!asked.get(), "nor for a finished one");
     }
 
     #[test]
@@ -378,6 +393,9 @@ mod tests {
             d.phase = phase;
             assert!(!d.kicks(), "{phase:?}");
         }
+        d.phase = Phase::Active;
+        d.eof = true;
+        assert!(!d.kicks(), "FIN came after every byte was verdicted");
     }
 
     #[test]

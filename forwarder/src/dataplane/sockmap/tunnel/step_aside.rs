@@ -75,9 +75,9 @@ pub(super) fn step_aside<'a>(
     let why = step_aside_reason(node_over);
     let mut settled = [false, false];
     for (i, d) in [&*up, &*down].into_iter().enumerate() {
-        let redirected = kernel.peer(d.src_cookie).bytes;
-        settled[i] =
-            d.settled(redirected, || sys::written_at_least(d.dst)).map_err(|e| format!("TCP counters: {e}"))?;
+        settled[i] = d
+            .settled(|| kernel.peer(d.src_cookie).bytes, || sys::written_at_least(d.dst))
+            .map_err(|e| format!("TCP counters: {e}"))?;
     }
     for (i, d) in [&mut *up, &mut *down].into_iter().enumerate() {
         match d.step_aside(threshold, leaving.is_some(), settled[1 - i]) {
