@@ -149,8 +149,9 @@ impl Kernel {
     }
 
     /// Registers a tunnel's sockets (`cookies`/`fds`: client, backend) with
-    /// the events thread; it wakes `signal` for them. Watching starts with
-    /// [`Self::arm`].
+    /// the events thread; it wakes `signal` for them. Each is armed at once
+    /// for [`Self::ARMED_AT_REGISTER`] (what a tunnel waits for first: its
+    /// FIN), as [`Self::arm`] would: one `epoll_ctl` per socket, not two.
     pub fn register(&self, cookies: [u64; 2], fds: [RawFd; 2], signal: &Arc<Signal>) -> std::io::Result<()> {
         {
             let mut registry = lock(&self.registry);
@@ -158,11 +159,16 @@ impl Kernel {
                 registry.insert(*c, (signal.clone(), side));
             }
         }
+        let events = Self::ARMED_AT_REGISTER | libc::EPOLLONESHOT as u32;
         for (c, fd) in cookies.iter().zip(fds) {
-            epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, *c, libc::EPOLLONESHOT as u32)?;
+            epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, *c, events)?;
         }
         Ok(())
     }
+
+    /// What [`Self::register`] arms each socket for: FIN (errors and
+    /// hang-ups are always reported).
+    pub const ARMED_AT_REGISTER: u32 = libc::EPOLLRDHUP as u32;
 
     /// Reports the next of `events` (EPOLLIN/OUT/RDHUP; errors and hang-ups
     /// always) on `fd` once: each report disarms the socket until this is

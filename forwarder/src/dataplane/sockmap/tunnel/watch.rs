@@ -53,6 +53,12 @@ struct Armed {
 }
 
 impl Armed {
+    /// As [`Kernel::register`] left both sockets (a report that came since
+    /// is taken before they are armed again).
+    fn registered() -> Armed {
+        Armed { events: [Some(Kernel::ARMED_AT_REGISTER); 2], hung_up: [false; 2] }
+    }
+
     /// Whether socket `side` must be armed again to report `want`.
     fn needs(&self, side: usize, want: u32) -> bool {
         !self.hung_up[side] && self.events[side] != Some(want)
@@ -103,11 +109,12 @@ impl Watch<'_> {
         let mut pace = Pace::new(Instant::now());
         // Why the tunnel steps aside, once it began to (out of `ACTIVE`).
         let mut leaving: Option<&'static str> = None;
-        let mut armed = Armed::default();
+        let mut armed = Armed::registered();
         // Nothing to look at before the first wake: the handoff left both
         // directions as it counted them and kicked both sources; a FIN or
-        // an error that came meanwhile is reported when the sockets are
-        // armed, bytes redirected meanwhile by the ring buffer.
+        // an error that came meanwhile was reported (the sockets are armed
+        // for them from their registration), bytes redirected meanwhile by
+        // the ring buffer.
         let mut woke = None;
         loop {
             if let Some(woke) = woke {
@@ -272,5 +279,9 @@ mod tests {
         assert!(armed.needs(0, libc::EPOLLRDHUP as u32), "a report disarmed it");
         armed.hung_up[1] = true;
         assert!(!armed.needs(1, libc::EPOLLRDHUP as u32));
+        let registered = Armed::registered();
+        assert!(!registered.needs(0, libc::EPOLLRDHUP as u32), "armed for FIN when registered");
+        assert!(!registered.needs(1, libc::EPOLLRDHUP as u32));
+        assert!(registered.needs(0, (libc::EPOLLRDHUP | libc::EPOLLIN) as u32));
     }
 }
