@@ -20,17 +20,24 @@ use crate::dataplane::PlaneError;
 
 /// What wakes one tunnel: the events thread records socket events here
 /// (per side: 0 client, 1 backend) and notifies; so do ring-buffer events
-/// (a direction moved another budget of bytes).
+/// (the direction from that side moved another budget of bytes, or broke).
 #[derive(Debug, Default)]
 pub struct Signal {
     pub notify: Notify,
     events: [AtomicU32; 2],
+    budget: [AtomicBool; 2],
 }
 
 impl Signal {
     /// The epoll bits reported for `side` since the last call.
     pub fn take(&self, side: usize) -> u32 {
         self.events[side].swap(0, Ordering::AcqRel)
+    }
+
+    /// Whether the ring buffer reported the socket of `side` since the last
+    /// call.
+    pub fn take_budget(&self, side: usize) -> bool {
+        self.budget[side].swap(false, Ordering::AcqRel)
     }
 }
 
@@ -266,7 +273,8 @@ fn read_events(mut events: RingBuf<MapData>, epoll: &OwnedFd, registry: &Registr
                         continue;
                     };
                     let found = lock(registry).get(&u64::from_ne_bytes(bytes)).cloned();
-                    if let Some((signal, _)) = found {
+                    if let Some((signal, side)) = found {
+                        signal.budget[side].store(true, Ordering::Release);
                         signal.notify.notify_one();
                     }
                 }

@@ -63,32 +63,43 @@ pub(super) fn flushed(d: &Dir<'_>) -> io::Result<bool> {
     Ok(d.flushed_at(sys::written_at_least(d.dst)?))
 }
 
+/// What a look reads for one direction besides its destination's TCP
+/// counters (which tell a destination that closed under it).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Reads {
+    /// The program's counts (`PEERS`): [`Dir::needs_counts`].
+    pub counts: bool,
+    /// Bytes queued on an active source without a data-ready (a
+    /// `SIOCINQ`), which the handoff's kick leaves none of: only when time,
+    /// not a report, woke the watch — before idleness is judged.
+    pub kick: bool,
+}
+
 /// Updates one direction: counters, userspace forwarding once its source
 /// left `ACTIVE`, FIN. Ok(true) when its state changed (check again soon).
-/// `kick`: also look for bytes queued on an active source without a
-/// data-ready (a `SIOCINQ`), which the handoff's kick leaves none of: only
-/// when time, not a report, woke the watch — before idleness is judged.
 pub(super) fn check(
     kernel: &Kernel,
     limits: Limits,
     node_over: bool,
     d: &mut Dir<'_>,
-    kick: bool,
+    reads: Reads,
 ) -> Result<bool, Failed> {
     if d.done() {
         d.in_kernel = 0;
         return Ok(false);
     }
-    let entry = kernel.peer(d.src_cookie);
-    if entry.flags & PEER_BROKEN != 0 {
-        return Err(Failed::Broken);
-    }
     // Bytes the kernel redirected are no work for userspace. (Counting
     // redirects as a change woke every tunnel a handful of times per
     // message: 1.3x HAProxy's router CPU at 20,000 messages/s.) Pressure is
     // checked when the ring buffer says a direction moved another budget
-    // of bytes.
-    d.redirected = entry.bytes;
+    // of bytes (or broke: the program reports that too).
+    if reads.counts {
+        let entry = kernel.peer(d.src_cookie);
+        if entry.flags & PEER_BROKEN != 0 {
+            return Err(Failed::Broken);
+        }
+        d.redirected = entry.bytes;
+    }
     let dst = sys::tcp_counters(d.dst).map_err(Failed::Dst)?;
     if dst.state == sys::TCP_CLOSE {
         return Err(Failed::Dst(io::Error::other("destination closed while bytes were owed")));
@@ -118,11 +129,11 @@ pub(super) fn check(
         return Ok(changed);
     }
 
-    if let Some(notify_at) = d.next_notify(entry.bytes, limits.budget) {
+    if let Some(notify_at) = d.next_notify(d.redirected, limits.budget) {
         d.notify_at = notify_at;
         kernel.control(d.src_cookie, d.control()).map_err(|e| Failed::Src(io::Error::other(chain(&e))))?;
     }
-    if kick && d.kicks() && sys::inq(d.src).map_err(Failed::Src)? > 0 {
+    if reads.kick && d.kicks() && sys::inq(d.src).map_err(Failed::Src)? > 0 {
         // Bytes that arrived without a data-ready: run the verdict.
         sys::kick(d.src).map_err(Failed::Src)?;
         return Ok(true);
@@ -130,9 +141,10 @@ pub(super) fn check(
     if d.fin_pending() {
         // Once everything redirected reached the send queue, FIN can follow.
         // The verdict had seen every byte before FIN when FIN was reported,
-        // so `entry` counts them all; and the acknowledged count read above,
-        // before the queue now, makes a lower bound of what `dst` was
-        // written (as [`sys::written_at_least`]).
+        // so the counts read above (a direction with FIN always reads
+        // them: `Dir::needs_counts`) hold them all; and the acknowledged
+        // count read above, before the queue now, makes a lower bound of
+        // what `dst` was written (as [`sys::written_at_least`]).
         let written = dst.bytes_acked + sys::outq(d.dst).map_err(Failed::Dst)?;
         if d.flushed_at(written) {
             tracing::debug!(

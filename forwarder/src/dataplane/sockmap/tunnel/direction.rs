@@ -201,6 +201,16 @@ impl Dir<'_> {
         self.phase == Phase::Active && !self.eof
     }
 
+    /// Whether a look reads this direction's counts from the program
+    /// (`PEERS`): when its ring-buffer event came (`budget`: it moved
+    /// another budget, or broke), when the timer or the node's crossing
+    /// woke the watch (`all`), and whenever the direction is not plainly
+    /// redirected (FIN came, or leaving `ACTIVE`). A socket report alone
+    /// says nothing new about a redirected direction's counts.
+    pub fn needs_counts(&self, budget: bool, all: bool) -> bool {
+        budget || all || self.phase != Phase::Active || self.eof
+    }
+
     /// The next `notify_at`, once the verdict has `redirected` bytes: the
     /// ring buffer reports the direction again `budget` bytes from here.
     /// None while the current mark is more than half a budget away.
@@ -396,6 +406,22 @@ mod tests {
         d.phase = Phase::Active;
         d.eof = true;
         assert!(!d.kicks(), "FIN came after every byte was verdicted");
+    }
+
+    #[test]
+    fn counts_are_read_when_they_can_have_moved_on_something() {
+        let total = AtomicU64::new(0);
+        let mut d = dir(&total);
+        assert!(!d.needs_counts(false, false), "a socket report: nothing to read for a redirected direction");
+        assert!(d.needs_counts(true, false), "its ring-buffer event");
+        assert!(d.needs_counts(false, true), "the timer or the node's crossing");
+        d.eof = true;
+        assert!(d.needs_counts(false, false), "FIN: passed on once every count is out");
+        d.eof = false;
+        for phase in [Phase::Quiescing { rcvbuf: 1 }, Phase::Copying, Phase::Done] {
+            d.phase = phase;
+            assert!(d.needs_counts(false, false), "{phase:?}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::super::kernel::{Kernel, Signal};
 use super::super::sys;
 use super::bounds::{HeldShare, Limits, NodeHeld};
-use super::carry::{check, Failed};
+use super::carry::{check, Failed, Reads};
 use super::direction::{interest, Dir};
 use super::pace::{Pace, Pending, Sign};
 use super::step_aside::step_aside;
@@ -97,10 +97,25 @@ fn activity_sign(up: &Dir<'_>, down: &Dir<'_>) -> Sign {
 /// What woke the watch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Woke {
-    /// A socket report, a ring-buffer event or the node's crossing.
-    Event,
+    /// Socket reports, and ring-buffer events for the directions from the
+    /// client and from the backend.
+    Reports { budget: [bool; 2] },
+    /// The node crossed its bound: every direction's share is read again.
+    Crossed,
     /// The timer: something pending, or the idle deadline.
     Timer,
+}
+
+impl Woke {
+    /// What a look reads for direction `side` (0: from the client) in
+    /// state `d`.
+    fn reads(self, side: usize, d: &Dir<'_>) -> Reads {
+        let (budget, all) = match self {
+            Woke::Reports { budget } => (budget[side], false),
+            Woke::Crossed | Woke::Timer => (false, true),
+        };
+        Reads { counts: d.needs_counts(budget, all), kick: self == Woke::Timer }
+    }
 }
 
 impl Watch<'_> {
@@ -144,14 +159,14 @@ impl Watch<'_> {
                 _ = self.drain.cancelled() => return Ended::Closed(CloseReason::Drain),
                 _ = self.node.crossed.notified() => {
                     pace.changed();
-                    Woke::Event
+                    Woke::Crossed
                 }
                 _ = self.signal.notify.notified() => {
                     if let Some(ended) = self.reports(up, down, &mut armed) {
                         return ended;
                     }
                     pace.reported(copy_armed, before);
-                    Woke::Event
+                    Woke::Reports { budget: [self.signal.take_budget(0), self.signal.take_budget(1)] }
                 }
                 _ = tokio::time::sleep(wait) => {
                     pace.timer();
@@ -172,8 +187,11 @@ impl Watch<'_> {
         leaving: &mut Option<&'static str>,
         woke: Woke,
     ) -> Option<Ended> {
-        for (dir, direction) in [(&mut *up, Direction::ToBackend), (&mut *down, Direction::ToClient)] {
-            match check(self.kernel, self.limits, self.node.over(), dir, woke == Woke::Timer) {
+        for (side, (dir, direction)) in
+            [(&mut *up, Direction::ToBackend), (&mut *down, Direction::ToClient)].into_iter().enumerate()
+        {
+            let reads = woke.reads(side, dir);
+            match check(self.kernel, self.limits, self.node.over(), dir, reads) {
                 Ok(true) => pace.moved(Instant::now()),
                 Ok(false) => {}
                 Err(failed) => {
@@ -266,6 +284,18 @@ mod tests {
             Report::new(bit(libc::EPOLLERR) | bit(libc::EPOLLIN)),
             Report { error: true, fin: false, hup: false }
         );
+    }
+
+    #[test]
+    fn a_report_reads_only_the_counts_it_concerns_and_only_the_timer_kicks() {
+        let total = std::sync::atomic::AtomicU64::new(0);
+        let d = Dir::new(&total, 10, 11, 1, 1 << 20);
+        let report = Woke::Reports { budget: [false, true] };
+        assert!(!report.reads(0, &d).counts, "a socket report: no PEERS lookup for a redirected direction");
+        assert!(report.reads(1, &d).counts, "its ring-buffer event");
+        assert!(!report.reads(1, &d).kick);
+        assert!(Woke::Crossed.reads(0, &d).counts && !Woke::Crossed.reads(0, &d).kick);
+        assert!(Woke::Timer.reads(0, &d).counts && Woke::Timer.reads(0, &d).kick);
     }
 
     #[test]
