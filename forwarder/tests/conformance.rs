@@ -626,8 +626,23 @@ async fn many_concurrent_websocket_clients(mode: &str) {
     wait_all(&mut tasks, &mut open, &mut failed).await;
     if !failed.is_empty() {
         let (_, metrics) = router.admin_get("/metrics").unwrap();
-        let errors: Vec<&str> = metrics.lines().filter(|l| l.starts_with("upsplice_tls_handshake_errors")).collect();
-        panic!("{} clients failed, first {:?}; {errors:?}", failed.len(), &failed[..failed.len().min(3)]);
+        // TLS handshake errors, and where the open tunnels are and went.
+        let errors: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                ["upsplice_tls_handshake_errors", "upsplice_dataplane_moves_total", "upsplice_tunnels_active"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .collect();
+        let log = router.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "{} clients failed, first {:?}; {errors:?}\nrouter log (last lines, newest first):\n{}",
+            failed.len(),
+            &failed[..failed.len().min(3)],
+            tail.join("\n")
+        );
     }
     // All 500 are open at once here (on whichever planes carry them: the
     // series of every plane that may exists from startup).
