@@ -1333,12 +1333,15 @@ pool = "chat"
     #[test]
     fn adaptive_reads_its_policy() {
         let c = parse(&format!(
-            "[data_plane]\nmode = \"adaptive\"\npromote_after = \"250ms\"\npromote_message_size = \"1KiB\"\n{BASE}"
+            "[data_plane]\nmode = \"adaptive\"\npromote_after = \"250ms\"\npromote_message_size = \"1KiB\"\npromote_rate = 50\n{BASE}"
         ))
         .unwrap();
         assert_eq!(c.data_plane.mode, Mode::Adaptive);
         assert_eq!(c.data_plane.promote_after, Duration::from_millis(250));
         assert_eq!(c.data_plane.promote_message_size, 1024);
+        assert_eq!(c.data_plane.promote_rate, 50);
+        let e = parse(&format!("[data_plane]\npromote_rate = 0\n{BASE}")).unwrap_err().to_string();
+        assert_eq!(e, "t.toml: data_plane.promote_rate: must be between 1 and 1000000 (promotions per second)");
         let e = parse(&format!("[data_plane]\nmode = \"adaptive\"\npromote_after = \"1ms\"\n{BASE}"))
             .unwrap_err()
             .to_string();

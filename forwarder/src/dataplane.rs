@@ -36,6 +36,7 @@ mod direction;
 pub mod error;
 pub mod ktls;
 mod lifetime;
+pub mod pacer;
 pub mod pair;
 pub mod pools;
 pub mod selftest;
@@ -138,11 +139,15 @@ pub const PROMOTE_MIN_READS: u64 = 8;
 /// promoted when there were at least [`PROMOTE_MIN_READS`] of them and
 /// they averaged at most `message_size` bytes. A bulk tunnel's reads fill
 /// the pipe (64 KiB): it stays where splice serves it best; an idle one
-/// stays where it costs least, until it talks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// stays where it costs least, until it talks. A tunnel that earned it
+/// moves when the node's `pacer` has room (`promote_rate`), else it is
+/// judged again a window later.
+#[derive(Debug, Clone, Copy)]
 pub struct Promote {
     pub window: Duration,
     pub message_size: u64,
+    /// The node's pace of promotions (one for the router's life).
+    pub pacer: &'static pacer::Pacer,
 }
 
 impl Promote {
@@ -551,6 +556,8 @@ pub struct DataPlanes {
 pub struct Promotion {
     to: Plane,
     policy: Promote,
+    /// `promote_rate`, for the policy's words.
+    rate: u32,
 }
 
 /// A tunnel's move from one plane to the next, as the dispatcher makes it.
@@ -605,8 +612,11 @@ impl DataPlanes {
                 tracing::info!(data_plane = "sockmap", "adaptive: promotion plane sockmap: {report}");
                 let (start, report) = Plane::build(Mode::Splice, cfg).map_err(cannot(Mode::Adaptive))?;
                 tracing::info!(data_plane = "splice", "adaptive: tunnels start on splice: {report}");
-                let policy = Promote { window: cfg.promote_after, message_size: cfg.promote_message_size };
-                promotion = Some(Promotion { to, policy });
+                // Leaked: one pacer for the planes' life, which is the
+                // process's; every promoted tunnel refers to it.
+                let pacer = Box::leak(Box::new(pacer::Pacer::new(cfg.promote_rate)));
+                let policy = Promote { window: cfg.promote_after, message_size: cfg.promote_message_size, pacer };
+                promotion = Some(Promotion { to, policy, rate: cfg.promote_rate });
                 start
             }
             mode => {
@@ -683,7 +693,7 @@ impl DataPlanes {
     /// startup log and `upsplice check`; None when they stay on their plane.
     pub fn policy(&self) -> Option<String> {
         let p = self.promotion.as_ref()?;
-        Some(describe_policy(self.mode(), p.to.mode(), p.policy))
+        Some(describe_policy(self.mode(), p.to.mode(), p.policy.window, p.policy.message_size, p.rate))
     }
 
     /// Relays `t` until it ends, through the first plane that takes it and
@@ -760,14 +770,13 @@ impl DataPlanes {
 }
 
 /// The adaptive policy in words (startup log, `upsplice check`).
-pub fn describe_policy(start: Mode, to: Mode, policy: Promote) -> String {
+pub fn describe_policy(start: Mode, to: Mode, window: Duration, message_size: u64, rate: u32) -> String {
     format!(
         "adaptive: tunnels start on {start}; one that carried at least {PROMOTE_MIN_READS} reads averaging at most \
-         {} bytes in a window of {:?} (promote_after, promote_message_size; the first window 1-2x as long, at \
-         random) moves to {to} between two bursts; \
+         {message_size} bytes in a window of {window:?} (promote_after, promote_message_size; the first window 1-2x \
+         as long, at random) moves to {to} between two bursts, at most {rate} tunnels per second (promote_rate); \
          one whose direction then saturates sockmap_queue_limit (or the node's bound) steps aside back to \
-         {start} and stays there",
-        policy.message_size, policy.window
+         {start} and stays there"
     )
 }
 

@@ -223,11 +223,15 @@ fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
         );
     }
     if chosen == Mode::Adaptive && !quiet {
-        let policy = dataplane::Promote {
-            window: config.data_plane.promote_after,
-            message_size: config.data_plane.promote_message_size,
-        };
-        println!("{}", dataplane::describe_policy(Mode::Splice, Mode::Sockmap, policy));
+        let dp = &config.data_plane;
+        let policy = dataplane::describe_policy(
+            Mode::Splice,
+            Mode::Sockmap,
+            dp.promote_after,
+            dp.promote_message_size,
+            dp.promote_rate,
+        );
+        println!("{policy}");
     }
     if let Some(mode) = auto.filter(|_| !quiet) {
         println!("auto picks: {mode}");

@@ -350,7 +350,8 @@ impl Judge {
         }
         let earned = self.policy.earned(reads - self.reads, bytes - self.bytes);
         (self.next, self.reads, self.bytes) = (now + self.policy.window, reads, bytes);
-        earned
+        // Earned, and the node's pace has room: else judged again a window on.
+        earned && self.policy.pacer.take(now)
     }
 }
 
@@ -461,9 +462,11 @@ pub async fn drive_sides(
 
 #[cfg(test)]
 mod tests {
+    use super::super::pacer::Pacer;
     use super::*;
 
-    const POLICY: Promote = Promote { window: Duration::from_secs(1), message_size: 4096 };
+    static PACER: Pacer = Pacer::new(1_000_000);
+    const POLICY: Promote = Promote { window: Duration::from_secs(1), message_size: 4096, pacer: &PACER };
 
     #[test]
     fn a_window_of_small_reads_earns_a_promotion_once_it_ended() {
@@ -485,6 +488,19 @@ mod tests {
         assert!(!judge.earned(at(1_500), 200, (100 << 16) + 6_400));
         // Then small messages: 100 reads of 64 bytes in the second window.
         assert!(judge.earned(at(2_000), 200, (100 << 16) + 6_400));
+    }
+
+    #[test]
+    fn an_earned_promotion_waits_for_the_node_pace() {
+        // One promotion per second, bursts of one: the first tunnel takes it.
+        static SLOW: Pacer = Pacer::new(1);
+        let policy = Promote { pacer: &SLOW, ..POLICY };
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let (mut first, mut second) = (Judge::new(policy, t0, policy.window), Judge::new(policy, t0, policy.window));
+        assert!(first.earned(at(1_000), 100, 6_400));
+        assert!(!second.earned(at(1_000), 100, 6_400), "no room: judged again a window on");
+        assert!(second.earned(at(2_000), 200, 12_800), "the next window, with room again");
     }
 
     #[test]

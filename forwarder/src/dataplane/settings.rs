@@ -50,6 +50,9 @@ pub struct Settings {
     /// (and were at least [`super::PROMOTE_MIN_READS`]) promotes its tunnel.
     #[serde(deserialize_with = "de_size")]
     pub promote_message_size: u64,
+    /// `adaptive`: at most this many promotions per second on the node
+    /// ([`super::pacer`]).
+    pub promote_rate: u32,
     /// TLS tunnels: hand the session to the kernel (kTLS) and splice, or
     /// relay in userspace (`auto`, `on`, `off`).
     pub ktls: KtlsMode,
@@ -68,6 +71,7 @@ impl Default for Settings {
             sockmap_node_limit: 1024 * 1024 * 1024,
             promote_after: Duration::from_secs(1),
             promote_message_size: 4096,
+            promote_rate: 200,
             ktls: KtlsMode::Auto,
         }
     }
@@ -93,6 +97,9 @@ impl Settings {
         }
         if !(1..=1 << 24).contains(&self.promote_message_size) {
             return Err(("promote_message_size", "must be between 1 byte and 16MiB".into()));
+        }
+        if !(1..=1_000_000).contains(&self.promote_rate) {
+            return Err(("promote_rate", "must be between 1 and 1000000 (promotions per second)".into()));
         }
         let ub = self.uring_buffer;
         if !(4096..=1 << 20).contains(&ub) || !ub.is_power_of_two() {
