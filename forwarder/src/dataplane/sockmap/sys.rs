@@ -86,14 +86,22 @@ pub fn outq(fd: RawFd) -> io::Result<u64> {
 /// between the two reads.
 pub fn written_exact(fd: RawFd) -> io::Result<u64> {
     for _ in 0..1000 {
-        let before = tcp_counters(fd)?.bytes_acked;
+        let before = tcp_counters(fd)?;
         let queued = outq(fd)?;
-        let after = tcp_counters(fd)?.bytes_acked;
-        if before == after {
-            return Ok(before + queued);
+        let after = tcp_counters(fd)?;
+        if let Some(written) = written_between(&before, queued, &after) {
+            return Ok(written);
         }
     }
     Err(io::Error::other("acknowledgements never settled"))
+}
+
+/// What [`written_exact`] says, from its three reads made by a caller:
+/// `TCP_INFO` before, `SIOCOUTQ` (`queued`), `TCP_INFO` after, with no
+/// writer meanwhile. `None` when an acknowledgement came between the two
+/// `TCP_INFO` reads (the queue read may be older or newer than it).
+pub fn written_between(before: &TcpCounters, queued: u64, after: &TcpCounters) -> Option<u64> {
+    (before.bytes_acked == after.bytes_acked).then_some(after.bytes_acked + queued)
 }
 
 /// A lower bound of what [`written_exact`] would say, safe to call while
@@ -184,13 +192,28 @@ pub fn consumed(fd: RawFd) -> io::Result<u64> {
         let before = tcp_counters(fd)?;
         let queued = inq(fd)?;
         let after = tcp_counters(fd)?;
-        if before.bytes_received == after.bytes_received {
-            // `tcpi_bytes_received` counts the FIN; SIOCINQ does not.
-            let fin = u64::from(FIN_RECEIVED.contains(&after.state));
-            return Ok(after.bytes_received.saturating_sub(queued + fin));
+        if let Some(consumed) = consumed_between(&before, queued, &after) {
+            return Ok(consumed);
         }
     }
     Err(io::Error::other("the received count never settled"))
+}
+
+/// What [`consumed`] says, from its three reads made by a caller:
+/// `TCP_INFO` before, the bytes queued (`SIOCINQ`, or 0 when a read
+/// between the two emptied the queue: [`read_queued`]'s `Ok(true)`),
+/// `TCP_INFO` after. `None` when a segment (or FIN) arrived between the
+/// two `TCP_INFO` reads: the queue may have been seen before or after it.
+/// Unchanged, it cannot have arrived after the queue was seen empty
+/// either, since every segment that reaches the receive queue first
+/// raises the received count.
+pub fn consumed_between(before: &TcpCounters, queued: u64, after: &TcpCounters) -> Option<u64> {
+    if before.bytes_received != after.bytes_received {
+        return None;
+    }
+    // `tcpi_bytes_received` counts the FIN; SIOCINQ does not.
+    let fin = u64::from(FIN_RECEIVED.contains(&after.state));
+    Some(after.bytes_received.saturating_sub(queued + fin))
 }
 
 /// Makes the kernel run the verdict program over bytes already in `fd`'s

@@ -7,13 +7,15 @@
 //!    queued on either socket are read into the leftovers: the verdict reads
 //!    whole segments, so a segment the control plane read in part would be
 //!    sent again from its start. What each socket consumed so far is noted
-//!    for the exactness check when the tunnel leaves;
+//!    for the exactness check when the tunnel leaves, and what each was
+//!    written for step 4 (read with the state: [`admit`]);
 //! 1. both sockets join `TARGETS` (no program: nothing changes for them);
 //! 2. `PEERS` and `CONTROL` entries are written;
 //! 3. userspace writes the leftovers while neither socket is active: bytes
 //!    arriving meanwhile wait in TCP's receive queue, under its own flow
 //!    control;
-//! 4. the destinations' byte counts are read (exact: only userspace wrote);
+//! 4. the destinations' byte counts are taken (exact: only userspace wrote
+//!    since step 0 read them, and step 3 adds what it wrote);
 //! 5. both sockets join `ACTIVE`; the second one refused (it got FIN
 //!    meanwhile) makes the tunnel step aside at once;
 //! 6. both sockets are kicked ([`sys::kick`]): segments that arrived before
@@ -82,6 +84,9 @@ struct Admitted {
     cookies: [u64; 2],
     /// Bytes each source consumed before the handoff.
     consumed: [u64; 2],
+    /// Bytes written into each socket so far (acknowledged + queued), when
+    /// step 0's reads give it exactly; step 4 adds the leftovers to it.
+    written: [Option<u64>; 2],
 }
 
 /// Steps 0–6 (module docs): on success the sockets are in the maps, out of
@@ -102,8 +107,8 @@ pub(super) async fn handoff<'k>(
             return Ok(Handoff::Ended(Outcome { to_backend: 0, to_client: 0, reason }));
         }
     };
-    let mut joining = Joining::new(kernel, limits, user, fds, admitted);
-    match joining.join(&mut t).await {
+    let mut joining = Joining::new(kernel, limits, user, fds, &admitted);
+    match joining.join(&mut t, admitted.written).await {
         Ok(()) => Ok(joining.leave_tokio(t)),
         Err(Stop::Refuse(reason)) => {
             // A tunnel handed back after step 3 has had its leftovers
@@ -122,14 +127,24 @@ pub(super) async fn handoff<'k>(
 /// left for the verdict (it would resend the part already read); this must
 /// happen before the sockets join any map. Too many (a sender at full
 /// speed): the copy planes handle them better.
+///
+/// The `TCP_INFO` read that checks the state, and one more after the
+/// leftovers were read, also give what each socket consumed and was
+/// written so far (for the exactness check when the tunnel leaves, and
+/// for step 4): exact when neither count moved between the two reads
+/// ([`sys::consumed_between`], [`sys::written_between`]); otherwise they
+/// are read again the slower way. One `TCP_INFO` and one `SIOCOUTQ` per
+/// socket more than the state check, where reading each count on its own
+/// took three round trips.
 fn admit(limits: Limits, t: &mut Tunnel, [c_fd, b_fd]: [RawFd; 2]) -> Result<Admitted, Stop> {
     let cookies = match (sys::cookie(c_fd), sys::cookie(b_fd)) {
         (Ok(c), Ok(b)) => [c, b],
         (Err(e), _) | (_, Err(e)) => return Err(Stop::Refuse(format!("SO_COOKIE: {e}"))),
     };
-    for (fd, side) in [(c_fd, Direction::ToBackend.source_name()), (b_fd, Direction::ToClient.source_name())] {
+    let mut before = [sys::TcpCounters::default(); 2];
+    for (i, fd, side) in [(0, c_fd, Direction::ToBackend.source_name()), (1, b_fd, Direction::ToClient.source_name())] {
         match sys::tcp_counters(fd) {
-            Ok(info) if info.state == sys::TCP_ESTABLISHED => {}
+            Ok(info) if info.state == sys::TCP_ESTABLISHED => before[i] = info,
             Ok(info) => {
                 let state = sys::tcp_state_name(info.state);
                 return Err(Stop::Refuse(format!("{side} socket not established ({state})")));
@@ -137,6 +152,11 @@ fn admit(limits: Limits, t: &mut Tunnel, [c_fd, b_fd]: [RawFd; 2]) -> Result<Adm
             Err(e) => return Err(Stop::Refuse(format!("{side} socket: TCP_INFO: {e}"))),
         }
     }
+    // Between the two `TCP_INFO` reads: what each send queue holds.
+    let queued_out = match (sys::outq(c_fd), sys::outq(b_fd)) {
+        (Ok(c), Ok(b)) => [c, b],
+        (Err(e), _) | (_, Err(e)) => return Err(Stop::Refuse(format!("TCP counters: {e}"))),
+    };
     let max = limits.high as usize;
     for (fd, from) in [(c_fd, Direction::ToBackend), (b_fd, Direction::ToClient)] {
         let side = from.source_name();
@@ -164,12 +184,23 @@ fn admit(limits: Limits, t: &mut Tunnel, [c_fd, b_fd]: [RawFd; 2]) -> Result<Adm
         }
     }
     // What each source consumed so far (the leftovers): leaving the maps
-    // later checks the kernel consumed nothing this tunnel missed.
-    let consumed = match (sys::consumed(c_fd), sys::consumed(b_fd)) {
-        (Ok(c), Ok(b)) => [c, b],
-        (Err(e), _) | (_, Err(e)) => return Err(Stop::Refuse(format!("TCP counters: {e}"))),
+    // later checks the kernel consumed nothing this tunnel missed. The
+    // receive queues were just emptied: nothing is queued unless a segment
+    // arrived since the first read, which the received count then shows.
+    let settled = |fd: RawFd, before: &sys::TcpCounters, queued_out: u64| -> io::Result<(u64, Option<u64>)> {
+        let after = sys::tcp_counters(fd)?;
+        let consumed = match sys::consumed_between(before, 0, &after) {
+            Some(consumed) => consumed,
+            None => sys::consumed(fd)?,
+        };
+        Ok((consumed, sys::written_between(before, queued_out, &after)))
     };
-    Ok(Admitted { cookies, consumed })
+    match (settled(c_fd, &before[0], queued_out[0]), settled(b_fd, &before[1], queued_out[1])) {
+        (Ok((c, c_written)), Ok((b, b_written))) => {
+            Ok(Admitted { cookies, consumed: [c, b], written: [c_written, b_written] })
+        }
+        (Err(e), _) | (_, Err(e)) => Err(Stop::Refuse(format!("TCP counters: {e}"))),
+    }
 }
 
 /// A tunnel joining the maps (steps 1–6), and out of them again through
@@ -188,7 +219,7 @@ impl<'k> Joining<'k> {
         limits: Limits,
         user: [&'k AtomicU64; 2],
         fds: [RawFd; 2],
-        admitted: Admitted,
+        admitted: &Admitted,
     ) -> Joining<'k> {
         let ([c_fd, b_fd], [c_ck, b_ck]) = (fds, admitted.cookies);
         let mut up = Dir::new(user[0], c_fd, b_fd, c_ck, limits.budget);
@@ -203,8 +234,9 @@ impl<'k> Joining<'k> {
         }
     }
 
-    /// Steps 1–6.
-    async fn join(&mut self, t: &mut Tunnel) -> Result<(), Stop> {
+    /// Steps 1–6. `written`: what step 0 read of each socket's written
+    /// count (client, backend), if it was exact.
+    async fn join(&mut self, t: &mut Tunnel, written: [Option<u64>; 2]) -> Result<(), Stop> {
         let kernel = self.members.kernel;
         let ([c_ck, b_ck], [c_fd, b_fd]) = (self.members.cookies, self.members.fds);
 
@@ -228,8 +260,13 @@ impl<'k> Joining<'k> {
         self.deliver_leftovers(t).await?;
 
         // 4. Bases: what each destination was written so far (exact: only
-        //    userspace wrote to it, and it is done).
-        match (sys::written_exact(b_fd), sys::written_exact(c_fd)) {
+        //    userspace wrote to it, and it is done): step 0's count and the
+        //    leftovers written since, or read now if step 0's did not settle.
+        let base = |written: Option<u64>, fd: RawFd, leftover: u64| match written {
+            Some(w) => Ok(w + leftover),
+            None => sys::written_exact(fd),
+        };
+        match (base(written[1], b_fd, self.up.leftover), base(written[0], c_fd, self.down.leftover)) {
             (Ok(u), Ok(d)) => {
                 self.up.base = u;
                 self.down.base = d;
