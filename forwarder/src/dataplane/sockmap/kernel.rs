@@ -4,14 +4,16 @@
 //! attached once.
 
 use std::collections::HashMap as StdHashMap;
-use std::os::fd::{AsRawFd, RawFd};
+use std::mem::size_of;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
+use aya::maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
 use aya::programs::SkSkb;
+use aya::Pod;
 use aya::{Ebpf, EbpfLoader};
 use tokio::sync::Notify;
 use upsplice_common::{names, Control, PeerEntry, Stats};
@@ -205,9 +207,18 @@ impl Kernel {
         lock(&self.peers).insert(cookie, entry, 0)
     }
 
-    pub fn unpair(&self, cookie: u64) {
-        let _ = lock(&self.peers).remove(&cookie);
-        let _ = lock(&self.control).remove(&cookie);
+    /// Writes a tunnel's `PEERS` and `CONTROL` entries (`cookies`, `peers`,
+    /// `controls`: client, backend), one batch per map.
+    pub fn pair_both(&self, cookies: [u64; 2], peers: [PeerEntry; 2], controls: [Control; 2]) -> Result<(), MapError> {
+        update_both(&mut lock(&self.peers), &cookies, &peers)?;
+        update_both(&mut lock(&self.control), &cookies, &controls)
+    }
+
+    /// Removes a tunnel's `PEERS` and `CONTROL` entries (`cookies`: client,
+    /// backend), one batch per map; missing ones are skipped.
+    pub fn unpair(&self, cookies: [u64; 2]) {
+        remove_both(&mut lock(&self.peers), &cookies);
+        remove_both(&mut lock(&self.control), &cookies);
     }
 
     /// The program's counters for the socket `cookie` (zero when unpaired).
@@ -246,6 +257,75 @@ impl Drop for Kernel {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves the map itself intact.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `BPF_MAP_UPDATE_BATCH`: both entries in one `bpf()` (aya has no batch
+/// calls); on any error, one at a time, which also says what failed.
+/// Writing an entry twice is harmless (`BPF_ANY`).
+fn update_both<V: Pod>(map: &mut HashMap<MapData, u64, V>, keys: &[u64; 2], values: &[V; 2]) -> Result<(), MapError> {
+    if map_batch(map, BPF_MAP_UPDATE_BATCH, keys, Some(values)).is_ok() {
+        return Ok(());
+    }
+    for (key, value) in keys.iter().zip(values) {
+        map.insert(key, value, 0)?;
+    }
+    Ok(())
+}
+
+/// `BPF_MAP_DELETE_BATCH`: both entries in one `bpf()`. The kernel stops at
+/// the first missing key, so on any error: one at a time, ignoring the
+/// missing.
+fn remove_both<V: Pod>(map: &mut HashMap<MapData, u64, V>, keys: &[u64; 2]) {
+    if map_batch::<V>(map, BPF_MAP_DELETE_BATCH, keys, None).is_ok() {
+        return;
+    }
+    for key in keys {
+        let _ = map.remove(key);
+    }
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of `union bpf_attr` (linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// One batch command over `keys` (and `values`, for an update) of a hash
+/// map whose value type is `V` (aya checked its size against the map's).
+fn map_batch<V: Pod>(
+    map: &HashMap<MapData, u64, V>,
+    cmd: libc::c_long,
+    keys: &[u64; 2],
+    values: Option<&[V; 2]>,
+) -> std::io::Result<()> {
+    let attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.map_or(0, |v| v.as_ptr() as u64),
+        count: keys.len() as u32,
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for the batch commands, its
+    // size is passed; `keys` and `values` hold `count` keys and values of the
+    // map's sizes and outlive the call; the map's descriptor is open (`map`
+    // is borrowed). The kernel only reads them (and writes `count` back).
+    let rc =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, &attr as *const BatchAttr, size_of::<BatchAttr>() as libc::c_uint) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> std::io::Result<()> {

@@ -250,11 +250,12 @@ impl<'k> Joining<'k> {
 
         // 2. Pair: the verdict will redirect every byte it sees.
         //    The first notification comes one budget in (`Dir::new`).
+        let peers = [
+            PeerEntry { peer: b_ck, dir: DIR_TO_BACKEND, ..PeerEntry::default() },
+            PeerEntry { peer: c_ck, dir: DIR_TO_CLIENT, ..PeerEntry::default() },
+        ];
         kernel
-            .pair(c_ck, PeerEntry { peer: b_ck, dir: DIR_TO_BACKEND, ..PeerEntry::default() })
-            .and_then(|()| kernel.pair(b_ck, PeerEntry { peer: c_ck, dir: DIR_TO_CLIENT, ..PeerEntry::default() }))
-            .and_then(|()| kernel.control(c_ck, self.up.control()))
-            .and_then(|()| kernel.control(b_ck, self.down.control()))
+            .pair_both([c_ck, b_ck], peers, [self.up.control(), self.down.control()])
             .map_err(|e| Stop::Refuse(format!("sockmap peer entries: {e}")))?;
 
         self.deliver_leftovers(t).await?;

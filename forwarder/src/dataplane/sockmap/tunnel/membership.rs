@@ -38,7 +38,9 @@ impl Membership<'_> {
     pub fn leave(&mut self) {
         for c in self.cookies {
             self.kernel.deactivate(c);
-            self.kernel.unpair(c);
+        }
+        self.kernel.unpair(self.cookies);
+        for c in self.cookies {
             self.kernel.remove_target(c);
         }
         if std::mem::take(&mut self.registered) {
@@ -67,9 +69,7 @@ impl Drop for Membership<'_> {
                 self.kernel.deactivate(c);
             }
         }
-        for c in self.cookies {
-            self.kernel.unpair(c);
-        }
+        self.kernel.unpair(self.cookies);
         if !self.closing {
             for c in self.cookies {
                 self.kernel.remove_target(c);
