@@ -560,14 +560,13 @@ pub struct Promotion {
     rate: u32,
 }
 
-/// A tunnel's move from one plane to the next, as the dispatcher makes it.
-#[derive(Debug)]
-pub struct Move<'a> {
+/// A tunnel's move from one plane to the next, as the dispatcher makes it
+/// (the plane's own words for it are logged by the dispatcher).
+#[derive(Debug, Clone, Copy)]
+pub struct Move {
     pub from: Mode,
     pub to: Mode,
     pub cause: Cause,
-    /// The plane's own words (logged).
-    pub why: &'a str,
 }
 
 /// How a tunnel ended: on which plane, its outcome over every plane it
@@ -704,7 +703,7 @@ impl DataPlanes {
     /// Each time a tunnel moves, `on_move` hears from where to where and
     /// why, in order, as it happens (the caller counts them; the data
     /// planes report to no one else).
-    pub async fn relay(&self, mut t: Tunnel, on_move: impl FnMut(&Move<'_>) + Send) -> Relayed {
+    pub async fn relay(&self, mut t: Tunnel, on_move: impl FnMut(&Move) + Send) -> Relayed {
         let first = &self.chain[0];
         t.promote = self.promotion.as_ref().map(|p| p.policy);
         let moved = match first.relay(t).await {
@@ -733,7 +732,7 @@ impl DataPlanes {
 
     /// Hands a tunnel the plane `from` gave back to the planes it moves
     /// to; the outcome counts the bytes every plane relayed.
-    async fn move_on(&self, mut from: &Plane, mut rejected: Rejected, mut on_move: impl FnMut(&Move<'_>)) -> Relayed {
+    async fn move_on(&self, mut from: &Plane, mut rejected: Rejected, mut on_move: impl FnMut(&Move)) -> Relayed {
         let mut legs = Legs::default();
         loop {
             let to = self.next(from, rejected.cause);
@@ -746,7 +745,7 @@ impl DataPlanes {
                 reason = %rejected.reason,
                 "tunnel moves to another data plane"
             );
-            on_move(&Move { from: from.mode(), to: to.mode(), cause: rejected.cause, why: &rejected.reason });
+            on_move(&Move { from: from.mode(), to: to.mode(), cause: rejected.cause });
             legs.push(from.mode(), rejected.relayed, false);
             let mut tunnel = rejected.tunnel;
             // Once off the promotion plane, a tunnel stays where it lands:

@@ -476,7 +476,7 @@ pub fn set_planes(planes: Arc<DataPlanes>) {
 
 /// Counts a tunnel's move between planes; every move but a promotion is
 /// also a fallback (`dataplane_fallbacks`, by the plane that let go).
-pub fn moved(m: &Move<'_>) {
+pub fn moved(m: &Move) {
     let metrics = get();
     let labels =
         MoveLabels { from: m.from.as_str(), to: m.to.as_str(), kind: m.cause.kind(), reason: m.cause.reason() };
