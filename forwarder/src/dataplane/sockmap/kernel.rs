@@ -309,7 +309,8 @@ fn map_batch<V: Pod>(
     keys: &[u64; 2],
     values: Option<&[V; 2]>,
 ) -> std::io::Result<()> {
-    let attr = BatchAttr {
+    // Mutable: the kernel writes `count` back into it.
+    let mut attr = BatchAttr {
         keys: keys.as_ptr() as u64,
         values: values.map_or(0, |v| v.as_ptr() as u64),
         count: keys.len() as u32,
@@ -319,9 +320,11 @@ fn map_batch<V: Pod>(
     // SAFETY: `attr` is a valid `bpf_attr` prefix for the batch commands, its
     // size is passed; `keys` and `values` hold `count` keys and values of the
     // map's sizes and outlive the call; the map's descriptor is open (`map`
-    // is borrowed). The kernel only reads them (and writes `count` back).
-    let rc =
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, &attr as *const BatchAttr, size_of::<BatchAttr>() as libc::c_uint) };
+    // is borrowed). The kernel only reads them, and writes `count` back
+    // into `attr`, which is passed as the exclusive borrow it is.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, &mut attr as *mut BatchAttr, size_of::<BatchAttr>() as libc::c_uint)
+    };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
