@@ -29,8 +29,13 @@ pub(super) const TICK_MIN: Duration = Duration::from_millis(1);
 const BUSY_MAX: Duration = Duration::from_millis(20);
 /// Longest wait between checks while the tunnel is [`Pending::Held`] (a
 /// stale count keeps the node's total high for that long at most: other
-/// tunnels step aside early, never late).
-const HELD_MAX: Duration = Duration::from_secs(1);
+/// tunnels step aside early, never late). As short as [`BUSY_MAX`]: a
+/// timer wake also checks whether a psock stalled with bytes queued and
+/// kicks it, and with a 1 s cap a slow reader behind a full psock once
+/// waited 2.9 s for bytes (CI, `sockmap::two_way_with_a_slow_far_reader`;
+/// the old watch looked at most every 20 ms there). Tunnels that carry
+/// small messages never hold a budget: they keep no timer.
+const HELD_MAX: Duration = BUSY_MAX;
 
 /// What idleness is measured on: bytes moved, and bytes acknowledged by
 /// each destination's reader, either way.
@@ -197,7 +202,7 @@ mod tests {
             p.timer();
         }
         assert_eq!(p.wait(Pending::Busy, deadline, t0), BUSY_MAX, "busy: polled at least every 20 ms");
-        assert_eq!(p.wait(Pending::Held, deadline, t0), HELD_MAX, "held: at least every second");
+        assert_eq!(p.wait(Pending::Held, deadline, t0), HELD_MAX, "held: at least every 20 ms");
         assert_eq!(p.wait(Pending::Held, deadline, t0 + IDLE - TICK_MIN), TICK_MIN, "never past the idle deadline");
         p.changed();
         assert_eq!(p.wait(Pending::Busy, deadline, t0), TICK_MIN);
