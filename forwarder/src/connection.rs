@@ -14,41 +14,80 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use crate::access::AccessRecord;
 use crate::config::{Protocol, ProxyProtocol};
 use crate::dataplane::stream::{Stream, StreamTunnel};
-use crate::dataplane::{CloseReason, Mode, Relayed, Tunnel};
+use crate::dataplane::{CloseReason, Mode, Tunnel};
 use crate::handshake::answer::{linger_close, Refusal};
 use crate::handshake::{self, ClientStream, Next, Plan, TlsClient};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
 use crate::proxy;
 use crate::sni;
-use crate::state::Shared;
+use crate::state::{ActiveGuard, Shared};
 use crate::tls::ktls::Offload;
 use crate::tls::records::Records;
 use crate::tls::ClientCert;
 use crate::upstream::{BackendStream, ConnectError, ConnectOpts, Pool};
 
-/// A connection's view of the router: the shared state and its listener.
+/// A connection's view of the router: the shared state and its listener,
+/// and what keeps it counted while it lives.
 pub struct Session {
     pub shared: Arc<Shared>,
     pub listener: Arc<str>,
+    /// Its place in `[limits] max_connections`.
+    pub admitted: ActiveGuard,
+    /// What the drain waits for: a tunnel's own task is tracked here too.
+    pub tracker: TaskTracker,
+}
+
+/// A connection that became a tunnel: the pair and the request's record,
+/// which is written when the tunnel ends (boxed: it moves from the
+/// handshake to the tunnel's task, and an async fn keeps each argument
+/// it was given for its whole life, so a record passed inline would be
+/// kept twice).
+struct Tunneling {
+    plan: Plan<Client>,
+    rec: Box<AccessRecord>,
 }
 
 impl Session {
     /// Serves one accepted connection to its end and logs it: an access
     /// record per request (http) or per connection (tcp).
-    pub async fn serve(self, mut client: TcpStream, peer: SocketAddr, protocol: Protocol) {
-        let labels = ListenerLabels { listener: self.listener.clone() };
-        metrics::get().active.get_or_create(&labels).inc();
+    ///
+    /// The handshake's task ends where a tunnel starts: the tunnel goes on
+    /// in a task of its own that holds only what the tunnel needs, so an
+    /// idle tunnel does not keep the largest handshake's state (the TLS
+    /// accept, a ClientHello read, a request's rewrite) for hours.
+    pub async fn serve(self, client: TcpStream, peer: SocketAddr, protocol: Protocol) {
+        metrics::get().active.get_or_create(&self.listener_labels()).inc();
+        // Boxed: this task's own future is then a pointer while it runs,
+        // and the handshake's state is freed before the tunnel's task starts.
+        match Box::pin(self.handshake(client, peer, protocol)).await {
+            Some(tunneling) => {
+                // The tracker keeps the drain waiting for the tunnel.
+                let tracker = self.tracker.clone();
+                tracker.spawn(self.tunnel(tunneling));
+            }
+            None => {
+                metrics::get().active.get_or_create(&self.listener_labels()).dec();
+            }
+        }
+    }
+
+    fn listener_labels(&self) -> ListenerLabels {
+        ListenerLabels { listener: self.listener.clone() }
+    }
+
+    /// Everything before the data: the PROXY header, TLS, then an http
+    /// listener's requests or a tcp listener's connect. Some when the
+    /// connection becomes a tunnel.
+    async fn handshake(&self, mut client: TcpStream, peer: SocketAddr, protocol: Protocol) -> Option<Tunneling> {
         let _ = client.set_nodelay(true);
         // The PROXY header and the TLS handshake share handshake_timeout.
         let deadline = Instant::now() + self.shared.snapshot().config.limits.handshake_timeout;
-        let Some(peer) = self.client_address(&mut client, peer).await else {
-            metrics::get().active.get_or_create(&labels).dec();
-            return;
-        };
+        let peer = self.client_address(&mut client, peer).await?;
         // The address the client connected to (a PROXY header sent on says it).
         let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let tls = self.shared.snapshot().listener_tls(&self.listener).cloned();
@@ -59,19 +98,17 @@ impl Session {
             }
             (None, Protocol::Tcp) => self.serve_tcp(client, peer, local).await,
             (Some(config), protocol) => {
-                if let Some(client) = self.accept_tls(client, config, peer, deadline).await {
-                    match protocol {
-                        Protocol::Http => {
-                            let cert = ClientCert::of(client.get_ref().1);
-                            let conn = handshake::Conn::new(client, peer, local).with_client_cert(cert);
-                            self.serve_http(conn, peer).await
-                        }
-                        Protocol::Tcp => self.serve_tcp(client, peer, local).await,
+                let client = self.accept_tls(client, config, peer, deadline).await?;
+                match protocol {
+                    Protocol::Http => {
+                        let cert = ClientCert::of(client.get_ref().1);
+                        let conn = handshake::Conn::new(client, peer, local).with_client_cert(cert);
+                        self.serve_http(conn, peer).await
                     }
+                    Protocol::Tcp => self.serve_tcp(client, peer, local).await,
                 }
             }
         }
-        metrics::get().active.get_or_create(&labels).dec();
     }
 
     /// A TLS listener's handshake, by `deadline`; None when it fails (the
@@ -99,8 +136,8 @@ impl Session {
         None
     }
 
-    /// A tcp listener's connection: connected to its pool and relayed.
-    async fn serve_tcp<S: Into<Client>>(&self, client: S, peer: SocketAddr, local: SocketAddr) {
+    /// A tcp listener's connection: connected to its pool.
+    async fn serve_tcp<S: Into<Client>>(&self, client: S, peer: SocketAddr, local: SocketAddr) -> Option<Tunneling> {
         let rec = AccessRecord::new(peer, self.listener.clone());
         let snap = self.shared.snapshot();
         let pool = snap.listener(&self.listener).pool.as_deref().and_then(|p| snap.pool_named(p)).cloned();
@@ -109,7 +146,10 @@ impl Session {
             Some(pool) => self.forward_tcp(client, pool, Bytes::new(), local, rec).await,
             // Only when a reload gave the listener sni_routes and no pool
             // since this connection was told apart.
-            None => self.no_route(rec),
+            None => {
+                self.no_route(rec);
+                None
+            }
         }
     }
 
@@ -127,7 +167,13 @@ impl Session {
     /// peek brings: readiness that stays set while the bytes sit in the
     /// queue (a spin, or SO_RCVLOWAT per record to dodge it) and a
     /// ClientHello over several records that a peek must reparse whole.
-    async fn serve_sni(&self, mut client: TcpStream, peer: SocketAddr, local: SocketAddr, deadline: Instant) {
+    async fn serve_sni(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        deadline: Instant,
+    ) -> Option<Tunneling> {
         let hello = match tokio::time::timeout_at(deadline, sni::read_client_hello(&mut client)).await {
             Ok(Ok(hello)) => hello,
             Ok(Err(e)) => return self.sni_refused(peer, &e),
@@ -146,14 +192,18 @@ impl Session {
         rec.route = name;
         match pool {
             Some(pool) => self.forward_tcp(client, pool, hello.bytes, local, rec).await,
-            None => self.no_route(rec),
+            None => {
+                self.no_route(rec);
+                None
+            }
         }
     }
 
     /// Closes (by dropping) a passthrough connection whose ClientHello was refused.
-    fn sni_refused(&self, peer: SocketAddr, e: &sni::HelloError) {
+    fn sni_refused(&self, peer: SocketAddr, e: &sni::HelloError) -> Option<Tunneling> {
         tracing::debug!(listener = %self.listener, %peer, "closed: {e}");
         metrics::sni_error(&self.listener, e.reason());
+        None
     }
 
     /// Closes a passthrough connection whose server name no pool takes;
@@ -166,8 +216,8 @@ impl Session {
         self.shared.access_log.write(&rec);
     }
 
-    /// Connects `client` to `pool` and relays the pair, `first` going to
-    /// the backend ahead of the client's stream; logs `rec` at the end.
+    /// Connects `client` to `pool` for a tunnel, `first` going to the
+    /// backend ahead of the client's stream; logs `rec` when it cannot.
     async fn forward_tcp<S: Into<Client>>(
         &self,
         client: S,
@@ -175,11 +225,14 @@ impl Session {
         first: Bytes,
         local: SocketAddr,
         mut rec: AccessRecord,
-    ) {
-        if let Some(plan) = Box::pin(self.connect_tcp(client, pool, first, local, &mut rec)).await {
-            self.tunnel(plan, &mut rec).await;
+    ) -> Option<Tunneling> {
+        match Box::pin(self.connect_tcp(client, pool, first, local, &mut rec)).await {
+            Some(plan) => Some(Tunneling { plan: plan.into_client(), rec: Box::new(rec) }),
+            None => {
+                self.shared.access_log.write(&rec);
+                None
+            }
         }
-        self.shared.access_log.write(&rec);
     }
 
     /// The client's address: the TCP peer's, or — on a listener with
@@ -205,24 +258,26 @@ impl Session {
     /// An http listener's connection: its requests one after another, each
     /// on the configuration in force when it starts and with its own
     /// access record, until one closes it or starts a tunnel.
-    async fn serve_http<S: ClientStream + Into<Client>>(&self, mut conn: handshake::Conn<S>, peer: SocketAddr) {
+    async fn serve_http<S: ClientStream + Into<Client>>(
+        &self,
+        mut conn: handshake::Conn<S>,
+        peer: SocketAddr,
+    ) -> Option<Tunneling> {
         loop {
             let mut rec = AccessRecord::new(peer, self.listener.clone());
-            // Boxed, so the handshake's state is freed before a tunnel runs:
-            // only the (small) tunnel state stays for hours.
+            // Boxed: one request's state at a time, freed after it.
             let snap = self.shared.snapshot();
             let next = Box::pin(conn.serve(snap, &self.listener, &self.shared.draining, &mut rec)).await;
             let kept = match next {
-                Next::Again(kept) => Some(kept),
-                Next::Tunnel(plan) => {
-                    self.tunnel(plan, &mut rec).await;
-                    None
+                Next::Again(kept) => kept,
+                Next::Tunnel(plan) => return Some(Tunneling { plan: plan.into_client(), rec: Box::new(rec) }),
+                Next::Done => {
+                    self.shared.access_log.write(&rec);
+                    return None;
                 }
-                Next::Done => None,
-                Next::Idle => return,
+                Next::Idle => return None,
             };
             self.shared.access_log.write(&rec);
-            let Some(kept) = kept else { return };
             conn = kept;
         }
     }
@@ -261,21 +316,39 @@ impl Session {
         }
     }
 
-    /// Hands a connection pair to a data plane and waits for it to end: a
-    /// plain pair to the planes, one with a TLS side to the stream relay. Only what
-    /// the wait needs is kept across it (this future lives as long as the
-    /// tunnel): the relay, the backend guard and the labels.
-    async fn tunnel<S: Into<Client>>(&self, plan: Plan<S>, rec: &mut AccessRecord) {
+    /// A tunnel's task: hands the pair to a data plane and waits for it to
+    /// end (a plain pair to the planes, one with a TLS side to the stream
+    /// relay), then writes its access record and releases the connection's
+    /// counts. This future lives as long as the tunnel, so it is one
+    /// function (an async fn keeps its arguments for its whole life: a
+    /// function per step would keep the pair once per step) and keeps
+    /// only what the wait needs across it: the relay, the backend guard
+    /// and the labels.
+    async fn tunnel(self, tunneling: Tunneling) {
+        let Tunneling { plan, mut rec } = tunneling;
         let Plan { client, backend, to_backend, to_client, status, guard } = plan;
         if status != 0 {
             metrics::outcome(&self.listener, status, "", rec.started.elapsed());
         }
         let idle_timeout = self.shared.snapshot().config.limits.idle_timeout;
         let drain = self.shared.drain.child_token();
-        let (mode, outcome) = match (client.into(), backend) {
+        let (mode, outcome) = match (client, backend) {
             (Client::Plain(client), BackendStream::Plain(backend)) => {
                 let tunnel = Tunnel { client, backend, to_backend, to_client, idle_timeout, drain, promote: None };
-                let relayed = self.relay_planes(tunnel).await;
+                // Not a function of its own: the tunnel would be kept
+                // once more, as its argument.
+                let planes = &self.shared.planes;
+                let m = metrics::get();
+                m.tunnels_active.get_or_create(&self.labels(planes.mode())).inc();
+                let relayed = planes
+                    .relay(tunnel, |moved| {
+                        metrics::moved(moved);
+                        // The tunnel's place in tunnels_active moves with it.
+                        m.tunnels_active.get_or_create(&self.labels(moved.from)).dec();
+                        m.tunnels_active.get_or_create(&self.labels(moved.to)).inc();
+                    })
+                    .await;
+                m.tunnels_active.get_or_create(&self.labels(relayed.mode)).dec();
                 rec.planes = relayed.legs;
                 (relayed.mode, relayed.outcome)
             }
@@ -300,6 +373,8 @@ impl Session {
         rec.to_backend += outcome.to_backend;
         rec.to_client += outcome.to_client;
         rec.reason = outcome.reason.as_str();
+        self.shared.access_log.write(&rec);
+        metrics::get().active.get_or_create(&self.listener_labels()).dec();
     }
 
     /// Relays a pair with a TLS side (decrypted in userspace) on the stream relay.
@@ -366,23 +441,6 @@ impl Session {
     fn labels(&self, mode: Mode) -> TunnelLabels {
         TunnelLabels { listener: self.listener.clone(), data_plane: mode.as_str() }
     }
-
-    /// Relays a plain pair through the data planes' chain.
-    async fn relay_planes(&self, tunnel: Tunnel) -> Relayed {
-        let planes = &self.shared.planes;
-        let m = metrics::get();
-        m.tunnels_active.get_or_create(&self.labels(planes.mode())).inc();
-        let relayed = planes
-            .relay(tunnel, |moved| {
-                metrics::moved(moved);
-                // The tunnel's place in tunnels_active moves with it.
-                m.tunnels_active.get_or_create(&self.labels(moved.from)).dec();
-                m.tunnels_active.get_or_create(&self.labels(moved.to)).inc();
-            })
-            .await;
-        m.tunnels_active.get_or_create(&self.labels(relayed.mode)).dec();
-        relayed
-    }
 }
 
 /// A client connection as a tunnel takes it: a plain socket goes to the
@@ -402,6 +460,14 @@ impl From<TcpStream> for Client {
 impl From<TlsClient> for Client {
     fn from(s: TlsClient) -> Client {
         Client::Tls(s)
+    }
+}
+
+impl<S: Into<Client>> Plan<S> {
+    /// The plan with its client as a tunnel takes it.
+    fn into_client(self) -> Plan<Client> {
+        let Plan { client, backend, to_backend, to_client, status, guard } = self;
+        Plan { client: client.into(), backend, to_backend, to_client, status, guard }
     }
 }
 

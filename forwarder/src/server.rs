@@ -237,18 +237,15 @@ async fn accept_loop(
         backoff = Duration::from_millis(5);
         metrics::get().accepted.get_or_create(&labels).inc();
         let max = shared.snapshot().config.limits.max_connections;
-        let Some(guard) = shared.admit(max) else {
+        let Some(admitted) = shared.admit(max) else {
             metrics::get().rejected_over_limit.get_or_create(&labels).inc();
             if protocol == Protocol::Http {
                 tracker.spawn(connection::refuse_over_limit(stream));
             }
             continue;
         };
-        let session = Session { shared: shared.clone(), listener: name.clone() };
-        tracker.spawn(async move {
-            session.serve(stream, peer, protocol).await;
-            drop(guard);
-        });
+        let session = Session { shared: shared.clone(), listener: name.clone(), admitted, tracker: tracker.clone() };
+        tracker.spawn(session.serve(stream, peer, protocol));
     }
 }
 
