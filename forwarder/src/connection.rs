@@ -331,7 +331,9 @@ impl Session {
             metrics::outcome(&self.listener, status, "", rec.started.elapsed());
         }
         let idle_timeout = self.shared.snapshot().config.limits.idle_timeout;
-        let drain = self.shared.drain.child_token();
+        // The node's token itself, not a child: nothing cancels one tunnel
+        // alone, and a child is a tree node (~120 B) kept for the tunnel's life.
+        let drain = self.shared.drain.clone();
         let (mode, outcome) = match (client, backend) {
             (Client::Plain(client), BackendStream::Plain(backend)) => {
                 let tunnel = Tunnel { client, backend, to_backend, to_client, idle_timeout, drain, promote: None };
