@@ -6,6 +6,8 @@
 //! so an idle tunnel holds no buffer and a slow reader pins at most one per
 //! direction.
 
+use std::future::Future;
+
 use super::pair::{self, Resources};
 use super::pools::BufferPool;
 use super::{ByteCounters, DataPlane, Mode, Outcome, PlaneError, Rejected, Settings, Tunnel};
@@ -41,8 +43,10 @@ impl DataPlane for CopyPlane {
     }
 
     /// Copy takes every tunnel; it hands one back only for promotion.
-    async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        pair::drive(t, Resources { buffers: &self.buffers, pipes: None }, &self.counters).await
+    fn relay(&self, t: Tunnel) -> impl Future<Output = Result<Outcome, Rejected>> + Send {
+        // The driver's future itself, not one around it (that would keep
+        // the tunnel once more).
+        pair::drive(t, Resources { buffers: &self.buffers, pipes: None }, &self.counters)
     }
 
     fn bytes_relayed(&self) -> (u64, u64) {

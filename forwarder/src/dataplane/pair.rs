@@ -33,7 +33,7 @@
 //! (passed on as a reset, as the userspace TLS relay does); the router's
 //! own clean end towards a kTLS side is `close_notify` then FIN.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
@@ -364,100 +364,111 @@ enum Stop {
 
 /// Runs a tunnel of two plain sockets until it ends, moving bytes with
 /// `res`; hands it back when it earned a promotion ([`Tunnel::promote`]).
-pub async fn drive(t: Tunnel, res: Resources<'_>, counters: &ByteCounters) -> Result<Outcome, Rejected> {
-    drive_sides(t, Sides::PLAIN, res, counters).await
+///
+/// Not an `async fn`, nor is [`drive_sides`]: an async fn keeps each
+/// argument for its whole life, so every level would keep the tunnel
+/// (184 B) once more beside the state that took it apart.
+pub fn drive<'a>(
+    t: Tunnel,
+    res: Resources<'a>,
+    counters: &'a ByteCounters,
+) -> impl Future<Output = Result<Outcome, Rejected>> + Send + 'a {
+    drive_sides(t, Sides::PLAIN, res, counters)
 }
 
 /// Runs a tunnel whose `sides` say which sockets are kTLS until it ends (or
 /// is promoted: only a plain pair can be, a kTLS socket cannot leave the
 /// relay, and its `promote` is ignored).
-pub async fn drive_sides(
+pub fn drive_sides<'a>(
     t: Tunnel,
     sides: Sides,
-    res: Resources<'_>,
-    counters: &ByteCounters,
-) -> Result<Outcome, Rejected> {
+    res: Resources<'a>,
+    counters: &'a ByteCounters,
+) -> impl Future<Output = Result<Outcome, Rejected>> + Send + 'a {
+    // Taken apart before the future: it keeps only the parts.
     let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain, promote } = t;
     let mut up = Mover::new(to_backend, sides.client_ktls, false);
     let mut down = Mover::new(to_client, false, sides.client_ktls);
-    let (mut up_done, mut down_done) = (false, false);
-    let mut life = Lifetime::new(idle_timeout);
     let mut judge =
         promote.filter(|_| sides == Sides::PLAIN).map(|p| Judge::new(p, Instant::now(), Judge::first_window(p)));
-    // A block: its timer and drain wait end with it, and a promoted
-    // tunnel takes its drain signal along.
-    let stop = {
-        let mut idle = pin!(tokio::time::sleep(idle_timeout));
-        let mut drained = pin!(drain.cancelled());
-        poll_fn(|cx| {
-            for dir in Direction::BOTH {
-                let (mover, done, src, dst, total) = match dir {
-                    Direction::ToBackend => (&mut up, &mut up_done, &client, &backend, &counters.to_backend),
-                    Direction::ToClient => (&mut down, &mut down_done, &backend, &client, &counters.to_client),
-                };
-                if *done {
-                    continue;
-                }
-                if let Poll::Ready(end) = mover.poll_move(cx, src, dst, &res, total) {
-                    match end {
-                        End::Eof => {
-                            // Half-close: the destination sees FIN, the other way keeps flowing.
-                            let _ = SockRef::from(dst).shutdown(Shutdown::Write);
-                            *done = true;
+    async move {
+        let (mut up_done, mut down_done) = (false, false);
+        let mut life = Lifetime::new(idle_timeout);
+        // A block: its timer and drain wait end with it, and a promoted
+        // tunnel takes its drain signal along.
+        let stop = {
+            let mut idle = pin!(tokio::time::sleep(idle_timeout));
+            let mut drained = pin!(drain.cancelled());
+            poll_fn(|cx| {
+                for dir in Direction::BOTH {
+                    let (mover, done, src, dst, total) = match dir {
+                        Direction::ToBackend => (&mut up, &mut up_done, &client, &backend, &counters.to_backend),
+                        Direction::ToClient => (&mut down, &mut down_done, &backend, &client, &counters.to_client),
+                    };
+                    if *done {
+                        continue;
+                    }
+                    if let Poll::Ready(end) = mover.poll_move(cx, src, dst, &res, total) {
+                        match end {
+                            End::Eof => {
+                                // Half-close: the destination sees FIN, the other way keeps flowing.
+                                let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+                                *done = true;
+                            }
+                            End::SrcFailed => return Poll::Ready(Stop::Closed(dir.source_failed())),
+                            End::DstFailed => return Poll::Ready(Stop::Closed(dir.destination_failed())),
                         }
-                        End::SrcFailed => return Poll::Ready(Stop::Closed(dir.source_failed())),
-                        End::DstFailed => return Poll::Ready(Stop::Closed(dir.destination_failed())),
                     }
                 }
-            }
-            // Both directions wait on their sockets: a moment to let go.
-            if let Some(judge) = judge.as_mut() {
-                if !up_done
-                    && !down_done
-                    && up.holds_nothing()
-                    && down.holds_nothing()
-                    && judge.earned(Instant::now(), up.reads + down.reads, up.moved + down.moved)
-                {
-                    return Poll::Ready(Stop::Promoted);
+                // Both directions wait on their sockets: a moment to let go.
+                if let Some(judge) = judge.as_mut() {
+                    if !up_done
+                        && !down_done
+                        && up.holds_nothing()
+                        && down.holds_nothing()
+                        && judge.earned(Instant::now(), up.reads + down.reads, up.moved + down.moved)
+                    {
+                        return Poll::Ready(Stop::Promoted);
+                    }
                 }
-            }
-            life.poll_end(cx, [up_done, down_done], (up.moved, down.moved), idle.as_mut(), drained.as_mut())
-                .map(Stop::Closed)
-        })
-        .await
-    };
+                life.poll_end(cx, [up_done, down_done], (up.moved, down.moved), idle.as_mut(), drained.as_mut())
+                    .map(Stop::Closed)
+            })
+            .await
+        };
 
-    up.release(&res);
-    down.release(&res);
-    let reason = match stop {
-        Stop::Closed(reason) => reason,
-        Stop::Promoted => {
-            // Nothing held: the next plane starts from the sockets.
-            let relayed = (up.moved, down.moved);
-            let tunnel = Tunnel {
-                client,
-                backend,
-                to_backend: up.first,
-                to_client: down.first,
-                idle_timeout,
-                drain,
-                promote: None,
-            };
-            let reason = "promoted: a long-lived tunnel carrying small messages".to_string();
-            return Err(Rejected { tunnel, reason, relayed, cause: Cause::Promoted("small_messages") });
+        up.release(&res);
+        down.release(&res);
+        let reason = match stop {
+            Stop::Closed(reason) => reason,
+            Stop::Promoted => {
+                // Nothing held: the next plane starts from the sockets.
+                let relayed = (up.moved, down.moved);
+                let tunnel = Tunnel {
+                    client,
+                    backend,
+                    to_backend: up.first,
+                    to_client: down.first,
+                    idle_timeout,
+                    drain,
+                    promote: None,
+                };
+                let reason = "promoted: a long-lived tunnel carrying small messages".to_string();
+                return Err(Rejected { tunnel, reason, relayed, cause: Cause::Promoted("small_messages") });
+            }
+        };
+        if reason.resets() {
+            // A truncated stream must not look complete: reset both sides.
+            abort(client.as_raw_fd());
+            abort(backend.as_raw_fd());
+        } else if down.notify_dst {
+            // The router's clean close (idle timeout) of a kTLS client:
+            // close_notify then FIN, if it fits now (a peer that takes no
+            // bytes gets the FIN alone).
+            let _ = ktls::close_notify(client.as_raw_fd());
         }
-    };
-    if reason.resets() {
-        // A truncated stream must not look complete: reset both sides.
-        abort(client.as_raw_fd());
-        abort(backend.as_raw_fd());
-    } else if down.notify_dst {
-        // The router's clean close (idle timeout) of a kTLS client:
-        // close_notify then FIN, if it fits now (a peer that takes no
-        // bytes gets the FIN alone).
-        let _ = ktls::close_notify(client.as_raw_fd());
+        Ok(Outcome { to_backend: up.moved, to_client: down.moved, reason })
     }
-    Ok(Outcome { to_backend: up.moved, to_client: down.moved, reason })
 }
 
 #[cfg(test)]

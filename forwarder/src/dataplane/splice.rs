@@ -11,6 +11,7 @@
 //! Backpressure: a pipe is filled only when empty and drained before the
 //! source is read again, so a direction holds at most one pipe's worth.
 
+use std::future::Future;
 use std::os::fd::AsFd;
 
 use nix::fcntl::{splice, SpliceFFlags};
@@ -70,8 +71,10 @@ impl DataPlane for SplicePlane {
 
     /// Splice takes every tunnel (without a pipe it copies that burst); it
     /// hands one back only for promotion.
-    async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        pair::drive(t, Resources { buffers: &self.buffers, pipes: Some(&self.pipes) }, &self.counters).await
+    fn relay(&self, t: Tunnel) -> impl Future<Output = Result<Outcome, Rejected>> + Send {
+        // The driver's future itself, not one around it (that would keep
+        // the tunnel once more).
+        pair::drive(t, Resources { buffers: &self.buffers, pipes: Some(&self.pipes) }, &self.counters)
     }
 
     fn bytes_relayed(&self) -> (u64, u64) {
