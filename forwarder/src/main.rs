@@ -233,8 +233,11 @@ fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
         );
         println!("{policy}");
     }
-    if let Some(mode) = auto.filter(|_| !quiet) {
-        println!("auto picks: {mode}");
+    match auto.filter(|_| !quiet) {
+        Some(mode) if chosen == Mode::Auto => println!("auto picks: {mode}"),
+        // Said so that it is not read as the plane this config runs.
+        Some(mode) => println!("mode = \"auto\" would pick {mode} here; this config runs {chosen}"),
+        None => {}
     }
     let (l, p, r) = (config.listeners.len(), config.pools.len(), config.routes.len());
     let plane =

@@ -27,6 +27,21 @@ fn check_accepts_the_demo_config_and_reports_data_planes() {
     assert!(stdout.contains("copy     available"), "{stdout}");
 }
 
+/// With a plane named, what `auto` would pick is said as such, not as the
+/// plane the config runs.
+#[test]
+fn check_with_a_named_plane_says_what_auto_would_pick_apart() {
+    let demo = Command::new(env!("CARGO_BIN_EXE_upsplice")).arg("default-config").output().unwrap();
+    let config = String::from_utf8(demo.stdout).unwrap();
+    assert_eq!(config.matches("mode = \"auto\"").count(), 1, "{config}");
+    let config = config.replace("mode = \"auto\"", "mode = \"copy\"");
+    let (ok, stdout, stderr) = check(&config);
+    assert!(ok, "{stderr}\n{stdout}");
+    assert!(!stdout.contains("auto picks"), "{stdout}");
+    assert!(stdout.contains("mode = \"auto\" would pick ") && stdout.contains("; this config runs copy"), "{stdout}");
+    assert!(stdout.contains("data plane copy)"), "{stdout}");
+}
+
 #[test]
 fn check_names_file_field_and_problem() {
     let base = "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\n\n[[pool]]\nname = \"chat\"\nbackends = [\"127.0.0.1:9001\"]\n\n[[route]]\nhost = \"chat.example.com\"\npool = \"chat\"\n";
