@@ -39,6 +39,13 @@ fn run_with<F>(workers: usize, limit: Duration, f: impl FnOnce(UringPlane) -> F)
 where
     F: std::future::Future<Output = ()>,
 {
+    run_cfg(Settings { uring_workers: workers, ..Settings::default() }, limit, f)
+}
+
+fn run_cfg<F>(cfg: Settings, limit: Duration, f: impl FnOnce(UringPlane) -> F)
+where
+    F: std::future::Future<Output = ()>,
+{
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // The plane's warnings (a failed operation and its errno) go to the
     // test's output, shown when it fails.
@@ -50,7 +57,6 @@ where
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
-        let cfg = Settings { uring_workers: workers, ..Settings::default() };
         let plane = UringPlane::start(&cfg).expect("uring plane starts");
         tokio::time::timeout(limit, f(plane)).await.expect("test finished in time");
     });
@@ -468,6 +474,110 @@ fn exhausted_buffer_pool_recovers_without_loss() {
         for r in join_all(relays).await {
             assert_eq!(r.unwrap().reason, CloseReason::Done);
         }
+        assert_eq!(plane.buffered_bytes().0, 0, "buffers not returned");
+    });
+}
+
+/// While a worker's pool is empty, a quiet tunnel holds no heap buffer and
+/// a burst of small messages over many tunnels costs heap memory in
+/// proportion to the bytes waiting, not a 16 KiB buffer per direction (the
+/// router's RSS once grew by ~16 KiB per tunnel when 9,000 tunnels closed
+/// at once).
+#[test]
+fn empty_pool_costs_what_waits() {
+    use futures_util::future::join_all;
+    // One worker with 16 buffers of 1 MiB; a stalled direction queues up
+    // to 2 MiB, in at least 2 buffers: 8 of them take the whole pool.
+    let cfg = Settings { uring_workers: 1, uring_buffer: MIB as u64, ..Settings::default() };
+    run_cfg(cfg, Duration::from_secs(60), |plane| async move {
+        let plane = std::sync::Arc::new(plane);
+        let per = 3 * MIB;
+        let mut stalled = Vec::new();
+        for i in 0..8 {
+            let (client, backend, tunnel) = setup(b"", b"", LONG).await;
+            socket2::SockRef::from(&tunnel.backend).set_send_buffer_size(16 * 1024).unwrap();
+            socket2::SockRef::from(&backend).set_recv_buffer_size(16 * 1024).unwrap();
+            let p = plane.clone();
+            let relayed = tokio::spawn(async move { relay(&p, tunnel).await });
+            let writer = tokio::spawn(async move {
+                let (_r, mut w) = client.into_split();
+                send_stream(&mut w, 7 + i, per).await
+            });
+            stalled.push((backend, writer, relayed));
+        }
+        // Wait until the stalled directions hold still: every pool buffer,
+        // plus what they read into heap buffers since (up to their bound).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut held = (0, usize::MAX);
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = (plane.buffered_bytes().0, plane.heap_buffered_bytes().0);
+            if now == held && now.0 == 16 * MIB {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the pool was not exhausted: {now:?} bytes held");
+            held = now;
+        }
+        let stalled_heap = held.1;
+
+        // Fresh tunnels on the empty pool: a message each way, then quiet.
+        let n = 200;
+        let mut ends = Vec::new();
+        let mut relays = Vec::new();
+        for _ in 0..n {
+            let (mut client, mut backend, tunnel) = setup(b"", b"", LONG).await;
+            let p = plane.clone();
+            relays.push(tokio::spawn(async move { relay(&p, tunnel).await }));
+            client.write_all(&[7u8; 64]).await.unwrap();
+            assert_eq!(read_exact_n(&mut backend, 64).await, [7u8; 64]);
+            backend.write_all(&[9u8; 64]).await.unwrap();
+            assert_eq!(read_exact_n(&mut client, 64).await, [9u8; 64]);
+            ends.push((client, backend));
+        }
+        let heap_recvs = plane.heap_recvs();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while plane.heap_buffered_bytes().0 > stalled_heap && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let quiet = plane.heap_buffered_bytes().0 - stalled_heap;
+        println!(
+            "{n} quiet tunnels on an empty pool: {quiet} bytes of heap buffers ({stalled_heap} more for the \
+             stalled directions), {heap_recvs} heap recvs"
+        );
+        assert!(heap_recvs >= 2 * n, "the tunnels did not read without the pool ({heap_recvs} heap recvs)");
+        assert_eq!(quiet, 0, "quiet tunnels hold heap buffers");
+
+        // A burst: every tunnel gets 64 bytes each way at once.
+        for (c, b) in &mut ends {
+            c.write_all(&[1u8; 64]).await.unwrap();
+            b.write_all(&[2u8; 64]).await.unwrap();
+        }
+        for (c, b) in &mut ends {
+            assert_eq!(read_exact_n(b, 64).await, [1u8; 64]);
+            assert_eq!(read_exact_n(c, 64).await, [2u8; 64]);
+        }
+        let (_, peak) = plane.heap_buffered_bytes();
+        println!("a burst of 64-byte messages over {n} tunnels: heap buffers peaked at {peak} bytes");
+        assert!(peak <= stalled_heap + 2 * n * 64, "heap buffers peaked at {peak} bytes");
+
+        for (mut c, mut b) in ends {
+            c.shutdown().await.unwrap();
+            b.shutdown().await.unwrap();
+        }
+        for r in join_all(relays).await {
+            assert_eq!(r.unwrap().reason, CloseReason::Done);
+        }
+        // The stalled streams arrive whole once their readers read.
+        let readers = stalled.into_iter().map(|(mut backend, writer, relayed)| async move {
+            socket2::SockRef::from(&backend).set_recv_buffer_size(MIB).unwrap();
+            let (len, hash) = recv_stream(&mut backend).await;
+            backend.shutdown().await.unwrap();
+            assert_eq!(len, per);
+            assert_eq!(hash, writer.await.unwrap());
+            assert_eq!(relayed.await.unwrap().reason, CloseReason::Done);
+        });
+        join_all(readers).await;
+        assert_eq!(plane.heap_buffered_bytes().0, 0, "heap buffers not freed");
         assert_eq!(plane.buffered_bytes().0, 0, "buffers not returned");
     });
 }

@@ -12,11 +12,13 @@
 //! Memory: each worker maps a pool of 16 MiB in buffers of
 //! `data_plane.uring_buffer` bytes once; an idle tunnel holds none, a
 //! direction with a slow reader at most [`UringPlane::direction_limit`].
-//! When the pool runs dry (many stalled readers hold it), a recv that finds
-//! bytes waiting reads them into a 16 KiB heap buffer instead (ENOBUFS
-//! path), so the worker's other tunnels keep moving; each direction stays
-//! bounded either way. The pool's pages go back to the system after a
-//! worker spent a second without tunnels.
+//! When the pool runs dry (a burst of small messages over many tunnels takes
+//! a whole buffer per message; many stalled readers hold it), a direction
+//! reads the bytes waiting on its socket into a heap buffer of exactly that
+//! size (at most 16 KiB; ENOBUFS path), or polls first when none wait, so
+//! the worker's other tunnels keep moving and a quiet tunnel holds nothing;
+//! each direction stays bounded either way. The pool's pages go back to the
+//! system after a worker spent a second without tunnels.
 //!
 //! Why not IORING_OP_SPLICE: measured on this kernel (6.18; the benches in
 //! `tests/uring.rs`), a splice prototype moved one bulk stream a little
@@ -106,6 +108,7 @@ pub fn probe_features() -> Result<Features, PlaneError> {
         (opcode::Send::CODE, "SEND"),
         (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
         (opcode::Read::CODE, "READ"),
+        (opcode::PollAdd::CODE, "POLL_ADD"),
     ] {
         if !p.is_supported(code) {
             return Err(PlaneError::Unsupported(format!("io_uring opcode IORING_OP_{name} is not supported")));
@@ -290,6 +293,8 @@ impl DataPlane for UringPlane {
                 bufs_peak: AtomicUsize::new(0),
                 queued_peak: AtomicUsize::new(0),
                 heap_recvs: AtomicUsize::new(0),
+                heap_bytes: AtomicUsize::new(0),
+                heap_bytes_peak: AtomicUsize::new(0),
             });
             let (tx, rx) = mpsc::channel();
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -408,6 +413,7 @@ impl UringPlane {
             w.shared.bufs_peak.store(0, Ordering::Relaxed);
             w.shared.queued_peak.store(0, Ordering::Relaxed);
             w.shared.heap_recvs.store(0, Ordering::Relaxed);
+            w.shared.heap_bytes_peak.store(0, Ordering::Relaxed);
         }
     }
 
@@ -425,9 +431,18 @@ impl UringPlane {
     }
 
     /// How many recvs read into a heap buffer because a worker's pool was
-    /// empty (a sign of many stalled readers; see `data_plane.uring_buffer`).
+    /// empty (a burst of small messages over many tunnels, or many stalled
+    /// readers; see `data_plane.uring_buffer`).
     pub fn heap_recvs(&self) -> usize {
         self.workers.iter().map(|w| w.shared.heap_recvs.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Bytes of those heap buffers allocated now, summed over the workers,
+    /// and the highest any single worker reached (for tests and diagnostics).
+    pub fn heap_buffered_bytes(&self) -> (usize, usize) {
+        let now = self.workers.iter().map(|w| w.shared.heap_bytes.load(Ordering::Relaxed)).sum();
+        let peak = self.workers.iter().map(|w| w.shared.heap_bytes_peak.load(Ordering::Relaxed)).max().unwrap_or(0);
+        (now, peak)
     }
 
     /// The most bytes one direction of a tunnel queued at once so far, on

@@ -13,9 +13,12 @@
 //!   recv is capped to what is left of that budget, a recv still armed at
 //!   the mark is cancelled, and it is re-armed once the queue fell to
 //!   `low_water` (one buffer): a slow reader bounds what the worker holds;
-//! * when the pool is empty (many stalled readers hold it), a recv that
-//!   finds bytes waiting reads them into a small heap buffer instead, so the
-//!   other tunnels keep moving;
+//! * when the pool is empty (a burst of small messages, or many stalled
+//!   readers, holds it), a direction reads exactly the bytes waiting on its
+//!   socket (`FIONREAD`, at most 16 KiB at a time) into a heap buffer of
+//!   that size, so the other tunnels keep moving; with nothing waiting it
+//!   polls for readability first and holds no buffer while its peer is
+//!   quiet;
 //! * EOF on the source (recv gives 0) becomes `shutdown(SHUT_WR)` on the
 //!   destination once the queue is empty; both done closes the tunnel;
 //! * a failed recv or send is a reset: both sockets get `SO_LINGER 0` so
@@ -45,6 +48,7 @@ use socket2::SockRef;
 use tokio::sync::oneshot;
 
 use super::bufring::BufRing;
+use crate::dataplane::sockmap::sys::inq;
 use crate::dataplane::{abort, ByteCounters, CloseReason, Direction, Outcome};
 
 /// user_data of the eventfd read that wakes the worker.
@@ -108,6 +112,10 @@ pub struct Shared {
     pub queued_peak: AtomicUsize,
     /// Recvs that went to a heap buffer because the pool was empty.
     pub heap_recvs: AtomicUsize,
+    /// Bytes of heap buffers allocated for those recvs and not freed yet.
+    pub heap_bytes: AtomicUsize,
+    /// The most bytes of such heap buffers held at once.
+    pub heap_bytes_peak: AtomicUsize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,12 +125,37 @@ enum Recv {
     Armed,
     /// A multishot recv being cancelled (the direction hit its high-water mark).
     Cancelling,
-    /// The pool was empty: one recv into a small heap buffer (`Dir::heap`).
+    /// The pool was empty: one recv into a heap buffer sized to the bytes
+    /// waiting (`Dir::heap`).
     Heap,
+    /// The pool was empty and no bytes waited: a poll for readability,
+    /// which holds no buffer while the peer is quiet.
+    Poll,
 }
 
-/// Size of the heap buffer a direction reads into while the pool is empty.
+/// The most bytes one recv reads into a heap buffer while the pool is empty.
 const HEAP_RECV: usize = 16 * 1024;
+
+/// A heap buffer read into while the pool was empty, counted in
+/// [`Shared::heap_bytes`] from allocation to drop.
+struct HeapBuf {
+    bytes: Box<[u8]>,
+    shared: Arc<Shared>,
+}
+
+impl HeapBuf {
+    fn new(len: usize, shared: &Arc<Shared>) -> HeapBuf {
+        let held = shared.heap_bytes.fetch_add(len, Ordering::Relaxed) + len;
+        shared.heap_bytes_peak.fetch_max(held, Ordering::Relaxed);
+        HeapBuf { bytes: vec![0u8; len].into_boxed_slice(), shared: shared.clone() }
+    }
+}
+
+impl Drop for HeapBuf {
+    fn drop(&mut self) {
+        self.shared.heap_bytes.fetch_sub(self.bytes.len(), Ordering::Relaxed);
+    }
+}
 
 enum Chunk {
     /// Bytes read past the handshake heads.
@@ -130,7 +163,7 @@ enum Chunk {
     /// A pool buffer holding `len` received bytes.
     Pool { bid: u16, len: u32 },
     /// Bytes received while the pool was empty.
-    Heap { buf: Box<[u8]>, len: usize },
+    Heap { buf: HeapBuf, len: usize },
 }
 
 impl Chunk {
@@ -151,7 +184,7 @@ struct Dir {
     recv: Recv,
     /// Target of the heap recv in flight ([`Recv::Heap`]); kept here until
     /// its completion is reaped.
-    heap: Option<Box<[u8]>>,
+    heap: Option<HeapBuf>,
     sending: bool,
     eof: bool,
     /// The destination was shut down for writing: this direction is done.
@@ -589,7 +622,7 @@ impl Worker {
         let (ptr, len) = match front {
             Chunk::Leftover(b) => (b.as_ptr(), b.len()),
             Chunk::Pool { bid, len } => (self.bufs.addr(*bid).cast_const(), *len as usize),
-            Chunk::Heap { buf, len } => (buf.as_ptr(), *len),
+            Chunk::Heap { buf, len } => (buf.bytes.as_ptr(), *len),
         };
         debug_assert!(dir.front_off < len);
         // SAFETY: front_off < len, so the pointer stays inside the chunk.
@@ -608,9 +641,10 @@ impl Worker {
     }
 
     fn on_recv(&mut self, slot: u32, t: &mut Tun, d: usize, res: i32, flags: u32) {
-        if t.dirs[d].recv == Recv::Heap {
-            self.on_heap_recv(slot, t, d, res);
-            return;
+        match t.dirs[d].recv {
+            Recv::Heap => return self.on_heap_recv(slot, t, d, res),
+            Recv::Poll => return self.on_poll(slot, t, d, res),
+            Recv::Off | Recv::Armed | Recv::Cancelling => {}
         }
         if !cqueue::more(flags) {
             t.inflight -= 1;
@@ -649,11 +683,11 @@ impl Worker {
         } else {
             match -res {
                 libc::ECANCELED => {}
-                // The pool is empty (other directions hold it all) while
-                // bytes wait here: read them into a small heap buffer, so a
-                // few stalled readers cannot stall the worker's other tunnels.
+                // The pool is empty (other directions hold it all): read
+                // what waits here without it, so a burst or a few stalled
+                // readers cannot stall the worker's other tunnels.
                 libc::ENOBUFS if t.closing.is_none() && t.dirs[d].queued <= self.sizing.low_water => {
-                    self.arm_heap_recv(slot, t, d)
+                    self.recv_without_pool(slot, t, d, false)
                 }
                 libc::ENOBUFS => {}
                 errno => {
@@ -667,20 +701,49 @@ impl Worker {
         self.advance(slot, t, d);
     }
 
-    /// Arms one recv into a heap buffer of [`HEAP_RECV`] bytes. Taken only
-    /// after ENOBUFS, i.e. when bytes are waiting, so the buffer is not
-    /// held by an idle tunnel for long.
-    fn arm_heap_recv(&mut self, slot: u32, t: &mut Tun, d: usize) {
+    /// Reads direction `d` while the pool is empty: the bytes waiting on its
+    /// socket (at most [`HEAP_RECV`]) go into a heap buffer of exactly that
+    /// size. With none waiting, a poll waits for readability first
+    /// (`polled` once it fired: then the socket holds an EOF or an error,
+    /// which a one-byte recv reports), so a direction whose peer is quiet
+    /// holds no buffer. A 64-byte message costs 64 bytes of heap, not a
+    /// fixed-size buffer: a burst over thousands of tunnels stays small.
+    fn recv_without_pool(&mut self, slot: u32, t: &mut Tun, d: usize, polled: bool) {
         let src = t.src(d);
+        // Unknown (the ioctl failed): read up to the cap, as any recv would.
+        let waiting = inq(src).map_or(HEAP_RECV, |n| usize::try_from(n).unwrap_or(HEAP_RECV).min(HEAP_RECV));
+        if waiting == 0 && !polled {
+            let poll =
+                opcode::PollAdd::new(types::Fd(src), libc::POLLIN as u32).build().user_data(ud(slot, d, KIND_RECV));
+            self.pending.push_back(poll);
+            t.dirs[d].recv = Recv::Poll;
+            t.inflight += 1;
+            return;
+        }
         let dir = &mut t.dirs[d];
-        let buf = dir.heap.insert(vec![0u8; HEAP_RECV].into_boxed_slice());
-        let recv = opcode::Recv::new(types::Fd(src), buf.as_mut_ptr(), HEAP_RECV as u32)
+        let buf = dir.heap.insert(HeapBuf::new(waiting.max(1), &self.shared));
+        let recv = opcode::Recv::new(types::Fd(src), buf.bytes.as_mut_ptr(), buf.bytes.len() as u32)
             .build()
             .user_data(ud(slot, d, KIND_RECV));
         self.pending.push_back(recv);
         dir.recv = Recv::Heap;
         t.inflight += 1;
         self.shared.heap_recvs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The poll of [`Worker::recv_without_pool`] fired: bytes (or an EOF, or
+    /// an error) wait on the socket now.
+    fn on_poll(&mut self, slot: u32, t: &mut Tun, d: usize, res: i32) {
+        t.inflight -= 1;
+        t.dirs[d].recv = Recv::Off;
+        if t.closing.is_some() {
+            return;
+        }
+        if res < 0 {
+            self.op_failed(slot, t, "poll", Direction::BOTH[d], -res);
+            return;
+        }
+        self.recv_without_pool(slot, t, d, true);
     }
 
     fn on_heap_recv(&mut self, slot: u32, t: &mut Tun, d: usize, res: i32) {
