@@ -343,8 +343,13 @@ impl Worker {
         if let Err(e) = result {
             tracing::error!("uring worker failed: {e}");
             // Operations may still be in flight: the kernel could write into
-            // the buffers after we return, so they must never be unmapped.
-            for t in self.tunnels.iter_mut().filter_map(Option::take) {
+            // the buffers after we return, so they must never be unmapped,
+            // nor a tunnel's heap buffers and queued chunks freed.
+            for mut t in self.tunnels.iter_mut().filter_map(Option::take) {
+                for dir in &mut t.dirs {
+                    std::mem::forget(dir.heap.take());
+                    std::mem::forget(std::mem::take(&mut dir.queue));
+                }
                 finish_reply(t, CloseReason::Error);
             }
             let Worker { ring, bufs, wake_buf, .. } = self;
