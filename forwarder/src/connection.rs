@@ -334,8 +334,11 @@ impl Session {
         // The node's token itself, not a child: nothing cancels one tunnel
         // alone, and a child is a tree node (~120 B) kept for the tunnel's life.
         let drain = self.shared.drain.clone();
-        let (mode, outcome) = match (client, backend) {
-            (Client::Plain(client), BackendStream::Plain(backend)) => {
+        // Matched without a guard: a guard borrows the scrutinee, which is
+        // then kept (64 B) across the relay's await.
+        let ktls = self.shared.planes.ktls.is_some();
+        let (mode, outcome) = match (client, backend, ktls) {
+            (Client::Plain(client), BackendStream::Plain(backend), _) => {
                 let tunnel = Tunnel { client, backend, to_backend, to_client, idle_timeout, drain, promote: None };
                 // Not a function of its own: the tunnel would be kept
                 // once more, as its argument.
@@ -355,15 +358,15 @@ impl Session {
                 (relayed.mode, relayed.outcome)
             }
             // Boxed: the plain path's future stays the planes' size.
-            (Client::Plain(client), BackendStream::Tls(backend)) => {
+            (Client::Plain(client), BackendStream::Tls(backend), _) => {
                 let tunnel = StreamTunnel { client, backend, to_backend, to_client, idle_timeout, drain };
                 Box::pin(self.relay_stream(tunnel)).await
             }
-            (Client::Tls(client), BackendStream::Plain(backend)) if self.shared.planes.ktls.is_some() => {
+            (Client::Tls(client), BackendStream::Plain(backend), true) => {
                 let tunnel = StreamTunnel { client, backend, to_backend, to_client, idle_timeout, drain };
                 Box::pin(self.relay_ktls(tunnel)).await
             }
-            (Client::Tls(client), backend) => {
+            (Client::Tls(client), backend, _) => {
                 let tunnel = StreamTunnel { client, backend, to_backend, to_client, idle_timeout, drain };
                 Box::pin(self.relay_stream(tunnel)).await
             }

@@ -703,15 +703,28 @@ impl DataPlanes {
     /// Each time a tunnel moves, `on_move` hears from where to where and
     /// why, in order, as it happens (the caller counts them; the data
     /// planes report to no one else).
-    pub async fn relay(&self, mut t: Tunnel, on_move: impl FnMut(&Move) + Send) -> Relayed {
+    ///
+    /// Not an `async fn`: the first plane's (boxed) future is made here, so
+    /// the future returned keeps that box, not the tunnel a second time
+    /// beside it (an async fn keeps its arguments for its whole life).
+    pub fn relay<'a>(
+        &'a self,
+        mut t: Tunnel,
+        on_move: impl FnMut(&Move) + Send + 'a,
+    ) -> impl Future<Output = Relayed> + Send + 'a {
         let first = &self.chain[0];
         t.promote = self.promotion.as_ref().map(|p| p.policy);
-        let moved = match first.relay(t).await {
-            Ok(outcome) => return Relayed { mode: first.mode(), outcome, legs: Legs::default() },
-            // Boxed: the rare path's state stays out of every tunnel's task.
-            Err(rejected) => Box::pin(self.move_on(first, rejected, on_move)),
-        };
-        moved.await
+        let relaying = first.relay(t);
+        async move {
+            // Not awaited inside the match: its scrutinee (the whole
+            // Result) would be kept across that await.
+            let moved = match relaying.await {
+                Ok(outcome) => return Relayed { mode: first.mode(), outcome, legs: Legs::default() },
+                // Boxed: the rare path's state stays out of every tunnel's task.
+                Err(rejected) => Box::pin(self.move_on(first, rejected, on_move)),
+            };
+            moved.await
+        }
     }
 
     /// The plane a tunnel `from` handed back for `cause` goes to next:
@@ -835,8 +848,10 @@ mod tests {
         let planes =
             DataPlanes { chain: vec![plane], promotion: None, stream: stream::StreamRelay::new(4096), ktls: None };
         let relay = planes.relay(t, |_| {});
-        // The tunnel moved in (it is given back on refusal) and a box.
-        let inline_state = std::mem::size_of::<Tunnel>() + 64;
+        // The box of the first plane's future (which took the tunnel) and
+        // the caller's closure: not the tunnel itself (it was kept beside
+        // the box before, 264 B).
+        let inline_state = 64;
         assert!(
             std::mem::size_of_val(&relay) <= inline_state,
             "DataPlanes::relay future is {} bytes (at most {inline_state} expected)",
