@@ -38,6 +38,7 @@ pub mod kernel;
 pub mod sys;
 pub mod tunnel;
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -144,8 +145,11 @@ impl DataPlane for SockmapPlane {
 
     /// Relays `t` in the kernel until it ends; hands it back when its
     /// sockets cannot join the sockmap, or when it steps aside.
-    async fn relay(&self, t: Tunnel) -> Result<Outcome, Rejected> {
-        tunnel::relay(&self.kernel, &self.shared, t).await
+    ///
+    /// [`tunnel::relay`]'s future itself, not an `async fn` around it,
+    /// which would keep room for `t` beside it for the tunnel's life.
+    fn relay(&self, t: Tunnel) -> impl Future<Output = Result<Outcome, Rejected>> + Send {
+        tunnel::relay(&self.kernel, &self.shared, t)
     }
 
     /// Bytes relayed by all tunnels so far: the per-CPU counters of the

@@ -27,6 +27,7 @@ mod pace;
 mod step_aside;
 mod watch;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -75,53 +76,56 @@ pub struct Shared {
 /// delivered and nothing else), and when it stepped aside: then out of the
 /// maps, with what userspace still holds as leftovers and the bytes this
 /// plane relayed in [`Rejected::relayed`].
-pub async fn relay(kernel: &Kernel, shared: &Shared, t: Tunnel) -> Result<Outcome, Rejected> {
+///
+/// Not an `async fn`: a coroutine keeps room for each of its arguments
+/// for its whole life, even once moved out, and `t` would stay there
+/// beside the watch of every idle tunnel. The handoff takes `t` here.
+pub fn relay<'k>(
+    kernel: &'k Kernel,
+    shared: &'k Shared,
+    t: Tunnel,
+) -> impl Future<Output = Result<Outcome, Rejected>> + Send + 'k {
     let limits = shared.limits;
-    // Boxed: the handoff's state (leftover writes, refusal paths) is freed
-    // before the watch, which is what stays for the tunnel's life.
-    let Handed { mut members, mut up, mut down, signal, sockets, idle_timeout, drain } =
-        match Box::pin(handoff(kernel, limits, [&shared.user.to_backend, &shared.user.to_client], t)).await? {
+    // Boxed: the handoff's state (the tunnel, leftover writes, refusal
+    // paths) is freed before the watch, which is what stays for the
+    // tunnel's life.
+    let handoff = Box::pin(handoff(kernel, limits, [&shared.user.to_backend, &shared.user.to_client], t));
+    async move {
+        let Handed { mut members, mut up, mut down, signal, sockets, idle_timeout, drain } = match handoff.await? {
             Handoff::Ended(outcome) => return Ok(outcome),
             Handoff::Watch(handed) => handed,
         };
-    let mut share = HeldShare::new(&shared.node);
-    let watch = Watch {
-        kernel,
-        limits,
-        node: &shared.node,
-        signal: &signal,
-        idle_timeout,
-        drain: &drain,
-        cookies: members.cookies,
-    };
-    let reason = match watch.run(&mut up, &mut down, &mut share).await {
-        Ended::Closed(reason) => reason,
-        Ended::StepAside(why) => match Box::pin(leave(&mut members, &mut up, &mut down)).await {
-            Ok(()) => {
-                shared.step_asides.handed_over.fetch_add(1, Ordering::Relaxed);
-                drop(share);
-                return hand_over(members, up, down, sockets, idle_timeout, drain, why);
+        let mut share = HeldShare::new(&shared.node);
+        let watch = Watch { kernel, limits, node: &shared.node, signal: &signal, idle_timeout, drain: &drain };
+        let reason = match watch.run(&mut up, &mut down, &mut share).await {
+            Ended::Closed(reason) => reason,
+            Ended::StepAside(why) => match Box::pin(leave(&mut members, &mut up, &mut down)).await {
+                Ok(()) => {
+                    shared.step_asides.handed_over.fetch_add(1, Ordering::Relaxed);
+                    drop(share);
+                    return hand_over(members, up, down, sockets, idle_timeout, drain, why);
+                }
+                Err(e) => {
+                    shared.step_asides.reset.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("sockmap: stepping aside failed, resetting the tunnel: {e}");
+                    CloseReason::Error
+                }
+            },
+        };
+        drop(share);
+        // The last counts, before the entries go (a direction that passed FIN
+        // on had its last count read then: the verdict had seen every byte).
+        for d in [&mut up, &mut down] {
+            if !d.done() {
+                d.redirected = kernel.peer(d.src_cookie).bytes;
             }
-            Err(e) => {
-                shared.step_asides.reset.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("sockmap: stepping aside failed, resetting the tunnel: {e}");
-                CloseReason::Error
-            }
-        },
-    };
-    drop(share);
-    // The last counts, before the entries go (a direction that passed FIN
-    // on had its last count read then: the verdict had seen every byte).
-    for d in [&mut up, &mut down] {
-        if !d.done() {
-            d.redirected = kernel.peer(d.src_cookie).bytes;
         }
+        let outcome = ended(&up, &down, reason);
+        members.closing = true;
+        members.end(reason);
+        drop(sockets);
+        Ok(outcome)
     }
-    let outcome = ended(&up, &down, reason);
-    members.closing = true;
-    members.end(reason);
-    drop(sockets);
-    Ok(outcome)
 }
 
 /// A tunnel that stepped aside and left the maps ([`leave`]) goes back to

@@ -12,6 +12,7 @@
 //! in between: a tunnel that carries a few small messages and closes is
 //! looked at once per FIN.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use super::super::kernel::{Kernel, Signal};
@@ -39,8 +40,6 @@ pub(super) struct Watch<'w> {
     pub signal: &'w Signal,
     pub idle_timeout: Duration,
     pub drain: &'w tokio_util::sync::CancellationToken,
-    /// Client, backend: also the epoll tokens.
-    pub cookies: [u64; 2],
 }
 
 /// What each socket (client, backend) is armed for.
@@ -118,64 +117,77 @@ impl Woke {
     }
 }
 
-impl Watch<'_> {
+impl<'w> Watch<'w> {
     /// Watches the tunnel until it ends or settles to step aside.
-    pub async fn run<'a>(&self, up: &mut Dir<'a>, down: &mut Dir<'a>, share: &mut HeldShare<'_>) -> Ended {
-        let mut pace = Pace::new(Instant::now());
-        // Why the tunnel steps aside, once it began to (out of `ACTIVE`).
-        let mut leaving: Option<&'static str> = None;
-        let mut armed = Armed::registered();
-        // Nothing to look at before the first wake: the handoff left both
-        // directions as it counted them and kicked both sources; a FIN or
-        // an error that came meanwhile was reported (the sockets are armed
-        // for them from their registration), bytes redirected meanwhile by
-        // the ring buffer.
-        let mut woke = None;
-        loop {
-            if let Some(woke) = woke {
-                if let Some(ended) = self.look(up, down, share, &mut pace, &mut leaving, woke) {
-                    return ended;
-                }
-            }
-            pace.judge_readiness(progress(up, down));
-            let now = Instant::now();
-            let Some(idle_deadline) = pace.idle_deadline(now, self.idle_timeout, || activity_sign(up, down)) else {
-                return Ended::Closed(CloseReason::Idle);
-            };
-            let held = up.in_kernel.max(down.in_kernel);
-            let pending = Pending::of(leaving.is_some(), up.closing() || down.closing(), held, self.limits.budget);
-            let wait = pace.wait(pending, idle_deadline, now);
-            let copy_armed = match self.arm(up, down, pace.copy_ready(), &mut armed) {
-                Ok(copy_armed) => copy_armed,
-                Err(e) => {
-                    tracing::warn!("sockmap: epoll: {e}");
-                    return Ended::Closed(CloseReason::Error);
-                }
-            };
-            let before = progress(up, down);
-
-            woke = Some(tokio::select! {
-                biased;
-                _ = self.drain.cancelled() => return Ended::Closed(CloseReason::Drain),
-                _ = self.node.crossed.notified() => {
-                    pace.changed();
-                    Woke::Crossed
-                }
-                _ = self.signal.notify.notified() => {
-                    if let Some(ended) = self.reports(up, down, &mut armed) {
+    ///
+    /// Not an `async fn`: its future, which stays for the tunnel's life,
+    /// would keep its arguments twice (as given, and moved into its body).
+    #[expect(clippy::manual_async_fn, reason = "an async fn's future keeps its arguments twice")]
+    pub fn run<'r, 'a, 's>(
+        self,
+        up: &'r mut Dir<'a>,
+        down: &'r mut Dir<'a>,
+        share: &'r mut HeldShare<'s>,
+    ) -> impl Future<Output = Ended> + Send + use<'r, 'w, 'a, 's> {
+        async move {
+            let mut pace = Pace::new(Instant::now());
+            // Why the tunnel steps aside, once it began to (out of `ACTIVE`).
+            let mut leaving: Option<&'static str> = None;
+            let mut armed = Armed::registered();
+            // Nothing to look at before the first wake: the handoff left both
+            // directions as it counted them and kicked both sources; a FIN or
+            // an error that came meanwhile was reported (the sockets are armed
+            // for them from their registration), bytes redirected meanwhile by
+            // the ring buffer.
+            let mut woke = None;
+            loop {
+                if let Some(woke) = woke {
+                    if let Some(ended) = self.look(up, down, share, &mut pace, &mut leaving, woke) {
                         return ended;
                     }
-                    pace.reported(copy_armed, before);
-                    Woke::Reports { budget: [self.signal.take_budget(0), self.signal.take_budget(1)] }
                 }
-                _ = tokio::time::sleep(wait) => {
-                    pace.timer();
-                    Woke::Timer
-                }
-            });
+                pace.judge_readiness(progress(up, down));
+                let now = Instant::now();
+                let Some(idle_deadline) = pace.idle_deadline(now, self.idle_timeout, || activity_sign(up, down)) else {
+                    return Ended::Closed(CloseReason::Idle);
+                };
+                let held = up.in_kernel.max(down.in_kernel);
+                let pending = Pending::of(leaving.is_some(), up.closing() || down.closing(), held, self.limits.budget);
+                let wait = pace.wait(pending, idle_deadline, now);
+                let copy_armed = match self.arm(up, down, pace.copy_ready(), &mut armed) {
+                    Ok(copy_armed) => copy_armed,
+                    Err(e) => {
+                        tracing::warn!("sockmap: epoll: {e}");
+                        return Ended::Closed(CloseReason::Error);
+                    }
+                };
+                let before = progress(up, down);
+
+                woke = Some(tokio::select! {
+                    biased;
+                    _ = self.drain.cancelled() => return Ended::Closed(CloseReason::Drain),
+                    _ = self.node.crossed.notified() => {
+                        pace.changed();
+                        Woke::Crossed
+                    }
+                    _ = self.signal.notify.notified() => {
+                        if let Some(ended) = self.reports(up, down, &mut armed) {
+                            return ended;
+                        }
+                        pace.reported(copy_armed, before);
+                        Woke::Reports { budget: [self.signal.take_budget(0), self.signal.take_budget(1)] }
+                    }
+                    _ = tokio::time::sleep(wait) => {
+                        pace.timer();
+                        Woke::Timer
+                    }
+                });
+            }
         }
     }
+}
 
+impl Watch<'_> {
     /// One look at both directions: queues, FINs and progress, the node's
     /// share, then stepping aside. Some(how) when the watch ends.
     fn look<'a>(
@@ -227,9 +239,10 @@ impl Watch<'_> {
         let over = self.node.over();
         let tail_max = |d: &Dir<'_>| self.limits.tail_max(over, d.in_kernel);
         let want = [interest(up, down, copy_ready, tail_max(up)), interest(down, up, copy_ready, tail_max(down))];
-        for (side, src) in [up.src, down.src].into_iter().enumerate() {
+        for (side, d) in [up, down].into_iter().enumerate() {
             if armed.needs(side, want[side]) {
-                self.kernel.arm(self.cookies[side], src, want[side])?;
+                // A source's cookie is also its epoll token.
+                self.kernel.arm(d.src_cookie, d.src, want[side])?;
                 armed.events[side] = Some(want[side]);
             }
         }
