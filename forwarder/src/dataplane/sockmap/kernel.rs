@@ -4,33 +4,67 @@
 //! attached once.
 
 use std::collections::HashMap as StdHashMap;
+use std::future::Future;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::thread::JoinHandle;
 
 use aya::maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::Pod;
 use aya::{Ebpf, EbpfLoader};
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use upsplice_common::{names, Control, PeerEntry, Stats};
 
 use crate::dataplane::PlaneError;
 
 /// What wakes one tunnel: the events thread records socket events here
-/// (per side: 0 client, 1 backend) and notifies; so do ring-buffer events
+/// (per side: 0 client, 1 backend) and wakes it; so do ring-buffer events
 /// (the direction from that side moved another budget of bytes, or broke).
+///
+/// A flag and a waker rather than a `Notify`: a tunnel's task is the only
+/// one that waits, and its wait ([`Signal::woken`]) stays in the future of
+/// every idle tunnel (8 bytes here, 64 for a `Notified`).
 #[derive(Debug, Default)]
 pub struct Signal {
-    pub notify: Notify,
+    /// The tunnel's task, while it waits.
+    waker: AtomicWaker,
+    /// Woken since the last wait took it: kept until the next wait when
+    /// the task is not waiting (as a `Notify` keeps a permit).
+    woken: AtomicBool,
     events: [AtomicU32; 2],
     budget: [AtomicBool; 2],
 }
 
 impl Signal {
+    /// Wakes the tunnel's task, or its next wait.
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Completes once the events thread woke the tunnel since the last
+    /// time this completed. Dropped unfinished, it leaves a wake for the
+    /// next one.
+    pub fn woken(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.woken.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A wake between the check and the registration found no waker.
+            if self.woken.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
     /// The epoll bits reported for `side` since the last call.
     pub fn take(&self, side: usize) -> u32 {
         self.events[side].swap(0, Ordering::AcqRel)
@@ -358,13 +392,42 @@ fn read_events(mut events: RingBuf<MapData>, epoll: &OwnedFd, registry: &Registr
                     let found = lock(registry).get(&u64::from_ne_bytes(bytes)).cloned();
                     if let Some((signal, side)) = found {
                         signal.budget[side].store(true, Ordering::Release);
-                        signal.notify.notify_one();
+                        signal.wake();
                     }
                 }
             } else if let Some((signal, side)) = lock(registry).get(&token).cloned() {
                 signal.events[side].fetch_or(bits, Ordering::AcqRel);
-                signal.notify.notify_one();
+                signal.wake();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use super::Signal;
+
+    #[test]
+    fn a_wake_reaches_the_wait_or_the_next_one_once() {
+        let signal = Signal::default();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(pin!(signal.woken()).poll(&mut cx), Poll::Pending, "nothing yet");
+        signal.wake();
+        {
+            // A wait dropped before it was polled leaves the wake.
+            let _unpolled = signal.woken();
+        }
+        assert_eq!(pin!(signal.woken()).poll(&mut cx), Poll::Ready(()), "kept for the next wait");
+        assert_eq!(pin!(signal.woken()).poll(&mut cx), Poll::Pending, "taken once");
+        let mut waiting = pin!(signal.woken());
+        assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Pending);
+        signal.wake();
+        signal.wake();
+        assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Ready(()), "woken while waiting");
+        assert_eq!(pin!(signal.woken()).poll(&mut cx), Poll::Pending, "two wakes, one wait");
     }
 }

@@ -170,7 +170,7 @@ impl<'w> Watch<'w> {
                         pace.changed();
                         Woke::Crossed
                     }
-                    _ = self.signal.notify.notified() => {
+                    _ = self.signal.woken() => {
                         if let Some(ended) = self.reports(up, down, &mut armed) {
                             return ended;
                         }
