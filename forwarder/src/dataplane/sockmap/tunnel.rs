@@ -85,18 +85,17 @@ pub fn relay<'k>(
     shared: &'k Shared,
     t: Tunnel,
 ) -> impl Future<Output = Result<Outcome, Rejected>> + Send + 'k {
-    let limits = shared.limits;
     // Boxed: the handoff's state (the tunnel, leftover writes, refusal
     // paths) is freed before the watch, which is what stays for the
     // tunnel's life.
-    let handoff = Box::pin(handoff(kernel, limits, [&shared.user.to_backend, &shared.user.to_client], t));
+    let handoff = Box::pin(handoff(kernel, shared.limits, [&shared.user.to_backend, &shared.user.to_client], t));
     async move {
         let Handed { mut members, mut up, mut down, signal, sockets, idle_timeout, drain } = match handoff.await? {
             Handoff::Ended(outcome) => return Ok(outcome),
             Handoff::Watch(handed) => handed,
         };
         let mut share = HeldShare::new(&shared.node);
-        let watch = Watch { kernel, limits, node: &shared.node, signal: &signal, idle_timeout, drain: &drain };
+        let watch = Watch { kernel, shared, signal: &signal, idle_timeout, drain: &drain };
         let reason = match watch.run(&mut up, &mut down, &mut share).await {
             Ended::Closed(reason) => reason,
             Ended::StepAside(why) => match Box::pin(leave(&mut members, &mut up, &mut down)).await {

@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 
 use super::super::kernel::{Kernel, Signal};
 use super::super::sys;
-use super::bounds::{HeldShare, Limits, NodeHeld};
+use super::bounds::HeldShare;
 use super::carry::{check, Failed, Reads};
 use super::direction::{interest, Dir};
 use super::pace::{Pace, Pending, Sign};
 use super::step_aside::step_aside;
+use super::Shared;
 use crate::dataplane::{CloseReason, Direction};
 
 /// How the watch of a tunnel ended.
@@ -35,8 +36,8 @@ pub(super) enum Ended {
 /// What the watching of one tunnel needs besides its two directions.
 pub(super) struct Watch<'w> {
     pub kernel: &'w Kernel,
-    pub limits: Limits,
-    pub node: &'w NodeHeld,
+    /// The bounds and the node's total.
+    pub shared: &'w Shared,
     pub signal: &'w Signal,
     pub idle_timeout: Duration,
     pub drain: &'w tokio_util::sync::CancellationToken,
@@ -152,7 +153,8 @@ impl<'w> Watch<'w> {
                     return Ended::Closed(CloseReason::Idle);
                 };
                 let held = up.in_kernel.max(down.in_kernel);
-                let pending = Pending::of(leaving.is_some(), up.closing() || down.closing(), held, self.limits.budget);
+                let pending =
+                    Pending::of(leaving.is_some(), up.closing() || down.closing(), held, self.shared.limits.budget);
                 let wait = pace.wait(pending, idle_deadline, now);
                 let copy_armed = match self.arm(up, down, pace.copy_ready(), &mut armed) {
                     Ok(copy_armed) => copy_armed,
@@ -166,7 +168,7 @@ impl<'w> Watch<'w> {
                 woke = Some(tokio::select! {
                     biased;
                     _ = self.drain.cancelled() => return Ended::Closed(CloseReason::Drain),
-                    _ = self.node.crossed.notified() => {
+                    _ = self.shared.node.crossed.notified() => {
                         pace.changed();
                         Woke::Crossed
                     }
@@ -203,7 +205,7 @@ impl Watch<'_> {
             [(&mut *up, Direction::ToBackend), (&mut *down, Direction::ToClient)].into_iter().enumerate()
         {
             let reads = woke.reads(side, dir);
-            match check(self.kernel, self.limits, self.node.over(), dir, reads) {
+            match check(self.kernel, self.shared.limits, self.shared.node.over(), dir, reads) {
                 Ok(true) => pace.moved(Instant::now()),
                 Ok(false) => {}
                 Err(failed) => {
@@ -220,7 +222,7 @@ impl Watch<'_> {
         if up.done() && down.done() {
             return Some(Ended::Closed(CloseReason::Done));
         }
-        match step_aside(self.kernel, self.limits, self.node.over(), up, down, leaving) {
+        match step_aside(self.kernel, self.shared.limits, self.shared.node.over(), up, down, leaving) {
             Ok(Some(why)) => Some(Ended::StepAside(why)),
             Ok(None) => None,
             Err(e) => {
@@ -236,8 +238,8 @@ impl Watch<'_> {
     /// readiness led to progress (`copy_ready`). Ok(true) when a socket is
     /// armed for readiness.
     fn arm(&self, up: &Dir<'_>, down: &Dir<'_>, copy_ready: bool, armed: &mut Armed) -> std::io::Result<bool> {
-        let over = self.node.over();
-        let tail_max = |d: &Dir<'_>| self.limits.tail_max(over, d.in_kernel);
+        let over = self.shared.node.over();
+        let tail_max = |d: &Dir<'_>| self.shared.limits.tail_max(over, d.in_kernel);
         let want = [interest(up, down, copy_ready, tail_max(up)), interest(down, up, copy_ready, tail_max(down))];
         for (side, d) in [up, down].into_iter().enumerate() {
             if armed.needs(side, want[side]) {
