@@ -153,8 +153,8 @@ fn hand_over(
     let tunnel = Tunnel {
         client,
         backend,
-        to_backend: std::mem::take(&mut up.tail).freeze(),
-        to_client: std::mem::take(&mut down.tail).freeze(),
+        to_backend: up.take_tail().freeze(),
+        to_client: down.take_tail().freeze(),
         idle_timeout,
         drain,
         promote: None,

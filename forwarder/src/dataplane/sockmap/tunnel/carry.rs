@@ -116,14 +116,14 @@ pub(super) fn check(
         let changed = forward_tail(kernel, tail_max, d)?;
         tracing::trace!(
             redirected = d.redirected,
-            drained = d.drained,
-            copied = d.copied,
-            tail = d.tail.len(),
+            drained = d.drained(),
+            copied = d.copied(),
+            tail = d.tail().len(),
             in_kernel = d.in_kernel,
             "sockmap: forwarding"
         );
         if d.fin_pending() && flushed(d).map_err(Failed::Dst)? {
-            tracing::debug!(src = d.src, drained = d.drained, "sockmap: FIN passed on (out of ACTIVE)");
+            tracing::debug!(src = d.src, drained = d.drained(), "sockmap: FIN passed on (out of ACTIVE)");
             return pass_fin(d);
         }
         return Ok(changed);
@@ -191,15 +191,16 @@ fn forward_tail(kernel: &Kernel, tail_max: u64, d: &mut Dir<'_>) -> Result<bool,
             match sys::recv_now(d.src, &mut buf[..room]) {
                 Ok(0) => {
                     if !d.eof {
-                        tracing::debug!(src = d.src, drained = d.drained, "sockmap: FIN seen (read)");
+                        tracing::debug!(src = d.src, drained = d.drained(), "sockmap: FIN seen (read)");
                     }
-                    d.drained_eof = true;
+                    d.carried_mut().drained_eof = true;
                     d.eof = true;
                     moved = true;
                 }
                 Ok(n) => {
-                    d.tail.extend_from_slice(&buf[..n]);
-                    d.drained += n as u64;
+                    let carried = d.carried_mut();
+                    carried.tail.extend_from_slice(&buf[..n]);
+                    carried.drained += n as u64;
                     read_now = n;
                     moved = true;
                 }
@@ -208,16 +209,19 @@ fn forward_tail(kernel: &Kernel, tail_max: u64, d: &mut Dir<'_>) -> Result<bool,
             }
         }
         let mut wrote_now = 0;
-        if !d.tail.is_empty() {
+        if !d.tail().is_empty() {
             d.redirected = kernel.peer(d.src_cookie).bytes;
-            d.awaiting_flush = !flushed(d).map_err(Failed::Dst)?;
-            if !d.awaiting_flush {
-                match sys::send_now(d.dst, &d.tail) {
+            let awaiting_flush = !flushed(d).map_err(Failed::Dst)?;
+            let (dst, user_total) = (d.dst, d.user_total);
+            let carried = d.carried_mut();
+            carried.awaiting_flush = awaiting_flush;
+            if !awaiting_flush {
+                match sys::send_now(dst, &carried.tail) {
                     Ok(n) => {
-                        d.tail.advance(n);
-                        d.copied += n as u64;
+                        carried.tail.advance(n);
+                        carried.copied += n as u64;
                         written += n as u64;
-                        d.user_total.fetch_add(n as u64, Ordering::Relaxed);
+                        user_total.fetch_add(n as u64, Ordering::Relaxed);
                         wrote_now = n;
                         moved = true;
                     }
@@ -230,9 +234,9 @@ fn forward_tail(kernel: &Kernel, tail_max: u64, d: &mut Dir<'_>) -> Result<bool,
             break;
         }
     }
-    if d.tail.is_empty() && d.tail.capacity() > 0 {
+    if let Some(carried) = d.carried.as_mut().filter(|c| c.tail.is_empty() && c.tail.capacity() > 0) {
         // Nothing held: give the buffer back (an idle tunnel holds none).
-        d.tail = BytesMut::new();
+        carried.tail = BytesMut::new();
     }
     Ok(moved)
 }

@@ -67,14 +67,6 @@ pub(super) struct Dir<'a> {
     pub leftover: u64,
     /// Bytes the verdict redirected from `src`, as last read.
     pub redirected: u64,
-    /// Bytes userspace read from `src`'s receive queue after it left
-    /// `ACTIVE` (the verdict never saw them).
-    pub drained: u64,
-    /// A read from `src`, out of `ACTIVE`, returned 0: every byte before its
-    /// FIN was read.
-    pub drained_eof: bool,
-    /// Of `drained`, bytes userspace wrote to `dst`.
-    pub copied: u64,
     /// Bytes of `src` consumed (read or verdicted) when the handoff began:
     /// leaving the maps checks that the kernel consumed nothing since that
     /// this tunnel did not account for.
@@ -86,6 +78,23 @@ pub(super) struct Dir<'a> {
     pub phase: Phase,
     /// `src` sent FIN.
     pub eof: bool,
+    /// What userspace carried once `src` left `ACTIVE`; None until then.
+    pub carried: Option<Box<Carried>>,
+}
+
+/// What userspace carries of a direction whose source left `ACTIVE`.
+/// Boxed in [`Dir`], and only once used: most tunnels never step aside,
+/// and a `Dir` stays in every idle tunnel's relay future.
+#[derive(Debug, Default)]
+pub(super) struct Carried {
+    /// Bytes userspace read from `src`'s receive queue after it left
+    /// `ACTIVE` (the verdict never saw them).
+    pub drained: u64,
+    /// A read from `src`, out of `ACTIVE`, returned 0: every byte before its
+    /// FIN was read.
+    pub drained_eof: bool,
+    /// Of `drained`, bytes userspace wrote to `dst`.
+    pub copied: u64,
     /// Bytes read from `src` by userspace, not written to `dst` yet.
     pub tail: BytesMut,
     /// `tail` waits for redirected bytes to leave the psock queue (polled
@@ -103,30 +112,61 @@ impl<'a> Dir<'a> {
             base: 0,
             leftover: 0,
             redirected: 0,
-            drained: 0,
-            drained_eof: false,
-            copied: 0,
             consumed_base: 0,
             in_kernel: 0,
             notify_at: budget,
             phase: Phase::Active,
             eof: false,
-            tail: BytesMut::new(),
-            awaiting_flush: false,
+            carried: None,
         }
     }
 }
 
 impl Dir<'_> {
+    /// What userspace carried, created on first use.
+    pub fn carried_mut(&mut self) -> &mut Carried {
+        self.carried.get_or_insert_with(Box::default)
+    }
+
+    /// [`Carried::drained`], 0 before anything was carried.
+    pub fn drained(&self) -> u64 {
+        self.carried.as_ref().map_or(0, |c| c.drained)
+    }
+
+    /// [`Carried::drained_eof`].
+    pub fn drained_eof(&self) -> bool {
+        self.carried.as_ref().is_some_and(|c| c.drained_eof)
+    }
+
+    /// [`Carried::copied`].
+    pub fn copied(&self) -> u64 {
+        self.carried.as_ref().map_or(0, |c| c.copied)
+    }
+
+    /// [`Carried::tail`], empty before anything was carried.
+    pub fn tail(&self) -> &[u8] {
+        self.carried.as_ref().map_or(&[], |c| &c.tail[..])
+    }
+
+    /// [`Carried::awaiting_flush`].
+    pub fn awaiting_flush(&self) -> bool {
+        self.carried.as_ref().is_some_and(|c| c.awaiting_flush)
+    }
+
+    /// Takes the tail, for the next plane to deliver first.
+    pub fn take_tail(&mut self) -> BytesMut {
+        self.carried.as_mut().map(|c| std::mem::take(&mut c.tail)).unwrap_or_default()
+    }
+
     /// Bytes this direction relayed: leftovers, redirected, copied.
     pub fn moved(&self) -> u64 {
-        self.leftover + self.redirected + self.copied
+        self.leftover + self.redirected + self.copied()
     }
 
     /// Bytes `dst`'s send queue must have taken in before userspace writes
     /// or shuts it: its base and every byte redirected or copied since.
     fn owed(&self, redirected: u64) -> u64 {
-        self.base + redirected + self.copied
+        self.base + redirected + self.copied()
     }
 
     /// Bytes written to `dst` since the handoff (by the kernel or by
@@ -187,7 +227,7 @@ impl Dir<'_> {
     /// arrive, FIN after them).
     pub fn fin_pending(&self) -> bool {
         match self.phase {
-            Phase::Copying => self.drained_eof && self.tail.is_empty(),
+            Phase::Copying => self.drained_eof() && self.tail().is_empty(),
             Phase::Active | Phase::Quiescing { .. } => self.eof,
             Phase::Done => false,
         }
@@ -247,26 +287,26 @@ impl Dir<'_> {
     /// in the kernel until acknowledged: they count against `tail_max`),
     /// in reads of `chunk` at most. 0 once a read returned FIN.
     pub fn read_room(&self, tail_max: u64, written: u64, chunk: usize) -> usize {
-        if self.drained_eof {
+        if self.drained_eof() {
             return 0;
         }
-        (tail_max.saturating_sub(written) as usize).saturating_sub(self.tail.len()).min(chunk)
+        (tail_max.saturating_sub(written) as usize).saturating_sub(self.tail().len()).min(chunk)
     }
 
     /// Copying in userspace and waiting for its source to have bytes.
     pub fn waits_for_source(&self, tail_max: u64) -> bool {
-        self.copying() && !self.eof && (self.tail.len() as u64) < tail_max
+        self.copying() && !self.eof && (self.tail().len() as u64) < tail_max
     }
 
     /// Copying in userspace and waiting for room in its destination.
     pub fn waits_for_destination(&self) -> bool {
-        self.copying() && !self.awaiting_flush && !self.tail.is_empty()
+        self.copying() && !self.awaiting_flush() && !self.tail().is_empty()
     }
 
     /// Bytes this direction holds: in the kernel (redirected or written and
     /// not acknowledged) and in userspace.
     pub fn held(&self) -> u64 {
-        self.in_kernel + self.tail.len() as u64
+        self.in_kernel + self.tail().len() as u64
     }
 }
 
@@ -322,7 +362,7 @@ mod tests {
         let mut d = dir(&total);
         d.base = 100;
         d.redirected = 50;
-        d.copied = 7;
+        d.carried_mut().copied = 7;
         assert!(!d.flushed_at(156));
         assert!(d.flushed_at(157));
         assert_eq!(d.in_kernel(150), 7);
@@ -370,10 +410,10 @@ mod tests {
         assert!(d.fin_pending());
         d.phase = Phase::Copying;
         assert!(!d.fin_pending(), "copying: epoll's FIN may precede queued bytes");
-        d.drained_eof = true;
-        d.tail.extend_from_slice(b"rest");
+        d.carried_mut().drained_eof = true;
+        d.carried_mut().tail.extend_from_slice(b"rest");
         assert!(!d.fin_pending(), "the tail goes first");
-        d.tail.clear();
+        d.carried_mut().tail.clear();
         assert!(d.fin_pending());
         d.phase = Phase::Done;
         assert!(!d.fin_pending());
@@ -462,12 +502,12 @@ mod tests {
         assert_eq!(d.read_room(1_000_000, 0, 65_536), 65_536, "one chunk at most");
         assert_eq!(d.read_room(1_000, 0, 65_536), 1_000);
         assert_eq!(d.read_room(1_000, 400, 65_536), 600, "written bytes count");
-        d.tail.extend_from_slice(&[0; 500]);
+        d.carried_mut().tail.extend_from_slice(&[0; 500]);
         assert_eq!(d.read_room(1_000, 400, 65_536), 100);
         assert_eq!(d.read_room(1_000, 600, 65_536), 0);
         assert_eq!(d.read_room(100, 600, 65_536), 0, "never below zero");
-        d.tail.clear();
-        d.drained_eof = true;
+        d.carried_mut().tail.clear();
+        d.carried_mut().drained_eof = true;
         assert_eq!(d.read_room(1_000_000, 0, 65_536), 0, "nothing after FIN");
     }
 
@@ -481,13 +521,13 @@ mod tests {
         up.phase = Phase::Copying;
         assert_eq!(interest(&up, &down, true, 1_000), rdhup | rd, "copying: the source's bytes");
         assert_eq!(interest(&up, &down, false, 1_000), rdhup, "the last readiness moved nothing");
-        up.tail.extend_from_slice(&[0; 1_000]);
+        up.carried_mut().tail.extend_from_slice(&[0; 1_000]);
         assert_eq!(interest(&up, &down, true, 1_000), rdhup, "the tail is full");
         assert_eq!(interest(&down, &up, true, 1_000), rdhup | wr, "the tail waits for room");
-        up.awaiting_flush = true;
+        up.carried_mut().awaiting_flush = true;
         assert_eq!(interest(&down, &up, true, 1_000), rdhup, "the tail waits for the psock, not the socket");
         up.eof = true;
-        up.tail.clear();
+        up.carried_mut().tail.clear();
         assert_eq!(interest(&up, &down, true, 1_000), 0, "FIN seen: nothing more to read");
     }
 
@@ -496,7 +536,7 @@ mod tests {
         let total = AtomicU64::new(0);
         let mut d = dir(&total);
         d.in_kernel = 10;
-        d.tail.extend_from_slice(b"abc");
+        d.carried_mut().tail.extend_from_slice(b"abc");
         assert_eq!(d.held(), 13);
         assert!(!d.left_active());
         d.phase = Phase::Copying;

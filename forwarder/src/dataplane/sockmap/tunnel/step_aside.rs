@@ -156,7 +156,8 @@ pub(super) async fn leave<'a>(
             if Instant::now() >= deadline {
                 return Err(format!(
                     "redirected bytes still in the kernel after {LEAVE_MAX:?} (redirected {}, copied {})",
-                    d.redirected, d.copied
+                    d.redirected,
+                    d.copied()
                 ));
             }
             tokio::time::sleep(TICK_MIN).await;
@@ -166,7 +167,7 @@ pub(super) async fn leave<'a>(
     members.leave();
     for (d, trimmed) in [&*up, &*down].into_iter().zip(trimmed) {
         let consumed = sys::consumed(d.src).map_err(|e| format!("TCP counters: {e}"))?;
-        let accounted = d.consumed_base + d.redirected + d.drained;
+        let accounted = d.consumed_base + d.redirected + d.drained();
         if consumed != accounted {
             let state = sys::tcp_counters(d.src).map(|c| sys::tcp_state_name(c.state));
             return Err(format!(
@@ -175,7 +176,7 @@ pub(super) async fn leave<'a>(
                  source {}, FIN seen {}, destination's FIN sent {})",
                 d.consumed_base,
                 d.redirected,
-                d.drained,
+                d.drained(),
                 state.unwrap_or_else(|e| e.to_string()),
                 d.eof,
                 [&*up, &*down].iter().any(|o| o.dst == d.src && o.done()),

@@ -85,7 +85,7 @@ impl Report {
 
 /// Bytes userspace moved or holds, both ways: did a readiness report help?
 fn progress(up: &Dir<'_>, down: &Dir<'_>) -> u64 {
-    up.copied + down.copied + up.drained + down.drained
+    up.copied() + down.copied() + up.drained() + down.drained()
 }
 
 /// What idleness is measured on: bytes moved and acknowledged either way.
