@@ -62,6 +62,28 @@ where
     });
 }
 
+/// Opens `n` tunnels on `plane`, each carrying one `size`-byte message
+/// each way (checked), then left open and quiet: their ends and relays.
+async fn open_after_one_message(
+    plane: &std::sync::Arc<UringPlane>,
+    n: usize,
+    size: usize,
+) -> (Vec<(TcpStream, TcpStream)>, Vec<tokio::task::JoinHandle<Outcome>>) {
+    let mut ends = Vec::new();
+    let mut relays = Vec::new();
+    for _ in 0..n {
+        let (mut client, mut backend, tunnel) = setup(b"", b"", LONG).await;
+        let p = plane.clone();
+        relays.push(tokio::spawn(async move { relay(&p, tunnel).await }));
+        client.write_all(&vec![7u8; size]).await.unwrap();
+        assert_eq!(read_exact_n(&mut backend, size).await, vec![7u8; size]);
+        backend.write_all(&vec![9u8; size]).await.unwrap();
+        assert_eq!(read_exact_n(&mut client, size).await, vec![9u8; size]);
+        ends.push((client, backend));
+    }
+    (ends, relays)
+}
+
 async fn relay(plane: &UringPlane, t: Tunnel) -> Outcome {
     match plane.relay(t).await {
         Ok(o) => o,
@@ -522,18 +544,7 @@ fn empty_pool_costs_what_waits() {
 
         // Fresh tunnels on the empty pool: a message each way, then quiet.
         let n = 200;
-        let mut ends = Vec::new();
-        let mut relays = Vec::new();
-        for _ in 0..n {
-            let (mut client, mut backend, tunnel) = setup(b"", b"", LONG).await;
-            let p = plane.clone();
-            relays.push(tokio::spawn(async move { relay(&p, tunnel).await }));
-            client.write_all(&[7u8; 64]).await.unwrap();
-            assert_eq!(read_exact_n(&mut backend, 64).await, [7u8; 64]);
-            backend.write_all(&[9u8; 64]).await.unwrap();
-            assert_eq!(read_exact_n(&mut client, 64).await, [9u8; 64]);
-            ends.push((client, backend));
-        }
+        let (mut ends, relays) = open_after_one_message(&plane, n, 64).await;
         let heap_recvs = plane.heap_recvs();
         let deadline = Instant::now() + Duration::from_secs(2);
         while plane.heap_buffered_bytes().0 > stalled_heap && Instant::now() < deadline {
@@ -589,19 +600,7 @@ fn idle_tunnels_hold_no_pool_buffer() {
         let n = 400;
         let plane = std::sync::Arc::new(plane);
         let rss0 = rss_bytes();
-        let mut ends = Vec::new();
-        let mut relays = Vec::new();
-        for _ in 0..n {
-            let (mut client, mut backend, tunnel) = setup(b"", b"", LONG).await;
-            let p = plane.clone();
-            relays.push(tokio::spawn(async move { relay(&p, tunnel).await }));
-            // One message each way, then the tunnel sits idle.
-            client.write_all(&[7u8; 3000]).await.unwrap();
-            read_exact_n(&mut backend, 3000).await;
-            backend.write_all(&[9u8; 3000]).await.unwrap();
-            read_exact_n(&mut client, 3000).await;
-            ends.push((client, backend));
-        }
+        let (ends, relays) = open_after_one_message(&plane, n, 3000).await;
         // The worker may still be reaping the last sends' completions.
         let deadline = Instant::now() + Duration::from_secs(2);
         while plane.buffered_bytes().0 > 0 && Instant::now() < deadline {
