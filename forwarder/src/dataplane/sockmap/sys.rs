@@ -44,6 +44,17 @@ pub const TCP_CLOSE: u8 = 7;
 pub fn tcp_counters(fd: RawFd) -> io::Result<TcpCounters> {
     const ACKED: usize = 120;
     const RECEIVED: usize = 128;
+    let (buf, len) = tcp_info_raw(fd)?;
+    if len < RECEIVED + 8 {
+        return Err(io::Error::other("TCP_INFO too short: kernel too old"));
+    }
+    let u64_at = |at: usize| u64::from_ne_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
+    Ok(TcpCounters { state: buf[0], bytes_acked: u64_at(ACKED), bytes_received: u64_at(RECEIVED) })
+}
+
+/// `struct tcp_info` as raw bytes, and how many the kernel filled in (an
+/// older kernel fills fewer).
+fn tcp_info_raw(fd: RawFd) -> io::Result<([u8; 256], usize)> {
     let mut buf = [0u8; 256];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: `buf` is valid for `len` bytes of writes.
@@ -51,11 +62,26 @@ pub fn tcp_counters(fd: RawFd) -> io::Result<TcpCounters> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    if (len as usize) < RECEIVED + 8 {
-        return Err(io::Error::other("TCP_INFO too short: kernel too old"));
+    Ok((buf, len as usize))
+}
+
+/// Sets an `int` socket option.
+fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` is a valid c_int for the duration of the call and its
+    // size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
-    let u64_at = |at: usize| u64::from_ne_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
-    Ok(TcpCounters { state: buf[0], bytes_acked: u64_at(ACKED), bytes_received: u64_at(RECEIVED) })
+    Ok(())
 }
 
 fn ioctl_int(fd: RawFd, request: libc::Ioctl) -> io::Result<u64> {
@@ -124,28 +150,75 @@ pub fn rcvbuf(fd: RawFd) -> io::Result<i32> {
     Ok(value)
 }
 
-/// Sets the receive buffer back to `bytes` (a value [`rcvbuf`] read), as
-/// `SO_RCVBUFFORCE` (the kernel doubles what it is given, and only the
-/// forced form may exceed `net.core.rmem_max`; the router holds
+/// Lowers the receive buffer toward `target` (a value [`rcvbuf`] read)
+/// without taking back room the peer was already offered, and fixes it
+/// there; returns what it is now.
+///
+/// TCP never moves its window's right edge back: a peer may go on sending
+/// up to what it was last offered, and a buffer set below what is queued
+/// plus that window drops those segments (`RcvPruned`, `TCPRcvQDrop`).
+/// The sender then backs off while the queue stays full: after stepping
+/// aside straight to `target`, one of fifty saturated tunnels moved
+/// nothing for a minute (CI), with about 60 drops per run of fifty. So
+/// the buffer goes no lower than what is queued (`SO_MEMINFO`, as the
+/// kernel charges it) plus twice the window last advertised
+/// ([`advertised_window`]; twice, as the kernel sizes a window at half its
+/// buffer by default: the rest is the segments' overhead). Keep the window
+/// small beforehand ([`clamp_window`]) and that floor is near `target`.
+///
+/// `SO_RCVBUFFORCE`: the kernel doubles what it is given, and only the
+/// forced form may exceed `net.core.rmem_max` (the router holds
 /// CAP_NET_ADMIN for the sockmap plane). From then on TCP no longer
 /// autotunes it.
-pub fn restore_rcvbuf(fd: RawFd, bytes: i32) -> io::Result<()> {
-    let half: libc::c_int = bytes / 2;
-    // SAFETY: `half` is a valid c_int for the duration of the call and its
-    // size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&half as *const i32).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
+pub fn shrink_rcvbuf(fd: RawFd, target: i32) -> io::Result<i32> {
+    let now = rcvbuf(fd)?;
+    // Without the window, the buffer stays where it is (and is fixed).
+    let floor = match advertised_window(fd)? {
+        Some(window) => rmem_alloc(fd)?.saturating_add(window.saturating_mul(2)),
+        None => u32::MAX,
     };
+    let bytes = target.max(i32::try_from(floor).unwrap_or(i32::MAX)).min(now);
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes / 2)?;
+    Ok(bytes)
+}
+
+/// `TCP_WINDOW_CLAMP`: no window advertised from now on exceeds `bytes`
+/// (one already advertised stays). The kernel resets the clamp from the
+/// receive buffer when the segments' overhead it measures changes, so
+/// this holds the window down for a while, not for good.
+pub fn clamp_window(fd: RawFd, bytes: i32) -> io::Result<()> {
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
+}
+
+/// `SO_MEMINFO` (asm-generic/socket.h; libc does not define it): the
+/// socket's memory counters, `SK_MEMINFO_VARS` u32s.
+const SO_MEMINFO: libc::c_int = 55;
+
+/// What the socket's receive queue holds as the kernel charges it
+/// (`SK_MEMINFO_RMEM_ALLOC`: the segments' true size, not their bytes).
+fn rmem_alloc(fd: RawFd) -> io::Result<u32> {
+    Ok(meminfo(fd)?[libc::SK_MEMINFO_RMEM_ALLOC as usize])
+}
+
+/// `SO_MEMINFO`: the socket's memory counters, `SK_MEMINFO_*` order.
+fn meminfo(fd: RawFd) -> io::Result<[u32; 9]> {
+    let mut info = [0u32; 9];
+    let mut len = size_of::<[u32; 9]>() as libc::socklen_t;
+    // SAFETY: `info` is valid for `len` bytes of writes.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, SO_MEMINFO, info.as_mut_ptr().cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(info)
+}
+
+/// The most the peer may still send beyond what was received: the window
+/// last advertised (`tcpi_rcv_wnd`, kernel 6.2; the sockmap plane runs on
+/// 6.12 and later). None on a kernel that does not say.
+fn advertised_window(fd: RawFd) -> io::Result<Option<u32>> {
+    const RCV_WND: usize = 232;
+    let (buf, len) = tcp_info_raw(fd)?;
+    Ok((len >= RCV_WND + 4).then(|| u32::from_ne_bytes(buf[RCV_WND..RCV_WND + 4].try_into().expect("4 bytes"))))
 }
 
 /// `SO_RCVLOWAT`: TCP calls the socket's data-ready (for a socket in a
@@ -155,21 +228,7 @@ pub fn restore_rcvbuf(fd: RawFd, bytes: i32) -> io::Result<()> {
 /// that outlives the mark, grows the socket's receive buffer to hold it
 /// (`tcp_set_rcvlowat`).
 pub fn set_rcvlowat(fd: RawFd, bytes: i32) -> io::Result<()> {
-    // SAFETY: `bytes` is a valid c_int for the duration of the call and its
-    // size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&bytes as *const i32).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
 }
 
 /// TCP states of a socket (not yet closed by its owner) in which the
@@ -353,6 +412,73 @@ pub fn tcp_state_name(state: u8) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+
+    /// Writes to `s` for `for_`, without blocking; returns the bytes taken.
+    fn write_for(s: &mut TcpStream, for_: Duration) -> u64 {
+        let chunk = [7u8; 64 * 1024];
+        let (mut sent, deadline) = (0, Instant::now() + for_);
+        while Instant::now() < deadline {
+            match s.write(&chunk) {
+                Ok(n) => sent += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        sent
+    }
+
+    /// A step-aside's buffer, as the plane leaves it: grown by the mark,
+    /// the window clamped, then shrunk toward a small target while the
+    /// peer was offered much more. The sender goes on flat out against a
+    /// slow reader: no segment is dropped, and every byte arrives. (Set
+    /// straight to the target instead, the receiver dropped segments.)
+    #[test]
+    fn shrinking_a_grown_buffer_drops_nothing_the_peer_was_offered() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = listener.accept().unwrap();
+        let fd = rx.as_raw_fd();
+        tx.set_nonblocking(true).unwrap();
+        let before = super::rcvbuf(fd).unwrap();
+        super::set_rcvlowat(fd, i32::MAX).unwrap();
+        assert!(super::rcvbuf(fd).unwrap() > before, "the mark grew the buffer");
+        let target = 256 * 1024;
+        super::clamp_window(fd, target / 2).unwrap();
+        let mut sent = write_for(&mut tx, Duration::from_millis(100));
+        super::set_rcvlowat(fd, 1).unwrap();
+        let set = match super::shrink_rcvbuf(fd, target) {
+            Ok(set) => set,
+            // SO_RCVBUFFORCE needs CAP_NET_ADMIN, as the sockmap plane does.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => return,
+            Err(e) => panic!("shrink: {e}"),
+        };
+        assert_eq!(super::rcvbuf(fd).unwrap(), set);
+        assert!(set >= target);
+        // A slow reader: 64 KiB every 2 ms while the sender writes flat out.
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            sent += write_for(&mut tx, Duration::from_millis(2));
+            got += rx.read(&mut buf).unwrap() as u64;
+        }
+        tx.shutdown(std::net::Shutdown::Write).unwrap();
+        loop {
+            match rx.read(&mut buf).unwrap() {
+                0 => break,
+                n => got += n as u64,
+            }
+        }
+        assert_eq!(got, sent);
+        let drops = super::meminfo(fd).unwrap()[libc::SK_MEMINFO_DROPS as usize];
+        assert_eq!(drops, 0, "segments dropped after the buffer shrank to {set} (target {target})");
+    }
+
     #[test]
     fn tcp_states_are_named() {
         assert_eq!(super::tcp_state_name(1), "ESTABLISHED");

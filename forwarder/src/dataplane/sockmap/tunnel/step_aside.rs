@@ -96,29 +96,37 @@ pub(super) fn step_aside<'a>(
                 tracing::debug!(in_kernel = d.in_kernel, threshold, pressed, "sockmap: stepping aside: {why}");
                 let rcvbuf = sys::rcvbuf(d.src).map_err(|e| format!("SO_RCVBUF: {e}"))?;
                 sys::set_rcvlowat(d.src, i32::MAX).map_err(|e| format!("SO_RCVLOWAT: {e}"))?;
+                let window = limits.rcvbuf_after(rcvbuf) / 2;
+                sys::clamp_window(d.src, window).map_err(|e| format!("TCP_WINDOW_CLAMP: {e}"))?;
                 d.phase = Phase::Quiescing { rcvbuf };
                 leaving.get_or_insert(why);
             }
             // The kernel grows the receive buffer to fit the mark
             // (`tcp_set_rcvlowat`: 17 MB here, for a mark capped at
-            // `tcp_rmem[2] / 2`) and never shrinks it: every tunnel that
-            // stepped aside kept 17 MB buffers on both sockets for its life
-            // on the next plane, and fifty saturated tunnels beside other
-            // tests took the node near `tcp_mem`'s pressure line, where TCP
-            // drops segments — one tunnel backed off to 13 s RTOs and moved
-            // nothing for a minute (CI; `ss`: `backoff:6`, drops on both
-            // sockets). A smaller mark does not work: at half the buffer (a
-            // young socket has 128 KiB) or at `sockmap_queue_limit` a verdict
-            // met the detach in about one of 100 step-asides. So the mark
-            // stays high while the source leaves `ACTIVE`, and then the
-            // buffer goes back to what TCP had made it, or to
-            // `sockmap_queue_limit` if that is more ([`Limits::rcvbuf_after`]);
-            // it stays fixed from then on (`restore_rcvbuf`).
+            // `tcp_rmem[2] / 2`), never shrinks it, and lets the window grow
+            // with it. Left so, fifty saturated tunnels took the node into
+            // `tcp_mem`'s pressure, where TCP drops segments. A smaller mark
+            // does not work: at half the buffer (a young socket has 128 KiB)
+            // or at `sockmap_queue_limit` a verdict met the detach in about
+            // one of 100 step-asides. So the mark stays high, but the window
+            // is clamped at once to what the buffer the source goes back to
+            // holds (half of it: the rest is the segments' overhead); then,
+            // out of `ACTIVE`, the buffer goes back toward what TCP had made
+            // it, or `sockmap_queue_limit` if that is more
+            // ([`Limits::rcvbuf_after`]), no lower than what the peer was
+            // already offered ([`sys::shrink_rcvbuf`]). Setting it straight
+            // back, without the clamp, dropped about 60 segments per fifty
+            // step-asides, and once a sender backed off for a minute with
+            // the tunnel moving nothing (CI). With both: no drop, and the
+            // fifty buffers add up to about 2.7 times their targets instead
+            // of 6.3. It stays fixed from then on.
             Leave::Deactivate { rcvbuf } => {
                 kernel.deactivate(d.src_cookie);
                 let _ = sys::set_rcvlowat(d.src, 1);
-                if let Err(e) = sys::restore_rcvbuf(d.src, limits.rcvbuf_after(rcvbuf)) {
-                    tracing::debug!("sockmap: receive buffer stays grown: {e}");
+                let target = limits.rcvbuf_after(rcvbuf);
+                match sys::shrink_rcvbuf(d.src, target) {
+                    Ok(now) => tracing::debug!(target, now, "sockmap: receive buffer after leaving ACTIVE"),
+                    Err(e) => tracing::debug!("sockmap: receive buffer stays grown: {e}"),
                 }
                 d.phase = Phase::Copying;
             }
