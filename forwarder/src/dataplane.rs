@@ -39,6 +39,7 @@ mod lifetime;
 pub mod pacer;
 pub mod pair;
 pub mod pools;
+mod queues;
 pub mod selftest;
 pub mod settings;
 pub mod sockmap;

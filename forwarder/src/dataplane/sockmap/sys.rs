@@ -1,5 +1,5 @@
 //! The socket calls the sockmap plane needs that neither std, tokio nor
-//! socket2 offer: socket cookies, TCP_INFO byte counters, queue sizes, the
+//! socket2 offer: socket cookies, TCP_INFO byte counters, buffer sizes, the
 //! "kick" that makes the kernel run the verdict over already queued bytes,
 //! and an epoll set watching for hang-ups only.
 
@@ -84,27 +84,10 @@ fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int)
     Ok(())
 }
 
-fn ioctl_int(fd: RawFd, request: libc::Ioctl) -> io::Result<u64> {
-    let mut value: libc::c_int = 0;
-    // SAFETY: both requests used here write one c_int to the pointer given.
-    let rc = unsafe { libc::ioctl(fd, request, &mut value as *mut libc::c_int) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value.max(0) as u64)
-}
-
-/// `SIOCINQ`: bytes in the receive queue not read yet (not counting FIN).
-/// Once the socket has a psock (is in a sockmap), the kernel answers with
-/// the bytes in the psock's queue (passed by the verdict) instead.
-pub fn inq(fd: RawFd) -> io::Result<u64> {
-    ioctl_int(fd, libc::FIONREAD)
-}
-
-/// `SIOCOUTQ`: bytes in the send queue, sent or not, not acknowledged yet.
-pub fn outq(fd: RawFd) -> io::Result<u64> {
-    ioctl_int(fd, libc::TIOCOUTQ)
-}
+// The queue sizes are shared with the other planes. Once a socket has a
+// psock (is in a sockmap), `inq` answers with the bytes in the psock's
+// queue (passed by the verdict) instead of the receive queue's.
+pub use crate::dataplane::queues::{inq, outq};
 
 /// Every byte ever written into `fd`'s send queue, up to a constant offset
 /// (the SYN): acknowledged + still queued. Exact when no writer runs

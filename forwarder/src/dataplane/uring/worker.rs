@@ -48,7 +48,7 @@ use socket2::SockRef;
 use tokio::sync::oneshot;
 
 use super::bufring::BufRing;
-use crate::dataplane::sockmap::sys::inq;
+use crate::dataplane::queues::inq;
 use crate::dataplane::{abort, ByteCounters, CloseReason, Direction, Outcome};
 
 /// user_data of the eventfd read that wakes the worker.
