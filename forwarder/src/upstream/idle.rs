@@ -1,21 +1,23 @@
 //! A backend's idle keep-alive connections, ready for the next request.
 //!
 //! The newest is reused first (the likeliest to be alive); the oldest goes
-//! first when one must make room. Before a connection is handed out, a
-//! non-blocking peek tells whether the backend closed it meanwhile (EOF)
-//! or sent bytes nobody asked for: either way it is closed and skipped.
+//! first when one must make room. Before a connection is handed out, the
+//! reactor (and, when it saw something arrive, a non-blocking peek) tells
+//! whether the backend closed it meanwhile (EOF) or sent bytes nobody
+//! asked for: either way it is closed and skipped.
 //! The registry's sweep closes expired and dead ones, so no socket stays
 //! in CLOSE_WAIT much past `[backends] idle_conn_timeout`. A TLS
 //! connection is only handed out for the same TLS ([`Target::same_as`]):
 //! the same CAs, client certificate and server name.
 
 use std::collections::VecDeque;
+use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
+use tokio::io::Interest;
 
 use super::stream::BackendStream;
 use crate::tls::client::Target;
@@ -137,9 +139,28 @@ impl IdleList {
 /// An idle connection is alive when reading it would block: nothing
 /// arrived, not even EOF. Bytes (an unsolicited response) or EOF or an
 /// error mean it cannot carry a request.
+///
+/// tokio's reactor is asked first, which costs no syscall: tokio forgets a
+/// stream's read readiness after a read that came back short or would
+/// block (the last read of a response, as a rule), and the reactor sets it
+/// again when anything arrives. Only a stream it reports readable (or
+/// left readable by a read that filled its buffer) is peeked at, and a
+/// peek that would block clears that readiness for the next time; that is
+/// `try_io`, which (unlike `poll_read_ready`) answers from the readiness
+/// alone, whatever the calling task's cooperative budget: a spent budget
+/// made `poll_read_ready` say "not ready" for a connection the backend had
+/// closed. The reactor learns of an event a moment after the kernel; a
+/// close in that moment is the race every reuse has anyway (the backend
+/// may close just after a peek, too), which the caller's retry of a
+/// request that may go twice covers. Before, every reuse peeked: one
+/// `recv` per keep-alive request that could only return EAGAIN.
 fn is_live(stream: &BackendStream) -> bool {
+    let tcp = stream.tcp();
     let mut byte = [0u8; 1];
-    matches!(recv(stream.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT), Err(Errno::EAGAIN))
+    let peek = tcp.try_io(Interest::READABLE, || {
+        recv(tcp.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+    });
+    matches!(peek, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 #[cfg(test)]
@@ -183,6 +204,30 @@ mod tests {
         assert_eq!(got.tcp().local_addr().unwrap().port(), good_port);
         assert!(list.is_empty(), "the dead ones were closed on the way");
         assert!(list.take_live(Instant::now(), None).is_none());
+    }
+
+    /// The reactor answers for a connection whose last read drained it;
+    /// one left readable by a read that filled its buffer is peeked at
+    /// once, which clears that readiness.
+    #[tokio::test]
+    async fn a_drained_connection_is_live_without_a_peek_and_bytes_still_show() {
+        use std::task::{Context, Waker};
+
+        use tokio::io::AsyncReadExt;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut mine, mut peer) = pair(&l).await;
+        peer.write_all(b"0123456789").await.unwrap();
+        let mut buf = [0u8; 10];
+        mine.read_exact(&mut buf).await.unwrap();
+        let stream = BackendStream::from(mine);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(stream.tcp().poll_read_ready(&mut cx).is_ready(), "a read that filled its buffer leaves it readable");
+        assert!(is_live(&stream));
+        assert!(stream.tcp().poll_read_ready(&mut cx).is_pending(), "the peek that would block cleared it");
+        assert!(is_live(&stream), "then the reactor alone answers");
+        peer.write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n").await.unwrap();
+        settle().await;
+        assert!(!is_live(&stream), "bytes nobody asked for");
     }
 
     #[tokio::test]
