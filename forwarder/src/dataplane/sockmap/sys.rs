@@ -154,10 +154,13 @@ pub fn rcvbuf(fd: RawFd) -> io::Result<i32> {
 /// CAP_NET_ADMIN for the sockmap plane). From then on TCP no longer
 /// autotunes it.
 pub fn shrink_rcvbuf(fd: RawFd, target: i32) -> io::Result<i32> {
-    let now = rcvbuf(fd)?;
+    // One read for both: the buffer as it is now (what `SO_RCVBUF` says)
+    // and what its queue holds.
+    let info = meminfo(fd)?;
+    let now = i32::try_from(info[libc::SK_MEMINFO_RCVBUF as usize]).unwrap_or(i32::MAX);
     // Without the window, the buffer stays where it is (and is fixed).
     let floor = match advertised_window(fd)? {
-        Some(window) => rmem_alloc(fd)?.saturating_add(window.saturating_mul(2)),
+        Some(window) => info[libc::SK_MEMINFO_RMEM_ALLOC as usize].saturating_add(window.saturating_mul(2)),
         None => u32::MAX,
     };
     let bytes = target.max(i32::try_from(floor).unwrap_or(i32::MAX)).min(now);
@@ -177,13 +180,9 @@ pub fn clamp_window(fd: RawFd, bytes: i32) -> io::Result<()> {
 /// socket's memory counters, `SK_MEMINFO_VARS` u32s.
 const SO_MEMINFO: libc::c_int = 55;
 
-/// What the socket's receive queue holds as the kernel charges it
-/// (`SK_MEMINFO_RMEM_ALLOC`: the segments' true size, not their bytes).
-fn rmem_alloc(fd: RawFd) -> io::Result<u32> {
-    Ok(meminfo(fd)?[libc::SK_MEMINFO_RMEM_ALLOC as usize])
-}
-
-/// `SO_MEMINFO`: the socket's memory counters, `SK_MEMINFO_*` order.
+/// `SO_MEMINFO`: the socket's memory counters, `SK_MEMINFO_*` order
+/// (`RMEM_ALLOC`: what the receive queue holds as the kernel charges it,
+/// the segments' true size rather than their bytes).
 fn meminfo(fd: RawFd) -> io::Result<[u32; 9]> {
     let mut info = [0u32; 9];
     let mut len = size_of::<[u32; 9]>() as libc::socklen_t;
