@@ -329,7 +329,8 @@ async fn two_way_saturated_echo(mode: &str) {
         let relay = router.tls_relay();
         assert_eq!(relay == "ktls", mode == "ktls", "{}", router.log());
         router.wait_log(&format!("status=101 data_plane=\"{relay}\""));
-        let tunnels = router.metric(&format!("upsplice_tunnels_total{{listener=\"web\",data_plane=\"{relay}\"}}"));
+        let tunnels = router
+            .wait_metric_at_least(&format!("upsplice_tunnels_total{{listener=\"web\",data_plane=\"{relay}\"}}"), 3.0);
         assert!(tunnels >= 3.0, "{tunnels} {relay} tunnels counted");
         if relay == "ktls" {
             let handed = router.metric("upsplice_ktls_handoffs_total{listener=\"web\",result=\"offloaded\"}");

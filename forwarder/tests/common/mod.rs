@@ -207,6 +207,20 @@ impl Router {
             .unwrap_or(0.0)
     }
 
+    /// The metric once it reached `min`, waiting (bounded, as
+    /// [`Router::wait_log`]) for what a tunnel's task adds as it ends:
+    /// the client may see EOF before the router counted the tunnel.
+    pub fn wait_metric_at_least(&self, line_prefix: &str, min: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = self.metric(line_prefix);
+            if value >= min || Instant::now() >= deadline {
+                return value;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
     }
