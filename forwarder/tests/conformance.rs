@@ -193,6 +193,16 @@ const MAX_GAP: Duration = Duration::from_secs(1);
 /// stalled for 5–7 s or for good.
 const MAX_GAP_EIGHT: Duration = Duration::from_secs(3);
 
+/// A writer's half-close after `sent` bytes, bounded: a TLS close_notify
+/// waits for room in a stalled tunnel, and once the reader gave up nothing
+/// would ever make that room.
+async fn half_close(w: &mut (impl AsyncWrite + Unpin), sent: usize) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(20), w.shutdown()).await {
+        Ok(r) => r.map_err(|e| format!("half-close after {sent} bytes: {e}")),
+        Err(_) => Err(format!("half-close after {sent} bytes: blocked for 20 s")),
+    }
+}
+
 /// Writes a [`fast_stream`] as fast as the socket takes it (64 KiB
 /// writes, no cap on bytes in flight) for `for_`, then half-closes; returns
 /// the bytes sent, or what failed.
@@ -208,7 +218,7 @@ async fn write_flat_out(mut w: impl AsyncWrite + Unpin, for_: Duration) -> Resul
             Err(_) => break,
         }
     }
-    w.shutdown().await.map_err(|e| format!("half-close after {sent} bytes: {e}"))?;
+    half_close(&mut w, sent).await?;
     Ok(sent as u64)
 }
 
@@ -927,7 +937,7 @@ async fn write_small_messages(mut w: impl AsyncWrite + Unpin, size: usize, for_:
         sent += size;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    w.shutdown().await.map_err(|e| format!("half-close after {sent} bytes: {e}"))?;
+    half_close(&mut w, sent).await?;
     Ok(sent as u64)
 }
 

@@ -285,11 +285,66 @@ impl Router {
 
 impl Drop for Router {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing case: say what the router was doing, before it is
+            // killed (a stall shows in its threads' CPU and its queues).
+            if let Some(c) = &self.child {
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+                eprintln!(
+                    "--- router process {} at the failure ---\nlog (last {} lines):\n{}\n{}",
+                    c.id(),
+                    tail.len(),
+                    tail.join("\n"),
+                    post_mortem(c.id())
+                );
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
+
+/// A live process's threads (CPU ticks each, state) and its TCP sockets'
+/// queues and windows (`ss -tnmpi`, where installed): printed when a case
+/// fails with the router still running.
+fn post_mortem(pid: u32) -> String {
+    let mut out = String::from("threads (name state utime+stime ticks):\n");
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+            // pid (comm) state ... utime(14) stime(15): fields after the ")".
+            let Some((head, rest)) = stat.rsplit_once(") ") else { continue };
+            let comm = head.split_once(" (").map_or("?", |(_, c)| c);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: u64 = f.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
+                + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            out += &format!("  {comm} {} {ticks}\n", f.first().unwrap_or(&"?"));
+        }
+    }
+    match Command::new("ss").args(["-tnmpi"]).output() {
+        Ok(o) => {
+            // Each entry: a line, then indented lines; keep the router's.
+            let text = String::from_utf8_lossy(&o.stdout);
+            let mut entry = String::new();
+            let mut keep = Vec::new();
+            for line in text.lines().chain(std::iter::once("END")) {
+                if !line.starts_with(char::is_whitespace) {
+                    if entry.contains(&format!("pid={pid},")) {
+                        keep.push(std::mem::take(&mut entry));
+                    }
+                    entry.clear();
+                }
+                entry += line;
+                entry.push('\n');
+            }
+            out += &format!("sockets ({}):\n{}", keep.len(), keep.concat());
+        }
+        Err(e) => out += &format!("sockets: ss: {e}\n"),
+    }
+    out
 }
 
 pub fn render(s: &Setup<'_>) -> String {
