@@ -306,7 +306,8 @@ async fn saturated_echo_tunnel(router: &Node, backend: &mut RawBackend) -> Resul
     let received = read_checked(cr, false, SATURATE_FOR + Duration::from_secs(20)).await;
     let (sent, fin_at) = writer.await.unwrap();
     echo.abort();
-    let sent = sent?;
+    // When both ends failed, each says what it saw.
+    let sent = sent.map_err(|e| format!("{e}; the reader: {:?}", received.as_ref().map(|r| r.bytes)))?;
     let received = received.map_err(|e| format!("{e} (client sent {sent})"))?;
     if received.bytes != sent {
         return Err(format!("{sent} bytes sent, {} echoed before EOF", received.bytes));
