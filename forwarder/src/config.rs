@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::dataplane;
-use crate::units::{de_duration, de_opt_size, de_size_usize};
+use crate::units::{de_duration, de_opt_duration, de_opt_size, de_size_usize};
 
 /// A validated configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +85,16 @@ pub struct Limits {
     /// None: no limit.
     #[serde(deserialize_with = "de_opt_size")]
     pub max_request_body: Option<u64>,
+    /// `TCP_USER_TIMEOUT` on every client and backend connection (HAProxy's
+    /// `tcp-ut`): how long bytes sent may stay unacknowledged, or wait
+    /// untransmitted behind a zero window, before the kernel gives the
+    /// connection up and its tunnel is reset. It bounds a dead peer, a peer
+    /// that stopped reading and a connection the kernel has wedged, each of
+    /// which would otherwise hold a tunnel until the kernel's own
+    /// retransmission limit (about 15 minutes) or `idle_timeout`. None:
+    /// the kernel's behaviour.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -102,6 +112,7 @@ impl Default for Limits {
             max_requests_per_connection: 1000,
             response_timeout: Duration::from_secs(60),
             max_request_body: None,
+            tcp_user_timeout: None,
         }
     }
 }
@@ -121,6 +132,16 @@ impl Limits {
         }
         if self.max_connections == 0 {
             return Err(("limits.max_connections".into(), "must be at least 1".into()));
+        }
+        // The socket option is in milliseconds (a u32); below 100 ms one
+        // retransmission timeout on a healthy path would end a connection.
+        if let Some(t) = self.tcp_user_timeout {
+            if !(Duration::from_millis(100)..=Duration::from_secs(86_400)).contains(&t) {
+                return Err((
+                    "limits.tcp_user_timeout".into(),
+                    "must be between 100ms and 24h (leave it out: the kernel's behaviour)".into(),
+                ));
+            }
         }
         if self.max_requests_per_connection == 0 {
             return Err((
@@ -1445,6 +1466,17 @@ pool = "chat"
         // Still accepted: the same port on two different addresses, https.
         parse(&format!("{BASE}\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.2:8080\"\nprotocol = \"http\"\nforwarded_proto = \"https\"\n"))
             .unwrap();
+    }
+
+    #[test]
+    fn tcp_user_timeout_is_off_unless_set_and_bounded() {
+        assert_eq!(parse(BASE).unwrap().limits.tcp_user_timeout, None);
+        let c = parse(&format!("[limits]\ntcp_user_timeout = \"30s\"\n{BASE}")).unwrap();
+        assert_eq!(c.limits.tcp_user_timeout, Some(Duration::from_secs(30)));
+        for bad in ["0s", "50ms", "2days"] {
+            let e = parse(&format!("[limits]\ntcp_user_timeout = \"{bad}\"\n{BASE}")).unwrap_err().to_string();
+            assert!(e.contains("limits.tcp_user_timeout") && e.contains("between 100ms and 24h"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -85,8 +85,10 @@ impl Session {
     /// connection becomes a tunnel.
     async fn handshake(&self, mut client: TcpStream, peer: SocketAddr, protocol: Protocol) -> Option<Tunneling> {
         let _ = client.set_nodelay(true);
+        let limits = &self.shared.snapshot().config.limits;
+        crate::upstream::set_user_timeout(&client, limits.tcp_user_timeout);
         // The PROXY header and the TLS handshake share handshake_timeout.
-        let deadline = Instant::now() + self.shared.snapshot().config.limits.handshake_timeout;
+        let deadline = Instant::now() + limits.handshake_timeout;
         let peer = self.client_address(&mut client, peer).await?;
         // The address the client connected to (a PROXY header sent on says it).
         let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -293,8 +295,13 @@ impl Session {
         local: SocketAddr,
         rec: &mut AccessRecord,
     ) -> Option<Plan<S>> {
-        let timeout = self.shared.snapshot().config.limits.connect_timeout;
-        let opts = ConnectOpts { timeout, reuse: false, client: Some((rec.peer, local)) };
+        let limits = &self.shared.snapshot().config.limits;
+        let opts = ConnectOpts {
+            timeout: limits.connect_timeout,
+            user_timeout: limits.tcp_user_timeout,
+            reuse: false,
+            client: Some((rec.peer, local)),
+        };
         match pool.connect(opts).await {
             Ok(upstream) => {
                 // Nothing more is seen of a tcp backend: a connect is its success.

@@ -358,6 +358,7 @@ impl Context<'_> {
             attempt += 1;
             let opts = ConnectOpts {
                 timeout: limits.connect_timeout,
+                user_timeout: limits.tcp_user_timeout,
                 reuse: keep_backend && attempt == 1,
                 client: Some((peer, self.local)),
             };

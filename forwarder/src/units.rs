@@ -37,6 +37,10 @@ pub fn de_size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error>
     de_size(d).and_then(|n| usize::try_from(n).map_err(serde::de::Error::custom))
 }
 
+pub fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
 pub fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     de_size(d).map(Some)
 }

@@ -34,7 +34,7 @@ use prometheus_client::metrics::counter::Counter;
 pub use self::backend::{Backend, BackendGuard};
 use self::health::{Admit, Backoff};
 pub use self::registry::Registry;
-pub use self::stream::{BackendStream, TlsBackend};
+pub use self::stream::{set_user_timeout, BackendStream, TlsBackend};
 use crate::config::{self, BackendSettings, Balance, SendProxy};
 use crate::tls::client::{Failure, Target};
 
@@ -89,6 +89,8 @@ impl AppInstance {
 pub struct ConnectOpts {
     /// For a new connection's connect.
     pub timeout: Duration,
+    /// `limits.tcp_user_timeout`, for a new connection.
+    pub user_timeout: Option<Duration>,
     /// An idle keep-alive connection may serve it (a plain request to a
     /// pool that sends no PROXY header).
     pub reuse: bool,
@@ -300,7 +302,8 @@ impl Pool {
             (_, None) => None,
         };
         // A failed TLS handshake counts as a failed connect (passive health).
-        match stream::connect(backend.addr, opts.timeout, header.as_deref(), tls.map(|t| &**t)).await {
+        match stream::connect(backend.addr, opts.timeout, opts.user_timeout, header.as_deref(), tls.map(|t| &**t)).await
+        {
             Ok(stream) => Ok(self.upstream(i, stream, guard, false)),
             Err(e) => {
                 drop(guard);
@@ -370,7 +373,8 @@ mod tests {
 
     use super::*;
 
-    const OPTS: ConnectOpts = ConnectOpts { timeout: Duration::from_secs(1), reuse: true, client: None };
+    const OPTS: ConnectOpts =
+        ConnectOpts { timeout: Duration::from_secs(1), user_timeout: None, reuse: true, client: None };
 
     fn pool_with(balance: Balance, backends: &[SocketAddr], settings: BackendSettings) -> (Pool, Arc<Registry>) {
         let registry = Registry::new();

@@ -462,8 +462,9 @@ fn is_reset(e: &std::io::Error) -> bool {
     matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
 }
 
-/// Reads until an error or EOF; true when the stream ended with a reset.
-async fn ends_with_reset(s: &mut (impl AsyncRead + Unpin)) -> bool {
+/// Reads until an error or EOF within `within`: Some(true) when the stream
+/// ended with a reset, None when it did not end.
+async fn ends_with_reset_within(s: &mut (impl AsyncRead + Unpin), within: Duration) -> Option<bool> {
     let mut buf = [0u8; 65536];
     let work = async {
         loop {
@@ -474,7 +475,12 @@ async fn ends_with_reset(s: &mut (impl AsyncRead + Unpin)) -> bool {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), work).await.expect("no EOF or reset within 10s")
+    tokio::time::timeout(within, work).await.ok()
+}
+
+/// Reads until an error or EOF; true when the stream ended with a reset.
+async fn ends_with_reset(s: &mut (impl AsyncRead + Unpin)) -> bool {
+    ends_with_reset_within(s, Duration::from_secs(10)).await.expect("no EOF or reset within 10s")
 }
 
 async fn reset_from_backend_resets_client(mode: &str) {
@@ -1114,6 +1120,59 @@ async fn saturating_after_chatting(mode: &str) {
     }
 }
 
+/// `limits.tcp_user_timeout`: a backend that stops reading for longer
+/// gets its tunnel reset (the client sees a reset, the access record says
+/// `backend_reset`) within a few seconds, instead of holding it until
+/// `idle_timeout`; a shorter pause first is no harm to it.
+async fn stalled_reader_past_tcp_user_timeout(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    let router = Node::start(mode, "tcp_user_timeout = \"1s\"", main_pool(&[backend.addr], "app.test"));
+    let (client, mut server, _, _) = router.tunnel(&mut backend, b"", b"").await;
+    let (mut cr, mut cw) = tokio::io::split(client);
+    // A pause well under the timeout: every byte still arrives.
+    let burst = fast_stream_at(0, 4 << 20);
+    let (wrote, got) = tokio::join!(
+        async {
+            cw.write_all(burst).await.unwrap();
+            cw.flush().await.unwrap();
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut got = vec![0u8; burst.len()];
+            tokio::time::timeout(Duration::from_secs(20), server.read_exact(&mut got)).await.unwrap().unwrap();
+            got
+        }
+    );
+    let () = wrote;
+    check_fast_stream(&got, 0).unwrap();
+    // Then the backend stops reading for good; the client writes on.
+    let stalled = Instant::now();
+    let writer = tokio::spawn(async move {
+        let mut at = burst.len();
+        while stalled.elapsed() < Duration::from_secs(20) {
+            match tokio::time::timeout(Duration::from_millis(100), cw.write(fast_stream_at(at, 64 * 1024))).await {
+                Ok(Ok(n)) => at += n,
+                Ok(Err(e)) => return Some(is_reset(&e)),
+                Err(_) => {}
+            }
+        }
+        None
+    });
+    // The reset reaches whichever of the client's reader and writer meets
+    // it first (the other then sees the end of a closed socket).
+    let read = ends_with_reset_within(&mut cr, Duration::from_secs(20)).await;
+    let after = stalled.elapsed();
+    let wrote = writer.await.unwrap();
+    assert!(
+        read == Some(true) || (read.is_some() && wrote == Some(true)),
+        "the client saw no reset within 20 s of the stall (reader: {read:?}, writer: {wrote:?})\n{}",
+        router.log()
+    );
+    assert!(after < Duration::from_secs(12), "the tunnel was reset only {after:?} after the backend stopped reading");
+    router.wait_log("close=\"backend_reset\"");
+    drop(server);
+}
+
 macro_rules! conformance {
     ($($mode:ident),* $(,)?) => {$(
         mod $mode {
@@ -1153,6 +1212,7 @@ macro_rules! conformance {
             case!(half_close_during_a_move);
             case!(reset_during_a_move);
             case!(saturating_after_chatting);
+            case!(stalled_reader_past_tcp_user_timeout);
         }
     )*};
 }
