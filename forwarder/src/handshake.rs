@@ -44,6 +44,7 @@ use body::BodyError;
 use framing::Framing;
 use head::{HeadError, ReadError};
 use rewrite::{Body, ClientInfo};
+use stream::write_flushed;
 pub use stream::{ClientStream, TlsClient};
 
 /// Backend response heads may be larger than requests (cookies); this much
@@ -377,7 +378,9 @@ impl Context<'_> {
             rec.instance_id = field(|i| &i.instance_id);
             // Each attempt's head tells its own backend's app instance.
             let head = fwd.head_to(instance, upstream.addr());
-            let failure = match upstream.stream.write_all(&head).await {
+            // Flushed: a TLS backend's stream may keep what it took (see
+            // `body::relay_body`).
+            let failure = match write_flushed(&mut upstream.stream, &head).await {
                 Err(e) => ReadError::Io(e),
                 Ok(()) => {
                     rec.to_backend += head.len() as u64;
@@ -428,7 +431,7 @@ impl Context<'_> {
         // 101: the head goes out now; what came after it on either side is
         // delivered first by the data plane, in order.
         let to_client = Bytes::copy_from_slice(&rbuf[response.head_len..]);
-        if let Err(e) = client.write_all(&rbuf[..response.head_len]).await {
+        if let Err(e) = write_flushed(client, &rbuf[..response.head_len]).await {
             tracing::debug!("writing the response head to the client: {e}");
             return Err(Stop::Gone("client_error"));
         }
@@ -699,7 +702,9 @@ impl Exchange<'_> {
             // Informational answers (100, 102, 103) go through; the final one follows.
             if (100..200).contains(&response.status) && response.status != 101 {
                 let info = rbuf.split_to(response.head_len);
-                if client.write_all(&info).await.is_err() {
+                // Flushed: a client that sent `Expect: 100-continue` waits
+                // for it before the body.
+                if write_flushed(client, &info).await.is_err() {
                     return Respond::ClientFailed;
                 }
                 rec.to_client += info.len() as u64;

@@ -8,10 +8,11 @@ use std::io;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::framing::ChunkedEnd;
 use super::rewrite::Body;
+use super::stream::write_flushed;
 
 /// Why a request body could not be relayed whole.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +86,7 @@ where
     };
     let (n, done) = take(early)?;
     within(0, n)?;
-    backend.write_all(&early[..n]).await.map_err(BodyError::Backend)?;
+    write_flushed(backend, &early[..n]).await.map_err(BodyError::Backend)?;
     let mut sent = n as u64;
     if done {
         return Ok(Sent { bytes: sent, after: Bytes::copy_from_slice(&early[n..]) });
@@ -105,7 +106,7 @@ where
         }
         let (n, done) = take(&buf[..read])?;
         within(sent, n)?;
-        backend.write_all(&buf[..n]).await.map_err(BodyError::Backend)?;
+        write_flushed(backend, &buf[..n]).await.map_err(BodyError::Backend)?;
         sent += n as u64;
         if done {
             return Ok(Sent { bytes: sent, after: Bytes::copy_from_slice(&buf[n..read]) });

@@ -14,7 +14,7 @@ use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, 
 /// certificate's CN in each answer; a WebSocket echo after an upgrade.
 /// Args: cert, key, client CA ("" for none), max TLS version ("1.2" or "").
 const BACKEND_PY: &str = r#"
-import base64, hashlib, http.server, ssl, sys, threading
+import base64, hashlib, http.server, ssl, sys, threading, time
 cert, key, client_ca, max_version = sys.argv[1:5]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(cert, key)
@@ -39,6 +39,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if k == "commonName":
                     cn = v
         body = f"hello over tls; accepts={accepts}; client={cn}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        # A slow reader (16 KiB every 2 ms): the router's writes meet a
+        # full socket, the body's last ones too.
+        n = int(self.headers.get("Content-Length", "0"))
+        h, left = hashlib.sha256(), n
+        while left:
+            chunk = self.rfile.read(min(left, 16384))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+            time.sleep(0.002)
+        body = f"{n - left} {h.hexdigest()}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
