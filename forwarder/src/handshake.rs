@@ -379,7 +379,7 @@ impl Context<'_> {
             // Each attempt's head tells its own backend's app instance.
             let head = fwd.head_to(instance, upstream.addr());
             // Flushed: a TLS backend's stream may keep what it took (see
-            // `body::relay_body`).
+            // `stream::write_flushed`).
             let failure = match write_flushed(&mut upstream.stream, &head).await {
                 Err(e) => ReadError::Io(e),
                 Ok(()) => {

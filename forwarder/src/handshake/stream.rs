@@ -15,8 +15,9 @@ use crate::upstream::BackendStream;
 /// own buffer whenever its socket pushes back (a full send buffer, or the
 /// task's tokio budget spent), and then reports it written: without the
 /// flush a request head or body, a `101` or a `100 Continue` may wait in
-/// rustls while its peer waits for it (seen: a client's upgrade request
-/// that never left, answered 408). For TCP the flush does nothing.
+/// rustls while its peer waits for it (the tests' own TLS client once
+/// left an upgrade request so, and the router answered 408). For TCP the
+/// flush does nothing.
 pub async fn write_flushed<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
     w.write_all(bytes).await?;
     w.flush().await
