@@ -38,6 +38,18 @@ fn config(pki: &Pki, backend: SocketAddr, routing: &str, extra: &str) -> String 
     render(&Setup { mode: "copy", limits: "connect_timeout = \"2s\"", routing, extra })
 }
 
+/// The plain setup: a CA, the backend `app.internal` (its leaf) over TLS,
+/// and a router whose pool "main" verifies it. The PKI's files live as
+/// long as the first value.
+fn app_over_tls() -> (Pki, TlsBackend, Router) {
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    pki.leaf(&ca, "app", "app.internal", false);
+    let backend = TlsBackend::start(&pki, "app", None, false);
+    let r = router(&pki, backend.addr, "", "");
+    (pki, backend, r)
+}
+
 /// GET / for `host` on a connection of its own: (status, head, body).
 async fn get(router: &Router, host: &str) -> (u16, String, String) {
     let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
@@ -49,11 +61,7 @@ async fn get(router: &Router, host: &str) -> (u16, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_websockets_and_tcp_go_over_tls_and_connections_are_reused() {
-    let pki = Pki::new();
-    let ca = pki.ca("ca");
-    pki.leaf(&ca, "app", "app.internal", false);
-    let backend = TlsBackend::start(&pki, "app", None, false);
-    let r = router(&pki, backend.addr, "", "");
+    let (_pki, _backend, r) = app_over_tls();
 
     // Two requests on connections of their own: one backend connection,
     // kept idle between them and reused (the backend accepted once).
@@ -98,11 +106,7 @@ async fn requests_websockets_and_tcp_go_over_tls_and_connections_are_reused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_body_to_a_slow_tls_backend_arrives_whole() {
     use sha2::{Digest, Sha256};
-    let pki = Pki::new();
-    let ca = pki.ca("ca");
-    pki.leaf(&ca, "app", "app.internal", false);
-    let backend = TlsBackend::start(&pki, "app", None, false);
-    let r = router(&pki, backend.addr, "", "");
+    let (_pki, _backend, r) = app_over_tls();
     for round in 0..3 {
         let body = pattern(round, (4 << 20) + 12_345);
         let head = format!(
