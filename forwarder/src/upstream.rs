@@ -308,7 +308,12 @@ impl Pool {
             Err(e) => {
                 drop(guard);
                 crate::metrics::connect_failure(&self.name);
-                backend.failed(&self.name, &e.to_string(), self.ctx.backoff);
+                // Out of fds or memory is the router's trouble: putting
+                // the backend out of service would fail requests on after
+                // the router recovered.
+                if !e.is_local() {
+                    backend.failed(&self.name, &e.to_string(), self.ctx.backoff);
+                }
                 Err(Miss::Failed(format!("{}: {e}", backend.addr), e.tls))
             }
         }

@@ -414,6 +414,40 @@ async fn fd_exhaustion_backs_off_and_recovers() {
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
 
+/// A backend connect that fails for want of an fd is the router's
+/// trouble, not the backend's: the request gets its 502, and the backend
+/// stays in service for the requests after the router recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_fds_does_not_put_backends_out_of_service() {
+    let (r, mut backend) = router("").await;
+    let normal = r.fd_limit();
+    // Room for exactly one more fd: the client's socket takes it, the
+    // backend connect finds none.
+    r.set_fd_limit(r.lowest_free_fd() + 1);
+    let request = b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
+    let mut client = TcpStream::connect(r.http).await.unwrap();
+    client.write_all(request).await.unwrap();
+    let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 502"), "{got}");
+    assert!(got.contains("X-Cf-Routererror: endpoint_failure"), "{got}");
+    r.wait_log("Too many open files");
+    r.set_fd_limit(normal);
+    let mut client = TcpStream::connect(r.http).await.unwrap();
+    client.write_all(request).await.unwrap();
+    let mut server = backend.accept().await;
+    let (head, _) = read_head(&mut server).await;
+    assert!(head.starts_with("GET / HTTP/1.1"), "{head}");
+    server.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+    drop(server);
+    let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let log = r.log();
+    assert!(!log.contains("out of service"), "a local fd shortage put the backend out of service:\n{log}");
+    let metrics = r.admin_get("/metrics").unwrap().1;
+    let failures: Vec<&str> = metrics.lines().filter(|l| l.starts_with("upsplice_backend_failures")).collect();
+    assert!(!failures.is_empty() && failures.iter().all(|l| l.ends_with(" 0")), "{failures:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_with_a_body_reaches_the_backend_before_its_answer() {
     let (r, mut backend) = router("").await;

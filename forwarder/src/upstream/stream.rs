@@ -43,6 +43,17 @@ impl std::fmt::Display for ConnectFailure {
     }
 }
 
+impl ConnectFailure {
+    /// Whether the router itself ran short (file descriptors, socket
+    /// buffers, memory) rather than the backend failing: such a failure
+    /// says nothing about the backend's health.
+    pub fn is_local(&self) -> bool {
+        use nix::errno::Errno;
+        let local = [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM];
+        self.error.raw_os_error().is_some_and(|code| local.contains(&Errno::from_raw(code)))
+    }
+}
+
 impl From<io::Error> for ConnectFailure {
     fn from(error: io::Error) -> ConnectFailure {
         ConnectFailure { error, tls: None }

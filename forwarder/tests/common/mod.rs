@@ -154,11 +154,16 @@ impl Router {
 
     /// Waits (bounded) until the router's log contains `needle`.
     pub fn wait_log(&self, needle: &str) {
+        self.wait_log_count(needle, 1);
+    }
+
+    /// Waits (bounded) until the router's log contains `needle` `n` times.
+    pub fn wait_log_count(&self, needle: &str, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.log().contains(needle) {
+        while self.log().matches(needle).count() < n {
             assert!(
                 Instant::now() < deadline,
-                "log never contained {needle:?} (router process {}):\n{}",
+                "log never contained {needle:?} {n} times (router process {}):\n{}",
                 self.liveness(),
                 self.log()
             );
@@ -241,6 +246,49 @@ impl Router {
     /// Open fds of the router process.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+    }
+
+    /// The smallest fd number the router process has free once its fds
+    /// settled (the same for 200 ms: the readiness probe's admin
+    /// connection closes just after startup): the next socket it opens
+    /// gets it.
+    pub fn lowest_free_fd(&self) -> usize {
+        let lowest = || {
+            let used: std::collections::HashSet<usize> = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+            (0..).find(|fd| !used.contains(fd)).unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = lowest();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = lowest();
+            if now == last || Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// Sets the router process's soft open-files limit (the hard one
+    /// stays): fds numbered `limit` and above cannot be opened.
+    pub fn set_fd_limit(&self, limit: usize) {
+        let status = std::process::Command::new("prlimit")
+            .arg("--pid")
+            .arg(self.pid().to_string())
+            .arg(format!("--nofile={limit}:"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "prlimit --nofile={limit}: failed");
+    }
+
+    /// The router process's soft open-files limit.
+    pub fn fd_limit(&self) -> usize {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid())).unwrap();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+        line.split_whitespace().nth(3).unwrap().parse().unwrap()
     }
 
     /// Open fds of the router process that are pipe ends (the splice
