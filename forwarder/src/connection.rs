@@ -84,9 +84,9 @@ impl Session {
     /// listener's requests or a tcp listener's connect. Some when the
     /// connection becomes a tunnel.
     async fn handshake(&self, mut client: TcpStream, peer: SocketAddr, protocol: Protocol) -> Option<Tunneling> {
-        let _ = client.set_nodelay(true);
         let limits = &self.shared.snapshot().config.limits;
-        crate::upstream::set_user_timeout(&client, limits.tcp_user_timeout);
+        // Best effort on the client's side: its connection works without.
+        let _ = crate::sockopt::for_relay(&client, limits.tcp_user_timeout);
         // The PROXY header and the TLS handshake share handshake_timeout.
         let deadline = Instant::now() + limits.handshake_timeout;
         let peer = self.client_address(&mut client, peer).await?;

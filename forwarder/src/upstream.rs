@@ -34,7 +34,7 @@ use prometheus_client::metrics::counter::Counter;
 pub use self::backend::{Backend, BackendGuard};
 use self::health::{Admit, Backoff};
 pub use self::registry::Registry;
-pub use self::stream::{set_user_timeout, BackendStream, TlsBackend};
+pub use self::stream::{BackendStream, TlsBackend};
 use crate::config::{self, BackendSettings, Balance, SendProxy};
 use crate::tls::client::{Failure, Target};
 

@@ -60,19 +60,8 @@ impl From<io::Error> for ConnectFailure {
     }
 }
 
-/// `limits.tcp_user_timeout` on a connection (None: the kernel's own).
-/// A failure is logged, not fatal: the connection works without it.
-pub fn set_user_timeout(stream: &TcpStream, timeout: Option<Duration>) {
-    if timeout.is_none() {
-        return;
-    }
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(timeout) {
-        tracing::warn!("TCP_USER_TIMEOUT not set: {e}");
-    }
-}
-
 /// Connects to `addr` within `timeout`: TCP (with `user_timeout`, see
-/// [`set_user_timeout`]), the PROXY `header` if any, then the TLS handshake
+/// [`crate::sockopt::for_relay`]), the PROXY `header` if any, then the TLS handshake
 /// for `tls` if any.
 pub async fn connect(
     addr: SocketAddr,
@@ -83,8 +72,7 @@ pub async fn connect(
 ) -> Result<BackendStream, ConnectFailure> {
     let connect = async {
         let mut stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        set_user_timeout(&stream, user_timeout);
+        crate::sockopt::for_relay(&stream, user_timeout)?;
         if let Some(header) = header {
             tokio::io::AsyncWriteExt::write_all(&mut stream, header).await?;
         }
