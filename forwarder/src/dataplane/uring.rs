@@ -218,7 +218,9 @@ struct WorkerHandle {
 impl WorkerHandle {
     fn send(&self, cmd: Cmd) -> Result<(), Cmd> {
         self.tx.send(cmd).map_err(|e| e.0)?;
-        wake(&self.wake);
+        if self.shared.needs_wake() {
+            wake(&self.wake);
+        }
         Ok(())
     }
 }
@@ -295,6 +297,7 @@ impl DataPlane for UringPlane {
                 heap_recvs: AtomicUsize::new(0),
                 heap_bytes: AtomicUsize::new(0),
                 heap_bytes_peak: AtomicUsize::new(0),
+                woken: AtomicBool::new(false),
             });
             let (tx, rx) = mpsc::channel();
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);

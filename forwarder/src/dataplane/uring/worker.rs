@@ -116,6 +116,30 @@ pub struct Shared {
     pub heap_bytes: AtomicUsize,
     /// The most bytes of such heap buffers held at once.
     pub heap_bytes_peak: AtomicUsize,
+    /// The eventfd was written since the worker last took its commands:
+    /// a sender need not write it again (see [`Shared::needs_wake`]).
+    pub woken: AtomicBool,
+}
+
+impl Shared {
+    /// Called by a sender after queueing a command: whether it must write
+    /// the eventfd. Only the first command since the worker last took its
+    /// commands does; the rest are taken with it. A burst of handoffs so
+    /// costs one eventfd write and one wakeup of the worker, not one each.
+    pub fn needs_wake(&self) -> bool {
+        // Pairs with the fence in `took_commands`: either this swap sees
+        // the worker's `false`, or the worker's next look at the channel
+        // sees the command queued before it.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        !self.woken.swap(true, Ordering::SeqCst)
+    }
+
+    /// Called by the worker when its eventfd read completed, before it
+    /// looks at the channel: the next command must wake it again.
+    fn took_commands(&self) {
+        self.woken.store(false, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,6 +490,7 @@ impl Worker {
     fn on_cqe(&mut self, user_data: u64, res: i32, flags: u32) {
         if user_data == WAKE_UD {
             self.wake_armed = false;
+            self.shared.took_commands();
             self.take_commands();
             if !self.stopping {
                 self.arm_wake();
