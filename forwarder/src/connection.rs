@@ -86,7 +86,7 @@ impl Session {
     async fn handshake(&self, mut client: TcpStream, peer: SocketAddr, protocol: Protocol) -> Option<Tunneling> {
         let limits = &self.shared.snapshot().config.limits;
         // Best effort on the client's side: its connection works without.
-        let _ = crate::sockopt::for_relay(&client, limits.tcp_user_timeout);
+        let _ = crate::socket::for_relay(&client, limits.tcp_user_timeout);
         // The PROXY header and the TLS handshake share handshake_timeout.
         let deadline = Instant::now() + limits.handshake_timeout;
         let peer = self.client_address(&mut client, peer).await?;

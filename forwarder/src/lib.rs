@@ -28,7 +28,7 @@ pub mod route;
 pub mod route_service;
 pub mod server;
 pub mod sni;
-pub mod sockopt;
+pub mod socket;
 pub mod state;
 pub mod tls;
 pub mod units;

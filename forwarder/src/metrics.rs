@@ -102,6 +102,14 @@ pub struct MoveLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    /// `accept` (a listener's) or `connect` (to a backend).
+    pub op: &'static str,
+    /// [`crate::socket::shortage`]'s name of the errno.
+    pub error: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub accepted: Family<ListenerLabels, Counter>,
@@ -123,6 +131,7 @@ pub struct Metrics {
     pub tls_errors: Family<ProxyErrorLabels, Counter>,
     pub sni_errors: Family<ProxyErrorLabels, Counter>,
     pub ktls_handoffs: Family<KtlsLabels, Counter>,
+    pub resource_errors: Family<ResourceLabels, Counter>,
     planes: OnceLock<Arc<DataPlanes>>,
 }
 
@@ -227,7 +236,19 @@ impl Metrics {
             "Connections to an SNI passthrough listener closed before reaching a backend because of their ClientHello (or its server name routing nowhere), by listener and reason",
             sni_errors.clone(),
         );
+        let resource_errors = Family::default();
+        registry.register(
+            "resource_errors",
+            "Accepts and backend connects that failed because the router ran short of file descriptors, socket buffers or memory, by operation and errno",
+            resource_errors.clone(),
+        );
+        for op in ["accept", "connect"] {
+            for error in crate::socket::shortage_names() {
+                let _ = resource_errors.get_or_create(&ResourceLabels { op, error });
+            }
+        }
         Metrics {
+            resource_errors,
             nats,
             tls_errors,
             sni_errors,
@@ -492,6 +513,12 @@ pub fn outcome(listener: &str, status: u16, reason: &str, elapsed: Duration) {
         .get_or_create(&OutcomeLabels { listener: listener.to_string(), status, reason: reason.to_string() })
         .inc();
     m.handshake_seconds.observe(elapsed.as_secs_f64());
+}
+
+/// An accept or a backend connect failed for the router's own shortage
+/// (`op`: "accept" or "connect"; `error`: [`crate::socket::shortage`]).
+pub fn resource_error(op: &'static str, error: &'static str) {
+    get().resource_errors.get_or_create(&ResourceLabels { op, error }).inc();
 }
 
 pub fn connect_failure(pool: &str) {

@@ -225,6 +225,9 @@ async fn accept_loop(
                     continue;
                 }
                 // EMFILE, ENFILE, ENOBUFS, ENOMEM: wait instead of spinning.
+                if let Some(error) = crate::socket::shortage(&e) {
+                    metrics::resource_error("accept", error);
+                }
                 tracing::warn!(listener = %name, "accept failed: {e}; retrying in {backoff:?}");
                 tokio::select! {
                     _ = stop.cancelled() => return,

@@ -311,8 +311,9 @@ impl Pool {
                 // Out of fds or memory is the router's trouble: putting
                 // the backend out of service would fail requests on after
                 // the router recovered.
-                if !e.is_local() {
-                    backend.failed(&self.name, &e.to_string(), self.ctx.backoff);
+                match e.shortage() {
+                    Some(error) => crate::metrics::resource_error("connect", error),
+                    None => backend.failed(&self.name, &e.to_string(), self.ctx.backoff),
                 }
                 Err(Miss::Failed(format!("{}: {e}", backend.addr), e.tls))
             }

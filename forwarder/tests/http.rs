@@ -401,6 +401,7 @@ async fn fd_exhaustion_backs_off_and_recovers() {
     drop(server);
     let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(r.metric("upsplice_resource_errors_total{op=\"accept\",error=\"EMFILE\"}") >= 1.0);
 }
 
 /// A backend connect that fails for want of an fd is the router's
@@ -435,6 +436,8 @@ async fn running_out_of_fds_does_not_put_backends_out_of_service() {
     let metrics = r.admin_get("/metrics").unwrap().1;
     let failures: Vec<&str> = metrics.lines().filter(|l| l.starts_with("upsplice_backend_failures")).collect();
     assert!(!failures.is_empty() && failures.iter().all(|l| l.ends_with(" 0")), "{failures:?}");
+    // The operator sees the shortage for what it is.
+    assert_eq!(r.metric("upsplice_resource_errors_total{op=\"connect\",error=\"EMFILE\"}"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

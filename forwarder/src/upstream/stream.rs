@@ -44,13 +44,12 @@ impl std::fmt::Display for ConnectFailure {
 }
 
 impl ConnectFailure {
-    /// Whether the router itself ran short (file descriptors, socket
-    /// buffers, memory) rather than the backend failing: such a failure
-    /// says nothing about the backend's health.
-    pub fn is_local(&self) -> bool {
-        use nix::errno::Errno;
-        let local = [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM];
-        self.error.raw_os_error().is_some_and(|code| local.contains(&Errno::from_raw(code)))
+    /// When the router itself ran short (file descriptors, socket
+    /// buffers, memory) rather than the backend failing, the errno's name
+    /// (see [`crate::socket::shortage`]): such a failure says nothing
+    /// about the backend's health.
+    pub fn shortage(&self) -> Option<&'static str> {
+        crate::socket::shortage(&self.error)
     }
 }
 
@@ -61,7 +60,7 @@ impl From<io::Error> for ConnectFailure {
 }
 
 /// Connects to `addr` within `timeout`: TCP (with `user_timeout`, see
-/// [`crate::sockopt::for_relay`]), the PROXY `header` if any, then the TLS handshake
+/// [`crate::socket::for_relay`]), the PROXY `header` if any, then the TLS handshake
 /// for `tls` if any.
 pub async fn connect(
     addr: SocketAddr,
@@ -72,7 +71,7 @@ pub async fn connect(
 ) -> Result<BackendStream, ConnectFailure> {
     let connect = async {
         let mut stream = TcpStream::connect(addr).await?;
-        crate::sockopt::for_relay(&stream, user_timeout)?;
+        crate::socket::for_relay(&stream, user_timeout)?;
         if let Some(header) = header {
             tokio::io::AsyncWriteExt::write_all(&mut stream, header).await?;
         }
