@@ -392,8 +392,17 @@ async fn fd_exhaustion_backs_off_and_recovers() {
     // accept back-off is up to 1 s), then serves again.
     drop(held);
     r.wait_log_count("upsplice::access", held_count);
+    one_get_served(&r, &mut backend).await;
+    assert!(r.metric("upsplice_resource_errors_total{op=\"accept\",error=\"EMFILE\"}") >= 1.0);
+}
+
+const CLOSING_GET: &[u8] = b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
+
+/// One `GET` through the router reaches `backend`, whose `200` reaches
+/// the client.
+async fn one_get_served(r: &Router, backend: &mut RawBackend) {
     let mut client = TcpStream::connect(r.http).await.unwrap();
-    client.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    client.write_all(CLOSING_GET).await.unwrap();
     let mut server = backend.accept().await;
     let (head, _) = read_head(&mut server).await;
     assert!(head.starts_with("GET / HTTP/1.1"), "{head}");
@@ -401,7 +410,6 @@ async fn fd_exhaustion_backs_off_and_recovers() {
     drop(server);
     let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-    assert!(r.metric("upsplice_resource_errors_total{op=\"accept\",error=\"EMFILE\"}") >= 1.0);
 }
 
 /// A backend connect that fails for want of an fd is the router's
@@ -414,23 +422,14 @@ async fn running_out_of_fds_does_not_put_backends_out_of_service() {
     // Room for exactly one more fd: the client's socket takes it, the
     // backend connect finds none.
     r.set_fd_limit(r.lowest_free_fd() + 1);
-    let request = b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
     let mut client = TcpStream::connect(r.http).await.unwrap();
-    client.write_all(request).await.unwrap();
+    client.write_all(CLOSING_GET).await.unwrap();
     let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
     assert!(got.starts_with("HTTP/1.1 502"), "{got}");
     assert!(got.contains("X-Cf-Routererror: endpoint_failure"), "{got}");
     r.wait_log("Too many open files");
     r.set_fd_limit(normal);
-    let mut client = TcpStream::connect(r.http).await.unwrap();
-    client.write_all(request).await.unwrap();
-    let mut server = backend.accept().await;
-    let (head, _) = read_head(&mut server).await;
-    assert!(head.starts_with("GET / HTTP/1.1"), "{head}");
-    server.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
-    drop(server);
-    let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
-    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    one_get_served(&r, &mut backend).await;
     let log = r.log();
     assert!(!log.contains("out of service"), "a local fd shortage put the backend out of service:\n{log}");
     let metrics = r.admin_get("/metrics").unwrap().1;
