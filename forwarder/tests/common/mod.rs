@@ -725,7 +725,10 @@ pub fn wait_lines(path: &std::path::Path, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        // Complete lines only: a read racing the writer's write(2) can end
+        // inside a line (the kernel grows the file a page at a time).
+        let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+        let lines: Vec<String> = complete.lines().map(str::to_string).collect();
         if lines.len() >= n {
             return lines;
         }
