@@ -98,6 +98,17 @@ impl AccessLog {
     }
 }
 
+/// Buffers one record with its newline in one piece, so that every
+/// write(2) of the buffer holds whole lines. Another process appending to
+/// the same file (the old router draining beside the new one after a
+/// restart) then never lands between a line and its newline: a line and
+/// `\n` buffered apart went out in two writes whenever the line filled
+/// the buffer or was longer than it (a long URL).
+fn put_line<W: Write>(out: &mut BufWriter<W>, mut line: String) -> io::Result<()> {
+    line.push('\n');
+    out.write_all(line.as_bytes())
+}
+
 fn open(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
@@ -144,7 +155,7 @@ impl Writer {
     fn take(&mut self, msg: Msg) {
         match msg {
             Msg::Line(line) => {
-                let written = self.out.write_all(line.as_bytes()).and_then(|()| self.out.write_all(b"\n"));
+                let written = put_line(&mut self.out, line);
                 self.result(written);
             }
             Msg::Sync(done) => {
@@ -168,5 +179,44 @@ impl Writer {
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records each write the buffer makes to it.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_write_holds_whole_lines() {
+        let mut out = BufWriter::with_capacity(1024, Writes::default());
+        // Short lines, one that fills the buffer to its last byte, one
+        // longer than the buffer (written past it).
+        let lines = ["short".repeat(30), "x".repeat(1024 - 3 * 151), "y".repeat(3000), "after".to_string()];
+        for line in &lines {
+            put_line(&mut out, line.clone()).unwrap();
+        }
+        out.flush().unwrap();
+        let writes = out.into_inner().map_err(|e| e.into_error()).unwrap().0;
+        assert!(writes.len() >= 2, "the test should make the buffer write more than once");
+        for w in &writes {
+            assert_eq!(w.last(), Some(&b'\n'), "a write ended inside a line");
+        }
+        let all: Vec<u8> = writes.concat();
+        let expected: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        assert_eq!(String::from_utf8(all).unwrap(), expected);
     }
 }
