@@ -4,7 +4,6 @@
 //! per line, field names in the README) and `gorouter` (gorouter's line,
 //! so existing Cloud Foundry log pipelines keep parsing).
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -12,6 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Deserialize;
 
 use crate::dataplane::{Legs, Mode};
+
+mod texts;
+
+pub use self::texts::{Text, Texts};
 
 /// `[access_log] format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -26,16 +29,6 @@ pub enum Format {
     Gorouter,
 }
 
-/// A request's method as the record keeps it: RFC 9110's methods and
-/// PATCH as static strings, any other copied.
-pub fn method(m: &str) -> Cow<'static, str> {
-    const KNOWN: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
-    match KNOWN.iter().find(|k| **k == m) {
-        Some(k) => Cow::Borrowed(k),
-        None => Cow::Owned(m.to_owned()),
-    }
-}
-
 /// What the access log says about a connection when it ends.
 #[derive(Debug)]
 pub struct AccessRecord {
@@ -44,24 +37,12 @@ pub struct AccessRecord {
     /// Wall-clock time of the accept (the line's timestamp).
     pub start: SystemTime,
     pub started: Instant,
-    /// The request method ([`method`]: the common ones are not copied).
-    pub method: Option<Cow<'static, str>>,
-    /// The request target as received (path and query).
-    pub target: Option<String>,
+    /// The request's strings: method, target, headers as forwarded, the
+    /// route service's URL when it went to one rather than to the app.
+    pub texts: Texts,
     /// `HTTP/1.1` or `HTTP/1.0`.
     pub proto: Option<&'static str>,
-    pub host: Option<String>,
-    pub user_agent: Option<String>,
-    pub referer: Option<String>,
-    /// `X-Forwarded-For` and `X-Forwarded-Proto` as sent to the backend.
-    pub x_forwarded_for: Option<String>,
-    pub x_forwarded_proto: Option<String>,
-    /// `X-Vcap-Request-Id` as sent to the backend.
-    pub request_id: Option<String>,
     pub route: Option<Arc<str>>,
-    /// The route service the request was sent to (its URL), when it went
-    /// to one rather than to the app.
-    pub route_service: Option<String>,
     pub backend: Option<SocketAddr>,
     /// The app instance the backend registered as (an endpoint learned
     /// from NATS): `app`, `private_instance_index`, `private_instance_id`;
@@ -98,17 +79,9 @@ impl AccessRecord {
             listener,
             start: SystemTime::now(),
             started: Instant::now(),
-            method: None,
-            target: None,
+            texts: Texts::default(),
             proto: None,
-            host: None,
-            user_agent: None,
-            referer: None,
-            x_forwarded_for: None,
-            x_forwarded_proto: None,
-            request_id: None,
             route: None,
-            route_service: None,
             backend: None,
             app_id: None,
             app_index: None,
@@ -141,18 +114,18 @@ impl AccessRecord {
             target: "upsplice::access",
             client = %self.peer,
             listener = %self.listener,
-            method = self.method.as_deref().unwrap_or("-"),
-            path = self.target.as_deref().unwrap_or("-"),
-            host = self.host.as_deref().unwrap_or("-"),
+            method = self.texts.get(Text::Method).unwrap_or("-"),
+            path = self.texts.get(Text::Target).unwrap_or("-"),
+            host = self.texts.get(Text::Host).unwrap_or("-"),
             route = self.route.as_deref().unwrap_or("-"),
             backend = %self.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
             status = self.status,
             data_plane = self.data_plane.map(Mode::as_str).unwrap_or("-"),
             bytes_to_backend = self.to_backend,
             bytes_to_client = self.to_client,
-            user_agent = self.user_agent.as_deref().unwrap_or("-"),
-            x_forwarded_for = self.x_forwarded_for.as_deref().unwrap_or("-"),
-            request_id = self.request_id.as_deref().unwrap_or("-"),
+            user_agent = self.texts.get(Text::UserAgent).unwrap_or("-"),
+            x_forwarded_for = self.texts.get(Text::XForwardedFor).unwrap_or("-"),
+            request_id = self.texts.get(Text::RequestId).unwrap_or("-"),
             first_byte_ms = ms(self.first_byte),
             upgrade_ms = ms(self.upgraded),
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -181,20 +154,20 @@ impl AccessRecord {
             humantime::format_rfc3339_millis(self.start),
             self.peer,
             q(Some(&self.listener)),
-            q(self.method.as_deref()),
-            q(self.target.as_deref()),
-            q(self.host.as_deref()),
+            q(self.texts.get(Text::Method)),
+            q(self.texts.get(Text::Target)),
+            q(self.texts.get(Text::Host)),
             q(self.route.as_deref()),
             self.backend.map_or("-".into(), |b| b.to_string()),
             self.status,
             self.data_plane.map_or("-", Mode::as_str),
             self.to_backend,
             self.to_client,
-            q(self.user_agent.as_deref()),
-            q(self.referer.as_deref()),
-            q(self.x_forwarded_for.as_deref()),
-            q(self.x_forwarded_proto.as_deref()),
-            q(self.request_id.as_deref()),
+            q(self.texts.get(Text::UserAgent)),
+            q(self.texts.get(Text::Referer)),
+            q(self.texts.get(Text::XForwardedFor)),
+            q(self.texts.get(Text::XForwardedProto)),
+            q(self.texts.get(Text::RequestId)),
             q(self.app_id.as_deref()),
             q(self.app_index.as_deref()),
             q(self.instance_id.as_deref()),
@@ -213,12 +186,12 @@ impl AccessRecord {
             "time": humantime::format_rfc3339_millis(self.start).to_string(),
             "client": self.peer.to_string(),
             "listener": &*self.listener,
-            "method": self.method,
-            "path": self.target,
+            "method": self.texts.get(Text::Method),
+            "path": self.texts.get(Text::Target),
             "proto": self.proto,
-            "host": self.host,
+            "host": self.texts.get(Text::Host),
             "route": self.route.as_deref(),
-            "route_service": self.route_service,
+            "route_service": self.texts.get(Text::RouteService),
             "backend": self.backend.map(|b| b.to_string()),
             "app_id": self.app_id.as_deref(),
             "app_index": self.app_index.as_deref(),
@@ -227,11 +200,11 @@ impl AccessRecord {
             "data_plane": self.data_plane.map(Mode::as_str),
             "bytes_to_backend": self.to_backend,
             "bytes_to_client": self.to_client,
-            "user_agent": self.user_agent,
-            "referer": self.referer,
-            "x_forwarded_for": self.x_forwarded_for,
-            "x_forwarded_proto": self.x_forwarded_proto,
-            "request_id": self.request_id,
+            "user_agent": self.texts.get(Text::UserAgent),
+            "referer": self.texts.get(Text::Referer),
+            "x_forwarded_for": self.texts.get(Text::XForwardedFor),
+            "x_forwarded_proto": self.texts.get(Text::XForwardedProto),
+            "request_id": self.texts.get(Text::RequestId),
             "router_error": self.router_error,
             "first_byte_ms": ms(self.first_byte),
             "upgrade_ms": ms(self.upgraded),
@@ -259,26 +232,26 @@ impl AccessRecord {
     fn gorouter(&self, ended: Duration) -> String {
         let dash = |v: Option<&str>| v.filter(|v| !v.is_empty()).unwrap_or("-").to_string();
         let quoted = |v: Option<&str>| format!("\"{}\"", dash(v).replace('"', "\\\""));
-        let request = match (&self.method, &self.target) {
+        let request = match (self.texts.get(Text::Method), self.texts.get(Text::Target)) {
             (Some(m), Some(t)) => format!("\"{m} {t} {}\"", self.proto.unwrap_or("HTTP/1.1")),
             _ => "\"-\"".into(),
         };
         format!(
             "{} - [{}] {} {} {} {} {} {} {} {} x_forwarded_for:{} x_forwarded_proto:{} vcap_request_id:{} \
              response_time:{} gorouter_time:{} app_id:{} app_index:{} x_cf_routererror:{}",
-            dash(self.host.as_deref()),
+            dash(self.texts.get(Text::Host)),
             humantime::format_rfc3339_nanos(self.start),
             request,
             self.status,
             self.to_backend,
             self.to_client,
-            quoted(self.referer.as_deref()),
-            quoted(self.user_agent.as_deref()),
+            quoted(self.texts.get(Text::Referer)),
+            quoted(self.texts.get(Text::UserAgent)),
             self.peer,
             self.backend.map_or("-".into(), |b| b.to_string()),
-            quoted(self.x_forwarded_for.as_deref()),
-            quoted(self.x_forwarded_proto.as_deref()),
-            dash(self.request_id.as_deref()),
+            quoted(self.texts.get(Text::XForwardedFor)),
+            quoted(self.texts.get(Text::XForwardedProto)),
+            dash(self.texts.get(Text::RequestId)),
             seconds(Some(ended)),
             seconds(self.forwarded),
             dash(self.app_id.as_deref()),
@@ -303,14 +276,14 @@ mod tests {
     fn record() -> AccessRecord {
         let mut r = AccessRecord::new("192.0.2.7:51000".parse().unwrap(), "web".into());
         r.start = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        r.method = Some("GET".into());
-        r.target = Some("/chat?room=1".into());
+        r.texts.set(Text::Method, "GET");
+        r.texts.set(Text::Target, "/chat?room=1");
         r.proto = Some("HTTP/1.1");
-        r.host = Some("chat.example.com".into());
-        r.user_agent = Some("Mozilla \"x\"".into());
-        r.x_forwarded_for = Some("192.0.2.7".into());
-        r.x_forwarded_proto = Some("https".into());
-        r.request_id = Some("6f1c1c3e-0000-4000-8000-000000000001".into());
+        r.texts.set(Text::Host, "chat.example.com");
+        r.texts.set(Text::UserAgent, "Mozilla \"x\"");
+        r.texts.set(Text::XForwardedFor, "192.0.2.7");
+        r.texts.set(Text::XForwardedProto, "https");
+        r.texts.set(Text::RequestId, "6f1c1c3e-0000-4000-8000-000000000001");
         r.route = Some("chat.example.com".into());
         r.backend = Some("10.0.0.5:8080".parse().unwrap());
         r.status = 101;

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::access::AccessRecord;
+use crate::access::{AccessRecord, Text};
 use crate::config::{Protocol, ProxyProtocol};
 use crate::dataplane::stream::{Stream, StreamTunnel};
 use crate::dataplane::{CloseReason, Mode, Tunnel};
@@ -190,7 +190,7 @@ impl Session {
         };
         let pool = name.as_deref().and_then(|p| snap.pool_named(p)).cloned();
         drop(snap);
-        rec.host = hello.server_name;
+        rec.texts.set_opt(Text::Host, hello.server_name.as_deref());
         rec.route = name;
         match pool {
             Some(pool) => self.forward_tcp(client, pool, hello.bytes, local, rec).await,
@@ -211,7 +211,7 @@ impl Session {
     /// Closes a passthrough connection whose server name no pool takes;
     /// counted, and logged with the name.
     fn no_route(&self, mut rec: AccessRecord) {
-        let name = rec.host.as_deref().unwrap_or("-");
+        let name = rec.texts.get(Text::Host).unwrap_or("-");
         tracing::debug!(listener = %self.listener, peer = %rec.peer, server_name = name, "closed: no pool takes it");
         metrics::sni_error(&self.listener, "no_route");
         rec.reason = "no_route";
@@ -333,6 +333,8 @@ impl Session {
     /// and the labels.
     async fn tunnel(self, tunneling: Tunneling) {
         let Tunneling { plan, mut rec } = tunneling;
+        // The record stays for the tunnel's life: no spare room in it.
+        rec.texts.shrink();
         let Plan { client, backend, to_backend, to_client, status, guard } = plan;
         if status != 0 {
             metrics::outcome(&self.listener, status, "", rec.started.elapsed());

@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::AccessRecord;
+use crate::access::{AccessRecord, Text};
 use crate::state::Snapshot;
 use crate::tls::client::Failure;
 use crate::tls::ClientCert;
@@ -263,13 +263,12 @@ impl Context<'_> {
             false => *buf = BytesMut::new(),
         }
 
-        rec.method = Some(crate::access::method(request.method()));
-        rec.target = Some(request.target().to_owned());
+        rec.texts.set(Text::Method, request.method());
+        rec.texts.set(Text::Target, request.target());
         rec.proto = Some(if request.version == 0 { "HTTP/1.0" } else { "HTTP/1.1" });
-        let header =
-            |name| head::values(&request.headers, name).next().map(|v| String::from_utf8_lossy(v).into_owned());
-        rec.user_agent = header("user-agent");
-        rec.referer = header("referer");
+        let header = |name| head::values(&request.headers, name).next().map(String::from_utf8_lossy);
+        rec.texts.set_opt(Text::UserAgent, header("user-agent").as_deref());
+        rec.texts.set_opt(Text::Referer, header("referer").as_deref());
 
         let settings = snap.listener(listener);
         let mut request_id = uuid::Uuid::encode_buffer();
@@ -288,10 +287,10 @@ impl Context<'_> {
         let keep_backend = snap.config.backends.max_idle_per_backend > 0 && request.version >= 1 && !is_upgrade_request;
         let mut fwd = rewrite::rewrite(&request, &client_info, keep_backend)?;
         // The log's copies are the rewrite's own (the host is routed by below).
-        rec.host = Some(fwd.host.clone());
-        rec.x_forwarded_for = Some(std::mem::take(&mut fwd.x_forwarded_for));
-        rec.x_forwarded_proto = Some(std::mem::take(&mut fwd.x_forwarded_proto));
-        rec.request_id = Some(std::mem::take(&mut fwd.request_id));
+        rec.texts.set(Text::Host, &fwd.host);
+        rec.texts.set(Text::XForwardedFor, &fwd.x_forwarded_for);
+        rec.texts.set(Text::XForwardedProto, &fwd.x_forwarded_proto);
+        rec.texts.set(Text::RequestId, &fwd.request_id);
         if let (Body::Length(n), Some(max)) = (fwd.body, limits.max_request_body) {
             if n > max {
                 return Err(Refusal::body_too_large(max).into());
@@ -313,7 +312,7 @@ impl Context<'_> {
             };
             let scheme = match rs.recommend_https {
                 true => "https",
-                false => rec.x_forwarded_proto.as_deref().unwrap_or_default(),
+                false => rec.texts.get(Text::XForwardedProto).unwrap_or_default(),
             };
             let forwarded_url = || fwd.forwarded_url(scheme);
             let now = time::OffsetDateTime::now_utc();
@@ -323,7 +322,7 @@ impl Context<'_> {
                     let services = &snap.route_services.as_ref().expect("a service leg has route services").services;
                     service = services.get(&url).await.map_err(|e| Refusal::endpoint_failure(e.to_string()))?;
                     fwd.to_route_service(&service.target, &service.host, &forwarded_url, &sealed);
-                    rec.route_service = Some(url);
+                    rec.texts.set(Text::RouteService, &url);
                     pool = &service.pool;
                 }
             }
@@ -489,7 +488,7 @@ impl Stop {
             Stop::Refuse(refusal) => {
                 if refusal.detail.is_some() {
                     // A backend failed: the operator needs to know which and why.
-                    tracing::warn!(listener, host = rec.host.as_deref().unwrap_or("-"), "refused: {refusal}");
+                    tracing::warn!(listener, host = rec.texts.get(Text::Host).unwrap_or("-"), "refused: {refusal}");
                 } else {
                     tracing::debug!(listener, "refused: {refusal}");
                 }
