@@ -133,6 +133,10 @@ pub enum ConnectError {
 enum Miss {
     AtCap,
     Failed(String, Option<Failure>),
+    /// The router ran out of fds, buffers or memory: every other backend
+    /// would fail the same way (EMFILE comes from `socket()` itself), so
+    /// the request stops here.
+    Shortage(String),
 }
 
 /// Where a pool made at run time comes from: the label its reuse counts under.
@@ -259,6 +263,7 @@ impl Pool {
             }
             match self.attempt(i, opts).await {
                 Ok(upstream) => return Ok(upstream),
+                Err(Miss::Shortage(why)) => return Err(self.all_failed(why, None)),
                 Err(miss) => {
                     tried = true;
                     if let Miss::Failed(why, tls) = miss {
@@ -273,14 +278,19 @@ impl Pool {
                 match self.attempt(i, opts).await {
                     Ok(upstream) => return Ok(upstream),
                     Err(Miss::Failed(why, tls)) => last = Some((why, tls)),
+                    Err(Miss::Shortage(why)) => return Err(self.all_failed(why, None)),
                     Err(Miss::AtCap) => {}
                 }
             }
         }
         Err(match last {
-            Some((last, tls)) => ConnectError::AllFailed { pool: self.name.clone(), last, tls },
+            Some((last, tls)) => self.all_failed(last, tls),
             None => ConnectError::ConnLimit { pool: self.name.clone() },
         })
+    }
+
+    fn all_failed(&self, last: String, tls: Option<Failure>) -> ConnectError {
+        ConnectError::AllFailed { pool: self.name.clone(), last, tls }
     }
 
     async fn attempt(&self, i: usize, opts: ConnectOpts) -> Result<Upstream, Miss> {
@@ -308,14 +318,20 @@ impl Pool {
             Err(e) => {
                 drop(guard);
                 crate::metrics::connect_failure(&self.name);
+                let why = format!("{}: {e}", backend.addr);
                 // Out of fds or memory is the router's trouble: putting
                 // the backend out of service would fail requests on after
                 // the router recovered.
                 match e.shortage() {
-                    Some(error) => crate::metrics::resource_error("connect", error),
-                    None => backend.failed(&self.name, &e.to_string(), self.ctx.backoff),
+                    Some(error) => {
+                        crate::metrics::resource_error("connect", error);
+                        Err(Miss::Shortage(why))
+                    }
+                    None => {
+                        backend.failed(&self.name, &e.to_string(), self.ctx.backoff);
+                        Err(Miss::Failed(why, e.tls))
+                    }
                 }
-                Err(Miss::Failed(format!("{}: {e}", backend.addr), e.tls))
             }
         }
     }

@@ -18,16 +18,21 @@ const LIMITS: &str = "handshake_timeout = \"1s\"\nmax_header_bytes = 2048\nconne
 /// a route bound to a route service, *.wild.test → the live backend.
 async fn router(extra_limits: &str) -> (Router, RawBackend) {
     let backend = RawBackend::start().await;
-    let dead = {
+    let dead = || {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
+    let (dead, trio) = (dead(), [dead(), dead(), dead()]);
     let routing = format!(
         "{}\n[[pool]]\nname = \"dead\"\nbackends = [\"{dead}\"]\n[[pool]]\nname = \"empty\"\n\
+         [[pool]]\nname = \"trio\"\nbackends = [\"{}\", \"{}\", \"{}\"]\n[[route]]\nhost = \"trio.test\"\npool = \"trio\"\n\
          [[route]]\nhost = \"dead.test\"\npool = \"dead\"\n[[route]]\nhost = \"empty.test\"\npool = \"empty\"\n\
          [[route]]\nhost = \"rs.test\"\npool = \"main\"\nroute_service = \"https://auth.example.com\"\n\
          [[route]]\nhost = \"*.wild.test\"\npool = \"main\"\n",
-        main_pool(&[backend.addr], "app.test")
+        main_pool(&[backend.addr], "app.test"),
+        trio[0],
+        trio[1],
+        trio[2],
     );
     let limits = format!("{LIMITS}\n{extra_limits}");
     let r = Router::start(Setup { mode: "copy", limits: &limits, routing, extra: "" });
@@ -437,6 +442,25 @@ async fn running_out_of_fds_does_not_put_backends_out_of_service() {
     assert!(!failures.is_empty() && failures.iter().all(|l| l.ends_with(" 0")), "{failures:?}");
     // The operator sees the shortage for what it is.
     assert_eq!(r.metric("upsplice_resource_errors_total{op=\"connect\",error=\"EMFILE\"}"), 1.0);
+}
+
+/// Out of fds, a request stops at its first backend: every other one
+/// would fail the same way (EMFILE comes from `socket()` itself), and each
+/// try would count as a shortage of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_fds_a_request_tries_one_backend_not_all() {
+    let (r, _backend) = router("").await;
+    let normal = r.fd_limit();
+    r.set_fd_limit(r.lowest_free_fd() + 1);
+    let mut client = TcpStream::connect(r.http).await.unwrap();
+    client.write_all(b"GET / HTTP/1.1\r\nHost: trio.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let got = String::from_utf8(read_to_end(&mut client).await).unwrap();
+    r.set_fd_limit(normal);
+    assert!(got.starts_with("HTTP/1.1 502"), "{got}");
+    assert!(got.contains("X-Cf-Routererror: endpoint_failure"), "{got}");
+    assert_eq!(r.metric("upsplice_resource_errors_total{op=\"connect\",error=\"EMFILE\"}"), 1.0);
+    assert_eq!(r.metric("upsplice_backend_connect_failures_total{pool=\"trio\"}"), 1.0, "one backend tried");
+    assert!(!r.log().contains("out of service"), "{}", r.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
