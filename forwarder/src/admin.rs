@@ -20,15 +20,59 @@ const MAX_HEAD: usize = 8192;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, nats: Option<Arc<nats::Status>>) {
+    let mut reserve = Reserve::open();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 tokio::spawn(answer(stream, shared.clone(), nats.clone()));
             }
-            Err(e) => {
-                tracing::warn!("admin accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(e) => match crate::socket::shortage(&e) {
+                // Out of fds: the moment `/metrics` matters most. The
+                // reserve's fd goes to one connection, answered here before
+                // the next accept, then the reserve is taken again.
+                Some(error) if reserve.release() => {
+                    crate::metrics::resource_error("accept", error);
+                    tracing::warn!("admin accept failed: {e}; answering on the reserved fd");
+                    match listener.accept().await {
+                        Ok((stream, _)) => answer(stream, shared.clone(), nats.clone()).await,
+                        Err(e) => tracing::warn!("admin accept failed on the reserved fd too: {e}"),
+                    }
+                    reserve.restore();
+                }
+                shortage => {
+                    if let Some(error) = shortage {
+                        crate::metrics::resource_error("accept", error);
+                    }
+                    tracing::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    reserve.restore();
+                }
+            },
+        }
+    }
+}
+
+/// One fd the admin endpoint holds in reserve (`/dev/null`, open), so that
+/// a router out of fds can still be asked why: closed to make room for one
+/// accept, then opened again. Another thread may take the freed fd first;
+/// then the endpoint backs off as before.
+struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    fn open() -> Reserve {
+        Reserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Frees the reserved fd; false if there was none to free.
+    fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+
+    /// Takes the reserve again if it is not held (it may fail while the
+    /// process is still out of fds: the next shortage tries again).
+    fn restore(&mut self) {
+        if self.0.is_none() {
+            self.0 = std::fs::File::open("/dev/null").ok();
         }
     }
 }

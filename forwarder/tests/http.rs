@@ -444,6 +444,26 @@ async fn running_out_of_fds_does_not_put_backends_out_of_service() {
     assert_eq!(r.metric("upsplice_resource_errors_total{op=\"connect\",error=\"EMFILE\"}"), 1.0);
 }
 
+/// Out of fds is when an operator most needs `/metrics`: the admin
+/// endpoint answers on the fd it holds in reserve, shows the shortage, and
+/// takes its reserve back for the next time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_fds_the_admin_endpoint_still_answers() {
+    let (r, _backend) = router("").await;
+    let normal = r.fd_limit();
+    // Not one fd to spare.
+    r.set_fd_limit(r.lowest_free_fd());
+    let first = r.admin_get("/metrics");
+    let second = r.admin_get("/healthz");
+    r.set_fd_limit(normal);
+    let (status, body) = first.expect("/metrics answers out of fds");
+    assert_eq!(status, 200, "{body}");
+    let line = "upsplice_resource_errors_total{op=\"accept\",error=\"EMFILE\"} ";
+    assert!(body.lines().any(|l| l.starts_with(line) && l != format!("{line}0")), "{body}");
+    assert_eq!(second.expect("and again: the reserve was taken back").0, 200);
+    assert!(r.log().contains("answering on the reserved fd"), "{}", r.log());
+}
+
 /// Out of fds, a request stops at its first backend: every other one
 /// would fail the same way (EMFILE comes from `socket()` itself), and each
 /// try would count as a shortage of its own.
