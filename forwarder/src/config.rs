@@ -1369,6 +1369,12 @@ pool = "chat"
         assert_eq!(e, "t.toml: data_plane.promote_after: must be between 10ms and 1h");
         let e = parse(&format!("[data_plane]\npromote_message_size = 0\n{BASE}")).unwrap_err().to_string();
         assert_eq!(e, "t.toml: data_plane.promote_message_size: must be between 1 byte and 16MiB");
+        assert_eq!(c.data_plane.demote_rate, 32 << 20, "the default");
+        let c = parse(&format!("[data_plane]\ndemote_rate = \"100MiB\"\n{BASE}")).unwrap();
+        assert_eq!(c.data_plane.demote_rate, 100 << 20);
+        assert_eq!(parse(&format!("[data_plane]\ndemote_rate = 0\n{BASE}")).unwrap().data_plane.demote_rate, 0, "off");
+        let e = parse(&format!("[data_plane]\ndemote_rate = \"1KiB\"\n{BASE}")).unwrap_err().to_string();
+        assert_eq!(e, "t.toml: data_plane.demote_rate: must be 0 (off) or between 64KiB and 1TiB (bytes per second)");
     }
 
     #[test]

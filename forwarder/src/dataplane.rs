@@ -25,8 +25,9 @@
 //! (`mode = "adaptive"`, [`Promote`]): it starts on splice, cheap to set
 //! up; one that lives on and carries small messages is handed back
 //! ([`Cause::Promoted`]) between two bursts, holding nothing, and goes to
-//! sockmap; one whose directions then saturate steps aside from sockmap
-//! ([`Cause::Demoted`]) and goes back to splice, for good. Every move keeps
+//! sockmap; one whose directions then saturate, or one that turns into
+//! bulk (`demote_rate`), steps aside from sockmap ([`Cause::Demoted`]) and
+//! goes back to splice, for good. Every move keeps
 //! the contract above: the plane that lets go of a tunnel holds none of its
 //! bytes, or hands them on as leftovers.
 
@@ -166,8 +167,9 @@ pub enum Cause {
     /// The plane could not take or keep this tunnel: the next plane of the
     /// chain takes it.
     Refused,
-    /// The tunnel saturated a bound of the plane and stepped aside
-    /// (`reason`: which bound); it goes back to the start of the chain.
+    /// The tunnel saturated a bound of the plane, or a direction passed
+    /// `demote_rate`, and stepped aside (`reason`: which bound, or `rate`);
+    /// it goes back to the start of the chain.
     Demoted(&'static str),
     /// The tunnel proved long-lived with small messages (`reason`); it goes
     /// to the promotion plane.
@@ -557,8 +559,9 @@ pub struct DataPlanes {
 pub struct Promotion {
     to: Plane,
     policy: Promote,
-    /// `promote_rate`, for the policy's words.
+    /// `promote_rate` and `demote_rate`, for the policy's words.
     rate: u32,
+    demote_rate: u64,
 }
 
 /// A tunnel's move from one plane to the next, as the dispatcher makes it
@@ -616,7 +619,7 @@ impl DataPlanes {
                 // process's; every promoted tunnel refers to it.
                 let pacer = Box::leak(Box::new(pacer::Pacer::new(cfg.promote_rate)));
                 let policy = Promote { window: cfg.promote_after, message_size: cfg.promote_message_size, pacer };
-                promotion = Some(Promotion { to, policy, rate: cfg.promote_rate });
+                promotion = Some(Promotion { to, policy, rate: cfg.promote_rate, demote_rate: cfg.demote_rate });
                 start
             }
             mode => {
@@ -693,7 +696,7 @@ impl DataPlanes {
     /// startup log and `upsplice check`; None when they stay on their plane.
     pub fn policy(&self) -> Option<String> {
         let p = self.promotion.as_ref()?;
-        Some(describe_policy(self.mode(), p.to.mode(), p.policy.window, p.policy.message_size, p.rate))
+        Some(describe_policy(self.mode(), p.to.mode(), p.policy.window, p.policy.message_size, (p.rate, p.demote_rate)))
     }
 
     /// Relays `t` until it ends, through the first plane that takes it and
@@ -783,12 +786,18 @@ impl DataPlanes {
 }
 
 /// The adaptive policy in words (startup log, `upsplice check`).
-pub fn describe_policy(start: Mode, to: Mode, window: Duration, message_size: u64, rate: u32) -> String {
+/// `rates`: `promote_rate` and `demote_rate`.
+pub fn describe_policy(start: Mode, to: Mode, window: Duration, message_size: u64, rates: (u32, u64)) -> String {
+    let (rate, demote_rate) = rates;
+    let fast = match demote_rate {
+        0 => String::new(),
+        r => format!(", or carries more than {r} bytes per second over a window (demote_rate),"),
+    };
     format!(
         "adaptive: tunnels start on {start}; one that carried at least {PROMOTE_MIN_READS} reads averaging at most \
          {message_size} bytes in a window of {window:?} (promote_after, promote_message_size; the first window 1-2x \
          as long, at random) moves to {to} between two bursts, at most {rate} tunnels per second (promote_rate); \
-         one whose direction then saturates sockmap_queue_limit (or the node's bound) steps aside back to \
+         one whose direction then saturates sockmap_queue_limit (or the node's bound){fast} steps aside back to \
          {start} and stays there"
     )
 }

@@ -229,7 +229,7 @@ fn check(path: &Path, quiet: bool) -> anyhow::Result<()> {
             Mode::Sockmap,
             dp.promote_after,
             dp.promote_message_size,
-            dp.promote_rate,
+            (dp.promote_rate, dp.demote_rate),
         );
         println!("{policy}");
     }

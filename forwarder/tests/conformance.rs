@@ -54,10 +54,15 @@ struct Node {
 
 impl Node {
     fn start(mode: &str, limits: &str, routing: String) -> Node {
+        Node::start_adaptive(mode, limits, routing, ADAPTIVE)
+    }
+
+    /// The same, with `adaptive`'s keys given (used by `adaptive` only).
+    fn start_adaptive(mode: &str, limits: &str, routing: String, adaptive: &str) -> Node {
         if mode != "tls" && mode != "ktls" {
             // adaptive judges tunnels over short windows here, so that the
             // cases' tunnels move while they run.
-            let extra = if mode == "adaptive" { ADAPTIVE } else { "" };
+            let extra = if mode == "adaptive" { adaptive } else { "" };
             let router = Router::start(Setup { mode, limits, routing, extra });
             let (web, raw) = (Connector { addr: router.http, tls: None }, Connector { addr: router.tcp, tls: None });
             return Node { router, web, raw, _certs: None };
@@ -948,6 +953,72 @@ async fn write_small_messages(mut w: impl AsyncWrite + Unpin, size: usize, for_:
     Ok(sent as u64)
 }
 
+/// Small messages (100 bytes, one a millisecond) for `chat_for`, then as
+/// fast as the tunnel takes them (64 KiB writes) for `bulk_for`, then a
+/// half-close. Returns the bytes sent.
+async fn write_chat_then_bulk(
+    mut w: impl AsyncWrite + Unpin,
+    chat_for: Duration,
+    bulk_for: Duration,
+) -> Result<u64, String> {
+    let mut sent = 0usize;
+    let chat_until = Instant::now() + chat_for;
+    while Instant::now() < chat_until {
+        let mut message = Vec::with_capacity(100);
+        while message.len() < 100 {
+            message.extend_from_slice(fast_stream_at(sent + message.len(), 100 - message.len()));
+        }
+        w.write_all(&message).await.map_err(|e| format!("write failed after {sent} bytes: {e}"))?;
+        sent += message.len();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let bulk_until = Instant::now() + bulk_for;
+    while Instant::now() < bulk_until {
+        let chunk = fast_stream_at(sent, 64 * 1024);
+        w.write_all(chunk).await.map_err(|e| format!("write failed after {sent} bytes: {e}"))?;
+        sent += chunk.len();
+    }
+    half_close(&mut w, sent).await?;
+    Ok(sent as u64)
+}
+
+/// A tunnel that talks in small messages (promoted, on adaptive), then
+/// carries bulk both ways to readers that keep up: it steps aside for its
+/// rate (demoted to splice, on adaptive: `demote_rate`), and every byte
+/// arrives once and in order, then EOF, both ways.
+async fn bulk_after_chatting(mode: &str) {
+    let mut backend = RawBackend::start().await;
+    // A queue bound no reader that keeps up reaches: the move is the rate's.
+    let adaptive = "promote_after = \"100ms\"\npromote_message_size = \"4KiB\"\nsockmap_queue_limit = \"256MiB\"\n\
+                    sockmap_node_limit = \"1GiB\"\ndemote_rate = \"4MiB\"";
+    let router = Node::start_adaptive(mode, LIMITS, main_pool(&[backend.addr], "app.test"), adaptive);
+    let (client, server, _, _) = router.tunnel(&mut backend, b"", b"").await;
+    let (cr, cw) = tokio::io::split(client);
+    let (sr, sw) = server.into_split();
+    let (chat, bulk) = (Duration::from_millis(400), Duration::from_millis(1500));
+    let up = tokio::spawn(write_chat_then_bulk(cw, chat, bulk));
+    let down = tokio::spawn(write_chat_then_bulk(sw, chat, bulk));
+    let within = chat + bulk + Duration::from_secs(30);
+    let (at_backend, at_client) = tokio::join!(read_checked(sr, false, within), read_checked(cr, false, within));
+    let log = || router.log();
+    let up = up.await.unwrap().unwrap_or_else(|e| panic!("client writer: {e}\nrouter log:\n{}", log()));
+    let down = down.await.unwrap().unwrap_or_else(|e| panic!("backend writer: {e}\nrouter log:\n{}", log()));
+    let at_backend = at_backend.unwrap_or_else(|e| panic!("client → backend: {e}\nrouter log:\n{}", log()));
+    let at_client = at_client.unwrap_or_else(|e| panic!("backend → client: {e}\nrouter log:\n{}", log()));
+    assert_eq!(at_backend.bytes, up, "client → backend");
+    assert_eq!(at_client.bytes, down, "backend → client");
+    eprintln!("{mode}: {} MiB up, {} MiB down", up >> 20, down >> 20);
+    if mode == "adaptive" {
+        assert!(moves(&router, "promotion") >= 1.0, "not promoted while chatting\n{}", log());
+        let demoted = router
+            .metric("upsplice_dataplane_moves_total{from=\"sockmap\",to=\"splice\",kind=\"demotion\",reason=\"rate\"}");
+        assert!(demoted >= 1.0, "not demoted for its rate\n{}", log());
+        // The access record names the three legs: splice, sockmap, splice.
+        router.wait_log("planes=splice:");
+        assert!(log().contains(",sockmap:") && log().contains("stepped aside"), "{}", log());
+    }
+}
+
 /// Small messages both ways, then each side half-closes after its own
 /// time; every byte arrives once and in order, then EOF, both ways.
 /// Returns the bytes each way (up, down).
@@ -1212,6 +1283,7 @@ macro_rules! conformance {
             case!(half_close_during_a_move);
             case!(reset_during_a_move);
             case!(saturating_after_chatting);
+            case!(bulk_after_chatting);
             case!(stalled_reader_past_tcp_user_timeout);
         }
     )*};

@@ -53,6 +53,12 @@ pub struct Settings {
     /// `adaptive`: at most this many promotions per second on the node
     /// ([`super::pacer`]).
     pub promote_rate: u32,
+    /// `adaptive`: a promoted tunnel one of whose directions carries more
+    /// than this many bytes per second over a `promote_after` window steps
+    /// aside back to splice (bulk: splice carries it faster and cheaper);
+    /// 0: never for its rate.
+    #[serde(deserialize_with = "de_size")]
+    pub demote_rate: u64,
     /// TLS tunnels: hand the session to the kernel (kTLS) and splice, or
     /// relay in userspace (`auto`, `on`, `off`).
     pub ktls: KtlsMode,
@@ -72,6 +78,7 @@ impl Default for Settings {
             promote_after: Duration::from_secs(1),
             promote_message_size: 4096,
             promote_rate: 200,
+            demote_rate: 32 * 1024 * 1024,
             ktls: KtlsMode::Auto,
         }
     }
@@ -100,6 +107,9 @@ impl Settings {
         }
         if !(1..=1_000_000).contains(&self.promote_rate) {
             return Err(("promote_rate", "must be between 1 and 1000000 (promotions per second)".into()));
+        }
+        if self.demote_rate != 0 && !(64 * 1024..=1 << 40).contains(&self.demote_rate) {
+            return Err(("demote_rate", "must be 0 (off) or between 64KiB and 1TiB (bytes per second)".into()));
         }
         let ub = self.uring_buffer;
         if !(4096..=1 << 20).contains(&ub) || !ub.is_power_of_two() {

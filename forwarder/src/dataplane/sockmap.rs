@@ -122,7 +122,10 @@ impl DataPlane for SockmapPlane {
     fn start(cfg: &Settings) -> Result<Self, PlaneError> {
         SockmapPlane::probe()?;
         let kernel = Box::new(Kernel::load(object()?, MAX_SOCKETS)?);
-        let limits = Limits::new(cfg.sockmap_queue_limit);
+        // A tunnel steps aside for its rate only where a plane takes it
+        // back for that (`adaptive` promoted it from splice).
+        let demote_rate = if cfg.mode == Mode::Adaptive { cfg.demote_rate } else { 0 };
+        let limits = Limits::new(cfg.sockmap_queue_limit).with_demotion(demote_rate, cfg.promote_after);
         let shared = Shared {
             limits,
             user: UserBytes::default(),

@@ -34,7 +34,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use self::bounds::{step_aside_reason, HeldShare};
+use self::bounds::{step_aside_reason, HeldShare, RATE_REASON};
 pub use self::bounds::{Limits, NodeHeld};
 use self::direction::{ended, Dir};
 use self::handoff::{handoff, Handed, Handoff};
@@ -165,6 +165,10 @@ fn hand_over(
         to_client = relayed.1,
         "sockmap: tunnel stepped aside to the next data plane"
     );
-    let bound = if why == step_aside_reason(true) { "node_limit" } else { "queue_limit" };
+    let bound = match why {
+        RATE_REASON => "rate",
+        why if why == step_aside_reason(true) => "node_limit",
+        _ => "queue_limit",
+    };
     Err(Rejected { tunnel, reason: format!("stepped aside: {why}"), relayed, cause: Cause::Demoted(bound) })
 }

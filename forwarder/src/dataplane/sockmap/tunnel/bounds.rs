@@ -8,6 +8,7 @@
 //! about 20 MB at 1.3 GB/s on a loaded 2-core machine).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Bounds, per direction, in bytes.
 #[derive(Debug, Clone, Copy)]
@@ -17,12 +18,22 @@ pub struct Limits {
     pub high: u64,
     /// Check a direction's queues each time it moved this much.
     pub budget: u64,
+    /// A direction that moved more than this many bytes per second over
+    /// `rate_window` makes the tunnel step aside (`adaptive`'s
+    /// `demote_rate`); 0: never for its rate.
+    pub demote_rate: u64,
+    pub rate_window: Duration,
 }
 
 impl Limits {
     pub fn new(queue_limit: u64) -> Limits {
         let high = queue_limit.max(64 * 1024);
-        Limits { high, budget: (high / 4).max(16 * 1024) }
+        Limits { high, budget: (high / 4).max(16 * 1024), demote_rate: 0, rate_window: Duration::from_secs(1) }
+    }
+
+    /// The same, stepping aside also for a direction's rate.
+    pub fn with_demotion(self, rate: u64, window: Duration) -> Limits {
+        Limits { demote_rate: rate, rate_window: window, ..self }
     }
 
     /// A direction holding more than this (bytes written to its destination
@@ -62,6 +73,44 @@ impl Limits {
     /// aside count within it ([`Limits::tail_max`]).
     pub fn per_tunnel(&self) -> u64 {
         2 * (self.high + self.budget)
+    }
+}
+
+/// Why a tunnel steps aside for a direction's rate ([`Rate`]).
+pub(super) const RATE_REASON: &str = "a direction passed demote_rate";
+
+/// How fast each direction moves, judged over windows of
+/// [`Limits::rate_window`] from the tunnel's first ring-buffer event (a
+/// direction moved a budget). Looked at only when the watch looks (a
+/// ring-buffer event every `budget` bytes, a report, a timer): a tunnel
+/// that moves less than a budget per window is never judged fast, and one
+/// looked at after a longer stretch is judged on the whole stretch.
+#[derive(Debug)]
+pub(super) struct Rate {
+    since: Instant,
+    base: [u64; 2],
+}
+
+impl Rate {
+    pub fn new(now: Instant, moved: [u64; 2]) -> Rate {
+        Rate { since: now, base: moved }
+    }
+
+    /// Which directions (from the client, from the backend) moved faster
+    /// than `limits.demote_rate` over the window that ended, given what
+    /// each moved so far; none while the window lasts, or with no rate set.
+    pub fn over(&mut self, limits: &Limits, now: Instant, moved: [u64; 2]) -> [bool; 2] {
+        let elapsed = now.saturating_duration_since(self.since);
+        if limits.demote_rate == 0 || elapsed < limits.rate_window {
+            return [false; 2];
+        }
+        let fast = |i: usize| {
+            let bytes = moved[i].saturating_sub(self.base[i]) as u128;
+            bytes * 1_000_000_000 > limits.demote_rate as u128 * elapsed.as_nanos()
+        };
+        let over = [fast(0), fast(1)];
+        *self = Rate::new(now, moved);
+        over
     }
 }
 
@@ -147,6 +196,21 @@ mod tests {
         assert_eq!(l.threshold(true), l.budget);
         assert_eq!(l.per_tunnel(), 2 * (5 << 20));
         assert_ne!(step_aside_reason(true), step_aside_reason(false));
+    }
+
+    #[test]
+    fn a_direction_is_fast_only_over_a_whole_window_above_the_rate() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let l = Limits::new(4 << 20).with_demotion(32 << 20, Duration::from_secs(1));
+        let mut r = Rate::new(t0, [0, 0]);
+        assert_eq!(r.over(&l, ms(500), [1 << 30, 0]), [false, false], "the window is not over");
+        assert_eq!(r.over(&l, ms(1000), [40 << 20, 1 << 20]), [true, false], "40 MiB in 1 s, and 1 MiB");
+        assert_eq!(r.over(&l, ms(2000), [70 << 20, 1 << 20]), [false, false], "30 MiB in the next second");
+        // A direction looked at seldom is judged on the whole stretch.
+        assert_eq!(r.over(&l, ms(12_000), [(70 << 20) + (40 << 20), 1 << 20]), [false, false]);
+        let off = Limits::new(4 << 20);
+        assert_eq!(Rate::new(t0, [0, 0]).over(&off, ms(1000), [1 << 40, 1 << 40]), [false, false], "0: off");
     }
 
     #[test]

@@ -263,15 +263,16 @@ impl Dir<'_> {
     }
 
     /// Step aside, for this direction: a direction holding more than
-    /// `threshold` in the kernel begins to leave `ACTIVE`, and so does one
-    /// whose tunnel is `leaving` once the other direction settled (so that
-    /// a fast direction does not wait for a slow one's reader); one that
-    /// began leaves on the next check.
-    pub fn step_aside(&self, threshold: u64, leaving: bool, other_settled: bool) -> Leave {
+    /// `threshold` in the kernel, or `fast` (it passed `demote_rate`),
+    /// begins to leave `ACTIVE`, and so does one whose tunnel is `leaving`
+    /// once the other direction settled (so that a fast direction does not
+    /// wait for a slow one's reader); one that began leaves on the next
+    /// check.
+    pub fn step_aside(&self, threshold: u64, fast: bool, leaving: bool, other_settled: bool) -> Leave {
         match self.phase {
             Phase::Quiescing { rcvbuf } => Leave::Deactivate { rcvbuf },
             Phase::Active => {
-                let pressed = self.in_kernel > threshold;
+                let pressed = self.in_kernel > threshold || fast;
                 if pressed || (leaving && other_settled) {
                     Leave::Quiesce { pressed }
                 } else {
@@ -469,16 +470,17 @@ mod tests {
         let total = AtomicU64::new(0);
         let mut d = dir(&total);
         d.in_kernel = 100;
-        assert_eq!(d.step_aside(100, false, true), Leave::Stay, "at the threshold: stays");
-        assert_eq!(d.step_aside(99, false, false), Leave::Quiesce { pressed: true });
-        assert_eq!(d.step_aside(100, true, false), Leave::Stay, "the other direction still owes bytes");
-        assert_eq!(d.step_aside(100, true, true), Leave::Quiesce { pressed: false });
-        assert_eq!(d.step_aside(100, false, true), Leave::Stay, "nothing to follow");
+        assert_eq!(d.step_aside(100, false, false, true), Leave::Stay, "at the threshold: stays");
+        assert_eq!(d.step_aside(99, false, false, false), Leave::Quiesce { pressed: true });
+        assert_eq!(d.step_aside(100, false, true, false), Leave::Stay, "the other direction still owes bytes");
+        assert_eq!(d.step_aside(100, false, true, true), Leave::Quiesce { pressed: false });
+        assert_eq!(d.step_aside(100, false, false, true), Leave::Stay, "nothing to follow");
+        assert_eq!(d.step_aside(100, true, false, false), Leave::Quiesce { pressed: true }, "past demote_rate");
         d.phase = Phase::Quiescing { rcvbuf: 131_072 };
-        assert_eq!(d.step_aside(0, true, true), Leave::Deactivate { rcvbuf: 131_072 });
+        assert_eq!(d.step_aside(0, false, true, true), Leave::Deactivate { rcvbuf: 131_072 });
         for phase in [Phase::Copying, Phase::Done] {
             d.phase = phase;
-            assert_eq!(d.step_aside(0, true, true), Leave::Stay, "{phase:?}");
+            assert_eq!(d.step_aside(0, false, true, true), Leave::Stay, "{phase:?}");
         }
     }
 

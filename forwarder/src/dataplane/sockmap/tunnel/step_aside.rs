@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use super::super::kernel::Kernel;
 use super::super::sys;
-use super::bounds::{step_aside_reason, Limits};
+use super::bounds::{step_aside_reason, Limits, RATE_REASON};
 use super::carry::flushed;
 use super::direction::{both_settled, Dir, Leave, Phase};
 use super::membership::Membership;
@@ -60,7 +60,8 @@ const LEAVE_MAX: Duration = Duration::from_secs(2);
 /// under TCP's own flow control, while the other direction keeps being
 /// redirected. The other source follows once everything redirected from
 /// the first reached its destination (or when it is over the bound
-/// itself). `leaving` holds why, once it began. Some(why) once both left
+/// itself). A direction `fast` (past `demote_rate`) begins as one over the
+/// bound does. `leaving` holds why, once it began. Some(why) once both left
 /// and every byte redirected before reached its destination's send queue:
 /// the psocks hold nothing any more.
 pub(super) fn step_aside<'a>(
@@ -70,6 +71,7 @@ pub(super) fn step_aside<'a>(
     up: &mut Dir<'a>,
     down: &mut Dir<'a>,
     leaving: &mut Option<&'static str>,
+    fast: [bool; 2],
 ) -> Result<Option<&'static str>, String> {
     let threshold = limits.threshold(node_over);
     let why = step_aside_reason(node_over);
@@ -80,7 +82,7 @@ pub(super) fn step_aside<'a>(
             .map_err(|e| format!("TCP counters: {e}"))?;
     }
     for (i, d) in [&mut *up, &mut *down].into_iter().enumerate() {
-        match d.step_aside(threshold, leaving.is_some(), settled[1 - i]) {
+        match d.step_aside(threshold, fast[i], leaving.is_some(), settled[1 - i]) {
             Leave::Stay => {}
             // Leaving `ACTIVE` detaches the program, and a segment the kernel
             // verdicts at that very moment finds none and is dropped (seen:
@@ -93,6 +95,8 @@ pub(super) fn step_aside<'a>(
             // largest receive buffer, so a verdict then is rare, not
             // impossible: `leave` checks.)
             Leave::Quiesce { pressed } => {
+                // Pressed below the threshold: by its rate.
+                let why = if pressed && d.in_kernel <= threshold { RATE_REASON } else { why };
                 tracing::debug!(in_kernel = d.in_kernel, threshold, pressed, "sockmap: stepping aside: {why}");
                 let rcvbuf = sys::rcvbuf(d.src).map_err(|e| format!("SO_RCVBUF: {e}"))?;
                 sys::set_rcvlowat(d.src, i32::MAX).map_err(|e| format!("SO_RCVLOWAT: {e}"))?;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::super::kernel::{Kernel, Signal};
 use super::super::sys;
-use super::bounds::HeldShare;
+use super::bounds::{HeldShare, Rate};
 use super::carry::{check, Failed, Reads};
 use super::direction::{interest, Dir};
 use super::pace::{Pace, Pending, Sign};
@@ -94,6 +94,16 @@ fn activity_sign(up: &Dir<'_>, down: &Dir<'_>) -> Sign {
     (up.moved(), down.moved(), acked(up), acked(down))
 }
 
+/// Why the tunnel steps aside, once it began to (out of `ACTIVE`), and how
+/// fast its directions move (whether it should begin to).
+struct Leaving {
+    why: Option<&'static str>,
+    /// Boxed, and only from the first ring-buffer event (a direction moved
+    /// a budget): the relay future stays in every idle tunnel, and most
+    /// never move a budget.
+    rate: Option<Box<Rate>>,
+}
+
 /// What woke the watch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Woke {
@@ -132,8 +142,7 @@ impl<'w> Watch<'w> {
     ) -> impl Future<Output = Ended> + Send + use<'r, 'w, 'a, 's> {
         async move {
             let mut pace = Pace::new(Instant::now());
-            // Why the tunnel steps aside, once it began to (out of `ACTIVE`).
-            let mut leaving: Option<&'static str> = None;
+            let mut leaving = Leaving { why: None, rate: None };
             let mut armed = Armed::registered();
             // Nothing to look at before the first wake: the handoff left both
             // directions as it counted them and kicked both sources; a FIN or
@@ -154,7 +163,7 @@ impl<'w> Watch<'w> {
                 };
                 let held = up.in_kernel.max(down.in_kernel);
                 let pending =
-                    Pending::of(leaving.is_some(), up.closing() || down.closing(), held, self.shared.limits.budget);
+                    Pending::of(leaving.why.is_some(), up.closing() || down.closing(), held, self.shared.limits.budget);
                 let wait = pace.wait(pending, idle_deadline, now);
                 let copy_armed = match self.arm(up, down, pace.copy_ready(), &mut armed) {
                     Ok(copy_armed) => copy_armed,
@@ -198,7 +207,7 @@ impl Watch<'_> {
         down: &mut Dir<'a>,
         share: &mut HeldShare<'_>,
         pace: &mut Pace,
-        leaving: &mut Option<&'static str>,
+        leaving: &mut Leaving,
         woke: Woke,
     ) -> Option<Ended> {
         for (side, (dir, direction)) in
@@ -222,7 +231,20 @@ impl Watch<'_> {
         if up.done() && down.done() {
             return Some(Ended::Closed(CloseReason::Done));
         }
-        match step_aside(self.kernel, self.shared.limits, self.shared.node.over(), up, down, leaving) {
+        // A direction past `demote_rate` begins to step aside (only once: a
+        // tunnel that began keeps leaving).
+        let limits = &self.shared.limits;
+        let (now, moved) = (Instant::now(), [up.moved(), down.moved()]);
+        let fast = match (&mut leaving.rate, woke) {
+            (Some(rate), _) => rate.over(limits, now, moved),
+            (None, Woke::Reports { budget }) if limits.demote_rate > 0 && budget.contains(&true) => {
+                leaving.rate = Some(Box::new(Rate::new(now, moved)));
+                [false; 2]
+            }
+            (None, _) => [false; 2],
+        };
+        let fast = if leaving.why.is_none() { fast } else { [false; 2] };
+        match step_aside(self.kernel, *limits, self.shared.node.over(), up, down, &mut leaving.why, fast) {
             Ok(Some(why)) => Some(Ended::StepAside(why)),
             Ok(None) => None,
             Err(e) => {
