@@ -535,8 +535,8 @@ pub const AUTO_ORDER: [Mode; 3] = [Mode::Uring, Mode::Splice, Mode::Copy];
 /// through it; with that fixed (tunnels step aside), what keeps it out is
 /// measured cost; `adaptive` promotes to it the tunnels that prove
 /// long-lived with small messages.
-pub const SOCKMAP_NOT_AUTO: &str = "not chosen by auto: its handshakes cost most (about 79 syscalls per \
-     connect-upgrade-close against uring's 32) and its latency tails at moderate rates are the kernel \
+pub const SOCKMAP_NOT_AUTO: &str = "not chosen by auto: its handshakes cost most (about 58 syscalls per \
+     connect-upgrade-close against uring's 34) and its latency tails at moderate rates are the kernel \
      workqueue's, while bulk tunnels step aside to splice anyway; mode = \"sockmap\" selects it for every \
      tunnel (the least router CPU per message), mode = \"adaptive\" for the long-lived tunnels that carry \
      small messages";
