@@ -38,7 +38,7 @@ use crate::access::{AccessRecord, Text};
 use crate::state::Snapshot;
 use crate::tls::client::Failure;
 use crate::tls::ClientCert;
-use crate::upstream::{AppInstance, BackendGuard, BackendStream, ConnectError, ConnectOpts};
+use crate::upstream::{BackendGuard, BackendStream, ConnectError, ConnectOpts};
 use answer::{linger_close, Refusal};
 use body::BodyError;
 use framing::Framing;
@@ -370,13 +370,9 @@ impl Context<'_> {
             })?;
             rec.backend = Some(upstream.addr());
             // The access log names the app instance of the last attempt's backend.
-            let instance = upstream.instance();
-            let field = |f: fn(&AppInstance) -> &Arc<str>| instance.map(f).filter(|v| !v.is_empty()).cloned();
-            rec.app_id = field(|i| &i.app_id);
-            rec.app_index = field(|i| &i.instance_index);
-            rec.instance_id = field(|i| &i.instance_id);
+            rec.instance = upstream.instance().cloned();
             // Each attempt's head tells its own backend's app instance.
-            let head = fwd.head_to(instance, upstream.addr());
+            let head = fwd.head_to(upstream.instance().map(|i| &**i), upstream.addr());
             // Flushed: a TLS backend's stream may keep what it took (see
             // `stream::write_flushed`).
             let failure = match write_flushed(&mut upstream.stream, &head).await {

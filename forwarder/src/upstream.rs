@@ -351,8 +351,8 @@ impl Upstream {
 
     /// The app instance its backend registered as (an endpoint learned
     /// from NATS), if it did.
-    pub fn instance(&self) -> Option<&AppInstance> {
-        self.instance.as_deref()
+    pub fn instance(&self) -> Option<&Arc<AppInstance>> {
+        self.instance.as_ref()
     }
 
     /// The response was read to its end and neither side said close: the
