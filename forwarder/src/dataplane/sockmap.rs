@@ -129,7 +129,7 @@ impl DataPlane for SockmapPlane {
         let shared = Shared {
             limits,
             user: UserBytes::default(),
-            node: NodeHeld::new(cfg.sockmap_node_limit),
+            node: NodeHeld::new(cfg.sockmap_node_limit, kernel.registry.clone()),
             step_asides: StepAsides::default(),
         };
         tracing::debug!(
@@ -295,7 +295,7 @@ mod tests {
 
     use super::*;
 
-    const RELAY_FUTURE_MAX: usize = 832;
+    const RELAY_FUTURE_MAX: usize = 768;
 
     /// The relay future, boxed by `Plane::relay`, stays for an idle
     /// tunnel's whole life: the watch's state, never the tunnel beside it

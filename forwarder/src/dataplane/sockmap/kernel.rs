@@ -24,7 +24,9 @@ use crate::dataplane::PlaneError;
 
 /// What wakes one tunnel: the events thread records socket events here
 /// (per side: 0 client, 1 backend) and wakes it; so do ring-buffer events
-/// (the direction from that side moved another budget of bytes, or broke).
+/// (the direction from that side moved another budget of bytes, or broke),
+/// and the node-wide bound's crossing, which wakes every tunnel
+/// ([`wake_all`]).
 ///
 /// A flag and a waker rather than a `Notify`: a tunnel's task is the only
 /// one that waits, and its wait ([`Signal::woken`]) stays in the future of
@@ -79,6 +81,15 @@ impl Signal {
 
 /// Socket cookie → (the tunnel's signal, which side the socket is).
 pub type Registry = Mutex<StdHashMap<u64, (Arc<Signal>, usize)>>;
+
+/// Wakes every registered tunnel once (through its client socket's entry).
+pub fn wake_all(registry: &Registry) {
+    for (signal, side) in lock(registry).values() {
+        if *side == 0 {
+            signal.wake();
+        }
+    }
+}
 
 /// Epoll token of the ring buffer; socket cookies are never 0 or this.
 const RING_TOKEN: u64 = u64::MAX;

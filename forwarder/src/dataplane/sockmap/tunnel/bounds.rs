@@ -8,7 +8,10 @@
 //! about 20 MB at 1.3 GB/s on a loaded 2-core machine).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::super::kernel::{wake_all, Registry};
 
 /// Bounds, per direction, in bytes.
 #[derive(Debug, Clone, Copy)]
@@ -131,15 +134,24 @@ pub(super) fn step_aside_reason(node_over: bool) -> &'static str {
 pub struct NodeHeld {
     pub total: AtomicU64,
     pub limit: u64,
-    /// Woken when `total` crosses above `limit`: every tunnel checks itself
-    /// against the lower threshold then (a stalled one would not wake by
-    /// itself: no byte moves).
-    pub(super) crossed: tokio::sync::Notify,
+    /// How often `total` crossed above `limit`. Each crossing wakes every
+    /// registered tunnel, which checks itself against the lower threshold
+    /// then (a stalled one would not wake by itself: no byte moves); a
+    /// tunnel tells that wake from its own reports by this count. Through
+    /// the tunnels' own signals, not a `Notify` each tunnel's watch would
+    /// wait on (64 bytes in every idle tunnel).
+    pub(super) crossings: AtomicU64,
+    registry: Arc<Registry>,
 }
 
 impl NodeHeld {
-    pub fn new(limit: u64) -> NodeHeld {
-        NodeHeld { total: AtomicU64::new(0), limit, crossed: tokio::sync::Notify::new() }
+    pub fn new(limit: u64, registry: Arc<Registry>) -> NodeHeld {
+        NodeHeld { total: AtomicU64::new(0), limit, crossings: AtomicU64::new(0), registry }
+    }
+
+    /// How often the bound was crossed so far.
+    pub(super) fn crossings(&self) -> u64 {
+        self.crossings.load(Ordering::Acquire)
     }
 
     pub(super) fn over(&self) -> bool {
@@ -167,7 +179,8 @@ impl HeldShare<'_> {
             let before = self.node.total.fetch_add(held - old, Ordering::Relaxed);
             let limit = self.node.limit;
             if before <= limit && before + (held - old) > limit {
-                self.node.crossed.notify_waiters();
+                self.node.crossings.fetch_add(1, Ordering::Release);
+                wake_all(&self.node.registry);
             }
         } else if old > held {
             self.node.total.fetch_sub(old - held, Ordering::Relaxed);
@@ -232,7 +245,7 @@ mod tests {
 
     #[test]
     fn a_share_adds_up_and_is_given_back() {
-        let node = NodeHeld::new(100);
+        let node = NodeHeld::new(100, Arc::new(Registry::default()));
         {
             let mut a = HeldShare::new(&node);
             let mut b = HeldShare::new(&node);
@@ -248,15 +261,30 @@ mod tests {
         assert_eq!(node.total.load(Ordering::Relaxed), 0);
     }
 
-    #[tokio::test]
-    async fn crossing_the_node_bound_wakes_the_tunnels() {
-        let node = NodeHeld::new(100);
+    #[test]
+    fn crossing_the_node_bound_wakes_each_tunnel_once() {
+        use std::future::Future;
+        use std::pin::pin;
+        use std::task::{Context, Poll, Waker};
+
+        use super::super::super::kernel::Signal;
+
+        let registry = Arc::new(Registry::default());
+        let signal = Arc::new(Signal::default());
+        // A tunnel's two sockets, client (side 0) and backend (side 1).
+        registry.lock().unwrap().insert(7, (signal.clone(), 0));
+        registry.lock().unwrap().insert(8, (signal.clone(), 1));
+        let node = NodeHeld::new(100, registry);
         let mut share = HeldShare::new(&node);
+        let mut cx = Context::from_waker(Waker::noop());
         share.set(0, 100);
-        let crossed = node.crossed.notified();
-        tokio::pin!(crossed);
-        crossed.as_mut().enable();
+        assert_eq!(node.crossings(), 0);
+        assert_eq!(pin!(signal.woken()).poll(&mut cx), Poll::Pending, "at the bound, not past it");
         share.set(1, 1);
-        tokio::time::timeout(std::time::Duration::from_secs(1), crossed).await.expect("woken at the crossing");
+        assert_eq!(node.crossings(), 1);
+        assert_eq!(pin!(signal.woken()).poll(&mut cx), Poll::Ready(()), "woken at the crossing");
+        assert_eq!(pin!(signal.woken()).poll(&mut cx), Poll::Pending, "once, not once per socket");
+        share.set(1, 2);
+        assert_eq!(node.crossings(), 1, "still over: no new crossing");
     }
 }

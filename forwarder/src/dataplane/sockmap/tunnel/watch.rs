@@ -144,6 +144,8 @@ impl<'w> Watch<'w> {
             let mut pace = Pace::new(Instant::now());
             let mut leaving = Leaving { why: None, rate: None };
             let mut armed = Armed::registered();
+            // The node's crossings seen so far ([`NodeHeld::crossings`]).
+            let mut crossings = self.shared.node.crossings();
             // Nothing to look at before the first wake: the handoff left both
             // directions as it counted them and kicked both sources; a FIN or
             // an error that came meanwhile was reported (the sockets are armed
@@ -177,16 +179,25 @@ impl<'w> Watch<'w> {
                 woke = Some(tokio::select! {
                     biased;
                     _ = self.drain.cancelled() => return Ended::Closed(CloseReason::Drain),
-                    _ = self.shared.node.crossed.notified() => {
-                        pace.changed();
-                        Woke::Crossed
-                    }
                     _ = self.signal.woken() => {
                         if let Some(ended) = self.reports(up, down, &mut armed) {
                             return ended;
                         }
-                        pace.reported(copy_armed, before);
-                        Woke::Reports { budget: [self.signal.take_budget(0), self.signal.take_budget(1)] }
+                        let budget = [self.signal.take_budget(0), self.signal.take_budget(1)];
+                        // The node's crossing wakes every tunnel through its
+                        // signal; a crossing reads everything (and the
+                        // reports just taken come with it).
+                        match self.shared.node.crossings() {
+                            now if now != crossings => {
+                                crossings = now;
+                                pace.changed();
+                                Woke::Crossed
+                            }
+                            _ => {
+                                pace.reported(copy_armed, before);
+                                Woke::Reports { budget }
+                            }
+                        }
                     }
                     _ = tokio::time::sleep(wait) => {
                         pace.timer();
