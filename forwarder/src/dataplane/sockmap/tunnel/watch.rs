@@ -242,19 +242,18 @@ impl Watch<'_> {
         if up.done() && down.done() {
             return Some(Ended::Closed(CloseReason::Done));
         }
-        // A direction past `demote_rate` begins to step aside (only once: a
-        // tunnel that began keeps leaving).
+        // A direction past `demote_rate` begins to step aside (judged only
+        // until the tunnel began to leave, for whatever reason).
         let limits = &self.shared.limits;
-        let (now, moved) = (Instant::now(), [up.moved(), down.moved()]);
         let fast = match (&mut leaving.rate, woke) {
-            (Some(rate), _) => rate.over(limits, now, moved),
-            (None, Woke::Reports { budget }) if limits.demote_rate > 0 && budget.contains(&true) => {
-                leaving.rate = Some(Box::new(Rate::new(now, moved)));
+            _ if limits.demote_rate == 0 || leaving.why.is_some() => [false; 2],
+            (Some(rate), _) => rate.over(limits, Instant::now(), [up.moved(), down.moved()]),
+            (None, Woke::Reports { budget }) if budget.contains(&true) => {
+                leaving.rate = Some(Box::new(Rate::new(Instant::now(), [up.moved(), down.moved()])));
                 [false; 2]
             }
             (None, _) => [false; 2],
         };
-        let fast = if leaving.why.is_none() { fast } else { [false; 2] };
         match step_aside(self.kernel, *limits, self.shared.node.over(), up, down, &mut leaving.why, fast) {
             Ok(Some(why)) => Some(Ended::StepAside(why)),
             Ok(None) => None,
