@@ -937,14 +937,20 @@ async fn sighup_reloads_routes_and_keeps_tunnels(mode: &str) {
 /// Writes a [`fast_stream`] in small messages (`size` bytes every
 /// millisecond or so, as a chatty WebSocket does) for `for_`, then
 /// half-closes; returns the bytes sent.
+/// `size` bytes of the fast stream from `pos` (across its period's end).
+fn fast_message(pos: usize, size: usize) -> Vec<u8> {
+    let mut message = Vec::with_capacity(size);
+    while message.len() < size {
+        message.extend_from_slice(fast_stream_at(pos + message.len(), size - message.len()));
+    }
+    message
+}
+
 async fn write_small_messages(mut w: impl AsyncWrite + Unpin, size: usize, for_: Duration) -> Result<u64, String> {
     let mut sent = 0usize;
     let deadline = Instant::now() + for_;
     while Instant::now() < deadline {
-        let mut message = Vec::with_capacity(size);
-        while message.len() < size {
-            message.extend_from_slice(fast_stream_at(sent + message.len(), size - message.len()));
-        }
+        let message = fast_message(sent, size);
         w.write_all(&message).await.map_err(|e| format!("write failed after {sent} bytes: {e}"))?;
         sent += size;
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -964,20 +970,14 @@ async fn write_chat_then_bulk(
     let mut sent = 0usize;
     let chat_until = Instant::now() + chat_for;
     while Instant::now() < chat_until {
-        let mut message = Vec::with_capacity(100);
-        while message.len() < 100 {
-            message.extend_from_slice(fast_stream_at(sent + message.len(), 100 - message.len()));
-        }
+        let message = fast_message(sent, 100);
         w.write_all(&message).await.map_err(|e| format!("write failed after {sent} bytes: {e}"))?;
         sent += message.len();
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let bulk_until = Instant::now() + bulk_for;
     while Instant::now() < bulk_until {
-        let mut chunk = Vec::with_capacity(64 * 1024);
-        while chunk.len() < 64 * 1024 {
-            chunk.extend_from_slice(fast_stream_at(sent + chunk.len(), 64 * 1024 - chunk.len()));
-        }
+        let chunk = fast_message(sent, 64 * 1024);
         w.write_all(&chunk).await.map_err(|e| format!("write failed after {sent} bytes: {e}"))?;
         sent += chunk.len();
         tokio::time::sleep(Duration::from_millis(4)).await;
