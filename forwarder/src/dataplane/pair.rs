@@ -7,11 +7,12 @@
 //! a node holds 100,000 of them.
 //!
 //! Each direction is a [`Mover`]: it waits for readability holding nothing,
-//! then borrows a *burst* resource — a pipe from the splice pool, or a
-//! buffer from the copy pool when there is no pipe — moves bytes until the
-//! source would block and the resource is empty, and gives it back. So an
-//! idle tunnel holds no buffer and no pipe, and a slow reader pins at most
-//! one resource per direction (nothing more is read until it drains).
+//! then borrows a *burst* resource — a pipe from the splice pool while the
+//! source streams ([`Streaming`]), else a buffer from the copy pool — moves
+//! bytes until the source would block and the resource is empty, and gives
+//! it back. So an idle tunnel holds no buffer and no pipe, and a slow
+//! reader pins at most one resource per direction (nothing more is read
+//! until it drains).
 //!
 //! The driver turns EOF into a half-close of the other side, a failure into
 //! a reset of both sides, and ends the tunnel on idle timeout or drain.
@@ -101,6 +102,57 @@ struct Mover {
     /// The destination is a kTLS socket that still owes a `close_notify`
     /// before its FIN.
     notify_dst: bool,
+    /// Where pipes exist: the direction streams, so its bursts splice
+    /// ([`Streaming`]).
+    streaming: Streaming,
+}
+
+/// Whether a direction's next burst goes through a pipe or a buffer, on a
+/// plane that has both (splice).
+///
+/// A splice is dearer than a read: small messages cost the splice plane
+/// 6 splices per round trip (in, out, and one that can only return
+/// EAGAIN, per direction) against copy's 2 reads and 2 sends, and 1.6×
+/// copy's CPU (docs/performance.md §1). And a short read says the socket's
+/// queue is empty, so copy needs no EAGAIN read, where a short splice may
+/// only have run out of pipe slots. So, as HAProxy's `splice-auto`: a
+/// direction reads into a buffer until one read fills it (the source
+/// streams), then splices; it goes back to the buffer after a burst that
+/// carried less than [`SMALL_BURST`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Streaming {
+    on: bool,
+    /// Bytes spliced in since the burst began.
+    burst_in: u32,
+}
+
+/// A burst that spliced in less than this goes back to the buffer: the
+/// size the adaptive policy calls a small message
+/// (`promote_message_size`'s default).
+const SMALL_BURST: u32 = 4096;
+
+impl Streaming {
+    /// A read into a buffer of `len` bytes returned `n`.
+    fn read(&mut self, n: usize, len: usize) {
+        if n == len {
+            self.on = true;
+        }
+    }
+
+    /// A splice moved `n` bytes into the pipe.
+    fn spliced(&mut self, n: usize) {
+        self.burst_in = self.burst_in.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+
+    /// The burst ended (the source would block). One that spliced
+    /// nothing in (a wake with nothing to read, or a burst spent on the
+    /// buffer) says nothing about the sizes.
+    fn burst_ended(&mut self) {
+        if self.on && (1..SMALL_BURST).contains(&self.burst_in) {
+            self.on = false;
+        }
+        self.burst_in = 0;
+    }
 }
 
 fn is_would_block(e: &io::Error) -> bool {
@@ -109,7 +161,16 @@ fn is_would_block(e: &io::Error) -> bool {
 
 impl Mover {
     fn new(first: Bytes, tls_src: bool, tls_dst: bool) -> Mover {
-        Mover { first, burst: Burst::Idle, eof: false, moved: 0, reads: 0, tls_src, notify_dst: tls_dst }
+        Mover {
+            first,
+            burst: Burst::Idle,
+            eof: false,
+            moved: 0,
+            reads: 0,
+            tls_src,
+            notify_dst: tls_dst,
+            streaming: Streaming::default(),
+        }
     }
 
     /// Holds no byte of the stream and has not ended: the direction could
@@ -241,23 +302,45 @@ impl Mover {
                 Poll::Pending => {
                     // Idle: hold nothing until the next bytes arrive.
                     self.release(res);
+                    self.streaming.burst_ended();
                     return Poll::Pending;
                 }
             }
-            if matches!(self.burst, Burst::Idle) {
-                self.burst = match res.pipes.and_then(PipePool::take) {
-                    Some(pipe) => Burst::Pipe { pipe, filled: 0 },
-                    None => Burst::Buffer { buf: res.buffers.take(), start: 0, end: 0 },
-                };
+            match self.burst {
+                Burst::Idle => {
+                    let pipe = res.pipes.filter(|_| self.streaming.on).and_then(PipePool::take);
+                    self.burst = match pipe {
+                        Some(pipe) => Burst::Pipe { pipe, filled: 0 },
+                        None => Burst::Buffer { buf: res.buffers.take(), start: 0, end: 0 },
+                    };
+                }
+                // The buffer's last read filled it (flushed by now): the
+                // rest of the burst splices.
+                Burst::Buffer { .. } if self.streaming.on => {
+                    if let Some(pipe) = res.pipes.and_then(PipePool::take) {
+                        self.release(res);
+                        self.burst = Burst::Pipe { pipe, filled: 0 };
+                    }
+                }
+                _ => {}
             }
             let tls_src = self.tls_src;
+            let streaming = &mut self.streaming;
             let read = match &mut self.burst {
-                // A short read from kTLS ends a record, not the queue: a
-                // control record may wait behind it with no new event.
-                Burst::Buffer { buf, start, end } if tls_src => src.try_read(buf).inspect(|&n| (*start, *end) = (0, n)),
-                Burst::Buffer { buf, start, end } => read_until_drained(src, buf).inspect(|&n| (*start, *end) = (0, n)),
+                Burst::Buffer { buf, start, end } => {
+                    // A short read from kTLS ends a record, not the queue: a
+                    // control record may wait behind it with no new event.
+                    let n = if tls_src { src.try_read(buf) } else { read_until_drained(src, buf) };
+                    n.inspect(|&n| {
+                        (*start, *end) = (0, n);
+                        streaming.read(n, buf.len());
+                    })
+                }
                 Burst::Pipe { pipe, filled } => {
-                    src.try_io(Interest::READABLE, || pipe.splice_in(src.as_fd())).inspect(|&n| *filled = n)
+                    src.try_io(Interest::READABLE, || pipe.splice_in(src.as_fd())).inspect(|&n| {
+                        *filled = n;
+                        streaming.spliced(n);
+                    })
                 }
                 Burst::Idle => unreachable!("set above"),
             };
@@ -512,6 +595,42 @@ mod tests {
         assert!(first.earned(at(1_000), 100, 6_400));
         assert!(!second.earned(at(1_000), 100, 6_400), "no room: judged again a window on");
         assert!(second.earned(at(2_000), 200, 12_800), "the next window, with room again");
+    }
+
+    #[test]
+    fn a_direction_splices_once_a_read_filled_the_buffer_until_a_small_burst() {
+        let mut s = Streaming::default();
+        s.read(64, 65_536);
+        assert!(!s.on, "a short read: small messages stay on the buffer");
+        s.read(65_536, 65_536);
+        assert!(s.on, "a full buffer: the source streams, the next reads splice");
+        s.spliced(65_536);
+        s.spliced(10);
+        s.burst_ended();
+        assert!(s.on, "a large burst keeps streaming");
+        s.spliced(SMALL_BURST as usize - 1);
+        s.burst_ended();
+        assert!(!s.on, "a burst under SMALL_BURST goes back to the buffer");
+        s.burst_ended();
+        assert!(!s.on && s.burst_in == 0);
+        s.read(65_536, 65_536);
+        s.burst_ended();
+        assert!(s.on, "a burst that spliced nothing in (a wake with nothing to read) keeps streaming");
+        s.spliced(SMALL_BURST as usize - 1);
+        s.burst_ended();
+        assert!(!s.on);
+        // Counted per burst: the splices of one burst add up, those of
+        // the bursts before it do not.
+        s.read(8, 8);
+        s.spliced(SMALL_BURST as usize / 2);
+        s.spliced(SMALL_BURST as usize / 2);
+        s.burst_ended();
+        assert!(s.on, "two half-sized splices in one burst");
+        s.spliced(SMALL_BURST as usize / 2);
+        s.burst_ended();
+        assert!(!s.on, "a burst is judged on its own bytes");
+        s.spliced(usize::MAX);
+        assert_eq!(s.burst_in, u32::MAX, "saturates");
     }
 
     #[test]
