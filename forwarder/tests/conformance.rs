@@ -258,7 +258,14 @@ async fn read_checked(mut r: impl AsyncReadExt + Unpin, slow: bool, within: Dura
         let n = match tokio::time::timeout_at(deadline.into(), r.read(&mut buf)).await {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(format!("read failed after {got} bytes: {e}")),
-            Err(_) => return Err(format!("no EOF within {within:?}: {got} bytes received, worst gap {worst_gap:?}")),
+            Err(_) => {
+                // The wait that timed out is a gap too: a stream that stopped
+                // for good shows it here, not in worst_gap.
+                let since_last = last.map_or(within, |l| l.elapsed());
+                return Err(format!(
+                    "no EOF within {within:?}: {got} bytes received, nothing for the last {since_last:?}, worst gap before that {worst_gap:?}"
+                ));
+            }
         };
         let now = Instant::now();
         if n == 0 {
