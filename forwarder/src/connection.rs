@@ -25,6 +25,7 @@ use crate::handshake::{self, ClientStream, Next, Plan, TlsClient};
 use crate::metrics::{self, ListenerLabels, TunnelLabels};
 use crate::proxy;
 use crate::sni;
+use crate::socket::LocalAddr;
 use crate::state::{ActiveGuard, Shared};
 use crate::tls::ktls::Offload;
 use crate::tls::records::Records;
@@ -90,8 +91,9 @@ impl Session {
         // The PROXY header and the TLS handshake share handshake_timeout.
         let deadline = Instant::now() + limits.handshake_timeout;
         let peer = self.client_address(&mut client, peer).await?;
-        // The address the client connected to (a PROXY header sent on says it).
-        let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        // The address the client connected to (a PROXY header sent on says
+        // it), read only if one is sent.
+        let local = LocalAddr::of(&client);
         let tls = self.shared.snapshot().listener_tls(&self.listener).cloned();
         match (tls, protocol) {
             (None, Protocol::Http) => self.serve_http(handshake::Conn::new(client, peer, local), peer).await,
@@ -139,7 +141,7 @@ impl Session {
     }
 
     /// A tcp listener's connection: connected to its pool.
-    async fn serve_tcp<S: Into<Client>>(&self, client: S, peer: SocketAddr, local: SocketAddr) -> Option<Tunneling> {
+    async fn serve_tcp<S: Into<Client>>(&self, client: S, peer: SocketAddr, local: LocalAddr) -> Option<Tunneling> {
         let rec = AccessRecord::new(peer, self.listener.clone());
         let snap = self.shared.snapshot();
         let pool = snap.listener(&self.listener).pool.as_deref().and_then(|p| snap.pool_named(p)).cloned();
@@ -173,7 +175,7 @@ impl Session {
         &self,
         mut client: TcpStream,
         peer: SocketAddr,
-        local: SocketAddr,
+        local: LocalAddr,
         deadline: Instant,
     ) -> Option<Tunneling> {
         let hello = match tokio::time::timeout_at(deadline, sni::read_client_hello(&mut client)).await {
@@ -225,7 +227,7 @@ impl Session {
         client: S,
         pool: Arc<Pool>,
         first: Bytes,
-        local: SocketAddr,
+        local: LocalAddr,
         mut rec: AccessRecord,
     ) -> Option<Tunneling> {
         match Box::pin(self.connect_tcp(client, pool, first, local, &mut rec)).await {
@@ -292,7 +294,7 @@ impl Session {
         client: S,
         pool: Arc<Pool>,
         to_backend: Bytes,
-        local: SocketAddr,
+        local: LocalAddr,
         rec: &mut AccessRecord,
     ) -> Option<Plan<S>> {
         let limits = &self.shared.snapshot().config.limits;

@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessRecord, Text};
+use crate::socket::LocalAddr;
 use crate::state::Snapshot;
 use crate::tls::client::Failure;
 use crate::tls::ClientCert;
@@ -76,7 +77,7 @@ pub struct Conn<S> {
     /// The client's address (the PROXY header's, if the listener takes one).
     peer: SocketAddr,
     /// The address the client connected to (for a PROXY header sent on).
-    local: SocketAddr,
+    local: LocalAddr,
     /// What the client sent past its last request (pipelined requests):
     /// the start of the next one.
     buf: BytesMut,
@@ -137,7 +138,7 @@ struct Agreed {
 }
 
 impl<S: ClientStream> Conn<S> {
-    pub fn new(client: S, peer: SocketAddr, local: SocketAddr) -> Conn<S> {
+    pub fn new(client: S, peer: SocketAddr, local: LocalAddr) -> Conn<S> {
         Conn { client, peer, local, buf: BytesMut::new(), served: 0, client_cert: None }
     }
 
@@ -218,7 +219,7 @@ impl<S: ClientStream> Conn<S> {
 /// What one request is served with.
 struct Context<'a> {
     peer: SocketAddr,
-    local: SocketAddr,
+    local: LocalAddr,
     snap: &'a Snapshot,
     listener: &'a str,
     draining: &'a CancellationToken,

@@ -36,6 +36,7 @@ use self::health::{Admit, Backoff};
 pub use self::registry::Registry;
 pub use self::stream::{BackendStream, TlsBackend};
 use crate::config::{self, BackendSettings, Balance, SendProxy};
+use crate::socket::LocalAddr;
 use crate::tls::client::{Failure, Target};
 
 /// A pool of backends, shared by all connections routed to it while its
@@ -97,7 +98,7 @@ pub struct ConnectOpts {
     /// The client and the address it connected to, for the PROXY header
     /// of a pool with `send_proxy` (a new connection each time: the header
     /// describes one client connection).
-    pub client: Option<(SocketAddr, SocketAddr)>,
+    pub client: Option<(SocketAddr, LocalAddr)>,
 }
 
 /// A backend connection for one request. Dropping it closes the
@@ -307,7 +308,7 @@ impl Pool {
         let guard = backend.reserve(settings.max_conns).ok_or(Miss::AtCap)?;
         let header = match (self.ctx.send_proxy, opts.client) {
             (SendProxy::Off, _) => None,
-            (version, Some((client, local))) => Some(crate::proxy::header(version, client, local)),
+            (version, Some((client, local))) => Some(crate::proxy::header(version, client, local.get())),
             // No client to speak of (an active check never comes here).
             (_, None) => None,
         };

@@ -248,6 +248,12 @@ async fn send_proxy_tells_backends_the_client_on_every_connection() {
             assert_eq!(start, expected, "{version}, request {i}");
             // The rest of the header, then the request.
             let (head, _) = read_head(&mut server).await;
+            if version == "v1" {
+                // The destination: the router's address the connection came
+                // to (read from its socket only for such a pool).
+                let dst = format!("127.0.0.1 5555 {}\r\nGET ", r.http.port());
+                assert!(head.starts_with(&dst), "{version}: {head:?}");
+            }
             assert!(head.contains("GET /p HTTP/1.1\r\n"), "{version}: {head:?}");
             assert!(head.contains("\r\nX-Forwarded-For: 192.0.2.7\r\n"), "{version}: {head:?}");
             server.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
