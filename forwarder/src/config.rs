@@ -24,6 +24,9 @@ pub struct Config {
     pub data_plane: dataplane::Settings,
     #[serde(default)]
     pub limits: Limits,
+    /// `[runtime]`: the threads that accept and serve connections.
+    #[serde(default)]
+    pub runtime: Runtime,
     #[serde(default)]
     pub admin: Option<Admin>,
     #[serde(default)]
@@ -287,6 +290,50 @@ impl Check {
             return Err(("host", "must be a non-empty host without spaces or control bytes".into()));
         }
         Ok(())
+    }
+}
+
+/// `[runtime]`: the threads that accept and serve connections. Read at
+/// start (a reload that changes it is rejected).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// How many (0: one per core the process may run on).
+    pub workers: usize,
+    /// false: each worker is a thread of its own with its own listening
+    /// socket per listener (SO_REUSEPORT), serving what it accepted for
+    /// the connection's life; true: one tokio scheduler whose threads
+    /// steal each other's tasks ([`crate::workers`]).
+    pub work_stealing: bool,
+}
+
+/// The most `[runtime] workers` may ask for.
+const MAX_WORKERS: usize = 1024;
+
+impl Runtime {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.workers > MAX_WORKERS {
+            return Err(("workers", format!("must be at most {MAX_WORKERS} (0: one per core)")));
+        }
+        Ok(())
+    }
+
+    /// The number of workers: `workers`, or one per core for 0.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
+    /// How the workers serve, for the summary and the startup log.
+    pub fn describe(&self) -> String {
+        let n = self.worker_count();
+        if self.work_stealing {
+            format!("{n} workers sharing one work-stealing scheduler and one socket per listener")
+        } else {
+            format!("{n} workers, each with its own socket per listener (SO_REUSEPORT) and its connections for life")
+        }
     }
 }
 
@@ -1017,6 +1064,7 @@ impl Config {
             ));
         }
         self.limits.validate()?;
+        self.runtime.validate().map_err(|(field, m)| (format!("runtime.{field}"), m))?;
         self.backends.validate()?;
         if let Some(n) = &self.nats {
             n.validate().map_err(|(field, m)| (format!("nats.{field}"), m))?;
@@ -1192,6 +1240,7 @@ impl Config {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "data plane: {}", self.data_plane.mode);
+        let _ = writeln!(s, "runtime: {}", self.runtime.describe());
         if let Some(a) = &self.admin {
             let _ = writeln!(s, "admin: {}", a.bind);
         }

@@ -1,7 +1,8 @@
 //! upsplice: a router for WebSocket and other HTTP/1.1 Upgrade traffic.
 //!
 //! One connection goes down one chain of modules (docs/architecture.md):
-//! [`server`] (lifecycle: bind, accept, reload, drain) → [`connection`]
+//! [`server`] (lifecycle: bind, accept, reload, drain; on the threads of
+//! [`workers`]) → [`connection`]
 //! (one connection to its access-log line) → [`handshake`] (the first
 //! request: head, rewrite, [`route`], [`upstream`], the backend's 101) →
 //! [`dataplane`] (the tunnel, relayed by one of the planes behind the
@@ -33,3 +34,4 @@ pub mod state;
 pub mod tls;
 pub mod units;
 pub mod upstream;
+pub mod workers;

@@ -123,8 +123,7 @@ fn run(path: Option<&Path>) -> anyhow::Result<()> {
             Config::parse(Path::new("<built-in demo config>"), DEMO_CONFIG)?
         }
     };
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    let runtime = upsplice::workers::Workers::main_runtime(&config.runtime).context("starting the tokio runtime")?;
     runtime.block_on(upsplice::server::run(config, path.map(Path::to_path_buf)))
 }
 

@@ -2,13 +2,12 @@
 //! back-off, reload on SIGHUP, drain on SIGTERM/SIGINT.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -19,6 +18,7 @@ use crate::connection::{self, Session};
 use crate::dataplane::DataPlanes;
 use crate::metrics::{self, ListenerLabels};
 use crate::state::{Shared, Snapshot};
+use crate::workers::{self, Workers};
 
 /// Runs the router until SIGTERM/SIGINT and the drain are over.
 pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
@@ -37,14 +37,23 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     metrics::set_planes(planes.clone());
 
+    let workers = Workers::start(&config.runtime).context("[runtime]: starting the worker threads")?;
+    tracing::info!("serving on {}", config.runtime.describe());
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let listener = bind(l.bind).with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
-        tracing::info!(listener = %l.name, bind = %listener.local_addr()?, protocol = %l.protocol, "listening");
-        bound.push((listener, Arc::<str>::from(l.name.as_str()), l.protocol));
+        let sockets = workers::bind(l.bind, workers.sockets_per_listener())
+            .and_then(|sockets| sockets.into_iter().enumerate().map(|(i, s)| workers.adopt(i, s)).collect())
+            .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
+        let sockets: Vec<TcpListener> = sockets;
+        tracing::info!(listener = %l.name, bind = %sockets[0].local_addr()?, protocol = %l.protocol, "listening");
+        bound.push((sockets, Arc::<str>::from(l.name.as_str()), l.protocol));
     }
     let admin = match &config.admin {
-        Some(a) => Some(bind(a.bind).with_context(|| format!("[admin]: cannot bind {}", a.bind))?),
+        Some(a) => Some(
+            workers::bind(a.bind, 1)
+                .and_then(|mut s| TcpListener::from_std(s.remove(0)))
+                .with_context(|| format!("[admin]: cannot bind {}", a.bind))?,
+        ),
         None => None,
     };
     announce(&bound, admin.as_ref())?;
@@ -62,15 +71,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut accept_loops = Vec::new();
-    for (listener, name, protocol) in bound {
-        accept_loops.push(tokio::spawn(accept_loop(
-            listener,
-            name,
-            protocol,
-            shared.clone(),
-            stop_accepting.clone(),
-            tracker.clone(),
-        )));
+    for (sockets, name, protocol) in bound {
+        for (i, listener) in sockets.into_iter().enumerate() {
+            accept_loops.push(workers.spawn(
+                i,
+                accept_loop(listener, name.clone(), protocol, shared.clone(), stop_accepting.clone(), tracker.clone()),
+            ));
+        }
     }
     let nats = shared.snapshot().config.nats.clone().map(|cfg| crate::nats::spawn(cfg, shared.clone()));
     if let Some(admin) = admin {
@@ -183,24 +190,16 @@ async fn drain(
 /// is how a script or a test learns it (as `upsplice-loadgen echo` does):
 /// `listening on 127.0.0.1:41234 listener=web protocol=http`, then
 /// `admin on 127.0.0.1:41235`.
-fn announce(bound: &[(TcpListener, Arc<str>, Protocol)], admin: Option<&TcpListener>) -> io::Result<()> {
+fn announce(bound: &[(Vec<TcpListener>, Arc<str>, Protocol)], admin: Option<&TcpListener>) -> io::Result<()> {
     use std::io::Write;
     let mut out = io::stdout().lock();
-    for (listener, name, protocol) in bound {
-        writeln!(out, "listening on {} listener={name} protocol={protocol}", listener.local_addr()?)?;
+    for (sockets, name, protocol) in bound {
+        writeln!(out, "listening on {} listener={name} protocol={protocol}", sockets[0].local_addr()?)?;
     }
     if let Some(admin) = admin {
         writeln!(out, "admin on {}", admin.local_addr()?)?;
     }
     out.flush()
-}
-
-/// Binds a listening socket with a deep accept queue (handshake bursts).
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
 }
 
 async fn accept_loop(
@@ -326,6 +325,9 @@ fn load_compatible(shared: &Shared, path: &Path) -> anyhow::Result<Config> {
     let admin = |c: &Config| c.admin.as_ref().map(|a| a.bind);
     if admin(&new) != admin(&old.config) {
         return Err(restart("admin.bind".into()));
+    }
+    if new.runtime != old.config.runtime {
+        return Err(restart("[runtime] (workers, work_stealing)".into()));
     }
     if new.data_plane.mode != old.config.data_plane.mode {
         return Err(restart(format!("data_plane.mode ({} → {})", old.config.data_plane.mode, new.data_plane.mode)));

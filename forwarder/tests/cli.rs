@@ -27,6 +27,18 @@ fn check_accepts_the_demo_config_and_reports_data_planes() {
     assert!(stdout.contains("copy     available"), "{stdout}");
 }
 
+/// The summary says how connections are served (`[runtime]`).
+#[test]
+fn check_says_how_many_workers_serve_and_how() {
+    let base = "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\n";
+    let (ok, stdout, stderr) = check(&format!("[runtime]\nworkers = 3\n{base}"));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("runtime: 3 workers, each with its own socket per listener (SO_REUSEPORT)"), "{stdout}");
+    let (ok, stdout, stderr) = check(&format!("[runtime]\nworkers = 2\nwork_stealing = true\n{base}"));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("runtime: 2 workers sharing one work-stealing scheduler"), "{stdout}");
+}
+
 /// With a plane named, what `auto` would pick is said as such, not as the
 /// plane the config runs.
 #[test]
@@ -57,6 +69,8 @@ fn check_names_file_field_and_problem() {
         ),
         (format!("[limits]\nmax_conections = 5\n{base}"), "unknown field `max_conections`"),
         (format!("[data_plane]\nmode = \"turbo\"\n{base}"), "unknown variant `turbo`"),
+        (format!("[runtime]\nworkers = 5000\n{base}"), "runtime.workers: must be at most 1024 (0: one per core)"),
+        (format!("[runtime]\nthreads = 2\n{base}"), "unknown field `threads`"),
     ];
     for (config, expected) in cases {
         let (ok, _, stderr) = check(&config);
