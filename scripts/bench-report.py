@@ -385,7 +385,9 @@ def setup(b: Bench) -> list[str]:
     w("")
     w("* **direct**: the generator talks to the echo backend itself — the physical limit; every ratio is against it.")
     w("* **upsplice-⟨plane⟩**: `upsplice run` with `data_plane.mode` set to that plane, an http listener routing `Host: bench.local` "
-      "to the echo backend, and a tcp listener forwarding to the discard backend (bulk).")
+      "to the echo backend, and a tcp listener forwarding to the discard backend (bulk); `[runtime]` at its defaults "
+      "(see the README: one worker thread per core with its own listening sockets since 2026-12-07, tokio's work-stealing "
+      "scheduler on two threads before).")
     w("* **haproxy**: `nbthread 2` (one thread per core, also its default here), `mode http` with `option forwardfor` for "
       "WebSocket upgrades (`timeout tunnel 1h`), `mode tcp` for bulk; `maxconn 9800`.")
     w("* **nginx**: `worker_processes 2`, `proxy_http_version 1.1` with the `Upgrade`/`Connection` headers, listen backlog 4096"
