@@ -112,6 +112,9 @@ pub struct Upstream {
     pub reused: bool,
     /// Its TLS (idle connections are reused for the same TLS only).
     tls: Option<Arc<Target>>,
+    /// The worker thread whose reactor watches it (`workers::current`
+    /// where it was connected), kept with it when it goes idle.
+    home: Option<usize>,
     /// The app instance its backend registered as, if it did.
     instance: Option<Arc<AppInstance>>,
     guard: BackendGuard,
@@ -300,9 +303,10 @@ impl Pool {
         let settings = &self.ctx.settings;
         let proxied = self.ctx.send_proxy != SendProxy::Off;
         if opts.reuse && settings.max_idle_per_backend > 0 && !proxied {
-            if let Some(stream) = backend.idle.take_live(Instant::now(), tls.map(|t| &**t)) {
+            let here = crate::workers::current();
+            if let Some((stream, home)) = backend.idle.take_live(Instant::now(), tls.map(|t| &**t), here) {
                 self.ctx.reused.inc();
-                return Ok(self.upstream(i, stream, backend.lease(), true));
+                return Ok(self.upstream(i, stream, home, backend.lease(), true));
             }
         }
         let guard = backend.reserve(settings.max_conns).ok_or(Miss::AtCap)?;
@@ -315,7 +319,7 @@ impl Pool {
         // A failed TLS handshake counts as a failed connect (passive health).
         match stream::connect(backend.addr, opts.timeout, opts.user_timeout, header.as_deref(), tls.map(|t| &**t)).await
         {
-            Ok(stream) => Ok(self.upstream(i, stream, guard, false)),
+            Ok(stream) => Ok(self.upstream(i, stream, crate::workers::current(), guard, false)),
             Err(e) => {
                 drop(guard);
                 crate::metrics::connect_failure(&self.name);
@@ -338,10 +342,17 @@ impl Pool {
     }
 
     /// Backend `i`'s connection for one request.
-    fn upstream(&self, i: usize, stream: BackendStream, guard: BackendGuard, reused: bool) -> Upstream {
+    fn upstream(
+        &self,
+        i: usize,
+        stream: BackendStream,
+        home: Option<usize>,
+        guard: BackendGuard,
+        reused: bool,
+    ) -> Upstream {
         let tls = self.tls.get(i).cloned().flatten();
         let instance = self.instances.get(i).cloned().flatten();
-        Upstream { stream, reused, tls, instance, guard, pool: self.ctx.clone() }
+        Upstream { stream, reused, tls, home, instance, guard, pool: self.ctx.clone() }
     }
 }
 
@@ -360,7 +371,7 @@ impl Upstream {
     /// connection goes to its backend's idle list, or is closed when the
     /// list is full, reuse is off, or the backend left the config.
     pub fn release(self) {
-        let Upstream { stream, tls, guard, pool, .. } = self;
+        let Upstream { stream, tls, home, guard, pool, .. } = self;
         let settings = &pool.settings;
         let backend = guard.backend();
         if settings.max_idle_per_backend == 0 || backend.is_retired() || pool.send_proxy != SendProxy::Off {
@@ -368,7 +379,7 @@ impl Upstream {
         }
         let expires = Instant::now() + settings.idle_conn_timeout;
         // Over the cap it is handed back, and closed here.
-        let _ = backend.idle.put(stream, tls, expires, settings.max_idle_per_backend);
+        let _ = backend.idle.put(stream, tls, home, expires, settings.max_idle_per_backend);
     }
 
     /// The backend failed this request before any response byte (reset,

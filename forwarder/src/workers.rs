@@ -21,6 +21,7 @@
 //! The router's own tasks (signals, drain, `/metrics`, NATS, health
 //! checks) run on the main runtime either way.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -31,6 +32,18 @@ use tokio::runtime::{Builder, Handle, Runtime};
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
+
+thread_local! {
+    /// The index of the per-core worker this thread is (None elsewhere).
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The per-core worker the calling thread is, if it is one: the reactor
+/// that watches a socket made here. The keep-alive pool uses it to hand a
+/// request a backend connection its own worker watches.
+pub fn current() -> Option<usize> {
+    WORKER.with(Cell::get)
+}
 
 /// A listening socket's accept queue: deep, for handshake bursts.
 const BACKLOG: i32 = 4096;
@@ -71,6 +84,7 @@ impl Workers {
             let handle = runtime.handle().clone();
             let until = exit.clone();
             let thread = std::thread::Builder::new().name(format!("upsplice-w{i}")).spawn(move || {
+                WORKER.with(|w| w.set(Some(i)));
                 runtime.block_on(until.cancelled());
                 // Tasks still there (idle keep-alive connections, a tunnel
                 // the drain deadline already reset) are dropped, not waited on.
@@ -207,6 +221,15 @@ mod tests {
             names
         });
         assert_eq!(names, ["upsplice-w0", "upsplice-w1"]);
+        let homes: Vec<Option<usize>> = rt.block_on(async {
+            let mut homes = Vec::new();
+            for i in 0..2 {
+                homes.push(workers.spawn(i, async { current() }).await.unwrap());
+            }
+            homes
+        });
+        assert_eq!(homes, [Some(0), Some(1)]);
+        assert_eq!(current(), None, "not a worker");
         drop(workers);
     }
 }

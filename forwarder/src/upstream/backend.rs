@@ -238,7 +238,7 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(60);
         let idle = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let _peer = l.accept().await.unwrap();
-        b.idle.put(idle.into(), None, later, 4).unwrap();
+        b.idle.put(idle.into(), None, None, later, 4).unwrap();
         let _busy = b.reserve(2).unwrap();
         // One busy + one idle = the cap of 2: the idle one is closed for the new one.
         let _second = b.reserve(2).unwrap();

@@ -9,6 +9,15 @@
 //! in CLOSE_WAIT much past `[backends] idle_conn_timeout`. A TLS
 //! connection is only handed out for the same TLS ([`Target::same_as`]):
 //! the same CAs, client certificate and server name.
+//!
+//! Each connection remembers its home: the worker thread whose reactor
+//! watches it ([`crate::workers`]). A request takes one of its own
+//! worker's first, and another worker's only when its own has none (a
+//! connect costs more than a wake across threads): a foreign one makes
+//! every read and write of the request wake the task from the other
+//! thread. Measured, before the preference: keep-alive requests through
+//! the copy plane cost 25 % more router CPU with per-core workers
+//! (docs/performance.md, "Workers per core").
 
 use std::collections::VecDeque;
 use std::io;
@@ -25,6 +34,8 @@ use crate::tls::client::Target;
 struct Idle {
     stream: BackendStream,
     tls: Option<Arc<Target>>,
+    /// The worker whose reactor watches it (None: not a per-core worker).
+    home: Option<usize>,
     expires: Instant,
 }
 
@@ -64,12 +75,14 @@ impl IdleList {
         self.conns.lock().expect("idle list lock")
     }
 
-    /// Keeps `stream` (made with `tls`) until `expires`, unless `cap` are
-    /// kept already: then it is handed back (the caller closes it).
+    /// Keeps `stream` (made with `tls`, watched by worker `home`) until
+    /// `expires`, unless `cap` are kept already: then it is handed back
+    /// (the caller closes it).
     pub fn put(
         &self,
         stream: BackendStream,
         tls: Option<Arc<Target>>,
+        home: Option<usize>,
         expires: Instant,
         cap: usize,
     ) -> Result<(), BackendStream> {
@@ -77,21 +90,29 @@ impl IdleList {
         if conns.len() >= cap {
             return Err(stream);
         }
-        conns.push_back(Idle { stream, tls, expires });
+        conns.push_back(Idle { stream, tls, home, expires });
         Ok(())
     }
 
     /// The newest idle connection made with `tls` that is unexpired and
-    /// alive; the ones found expired or dead on the way are closed, the
-    /// ones made with another TLS are left.
-    pub fn take_live(&self, now: Instant, tls: Option<&Target>) -> Option<BackendStream> {
+    /// alive, of worker `here`'s own if there is one, else of another's;
+    /// with its home. The ones found expired or dead on the way are
+    /// closed, the ones made with another TLS are left.
+    pub fn take_live(
+        &self,
+        now: Instant,
+        tls: Option<&Target>,
+        here: Option<usize>,
+    ) -> Option<(BackendStream, Option<usize>)> {
         let mut closed = Vec::new();
         let found = {
             let mut conns = self.lock();
+            // The newest usable one of another worker, if none of ours.
+            let mut foreign: Option<usize> = None;
             let mut i = conns.len();
             loop {
                 if i == 0 {
-                    break None;
+                    break foreign.and_then(|f| conns.remove(f));
                 }
                 i -= 1;
                 let idle = &conns[i];
@@ -99,16 +120,22 @@ impl IdleList {
                 if usable && !idle.serves(tls) {
                     continue;
                 }
+                if usable && idle.home != here {
+                    foreign = foreign.or(Some(i));
+                    continue;
+                }
                 let idle = conns.remove(i).expect("index within the list");
                 if usable {
-                    break Some(idle.stream);
+                    break Some(idle);
                 }
+                // Removed below the foreign one found: it moved down.
+                foreign = foreign.map(|f| f - 1);
                 closed.push(idle.stream);
             }
         };
         // Closed outside the lock.
         drop(closed);
-        found
+        found.map(|idle| (idle.stream, idle.home))
     }
 
     /// Closes the expired and the dead; returns how many.
@@ -172,6 +199,12 @@ mod tests {
 
     use super::*;
 
+    /// The newest live one for `tls`, as a request off the per-core
+    /// workers takes it.
+    fn take(list: &IdleList, now: Instant, tls: Option<&Target>) -> Option<BackendStream> {
+        list.take_live(now, tls, None).map(|(stream, _)| stream)
+    }
+
     /// A connected pair: (the router's side, the backend's side).
     async fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -194,16 +227,16 @@ mod tests {
         let good_port = good.local_addr().unwrap().port();
         let (closed, closed_peer) = pair(&l).await;
         let (chatty, mut chatty_peer) = pair(&l).await;
-        list.put(good.into(), None, later, 8).unwrap();
-        list.put(closed.into(), None, later, 8).unwrap();
-        list.put(chatty.into(), None, later, 8).unwrap();
+        list.put(good.into(), None, None, later, 8).unwrap();
+        list.put(closed.into(), None, None, later, 8).unwrap();
+        list.put(chatty.into(), None, None, later, 8).unwrap();
         drop(closed_peer);
         chatty_peer.write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n").await.unwrap();
         settle().await;
-        let got = list.take_live(Instant::now(), None).expect("the live one");
+        let got = take(&list, Instant::now(), None).expect("the live one");
         assert_eq!(got.tcp().local_addr().unwrap().port(), good_port);
         assert!(list.is_empty(), "the dead ones were closed on the way");
-        assert!(list.take_live(Instant::now(), None).is_none());
+        assert!(take(&list, Instant::now(), None).is_none());
     }
 
     /// The reactor answers for a connection whose last read drained it;
@@ -238,15 +271,15 @@ mod tests {
         let (a, _pa) = pair(&l).await;
         let (b, _pb) = pair(&l).await;
         let (c, pc) = pair(&l).await;
-        list.put(a.into(), None, now + Duration::from_millis(10), 8).unwrap();
-        list.put(b.into(), None, now + Duration::from_secs(60), 8).unwrap();
-        list.put(c.into(), None, now + Duration::from_secs(60), 8).unwrap();
+        list.put(a.into(), None, None, now + Duration::from_millis(10), 8).unwrap();
+        list.put(b.into(), None, None, now + Duration::from_secs(60), 8).unwrap();
+        list.put(c.into(), None, None, now + Duration::from_secs(60), 8).unwrap();
         drop(pc);
         settle().await;
         // a expired, c's backend closed it: both go; b stays.
         assert_eq!(list.sweep(now + Duration::from_secs(1)), 2);
         assert_eq!(list.len(), 1);
-        assert!(list.take_live(now + Duration::from_secs(61), None).is_none(), "expired by then");
+        assert!(take(&list, now + Duration::from_secs(61), None).is_none(), "expired by then");
         assert!(list.is_empty());
     }
 
@@ -269,16 +302,16 @@ mod tests {
         let (plain, _pp) = pair(&l).await;
         let (tls, _pt) = pair(&l).await;
         let (plain_port, tls_port) = (plain.local_addr().unwrap().port(), tls.local_addr().unwrap().port());
-        list.put(plain.into(), None, later, 8).unwrap();
-        list.put(tls.into(), Some(target("a.internal")), later, 8).unwrap();
+        list.put(plain.into(), None, None, later, 8).unwrap();
+        list.put(tls.into(), Some(target("a.internal")), None, later, 8).unwrap();
         // Another name: nothing; the same config and name: the TLS one.
-        assert!(list.take_live(Instant::now(), Some(&target("b.internal"))).is_none());
+        assert!(take(&list, Instant::now(), Some(&target("b.internal"))).is_none());
         assert_eq!(list.len(), 2, "the others are left, not closed");
-        let got = list.take_live(Instant::now(), Some(&target("a.internal"))).unwrap();
+        let got = take(&list, Instant::now(), Some(&target("a.internal"))).unwrap();
         assert_eq!(got.tcp().local_addr().unwrap().port(), tls_port);
-        assert!(list.take_live(Instant::now(), Some(&target("a.internal"))).is_none());
+        assert!(take(&list, Instant::now(), Some(&target("a.internal"))).is_none());
         // A plain request never gets a TLS connection, and the reverse.
-        let got = list.take_live(Instant::now(), None).unwrap();
+        let got = take(&list, Instant::now(), None).unwrap();
         assert_eq!(got.tcp().local_addr().unwrap().port(), plain_port);
     }
 
@@ -291,11 +324,56 @@ mod tests {
         let (b, _pb) = pair(&l).await;
         let (c, _pc) = pair(&l).await;
         let b_port = b.local_addr().unwrap().port();
-        list.put(a.into(), None, later, 2).unwrap();
-        list.put(b.into(), None, later, 2).unwrap();
-        assert!(list.put(c.into(), None, later, 2).is_err(), "over the cap: handed back");
+        list.put(a.into(), None, None, later, 2).unwrap();
+        list.put(b.into(), None, None, later, 2).unwrap();
+        assert!(list.put(c.into(), None, None, later, 2).is_err(), "over the cap: handed back");
         assert!(list.evict_oldest());
-        assert_eq!(list.take_live(Instant::now(), None).unwrap().tcp().local_addr().unwrap().port(), b_port);
+        assert_eq!(take(&list, Instant::now(), None).unwrap().tcp().local_addr().unwrap().port(), b_port);
         assert!(!list.evict_oldest());
+    }
+
+    /// A worker takes its own idle connections first, even an older one,
+    /// and another worker's only when it has none; the home goes along.
+    #[tokio::test]
+    async fn a_worker_takes_its_own_first_and_another_s_only_when_it_has_none() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let later = Instant::now() + Duration::from_secs(60);
+        let list = IdleList::default();
+        let (mine, _pm) = pair(&l).await;
+        let (theirs, _pt) = pair(&l).await;
+        let (closed, closed_peer) = pair(&l).await;
+        let (mine_port, theirs_port) = (mine.local_addr().unwrap().port(), theirs.local_addr().unwrap().port());
+        list.put(mine.into(), None, Some(0), later, 8).unwrap();
+        list.put(theirs.into(), None, Some(1), later, 8).unwrap();
+        list.put(closed.into(), None, Some(0), later, 8).unwrap();
+        drop(closed_peer);
+        settle().await;
+        let (got, home) = list.take_live(Instant::now(), None, Some(0)).unwrap();
+        assert_eq!((got.tcp().local_addr().unwrap().port(), home), (mine_port, Some(0)), "its own, though older");
+        assert_eq!(list.len(), 1, "the dead one was closed on the way, the foreign one left");
+        let (got, home) = list.take_live(Instant::now(), None, Some(0)).unwrap();
+        assert_eq!((got.tcp().local_addr().unwrap().port(), home), (theirs_port, Some(1)), "none of its own left");
+        assert!(list.take_live(Instant::now(), None, Some(0)).is_none());
+    }
+
+    /// A dead connection closed below the foreign one found does not make
+    /// the take hand out the wrong one.
+    #[tokio::test]
+    async fn a_foreign_one_is_found_again_after_dead_ones_below_it_go() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let later = Instant::now() + Duration::from_secs(60);
+        let list = IdleList::default();
+        let (dead1, p1) = pair(&l).await;
+        let (dead2, p2) = pair(&l).await;
+        let (theirs, _pt) = pair(&l).await;
+        let theirs_port = theirs.local_addr().unwrap().port();
+        list.put(dead1.into(), None, Some(0), later, 8).unwrap();
+        list.put(dead2.into(), None, Some(0), later, 8).unwrap();
+        list.put(theirs.into(), None, Some(1), later, 8).unwrap();
+        drop((p1, p2));
+        settle().await;
+        let (got, _) = list.take_live(Instant::now(), None, Some(0)).unwrap();
+        assert_eq!(got.tcp().local_addr().unwrap().port(), theirs_port);
+        assert!(list.is_empty());
     }
 }

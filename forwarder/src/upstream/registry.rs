@@ -220,9 +220,9 @@ mod tests {
         let (expiring, _expiring_peer) = connect().await;
         let (kept, _kept_peer) = connect().await;
         let now = Instant::now();
-        backend.idle.put(closed.into(), None, now + Duration::from_secs(60), 8).unwrap();
-        backend.idle.put(expiring.into(), None, now + Duration::from_millis(100), 8).unwrap();
-        backend.idle.put(kept.into(), None, now + Duration::from_secs(60), 8).unwrap();
+        backend.idle.put(closed.into(), None, None, now + Duration::from_secs(60), 8).unwrap();
+        backend.idle.put(expiring.into(), None, None, now + Duration::from_millis(100), 8).unwrap();
+        backend.idle.put(kept.into(), None, None, now + Duration::from_secs(60), 8).unwrap();
         // The backend closes one (it would sit in CLOSE_WAIT here).
         drop(closed_peer);
         tokio::time::sleep(SWEEP_EVERY * 2 + Duration::from_millis(100)).await;
