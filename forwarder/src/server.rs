@@ -41,10 +41,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     tracing::info!("serving on {}", config.runtime.describe());
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let sockets = workers::bind(l.bind, workers.sockets_per_listener())
+        let sockets: Vec<TcpListener> = workers::bind(l.bind, workers.sockets_per_listener())
             .and_then(|sockets| sockets.into_iter().enumerate().map(|(i, s)| workers.adopt(i, s)).collect())
             .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
-        let sockets: Vec<TcpListener> = sockets;
         tracing::info!(listener = %l.name, bind = %sockets[0].local_addr()?, protocol = %l.protocol, "listening");
         bound.push((sockets, Arc::<str>::from(l.name.as_str()), l.protocol));
     }
