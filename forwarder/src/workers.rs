@@ -80,17 +80,14 @@ impl Workers {
         let exit = CancellationToken::new();
         let mut workers = Vec::with_capacity(cfg.worker_count());
         for i in 0..cfg.worker_count() {
-            let runtime = Builder::new_current_thread().enable_all().build()?;
-            let handle = runtime.handle().clone();
-            let until = exit.clone();
-            let thread = std::thread::Builder::new().name(format!("upsplice-w{i}")).spawn(move || {
-                WORKER.with(|w| w.set(Some(i)));
-                runtime.block_on(until.cancelled());
-                // Tasks still there (idle keep-alive connections, a tunnel
-                // the drain deadline already reset) are dropped, not waited on.
-                runtime.shutdown_background();
-            })?;
-            workers.push(Worker { handle, thread: Some(thread) });
+            match Worker::start(i, exit.clone()) {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    // The ones already running stop (Drop) before the error goes up.
+                    drop(Workers::PerCore { workers, exit });
+                    return Err(e);
+                }
+            }
         }
         Ok(Workers::PerCore { workers, exit })
     }
@@ -129,6 +126,22 @@ impl Workers {
             Workers::Shared => tokio::spawn(task),
             Workers::PerCore { workers, .. } => workers[i % workers.len()].handle.spawn(task),
         }
+    }
+}
+
+impl Worker {
+    /// Worker `i`: a thread running its current-thread runtime until `exit`.
+    fn start(i: usize, exit: CancellationToken) -> io::Result<Worker> {
+        let runtime = Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let thread = std::thread::Builder::new().name(format!("upsplice-w{i}")).spawn(move || {
+            WORKER.with(|w| w.set(Some(i)));
+            runtime.block_on(exit.cancelled());
+            // Tasks still there (idle keep-alive connections, a tunnel
+            // the drain deadline already reset) are dropped, not waited on.
+            runtime.shutdown_background();
+        })?;
+        Ok(Worker { handle, thread: Some(thread) })
     }
 }
 
