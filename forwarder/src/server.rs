@@ -245,8 +245,8 @@ async fn accept_loop(
             }
             continue;
         };
-        let session = Session { shared: shared.clone(), listener: name.clone(), admitted, tracker: tracker.clone() };
-        tracker.spawn(session.serve(stream, peer, protocol));
+        let session = Session { shared: shared.clone(), listener: name.clone(), admitted };
+        tracker.spawn(session.serve(stream, peer, protocol, tracker.clone()));
     }
 }
 
