@@ -5,6 +5,7 @@
 //! so existing Cloud Foundry log pipelines keep parsing).
 
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,6 +31,39 @@ pub enum Format {
     Gorouter,
 }
 
+/// A request's HTTP version, as the access log names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Http10,
+    Http11,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Http10 => "HTTP/1.0",
+            Proto::Http11 => "HTTP/1.1",
+        }
+    }
+}
+
+/// A time since the accept, as a record keeps it: microseconds in 8
+/// bytes, where an `Option<Duration>` takes 16 (the record stays for a
+/// tunnel's whole life).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lap(NonZeroU64);
+
+impl Lap {
+    pub fn of(d: Duration) -> Lap {
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).min(u64::MAX - 1);
+        Lap(NonZeroU64::MIN.saturating_add(micros))
+    }
+
+    pub fn duration(self) -> Duration {
+        Duration::from_micros(self.0.get() - 1)
+    }
+}
+
 /// What the access log says about a connection when it ends.
 #[derive(Debug)]
 pub struct AccessRecord {
@@ -41,8 +75,7 @@ pub struct AccessRecord {
     /// The request's strings: method, target, headers as forwarded, the
     /// route service's URL when it went to one rather than to the app.
     pub texts: Texts,
-    /// `HTTP/1.1` or `HTTP/1.0`.
-    pub proto: Option<&'static str>,
+    pub proto: Option<Proto>,
     pub route: Option<Arc<str>>,
     pub backend: Option<SocketAddr>,
     /// The app instance the backend registered as (an endpoint learned
@@ -60,12 +93,12 @@ pub struct AccessRecord {
     pub router_error: Option<&'static str>,
     /// From the accept to the request head written to the backend: the
     /// router's own part before the backend has the request.
-    pub forwarded: Option<Duration>,
+    pub forwarded: Option<Lap>,
     /// From the accept to the backend's response head (time to first
     /// backend byte, as the client waits for it).
-    pub first_byte: Option<Duration>,
+    pub first_byte: Option<Lap>,
     /// From the accept to the 101 written to the client (upgrades).
-    pub upgraded: Option<Duration>,
+    pub upgraded: Option<Lap>,
     pub data_plane: Option<Mode>,
     /// The planes the tunnel used and what each carried, when it moved
     /// between planes (empty when it ended where it started).
@@ -116,7 +149,7 @@ impl AccessRecord {
     /// Writes the record to the diagnostic log (target `upsplice::access`),
     /// as `key=value` fields.
     pub fn trace(&self) {
-        let ms = |d: Option<Duration>| d.map_or(-1, |d| d.as_millis() as i64);
+        let ms = |d: Option<Lap>| d.map_or(-1, |d| d.duration().as_millis() as i64);
         tracing::info!(
             target: "upsplice::access",
             client = %self.peer,
@@ -188,14 +221,14 @@ impl AccessRecord {
     }
 
     fn json(&self, ended: Duration) -> String {
-        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        let ms = |d: Option<Lap>| d.map(|d| d.duration().as_secs_f64() * 1000.0);
         serde_json::json!({
             "time": humantime::format_rfc3339_millis(self.start).to_string(),
             "client": self.peer.to_string(),
             "listener": &*self.listener,
             "method": self.texts.get(Text::Method),
             "path": self.texts.get(Text::Target),
-            "proto": self.proto,
+            "proto": self.proto.map(Proto::as_str),
             "host": self.texts.get(Text::Host),
             "route": self.route.as_deref(),
             "route_service": self.texts.get(Text::RouteService),
@@ -240,7 +273,7 @@ impl AccessRecord {
         let dash = |v: Option<&str>| v.filter(|v| !v.is_empty()).unwrap_or("-").to_string();
         let quoted = |v: Option<&str>| format!("\"{}\"", dash(v).replace('"', "\\\""));
         let request = match (self.texts.get(Text::Method), self.texts.get(Text::Target)) {
-            (Some(m), Some(t)) => format!("\"{m} {t} {}\"", self.proto.unwrap_or("HTTP/1.1")),
+            (Some(m), Some(t)) => format!("\"{m} {t} {}\"", self.proto.unwrap_or(Proto::Http11).as_str()),
             _ => "\"-\"".into(),
         };
         format!(
@@ -260,7 +293,7 @@ impl AccessRecord {
             quoted(self.texts.get(Text::XForwardedProto)),
             dash(self.texts.get(Text::RequestId)),
             seconds(Some(ended)),
-            seconds(self.forwarded),
+            seconds(self.forwarded.map(Lap::duration)),
             dash(self.app(|i| &i.app_id)),
             dash(self.app(|i| &i.instance_index)),
             self.router_error.unwrap_or("-"),
@@ -268,8 +301,8 @@ impl AccessRecord {
     }
 }
 
-fn millis(d: Option<Duration>) -> String {
-    d.map_or("-".into(), |d| d.as_millis().to_string())
+fn millis(d: Option<Lap>) -> String {
+    d.map_or("-".into(), |d| d.duration().as_millis().to_string())
 }
 
 fn seconds(d: Option<Duration>) -> String {
@@ -285,7 +318,7 @@ mod tests {
         r.start = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         r.texts.set(Text::Method, "GET");
         r.texts.set(Text::Target, "/chat?room=1");
-        r.proto = Some("HTTP/1.1");
+        r.proto = Some(Proto::Http11);
         r.texts.set(Text::Host, "chat.example.com");
         r.texts.set(Text::UserAgent, "Mozilla \"x\"");
         r.texts.set(Text::XForwardedFor, "192.0.2.7");
@@ -294,9 +327,9 @@ mod tests {
         r.route = Some("chat.example.com".into());
         r.backend = Some("10.0.0.5:8080".parse().unwrap());
         r.status = 101;
-        r.forwarded = Some(Duration::from_micros(1500));
-        r.first_byte = Some(Duration::from_millis(3));
-        r.upgraded = Some(Duration::from_millis(4));
+        r.forwarded = Some(Lap::of(Duration::from_micros(1500)));
+        r.first_byte = Some(Lap::of(Duration::from_millis(3)));
+        r.upgraded = Some(Lap::of(Duration::from_millis(4)));
         r.data_plane = Some(Mode::Splice);
         r.to_backend = 1200;
         r.to_client = 3400;

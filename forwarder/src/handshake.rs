@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::{AccessRecord, Text};
+use crate::access::{AccessRecord, Lap, Proto, Text};
 use crate::socket::LocalAddr;
 use crate::state::Snapshot;
 use crate::tls::client::Failure;
@@ -266,7 +266,7 @@ impl Context<'_> {
 
         rec.texts.set(Text::Method, request.method());
         rec.texts.set(Text::Target, request.target());
-        rec.proto = Some(if request.version == 0 { "HTTP/1.0" } else { "HTTP/1.1" });
+        rec.proto = Some(if request.version == 0 { Proto::Http10 } else { Proto::Http11 });
         let header = |name| head::values(&request.headers, name).next().map(String::from_utf8_lossy);
         rec.texts.set_opt(Text::UserAgent, header("user-agent").as_deref());
         rec.texts.set_opt(Text::Referer, header("referer").as_deref());
@@ -380,7 +380,7 @@ impl Context<'_> {
                 Err(e) => ReadError::Io(e),
                 Ok(()) => {
                     rec.to_backend += head.len() as u64;
-                    rec.forwarded = Some(rec.started.elapsed());
+                    rec.forwarded = Some(Lap::of(rec.started.elapsed()));
                     match exchange.run(client, &mut upstream.stream, &leftover, fwd.body, rec).await? {
                         Exchanged::NoResponse(e) => e,
                         Exchanged::Final(last) => break (upstream, last),
@@ -432,7 +432,7 @@ impl Context<'_> {
             return Err(Stop::Gone("client_error"));
         }
         rec.to_client += response.head_len as u64;
-        rec.upgraded = Some(rec.started.elapsed());
+        rec.upgraded = Some(Lap::of(rec.started.elapsed()));
         Ok(Outcome::Upgraded(Agreed { backend, to_backend: after, to_client, status: response.status, guard }))
     }
 }
@@ -694,7 +694,7 @@ impl Exchange<'_> {
                     Ok(r) => r,
                     Err(e) => return Respond::HeadFailed(e),
                 };
-            rec.first_byte.get_or_insert_with(|| rec.started.elapsed());
+            rec.first_byte.get_or_insert_with(|| Lap::of(rec.started.elapsed()));
             // Informational answers (100, 102, 103) go through; the final one follows.
             if (100..200).contains(&response.status) && response.status != 101 {
                 let info = rbuf.split_to(response.head_len);
