@@ -363,7 +363,7 @@ impl DataPlane for UringPlane {
             return Err(Rejected::untouched(t, "no uring worker is running"));
         };
         let Tunnel { client, backend, to_backend, to_client, idle_timeout, drain, .. } = t;
-        let (client, backend) = match (into_blocking_fd(client), into_blocking_fd(backend)) {
+        let (client, backend) = match (into_fd(client), into_fd(backend)) {
             (Ok(c), Ok(b)) => (c, b),
             (c, b) => {
                 tracing::warn!("uring: cannot take the sockets off tokio: {:?} {:?}", c.err(), b.err());
@@ -512,21 +512,21 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-/// Takes a socket off tokio's reactor as a blocking fd (io_uring polls it
-/// itself; a blocking socket never makes an operation fail with EAGAIN).
-fn into_blocking_fd(s: tokio::net::TcpStream) -> std::io::Result<OwnedFd> {
-    let s = s.into_std()?;
-    s.set_nonblocking(false)?;
-    Ok(OwnedFd::from(s))
+/// Takes a socket off tokio's reactor as an fd for a worker. It stays
+/// non-blocking: io_uring's send and recv take their blocking mode from
+/// the operation (they try without waiting, then arm a poll), never from
+/// the file's `O_NONBLOCK` (`io_uring/net.c`, 6.1 to 6.18), so making it
+/// blocking, as the plane did, cost two `ioctl(FIONBIO)` per tunnel (and
+/// two more to give one back) for nothing. The conformance suite runs
+/// this plane on 6.1 and 6.12 (`scripts/vm-test`).
+fn into_fd(s: tokio::net::TcpStream) -> std::io::Result<OwnedFd> {
+    Ok(OwnedFd::from(s.into_std()?))
 }
 
 /// Turns a job that never reached a worker back into a tunnel.
 fn rebuild(job: Job, drain: tokio_util::sync::CancellationToken) -> std::io::Result<Tunnel> {
-    let back = |fd: OwnedFd| {
-        let s = std::net::TcpStream::from(fd);
-        s.set_nonblocking(true)?;
-        tokio::net::TcpStream::from_std(s)
-    };
+    // Still non-blocking ([`into_fd`]), as tokio needs it.
+    let back = |fd: OwnedFd| tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd));
     Ok(Tunnel {
         client: back(job.client)?,
         backend: back(job.backend)?,
