@@ -313,6 +313,16 @@ fn seconds(d: Option<Duration>) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_lap_keeps_microseconds_and_saturates() {
+        assert_eq!(Lap::of(Duration::ZERO).duration(), Duration::ZERO, "zero is a time, not None");
+        assert_eq!(Lap::of(Duration::from_nanos(1_500_999)).duration(), Duration::from_micros(1500));
+        let hours = Duration::from_secs(36_000);
+        assert_eq!(Lap::of(hours).duration(), hours);
+        assert_eq!(Lap::of(Duration::MAX).duration(), Duration::from_micros(u64::MAX - 1));
+        assert_eq!(std::mem::size_of::<Option<Lap>>(), 8);
+    }
+
     fn record() -> AccessRecord {
         let mut r = AccessRecord::new("192.0.2.7:51000".parse().unwrap(), "web".into());
         r.start = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
