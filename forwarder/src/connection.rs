@@ -310,6 +310,7 @@ impl Session {
             user_timeout: limits.tcp_user_timeout,
             reuse: false,
             client: Some((rec.peer, local)),
+            only: None,
         };
         match pool.connect(opts).await {
             Ok(upstream) => {

@@ -299,6 +299,10 @@ impl Context<'_> {
         }
         let route = snap.router.lookup(&fwd.host, &fwd.path).ok_or_else(|| Refusal::unknown_route(&fwd.host))?;
         rec.route = Some(route.name.clone());
+        let instance = match header("x-cf-app-instance").filter(|v| !v.is_empty()) {
+            None => None,
+            Some(value) => Some(app_instance(&route.pool, &fwd.host, &value)?),
+        };
         let mut pool = &route.pool;
         let service;
         if let Some(url) = &route.route_service {
@@ -354,6 +358,9 @@ impl Context<'_> {
         // all, never after response_timeout or a broken response (the
         // backend may have acted on the request).
         let retryable = fwd.body == Body::None && is_idempotent(request.method());
+        // The instance asked for is the app's: a route service's leg goes
+        // to its own pool.
+        let only = instance.filter(|_| std::ptr::eq(pool, &route.pool));
         let mut attempt = 0;
         let (upstream, exchanged) = loop {
             attempt += 1;
@@ -362,6 +369,7 @@ impl Context<'_> {
                 user_timeout: limits.tcp_user_timeout,
                 reuse: keep_backend && attempt == 1,
                 client: Some((peer, self.local)),
+                only,
             };
             let mut upstream = pool.connect(opts).await.map_err(|e| match e {
                 ConnectError::NoBackends(_) => Refusal::no_endpoints(&fwd.host),
@@ -441,6 +449,21 @@ impl Context<'_> {
 const MAX_ATTEMPTS: u32 = 3;
 
 /// Methods a request may be sent twice with (RFC 9110 §9.2.2).
+/// gorouter's `X-CF-APP-INSTANCE: APP_GUID:APP_INDEX`: the backend of
+/// `pool` registered as that instance, or gorouter's 400 (a value that is
+/// not two non-empty parts around one `:`, or an instance the route does
+/// not have).
+fn app_instance(pool: &crate::upstream::Pool, host: &str, value: &str) -> Result<usize, Refusal> {
+    let (app_id, index) = parse_app_instance(value).ok_or_else(Refusal::invalid_app_instance_header)?;
+    pool.find_instance(app_id, index).ok_or_else(|| Refusal::unknown_app_instance(host, app_id, index))
+}
+
+/// `APP_GUID:APP_INDEX`, both non-empty, one `:` (as gorouter splits it).
+fn parse_app_instance(value: &str) -> Option<(&str, &str)> {
+    let (app_id, index) = value.split_once(':')?;
+    (!app_id.is_empty() && !index.is_empty() && !index.contains(':')).then_some((app_id, index))
+}
+
 fn is_idempotent(method: &str) -> bool {
     ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"].iter().any(|m| method.eq_ignore_ascii_case(m))
 }
@@ -745,6 +768,23 @@ impl Exchange<'_> {
                 Respond::Relayed { keep_alive, reusable: reusable && clean }
             }
             Err(e) => Respond::RelayFailed(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod app_instance_tests {
+    use super::parse_app_instance;
+
+    /// As gorouter splits the value: two non-empty parts around one `:`.
+    #[test]
+    fn an_app_instance_header_is_guid_colon_index() {
+        assert_eq!(
+            parse_app_instance("5cdc7595-2e9b-4f62-8d5a-a86b92f2df0e:9"),
+            Some(("5cdc7595-2e9b-4f62-8d5a-a86b92f2df0e", "9"))
+        );
+        for bad in ["", "guid", "guid:", ":0", "a:b:c", ":"] {
+            assert_eq!(parse_app_instance(bad), None, "{bad:?}");
         }
     }
 }

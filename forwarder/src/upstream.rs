@@ -99,6 +99,9 @@ pub struct ConnectOpts {
     /// of a pool with `send_proxy` (a new connection each time: the header
     /// describes one client connection).
     pub client: Option<(SocketAddr, LocalAddr)>,
+    /// Only this backend (an index from [`Pool::find_instance`]): a request
+    /// with `X-CF-APP-INSTANCE` goes to that app instance or to none.
+    pub only: Option<usize>,
 }
 
 /// A backend connection for one request. Dropping it closes the
@@ -203,6 +206,14 @@ impl Pool {
 
     /// The app instance each backend (same order as the endpoints it was
     /// made with) registered as: what a request to it is told.
+    /// The backend registered as instance `index` of app `app_id` (gorouter's
+    /// `X-CF-APP-INSTANCE: APP_GUID:APP_INDEX`), for [`ConnectOpts::only`].
+    pub fn find_instance(&self, app_id: &str, index: &str) -> Option<usize> {
+        self.instances
+            .iter()
+            .position(|i| i.as_deref().is_some_and(|i| &*i.app_id == app_id && &*i.instance_index == index))
+    }
+
     pub fn with_instances(self, instances: Vec<Option<Arc<AppInstance>>>) -> Pool {
         debug_assert_eq!(instances.len(), self.backends.len(), "one instance per backend");
         let instances = if instances.iter().all(Option::is_none) { Vec::new() } else { instances };
@@ -257,10 +268,15 @@ impl Pool {
         if self.backends.is_empty() {
             return Err(ConnectError::NoBackends(self.name.clone()));
         }
+        let order = match opts.only {
+            Some(i) if i < self.backends.len() => vec![i],
+            Some(_) => return Err(ConnectError::NoBackends(self.name.clone())),
+            None => self.order(),
+        };
         let mut out = Vec::new();
         let mut last = None;
         let mut tried = false;
-        for i in self.order() {
+        for i in order {
             if self.backends[i].admit(Instant::now(), self.ctx.backoff) == Admit::No {
                 out.push(i);
                 continue;
@@ -408,7 +424,7 @@ mod tests {
     use super::*;
 
     const OPTS: ConnectOpts =
-        ConnectOpts { timeout: Duration::from_secs(1), user_timeout: None, reuse: true, client: None };
+        ConnectOpts { timeout: Duration::from_secs(1), user_timeout: None, reuse: true, client: None, only: None };
 
     fn pool_with(balance: Balance, backends: &[SocketAddr], settings: BackendSettings) -> (Pool, Arc<Registry>) {
         let registry = Registry::new();
@@ -592,6 +608,33 @@ mod tests {
         // A pool from the file: none.
         let (p, _r) = pool_with(Balance::RoundRobin, &addrs, BackendSettings::default());
         assert!(p.connect(OPTS).await.unwrap().instance().is_none());
+    }
+
+    /// `X-CF-APP-INSTANCE`: the instance's backend every time, whatever
+    /// the balancer's turn; an instance the pool does not have is found
+    /// nowhere (the caller answers gorouter's 400).
+    #[tokio::test]
+    async fn only_the_instance_asked_for_serves() {
+        let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
+        let (p, _r) = pool_with(Balance::RoundRobin, &addrs, BackendSettings::default());
+        let p = p.with_instances(vec![
+            Some(Arc::new(AppInstance::new("app", "inst-0", "0"))),
+            Some(Arc::new(AppInstance::new("app", "inst-1", "1"))),
+        ]);
+        assert_eq!(p.find_instance("app", "1"), Some(1));
+        assert_eq!(p.find_instance("app", "0"), Some(0));
+        assert_eq!(p.find_instance("app", "2"), None, "no such index");
+        assert_eq!(p.find_instance("other", "0"), None, "another app's index");
+        for _ in 0..4 {
+            let up = p.connect(ConnectOpts { only: Some(1), ..OPTS }).await.unwrap();
+            assert_eq!(up.addr(), addrs[1]);
+            assert_eq!(&*up.instance().unwrap().instance_id, "inst-1");
+        }
+        // A pool from the file has no instances.
+        let (p, _r) = pool_with(Balance::RoundRobin, &addrs, BackendSettings::default());
+        assert_eq!(p.find_instance("app", "0"), None);
     }
 
     #[tokio::test]

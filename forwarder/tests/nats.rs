@@ -505,3 +505,60 @@ async fn each_request_names_the_app_instance_that_served_it() {
         "{v}"
     );
 }
+
+/// gorouter's `X-CF-APP-INSTANCE: APP_GUID:APP_INDEX`: every request goes
+/// to that instance of the route's app, whatever the balancer's turn; an
+/// instance the route does not have, or a value that is not
+/// `APP_GUID:APP_INDEX`, gets gorouter's 400 and its `X-Cf-Routererror`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_cf_app_instance_routes_to_that_instance_or_answers_400() {
+    if !have("nats-server") {
+        return;
+    }
+    let nats = NatsServer::start(free_port());
+    let mut client = NatsClient::connect(nats.port);
+    let file_backend = head_echo_backend("file").await;
+    let router = Router::start_config(&config(&nats.url(), "", file_backend));
+    let a = head_echo_backend("a").await;
+    let b = head_echo_backend("b").await;
+    client.publish("router.register", &register_instance(a, "app.test", "inst-a", "0"));
+    client.publish("router.register", &register_instance(b, "app.test", "inst-b", "1"));
+    wait_metric(&router, "upsplice_nats_endpoints ", 2.0);
+    let ask = |value: &str| {
+        format!("GET / HTTP/1.1\r\nHost: app.test\r\nX-CF-APP-INSTANCE: {value}\r\nConnection: close\r\n\r\n")
+    };
+
+    for (value, name) in [("app-guid:1", "b"), ("app-guid:0", "a")] {
+        for _ in 0..4 {
+            let resp = raw_exchange(router.http, ask(value).as_bytes()).await;
+            let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with("HTTP/1.1 200"), "{resp}\n{}", router.log());
+            assert_eq!(body.split_once('\n').unwrap().0, name, "{value}: {resp}");
+        }
+    }
+
+    let resp = raw_exchange(router.http, ask("app-guid:7").as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
+    assert_eq!(header_of(&resp, "X-Cf-Routererror"), Some("unknown_route"), "{resp}");
+    assert!(
+        resp.contains("Requested instance ('7') with guid ('app-guid') does not exist for route ('app.test')"),
+        "{resp}"
+    );
+    let resp = raw_exchange(router.http, ask("other-app:0").as_bytes()).await;
+    assert_eq!(header_of(&resp, "X-Cf-Routererror"), Some("unknown_route"), "another app's instance: {resp}");
+
+    for bad in ["app-guid", "app-guid:", ":1", "app-guid:1:2"] {
+        let resp = raw_exchange(router.http, ask(bad).as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{bad:?}: {resp}");
+        assert_eq!(header_of(&resp, "X-Cf-Routererror"), Some("invalid_cf_app_instance_header"), "{bad:?}: {resp}");
+        assert!(resp.ends_with("400 Bad Request: Invalid X-CF-App-Instance Header\n"), "{bad:?}: {resp}");
+    }
+
+    // An empty value is no value (gorouter's `Header.Get` == ""): balanced.
+    let resp = raw_exchange(router.http, ask("").as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // A route from the file has no instances.
+    let req = "GET / HTTP/1.1\r\nHost: file.test\r\nX-CF-APP-INSTANCE: app-guid:0\r\nConnection: close\r\n\r\n";
+    let resp = raw_exchange(router.http, req.as_bytes()).await;
+    assert_eq!(header_of(&resp, "X-Cf-Routererror"), Some("unknown_route"), "{resp}");
+}

@@ -56,6 +56,25 @@ impl Refusal {
     pub fn unknown_route(host: &str) -> Refusal {
         Refusal::new(404, Some("unknown_route"), "unknown_route", format!("Requested route ('{host}') does not exist."))
     }
+    /// `X-CF-APP-INSTANCE` is not `APP_GUID:APP_INDEX` (gorouter's answer).
+    pub fn invalid_app_instance_header() -> Refusal {
+        Refusal::new(
+            400,
+            Some("invalid_cf_app_instance_header"),
+            "invalid_cf_app_instance_header",
+            "Invalid X-CF-App-Instance Header",
+        )
+    }
+    /// No endpoint of the route is instance `index` of app `app_id`
+    /// (gorouter's answer since routing-release 0.197.0; 404 before).
+    pub fn unknown_app_instance(host: &str, app_id: &str, index: &str) -> Refusal {
+        Refusal::new(
+            400,
+            Some("unknown_route"),
+            "unknown_app_instance",
+            format!("Requested instance ('{index}') with guid ('{app_id}') does not exist for route ('{host}')"),
+        )
+    }
     pub fn timeout() -> Refusal {
         Refusal::new(408, None, "handshake_timeout", "The request head did not arrive in time.")
     }
