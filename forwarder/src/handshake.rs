@@ -448,7 +448,6 @@ impl Context<'_> {
 /// Attempts at a request in all (gorouter's `backends.max_attempts`).
 const MAX_ATTEMPTS: u32 = 3;
 
-/// Methods a request may be sent twice with (RFC 9110 §9.2.2).
 /// gorouter's `X-CF-APP-INSTANCE: APP_GUID:APP_INDEX`: the backend of
 /// `pool` registered as that instance, or gorouter's 400 (a value that is
 /// not two non-empty parts around one `:`, or an instance the route does
@@ -464,6 +463,7 @@ fn parse_app_instance(value: &str) -> Option<(&str, &str)> {
     (!app_id.is_empty() && !index.is_empty() && !index.contains(':')).then_some((app_id, index))
 }
 
+/// Methods a request may be sent twice with (RFC 9110 §9.2.2).
 fn is_idempotent(method: &str) -> bool {
     ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"].iter().any(|m| method.eq_ignore_ascii_case(m))
 }

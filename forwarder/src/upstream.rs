@@ -204,8 +204,6 @@ impl Pool {
         Pool::with_reuse_counter(&cfg, settings, registry, kind.reused(), tls)
     }
 
-    /// The app instance each backend (same order as the endpoints it was
-    /// made with) registered as: what a request to it is told.
     /// The backend registered as instance `index` of app `app_id` (gorouter's
     /// `X-CF-APP-INSTANCE: APP_GUID:APP_INDEX`), for [`ConnectOpts::only`].
     pub fn find_instance(&self, app_id: &str, index: &str) -> Option<usize> {
@@ -214,6 +212,8 @@ impl Pool {
             .position(|i| i.as_deref().is_some_and(|i| &*i.app_id == app_id && &*i.instance_index == index))
     }
 
+    /// The app instance each backend (same order as the endpoints it was
+    /// made with) registered as: what a request to it is told.
     pub fn with_instances(self, instances: Vec<Option<Arc<AppInstance>>>) -> Pool {
         debug_assert_eq!(instances.len(), self.backends.len(), "one instance per backend");
         let instances = if instances.iter().all(Option::is_none) { Vec::new() } else { instances };
