@@ -119,7 +119,10 @@ pub struct Tunnel {
     pub to_client: Bytes,
     /// Close the tunnel when no byte moved either way for this long.
     pub idle_timeout: Duration,
-    /// Fires when the router's drain deadline passed: close at once.
+    /// Fires when the router's drain deadline passed: close at once. The
+    /// server also calls [`DataPlanes::drain`] then: sockmap's idle
+    /// tunnels keep no wait on this token and learn of the drain from
+    /// there (they read it whenever they wake).
     pub drain: CancellationToken,
     /// Whether the plane carrying the tunnel should hand it back for
     /// promotion once its traffic shows it belongs on the promotion plane
@@ -403,6 +406,13 @@ pub trait DataPlane: Sized + Send + Sync {
     /// bytes relayed so far) when this plane cannot take or keep it.
     fn relay(&self, t: Tunnel) -> impl Future<Output = Result<Outcome, Rejected>> + Send;
 
+    /// The drain deadline passed: every tunnel of the plane ends now, as
+    /// if each one's [`Tunnel::drain`] fired. The server calls it when it
+    /// cancels those tokens. A plane whose tunnels each wait on their
+    /// token needs nothing more; one that keeps no wait per tunnel (the
+    /// memory of an idle tunnel) reaches them from here.
+    fn drain(&self) {}
+
     /// Bytes relayed so far by all tunnels of this plane (to backend, to client).
     fn bytes_relayed(&self) -> (u64, u64);
 }
@@ -439,6 +449,16 @@ impl Plane {
             Plane::Splice(p) => Box::pin(p.relay(t)),
             Plane::Uring(p) => Box::pin(p.relay(t)),
             Plane::Sockmap(p) => Box::pin(p.relay(t)),
+        }
+    }
+
+    /// [`DataPlane::drain`].
+    pub fn drain(&self) {
+        match self {
+            Plane::Copy(p) => p.drain(),
+            Plane::Splice(p) => p.drain(),
+            Plane::Uring(p) => p.drain(),
+            Plane::Sockmap(p) => p.drain(),
         }
     }
 
@@ -685,6 +705,14 @@ impl DataPlanes {
     /// plane.
     pub fn planes(&self) -> impl Iterator<Item = &Plane> {
         self.chain.iter().chain(self.promotion.as_ref().map(|p| &p.to))
+    }
+
+    /// The drain deadline passed: every plane ends its tunnels
+    /// ([`DataPlane::drain`]), beside the tunnels' drain tokens.
+    pub fn drain(&self) {
+        for plane in self.planes() {
+            plane.drain();
+        }
     }
 
     /// The planes a tunnel falls back to, in order, after the first.

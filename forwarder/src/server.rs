@@ -179,6 +179,7 @@ async fn drain(
     let why = if cut_short { "a second SIGTERM/SIGINT ended the drain" } else { "drain_timeout passed" };
     tracing::info!(open, "{why}: resetting {open} open connections");
     shared.drain.cancel();
+    shared.planes.drain();
     if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
         tracing::warn!(open = shared.active(), "connections still open 5s after the drain deadline");
     }

@@ -619,6 +619,40 @@ async fn drain_closes_at_once() {
     timeout(Duration::from_secs(5), rx).await.expect("backend sees the close").unwrap();
 }
 
+/// An idle tunnel waits on nothing but its signal, and keeps its idle
+/// deadline in the plane's set: the plane's drain reaches it at once, and
+/// its deadline goes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plane_s_drain_ends_idle_tunnels_at_once() {
+    let Some(plane) = plane() else { return };
+    assert_eq!(plane.idle_deadlines(), 0, "the self-test's tunnels left none");
+    let mut peers = Vec::new();
+    let mut relays = Vec::new();
+    for _ in 0..4 {
+        let (client_peer, backend_peer, t) = setup(b"", b"", IDLE).await;
+        peers.push((client_peer, backend_peer));
+        relays.push(plane.relay(t));
+    }
+    let relays = relays.into_iter().map(|r| async { r.await.unwrap_or_else(|r| panic!("rejected: {}", r.reason)) });
+    let drain = async {
+        // Past the handoff: each watch waits on its signal alone.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(plane.idle_deadlines(), 4, "one idle deadline per tunnel");
+        plane.drain();
+        Instant::now()
+    };
+    let (outcomes, drained_at) =
+        timeout(Duration::from_secs(5), async { tokio::join!(futures_util::future::join_all(relays), drain) })
+            .await
+            .expect("the drain ends every idle tunnel");
+    let took = drained_at.elapsed();
+    for o in &outcomes {
+        assert_eq!(o.reason, CloseReason::Drain);
+    }
+    assert!(took < Duration::from_millis(200), "ended {took:?} after the drain");
+    assert_eq!(plane.idle_deadlines(), 0, "an ended tunnel takes its deadline out");
+}
+
 /// 64 MiB each way at once, checksummed; counters agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checksummed_64_mib_both_ways() {

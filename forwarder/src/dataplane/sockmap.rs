@@ -10,6 +10,8 @@
 //!
 //! * [`kernel`]: the loaded program and its maps, loaded once per plane,
 //!   and the events thread (one epoll set for every tunnel's sockets);
+//! * [`deadlines`]: every tunnel's idle deadline, which the events thread
+//!   waits on (no timer per idle tunnel);
 //! * [`tunnel`]: one tunnel along its life (handoff, watch, stepping
 //!   aside, teardown), a module each;
 //! * [`sys`]: socket calls (cookies, TCP_INFO, queues, kick).
@@ -34,12 +36,13 @@
 //! (stepping aside within milliseconds), about as much as splice and copy
 //! in the same test.
 
+pub mod deadlines;
 pub mod kernel;
 pub mod sys;
 pub mod tunnel;
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -131,6 +134,7 @@ impl DataPlane for SockmapPlane {
             user: UserBytes::default(),
             node: NodeHeld::new(cfg.sockmap_node_limit, kernel.registry.clone()),
             step_asides: StepAsides::default(),
+            draining: AtomicBool::new(false),
         };
         tracing::debug!(
             per_tunnel = limits.per_tunnel(),
@@ -153,6 +157,14 @@ impl DataPlane for SockmapPlane {
     /// which would keep room for `t` beside it for the tunnel's life.
     fn relay(&self, t: Tunnel) -> impl Future<Output = Result<Outcome, Rejected>> + Send {
         tunnel::relay(&self.kernel, &self.shared, t)
+    }
+
+    /// Ends every tunnel: each is woken through its signal and sees the
+    /// flag (a tunnel's own drain token is read whenever it wakes, but
+    /// nothing waits on it).
+    fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        kernel::wake_all(&self.kernel.registry);
     }
 
     /// Bytes relayed by all tunnels so far: the per-CPU counters of the
@@ -187,6 +199,11 @@ impl SockmapPlane {
     /// `trim_repeat` in `ebpf/src/main.rs`).
     pub fn bytes_trimmed(&self) -> u64 {
         self.kernel.stats(STATS_TRIMMED).bytes
+    }
+
+    /// Idle deadlines set now: one per tunnel being watched.
+    pub fn idle_deadlines(&self) -> usize {
+        self.kernel.deadlines.count()
     }
 
     /// Tunnels that stepped aside so far: (handed to the next plane with

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 use aya::maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
@@ -20,13 +20,14 @@ use aya::{Ebpf, EbpfLoader};
 use futures_util::task::AtomicWaker;
 use upsplice_common::{names, Control, PeerEntry, Stats};
 
+use super::deadlines::Deadlines;
 use crate::dataplane::PlaneError;
 
 /// What wakes one tunnel: the events thread records socket events here
 /// (per side: 0 client, 1 backend) and wakes it; so do ring-buffer events
 /// (the direction from that side moved another budget of bytes, or broke),
-/// and the node-wide bound's crossing, which wakes every tunnel
-/// ([`wake_all`]).
+/// the tunnel's idle deadline ([`Deadlines`]), and the node-wide bound's
+/// crossing and the drain, which wake every tunnel ([`wake_all`]).
 ///
 /// A flag and a waker rather than a `Notify`: a tunnel's task is the only
 /// one that waits, and its wait ([`Signal::woken`]) stays in the future of
@@ -40,6 +41,8 @@ pub struct Signal {
     woken: AtomicBool,
     events: [AtomicU32; 2],
     budget: [AtomicBool; 2],
+    /// The tunnel's idle deadline passed.
+    deadline: AtomicBool,
 }
 
 impl Signal {
@@ -53,18 +56,21 @@ impl Signal {
     /// time this completed. Dropped unfinished, it leaves a wake for the
     /// next one.
     pub fn woken(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.woken.swap(false, Ordering::AcqRel) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            // A wake between the check and the registration found no waker.
-            if self.woken.swap(false, Ordering::AcqRel) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
+        std::future::poll_fn(move |cx| self.poll_woken(cx))
+    }
+
+    /// [`Signal::woken`] as a poll.
+    pub fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A wake between the check and the registration found no waker.
+        if self.woken.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// The epoll bits reported for `side` since the last call.
@@ -76,6 +82,11 @@ impl Signal {
     /// call.
     pub fn take_budget(&self, side: usize) -> bool {
         self.budget[side].swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether the idle deadline passed since the last call.
+    pub fn take_deadline(&self) -> bool {
+        self.deadline.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -101,6 +112,8 @@ pub struct Kernel {
     control: Mutex<HashMap<MapData, u64, Control>>,
     stats: PerCpuArray<MapData, Stats>,
     pub registry: Arc<Registry>,
+    /// Every tunnel's idle deadline, which the events thread waits on.
+    pub deadlines: Arc<Deadlines>,
     /// One epoll set for every socket of every tunnel of this plane (and the
     /// ring buffer), waited on by the events thread: no descriptor and no
     /// tokio registration per tunnel.
@@ -149,6 +162,7 @@ impl Kernel {
         program.attach(active.fd()).map_err(PlaneError::ebpf(format!("attaching {name} to {}", names::ACTIVE)))?;
 
         let registry: Arc<Registry> = Arc::default();
+        let deadlines: Arc<Deadlines> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         // SAFETY: plain syscall; the result is checked before use.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -163,9 +177,10 @@ impl Kernel {
             .name("sockmap-events".into())
             .spawn({
                 let registry = registry.clone();
+                let deadlines = deadlines.clone();
                 let stop = stop.clone();
                 let epoll = epoll.clone();
-                move || read_events(events, &epoll, &registry, &stop)
+                move || read_events(events, &epoll, &registry, &deadlines, &stop)
             })
             .map_err(PlaneError::io("starting the events thread"))?;
 
@@ -176,6 +191,7 @@ impl Kernel {
             control: Mutex::new(control),
             stats,
             registry,
+            deadlines,
             epoll,
             stop,
             events_thread: Some(events_thread),
@@ -385,14 +401,27 @@ fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, token: u64, events: u32) -
     Ok(())
 }
 
-/// Until `stop`: waits on the plane's epoll set; wakes the tunnel whose
-/// socket reported something (recording the bits), and for each cookie in
-/// `EVENTS` the tunnel that owns it.
-fn read_events(mut events: RingBuf<MapData>, epoll: &OwnedFd, registry: &Registry, stop: &AtomicBool) {
+/// Until `stop`: waits on the plane's epoll set, at most until the first
+/// idle deadline; wakes the tunnel whose socket reported something
+/// (recording the bits), for each cookie in `EVENTS` the tunnel that owns
+/// it, and each tunnel whose idle deadline passed.
+fn read_events(
+    mut events: RingBuf<MapData>,
+    epoll: &OwnedFd,
+    registry: &Registry,
+    deadlines: &Deadlines,
+    stop: &AtomicBool,
+) {
+    // How long a stop waits at most; and how late a deadline set earlier
+    // than the one the thread sleeps until can be (idle deadlines are
+    // seconds away: the wait is not cut short for them).
+    const MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
     let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 64];
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: `ready` is valid for its length; the timeout bounds how long a stop waits.
-        let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), ready.as_mut_ptr(), ready.len() as libc::c_int, 100) };
+        let wait = deadlines.wait(std::time::Instant::now(), MAX_WAIT);
+        let timeout = wait.as_micros().div_ceil(1000) as libc::c_int;
+        // SAFETY: `ready` is valid for its length.
+        let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), ready.as_mut_ptr(), ready.len() as libc::c_int, timeout) };
         for ev in &ready[..n.max(0) as usize] {
             let (token, bits) = (ev.u64, ev.events);
             if token == RING_TOKEN {
@@ -411,6 +440,12 @@ fn read_events(mut events: RingBuf<MapData>, epoll: &OwnedFd, registry: &Registr
                 signal.wake();
             }
         }
+        deadlines.take_due(std::time::Instant::now(), |cookie| {
+            if let Some((signal, _)) = lock(registry).get(&cookie).cloned() {
+                signal.deadline.store(true, Ordering::Release);
+                signal.wake();
+            }
+        });
     }
 }
 

@@ -28,7 +28,7 @@ mod step_aside;
 mod watch;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -69,6 +69,10 @@ pub struct Shared {
     pub user: UserBytes,
     pub node: NodeHeld,
     pub step_asides: StepAsides,
+    /// The drain deadline passed ([`crate::dataplane::DataPlane::drain`]):
+    /// every tunnel ends, woken through its signal (a wait on the drain
+    /// token in each would stay in every idle tunnel's future).
+    pub draining: AtomicBool,
 }
 
 /// Relays `t` through the kernel until it ends. Hands it back when its
@@ -96,7 +100,7 @@ pub fn relay<'k>(
         };
         let mut share = HeldShare::new(&shared.node);
         let watch = Watch { kernel, shared, signal: &signal, idle_timeout, drain: &drain };
-        let reason = match watch.run(&mut up, &mut down, &mut share).await {
+        let reason = match watch.run(&mut up, &mut down, &mut share, &mut members.deadline).await {
             Ended::Closed(reason) => reason,
             Ended::StepAside(why) => match Box::pin(leave(&mut members, &mut up, &mut down)).await {
                 Ok(()) => {

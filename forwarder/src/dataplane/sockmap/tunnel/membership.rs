@@ -3,12 +3,13 @@
 
 use std::os::fd::RawFd;
 
+use super::super::deadlines::Entry;
 use super::super::kernel::Kernel;
 use crate::dataplane::{abort, CloseReason};
 
 /// Takes the tunnel's sockets out of every map and the events thread's
-/// epoll set when dropped, whatever ended the tunnel (also a cancelled
-/// relay future).
+/// epoll set, and its idle deadline out of the plane's, when dropped,
+/// whatever ended the tunnel (also a cancelled relay future).
 pub(super) struct Membership<'k> {
     pub kernel: &'k Kernel,
     /// Client, backend.
@@ -23,12 +24,15 @@ pub(super) struct Membership<'k> {
     pub closing: bool,
     /// Already out of everything ([`Membership::leave`]).
     left: bool,
+    /// The idle deadline the watch set
+    /// ([`super::super::deadlines::Deadlines`]).
+    pub deadline: Entry,
 }
 
 impl<'k> Membership<'k> {
     /// A tunnel about to join the maps: nothing is joined yet.
     pub fn new(kernel: &'k Kernel, cookies: [u64; 2], fds: [RawFd; 2]) -> Membership<'k> {
-        Membership { kernel, cookies, fds, registered: false, closing: false, left: false }
+        Membership { kernel, cookies, fds, registered: false, closing: false, left: false, deadline: 0 }
     }
 }
 
@@ -36,6 +40,7 @@ impl Membership<'_> {
     /// Out of every map and the epoll set now (the sockets live on, for
     /// another plane); nothing is left for `drop`.
     pub fn leave(&mut self) {
+        self.kernel.deadlines.clear(self.cookies[0], &mut self.deadline);
         for c in self.cookies {
             self.kernel.deactivate(c);
         }
@@ -61,6 +66,7 @@ impl Membership<'_> {
 
 impl Drop for Membership<'_> {
     fn drop(&mut self) {
+        self.kernel.deadlines.clear(self.cookies[0], &mut self.deadline);
         if self.left {
             return;
         }

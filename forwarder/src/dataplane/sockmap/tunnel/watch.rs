@@ -6,15 +6,23 @@
 //! for what the tunnel waits on: FIN, hang-up and errors; readable/writable
 //! only while userspace copies. The tunnel wakes on those reports, on a
 //! ring-buffer event when a direction moved another `budget` bytes, when
-//! the node-wide bound is crossed, on the drain, at the idle deadline, and
-//! on a timer only while something nothing reports is pending
-//! ([`super::pace`]). It reads the kernel's counters when it wakes, not
+//! the node-wide bound is crossed, on the drain, and at the idle deadline,
+//! all through its signal from the events thread; and on a timer of its
+//! own only while something nothing reports is pending ([`super::pace`]).
+//! An idle tunnel's watch is one wait on its signal: no timer, no wait on
+//! the drain token. It reads the kernel's counters when it wakes, not
 //! in between: a tunnel that carries a few small messages and closes is
 //! looked at once per FIN.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use tokio::time::Sleep;
+
+use super::super::deadlines::Entry;
 use super::super::kernel::{Kernel, Signal};
 use super::super::sys;
 use super::bounds::{HeldShare, Rate};
@@ -139,6 +147,7 @@ impl<'w> Watch<'w> {
         up: &'r mut Dir<'a>,
         down: &'r mut Dir<'a>,
         share: &'r mut HeldShare<'s>,
+        deadline: &'r mut Entry,
     ) -> impl Future<Output = Ended> + Send + use<'r, 'w, 'a, 's> {
         async move {
             let mut pace = Pace::new(Instant::now());
@@ -146,6 +155,10 @@ impl<'w> Watch<'w> {
             let mut armed = Armed::registered();
             // The node's crossings seen so far ([`NodeHeld::crossings`]).
             let mut crossings = self.shared.node.crossings();
+            // A timer of the tunnel's own, only while something nothing
+            // reports is pending; boxed, and dropped when nothing is: the
+            // idle deadline is the events thread's (`Deadlines`).
+            let mut tick: Option<Pin<Box<Sleep>>> = None;
             // Nothing to look at before the first wake: the handoff left both
             // directions as it counted them and kicked both sources; a FIN or
             // an error that came meanwhile was reported (the sockets are armed
@@ -153,6 +166,9 @@ impl<'w> Watch<'w> {
             // the ring buffer.
             let mut woke = None;
             loop {
+                if self.draining() {
+                    return Ended::Closed(CloseReason::Drain);
+                }
                 if let Some(woke) = woke {
                     if let Some(ended) = self.look(up, down, share, &mut pace, &mut leaving, woke) {
                         return ended;
@@ -163,10 +179,19 @@ impl<'w> Watch<'w> {
                 let Some(idle_deadline) = pace.idle_deadline(now, self.idle_timeout, || activity_sign(up, down)) else {
                     return Ended::Closed(CloseReason::Idle);
                 };
+                self.kernel.deadlines.set(up.src_cookie, idle_deadline, deadline);
                 let held = up.in_kernel.max(down.in_kernel);
                 let pending =
                     Pending::of(leaving.why.is_some(), up.closing() || down.closing(), held, self.shared.limits.budget);
-                let wait = pace.wait(pending, idle_deadline, now);
+                if pending == Pending::Nothing {
+                    tick = None;
+                } else {
+                    let at = tokio::time::Instant::from_std(now + pace.wait(pending, idle_deadline, now));
+                    match &mut tick {
+                        Some(t) => t.as_mut().reset(at),
+                        None => tick = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                }
                 let copy_armed = match self.arm(up, down, pace.copy_ready(), &mut armed) {
                     Ok(copy_armed) => copy_armed,
                     Err(e) => {
@@ -176,36 +201,55 @@ impl<'w> Watch<'w> {
                 };
                 let before = progress(up, down);
 
-                woke = Some(tokio::select! {
-                    biased;
-                    _ = self.drain.cancelled() => return Ended::Closed(CloseReason::Drain),
-                    _ = self.signal.woken() => {
-                        if let Some(ended) = self.reports(up, down, &mut armed) {
-                            return ended;
-                        }
-                        let budget = [self.signal.take_budget(0), self.signal.take_budget(1)];
-                        // The node's crossing wakes every tunnel through its
-                        // signal; a crossing reads everything (and the
-                        // reports just taken come with it).
-                        match self.shared.node.crossings() {
-                            now if now != crossings => {
-                                crossings = now;
-                                pace.changed();
-                                Woke::Crossed
-                            }
-                            _ => {
-                                pace.reported(copy_armed, before);
-                                Woke::Reports { budget }
-                            }
-                        }
+                let ticked = std::future::poll_fn(|cx| {
+                    if self.signal.poll_woken(cx).is_ready() {
+                        return Poll::Ready(false);
                     }
-                    _ = tokio::time::sleep(wait) => {
-                        pace.timer();
-                        Woke::Timer
+                    match &mut tick {
+                        Some(t) => t.as_mut().poll(cx).map(|()| true),
+                        None => Poll::Pending,
+                    }
+                })
+                .await;
+                woke = Some(if ticked {
+                    pace.timer();
+                    Woke::Timer
+                } else {
+                    if self.draining() {
+                        return Ended::Closed(CloseReason::Drain);
+                    }
+                    if let Some(ended) = self.reports(up, down, &mut armed) {
+                        return ended;
+                    }
+                    let budget = [self.signal.take_budget(0), self.signal.take_budget(1)];
+                    let due = self.signal.take_deadline();
+                    // The node's crossing wakes every tunnel through its
+                    // signal; a crossing reads everything (and the reports
+                    // just taken come with it), as the idle deadline does.
+                    match self.shared.node.crossings() {
+                        now if now != crossings => {
+                            crossings = now;
+                            pace.changed();
+                            Woke::Crossed
+                        }
+                        _ if due => {
+                            pace.timer();
+                            Woke::Timer
+                        }
+                        _ => {
+                            pace.reported(copy_armed, before);
+                            Woke::Reports { budget }
+                        }
                     }
                 });
             }
         }
+    }
+
+    /// The drain deadline passed: for the plane ([`Shared::draining`]), or
+    /// for this tunnel's token.
+    fn draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire) || self.drain.is_cancelled()
     }
 }
 
