@@ -24,9 +24,11 @@
 use std::time::{Duration, Instant};
 
 /// Shortest wait between checks while something is pending.
-pub(super) const TICK_MIN: Duration = Duration::from_millis(1);
+pub(super) const TICK_MIN: Duration = Duration::from_millis(TICK_MIN_MS as u64);
+const TICK_MIN_MS: u8 = 1;
 /// Longest wait between checks while the tunnel is [`Pending::Busy`].
-const BUSY_MAX: Duration = Duration::from_millis(20);
+const BUSY_MAX: Duration = Duration::from_millis(BUSY_MAX_MS as u64);
+const BUSY_MAX_MS: u8 = 20;
 /// Longest wait between checks while the tunnel is [`Pending::Held`] (a
 /// stale count keeps the node's total high for that long at most: other
 /// tunnels step aside early, never late). As short as [`BUSY_MAX`]: a
@@ -35,11 +37,15 @@ const BUSY_MAX: Duration = Duration::from_millis(20);
 /// waited 2.9 s for bytes (CI, `sockmap::two_way_with_a_slow_far_reader`;
 /// the old watch looked at most every 20 ms there). Tunnels that carry
 /// small messages never hold a budget: they keep no timer.
-const HELD_MAX: Duration = BUSY_MAX;
+const HELD_MAX_MS: u8 = BUSY_MAX_MS;
+#[cfg(test)]
+const HELD_MAX: Duration = Duration::from_millis(HELD_MAX_MS as u64);
 
-/// What idleness is measured on: bytes moved, and bytes acknowledged by
-/// each destination's reader, either way.
-pub(super) type Sign = (u64, u64, u64, u64);
+/// What idleness is measured on: the sum of bytes moved, and of bytes
+/// acknowledged by each destination's reader, either way. Each count only
+/// grows, so the sum changes exactly when one of them does (8 bytes in
+/// every idle tunnel, not 32).
+pub(super) type Sign = u64;
 
 /// What only time moves a tunnel on from, after a look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +76,9 @@ impl Pending {
 
 /// The watch's clock for one tunnel.
 pub(super) struct Pace {
-    tick: Duration,
+    /// Milliseconds, [`TICK_MIN`] to [`HELD_MAX`] (a byte: the clock stays
+    /// in every idle tunnel).
+    tick_ms: u8,
     /// The last readiness report moved nothing: wait for the timer once.
     copy_stalled: bool,
     /// Bytes userspace had moved when a readiness report woke the watch,
@@ -88,18 +96,18 @@ impl Pace {
     /// from its start closes two idle timeouts after it, one silent later
     /// between one and two, as always.
     pub fn new(now: Instant) -> Pace {
-        Pace { tick: TICK_MIN, copy_stalled: false, copy_fired_at: None, last_sign: None, last_activity: now }
+        Pace { tick_ms: TICK_MIN_MS, copy_stalled: false, copy_fired_at: None, last_sign: None, last_activity: now }
     }
 
     /// Something changed (the node crossed its bound): look again soon.
     pub fn changed(&mut self) {
-        self.tick = TICK_MIN;
+        self.tick_ms = TICK_MIN_MS;
     }
 
     /// A look moved the tunnel on at `now` (a kick, FIN passed on, bytes
     /// carried): activity, and look again soon.
     pub fn moved(&mut self, now: Instant) {
-        self.tick = TICK_MIN;
+        self.tick_ms = TICK_MIN_MS;
         self.last_activity = now;
     }
 
@@ -109,14 +117,14 @@ impl Pace {
         if copy_armed {
             self.copy_fired_at = Some(progress);
         }
-        self.tick = TICK_MIN;
+        self.tick_ms = TICK_MIN_MS;
     }
 
     /// The timer fired: readiness may help again, and the next wait is
     /// twice as long.
     pub fn timer(&mut self) {
         self.copy_stalled = false;
-        self.tick = (self.tick * 2).min(HELD_MAX);
+        self.tick_ms = self.tick_ms.saturating_mul(2).min(HELD_MAX_MS);
     }
 
     /// After a readiness report, `progress` says whether it helped; if it
@@ -155,10 +163,11 @@ impl Pace {
     /// holds a budget, at most [`BUSY_MAX`] while busy.
     pub fn wait(&self, pending: Pending, idle_deadline: Instant, now: Instant) -> Duration {
         let to_deadline = idle_deadline.saturating_duration_since(now);
+        let tick = Duration::from_millis(self.tick_ms.into());
         match pending {
             Pending::Nothing => to_deadline,
-            Pending::Held => self.tick.min(to_deadline),
-            Pending::Busy => self.tick.min(BUSY_MAX),
+            Pending::Held => tick.min(to_deadline),
+            Pending::Busy => tick.min(BUSY_MAX),
         }
     }
 }
@@ -240,20 +249,20 @@ mod tests {
         let unread = || -> Sign { panic!("the sign is read at the deadline only") };
         assert_eq!(p.idle_deadline(t0 + IDLE / 2, IDLE, unread), Some(t0 + IDLE));
         let t1 = t0 + IDLE;
-        assert_eq!(p.idle_deadline(t1, IDLE, || (1, 2, 3, 4)), Some(t1 + IDLE), "the first reading counts");
+        assert_eq!(p.idle_deadline(t1, IDLE, || 10), Some(t1 + IDLE), "the first reading counts");
         let t2 = t1 + IDLE;
-        assert_eq!(p.idle_deadline(t2, IDLE, || (1, 2, 3, 5)), Some(t2 + IDLE), "acknowledged bytes are activity");
-        assert_eq!(p.idle_deadline(t2 + IDLE, IDLE, || (1, 2, 3, 5)), None, "nothing since");
+        assert_eq!(p.idle_deadline(t2, IDLE, || 11), Some(t2 + IDLE), "acknowledged bytes are activity");
+        assert_eq!(p.idle_deadline(t2 + IDLE, IDLE, || 11), None, "nothing since");
     }
 
     #[test]
     fn a_look_that_moved_the_tunnel_is_activity() {
         let t0 = Instant::now();
         let mut p = Pace::new(t0);
-        assert_eq!(p.idle_deadline(t0 + IDLE, IDLE, || (0, 0, 0, 0)), Some(t0 + 2 * IDLE));
+        assert_eq!(p.idle_deadline(t0 + IDLE, IDLE, || 0), Some(t0 + 2 * IDLE));
         p.moved(t0 + IDLE + IDLE / 2);
         let unread = || -> Sign { panic!("not due") };
         assert_eq!(p.idle_deadline(t0 + 2 * IDLE, IDLE, unread), Some(t0 + 2 * IDLE + IDLE / 2));
-        assert_eq!(Pace::new(t0).idle_deadline(t0, Duration::ZERO, || (1, 0, 0, 0)), None);
+        assert_eq!(Pace::new(t0).idle_deadline(t0, Duration::ZERO, || 1), None);
     }
 }
