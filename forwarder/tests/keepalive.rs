@@ -524,15 +524,18 @@ async fn backend_connections_are_reused_and_a_closed_one_is_not_a_failure() {
     // last byte went to the client: a request on *another* client
     // connection in that instant opens a second backend connection (seen
     // 1 in 12 runs on a loaded machine, before each request below waited
-    // too). Correct, but not the case pinned down here; `s`'s own next
-    // request is served after the release.
+    // too, and once in a clean-clone CI run even with the wait). Correct,
+    // but not the case pinned down here; `s`'s own next request is served
+    // after the release. So at most one more connection than the one
+    // needed, and every other request reused one.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let got = raw_exchange(r.http, b"GET /two HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").await;
         assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
     }
-    assert_eq!(a.connections.load(Ordering::SeqCst), 1, "8 requests, one backend connection");
-    assert_eq!(r.metric("upsplice_backend_reused_total{pool=\"main\"}"), 7.0);
+    let opened = a.connections.load(Ordering::SeqCst);
+    assert!(opened <= 2, "8 requests, one backend connection (two in the race above), got {opened}");
+    assert_eq!(r.metric("upsplice_backend_reused_total{pool=\"main\"}"), (8 - opened) as f64);
     // The backend closes the connection after answering: the next requests
     // get a new one, and nobody sees an error.
     for path in ["/bye", "/one", "/bye", "/one"] {
@@ -540,16 +543,20 @@ async fn backend_connections_are_reused_and_a_closed_one_is_not_a_failure() {
         let (head, _) = read_response(&mut s, &mut left, false).await;
         assert!(head.starts_with("HTTP/1.1 200 "), "{path}: {head}");
         if path == "/bye" {
-            // Closed *while idle*: the backend's FIN trails its response,
-            // and on a loaded machine its task may not have closed yet when
-            // the next request arrives (a clean-clone CI run then saw one
-            // more connection: the request went out on the closing one, saw
-            // EOF and was sent again — the race of RFC 9112 §9.3.1, handled,
-            // but not the case this test pins down).
+            // Closed *while idle*: the backend's FIN trails its response.
+            // The router learns of it from its reactor (no peek per reuse,
+            // 87d870e), and a worker that a loaded machine kept off the
+            // CPU may not have read its events yet when the next request
+            // arrives: the request then goes out on the closing connection,
+            // sees EOF and is sent again on a new one (the race of RFC 9112
+            // §9.3.1, handled: the client sees its 200). Seen in 1 of 40
+            // runs with two CPU hogs beside the test, and in a clean-clone
+            // CI run. The wait makes it rare; the count allows it.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    assert_eq!(a.connections.load(Ordering::SeqCst), 3);
+    let reopened = a.connections.load(Ordering::SeqCst) - opened;
+    assert!((2..=4).contains(&reopened), "each /bye costs the next request a new connection, got {reopened}");
     assert_eq!(r.metric("upsplice_handshakes_total{listener=\"web\",status=\"200\",reason=\"\"}"), 12.0);
 }
 
